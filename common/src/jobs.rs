@@ -1,0 +1,270 @@
+//! Jobs as the coordinator stores them in etcd (JSON) and as every service
+//! reasons about them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{CommonError, JobId, NodeId};
+
+/// Default sweep of the collective check: 1 KiB to 256 MiB, like
+/// nccl-tests' `-b 1K -e 256M`.
+pub const DEFAULT_MIN_BYTES: u64 = 1 << 10;
+pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum JobKind {
+    /// Verify the collectives, then sweep their bandwidth.
+    CollectiveCheck {
+        min_bytes: u64,
+        max_bytes: u64,
+        /// `None` picks NCCL on GPU slots and Gloo otherwise.
+        backend: Option<String>,
+    },
+    /// Run `argv` once per rank with torchrun's environment.
+    Command { argv: Vec<String> },
+}
+
+impl JobKind {
+    pub fn label(&self) -> &'static str {
+        match self {
+            JobKind::CollectiveCheck { .. } => "collective-check",
+            JobKind::Command { .. } => "command",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub name: String,
+    pub nodes: u32,
+    pub slots_per_node: u32,
+    pub kind: JobKind,
+    pub env: BTreeMap<String, String>,
+}
+
+impl JobSpec {
+    pub fn world_size(&self) -> u32 {
+        self.nodes * self.slots_per_node
+    }
+
+    /// Rejects specs that can never run, naming the field.
+    pub fn validate(&self) -> Result<(), CommonError> {
+        if self.nodes == 0 {
+            return Err(CommonError::invalid("nodes", "must be at least 1"));
+        }
+        if self.slots_per_node == 0 {
+            return Err(CommonError::invalid("slots_per_node", "must be at least 1"));
+        }
+        match &self.kind {
+            JobKind::CollectiveCheck {
+                min_bytes,
+                max_bytes,
+                backend,
+            } => {
+                if *min_bytes == 0 || min_bytes > max_bytes {
+                    return Err(CommonError::invalid(
+                        "collective_check.min_bytes",
+                        format!("must be in [1, max_bytes = {max_bytes}], got {min_bytes}"),
+                    ));
+                }
+                if let Some(name) = backend {
+                    if name != "gloo" && name != "nccl" {
+                        return Err(CommonError::invalid(
+                            "collective_check.backend",
+                            format!("'{name}' is not gloo or nccl"),
+                        ));
+                    }
+                }
+            }
+            JobKind::Command { argv } => {
+                if argv.first().is_none_or(|program| program.is_empty()) {
+                    return Err(CommonError::invalid(
+                        "command.argv",
+                        "is empty; give the program to run after `--`",
+                    ));
+                }
+            }
+        }
+        for key in self.env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(CommonError::invalid(
+                    "env",
+                    format!("'{key}' is not a valid variable name"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Stopped,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Stopped
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "Pending",
+            JobState::Running => "Running",
+            JobState::Succeeded => "Succeeded",
+            JobState::Failed => "Failed",
+            JobState::Stopped => "Stopped",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RankState {
+    Assigned,
+    Running,
+    Exited,
+    Lost,
+}
+
+impl RankState {
+    /// The process may still exist (and hold its slot).
+    pub fn is_live(self) -> bool {
+        matches!(self, RankState::Assigned | RankState::Running)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RankState::Assigned => "Assigned",
+            RankState::Running => "Running",
+            RankState::Exited => "Exited",
+            RankState::Lost => "Lost",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankRecord {
+    pub rank: u32,
+    pub local_rank: u32,
+    pub node: NodeId,
+    pub state: RankState,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub pid: Option<u32>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub spec: JobSpec,
+    pub state: JobState,
+    pub ranks: Vec<RankRecord>,
+    pub master_addr: String,
+    pub master_port: u16,
+    pub message: String,
+    pub result_json: Option<String>,
+    pub created_unix_ms: i64,
+    pub started_unix_ms: Option<i64>,
+    pub finished_unix_ms: Option<i64>,
+    /// Sequence number the next event gets.
+    pub next_event_seq: u64,
+}
+
+impl JobRecord {
+    pub fn new(id: JobId, spec: JobSpec, created_unix_ms: i64) -> Self {
+        Self {
+            id,
+            spec,
+            state: JobState::Pending,
+            ranks: Vec::new(),
+            master_addr: String::new(),
+            master_port: 0,
+            message: String::new(),
+            result_json: None,
+            created_unix_ms,
+            started_unix_ms: None,
+            finished_unix_ms: None,
+            next_event_seq: 0,
+        }
+    }
+
+    /// Ranks whose process may still be alive.
+    pub fn live_ranks(&self) -> impl Iterator<Item = &RankRecord> {
+        self.ranks.iter().filter(|rank| rank.state.is_live())
+    }
+
+    /// Slots this job still holds on `node`.
+    pub fn slots_held_on(&self, node: &NodeId) -> u32 {
+        self.live_ranks().filter(|rank| &rank.node == node).count() as u32
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobEvent {
+    pub job_id: JobId,
+    pub seq: u64,
+    pub unix_ms: i64,
+    pub message: String,
+    pub state: JobState,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(kind: JobKind) -> JobSpec {
+        JobSpec {
+            name: String::new(),
+            nodes: 2,
+            slots_per_node: 2,
+            kind,
+            env: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut zero_nodes = spec(JobKind::Command {
+            argv: vec!["true".into()],
+        });
+        zero_nodes.nodes = 0;
+        assert!(zero_nodes
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("invalid nodes"));
+        let empty = spec(JobKind::Command { argv: vec![] });
+        assert!(empty
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("command.argv"));
+        let bad_backend = spec(JobKind::CollectiveCheck {
+            min_bytes: 1024,
+            max_bytes: 2048,
+            backend: Some("mpi".into()),
+        });
+        assert!(bad_backend
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("collective_check.backend"));
+        let good = spec(JobKind::CollectiveCheck {
+            min_bytes: 1024,
+            max_bytes: 2048,
+            backend: None,
+        });
+        good.validate().expect("valid spec");
+        assert_eq!(good.world_size(), 4);
+    }
+}

@@ -1,0 +1,455 @@
+//! The coordinator's pure core: nodes and jobs in memory, and every state
+//! transition as a function that returns the effects to carry out (records
+//! to persist, events to publish, messages for agents). No I/O here, so the
+//! rules — gang scheduling, failing a job when a rank fails, losing a node —
+//! are unit-tested directly.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use flamingo_common::{
+    JobEvent, JobId, JobRecord, JobSpec, JobState, NodeId, NodeRecord, RankRecord, RankState,
+};
+use flamingo_proto::v1 as pb;
+
+use crate::placement::{global_rank, pick_port, place, NodeCapacity};
+
+/// What a transition asks the I/O layer to do, in order.
+#[derive(Debug, Default)]
+pub struct Effects {
+    pub jobs_changed: BTreeSet<JobId>,
+    pub events: Vec<JobEvent>,
+    pub messages: Vec<(NodeId, pb::CoordinatorMessage)>,
+}
+
+impl Effects {
+    fn merge(&mut self, other: Effects) {
+        self.jobs_changed.extend(other.jobs_changed);
+        self.events.extend(other.events);
+        self.messages.extend(other.messages);
+    }
+}
+
+/// How a rank ended, as its agent reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RankOutcome {
+    Started {
+        pid: u32,
+    },
+    Exited {
+        exit_code: i32,
+        signal: i32,
+        result_json: Option<String>,
+    },
+    FailedToStart {
+        message: String,
+    },
+}
+
+#[derive(Debug, Default)]
+pub struct Cluster {
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    pub jobs: BTreeMap<JobId, JobRecord>,
+}
+
+impl Cluster {
+    fn event(job: &mut JobRecord, now_ms: i64, message: String, effects: &mut Effects) {
+        let event = JobEvent {
+            job_id: job.id.clone(),
+            seq: job.next_event_seq,
+            unix_ms: now_ms,
+            message,
+            state: job.state,
+        };
+        job.next_event_seq += 1;
+        effects.jobs_changed.insert(job.id.clone());
+        effects.events.push(event);
+    }
+
+    pub fn free_slots(&self, node: &NodeRecord) -> u32 {
+        let used: u32 = self
+            .jobs
+            .values()
+            .map(|job| job.slots_held_on(&node.node_id))
+            .sum();
+        node.slots.saturating_sub(used)
+    }
+
+    /// A new job enters the queue and scheduling runs.
+    pub fn submit(&mut self, job: JobRecord, now_ms: i64) -> Effects {
+        let mut effects = Effects::default();
+        let mut job = job;
+        let spec = &job.spec;
+        let message = format!(
+            "submitted {} on {} node(s) × {} slot(s)",
+            spec.kind.label(),
+            spec.nodes,
+            spec.slots_per_node
+        );
+        Self::event(&mut job, now_ms, message, &mut effects);
+        self.jobs.insert(job.id.clone(), job);
+        effects.merge(self.schedule(now_ms));
+        effects
+    }
+
+    /// Places pending jobs in submission order; the first that does not fit
+    /// blocks the ones behind it (strict FIFO gang scheduling: a large job is
+    /// never starved by a stream of small ones).
+    pub fn schedule(&mut self, now_ms: i64) -> Effects {
+        let mut effects = Effects::default();
+        let mut pending: Vec<(i64, JobId)> = self
+            .jobs
+            .values()
+            .filter(|job| job.state == JobState::Pending)
+            .map(|job| (job.created_unix_ms, job.id.clone()))
+            .collect();
+        pending.sort();
+        for (_, job_id) in pending {
+            let capacity: Vec<NodeCapacity> = self
+                .nodes
+                .values()
+                .map(|node| NodeCapacity {
+                    node_id: node.node_id.clone(),
+                    free_slots: self.free_slots(node),
+                    schedulable: !node.draining,
+                })
+                .collect();
+            let Some(job) = self.jobs.get(&job_id) else {
+                continue;
+            };
+            let Some(chosen) = place(&capacity, job.spec.nodes, job.spec.slots_per_node) else {
+                break;
+            };
+            let master_node = self.nodes[&chosen[0]].clone();
+            let taken: Vec<u16> = self
+                .jobs
+                .values()
+                .filter(|other| {
+                    other.state == JobState::Running
+                        && other.ranks.first().map(|rank| &rank.node) == Some(&master_node.node_id)
+                })
+                .map(|other| other.master_port)
+                .collect();
+            let Some(port) = pick_port(
+                master_node.rendezvous_port_first,
+                master_node.rendezvous_port_count,
+                &taken,
+            ) else {
+                break;
+            };
+            let job = self.jobs.get_mut(&job_id).expect("job listed above");
+            let slots = job.spec.slots_per_node;
+            job.ranks = chosen
+                .iter()
+                .enumerate()
+                .flat_map(|(node_rank, node_id)| {
+                    (0..slots).map(move |local_rank| RankRecord {
+                        rank: global_rank(node_rank as u32, slots, local_rank),
+                        local_rank,
+                        node: node_id.clone(),
+                        state: RankState::Assigned,
+                        exit_code: None,
+                        signal: None,
+                        pid: None,
+                        message: String::new(),
+                    })
+                })
+                .collect();
+            job.state = JobState::Running;
+            job.started_unix_ms = Some(now_ms);
+            job.master_addr = master_node.address.clone();
+            job.master_port = port;
+            let message = format!(
+                "scheduled {} rank(s) on {}; master {}:{}",
+                job.ranks.len(),
+                chosen
+                    .iter()
+                    .map(NodeId::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                job.master_addr,
+                job.master_port
+            );
+            Self::event(job, now_ms, message, &mut effects);
+            for node_id in &chosen {
+                effects
+                    .messages
+                    .push((node_id.clone(), start_message(job, node_id)));
+            }
+        }
+        effects
+    }
+
+    /// An agent's report about one rank.
+    pub fn rank_report(
+        &mut self,
+        job_id: &JobId,
+        rank: u32,
+        outcome: RankOutcome,
+        now_ms: i64,
+    ) -> Effects {
+        let mut effects = Effects::default();
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return effects;
+        };
+        let Some(record) = job.ranks.iter_mut().find(|record| record.rank == rank) else {
+            return effects;
+        };
+        match outcome {
+            RankOutcome::Started { pid } => {
+                if record.state == RankState::Assigned {
+                    record.state = RankState::Running;
+                    record.pid = Some(pid);
+                    effects.jobs_changed.insert(job_id.clone());
+                }
+            }
+            RankOutcome::Exited {
+                exit_code,
+                signal,
+                result_json,
+            } => {
+                if record.state == RankState::Exited {
+                    return effects;
+                }
+                record.state = RankState::Exited;
+                record.exit_code = Some(exit_code);
+                record.signal = (signal != 0).then_some(signal);
+                let node = record.node.clone();
+                if rank == 0 && result_json.is_some() {
+                    job.result_json = result_json;
+                }
+                let failed = exit_code != 0 || signal != 0;
+                let description = if signal != 0 {
+                    format!("rank {rank} on {node} was killed by signal {signal}")
+                } else {
+                    format!("rank {rank} on {node} exited with code {exit_code}")
+                };
+                if job.state == JobState::Running && failed {
+                    effects.merge(Self::finish(job, JobState::Failed, description, now_ms));
+                } else {
+                    effects.jobs_changed.insert(job_id.clone());
+                    if job.state == JobState::Running
+                        && job.ranks.iter().all(|rank| {
+                            rank.state == RankState::Exited && rank.exit_code == Some(0)
+                        })
+                    {
+                        let message = format!("all {} rank(s) exited with code 0", job.ranks.len());
+                        effects.merge(Self::finish(job, JobState::Succeeded, message, now_ms));
+                    }
+                }
+            }
+            RankOutcome::FailedToStart { message } => {
+                if !record.state.is_live() {
+                    return effects;
+                }
+                record.state = RankState::Exited;
+                record.message = message.clone();
+                let node = record.node.clone();
+                let description = format!("rank {rank} on {node} failed to start: {message}");
+                if job.state == JobState::Running {
+                    effects.merge(Self::finish(job, JobState::Failed, description, now_ms));
+                } else {
+                    effects.jobs_changed.insert(job_id.clone());
+                }
+            }
+        }
+        if !effects.jobs_changed.is_empty() {
+            effects.merge(self.schedule(now_ms));
+        }
+        effects
+    }
+
+    /// Moves a job to a terminal state and tells every node that still runs
+    /// one of its ranks to kill them.
+    fn finish(job: &mut JobRecord, state: JobState, message: String, now_ms: i64) -> Effects {
+        let mut effects = Effects::default();
+        job.state = state;
+        job.message = message.clone();
+        job.finished_unix_ms = Some(now_ms);
+        Self::event(
+            job,
+            now_ms,
+            format!("{}: {message}", state.as_str()),
+            &mut effects,
+        );
+        let nodes: BTreeSet<NodeId> = job.live_ranks().map(|rank| rank.node.clone()).collect();
+        for node_id in nodes {
+            effects.messages.push((
+                node_id,
+                stop_message(&job.id, &format!("job {}: {message}", state.as_str())),
+            ));
+        }
+        effects
+    }
+
+    /// A user asked to stop the job.
+    pub fn stop(&mut self, job_id: &JobId, now_ms: i64) -> Effects {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return Effects::default();
+        };
+        if job.state.is_terminal() {
+            return Effects::default();
+        }
+        let mut effects = Self::finish(
+            job,
+            JobState::Stopped,
+            "stopped by user".to_string(),
+            now_ms,
+        );
+        effects.merge(self.schedule(now_ms));
+        effects
+    }
+
+    /// A node vanished (its lease expired, or its agent restarted): its ranks
+    /// are lost and their jobs fail.
+    pub fn node_lost(&mut self, node_id: &NodeId, reason: &str, now_ms: i64) -> Effects {
+        let mut effects = Effects::default();
+        self.nodes.remove(node_id);
+        for job in self.jobs.values_mut() {
+            let mut touched = false;
+            for rank in job.ranks.iter_mut() {
+                if &rank.node == node_id && rank.state.is_live() {
+                    rank.state = RankState::Lost;
+                    rank.message = format!("node {node_id} lost: {reason}");
+                    touched = true;
+                }
+            }
+            if !touched {
+                continue;
+            }
+            if job.state == JobState::Running {
+                let message = format!("node {node_id} lost: {reason}");
+                effects.merge(Self::finish(job, JobState::Failed, message, now_ms));
+            } else {
+                effects.jobs_changed.insert(job.id.clone());
+            }
+        }
+        effects.merge(self.schedule(now_ms));
+        effects
+    }
+
+    /// Level-triggered reconciliation on every heartbeat: re-send starts the
+    /// agent has not acted on (e.g. after a coordinator restart), and stops
+    /// for ranks of jobs that are over or unknown.
+    pub fn heartbeat(
+        &mut self,
+        node_id: &NodeId,
+        running: &BTreeSet<(JobId, u32)>,
+        grace_ms: i64,
+        now_ms: i64,
+    ) -> Effects {
+        let mut effects = Effects::default();
+        for (job_id, _) in running {
+            let over = self
+                .jobs
+                .get(job_id)
+                .is_none_or(|job| job.state.is_terminal());
+            if over {
+                effects.messages.push((
+                    node_id.clone(),
+                    stop_message(job_id, "job is no longer running"),
+                ));
+            }
+        }
+        for job in self.jobs.values_mut() {
+            let assigned_here = job
+                .ranks
+                .iter()
+                .any(|rank| &rank.node == node_id && rank.state == RankState::Assigned);
+            if job.state == JobState::Running && assigned_here {
+                let missing = job.ranks.iter().any(|rank| {
+                    &rank.node == node_id
+                        && rank.state == RankState::Assigned
+                        && !running.contains(&(job.id.clone(), rank.rank))
+                });
+                let waited = job
+                    .started_unix_ms
+                    .is_some_and(|started| now_ms - started > grace_ms);
+                if missing && waited {
+                    effects
+                        .messages
+                        .push((node_id.clone(), start_message(job, node_id)));
+                }
+            }
+            // A finished job whose rank the node no longer runs: the process
+            // is gone even if its exit report never arrived.
+            let settled = job
+                .finished_unix_ms
+                .is_some_and(|finished| now_ms - finished > grace_ms);
+            if job.state.is_terminal() && settled {
+                for rank in job.ranks.iter_mut() {
+                    if &rank.node == node_id
+                        && rank.state.is_live()
+                        && !running.contains(&(job.id.clone(), rank.rank))
+                    {
+                        rank.state = RankState::Lost;
+                        rank.message = "not running on its node after the job ended".into();
+                        effects.jobs_changed.insert(job.id.clone());
+                    }
+                }
+            }
+        }
+        if !effects.jobs_changed.is_empty() {
+            effects.merge(self.schedule(now_ms));
+        }
+        effects
+    }
+
+    /// Every start message a freshly attached agent should see.
+    pub fn starts_for(&self, node_id: &NodeId) -> Vec<pb::CoordinatorMessage> {
+        self.jobs
+            .values()
+            .filter(|job| {
+                job.state == JobState::Running
+                    && job
+                        .ranks
+                        .iter()
+                        .any(|rank| &rank.node == node_id && rank.state == RankState::Assigned)
+            })
+            .map(|job| start_message(job, node_id))
+            .collect()
+    }
+}
+
+fn start_message(job: &JobRecord, node_id: &NodeId) -> pb::CoordinatorMessage {
+    let spec: &JobSpec = &job.spec;
+    let node_rank = job
+        .ranks
+        .iter()
+        .find(|rank| &rank.node == node_id)
+        .map(|rank| rank.rank / spec.slots_per_node)
+        .unwrap_or(0);
+    let ranks = job
+        .ranks
+        .iter()
+        .filter(|rank| &rank.node == node_id && rank.state == RankState::Assigned)
+        .map(|rank| pb::RankAssignment {
+            job_id: job.id.0.clone(),
+            spec: Some(pb::JobSpec::from(spec)),
+            rank: rank.rank,
+            local_rank: rank.local_rank,
+            world_size: spec.world_size(),
+            local_world_size: spec.slots_per_node,
+            node_rank,
+            master_addr: job.master_addr.clone(),
+            master_port: u32::from(job.master_port),
+        })
+        .collect();
+    pb::CoordinatorMessage {
+        kind: Some(pb::coordinator_message::Kind::Start(pb::StartRanks {
+            ranks,
+        })),
+    }
+}
+
+fn stop_message(job_id: &JobId, reason: &str) -> pb::CoordinatorMessage {
+    pb::CoordinatorMessage {
+        kind: Some(pb::coordinator_message::Kind::Stop(pb::StopJob {
+            job_id: job_id.0.clone(),
+            reason: reason.to_string(),
+        })),
+    }
+}
+
+#[cfg(test)]
+#[path = "cluster_tests.rs"]
+mod tests;

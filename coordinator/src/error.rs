@@ -1,0 +1,82 @@
+//! Coordinator errors and their one mapping to gRPC status codes.
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("etcd: {action}: {message}")]
+    Etcd { action: String, message: String },
+    #[error(
+        "etcd key {key} holds a record that does not decode ({message}); fix or delete the key"
+    )]
+    Corrupt { key: String, message: String },
+    #[error("job {0} not found")]
+    JobNotFound(String),
+    #[error("node {0} is not registered (its lease may have expired); register again")]
+    NodeNotRegistered(String),
+    #[error(
+        "agent protocol version {agent} does not match the coordinator's {coordinator}; \
+         run the same flamingo release on agents and coordinator"
+    )]
+    ProtocolMismatch { agent: u32, coordinator: u32 },
+    #[error(transparent)]
+    Invalid(#[from] flamingo_common::CommonError),
+    #[error("rank {rank} of job {job_id}: {message}")]
+    Logs {
+        job_id: String,
+        rank: u32,
+        message: String,
+    },
+}
+
+impl CoordinatorError {
+    /// Whether retrying the same call later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Etcd { .. } | Self::Logs { .. })
+    }
+}
+
+impl From<CoordinatorError> for tonic::Status {
+    fn from(error: CoordinatorError) -> Self {
+        let message = error.to_string();
+        match error {
+            CoordinatorError::Etcd { .. } | CoordinatorError::Logs { .. } => {
+                tonic::Status::unavailable(message)
+            }
+            CoordinatorError::Corrupt { .. } => tonic::Status::data_loss(message),
+            CoordinatorError::JobNotFound(_) | CoordinatorError::NodeNotRegistered(_) => {
+                tonic::Status::not_found(message)
+            }
+            CoordinatorError::ProtocolMismatch { .. } => {
+                tonic::Status::failed_precondition(message)
+            }
+            CoordinatorError::Invalid(_) => tonic::Status::invalid_argument(message),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_and_codes() {
+        let mismatch = CoordinatorError::ProtocolMismatch {
+            agent: 2,
+            coordinator: 1,
+        };
+        assert!(!mismatch.is_retryable());
+        assert_eq!(
+            tonic::Status::from(mismatch).code(),
+            tonic::Code::FailedPrecondition
+        );
+        let etcd = CoordinatorError::Etcd {
+            action: "write".into(),
+            message: "down".into(),
+        };
+        assert!(etcd.is_retryable());
+        assert_eq!(tonic::Status::from(etcd).code(), tonic::Code::Unavailable);
+        assert_eq!(
+            tonic::Status::from(CoordinatorError::JobNotFound("x".into())).code(),
+            tonic::Code::NotFound
+        );
+    }
+}

@@ -1,0 +1,268 @@
+//! Thin tonic adapters: decode requests into domain types, call the
+//! [`Coordinator`], encode answers. No scheduling logic lives here.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use flamingo_common::{JobId, JobSpec, NodeId};
+use flamingo_proto::v1 as pb;
+use flamingo_proto::v1::agent_service_client::AgentServiceClient;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::cluster::RankOutcome;
+use crate::service::{Coordinator, Registration};
+use crate::CoordinatorError;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[derive(Clone)]
+pub struct JobApi(pub Arc<Coordinator>);
+
+#[derive(Clone)]
+pub struct NodeApi(pub Arc<Coordinator>);
+
+fn port(value: u32, field: &str) -> Result<u16, Status> {
+    u16::try_from(value)
+        .map_err(|_| Status::invalid_argument(format!("{field} {value} exceeds 65535")))
+}
+
+#[tonic::async_trait]
+impl pb::job_service_server::JobService for JobApi {
+    async fn launch(
+        &self,
+        request: Request<pb::LaunchRequest>,
+    ) -> Result<Response<pb::LaunchResponse>, Status> {
+        let spec = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: missing"))?;
+        let spec = JobSpec::try_from(spec).map_err(CoordinatorError::from)?;
+        let job = self.0.launch(spec).await?;
+        Ok(Response::new(pb::LaunchResponse {
+            job: Some(pb::Job::from(&job)),
+        }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::GetJobResponse>, Status> {
+        let job = self.0.job(&JobId(request.into_inner().job_id)).await?;
+        Ok(Response::new(pb::GetJobResponse {
+            job: Some(pb::Job::from(&job)),
+        }))
+    }
+
+    async fn list_jobs(
+        &self,
+        _request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let jobs = self.0.jobs().await;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.iter().map(pb::Job::from).collect(),
+        }))
+    }
+
+    async fn stop_job(
+        &self,
+        request: Request<pb::StopJobRequest>,
+    ) -> Result<Response<pb::StopJobResponse>, Status> {
+        let job = self.0.stop(&JobId(request.into_inner().job_id)).await?;
+        Ok(Response::new(pb::StopJobResponse {
+            job: Some(pb::Job::from(&job)),
+        }))
+    }
+
+    type WatchJobStream = BoxStream<pb::JobEvent>;
+
+    async fn watch_job(
+        &self,
+        request: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let request = request.into_inner();
+        let events = self
+            .0
+            .watch(&JobId(request.job_id), request.from_seq)
+            .await?;
+        let stream = ReceiverStream::new(events).map(|event| Ok(pb::JobEvent::from(&event)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_nodes(
+        &self,
+        _request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let nodes = self
+            .0
+            .nodes()
+            .await
+            .into_iter()
+            .map(|(node, free_slots)| pb::Node {
+                node_id: node.node_id.0,
+                address: node.address,
+                slots: node.slots,
+                free_slots,
+                gpu: node.gpu,
+                draining: node.draining,
+                agent_endpoint: node.agent_endpoint,
+            })
+            .collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    type JobLogsStream = BoxStream<pb::LogChunk>;
+
+    async fn job_logs(
+        &self,
+        request: Request<pb::JobLogsRequest>,
+    ) -> Result<Response<Self::JobLogsStream>, Status> {
+        let request = request.into_inner();
+        let job_id = JobId(request.job_id.clone());
+        let endpoint = self.0.log_endpoint(&job_id, request.rank).await?;
+        let logs_error = |message: String| CoordinatorError::Logs {
+            job_id: request.job_id.clone(),
+            rank: request.rank,
+            message,
+        };
+        let mut agent = AgentServiceClient::connect(endpoint.clone())
+            .await
+            .map_err(|error| logs_error(format!("cannot reach agent at {endpoint}: {error}")))?;
+        let stream = agent
+            .read_log(pb::ReadLogRequest {
+                job_id: request.job_id.clone(),
+                rank: request.rank,
+                follow: request.follow,
+            })
+            .await?
+            .into_inner();
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::node_service_server::NodeService for NodeApi {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let request = request.into_inner();
+        if request.node_id.is_empty() {
+            return Err(Status::invalid_argument("node_id: empty"));
+        }
+        let registration = Registration {
+            protocol_version: request.protocol_version,
+            node_id: NodeId(request.node_id),
+            address: request.address,
+            slots: request.slots,
+            gpu: request.gpu,
+            rendezvous_port_first: port(request.rendezvous_port_first, "rendezvous_port_first")?,
+            rendezvous_port_count: port(request.rendezvous_port_count, "rendezvous_port_count")?,
+            agent_endpoint: request.agent_endpoint,
+        };
+        self.0.register(registration).await?;
+        Ok(Response::new(pb::RegisterResponse {
+            lease_ttl_seconds: self.0.lease_ttl_seconds(),
+            heartbeat_interval_ms: self.0.heartbeat_interval_ms(),
+        }))
+    }
+
+    type AttachStream = BoxStream<pb::CoordinatorMessage>;
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let mut incoming = request.into_inner();
+        let first = incoming
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("attach: stream closed before a heartbeat"))?;
+        let Some(pb::agent_message::Kind::Heartbeat(heartbeat)) = first.kind else {
+            return Err(Status::invalid_argument(
+                "attach: the first message must be a heartbeat",
+            ));
+        };
+        let node_id = NodeId(heartbeat.node_id.clone());
+        let (sender, receiver) = tokio::sync::mpsc::channel(256);
+        let initial = self.0.attach(&node_id, sender.clone()).await?;
+        for message in initial {
+            let _ = sender.try_send(Ok(message));
+        }
+        let coordinator = self.0.clone();
+        tokio::spawn(async move {
+            let mut next = Some(heartbeat);
+            loop {
+                if let Some(heartbeat) = next.take() {
+                    let running: BTreeSet<(JobId, u32)> = heartbeat
+                        .running
+                        .into_iter()
+                        .map(|rank| (JobId(rank.job_id), rank.rank))
+                        .collect();
+                    if let Err(error) = coordinator
+                        .heartbeat(&node_id, running, heartbeat.draining)
+                        .await
+                    {
+                        let _ = sender.send(Err(Status::from(error))).await;
+                        break;
+                    }
+                }
+                match incoming.message().await {
+                    Ok(Some(pb::AgentMessage {
+                        kind: Some(pb::agent_message::Kind::Heartbeat(heartbeat)),
+                    })) => next = Some(heartbeat),
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            coordinator.detach(&node_id, &sender).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn report_rank(
+        &self,
+        request: Request<pb::RankReport>,
+    ) -> Result<Response<pb::RankReportResponse>, Status> {
+        let report = request.into_inner();
+        let outcome = match report.event {
+            Some(pb::rank_report::Event::Started(started)) => {
+                RankOutcome::Started { pid: started.pid }
+            }
+            Some(pb::rank_report::Event::Exited(exited)) => RankOutcome::Exited {
+                exit_code: exited.exit_code,
+                signal: exited.signal,
+                result_json: (!exited.result_json.is_empty()).then_some(exited.result_json),
+            },
+            Some(pb::rank_report::Event::FailedToStart(failed)) => RankOutcome::FailedToStart {
+                message: failed.message,
+            },
+            None => return Err(Status::invalid_argument("rank report: event missing")),
+        };
+        self.0
+            .rank_report(&JobId(report.job_id), report.rank, outcome)
+            .await?;
+        Ok(Response::new(pb::RankReportResponse {}))
+    }
+
+    async fn report_metrics(
+        &self,
+        request: Request<pb::MetricsReport>,
+    ) -> Result<Response<pb::MetricsReportResponse>, Status> {
+        let report = request.into_inner();
+        tracing::debug!(job = %report.job_id, rank = report.rank, step = report.step, values = ?report.values, "metrics");
+        Ok(Response::new(pb::MetricsReportResponse {}))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        self.0
+            .deregister(&NodeId(request.into_inner().node_id))
+            .await?;
+        Ok(Response::new(pb::DeregisterResponse {}))
+    }
+}

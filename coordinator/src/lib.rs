@@ -1,0 +1,110 @@
+//! The coordinator: job API for flamingoctl, node API for worker agents,
+//! gang scheduling, failure detection through etcd leases, and all state in
+//! etcd so a restarted coordinator carries running jobs on.
+
+pub mod cluster;
+mod error;
+mod grpc;
+pub mod placement;
+pub mod service;
+mod store;
+
+use std::net::SocketAddr;
+
+pub use error::CoordinatorError;
+use flamingo_proto::v1 as pb;
+use tokio_util::sync::CancellationToken;
+
+/// Resolved, validated coordinator configuration.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(
+        long,
+        env = "FLAMINGO_COORDINATOR_LISTEN",
+        default_value = "127.0.0.1:7070"
+    )]
+    pub listen: SocketAddr,
+    /// etcd endpoints, comma separated.
+    #[arg(
+        long = "etcd-endpoints",
+        env = "FLAMINGO_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379",
+        value_delimiter = ','
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix for everything flamingo stores in etcd.
+    #[arg(long, env = "FLAMINGO_ETCD_PREFIX", default_value = "/flamingo")]
+    pub etcd_prefix: String,
+    /// A node whose agent misses heartbeats this long is lost.
+    #[arg(long, env = "FLAMINGO_LEASE_TTL_SECONDS", default_value_t = 10)]
+    pub lease_ttl_seconds: u32,
+    /// How often agents send heartbeats.
+    #[arg(long, env = "FLAMINGO_HEARTBEAT_INTERVAL_MS", default_value_t = 1000)]
+    pub heartbeat_interval_ms: u32,
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), flamingo_common::CommonError> {
+        use flamingo_common::CommonError;
+        if self.lease_ttl_seconds < 2 {
+            return Err(CommonError::invalid(
+                "lease-ttl-seconds",
+                "must be at least 2",
+            ));
+        }
+        if u64::from(self.heartbeat_interval_ms) * 2 > u64::from(self.lease_ttl_seconds) * 1000 {
+            return Err(CommonError::invalid(
+                "heartbeat-interval-ms",
+                "must be at most half the lease TTL, or nodes expire between heartbeats",
+            ));
+        }
+        if self.etcd_endpoints.is_empty() {
+            return Err(CommonError::invalid(
+                "etcd-endpoints",
+                "give at least one endpoint",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl service::Coordinator {
+    pub fn lease_ttl_seconds(&self) -> u32 {
+        self.config().lease_ttl_seconds
+    }
+    pub fn heartbeat_interval_ms(&self) -> u32 {
+        self.config().heartbeat_interval_ms
+    }
+}
+
+/// Serves until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.validate()?;
+    let (coordinator, revision) = service::Coordinator::start(config.clone()).await?;
+    let watcher = tokio::spawn(
+        coordinator
+            .clone()
+            .watch_node_leases(revision, shutdown.clone()),
+    );
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|error| anyhow::anyhow!("cannot listen on {}: {error}", config.listen))?;
+    let local = listener.local_addr()?;
+    tracing::info!(%local, "coordinator listening");
+    tonic::transport::Server::builder()
+        .add_service(pb::job_service_server::JobServiceServer::new(grpc::JobApi(
+            coordinator.clone(),
+        )))
+        .add_service(pb::node_service_server::NodeServiceServer::new(
+            grpc::NodeApi(coordinator),
+        ))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        )
+        .await?;
+    shutdown.cancel();
+    let _ = watcher.await;
+    Ok(())
+}

@@ -1,0 +1,436 @@
+//! The coordinator in domain terms: owns the in-memory [`Cluster`], writes
+//! every change through to etcd, publishes job events and pushes start/stop
+//! messages to attached agents. The tonic adapters in `grpc.rs` only call in.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flamingo_common::{unix_ms, JobEvent, JobId, JobRecord, JobSpec, NodeId, NodeRecord};
+use flamingo_proto::v1 as pb;
+use tokio::sync::{broadcast, mpsc, Mutex};
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::{Cluster, Effects, RankOutcome};
+use crate::store::{EtcdStore, NodeChange};
+use crate::{Config, CoordinatorError};
+
+pub type AgentSender = mpsc::Sender<Result<pb::CoordinatorMessage, tonic::Status>>;
+
+/// What an agent says about itself when it registers.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub protocol_version: u32,
+    pub node_id: NodeId,
+    pub address: String,
+    pub slots: u32,
+    pub gpu: bool,
+    pub rendezvous_port_first: u16,
+    pub rendezvous_port_count: u16,
+    pub agent_endpoint: String,
+}
+
+pub struct Coordinator {
+    config: Config,
+    store: EtcdStore,
+    cluster: Mutex<Cluster>,
+    sessions: Mutex<HashMap<NodeId, AgentSender>>,
+    events_tx: broadcast::Sender<JobEvent>,
+}
+
+impl Coordinator {
+    /// Connects to etcd and rebuilds the state a previous coordinator left.
+    pub async fn start(config: Config) -> Result<(Arc<Self>, i64), CoordinatorError> {
+        let store = EtcdStore::connect(&config.etcd_endpoints, &config.etcd_prefix).await?;
+        let snapshot = store.load().await?;
+        let mut cluster = Cluster::default();
+        for node in snapshot.nodes {
+            cluster.nodes.insert(node.node_id.clone(), node);
+        }
+        for job in snapshot.jobs {
+            cluster.jobs.insert(job.id.clone(), job);
+        }
+        tracing::info!(
+            nodes = cluster.nodes.len(),
+            jobs = cluster.jobs.len(),
+            revision = snapshot.revision,
+            "state loaded from etcd"
+        );
+        let (events_tx, _) = broadcast::channel(1024);
+        let coordinator = Arc::new(Self {
+            config,
+            store,
+            cluster: Mutex::new(cluster),
+            sessions: Mutex::new(HashMap::new()),
+            events_tx,
+        });
+        // Ranks on nodes that vanished while no coordinator was watching.
+        {
+            let mut cluster = coordinator.cluster.lock().await;
+            let known: BTreeSet<NodeId> = cluster.nodes.keys().cloned().collect();
+            let vanished: BTreeSet<NodeId> = cluster
+                .jobs
+                .values()
+                .flat_map(|job| job.live_ranks().map(|rank| rank.node.clone()))
+                .filter(|node| !known.contains(node))
+                .collect();
+            let mut effects = Effects::default();
+            for node in vanished {
+                let lost = cluster.node_lost(
+                    &node,
+                    "lease expired while the coordinator was down",
+                    unix_ms(),
+                );
+                effects.jobs_changed.extend(lost.jobs_changed);
+                effects.events.extend(lost.events);
+                effects.messages.extend(lost.messages);
+            }
+            let scheduled = cluster.schedule(unix_ms());
+            effects.jobs_changed.extend(scheduled.jobs_changed);
+            effects.events.extend(scheduled.events);
+            effects.messages.extend(scheduled.messages);
+            coordinator.apply(&cluster, effects).await?;
+        }
+        Ok((coordinator, snapshot.revision))
+    }
+
+    /// Persists, publishes and delivers a transition's effects. Called with
+    /// the cluster lock held so etcd sees changes in order.
+    async fn apply(&self, cluster: &Cluster, effects: Effects) -> Result<(), CoordinatorError> {
+        for job_id in &effects.jobs_changed {
+            if let Some(job) = cluster.jobs.get(job_id) {
+                self.store.put_job(job).await?;
+            }
+        }
+        for event in &effects.events {
+            self.store.put_event(event).await?;
+            tracing::info!(job = %event.job_id, state = event.state.as_str(), "{}", event.message);
+            let _no_watchers_is_fine = self.events_tx.send(event.clone());
+        }
+        if !effects.messages.is_empty() {
+            let sessions = self.sessions.lock().await;
+            for (node_id, message) in effects.messages {
+                if let Some(sender) = sessions.get(&node_id) {
+                    // A full or closed channel means the agent is gone or
+                    // slow; heartbeat reconciliation re-sends what matters.
+                    let _ = sender.try_send(Ok(message));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub async fn launch(&self, spec: JobSpec) -> Result<JobRecord, CoordinatorError> {
+        spec.validate()?;
+        let now = unix_ms();
+        let job = JobRecord::new(JobId::generate(now), spec, now);
+        let job_id = job.id.clone();
+        let mut cluster = self.cluster.lock().await;
+        let effects = cluster.submit(job, now);
+        self.apply(&cluster, effects).await?;
+        Ok(cluster.jobs[&job_id].clone())
+    }
+
+    pub async fn job(&self, job_id: &JobId) -> Result<JobRecord, CoordinatorError> {
+        self.cluster
+            .lock()
+            .await
+            .jobs
+            .get(job_id)
+            .cloned()
+            .ok_or_else(|| CoordinatorError::JobNotFound(job_id.0.clone()))
+    }
+
+    pub async fn jobs(&self) -> Vec<JobRecord> {
+        let mut jobs: Vec<JobRecord> = self.cluster.lock().await.jobs.values().cloned().collect();
+        jobs.sort_by_key(|job| job.created_unix_ms);
+        jobs
+    }
+
+    pub async fn stop(&self, job_id: &JobId) -> Result<JobRecord, CoordinatorError> {
+        let mut cluster = self.cluster.lock().await;
+        if !cluster.jobs.contains_key(job_id) {
+            return Err(CoordinatorError::JobNotFound(job_id.0.clone()));
+        }
+        let effects = cluster.stop(job_id, unix_ms());
+        self.apply(&cluster, effects).await?;
+        Ok(cluster.jobs[job_id].clone())
+    }
+
+    /// Nodes with their free slots.
+    pub async fn nodes(&self) -> Vec<(NodeRecord, u32)> {
+        let cluster = self.cluster.lock().await;
+        cluster
+            .nodes
+            .values()
+            .map(|node| (node.clone(), cluster.free_slots(node)))
+            .collect()
+    }
+
+    /// Past events of the job (from `from_seq`), then live ones; the
+    /// receiver ends after the event that makes the job terminal.
+    pub async fn watch(
+        &self,
+        job_id: &JobId,
+        from_seq: u64,
+    ) -> Result<mpsc::Receiver<JobEvent>, CoordinatorError> {
+        let mut live = self.events_tx.subscribe();
+        self.job(job_id).await?;
+        let past = self.store.events(job_id).await?;
+        let (events_tx, events_rx) = mpsc::channel(256);
+        let job_id = job_id.clone();
+        let current = self.job(&job_id).await?;
+        tokio::spawn(async move {
+            let mut next_seq = from_seq;
+            for event in past.into_iter().filter(|event| event.seq >= from_seq) {
+                next_seq = event.seq + 1;
+                let terminal = event.state.is_terminal();
+                if events_tx.send(event).await.is_err() || terminal {
+                    return;
+                }
+            }
+            if current.state.is_terminal() && current.next_event_seq <= next_seq {
+                return;
+            }
+            loop {
+                match live.recv().await {
+                    Ok(event) if event.job_id == job_id && event.seq >= next_seq => {
+                        next_seq = event.seq + 1;
+                        let terminal = event.state.is_terminal();
+                        if events_tx.send(event).await.is_err() || terminal {
+                            return;
+                        }
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(events_rx)
+    }
+
+    pub async fn register(&self, registration: Registration) -> Result<(), CoordinatorError> {
+        if registration.protocol_version != flamingo_proto::PROTOCOL_VERSION {
+            tracing::warn!(
+                node = %registration.node_id,
+                version = registration.protocol_version,
+                "refused agent with a different protocol version"
+            );
+            return Err(CoordinatorError::ProtocolMismatch {
+                agent: registration.protocol_version,
+                coordinator: flamingo_proto::PROTOCOL_VERSION,
+            });
+        }
+        if registration.slots == 0 {
+            return Err(
+                flamingo_common::CommonError::invalid("slots", "must be at least 1").into(),
+            );
+        }
+        let mut cluster = self.cluster.lock().await;
+        let now = unix_ms();
+        let mut effects = Effects::default();
+        if let Some(previous) = cluster.nodes.get(&registration.node_id).cloned() {
+            // The agent restarted: whatever it ran before is gone.
+            let lost = cluster.node_lost(&previous.node_id, "its agent restarted", now);
+            effects.jobs_changed.extend(lost.jobs_changed);
+            effects.events.extend(lost.events);
+            effects.messages.extend(lost.messages);
+            self.store.revoke(previous.lease_id).await?;
+        }
+        let mut node = NodeRecord {
+            node_id: registration.node_id.clone(),
+            address: registration.address,
+            slots: registration.slots,
+            gpu: registration.gpu,
+            draining: false,
+            agent_endpoint: registration.agent_endpoint,
+            rendezvous_port_first: registration.rendezvous_port_first,
+            rendezvous_port_count: registration.rendezvous_port_count.max(1),
+            lease_id: 0,
+            registered_unix_ms: now,
+        };
+        self.store
+            .register_node(&mut node, i64::from(self.config.lease_ttl_seconds))
+            .await?;
+        tracing::info!(node = %node.node_id, slots = node.slots, "node registered");
+        cluster.nodes.insert(node.node_id.clone(), node);
+        let scheduled = cluster.schedule(now);
+        effects.jobs_changed.extend(scheduled.jobs_changed);
+        effects.events.extend(scheduled.events);
+        effects.messages.extend(scheduled.messages);
+        self.apply(&cluster, effects).await
+    }
+
+    /// Registers the agent's message channel and returns the starts it
+    /// should act on now.
+    pub async fn attach(
+        &self,
+        node_id: &NodeId,
+        sender: AgentSender,
+    ) -> Result<Vec<pb::CoordinatorMessage>, CoordinatorError> {
+        let cluster = self.cluster.lock().await;
+        if !cluster.nodes.contains_key(node_id) {
+            return Err(CoordinatorError::NodeNotRegistered(node_id.0.clone()));
+        }
+        self.sessions.lock().await.insert(node_id.clone(), sender);
+        Ok(cluster.starts_for(node_id))
+    }
+
+    pub async fn detach(&self, node_id: &NodeId, sender: &AgentSender) {
+        let mut sessions = self.sessions.lock().await;
+        if sessions
+            .get(node_id)
+            .is_some_and(|current| current.same_channel(sender))
+        {
+            sessions.remove(node_id);
+        }
+    }
+
+    pub async fn heartbeat(
+        &self,
+        node_id: &NodeId,
+        running: BTreeSet<(JobId, u32)>,
+        draining: bool,
+    ) -> Result<(), CoordinatorError> {
+        let lease_id = {
+            let cluster = self.cluster.lock().await;
+            cluster
+                .nodes
+                .get(node_id)
+                .map(|node| node.lease_id)
+                .ok_or_else(|| CoordinatorError::NodeNotRegistered(node_id.0.clone()))?
+        };
+        if !self.store.keep_alive(lease_id).await? {
+            return Err(CoordinatorError::NodeNotRegistered(node_id.0.clone()));
+        }
+        let mut cluster = self.cluster.lock().await;
+        let mut node_changed = None;
+        if let Some(node) = cluster.nodes.get_mut(node_id) {
+            if node.draining != draining {
+                node.draining = draining;
+                node_changed = Some(node.clone());
+            }
+        }
+        if let Some(node) = node_changed {
+            self.store.put_node(&node).await?;
+            tracing::info!(node = %node_id, draining, "node drain state changed");
+        }
+        let grace_ms = i64::from(self.config.heartbeat_interval_ms) * 3;
+        let effects = cluster.heartbeat(node_id, &running, grace_ms, unix_ms());
+        self.apply(&cluster, effects).await
+    }
+
+    pub async fn rank_report(
+        &self,
+        job_id: &JobId,
+        rank: u32,
+        outcome: RankOutcome,
+    ) -> Result<(), CoordinatorError> {
+        let mut cluster = self.cluster.lock().await;
+        let effects = cluster.rank_report(job_id, rank, outcome, unix_ms());
+        self.apply(&cluster, effects).await
+    }
+
+    pub async fn deregister(&self, node_id: &NodeId) -> Result<(), CoordinatorError> {
+        let mut cluster = self.cluster.lock().await;
+        let Some(node) = cluster.nodes.get(node_id).cloned() else {
+            return Ok(());
+        };
+        let effects = cluster.node_lost(node_id, "its agent shut down", unix_ms());
+        self.store.revoke(node.lease_id).await?;
+        self.apply(&cluster, effects).await?;
+        tracing::info!(node = %node_id, "node deregistered");
+        Ok(())
+    }
+
+    /// The agent endpoint that holds the log of `rank`.
+    pub async fn log_endpoint(
+        &self,
+        job_id: &JobId,
+        rank: u32,
+    ) -> Result<String, CoordinatorError> {
+        let cluster = self.cluster.lock().await;
+        let job = cluster
+            .jobs
+            .get(job_id)
+            .ok_or_else(|| CoordinatorError::JobNotFound(job_id.0.clone()))?;
+        let record = job
+            .ranks
+            .iter()
+            .find(|record| record.rank == rank)
+            .ok_or_else(|| CoordinatorError::Logs {
+                job_id: job_id.0.clone(),
+                rank,
+                message: format!("no such rank (the job has {} ranks)", job.ranks.len()),
+            })?;
+        cluster
+            .nodes
+            .get(&record.node)
+            .map(|node| node.agent_endpoint.clone())
+            .ok_or_else(|| CoordinatorError::Logs {
+                job_id: job_id.0.clone(),
+                rank,
+                message: format!("node {} is gone; its log went with it", record.node),
+            })
+    }
+
+    /// Follows etcd's node keys: a delete whose lease is the node's current
+    /// one means the agent stopped heartbeating.
+    pub async fn watch_node_leases(
+        self: Arc<Self>,
+        mut revision: i64,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let mut stream = match self.store.watch_nodes(revision).await {
+                Ok(stream) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "node watch failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            loop {
+                let message = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    message = stream.message() => message,
+                };
+                let response = match message {
+                    Ok(Some(response)) => response,
+                    Ok(None) | Err(_) => break,
+                };
+                if let Some(header) = response.header() {
+                    revision = revision.max(header.revision());
+                }
+                for change in self.store.node_changes(&response) {
+                    if let NodeChange::Deleted(node_id, lease_id) = change {
+                        self.on_node_deleted(&node_id, lease_id).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_node_deleted(&self, node_id: &NodeId, lease_id: Option<i64>) {
+        let mut cluster = self.cluster.lock().await;
+        let current = cluster.nodes.get(node_id).map(|node| node.lease_id);
+        if current.is_none() || (lease_id.is_some() && lease_id != current) {
+            return; // already handled, or an older registration's key
+        }
+        let reason = format!(
+            "no heartbeat for {} s (lease expired)",
+            self.config.lease_ttl_seconds
+        );
+        tracing::warn!(node = %node_id, "{reason}");
+        let effects = cluster.node_lost(node_id, &reason, unix_ms());
+        if let Err(error) = self.apply(&cluster, effects).await {
+            tracing::error!(%error, "could not record the loss of node {node_id}");
+        }
+    }
+}

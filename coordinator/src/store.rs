@@ -1,0 +1,255 @@
+//! etcd persistence. Layout under the prefix (default `/flamingo`):
+//!
+//! - `nodes/<node id>`: NodeRecord JSON, attached to the node's lease, so an
+//!   agent that stops heartbeating disappears by itself;
+//! - `jobs/<job id>`: JobRecord JSON (spec, state, assignment, ranks);
+//! - `events/<job id>/<seq, 12 digits>`: JobEvent JSON, the job's event log.
+
+use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions, WatchStream};
+use flamingo_common::{JobEvent, JobId, JobRecord, NodeId, NodeRecord};
+
+use crate::CoordinatorError;
+
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    prefix: String,
+}
+
+/// What a restarted coordinator reads back.
+pub struct Snapshot {
+    pub nodes: Vec<NodeRecord>,
+    pub jobs: Vec<JobRecord>,
+    /// Revision to start the node watch after.
+    pub revision: i64,
+}
+
+/// A change under `nodes/`.
+#[derive(Debug)]
+pub enum NodeChange {
+    /// The node's key went away; the lease it was attached to, if known.
+    Deleted(NodeId, Option<i64>),
+    Put,
+}
+
+impl EtcdStore {
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, CoordinatorError> {
+        let client =
+            Client::connect(endpoints, None)
+                .await
+                .map_err(|source| CoordinatorError::Etcd {
+                    action: format!("connect to {}", endpoints.join(",")),
+                    message: source.to_string(),
+                })?;
+        Ok(Self {
+            client,
+            prefix: prefix.trim_end_matches('/').to_string(),
+        })
+    }
+
+    fn node_key(&self, node_id: &NodeId) -> String {
+        format!("{}/nodes/{}", self.prefix, node_id)
+    }
+
+    fn job_key(&self, job_id: &JobId) -> String {
+        format!("{}/jobs/{}", self.prefix, job_id)
+    }
+
+    fn event_key(&self, event: &JobEvent) -> String {
+        format!("{}/events/{}/{:012}", self.prefix, event.job_id, event.seq)
+    }
+
+    fn etcd_error(action: String) -> impl FnOnce(etcd_client::Error) -> CoordinatorError {
+        move |source| CoordinatorError::Etcd {
+            action,
+            message: source.to_string(),
+        }
+    }
+
+    pub async fn load(&self) -> Result<Snapshot, CoordinatorError> {
+        let mut client = self.client.clone();
+        let nodes_prefix = format!("{}/nodes/", self.prefix);
+        let response = client
+            .get(nodes_prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(Self::etcd_error(format!("read {nodes_prefix}")))?;
+        let revision = response.header().map_or(0, |header| header.revision());
+        let mut nodes = Vec::new();
+        for kv in response.kvs() {
+            let node: NodeRecord =
+                serde_json::from_slice(kv.value()).map_err(|source| CoordinatorError::Corrupt {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    message: source.to_string(),
+                })?;
+            nodes.push(node);
+        }
+        let jobs_prefix = format!("{}/jobs/", self.prefix);
+        let response = client
+            .get(jobs_prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(Self::etcd_error(format!("read {jobs_prefix}")))?;
+        let mut jobs = Vec::new();
+        for kv in response.kvs() {
+            let job: JobRecord =
+                serde_json::from_slice(kv.value()).map_err(|source| CoordinatorError::Corrupt {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    message: source.to_string(),
+                })?;
+            jobs.push(job);
+        }
+        Ok(Snapshot {
+            nodes,
+            jobs,
+            revision,
+        })
+    }
+
+    pub async fn put_job(&self, job: &JobRecord) -> Result<(), CoordinatorError> {
+        let key = self.job_key(&job.id);
+        let value = serde_json::to_vec(job).expect("job records serialise");
+        self.client
+            .clone()
+            .put(key.clone(), value, None)
+            .await
+            .map_err(Self::etcd_error(format!("write {key}")))?;
+        Ok(())
+    }
+
+    pub async fn put_event(&self, event: &JobEvent) -> Result<(), CoordinatorError> {
+        let key = self.event_key(event);
+        let value = serde_json::to_vec(event).expect("events serialise");
+        self.client
+            .clone()
+            .put(key.clone(), value, None)
+            .await
+            .map_err(Self::etcd_error(format!("write {key}")))?;
+        Ok(())
+    }
+
+    pub async fn events(&self, job_id: &JobId) -> Result<Vec<JobEvent>, CoordinatorError> {
+        let prefix = format!("{}/events/{}/", self.prefix, job_id);
+        let response = self
+            .client
+            .clone()
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(Self::etcd_error(format!("read {prefix}")))?;
+        let mut events = Vec::new();
+        for kv in response.kvs() {
+            let event: JobEvent =
+                serde_json::from_slice(kv.value()).map_err(|source| CoordinatorError::Corrupt {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    message: source.to_string(),
+                })?;
+            events.push(event);
+        }
+        events.sort_by_key(|event| event.seq);
+        Ok(events)
+    }
+
+    /// Grants a lease and stores the node under it.
+    pub async fn register_node(
+        &self,
+        node: &mut NodeRecord,
+        ttl_seconds: i64,
+    ) -> Result<(), CoordinatorError> {
+        let mut client = self.client.clone();
+        let lease = client
+            .lease_grant(ttl_seconds, None)
+            .await
+            .map_err(Self::etcd_error(format!(
+                "grant a lease for node {}",
+                node.node_id
+            )))?;
+        node.lease_id = lease.id();
+        self.put_node(node).await
+    }
+
+    pub async fn put_node(&self, node: &NodeRecord) -> Result<(), CoordinatorError> {
+        let key = self.node_key(&node.node_id);
+        let value = serde_json::to_vec(node).expect("node records serialise");
+        self.client
+            .clone()
+            .put(
+                key.clone(),
+                value,
+                Some(PutOptions::new().with_lease(node.lease_id)),
+            )
+            .await
+            .map_err(Self::etcd_error(format!("write {key}")))?;
+        Ok(())
+    }
+
+    /// Refreshes a node's lease; `Ok(false)` when the lease already expired.
+    pub async fn keep_alive(&self, lease_id: i64) -> Result<bool, CoordinatorError> {
+        let mut client = self.client.clone();
+        let (mut keeper, mut responses) = client
+            .lease_keep_alive(lease_id)
+            .await
+            .map_err(Self::etcd_error(format!("keep lease {lease_id:x} alive")))?;
+        keeper
+            .keep_alive()
+            .await
+            .map_err(Self::etcd_error(format!("keep lease {lease_id:x} alive")))?;
+        let response = responses
+            .message()
+            .await
+            .map_err(Self::etcd_error(format!("keep lease {lease_id:x} alive")))?;
+        Ok(response.is_some_and(|response| response.ttl() > 0))
+    }
+
+    pub async fn revoke(&self, lease_id: i64) -> Result<(), CoordinatorError> {
+        match self.client.clone().lease_revoke(lease_id).await {
+            Ok(_) => Ok(()),
+            // Already expired: nothing left to revoke.
+            Err(source) if source.to_string().contains("not found") => Ok(()),
+            Err(source) => Err(CoordinatorError::Etcd {
+                action: format!("revoke lease {lease_id:x}"),
+                message: source.to_string(),
+            }),
+        }
+    }
+
+    pub async fn watch_nodes(&self, after_revision: i64) -> Result<WatchStream, CoordinatorError> {
+        let prefix = format!("{}/nodes/", self.prefix);
+        self.client
+            .clone()
+            .watch(
+                prefix.clone(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_prev_key()
+                        .with_start_revision(after_revision + 1),
+                ),
+            )
+            .await
+            .map_err(Self::etcd_error(format!("watch {prefix}")))
+    }
+
+    /// Decodes a watch response into node changes.
+    pub fn node_changes(&self, response: &etcd_client::WatchResponse) -> Vec<NodeChange> {
+        let prefix = format!("{}/nodes/", self.prefix);
+        response
+            .events()
+            .iter()
+            .filter_map(|event| {
+                let kv = event.kv()?;
+                let key = String::from_utf8_lossy(kv.key());
+                let node_id = key.strip_prefix(&prefix)?.to_string();
+                Some(match event.event_type() {
+                    EventType::Delete => {
+                        let lease_id = event
+                            .prev_kv()
+                            .and_then(|previous| {
+                                serde_json::from_slice::<NodeRecord>(previous.value()).ok()
+                            })
+                            .map(|record| record.lease_id);
+                        NodeChange::Deleted(NodeId(node_id), lease_id)
+                    }
+                    EventType::Put => NodeChange::Put,
+                })
+            })
+            .collect()
+    }
+}

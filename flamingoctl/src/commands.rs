@@ -1,0 +1,291 @@
+//! Job commands against a running coordinator.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use flamingo_common::jobs::{DEFAULT_MAX_BYTES, DEFAULT_MIN_BYTES};
+use flamingo_common::{JobEvent, JobKind, JobRecord, JobSpec, JobState};
+use flamingo_proto::v1 as pb;
+use flamingo_proto::v1::job_service_client::JobServiceClient;
+use tonic::transport::Channel;
+
+use crate::client;
+use crate::render;
+
+pub struct Session {
+    pub address: String,
+    pub client: JobServiceClient<Channel>,
+}
+
+impl Session {
+    pub async fn open(address: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            address: address.to_string(),
+            client: client::connect(address).await?,
+        })
+    }
+
+    fn error(&self, status: tonic::Status) -> anyhow::Error {
+        client::call_error(&self.address, status)
+    }
+
+    pub async fn job(&mut self, job_id: &str) -> anyhow::Result<JobRecord> {
+        let job = self
+            .client
+            .get_job(pb::GetJobRequest {
+                job_id: job_id.to_string(),
+            })
+            .await
+            .map_err(|status| self.error(status))?
+            .into_inner()
+            .job
+            .context("coordinator answered without a job")?;
+        Ok(JobRecord::try_from(job)?)
+    }
+
+    pub async fn launch(&mut self, spec: &JobSpec) -> anyhow::Result<JobRecord> {
+        let job = self
+            .client
+            .launch(pb::LaunchRequest {
+                spec: Some(pb::JobSpec::from(spec)),
+            })
+            .await
+            .map_err(|status| self.error(status))?
+            .into_inner()
+            .job
+            .context("coordinator answered without a job")?;
+        Ok(JobRecord::try_from(job)?)
+    }
+
+    pub async fn list(&mut self) -> anyhow::Result<Vec<JobRecord>> {
+        let jobs = self
+            .client
+            .list_jobs(pb::ListJobsRequest {})
+            .await
+            .map_err(|status| self.error(status))?
+            .into_inner()
+            .jobs;
+        jobs.into_iter()
+            .map(|job| JobRecord::try_from(job).map_err(anyhow::Error::from))
+            .collect()
+    }
+
+    pub async fn nodes(&mut self) -> anyhow::Result<Vec<pb::Node>> {
+        Ok(self
+            .client
+            .list_nodes(pb::ListNodesRequest {})
+            .await
+            .map_err(|status| self.error(status))?
+            .into_inner()
+            .nodes)
+    }
+
+    /// Stops the job and waits until none of its ranks is alive.
+    pub async fn stop(&mut self, job_id: &str) -> anyhow::Result<JobRecord> {
+        self.client
+            .stop_job(pb::StopJobRequest {
+                job_id: job_id.to_string(),
+            })
+            .await
+            .map_err(|status| self.error(status))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let job = self.job(job_id).await?;
+            if job.live_ranks().next().is_none() {
+                return Ok(job);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "job {job_id} is {} but ranks {:?} are still alive after 60 s",
+                    job.state.as_str(),
+                    job.live_ranks().map(|rank| rank.rank).collect::<Vec<_>>()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Follows the job's events until it ends; prints them to stderr when
+    /// `progress` is set.
+    pub async fn wait(&mut self, job_id: &str, progress: bool) -> anyhow::Result<JobRecord> {
+        let mut stream = self
+            .client
+            .watch_job(pb::WatchJobRequest {
+                job_id: job_id.to_string(),
+                from_seq: 0,
+            })
+            .await
+            .map_err(|status| self.error(status))?
+            .into_inner();
+        let started = Instant::now();
+        loop {
+            match stream.message().await {
+                Ok(Some(event)) => {
+                    let event = JobEvent::try_from(event)?;
+                    if progress {
+                        eprintln!(
+                            "[{:>6.1}s] {:<9} {}",
+                            started.elapsed().as_secs_f64(),
+                            event.state.as_str(),
+                            event.message
+                        );
+                    }
+                    if event.state.is_terminal() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(status) => return Err(self.error(status)),
+            }
+        }
+        // Let the ranks' exit reports land so the record is complete.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let job = self.job(job_id).await?;
+            if job.state.is_terminal()
+                && (job.live_ranks().next().is_none() || Instant::now() > deadline)
+            {
+                return Ok(job);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn logs(&mut self, job_id: &str, rank: u32, follow: bool) -> anyhow::Result<()> {
+        let mut stream = self
+            .client
+            .job_logs(pb::JobLogsRequest {
+                job_id: job_id.to_string(),
+                rank,
+                follow,
+            })
+            .await
+            .map_err(|status| self.error(status))?
+            .into_inner();
+        let mut stdout = std::io::stdout().lock();
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .map_err(|status| self.error(status))?
+        {
+            stdout.write_all(&chunk.data)?;
+            stdout.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// Builds a job spec from `launch`'s flags.
+pub struct LaunchArgs {
+    pub nodes: u32,
+    pub slots_per_node: u32,
+    pub job: Option<String>,
+    pub name: Option<String>,
+    pub env: Vec<String>,
+    pub min_bytes: Option<u64>,
+    pub max_bytes: Option<u64>,
+    pub backend: Option<String>,
+    pub argv: Vec<String>,
+}
+
+pub fn spec_from(args: LaunchArgs) -> anyhow::Result<JobSpec> {
+    let kind = match (args.job.as_deref(), args.argv.is_empty()) {
+        (Some("collective-check"), true) => JobKind::CollectiveCheck {
+            min_bytes: args.min_bytes.unwrap_or(DEFAULT_MIN_BYTES),
+            max_bytes: args.max_bytes.unwrap_or(DEFAULT_MAX_BYTES),
+            backend: args.backend,
+        },
+        (Some("collective-check"), false) => {
+            bail!("--job collective-check takes no command after `--`")
+        }
+        (Some("command") | None, false) => JobKind::Command { argv: args.argv },
+        (Some("command") | None, true) => {
+            bail!("nothing to run: give --job collective-check, or a command after `--` (e.g. -- python train.py)")
+        }
+        (Some(other), _) => {
+            bail!("--job '{other}' is not a known job kind (known: collective-check, command)")
+        }
+    };
+    let mut env = BTreeMap::new();
+    for pair in args.env {
+        let (key, value) = pair
+            .split_once('=')
+            .with_context(|| format!("--env '{pair}': expected KEY=VALUE"))?;
+        env.insert(key.to_string(), value.to_string());
+    }
+    let spec = JobSpec {
+        name: args.name.unwrap_or_default(),
+        nodes: args.nodes,
+        slots_per_node: args.slots_per_node,
+        kind,
+        env,
+    };
+    spec.validate()?;
+    Ok(spec)
+}
+
+pub fn print_job(job: &JobRecord, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&render::job_json(job))?);
+    } else {
+        print!("{}", render::job_text(job));
+    }
+    Ok(())
+}
+
+/// Exit status for a finished job: 0 only when it succeeded.
+pub fn exit_code_for(job: &JobRecord) -> i32 {
+    match job.state {
+        JobState::Succeeded => 0,
+        _ => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(job: Option<&str>, argv: &[&str]) -> LaunchArgs {
+        LaunchArgs {
+            nodes: 2,
+            slots_per_node: 2,
+            job: job.map(String::from),
+            name: None,
+            env: vec!["A=1".into()],
+            min_bytes: None,
+            max_bytes: Some(1 << 20),
+            backend: None,
+            argv: argv.iter().map(|text| text.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn launch_flags_pick_the_job_kind() {
+        let check = spec_from(args(Some("collective-check"), &[])).expect("check spec");
+        assert!(matches!(
+            check.kind,
+            JobKind::CollectiveCheck {
+                max_bytes: 1048576,
+                ..
+            }
+        ));
+        assert_eq!(check.env.get("A").map(String::as_str), Some("1"));
+        let command = spec_from(args(None, &["sh", "-c", "true"])).expect("command spec");
+        assert_eq!(
+            command.kind,
+            JobKind::Command {
+                argv: vec!["sh".into(), "-c".into(), "true".into()]
+            }
+        );
+        assert!(spec_from(args(None, &[]))
+            .unwrap_err()
+            .to_string()
+            .contains("nothing to run"));
+        assert!(spec_from(args(Some("train"), &[]))
+            .unwrap_err()
+            .to_string()
+            .contains("not a known job kind"));
+    }
+}

@@ -1,0 +1,8 @@
+//! flamingoctl as a library: the local-cluster process launcher (shared with
+//! the test sandbox), coordinator client helpers, and the commands.
+
+pub mod client;
+pub mod commands;
+pub mod local;
+pub mod render;
+pub mod up;

@@ -1,0 +1,277 @@
+//! Local clusters: etcd, a coordinator and N agents as processes on this
+//! machine. `flamingoctl up` starts them detached and records them in
+//! `<state dir>/cluster.json`; the test sandbox starts the same processes and
+//! keeps their handles.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+/// Where the flamingo binaries are: `$FLAMINGO_BIN_DIR`, else next to the
+/// running executable (cargo puts all workspace binaries in one folder).
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("FLAMINGO_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    let dir = exe.parent().context("executable has no folder")?;
+    // Test binaries live in target/<profile>/deps; the binaries one level up.
+    if dir.ends_with("deps") {
+        return Ok(dir.parent().context("deps has a parent")?.to_path_buf());
+    }
+    Ok(dir.to_path_buf())
+}
+
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let path = bin_dir()?.join(name);
+    if !path.exists() {
+        bail!(
+            "{} not found; build it with `cargo build --workspace` or set FLAMINGO_BIN_DIR",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The etcd binary: `$FLAMINGO_ETCD_BIN`, else `etcd` on PATH, else Debian's.
+pub fn etcd_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("FLAMINGO_ETCD_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let candidates = std::env::var_os("PATH")
+        .map(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("etcd"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    candidates
+        .into_iter()
+        .chain([PathBuf::from("/usr/bin/etcd")])
+        .find(|path| path.exists())
+        .context("etcd not found; install Debian's etcd-server (scripts/setup.sh does) or set FLAMINGO_ETCD_BIN")
+}
+
+fn log_file(path: &Path) -> anyhow::Result<(File, File)> {
+    let file = File::options()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening log {}", path.display()))?;
+    Ok((file.try_clone()?, file))
+}
+
+/// Spawns `command` with output to `log`; `detach` puts it in its own
+/// session so it outlives flamingoctl and a terminal's Ctrl-C.
+fn spawn(mut command: Command, log: &Path, detach: bool) -> anyhow::Result<Child> {
+    let (stdout, stderr) = log_file(log)?;
+    command.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+    if detach {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let program = command.get_program().to_string_lossy().into_owned();
+    command
+        .spawn()
+        .with_context(|| format!("starting {program}"))
+}
+
+#[derive(Debug, Clone)]
+pub struct EtcdSpec {
+    pub data_dir: PathBuf,
+    pub client_port: u16,
+    pub peer_port: u16,
+}
+
+impl EtcdSpec {
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+}
+
+pub fn spawn_etcd(spec: &EtcdSpec, log: &Path, detach: bool) -> anyhow::Result<Child> {
+    let client = spec.endpoint();
+    let peer = format!("http://127.0.0.1:{}", spec.peer_port);
+    let mut command = Command::new(etcd_binary()?);
+    command
+        .arg("--name=flamingo")
+        .arg(format!("--data-dir={}", spec.data_dir.display()))
+        .arg(format!("--listen-client-urls={client}"))
+        .arg(format!("--advertise-client-urls={client}"))
+        .arg(format!("--listen-peer-urls={peer}"))
+        .arg(format!("--initial-advertise-peer-urls={peer}"))
+        .arg(format!("--initial-cluster=flamingo={peer}"))
+        .env_remove("ETCDCTL_API");
+    spawn(command, log, detach)
+}
+
+#[derive(Debug, Clone)]
+pub struct CoordinatorSpec {
+    pub port: u16,
+    pub etcd_endpoint: String,
+    pub lease_ttl_seconds: u32,
+    pub heartbeat_interval_ms: u32,
+}
+
+impl CoordinatorSpec {
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+pub fn spawn_coordinator(
+    spec: &CoordinatorSpec,
+    log: &Path,
+    detach: bool,
+) -> anyhow::Result<Child> {
+    let mut command = Command::new(binary("flamingo-coordinator")?);
+    command
+        .arg(format!("--listen=127.0.0.1:{}", spec.port))
+        .arg(format!("--etcd-endpoints={}", spec.etcd_endpoint))
+        .arg(format!("--lease-ttl-seconds={}", spec.lease_ttl_seconds))
+        .arg(format!(
+            "--heartbeat-interval-ms={}",
+            spec.heartbeat_interval_ms
+        ));
+    spawn(command, log, detach)
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub node_id: String,
+    pub coordinator: String,
+    pub slots: u32,
+    pub state_dir: PathBuf,
+    pub rendezvous_port_first: u16,
+    pub rendezvous_port_count: u16,
+    pub drain_timeout_seconds: u64,
+    pub kill_grace_seconds: u64,
+    pub extra_args: Vec<String>,
+}
+
+pub fn spawn_agent(spec: &AgentSpec, log: &Path, detach: bool) -> anyhow::Result<Child> {
+    let mut command = Command::new(binary("flamingo-worker")?);
+    command
+        .arg("agent")
+        .arg(format!("--coordinator={}", spec.coordinator))
+        .arg(format!("--node-id={}", spec.node_id))
+        .arg(format!("--cpu-slots={}", spec.slots))
+        .arg(format!("--state-dir={}", spec.state_dir.display()))
+        .arg(format!(
+            "--rendezvous-ports={}:{}",
+            spec.rendezvous_port_first, spec.rendezvous_port_count
+        ))
+        .arg(format!(
+            "--drain-timeout-seconds={}",
+            spec.drain_timeout_seconds
+        ))
+        .arg(format!("--kill-grace-seconds={}", spec.kill_grace_seconds))
+        .args(&spec.extra_args);
+    spawn(command, log, detach)
+}
+
+/// Waits until `endpoint` accepts TCP connections.
+pub fn wait_for_port(endpoint: &str, timeout: Duration) -> anyhow::Result<()> {
+    let address = endpoint
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .to_string();
+    let started = Instant::now();
+    loop {
+        if std::net::TcpStream::connect(&address).is_ok() {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            bail!("{endpoint} did not come up within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What `flamingoctl up` started, for `down` and for finding the coordinator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub coordinator: String,
+    pub etcd_endpoint: String,
+    pub etcd_pid: u32,
+    pub coordinator_pid: u32,
+    pub agent_pids: Vec<u32>,
+    pub nodes: u32,
+    pub slots_per_node: u32,
+    pub state_dir: PathBuf,
+}
+
+impl ClusterState {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("cluster.json")
+    }
+
+    pub fn load(state_dir: &Path) -> anyhow::Result<Option<Self>> {
+        let path = Self::path(state_dir);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+                format!(
+                    "{} is not a flamingo cluster record; remove it",
+                    path.display()
+                )
+            })?)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    pub fn save(&self) -> anyhow::Result<()> {
+        let path = Self::path(&self.state_dir);
+        let temporary = path.with_extension("json.tmp");
+        std::fs::write(&temporary, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&temporary, &path)?;
+        Ok(())
+    }
+}
+
+/// Whether `pid` is a live process (not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state follows the parenthesised command name.
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X") | None)
+        }
+        Err(_) => false,
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`; returns once every pid is gone.
+pub fn terminate(pids: &[u32], grace: Duration) {
+    for &pid in pids {
+        // SAFETY: plain syscall.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    let started = Instant::now();
+    while pids.iter().any(|&pid| process_alive(pid)) && started.elapsed() < grace {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for &pid in pids.iter().filter(|&&pid| process_alive(pid)) {
+        // SAFETY: plain syscall.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    let started = Instant::now();
+    while pids.iter().any(|&pid| process_alive(pid)) && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

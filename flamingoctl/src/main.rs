@@ -1,0 +1,233 @@
+//! `flamingoctl`: local clusters (`up`, `down`) and jobs (`launch`, `status`,
+//! `list`, `stop`, `logs`, `wait`, `nodes`). Every command takes `--json`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use flamingoctl::commands::{self, LaunchArgs, Session};
+use flamingoctl::{client, render, up};
+
+#[derive(Parser)]
+#[command(name = "flamingoctl", version, about = "Run and watch flamingo jobs")]
+struct Cli {
+    /// Coordinator address (default: the local cluster's, else http://127.0.0.1:7070).
+    #[arg(long, global = true, env = "FLAMINGO_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Local state (cluster record, logs); default $FLAMINGO_HOME/cluster or ~/.flamingo/cluster.
+    #[arg(long, global = true, env = "FLAMINGO_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a local cluster (etcd, coordinator, N agents) in the background.
+    Up {
+        #[arg(long, default_value_t = 2)]
+        nodes: u32,
+        #[arg(long, default_value_t = 2)]
+        slots_per_node: u32,
+        /// Coordinator port (another free one if taken).
+        #[arg(long, default_value_t = 7070)]
+        port: u16,
+        #[arg(long, default_value_t = 10)]
+        lease_ttl_seconds: u32,
+    },
+    /// Stop the local cluster and everything it runs.
+    Down,
+    /// Submit a job: `--job collective-check`, or a command after `--` run once per rank.
+    Launch {
+        #[arg(long)]
+        nodes: u32,
+        #[arg(long, default_value_t = 1)]
+        slots_per_node: u32,
+        /// collective-check or command (default: command when argv is given).
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        /// Extra environment for every rank, KEY=VALUE (repeatable).
+        #[arg(long = "env")]
+        env: Vec<String>,
+        /// collective-check: smallest message in bytes.
+        #[arg(long)]
+        min_bytes: Option<u64>,
+        /// collective-check: largest message in bytes.
+        #[arg(long)]
+        max_bytes: Option<u64>,
+        /// collective-check: gloo or nccl.
+        #[arg(long)]
+        backend: Option<String>,
+        /// Follow the job until it ends, then print its status.
+        #[arg(long)]
+        wait: bool,
+        #[arg(last = true)]
+        argv: Vec<String>,
+    },
+    /// Show one job.
+    Status { job: String },
+    /// List jobs.
+    List,
+    /// Stop a job and wait until its ranks are gone.
+    Stop { job: String },
+    /// Print a rank's stdout and stderr.
+    Logs {
+        job: String,
+        #[arg(long, default_value_t = 0)]
+        rank: u32,
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Follow a job's events until it ends.
+    Wait { job: String },
+    /// List the cluster's nodes.
+    Nodes,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => std::process::exit(code),
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let state_dir = cli
+        .state_dir
+        .clone()
+        .unwrap_or_else(flamingo_common::paths::local_cluster_dir);
+    let address = client::resolve(cli.coordinator.as_deref(), &state_dir);
+    let json = cli.json;
+    match cli.command {
+        Command::Up {
+            nodes,
+            slots_per_node,
+            port,
+            lease_ttl_seconds,
+        } => {
+            let state = up::up(
+                &state_dir,
+                &up::UpOptions {
+                    nodes,
+                    slots_per_node,
+                    port,
+                    lease_ttl_seconds,
+                },
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&state)?);
+            } else {
+                println!("coordinator {}", state.coordinator);
+            }
+        }
+        Command::Down => match up::down(&state_dir)? {
+            Some(state) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"stopped": true, "coordinator": state.coordinator})
+                    );
+                } else {
+                    println!("local cluster stopped");
+                }
+            }
+            None => {
+                if json {
+                    println!("{}", serde_json::json!({"stopped": false}));
+                } else {
+                    println!(
+                        "no local cluster recorded in {}; nothing to stop",
+                        state_dir.display()
+                    );
+                }
+            }
+        },
+        Command::Launch {
+            nodes,
+            slots_per_node,
+            job,
+            name,
+            env,
+            min_bytes,
+            max_bytes,
+            backend,
+            wait,
+            argv,
+        } => {
+            let spec = commands::spec_from(LaunchArgs {
+                nodes,
+                slots_per_node,
+                job,
+                name,
+                env,
+                min_bytes,
+                max_bytes,
+                backend,
+                argv,
+            })?;
+            let mut session = Session::open(&address).await?;
+            let job = session.launch(&spec).await?;
+            if !wait {
+                if json {
+                    commands::print_job(&job, true)?;
+                } else {
+                    println!("{}", job.id);
+                }
+                return Ok(0);
+            }
+            eprintln!("launched {}", job.id);
+            let job = session.wait(job.id.as_str(), !json).await?;
+            commands::print_job(&job, json)?;
+            return Ok(commands::exit_code_for(&job));
+        }
+        Command::Status { job } => {
+            let mut session = Session::open(&address).await?;
+            commands::print_job(&session.job(&job).await?, json)?;
+        }
+        Command::List => {
+            let mut session = Session::open(&address).await?;
+            let jobs = session.list().await?;
+            if json {
+                let values: Vec<_> = jobs.iter().map(render::job_json).collect();
+                println!("{}", serde_json::to_string_pretty(&values)?);
+            } else {
+                print!("{}", render::jobs_text(&jobs));
+            }
+        }
+        Command::Stop { job } => {
+            let mut session = Session::open(&address).await?;
+            commands::print_job(&session.stop(&job).await?, json)?;
+        }
+        Command::Logs { job, rank, follow } => {
+            let mut session = Session::open(&address).await?;
+            session.logs(&job, rank, follow).await?;
+        }
+        Command::Wait { job } => {
+            let mut session = Session::open(&address).await?;
+            let job = session.wait(&job, !json).await?;
+            commands::print_job(&job, json)?;
+            return Ok(commands::exit_code_for(&job));
+        }
+        Command::Nodes => {
+            let mut session = Session::open(&address).await?;
+            let nodes = session.nodes().await?;
+            if json {
+                let values: Vec<_> = nodes.iter().map(render::node_json).collect();
+                println!("{}", serde_json::to_string_pretty(&values)?);
+            } else {
+                print!("{}", render::nodes_text(&nodes));
+            }
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,159 @@
+//! Human tables and `--json` objects for jobs and nodes.
+
+use flamingo_common::bandwidth::{render_table, CollectiveCheckReport};
+use flamingo_common::{JobRecord, RankRecord};
+use flamingo_proto::v1 as pb;
+use serde_json::{json, Value};
+
+pub fn rank_json(rank: &RankRecord) -> Value {
+    json!({
+        "rank": rank.rank,
+        "local_rank": rank.local_rank,
+        "node": rank.node.as_str(),
+        "state": rank.state.as_str(),
+        "exit_code": rank.exit_code,
+        "signal": rank.signal,
+        "pid": rank.pid,
+        "message": rank.message,
+    })
+}
+
+pub fn job_json(job: &JobRecord) -> Value {
+    let result = job
+        .result_json
+        .as_deref()
+        .and_then(|text| serde_json::from_str::<Value>(text).ok());
+    json!({
+        "id": job.id.as_str(),
+        "name": job.spec.name,
+        "kind": job.spec.kind.label(),
+        "state": job.state.as_str(),
+        "nodes": job.spec.nodes,
+        "slots_per_node": job.spec.slots_per_node,
+        "world_size": job.spec.world_size(),
+        "master_addr": job.master_addr,
+        "master_port": job.master_port,
+        "message": job.message,
+        "ranks": job.ranks.iter().map(rank_json).collect::<Vec<_>>(),
+        "result": result,
+        "created_unix_ms": job.created_unix_ms,
+        "started_unix_ms": job.started_unix_ms,
+        "finished_unix_ms": job.finished_unix_ms,
+    })
+}
+
+fn duration_text(job: &JobRecord) -> String {
+    match (job.started_unix_ms, job.finished_unix_ms) {
+        (Some(started), Some(finished)) => format!("{:.1}s", (finished - started) as f64 / 1000.0),
+        (Some(started), None) => {
+            format!(
+                "{:.1}s (running)",
+                (flamingo_common::unix_ms() - started) as f64 / 1000.0
+            )
+        }
+        _ => "-".to_string(),
+    }
+}
+
+pub fn job_text(job: &JobRecord) -> String {
+    let mut out = format!(
+        "job       {}\nkind      {}\nstate     {}\nlayout    {} node(s) × {} slot(s) = {} rank(s)\n",
+        job.id,
+        job.spec.kind.label(),
+        job.state.as_str(),
+        job.spec.nodes,
+        job.spec.slots_per_node,
+        job.spec.world_size()
+    );
+    if !job.master_addr.is_empty() {
+        out.push_str(&format!(
+            "master    {}:{}\n",
+            job.master_addr, job.master_port
+        ));
+    }
+    out.push_str(&format!("duration  {}\n", duration_text(job)));
+    if !job.message.is_empty() {
+        out.push_str(&format!("message   {}\n", job.message));
+    }
+    if !job.ranks.is_empty() {
+        out.push_str(&format!(
+            "\n{:>5} {:<12} {:>5} {:<9} {:>6} {:>8}  {}\n",
+            "RANK", "NODE", "LOCAL", "STATE", "EXIT", "PID", "MESSAGE"
+        ));
+        for rank in &job.ranks {
+            let exit = match (rank.exit_code, rank.signal) {
+                (_, Some(signal)) => format!("sig{signal}"),
+                (Some(code), None) => code.to_string(),
+                (None, None) => "-".to_string(),
+            };
+            out.push_str(&format!(
+                "{:>5} {:<12} {:>5} {:<9} {:>6} {:>8}  {}\n",
+                rank.rank,
+                rank.node.as_str(),
+                rank.local_rank,
+                rank.state.as_str(),
+                exit,
+                rank.pid.map_or("-".to_string(), |pid| pid.to_string()),
+                rank.message
+            ));
+        }
+    }
+    if let Some(report) = job
+        .result_json
+        .as_deref()
+        .and_then(|text| serde_json::from_str::<CollectiveCheckReport>(text).ok())
+    {
+        out.push('\n');
+        out.push_str(&render_table(&report));
+    }
+    out
+}
+
+pub fn jobs_text(jobs: &[JobRecord]) -> String {
+    let mut out = format!(
+        "{:<22} {:<17} {:<10} {:>6} {:>10}  {}\n",
+        "JOB", "KIND", "STATE", "RANKS", "DURATION", "MESSAGE"
+    );
+    for job in jobs {
+        out.push_str(&format!(
+            "{:<22} {:<17} {:<10} {:>6} {:>10}  {}\n",
+            job.id.as_str(),
+            job.spec.kind.label(),
+            job.state.as_str(),
+            job.spec.world_size(),
+            duration_text(job),
+            job.message
+        ));
+    }
+    out
+}
+
+pub fn node_json(node: &pb::Node) -> Value {
+    json!({
+        "node": node.node_id,
+        "address": node.address,
+        "slots": node.slots,
+        "free_slots": node.free_slots,
+        "gpu": node.gpu,
+        "draining": node.draining,
+    })
+}
+
+pub fn nodes_text(nodes: &[pb::Node]) -> String {
+    let mut out = format!(
+        "{:<14} {:<16} {:>5} {:>5} {:<4} {}\n",
+        "NODE", "ADDRESS", "SLOTS", "FREE", "GPU", "DRAINING"
+    );
+    for node in nodes {
+        out.push_str(&format!(
+            "{:<14} {:<16} {:>5} {:>5} {:<4} {}\n",
+            node.node_id,
+            node.address,
+            node.slots,
+            node.free_slots,
+            if node.gpu { "yes" } else { "no" },
+            if node.draining { "yes" } else { "no" }
+        ));
+    }
+    out
+}

@@ -1,0 +1,8 @@
+//! Generates the flamingo.v1 messages and services with Debian's protoc.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/flamingo/v1/flamingo.proto");
+    tonic_prost_build::configure()
+        .compile_protos(&["proto/flamingo/v1/flamingo.proto"], &["proto"])?;
+    Ok(())
+}

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Installs what flamingo needs and sets up the build environment. Source it
+# (`source scripts/setup.sh`) or let scripts/demo.sh and scripts/test.sh do it.
+# Idempotent and quiet when nothing is to do:
+#   - Debian packages: etcd-server, protobuf-compiler, libgloo-dev, build tools
+#     (installed when run as root, otherwise listed with the command to run);
+#   - a virtual environment with torch==2.11.0, reused from
+#     $FLAMINGO_VENV (default ~/.cache/flamingo/venv-torch-2.11.0) when present;
+#   - exports what cargo needs to build tch and the c10d shim against it.
+
+flamingo_setup() {
+    local torch_version=2.11.0
+    local packages=(etcd-server protobuf-compiler libgloo-dev g++ pkg-config python3-venv)
+    local missing=()
+    local package
+    for package in "${packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$package")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        if [ "$(id -u)" = 0 ]; then
+            echo "setup: installing Debian packages: ${missing[*]}"
+            DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null \
+                && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
+                || { echo "setup: apt-get install ${missing[*]} failed" >&2; return 1; }
+        else
+            echo "setup: missing Debian packages: ${missing[*]}" >&2
+            echo "setup: run: sudo apt-get install -y ${missing[*]}" >&2
+            return 1
+        fi
+    fi
+    # etcd-server's unit starts a system etcd on :2379; flamingo runs its own
+    # on free ports, so the system one is not needed (and not touched).
+
+    local python=${FLAMINGO_PYTHON:-python3}
+    local venv=${FLAMINGO_VENV:-$HOME/.cache/flamingo/venv-torch-$torch_version}
+    if ! "$venv/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$torch_version' else 1)" 2>/dev/null; then
+        echo "setup: creating $venv with torch==$torch_version (a few GiB, once)"
+        if [ ! -x "$venv/bin/python" ]; then
+            if ! "$python" -m venv "$venv" 2>/dev/null; then
+                # Debian's python3 without ensurepip: build the venv without pip.
+                "$python" -m venv --without-pip "$venv" || return 1
+                "$python" -m pip --python "$venv/bin/python" --version >/dev/null 2>&1 || return 1
+            fi
+        fi
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check "torch==$torch_version" \
+            || { echo "setup: pip install torch==$torch_version into $venv failed" >&2; return 1; }
+    fi
+
+    export FLAMINGO_VENV=$venv
+    export VIRTUAL_ENV=$venv
+    case ":$PATH:" in
+        *":$venv/bin:"*) ;;
+        *) export PATH="$venv/bin:$PATH" ;;
+    esac
+    # tch/torch-sys find libtorch through the venv's python; the binaries get
+    # an rpath to torch's lib/ so they run without LD_LIBRARY_PATH.
+    export LIBTORCH_USE_PYTORCH=1
+    # Keep libtorch's own thread pools small: ranks share few cores.
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    if ! command -v cargo >/dev/null 2>&1; then
+        [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+    fi
+    command -v cargo >/dev/null 2>&1 || { echo "setup: cargo not found; install Rust with rustup" >&2; return 1; }
+    return 0
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+    set -euo pipefail
+    flamingo_setup
+    echo "setup: ok (venv $FLAMINGO_VENV)"
+else
+    flamingo_setup
+fi

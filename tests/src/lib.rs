@@ -1,0 +1,260 @@
+//! A cluster sandbox for integration tests: a real etcd, a coordinator and N
+//! worker agents as child processes on free ports in a temporary directory.
+//! Everything is killed when the sandbox is dropped. Fault tests use it to
+//! SIGKILL and restart real processes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use flamingo_common::{JobRecord, JobState};
+use flamingoctl::commands::Session;
+use flamingoctl::local::{self, AgentSpec, CoordinatorSpec, EtcdSpec};
+
+/// Cluster tests run one at a time: they time lease expiry and share two
+/// cores, so running several clusters at once would only make them flaky.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub struct SandboxOptions {
+    pub nodes: u32,
+    pub slots_per_node: u32,
+    pub lease_ttl_seconds: u32,
+}
+
+impl Default for SandboxOptions {
+    fn default() -> Self {
+        Self {
+            nodes: 2,
+            slots_per_node: 2,
+            lease_ttl_seconds: 4,
+        }
+    }
+}
+
+pub struct ClusterSandbox {
+    pub dir: tempfile::TempDir,
+    etcd: Child,
+    coordinator: Option<Child>,
+    pub coordinator_spec: CoordinatorSpec,
+    agents: BTreeMap<String, Child>,
+    next_port_block: u16,
+    port_base: u16,
+    slots_per_node: u32,
+    _serial: MutexGuard<'static, ()>,
+}
+
+const PORTS_PER_NODE: u16 = 8;
+const MAX_NODES: u16 = 6;
+
+impl ClusterSandbox {
+    pub async fn start(options: SandboxOptions) -> anyhow::Result<Self> {
+        let serial = SERIAL
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let dir = tempfile::tempdir()?;
+        let etcd_spec = EtcdSpec {
+            data_dir: dir.path().join("etcd"),
+            client_port: flamingo_common::net::free_local_port()?,
+            peer_port: flamingo_common::net::free_local_port()?,
+        };
+        let etcd = local::spawn_etcd(&etcd_spec, &dir.path().join("etcd.log"), false)?;
+        local::wait_for_port(&etcd_spec.endpoint(), Duration::from_secs(20))?;
+        let coordinator_spec = CoordinatorSpec {
+            port: flamingo_common::net::free_local_port()?,
+            etcd_endpoint: etcd_spec.endpoint(),
+            lease_ttl_seconds: options.lease_ttl_seconds,
+            heartbeat_interval_ms: 300,
+        };
+        let port_base = flamingo_common::net::free_local_port_range(PORTS_PER_NODE * MAX_NODES)?;
+        let mut sandbox = Self {
+            dir,
+            etcd,
+            coordinator: None,
+            coordinator_spec,
+            agents: BTreeMap::new(),
+            next_port_block: 0,
+            port_base,
+            slots_per_node: options.slots_per_node,
+            _serial: serial,
+        };
+        sandbox.start_coordinator()?;
+        for index in 0..options.nodes {
+            sandbox.add_agent(&format!("node-{index}"), &[])?;
+        }
+        sandbox.wait_for_nodes(options.nodes as usize).await?;
+        Ok(sandbox)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn coordinator_endpoint(&self) -> String {
+        self.coordinator_spec.endpoint()
+    }
+
+    pub fn start_coordinator(&mut self) -> anyhow::Result<()> {
+        let child = local::spawn_coordinator(
+            &self.coordinator_spec,
+            &self.path().join("coordinator.log"),
+            false,
+        )?;
+        self.coordinator = Some(child);
+        local::wait_for_port(&self.coordinator_endpoint(), Duration::from_secs(20))
+    }
+
+    /// SIGKILLs the coordinator and reaps it.
+    pub fn kill_coordinator(&mut self) {
+        if let Some(mut child) = self.coordinator.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn agent_spec(&self, node_id: &str, block: u16) -> AgentSpec {
+        AgentSpec {
+            node_id: node_id.to_string(),
+            coordinator: self.coordinator_endpoint(),
+            slots: self.slots_per_node,
+            state_dir: self.path().join("agents").join(node_id),
+            rendezvous_port_first: self.port_base + block * PORTS_PER_NODE,
+            rendezvous_port_count: PORTS_PER_NODE,
+            drain_timeout_seconds: 5,
+            kill_grace_seconds: 2,
+            extra_args: Vec::new(),
+        }
+    }
+
+    pub fn add_agent(&mut self, node_id: &str, extra_args: &[&str]) -> anyhow::Result<()> {
+        if self.next_port_block >= MAX_NODES {
+            bail!("the sandbox supports at most {MAX_NODES} agents");
+        }
+        let mut spec = self.agent_spec(node_id, self.next_port_block);
+        self.next_port_block += 1;
+        spec.extra_args = extra_args.iter().map(|arg| arg.to_string()).collect();
+        let child = local::spawn_agent(&spec, &self.agent_log(node_id), false)?;
+        self.agents.insert(node_id.to_string(), child);
+        Ok(())
+    }
+
+    pub fn agent_log(&self, node_id: &str) -> PathBuf {
+        self.path().join(format!("agent-{node_id}.log"))
+    }
+
+    /// SIGKILLs an agent and reaps it.
+    pub fn kill_agent(&mut self, node_id: &str) {
+        if let Some(mut child) = self.agents.remove(node_id) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn agent_pid(&self, node_id: &str) -> Option<u32> {
+        self.agents.get(node_id).map(Child::id)
+    }
+
+    /// Waits for an agent process to exit by itself.
+    pub fn wait_agent_exit(
+        &mut self,
+        node_id: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let child = self
+            .agents
+            .get_mut(node_id)
+            .with_context(|| format!("no agent {node_id}"))?;
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.agents.remove(node_id);
+                return Ok(status);
+            }
+            if started.elapsed() > timeout {
+                bail!("agent {node_id} still running after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub async fn session(&self) -> anyhow::Result<Session> {
+        Session::open(&self.coordinator_endpoint()).await
+    }
+
+    pub async fn wait_for_nodes(&self, count: usize) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            if let Ok(mut session) = self.session().await {
+                if session.nodes().await.map(|nodes| nodes.len()).unwrap_or(0) >= count {
+                    return Ok(());
+                }
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("{count} nodes did not register within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Polls the job until `done` holds (or `timeout` passes).
+    pub async fn wait_job(
+        &self,
+        job_id: &str,
+        timeout: Duration,
+        done: impl Fn(&JobRecord) -> bool,
+    ) -> anyhow::Result<JobRecord> {
+        let started = Instant::now();
+        let mut last = None;
+        loop {
+            if let Ok(mut session) = self.session().await {
+                if let Ok(job) = session.job(job_id).await {
+                    if done(&job) {
+                        return Ok(job);
+                    }
+                    last = Some(job);
+                }
+            }
+            if started.elapsed() > timeout {
+                bail!("job {job_id} did not reach the expected state within {timeout:?}; last seen: {last:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn wait_state(
+        &self,
+        job_id: &str,
+        state: JobState,
+        timeout: Duration,
+    ) -> anyhow::Result<JobRecord> {
+        self.wait_job(job_id, timeout, |job| job.state == state)
+            .await
+    }
+
+    /// Path of a built workspace binary (flamingoctl, flamingo-worker, …).
+    pub fn binary(name: &str) -> PathBuf {
+        local::binary(name)
+            .expect("workspace binaries are built before the tests (scripts/test.sh)")
+    }
+}
+
+impl Drop for ClusterSandbox {
+    fn drop(&mut self) {
+        let mut children: Vec<&mut Child> = self.agents.values_mut().collect();
+        if let Some(coordinator) = self.coordinator.as_mut() {
+            children.push(coordinator);
+        }
+        children.push(&mut self.etcd);
+        for child in children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Whether the process exists (zombies count as gone).
+pub fn alive(pid: u32) -> bool {
+    local::process_alive(pid)
+}

@@ -1,0 +1,346 @@
+//! The worker agent, one per node (torchrun's agent, cluster-wide): registers
+//! the node's slots, keeps its lease alive with heartbeats, starts and stops
+//! ranks as the coordinator says, reports their exits, and drains on SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use flamingo_common::JobId;
+use flamingo_proto::v1 as pb;
+use flamingo_proto::v1::node_service_client::NodeServiceClient;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::ranks::Ranks;
+use crate::{logs, reporter};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentConfig {
+    /// Coordinator gRPC address.
+    #[arg(
+        long,
+        env = "FLAMINGO_COORDINATOR",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    pub coordinator: String,
+    /// This node's name in the cluster (default: the hostname).
+    #[arg(long, env = "FLAMINGO_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Address other nodes reach this one at; ranks bind Gloo to it.
+    #[arg(long, env = "FLAMINGO_NODE_ADDRESS", default_value = "127.0.0.1")]
+    pub address: String,
+    /// Slots when the node has no GPU (one rank per slot).
+    #[arg(long, env = "FLAMINGO_CPU_SLOTS", default_value_t = 1)]
+    pub cpu_slots: u32,
+    /// Where rank logs go (default: $FLAMINGO_HOME/agents/<node id>).
+    #[arg(long, env = "FLAMINGO_AGENT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Listen address of the agent's log service.
+    #[arg(long, env = "FLAMINGO_AGENT_LISTEN", default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// MASTER_PORT range for jobs whose rank 0 runs here: FIRST:COUNT.
+    #[arg(long, env = "FLAMINGO_RENDEZVOUS_PORTS", default_value = "29500:100")]
+    pub rendezvous_ports: String,
+    /// On SIGTERM, how long running ranks may finish before they are killed.
+    #[arg(long, env = "FLAMINGO_DRAIN_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub drain_timeout_seconds: u64,
+    /// Between SIGTERM and SIGKILL when stopping a rank.
+    #[arg(long, env = "FLAMINGO_KILL_GRACE_SECONDS", default_value_t = 5)]
+    pub kill_grace_seconds: u64,
+    /// Protocol version to announce (only for testing version checks).
+    #[arg(long, hide = true, default_value_t = flamingo_proto::PROTOCOL_VERSION)]
+    pub protocol_version: u32,
+}
+
+impl AgentConfig {
+    fn node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|name| name.trim().to_string())
+                .unwrap_or_else(|_| "localhost".into())
+        })
+    }
+
+    fn rendezvous_ports(&self) -> anyhow::Result<(u16, u16)> {
+        let parse = || -> Option<(u16, u16)> {
+            let (first, count) = self.rendezvous_ports.split_once(':')?;
+            Some((first.parse().ok()?, count.parse().ok()?))
+        };
+        parse()
+            .filter(|(first, count)| *count > 0 && first.checked_add(*count - 1).is_some())
+            .with_context(|| {
+                format!(
+                    "--rendezvous-ports '{}': expected FIRST:COUNT, e.g. 29500:100",
+                    self.rendezvous_ports
+                )
+            })
+    }
+}
+
+/// GPUs visible on this node (`/dev/nvidiaN`), which become its slots.
+fn gpu_count() -> u32 {
+    std::fs::read_dir("/dev")
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|entry| {
+                    let name = entry.file_name();
+                    let name = name.to_string_lossy();
+                    name.strip_prefix("nvidia").is_some_and(|rest| {
+                        !rest.is_empty() && rest.chars().all(|c| c.is_ascii_digit())
+                    })
+                })
+                .count() as u32
+        })
+        .unwrap_or(0)
+}
+
+fn heartbeat(node_id: &str, ranks: &Ranks, draining: bool) -> pb::AgentMessage {
+    pb::AgentMessage {
+        kind: Some(pb::agent_message::Kind::Heartbeat(pb::Heartbeat {
+            node_id: node_id.to_string(),
+            running: ranks
+                .running()
+                .into_iter()
+                .map(|(job_id, rank)| pb::RunningRank {
+                    job_id: job_id.0,
+                    rank,
+                })
+                .collect(),
+            draining,
+        })),
+    }
+}
+
+enum SessionEnd {
+    /// The coordinator no longer knows this node: register again.
+    Unregistered,
+    /// Connection trouble: attach again.
+    Disconnected,
+    Shutdown,
+}
+
+/// Runs the agent until `shutdown` (first SIGTERM: drain) completes.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let node_id = config.node_id();
+    let (port_first, port_count) = config.rendezvous_ports()?;
+    let gpus = gpu_count();
+    let slots = if gpus > 0 { gpus } else { config.cpu_slots };
+    anyhow::ensure!(slots > 0, "--cpu-slots must be at least 1");
+    let state_dir = config.state_dir.clone().unwrap_or_else(|| {
+        flamingo_common::paths::flamingo_home()
+            .join("agents")
+            .join(&node_id)
+    });
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating the agent state dir {}", state_dir.display()))?;
+
+    let channel: Channel = Endpoint::from_shared(config.coordinator.clone())
+        .with_context(|| format!("--coordinator '{}' is not a URL", config.coordinator))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy();
+    let client = NodeServiceClient::new(channel);
+    let (reports_tx, backlog) = reporter::spawn(client.clone(), node_id.clone());
+    let ranks = Ranks::new(
+        state_dir.clone(),
+        config.address.clone(),
+        Duration::from_secs(config.kill_grace_seconds),
+        reports_tx,
+    )?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("agent log service cannot listen on {}", config.listen))?;
+    let agent_endpoint = format!("http://{}", listener.local_addr()?);
+    let server_shutdown = CancellationToken::new();
+    let log_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::agent_service_server::AgentServiceServer::new(
+                logs::LogService {
+                    state_dir: state_dir.clone(),
+                    ranks: ranks.clone(),
+                },
+            ))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                server_shutdown.clone().cancelled_owned(),
+            ),
+    );
+
+    let registration = pb::RegisterRequest {
+        protocol_version: config.protocol_version,
+        node_id: node_id.clone(),
+        address: config.address.clone(),
+        slots,
+        gpu: gpus > 0,
+        rendezvous_port_first: u32::from(port_first),
+        rendezvous_port_count: u32::from(port_count),
+        agent_endpoint,
+    };
+    let draining = CancellationToken::new();
+    let mut interval = Duration::from_millis(1000);
+    let mut registered = false;
+    let drain_watch = {
+        let draining = draining.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            draining.cancel();
+        })
+    };
+
+    let outcome: anyhow::Result<()> = async {
+        loop {
+            if !registered {
+                tokio::select! {
+                    result = register(&client, &registration) => {
+                        let response = result?;
+                        interval = Duration::from_millis(u64::from(response.heartbeat_interval_ms.max(100)));
+                        registered = true;
+                        tracing::info!(node = %node_id, slots, coordinator = %config.coordinator, "registered");
+                    }
+                    _ = draining.cancelled() => break,
+                }
+            }
+            match session(&client, &node_id, &ranks, interval, &draining, config.drain_timeout_seconds).await {
+                SessionEnd::Unregistered => registered = false,
+                SessionEnd::Disconnected => tokio::time::sleep(Duration::from_millis(300)).await,
+                SessionEnd::Shutdown => break,
+            }
+        }
+        Ok(())
+    }
+    .await;
+
+    // Drain finished (or timed out): kill what is left, flush reports,
+    // deregister, stop serving logs.
+    if !ranks.running().is_empty() {
+        ranks.stop_all("agent shutting down");
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(config.kill_grace_seconds + 2);
+        while !ranks.running().is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while backlog.pending() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if registered {
+        let _ = client
+            .clone()
+            .deregister(pb::DeregisterRequest {
+                node_id: node_id.clone(),
+            })
+            .await;
+    }
+    server_shutdown.cancel();
+    let _ = log_server.await;
+    drain_watch.abort();
+    tracing::info!(node = %node_id, "agent stopped");
+    outcome
+}
+
+/// Registers, retrying while the coordinator is unreachable; a refusal
+/// (protocol mismatch, bad slots) is final.
+async fn register(
+    client: &NodeServiceClient<Channel>,
+    registration: &pb::RegisterRequest,
+) -> anyhow::Result<pb::RegisterResponse> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match client.clone().register(registration.clone()).await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+                ) =>
+            {
+                anyhow::bail!("the coordinator refused this agent: {}", status.message());
+            }
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), message = status.message(), "cannot register yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+async fn session(
+    client: &NodeServiceClient<Channel>,
+    node_id: &str,
+    ranks: &Ranks,
+    interval: Duration,
+    draining: &CancellationToken,
+    drain_timeout_seconds: u64,
+) -> SessionEnd {
+    let (outgoing_tx, outgoing_rx) = mpsc::channel(16);
+    let _ = outgoing_tx
+        .send(heartbeat(node_id, ranks, draining.is_cancelled()))
+        .await;
+    let response = client
+        .clone()
+        .attach(tokio_stream::wrappers::ReceiverStream::new(outgoing_rx))
+        .await;
+    let mut incoming = match response {
+        Ok(response) => response.into_inner(),
+        Err(status) if status.code() == tonic::Code::NotFound => return SessionEnd::Unregistered,
+        Err(status) => {
+            tracing::warn!(code = ?status.code(), message = status.message(), "cannot attach to the coordinator");
+            return SessionEnd::Disconnected;
+        }
+    };
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
+    loop {
+        if draining.is_cancelled() {
+            let deadline = *drain_deadline.get_or_insert_with(|| {
+                tracing::info!("draining: no new ranks; waiting for running ones to finish");
+                tokio::time::Instant::now() + Duration::from_secs(drain_timeout_seconds)
+            });
+            if ranks.running().is_empty() || tokio::time::Instant::now() >= deadline {
+                return SessionEnd::Shutdown;
+            }
+        }
+        tokio::select! {
+            _ = ticker.tick() => {
+                if outgoing_tx.send(heartbeat(node_id, ranks, draining.is_cancelled())).await.is_err() {
+                    return SessionEnd::Disconnected;
+                }
+            }
+            message = incoming.message() => match message {
+                Ok(Some(message)) => handle(ranks, message, draining.is_cancelled()),
+                Ok(None) => return SessionEnd::Disconnected,
+                Err(status) if status.code() == tonic::Code::NotFound => return SessionEnd::Unregistered,
+                Err(status) => {
+                    tracing::warn!(code = ?status.code(), message = status.message(), "coordinator stream ended");
+                    return SessionEnd::Disconnected;
+                }
+            },
+        }
+    }
+}
+
+fn handle(ranks: &Ranks, message: pb::CoordinatorMessage, draining: bool) {
+    match message.kind {
+        Some(pb::coordinator_message::Kind::Start(start)) => {
+            for assignment in &start.ranks {
+                if draining {
+                    tracing::warn!(job = %assignment.job_id, "draining: refusing to start a rank");
+                    continue;
+                }
+                ranks.start(assignment);
+            }
+        }
+        Some(pb::coordinator_message::Kind::Stop(stop)) => {
+            ranks.stop_job(&JobId(stop.job_id), &stop.reason);
+        }
+        None => {}
+    }
+}

@@ -1,0 +1,66 @@
+//! `flamingo-worker`: `agent` runs the node daemon; `rank …` runs a rank
+//! program (the agent starts those, torchrun style, from the environment).
+
+mod agent;
+mod collective_check;
+mod logs;
+mod ranks;
+mod reporter;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "flamingo-worker",
+    version,
+    about = "flamingo worker agent and rank programs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent until SIGTERM (drain) or SIGINT.
+    Agent(agent::AgentConfig),
+    /// Run one rank of a built-in job from torchrun's environment variables.
+    #[command(subcommand)]
+    Rank(RankProgram),
+}
+
+#[derive(Subcommand)]
+enum RankProgram {
+    /// Verify the collectives, then sweep their bandwidth.
+    CollectiveCheck(collective_check::CollectiveCheckArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Rank(RankProgram::CollectiveCheck(args)) => collective_check::run(args),
+        Command::Agent(config) => {
+            flamingo_common::telemetry::init_tracing("info");
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let shutdown = CancellationToken::new();
+                let signal_shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    let mut terminate =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                            .expect("SIGTERM handler installs");
+                    tokio::select! {
+                        _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
+                        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+                    }
+                    signal_shutdown.cancel();
+                });
+                agent::run(config, shutdown).await
+            })
+        }
+    }
+}

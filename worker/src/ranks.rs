@@ -1,0 +1,317 @@
+//! Rank processes on this node: started with torchrun's environment in their
+//! own process group (so a stop kills the rank and everything it spawned),
+//! stdout and stderr captured to a per-rank log, exits reported upstream.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flamingo_common::{JobId, JobKind, JobSpec};
+use flamingo_proto::v1 as pb;
+use tokio::sync::mpsc;
+
+/// Identifies one rank of one job.
+pub type RankKey = (JobId, u32);
+
+/// Where rank logs and result files live: `<state dir>/jobs/<job>/rank-<r>.log`.
+pub fn log_path(state_dir: &Path, job_id: &JobId, rank: u32) -> PathBuf {
+    state_dir
+        .join("jobs")
+        .join(job_id.as_str())
+        .join(format!("rank-{rank}.log"))
+}
+
+fn result_path(state_dir: &Path, job_id: &JobId, rank: u32) -> PathBuf {
+    state_dir
+        .join("jobs")
+        .join(job_id.as_str())
+        .join(format!("rank-{rank}.result.json"))
+}
+
+#[derive(Debug)]
+struct RunningRank {
+    pid: u32,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    running: BTreeMap<RankKey, RunningRank>,
+    /// Every rank ever started here, so a re-sent start is ignored.
+    launched: BTreeSet<RankKey>,
+    /// Jobs told to stop: a late start for them is ignored.
+    stopped: BTreeSet<JobId>,
+}
+
+/// Supervises this node's rank processes.
+#[derive(Clone)]
+pub struct Ranks {
+    state_dir: PathBuf,
+    node_address: String,
+    worker_exe: PathBuf,
+    kill_grace: Duration,
+    table: Arc<Mutex<Table>>,
+    report_keys_tx: mpsc::UnboundedSender<(RankKey, pb::rank_report::Event)>,
+}
+
+impl Ranks {
+    pub fn new(
+        state_dir: PathBuf,
+        node_address: String,
+        kill_grace: Duration,
+        report_keys_tx: mpsc::UnboundedSender<(RankKey, pb::rank_report::Event)>,
+    ) -> anyhow::Result<Self> {
+        let worker_exe = std::env::current_exe()?;
+        Ok(Self {
+            state_dir,
+            node_address,
+            worker_exe,
+            kill_grace,
+            table: Arc::new(Mutex::new(Table::default())),
+            report_keys_tx,
+        })
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table
+            .lock()
+            .expect("rank table lock is never poisoned")
+    }
+
+    pub fn running(&self) -> Vec<RankKey> {
+        self.table().running.keys().cloned().collect()
+    }
+
+    pub fn is_running(&self, key: &RankKey) -> bool {
+        self.table().running.contains_key(key)
+    }
+
+    fn report(&self, key: RankKey, event: pb::rank_report::Event) {
+        let _ = self.report_keys_tx.send((key, event));
+    }
+
+    fn command_for(&self, spec: &JobSpec) -> (PathBuf, Vec<String>) {
+        match &spec.kind {
+            JobKind::CollectiveCheck {
+                min_bytes,
+                max_bytes,
+                backend,
+            } => {
+                let mut args = vec![
+                    "rank".to_string(),
+                    "collective-check".to_string(),
+                    format!("--min-bytes={min_bytes}"),
+                    format!("--max-bytes={max_bytes}"),
+                ];
+                if let Some(name) = backend {
+                    args.push(format!("--backend={name}"));
+                }
+                (self.worker_exe.clone(), args)
+            }
+            JobKind::Command { argv } => (PathBuf::from(&argv[0]), argv[1..].to_vec()),
+        }
+    }
+
+    /// Starts the ranks of an assignment that are not yet started here.
+    pub fn start(&self, assignment: &pb::RankAssignment) {
+        let job_id = JobId(assignment.job_id.clone());
+        let key = (job_id.clone(), assignment.rank);
+        {
+            let mut table = self.table();
+            if table.launched.contains(&key) || table.stopped.contains(&job_id) {
+                return;
+            }
+            table.launched.insert(key.clone());
+        }
+        let spec = match assignment.spec.clone().map(JobSpec::try_from).transpose() {
+            Ok(Some(spec)) => spec,
+            Ok(None) => {
+                return self.report(
+                    key,
+                    pb::rank_report::Event::FailedToStart(pb::RankFailedToStart {
+                        message: "assignment carries no job spec".into(),
+                    }),
+                )
+            }
+            Err(error) => {
+                return self.report(
+                    key,
+                    pb::rank_report::Event::FailedToStart(pb::RankFailedToStart {
+                        message: error.to_string(),
+                    }),
+                )
+            }
+        };
+        match self.spawn(assignment, &job_id, &spec) {
+            Ok(child) => {
+                let pid = child.id().unwrap_or(0);
+                self.table()
+                    .running
+                    .insert(key.clone(), RunningRank { pid });
+                tracing::info!(job = %job_id, rank = assignment.rank, pid, "rank started");
+                self.report(
+                    key.clone(),
+                    pb::rank_report::Event::Started(pb::RankStarted { pid }),
+                );
+                let ranks = self.clone();
+                tokio::spawn(async move { ranks.supervise(key, child).await });
+            }
+            Err(error) => {
+                tracing::warn!(job = %job_id, rank = assignment.rank, %error, "rank failed to start");
+                self.report(
+                    key,
+                    pb::rank_report::Event::FailedToStart(pb::RankFailedToStart {
+                        message: error.to_string(),
+                    }),
+                );
+            }
+        }
+    }
+
+    fn spawn(
+        &self,
+        assignment: &pb::RankAssignment,
+        job_id: &JobId,
+        spec: &JobSpec,
+    ) -> anyhow::Result<tokio::process::Child> {
+        let log = log_path(&self.state_dir, job_id, assignment.rank);
+        let job_dir = log.parent().expect("log path has a parent");
+        std::fs::create_dir_all(job_dir)
+            .map_err(|error| anyhow::anyhow!("creating {}: {error}", job_dir.display()))?;
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|error| anyhow::anyhow!("opening {}: {error}", log.display()))?;
+        let result_file = result_path(&self.state_dir, job_id, assignment.rank);
+        let _ = std::fs::remove_file(&result_file);
+        // The master port must be bindable on the node hosting rank 0.
+        if assignment.rank == 0 {
+            std::net::TcpListener::bind((self.node_address.as_str(), assignment.master_port as u16))
+                .map_err(|error| {
+                    anyhow::anyhow!(
+                        "master port {}:{} is not free ({error}); free it or give the agent another --rendezvous-ports range",
+                        self.node_address,
+                        assignment.master_port
+                    )
+                })?;
+        }
+        let (program, args) = self.command_for(spec);
+        let mut command = std::process::Command::new(&program);
+        command
+            .args(&args)
+            .envs(&spec.env)
+            .env("RANK", assignment.rank.to_string())
+            .env("WORLD_SIZE", assignment.world_size.to_string())
+            .env("LOCAL_RANK", assignment.local_rank.to_string())
+            .env("LOCAL_WORLD_SIZE", assignment.local_world_size.to_string())
+            .env("GROUP_RANK", assignment.node_rank.to_string())
+            .env("MASTER_ADDR", &assignment.master_addr)
+            .env("MASTER_PORT", assignment.master_port.to_string())
+            .env("FLAMINGO_JOB_ID", job_id.as_str())
+            .env("FLAMINGO_LOCAL_ADDR", &self.node_address)
+            .env("FLAMINGO_RESULT_FILE", &result_file)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                // Own process group: stop kills the rank and its children.
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // If the agent dies (even SIGKILL), its ranks die with it.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = tokio::process::Command::from(command)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|error| anyhow::anyhow!("cannot run {}: {error}", program.display()))?;
+        Ok(child)
+    }
+
+    async fn supervise(&self, key: RankKey, mut child: tokio::process::Child) {
+        let status = child.wait().await;
+        let (exit_code, signal) = match status {
+            Ok(status) => (status.code().unwrap_or(-1), status.signal().unwrap_or(0)),
+            Err(error) => {
+                tracing::warn!(%error, "waiting for rank failed");
+                (-1, 0)
+            }
+        };
+        let result_json = std::fs::read_to_string(result_path(&self.state_dir, &key.0, key.1))
+            .unwrap_or_default();
+        self.table().running.remove(&key);
+        tracing::info!(job = %key.0, rank = key.1, exit_code, signal, "rank exited");
+        self.report(
+            key,
+            pb::rank_report::Event::Exited(pb::RankExited {
+                exit_code,
+                signal,
+                result_json,
+            }),
+        );
+    }
+
+    /// Kills every rank of the job: SIGTERM to each process group, SIGKILL
+    /// after the grace period.
+    pub fn stop_job(&self, job_id: &JobId, reason: &str) {
+        let pids: Vec<u32> = {
+            let mut table = self.table();
+            table.stopped.insert(job_id.clone());
+            table
+                .running
+                .iter()
+                .filter(|(key, _)| &key.0 == job_id)
+                .map(|(_, rank)| rank.pid)
+                .collect()
+        };
+        if pids.is_empty() {
+            return;
+        }
+        tracing::info!(job = %job_id, ?pids, "stopping ranks: {reason}");
+        self.signal_groups(&pids, libc::SIGTERM);
+        let ranks = self.clone();
+        let job_id = job_id.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ranks.kill_grace).await;
+            let remaining: Vec<u32> = ranks
+                .table()
+                .running
+                .iter()
+                .filter(|(key, _)| key.0 == job_id)
+                .map(|(_, rank)| rank.pid)
+                .collect();
+            ranks.signal_groups(&remaining, libc::SIGKILL);
+        });
+    }
+
+    /// Kills every rank on the node (drain timeout, shutdown).
+    pub fn stop_all(&self, reason: &str) {
+        let jobs: BTreeSet<JobId> = self
+            .table()
+            .running
+            .keys()
+            .map(|key| key.0.clone())
+            .collect();
+        for job_id in jobs {
+            self.stop_job(&job_id, reason);
+        }
+    }
+
+    fn signal_groups(&self, pids: &[u32], signal: i32) {
+        for &pid in pids {
+            // SAFETY: plain syscall; the rank is its own process-group leader.
+            unsafe {
+                libc::kill(-(pid as i32), signal);
+            }
+        }
+    }
+}
