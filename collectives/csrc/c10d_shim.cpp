@@ -3,6 +3,10 @@
 // them into an error string owned by the caller (free it with
 // fl_string_free); nothing here may abort the process.
 //
+// Per-operation timeouts are left unset, as torch.distributed leaves them:
+// the group's timeout (set at creation) bounds every operation, and waits are
+// bounded separately in fl_work_wait.
+//
 // Tensors arrive as `at::Tensor*`, which is what tch's `C_tensor` pointers
 // really are (torch-sys wraps `torch::Tensor*`).
 
@@ -136,12 +140,12 @@ void fl_pg_free(FlProcessGroup* group) {
   }
 }
 
-FlWork* fl_all_reduce(FlProcessGroup* group, at::Tensor* tensor, int op, int64_t timeout_ms,
-                      char** error) {
+FlWork* fl_all_reduce(FlProcessGroup* group, at::Tensor* tensor, int op,
+                      int async_op, char** error) {
   return guarded(error, [&]() -> FlWork* {
     c10d::AllreduceOptions options;
     options.reduceOp = to_reduce_op(op);
-    options.timeout = std::chrono::milliseconds(timeout_ms);
+    options.asyncOp = async_op != 0;
     std::vector<at::Tensor> tensors{*tensor};
     auto work = group->backend->allreduce(tensors, options);
     return new FlWork{work, op == kReduceAvg ? *tensor : at::Tensor(), group->world_size};
@@ -149,42 +153,41 @@ FlWork* fl_all_reduce(FlProcessGroup* group, at::Tensor* tensor, int op, int64_t
 }
 
 FlWork* fl_all_gather_into_tensor(FlProcessGroup* group, at::Tensor* output, at::Tensor* input,
-                                  int64_t timeout_ms, char** error) {
+                                  int async_op, char** error) {
   return guarded(error, [&]() -> FlWork* {
     c10d::AllgatherOptions options;
-    options.timeout = std::chrono::milliseconds(timeout_ms);
+    options.asyncOp = async_op != 0;
     auto work = group->backend->_allgather_base(*output, *input, options);
     return new FlWork{work, at::Tensor(), group->world_size};
   });
 }
 
 FlWork* fl_reduce_scatter_tensor(FlProcessGroup* group, at::Tensor* output, at::Tensor* input,
-                                 int op, int64_t timeout_ms, char** error) {
+                                 int op, int async_op, char** error) {
   return guarded(error, [&]() -> FlWork* {
     c10d::ReduceScatterOptions options;
     options.reduceOp = to_reduce_op(op);
-    options.timeout = std::chrono::milliseconds(timeout_ms);
+    options.asyncOp = async_op != 0;
     auto work = group->backend->_reduce_scatter_base(*output, *input, options);
     return new FlWork{work, op == kReduceAvg ? *output : at::Tensor(), group->world_size};
   });
 }
 
-FlWork* fl_broadcast(FlProcessGroup* group, at::Tensor* tensor, int root, int64_t timeout_ms,
-                     char** error) {
+FlWork* fl_broadcast(FlProcessGroup* group, at::Tensor* tensor, int root, int async_op, char** error) {
   return guarded(error, [&]() -> FlWork* {
     c10d::BroadcastOptions options;
     options.rootRank = root;
-    options.timeout = std::chrono::milliseconds(timeout_ms);
+    options.asyncOp = async_op != 0;
     std::vector<at::Tensor> tensors{*tensor};
     auto work = group->backend->broadcast(tensors, options);
     return new FlWork{work, at::Tensor(), group->world_size};
   });
 }
 
-FlWork* fl_barrier(FlProcessGroup* group, int64_t timeout_ms, char** error) {
+FlWork* fl_barrier(FlProcessGroup* group, int async_op, char** error) {
   return guarded(error, [&]() -> FlWork* {
     c10d::BarrierOptions options;
-    options.timeout = std::chrono::milliseconds(timeout_ms);
+    options.asyncOp = async_op != 0;
     auto work = group->backend->barrier(options);
     return new FlWork{work, at::Tensor(), group->world_size};
   });

@@ -32,14 +32,14 @@ extern "C" {
         group: *mut FlProcessGroup,
         tensor: *mut C_tensor,
         op: c_int,
-        timeout_ms: i64,
+        async_op: c_int,
         error: *mut *mut c_char,
     ) -> *mut FlWork;
     pub fn fl_all_gather_into_tensor(
         group: *mut FlProcessGroup,
         output: *mut C_tensor,
         input: *mut C_tensor,
-        timeout_ms: i64,
+        async_op: c_int,
         error: *mut *mut c_char,
     ) -> *mut FlWork;
     pub fn fl_reduce_scatter_tensor(
@@ -47,19 +47,19 @@ extern "C" {
         output: *mut C_tensor,
         input: *mut C_tensor,
         op: c_int,
-        timeout_ms: i64,
+        async_op: c_int,
         error: *mut *mut c_char,
     ) -> *mut FlWork;
     pub fn fl_broadcast(
         group: *mut FlProcessGroup,
         tensor: *mut C_tensor,
         root: c_int,
-        timeout_ms: i64,
+        async_op: c_int,
         error: *mut *mut c_char,
     ) -> *mut FlWork;
     pub fn fl_barrier(
         group: *mut FlProcessGroup,
-        timeout_ms: i64,
+        async_op: c_int,
         error: *mut *mut c_char,
     ) -> *mut FlWork;
     pub fn fl_work_wait(work: *mut FlWork, timeout_ms: i64, error: *mut *mut c_char) -> c_int;

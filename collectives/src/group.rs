@@ -255,6 +255,10 @@ impl ProcessGroup {
 
     /// Starts an in-place all-reduce of `tensor` across ranks.
     pub fn all_reduce_async(&self, tensor: &Tensor, op: ReduceOp) -> Result<Work> {
+        self.start_all_reduce(tensor, op, true)
+    }
+
+    fn start_all_reduce(&self, tensor: &Tensor, op: ReduceOp, async_op: bool) -> Result<Work> {
         Self::check_dense("all_reduce", tensor, "the")?;
         let mut target = tensor.shallow_clone();
         let mut error = std::ptr::null_mut();
@@ -264,7 +268,7 @@ impl ProcessGroup {
                 self.raw,
                 target.as_mut_ptr(),
                 op.code(),
-                timeout_ms(self.timeout),
+                i32::from(async_op),
                 &mut error,
             )
         };
@@ -272,12 +276,16 @@ impl ProcessGroup {
     }
 
     pub fn all_reduce(&self, tensor: &Tensor, op: ReduceOp) -> Result<()> {
-        self.all_reduce_async(tensor, op)?.wait()
+        self.start_all_reduce(tensor, op, false)?.wait()
     }
 
     /// Starts gathering every rank's `input` into `output`, rank-major;
     /// `output` must hold `world_size × input.numel()` elements.
     pub fn all_gather_into_tensor_async(&self, output: &Tensor, input: &Tensor) -> Result<Work> {
+        self.start_all_gather(output, input, true)
+    }
+
+    fn start_all_gather(&self, output: &Tensor, input: &Tensor, async_op: bool) -> Result<Work> {
         const OP: &str = "all_gather_into_tensor";
         Self::check_dense(OP, output, "output")?;
         Self::check_dense(OP, input, "input")?;
@@ -305,7 +313,7 @@ impl ProcessGroup {
                 self.raw,
                 output_target.as_mut_ptr(),
                 input_target.as_mut_ptr(),
-                timeout_ms(self.timeout),
+                i32::from(async_op),
                 &mut error,
             )
         };
@@ -313,7 +321,7 @@ impl ProcessGroup {
     }
 
     pub fn all_gather_into_tensor(&self, output: &Tensor, input: &Tensor) -> Result<()> {
-        self.all_gather_into_tensor_async(output, input)?.wait()
+        self.start_all_gather(output, input, false)?.wait()
     }
 
     /// Starts reducing `input` (world_size × output elements) across ranks
@@ -323,6 +331,16 @@ impl ProcessGroup {
         output: &Tensor,
         input: &Tensor,
         op: ReduceOp,
+    ) -> Result<Work> {
+        self.start_reduce_scatter(output, input, op, true)
+    }
+
+    fn start_reduce_scatter(
+        &self,
+        output: &Tensor,
+        input: &Tensor,
+        op: ReduceOp,
+        async_op: bool,
     ) -> Result<Work> {
         const OP: &str = "reduce_scatter_tensor";
         Self::check_dense(OP, output, "output")?;
@@ -352,7 +370,7 @@ impl ProcessGroup {
                 output_target.as_mut_ptr(),
                 input_target.as_mut_ptr(),
                 op.code(),
-                timeout_ms(self.timeout),
+                i32::from(async_op),
                 &mut error,
             )
         };
@@ -365,11 +383,15 @@ impl ProcessGroup {
         input: &Tensor,
         op: ReduceOp,
     ) -> Result<()> {
-        self.reduce_scatter_tensor_async(output, input, op)?.wait()
+        self.start_reduce_scatter(output, input, op, false)?.wait()
     }
 
     /// Starts broadcasting `tensor` from `root` to every rank, in place.
     pub fn broadcast_async(&self, tensor: &Tensor, root: i64) -> Result<Work> {
+        self.start_broadcast(tensor, root, true)
+    }
+
+    fn start_broadcast(&self, tensor: &Tensor, root: i64, async_op: bool) -> Result<Work> {
         Self::check_dense("broadcast", tensor, "the")?;
         if root < 0 || root >= self.world_size {
             return Err(CollectiveError::InvalidArgument {
@@ -385,7 +407,7 @@ impl ProcessGroup {
                 self.raw,
                 target.as_mut_ptr(),
                 root as i32,
-                timeout_ms(self.timeout),
+                i32::from(async_op),
                 &mut error,
             )
         };
@@ -393,18 +415,22 @@ impl ProcessGroup {
     }
 
     pub fn broadcast(&self, tensor: &Tensor, root: i64) -> Result<()> {
-        self.broadcast_async(tensor, root)?.wait()
+        self.start_broadcast(tensor, root, false)?.wait()
     }
 
     pub fn barrier_async(&self) -> Result<Work> {
+        self.start_barrier(true)
+    }
+
+    fn start_barrier(&self, async_op: bool) -> Result<Work> {
         let mut error = std::ptr::null_mut();
         // SAFETY: the group pointer is live for the call.
-        let raw = unsafe { ffi::fl_barrier(self.raw, timeout_ms(self.timeout), &mut error) };
+        let raw = unsafe { ffi::fl_barrier(self.raw, i32::from(async_op), &mut error) };
         self.finish("barrier", raw, error, Vec::new())
     }
 
     pub fn barrier(&self) -> Result<()> {
-        self.barrier_async()?.wait()
+        self.start_barrier(false)?.wait()
     }
 
     /// All-gathers a 1-D shard of a flat buffer of `total` elements whose

@@ -18,6 +18,14 @@ use flamingoctl::local::{self, AgentSpec, CoordinatorSpec, EtcdSpec};
 /// cores, so running several clusters at once would only make them flaky.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// Holds the cluster-test lock for tests that start clusters another way
+/// (through `flamingoctl up`).
+pub fn serial_guard() -> MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 pub struct SandboxOptions {
     pub nodes: u32,
     pub slots_per_node: u32,
