@@ -19,9 +19,9 @@ echo "== flamingoctl up --nodes 2 --slots-per-node 2"
 "$bin/flamingoctl" up --nodes 2 --slots-per-node 2
 "$bin/flamingoctl" nodes
 
-echo "== flamingoctl launch --nodes 2 --slots-per-node 2 --job collective-check --wait"
+echo "== flamingoctl launch --nodes 2 --slots-per-node 2 --job collective-check --wait --follow"
 "$bin/flamingoctl" launch --nodes 2 --slots-per-node 2 --job collective-check \
-    --max-bytes "${FLAMINGO_DEMO_MAX_BYTES:-268435456}" --wait
+    --max-bytes "${FLAMINGO_DEMO_MAX_BYTES:-268435456}" --wait --follow
 
 echo "== flamingoctl down"
 trap - EXIT

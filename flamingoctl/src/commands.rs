@@ -107,9 +107,50 @@ impl Session {
         }
     }
 
+    /// Streams rank 0's output to stderr once the rank exists, until the
+    /// returned task is aborted or the log ends.
+    fn follow_rank0(&self, job_id: &str) -> tokio::task::JoinHandle<()> {
+        let mut client = self.client.clone();
+        let job_id = job_id.to_string();
+        tokio::spawn(async move {
+            loop {
+                let request = pb::JobLogsRequest {
+                    job_id: job_id.clone(),
+                    rank: 0,
+                    follow: true,
+                };
+                if let Ok(response) = client.job_logs(request).await {
+                    let mut stream = response.into_inner();
+                    let mut stderr = std::io::stderr();
+                    while let Ok(Some(chunk)) = stream.message().await {
+                        let _ = stderr.write_all(&chunk.data);
+                    }
+                    return;
+                }
+                // Not scheduled or not started yet.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    }
+
     /// Follows the job's events until it ends; prints them to stderr when
-    /// `progress` is set.
-    pub async fn wait(&mut self, job_id: &str, progress: bool) -> anyhow::Result<JobRecord> {
+    /// `progress` is set, and rank 0's output too when `follow` is.
+    pub async fn wait(
+        &mut self,
+        job_id: &str,
+        progress: bool,
+        follow: bool,
+    ) -> anyhow::Result<JobRecord> {
+        let follower = follow.then(|| self.follow_rank0(job_id));
+        let result = self.wait_events(job_id, progress).await;
+        if let Some(follower) = follower {
+            // Let the last lines of the log arrive, then stop following.
+            let _ = tokio::time::timeout(Duration::from_secs(2), follower).await;
+        }
+        result
+    }
+
+    async fn wait_events(&mut self, job_id: &str, progress: bool) -> anyhow::Result<JobRecord> {
         let mut stream = self
             .client
             .watch_job(pb::WatchJobRequest {

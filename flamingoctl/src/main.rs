@@ -65,6 +65,9 @@ enum Command {
         /// Follow the job until it ends, then print its status.
         #[arg(long)]
         wait: bool,
+        /// With --wait: also stream rank 0's output while the job runs.
+        #[arg(long, short, requires = "wait")]
+        follow: bool,
         #[arg(last = true)]
         argv: Vec<String>,
     },
@@ -83,7 +86,12 @@ enum Command {
         follow: bool,
     },
     /// Follow a job's events until it ends.
-    Wait { job: String },
+    Wait {
+        job: String,
+        /// Also stream rank 0's output.
+        #[arg(long, short)]
+        follow: bool,
+    },
     /// List the cluster's nodes.
     Nodes,
 }
@@ -162,6 +170,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             max_bytes,
             backend,
             wait,
+            follow,
             argv,
         } => {
             let spec = commands::spec_from(LaunchArgs {
@@ -186,7 +195,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 return Ok(0);
             }
             eprintln!("launched {}", job.id);
-            let job = session.wait(job.id.as_str(), !json).await?;
+            let job = session.wait(job.id.as_str(), !json, follow).await?;
             commands::print_job(&job, json)?;
             return Ok(commands::exit_code_for(&job));
         }
@@ -212,9 +221,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let mut session = Session::open(&address).await?;
             session.logs(&job, rank, follow).await?;
         }
-        Command::Wait { job } => {
+        Command::Wait { job, follow } => {
             let mut session = Session::open(&address).await?;
-            let job = session.wait(&job, !json).await?;
+            let job = session.wait(&job, !json, follow).await?;
             commands::print_job(&job, json)?;
             return Ok(commands::exit_code_for(&job));
         }

@@ -186,7 +186,7 @@ fn sweep(
             });
             if group.rank() == 0 {
                 eprintln!(
-                    "{op_name:>14} {:>10} bytes: {:>10.1} us, busbw {:.3} GB/s",
+                    "{op_name:>14} {:>10} bytes: {:>10.1} us/op, busbw {:.3} GB/s",
                     actual_bytes,
                     seconds * 1e6,
                     algbw * bus_factor(op_name, world_u32)
@@ -232,10 +232,12 @@ pub fn run(args: CollectiveCheckArgs) -> anyhow::Result<()> {
             checks_passed: checks,
             rows,
         };
-        println!("{}", render_table(&report));
-        if let Ok(path) = std::env::var("FLAMINGO_RESULT_FILE") {
-            std::fs::write(&path, serde_json::to_vec(&report)?)
-                .with_context(|| format!("writing the report to {path}"))?;
+        match std::env::var("FLAMINGO_RESULT_FILE") {
+            // Under an agent the report travels with the exit and
+            // `flamingoctl status` prints the table.
+            Ok(path) => std::fs::write(&path, serde_json::to_vec(&report)?)
+                .with_context(|| format!("writing the report to {path}"))?,
+            Err(_) => println!("{}", render_table(&report)),
         }
     }
     Ok(())
