@@ -38,7 +38,9 @@ fn main() {
             .join("nvidia");
         build.define("USE_C10D_NCCL", None);
         build.define("USE_CUDA", None);
-        for sub in ["nccl/include", "cu13/include", "cuda_runtime/include"] {
+        // nvidia-cuda-crt and nvidia-cuda-cccl (installed by scripts/setup.sh
+        // when FLAMINGO_CUDA=1) add crt/ and nv/ beside the runtime headers.
+        for sub in ["nccl/include", "cu13/include", "cu13/include/cccl"] {
             let path = nvidia.join(sub);
             if path.exists() {
                 build.include(path);

@@ -47,6 +47,15 @@ flamingo_setup() {
             || { echo "setup: pip install torch==$torch_version into $venv failed" >&2; return 1; }
     fi
 
+    # The `cuda` cargo feature (ProcessGroupNCCL) compiles against CUDA's
+    # headers; the torch wheel ships the runtime's but not crt/ and nv/.
+    if [ "${FLAMINGO_CUDA:-0}" = 1 ] && [ ! -e "$venv/lib/python"*/site-packages/nvidia/cu13/include/crt/host_config.h ]; then
+        echo "setup: adding CUDA headers for the cuda feature (nvidia-cuda-crt, nvidia-cuda-cccl)"
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+            "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*" \
+            || { echo "setup: pip install of the CUDA headers failed" >&2; return 1; }
+    fi
+
     export FLAMINGO_VENV=$venv
     export VIRTUAL_ENV=$venv
     case ":$PATH:" in

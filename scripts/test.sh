@@ -9,4 +9,11 @@ source scripts/setup.sh
 echo "== build"
 cargo build --workspace --bins --quiet
 echo "== test"
-cargo test --workspace --no-fail-fast
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run (cargo ends on the last crate's doc-tests).
+awk '/^test result:/ { passed += $4; failed += $6; ignored += $8 }
+     END { printf "total: %d passed, %d failed, %d skipped\n", passed, failed, ignored }' "$log"
+exit "$status"

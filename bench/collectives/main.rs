@@ -198,6 +198,10 @@ fn run_world(
     Ok(samples)
 }
 
+fn geometric_mean(values: &[f64]) -> f64 {
+    (values.iter().map(|value| value.ln()).sum::<f64>() / values.len().max(1) as f64).exp()
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.rank_mode {
@@ -281,11 +285,9 @@ fn main() -> anyhow::Result<()> {
     }
     println!();
     for (op, ratios) in &per_op {
-        let geomean =
-            (ratios.iter().map(|ratio| ratio.ln()).sum::<f64>() / ratios.len() as f64).exp();
+        let geomean = geometric_mean(ratios);
         let large: Vec<f64> = ratios.iter().rev().take(3).copied().collect();
-        let large_geomean =
-            (large.iter().map(|ratio| ratio.ln()).sum::<f64>() / large.len() as f64).exp();
+        let large_geomean = geometric_mean(&large);
         println!(
             "{op:<15} ratio geomean over all sizes {geomean:.3}, over the 3 largest {large_geomean:.3}"
         );

@@ -32,6 +32,20 @@ pub enum NodeChange {
     Put,
 }
 
+/// Decodes JSON records, naming the key of the first one that does not decode.
+fn decode_all<T: serde::de::DeserializeOwned>(
+    kvs: &[etcd_client::KeyValue],
+) -> Result<Vec<T>, CoordinatorError> {
+    kvs.iter()
+        .map(|kv| {
+            serde_json::from_slice(kv.value()).map_err(|source| CoordinatorError::Corrupt {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                message: source.to_string(),
+            })
+        })
+        .collect()
+}
+
 impl EtcdStore {
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, CoordinatorError> {
         let client =
@@ -74,29 +88,13 @@ impl EtcdStore {
             .await
             .map_err(Self::etcd_error(format!("read {nodes_prefix}")))?;
         let revision = response.header().map_or(0, |header| header.revision());
-        let mut nodes = Vec::new();
-        for kv in response.kvs() {
-            let node: NodeRecord =
-                serde_json::from_slice(kv.value()).map_err(|source| CoordinatorError::Corrupt {
-                    key: String::from_utf8_lossy(kv.key()).into_owned(),
-                    message: source.to_string(),
-                })?;
-            nodes.push(node);
-        }
+        let nodes: Vec<NodeRecord> = decode_all(response.kvs())?;
         let jobs_prefix = format!("{}/jobs/", self.prefix);
         let response = client
             .get(jobs_prefix.clone(), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(Self::etcd_error(format!("read {jobs_prefix}")))?;
-        let mut jobs = Vec::new();
-        for kv in response.kvs() {
-            let job: JobRecord =
-                serde_json::from_slice(kv.value()).map_err(|source| CoordinatorError::Corrupt {
-                    key: String::from_utf8_lossy(kv.key()).into_owned(),
-                    message: source.to_string(),
-                })?;
-            jobs.push(job);
-        }
+        let jobs: Vec<JobRecord> = decode_all(response.kvs())?;
         Ok(Snapshot {
             nodes,
             jobs,
@@ -134,15 +132,7 @@ impl EtcdStore {
             .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(Self::etcd_error(format!("read {prefix}")))?;
-        let mut events = Vec::new();
-        for kv in response.kvs() {
-            let event: JobEvent =
-                serde_json::from_slice(kv.value()).map_err(|source| CoordinatorError::Corrupt {
-                    key: String::from_utf8_lossy(kv.key()).into_owned(),
-                    message: source.to_string(),
-                })?;
-            events.push(event);
-        }
+        let mut events: Vec<JobEvent> = decode_all(response.kvs())?;
         events.sort_by_key(|event| event.seq);
         Ok(events)
     }

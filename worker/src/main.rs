@@ -8,7 +8,6 @@ mod ranks;
 mod reporter;
 
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -47,18 +46,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             runtime.block_on(async move {
-                let shutdown = CancellationToken::new();
-                let signal_shutdown = shutdown.clone();
-                tokio::spawn(async move {
-                    let mut terminate =
-                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                            .expect("SIGTERM handler installs");
-                    tokio::select! {
-                        _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
-                        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
-                    }
-                    signal_shutdown.cancel();
-                });
+                let shutdown = flamingo_common::telemetry::shutdown_on_signals();
                 agent::run(config, shutdown).await
             })
         }
