@@ -37,6 +37,9 @@ template <typename F>
 auto guarded(char** error, F&& body) -> decltype(body()) {
   try {
     return body();
+  } catch (const c10::Error& exception) {
+    // what() carries a C++ stack trace; the message alone is what users need.
+    *error = copy_string(exception.what_without_backtrace());
   } catch (const std::exception& exception) {
     *error = copy_string(exception.what());
   } catch (...) {

@@ -277,3 +277,27 @@ fn bad_arguments_are_errors_not_aborts() {
 fn dead_peer_is_an_error_not_a_hang() {
     run_world(2, "dead-peer");
 }
+
+#[test]
+fn nccl_without_a_gpu_is_a_clear_error() {
+    let config = ProcessGroupConfig {
+        backend: Backend::Nccl,
+        master_addr: "127.0.0.1".into(),
+        master_port: flamingo_free_port(),
+        rank: 0,
+        world_size: 1,
+        local_hostname: None,
+        timeout: Duration::from_secs(10),
+        store_prefix: "nccl_test/".into(),
+    };
+    let error = ProcessGroup::new(&config).expect_err("no GPU here (or no cuda feature)");
+    let message = error.to_string();
+    assert!(
+        message.contains("cuda` cargo feature") || message.contains("no GPUs found"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("frame #"),
+        "no C++ stack trace in the message: {message}"
+    );
+}

@@ -1,3 +1,6 @@
+//! Unit tests of the coordinator's pure core: gang scheduling, failure
+//! propagation, node loss and heartbeat reconciliation.
+
 use std::collections::BTreeMap;
 
 use flamingo_common::JobKind;

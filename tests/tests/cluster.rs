@@ -442,3 +442,60 @@ async fn unknown_job_and_bad_launches_are_explained() {
     let zero = flamingoctl(&sandbox, &["launch", "--nodes", "0", "--", "true"]);
     assert!(String::from_utf8_lossy(&zero.stderr).contains("invalid nodes: must be at least 1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_down_past_the_ttl_fails_jobs_and_agents_rejoin() {
+    let ttl = 3;
+    let mut sandbox = ClusterSandbox::start(SandboxOptions {
+        nodes: 2,
+        slots_per_node: 1,
+        lease_ttl_seconds: ttl,
+    })
+    .await
+    .unwrap();
+    let mut session = sandbox.session().await.unwrap();
+    let job = session
+        .launch(&command_spec(2, 1, "exec sleep 300"))
+        .await
+        .unwrap();
+    let running = sandbox
+        .wait_job(job.id.as_str(), Duration::from_secs(30), all_ranks_running)
+        .await
+        .unwrap();
+    let pids: Vec<u32> = running.ranks.iter().map(|rank| rank.pid.unwrap()).collect();
+    drop(session);
+
+    // No coordinator, no keep-alives: both node leases expire in etcd.
+    sandbox.kill_coordinator();
+    tokio::time::sleep(Duration::from_secs(u64::from(ttl) + 2)).await;
+    sandbox.start_coordinator().unwrap();
+
+    let failed = sandbox
+        .wait_job(job.id.as_str(), Duration::from_secs(30), |job| {
+            job.state == JobState::Failed && job.live_ranks().next().is_none()
+        })
+        .await
+        .unwrap();
+    assert!(failed.message.contains("lost"), "{}", failed.message);
+    // The agents register again and kill the ranks of the failed job.
+    sandbox.wait_for_nodes(2).await.unwrap();
+    let started = Instant::now();
+    while pids.iter().any(|&pid| alive(pid)) && started.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        pids.iter().all(|&pid| !alive(pid)),
+        "ranks of the failed job survived"
+    );
+    // And the cluster takes new work.
+    let mut session = sandbox.session().await.unwrap();
+    let next = session.launch(&command_spec(2, 1, "exit 0")).await.unwrap();
+    sandbox
+        .wait_state(
+            next.id.as_str(),
+            JobState::Succeeded,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+}
