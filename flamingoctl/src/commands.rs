@@ -194,7 +194,15 @@ impl Session {
         }
     }
 
-    pub async fn logs(&mut self, job_id: &str, rank: u32, follow: bool) -> anyhow::Result<()> {
+    /// Copies the rank's log to stdout; with `json`, one object per chunk:
+    /// `{"job": …, "rank": …, "text": …}`.
+    pub async fn logs(
+        &mut self,
+        job_id: &str,
+        rank: u32,
+        follow: bool,
+        json: bool,
+    ) -> anyhow::Result<()> {
         let mut stream = self
             .client
             .job_logs(pb::JobLogsRequest {
@@ -211,7 +219,16 @@ impl Session {
             .await
             .map_err(|status| self.error(status))?
         {
-            stdout.write_all(&chunk.data)?;
+            if json {
+                let line = serde_json::json!({
+                    "job": job_id,
+                    "rank": rank,
+                    "text": String::from_utf8_lossy(&chunk.data),
+                });
+                writeln!(stdout, "{line}")?;
+            } else {
+                stdout.write_all(&chunk.data)?;
+            }
             stdout.flush()?;
         }
         Ok(())

@@ -219,7 +219,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Logs { job, rank, follow } => {
             let mut session = Session::open(&address).await?;
-            session.logs(&job, rank, follow).await?;
+            session.logs(&job, rank, follow, json).await?;
         }
         Command::Wait { job, follow } => {
             let mut session = Session::open(&address).await?;

@@ -104,6 +104,24 @@ async fn collective_check_on_two_nodes_by_two_slots_succeeds() {
     let logs = flamingoctl(&sandbox, &["logs", &job_id, "--rank", "3"]);
     let logs = String::from_utf8_lossy(&logs.stdout);
     assert!(logs.contains("rank 3: correctness checks passed"), "{logs}");
+    let json_logs = flamingoctl(&sandbox, &["logs", &job_id, "--rank", "0", "--json"]);
+    let text: String = String::from_utf8_lossy(&json_logs.stdout)
+        .lines()
+        .map(|line| {
+            let chunk: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(chunk["rank"], 0);
+            chunk["text"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert!(text.contains("rank 0: correctness checks passed"), "{text}");
+    let missing_rank = flamingoctl(&sandbox, &["logs", &job_id, "--rank", "9"]);
+    assert!(!missing_rank.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing_rank.stderr)
+            .contains("no such rank (the job has 4 ranks)"),
+        "{}",
+        String::from_utf8_lossy(&missing_rank.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
