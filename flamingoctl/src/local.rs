@@ -274,4 +274,14 @@ pub fn terminate(pids: &[u32], grace: Duration) {
     while pids.iter().any(|&pid| process_alive(pid)) && started.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Daemons started by `up` were re-parented to init; give it a moment to
+    // reap them so nothing, not even a zombie, is listed after `down`.
+    let started = Instant::now();
+    while pids
+        .iter()
+        .any(|&pid| Path::new(&format!("/proc/{pid}")).exists())
+        && started.elapsed() < Duration::from_secs(3)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
