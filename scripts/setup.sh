@@ -74,6 +74,21 @@ flamingo_setup() {
     return 0
 }
 
+# Python packages the parity tests compare against (tests only): the Python
+# OpenFlamingo itself (--no-deps: it pins an old torch) and what its modules
+# import. Idempotent.
+flamingo_setup_reference() {
+    local python="$FLAMINGO_VENV/bin/python"
+    if "$python" -c "import einops, einops_exts, safetensors, importlib.util, sys; sys.exit(0 if importlib.util.find_spec('open_flamingo') else 1)" 2>/dev/null; then
+        return 0
+    fi
+    echo "setup: installing the Python reference packages for the parity tests"
+    "$python" -m pip install -q --disable-pip-version-check --no-deps "open-flamingo==2.0.1" \
+        && "$python" -m pip install -q --disable-pip-version-check \
+            "einops==0.8.2" "einops-exts==0.0.4" "safetensors==0.8.0" \
+        || { echo "setup: pip install of the reference packages failed" >&2; return 1; }
+}
+
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     set -euo pipefail
     flamingo_setup

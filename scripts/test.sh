@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
+flamingo_setup_reference
 
 echo "== build"
 cargo build --workspace --bins --quiet

@@ -1,0 +1,179 @@
+//! Gated cross-attention (reference §1.3, OpenFlamingo `helpers.py`): text
+//! tokens attend to the resampled media latents; tanh gates (initialised to
+//! zero upstream, so the block starts as the identity) scale both branches.
+//!
+//! Masking: a token's "text time" is the number of `<image>` tokens at or
+//! before it; media `j` has time `j + 1`. With `only_attend_immediate_media`
+//! (hard-wired upstream) a token sees only the latents of the media whose
+//! time equals its own; tokens before the first image get zero attention
+//! output. In cached mode (generation) every new token takes the text time of
+//! the last cached image.
+
+use tch::{Kind, Tensor};
+
+use crate::layers::{merge_heads, split_heads, stable_softmax, FeedForward, LayerNorm, Linear};
+use crate::{ModelError, Result, Weights};
+
+/// Which media each text token may attend to.
+#[derive(Debug, Clone, Copy)]
+pub enum MediaMask<'a> {
+    /// `[batch, text_len]` booleans marking `<image>` tokens in the text.
+    Locations(&'a Tensor),
+    /// `[batch, cached_len]` `<image>` markers of the text seen so far; every
+    /// incoming token attends to the last of those images.
+    Cached(&'a Tensor),
+}
+
+#[derive(Debug)]
+pub struct MaskedCrossAttention {
+    norm: LayerNorm,
+    to_q: Linear,
+    to_kv: Linear,
+    to_out: Linear,
+    heads: i64,
+    scale: f64,
+    only_attend_immediate_media: bool,
+}
+
+impl MaskedCrossAttention {
+    pub fn load(
+        weights: &mut Weights,
+        prefix: &str,
+        dim: i64,
+        dim_visual: i64,
+        dim_head: i64,
+        heads: i64,
+    ) -> Result<Self> {
+        let inner = dim_head * heads;
+        Ok(Self {
+            norm: LayerNorm::load(weights, &format!("{prefix}.norm"), dim)?,
+            to_q: Linear::load(weights, &format!("{prefix}.to_q.weight"), dim, inner)?,
+            to_kv: Linear::load(
+                weights,
+                &format!("{prefix}.to_kv.weight"),
+                dim_visual,
+                2 * inner,
+            )?,
+            to_out: Linear::load(weights, &format!("{prefix}.to_out.weight"), inner, dim)?,
+            heads,
+            scale: (dim_head as f64).powf(-0.5),
+            only_attend_immediate_media: true,
+        })
+    }
+
+    /// Attend to all earlier media instead of only the most recent one (not
+    /// used by OpenFlamingo's released models).
+    pub fn attend_all_previous_media(mut self) -> Self {
+        self.only_attend_immediate_media = false;
+        self
+    }
+
+    /// `text`: [b, t_txt, d]; `media`: [b, t_img, n, d_visual].
+    pub fn forward(&self, text: &Tensor, media: &Tensor, mask: MediaMask<'_>) -> Result<Tensor> {
+        let text_size = text.size();
+        let media_size = media.size();
+        let (&[batch, text_len, _], &[_, media_count, latents, _]) =
+            (&text_size[..], &media_size[..])
+        else {
+            return Err(ModelError::Input(format!(
+                "cross-attention expects text [b, t, d] and media [b, t_img, n, d], got {text_size:?} and {media_size:?}"
+            )));
+        };
+        let queries =
+            split_heads(&self.to_q.forward(&self.norm.forward(text)), self.heads) * self.scale;
+        let media_flat = media.reshape([batch, media_count * latents, media_size[3]]);
+        let keys_values = self.to_kv.forward(&media_flat).chunk(2, -1);
+        let keys = split_heads(&keys_values[0], self.heads);
+        let values = split_heads(&keys_values[1], self.heads);
+        let mut scores = queries.matmul(&keys.transpose(-1, -2));
+
+        let text_time = match mask {
+            MediaMask::Locations(locations) => {
+                if locations.size() != [batch, text_len] {
+                    return Err(ModelError::Input(format!(
+                        "media locations {:?} do not match the text [{batch}, {text_len}]",
+                        locations.size()
+                    )));
+                }
+                locations.to_kind(Kind::Int64).cumsum(-1, Kind::Int64)
+            }
+            MediaMask::Cached(locations) => {
+                let seen = locations
+                    .to_kind(Kind::Int64)
+                    .sum_dim_intlist(-1, true, Kind::Int64);
+                seen.expand([batch, text_len], false)
+            }
+        };
+        {
+            // Media j (0-based) has time j + 1; each of its latents shares it.
+            let media_time = Tensor::arange_start(1, media_count + 1, (Kind::Int64, text.device()))
+                .repeat_interleave_self_int(latents, 0, None)
+                .view([1, 1, 1, media_count * latents]);
+            let token_time = text_time.view([batch, 1, text_len, 1]);
+            let allowed = if self.only_attend_immediate_media {
+                token_time.eq_tensor(&media_time)
+            } else {
+                token_time.ge_tensor(&media_time)
+            };
+            let lowest = match scores.kind() {
+                Kind::BFloat16 => -3.389_531_389_251_535_5e38,
+                Kind::Half => -65504.0,
+                Kind::Double => f64::MIN,
+                _ => f64::from(f32::MIN),
+            };
+            scores = scores.masked_fill(&allowed.logical_not(), lowest);
+        }
+        let mut attention = stable_softmax(&scores);
+        if self.only_attend_immediate_media {
+            let before_any_media = text_time.eq(0).view([batch, 1, text_len, 1]);
+            attention = attention.masked_fill(&before_any_media, 0.0);
+        }
+        Ok(self
+            .to_out
+            .forward(&merge_heads(&attention.matmul(&values))))
+    }
+}
+
+/// `x = tanh(attn_gate)·XAttn(x, media) + x; x = tanh(ff_gate)·FF(x) + x`.
+#[derive(Debug)]
+pub struct GatedCrossAttentionBlock {
+    attention: MaskedCrossAttention,
+    attention_gate: Tensor,
+    feed_forward: FeedForward,
+    feed_forward_gate: Tensor,
+}
+
+impl GatedCrossAttentionBlock {
+    /// Loads `<prefix>.attn.*`, `<prefix>.attn_gate`, `<prefix>.ff.*` and
+    /// `<prefix>.ff_gate` with OpenFlamingo's sizes (8 heads of 64, ff ×4)
+    /// unless given otherwise.
+    pub fn load(
+        weights: &mut Weights,
+        prefix: &str,
+        dim: i64,
+        dim_visual: i64,
+        dim_head: i64,
+        heads: i64,
+        ff_mult: i64,
+    ) -> Result<Self> {
+        Ok(Self {
+            attention: MaskedCrossAttention::load(
+                weights,
+                &format!("{prefix}.attn"),
+                dim,
+                dim_visual,
+                dim_head,
+                heads,
+            )?,
+            attention_gate: weights.take(&format!("{prefix}.attn_gate"), &[1])?,
+            feed_forward: FeedForward::load(weights, &format!("{prefix}.ff"), dim, ff_mult)?,
+            feed_forward_gate: weights.take(&format!("{prefix}.ff_gate"), &[1])?,
+        })
+    }
+
+    pub fn forward(&self, text: &Tensor, media: &Tensor, mask: MediaMask<'_>) -> Result<Tensor> {
+        let attended =
+            self.attention.forward(text, media, mask)? * self.attention_gate.tanh() + text;
+        Ok(self.feed_forward.forward(&attended) * self.feed_forward_gate.tanh() + &attended)
+    }
+}

@@ -1,0 +1,121 @@
+//! The small building blocks the Flamingo modules share: LayerNorm, a
+//! bias-free Linear and the pre-norm GELU feed-forward
+//! (`LayerNorm → Linear(d, 4d) → GELU → Linear(4d, d)`, no biases).
+
+use tch::Tensor;
+
+use crate::{Result, Weights};
+
+/// torch.nn.LayerNorm's default epsilon, which OpenFlamingo keeps.
+pub const LAYER_NORM_EPS: f64 = 1e-5;
+
+#[derive(Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    dim: i64,
+}
+
+impl LayerNorm {
+    pub fn load(weights: &mut Weights, prefix: &str, dim: i64) -> Result<Self> {
+        Ok(Self {
+            weight: weights.take(&format!("{prefix}.weight"), &[dim])?,
+            bias: weights.take(&format!("{prefix}.bias"), &[dim])?,
+            dim,
+        })
+    }
+
+    pub fn forward(&self, input: &Tensor) -> Tensor {
+        input.layer_norm(
+            [self.dim],
+            Some(&self.weight),
+            Some(&self.bias),
+            LAYER_NORM_EPS,
+            false,
+        )
+    }
+}
+
+/// `y = x Wᵀ`, with `W` of shape (out, in) as torch stores it.
+#[derive(Debug)]
+pub struct Linear {
+    weight: Tensor,
+}
+
+impl Linear {
+    pub fn load(weights: &mut Weights, key: &str, input_dim: i64, output_dim: i64) -> Result<Self> {
+        Ok(Self {
+            weight: weights.take(key, &[output_dim, input_dim])?,
+        })
+    }
+
+    pub fn forward(&self, input: &Tensor) -> Tensor {
+        input.linear::<Tensor>(&self.weight, None)
+    }
+}
+
+/// OpenFlamingo's `FeedForward(dim, mult)`: an `nn.Sequential` whose
+/// weights are named `<prefix>.0` (LayerNorm), `.1` and `.3` (Linears).
+#[derive(Debug)]
+pub struct FeedForward {
+    norm: LayerNorm,
+    up: Linear,
+    down: Linear,
+}
+
+impl FeedForward {
+    pub fn load(weights: &mut Weights, prefix: &str, dim: i64, mult: i64) -> Result<Self> {
+        let inner = dim * mult;
+        Ok(Self {
+            norm: LayerNorm::load(weights, &format!("{prefix}.0"), dim)?,
+            up: Linear::load(weights, &format!("{prefix}.1.weight"), dim, inner)?,
+            down: Linear::load(weights, &format!("{prefix}.3.weight"), inner, dim)?,
+        })
+    }
+
+    pub fn forward(&self, input: &Tensor) -> Tensor {
+        // nn.GELU() default: the exact erf form, not the tanh approximation.
+        self.down
+            .forward(&self.up.forward(&self.norm.forward(input)).gelu("none"))
+    }
+}
+
+/// Splits the last dimension `(heads · head_dim)` into heads and moves them
+/// in front of the sequence: `[.., n, h·d] → [.., h, n, d]` for 3-D inputs
+/// `[b, n, h·d]`, and `[b, t, n, h·d] → [b, h, t, n, d]` for 4-D ones.
+pub fn split_heads(input: &Tensor, heads: i64) -> Tensor {
+    let mut shape = input.size();
+    let last = shape
+        .pop()
+        .expect("attention inputs have a feature dimension");
+    shape.push(heads);
+    shape.push(last / heads);
+    let split = input.reshape(shape.as_slice());
+    match split.dim() {
+        4 => split.permute([0, 2, 1, 3]),
+        5 => split.permute([0, 3, 1, 2, 4]),
+        rank => panic!("split_heads expects 3-D or 4-D inputs, got {}-D", rank - 1),
+    }
+}
+
+/// Inverse of [`split_heads`].
+pub fn merge_heads(input: &Tensor) -> Tensor {
+    let merged = match input.dim() {
+        4 => input.permute([0, 2, 1, 3]),
+        5 => input.permute([0, 2, 3, 1, 4]),
+        rank => panic!("merge_heads expects 4-D or 5-D inputs, got {rank}-D"),
+    };
+    let mut shape = merged.size();
+    let head_dim = shape.pop().expect("head dim");
+    let heads = shape.pop().expect("heads");
+    shape.push(heads * head_dim);
+    merged.reshape(shape.as_slice())
+}
+
+/// Softmax over the last dimension after subtracting the row maximum, as
+/// OpenFlamingo does explicitly (it changes nothing mathematically but keeps
+/// the same rounding).
+pub fn stable_softmax(scores: &Tensor) -> Tensor {
+    let shifted = scores - scores.amax([-1], true);
+    shifted.softmax(-1, scores.kind())
+}

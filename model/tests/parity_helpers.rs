@@ -1,0 +1,169 @@
+//! Parity with the Python OpenFlamingo: the Perceiver resampler and the gated
+//! cross-attention block, on tiny random weights (non-zero gates), must give
+//! OpenFlamingo's own outputs to 1e-5 in fp32. The reference comes from
+//! `tests/reference/helpers_reference.py` run against the installed
+//! open-flamingo package.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use flamingo_model::{
+    GatedCrossAttentionBlock, MediaMask, PerceiverConfig, PerceiverResampler, Weights,
+};
+use tch::{Kind, Tensor};
+
+const TOLERANCE: f64 = 1e-5;
+
+fn python() -> PathBuf {
+    std::env::var_os("FLAMINGO_VENV")
+        .map(|venv| PathBuf::from(venv).join("bin/python"))
+        .unwrap_or_else(|| PathBuf::from("python3"))
+}
+
+fn reference() -> (tempfile::TempDir, Weights) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let out = dir.path().join("reference.safetensors");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/helpers_reference.py");
+    let output = Command::new(python())
+        .arg(&script)
+        .arg(&out)
+        .output()
+        .expect("the venv python runs");
+    assert!(
+        output.status.success(),
+        "the Python reference failed (scripts/test.sh installs open-flamingo, einops, einops-exts, safetensors):\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let weights = Weights::read_safetensors(&out).expect("reference safetensors reads");
+    (dir, weights)
+}
+
+fn assert_close(actual: &Tensor, expected: &Tensor, what: &str) {
+    assert_eq!(actual.size(), expected.size(), "{what}: shapes differ");
+    let difference = (actual - expected).abs().max().double_value(&[]);
+    assert!(
+        difference <= TOLERANCE,
+        "{what}: max abs difference {difference}"
+    );
+}
+
+fn small_perceiver(depth: i64) -> PerceiverConfig {
+    PerceiverConfig {
+        dim: 32,
+        depth,
+        dim_head: 8,
+        heads: 4,
+        num_latents: 5,
+        ff_mult: 4,
+        max_num_media: None,
+        max_num_frames: None,
+    }
+}
+
+#[test]
+fn perceiver_and_gated_cross_attention_match_open_flamingo() {
+    let (_dir, mut weights) = reference();
+    let vision = weights.take("input.vision", &[2, 3, 1, 7, 32]).unwrap();
+    let vision_frames = weights
+        .take("input.vision_frames", &[2, 3, 2, 7, 32])
+        .unwrap();
+    let text = weights.take("input.text", &[2, 9, 24]).unwrap();
+    let locations = weights
+        .take("input.locations", &[2, 9])
+        .unwrap()
+        .to_kind(Kind::Bool);
+    let new_text = weights.take("input.new_text", &[2, 4, 24]).unwrap();
+
+    let perceiver =
+        PerceiverResampler::load(&mut weights, "perceiver", small_perceiver(2)).unwrap();
+    weights.expect_consumed("perceiver.").unwrap();
+    let media = perceiver.forward(&vision).unwrap();
+    assert_close(
+        &media,
+        &weights.take("output.perceiver", &[2, 3, 5, 32]).unwrap(),
+        "perceiver",
+    );
+
+    let timed_config = PerceiverConfig {
+        max_num_media: Some(3),
+        max_num_frames: Some(2),
+        ..small_perceiver(1)
+    };
+    let timed = PerceiverResampler::load(&mut weights, "perceiver_timed", timed_config).unwrap();
+    weights.expect_consumed("perceiver_timed.").unwrap();
+    assert_close(
+        &timed.forward(&vision_frames).unwrap(),
+        &weights
+            .take("output.perceiver_timed", &[2, 3, 5, 32])
+            .unwrap(),
+        "perceiver with frame and media-time embeddings",
+    );
+
+    let block = GatedCrossAttentionBlock::load(&mut weights, "xattn", 24, 32, 8, 4, 4).unwrap();
+    weights.expect_consumed("xattn.").unwrap();
+    assert_close(
+        &block
+            .forward(&text, &media, MediaMask::Locations(&locations))
+            .unwrap(),
+        &weights.take("output.xattn", &[2, 9, 24]).unwrap(),
+        "gated cross-attention, only-immediate-media mask",
+    );
+    assert_close(
+        &block
+            .forward(&new_text, &media, MediaMask::Cached(&locations))
+            .unwrap(),
+        &weights.take("output.xattn_cached", &[2, 4, 24]).unwrap(),
+        "gated cross-attention, cached media",
+    );
+    weights.expect_consumed("").unwrap();
+}
+
+#[test]
+fn tokens_before_the_first_image_only_get_the_feed_forward() {
+    // A token before any <image> gets no attention output, so the block must
+    // give it exactly what the same block with a zero attention gate gives.
+    let (_dir, mut weights) = reference();
+    let text = weights.take("input.text", &[2, 9, 24]).unwrap();
+    let locations = weights
+        .take("input.locations", &[2, 9])
+        .unwrap()
+        .to_kind(Kind::Bool);
+    let vision = weights.take("input.vision", &[2, 3, 1, 7, 32]).unwrap();
+    let perceiver =
+        PerceiverResampler::load(&mut weights, "perceiver", small_perceiver(2)).unwrap();
+    let media = perceiver.forward(&vision).unwrap();
+    let block = GatedCrossAttentionBlock::load(&mut weights, "xattn", 24, 32, 8, 4, 4).unwrap();
+
+    let (_zeroed_dir, mut zeroed) = reference();
+    zeroed.insert("xattn.attn_gate", Tensor::zeros([1], tch::kind::FLOAT_CPU));
+    let feed_forward_only =
+        GatedCrossAttentionBlock::load(&mut zeroed, "xattn", 24, 32, 8, 4, 4).unwrap();
+
+    let masked = block
+        .forward(&text, &media, MediaMask::Locations(&locations))
+        .unwrap();
+    let without_attention = feed_forward_only
+        .forward(&text, &media, MediaMask::Locations(&locations))
+        .unwrap();
+    // Row 0's token 0 and row 1's tokens 0-1 come before any image.
+    assert_close(
+        &masked.get(0).narrow(0, 0, 1),
+        &without_attention.get(0).narrow(0, 0, 1),
+        "row 0",
+    );
+    assert_close(
+        &masked.get(1).narrow(0, 0, 2),
+        &without_attention.get(1).narrow(0, 0, 2),
+        "row 1",
+    );
+    // From the <image> token on, the attention branch contributes.
+    let after = (masked.get(0).get(1) - without_attention.get(0).get(1))
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(
+        after > 1e-3,
+        "the attention branch is active after an image ({after})"
+    );
+}
