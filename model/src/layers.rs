@@ -36,21 +36,41 @@ impl LayerNorm {
     }
 }
 
-/// `y = x Wᵀ`, with `W` of shape (out, in) as torch stores it.
+/// `y = x Wᵀ (+ b)`, with `W` of shape (out, in) as torch stores it.
 #[derive(Debug)]
 pub struct Linear {
     weight: Tensor,
+    bias: Option<Tensor>,
 }
 
 impl Linear {
+    /// A bias-free Linear whose weight is `key`.
     pub fn load(weights: &mut Weights, key: &str, input_dim: i64, output_dim: i64) -> Result<Self> {
         Ok(Self {
             weight: weights.take(key, &[output_dim, input_dim])?,
+            bias: None,
         })
     }
 
+    /// A Linear with `<prefix>.weight` and `<prefix>.bias`.
+    pub fn load_with_bias(
+        weights: &mut Weights,
+        prefix: &str,
+        input_dim: i64,
+        output_dim: i64,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: weights.take(&format!("{prefix}.weight"), &[output_dim, input_dim])?,
+            bias: Some(weights.take(&format!("{prefix}.bias"), &[output_dim])?),
+        })
+    }
+
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
     pub fn forward(&self, input: &Tensor) -> Tensor {
-        input.linear::<Tensor>(&self.weight, None)
+        input.linear(&self.weight, self.bias.as_ref())
     }
 }
 

@@ -10,10 +10,12 @@
 pub mod cross_attention;
 pub mod layers;
 pub mod perceiver;
+pub mod vision;
 pub mod weights;
 
 pub use cross_attention::{GatedCrossAttentionBlock, MaskedCrossAttention, MediaMask};
 pub use perceiver::{PerceiverConfig, PerceiverResampler};
+pub use vision::{VisionConfig, VisionOutput, VisionTransformer};
 pub use weights::Weights;
 
 /// Errors from building a model out of weights.
