@@ -76,11 +76,12 @@ flamingo_setup() {
 
 # Python packages the parity tests compare against (tests only): the Python
 # OpenFlamingo and open_clip themselves, installed with --no-deps (they pin
-# an old torch; torchvision is the release that matches torch 2.11.0), and
-# what their modules import. Idempotent.
+# an old torch; torchvision is the release that matches torch 2.11.0), what
+# their modules import, and Hugging Face transformers for the decoders.
+# Idempotent.
 flamingo_setup_reference() {
     local python="$FLAMINGO_VENV/bin/python"
-    if "$python" -c "import einops, einops_exts, safetensors, open_clip, importlib.util, sys; sys.exit(0 if importlib.util.find_spec('open_flamingo') else 1)" 2>/dev/null; then
+    if "$python" -c "import einops, einops_exts, safetensors, open_clip, transformers, importlib.util, sys; sys.exit(0 if importlib.util.find_spec('open_flamingo') else 1)" 2>/dev/null; then
         return 0
     fi
     echo "setup: installing the Python reference packages for the parity tests"
@@ -92,7 +93,8 @@ flamingo_setup_reference() {
             "open-flamingo==2.0.1" "open_clip_torch==2.24.0" "torchvision==0.26.0" \
         && "$python" -m pip install -q --disable-pip-version-check \
             "einops==0.8.2" "einops-exts==0.0.4" "safetensors==0.8.0" \
-            "ftfy==6.3.1" "regex==2026.11.19" "tqdm==4.70.1" "pillow==13.0.0"; } >"$log" 2>&1; then
+            "ftfy==6.3.1" "regex==2026.11.19" "tqdm==4.70.1" "pillow==13.0.0" \
+            "transformers==4.57.1"; } >"$log" 2>&1; then
         cat "$log" >&2
         rm -f "$log"
         echo "setup: pip install of the reference packages failed" >&2

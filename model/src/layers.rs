@@ -12,16 +12,35 @@ pub const LAYER_NORM_EPS: f64 = 1e-5;
 #[derive(Debug)]
 pub struct LayerNorm {
     weight: Tensor,
-    bias: Tensor,
+    bias: Option<Tensor>,
     dim: i64,
+    eps: f64,
 }
 
 impl LayerNorm {
+    /// `<prefix>.weight` and `<prefix>.bias`, torch's default epsilon.
     pub fn load(weights: &mut Weights, prefix: &str, dim: i64) -> Result<Self> {
+        Self::load_with(weights, prefix, dim, LAYER_NORM_EPS, true)
+    }
+
+    /// A LayerNorm with a given epsilon, with or without bias (MPT has none).
+    pub fn load_with(
+        weights: &mut Weights,
+        prefix: &str,
+        dim: i64,
+        eps: f64,
+        with_bias: bool,
+    ) -> Result<Self> {
+        let bias = if with_bias {
+            Some(weights.take(&format!("{prefix}.bias"), &[dim])?)
+        } else {
+            None
+        };
         Ok(Self {
             weight: weights.take(&format!("{prefix}.weight"), &[dim])?,
-            bias: weights.take(&format!("{prefix}.bias"), &[dim])?,
+            bias,
             dim,
+            eps,
         })
     }
 
@@ -29,10 +48,36 @@ impl LayerNorm {
         input.layer_norm(
             [self.dim],
             Some(&self.weight),
-            Some(&self.bias),
-            LAYER_NORM_EPS,
+            self.bias.as_ref(),
+            self.eps,
             false,
         )
+    }
+}
+
+/// LLaMA's RMSNorm: `w · x / sqrt(mean(x²) + eps)`, computed in fp32.
+#[derive(Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(weights: &mut Weights, prefix: &str, dim: i64, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: weights.take(&format!("{prefix}.weight"), &[dim])?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, input: &Tensor) -> Tensor {
+        let kind = input.kind();
+        let wide = input.to_kind(tch::Kind::Float);
+        let variance = wide
+            .pow_tensor_scalar(2)
+            .mean_dim(-1, true, tch::Kind::Float);
+        let normalised = wide * (variance + self.eps).rsqrt();
+        &self.weight * normalised.to_kind(kind)
     }
 }
 

@@ -1,19 +1,24 @@
 //! OpenFlamingo's model on libtorch (`tch`), with OpenFlamingo's weight names
 //! so that released checkpoints load unchanged.
 //!
-//! So far: the Perceiver resampler and the gated cross-attention block
-//! (reference §1.2–1.3, `open_flamingo/src/helpers.py`), built from named
-//! weights and checked against the Python implementation in
-//! `tests/parity_helpers.rs`. The vision encoder, the decoder families,
-//! the tokenizer and generation are still to come.
+//! So far, each checked against its upstream Python implementation on tiny
+//! random weights: the CLIP vision transformer (open_clip), the Perceiver
+//! resampler and gated cross-attention block (OpenFlamingo `helpers.py`),
+//! and the MPT, GPT-NeoX and LLaMA decoders (Hugging Face transformers).
+//! Still to come: the Flamingo wrapper that joins them, the tokenizer, KV
+//! cache and generation, model-spec loading and the CLI.
 
 pub mod cross_attention;
+pub mod decoder;
+pub mod decoder_config;
 pub mod layers;
 pub mod perceiver;
 pub mod vision;
 pub mod weights;
 
 pub use cross_attention::{GatedCrossAttentionBlock, MaskedCrossAttention, MediaMask};
+pub use decoder::{AttentionContext, Decoder, DecoderLayer};
+pub use decoder_config::{Activation, DecoderConfig, DecoderFamily};
 pub use perceiver::{PerceiverConfig, PerceiverResampler};
 pub use vision::{VisionConfig, VisionOutput, VisionTransformer};
 pub use weights::Weights;
@@ -35,6 +40,10 @@ pub enum ModelError {
     Io { path: String, message: String },
     #[error("invalid input: {0}")]
     Input(String),
+    #[error("model config: {0}")]
+    Config(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

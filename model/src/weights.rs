@@ -35,6 +35,11 @@ impl Weights {
         self.tensors.insert(key.to_string(), tensor);
     }
 
+    /// Drops a weight the model does not use (e.g. a recomputed buffer).
+    pub fn remove(&mut self, key: &str) -> Option<Tensor> {
+        self.tensors.remove(key)
+    }
+
     pub fn contains(&self, key: &str) -> bool {
         self.tensors.contains_key(key)
     }

@@ -1,0 +1,567 @@
+//! Decoder-only language models with Hugging Face's weight names and
+//! numerics, one layer at a time so Flamingo can put a gated cross-attention
+//! block before chosen layers:
+//!
+//! - MPT (`transformer.blocks.{i}`): LayerNorm without bias, fused `Wqkv`,
+//!   ALiBi position bias, GELU MLP of 4 × d_model, no biases, tied embeddings.
+//! - GPT-NeoX (`gpt_neox.layers.{i}`): per-head interleaved `query_key_value`,
+//!   partial rotary embedding, parallel residual, biases everywhere.
+//! - LLaMA (`model.layers.{i}`): RMSNorm, full rotary embedding, SwiGLU MLP,
+//!   optional grouped key/value heads.
+//!
+//! Attention scores are softmaxed in fp32 and masked with fp32's lowest value,
+//! as the Hugging Face eager implementations do.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::decoder_config::{DecoderConfig, DecoderFamily};
+use crate::layers::{LayerNorm, Linear, RmsNorm};
+use crate::{ModelError, Result, Weights};
+
+#[derive(Debug)]
+enum Norm {
+    Layer(LayerNorm),
+    Rms(RmsNorm),
+}
+
+impl Norm {
+    fn load(weights: &mut Weights, prefix: &str, config: &DecoderConfig) -> Result<Self> {
+        let dim = config.hidden_size;
+        Ok(match config.family {
+            DecoderFamily::Llama => {
+                Norm::Rms(RmsNorm::load(weights, prefix, dim, config.norm_eps)?)
+            }
+            DecoderFamily::Mpt => Norm::Layer(LayerNorm::load_with(
+                weights,
+                prefix,
+                dim,
+                config.norm_eps,
+                false,
+            )?),
+            DecoderFamily::GptNeox => Norm::Layer(LayerNorm::load_with(
+                weights,
+                prefix,
+                dim,
+                config.norm_eps,
+                true,
+            )?),
+        })
+    }
+
+    fn forward(&self, input: &Tensor) -> Tensor {
+        match self {
+            Norm::Layer(norm) => norm.forward(input),
+            Norm::Rms(norm) => norm.forward(input),
+        }
+    }
+}
+
+fn linear(
+    weights: &mut Weights,
+    prefix: &str,
+    input: i64,
+    output: i64,
+    bias: bool,
+) -> Result<Linear> {
+    if bias {
+        Linear::load_with_bias(weights, prefix, input, output)
+    } else {
+        Linear::load(weights, &format!("{prefix}.weight"), input, output)
+    }
+}
+
+/// Per-call attention inputs shared by every layer: rotary tables or the
+/// ALiBi bias, and the causal mask, for `query_len` new positions after
+/// `past_len` cached ones.
+#[derive(Debug)]
+pub struct AttentionContext {
+    cos: Option<Tensor>,
+    sin: Option<Tensor>,
+    alibi: Option<Tensor>,
+    /// `[query_len, past_len + query_len]`, true where attention is NOT allowed.
+    blocked: Tensor,
+}
+
+#[derive(Debug)]
+enum Mixer {
+    Mpt {
+        wqkv: Linear,
+    },
+    GptNeox {
+        query_key_value: Linear,
+    },
+    Llama {
+        q_proj: Linear,
+        k_proj: Linear,
+        v_proj: Linear,
+    },
+}
+
+#[derive(Debug)]
+enum FeedForward {
+    /// MPT and GPT-NeoX: `down(act(up(x)))`.
+    Plain { up: Linear, down: Linear },
+    /// LLaMA: `down(act(gate(x)) · up(x))`.
+    Gated {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+}
+
+#[derive(Debug)]
+pub struct DecoderLayer {
+    input_norm: Norm,
+    mixer: Mixer,
+    out_proj: Linear,
+    post_norm: Norm,
+    feed_forward: FeedForward,
+}
+
+impl DecoderLayer {
+    fn load(weights: &mut Weights, index: i64, config: &DecoderConfig) -> Result<Self> {
+        let hidden = config.hidden_size;
+        let inner = config.heads * config.head_dim;
+        let kv_inner = config.kv_heads * config.head_dim;
+        let mlp = config.intermediate_size;
+        Ok(match config.family {
+            DecoderFamily::Mpt => {
+                let prefix = format!("transformer.blocks.{index}");
+                Self {
+                    input_norm: Norm::load(weights, &format!("{prefix}.norm_1"), config)?,
+                    mixer: Mixer::Mpt {
+                        wqkv: linear(
+                            weights,
+                            &format!("{prefix}.attn.Wqkv"),
+                            hidden,
+                            3 * inner,
+                            false,
+                        )?,
+                    },
+                    out_proj: linear(
+                        weights,
+                        &format!("{prefix}.attn.out_proj"),
+                        inner,
+                        hidden,
+                        false,
+                    )?,
+                    post_norm: Norm::load(weights, &format!("{prefix}.norm_2"), config)?,
+                    feed_forward: FeedForward::Plain {
+                        up: linear(
+                            weights,
+                            &format!("{prefix}.ffn.up_proj"),
+                            hidden,
+                            mlp,
+                            false,
+                        )?,
+                        down: linear(
+                            weights,
+                            &format!("{prefix}.ffn.down_proj"),
+                            mlp,
+                            hidden,
+                            false,
+                        )?,
+                    },
+                }
+            }
+            DecoderFamily::GptNeox => {
+                let prefix = format!("gpt_neox.layers.{index}");
+                let bias = config.attention_bias;
+                Self {
+                    input_norm: Norm::load(weights, &format!("{prefix}.input_layernorm"), config)?,
+                    mixer: Mixer::GptNeox {
+                        query_key_value: linear(
+                            weights,
+                            &format!("{prefix}.attention.query_key_value"),
+                            hidden,
+                            3 * inner,
+                            bias,
+                        )?,
+                    },
+                    out_proj: linear(
+                        weights,
+                        &format!("{prefix}.attention.dense"),
+                        inner,
+                        hidden,
+                        bias,
+                    )?,
+                    post_norm: Norm::load(
+                        weights,
+                        &format!("{prefix}.post_attention_layernorm"),
+                        config,
+                    )?,
+                    feed_forward: FeedForward::Plain {
+                        up: linear(
+                            weights,
+                            &format!("{prefix}.mlp.dense_h_to_4h"),
+                            hidden,
+                            mlp,
+                            config.mlp_bias,
+                        )?,
+                        down: linear(
+                            weights,
+                            &format!("{prefix}.mlp.dense_4h_to_h"),
+                            mlp,
+                            hidden,
+                            config.mlp_bias,
+                        )?,
+                    },
+                }
+            }
+            DecoderFamily::Llama => {
+                let prefix = format!("model.layers.{index}");
+                let bias = config.attention_bias;
+                Self {
+                    input_norm: Norm::load(weights, &format!("{prefix}.input_layernorm"), config)?,
+                    mixer: Mixer::Llama {
+                        q_proj: linear(
+                            weights,
+                            &format!("{prefix}.self_attn.q_proj"),
+                            hidden,
+                            inner,
+                            bias,
+                        )?,
+                        k_proj: linear(
+                            weights,
+                            &format!("{prefix}.self_attn.k_proj"),
+                            hidden,
+                            kv_inner,
+                            bias,
+                        )?,
+                        v_proj: linear(
+                            weights,
+                            &format!("{prefix}.self_attn.v_proj"),
+                            hidden,
+                            kv_inner,
+                            bias,
+                        )?,
+                    },
+                    out_proj: linear(
+                        weights,
+                        &format!("{prefix}.self_attn.o_proj"),
+                        inner,
+                        hidden,
+                        bias,
+                    )?,
+                    post_norm: Norm::load(
+                        weights,
+                        &format!("{prefix}.post_attention_layernorm"),
+                        config,
+                    )?,
+                    feed_forward: FeedForward::Gated {
+                        gate: linear(
+                            weights,
+                            &format!("{prefix}.mlp.gate_proj"),
+                            hidden,
+                            mlp,
+                            config.mlp_bias,
+                        )?,
+                        up: linear(
+                            weights,
+                            &format!("{prefix}.mlp.up_proj"),
+                            hidden,
+                            mlp,
+                            config.mlp_bias,
+                        )?,
+                        down: linear(
+                            weights,
+                            &format!("{prefix}.mlp.down_proj"),
+                            mlp,
+                            hidden,
+                            config.mlp_bias,
+                        )?,
+                    },
+                }
+            }
+        })
+    }
+
+    /// Splits `[b, t, n·d]` into `[b, n, t, d]`.
+    fn heads(input: &Tensor, heads: i64, head_dim: i64) -> Tensor {
+        let size = input.size();
+        input
+            .reshape([size[0], size[1], heads, head_dim])
+            .transpose(1, 2)
+    }
+
+    fn attention(
+        &self,
+        normed: &Tensor,
+        context: &AttentionContext,
+        config: &DecoderConfig,
+    ) -> Tensor {
+        let size = normed.size();
+        let (batch, length) = (size[0], size[1]);
+        let (heads, head_dim) = (config.heads, config.head_dim);
+        let (mut queries, mut keys, values) = match &self.mixer {
+            Mixer::Mpt { wqkv } => {
+                let mut mixed = wqkv.forward(normed);
+                if let Some(clip) = config.clip_qkv {
+                    mixed = mixed.clamp(-clip, clip);
+                }
+                let parts = mixed.chunk(3, 2);
+                (
+                    Self::heads(&parts[0], heads, head_dim),
+                    Self::heads(&parts[1], heads, head_dim),
+                    Self::heads(&parts[2], heads, head_dim),
+                )
+            }
+            Mixer::GptNeox { query_key_value } => {
+                // Per head [q | k | v]: interleaved, unlike MPT's [Q | K | V].
+                let mixed = query_key_value
+                    .forward(normed)
+                    .reshape([batch, length, heads, 3 * head_dim])
+                    .transpose(1, 2);
+                let parts = mixed.chunk(3, -1);
+                (
+                    parts[0].shallow_clone(),
+                    parts[1].shallow_clone(),
+                    parts[2].shallow_clone(),
+                )
+            }
+            Mixer::Llama {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => (
+                Self::heads(&q_proj.forward(normed), heads, head_dim),
+                Self::heads(&k_proj.forward(normed), config.kv_heads, head_dim),
+                Self::heads(&v_proj.forward(normed), config.kv_heads, head_dim),
+            ),
+        };
+        if let (Some(cos), Some(sin)) = (&context.cos, &context.sin) {
+            queries = apply_rotary(&queries, cos, sin, config.rotary_dims);
+            keys = apply_rotary(&keys, cos, sin, config.rotary_dims);
+        }
+        let (keys, values) = if config.kv_heads != heads {
+            let repeat = heads / config.kv_heads;
+            (
+                keys.repeat_interleave_self_int(repeat, 1, None),
+                values.repeat_interleave_self_int(repeat, 1, None),
+            )
+        } else {
+            (keys, values)
+        };
+        let mut scores = queries.matmul(&keys.transpose(-1, -2)) * config.softmax_scale;
+        if let Some(alibi) = &context.alibi {
+            let kind = scores.kind();
+            scores += alibi.to_kind(kind);
+        }
+        let scores = scores.masked_fill(&context.blocked, f64::from(f32::MIN));
+        let weights = scores.softmax(-1, Kind::Float).to_kind(values.kind());
+        let mixed =
+            weights
+                .matmul(&values)
+                .transpose(1, 2)
+                .reshape([batch, length, heads * head_dim]);
+        self.out_proj.forward(&mixed)
+    }
+
+    fn feed_forward(&self, normed: &Tensor, config: &DecoderConfig) -> Tensor {
+        match &self.feed_forward {
+            FeedForward::Plain { up, down } => {
+                down.forward(&config.activation.apply(&up.forward(normed)))
+            }
+            FeedForward::Gated { gate, up, down } => {
+                down.forward(&(config.activation.apply(&gate.forward(normed)) * up.forward(normed)))
+            }
+        }
+    }
+
+    /// One layer: `hidden` is `[batch, length, hidden_size]`.
+    pub fn forward(
+        &self,
+        hidden: &Tensor,
+        context: &AttentionContext,
+        config: &DecoderConfig,
+    ) -> Tensor {
+        let attended = self.attention(&self.input_norm.forward(hidden), context, config);
+        if config.parallel_residual {
+            let mlp = self.feed_forward(&self.post_norm.forward(hidden), config);
+            mlp + attended + hidden
+        } else {
+            let after_attention = attended + hidden;
+            let mlp = self.feed_forward(&self.post_norm.forward(&after_attention), config);
+            mlp + after_attention
+        }
+    }
+}
+
+/// `x·cos + rotate_half(x)·sin` on the first `rotary_dims` of each head.
+fn apply_rotary(input: &Tensor, cos: &Tensor, sin: &Tensor, rotary_dims: i64) -> Tensor {
+    let head_dim = *input.size().last().expect("heads have a last dimension");
+    let rotated_part = input.narrow(-1, 0, rotary_dims);
+    let half = rotary_dims / 2;
+    let first = rotated_part.narrow(-1, 0, half);
+    let second = rotated_part.narrow(-1, half, half);
+    let rotate_half = Tensor::cat(&[second.neg(), first], -1);
+    let rotated = &rotated_part * cos + rotate_half * sin;
+    if rotary_dims == head_dim {
+        rotated
+    } else {
+        Tensor::cat(
+            &[
+                rotated,
+                input.narrow(-1, rotary_dims, head_dim - rotary_dims),
+            ],
+            -1,
+        )
+    }
+}
+
+/// MPT's ALiBi slopes (Press et al. 2021, as MosaicML computes them): for
+/// `n` heads rounded up to a power of two `m`, slope_i = 2^(-(i+1)·max/m);
+/// when `n < m` the odd-indexed slopes come first.
+fn alibi_slopes(heads: i64, bias_max: f64) -> Tensor {
+    let padded = (heads as f64).log2().ceil().exp2() as i64;
+    let exponents = Tensor::arange_start(1, padded + 1, (Kind::Float, Device::Cpu))
+        * (bias_max / padded as f64);
+    let slopes = exponents.exp2().reciprocal();
+    if padded == heads {
+        slopes
+    } else {
+        let odd = slopes.slice(0, 1, padded, 2);
+        let even = slopes.slice(0, 0, padded, 2);
+        Tensor::cat(&[odd, even], 0).narrow(0, 0, heads)
+    }
+}
+
+#[derive(Debug)]
+pub struct Decoder {
+    config: DecoderConfig,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    final_norm: Norm,
+    lm_head: Tensor,
+}
+
+impl Decoder {
+    /// Builds the model from Hugging Face names. Checkpoint buffers that the
+    /// port recomputes (`rotary_emb.inv_freq`, NeoX's `attention.bias` and
+    /// `masked_bias`) are dropped.
+    pub fn load(weights: &mut Weights, config: DecoderConfig) -> Result<Self> {
+        let (embed_key, norm_prefix, head_key) = match config.family {
+            DecoderFamily::Mpt => (
+                "transformer.wte.weight",
+                "transformer.norm_f",
+                "lm_head.weight",
+            ),
+            DecoderFamily::GptNeox => (
+                "gpt_neox.embed_in.weight",
+                "gpt_neox.final_layer_norm",
+                "embed_out.weight",
+            ),
+            DecoderFamily::Llama => ("model.embed_tokens.weight", "model.norm", "lm_head.weight"),
+        };
+        let shape = [config.vocab_size, config.hidden_size];
+        let embed = weights.take(embed_key, &shape)?;
+        let layers = (0..config.layers)
+            .map(|index| DecoderLayer::load(weights, index, &config))
+            .collect::<Result<Vec<_>>>()?;
+        let final_norm = Norm::load(weights, norm_prefix, &config)?;
+        let lm_head = match weights.take_optional(head_key, &shape)? {
+            Some(head) => head,
+            None if config.tie_word_embeddings => embed.shallow_clone(),
+            None => {
+                return Err(ModelError::MissingKey {
+                    key: head_key.to_string(),
+                })
+            }
+        };
+        let recomputed: Vec<String> = weights
+            .keys()
+            .filter(|key| {
+                key.ends_with("rotary_emb.inv_freq")
+                    || key.ends_with("attention.masked_bias")
+                    || key.ends_with("attention.bias")
+            })
+            .cloned()
+            .collect();
+        for key in recomputed {
+            weights.remove(&key);
+        }
+        Ok(Self {
+            config,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+        })
+    }
+
+    pub fn config(&self) -> &DecoderConfig {
+        &self.config
+    }
+
+    pub fn layers(&self) -> &[DecoderLayer] {
+        &self.layers
+    }
+
+    /// Token embeddings `[b, t] → [b, t, hidden]`.
+    pub fn embed(&self, input_ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed, input_ids, -1, false, false)
+    }
+
+    /// Rotary tables / ALiBi and the causal mask for `query_len` positions
+    /// following `past_len` cached ones.
+    pub fn attention_context(
+        &self,
+        query_len: i64,
+        past_len: i64,
+        device: Device,
+    ) -> AttentionContext {
+        let key_len = past_len + query_len;
+        let query_positions =
+            Tensor::arange_start(past_len, key_len, (Kind::Int64, device)).view([query_len, 1]);
+        let key_positions = Tensor::arange(key_len, (Kind::Int64, device)).view([1, key_len]);
+        let blocked = key_positions.gt_tensor(&query_positions);
+        let config = &self.config;
+        let (cos, sin) = if config.rotary_dims > 0 {
+            let exponents =
+                Tensor::arange_start_step(0, config.rotary_dims, 2, (Kind::Int64, device))
+                    .to_kind(Kind::Float)
+                    / config.rotary_dims as f64;
+            let inv_freq = Tensor::pow_scalar(config.rope_theta, &exponents).reciprocal();
+            let positions =
+                Tensor::arange_start(past_len, key_len, (Kind::Int64, device)).to_kind(Kind::Float);
+            let freqs = positions.view([query_len, 1]) * inv_freq.view([1, -1]);
+            let table = Tensor::cat(&[&freqs, &freqs], -1);
+            (Some(table.cos()), Some(table.sin()))
+        } else {
+            (None, None)
+        };
+        let alibi = (config.family == DecoderFamily::Mpt).then(|| {
+            // Bias for key j: slope·(j − (key_len − 1)), as HF slices MPT's table.
+            let distance =
+                Tensor::arange_start(1 - key_len, 1, (Kind::Int64, device)).to_kind(Kind::Float);
+            alibi_slopes(config.heads, config.alibi_bias_max)
+                .to_device(device)
+                .view([config.heads, 1, 1])
+                * distance.view([1, 1, key_len])
+        });
+        AttentionContext {
+            cos,
+            sin,
+            alibi,
+            blocked,
+        }
+    }
+
+    /// Final norm and LM head: `[b, t, hidden] → [b, t, vocab]` logits.
+    pub fn head(&self, hidden: &Tensor) -> Tensor {
+        self.final_norm
+            .forward(hidden)
+            .matmul(&self.lm_head.transpose(0, 1))
+    }
+
+    /// Full forward pass over `input_ids` `[b, t]` (no cache, no padding).
+    pub fn forward(&self, input_ids: &Tensor) -> Tensor {
+        let length = input_ids.size()[1];
+        let context = self.attention_context(length, 0, input_ids.device());
+        let mut hidden = self.embed(input_ids);
+        for layer in &self.layers {
+            hidden = layer.forward(&hidden, &context, &self.config);
+        }
+        self.head(&hidden)
+    }
+}

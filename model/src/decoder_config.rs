@@ -1,0 +1,292 @@
+//! Decoder configuration read from a Hugging Face `config.json`, for the three
+//! families OpenFlamingo's released models use (reference §1.4): MPT
+//! (`model_type = "mpt"`), GPT-NeoX (`"gpt_neox"`, RedPajama-INCITE) and
+//! LLaMA (`"llama"`). Anything the port does not implement is refused by
+//! name rather than silently ignored.
+
+use serde_json::Value;
+
+use crate::{ModelError, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecoderFamily {
+    Mpt,
+    GptNeox,
+    Llama,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Exact erf GELU (`"gelu"`).
+    Gelu,
+    /// Tanh approximation (`"gelu_new"`, `"gelu_fast"`, `"gelu_pytorch_tanh"`).
+    GeluTanh,
+    Relu,
+    Silu,
+}
+
+impl Activation {
+    fn parse(name: &str) -> Result<Self> {
+        match name {
+            "gelu" => Ok(Self::Gelu),
+            "gelu_new" | "gelu_fast" | "gelu_pytorch_tanh" => Ok(Self::GeluTanh),
+            "relu" => Ok(Self::Relu),
+            "silu" | "swish" => Ok(Self::Silu),
+            other => Err(ModelError::Unsupported(format!("hidden_act '{other}'"))),
+        }
+    }
+
+    pub fn apply(self, input: &tch::Tensor) -> tch::Tensor {
+        match self {
+            Self::Gelu => input.gelu("none"),
+            Self::GeluTanh => input.gelu("tanh"),
+            Self::Relu => input.relu(),
+            Self::Silu => input.silu(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderConfig {
+    pub family: DecoderFamily,
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub layers: i64,
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub head_dim: i64,
+    pub intermediate_size: i64,
+    pub norm_eps: f64,
+    pub activation: Activation,
+    /// Rotary dimensions per head (GPT-NeoX: `rotary_pct` of it; LLaMA: all).
+    pub rotary_dims: i64,
+    pub rope_theta: f64,
+    /// GPT-NeoX: `x + attn(ln1(x)) + mlp(ln2(x))` instead of sequential.
+    pub parallel_residual: bool,
+    /// Linear biases (GPT-NeoX attention and MLP; LLaMA's optional ones).
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    /// MPT: ALiBi slopes' maximum and the table length.
+    pub alibi_bias_max: f64,
+    pub max_seq_len: i64,
+    /// MPT: clamp q, k, v to ±clip_qkv.
+    pub clip_qkv: Option<f64>,
+    pub softmax_scale: f64,
+    pub tie_word_embeddings: bool,
+}
+
+fn field<'a>(config: &'a Value, name: &str) -> Result<&'a Value> {
+    config
+        .get(name)
+        .ok_or_else(|| ModelError::Config(format!("config.json: missing field {name}")))
+}
+
+fn integer(config: &Value, name: &str) -> Result<i64> {
+    field(config, name)?
+        .as_i64()
+        .ok_or_else(|| ModelError::Config(format!("config.json: {name} must be an integer")))
+}
+
+fn float_or(config: &Value, name: &str, default: f64) -> Result<f64> {
+    match config.get(name) {
+        None | Some(Value::Null) => Ok(default),
+        Some(value) => value
+            .as_f64()
+            .ok_or_else(|| ModelError::Config(format!("config.json: {name} must be a number"))),
+    }
+}
+
+fn bool_or(config: &Value, name: &str, default: bool) -> Result<bool> {
+    match config.get(name) {
+        None | Some(Value::Null) => Ok(default),
+        Some(value) => value.as_bool().ok_or_else(|| {
+            ModelError::Config(format!("config.json: {name} must be true or false"))
+        }),
+    }
+}
+
+impl DecoderConfig {
+    /// Parses a Hugging Face `config.json`.
+    pub fn from_hf_json(text: &str) -> Result<Self> {
+        let config: Value = serde_json::from_str(text)
+            .map_err(|error| ModelError::Config(format!("config.json is not JSON: {error}")))?;
+        let model_type = field(&config, "model_type")?
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        match model_type.as_str() {
+            "mpt" => Self::mpt(&config),
+            "gpt_neox" => Self::gpt_neox(&config),
+            "llama" => Self::llama(&config),
+            other => Err(ModelError::Unsupported(format!(
+                "model_type '{other}' (supported: mpt, gpt_neox, llama)"
+            ))),
+        }
+    }
+
+    fn mpt(config: &Value) -> Result<Self> {
+        let hidden_size = integer(config, "d_model")?;
+        let heads = integer(config, "n_heads")?;
+        let empty = Value::Object(Default::default());
+        let attn = config.get("attn_config").unwrap_or(&empty);
+        if bool_or(attn, "qk_ln", false)? {
+            return Err(ModelError::Unsupported("MPT attn_config.qk_ln".into()));
+        }
+        if !bool_or(attn, "alibi", true)? {
+            return Err(ModelError::Unsupported("MPT without ALiBi".into()));
+        }
+        if !bool_or(config, "no_bias", true)? {
+            return Err(ModelError::Unsupported(
+                "MPT with biases (no_bias = false)".into(),
+            ));
+        }
+        let head_dim = hidden_size / heads;
+        let clip_qkv = match attn.get("clip_qkv") {
+            None | Some(Value::Null) => None,
+            Some(value) => value.as_f64(),
+        };
+        Ok(Self {
+            family: DecoderFamily::Mpt,
+            vocab_size: integer(config, "vocab_size")?,
+            hidden_size,
+            layers: integer(config, "n_layers")?,
+            heads,
+            kv_heads: heads,
+            head_dim,
+            // Hugging Face's MptMLP hard-codes 4 × d_model.
+            intermediate_size: 4 * hidden_size,
+            norm_eps: float_or(config, "layer_norm_epsilon", 1e-5)?,
+            activation: Activation::Gelu,
+            rotary_dims: 0,
+            rope_theta: 0.0,
+            parallel_residual: false,
+            attention_bias: false,
+            mlp_bias: false,
+            alibi_bias_max: float_or(attn, "alibi_bias_max", 8.0)?,
+            max_seq_len: integer(config, "max_seq_len")?,
+            clip_qkv,
+            softmax_scale: float_or(attn, "softmax_scale", (head_dim as f64).powf(-0.5))?,
+            tie_word_embeddings: true,
+        })
+    }
+
+    fn gpt_neox(config: &Value) -> Result<Self> {
+        let hidden_size = integer(config, "hidden_size")?;
+        let heads = integer(config, "num_attention_heads")?;
+        let head_dim = hidden_size / heads;
+        if config
+            .get("rope_scaling")
+            .is_some_and(|value| !value.is_null())
+        {
+            return Err(ModelError::Unsupported("GPT-NeoX rope_scaling".into()));
+        }
+        let rotary_pct = float_or(
+            config,
+            "rotary_pct",
+            float_or(config, "partial_rotary_factor", 0.25)?,
+        )?;
+        let rope_theta = float_or(
+            config,
+            "rotary_emb_base",
+            float_or(config, "rope_theta", 10000.0)?,
+        )?;
+        Ok(Self {
+            family: DecoderFamily::GptNeox,
+            vocab_size: integer(config, "vocab_size")?,
+            hidden_size,
+            layers: integer(config, "num_hidden_layers")?,
+            heads,
+            kv_heads: heads,
+            head_dim,
+            intermediate_size: integer(config, "intermediate_size")?,
+            norm_eps: float_or(config, "layer_norm_eps", 1e-5)?,
+            activation: Activation::parse(
+                config
+                    .get("hidden_act")
+                    .and_then(Value::as_str)
+                    .unwrap_or("gelu"),
+            )?,
+            rotary_dims: (head_dim as f64 * rotary_pct) as i64,
+            rope_theta,
+            parallel_residual: bool_or(config, "use_parallel_residual", true)?,
+            attention_bias: bool_or(config, "attention_bias", true)?,
+            mlp_bias: true,
+            alibi_bias_max: 0.0,
+            max_seq_len: 0,
+            clip_qkv: None,
+            softmax_scale: (head_dim as f64).powf(-0.5),
+            tie_word_embeddings: bool_or(config, "tie_word_embeddings", false)?,
+        })
+    }
+
+    fn llama(config: &Value) -> Result<Self> {
+        let hidden_size = integer(config, "hidden_size")?;
+        let heads = integer(config, "num_attention_heads")?;
+        let head_dim = match config.get("head_dim") {
+            Some(Value::Number(number)) => number.as_i64().unwrap_or(hidden_size / heads),
+            _ => hidden_size / heads,
+        };
+        if config
+            .get("rope_scaling")
+            .is_some_and(|value| !value.is_null())
+        {
+            return Err(ModelError::Unsupported("LLaMA rope_scaling".into()));
+        }
+        let kv_heads = match config.get("num_key_value_heads") {
+            Some(Value::Number(number)) => number.as_i64().unwrap_or(heads),
+            _ => heads,
+        };
+        Ok(Self {
+            family: DecoderFamily::Llama,
+            vocab_size: integer(config, "vocab_size")?,
+            hidden_size,
+            layers: integer(config, "num_hidden_layers")?,
+            heads,
+            kv_heads,
+            head_dim,
+            intermediate_size: integer(config, "intermediate_size")?,
+            norm_eps: float_or(config, "rms_norm_eps", 1e-6)?,
+            activation: Activation::parse(
+                config
+                    .get("hidden_act")
+                    .and_then(Value::as_str)
+                    .unwrap_or("silu"),
+            )?,
+            rotary_dims: head_dim,
+            rope_theta: float_or(config, "rope_theta", 10000.0)?,
+            parallel_residual: false,
+            attention_bias: bool_or(config, "attention_bias", false)?,
+            mlp_bias: bool_or(config, "mlp_bias", false)?,
+            alibi_bias_max: 0.0,
+            max_seq_len: 0,
+            clip_qkv: None,
+            softmax_scale: (head_dim as f64).powf(-0.5),
+            tie_word_embeddings: bool_or(config, "tie_word_embeddings", false)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_and_unsupported_configs_are_named() {
+        let error = DecoderConfig::from_hf_json(r#"{"model_type": "opt"}"#).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "unsupported: model_type 'opt' (supported: mpt, gpt_neox, llama)"
+        );
+        let error = DecoderConfig::from_hf_json(r#"{"model_type": "llama", "hidden_size": 8}"#)
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "model config: config.json: missing field num_attention_heads"
+        );
+        let error = DecoderConfig::from_hf_json(
+            r#"{"model_type": "mpt", "d_model": 8, "n_heads": 2, "attn_config": {"qk_ln": true}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(error.to_string(), "unsupported: MPT attn_config.qk_ln");
+    }
+}
