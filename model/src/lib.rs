@@ -5,12 +5,14 @@
 //! random weights: the CLIP vision transformer (open_clip), the Perceiver
 //! resampler and gated cross-attention block (OpenFlamingo `helpers.py`),
 //! and the MPT, GPT-NeoX and LLaMA decoders (Hugging Face transformers).
-//! Still to come: the Flamingo wrapper that joins them, the tokenizer, KV
-//! cache and generation, model-spec loading and the CLI.
+//! [`Flamingo`] joins them and matches OpenFlamingo's own model.
+//! Still to come: the tokenizer, KV cache and generation, model-spec loading
+//! (pickles, sharded checkpoints, presets) and the CLI.
 
 pub mod cross_attention;
 pub mod decoder;
 pub mod decoder_config;
+pub mod flamingo;
 pub mod layers;
 pub mod perceiver;
 pub mod vision;
@@ -19,6 +21,7 @@ pub mod weights;
 pub use cross_attention::{GatedCrossAttentionBlock, MaskedCrossAttention, MediaMask};
 pub use decoder::{AttentionContext, Decoder, DecoderLayer};
 pub use decoder_config::{Activation, DecoderConfig, DecoderFamily};
+pub use flamingo::Flamingo;
 pub use perceiver::{PerceiverConfig, PerceiverResampler};
 pub use vision::{VisionConfig, VisionOutput, VisionTransformer};
 pub use weights::Weights;

@@ -1,0 +1,123 @@
+//! Parity with OpenFlamingo's own `Flamingo` model: vision tower, perceiver,
+//! decoder and gated cross-attention assembled for MPT, GPT-NeoX and LLaMA
+//! with cross_attn_every_n_layers 1 and 2 and non-zero gates must give the
+//! same logits to 1e-4 in fp32.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use flamingo_model::{Decoder, DecoderConfig, Flamingo, VisionConfig, VisionTransformer, Weights};
+
+const MEDIA_TOKEN: i64 = 48;
+
+fn tiny_vision() -> VisionConfig {
+    VisionConfig {
+        image_size: 28,
+        patch_size: 7,
+        width: 32,
+        layers: 2,
+        heads: 4,
+        mlp_ratio: 4.0,
+        output_dim: 16,
+        quick_gelu: true,
+        tokens_after_ln_post: false,
+    }
+}
+
+#[test]
+fn flamingo_matches_open_flamingo_for_every_family_and_interval() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/flamingo_reference.py");
+    let python = std::env::var_os("FLAMINGO_VENV")
+        .map(|venv| PathBuf::from(venv).join("bin/python"))
+        .unwrap_or_else(|| PathBuf::from("python3"));
+    let output = Command::new(python)
+        .arg(&script)
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "the OpenFlamingo reference failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for family in ["mpt", "gpt_neox", "llama"] {
+        for every in [1, 2] {
+            let case = dir.path().join(format!("{family}_every{every}"));
+            let config = std::fs::read_to_string(case.join("lm/config.json")).unwrap();
+            let mut lm_weights =
+                Weights::read_safetensors(&case.join("lm/model.safetensors")).unwrap();
+            let decoder = Decoder::load(
+                &mut lm_weights,
+                DecoderConfig::from_hf_json(&config).unwrap(),
+            )
+            .unwrap();
+            lm_weights.expect_consumed("").unwrap();
+
+            let mut weights =
+                Weights::read_safetensors(&case.join("flamingo.safetensors")).unwrap();
+            let vision_x = weights
+                .take("input.vision_x", &[2, 2, 1, 3, 28, 28])
+                .unwrap();
+            let lang_x = weights.take("input.lang_x", &[2, 12]).unwrap();
+            let expected = weights.take("output.logits", &[2, 12, 50]).unwrap();
+            let vision =
+                VisionTransformer::load(&mut weights, "vision_encoder", tiny_vision()).unwrap();
+            let model = Flamingo::load(&mut weights, vision, decoder, every, MEDIA_TOKEN).unwrap();
+            weights.expect_consumed("").unwrap();
+
+            let logits = model.forward(&vision_x, &lang_x).unwrap();
+            let difference = (&logits - &expected).abs().max().double_value(&[]);
+            assert!(
+                difference <= 1e-4,
+                "{family}, every {every}: max abs logit difference {difference}"
+            );
+
+            // The images matter: other pixels, other logits after an <image>.
+            let other = model.forward(&(&vision_x * -1.0), &lang_x).unwrap();
+            let moved = (&other - &logits).abs().max().double_value(&[]);
+            assert!(
+                moved > 1e-3,
+                "{family}, every {every}: logits ignore the images ({moved})"
+            );
+        }
+    }
+}
+
+#[test]
+fn more_image_tokens_than_images_is_an_error() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/flamingo_reference.py");
+    let python = std::env::var_os("FLAMINGO_VENV")
+        .map(|venv| PathBuf::from(venv).join("bin/python"))
+        .unwrap_or_else(|| PathBuf::from("python3"));
+    let output = Command::new(python)
+        .arg(&script)
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let case = dir.path().join("llama_every2");
+    let config = std::fs::read_to_string(case.join("lm/config.json")).unwrap();
+    let mut lm_weights = Weights::read_safetensors(&case.join("lm/model.safetensors")).unwrap();
+    let decoder = Decoder::load(
+        &mut lm_weights,
+        DecoderConfig::from_hf_json(&config).unwrap(),
+    )
+    .unwrap();
+    let mut weights = Weights::read_safetensors(&case.join("flamingo.safetensors")).unwrap();
+    let vision_x = weights
+        .take("input.vision_x", &[2, 2, 1, 3, 28, 28])
+        .unwrap();
+    let lang_x = weights.take("input.lang_x", &[2, 12]).unwrap();
+    let vision = VisionTransformer::load(&mut weights, "vision_encoder", tiny_vision()).unwrap();
+    let model = Flamingo::load(&mut weights, vision, decoder, 2, MEDIA_TOKEN).unwrap();
+    let one_image = vision_x.narrow(1, 0, 1);
+    let error = model.forward(&one_image, &lang_x).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "invalid input: the text has 2 <image> tokens but only 1 images were given"
+    );
+}
