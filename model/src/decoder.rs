@@ -289,6 +289,7 @@ impl DecoderLayer {
         normed: &Tensor,
         context: &AttentionContext,
         config: &DecoderConfig,
+        cache: Option<&mut LayerCache>,
     ) -> Tensor {
         let size = normed.size();
         let (batch, length) = (size[0], size[1]);
@@ -333,6 +334,22 @@ impl DecoderLayer {
             queries = apply_rotary(&queries, cos, sin, config.rotary_dims);
             keys = apply_rotary(&keys, cos, sin, config.rotary_dims);
         }
+        // Keys and values are cached after the rotary embedding, before the
+        // grouped heads are repeated.
+        let (keys, values) = match cache {
+            Some(cache) => {
+                let (keys, values) = match cache.take() {
+                    Some((past_keys, past_values)) => (
+                        Tensor::cat(&[past_keys, keys], 2),
+                        Tensor::cat(&[past_values, values], 2),
+                    ),
+                    None => (keys, values),
+                };
+                *cache = Some((keys.shallow_clone(), values.shallow_clone()));
+                (keys, values)
+            }
+            None => (keys, values),
+        };
         let (keys, values) = if config.kv_heads != heads {
             let repeat = heads / config.kv_heads;
             (
@@ -368,14 +385,17 @@ impl DecoderLayer {
         }
     }
 
-    /// One layer: `hidden` is `[batch, length, hidden_size]`.
+    /// One layer: `hidden` is `[batch, length, hidden_size]`. With a cache,
+    /// the layer's keys and values for these positions are appended to it and
+    /// attention covers everything cached so far.
     pub fn forward(
         &self,
         hidden: &Tensor,
         context: &AttentionContext,
         config: &DecoderConfig,
+        cache: Option<&mut LayerCache>,
     ) -> Tensor {
-        let attended = self.attention(&self.input_norm.forward(hidden), context, config);
+        let attended = self.attention(&self.input_norm.forward(hidden), context, config, cache);
         if config.parallel_residual {
             let mlp = self.feed_forward(&self.post_norm.forward(hidden), config);
             mlp + attended + hidden
@@ -384,6 +404,35 @@ impl DecoderLayer {
             let mlp = self.feed_forward(&self.post_norm.forward(&after_attention), config);
             mlp + after_attention
         }
+    }
+}
+
+/// One layer's cached keys and values, `[batch, kv_heads, past, head_dim]`.
+pub type LayerCache = Option<(Tensor, Tensor)>;
+
+/// The key/value cache of a whole decoder, for incremental decoding.
+#[derive(Debug)]
+pub struct KvCache {
+    pub layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    pub fn new(layers: usize) -> Self {
+        Self {
+            layers: (0..layers).map(|_| None).collect(),
+        }
+    }
+
+    /// Positions cached so far.
+    pub fn len(&self) -> i64 {
+        self.layers
+            .first()
+            .and_then(|layer| layer.as_ref())
+            .map_or(0, |(keys, _)| keys.size()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -560,7 +609,7 @@ impl Decoder {
         let context = self.attention_context(length, 0, input_ids.device());
         let mut hidden = self.embed(input_ids);
         for layer in &self.layers {
-            hidden = layer.forward(&hidden, &context, &self.config);
+            hidden = layer.forward(&hidden, &context, &self.config, None);
         }
         self.head(&hidden)
     }

@@ -11,7 +11,7 @@
 use tch::{Kind, Tensor};
 
 use crate::cross_attention::{GatedCrossAttentionBlock, MediaMask};
-use crate::decoder::Decoder;
+use crate::decoder::{Decoder, KvCache};
 use crate::perceiver::{PerceiverConfig, PerceiverResampler};
 use crate::vision::VisionTransformer;
 use crate::{ModelError, Result, Weights};
@@ -104,13 +104,9 @@ impl Flamingo {
         self.perceiver.forward(&features)
     }
 
-    /// Logits `[b, t, vocab]` for text `lang_x` `[b, t]` conditioned on the
-    /// images `vision_x`; each token attends to the latest `<image>` at or
-    /// before it.
-    pub fn forward(&self, vision_x: &Tensor, lang_x: &Tensor) -> Result<Tensor> {
-        let media = self.encode_vision(vision_x)?;
-        let media_locations = lang_x.eq(self.media_token_id);
-        let images_in_text = media_locations
+    fn check_image_count(&self, media: &Tensor, lang_x: &Tensor) -> Result<()> {
+        let images_in_text = lang_x
+            .eq(self.media_token_id)
             .to_kind(Kind::Int64)
             .sum_dim_intlist(-1, false, Kind::Int64)
             .max()
@@ -121,16 +117,107 @@ impl Flamingo {
                 "the text has {images_in_text} <image> tokens but only {images_given} images were given"
             )));
         }
-        let length = lang_x.size()[1];
-        let context = self.decoder.attention_context(length, 0, lang_x.device());
+        Ok(())
+    }
+
+    /// Runs the language side over `tokens` `[b, t]` that follow `cache.len()`
+    /// cached positions, updating the cache; returns logits `[b, t, vocab]`.
+    fn step(
+        &self,
+        tokens: &Tensor,
+        media: &Tensor,
+        mask: MediaMask<'_>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let length = tokens.size()[1];
+        let past = cache.as_ref().map_or(0, |cache| cache.len());
+        let context = self
+            .decoder
+            .attention_context(length, past, tokens.device());
         let config = self.decoder.config();
-        let mut hidden = self.decoder.embed(lang_x);
-        for (layer, block) in self.decoder.layers().iter().zip(&self.cross_attention) {
+        let mut hidden = self.decoder.embed(tokens);
+        let mut cache = cache;
+        for (index, (layer, block)) in self
+            .decoder
+            .layers()
+            .iter()
+            .zip(&self.cross_attention)
+            .enumerate()
+        {
             if let Some(block) = block {
-                hidden = block.forward(&hidden, &media, MediaMask::Locations(&media_locations))?;
+                hidden = block.forward(&hidden, media, mask)?;
             }
-            hidden = layer.forward(&hidden, &context, config);
+            let layer_cache = cache.as_mut().map(|cache| &mut cache.layers[index]);
+            hidden = layer.forward(&hidden, &context, config, layer_cache);
         }
         Ok(self.decoder.head(&hidden))
+    }
+
+    /// Logits `[b, t, vocab]` for text `lang_x` `[b, t]` conditioned on the
+    /// images `vision_x`; each token attends to the latest `<image>` at or
+    /// before it.
+    pub fn forward(&self, vision_x: &Tensor, lang_x: &Tensor) -> Result<Tensor> {
+        let media = self.encode_vision(vision_x)?;
+        self.check_image_count(&media, lang_x)?;
+        let media_locations = lang_x.eq(self.media_token_id);
+        self.step(lang_x, &media, MediaMask::Locations(&media_locations), None)
+    }
+
+    /// Greedy decoding with a key/value cache and cached media, as
+    /// OpenFlamingo's `generate` with `num_beams = 1`: the prompt attends to
+    /// its images as in [`Flamingo::forward`]; every new token attends to the
+    /// last image of the prompt. A sequence stops after `eos_token_id`
+    /// (`<|endofchunk|>`); finished rows are padded with it until all stop.
+    /// Returns the new tokens `[b, ≤ max_new_tokens]`.
+    pub fn generate_greedy(
+        &self,
+        vision_x: &Tensor,
+        lang_x: &Tensor,
+        max_new_tokens: i64,
+        eos_token_id: i64,
+    ) -> Result<Tensor> {
+        let media = self.encode_vision(vision_x)?;
+        self.check_image_count(&media, lang_x)?;
+        let prompt_locations = lang_x.eq(self.media_token_id);
+        let mut cache = KvCache::new(self.decoder.layers().len());
+        let batch = lang_x.size()[0];
+        let mut finished = Tensor::zeros([batch], (Kind::Bool, lang_x.device()));
+        let mut generated: Vec<Tensor> = Vec::new();
+        let mut logits = tch::no_grad(|| {
+            self.step(
+                lang_x,
+                &media,
+                MediaMask::Locations(&prompt_locations),
+                Some(&mut cache),
+            )
+        })?;
+        for _ in 0..max_new_tokens {
+            let last = logits.select(1, -1);
+            let chosen = last.argmax(-1, false);
+            let next = chosen.where_self(
+                &finished.logical_not(),
+                &Tensor::full_like(&chosen, eos_token_id),
+            );
+            finished = finished.logical_or(&next.eq(eos_token_id));
+            generated.push(next.shallow_clone());
+            if finished.all().int64_value(&[]) == 1 {
+                break;
+            }
+            let next = next.unsqueeze(1);
+            // A generated <image> is located within the new chunk itself,
+            // as OpenFlamingo's mixin does; otherwise the prompt's images.
+            let new_locations = next.eq(self.media_token_id);
+            let has_media = new_locations.any().int64_value(&[]) == 1;
+            let mask = if has_media {
+                MediaMask::Locations(&new_locations)
+            } else {
+                MediaMask::Cached(&prompt_locations)
+            };
+            logits = tch::no_grad(|| self.step(&next, &media, mask, Some(&mut cache)))?;
+        }
+        if generated.is_empty() {
+            return Ok(Tensor::zeros([batch, 0], (Kind::Int64, lang_x.device())));
+        }
+        Ok(Tensor::stack(&generated, 1))
     }
 }

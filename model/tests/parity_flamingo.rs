@@ -1,7 +1,8 @@
 //! Parity with OpenFlamingo's own `Flamingo` model: vision tower, perceiver,
 //! decoder and gated cross-attention assembled for MPT, GPT-NeoX and LLaMA
 //! with cross_attn_every_n_layers 1 and 2 and non-zero gates must give the
-//! same logits to 1e-4 in fp32.
+//! same logits to 1e-4 in fp32, and greedy generation (KV cache, cached
+//! media) the same tokens as OpenFlamingo's `generate`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -62,6 +63,7 @@ fn flamingo_matches_open_flamingo_for_every_family_and_interval() {
                 .unwrap();
             let lang_x = weights.take("input.lang_x", &[2, 12]).unwrap();
             let expected = weights.take("output.logits", &[2, 12, 50]).unwrap();
+            let greedy = weights.take("output.greedy", &[2, 6]).unwrap();
             let vision =
                 VisionTransformer::load(&mut weights, "vision_encoder", tiny_vision()).unwrap();
             let model = Flamingo::load(&mut weights, vision, decoder, every, MEDIA_TOKEN).unwrap();
@@ -72,6 +74,26 @@ fn flamingo_matches_open_flamingo_for_every_family_and_interval() {
             assert!(
                 difference <= 1e-4,
                 "{family}, every {every}: max abs logit difference {difference}"
+            );
+
+            // Greedy decoding with the KV cache and cached media gives
+            // OpenFlamingo's (Hugging Face generate's) tokens exactly.
+            let tokens = model.generate_greedy(&vision_x, &lang_x, 6, 49).unwrap();
+            assert_eq!(
+                Vec::<Vec<i64>>::try_from(&tokens).unwrap(),
+                Vec::<Vec<i64>>::try_from(&greedy).unwrap(),
+                "{family}, every {every}: greedy tokens"
+            );
+
+            // The cache is consistent with a full pass: re-reading prompt and
+            // new tokens without a cache predicts each new token again.
+            let sequence = tch::Tensor::cat(&[&lang_x, &tokens], 1);
+            let full = model.forward(&vision_x, &sequence).unwrap();
+            let predicted = full.narrow(1, 11, 6).argmax(-1, false);
+            assert_eq!(
+                Vec::<Vec<i64>>::try_from(&predicted).unwrap(),
+                Vec::<Vec<i64>>::try_from(&tokens).unwrap(),
+                "{family}, every {every}: cached and uncached decoding disagree"
             );
 
             // The images matter: other pixels, other logits after an <image>.

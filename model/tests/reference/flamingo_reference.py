@@ -9,7 +9,7 @@ replaces ln_post by the identity after its weights are saved.
 
 Writes OUT_DIR/<case>/lm (a Hugging Face model dir) and
 OUT_DIR/<case>/flamingo.safetensors (vision_encoder.*, perceiver.*,
-lang_encoder.gated_cross_attn_layers.*, inputs, logits).
+lang_encoder.gated_cross_attn_layers.*, inputs, logits, greedy tokens).
 
 usage: python flamingo_reference.py OUT_DIR
 """
@@ -103,6 +103,11 @@ def main():
             model.eval()
             with torch.no_grad():
                 logits = model(vision_x, lang_x).logits
+                # Greedy generation through Hugging Face's generate (KV cache,
+                # cached media), as OpenFlamingo's eval suite runs it.
+                generated = model.generate(vision_x, lang_x, max_new_tokens=6, num_beams=1,
+                                           pad_token_id=EOC_TOKEN)
+            tensors["output.greedy"] = generated[:, lang_x.shape[1]:]
             tensors.update({f"perceiver.{k}": v for k, v in model.perceiver.state_dict().items()})
             for index, layer in enumerate(model.lang_encoder.gated_cross_attn_layers):
                 if layer is not None:
