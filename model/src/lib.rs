@@ -6,8 +6,9 @@
 //! resampler and gated cross-attention block (OpenFlamingo `helpers.py`),
 //! and the MPT, GPT-NeoX and LLaMA decoders (Hugging Face transformers).
 //! [`Flamingo`] joins them and matches OpenFlamingo's own model.
-//! Still to come: the tokenizer, KV cache and generation, model-spec loading
-//! (pickles, sharded checkpoints, presets) and the CLI.
+//! [`FlamingoTokenizer`] adds OpenFlamingo's tokens to the Hugging Face
+//! tokenizer. Still to come: beam search, batched left padding, model-spec
+//! loading (pickles, sharded checkpoints, presets) and the CLI.
 
 pub mod cross_attention;
 pub mod decoder;
@@ -15,6 +16,7 @@ pub mod decoder_config;
 pub mod flamingo;
 pub mod layers;
 pub mod perceiver;
+pub mod tokenizer;
 pub mod vision;
 pub mod weights;
 
@@ -23,6 +25,7 @@ pub use decoder::{AttentionContext, Decoder, DecoderLayer};
 pub use decoder_config::{Activation, DecoderConfig, DecoderFamily};
 pub use flamingo::Flamingo;
 pub use perceiver::{PerceiverConfig, PerceiverResampler};
+pub use tokenizer::FlamingoTokenizer;
 pub use vision::{VisionConfig, VisionOutput, VisionTransformer};
 pub use weights::Weights;
 
