@@ -17,6 +17,7 @@ pub mod flamingo;
 pub mod layers;
 pub mod perceiver;
 pub mod tokenizer;
+pub mod torch_pickle;
 pub mod vision;
 pub mod weights;
 

@@ -40,6 +40,86 @@ impl Weights {
         self.tensors.remove(key)
     }
 
+    /// Reads a PyTorch `torch.save` file (`.bin`, `.pt`, `.pth`); nested
+    /// dicts become dotted names.
+    pub fn read_torch(path: &Path) -> Result<Self> {
+        Ok(Self::from_tensors(crate::torch_pickle::read_torch_file(
+            path,
+        )?))
+    }
+
+    /// Reads weights in any supported layout: `.safetensors`, a PyTorch
+    /// pickle (`.bin`, `.pt`, `.pth`), or a Hugging Face shard index
+    /// (`*.index.json`, whose `weight_map` names the shard files).
+    pub fn read(path: &Path) -> Result<Self> {
+        let name = path
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.ends_with(".index.json") {
+            return Self::read_sharded(path);
+        }
+        match path.extension().and_then(|extension| extension.to_str()) {
+            Some("safetensors") => Self::read_safetensors(path),
+            Some("bin" | "pt" | "pth" | "ckpt") => Self::read_torch(path),
+            _ => Err(ModelError::Io {
+                path: path.display().to_string(),
+                message:
+                    "unknown weight format; expected .safetensors, .bin/.pt/.pth or *.index.json"
+                        .into(),
+            }),
+        }
+    }
+
+    fn read_sharded(index: &Path) -> Result<Self> {
+        let io_error = |message: String| ModelError::Io {
+            path: index.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(index).map_err(|error| io_error(error.to_string()))?;
+        let parsed: serde_json::Value =
+            serde_json::from_str(&text).map_err(|error| io_error(format!("not JSON: {error}")))?;
+        let map = parsed
+            .get("weight_map")
+            .and_then(serde_json::Value::as_object)
+            .ok_or_else(|| io_error("no weight_map object".into()))?;
+        let mut shards: Vec<&str> = map.values().filter_map(serde_json::Value::as_str).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let folder = index.parent().unwrap_or_else(|| Path::new("."));
+        let mut weights = Self::default();
+        for shard in shards {
+            let part = Self::read(&folder.join(shard))?;
+            weights.tensors.extend(part.tensors);
+        }
+        let missing: Vec<&String> = map.keys().filter(|key| !weights.contains(key)).collect();
+        if !missing.is_empty() {
+            return Err(io_error(format!(
+                "weight_map lists tensors no shard holds: {missing:?}"
+            )));
+        }
+        Ok(weights)
+    }
+
+    /// Keeps only the weights under `prefix`, with the prefix removed
+    /// (e.g. `visual.` of an open_clip CLIP state dict).
+    pub fn strip_prefix(self, prefix: &str) -> Self {
+        Self::from_tensors(self.tensors.into_iter().filter_map(|(key, tensor)| {
+            key.strip_prefix(prefix)
+                .map(|rest| (rest.to_string(), tensor))
+        }))
+    }
+
+    /// Renames every key starting with `from` to start with `to`.
+    pub fn rename_prefix(self, from: &str, to: &str) -> Self {
+        Self::from_tensors(self.tensors.into_iter().map(
+            |(key, tensor)| match key.strip_prefix(from) {
+                Some(rest) => (format!("{to}{rest}"), tensor),
+                None => (key, tensor),
+            },
+        ))
+    }
+
     pub fn contains(&self, key: &str) -> bool {
         self.tensors.contains_key(key)
     }
