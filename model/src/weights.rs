@@ -30,6 +30,11 @@ impl Weights {
         Ok(Self::from_tensors(tensors))
     }
 
+    /// All weights, by name.
+    pub fn into_entries(self) -> impl Iterator<Item = (String, Tensor)> {
+        self.tensors.into_iter()
+    }
+
     /// Adds or replaces a weight.
     pub fn insert(&mut self, key: &str, tensor: Tensor) {
         self.tensors.insert(key.to_string(), tensor);

@@ -1,0 +1,129 @@
+//! Loading from a model spec, end to end: a full open_clip CLIP state dict
+//! (torch.save), an open_clip model config, a Hugging Face LM dir and an
+//! OpenFlamingo checkpoint.pt, all written by the Python libraries, must give
+//! OpenFlamingo's own logits and tokenization.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use flamingo_model::{load_flamingo, ModelSpec, Weights};
+
+const PROMPT: &str = "<image>Output: a cat on a sofa.<|endofchunk|><image>Output: a";
+
+#[test]
+fn a_spec_of_released_format_files_loads_and_matches_open_flamingo() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/reference/released_format_reference.py");
+    let python = std::env::var_os("FLAMINGO_VENV")
+        .map(|venv| PathBuf::from(venv).join("bin/python"))
+        .unwrap_or_else(|| PathBuf::from("python3"));
+    let output = Command::new(python)
+        .arg(&script)
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let spec = ModelSpec::from_file(&dir.path().join("model.toml")).unwrap();
+    let (model, tokenizer) = load_flamingo(&spec).unwrap();
+    let mut reference = Weights::read(&dir.path().join("reference.safetensors")).unwrap();
+    let lang_x = reference.remove("lang_x").unwrap();
+    let vision_x = reference.remove("vision_x").unwrap();
+    let expected = reference.remove("logits").unwrap();
+
+    let ids: Vec<i64> = tokenizer
+        .encode(PROMPT, true)
+        .unwrap()
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    assert_eq!(
+        ids,
+        Vec::<i64>::try_from(&lang_x.get(0)).unwrap(),
+        "tokenization"
+    );
+    let logits = model.forward(&vision_x, &lang_x).unwrap();
+    assert_eq!(logits.size(), expected.size());
+    let difference = (&logits - &expected).abs().max().double_value(&[]);
+    assert!(difference <= 1e-4, "max abs logit difference {difference}");
+}
+
+#[test]
+fn without_a_checkpoint_the_new_parts_start_as_the_identity() {
+    // No checkpoint: perceiver and cross-attention start fresh with zero
+    // gates, so the LM's logits are the plain LM's.
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/reference/released_format_reference.py");
+    let python = std::env::var_os("FLAMINGO_VENV")
+        .map(|venv| PathBuf::from(venv).join("bin/python"))
+        .unwrap_or_else(|| PathBuf::from("python3"));
+    let output = Command::new(python)
+        .arg(&script)
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let spec_path = dir.path().join("fresh.toml");
+    std::fs::write(
+        &spec_path,
+        "[vision]\narch = \"clip.json\"\nweights = \"clip.bin\"\n[language]\npath = \"lm\"\n",
+    )
+    .unwrap();
+    let spec = ModelSpec::from_file(&spec_path).unwrap();
+    let (model, tokenizer) = load_flamingo(&spec).unwrap();
+    let mut reference = Weights::read(&dir.path().join("reference.safetensors")).unwrap();
+    let vision_x = reference.remove("vision_x").unwrap();
+    let text = "Output: a cat";
+    let ids: Vec<i64> = tokenizer
+        .encode(text, true)
+        .unwrap()
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    let lang_x = tch::Tensor::from_slice(&ids).unsqueeze(0);
+    let with_images = model.forward(&vision_x, &lang_x).unwrap();
+    let plain = model.decoder().forward(&lang_x);
+    let difference = (&with_images - &plain).abs().max().double_value(&[]);
+    assert!(
+        difference <= 1e-6,
+        "fresh gates must leave the LM unchanged ({difference})"
+    );
+    assert_eq!(with_images.size()[2] as usize, tokenizer.len());
+}
+
+#[test]
+fn a_checkpoint_with_foreign_keys_is_refused_with_the_keys_listed() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/reference/released_format_reference.py");
+    let python = std::env::var_os("FLAMINGO_VENV")
+        .map(|venv| PathBuf::from(venv).join("bin/python"))
+        .unwrap_or_else(|| PathBuf::from("python3"));
+    let output = Command::new(python)
+        .arg(&script)
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    // Use the CLIP file as a "checkpoint": none of its keys belong to Flamingo.
+    let spec_path = dir.path().join("wrong.toml");
+    std::fs::write(
+        &spec_path,
+        "[vision]\narch = \"clip.json\"\nweights = \"clip.bin\"\n[language]\npath = \"lm\"\n[flamingo]\ncheckpoint = \"clip.bin\"\n",
+    )
+    .unwrap();
+    let spec = ModelSpec::from_file(&spec_path).unwrap();
+    let message = load_flamingo(&spec).unwrap_err().to_string();
+    assert!(message.contains("clip.bin"), "{message}");
+    assert!(
+        message.contains("keys that belong to no part of the model"),
+        "{message}"
+    );
+    assert!(message.contains("visual.conv1.weight"), "{message}");
+}

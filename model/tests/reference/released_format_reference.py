@@ -1,0 +1,122 @@
+"""Files in the released formats for tests/load_spec.rs, and OpenFlamingo's
+logits on them.
+
+Assembles a tiny model the way open_flamingo/src/factory.py does (tokenizer
+with <|endofchunk|>, <image>, <PAD>; resize_token_embeddings; FlamingoLMMixin;
+Flamingo) and writes what a user would have:
+- clip.bin: a full open_clip CLIP state dict (visual.* and text-tower keys),
+  torch.save'd; clip.json: its open_clip model config;
+- lm/: the Hugging Face LM dir (config.json, model.safetensors,
+  tokenizer files), saved before the embeddings were resized;
+- checkpoint.pt: the trainable part of the Flamingo state dict, torch.save'd
+  (perceiver, cross-attention layers under both of their names, embeddings);
+- model.toml: the spec; reference.safetensors: inputs and logits.
+
+usage: python released_format_reference.py OUT_DIR
+"""
+
+import os
+import sys
+
+import torch
+from open_clip.transformer import QuickGELU, VisionTransformer
+from open_flamingo.src.flamingo import Flamingo
+from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+from open_flamingo.src.utils import extend_instance
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, MptConfig, MptForCausalLM, PreTrainedTokenizerFast
+
+PROMPT = "<image>Output: a cat on a sofa.<|endofchunk|><image>Output: a"
+
+
+def randomise(module, generator, scale):
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if parameter.dim() == 1 and name.endswith("weight"):
+                parameter.copy_(1.0 + 0.1 * noise)
+            else:
+                parameter.copy_(scale * noise)
+
+
+class Clip(torch.nn.Module):
+    def __init__(self, visual):
+        super().__init__()
+        self.visual = visual
+
+
+def main():
+    out = sys.argv[1]
+    generator = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)
+
+    # Tokenizer (byte-level BPE, no pad token) and the LM, saved as a user has them.
+    lm_dir = os.path.join(out, "lm")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["Output: a cat on a sofa.", "a dog in the park"] * 30,
+                            trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(lm_dir)
+    base_vocab = bpe.get_vocab_size()
+    lm = MptForCausalLM(MptConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=base_vocab, max_seq_len=64))
+    lm.config._attn_implementation = "eager"
+    randomise(lm, generator, 0.3)
+    lm.save_pretrained(lm_dir, safe_serialization=True)
+
+    # open_clip: the full CLIP state dict holds the text tower too.
+    visual = VisionTransformer(image_size=28, patch_size=7, width=32, layers=2, heads=4, mlp_ratio=4.0,
+                               output_dim=16, act_layer=QuickGELU, output_tokens=True)
+    randomise(visual, generator, 0.2)
+    clip_state = {f"visual.{k}": v for k, v in visual.state_dict().items()}
+    clip_state["token_embedding.weight"] = torch.randn(10, 16, generator=generator)
+    clip_state["logit_scale"] = torch.tensor(4.6)
+    torch.save(clip_state, os.path.join(out, "clip.bin"))
+    with open(os.path.join(out, "clip.json"), "w") as file:
+        file.write('{"embed_dim": 16, "quick_gelu": true, "vision_cfg": '
+                   '{"image_size": 28, "layers": 2, "width": 32, "patch_size": 7, "head_width": 8}}')
+    visual.ln_post = torch.nn.Identity()  # tokens before ln_post, as released models were trained
+
+    # As open_flamingo/src/factory.py assembles it.
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir, local_files_only=True)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+    extend_instance(lm, FlamingoLMMixin)
+    lm.set_decoder_layers_attr_name("transformer.blocks")
+    lm.resize_token_embeddings(len(tokenizer))
+    eoc = tokenizer("<|endofchunk|>", add_special_tokens=False)["input_ids"][-1]
+    media = tokenizer("<image>", add_special_tokens=False)["input_ids"][-1]
+    model = Flamingo(Clip(visual), lm, eoc_token_id=eoc, media_token_id=media, vis_dim=32,
+                     cross_attn_every_n_layers=1)
+    randomise(model.perceiver, generator, 0.2)
+    for layer in model.lang_encoder.gated_cross_attn_layers:
+        randomise(layer, generator, 0.2)
+        with torch.no_grad():
+            layer.attn_gate.fill_(0.6)
+            layer.ff_gate.fill_(-0.7)
+    with torch.no_grad():
+        model.lang_encoder.transformer.wte.weight[base_vocab:] = torch.randn(
+            len(tokenizer) - base_vocab, 32, generator=generator)
+    model.eval()
+
+    trainable = {k: v for k, v in model.state_dict().items()
+                 if "perceiver" in k or "gated_cross_attn" in k or k.endswith("wte.weight")}
+    torch.save(trainable, os.path.join(out, "checkpoint.pt"))
+    with open(os.path.join(out, "model.toml"), "w") as file:
+        file.write('[vision]\narch = "clip.json"\nweights = "clip.bin"\n'
+                   '[language]\npath = "lm"\n'
+                   '[flamingo]\ncross_attn_every_n_layers = 1\ncheckpoint = "checkpoint.pt"\n')
+
+    lang_x = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+    vision_x = torch.randn(1, 2, 1, 3, 28, 28, generator=generator)
+    with torch.no_grad():
+        logits = model(vision_x, lang_x).logits
+    save_file({"lang_x": lang_x, "vision_x": vision_x, "logits": logits.contiguous()},
+              os.path.join(out, "reference.safetensors"))
+
+
+if __name__ == "__main__":
+    main()
