@@ -17,6 +17,7 @@ pub mod flamingo;
 pub mod layers;
 pub mod load;
 pub mod perceiver;
+pub mod preprocess;
 pub mod spec;
 pub mod tokenizer;
 pub mod torch_pickle;

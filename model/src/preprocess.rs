@@ -1,0 +1,254 @@
+//! CLIP image preprocessing as open_clip's eval transform does it (reference
+//! §1.1): resize the shortest side to the model's size with Pillow's bicubic
+//! filter, center-crop, scale to [0, 1], normalise with OpenAI's mean/std.
+//!
+//! The resize reproduces Pillow's `Resample.c` for 8-bit RGB, so pixels
+//! match Python exactly: separable passes (horizontal, then vertical over
+//! the rows it needs), a bicubic kernel with a = −0.5 widened by the scale
+//! when shrinking (antialiasing), coefficients normalised per output pixel
+//! and converted to 22-bit fixed point, and results rounded and clamped to
+//! 0..=255 after each pass.
+
+use std::path::Path;
+
+use tch::{Kind, Tensor};
+
+use crate::{ModelError, Result};
+
+// OpenAI's published constants, written as open_clip writes them (f32 rounds
+// them exactly as torch does when it builds the float tensors).
+#[allow(clippy::excessive_precision)]
+pub const OPENAI_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+#[allow(clippy::excessive_precision)]
+pub const OPENAI_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Per output pixel: the first input index and the fixed-point weights.
+fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
+    let scale = in_size as f64 / out_size as f64;
+    let filter_scale = scale.max(1.0);
+    let support = 2.0 * filter_scale;
+    (0..out_size)
+        .map(|out| {
+            let center = (out as f64 + 0.5) * scale;
+            // C's (int) truncates toward zero.
+            let first = ((center - support + 0.5) as i64).max(0) as usize;
+            let last = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let weights: Vec<f64> = (first..last)
+                .map(|index| bicubic((index as f64 - center + 0.5) / filter_scale))
+                .collect();
+            let total: f64 = weights.iter().sum();
+            let fixed = weights
+                .iter()
+                .map(|weight| {
+                    let normalised = if total != 0.0 {
+                        weight / total
+                    } else {
+                        *weight
+                    };
+                    let scaled = normalised * f64::from(1u32 << PRECISION_BITS);
+                    if scaled < 0.0 {
+                        (scaled - 0.5) as i32
+                    } else {
+                        (scaled + 0.5) as i32
+                    }
+                })
+                .collect();
+            (first, fixed)
+        })
+        .collect()
+}
+
+fn clip8(value: i64) -> u8 {
+    if value >= (1i64 << PRECISION_BITS << 8) {
+        255
+    } else if value <= 0 {
+        0
+    } else {
+        (value >> PRECISION_BITS) as u8
+    }
+}
+
+/// An 8-bit RGB image, row-major `[height][width][3]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub pixels: Vec<u8>,
+}
+
+impl RgbImage {
+    /// Decodes a PNG or JPEG file to RGB.
+    pub fn open(path: &Path) -> Result<Self> {
+        let decoded = image::open(path).map_err(|error| ModelError::Io {
+            path: path.display().to_string(),
+            message: format!("cannot decode the image ({error}); JPEG and PNG are supported"),
+        })?;
+        let rgb = decoded.to_rgb8();
+        Ok(Self {
+            width: rgb.width() as usize,
+            height: rgb.height() as usize,
+            pixels: rgb.into_raw(),
+        })
+    }
+
+    fn at(&self, x: usize, y: usize, channel: usize) -> i64 {
+        i64::from(self.pixels[(y * self.width + x) * 3 + channel])
+    }
+
+    /// Pillow's `Image.resize((width, height), Image.BICUBIC)`.
+    pub fn resize_bicubic(&self, width: usize, height: usize) -> Self {
+        if width == self.width && height == self.height {
+            return self.clone();
+        }
+        let horizontal = coefficients(self.width, width);
+        let vertical = coefficients(self.height, height);
+        // Rows the vertical pass reads.
+        let row_first = vertical.first().map_or(0, |(first, _)| *first);
+        let row_end = vertical
+            .last()
+            .map_or(self.height, |(first, weights)| first + weights.len());
+        let rows = row_end - row_first;
+        let needs_horizontal = width != self.width;
+        let temporary = if needs_horizontal {
+            let mut pixels = vec![0u8; width * rows * 3];
+            for row in 0..rows {
+                for (out, (first, weights)) in horizontal.iter().enumerate() {
+                    for channel in 0..3 {
+                        let mut sum: i64 = 1 << (PRECISION_BITS - 1);
+                        for (offset, weight) in weights.iter().enumerate() {
+                            sum += self.at(first + offset, row + row_first, channel)
+                                * i64::from(*weight);
+                        }
+                        pixels[(row * width + out) * 3 + channel] = clip8(sum);
+                    }
+                }
+            }
+            Self {
+                width,
+                height: rows,
+                pixels,
+            }
+        } else {
+            let start = row_first * self.width * 3;
+            Self {
+                width: self.width,
+                height: rows,
+                pixels: self.pixels[start..start + rows * self.width * 3].to_vec(),
+            }
+        };
+        if height == self.height {
+            // Only the horizontal pass was needed (all rows were read).
+            return temporary;
+        }
+        let mut pixels = vec![0u8; width * height * 3];
+        for (out, (first, weights)) in vertical.iter().enumerate() {
+            for column in 0..width {
+                for channel in 0..3 {
+                    let mut sum: i64 = 1 << (PRECISION_BITS - 1);
+                    for (offset, weight) in weights.iter().enumerate() {
+                        sum += temporary.at(column, first - row_first + offset, channel)
+                            * i64::from(*weight);
+                    }
+                    pixels[(out * width + column) * 3 + channel] = clip8(sum);
+                }
+            }
+        }
+        Self {
+            width,
+            height,
+            pixels,
+        }
+    }
+
+    fn crop(&self, left: usize, top: usize, width: usize, height: usize) -> Self {
+        let mut pixels = Vec::with_capacity(width * height * 3);
+        for row in top..top + height {
+            let start = (row * self.width + left) * 3;
+            pixels.extend_from_slice(&self.pixels[start..start + width * 3]);
+        }
+        Self {
+            width,
+            height,
+            pixels,
+        }
+    }
+}
+
+/// Python's `round` on halves: to the even neighbour.
+fn round_half_even(value: f64) -> i64 {
+    let floor = value.floor();
+    let difference = value - floor;
+    if difference > 0.5 || (difference == 0.5 && (floor as i64) % 2 != 0) {
+        floor as i64 + 1
+    } else {
+        floor as i64
+    }
+}
+
+/// open_clip's eval transform for `size`: `[3, size, size]` float32.
+pub fn clip_preprocess(image: &RgbImage, size: usize) -> Result<Tensor> {
+    if image.width == 0 || image.height == 0 {
+        return Err(ModelError::Input("the image is empty".into()));
+    }
+    // torchvision Resize(size): shortest side to `size`, the other truncated.
+    let (width, height) = if image.width <= image.height {
+        (
+            size,
+            (size as f64 * image.height as f64 / image.width as f64) as usize,
+        )
+    } else {
+        (
+            (size as f64 * image.width as f64 / image.height as f64) as usize,
+            size,
+        )
+    };
+    let resized = image.resize_bicubic(width, height);
+    let top = round_half_even((height as f64 - size as f64) / 2.0).max(0) as usize;
+    let left = round_half_even((width as f64 - size as f64) / 2.0).max(0) as usize;
+    let cropped = resized.crop(left, top, size, size);
+    let pixels = Tensor::from_slice(&cropped.pixels)
+        .view([size as i64, size as i64, 3])
+        .permute([2, 0, 1])
+        .to_kind(Kind::Float)
+        / 255.0;
+    let mean = Tensor::from_slice(&OPENAI_MEAN).view([3, 1, 1]);
+    let std = Tensor::from_slice(&OPENAI_STD).view([3, 1, 1]);
+    Ok((pixels - mean) / std)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_follows_python() {
+        assert_eq!(round_half_even(0.5), 0);
+        assert_eq!(round_half_even(1.5), 2);
+        assert_eq!(round_half_even(2.5), 2);
+        assert_eq!(round_half_even(2.51), 3);
+    }
+
+    #[test]
+    fn kernel_weights_sum_to_one_in_fixed_point() {
+        for (input, output) in [(100, 28), (28, 100), (33, 33), (7, 224)] {
+            for (_, weights) in coefficients(input, output) {
+                let total: i64 = weights.iter().map(|weight| i64::from(*weight)).sum();
+                assert!((total - (1 << PRECISION_BITS)).abs() <= weights.len() as i64);
+            }
+        }
+    }
+}

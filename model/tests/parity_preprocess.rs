@@ -1,0 +1,58 @@
+//! Parity with open_clip's eval transform on PNG images of several sizes and
+//! aspect ratios (shrinking and enlarging, odd crops): the preprocessed
+//! tensors must match Pillow + torchvision exactly (up to float rounding).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use flamingo_model::preprocess::{clip_preprocess, RgbImage};
+use flamingo_model::Weights;
+
+#[test]
+fn preprocessing_matches_open_clip() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/preprocess_reference.py");
+    let python = std::env::var_os("FLAMINGO_VENV")
+        .map(|venv| PathBuf::from(venv).join("bin/python"))
+        .unwrap_or_else(|| PathBuf::from("python3"));
+    let output = Command::new(python)
+        .arg(&script)
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut reference = Weights::read(&dir.path().join("reference.safetensors")).unwrap();
+    for index in 0..7 {
+        let image = RgbImage::open(&dir.path().join(format!("image{index}.png"))).unwrap();
+        for size in [28usize, 224] {
+            let expected = reference.remove(&format!("image{index}.{size}")).unwrap();
+            let actual = clip_preprocess(&image, size).unwrap();
+            assert_eq!(actual.size(), expected.size());
+            let difference = (&actual - &expected).abs().max().double_value(&[]);
+            // One 8-bit step is 1/255/0.26 ≈ 0.015; exact pixels leave only float noise.
+            assert!(
+                difference <= 1e-5,
+                "image{index} ({}×{}) at {size}: max difference {difference}",
+                image.width,
+                image.height
+            );
+        }
+    }
+}
+
+#[test]
+fn unreadable_images_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.jpg");
+    std::fs::write(&path, b"not an image").unwrap();
+    let message = RgbImage::open(&path).unwrap_err().to_string();
+    assert!(
+        message.contains("broken.jpg") && message.contains("cannot decode the image"),
+        "{message}"
+    );
+}
