@@ -94,6 +94,10 @@ enum Command {
     },
     /// List the cluster's nodes.
     Nodes,
+    /// Log-probabilities of a prompt's tokens given its images.
+    Score(flamingoctl::inference::InferenceArgs),
+    /// Continue a prompt about images (greedy; ends at <|endofchunk|>).
+    Generate(flamingoctl::inference::GenerateArgs),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -227,6 +231,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             commands::print_job(&job, json)?;
             return Ok(commands::exit_code_for(&job));
         }
+        Command::Score(args) => flamingoctl::inference::score(&args, json)?,
+        Command::Generate(args) => flamingoctl::inference::generate(&args, json)?,
         Command::Nodes => {
             let mut session = Session::open(&address).await?;
             let nodes = session.nodes().await?;

@@ -117,6 +117,32 @@ def main():
     save_file({"lang_x": lang_x, "vision_x": vision_x, "logits": logits.contiguous()},
               os.path.join(out, "reference.safetensors"))
 
+    # What `flamingoctl score` and `generate` must print for two PNG images.
+    import json
+    import numpy as np
+    from open_clip.transform import image_transform
+    from PIL import Image
+    rng = np.random.default_rng(4)
+    transform = image_transform(28, is_train=False)
+    images = []
+    for index, (width, height) in enumerate([(40, 30), (33, 50)]):
+        path = os.path.join(out, f"photo{index}.png")
+        Image.fromarray(rng.integers(0, 256, size=(height, width, 3)).astype(np.uint8), "RGB").save(path)
+        images.append(transform(Image.open(path)))
+    photos = torch.stack(images).unsqueeze(0).unsqueeze(2)
+    with torch.no_grad():
+        logits = model(photos, lang_x).logits
+        logprobs = torch.log_softmax(logits[0, :-1].double(), dim=-1)
+        scored = logprobs.gather(1, lang_x[0, 1:].unsqueeze(1)).squeeze(1)
+        generated = model.generate(photos, lang_x, max_new_tokens=5, num_beams=1,
+                                   pad_token_id=tokenizer.pad_token_id)[0, lang_x.shape[1]:]
+    with open(os.path.join(out, "cli_reference.json"), "w") as file:
+        json.dump({"prompt": PROMPT,
+                   "token_ids": lang_x[0].tolist(),
+                   "logprobs": scored.tolist(),
+                   "generated": generated.tolist(),
+                   "text": tokenizer.decode(generated, skip_special_tokens=True)}, file)
+
 
 if __name__ == "__main__":
     main()

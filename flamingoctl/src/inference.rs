@@ -1,0 +1,151 @@
+//! `flamingoctl score` and `generate`: run a Flamingo model from a model spec
+//! on images and a prompt, on this machine (fp32 on CPU).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use flamingo_model::preprocess::{clip_preprocess, RgbImage};
+use flamingo_model::{load_flamingo, Flamingo, FlamingoTokenizer, ModelSpec};
+use serde_json::json;
+use tch::{Kind, Tensor};
+
+/// What both commands take.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InferenceArgs {
+    /// Model spec file (TOML: [vision], [language], [flamingo]).
+    #[arg(long = "model")]
+    pub model: PathBuf,
+    /// An image (JPEG or PNG) per `<image>` in the prompt, in order.
+    #[arg(long = "image")]
+    pub images: Vec<PathBuf>,
+    /// The text, with one `<image>` per image.
+    #[arg(long)]
+    pub prompt: String,
+}
+
+struct Prepared {
+    model: Flamingo,
+    tokenizer: FlamingoTokenizer,
+    vision_x: Tensor,
+    lang_x: Tensor,
+    token_ids: Vec<u32>,
+}
+
+fn prepare(args: &InferenceArgs) -> anyhow::Result<Prepared> {
+    let spec = ModelSpec::from_file(&args.model)?;
+    let (model, tokenizer) =
+        load_flamingo(&spec).with_context(|| format!("loading {}", args.model.display()))?;
+    let token_ids = tokenizer.encode(&args.prompt, true)?;
+    let image_tokens = token_ids
+        .iter()
+        .filter(|id| **id == tokenizer.media_token_id())
+        .count();
+    if image_tokens != args.images.len() {
+        bail!(
+            "the prompt has {image_tokens} <image> token(s) but {} --image file(s) were given; give one image per <image>, in order",
+            args.images.len()
+        );
+    }
+    if args.images.is_empty() {
+        bail!("give at least one --image and an <image> token in the prompt");
+    }
+    let size = spec.vision.image_size as usize;
+    let pixels = args
+        .images
+        .iter()
+        .map(|path| Ok(clip_preprocess(&RgbImage::open(path)?, size)?))
+        .collect::<anyhow::Result<Vec<Tensor>>>()?;
+    // [1 batch, T images, 1 frame, 3, h, w]
+    let vision_x = Tensor::stack(&pixels, 0).unsqueeze(0).unsqueeze(2);
+    let ids: Vec<i64> = token_ids.iter().map(|id| i64::from(*id)).collect();
+    let lang_x = Tensor::from_slice(&ids).unsqueeze(0);
+    Ok(Prepared {
+        model,
+        tokenizer,
+        vision_x,
+        lang_x,
+        token_ids,
+    })
+}
+
+/// `logprobs[i] = log p(token_ids[i + 1] | token_ids[..=i])`.
+pub fn score(args: &InferenceArgs, json_output: bool) -> anyhow::Result<()> {
+    let prepared = prepare(args)?;
+    let logits = tch::no_grad(|| prepared.model.forward(&prepared.vision_x, &prepared.lang_x))?;
+    let length = prepared.token_ids.len() as i64;
+    let logprobs: Vec<f64> = if length < 2 {
+        Vec::new()
+    } else {
+        let next = prepared
+            .lang_x
+            .narrow(1, 1, length - 1)
+            .squeeze_dim(0)
+            .unsqueeze(1);
+        let all = logits
+            .get(0)
+            .narrow(0, 0, length - 1)
+            .to_kind(Kind::Double)
+            .log_softmax(-1, Kind::Double);
+        Vec::<f64>::try_from(&all.gather(1, &next, false).squeeze_dim(1))?
+    };
+    if json_output {
+        println!(
+            "{}",
+            json!({"token_ids": prepared.token_ids, "logprobs": logprobs})
+        );
+    } else {
+        println!("{:>6}  {:>10}  token", "id", "logprob");
+        println!(
+            "{:>6}  {:>10}  {:?}",
+            prepared.token_ids[0],
+            "-",
+            prepared.tokenizer.decode(&prepared.token_ids[..1], false)?
+        );
+        for (index, logprob) in logprobs.iter().enumerate() {
+            let id = prepared.token_ids[index + 1];
+            println!(
+                "{id:>6}  {logprob:>10.4}  {:?}",
+                prepared.tokenizer.decode(&[id], false)?
+            );
+        }
+        println!("total log-probability {:.4}", logprobs.iter().sum::<f64>());
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub inference: InferenceArgs,
+    #[arg(long, default_value_t = 20)]
+    pub max_new_tokens: i64,
+    #[arg(long, default_value_t = 1)]
+    pub num_beams: i64,
+    #[arg(long, default_value_t = 1.0)]
+    pub length_penalty: f64,
+}
+
+pub fn generate(args: &GenerateArgs, json_output: bool) -> anyhow::Result<()> {
+    if args.num_beams != 1 {
+        bail!("--num-beams {} is not implemented yet; only greedy decoding (--num-beams 1) is available", args.num_beams);
+    }
+    let prepared = prepare(&args.inference)?;
+    let eos = i64::from(prepared.tokenizer.end_of_chunk_token_id());
+    let tokens = prepared.model.generate_greedy(
+        &prepared.vision_x,
+        &prepared.lang_x,
+        args.max_new_tokens,
+        eos,
+    )?;
+    let token_ids: Vec<u32> = Vec::<i64>::try_from(&tokens.get(0))?
+        .into_iter()
+        .map(|id| id as u32)
+        .collect();
+    let text = prepared.tokenizer.decode(&token_ids, true)?;
+    if json_output {
+        println!("{}", json!({"token_ids": token_ids, "text": text}));
+    } else {
+        println!("{}{text}", args.inference.prompt);
+    }
+    Ok(())
+}
