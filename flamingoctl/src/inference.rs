@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use flamingo_model::preprocess::{clip_preprocess, RgbImage};
-use flamingo_model::{load_flamingo, Flamingo, FlamingoTokenizer, ModelSpec};
+use flamingo_model::{load_flamingo, BeamSettings, Flamingo, FlamingoTokenizer, ModelSpec};
 use serde_json::json;
 use tch::{Kind, Tensor};
 
@@ -126,17 +126,30 @@ pub struct GenerateArgs {
 }
 
 pub fn generate(args: &GenerateArgs, json_output: bool) -> anyhow::Result<()> {
-    if args.num_beams != 1 {
-        bail!("--num-beams {} is not implemented yet; only greedy decoding (--num-beams 1) is available", args.num_beams);
+    if args.num_beams < 1 || args.max_new_tokens < 1 {
+        bail!("--num-beams and --max-new-tokens must be at least 1");
     }
     let prepared = prepare(&args.inference)?;
     let eos = i64::from(prepared.tokenizer.end_of_chunk_token_id());
-    let tokens = prepared.model.generate_greedy(
-        &prepared.vision_x,
-        &prepared.lang_x,
-        args.max_new_tokens,
-        eos,
-    )?;
+    let tokens = if args.num_beams == 1 {
+        prepared.model.generate_greedy(
+            &prepared.vision_x,
+            &prepared.lang_x,
+            args.max_new_tokens,
+            eos,
+        )?
+    } else {
+        let settings = BeamSettings {
+            num_beams: args.num_beams,
+            max_new_tokens: args.max_new_tokens,
+            length_penalty: args.length_penalty,
+            eos_token_id: eos,
+            pad_token_id: i64::from(prepared.tokenizer.pad_token_id()),
+        };
+        prepared
+            .model
+            .generate_beam(&prepared.vision_x, &prepared.lang_x, settings)?
+    };
     let token_ids: Vec<u32> = Vec::<i64>::try_from(&tokens.get(0))?
         .into_iter()
         .map(|id| id as u32)

@@ -96,7 +96,7 @@ enum Command {
     Nodes,
     /// Log-probabilities of a prompt's tokens given its images.
     Score(flamingoctl::inference::InferenceArgs),
-    /// Continue a prompt about images (greedy; ends at <|endofchunk|>).
+    /// Continue a prompt about images (greedy or beam search; ends at <|endofchunk|>).
     Generate(flamingoctl::inference::GenerateArgs),
 }
 

@@ -614,3 +614,18 @@ impl Decoder {
         self.head(&hidden)
     }
 }
+
+impl KvCache {
+    /// Keeps, for each new row, the cache row `sources[row]` (beam search
+    /// reordering after beams were chosen).
+    pub fn reorder(&mut self, sources: &Tensor) {
+        for layer in self.layers.iter_mut() {
+            if let Some((keys, values)) = layer.take() {
+                *layer = Some((
+                    keys.index_select(0, sources),
+                    values.index_select(0, sources),
+                ));
+            }
+        }
+    }
+}

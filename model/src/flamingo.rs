@@ -28,7 +28,7 @@ pub struct Flamingo {
     decoder: Decoder,
     /// One entry per decoder layer; `Some` where a block precedes it.
     cross_attention: Vec<Option<GatedCrossAttentionBlock>>,
-    media_token_id: i64,
+    pub(crate) media_token_id: i64,
 }
 
 impl Flamingo {
@@ -104,7 +104,7 @@ impl Flamingo {
         self.perceiver.forward(&features)
     }
 
-    fn check_image_count(&self, media: &Tensor, lang_x: &Tensor) -> Result<()> {
+    pub(crate) fn check_image_count(&self, media: &Tensor, lang_x: &Tensor) -> Result<()> {
         let images_in_text = lang_x
             .eq(self.media_token_id)
             .to_kind(Kind::Int64)
@@ -122,7 +122,7 @@ impl Flamingo {
 
     /// Runs the language side over `tokens` `[b, t]` that follow `cache.len()`
     /// cached positions, updating the cache; returns logits `[b, t, vocab]`.
-    fn step(
+    pub(crate) fn step(
         &self,
         tokens: &Tensor,
         media: &Tensor,
@@ -163,10 +163,47 @@ impl Flamingo {
         self.step(lang_x, &media, MediaMask::Locations(&media_locations), None)
     }
 
+    /// One incremental step over `tokens` `[rows, 1]`, with OpenFlamingo's
+    /// media bookkeeping (`FlamingoLMMixin.forward`): if any row's new token
+    /// is `<image>`, this step locates media within the new tokens alone and
+    /// those locations replace the cached ones; otherwise every token attends
+    /// to the last image of the cached locations. (Upstream keeps the cached
+    /// locations per row and does not reorder them with beams; neither do we.)
+    pub(crate) fn cached_step(
+        &self,
+        tokens: &Tensor,
+        media: &Tensor,
+        cached_locations: &mut Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let new_locations = tokens.eq(self.media_token_id);
+        if new_locations.any().int64_value(&[]) == 1 {
+            let logits = tch::no_grad(|| {
+                self.step(
+                    tokens,
+                    media,
+                    MediaMask::Locations(&new_locations),
+                    Some(cache),
+                )
+            })?;
+            *cached_locations = new_locations;
+            Ok(logits)
+        } else {
+            tch::no_grad(|| {
+                self.step(
+                    tokens,
+                    media,
+                    MediaMask::Cached(cached_locations),
+                    Some(cache),
+                )
+            })
+        }
+    }
+
     /// Greedy decoding with a key/value cache and cached media, as
     /// OpenFlamingo's `generate` with `num_beams = 1`: the prompt attends to
-    /// its images as in [`Flamingo::forward`]; every new token attends to the
-    /// last image of the prompt. A sequence stops after `eos_token_id`
+    /// its images as in [`Flamingo::forward`]; new tokens follow
+    /// [`Flamingo::cached_step`]. A sequence stops after `eos_token_id`
     /// (`<|endofchunk|>`); finished rows are padded with it until all stop.
     /// Returns the new tokens `[b, ≤ max_new_tokens]`.
     pub fn generate_greedy(
@@ -180,6 +217,7 @@ impl Flamingo {
         self.check_image_count(&media, lang_x)?;
         let prompt_locations = lang_x.eq(self.media_token_id);
         let mut cache = KvCache::new(self.decoder.layers().len());
+        let mut cached_locations = prompt_locations.shallow_clone();
         let batch = lang_x.size()[0];
         let mut finished = Tensor::zeros([batch], (Kind::Bool, lang_x.device()));
         let mut generated: Vec<Tensor> = Vec::new();
@@ -204,16 +242,7 @@ impl Flamingo {
                 break;
             }
             let next = next.unsqueeze(1);
-            // A generated <image> is located within the new chunk itself,
-            // as OpenFlamingo's mixin does; otherwise the prompt's images.
-            let new_locations = next.eq(self.media_token_id);
-            let has_media = new_locations.any().int64_value(&[]) == 1;
-            let mask = if has_media {
-                MediaMask::Locations(&new_locations)
-            } else {
-                MediaMask::Cached(&prompt_locations)
-            };
-            logits = tch::no_grad(|| self.step(&next, &media, mask, Some(&mut cache)))?;
+            logits = self.cached_step(&next, &media, &mut cached_locations, &mut cache)?;
         }
         if generated.is_empty() {
             return Ok(Tensor::zeros([batch, 0], (Kind::Int64, lang_x.device())));

@@ -10,6 +10,7 @@
 //! tokenizer. Still to come: beam search, batched left padding, model-spec
 //! loading (pickles, sharded checkpoints, presets) and the CLI.
 
+pub mod beam;
 pub mod cross_attention;
 pub mod decoder;
 pub mod decoder_config;
@@ -24,6 +25,7 @@ pub mod torch_pickle;
 pub mod vision;
 pub mod weights;
 
+pub use beam::BeamSettings;
 pub use cross_attention::{GatedCrossAttentionBlock, MaskedCrossAttention, MediaMask};
 pub use decoder::{AttentionContext, Decoder, DecoderLayer};
 pub use decoder_config::{Activation, DecoderConfig, DecoderFamily};

@@ -7,7 +7,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use flamingo_model::{Decoder, DecoderConfig, Flamingo, VisionConfig, VisionTransformer, Weights};
+use flamingo_model::{
+    BeamSettings, Decoder, DecoderConfig, Flamingo, VisionConfig, VisionTransformer, Weights,
+};
 
 const MEDIA_TOKEN: i64 = 48;
 
@@ -67,9 +69,10 @@ fn flamingo_matches_open_flamingo_for_every_family_and_interval() {
             let vision =
                 VisionTransformer::load(&mut weights, "vision_encoder", tiny_vision()).unwrap();
             let model = Flamingo::load(&mut weights, vision, decoder, every, MEDIA_TOKEN).unwrap();
-            weights.expect_consumed("").unwrap();
-
             let logits = model.forward(&vision_x, &lang_x).unwrap();
+            for key in ["output.beam3", "output.beam2_lp05"] {
+                assert!(weights.contains(key), "{key} missing from the reference");
+            }
             let difference = (&logits - &expected).abs().max().double_value(&[]);
             assert!(
                 difference <= 1e-4,
@@ -84,6 +87,47 @@ fn flamingo_matches_open_flamingo_for_every_family_and_interval() {
                 Vec::<Vec<i64>>::try_from(&greedy).unwrap(),
                 "{family}, every {every}: greedy tokens"
             );
+
+            // Beam search gives Hugging Face's beams exactly (3 beams, length
+            // penalty 1; 2 beams, length penalty 0.5).
+            for (key, beams, max_new_tokens, length_penalty) in [
+                ("output.beam3", 3, 6, 1.0),
+                ("output.beam2_lp05", 2, 5, 0.5),
+            ] {
+                let expected_beam = weights.remove(key).unwrap();
+                let settings = BeamSettings {
+                    num_beams: beams,
+                    max_new_tokens,
+                    length_penalty,
+                    eos_token_id: 49,
+                    pad_token_id: 49,
+                };
+                let beam = model.generate_beam(&vision_x, &lang_x, settings).unwrap();
+                assert_eq!(
+                    Vec::<Vec<i64>>::try_from(&beam).unwrap(),
+                    Vec::<Vec<i64>>::try_from(&expected_beam).unwrap(),
+                    "{family}, every {every}: {key}"
+                );
+            }
+
+            // With an EOS the model produces, hypotheses finish at different
+            // lengths and the finished set decides.
+            let eos = weights.remove("input.beam_eos").unwrap().int64_value(&[0]);
+            let expected_eos = weights.remove("output.beam3_eos").unwrap();
+            let settings = BeamSettings {
+                num_beams: 3,
+                max_new_tokens: 6,
+                length_penalty: 1.0,
+                eos_token_id: eos,
+                pad_token_id: 47,
+            };
+            let beam = model.generate_beam(&vision_x, &lang_x, settings).unwrap();
+            assert_eq!(
+                Vec::<Vec<i64>>::try_from(&beam).unwrap(),
+                Vec::<Vec<i64>>::try_from(&expected_eos).unwrap(),
+                "{family}, every {every}: beams with EOS {eos}"
+            );
+            weights.expect_consumed("").unwrap();
 
             // The cache is consistent with a full pass: re-reading prompt and
             // new tokens without a cache predicts each new token again.

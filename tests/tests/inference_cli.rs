@@ -86,6 +86,30 @@ fn score_and_generate_match_open_flamingo() {
     let generated: serde_json::Value = serde_json::from_slice(&generated.stdout).unwrap();
     assert_eq!(generated["token_ids"], expected["generated"]);
     assert_eq!(generated["text"], expected["text"]);
+
+    let beams = flamingoctl(
+        dir.path(),
+        &[
+            "generate",
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "5",
+            "--num-beams",
+            "3",
+            "--length-penalty",
+            "0.8",
+            "--json",
+        ],
+    );
+    assert!(
+        beams.status.success(),
+        "{}",
+        String::from_utf8_lossy(&beams.stderr)
+    );
+    let beams: serde_json::Value = serde_json::from_slice(&beams.stdout).unwrap();
+    assert_eq!(beams["token_ids"], expected["beam3"]);
+    assert_eq!(beams["text"], expected["beam3_text"]);
 }
 
 #[test]
@@ -102,17 +126,18 @@ fn bad_inputs_are_explained() {
         stderr.contains("the prompt has 1 <image> token(s) but 2 --image file(s) were given"),
         "{stderr}"
     );
-    let beams = flamingoctl(
+    let zero = flamingoctl(
         dir.path(),
         &[
             "generate",
             "--prompt",
             "<image>a<image>b",
             "--num-beams",
-            "3",
+            "0",
         ],
     );
-    assert!(String::from_utf8_lossy(&beams.stderr).contains("--num-beams 3 is not implemented yet"));
+    assert!(String::from_utf8_lossy(&zero.stderr)
+        .contains("--num-beams and --max-new-tokens must be at least 1"));
     let missing = Command::new(ClusterSandbox::binary("flamingoctl"))
         .args([
             "score",

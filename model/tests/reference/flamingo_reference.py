@@ -35,6 +35,7 @@ from transformers import (
 VOCAB = 50
 MEDIA_TOKEN = 48  # <image>
 EOC_TOKEN = 49  # <|endofchunk|>
+PAD_TOKEN = 47  # never in the prompts below
 
 LMS = {
     "mpt": (lambda: MptForCausalLM(MptConfig(d_model=32, n_heads=4, n_layers=4, vocab_size=VOCAB, max_seq_len=32)),
@@ -107,7 +108,25 @@ def main():
                 # cached media), as OpenFlamingo's eval suite runs it.
                 generated = model.generate(vision_x, lang_x, max_new_tokens=6, num_beams=1,
                                            pad_token_id=EOC_TOKEN)
+                beam3 = model.generate(vision_x, lang_x, max_new_tokens=6, num_beams=3,
+                                       pad_token_id=EOC_TOKEN)
+                beam2 = model.generate(vision_x, lang_x, max_new_tokens=5, num_beams=2,
+                                       length_penalty=0.5, pad_token_id=EOC_TOKEN)
+                # An EOS the model actually produces, so hypotheses finish early.
+                # The pad id must not occur in the prompt: HF would infer an
+                # attention mask from it (OpenFlamingo's pad is <PAD>). With
+                # eos != pad, HF 4.57 drops the KV cache unless asked; the
+                # cached path is the one HF takes by default otherwise, and
+                # the only one where OpenFlamingo's cached-media logic runs.
+                frequent = int(generated[0, lang_x.shape[1] + 1])
+                beam_eos = model.generate(vision_x, lang_x, max_new_tokens=6, num_beams=3,
+                                          eos_token_id=frequent, pad_token_id=PAD_TOKEN,
+                                          use_cache=True)
             tensors["output.greedy"] = generated[:, lang_x.shape[1]:]
+            tensors["input.beam_eos"] = torch.tensor([frequent])
+            tensors["output.beam3_eos"] = beam_eos[:, lang_x.shape[1]:]
+            tensors["output.beam3"] = beam3[:, lang_x.shape[1]:]
+            tensors["output.beam2_lp05"] = beam2[:, lang_x.shape[1]:]
             tensors.update({f"perceiver.{k}": v for k, v in model.perceiver.state_dict().items()})
             for index, layer in enumerate(model.lang_encoder.gated_cross_attn_layers):
                 if layer is not None:

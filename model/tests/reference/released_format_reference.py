@@ -136,12 +136,16 @@ def main():
         scored = logprobs.gather(1, lang_x[0, 1:].unsqueeze(1)).squeeze(1)
         generated = model.generate(photos, lang_x, max_new_tokens=5, num_beams=1,
                                    pad_token_id=tokenizer.pad_token_id)[0, lang_x.shape[1]:]
+        beams = model.generate(photos, lang_x, max_new_tokens=5, num_beams=3, length_penalty=0.8,
+                               pad_token_id=tokenizer.pad_token_id, use_cache=True)[0, lang_x.shape[1]:]
     with open(os.path.join(out, "cli_reference.json"), "w") as file:
         json.dump({"prompt": PROMPT,
                    "token_ids": lang_x[0].tolist(),
                    "logprobs": scored.tolist(),
                    "generated": generated.tolist(),
-                   "text": tokenizer.decode(generated, skip_special_tokens=True)}, file)
+                   "text": tokenizer.decode(generated, skip_special_tokens=True),
+                   "beam3": beams.tolist(),
+                   "beam3_text": tokenizer.decode(beams, skip_special_tokens=True)}, file)
 
 
 if __name__ == "__main__":
