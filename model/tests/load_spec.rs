@@ -3,8 +3,7 @@
 //! OpenFlamingo checkpoint.pt, all written by the Python libraries, must give
 //! OpenFlamingo's own logits and tokenization.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
 use flamingo_model::{load_flamingo, ModelSpec, Weights};
 
@@ -12,22 +11,7 @@ const PROMPT: &str = "<image>Output: a cat on a sofa.<|endofchunk|><image>Output
 
 #[test]
 fn a_spec_of_released_format_files_loads_and_matches_open_flamingo() {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/reference/released_format_reference.py");
-    let python = std::env::var_os("FLAMINGO_VENV")
-        .map(|venv| PathBuf::from(venv).join("bin/python"))
-        .unwrap_or_else(|| PathBuf::from("python3"));
-    let output = Command::new(python)
-        .arg(&script)
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let dir = common::reference_dir("released_format_reference.py");
 
     let spec = ModelSpec::from_file(&dir.path().join("model.toml")).unwrap();
     let (model, tokenizer) = load_flamingo(&spec).unwrap();
@@ -57,18 +41,7 @@ fn a_spec_of_released_format_files_loads_and_matches_open_flamingo() {
 fn without_a_checkpoint_the_new_parts_start_as_the_identity() {
     // No checkpoint: perceiver and cross-attention start fresh with zero
     // gates, so the LM's logits are the plain LM's.
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/reference/released_format_reference.py");
-    let python = std::env::var_os("FLAMINGO_VENV")
-        .map(|venv| PathBuf::from(venv).join("bin/python"))
-        .unwrap_or_else(|| PathBuf::from("python3"));
-    let output = Command::new(python)
-        .arg(&script)
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(output.status.success());
+    let dir = common::reference_dir("released_format_reference.py");
     let spec_path = dir.path().join("fresh.toml");
     std::fs::write(
         &spec_path,
@@ -99,18 +72,7 @@ fn without_a_checkpoint_the_new_parts_start_as_the_identity() {
 
 #[test]
 fn a_checkpoint_with_foreign_keys_is_refused_with_the_keys_listed() {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/reference/released_format_reference.py");
-    let python = std::env::var_os("FLAMINGO_VENV")
-        .map(|venv| PathBuf::from(venv).join("bin/python"))
-        .unwrap_or_else(|| PathBuf::from("python3"));
-    let output = Command::new(python)
-        .arg(&script)
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(output.status.success());
+    let dir = common::reference_dir("released_format_reference.py");
     // Use the CLIP file as a "checkpoint": none of its keys belong to Flamingo.
     let spec_path = dir.path().join("wrong.toml");
     std::fs::write(

@@ -4,29 +4,14 @@
 //! models, saved as Hugging Face model directories, must give the same logits
 //! to 1e-4 in fp32 when loaded from config.json + model.safetensors.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
+
+mod common;
 
 use flamingo_model::{Decoder, DecoderConfig, DecoderFamily, Weights};
 
 fn reference() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/decoder_reference.py");
-    let python = std::env::var_os("FLAMINGO_VENV")
-        .map(|venv| PathBuf::from(venv).join("bin/python"))
-        .unwrap_or_else(|| PathBuf::from("python3"));
-    let output = Command::new(python)
-        .arg(&script)
-        .arg(dir.path())
-        .output()
-        .expect("the venv python runs");
-    assert!(
-        output.status.success(),
-        "the transformers reference failed (scripts/test.sh installs transformers):\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    dir
+    common::reference_dir("decoder_reference.py")
 }
 
 fn load(model_dir: &Path) -> Decoder {

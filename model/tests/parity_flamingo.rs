@@ -4,8 +4,7 @@
 //! same logits to 1e-4 in fp32, and greedy generation (KV cache, cached
 //! media) the same tokens as OpenFlamingo's `generate`.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
 use flamingo_model::{
     BeamSettings, Decoder, DecoderConfig, Flamingo, VisionConfig, VisionTransformer, Weights,
@@ -29,22 +28,7 @@ fn tiny_vision() -> VisionConfig {
 
 #[test]
 fn flamingo_matches_open_flamingo_for_every_family_and_interval() {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/flamingo_reference.py");
-    let python = std::env::var_os("FLAMINGO_VENV")
-        .map(|venv| PathBuf::from(venv).join("bin/python"))
-        .unwrap_or_else(|| PathBuf::from("python3"));
-    let output = Command::new(python)
-        .arg(&script)
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "the OpenFlamingo reference failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let dir = common::reference_dir("flamingo_reference.py");
     for family in ["mpt", "gpt_neox", "llama"] {
         for every in [1, 2] {
             let case = dir.path().join(format!("{family}_every{every}"));
@@ -153,18 +137,7 @@ fn flamingo_matches_open_flamingo_for_every_family_and_interval() {
 
 #[test]
 fn more_image_tokens_than_images_is_an_error() {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/flamingo_reference.py");
-    let python = std::env::var_os("FLAMINGO_VENV")
-        .map(|venv| PathBuf::from(venv).join("bin/python"))
-        .unwrap_or_else(|| PathBuf::from("python3"));
-    let output = Command::new(python)
-        .arg(&script)
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(output.status.success());
+    let dir = common::reference_dir("flamingo_reference.py");
     let case = dir.path().join("llama_every2");
     let config = std::fs::read_to_string(case.join("lm/config.json")).unwrap();
     let mut lm_weights = Weights::read_safetensors(&case.join("lm/model.safetensors")).unwrap();

@@ -4,8 +4,7 @@
 //! `tests/reference/helpers_reference.py` run against the installed
 //! open-flamingo package.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
 use flamingo_model::{
     GatedCrossAttentionBlock, MediaMask, PerceiverConfig, PerceiverResampler, Weights,
@@ -14,27 +13,10 @@ use tch::{Kind, Tensor};
 
 const TOLERANCE: f64 = 1e-5;
 
-fn python() -> PathBuf {
-    std::env::var_os("FLAMINGO_VENV")
-        .map(|venv| PathBuf::from(venv).join("bin/python"))
-        .unwrap_or_else(|| PathBuf::from("python3"))
-}
-
 fn reference() -> (tempfile::TempDir, Weights) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let out = dir.path().join("reference.safetensors");
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/helpers_reference.py");
-    let output = Command::new(python())
-        .arg(&script)
-        .arg(&out)
-        .output()
-        .expect("the venv python runs");
-    assert!(
-        output.status.success(),
-        "the Python reference failed (scripts/test.sh installs open-flamingo, einops, einops-exts, safetensors):\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    common::run_reference("helpers_reference.py", &out);
     let weights = Weights::read_safetensors(&out).expect("reference safetensors reads");
     (dir, weights)
 }

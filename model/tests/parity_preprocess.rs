@@ -2,30 +2,14 @@
 //! aspect ratios (shrinking and enlarging, odd crops): the preprocessed
 //! tensors must match Pillow + torchvision exactly (up to float rounding).
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
 use flamingo_model::preprocess::{clip_preprocess, RgbImage};
 use flamingo_model::Weights;
 
 #[test]
 fn preprocessing_matches_open_clip() {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/preprocess_reference.py");
-    let python = std::env::var_os("FLAMINGO_VENV")
-        .map(|venv| PathBuf::from(venv).join("bin/python"))
-        .unwrap_or_else(|| PathBuf::from("python3"));
-    let output = Command::new(python)
-        .arg(&script)
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let dir = common::reference_dir("preprocess_reference.py");
     let mut reference = Weights::read(&dir.path().join("reference.safetensors")).unwrap();
     for index in 0..7 {
         let image = RgbImage::open(&dir.path().join(format!("image{index}.png"))).unwrap();

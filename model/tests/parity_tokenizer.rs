@@ -2,29 +2,13 @@
 //! ids for text with `<image>` and `<|endofchunk|>`, the same ids for the
 //! added tokens, the same `len(tokenizer)`, the same decodings.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
 use flamingo_model::FlamingoTokenizer;
 
 #[test]
 fn tokenizer_matches_hugging_face_with_open_flamingo_tokens() {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/tokenizer_reference.py");
-    let python = std::env::var_os("FLAMINGO_VENV")
-        .map(|venv| PathBuf::from(venv).join("bin/python"))
-        .unwrap_or_else(|| PathBuf::from("python3"));
-    let output = Command::new(python)
-        .arg(&script)
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "the tokenizer reference failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let dir = common::reference_dir("tokenizer_reference.py");
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("reference.json")).unwrap())
             .unwrap();

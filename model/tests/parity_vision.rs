@@ -2,8 +2,7 @@
 //! (QuickGELU and GELU variants) must give open_clip's own patch tokens
 //! (before and after `ln_post`) and pooled embedding to 1e-5 in fp32.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
 use flamingo_model::{VisionConfig, VisionTransformer, Weights};
 use tch::Tensor;
@@ -11,21 +10,7 @@ use tch::Tensor;
 fn reference() -> (tempfile::TempDir, Weights) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let out = dir.path().join("vision.safetensors");
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/vision_reference.py");
-    let python = std::env::var_os("FLAMINGO_VENV")
-        .map(|venv| PathBuf::from(venv).join("bin/python"))
-        .unwrap_or_else(|| PathBuf::from("python3"));
-    let output = Command::new(python)
-        .arg(&script)
-        .arg(&out)
-        .output()
-        .expect("the venv python runs");
-    assert!(
-        output.status.success(),
-        "the open_clip reference failed (scripts/test.sh installs open_clip_torch and torchvision):\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    common::run_reference("vision_reference.py", &out);
     let weights = Weights::read_safetensors(&out).expect("reference safetensors reads");
     (dir, weights)
 }

@@ -1,30 +1,13 @@
 //! Reading `torch.save` checkpoints without Python, checked against the same
 //! tensors written by safetensors (read by libtorch's own reader).
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
 use flamingo_model::Weights;
 use tch::Tensor;
 
 fn reference() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/torch_files_reference.py");
-    let python = std::env::var_os("FLAMINGO_VENV")
-        .map(|venv| PathBuf::from(venv).join("bin/python"))
-        .unwrap_or_else(|| PathBuf::from("python3"));
-    let output = Command::new(python)
-        .arg(&script)
-        .arg(dir.path())
-        .output()
-        .expect("the venv python runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    dir
+    common::reference_dir("torch_files_reference.py")
 }
 
 fn same(actual: &Tensor, expected: &Tensor, what: &str) {

@@ -20,16 +20,8 @@ from transformers import (
     MptConfig,
     MptForCausalLM,
 )
+from reference_common import randomise
 
-
-def randomise(model, generator):
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            if parameter.dim() == 1 and name.endswith("weight"):
-                parameter.copy_(1.0 + 0.1 * noise)
-            else:
-                parameter.copy_(0.3 * noise)
 
 
 MODELS = {

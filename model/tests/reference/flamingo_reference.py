@@ -31,6 +31,7 @@ from transformers import (
     MptConfig,
     MptForCausalLM,
 )
+from reference_common import randomise
 
 VOCAB = 50
 MEDIA_TOKEN = 48  # <image>
@@ -48,15 +49,6 @@ LMS = {
         vocab_size=VOCAB, max_position_embeddings=64)), "model.layers"),
 }
 
-
-def randomise(module, generator, scale=0.3):
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            if parameter.dim() == 1 and name.endswith("weight"):
-                parameter.copy_(1.0 + 0.1 * noise)
-            else:
-                parameter.copy_(scale * noise)
 
 
 class Clip(torch.nn.Module):

@@ -17,6 +17,7 @@ import sysconfig
 
 import torch
 from safetensors.torch import save_file
+from reference_common import randomise
 
 
 def load_helpers():
@@ -28,16 +29,6 @@ def load_helpers():
     spec.loader.exec_module(module)
     return module
 
-
-def randomise(module, generator):
-    """Every parameter gets random values: LayerNorm weights near 1, the rest small."""
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            if parameter.dim() == 1 and name.endswith("weight"):
-                parameter.copy_(1.0 + 0.1 * noise)
-            else:
-                parameter.copy_(0.3 * noise)
 
 
 def main():

@@ -26,18 +26,10 @@ from open_flamingo.src.utils import extend_instance
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, MptConfig, MptForCausalLM, PreTrainedTokenizerFast
+from reference_common import randomise
 
 PROMPT = "<image>Output: a cat on a sofa.<|endofchunk|><image>Output: a"
 
-
-def randomise(module, generator, scale):
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            if parameter.dim() == 1 and name.endswith("weight"):
-                parameter.copy_(1.0 + 0.1 * noise)
-            else:
-                parameter.copy_(scale * noise)
 
 
 class Clip(torch.nn.Module):

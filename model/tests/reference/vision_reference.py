@@ -14,16 +14,8 @@ import sys
 import torch
 from open_clip.transformer import QuickGELU, VisionTransformer
 from safetensors.torch import save_file
+from reference_common import randomise
 
-
-def randomise(module, generator):
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            if parameter.dim() == 1 and name.endswith("weight"):
-                parameter.copy_(1.0 + 0.1 * noise)
-            else:
-                parameter.copy_(0.2 * noise)
 
 
 def run(prefix, act_layer, images, generator, tensors):
@@ -38,7 +30,7 @@ def run(prefix, act_layer, images, generator, tensors):
         act_layer=act_layer,
         output_tokens=True,
     )
-    randomise(tower, generator)
+    randomise(tower, generator, 0.2)
     tower.eval()
     captured = {}
     tower.ln_post.register_forward_hook(lambda module, inputs, output: captured.update(pre=inputs[0]))
