@@ -93,10 +93,10 @@ fn main() -> anyhow::Result<()> {
         let forward_seconds = started.elapsed().as_secs_f64() / f64::from(REPEATS);
         // An EOS that never occurs: always exactly `new_tokens`, as the
         // baseline's min_new_tokens forces.
-        let _warm_up = model.generate_greedy(&vision_x, &ids, 4, -1)?;
+        let _warm_up = model.generate_greedy(&vision_x, &ids, None, 4, -1)?;
         let started = Instant::now();
         for _ in 0..REPEATS {
-            let _tokens = model.generate_greedy(&vision_x, &ids, new_tokens, -1)?;
+            let _tokens = model.generate_greedy(&vision_x, &ids, None, new_tokens, -1)?;
         }
         let generate_seconds = started.elapsed().as_secs_f64() / f64::from(REPEATS);
 

@@ -135,6 +135,7 @@ pub fn generate(args: &GenerateArgs, json_output: bool) -> anyhow::Result<()> {
         prepared.model.generate_greedy(
             &prepared.vision_x,
             &prepared.lang_x,
+            None,
             args.max_new_tokens,
             eos,
         )?
@@ -148,7 +149,7 @@ pub fn generate(args: &GenerateArgs, json_output: bool) -> anyhow::Result<()> {
         };
         prepared
             .model
-            .generate_beam(&prepared.vision_x, &prepared.lang_x, settings)?
+            .generate_beam(&prepared.vision_x, &prepared.lang_x, None, settings)?
     };
     let token_ids: Vec<u32> = Vec::<i64>::try_from(&tokens.get(0))?
         .into_iter()

@@ -16,7 +16,7 @@ use tch::{Kind, Tensor};
 
 use crate::cross_attention::MediaMask;
 use crate::decoder::KvCache;
-use crate::flamingo::Flamingo;
+use crate::flamingo::{Flamingo, Padding};
 use crate::{ModelError, Result};
 
 const NEG_INF: f64 = -1.0e9;
@@ -39,6 +39,7 @@ impl Flamingo {
         &self,
         vision_x: &Tensor,
         lang_x: &Tensor,
+        attention_mask: Option<&Tensor>,
         settings: BeamSettings,
     ) -> Result<Tensor> {
         let beams = settings.num_beams;
@@ -89,12 +90,15 @@ impl Flamingo {
 
         let mut cache = KvCache::new(self.decoder().layers().len());
         let mut cached_locations = prompt_locations.shallow_clone();
+        let mut padding = attention_mask
+            .map(|mask| Padding::for_prompt(&mask.repeat_interleave_self_int(beams, 0, None)));
         let mut logits = tch::no_grad(|| {
             self.step(
                 &prompt,
                 &media,
                 MediaMask::Locations(&prompt_locations),
                 Some(&mut cache),
+                padding.as_ref(),
             )
         })?;
         for step in 0..max_new {
@@ -188,7 +192,14 @@ impl Flamingo {
             let sources = (chosen_sources + &batch_offset).view([-1]);
             cache.reorder(&sources);
             let next = chosen_tokens.view([batch * beams, 1]);
-            logits = self.cached_step(&next, &media, &mut cached_locations, &mut cache)?;
+            padding = padding.map(|padding| padding.advance(Some(&sources)));
+            logits = self.cached_step(
+                &next,
+                &media,
+                &mut cached_locations,
+                &mut cache,
+                padding.as_ref(),
+            )?;
         }
         // The best finished hypothesis of each row, cropped to the longest.
         let best = finished.select(1, 0);

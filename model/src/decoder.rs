@@ -78,7 +78,8 @@ pub struct AttentionContext {
     cos: Option<Tensor>,
     sin: Option<Tensor>,
     alibi: Option<Tensor>,
-    /// `[query_len, past_len + query_len]`, true where attention is NOT allowed.
+    /// True where attention is NOT allowed: `[query_len, key_len]`, or
+    /// `[batch, 1, query_len, key_len]` with padding.
     blocked: Tensor,
 }
 
@@ -559,11 +560,37 @@ impl Decoder {
         past_len: i64,
         device: Device,
     ) -> AttentionContext {
+        self.attention_context_padded(query_len, past_len, device, None, None)
+    }
+
+    /// Like [`Decoder::attention_context`] for left-padded batches:
+    /// `key_mask` `[batch, past_len + query_len]` is true for real tokens (keys
+    /// that are padding are never attended); `positions` `[batch, query_len]`
+    /// overrides the rotary positions (Hugging Face's generate derives them
+    /// from the attention mask).
+    pub fn attention_context_padded(
+        &self,
+        query_len: i64,
+        past_len: i64,
+        device: Device,
+        key_mask: Option<&Tensor>,
+        positions: Option<&Tensor>,
+    ) -> AttentionContext {
         let key_len = past_len + query_len;
         let query_positions =
             Tensor::arange_start(past_len, key_len, (Kind::Int64, device)).view([query_len, 1]);
         let key_positions = Tensor::arange(key_len, (Kind::Int64, device)).view([1, key_len]);
-        let blocked = key_positions.gt_tensor(&query_positions);
+        let causal = key_positions.gt_tensor(&query_positions);
+        let blocked = match key_mask {
+            Some(mask) => {
+                let batch = mask.size()[0];
+                causal
+                    .unsqueeze(0)
+                    .logical_or(&mask.logical_not().view([batch, 1, key_len]))
+                    .unsqueeze(1)
+            }
+            None => causal,
+        };
         let config = &self.config;
         let (cos, sin) = if config.rotary_dims > 0 {
             let exponents =
@@ -571,11 +598,23 @@ impl Decoder {
                     .to_kind(Kind::Float)
                     / config.rotary_dims as f64;
             let inv_freq = Tensor::pow_scalar(config.rope_theta, &exponents).reciprocal();
-            let positions =
-                Tensor::arange_start(past_len, key_len, (Kind::Int64, device)).to_kind(Kind::Float);
-            let freqs = positions.view([query_len, 1]) * inv_freq.view([1, -1]);
-            let table = Tensor::cat(&[&freqs, &freqs], -1);
-            (Some(table.cos()), Some(table.sin()))
+            match positions {
+                Some(positions) => {
+                    // [batch, 1 (heads), query, rotary]
+                    let batch = positions.size()[0];
+                    let freqs = positions.to_kind(Kind::Float).view([batch, query_len, 1])
+                        * inv_freq.view([1, 1, -1]);
+                    let table = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
+                    (Some(table.cos()), Some(table.sin()))
+                }
+                None => {
+                    let positions = Tensor::arange_start(past_len, key_len, (Kind::Int64, device))
+                        .to_kind(Kind::Float);
+                    let freqs = positions.view([query_len, 1]) * inv_freq.view([1, -1]);
+                    let table = Tensor::cat(&[&freqs, &freqs], -1);
+                    (Some(table.cos()), Some(table.sin()))
+                }
+            }
         } else {
             (None, None)
         };

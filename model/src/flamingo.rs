@@ -21,6 +21,52 @@ const XATTN_DIM_HEAD: i64 = 64;
 const XATTN_HEADS: i64 = 8;
 const XATTN_FF_MULT: i64 = 4;
 
+/// Left padding during generation: which keys are real, and the rotary
+/// positions of the tokens of the current step (Hugging Face's generate
+/// derives them from the attention mask: cumulative count − 1).
+#[derive(Debug)]
+pub(crate) struct Padding {
+    pub key_mask: Tensor,
+    pub positions: Option<Tensor>,
+}
+
+impl Padding {
+    /// For the prompt: `mask` `[rows, t]`, 1 = real token.
+    pub fn for_prompt(mask: &Tensor) -> Self {
+        let mask = mask.to_kind(Kind::Bool);
+        let positions = mask.to_kind(Kind::Int64).cumsum(-1, Kind::Int64) - 1;
+        let positions = positions.masked_fill(&mask.logical_not(), 1);
+        Self {
+            key_mask: mask,
+            positions: Some(positions),
+        }
+    }
+
+    /// After `reorder` (beam sources) and one new real token per row.
+    pub fn advance(&self, reorder: Option<&Tensor>) -> Self {
+        let mask = match reorder {
+            Some(sources) => self.key_mask.index_select(0, sources),
+            None => self.key_mask.shallow_clone(),
+        };
+        let rows = mask.size()[0];
+        let mask = Tensor::cat(
+            &[
+                mask,
+                Tensor::ones([rows, 1], (Kind::Bool, self.key_mask.device())),
+            ],
+            1,
+        );
+        let positions = mask
+            .to_kind(Kind::Int64)
+            .sum_dim_intlist(-1, true, Kind::Int64)
+            - 1;
+        Self {
+            key_mask: mask,
+            positions: Some(positions),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Flamingo {
     vision: VisionTransformer,
@@ -128,12 +174,17 @@ impl Flamingo {
         media: &Tensor,
         mask: MediaMask<'_>,
         cache: Option<&mut KvCache>,
+        padding: Option<&Padding>,
     ) -> Result<Tensor> {
         let length = tokens.size()[1];
         let past = cache.as_ref().map_or(0, |cache| cache.len());
-        let context = self
-            .decoder
-            .attention_context(length, past, tokens.device());
+        let context = self.decoder.attention_context_padded(
+            length,
+            past,
+            tokens.device(),
+            padding.map(|padding| &padding.key_mask),
+            padding.and_then(|padding| padding.positions.as_ref()),
+        );
         let config = self.decoder.config();
         let mut hidden = self.decoder.embed(tokens);
         let mut cache = cache;
@@ -157,10 +208,32 @@ impl Flamingo {
     /// images `vision_x`; each token attends to the latest `<image>` at or
     /// before it.
     pub fn forward(&self, vision_x: &Tensor, lang_x: &Tensor) -> Result<Tensor> {
+        self.forward_masked(vision_x, lang_x, None)
+    }
+
+    /// [`Flamingo::forward`] for a left-padded batch: `attention_mask`
+    /// `[b, t]` is 1 for real tokens and 0 for padding (positions stay the
+    /// plain indices, as in OpenFlamingo's forward).
+    pub fn forward_masked(
+        &self,
+        vision_x: &Tensor,
+        lang_x: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let media = self.encode_vision(vision_x)?;
         self.check_image_count(&media, lang_x)?;
         let media_locations = lang_x.eq(self.media_token_id);
-        self.step(lang_x, &media, MediaMask::Locations(&media_locations), None)
+        let padding = attention_mask.map(|mask| Padding {
+            key_mask: mask.to_kind(Kind::Bool),
+            positions: None,
+        });
+        self.step(
+            lang_x,
+            &media,
+            MediaMask::Locations(&media_locations),
+            None,
+            padding.as_ref(),
+        )
     }
 
     /// One incremental step over `tokens` `[rows, 1]`, with OpenFlamingo's
@@ -175,6 +248,7 @@ impl Flamingo {
         media: &Tensor,
         cached_locations: &mut Tensor,
         cache: &mut KvCache,
+        padding: Option<&Padding>,
     ) -> Result<Tensor> {
         let new_locations = tokens.eq(self.media_token_id);
         if new_locations.any().int64_value(&[]) == 1 {
@@ -184,6 +258,7 @@ impl Flamingo {
                     media,
                     MediaMask::Locations(&new_locations),
                     Some(cache),
+                    padding,
                 )
             })?;
             *cached_locations = new_locations;
@@ -195,6 +270,7 @@ impl Flamingo {
                     media,
                     MediaMask::Cached(cached_locations),
                     Some(cache),
+                    padding,
                 )
             })
         }
@@ -205,11 +281,13 @@ impl Flamingo {
     /// its images as in [`Flamingo::forward`]; new tokens follow
     /// [`Flamingo::cached_step`]. A sequence stops after `eos_token_id`
     /// (`<|endofchunk|>`); finished rows are padded with it until all stop.
-    /// Returns the new tokens `[b, ≤ max_new_tokens]`.
+    /// Returns the new tokens `[b, ≤ max_new_tokens]`. `attention_mask`
+    /// (`[b, t]`, 1 = real) allows a left-padded batch.
     pub fn generate_greedy(
         &self,
         vision_x: &Tensor,
         lang_x: &Tensor,
+        attention_mask: Option<&Tensor>,
         max_new_tokens: i64,
         eos_token_id: i64,
     ) -> Result<Tensor> {
@@ -221,12 +299,14 @@ impl Flamingo {
         let batch = lang_x.size()[0];
         let mut finished = Tensor::zeros([batch], (Kind::Bool, lang_x.device()));
         let mut generated: Vec<Tensor> = Vec::new();
+        let mut padding = attention_mask.map(Padding::for_prompt);
         let mut logits = tch::no_grad(|| {
             self.step(
                 lang_x,
                 &media,
                 MediaMask::Locations(&prompt_locations),
                 Some(&mut cache),
+                padding.as_ref(),
             )
         })?;
         for _ in 0..max_new_tokens {
@@ -242,7 +322,14 @@ impl Flamingo {
                 break;
             }
             let next = next.unsqueeze(1);
-            logits = self.cached_step(&next, &media, &mut cached_locations, &mut cache)?;
+            padding = padding.map(|padding| padding.advance(None));
+            logits = self.cached_step(
+                &next,
+                &media,
+                &mut cached_locations,
+                &mut cache,
+                padding.as_ref(),
+            )?;
         }
         if generated.is_empty() {
             return Ok(Tensor::zeros([batch, 0], (Kind::Int64, lang_x.device())));

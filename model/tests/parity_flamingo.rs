@@ -65,7 +65,9 @@ fn flamingo_matches_open_flamingo_for_every_family_and_interval() {
 
             // Greedy decoding with the KV cache and cached media gives
             // OpenFlamingo's (Hugging Face generate's) tokens exactly.
-            let tokens = model.generate_greedy(&vision_x, &lang_x, 6, 49).unwrap();
+            let tokens = model
+                .generate_greedy(&vision_x, &lang_x, None, 6, 49)
+                .unwrap();
             assert_eq!(
                 Vec::<Vec<i64>>::try_from(&tokens).unwrap(),
                 Vec::<Vec<i64>>::try_from(&greedy).unwrap(),
@@ -86,7 +88,9 @@ fn flamingo_matches_open_flamingo_for_every_family_and_interval() {
                     eos_token_id: 49,
                     pad_token_id: 49,
                 };
-                let beam = model.generate_beam(&vision_x, &lang_x, settings).unwrap();
+                let beam = model
+                    .generate_beam(&vision_x, &lang_x, None, settings)
+                    .unwrap();
                 assert_eq!(
                     Vec::<Vec<i64>>::try_from(&beam).unwrap(),
                     Vec::<Vec<i64>>::try_from(&expected_beam).unwrap(),
@@ -105,11 +109,56 @@ fn flamingo_matches_open_flamingo_for_every_family_and_interval() {
                 eos_token_id: eos,
                 pad_token_id: 47,
             };
-            let beam = model.generate_beam(&vision_x, &lang_x, settings).unwrap();
+            let beam = model
+                .generate_beam(&vision_x, &lang_x, None, settings)
+                .unwrap();
             assert_eq!(
                 Vec::<Vec<i64>>::try_from(&beam).unwrap(),
                 Vec::<Vec<i64>>::try_from(&expected_eos).unwrap(),
                 "{family}, every {every}: beams with EOS {eos}"
+            );
+
+            // A left-padded batch: logits at the real positions, greedy and
+            // 3-beam tokens, as OpenFlamingo/HF with an attention mask.
+            let padded_x = weights.remove("input.padded_x").unwrap();
+            let padded_mask = weights.remove("input.padded_mask").unwrap();
+            let expected_padded = weights.remove("output.padded_logits").unwrap();
+            let padded = model
+                .forward_masked(&vision_x, &padded_x, Some(&padded_mask))
+                .unwrap();
+            let real = padded_mask.to_kind(tch::Kind::Bool).unsqueeze(-1);
+            let difference = (&padded - &expected_padded)
+                .abs()
+                .masked_fill(&real.logical_not(), 0.0)
+                .max()
+                .double_value(&[]);
+            assert!(
+                difference <= 1e-4,
+                "{family}, every {every}: padded logits differ by {difference}"
+            );
+            let padded_greedy = model
+                .generate_greedy(&vision_x, &padded_x, Some(&padded_mask), 6, 49)
+                .unwrap();
+            assert_eq!(
+                Vec::<Vec<i64>>::try_from(&padded_greedy).unwrap(),
+                Vec::<Vec<i64>>::try_from(&weights.remove("output.padded_greedy").unwrap())
+                    .unwrap(),
+                "{family}, every {every}: padded greedy"
+            );
+            let settings = BeamSettings {
+                num_beams: 3,
+                max_new_tokens: 5,
+                length_penalty: 1.0,
+                eos_token_id: 49,
+                pad_token_id: 47,
+            };
+            let padded_beam = model
+                .generate_beam(&vision_x, &padded_x, Some(&padded_mask), settings)
+                .unwrap();
+            assert_eq!(
+                Vec::<Vec<i64>>::try_from(&padded_beam).unwrap(),
+                Vec::<Vec<i64>>::try_from(&weights.remove("output.padded_beam3").unwrap()).unwrap(),
+                "{family}, every {every}: padded beams"
             );
             weights.expect_consumed("").unwrap();
 

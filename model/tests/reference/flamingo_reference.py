@@ -67,6 +67,11 @@ def main():
     lang_x[0, 5] = EOC_TOKEN
     lang_x[0, 6] = MEDIA_TOKEN
     lang_x[1, 4] = MEDIA_TOKEN
+    # Row 1 shortened to 8 real tokens, left-padded with PAD_TOKEN.
+    padded_x = lang_x.clone()
+    padded_x[1, :4] = PAD_TOKEN
+    padded_mask = torch.ones_like(padded_x)
+    padded_mask[1, :4] = 0
     for family, (build, layers_attr) in LMS.items():
         for every in (1, 2):
             case = f"{family}_every{every}"
@@ -114,6 +119,20 @@ def main():
                 beam_eos = model.generate(vision_x, lang_x, max_new_tokens=6, num_beams=3,
                                           eos_token_id=frequent, pad_token_id=PAD_TOKEN,
                                           use_cache=True)
+                # A left-padded batch, as OpenFlamingo's eval suite batches
+                # prompts of different lengths.
+                padded_logits = model(vision_x, padded_x, attention_mask=padded_mask).logits
+                padded_greedy = model.generate(vision_x, padded_x, attention_mask=padded_mask,
+                                               max_new_tokens=6, num_beams=1,
+                                               pad_token_id=PAD_TOKEN, use_cache=True)
+                padded_beam = model.generate(vision_x, padded_x, attention_mask=padded_mask,
+                                             max_new_tokens=5, num_beams=3,
+                                             pad_token_id=PAD_TOKEN, use_cache=True)
+            tensors["input.padded_x"] = padded_x
+            tensors["input.padded_mask"] = padded_mask
+            tensors["output.padded_logits"] = padded_logits
+            tensors["output.padded_greedy"] = padded_greedy[:, padded_x.shape[1]:]
+            tensors["output.padded_beam3"] = padded_beam[:, padded_x.shape[1]:]
             tensors["output.greedy"] = generated[:, lang_x.shape[1]:]
             tensors["input.beam_eos"] = torch.tensor([frequent])
             tensors["output.beam3_eos"] = beam_eos[:, lang_x.shape[1]:]
