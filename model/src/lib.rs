@@ -42,6 +42,8 @@ pub use weights::Weights;
 pub enum ModelError {
     #[error("missing weight {key}")]
     MissingKey { key: String },
+    #[error("missing weights ({} in all): {keys:?}", keys.len())]
+    MissingKeys { keys: Vec<String> },
     #[error("weight {key} has shape {actual:?}, expected {expected:?}")]
     ShapeMismatch {
         key: String,

@@ -260,8 +260,12 @@ pub fn load_flamingo(spec: &ModelSpec) -> Result<(Flamingo, FlamingoTokenizer)> 
     resize_rows(&mut lm_weights, head_key, rows);
     config.vocab_size = rows;
 
+    // Walk the whole model before failing, so every missing key is listed.
+    lm_weights.collect_missing();
     let decoder = Decoder::load(&mut lm_weights, config)?;
+    lm_weights.expect_complete()?;
     lm_weights.expect_consumed("")?;
+    flamingo_weights.collect_missing();
     let vision =
         VisionTransformer::load(&mut flamingo_weights, "vision_encoder", spec.vision.clone())?;
     let model = Flamingo::load(
@@ -271,6 +275,7 @@ pub fn load_flamingo(spec: &ModelSpec) -> Result<(Flamingo, FlamingoTokenizer)> 
         spec.cross_attn_every_n_layers,
         i64::from(tokenizer.media_token_id()),
     )?;
+    flamingo_weights.expect_complete()?;
     flamingo_weights.expect_consumed("")?;
     Ok((model, tokenizer))
 }

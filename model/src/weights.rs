@@ -12,12 +12,17 @@ use crate::{ModelError, Result};
 #[derive(Debug, Default)]
 pub struct Weights {
     tensors: BTreeMap<String, Tensor>,
+    /// In collecting mode, keys that were asked for but absent; `take`
+    /// then hands out zeros so the whole model can be walked and every
+    /// missing key reported at once.
+    missing: Option<Vec<String>>,
 }
 
 impl Weights {
     pub fn from_tensors(tensors: impl IntoIterator<Item = (String, Tensor)>) -> Self {
         Self {
             tensors: tensors.into_iter().collect(),
+            missing: None,
         }
     }
 
@@ -33,6 +38,20 @@ impl Weights {
     /// All weights, by name.
     pub fn into_entries(self) -> impl Iterator<Item = (String, Tensor)> {
         self.tensors.into_iter()
+    }
+
+    /// From now on, record missing keys instead of failing at the first one.
+    pub fn collect_missing(&mut self) {
+        self.missing.get_or_insert_with(Vec::new);
+    }
+
+    /// Errors listing every key that was asked for but absent (collecting
+    /// mode), then returns to failing at the first one.
+    pub fn expect_complete(&mut self) -> Result<()> {
+        match self.missing.take() {
+            Some(keys) if !keys.is_empty() => Err(ModelError::MissingKeys { keys }),
+            _ => Ok(()),
+        }
     }
 
     /// Adds or replaces a weight.
@@ -135,12 +154,18 @@ impl Weights {
 
     /// Removes and returns `key`, checking its shape.
     pub fn take(&mut self, key: &str, shape: &[i64]) -> Result<Tensor> {
-        let tensor = self
-            .tensors
-            .remove(key)
-            .ok_or_else(|| ModelError::MissingKey {
-                key: key.to_string(),
-            })?;
+        let tensor = match (self.tensors.remove(key), self.missing.as_mut()) {
+            (Some(tensor), _) => tensor,
+            (None, Some(missing)) => {
+                missing.push(key.to_string());
+                return Ok(Tensor::zeros(shape, tch::kind::FLOAT_CPU));
+            }
+            (None, None) => {
+                return Err(ModelError::MissingKey {
+                    key: key.to_string(),
+                })
+            }
+        };
         if tensor.size() != shape {
             return Err(ModelError::ShapeMismatch {
                 key: key.to_string(),

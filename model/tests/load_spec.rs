@@ -89,3 +89,44 @@ fn a_checkpoint_with_foreign_keys_is_refused_with_the_keys_listed() {
     );
     assert!(message.contains("visual.conv1.weight"), "{message}");
 }
+
+#[test]
+fn every_missing_key_is_listed_at_once() {
+    // A checkpoint without the cross-attention layers: all of their keys
+    // are reported together, with the count.
+    let dir = common::reference_dir("released_format_reference.py");
+    let mut checkpoint = Weights::read(&dir.path().join("checkpoint.pt")).unwrap();
+    let keep: Vec<String> = checkpoint
+        .keys()
+        .filter(|key| !key.contains("gated_cross_attn"))
+        .cloned()
+        .collect();
+    let mut tensors = Vec::new();
+    for key in keep {
+        let tensor = checkpoint.remove(&key).unwrap();
+        tensors.push((key, tensor));
+    }
+    let trimmed = dir.path().join("trimmed.safetensors");
+    tch::Tensor::write_safetensors(&tensors, &trimmed).unwrap();
+    let spec_path = dir.path().join("trimmed.toml");
+    std::fs::write(
+        &spec_path,
+        "[vision]\narch = \"clip.json\"\nweights = \"clip.bin\"\n[language]\npath = \"lm\"\n[flamingo]\ncheckpoint = \"trimmed.safetensors\"\n",
+    )
+    .unwrap();
+    let spec = ModelSpec::from_file(&spec_path).unwrap();
+    let message = load_flamingo(&spec).unwrap_err().to_string();
+    // 2 layers × 11 tensors per gated cross-attention block.
+    assert!(
+        message.starts_with("missing weights (22 in all)"),
+        "{message}"
+    );
+    assert!(
+        message.contains("lang_encoder.gated_cross_attn_layers.0.attn_gate"),
+        "{message}"
+    );
+    assert!(
+        message.contains("lang_encoder.gated_cross_attn_layers.1.ff.3.weight"),
+        "{message}"
+    );
+}
