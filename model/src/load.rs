@@ -260,6 +260,10 @@ pub fn load_flamingo(spec: &ModelSpec) -> Result<(Flamingo, FlamingoTokenizer)> 
     resize_rows(&mut lm_weights, head_key, rows);
     config.vocab_size = rows;
 
+    // fp32 on the CPU, whatever the files store (released LMs are often
+    // bf16/fp16), as from_pretrained loads them by default.
+    let mut lm_weights = lm_weights.convert_floats(Kind::Float);
+    let mut flamingo_weights = flamingo_weights.convert_floats(Kind::Float);
     // Walk the whole model before failing, so every missing key is listed.
     lm_weights.collect_missing();
     let decoder = Decoder::load(&mut lm_weights, config)?;

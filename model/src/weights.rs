@@ -54,6 +54,28 @@ impl Weights {
         }
     }
 
+    /// Converts every floating-point weight (half, bfloat16, double) to
+    /// `kind`, as Hugging Face's `from_pretrained` loads into float32 by
+    /// default; integer and boolean tensors stay as they are.
+    pub fn convert_floats(self, kind: tch::Kind) -> Self {
+        use tch::Kind::{BFloat16, Double, Float, Half};
+        let missing = self.missing;
+        let tensors = self
+            .tensors
+            .into_iter()
+            .map(|(key, tensor)| {
+                let converted = match tensor.kind() {
+                    Half | BFloat16 | Double | Float if tensor.kind() != kind => {
+                        tensor.to_kind(kind)
+                    }
+                    _ => tensor,
+                };
+                (key, converted)
+            })
+            .collect();
+        Self { tensors, missing }
+    }
+
     /// Adds or replaces a weight.
     pub fn insert(&mut self, key: &str, tensor: Tensor) {
         self.tensors.insert(key.to_string(), tensor);
@@ -208,6 +230,29 @@ impl Weights {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn half_precision_weights_become_float() {
+        let weights = Weights::from_tensors([
+            (
+                "a".to_string(),
+                Tensor::ones([2], (tch::Kind::BFloat16, tch::Device::Cpu)),
+            ),
+            (
+                "b".to_string(),
+                Tensor::ones([2], (tch::Kind::Half, tch::Device::Cpu)),
+            ),
+            (
+                "ids".to_string(),
+                Tensor::ones([2], (tch::Kind::Int64, tch::Device::Cpu)),
+            ),
+        ])
+        .convert_floats(tch::Kind::Float);
+        let mut weights = weights;
+        assert_eq!(weights.take("a", &[2]).unwrap().kind(), tch::Kind::Float);
+        assert_eq!(weights.take("b", &[2]).unwrap().kind(), tch::Kind::Float);
+        assert_eq!(weights.take("ids", &[2]).unwrap().kind(), tch::Kind::Int64);
+    }
 
     #[test]
     fn take_checks_shapes_and_reports_leftovers() {
