@@ -14,9 +14,7 @@
 
 use tch::{Kind, Tensor};
 
-use crate::cross_attention::MediaMask;
-use crate::decoder::KvCache;
-use crate::flamingo::{Flamingo, Padding};
+use crate::flamingo::Flamingo;
 use crate::{ModelError, Result};
 
 const NEG_INF: f64 = -1.0e9;
@@ -58,7 +56,6 @@ impl Flamingo {
         self.check_image_count(&media, lang_x)?;
         let media = media.repeat_interleave_self_int(beams, 0, None);
         let prompt = lang_x.repeat_interleave_self_int(beams, 0, None);
-        let prompt_locations = prompt.eq(self.media_token_id);
 
         // [batch, beams, max_new] generated tokens, filled with pad.
         let mut running = Tensor::full(
@@ -88,19 +85,8 @@ impl Flamingo {
         );
         let batch_offset = Tensor::arange(batch, (Kind::Int64, device)).view([batch, 1]) * beams;
 
-        let mut cache = KvCache::new(self.decoder().layers().len());
-        let mut cached_locations = prompt_locations.shallow_clone();
-        let mut padding = attention_mask
-            .map(|mask| Padding::for_prompt(&mask.repeat_interleave_self_int(beams, 0, None)));
-        let mut logits = tch::no_grad(|| {
-            self.step(
-                &prompt,
-                &media,
-                MediaMask::Locations(&prompt_locations),
-                Some(&mut cache),
-                padding.as_ref(),
-            )
-        })?;
+        let mask = attention_mask.map(|mask| mask.repeat_interleave_self_int(beams, 0, None));
+        let (mut logits, mut state) = self.start_decoding(&prompt, &media, mask.as_ref())?;
         for step in 0..max_new {
             let vocab = logits.size()[2];
             let log_probs = logits
@@ -190,16 +176,8 @@ impl Flamingo {
 
             // Reorder the cache to the chosen beams and feed their tokens.
             let sources = (chosen_sources + &batch_offset).view([-1]);
-            cache.reorder(&sources);
             let next = chosen_tokens.view([batch * beams, 1]);
-            padding = padding.map(|padding| padding.advance(Some(&sources)));
-            logits = self.cached_step(
-                &next,
-                &media,
-                &mut cached_locations,
-                &mut cache,
-                padding.as_ref(),
-            )?;
+            logits = self.continue_decoding(&mut state, &next, &media, Some(&sources))?;
         }
         // The best finished hypothesis of each row, cropped to the longest.
         let best = finished.select(1, 0);

@@ -67,6 +67,14 @@ impl Padding {
     }
 }
 
+/// What incremental decoding carries from step to step.
+#[derive(Debug)]
+pub(crate) struct Decoding {
+    cache: KvCache,
+    cached_locations: Tensor,
+    padding: Option<Padding>,
+}
+
 #[derive(Debug)]
 pub struct Flamingo {
     vision: VisionTransformer,
@@ -276,6 +284,54 @@ impl Flamingo {
         }
     }
 
+    /// Runs the prompt `[rows, t]` (with its padding mask, if any) and
+    /// returns its logits and the state incremental steps continue from.
+    pub(crate) fn start_decoding(
+        &self,
+        prompt: &Tensor,
+        media: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<(Tensor, Decoding)> {
+        let prompt_locations = prompt.eq(self.media_token_id);
+        let mut state = Decoding {
+            cache: KvCache::new(self.decoder.layers().len()),
+            cached_locations: prompt_locations.shallow_clone(),
+            padding: attention_mask.map(Padding::for_prompt),
+        };
+        let logits = tch::no_grad(|| {
+            self.step(
+                prompt,
+                media,
+                MediaMask::Locations(&prompt_locations),
+                Some(&mut state.cache),
+                state.padding.as_ref(),
+            )
+        })?;
+        Ok((logits, state))
+    }
+
+    /// Feeds one new token per row; `reorder` first keeps, for each row, the
+    /// state of row `reorder[row]` (beam search).
+    pub(crate) fn continue_decoding(
+        &self,
+        state: &mut Decoding,
+        tokens: &Tensor,
+        media: &Tensor,
+        reorder: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if let Some(sources) = reorder {
+            state.cache.reorder(sources);
+        }
+        state.padding = state.padding.take().map(|padding| padding.advance(reorder));
+        self.cached_step(
+            tokens,
+            media,
+            &mut state.cached_locations,
+            &mut state.cache,
+            state.padding.as_ref(),
+        )
+    }
+
     /// Greedy decoding with a key/value cache and cached media, as
     /// OpenFlamingo's `generate` with `num_beams = 1`: the prompt attends to
     /// its images as in [`Flamingo::forward`]; new tokens follow
@@ -293,22 +349,10 @@ impl Flamingo {
     ) -> Result<Tensor> {
         let media = self.encode_vision(vision_x)?;
         self.check_image_count(&media, lang_x)?;
-        let prompt_locations = lang_x.eq(self.media_token_id);
-        let mut cache = KvCache::new(self.decoder.layers().len());
-        let mut cached_locations = prompt_locations.shallow_clone();
         let batch = lang_x.size()[0];
         let mut finished = Tensor::zeros([batch], (Kind::Bool, lang_x.device()));
         let mut generated: Vec<Tensor> = Vec::new();
-        let mut padding = attention_mask.map(Padding::for_prompt);
-        let mut logits = tch::no_grad(|| {
-            self.step(
-                lang_x,
-                &media,
-                MediaMask::Locations(&prompt_locations),
-                Some(&mut cache),
-                padding.as_ref(),
-            )
-        })?;
+        let (mut logits, mut state) = self.start_decoding(lang_x, &media, attention_mask)?;
         for _ in 0..max_new_tokens {
             let last = logits.select(1, -1);
             let chosen = last.argmax(-1, false);
@@ -322,14 +366,7 @@ impl Flamingo {
                 break;
             }
             let next = next.unsqueeze(1);
-            padding = padding.map(|padding| padding.advance(None));
-            logits = self.cached_step(
-                &next,
-                &media,
-                &mut cached_locations,
-                &mut cache,
-                padding.as_ref(),
-            )?;
+            logits = self.continue_decoding(&mut state, &next, &media, None)?;
         }
         if generated.is_empty() {
             return Ok(Tensor::zeros([batch, 0], (Kind::Int64, lang_x.device())));

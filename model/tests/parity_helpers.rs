@@ -14,20 +14,11 @@ use tch::{Kind, Tensor};
 const TOLERANCE: f64 = 1e-5;
 
 fn reference() -> (tempfile::TempDir, Weights) {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let out = dir.path().join("reference.safetensors");
-    common::run_reference("helpers_reference.py", &out);
-    let weights = Weights::read_safetensors(&out).expect("reference safetensors reads");
-    (dir, weights)
+    common::reference_weights("helpers_reference.py", "reference.safetensors")
 }
 
 fn assert_close(actual: &Tensor, expected: &Tensor, what: &str) {
-    assert_eq!(actual.size(), expected.size(), "{what}: shapes differ");
-    let difference = (actual - expected).abs().max().double_value(&[]);
-    assert!(
-        difference <= TOLERANCE,
-        "{what}: max abs difference {difference}"
-    );
+    common::assert_close(actual, expected, TOLERANCE, what);
 }
 
 fn small_perceiver(depth: i64) -> PerceiverConfig {

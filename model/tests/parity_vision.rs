@@ -8,20 +8,11 @@ use flamingo_model::{VisionConfig, VisionTransformer, Weights};
 use tch::Tensor;
 
 fn reference() -> (tempfile::TempDir, Weights) {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let out = dir.path().join("vision.safetensors");
-    common::run_reference("vision_reference.py", &out);
-    let weights = Weights::read_safetensors(&out).expect("reference safetensors reads");
-    (dir, weights)
+    common::reference_weights("vision_reference.py", "vision.safetensors")
 }
 
 fn assert_close(actual: &Tensor, expected: &Tensor, what: &str) {
-    assert_eq!(actual.size(), expected.size(), "{what}: shapes differ");
-    let difference = (actual - expected).abs().max().double_value(&[]);
-    assert!(
-        difference <= 1e-5,
-        "{what}: max abs difference {difference}"
-    );
+    common::assert_close(actual, expected, 1e-5, what);
 }
 
 fn tiny(quick_gelu: bool, tokens_after_ln_post: bool) -> VisionConfig {

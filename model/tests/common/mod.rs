@@ -36,3 +36,26 @@ pub fn reference_dir(script: &str) -> tempfile::TempDir {
     run_reference(script, dir.path());
     dir
 }
+
+/// Runs a script that writes one safetensors file `file_name` and reads it.
+pub fn reference_weights(
+    script: &str,
+    file_name: &str,
+) -> (tempfile::TempDir, flamingo_model::Weights) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let out = dir.path().join(file_name);
+    run_reference(script, &out);
+    let weights =
+        flamingo_model::Weights::read_safetensors(&out).expect("reference safetensors reads");
+    (dir, weights)
+}
+
+/// Same shape, and no element further than `tolerance` from the reference.
+pub fn assert_close(actual: &tch::Tensor, expected: &tch::Tensor, tolerance: f64, what: &str) {
+    assert_eq!(actual.size(), expected.size(), "{what}: shapes differ");
+    let difference = (actual - expected).abs().max().double_value(&[]);
+    assert!(
+        difference <= tolerance,
+        "{what}: max abs difference {difference}"
+    );
+}
