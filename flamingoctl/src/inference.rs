@@ -1,11 +1,14 @@
 //! `flamingoctl score` and `generate`: run a Flamingo model from a model spec
-//! on images and a prompt, on this machine (fp32 on CPU).
+//! on images and a prompt, on this machine: fp32 on the CPU by default,
+//! `--device cuda --dtype bf16` on a GPU.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use flamingo_model::preprocess::{clip_preprocess, RgbImage};
-use flamingo_model::{load_flamingo, BeamSettings, Flamingo, FlamingoTokenizer, ModelSpec};
+use flamingo_model::{
+    load_flamingo_with, BeamSettings, Flamingo, FlamingoTokenizer, LoadOptions, ModelSpec,
+};
 use serde_json::json;
 use tch::{Kind, Tensor};
 
@@ -21,6 +24,58 @@ pub struct InferenceArgs {
     /// The text, with one `<image>` per image.
     #[arg(long)]
     pub prompt: String,
+    /// Where to run: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: tch::Device,
+    /// Weight and activation precision: fp32, bf16 or fp16.
+    #[arg(long, default_value = "fp32", value_parser = parse_dtype)]
+    pub dtype: Kind,
+}
+
+fn parse_device(text: &str) -> Result<tch::Device, String> {
+    match text {
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" => Ok(tch::Device::Cuda(0)),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|index| index.parse().ok())
+            .map(tch::Device::Cuda)
+            .ok_or_else(|| format!("'{other}' is not a device (cpu, cuda or cuda:N)")),
+    }
+}
+
+/// flamingoctl links only libtorch_cpu; CUDA kernels register themselves
+/// when libtorch_cuda.so is loaded, which is found through the binary's
+/// rpath to torch's lib/ directory.
+fn load_torch_cuda() -> anyhow::Result<()> {
+    let name = c"libtorch_cuda.so";
+    // SAFETY: dlopen with a valid NUL-terminated name; the handle is kept
+    // for the life of the process on purpose.
+    let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+    if handle.is_null() {
+        // SAFETY: dlerror returns a NUL-terminated string or null.
+        let reason = unsafe {
+            let error = libc::dlerror();
+            if error.is_null() {
+                String::from("unknown error")
+            } else {
+                std::ffi::CStr::from_ptr(error)
+                    .to_string_lossy()
+                    .into_owned()
+            }
+        };
+        bail!("--device cuda: cannot load libtorch_cuda.so ({reason}); this needs the CUDA build of torch 2.11.0 in the venv");
+    }
+    Ok(())
+}
+
+fn parse_dtype(text: &str) -> Result<Kind, String> {
+    match text {
+        "fp32" | "float32" => Ok(Kind::Float),
+        "bf16" | "bfloat16" => Ok(Kind::BFloat16),
+        "fp16" | "float16" => Ok(Kind::Half),
+        other => Err(format!("'{other}' is not a dtype (fp32, bf16 or fp16)")),
+    }
 }
 
 struct Prepared {
@@ -33,8 +88,19 @@ struct Prepared {
 
 fn prepare(args: &InferenceArgs) -> anyhow::Result<Prepared> {
     let spec = ModelSpec::from_file(&args.model)?;
-    let (model, tokenizer) =
-        load_flamingo(&spec).with_context(|| format!("loading {}", args.model.display()))?;
+    if let tch::Device::Cuda(index) = args.device {
+        load_torch_cuda()?;
+        let available = tch::Cuda::device_count();
+        if i64::try_from(index).unwrap_or(i64::MAX) >= available {
+            bail!("--device cuda:{index}: this machine has {available} CUDA device(s) visible to libtorch");
+        }
+    }
+    let options = LoadOptions {
+        device: args.device,
+        kind: args.dtype,
+    };
+    let (model, tokenizer) = load_flamingo_with(&spec, options)
+        .with_context(|| format!("loading {}", args.model.display()))?;
     let token_ids = tokenizer.encode(&args.prompt, true)?;
     let image_tokens = token_ids
         .iter()
@@ -56,9 +122,13 @@ fn prepare(args: &InferenceArgs) -> anyhow::Result<Prepared> {
         .map(|path| Ok(clip_preprocess(&RgbImage::open(path)?, size)?))
         .collect::<anyhow::Result<Vec<Tensor>>>()?;
     // [1 batch, T images, 1 frame, 3, h, w]
-    let vision_x = Tensor::stack(&pixels, 0).unsqueeze(0).unsqueeze(2);
+    let vision_x = Tensor::stack(&pixels, 0)
+        .unsqueeze(0)
+        .unsqueeze(2)
+        .to_device(args.device)
+        .to_kind(args.dtype);
     let ids: Vec<i64> = token_ids.iter().map(|id| i64::from(*id)).collect();
-    let lang_x = Tensor::from_slice(&ids).unsqueeze(0);
+    let lang_x = Tensor::from_slice(&ids).unsqueeze(0).to_device(args.device);
     Ok(Prepared {
         model,
         tokenizer,
@@ -78,10 +148,12 @@ pub fn score(args: &InferenceArgs, json_output: bool) -> anyhow::Result<()> {
     } else {
         let next = prepared
             .lang_x
+            .to_device(tch::Device::Cpu)
             .narrow(1, 1, length - 1)
             .squeeze_dim(0)
             .unsqueeze(1);
         let all = logits
+            .to_device(tch::Device::Cpu)
             .get(0)
             .narrow(0, 0, length - 1)
             .to_kind(Kind::Double)
@@ -151,7 +223,7 @@ pub fn generate(args: &GenerateArgs, json_output: bool) -> anyhow::Result<()> {
             .model
             .generate_beam(&prepared.vision_x, &prepared.lang_x, None, settings)?
     };
-    let token_ids: Vec<u32> = Vec::<i64>::try_from(&tokens.get(0))?
+    let token_ids: Vec<u32> = Vec::<i64>::try_from(&tokens.to_device(tch::Device::Cpu).get(0))?
         .into_iter()
         .map(|id| id as u32)
         .collect();

@@ -115,12 +115,7 @@ impl MaskedCrossAttention {
             } else {
                 token_time.ge_tensor(&media_time)
             };
-            let lowest = match scores.kind() {
-                Kind::BFloat16 => -3.389_531_389_251_535_5e38,
-                Kind::Half => -65504.0,
-                Kind::Double => f64::MIN,
-                _ => f64::from(f32::MIN),
-            };
+            let lowest = crate::layers::lowest(scores.kind());
             scores = scores.masked_fill(&allowed.logical_not(), lowest);
         }
         let mut attention = stable_softmax(&scores);

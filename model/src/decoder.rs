@@ -9,8 +9,8 @@
 //! - LLaMA (`model.layers.{i}`): RMSNorm, full rotary embedding, SwiGLU MLP,
 //!   optional grouped key/value heads.
 //!
-//! Attention scores are softmaxed in fp32 and masked with fp32's lowest value,
-//! as the Hugging Face eager implementations do.
+//! Attention scores are masked with the lowest value of their own precision
+//! and softmaxed in fp32, as the Hugging Face eager implementations do.
 
 use tch::{Device, Kind, Tensor};
 
@@ -365,7 +365,8 @@ impl DecoderLayer {
             let kind = scores.kind();
             scores += alibi.to_kind(kind);
         }
-        let scores = scores.masked_fill(&context.blocked, f64::from(f32::MIN));
+        let lowest = crate::layers::lowest(scores.kind());
+        let scores = scores.masked_fill(&context.blocked, lowest);
         let weights = scores.softmax(-1, Kind::Float).to_kind(values.kind());
         let mixed =
             weights
@@ -461,9 +462,15 @@ fn apply_rotary(input: &Tensor, cos: &Tensor, sin: &Tensor, rotary_dims: i64) ->
 
 /// MPT's ALiBi slopes (Press et al. 2021, as MosaicML computes them): for
 /// `n` heads rounded up to a power of two `m`, slope_i = 2^(-(i+1)·max/m);
-/// when `n < m` the odd-indexed slopes come first.
-fn alibi_slopes(heads: i64, bias_max: f64) -> Tensor {
-    let padded = (heads as f64).log2().ceil().exp2() as i64;
+/// when `n < m` the odd-indexed slopes come first. The older MosaicGPT code
+/// (`round_to_power_of_two = false`) uses `m = n` and no reordering; the two
+/// agree when `n` is a power of two.
+fn alibi_slopes(heads: i64, bias_max: f64, round_to_power_of_two: bool) -> Tensor {
+    let padded = if round_to_power_of_two {
+        (heads as f64).log2().ceil().exp2() as i64
+    } else {
+        heads
+    };
     let exponents = Tensor::arange_start(1, padded + 1, (Kind::Float, Device::Cpu))
         * (bias_max / padded as f64);
     let slopes = exponents.exp2().reciprocal();
@@ -473,6 +480,38 @@ fn alibi_slopes(heads: i64, bias_max: f64) -> Tensor {
         let odd = slopes.slice(0, 1, padded, 2);
         let even = slopes.slice(0, 0, padded, 2);
         Tensor::cat(&[odd, even], 0).narrow(0, 0, heads)
+    }
+}
+
+/// MosaicGPT's names → Hugging Face MPT's, in place: within each block
+/// `ln_1`/`ln_2` → `norm_1`/`norm_2` and `mlp.mlp_up`/`mlp.mlp_down` →
+/// `ffn.up_proj`/`ffn.down_proj`, and `transformer.ln_f` → `transformer.norm_f`.
+/// Attention (`attn.Wqkv`, `attn.out_proj`) and `transformer.wte` are
+/// named alike in both.
+fn rename_mosaic_gpt(weights: &mut Weights) {
+    let renamed: Vec<(String, String)> = weights
+        .keys()
+        .filter_map(|key| {
+            if let Some(rest) = key.strip_prefix("transformer.ln_f.") {
+                return Some((key.clone(), format!("transformer.norm_f.{rest}")));
+            }
+            let rest = key.strip_prefix("transformer.blocks.")?;
+            let (index, tail) = rest.split_once('.')?;
+            let tail = [
+                ("ln_1.", "norm_1."),
+                ("ln_2.", "norm_2."),
+                ("mlp.mlp_up.", "ffn.up_proj."),
+                ("mlp.mlp_down.", "ffn.down_proj."),
+            ]
+            .iter()
+            .find_map(|(from, to)| tail.strip_prefix(from).map(|end| format!("{to}{end}")))?;
+            Some((key.clone(), format!("transformer.blocks.{index}.{tail}")))
+        })
+        .collect();
+    for (from, to) in renamed {
+        if let Some(tensor) = weights.remove(&from) {
+            weights.insert(&to, tensor);
+        }
     }
 }
 
@@ -490,6 +529,9 @@ impl Decoder {
     /// port recomputes (`rotary_emb.inv_freq`, NeoX's `attention.bias` and
     /// `masked_bias`) are dropped.
     pub fn load(weights: &mut Weights, config: DecoderConfig) -> Result<Self> {
+        if config.mosaic_gpt {
+            rename_mosaic_gpt(weights);
+        }
         let (embed_key, norm_prefix, head_key) = match config.family {
             DecoderFamily::Mpt => (
                 "transformer.wte.weight",
@@ -622,7 +664,7 @@ impl Decoder {
             // Bias for key j: slope·(j − (key_len − 1)), as HF slices MPT's table.
             let distance =
                 Tensor::arange_start(1 - key_len, 1, (Kind::Int64, device)).to_kind(Kind::Float);
-            alibi_slopes(config.heads, config.alibi_bias_max)
+            alibi_slopes(config.heads, config.alibi_bias_max, !config.mosaic_gpt)
                 .to_device(device)
                 .view([config.heads, 1, 1])
                 * distance.view([1, 1, key_len])

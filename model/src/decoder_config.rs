@@ -1,8 +1,9 @@
 //! Decoder configuration read from a Hugging Face `config.json`, for the three
 //! families OpenFlamingo's released models use (reference §1.4): MPT
-//! (`model_type = "mpt"`), GPT-NeoX (`"gpt_neox"`, RedPajama-INCITE) and
-//! LLaMA (`"llama"`). Anything the port does not implement is refused by
-//! name rather than silently ignored.
+//! (`model_type = "mpt"`, and the older `"mosaic_gpt"` that
+//! `mosaicml/mpt-1b-redpajama-200b` ships with), GPT-NeoX (`"gpt_neox"`,
+//! RedPajama-INCITE) and LLaMA (`"llama"`). Anything the port does not
+//! implement is refused by name rather than silently ignored.
 
 use serde_json::Value;
 
@@ -73,6 +74,10 @@ pub struct DecoderConfig {
     pub clip_qkv: Option<f64>,
     pub softmax_scale: f64,
     pub tie_word_embeddings: bool,
+    /// MPT written by MosaicML's older MosaicGPT code: its weight names
+    /// (`ln_1`, `mlp.mlp_up`, `ln_f`, …) and its ALiBi slopes, which are not
+    /// padded to a power of two of heads.
+    pub mosaic_gpt: bool,
 }
 
 fn field<'a>(config: &'a Value, name: &str) -> Result<&'a Value> {
@@ -85,6 +90,15 @@ fn integer(config: &Value, name: &str) -> Result<i64> {
     field(config, name)?
         .as_i64()
         .ok_or_else(|| ModelError::Config(format!("config.json: {name} must be an integer")))
+}
+
+fn integer_or(config: &Value, name: &str, default: i64) -> Result<i64> {
+    match config.get(name) {
+        None | Some(Value::Null) => Ok(default),
+        Some(value) => value
+            .as_i64()
+            .ok_or_else(|| ModelError::Config(format!("config.json: {name} must be an integer"))),
+    }
 }
 
 fn float_or(config: &Value, name: &str, default: f64) -> Result<f64> {
@@ -116,10 +130,11 @@ impl DecoderConfig {
             .to_string();
         match model_type.as_str() {
             "mpt" => Self::mpt(&config),
+            "mosaic_gpt" => Self::mosaic_gpt(&config),
             "gpt_neox" => Self::gpt_neox(&config),
             "llama" => Self::llama(&config),
             other => Err(ModelError::Unsupported(format!(
-                "model_type '{other}' (supported: mpt, gpt_neox, llama)"
+                "model_type '{other}' (supported: mpt, mosaic_gpt, gpt_neox, llama)"
             ))),
         }
     }
@@ -167,6 +182,69 @@ impl DecoderConfig {
             clip_qkv,
             softmax_scale: float_or(attn, "softmax_scale", (head_dim as f64).powf(-0.5))?,
             tie_word_embeddings: true,
+            mosaic_gpt: false,
+        })
+    }
+
+    /// MosaicGPT's flat config (`mpt-1b-redpajama-200b`): the MPT
+    /// architecture with `mlp_ratio`, `attn_clip_qkv`, `attn_qk_ln` and
+    /// `alibi` at the top level.
+    fn mosaic_gpt(config: &Value) -> Result<Self> {
+        let hidden_size = integer(config, "d_model")?;
+        let heads = integer(config, "n_heads")?;
+        if bool_or(config, "attn_qk_ln", false)? {
+            return Err(ModelError::Unsupported("MosaicGPT attn_qk_ln".into()));
+        }
+        if !bool_or(config, "alibi", false)? {
+            return Err(ModelError::Unsupported(
+                "MosaicGPT without ALiBi (learned positions)".into(),
+            ));
+        }
+        if !bool_or(config, "no_bias", false)? {
+            return Err(ModelError::Unsupported(
+                "MosaicGPT with biases (no_bias = false)".into(),
+            ));
+        }
+        if !matches!(config.get("logit_scale"), None | Some(Value::Null)) {
+            return Err(ModelError::Unsupported("MosaicGPT logit_scale".into()));
+        }
+        if bool_or(config, "prefix_lm", false)? {
+            return Err(ModelError::Unsupported("MosaicGPT prefix_lm".into()));
+        }
+        let head_dim = hidden_size / heads;
+        let clip_qkv = match config.get("attn_clip_qkv") {
+            None | Some(Value::Null) => None,
+            Some(value) => value.as_f64(),
+        };
+        let softmax_scale = match config.get("softmax_scale") {
+            None | Some(Value::Null) => (head_dim as f64).powf(-0.5),
+            Some(value) => value.as_f64().ok_or_else(|| {
+                ModelError::Config("config.json: softmax_scale must be a number".into())
+            })?,
+        };
+        Ok(Self {
+            family: DecoderFamily::Mpt,
+            vocab_size: integer(config, "vocab_size")?,
+            hidden_size,
+            layers: integer(config, "n_layers")?,
+            heads,
+            kv_heads: heads,
+            head_dim,
+            intermediate_size: integer_or(config, "mlp_ratio", 4)? * hidden_size,
+            // torch.nn.LayerNorm's default; MosaicGPT does not configure it.
+            norm_eps: 1e-5,
+            activation: Activation::Gelu,
+            rotary_dims: 0,
+            rope_theta: 0.0,
+            parallel_residual: false,
+            attention_bias: false,
+            mlp_bias: false,
+            alibi_bias_max: float_or(config, "alibi_bias_max", 8.0)?,
+            max_seq_len: integer(config, "max_seq_len")?,
+            clip_qkv,
+            softmax_scale,
+            tie_word_embeddings: true,
+            mosaic_gpt: true,
         })
     }
 
@@ -216,6 +294,7 @@ impl DecoderConfig {
             clip_qkv: None,
             softmax_scale: (head_dim as f64).powf(-0.5),
             tie_word_embeddings: bool_or(config, "tie_word_embeddings", false)?,
+            mosaic_gpt: false,
         })
     }
 
@@ -262,6 +341,7 @@ impl DecoderConfig {
             clip_qkv: None,
             softmax_scale: (head_dim as f64).powf(-0.5),
             tie_word_embeddings: bool_or(config, "tie_word_embeddings", false)?,
+            mosaic_gpt: false,
         })
     }
 }
@@ -275,7 +355,7 @@ mod tests {
         let error = DecoderConfig::from_hf_json(r#"{"model_type": "opt"}"#).unwrap_err();
         assert_eq!(
             error.to_string(),
-            "unsupported: model_type 'opt' (supported: mpt, gpt_neox, llama)"
+            "unsupported: model_type 'opt' (supported: mpt, mosaic_gpt, gpt_neox, llama)"
         );
         let error = DecoderConfig::from_hf_json(r#"{"model_type": "llama", "hidden_size": 8}"#)
             .unwrap_err();
@@ -288,5 +368,30 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(error.to_string(), "unsupported: MPT attn_config.qk_ln");
+    }
+
+    #[test]
+    fn mosaic_gpt_configs_read_the_flat_fields() {
+        let base = r#""model_type": "mosaic_gpt", "d_model": 8, "n_heads": 2, "n_layers": 3,
+            "max_seq_len": 16, "vocab_size": 10, "mlp_ratio": 2, "no_bias": true"#;
+        let config = DecoderConfig::from_hf_json(&format!(
+            r#"{{{base}, "alibi": true, "attn_clip_qkv": 6}}"#
+        ))
+        .unwrap();
+        assert!(config.mosaic_gpt);
+        assert_eq!(config.family, DecoderFamily::Mpt);
+        assert_eq!(config.intermediate_size, 16);
+        assert_eq!(config.clip_qkv, Some(6.0));
+        assert_eq!(config.layers, 3);
+        let error = DecoderConfig::from_hf_json(&format!("{{{base}}}")).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "unsupported: MosaicGPT without ALiBi (learned positions)"
+        );
+        let error = DecoderConfig::from_hf_json(&format!(
+            r#"{{{base}, "alibi": true, "logit_scale": "inv_sqrt_d_model"}}"#
+        ))
+        .unwrap_err();
+        assert_eq!(error.to_string(), "unsupported: MosaicGPT logit_scale");
     }
 }

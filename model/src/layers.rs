@@ -184,3 +184,14 @@ pub fn stable_softmax(scores: &Tensor) -> Tensor {
     let shifted = scores - scores.amax([-1], true);
     shifted.softmax(-1, scores.kind())
 }
+
+/// `torch.finfo(kind).min`: what Hugging Face and OpenFlamingo fill masked
+/// attention scores with, in the scores' own precision.
+pub(crate) fn lowest(kind: tch::Kind) -> f64 {
+    match kind {
+        tch::Kind::BFloat16 => -3.389_531_389_251_535_5e38,
+        tch::Kind::Half => -65504.0,
+        tch::Kind::Double => f64::MIN,
+        _ => f64::from(f32::MIN),
+    }
+}

@@ -30,7 +30,7 @@ pub use cross_attention::{GatedCrossAttentionBlock, MaskedCrossAttention, MediaM
 pub use decoder::{AttentionContext, Decoder, DecoderLayer};
 pub use decoder_config::{Activation, DecoderConfig, DecoderFamily};
 pub use flamingo::Flamingo;
-pub use load::load_flamingo;
+pub use load::{load_flamingo, load_flamingo_with, LoadOptions};
 pub use perceiver::{PerceiverConfig, PerceiverResampler};
 pub use spec::ModelSpec;
 pub use tokenizer::FlamingoTokenizer;

@@ -196,7 +196,40 @@ fn fresh_weights(vis_dim: i64, lang_dim: i64, layers: i64, every: i64) -> Weight
 }
 
 /// Loads the model and its tokenizer as the spec describes.
+/// Where the model runs and in what precision.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadOptions {
+    pub device: tch::Device,
+    /// Floating-point kind of every weight: `Float` (fp32, the default, as
+    /// `from_pretrained` loads), `BFloat16` or `Half`.
+    pub kind: Kind,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: tch::Device::Cpu,
+            kind: Kind::Float,
+        }
+    }
+}
+
+/// [`load_flamingo_with`] in fp32 on the CPU.
 pub fn load_flamingo(spec: &ModelSpec) -> Result<(Flamingo, FlamingoTokenizer)> {
+    load_flamingo_with(spec, LoadOptions::default())
+}
+
+/// Loads the model a spec names onto `options.device` in `options.kind`.
+pub fn load_flamingo_with(
+    spec: &ModelSpec,
+    options: LoadOptions,
+) -> Result<(Flamingo, FlamingoTokenizer)> {
+    if !matches!(options.kind, Kind::Float | Kind::BFloat16 | Kind::Half) {
+        return Err(ModelError::Unsupported(format!(
+            "weight kind {:?} (use float32, bfloat16 or float16)",
+            options.kind
+        )));
+    }
     // Vision: a full open_clip CLIP state dict (visual.*), an OpenFlamingo
     // one (vision_encoder.*), or the bare tower.
     let vision_raw = Weights::read(&spec.vision_weights)?;
@@ -260,10 +293,14 @@ pub fn load_flamingo(spec: &ModelSpec) -> Result<(Flamingo, FlamingoTokenizer)> 
     resize_rows(&mut lm_weights, head_key, rows);
     config.vocab_size = rows;
 
-    // fp32 on the CPU, whatever the files store (released LMs are often
-    // bf16/fp16), as from_pretrained loads them by default.
-    let mut lm_weights = lm_weights.convert_floats(Kind::Float);
-    let mut flamingo_weights = flamingo_weights.convert_floats(Kind::Float);
+    // One kind whatever the files store (released LMs are often bf16/fp16):
+    // fp32 by default, as from_pretrained loads them.
+    let mut lm_weights = lm_weights
+        .convert_floats(options.kind)
+        .to_device(options.device);
+    let mut flamingo_weights = flamingo_weights
+        .convert_floats(options.kind)
+        .to_device(options.device);
     // Walk the whole model before failing, so every missing key is listed.
     lm_weights.collect_missing();
     let decoder = Decoder::load(&mut lm_weights, config)?;

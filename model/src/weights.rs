@@ -76,6 +76,17 @@ impl Weights {
         Self { tensors, missing }
     }
 
+    /// Moves every weight to `device`.
+    pub fn to_device(self, device: tch::Device) -> Self {
+        let missing = self.missing;
+        let tensors = self
+            .tensors
+            .into_iter()
+            .map(|(key, tensor)| (key, tensor.to_device(device)))
+            .collect();
+        Self { tensors, missing }
+    }
+
     /// Adds or replaces a weight.
     pub fn insert(&mut self, key: &str, tensor: Tensor) {
         self.tensors.insert(key.to_string(), tensor);

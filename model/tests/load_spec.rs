@@ -11,30 +11,45 @@ const PROMPT: &str = "<image>Output: a cat on a sofa.<|endofchunk|><image>Output
 
 #[test]
 fn a_spec_of_released_format_files_loads_and_matches_open_flamingo() {
+    assert_spec_matches_open_flamingo("model.toml");
+}
+
+#[test]
+fn the_same_lm_in_mosaic_gpt_naming_gives_the_same_logits() {
+    // mpt-1b-redpajama-200b's format: model_type "mosaic_gpt", flat config,
+    // ln_1/mlp.mlp_up/ln_f names, pytorch_model.bin without lm_head.
+    assert_spec_matches_open_flamingo("mosaic.toml");
+}
+
+fn assert_spec_matches_open_flamingo(spec_name: &str) {
     let dir = common::reference_dir("released_format_reference.py");
 
-    let spec = ModelSpec::from_file(&dir.path().join("model.toml")).unwrap();
-    let (model, tokenizer) = load_flamingo(&spec).unwrap();
-    let mut reference = Weights::read(&dir.path().join("reference.safetensors")).unwrap();
-    let lang_x = reference.remove("lang_x").unwrap();
-    let vision_x = reference.remove("vision_x").unwrap();
-    let expected = reference.remove("logits").unwrap();
+    let spec = ModelSpec::from_file(&dir.path().join(spec_name)).expect("spec parses");
+    let (model, tokenizer) = load_flamingo(&spec).expect("model loads");
+    let mut reference =
+        Weights::read(&dir.path().join("reference.safetensors")).expect("reference outputs");
+    let lang_x = reference.remove("lang_x").expect("lang_x");
+    let vision_x = reference.remove("vision_x").expect("vision_x");
+    let expected = reference.remove("logits").expect("logits");
 
     let ids: Vec<i64> = tokenizer
         .encode(PROMPT, true)
-        .unwrap()
+        .expect("parity step")
         .into_iter()
         .map(i64::from)
         .collect();
     assert_eq!(
         ids,
-        Vec::<i64>::try_from(&lang_x.get(0)).unwrap(),
+        Vec::<i64>::try_from(&lang_x.get(0)).expect("parity step"),
         "tokenization"
     );
-    let logits = model.forward(&vision_x, &lang_x).unwrap();
+    let logits = model.forward(&vision_x, &lang_x).expect("parity step");
     assert_eq!(logits.size(), expected.size());
     let difference = (&logits - &expected).abs().max().double_value(&[]);
-    assert!(difference <= 1e-4, "max abs logit difference {difference}");
+    assert!(
+        difference <= 1e-4,
+        "{spec_name}: max abs logit difference {difference}"
+    );
 }
 
 #[test]

@@ -113,6 +113,55 @@ fn score_and_generate_match_open_flamingo() {
 }
 
 #[test]
+fn bf16_gives_fp32_greedy_tokens_and_close_logprobs() {
+    // Reduced precision on the CPU (what `--device cuda --dtype bf16` runs
+    // on a GPU): the same greedy tokens as OpenFlamingo in fp32, and
+    // log-probabilities within bf16's rounding.
+    let dir = tempfile::tempdir().unwrap();
+    let expected = reference(dir.path());
+    let prompt = expected["prompt"].as_str().unwrap();
+    for dtype in ["bf16", "fp16"] {
+        let generated = flamingoctl(
+            dir.path(),
+            &[
+                "generate",
+                "--prompt",
+                prompt,
+                "--max-new-tokens",
+                "5",
+                "--dtype",
+                dtype,
+                "--json",
+            ],
+        );
+        assert!(
+            generated.status.success(),
+            "{dtype}: {}",
+            String::from_utf8_lossy(&generated.stderr)
+        );
+        let generated: serde_json::Value = serde_json::from_slice(&generated.stdout).unwrap();
+        assert_eq!(generated["token_ids"], expected["generated"], "{dtype}");
+
+        let scored = flamingoctl(
+            dir.path(),
+            &["score", "--prompt", prompt, "--dtype", dtype, "--json"],
+        );
+        assert!(scored.status.success(), "{dtype}");
+        let scored: serde_json::Value = serde_json::from_slice(&scored.stdout).unwrap();
+        let ours = scored["logprobs"].as_array().unwrap();
+        let theirs = expected["logprobs"].as_array().unwrap();
+        assert_eq!(ours.len(), theirs.len());
+        let worst = ours
+            .iter()
+            .zip(theirs)
+            .map(|(a, b)| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs())
+            .fold(0.0, f64::max);
+        assert!(worst <= 0.15, "{dtype}: logprobs differ by up to {worst}");
+        assert!(worst > 0.0, "{dtype}: the weights were not converted");
+    }
+}
+
+#[test]
 fn bad_inputs_are_explained() {
     let dir = tempfile::tempdir().unwrap();
     reference(dir.path());
@@ -138,6 +187,27 @@ fn bad_inputs_are_explained() {
     );
     assert!(String::from_utf8_lossy(&zero.stderr)
         .contains("--num-beams and --max-new-tokens must be at least 1"));
+    let dtype = flamingoctl(
+        dir.path(),
+        &["score", "--prompt", "<image>a<image>b", "--dtype", "int8"],
+    );
+    assert!(String::from_utf8_lossy(&dtype.stderr)
+        .contains("'int8' is not a dtype (fp32, bf16 or fp16)"));
+    let device = flamingoctl(
+        dir.path(),
+        &[
+            "score",
+            "--prompt",
+            "<image>a<image>b",
+            "--device",
+            "cuda:7",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&device.stderr);
+    assert!(
+        !device.status.success() && stderr.contains("--device cuda:7: this machine has"),
+        "{stderr}"
+    );
     let missing = Command::new(ClusterSandbox::binary("flamingoctl"))
         .args([
             "score",

@@ -8,6 +8,9 @@ Flamingo) and writes what a user would have:
   torch.save'd; clip.json: its open_clip model config;
 - lm/: the Hugging Face LM dir (config.json, model.safetensors,
   tokenizer files), saved before the embeddings were resized;
+- lm_mosaic/: the same LM as MosaicML's older MosaicGPT code saves it
+  (model_type "mosaic_gpt", flat config, ln_1/mlp.mlp_up/ln_f names,
+  pytorch_model.bin), as mpt-1b-redpajama-200b ships; mosaic.toml uses it;
 - checkpoint.pt: the trainable part of the Flamingo state dict, torch.save'd
   (perceiver, cross-attention layers under both of their names, embeddings);
 - model.toml: the spec; reference.safetensors: inputs and logits.
@@ -38,6 +41,39 @@ class Clip(torch.nn.Module):
         self.visual = visual
 
 
+MOSAIC_NAMES = [("transformer.norm_f.", "transformer.ln_f."), (".norm_1.", ".ln_1."),
+                (".norm_2.", ".ln_2."), (".ffn.up_proj.", ".mlp.mlp_up."),
+                (".ffn.down_proj.", ".mlp.mlp_down.")]
+
+
+def save_as_mosaic_gpt(lm, lm_dir, mosaic_dir):
+    import json
+    import shutil
+    os.makedirs(mosaic_dir, exist_ok=True)
+    state = {}
+    for key, value in lm.state_dict().items():
+        if key == "lm_head.weight":  # tied to transformer.wte; MosaicGPT has no lm_head
+            continue
+        for hf, mosaic in MOSAIC_NAMES:
+            key = key.replace(hf, mosaic)
+        state[key] = value.clone()
+    torch.save(state, os.path.join(mosaic_dir, "pytorch_model.bin"))
+    config = lm.config
+    with open(os.path.join(mosaic_dir, "config.json"), "w") as file:
+        json.dump({"model_type": "mosaic_gpt", "architectures": ["MosaicGPT"],
+                   "d_model": config.d_model, "n_heads": config.n_heads,
+                   "n_layers": config.n_layers, "mlp_ratio": 4,
+                   "max_seq_len": config.max_seq_len, "vocab_size": config.vocab_size,
+                   "alibi": True, "alibi_bias_max": 8, "attn_clip_qkv": None,
+                   "attn_qk_ln": False, "attn_impl": "torch", "softmax_scale": None,
+                   "low_precision_layernorm": True, "no_bias": True, "logit_scale": None,
+                   "prefix_lm": False, "emb_pdrop": 0, "resid_pdrop": 0, "attn_pdrop": 0},
+                  file)
+    for name in os.listdir(lm_dir):
+        if "token" in name:
+            shutil.copy(os.path.join(lm_dir, name), mosaic_dir)
+
+
 def main():
     out = sys.argv[1]
     generator = torch.Generator().manual_seed(3)
@@ -57,6 +93,7 @@ def main():
     lm.config._attn_implementation = "eager"
     randomise(lm, generator, 0.3)
     lm.save_pretrained(lm_dir, safe_serialization=True)
+    save_as_mosaic_gpt(lm, lm_dir, os.path.join(out, "lm_mosaic"))
 
     # open_clip: the full CLIP state dict holds the text tower too.
     visual = VisionTransformer(image_size=28, patch_size=7, width=32, layers=2, heads=4, mlp_ratio=4.0,
@@ -100,6 +137,10 @@ def main():
     with open(os.path.join(out, "model.toml"), "w") as file:
         file.write('[vision]\narch = "clip.json"\nweights = "clip.bin"\n'
                    '[language]\npath = "lm"\n'
+                   '[flamingo]\ncross_attn_every_n_layers = 1\ncheckpoint = "checkpoint.pt"\n')
+    with open(os.path.join(out, "mosaic.toml"), "w") as file:
+        file.write('[vision]\narch = "clip.json"\nweights = "clip.bin"\n'
+                   '[language]\npath = "lm_mosaic"\n'
                    '[flamingo]\ncross_attn_every_n_layers = 1\ncheckpoint = "checkpoint.pt"\n')
 
     lang_x = torch.tensor([tokenizer(PROMPT)["input_ids"]])
