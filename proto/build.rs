@@ -2,7 +2,13 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/flamingo/v1/flamingo.proto");
-    tonic_prost_build::configure()
-        .compile_protos(&["proto/flamingo/v1/flamingo.proto"], &["proto"])?;
+    println!("cargo:rerun-if-changed=proto/flamingo/v1/data.proto");
+    tonic_prost_build::configure().compile_protos(
+        &[
+            "proto/flamingo/v1/flamingo.proto",
+            "proto/flamingo/v1/data.proto",
+        ],
+        &["proto"],
+    )?;
     Ok(())
 }

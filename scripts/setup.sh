@@ -10,7 +10,7 @@
 
 flamingo_setup() {
     local torch_version=2.11.0
-    local packages=(etcd-server protobuf-compiler libgloo-dev g++ pkg-config python3-venv)
+    local packages=(etcd-server protobuf-compiler libgloo-dev g++ pkg-config python3-venv libjpeg62-turbo-dev)
     local missing=()
     local package
     for package in "${packages[@]}"; do
@@ -81,7 +81,7 @@ flamingo_setup() {
 # Idempotent.
 flamingo_setup_reference() {
     local python="$FLAMINGO_VENV/bin/python"
-    if "$python" -c "import einops, einops_exts, safetensors, open_clip, transformers, importlib.util, sys; sys.exit(0 if importlib.util.find_spec('open_flamingo') else 1)" 2>/dev/null; then
+    if "$python" -c "import einops, einops_exts, safetensors, open_clip, transformers, webdataset, braceexpand, moto, flask_cors, importlib.util, sys; sys.exit(0 if importlib.util.find_spec('open_flamingo') else 1)" 2>/dev/null; then
         return 0
     fi
     echo "setup: installing the Python reference packages for the parity tests"
@@ -94,7 +94,8 @@ flamingo_setup_reference() {
         && "$python" -m pip install -q --disable-pip-version-check \
             "einops==0.8.2" "einops-exts==0.0.4" "safetensors==0.8.0" \
             "ftfy==6.3.1" "regex==2026.11.19" "tqdm==4.70.1" "pillow==13.0.0" \
-            "transformers==4.57.1"; } >"$log" 2>&1; then
+            "transformers==4.57.1" "webdataset==0.2.86" "braceexpand==0.1.7" \
+            "moto[server]==5.2.5"; } >"$log" 2>&1; then
         cat "$log" >&2
         rm -f "$log"
         echo "setup: pip install of the reference packages failed" >&2

@@ -93,16 +93,48 @@ pub struct RgbImage {
 impl RgbImage {
     /// Decodes a PNG or JPEG file to RGB.
     pub fn open(path: &Path) -> Result<Self> {
-        let decoded = image::open(path).map_err(|error| ModelError::Io {
+        let failed = |message: String| ModelError::Io {
             path: path.display().to_string(),
-            message: format!("cannot decode the image ({error}); JPEG and PNG are supported"),
-        })?;
+            message,
+        };
+        let bytes = std::fs::read(path).map_err(|error| failed(error.to_string()))?;
+        Self::decode(&bytes).map_err(|error| {
+            failed(format!(
+                "cannot decode the image ({error}); JPEG and PNG are supported"
+            ))
+        })
+    }
+
+    /// Decodes PNG or JPEG bytes to RGB (Pillow's `convert("RGB")`). JPEG
+    /// goes through libjpeg, as in Pillow, so the pixels are Pillow's.
+    pub fn decode(bytes: &[u8]) -> std::result::Result<Self, String> {
+        if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
+            if let Some(decoded) = jpeg::decode(bytes)? {
+                return Ok(decoded);
+            }
+        }
+        let decoded = image::load_from_memory(bytes).map_err(|error| error.to_string())?;
         let rgb = decoded.to_rgb8();
         Ok(Self {
             width: rgb.width() as usize,
             height: rgb.height() as usize,
             pixels: rgb.into_raw(),
         })
+    }
+
+    /// Mirrors the image left to right (torchvision's `hflip`).
+    pub fn flip_horizontal(&mut self) {
+        for row in self.pixels.chunks_exact_mut(self.width * 3) {
+            let mut left = 0;
+            let mut right = self.width.saturating_sub(1);
+            while left < right {
+                for channel in 0..3 {
+                    row.swap(left * 3 + channel, right * 3 + channel);
+                }
+                left += 1;
+                right -= 1;
+            }
+        }
     }
 
     fn at(&self, x: usize, y: usize, channel: usize) -> i64 {
@@ -188,6 +220,65 @@ impl RgbImage {
     }
 }
 
+mod jpeg {
+    use super::RgbImage;
+
+    extern "C" {
+        fn flamingo_jpeg_decode(
+            data: *const u8,
+            size: std::ffi::c_ulong,
+            pixels: *mut *mut u8,
+            width: *mut std::ffi::c_int,
+            height: *mut std::ffi::c_int,
+            message: *mut std::ffi::c_char,
+            message_len: usize,
+        ) -> std::ffi::c_int;
+        fn flamingo_jpeg_free(pixels: *mut u8);
+    }
+
+    /// `None` for CMYK/YCCK JPEGs, which libjpeg cannot turn into RGB.
+    pub(super) fn decode(bytes: &[u8]) -> Result<Option<RgbImage>, String> {
+        let mut pixels: *mut u8 = std::ptr::null_mut();
+        let (mut width, mut height) = (0, 0);
+        let mut message = [0 as std::ffi::c_char; 256];
+        // SAFETY: the shim reads `bytes` only, writes the out-parameters and
+        // at most `message.len()` bytes of `message`, and on success hands
+        // over a malloc'ed width×height×3 buffer freed below.
+        let status = unsafe {
+            flamingo_jpeg_decode(
+                bytes.as_ptr(),
+                bytes.len() as std::ffi::c_ulong,
+                &mut pixels,
+                &mut width,
+                &mut height,
+                message.as_mut_ptr(),
+                message.len(),
+            )
+        };
+        match status {
+            0 => {
+                let (width, height) = (width as usize, height as usize);
+                // SAFETY: status 0 means `pixels` holds width×height×3 bytes.
+                let copied =
+                    unsafe { std::slice::from_raw_parts(pixels, width * height * 3) }.to_vec();
+                // SAFETY: allocated by the shim, freed once.
+                unsafe { flamingo_jpeg_free(pixels) };
+                Ok(Some(RgbImage {
+                    width,
+                    height,
+                    pixels: copied,
+                }))
+            }
+            2 => Ok(None),
+            _ => {
+                // SAFETY: the shim wrote a NUL-terminated message.
+                let text = unsafe { std::ffi::CStr::from_ptr(message.as_ptr()) };
+                Err(format!("JPEG: {}", text.to_string_lossy()))
+            }
+        }
+    }
+}
+
 /// Python's `round` on halves: to the even neighbour.
 fn round_half_even(value: f64) -> i64 {
     let floor = value.floor();
@@ -201,6 +292,21 @@ fn round_half_even(value: f64) -> i64 {
 
 /// open_clip's eval transform for `size`: `[3, size, size]` float32.
 pub fn clip_preprocess(image: &RgbImage, size: usize) -> Result<Tensor> {
+    let cropped = clip_resize_crop(image, size)?;
+    let pixels = Tensor::from_slice(&cropped.pixels)
+        .view([size as i64, size as i64, 3])
+        .permute([2, 0, 1])
+        .to_kind(Kind::Float)
+        / 255.0;
+    let mean = Tensor::from_slice(&OPENAI_MEAN).view([3, 1, 1]);
+    let std = Tensor::from_slice(&OPENAI_STD).view([3, 1, 1]);
+    Ok((pixels - mean) / std)
+}
+
+/// The 8-bit half of open_clip's eval transform: torchvision's `Resize(size)`
+/// (shortest side, bicubic) and `CenterCrop(size)`; what remains is
+/// `ToTensor` and `Normalize`, which are exact functions of these bytes.
+pub fn clip_resize_crop(image: &RgbImage, size: usize) -> Result<RgbImage> {
     if image.width == 0 || image.height == 0 {
         return Err(ModelError::Input("the image is empty".into()));
     }
@@ -219,15 +325,7 @@ pub fn clip_preprocess(image: &RgbImage, size: usize) -> Result<Tensor> {
     let resized = image.resize_bicubic(width, height);
     let top = round_half_even((height as f64 - size as f64) / 2.0).max(0) as usize;
     let left = round_half_even((width as f64 - size as f64) / 2.0).max(0) as usize;
-    let cropped = resized.crop(left, top, size, size);
-    let pixels = Tensor::from_slice(&cropped.pixels)
-        .view([size as i64, size as i64, 3])
-        .permute([2, 0, 1])
-        .to_kind(Kind::Float)
-        / 255.0;
-    let mean = Tensor::from_slice(&OPENAI_MEAN).view([3, 1, 1]);
-    let std = Tensor::from_slice(&OPENAI_STD).view([3, 1, 1]);
-    Ok((pixels - mean) / std)
+    Ok(resized.crop(left, top, size, size))
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::{AddedToken, Tokenizer, TruncationParams};
 
 use crate::{ModelError, Result};
 
@@ -14,22 +14,23 @@ pub const END_OF_CHUNK: &str = "<|endofchunk|>";
 pub const MEDIA: &str = "<image>";
 pub const PAD: &str = "<PAD>";
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct FlamingoTokenizer {
     inner: Tokenizer,
     media_token_id: u32,
     end_of_chunk_token_id: u32,
     pad_token_id: u32,
+    eos_token: Option<String>,
 }
 
-/// The pad token a Hugging Face model dir declares, if any
-/// (`tokenizer_config.json` or `special_tokens_map.json`).
-fn declared_pad_token(dir: &Path) -> Option<String> {
+/// A special token (`pad_token`, `eos_token`) a Hugging Face model dir
+/// declares, if any (`tokenizer_config.json` or `special_tokens_map.json`).
+fn declared_token(dir: &Path, field: &str) -> Option<String> {
     ["tokenizer_config.json", "special_tokens_map.json"]
         .iter()
         .filter_map(|name| std::fs::read_to_string(dir.join(name)).ok())
         .filter_map(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-        .find_map(|config| match config.get("pad_token")? {
+        .find_map(|config| match config.get(field)? {
             serde_json::Value::String(token) => Some(token.clone()),
             serde_json::Value::Object(token) => token.get("content")?.as_str().map(String::from),
             _ => None,
@@ -46,7 +47,7 @@ impl FlamingoTokenizer {
         })?;
         let special = |content: &str| AddedToken::from(content.to_string(), true);
         inner.add_special_tokens(&[special(END_OF_CHUNK), special(MEDIA)]);
-        let pad = match declared_pad_token(dir) {
+        let pad = match declared_token(dir, "pad_token") {
             Some(pad) => pad,
             None => {
                 inner.add_special_tokens(&[special(PAD)]);
@@ -65,8 +66,32 @@ impl FlamingoTokenizer {
             media_token_id: id(MEDIA)?,
             end_of_chunk_token_id: id(END_OF_CHUNK)?,
             pad_token_id: id(&pad)?,
+            eos_token: declared_token(dir, "eos_token"),
             inner,
         })
+    }
+
+    /// Truncates every encoding to `max_length` tokens, special tokens
+    /// included, as Hugging Face's `truncation=True, max_length=…` does.
+    pub fn with_truncation(mut self, max_length: usize) -> Result<Self> {
+        self.inner
+            .with_truncation(Some(TruncationParams {
+                max_length,
+                ..TruncationParams::default()
+            }))
+            .map_err(|error| ModelError::Config(format!("truncation to {max_length}: {error}")))?;
+        Ok(self)
+    }
+
+    /// The tokenizer's `eos_token` text (Python's `tokenizer.eos_token`),
+    /// if the model dir declares one.
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos_token.as_deref()
+    }
+
+    /// The id of a token, if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
     }
 
     pub fn media_token_id(&self) -> u32 {

@@ -1,0 +1,350 @@
+//! A tolerant tar reader for webdataset shards: ustar and GNU headers, GNU
+//! long names (`L`) and pax `path` records (`x`). It works on byte ranges
+//! (a whole shard streamed, or the range of a few samples read with one
+//! request), so a sample never needs the shard around it. Garbage and
+//! truncation end the parse with an error that says where; what was parsed
+//! before it is kept.
+
+use std::fmt;
+
+pub const BLOCK: u64 = 512;
+
+/// One regular file in the archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub name: String,
+    /// Offset of the first header that belongs to this member (a GNU
+    /// long-name or pax header when there is one).
+    pub header_offset: u64,
+    pub data_offset: u64,
+    pub size: u64,
+}
+
+impl Member {
+    /// Offset just past the member's data, rounded up to a block.
+    pub fn end(&self) -> u64 {
+        self.data_offset + self.size.div_ceil(BLOCK) * BLOCK
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TarErrorKind {
+    /// The data ends inside a header or a member's data.
+    Truncated,
+    /// A header whose checksum does not match: not a tar, or corrupt.
+    BadChecksum,
+    /// A size or name field that cannot be read.
+    BadField(&'static str),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TarError {
+    pub offset: u64,
+    pub kind: TarErrorKind,
+}
+
+impl fmt::Display for TarError {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            TarErrorKind::Truncated => write!(formatter, "truncated tar at byte {}", self.offset),
+            TarErrorKind::BadChecksum => write!(
+                formatter,
+                "bad tar header checksum at byte {} (corrupt or not a tar)",
+                self.offset
+            ),
+            TarErrorKind::BadField(field) => {
+                write!(formatter, "unreadable tar {field} at byte {}", self.offset)
+            }
+        }
+    }
+}
+
+impl std::error::Error for TarError {}
+
+/// What a parse of a buffer found.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub members: Vec<Member>,
+    /// Bytes of the buffer that hold complete entries (resume from here).
+    pub consumed: u64,
+    /// The archive's end-of-archive marker was reached.
+    pub finished: bool,
+    pub error: Option<TarError>,
+}
+
+fn octal(field: &[u8]) -> Option<u64> {
+    if field.first().is_some_and(|byte| byte & 0x80 != 0) {
+        // GNU base-256 for large sizes.
+        let mut value: u64 = u64::from(field[0] & 0x7f);
+        for byte in &field[1..] {
+            value = value.checked_mul(256)?.checked_add(u64::from(*byte))?;
+        }
+        return Some(value);
+    }
+    let text: String = field
+        .iter()
+        .take_while(|byte| **byte != 0)
+        .map(|byte| *byte as char)
+        .collect();
+    let text = text.trim();
+    if text.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(text, 8).ok()
+}
+
+fn text(field: &[u8]) -> String {
+    let end = field
+        .iter()
+        .position(|byte| *byte == 0)
+        .unwrap_or(field.len());
+    String::from_utf8_lossy(&field[..end]).into_owned()
+}
+
+fn checksum_ok(header: &[u8]) -> bool {
+    let Some(stored) = octal(&header[148..156]) else {
+        return false;
+    };
+    let sum: u64 = header
+        .iter()
+        .enumerate()
+        .map(|(index, byte)| {
+            if (148..156).contains(&index) {
+                u64::from(b' ')
+            } else {
+                u64::from(*byte)
+            }
+        })
+        .sum();
+    sum == stored
+}
+
+/// The `path` record of a pax extended header.
+fn pax_path(data: &[u8]) -> Option<String> {
+    let mut rest = data;
+    while !rest.is_empty() {
+        let space = rest.iter().position(|byte| *byte == b' ')?;
+        let length: usize = std::str::from_utf8(&rest[..space]).ok()?.parse().ok()?;
+        if length == 0 || length > rest.len() {
+            return None;
+        }
+        let record = &rest[space + 1..length];
+        let record = record.strip_suffix(b"\n").unwrap_or(record);
+        if let Some(value) = record.strip_prefix(b"path=") {
+            return Some(String::from_utf8_lossy(value).into_owned());
+        }
+        rest = &rest[length..];
+    }
+    None
+}
+
+/// Parses the entries in `data`, which starts at archive offset `base` on a
+/// header boundary. With `at_end = false` an incomplete last entry is left
+/// for the next call (see [`Parsed::consumed`]); with `at_end = true` it is
+/// a truncation error.
+pub fn parse(data: &[u8], base: u64, at_end: bool) -> Parsed {
+    let mut parsed = Parsed::default();
+    let mut position: usize = 0;
+    let mut entry_start: usize = 0;
+    let mut long_name: Option<String> = None;
+    let block = BLOCK as usize;
+    let truncated = |parsed: &mut Parsed, at: usize| {
+        if at_end {
+            parsed.error = Some(TarError {
+                offset: base + at as u64,
+                kind: TarErrorKind::Truncated,
+            });
+        }
+    };
+    loop {
+        if position + block > data.len() {
+            if position < data.len() || long_name.is_some() {
+                truncated(&mut parsed, entry_start);
+            }
+            break;
+        }
+        let header = &data[position..position + block];
+        if header.iter().all(|byte| *byte == 0) {
+            parsed.finished = true;
+            parsed.consumed = data.len() as u64;
+            return parsed;
+        }
+        if !checksum_ok(header) {
+            parsed.error = Some(TarError {
+                offset: base + position as u64,
+                kind: TarErrorKind::BadChecksum,
+            });
+            break;
+        }
+        let Some(size) = octal(&header[124..136]) else {
+            parsed.error = Some(TarError {
+                offset: base + position as u64,
+                kind: TarErrorKind::BadField("size"),
+            });
+            break;
+        };
+        let data_start = position + block;
+        let Some(padded) = usize::try_from(size.div_ceil(BLOCK) * BLOCK)
+            .ok()
+            .and_then(|padded| data_start.checked_add(padded))
+        else {
+            parsed.error = Some(TarError {
+                offset: base + position as u64,
+                kind: TarErrorKind::BadField("size"),
+            });
+            break;
+        };
+        let typeflag = header[156];
+        if padded > data.len() {
+            truncated(&mut parsed, entry_start);
+            break;
+        }
+        let data_end = data_start + size as usize;
+        match typeflag {
+            b'L' => {
+                long_name = Some(text(&data[data_start..data_end]));
+                position = padded;
+                continue;
+            }
+            b'x' => {
+                if let Some(path) = pax_path(&data[data_start..data_end]) {
+                    long_name = Some(path);
+                }
+                position = padded;
+                continue;
+            }
+            b'0' | 0 | b'7' => {
+                let name = long_name.take().unwrap_or_else(|| {
+                    let prefix = text(&header[345..500]);
+                    let name = text(&header[0..100]);
+                    let ustar = &header[257..262] == b"ustar";
+                    if ustar && !prefix.is_empty() {
+                        format!("{prefix}/{name}")
+                    } else {
+                        name
+                    }
+                });
+                parsed.members.push(Member {
+                    name,
+                    header_offset: base + entry_start as u64,
+                    data_offset: base + data_start as u64,
+                    size,
+                });
+            }
+            _ => {
+                // Directories, links, global pax headers: nothing to keep.
+                long_name = None;
+            }
+        }
+        position = padded.min(data.len());
+        entry_start = position;
+        parsed.consumed = position as u64;
+    }
+    parsed
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A ustar header for a regular file (tests and fixtures).
+    pub(crate) fn header(name: &str, size: u64, typeflag: u8) -> [u8; 512] {
+        let mut header = [0u8; 512];
+        header[..name.len()].copy_from_slice(name.as_bytes());
+        header[100..107].copy_from_slice(b"0000644");
+        header[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
+        header[136..147].copy_from_slice(b"00000000000");
+        header[156] = typeflag;
+        header[257..263].copy_from_slice(b"ustar\0");
+        header[263..265].copy_from_slice(b"00");
+        header[148..156].copy_from_slice(b"        ");
+        let sum: u32 = header.iter().map(|byte| u32::from(*byte)).sum();
+        header[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        header
+    }
+
+    pub(crate) fn archive(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, data) in files {
+            if name.len() >= 100 {
+                out.extend_from_slice(&header("././@LongLink", name.len() as u64 + 1, b'L'));
+                let mut long = name.as_bytes().to_vec();
+                long.push(0);
+                long.resize(long.len().div_ceil(512) * 512, 0);
+                out.extend_from_slice(&long);
+                out.extend_from_slice(&header("placeholder", data.len() as u64, b'0'));
+            } else {
+                out.extend_from_slice(&header(name, data.len() as u64, b'0'));
+            }
+            let mut padded = data.to_vec();
+            padded.resize(data.len().div_ceil(512) * 512, 0);
+            out.extend_from_slice(&padded);
+        }
+        out.extend_from_slice(&[0u8; 1024]);
+        out
+    }
+
+    #[test]
+    fn members_offsets_and_long_names() {
+        let long = format!("{}/k1.txt", "d".repeat(120));
+        let data = archive(&[
+            ("k0.jpg", b"abc"),
+            (&long, b"hello"),
+            ("k2.txt", &[7u8; 600]),
+        ]);
+        let parsed = parse(&data, 0, true);
+        assert!(parsed.error.is_none(), "{:?}", parsed.error);
+        assert!(parsed.finished);
+        let names: Vec<&str> = parsed.members.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["k0.jpg", long.as_str(), "k2.txt"]);
+        let second = &parsed.members[1];
+        // Its entry starts at the long-name header.
+        assert_eq!(second.header_offset, 1024);
+        assert_eq!(&data[second.data_offset as usize..][..5], b"hello");
+        assert_eq!(parsed.members[2].size, 600);
+        assert_eq!(
+            parsed.members[2].end(),
+            parsed.members[2].data_offset + 1024
+        );
+    }
+
+    #[test]
+    fn a_cut_archive_keeps_what_came_before_and_says_where() {
+        let data = archive(&[("a.txt", b"one"), ("b.txt", &[1u8; 700])]);
+        let cut = &data[..1024 + 512 + 100];
+        let parsed = parse(cut, 0, true);
+        assert_eq!(parsed.members.len(), 1);
+        assert_eq!(
+            parsed.error,
+            Some(TarError {
+                offset: 1024,
+                kind: TarErrorKind::Truncated
+            })
+        );
+        // Not at the end: the incomplete entry waits for more data.
+        let partial = parse(cut, 0, false);
+        assert!(partial.error.is_none());
+        assert_eq!(partial.consumed, 1024);
+    }
+
+    #[test]
+    fn garbage_is_a_checksum_error_not_a_panic() {
+        let mut data = archive(&[("a.txt", b"one")]);
+        data[10] ^= 0x55;
+        let parsed = parse(&data, 4096, true);
+        assert_eq!(
+            parsed.error.unwrap().to_string(),
+            "bad tar header checksum at byte 4096 (corrupt or not a tar)"
+        );
+        let random: Vec<u8> = (0..3000u32).map(|i| (i * 7919 % 251) as u8).collect();
+        assert!(parse(&random, 0, true).error.is_some());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_parse_without_panicking(data in proptest::collection::vec(proptest::num::u8::ANY, 0..4096)) {
+            let _ = parse(&data, 0, true);
+            let _ = parse(&data, 0, false);
+        }
+    }
+}
