@@ -3,6 +3,8 @@
 //! one restarted — from the cursor after the last batch it received, so a
 //! broken stream neither loses nor repeats a batch.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use flamingo_proto::v1 as pb;
@@ -49,6 +51,7 @@ pub enum StreamError {
 pub struct BatchStream {
     receiver: mpsc::Receiver<Result<RankBatch, StreamError>>,
     task: JoinHandle<()>,
+    reconnects: Arc<AtomicU64>,
 }
 
 impl Drop for BatchStream {
@@ -60,8 +63,18 @@ impl Drop for BatchStream {
 impl BatchStream {
     pub fn start(config: StreamConfig) -> Self {
         let (sender, receiver) = mpsc::channel(config.buffer_depth.max(1));
-        let task = tokio::spawn(feed(config, sender));
-        Self { receiver, task }
+        let reconnects = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(feed(config, sender, reconnects.clone()));
+        Self {
+            receiver,
+            task,
+            reconnects,
+        }
+    }
+
+    /// Times the stream broke and was resumed from its cursor.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
     }
 
     /// The next batch; `None` when the requested epochs are done.
@@ -77,7 +90,11 @@ fn refused(status: &tonic::Status) -> bool {
     )
 }
 
-async fn feed(config: StreamConfig, sender: mpsc::Sender<Result<RankBatch, StreamError>>) {
+async fn feed(
+    config: StreamConfig,
+    sender: mpsc::Sender<Result<RankBatch, StreamError>>,
+    reconnects: Arc<AtomicU64>,
+) {
     let mut cursor = config.cursor;
     let mut replica = 0usize;
     let mut backoff = Duration::from_millis(50);
@@ -168,6 +185,7 @@ async fn feed(config: StreamConfig, sender: mpsc::Sender<Result<RankBatch, Strea
                     if config.end_epoch > 0 && cursor.epoch >= config.end_epoch {
                         return;
                     }
+                    reconnects.fetch_add(1, Ordering::Relaxed);
                     last_error = format!("{endpoint}: stream ended early");
                     failing_since.get_or_insert_with(tokio::time::Instant::now);
                     break;
@@ -179,6 +197,7 @@ async fn feed(config: StreamConfig, sender: mpsc::Sender<Result<RankBatch, Strea
                     return;
                 }
                 Err(status) => {
+                    reconnects.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%endpoint, error = %status.message(), ?cursor, "batch stream broke; reconnecting");
                     last_error = format!("{endpoint}: {}", status.message());
                     failing_since.get_or_insert_with(tokio::time::Instant::now);
