@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod commands;
+pub mod data;
 pub mod inference;
 pub mod local;
 pub mod render;

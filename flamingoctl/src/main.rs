@@ -98,6 +98,9 @@ enum Command {
     Score(flamingoctl::inference::InferenceArgs),
     /// Continue a prompt about images (greedy or beam search; ends at <|endofchunk|>).
     Generate(flamingoctl::inference::GenerateArgs),
+    /// Datasets: index, inspect, pack and synthesize shards; measure preprocessing.
+    #[command(subcommand)]
+    Data(flamingoctl::data::DataCommand),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -233,6 +236,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Score(args) => flamingoctl::inference::score(&args, json)?,
         Command::Generate(args) => flamingoctl::inference::generate(&args, json)?,
+        Command::Data(command) => flamingoctl::data::run(command, json).await?,
         Command::Nodes => {
             let mut session = Session::open(&address).await?;
             let nodes = session.nodes().await?;

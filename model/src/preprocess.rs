@@ -72,8 +72,12 @@ fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
         .collect()
 }
 
-fn clip8(value: i64) -> u8 {
-    if value >= (1i64 << PRECISION_BITS << 8) {
+/// Pillow's rounding offset, added before the fixed-point shift.
+const ROUNDING: i32 = 1 << (PRECISION_BITS - 1);
+
+/// Pillow's `clip8`: Pillow accumulates in 32-bit ints, as here.
+fn clip8(value: i32) -> u8 {
+    if value >= (1i32 << PRECISION_BITS << 8) {
         255
     } else if value <= 0 {
         0
@@ -137,71 +141,96 @@ impl RgbImage {
         }
     }
 
-    fn at(&self, x: usize, y: usize, channel: usize) -> i64 {
-        i64::from(self.pixels[(y * self.width + x) * 3 + channel])
-    }
-
     /// Pillow's `Image.resize((width, height), Image.BICUBIC)`.
     pub fn resize_bicubic(&self, width: usize, height: usize) -> Self {
+        self.resize_bicubic_region(width, height, 0, 0, width, height)
+    }
+
+    /// The `[left, left + out_width) × [top, top + out_height)` part of
+    /// [`Self::resize_bicubic`]`(width, height)`, computing only that part
+    /// (each output pixel depends only on its own coefficients, so the
+    /// pixels are the same as resizing whole and cropping).
+    pub fn resize_bicubic_region(
+        &self,
+        width: usize,
+        height: usize,
+        left: usize,
+        top: usize,
+        out_width: usize,
+        out_height: usize,
+    ) -> Self {
         if width == self.width && height == self.height {
-            return self.clone();
+            return self.crop(left, top, out_width, out_height);
         }
-        let horizontal = coefficients(self.width, width);
-        let vertical = coefficients(self.height, height);
-        // Rows the vertical pass reads.
-        let row_first = vertical.first().map_or(0, |(first, _)| *first);
-        let row_end = vertical
-            .last()
-            .map_or(self.height, |(first, weights)| first + weights.len());
+        let vertical = (height != self.height)
+            .then(|| coefficients(self.height, height)[top..top + out_height].to_vec());
+        // Input rows the output rows read.
+        let (row_first, row_end) = match &vertical {
+            Some(vertical) => (
+                vertical.first().map_or(0, |(first, _)| *first),
+                vertical
+                    .last()
+                    .map_or(0, |(first, weights)| first + weights.len()),
+            ),
+            None => (top, top + out_height),
+        };
         let rows = row_end - row_first;
-        let needs_horizontal = width != self.width;
-        let temporary = if needs_horizontal {
-            let mut pixels = vec![0u8; width * rows * 3];
-            for row in 0..rows {
-                for (out, (first, weights)) in horizontal.iter().enumerate() {
-                    for channel in 0..3 {
-                        let mut sum: i64 = 1 << (PRECISION_BITS - 1);
-                        for (offset, weight) in weights.iter().enumerate() {
-                            sum += self.at(first + offset, row + row_first, channel)
-                                * i64::from(*weight);
-                        }
-                        pixels[(row * width + out) * 3 + channel] = clip8(sum);
+        let temporary = if width != self.width {
+            let horizontal = &coefficients(self.width, width)[left..left + out_width];
+            let mut pixels = vec![0u8; out_width * rows * 3];
+            for (row, out_row) in pixels.chunks_exact_mut(out_width * 3).enumerate() {
+                let input = &self.pixels[(row + row_first) * self.width * 3..][..self.width * 3];
+                for ((first, weights), out) in horizontal.iter().zip(out_row.chunks_exact_mut(3)) {
+                    let taps = &input[first * 3..(first + weights.len()) * 3];
+                    let (mut red, mut green, mut blue) = (ROUNDING, ROUNDING, ROUNDING);
+                    for (pixel, weight) in taps.chunks_exact(3).zip(weights) {
+                        red += i32::from(pixel[0]) * weight;
+                        green += i32::from(pixel[1]) * weight;
+                        blue += i32::from(pixel[2]) * weight;
                     }
+                    out[0] = clip8(red);
+                    out[1] = clip8(green);
+                    out[2] = clip8(blue);
                 }
             }
             Self {
-                width,
+                width: out_width,
                 height: rows,
                 pixels,
             }
         } else {
-            let start = row_first * self.width * 3;
+            let mut pixels = Vec::with_capacity(out_width * rows * 3);
+            for row in row_first..row_end {
+                let start = (row * self.width + left) * 3;
+                pixels.extend_from_slice(&self.pixels[start..start + out_width * 3]);
+            }
             Self {
-                width: self.width,
+                width: out_width,
                 height: rows,
-                pixels: self.pixels[start..start + rows * self.width * 3].to_vec(),
+                pixels,
             }
         };
-        if height == self.height {
-            // Only the horizontal pass was needed (all rows were read).
+        let Some(vertical) = vertical else {
             return temporary;
-        }
-        let mut pixels = vec![0u8; width * height * 3];
-        for (out, (first, weights)) in vertical.iter().enumerate() {
-            for column in 0..width {
-                for channel in 0..3 {
-                    let mut sum: i64 = 1 << (PRECISION_BITS - 1);
-                    for (offset, weight) in weights.iter().enumerate() {
-                        sum += temporary.at(column, first - row_first + offset, channel)
-                            * i64::from(*weight);
-                    }
-                    pixels[(out * width + column) * 3 + channel] = clip8(sum);
+        };
+        let stride = out_width * 3;
+        let mut pixels = vec![0u8; stride * out_height];
+        let mut sums = vec![0i32; stride];
+        for ((first, weights), out_row) in vertical.iter().zip(pixels.chunks_exact_mut(stride)) {
+            sums.fill(ROUNDING);
+            for (offset, weight) in weights.iter().enumerate() {
+                let row = &temporary.pixels[(first - row_first + offset) * stride..][..stride];
+                for (sum, value) in sums.iter_mut().zip(row) {
+                    *sum += i32::from(*value) * weight;
                 }
+            }
+            for (out, sum) in out_row.iter_mut().zip(&sums) {
+                *out = clip8(*sum);
             }
         }
         Self {
-            width,
-            height,
+            width: out_width,
+            height: out_height,
             pixels,
         }
     }
@@ -322,10 +351,9 @@ pub fn clip_resize_crop(image: &RgbImage, size: usize) -> Result<RgbImage> {
             size,
         )
     };
-    let resized = image.resize_bicubic(width, height);
     let top = round_half_even((height as f64 - size as f64) / 2.0).max(0) as usize;
     let left = round_half_even((width as f64 - size as f64) / 2.0).max(0) as usize;
-    Ok(resized.crop(left, top, size, size))
+    Ok(image.resize_bicubic_region(width, height, left, top, size, size))
 }
 
 #[cfg(test)]
