@@ -9,6 +9,7 @@ pub mod store;
 pub mod tar;
 
 pub use error::{DataError, Result};
+pub mod assignment;
 pub mod batch;
 pub mod client;
 pub mod convert;

@@ -8,10 +8,11 @@ use flamingo_model::preprocess::{clip_resize_crop, RgbImage};
 use flamingo_model::FlamingoTokenizer;
 use serde_json::Value;
 
+use crate::assignment::one_to_one;
 use crate::error::{DataError, Result};
 use crate::labels::{interleaved_labels, laion_labels, python_strip};
 use crate::sample::{Prepared, RawSample, Reject, RejectReason};
-use crate::spec::{DataSpec, DatasetKind};
+use crate::spec::{Assignment, DataSpec, DatasetKind};
 
 const EOC: &str = "<|endofchunk|>";
 const MEDIA: &str = "<image>";
@@ -158,9 +159,29 @@ impl Preparer {
             .and_then(Value::as_array)
             .ok_or_else(|| bad("no similarity_matrix array"))?;
         let mmc4 = &self.spec.mmc4;
-        // (index in image_info, decoded image, best sentence)
+        let rows: Vec<Vec<f64>> = image_info
+            .iter()
+            .zip(similarity)
+            .map(|(_, row)| {
+                row.as_array()
+                    .map(|values| values.iter().filter_map(Value::as_f64).collect())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let assigned = match mmc4.assignment {
+            Assignment::BestSentence => None,
+            Assignment::OneToOne => {
+                if rows.iter().any(|row| row.len() != sentences.len()) {
+                    return Err(bad(
+                        "similarity_matrix rows must each have one value per sentence",
+                    ));
+                }
+                Some(one_to_one(&rows))
+            }
+        };
+        // (index in image_info, decoded image, sentence)
         let mut kept: Vec<(usize, RgbImage, usize)> = Vec::new();
-        for (index, (image, row)) in image_info.iter().zip(similarity).enumerate() {
+        for (index, (image, row)) in image_info.iter().zip(&rows).enumerate() {
             let Some(encoded) = image.get("image_base64") else {
                 continue;
             };
@@ -170,19 +191,25 @@ impl Preparer {
             let bytes = decode_base64(encoded).map_err(|error| {
                 Reject::new(RejectReason::BadBase64, format!("image {index}: {error}"))
             })?;
-            let row: Vec<f64> = row
-                .as_array()
-                .map(|values| values.iter().filter_map(Value::as_f64).collect())
-                .unwrap_or_default();
-            // np.argmax: the first maximum.
-            let Some((sentence, score)) = row.iter().copied().enumerate().fold(
-                None,
-                |best: Option<(usize, f64)>, (position, value)| match best {
-                    Some((_, top)) if top >= value => best,
-                    _ => Some((position, value)),
+            let (sentence, score) = match &assigned {
+                Some(assigned) => match assigned[index] {
+                    Some(sentence) => (sentence, row[sentence]),
+                    // More images than sentences: this one got none.
+                    None => continue,
                 },
-            ) else {
-                return Err(bad(&format!("similarity_matrix row {index} is empty")));
+                // np.argmax: the first maximum.
+                None => row
+                    .iter()
+                    .copied()
+                    .enumerate()
+                    .fold(
+                        None,
+                        |best: Option<(usize, f64)>, (position, value)| match best {
+                            Some((_, top)) if top >= value => best,
+                            _ => Some((position, value)),
+                        },
+                    )
+                    .ok_or_else(|| bad(&format!("similarity_matrix row {index} is empty")))?,
             };
             if (bytes.len() as u64) / 1000 <= mmc4.min_image_kb {
                 continue;
@@ -354,6 +381,60 @@ fn decode_base64(text: &str) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn preparer(extra: &str) -> (tempfile::TempDir, Preparer) {
+        let dir = tempfile::tempdir().unwrap();
+        crate::synthetic::write_tokenizer(&dir.path().join("lm")).unwrap();
+        let spec = DataSpec::from_toml(
+            &format!(
+                "dataset = \"mmc4\"\nshards = \"x\"\ntokenizer = \"{}\"\nimage_size = 8\naugment = false\n{extra}",
+                dir.path().join("lm").display()
+            ),
+            None,
+        )
+        .unwrap();
+        (dir, Preparer::new(&spec).unwrap())
+    }
+
+    #[test]
+    fn one_to_one_assignment_gives_each_image_its_own_sentence() {
+        // Both images are most similar to sentence 0; one-to-one pairs
+        // image 0 with sentence 1 (0.5 + 0.8 beats 0.9 + 0.1).
+        let (_, members) = crate::synthetic::mmc4_sample(1, 0, 96);
+        let mut doc: Value = serde_json::from_slice(&members[0].1).unwrap();
+        let images: Vec<Value> = doc["image_info"].as_array().unwrap()[..2].to_vec();
+        doc["image_info"] = Value::Array(images);
+        doc["text_list"] = serde_json::json!(["a red circle .", "a blue square ."]);
+        doc["similarity_matrix"] = serde_json::json!([[0.9, 0.5], [0.8, 0.1]]);
+        let raw = RawSample {
+            shard: "s".into(),
+            key: "k".into(),
+            members: [("json".to_string(), bytes::Bytes::from(doc.to_string()))]
+                .into_iter()
+                .collect(),
+        };
+        let media = |prepared: &Prepared, preparer: &Preparer| {
+            // Token positions of <image>, to see which sentence each precedes.
+            prepared
+                .input_ids
+                .iter()
+                .enumerate()
+                .filter(|(_, id)| **id == preparer.media)
+                .map(|(position, _)| position)
+                .collect::<Vec<_>>()
+        };
+        let (_dir, best) = preparer("");
+        let shared = best.prepare(&raw, Decisions::default()).unwrap();
+        // "<image><|endofchunk|><image>a red circle . a blue square ."
+        assert_eq!(media(&shared, &best), [0, 2], "both before sentence 0");
+        assert_eq!(shared.image_order, [0, 1]);
+        let (_dir, paired) = preparer("[mmc4]\nassignment = \"one_to_one\"\n");
+        let split = paired.prepare(&raw, Decisions::default()).unwrap();
+        // Image 1 before sentence 0, image 0 before sentence 1.
+        assert_eq!(split.image_order, [1, 0]);
+        assert_eq!(media(&split, &paired).len(), 2);
+        assert!(media(&split, &paired)[1] > 2);
+    }
 
     #[test]
     fn text_cleanup_and_placeholders_follow_upstream() {

@@ -74,6 +74,20 @@ impl Default for LaionOptions {
     }
 }
 
+/// How MMC4 images are paired with sentences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Assignment {
+    /// Each image goes before its most similar sentence (several images may
+    /// share one): what OpenFlamingo's `preprocess_interleaved` does.
+    #[default]
+    BestSentence,
+    /// Images and sentences paired one to one, maximising the total
+    /// similarity (the Hungarian algorithm), as MMC4's
+    /// `compute_assignments.py` pairs them.
+    OneToOne,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Mmc4Options {
@@ -86,6 +100,7 @@ pub struct Mmc4Options {
     /// Images of `bytes / 1000 <= min_image_kb` are dropped (upstream: 10,
     /// i.e. under 11,000 bytes).
     pub min_image_kb: u64,
+    pub assignment: Assignment,
 }
 
 impl Default for Mmc4Options {
@@ -96,6 +111,7 @@ impl Default for Mmc4Options {
             max_images: 6,
             max_tokens: 256,
             min_image_kb: 10,
+            assignment: Assignment::BestSentence,
         }
     }
 }
