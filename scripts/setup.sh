@@ -81,7 +81,7 @@ flamingo_setup() {
 # Idempotent.
 flamingo_setup_reference() {
     local python="$FLAMINGO_VENV/bin/python"
-    if "$python" -c "import einops, einops_exts, safetensors, open_clip, transformers, webdataset, braceexpand, moto, flask_cors, importlib.util, sys; sys.exit(0 if importlib.util.find_spec('open_flamingo') else 1)" 2>/dev/null; then
+    if "$python" -c "import einops, einops_exts, safetensors, open_clip, transformers, webdataset, braceexpand, moto, flask_cors, importlib.util, importlib.metadata as m, sys; sys.exit(0 if importlib.util.find_spec('open_flamingo') and m.version('webdataset') == '0.2.86' else 1)" 2>/dev/null; then
         return 0
     fi
     echo "setup: installing the Python reference packages for the parity tests"
