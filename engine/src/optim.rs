@@ -1,0 +1,85 @@
+//! AdamW as `torch.optim.AdamW` computes it on the CPU (the single-tensor
+//! path): decoupled weight decay, then the moments, then the bias-corrected
+//! step, with the same tensor operations in the same order, so the fp32
+//! results are PyTorch's bit for bit.
+
+use tch::Tensor;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+}
+
+impl Default for AdamWConfig {
+    /// `torch.optim.AdamW`'s defaults (what OpenFlamingo uses).
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+}
+
+/// The optimizer state of one parameter (or one flat shard).
+#[derive(Debug)]
+pub struct Moments {
+    pub exp_avg: Tensor,
+    pub exp_avg_sq: Tensor,
+    pub step: u64,
+}
+
+impl Moments {
+    pub fn zeros_like(parameter: &Tensor) -> Self {
+        Self {
+            exp_avg: parameter.zeros_like(),
+            exp_avg_sq: parameter.zeros_like(),
+            step: 0,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct AdamW {
+    pub config: AdamWConfig,
+}
+
+impl AdamW {
+    pub fn new(config: AdamWConfig) -> Self {
+        Self { config }
+    }
+
+    /// One step for one parameter, in place (no autograd).
+    pub fn update(
+        &self,
+        parameter: &mut Tensor,
+        gradient: &Tensor,
+        moments: &mut Moments,
+        lr: f64,
+        weight_decay: f64,
+    ) {
+        let AdamWConfig { beta1, beta2, eps } = self.config;
+        tch::no_grad(|| {
+            moments.step += 1;
+            if weight_decay != 0.0 {
+                let _ = parameter.g_mul_scalar_(1.0 - lr * weight_decay);
+            }
+            let _ = moments.exp_avg.lerp_(gradient, 1.0 - beta1);
+            // exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1-beta2); ATen's
+            // kernel computes self + (value * t1) * t2.
+            let _ = moments.exp_avg_sq.g_mul_scalar_(beta2);
+            let _ = moments
+                .exp_avg_sq
+                .g_add_(&((gradient * (1.0 - beta2)) * gradient));
+            let step = moments.step as f64;
+            let bias_correction1 = 1.0 - beta1.powf(step);
+            let bias_correction2 = 1.0 - beta2.powf(step);
+            let step_size = lr / bias_correction1;
+            let denom = (moments.exp_avg_sq.sqrt() / bias_correction2.sqrt()).g_add_scalar_(eps);
+            // param.addcdiv_(exp_avg, denom, value=-step_size): self + (value * t1) / t2.
+            let _ = parameter.g_add_(&((&moments.exp_avg * (-step_size)) / &denom));
+        });
+    }
+}
