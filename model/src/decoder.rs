@@ -581,6 +581,15 @@ impl Decoder {
         })
     }
 
+    /// The Hugging Face name of the input embedding matrix.
+    pub fn input_embedding_name(&self) -> &'static str {
+        match self.config.family {
+            DecoderFamily::Mpt => "transformer.wte.weight",
+            DecoderFamily::GptNeox => "gpt_neox.embed_in.weight",
+            DecoderFamily::Llama => "model.embed_tokens.weight",
+        }
+    }
+
     pub fn config(&self) -> &DecoderConfig {
         &self.config
     }

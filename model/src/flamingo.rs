@@ -83,6 +83,9 @@ pub struct Flamingo {
     /// One entry per decoder layer; `Some` where a block precedes it.
     cross_attention: Vec<Option<GatedCrossAttentionBlock>>,
     pub(crate) media_token_id: i64,
+    /// Every weight, under OpenFlamingo's state-dict names (the LM's under
+    /// `lang_encoder.` + its Hugging Face name); filled by the loader.
+    parameters: Vec<(String, Tensor)>,
 }
 
 impl Flamingo {
@@ -130,7 +133,34 @@ impl Flamingo {
             decoder,
             cross_attention,
             media_token_id,
+            parameters: Vec::new(),
         })
+    }
+
+    pub(crate) fn set_parameters(&mut self, parameters: Vec<(String, Tensor)>) {
+        self.parameters = parameters;
+    }
+
+    /// Every weight by name. The tensors share storage and autograd state
+    /// with the model's own, so `set_requires_grad` on them takes effect.
+    pub fn named_parameters(&self) -> &[(String, Tensor)] {
+        &self.parameters
+    }
+
+    /// What OpenFlamingo trains (`factory.py`): the perceiver, the gated
+    /// cross-attention layers and, unless frozen, the LM's input embedding
+    /// (tied to the output projection in MPT).
+    pub fn trainable_parameters(&self, train_embeddings: bool) -> Vec<(String, Tensor)> {
+        let embedding = format!("lang_encoder.{}", self.decoder.input_embedding_name());
+        self.parameters
+            .iter()
+            .filter(|(name, _)| {
+                name.starts_with("perceiver.")
+                    || name.starts_with("lang_encoder.gated_cross_attn_layers.")
+                    || (train_embeddings && *name == embedding)
+            })
+            .map(|(name, tensor)| (name.clone(), tensor.shallow_clone()))
+            .collect()
     }
 
     pub fn decoder(&self) -> &Decoder {

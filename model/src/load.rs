@@ -303,13 +303,15 @@ pub fn load_flamingo_with(
         .to_device(options.device);
     // Walk the whole model before failing, so every missing key is listed.
     lm_weights.collect_missing();
+    lm_weights.record_taken();
     let decoder = Decoder::load(&mut lm_weights, config)?;
     lm_weights.expect_complete()?;
     lm_weights.expect_consumed("")?;
     flamingo_weights.collect_missing();
+    flamingo_weights.record_taken();
     let vision =
         VisionTransformer::load(&mut flamingo_weights, "vision_encoder", spec.vision.clone())?;
-    let model = Flamingo::load(
+    let mut model = Flamingo::load(
         &mut flamingo_weights,
         vision,
         decoder,
@@ -318,5 +320,13 @@ pub fn load_flamingo_with(
     )?;
     flamingo_weights.expect_complete()?;
     flamingo_weights.expect_consumed("")?;
+    let mut parameters = flamingo_weights.recorded();
+    parameters.extend(
+        lm_weights
+            .recorded()
+            .into_iter()
+            .map(|(name, tensor)| (format!("lang_encoder.{name}"), tensor)),
+    );
+    model.set_parameters(parameters);
     Ok((model, tokenizer))
 }

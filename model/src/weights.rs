@@ -16,6 +16,9 @@ pub struct Weights {
     /// then hands out zeros so the whole model can be walked and every
     /// missing key reported at once.
     missing: Option<Vec<String>>,
+    /// In recording mode, every weight handed out, by name (handles that
+    /// share storage and autograd state with what the modules keep).
+    taken: Option<Vec<(String, Tensor)>>,
 }
 
 impl Weights {
@@ -23,6 +26,7 @@ impl Weights {
         Self {
             tensors: tensors.into_iter().collect(),
             missing: None,
+            taken: None,
         }
     }
 
@@ -43,6 +47,17 @@ impl Weights {
     /// From now on, record missing keys instead of failing at the first one.
     pub fn collect_missing(&mut self) {
         self.missing.get_or_insert_with(Vec::new);
+    }
+
+    /// From now on, remember every weight handed out (see [`Weights::recorded`]).
+    pub fn record_taken(&mut self) {
+        self.taken.get_or_insert_with(Vec::new);
+    }
+
+    /// The weights handed out since [`Weights::record_taken`], by name: the
+    /// model's parameters, for training.
+    pub fn recorded(&mut self) -> Vec<(String, Tensor)> {
+        self.taken.take().unwrap_or_default()
     }
 
     /// Errors listing every key that was asked for but absent (collecting
@@ -73,7 +88,11 @@ impl Weights {
                 (key, converted)
             })
             .collect();
-        Self { tensors, missing }
+        Self {
+            tensors,
+            missing,
+            taken: None,
+        }
     }
 
     /// Moves every weight to `device`.
@@ -84,7 +103,11 @@ impl Weights {
             .into_iter()
             .map(|(key, tensor)| (key, tensor.to_device(device)))
             .collect();
-        Self { tensors, missing }
+        Self {
+            tensors,
+            missing,
+            taken: None,
+        }
     }
 
     /// Adds or replaces a weight.
@@ -205,6 +228,9 @@ impl Weights {
                 expected: shape.to_vec(),
                 actual: tensor.size(),
             });
+        }
+        if let Some(taken) = self.taken.as_mut() {
+            taken.push((key.to_string(), tensor.shallow_clone()));
         }
         Ok(tensor)
     }

@@ -74,8 +74,8 @@ def save_as_mosaic_gpt(lm, lm_dir, mosaic_dir):
             shutil.copy(os.path.join(lm_dir, name), mosaic_dir)
 
 
-def main():
-    out = sys.argv[1]
+def build(out):
+    """Writes the released-format files; returns (model, tokenizer, generator)."""
     generator = torch.Generator().manual_seed(3)
     torch.manual_seed(0)
 
@@ -142,7 +142,12 @@ def main():
         file.write('[vision]\narch = "clip.json"\nweights = "clip.bin"\n'
                    '[language]\npath = "lm_mosaic"\n'
                    '[flamingo]\ncross_attn_every_n_layers = 1\ncheckpoint = "checkpoint.pt"\n')
+    return model, tokenizer, generator
 
+
+def main():
+    out = sys.argv[1]
+    model, tokenizer, generator = build(out)
     lang_x = torch.tensor([tokenizer(PROMPT)["input_ids"]])
     vision_x = torch.randn(1, 2, 1, 3, 28, 28, generator=generator)
     with torch.no_grad():
