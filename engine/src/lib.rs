@@ -1,8 +1,12 @@
-//! flamingo's training engine. So far: the learning-rate schedules
-//! (Hugging Face's `get_*_schedule_with_warmup`), AdamW as
-//! `torch.optim.AdamW` computes it, and gradient-norm clipping as
-//! `torch.nn.utils.clip_grad_norm_` does — each checked against PyTorch.
+//! flamingo's training engine: the learning-rate schedules (Hugging Face's
+//! `get_*_schedule_with_warmup`), AdamW as `torch.optim.AdamW` computes it,
+//! gradient-norm clipping as `torch.nn.utils.clip_grad_norm_` does, the
+//! training step over flat trainable buffers (`no_shard`, `shard_grad_op`),
+//! and tiny random models for tests and demos.
 
+pub mod batch;
 pub mod clip;
 pub mod optim;
 pub mod schedule;
+pub mod tiny;
+pub mod trainer;

@@ -60,26 +60,48 @@ impl AdamW {
         lr: f64,
         weight_decay: f64,
     ) {
+        moments.step += 1;
+        self.update_parts(
+            parameter,
+            gradient,
+            &mut moments.exp_avg,
+            &mut moments.exp_avg_sq,
+            moments.step,
+            lr,
+            weight_decay,
+        );
+    }
+
+    /// The step on tensors that may be views into flat buffers (a shard's
+    /// part of one parameter group); `step` is already incremented.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_parts(
+        &self,
+        parameter: &mut Tensor,
+        gradient: &Tensor,
+        exp_avg: &mut Tensor,
+        exp_avg_sq: &mut Tensor,
+        step: u64,
+        lr: f64,
+        weight_decay: f64,
+    ) {
         let AdamWConfig { beta1, beta2, eps } = self.config;
         tch::no_grad(|| {
-            moments.step += 1;
             if weight_decay != 0.0 {
                 let _ = parameter.g_mul_scalar_(1.0 - lr * weight_decay);
             }
-            let _ = moments.exp_avg.lerp_(gradient, 1.0 - beta1);
+            let _ = exp_avg.lerp_(gradient, 1.0 - beta1);
             // exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1-beta2); ATen's
             // kernel computes self + (value * t1) * t2.
-            let _ = moments.exp_avg_sq.g_mul_scalar_(beta2);
-            let _ = moments
-                .exp_avg_sq
-                .g_add_(&((gradient * (1.0 - beta2)) * gradient));
-            let step = moments.step as f64;
+            let _ = exp_avg_sq.g_mul_scalar_(beta2);
+            let _ = exp_avg_sq.g_add_(&((gradient * (1.0 - beta2)) * gradient));
+            let step = step as f64;
             let bias_correction1 = 1.0 - beta1.powf(step);
             let bias_correction2 = 1.0 - beta2.powf(step);
             let step_size = lr / bias_correction1;
-            let denom = (moments.exp_avg_sq.sqrt() / bias_correction2.sqrt()).g_add_scalar_(eps);
+            let denom = (exp_avg_sq.sqrt() / bias_correction2.sqrt()).g_add_scalar_(eps);
             // param.addcdiv_(exp_avg, denom, value=-step_size): self + (value * t1) / t2.
-            let _ = parameter.g_add_(&((&moments.exp_avg * (-step_size)) / &denom));
+            let _ = parameter.g_add_(&((&*exp_avg * (-step_size)) / &denom));
         });
     }
 }

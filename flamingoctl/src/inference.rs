@@ -98,6 +98,7 @@ fn prepare(args: &InferenceArgs) -> anyhow::Result<Prepared> {
     let options = LoadOptions {
         device: args.device,
         kind: args.dtype,
+        ..LoadOptions::default()
     };
     let (model, tokenizer) = load_flamingo_with(&spec, options)
         .with_context(|| format!("loading {}", args.model.display()))?;

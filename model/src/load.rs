@@ -203,6 +203,10 @@ pub struct LoadOptions {
     /// Floating-point kind of every weight: `Float` (fp32, the default, as
     /// `from_pretrained` loads), `BFloat16` or `Half`.
     pub kind: Kind,
+    /// Seed of torch's generator for the parts that start fresh (no
+    /// checkpoint), so every process and every run starts alike
+    /// (OpenFlamingo's default `--seed` is 42).
+    pub init_seed: i64,
 }
 
 impl Default for LoadOptions {
@@ -210,6 +214,7 @@ impl Default for LoadOptions {
         Self {
             device: tch::Device::Cpu,
             kind: Kind::Float,
+            init_seed: 42,
         }
     }
 }
@@ -270,6 +275,7 @@ pub fn load_flamingo_with(
             }
         }
         None => {
+            tch::manual_seed(options.init_seed);
             let fresh = fresh_weights(
                 spec.vision.width,
                 config.hidden_size,

@@ -1,0 +1,298 @@
+//! The training step across world sizes: the same seed and data for 6
+//! steps — `no_shard` on 1 rank, `shard_grad_op` and `no_shard` on 2 ranks,
+//! `shard_grad_op` on 4 (real processes, Gloo) — give the same losses (1e-4
+//! relative) and the same trainable weights (1e-5); and the weights move and
+//! the loss falls.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flamingo_collectives::{Backend, ProcessGroup, ProcessGroupConfig};
+use flamingo_data::batch::{Assembler, Cursor};
+use flamingo_data::convert::{ImageFormat, RankBatch};
+use flamingo_data::pack::ShardWriter;
+use flamingo_data::prepare::Preparer;
+use flamingo_data::reader::Dataset;
+use flamingo_data::spec::DataSpec;
+use flamingo_data::store::Storage;
+use flamingo_data::synthetic;
+use flamingo_engine::batch::TrainBatch;
+use flamingo_engine::schedule::{Kind as ScheduleKind, Schedule};
+use flamingo_engine::tiny::{write_tiny_model, TinyConfig};
+use flamingo_engine::trainer::{AdamWConfigSerde, Strategy, TrainConfig, Trainer};
+use flamingo_model::{load_flamingo, ModelSpec};
+
+const STEPS: usize = 6;
+const LAION_BATCH: usize = 8;
+const MMC4_BATCH: usize = 4;
+const ROLE: &str = "FLAMINGO_TRAIN_TEST_DIR";
+
+fn config(strategy: Strategy) -> TrainConfig {
+    TrainConfig {
+        strategy,
+        schedule: Schedule {
+            kind: ScheduleKind::Linear,
+            base_lr: 3e-3,
+            warmup_steps: 2,
+            total_steps: STEPS as u64,
+        },
+        weight_decay: 0.1,
+        adamw: AdamWConfigSerde::default(),
+        max_grad_norm: 1.0,
+        loss_multiplier_laion: 0.2,
+        loss_multiplier_mmc4: 1.0,
+        gradient_accumulation_steps: 1,
+        freeze_lm_embeddings: false,
+    }
+}
+
+/// Synthetic LAION and MMC4 shards, their tokenizer and a tiny model.
+fn fixture(dir: &Path) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let storage = Storage::default();
+        for (form, samples) in [("laion", 64u64), ("mmc4", 32)] {
+            let pattern = format!("{}/{form}-{{}}.tar", dir.display());
+            let mut writer = ShardWriter::new(&storage, &pattern, 16);
+            for index in 0..samples {
+                let (key, members) = if form == "laion" {
+                    synthetic::laion_sample(2, index, 32)
+                } else {
+                    synthetic::mmc4_sample(2, index, 32)
+                };
+                writer.add(&key, &members).await.expect("sample written");
+            }
+            writer.finish().await.expect("shards written");
+        }
+    });
+    synthetic::write_tokenizer(&dir.join("tokenizer")).expect("tokenizer");
+    let vocab = synthetic::vocabulary().len() as i64 + 2;
+    write_tiny_model(
+        &dir.join("model"),
+        &dir.join("tokenizer"),
+        vocab,
+        TinyConfig::default(),
+    )
+    .expect("model");
+}
+
+fn assembler(dir: &Path, form: &str, runtime: &tokio::runtime::Runtime) -> (Assembler, usize, i64) {
+    let shards = ShardWriter::brace_pattern(
+        &format!("{}/{form}-{{}}.tar", dir.display()),
+        if form == "laion" { 4 } else { 2 },
+    );
+    let extra = if form == "mmc4" {
+        "[mmc4]\nmin_image_kb = 0\n"
+    } else {
+        ""
+    };
+    let spec = DataSpec::from_toml(
+        &format!(
+            "dataset = \"{form}\"\nshards = \"{shards}\"\ntokenizer = \"{}\"\nimage_size = 32\nshuffle_block = 16\n{extra}",
+            dir.join("tokenizer").display()
+        ),
+        None,
+    )
+    .expect("spec");
+    let dataset = runtime
+        .block_on(Dataset::open(&spec, &Storage::default()))
+        .expect("dataset");
+    let preparer = Arc::new(Preparer::new(&spec).expect("preparer"));
+    let pad = preparer.pad_token_id();
+    let pool = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .expect("pool"),
+    );
+    (
+        Assembler::new(dataset, preparer, pool, 0),
+        spec.images_per_sample() as usize,
+        pad,
+    )
+}
+
+/// One rank's run; rank 0 writes the losses and the final weights.
+fn run_rank(dir: &Path, strategy: Strategy, out: &Path) {
+    let group = match std::env::var("WORLD_SIZE")
+        .ok()
+        .and_then(|w| w.parse::<i64>().ok())
+    {
+        Some(world) if world > 1 => Some(
+            ProcessGroup::new(
+                &ProcessGroupConfig::from_env(Backend::Gloo, Duration::from_secs(60)).expect("env"),
+            )
+            .expect("process group"),
+        ),
+        _ => None,
+    };
+    let (rank, world) = group
+        .as_ref()
+        .map_or((0, 1), |g| (g.rank() as usize, g.world_size() as usize));
+    let spec = ModelSpec::from_file(&dir.join("model/model.toml")).expect("model spec");
+    let (model, tokenizer) = load_flamingo(&spec).expect("model loads");
+    let mut trainer =
+        Trainer::new(model, &tokenizer, group.as_ref(), config(strategy)).expect("trainer");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let (laion, laion_images, pad) = assembler(dir, "laion", &runtime);
+    let (mmc4, mmc4_images, _) = assembler(dir, "mmc4", &runtime);
+    let (mut laion_cursor, mut mmc4_cursor) = (Cursor::default(), Cursor::default());
+    let mut losses = Vec::new();
+    for _ in 0..STEPS {
+        let global = runtime
+            .block_on(laion.batch(laion_cursor, LAION_BATCH))
+            .expect("laion batch");
+        laion_cursor = global.next;
+        let laion_batch = TrainBatch::from_rank_batch(&RankBatch::from_global(
+            &global,
+            rank,
+            world,
+            laion_images,
+            pad,
+            ImageFormat::Uint8,
+        ));
+        let global = runtime
+            .block_on(mmc4.batch(mmc4_cursor, MMC4_BATCH))
+            .expect("mmc4 batch");
+        mmc4_cursor = global.next;
+        let mmc4_batch = TrainBatch::from_rank_batch(&RankBatch::from_global(
+            &global,
+            rank,
+            world,
+            mmc4_images,
+            pad,
+            ImageFormat::Uint8,
+        ));
+        let report = trainer
+            .micro_step(Some(&laion_batch), Some(&mmc4_batch))
+            .expect("step")
+            .expect("a report every step");
+        assert!(!report.skipped);
+        losses.push((
+            report.loss_laion.expect("laion"),
+            report.loss_mmc4.expect("mmc4"),
+        ));
+    }
+    if rank == 0 {
+        let flat = trainer.flat_parameters();
+        tch::Tensor::write_safetensors(&[("flat", flat)], out.with_extension("safetensors"))
+            .expect("weights written");
+        std::fs::write(
+            out.with_extension("json"),
+            serde_json::to_string(&losses).expect("json"),
+        )
+        .expect("losses written");
+    }
+}
+
+#[test]
+fn rank_entry() {
+    let Ok(dir) = std::env::var(ROLE) else {
+        return; // run by cargo test directly
+    };
+    let strategy: Strategy = std::env::var("STRATEGY")
+        .expect("strategy")
+        .parse()
+        .expect("strategy name");
+    run_rank(
+        Path::new(&dir),
+        strategy,
+        Path::new(&std::env::var("OUT").expect("out")),
+    );
+}
+
+fn run_world(
+    dir: &Path,
+    world: usize,
+    strategy: &str,
+    name: &str,
+) -> (Vec<(f64, f64)>, tch::Tensor) {
+    let exe = std::env::current_exe().expect("test binary");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let out = dir.join(name);
+    let children: Vec<_> = (0..world)
+        .map(|rank| {
+            Command::new(&exe)
+                .args(["--exact", "rank_entry", "--nocapture", "--test-threads=1"])
+                .env(ROLE, dir)
+                .env("STRATEGY", strategy)
+                .env("OUT", &out)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("FLAMINGO_LOCAL_ADDR", "127.0.0.1")
+                .env("OMP_NUM_THREADS", "1")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("rank starts")
+        })
+        .collect();
+    for (rank, child) in children.into_iter().enumerate() {
+        let output = child.wait_with_output().expect("rank ends");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("1 passed"),
+            "{name} rank {rank}: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let losses: Vec<(f64, f64)> =
+        serde_json::from_str(&std::fs::read_to_string(out.with_extension("json")).expect("losses"))
+            .expect("json");
+    let weights = tch::Tensor::read_safetensors(out.with_extension("safetensors"))
+        .expect("weights")
+        .into_iter()
+        .next()
+        .expect("flat")
+        .1;
+    (losses, weights)
+}
+
+#[test]
+fn world_sizes_and_strategies_train_identically() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    fixture(dir.path());
+    let (single, single_weights) = run_world(dir.path(), 1, "no_shard", "single");
+    let (sharded, sharded_weights) = run_world(dir.path(), 2, "shard_grad_op", "sharded");
+    let (replicated, replicated_weights) = run_world(dir.path(), 2, "no_shard", "replicated");
+    let (four, four_weights) = run_world(dir.path(), 4, "shard_grad_op", "four");
+    for (name, losses, weights) in [
+        ("shard_grad_op x2", &sharded, &sharded_weights),
+        ("no_shard x2", &replicated, &replicated_weights),
+        ("shard_grad_op x4", &four, &four_weights),
+    ] {
+        for (step, (a, b)) in single.iter().zip(losses.iter()).enumerate() {
+            for (x, y) in [(a.0, b.0), (a.1, b.1)] {
+                assert!(
+                    (x - y).abs() <= 1e-4 * x.abs(),
+                    "{name} step {step}: loss {y} vs {x}"
+                );
+            }
+        }
+        let difference = (weights - &single_weights).abs().max().double_value(&[]);
+        assert!(difference <= 1e-5, "{name}: weights differ by {difference}");
+    }
+    // The weights moved, and the loss fell over the steps.
+    let initial = {
+        let spec = ModelSpec::from_file(&dir.path().join("model/model.toml")).expect("spec");
+        let (model, tokenizer) = load_flamingo(&spec).expect("model");
+        Trainer::new(model, &tokenizer, None, config(Strategy::NoShard))
+            .expect("trainer")
+            .flat_parameters()
+    };
+    assert!((&single_weights - initial).abs().max().double_value(&[]) > 1e-3);
+    let first = single[0].0 + single[0].1;
+    let last = single[STEPS - 1].0 + single[STEPS - 1].1;
+    assert!(last < first, "loss did not fall: {single:?}");
+}
