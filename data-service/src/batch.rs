@@ -127,6 +127,8 @@ impl Assembler {
             return Err(DataError::spec("batch_size", "must be at least 1"));
         }
         let mut cursor = cursor;
+        let mut reasons: std::collections::BTreeMap<&'static str, (usize, String)> =
+            Default::default();
         // An epoch with nothing left (or only dropped leftovers) moves on;
         // bounded so that a dataset of only bad samples cannot spin.
         for _ in 0..3 {
@@ -146,6 +148,17 @@ impl Assembler {
                 continue;
             }
             let batch = self.fill(order, cursor, size).await?;
+            for skip in &batch.skipped {
+                let entry = reasons
+                    .entry(skip.reject.reason.as_str())
+                    .or_insert_with(|| {
+                        (
+                            0,
+                            format!("{} in {}: {}", skip.key, skip.shard, skip.reject.detail),
+                        )
+                    });
+                entry.0 += 1;
+            }
             let incomplete = batch.samples.len() < size;
             if incomplete && (self.dataset.spec.drop_last || batch.samples.is_empty()) {
                 cursor = batch.next;
@@ -153,9 +166,16 @@ impl Assembler {
             }
             return Ok(batch);
         }
+        let summary: Vec<String> = reasons
+            .iter()
+            .map(|(reason, (count, example))| format!("{count} {reason} (e.g. {example})"))
+            .collect();
         Err(DataError::spec(
             "shards",
-            "no sample of the dataset could be used (see the skipped samples in the logs)",
+            format!(
+                "not one sample of the dataset could be used: {}",
+                summary.join("; ")
+            ),
         ))
     }
 

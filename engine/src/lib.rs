@@ -2,11 +2,16 @@
 //! `get_*_schedule_with_warmup`), AdamW as `torch.optim.AdamW` computes it,
 //! gradient-norm clipping as `torch.nn.utils.clip_grad_norm_` does, the
 //! training step over flat trainable buffers (`no_shard`, `shard_grad_op`),
-//! and tiny random models for tests and demos.
+//! checkpoints that reload at any world size, the run configuration with
+//! OpenFlamingo's argument names, the rank's run loop, and tiny random
+//! models for tests and demos.
 
 pub mod batch;
+pub mod checkpoint;
 pub mod clip;
+pub mod job;
 pub mod optim;
+pub mod run;
 pub mod schedule;
 pub mod tiny;
 pub mod trainer;

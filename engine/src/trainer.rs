@@ -285,6 +285,75 @@ impl<'g> Trainer<'g> {
         self.flat.narrow(0, 0, self.total).copy()
     }
 
+    /// The range of the flat buffer whose optimizer state this rank holds
+    /// (all of it for `no_shard`), clipped to the real elements.
+    pub fn owned_range(&self) -> (i64, i64) {
+        let world = self.group.map_or(1, |group| group.world_size());
+        let rank = self.group.map_or(0, |group| group.rank());
+        match self.config.strategy {
+            Strategy::NoShard => (0, self.total),
+            Strategy::ShardGradOp => {
+                let length = flamingo_collectives::shard_len(self.total.max(1), world);
+                let start = (rank * length).min(self.total);
+                (start, ((rank + 1) * length).min(self.total))
+            }
+        }
+    }
+
+    /// This rank's part of the state, for a checkpoint: (parameters,
+    /// first moments, second moments) over [`Self::owned_range`].
+    pub fn owned_state(&self) -> (Tensor, Tensor, Tensor) {
+        let (start, end) = self.owned_range();
+        let (shard_start, _) = match self.config.strategy {
+            Strategy::NoShard => (0, 0),
+            Strategy::ShardGradOp => self.owned_range(),
+        };
+        let length = end - start;
+        (
+            self.flat.narrow(0, start, length).copy(),
+            self.exp_avg.narrow(0, start - shard_start, length).copy(),
+            self.exp_avg_sq
+                .narrow(0, start - shard_start, length)
+                .copy(),
+        )
+    }
+
+    /// Restores the whole state (flat, unpadded, as assembled from any
+    /// world size's shards) and the step counters.
+    pub fn restore(
+        &mut self,
+        parameters: &Tensor,
+        exp_avg: &Tensor,
+        exp_avg_sq: &Tensor,
+        step: u64,
+        skipped_steps: u64,
+    ) -> Result<(), TrainError> {
+        if parameters.numel() as i64 != self.total {
+            return Err(TrainError::Config(format!(
+                "the checkpoint holds {} trainable values but this model has {}; is it the same model spec and --freeze_lm_embeddings?",
+                parameters.numel(),
+                self.total
+            )));
+        }
+        let (start, end) = self.owned_range();
+        let shard_start = match self.config.strategy {
+            Strategy::NoShard => 0,
+            Strategy::ShardGradOp => start,
+        };
+        tch::no_grad(|| {
+            self.flat.narrow(0, 0, self.total).copy_(parameters);
+            self.exp_avg
+                .narrow(0, start - shard_start, end - start)
+                .copy_(&exp_avg.narrow(0, start, end - start));
+            self.exp_avg_sq
+                .narrow(0, start - shard_start, end - start)
+                .copy_(&exp_avg_sq.narrow(0, start, end - start));
+        });
+        self.step = step;
+        self.skipped_steps = skipped_steps;
+        Ok(())
+    }
+
     fn all_reduce_sum(&self, value: f64) -> Result<f64, TrainError> {
         match self.group {
             Some(group) if group.world_size() > 1 => {
@@ -341,7 +410,10 @@ impl<'g> Trainer<'g> {
             self.pending_mmc4.push(loss);
         }
         self.micro_steps += 1;
-        if !self.micro_steps.is_multiple_of(self.config.gradient_accumulation_steps) {
+        if !self
+            .micro_steps
+            .is_multiple_of(self.config.gradient_accumulation_steps)
+        {
             return Ok(None);
         }
         self.apply().map(Some)

@@ -7,4 +7,5 @@ pub mod data;
 pub mod inference;
 pub mod local;
 pub mod render;
+pub mod train;
 pub mod up;

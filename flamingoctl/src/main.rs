@@ -98,6 +98,18 @@ enum Command {
     Score(flamingoctl::inference::InferenceArgs),
     /// Continue a prompt about images (greedy or beam search; ends at <|endofchunk|>).
     Generate(flamingoctl::inference::GenerateArgs),
+    /// Write a tiny random Flamingo (open_clip + MPT files and a model spec) for tests and demos.
+    TinyModel {
+        /// LM tokenizer dir (tokenizer.json, tokenizer_config.json).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: i64,
+    },
+    /// Train on this machine: --nproc rank processes (OpenFlamingo's flag names).
+    Train(Box<flamingoctl::train::TrainArgs>),
     /// Datasets: index, inspect, pack and synthesize shards; measure preprocessing.
     #[command(subcommand)]
     Data(flamingoctl::data::DataCommand),
@@ -237,6 +249,24 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Score(args) => flamingoctl::inference::score(&args, json)?,
         Command::Generate(args) => flamingoctl::inference::generate(&args, json)?,
         Command::Data(command) => flamingoctl::data::run(command, json).await?,
+        Command::Train(args) => return flamingoctl::train::run(&args),
+        Command::TinyModel {
+            tokenizer,
+            out,
+            seed,
+        } => {
+            let vocab = flamingo_model::FlamingoTokenizer::from_dir(&tokenizer)?.len() as i64 - 3;
+            let spec = flamingo_engine::tiny::write_tiny_model(
+                &out,
+                &tokenizer,
+                vocab,
+                flamingo_engine::tiny::TinyConfig {
+                    seed,
+                    ..Default::default()
+                },
+            )?;
+            println!("{}", spec.display());
+        }
         Command::Nodes => {
             let mut session = Session::open(&address).await?;
             let nodes = session.nodes().await?;

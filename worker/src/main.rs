@@ -6,6 +6,7 @@ mod collective_check;
 mod logs;
 mod ranks;
 mod reporter;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -33,12 +34,18 @@ enum Command {
 enum RankProgram {
     /// Verify the collectives, then sweep their bandwidth.
     CollectiveCheck(collective_check::CollectiveCheckArgs),
+    /// Train: one rank of a run (`flamingoctl train` starts these).
+    Train(train::TrainArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Rank(RankProgram::CollectiveCheck(args)) => collective_check::run(args),
+        Command::Rank(RankProgram::Train(args)) => {
+            flamingo_common::telemetry::init_tracing("warn");
+            train::run(args)
+        }
         Command::Agent(config) => {
             flamingo_common::telemetry::init_tracing("info");
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -1,0 +1,155 @@
+//! Checkpoints of a run: each rank writes the part of the trainable values
+//! and optimizer state it owns (`rank-<r>.safetensors`); once all have,
+//! rank 0 writes `manifest.json` (step, data cursors, world size, ranges)
+//! and points `latest` at it. A checkpoint without a manifest is incomplete
+//! and never loaded. Loading assembles the flat state from the ranges, so
+//! it works at any world size.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use flamingo_data::batch::Cursor;
+
+const FORMAT: &str = "flamingo-checkpoint/1";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CursorRecord {
+    pub epoch: u64,
+    pub consumed: u64,
+}
+
+impl From<Cursor> for CursorRecord {
+    fn from(cursor: Cursor) -> Self {
+        Self {
+            epoch: cursor.epoch,
+            consumed: cursor.consumed,
+        }
+    }
+}
+
+impl From<&CursorRecord> for Cursor {
+    fn from(record: &CursorRecord) -> Self {
+        Self {
+            epoch: record.epoch,
+            consumed: record.consumed,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub step: u64,
+    pub skipped_steps: u64,
+    pub world_size: u64,
+    pub strategy: String,
+    pub total: i64,
+    /// (rank, start, end) of each file's range of the flat state.
+    pub ranges: Vec<(u64, i64, i64)>,
+    pub laion_cursor: Option<CursorRecord>,
+    pub mmc4_cursor: Option<CursorRecord>,
+    /// The resolved run config, as JSON.
+    pub config: serde_json::Value,
+}
+
+pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
+    run_dir.join("checkpoints").join(format!("step-{step:08}"))
+}
+
+/// Writes this rank's part.
+pub fn write_rank(dir: &Path, rank: u64, state: (Tensor, Tensor, Tensor)) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let (parameters, exp_avg, exp_avg_sq) = state;
+    let path = dir.join(format!("rank-{rank}.safetensors"));
+    let temporary = dir.join(format!(".rank-{rank}.safetensors.tmp"));
+    Tensor::write_safetensors(
+        &[
+            ("parameters", parameters),
+            ("exp_avg", exp_avg),
+            ("exp_avg_sq", exp_avg_sq),
+        ],
+        &temporary,
+    )
+    .map_err(|error| std::io::Error::other(error.to_string()))?;
+    std::fs::rename(temporary, path)
+}
+
+/// Rank 0, after every rank wrote: the manifest, then `latest`.
+pub fn commit(run_dir: &Path, dir: &Path, manifest: &Manifest) -> std::io::Result<()> {
+    let temporary = dir.join(".manifest.json.tmp");
+    std::fs::write(&temporary, serde_json::to_vec_pretty(manifest)?)?;
+    std::fs::rename(&temporary, dir.join("manifest.json"))?;
+    let latest = run_dir.join(".latest.tmp");
+    std::fs::write(&latest, dir.display().to_string())?;
+    std::fs::rename(latest, run_dir.join("latest"))
+}
+
+/// The newest committed checkpoint of a run, if any.
+pub fn latest(run_dir: &Path) -> Option<PathBuf> {
+    let dir = PathBuf::from(std::fs::read_to_string(run_dir.join("latest")).ok()?.trim());
+    dir.join("manifest.json").exists().then_some(dir)
+}
+
+/// Removes committed checkpoints older than `keep` (`--delete_previous_checkpoint`).
+pub fn delete_older(run_dir: &Path, keep: &Path) -> std::io::Result<()> {
+    let Ok(entries) = std::fs::read_dir(run_dir.join("checkpoints")) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path != keep && path.join("manifest.json").exists() {
+            std::fs::remove_dir_all(path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads a checkpoint: the manifest and the whole flat state.
+pub fn read(dir: &Path) -> Result<(Manifest, Tensor, Tensor, Tensor), String> {
+    let text = std::fs::read_to_string(dir.join("manifest.json")).map_err(|error| {
+        format!(
+            "{}: no manifest ({error}); the checkpoint is incomplete or not a checkpoint",
+            dir.display()
+        )
+    })?;
+    let manifest: Manifest = serde_json::from_str(&text)
+        .map_err(|error| format!("{}/manifest.json: {error}", dir.display()))?;
+    if manifest.format != FORMAT {
+        return Err(format!(
+            "{}: format {} (expected {FORMAT})",
+            dir.display(),
+            manifest.format
+        ));
+    }
+    let full = || Tensor::zeros([manifest.total], (Kind::Float, tch::Device::Cpu));
+    let (parameters, exp_avg, exp_avg_sq) = (full(), full(), full());
+    for (rank, start, end) in &manifest.ranges {
+        let path = dir.join(format!("rank-{rank}.safetensors"));
+        let tensors = Tensor::read_safetensors(&path)
+            .map_err(|error| format!("{}: {error}", path.display()))?;
+        for (name, tensor) in tensors {
+            let target = match name.as_str() {
+                "parameters" => &parameters,
+                "exp_avg" => &exp_avg,
+                "exp_avg_sq" => &exp_avg_sq,
+                _ => continue,
+            };
+            if tensor.numel() as i64 != end - start {
+                return Err(format!(
+                    "{}: {name} has {} values, expected {}",
+                    path.display(),
+                    tensor.numel(),
+                    end - start
+                ));
+            }
+            target.narrow(0, *start, end - start).copy_(&tensor);
+        }
+    }
+    Ok((manifest, parameters, exp_avg, exp_avg_sq))
+}
+
+pub fn manifest_format() -> &'static str {
+    FORMAT
+}

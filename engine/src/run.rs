@@ -1,0 +1,355 @@
+//! One rank of a training run: model, data, trainer, logging, checkpoints.
+//! `flamingoctl train` starts one process per rank running this (through
+//! `flamingo-worker rank train`), torchrun style.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use flamingo_collectives::{ProcessGroup, ReduceOp};
+use flamingo_data::batch::{Assembler, Cursor};
+use flamingo_data::convert::{ImageFormat, RankBatch};
+use flamingo_data::prepare::Preparer;
+use flamingo_data::reader::Dataset;
+use flamingo_data::spec::{DataSpec, DatasetKind, Mmc4Options};
+use flamingo_data::store::Storage;
+use flamingo_model::{load_flamingo_with, LoadOptions, ModelSpec};
+use serde_json::json;
+
+use crate::batch::TrainBatch;
+use crate::checkpoint::{self, Manifest};
+use crate::job::TrainJob;
+use crate::trainer::{StepReport, Trainer};
+
+/// A dataset's stream on this rank.
+struct Feed {
+    assembler: Assembler,
+    cursor: Cursor,
+    images_per_sample: usize,
+    pad: i64,
+    per_rank: usize,
+}
+
+impl Feed {
+    fn open(
+        job: &TrainJob,
+        kind: DatasetKind,
+        shards: &str,
+        tokenizer: &Path,
+        image_size: i64,
+        runtime: &tokio::runtime::Runtime,
+    ) -> anyhow::Result<Self> {
+        let samples = match kind {
+            DatasetKind::Laion => job.train_num_samples_laion,
+            DatasetKind::Mmc4 => job.train_num_samples_mmc4,
+        };
+        let spec = DataSpec {
+            dataset: kind,
+            shards: None,
+            sources: vec![flamingo_data::spec::Source {
+                shards: shards.to_string(),
+                weight: 1.0,
+            }],
+            tokenizer: tokenizer.display().to_string(),
+            resampled: job.dataset_resampled,
+            samples_per_epoch: if job.dataset_resampled { samples } else { 0 },
+            shuffle_block: 1000,
+            shuffle_shards: true,
+            image_size: image_size as u32,
+            augment: true,
+            drop_last: true,
+            laion: Default::default(),
+            mmc4: Mmc4Options {
+                sim_threshold: job.mmc4_textsim_threshold,
+                min_images: job.mmc4_min_num_images,
+                max_images: job.mmc4_max_num_images,
+                ..Mmc4Options::default()
+            },
+        };
+        let spec = DataSpec::from_toml(&spec.to_toml(), None)?;
+        let dataset = runtime.block_on(Dataset::open(&spec, &Storage::default()))?;
+        let preparer = Arc::new(Preparer::new(&spec)?);
+        let pad = preparer.pad_token_id();
+        let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(1).build()?);
+        Ok(Self {
+            assembler: Assembler::new(dataset, preparer, pool, job.seed),
+            cursor: Cursor::default(),
+            images_per_sample: spec.images_per_sample() as usize,
+            pad,
+            per_rank: match kind {
+                DatasetKind::Laion => job.batch_size_laion as usize,
+                DatasetKind::Mmc4 => job.batch_size_mmc4 as usize,
+            },
+        })
+    }
+
+    fn next(
+        &mut self,
+        rank: usize,
+        world: usize,
+        runtime: &tokio::runtime::Runtime,
+    ) -> anyhow::Result<TrainBatch> {
+        let global = runtime.block_on(self.assembler.batch(self.cursor, self.per_rank * world))?;
+        for skip in global.skipped.iter().filter(|_| rank == 0) {
+            tracing::warn!(shard = %skip.shard, key = %skip.key, reason = %skip.reject.reason, detail = %skip.reject.detail, "sample skipped");
+        }
+        self.cursor = global.next;
+        let slice = RankBatch::from_global(
+            &global,
+            rank,
+            world,
+            self.images_per_sample,
+            self.pad,
+            ImageFormat::Uint8,
+        );
+        Ok(TrainBatch::from_rank_batch(&slice))
+    }
+}
+
+fn progress(step: u64, total: u64, report: &StepReport, rate: f64, elapsed: f64) {
+    let width = 24usize;
+    let filled = ((step as f64 / total.max(1) as f64) * width as f64) as usize;
+    let eta = if step > 0 {
+        elapsed / step as f64 * (total - step.min(total)) as f64
+    } else {
+        0.0
+    };
+    let loss = |value: Option<f64>| value.map_or("-".to_string(), |v| format!("{v:.4}"));
+    eprint!(
+        "\rstep {step}/{total} [{}{}] loss_laion {} loss_mmc4 {} lr {:.2e} {rate:.1} samples/s ETA {:.0}s   ",
+        "=".repeat(filled.min(width)),
+        " ".repeat(width - filled.min(width)),
+        loss(report.loss_laion),
+        loss(report.loss_mmc4),
+        report.lr,
+        eta
+    );
+    let _ = std::io::stderr().flush();
+}
+
+/// Runs this rank to the end of the job (or `max_steps`).
+pub fn run_rank(job: &TrainJob, group: Option<&ProcessGroup>) -> anyhow::Result<()> {
+    let (rank, world) = group.map_or((0, 1), |group| {
+        (group.rank() as usize, group.world_size() as usize)
+    });
+    job.validate(world as u64).map_err(anyhow::Error::msg)?;
+    let run_dir = job.run_dir();
+    std::fs::create_dir_all(&run_dir)?;
+    let spec = ModelSpec::from_file(&job.model)?;
+    let options = LoadOptions {
+        init_seed: job.seed as i64,
+        ..LoadOptions::default()
+    };
+    let (model, tokenizer) = load_flamingo_with(&spec, options)?;
+    let config = job.train_config(world as u64).map_err(anyhow::Error::msg)?;
+    let total_steps = config.schedule.total_steps;
+    let mut trainer = Trainer::new(model, &tokenizer, group, config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let image_size = spec.vision.image_size;
+    let mut laion = match &job.laion_shards {
+        Some(shards) => Some(Feed::open(
+            job,
+            DatasetKind::Laion,
+            shards,
+            &spec.language_dir,
+            image_size,
+            &runtime,
+        )?),
+        None => None,
+    };
+    let mut mmc4 = match &job.mmc4_shards {
+        Some(shards) => Some(Feed::open(
+            job,
+            DatasetKind::Mmc4,
+            shards,
+            &spec.language_dir,
+            image_size,
+            &runtime,
+        )?),
+        None => None,
+    };
+
+    let resume = job
+        .resume_from_checkpoint
+        .clone()
+        .or_else(|| checkpoint::latest(&run_dir));
+    if let Some(dir) = resume {
+        let dir = if dir.join("manifest.json").exists() {
+            dir
+        } else {
+            checkpoint::latest(&dir).ok_or_else(|| {
+                anyhow::anyhow!("{}: no committed checkpoint to resume from", dir.display())
+            })?
+        };
+        let (manifest, parameters, exp_avg, exp_avg_sq) =
+            checkpoint::read(&dir).map_err(anyhow::Error::msg)?;
+        trainer.restore(
+            &parameters,
+            &exp_avg,
+            &exp_avg_sq,
+            manifest.step,
+            manifest.skipped_steps,
+        )?;
+        if let (Some(feed), Some(cursor)) = (laion.as_mut(), &manifest.laion_cursor) {
+            feed.cursor = cursor.into();
+        }
+        if let (Some(feed), Some(cursor)) = (mmc4.as_mut(), &manifest.mmc4_cursor) {
+            feed.cursor = cursor.into();
+        }
+        if rank == 0 {
+            eprintln!(
+                "resuming from {} (step {}, saved by {} rank(s); now {world})",
+                dir.display(),
+                manifest.step,
+                manifest.world_size
+            );
+        }
+    }
+    if rank == 0 {
+        std::fs::write(run_dir.join("config.json"), serde_json::to_vec_pretty(job)?)?;
+    }
+    let mut log = if rank == 0 {
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(run_dir.join("log.jsonl"))?,
+        )
+    } else {
+        None
+    };
+    let end = if job.max_steps > 0 {
+        total_steps.min(job.max_steps)
+    } else {
+        total_steps
+    };
+    let started = Instant::now();
+    let first_step = trainer.step_count();
+    let mut window = (Instant::now(), 0usize);
+    let per_step_samples = (job.batch_size_laion as usize * usize::from(laion.is_some())
+        + job.batch_size_mmc4 as usize * usize::from(mmc4.is_some()))
+        * world
+        * job.gradient_accumulation_steps as usize;
+    while trainer.step_count() < end {
+        let laion_batch = match laion.as_mut() {
+            Some(feed) => Some(feed.next(rank, world, &runtime)?),
+            None => None,
+        };
+        let mmc4_batch = match mmc4.as_mut() {
+            Some(feed) => Some(feed.next(rank, world, &runtime)?),
+            None => None,
+        };
+        let Some(report) = trainer.micro_step(laion_batch.as_ref(), mmc4_batch.as_ref())? else {
+            continue;
+        };
+        window.1 += per_step_samples;
+        let rate = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
+        let step = report.step;
+        if rank == 0 {
+            progress(step, end, &report, rate, started.elapsed().as_secs_f64());
+            if step % job.logging_steps.max(1) == 0 || step == end || report.skipped {
+                if let Some(log) = log.as_mut() {
+                    let line = json!({
+                        "step": step,
+                        "loss_laion": report.loss_laion,
+                        "loss_mmc4": report.loss_mmc4,
+                        "lr": report.lr,
+                        "grad_norm": report.grad_norm,
+                        "samples_per_second": rate,
+                        "skipped": report.skipped,
+                    });
+                    writeln!(log, "{line}")?;
+                }
+            }
+        }
+        let due = job.checkpoint_steps > 0 && step % job.checkpoint_steps == 0;
+        if due || step == end {
+            save(
+                job,
+                &trainer,
+                group,
+                rank,
+                world,
+                &run_dir,
+                laion.as_ref(),
+                mmc4.as_ref(),
+            )?;
+        }
+    }
+    if rank == 0 {
+        eprintln!();
+        let steps = trainer.step_count() - first_step;
+        eprintln!(
+            "done: {steps} steps in {:.1}s ({} skipped); run folder {}",
+            started.elapsed().as_secs_f64(),
+            trainer.skipped_steps(),
+            run_dir.display()
+        );
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save(
+    job: &TrainJob,
+    trainer: &Trainer<'_>,
+    group: Option<&ProcessGroup>,
+    rank: usize,
+    world: usize,
+    run_dir: &Path,
+    laion: Option<&Feed>,
+    mmc4: Option<&Feed>,
+) -> anyhow::Result<()> {
+    let step = trainer.step_count();
+    let dir = checkpoint::checkpoint_dir(run_dir, step);
+    // no_shard ranks all hold everything: rank 0 writes it.
+    let writes = job.fsdp_sharding_strategy != "no_shard" || rank == 0;
+    if writes {
+        checkpoint::write_rank(&dir, rank as u64, trainer.owned_state())?;
+    }
+    // Every rank's part is on disk before the manifest names them.
+    if let Some(group) = group.filter(|_| world > 1) {
+        group.all_reduce_scalar(f64::from(u8::from(writes)), ReduceOp::Sum)?;
+    }
+    let ranges: Vec<(u64, i64, i64)> = if job.fsdp_sharding_strategy == "no_shard" {
+        vec![(0, 0, trainer.parameter_count())]
+    } else {
+        let length =
+            flamingo_collectives::shard_len(trainer.parameter_count().max(1), world as i64);
+        (0..world as i64)
+            .map(|r| {
+                let s = (r * length).min(trainer.parameter_count());
+                (
+                    r as u64,
+                    s,
+                    ((r + 1) * length).min(trainer.parameter_count()),
+                )
+            })
+            .collect()
+    };
+    if rank == 0 {
+        let manifest = Manifest {
+            format: checkpoint::manifest_format().to_string(),
+            step,
+            skipped_steps: trainer.skipped_steps(),
+            world_size: world as u64,
+            strategy: job.fsdp_sharding_strategy.clone(),
+            total: trainer.parameter_count(),
+            ranges,
+            laion_cursor: laion.map(|feed| feed.cursor.into()),
+            mmc4_cursor: mmc4.map(|feed| feed.cursor.into()),
+            config: serde_json::to_value(job)?,
+        };
+        checkpoint::commit(run_dir, &dir, &manifest)?;
+        if job.delete_previous_checkpoint {
+            checkpoint::delete_older(run_dir, &dir)?;
+        }
+    }
+    if let Some(group) = group.filter(|_| world > 1) {
+        group.barrier()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,238 @@
+//! `flamingoctl train`: a training run on this machine, torchrun style —
+//! `--nproc N` rank processes (`flamingo-worker rank train`) joined by Gloo,
+//! each reading its shards in-process. Flags keep OpenFlamingo's names and
+//! override a `--config` TOML file.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context};
+use flamingo_engine::job::TrainJob;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    /// Rank processes on this machine.
+    #[arg(long, default_value_t = 1)]
+    pub nproc: u32,
+    /// A TOML file of the fields below (flags override it).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long = "run_name")]
+    pub run_name: Option<String>,
+    #[arg(long = "runs_dir")]
+    pub runs_dir: Option<PathBuf>,
+    #[arg(long = "laion_shards")]
+    pub laion_shards: Option<String>,
+    #[arg(long = "mmc4_shards")]
+    pub mmc4_shards: Option<String>,
+    #[arg(long = "batch_size_laion")]
+    pub batch_size_laion: Option<u32>,
+    #[arg(long = "batch_size_mmc4")]
+    pub batch_size_mmc4: Option<u32>,
+    #[arg(long = "loss_multiplier_laion")]
+    pub loss_multiplier_laion: Option<f64>,
+    #[arg(long = "loss_multiplier_mmc4")]
+    pub loss_multiplier_mmc4: Option<f64>,
+    #[arg(long = "learning_rate")]
+    pub learning_rate: Option<f64>,
+    #[arg(long = "lr_scheduler")]
+    pub lr_scheduler: Option<String>,
+    #[arg(long = "warmup_steps")]
+    pub warmup_steps: Option<u64>,
+    #[arg(long = "weight_decay")]
+    pub weight_decay: Option<f64>,
+    #[arg(long = "gradient_accumulation_steps")]
+    pub gradient_accumulation_steps: Option<u64>,
+    #[arg(long)]
+    pub precision: Option<String>,
+    #[arg(long = "gradient_checkpointing")]
+    pub gradient_checkpointing: bool,
+    #[arg(long = "fsdp_sharding_strategy")]
+    pub fsdp_sharding_strategy: Option<String>,
+    #[arg(long = "train_num_samples_laion")]
+    pub train_num_samples_laion: Option<u64>,
+    #[arg(long = "train_num_samples_mmc4")]
+    pub train_num_samples_mmc4: Option<u64>,
+    #[arg(long = "num_epochs")]
+    pub num_epochs: Option<u64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long = "resume_from_checkpoint")]
+    pub resume_from_checkpoint: Option<PathBuf>,
+    #[arg(long = "delete_previous_checkpoint")]
+    pub delete_previous_checkpoint: bool,
+    #[arg(long = "freeze_lm_embeddings")]
+    pub freeze_lm_embeddings: bool,
+    #[arg(long = "logging_steps")]
+    pub logging_steps: Option<u64>,
+    #[arg(long = "checkpoint_steps")]
+    pub checkpoint_steps: Option<u64>,
+    #[arg(long = "dataset_resampled")]
+    pub dataset_resampled: bool,
+    #[arg(long = "mmc4_textsim_threshold")]
+    pub mmc4_textsim_threshold: Option<f64>,
+    #[arg(long = "max_steps")]
+    pub max_steps: Option<u64>,
+}
+
+impl TrainArgs {
+    /// The file's fields, then the flags given.
+    pub fn resolve(&self) -> anyhow::Result<TrainJob> {
+        let mut job = match &self.config {
+            Some(path) => TrainJob::from_toml_file(path).map_err(anyhow::Error::msg)?,
+            None => TrainJob::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => {$(
+                if let Some(value) = self.$field.clone() {
+                    job.$field = value;
+                }
+            )*};
+        }
+        set!(
+            model,
+            run_name,
+            runs_dir,
+            batch_size_laion,
+            batch_size_mmc4,
+            loss_multiplier_laion,
+            loss_multiplier_mmc4,
+            learning_rate,
+            lr_scheduler,
+            warmup_steps,
+            weight_decay,
+            gradient_accumulation_steps,
+            precision,
+            fsdp_sharding_strategy,
+            train_num_samples_laion,
+            train_num_samples_mmc4,
+            num_epochs,
+            seed,
+            logging_steps,
+            checkpoint_steps,
+            mmc4_textsim_threshold,
+            max_steps
+        );
+        if self.laion_shards.is_some() {
+            job.laion_shards = self.laion_shards.clone();
+        }
+        if self.mmc4_shards.is_some() {
+            job.mmc4_shards = self.mmc4_shards.clone();
+        }
+        if self.resume_from_checkpoint.is_some() {
+            job.resume_from_checkpoint = self.resume_from_checkpoint.clone();
+        }
+        job.gradient_checkpointing |= self.gradient_checkpointing;
+        job.delete_previous_checkpoint |= self.delete_previous_checkpoint;
+        job.freeze_lm_embeddings |= self.freeze_lm_embeddings;
+        job.dataset_resampled |= self.dataset_resampled;
+        // Ranks run in the run folder's parent's terms: absolute paths.
+        job.model = std::path::absolute(&job.model)?;
+        job.runs_dir = std::path::absolute(&job.runs_dir)?;
+        job.validate(u64::from(self.nproc))
+            .map_err(anyhow::Error::msg)?;
+        if job.gradient_checkpointing {
+            eprintln!("note: --gradient_checkpointing is accepted but not implemented yet; training runs without it");
+        }
+        Ok(job)
+    }
+}
+
+pub fn run(args: &TrainArgs) -> anyhow::Result<i32> {
+    if args.nproc == 0 {
+        bail!("--nproc must be at least 1");
+    }
+    let job = args.resolve()?;
+    let run_dir = job.run_dir();
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let config_path = run_dir.join("launch.json");
+    std::fs::write(&config_path, serde_json::to_vec_pretty(&job)?)?;
+    let worker = crate::local::binary("flamingo-worker")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / args.nproc as usize).max(1);
+    eprintln!(
+        "training {} on {} rank(s); run folder {}",
+        job.run_name,
+        args.nproc,
+        run_dir.display()
+    );
+    let mut children = Vec::new();
+    for rank in 0..args.nproc {
+        let mut command = Command::new(&worker);
+        command
+            .args(["rank", "train", "--config"])
+            .arg(&config_path)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", args.nproc.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env("FLAMINGO_LOCAL_ADDR", "127.0.0.1")
+            .env("OMP_NUM_THREADS", threads.to_string())
+            .stdin(Stdio::null());
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: prctl is async-signal-safe; the ranks die with this
+            // launcher instead of waiting on each other forever.
+            unsafe {
+                command.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        if rank != 0 {
+            let log = std::fs::File::create(run_dir.join(format!("rank-{rank}.log")))?;
+            command.stdout(log.try_clone()?).stderr(log);
+        }
+        children.push(
+            command
+                .spawn()
+                .with_context(|| format!("starting rank {rank}"))?,
+        );
+    }
+    let mut failed = None;
+    loop {
+        let mut running = false;
+        for (rank, child) in children.iter_mut().enumerate() {
+            match child.try_wait()? {
+                Some(status) if !status.success() && failed.is_none() => {
+                    failed = Some((rank, status))
+                }
+                Some(_) => {}
+                None => running = true,
+            }
+        }
+        if failed.is_some() {
+            // One rank died: the others would wait for it forever.
+            for child in &mut children {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            break;
+        }
+        if !running {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    match failed {
+        Some((rank, status)) => {
+            let log = if rank == 0 {
+                "its output is above".to_string()
+            } else {
+                format!("see {}", run_dir.join(format!("rank-{rank}.log")).display())
+            };
+            eprintln!("rank {rank} failed ({status}); {log}");
+            Ok(1)
+        }
+        None => Ok(0),
+    }
+}

@@ -1,0 +1,169 @@
+//! `flamingoctl train` end to end on the synthetic data and a tiny model:
+//! two ranks train and checkpoint; all processes are killed with SIGKILL
+//! after a checkpoint; the run resumes on one rank (the same global batch)
+//! and the following steps' losses equal those of an uninterrupted run.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flamingo_tests::ClusterSandbox;
+
+fn flamingoctl(dir: &Path) -> Command {
+    let mut command = Command::new(ClusterSandbox::binary("flamingoctl"));
+    command.current_dir(dir);
+    command
+}
+
+fn train_args(run: &str, nproc: u32, per_rank_laion: u32, per_rank_mmc4: u32) -> Vec<String> {
+    [
+        "train",
+        "--nproc",
+        &nproc.to_string(),
+        "--model",
+        "tiny/model.toml",
+        "--laion_shards",
+        "data/laion-{00000..00003}.tar",
+        "--mmc4_shards",
+        "data/mmc4-{00000..00001}.tar",
+        "--batch_size_laion",
+        &per_rank_laion.to_string(),
+        "--batch_size_mmc4",
+        &per_rank_mmc4.to_string(),
+        "--train_num_samples_laion",
+        "96",
+        "--train_num_samples_mmc4",
+        "48",
+        "--warmup_steps",
+        "2",
+        "--learning_rate",
+        "3e-3",
+        "--lr_scheduler",
+        "linear",
+        "--logging_steps",
+        "1",
+        "--checkpoint_steps",
+        "4",
+        "--run_name",
+        run,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// step → (loss_laion, loss_mmc4), the last line for each step.
+fn losses(dir: &Path, run: &str) -> std::collections::BTreeMap<u64, (f64, f64)> {
+    std::fs::read_to_string(dir.join("runs").join(run).join("log.jsonl"))
+        .expect("a log line")
+        .lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).expect("a log line");
+            (
+                value["step"].as_u64().expect("a log line"),
+                (
+                    value["loss_laion"].as_f64().expect("a log line"),
+                    value["loss_mmc4"].as_f64().expect("a log line"),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_run_killed_after_a_checkpoint_resumes_on_another_world_size_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[String]| {
+        let status = flamingoctl(dir.path())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "{args:?}");
+    };
+    for form in ["laion", "mmc4"] {
+        let size = if form == "laion" { "32" } else { "96" };
+        run(&[
+            "data",
+            "synth",
+            "--form",
+            form,
+            "--out",
+            "data",
+            "--samples",
+            "96",
+            "--per-shard",
+            if form == "laion" { "24" } else { "48" },
+            "--image-size",
+            size,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>());
+    }
+    run(&[
+        "tiny-model",
+        "--tokenizer",
+        "data/tokenizer",
+        "--out",
+        "tiny",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect::<Vec<_>>());
+
+    // Uninterrupted: 2 ranks × (4 LAION, 2 MMC4): 12 steps.
+    run(&train_args("whole", 2, 4, 2));
+    let whole = losses(dir.path(), "whole");
+    assert_eq!(whole.len(), 12);
+    let first = whole[&1].0 + whole[&1].1;
+    let last = whole[&12].0 + whole[&12].1;
+    assert!(last < first, "the loss falls: {whole:?}");
+
+    // Interrupted: SIGKILL once the step-4 checkpoint is committed.
+    let mut child = flamingoctl(dir.path())
+        .args(train_args("cut", 2, 4, 2))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let latest = dir.path().join("runs/cut/latest");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !latest.exists() {
+        assert!(Instant::now() < deadline, "no checkpoint");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL; the ranks die with it (PDEATHSIG)
+    child.wait().unwrap();
+    let saved = std::fs::read_to_string(&latest).unwrap();
+    let saved_step: u64 = saved
+        .trim()
+        .rsplit("step-")
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((4..12).contains(&saved_step), "{saved}");
+
+    // Resume on 1 rank with the same global batch (8 LAION, 4 MMC4).
+    run(&train_args("cut", 1, 8, 4));
+    let resumed = losses(dir.path(), "cut");
+    for step in saved_step + 1..=12 {
+        let (a, b) = (whole[&step], resumed[&step]);
+        for (x, y) in [(a.0, b.0), (a.1, b.1)] {
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs(),
+                "step {step}: {y} after resuming vs {x}"
+            );
+        }
+    }
+    assert!(dir
+        .path()
+        .join("runs/cut/checkpoints/step-00000012/manifest.json")
+        .exists());
+}
