@@ -52,6 +52,9 @@ pub struct Manifest {
     pub mmc4_cursor: Option<CursorRecord>,
     /// The resolved run config, as JSON.
     pub config: serde_json::Value,
+    /// (name, shape, offset) of each trainable parameter in the flat state.
+    #[serde(default)]
+    pub layout: Vec<(String, Vec<i64>, i64)>,
 }
 
 pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
@@ -152,4 +155,32 @@ pub fn read(dir: &Path) -> Result<(Manifest, Tensor, Tensor, Tensor), String> {
 
 pub fn manifest_format() -> &'static str {
     FORMAT
+}
+
+/// The trainable parameters of a checkpoint under OpenFlamingo's
+/// state-dict names (`perceiver.*`, `lang_encoder.gated_cross_attn_layers.*`,
+/// the input embedding): what OpenFlamingo's `checkpoint.pt` holds, and what
+/// a model spec's `[flamingo] checkpoint` loads.
+pub fn state_dict(dir: &Path) -> Result<Vec<(String, Tensor)>, String> {
+    let (manifest, parameters, _, _) = read(dir)?;
+    if manifest.layout.is_empty() {
+        return Err(format!(
+            "{}: the manifest has no parameter layout",
+            dir.display()
+        ));
+    }
+    Ok(manifest
+        .layout
+        .iter()
+        .map(|(name, shape, offset)| {
+            let numel: i64 = shape.iter().product();
+            (
+                name.clone(),
+                parameters
+                    .narrow(0, *offset, numel)
+                    .view(shape.as_slice())
+                    .copy(),
+            )
+        })
+        .collect())
 }

@@ -342,6 +342,7 @@ fn save(
             laion_cursor: laion.map(|feed| feed.cursor.into()),
             mmc4_cursor: mmc4.map(|feed| feed.cursor.into()),
             config: serde_json::to_value(job)?,
+            layout: trainer.layout(),
         };
         checkpoint::commit(run_dir, &dir, &manifest)?;
         if job.delete_previous_checkpoint {

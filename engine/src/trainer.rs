@@ -285,6 +285,15 @@ impl<'g> Trainer<'g> {
         self.flat.narrow(0, 0, self.total).copy()
     }
 
+    /// Where each trainable parameter sits in the flat buffer:
+    /// (name, shape, offset).
+    pub fn layout(&self) -> Vec<(String, Vec<i64>, i64)> {
+        self.slots
+            .iter()
+            .map(|slot| (slot.name.clone(), slot.tensor.size(), slot.offset))
+            .collect()
+    }
+
     /// The range of the flat buffer whose optimizer state this rank holds
     /// (all of it for `no_shard`), clipped to the real elements.
     pub fn owned_range(&self) -> (i64, i64) {

@@ -108,6 +108,17 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: i64,
     },
+    /// Write a run's checkpoint as OpenFlamingo's trainable state dict (safetensors), loadable
+    /// as a model spec's `[flamingo] checkpoint`.
+    Export {
+        /// A run folder (its latest checkpoint) or a checkpoint folder.
+        run: PathBuf,
+        /// A step of the run instead of the latest.
+        #[arg(long)]
+        step: Option<u64>,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Train on this machine: --nproc rank processes (OpenFlamingo's flag names).
     Train(Box<flamingoctl::train::TrainArgs>),
     /// Datasets: index, inspect, pack and synthesize shards; measure preprocessing.
@@ -250,6 +261,30 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Generate(args) => flamingoctl::inference::generate(&args, json)?,
         Command::Data(command) => flamingoctl::data::run(command, json).await?,
         Command::Train(args) => return flamingoctl::train::run(&args),
+        Command::Export { run, step, out } => {
+            let dir = match step {
+                Some(step) => flamingo_engine::checkpoint::checkpoint_dir(&run, step),
+                None if run.join("manifest.json").exists() => run.clone(),
+                None => flamingo_engine::checkpoint::latest(&run)
+                    .ok_or_else(|| anyhow::anyhow!("{}: no committed checkpoint", run.display()))?,
+            };
+            let tensors =
+                flamingo_engine::checkpoint::state_dict(&dir).map_err(anyhow::Error::msg)?;
+            tch::Tensor::write_safetensors(&tensors, &out)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"checkpoint": dir, "out": out, "tensors": tensors.len()})
+                );
+            } else {
+                println!(
+                    "{} tensors from {} written to {}",
+                    tensors.len(),
+                    dir.display(),
+                    out.display()
+                );
+            }
+        }
         Command::TinyModel {
             tokenizer,
             out,

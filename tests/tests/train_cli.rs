@@ -166,4 +166,40 @@ fn a_run_killed_after_a_checkpoint_resumes_on_another_world_size_exactly() {
         .path()
         .join("runs/cut/checkpoints/step-00000012/manifest.json")
         .exists());
+
+    // Exported in OpenFlamingo's names, the trained parts load as a model
+    // spec's checkpoint, and the model scores a prompt with them.
+    run(&["export", "runs/cut", "--out", "trained.safetensors"].map(String::from));
+    std::fs::write(
+        dir.path().join("trained.toml"),
+        "[vision]\narch = \"tiny/clip.json\"\nweights = \"tiny/clip.safetensors\"\n[language]\npath = \"tiny/lm\"\n[flamingo]\ncheckpoint = \"trained.safetensors\"\n",
+    )
+    .expect("spec written");
+    let (_, members) = flamingo_data::synthetic::laion_sample(77, 0, 32);
+    std::fs::write(dir.path().join("held.png"), &members[0].1).expect("image written");
+    let scored = flamingoctl(dir.path())
+        .args([
+            "score",
+            "--model",
+            "trained.toml",
+            "--image",
+            "held.png",
+            "--prompt",
+            "<image>a small red circle",
+            "--json",
+        ])
+        .output()
+        .expect("score runs");
+    assert!(
+        scored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&scored.stderr)
+    );
+    let value: serde_json::Value = serde_json::from_slice(&scored.stdout).expect("json");
+    // <image> a small red circle: 5 tokens, 4 log-probabilities.
+    assert_eq!(
+        value["logprobs"].as_array().map(Vec::len),
+        Some(4),
+        "{value}"
+    );
 }
