@@ -203,3 +203,85 @@ fn a_run_killed_after_a_checkpoint_resumes_on_another_world_size_exactly() {
         "{value}"
     );
 }
+
+/// Trains the released-format tiny model (written by the Python libraries)
+/// for two steps, exports it, and loads the export into the Python
+/// OpenFlamingo: no unexpected keys, every trainable key present, the values
+/// ours.
+#[test]
+fn exports_load_into_the_python_open_flamingo() {
+    let dir = tempfile::tempdir().unwrap();
+    let python = std::env::var_os("FLAMINGO_VENV")
+        .map(|venv| std::path::PathBuf::from(venv).join("bin/python"))
+        .unwrap_or_else(|| std::path::PathBuf::from("python3"));
+    let reference =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/reference");
+    let status = Command::new(&python)
+        .arg(reference.join("released_format_reference.py"))
+        .arg(dir.path().join("model"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let run = |args: &[&str]| {
+        let output = flamingoctl(dir.path()).args(args).output().unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run(&[
+        "data",
+        "synth",
+        "--form",
+        "mmc4",
+        "--out",
+        "data",
+        "--samples",
+        "16",
+        "--per-shard",
+        "16",
+    ]);
+    run(&[
+        "train",
+        "--model",
+        "model/model.toml",
+        "--mmc4_shards",
+        "data/mmc4-00000.tar",
+        "--batch_size_mmc4",
+        "4",
+        "--train_num_samples_mmc4",
+        "8",
+        "--warmup_steps",
+        "0",
+        "--learning_rate",
+        "1e-2",
+        "--run_name",
+        "exported",
+    ]);
+    run(&["export", "runs/exported", "--out", "export.safetensors"]);
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../engine/tests/reference/export_reference.py");
+    let output = Command::new(&python)
+        .arg(script)
+        .arg(dir.path().join("model"))
+        .arg(dir.path().join("export.safetensors"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["unexpected"], serde_json::json!([]), "{report}");
+    assert_eq!(
+        report["missing_trainable"],
+        serde_json::json!([]),
+        "{report}"
+    );
+    assert_eq!(report["max_difference"].as_f64(), Some(0.0), "{report}");
+}
