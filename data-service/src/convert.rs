@@ -185,27 +185,6 @@ impl From<pb::ImageFormat> for ImageFormat {
     }
 }
 
-fn reason_from_name(name: &str) -> RejectReason {
-    use RejectReason::*;
-    [
-        MissingImage,
-        MissingText,
-        MissingJson,
-        BadText,
-        BadJson,
-        BadBase64,
-        BadImage,
-        NoImages,
-        TooFewImages,
-        SingleImageDropped,
-        ImageAtEnd,
-        BadTar,
-    ]
-    .into_iter()
-    .find(|reason| reason.as_str() == name)
-    .unwrap_or(BadTar)
-}
-
 impl From<RankBatch> for pb::Batch {
     fn from(batch: RankBatch) -> Self {
         Self {
@@ -296,7 +275,10 @@ impl TryFrom<pb::Batch> for RankBatch {
                 .map(|skip| Skipped {
                     shard: skip.shard,
                     key: skip.key,
-                    reject: Reject::new(reason_from_name(&skip.reason), skip.detail),
+                    reject: Reject::new(
+                        RejectReason::from_name(&skip.reason).unwrap_or(RejectReason::BadTar),
+                        skip.detail,
+                    ),
                 })
                 .collect(),
         })

@@ -62,6 +62,26 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
+    pub const ALL: [Self; 12] = [
+        Self::MissingImage,
+        Self::MissingText,
+        Self::MissingJson,
+        Self::BadText,
+        Self::BadJson,
+        Self::BadBase64,
+        Self::BadImage,
+        Self::NoImages,
+        Self::TooFewImages,
+        Self::SingleImageDropped,
+        Self::ImageAtEnd,
+        Self::BadTar,
+    ];
+
+    /// The reason named `name` (as [`Self::as_str`] writes it).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|reason| reason.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::MissingImage => "missing_image",

@@ -247,38 +247,10 @@ pub fn parse(data: &[u8], base: u64, at_end: bool) -> Parsed {
 pub(crate) mod tests {
     use super::*;
 
-    /// A ustar header for a regular file (tests and fixtures).
-    pub(crate) fn header(name: &str, size: u64, typeflag: u8) -> [u8; 512] {
-        let mut header = [0u8; 512];
-        header[..name.len()].copy_from_slice(name.as_bytes());
-        header[100..107].copy_from_slice(b"0000644");
-        header[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
-        header[136..147].copy_from_slice(b"00000000000");
-        header[156] = typeflag;
-        header[257..263].copy_from_slice(b"ustar\0");
-        header[263..265].copy_from_slice(b"00");
-        header[148..156].copy_from_slice(b"        ");
-        let sum: u32 = header.iter().map(|byte| u32::from(*byte)).sum();
-        header[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
-        header
-    }
-
     pub(crate) fn archive(files: &[(&str, &[u8])]) -> Vec<u8> {
         let mut out = Vec::new();
         for (name, data) in files {
-            if name.len() >= 100 {
-                out.extend_from_slice(&header("././@LongLink", name.len() as u64 + 1, b'L'));
-                let mut long = name.as_bytes().to_vec();
-                long.push(0);
-                long.resize(long.len().div_ceil(512) * 512, 0);
-                out.extend_from_slice(&long);
-                out.extend_from_slice(&header("placeholder", data.len() as u64, b'0'));
-            } else {
-                out.extend_from_slice(&header(name, data.len() as u64, b'0'));
-            }
-            let mut padded = data.to_vec();
-            padded.resize(data.len().div_ceil(512) * 512, 0);
-            out.extend_from_slice(&padded);
+            crate::pack::append_file(&mut out, name, data);
         }
         out.extend_from_slice(&[0u8; 1024]);
         out
