@@ -38,9 +38,8 @@ class Clip(torch.nn.Module):
         self.visual = visual
 
 
-def main():
-    out, size, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    torch.set_num_threads(threads)
+def build(out, size):
+    """Writes the released-format files; returns (model, tokenizer, cfg, base vocab)."""
     torch.manual_seed(0)
     cfg = SIZES[size]
     lm_dir = os.path.join(out, "lm")
@@ -81,9 +80,15 @@ def main():
     with open(os.path.join(out, "model.toml"), "w") as file:
         file.write(f'[vision]\narch = "clip.json"\nweights = "clip.bin"\n[language]\npath = "lm"\n'
                    f'[flamingo]\ncross_attn_every_n_layers = {cfg["every"]}\ncheckpoint = "checkpoint.pt"\n')
+    return model, tokenizer, cfg, bpe.get_vocab_size()
 
+
+def main():
+    out, size, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    torch.set_num_threads(threads)
+    model, tokenizer, cfg, vocab = build(out, size)
     media = tokenizer.convert_tokens_to_ids("<image>")
-    ids = torch.randint(0, bpe.get_vocab_size(), (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
     ids[0, 0] = media
     vision_x = torch.randn(1, 1, 1, 3, cfg["image"], cfg["image"], generator=torch.Generator().manual_seed(2))
     torch.save({"ids": ids, "vision_x": vision_x}, os.path.join(out, "inputs.pt"))

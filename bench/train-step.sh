@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Training-step throughput against the Python OpenFlamingo step on the same
+# random weights and batch, one run. Extra flags go to bench-train-step
+# (--sizes, --threads, --batch, --steps).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+flamingo_setup_reference
+cargo build --release -p flamingo-bench --quiet
+exec target/release/bench-train-step "$@"
