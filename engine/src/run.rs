@@ -149,28 +149,14 @@ pub fn run_rank(job: &TrainJob, group: Option<&ProcessGroup>) -> anyhow::Result<
         .enable_all()
         .build()?;
     let image_size = spec.vision.image_size;
-    let mut laion = match &job.laion_shards {
-        Some(shards) => Some(Feed::open(
-            job,
-            DatasetKind::Laion,
-            shards,
-            &spec.language_dir,
-            image_size,
-            &runtime,
-        )?),
-        None => None,
+    let open = |kind: DatasetKind, shards: &Option<String>| {
+        shards
+            .as_deref()
+            .map(|shards| Feed::open(job, kind, shards, &spec.language_dir, image_size, &runtime))
+            .transpose()
     };
-    let mut mmc4 = match &job.mmc4_shards {
-        Some(shards) => Some(Feed::open(
-            job,
-            DatasetKind::Mmc4,
-            shards,
-            &spec.language_dir,
-            image_size,
-            &runtime,
-        )?),
-        None => None,
-    };
+    let mut laion = open(DatasetKind::Laion, &job.laion_shards)?;
+    let mut mmc4 = open(DatasetKind::Mmc4, &job.mmc4_shards)?;
 
     let resume = job
         .resume_from_checkpoint
@@ -234,14 +220,12 @@ pub fn run_rank(job: &TrainJob, group: Option<&ProcessGroup>) -> anyhow::Result<
         * world
         * job.gradient_accumulation_steps as usize;
     while trainer.step_count() < end {
-        let laion_batch = match laion.as_mut() {
-            Some(feed) => Some(feed.next(rank, world, &runtime)?),
-            None => None,
+        let next = |feed: Option<&mut Feed>| {
+            feed.map(|feed| feed.next(rank, world, &runtime))
+                .transpose()
         };
-        let mmc4_batch = match mmc4.as_mut() {
-            Some(feed) => Some(feed.next(rank, world, &runtime)?),
-            None => None,
-        };
+        let laion_batch = next(laion.as_mut())?;
+        let mmc4_batch = next(mmc4.as_mut())?;
         let Some(report) = trainer.micro_step(laion_batch.as_ref(), mmc4_batch.as_ref())? else {
             continue;
         };
