@@ -93,15 +93,22 @@ impl AdamW {
             let _ = exp_avg.lerp_(gradient, 1.0 - beta1);
             // exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1-beta2); ATen's
             // kernel computes self + (value * t1) * t2.
+            // (One temporary per line, updated in place: the same roundings.)
             let _ = exp_avg_sq.g_mul_scalar_(beta2);
-            let _ = exp_avg_sq.g_add_(&((gradient * (1.0 - beta2)) * gradient));
+            let mut square = gradient * (1.0 - beta2);
+            let _ = square.g_mul_(gradient);
+            let _ = exp_avg_sq.g_add_(&square);
             let step = step as f64;
             let bias_correction1 = 1.0 - beta1.powf(step);
             let bias_correction2 = 1.0 - beta2.powf(step);
             let step_size = lr / bias_correction1;
-            let denom = (exp_avg_sq.sqrt() / bias_correction2.sqrt()).g_add_scalar_(eps);
+            let mut denom = exp_avg_sq.sqrt();
+            let _ = denom.g_div_scalar_(bias_correction2.sqrt());
+            let _ = denom.g_add_scalar_(eps);
             // param.addcdiv_(exp_avg, denom, value=-step_size): self + (value * t1) / t2.
-            let _ = parameter.g_add_(&((&*exp_avg * (-step_size)) / &denom));
+            let mut update = &*exp_avg * (-step_size);
+            let _ = update.g_div_(&denom);
+            let _ = parameter.g_add_(&update);
         });
     }
 }

@@ -136,8 +136,9 @@ pub struct Trainer<'g> {
     total: i64,
     /// `[0, decayed)` of the flat buffer takes weight decay.
     decayed: i64,
-    /// 1 on the embedding rows that train, 0 elsewhere (flat-sized).
-    gradient_mask: Option<Tensor>,
+    /// The input embedding's place in the flat buffer (offset, rows,
+    /// width) and a `[rows, 1]` mask, 1 on the rows that train.
+    embedding_mask: Option<(i64, i64, i64, Tensor)>,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     /// Optimizer steps taken.
@@ -196,7 +197,7 @@ impl<'g> Trainer<'g> {
         let padded = flamingo_collectives::pad_to_multiple(total.max(1), world);
         let flat = Tensor::zeros([padded], (Kind::Float, tch::Device::Cpu));
         let embedding_name = format!("lang_encoder.{}", model.decoder().input_embedding_name());
-        let mut gradient_mask = None;
+        let mut embedding_mask = None;
         tch::no_grad(|| {
             for slot in &mut slots {
                 let mut view = flat.narrow(0, slot.offset, slot.numel);
@@ -207,20 +208,14 @@ impl<'g> Trainer<'g> {
                 if slot.name == embedding_name {
                     let rows = slot.tensor.size()[0];
                     let width = slot.numel / rows;
-                    let mask = Tensor::zeros([padded], (Kind::Float, tch::Device::Cpu));
+                    let mask = Tensor::zeros([rows, 1], (Kind::Float, tch::Device::Cpu));
                     for id in [
                         tokenizer.media_token_id(),
                         tokenizer.end_of_chunk_token_id(),
                     ] {
-                        let _ = mask
-                            .narrow(0, slot.offset + i64::from(id) * width, width)
-                            .fill_(1.0);
+                        let _ = mask.get(i64::from(id)).fill_(1.0);
                     }
-                    // Everything else in the flat buffer is not embedding.
-                    let _ = mask.narrow(0, 0, slot.offset).fill_(1.0);
-                    let after = slot.offset + slot.numel;
-                    let _ = mask.narrow(0, after, padded - after).fill_(1.0);
-                    gradient_mask = Some(mask);
+                    embedding_mask = Some((slot.offset, rows, width, mask));
                 }
             }
         });
@@ -240,7 +235,7 @@ impl<'g> Trainer<'g> {
             flat,
             total,
             decayed,
-            gradient_mask,
+            embedding_mask,
             step: 0,
             micro_steps: 0,
             skipped_steps: 0,
@@ -429,14 +424,17 @@ impl<'g> Trainer<'g> {
     }
 
     fn flat_gradient(&self) -> Tensor {
-        let gradient = Tensor::zeros_like(&self.flat);
+        let gradient = Tensor::empty_like(&self.flat);
         tch::no_grad(|| {
+            let padding = gradient.numel() as i64 - self.total;
+            let _ = gradient.narrow(0, self.total, padding).zero_();
             for slot in &self.slots {
                 let grad = slot.tensor.grad();
+                let mut target = gradient.narrow(0, slot.offset, slot.numel);
                 if grad.defined() {
-                    gradient
-                        .narrow(0, slot.offset, slot.numel)
-                        .copy_(&grad.reshape([-1]));
+                    target.copy_(&grad.reshape([-1]));
+                } else {
+                    let _ = target.zero_();
                 }
             }
         });
@@ -472,10 +470,13 @@ impl<'g> Trainer<'g> {
                 skipped: true,
             });
         }
-        let mut gradient = self.flat_gradient();
+        let gradient = self.flat_gradient();
         self.zero_gradients();
-        if let Some(mask) = &self.gradient_mask {
-            gradient *= mask;
+        if let Some((offset, rows, width, mask)) = &self.embedding_mask {
+            let _ = gradient
+                .narrow(0, *offset, rows * width)
+                .view([*rows, *width])
+                .g_mul_(mask);
         }
         let world = self.group.map_or(1, |group| group.world_size());
         let rank = self.group.map_or(0, |group| group.rank());
