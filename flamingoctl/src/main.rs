@@ -107,6 +107,14 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: i64,
+        /// Width of the language model (its heads are width / 8).
+        #[arg(long, default_value_t = 32)]
+        lm_width: i64,
+        #[arg(long, default_value_t = 2)]
+        lm_layers: i64,
+        /// Width of the vision tower (its images are 32 px, patches 8 px).
+        #[arg(long, default_value_t = 32)]
+        vision_width: i64,
     },
     /// Write a run's checkpoint as OpenFlamingo's trainable state dict (safetensors), loadable
     /// as a model spec's `[flamingo] checkpoint`.
@@ -289,6 +297,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             tokenizer,
             out,
             seed,
+            lm_width,
+            lm_layers,
+            vision_width,
         } => {
             let vocab = flamingo_model::FlamingoTokenizer::from_dir(&tokenizer)?.len() as i64 - 3;
             let spec = flamingo_engine::tiny::write_tiny_model(
@@ -297,6 +308,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 vocab,
                 flamingo_engine::tiny::TinyConfig {
                     seed,
+                    lm_width,
+                    lm_heads: (lm_width / 8).max(1),
+                    lm_layers,
+                    vision_width,
                     ..Default::default()
                 },
             )?;
