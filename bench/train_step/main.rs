@@ -50,6 +50,7 @@ fn ours(dir: &Path, batch: usize, steps: usize) -> anyhow::Result<f64> {
         loss_multiplier_mmc4: 1.0,
         gradient_accumulation_steps: 1,
         freeze_lm_embeddings: false,
+        amp_bf16: false,
     };
     let mut trainer = Trainer::new(model, &tokenizer, None, config)?;
     let mut saved = Weights::read_safetensors(&dir.join("batch.safetensors"))?;

@@ -99,9 +99,12 @@ impl TrainJob {
         if self.laion_shards.is_none() && self.mmc4_shards.is_none() {
             return Err("give --laion_shards, --mmc4_shards or both".into());
         }
-        if self.precision != "fp32" {
+        if !matches!(
+            self.precision.as_str(),
+            "fp32" | "amp_bf16" | "amp_bfloat16"
+        ) {
             return Err(format!(
-                "--precision {}: only fp32 is implemented so far",
+                "--precision {}: use fp32 or amp_bf16 (bf16 and fp16 are not implemented yet)",
                 self.precision
             ));
         }
@@ -155,6 +158,7 @@ impl TrainJob {
             loss_multiplier_mmc4: self.loss_multiplier_mmc4,
             gradient_accumulation_steps: self.gradient_accumulation_steps,
             freeze_lm_embeddings: self.freeze_lm_embeddings,
+            amp_bf16: self.precision.starts_with("amp_"),
         })
     }
 

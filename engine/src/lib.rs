@@ -6,6 +6,7 @@
 //! OpenFlamingo's argument names, the rank's run loop, and tiny random
 //! models for tests and demos.
 
+pub mod autocast;
 pub mod batch;
 pub mod checkpoint;
 pub mod clip;

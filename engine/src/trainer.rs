@@ -64,6 +64,9 @@ pub struct TrainConfig {
     pub loss_multiplier_mmc4: f64,
     pub gradient_accumulation_steps: u64,
     pub freeze_lm_embeddings: bool,
+    /// `--precision amp_bf16`: the forward pass under bf16 autocast.
+    #[serde(default)]
+    pub amp_bf16: bool,
 }
 
 /// AdamW's hyper-parameters in the saved config.
@@ -370,11 +373,14 @@ impl<'g> Trainer<'g> {
     /// Forward and backward of one dataset's micro-batch; returns its loss
     /// (the global batch's mean token loss).
     fn accumulate_one(&mut self, batch: &TrainBatch, multiplier: f64) -> Result<f64, TrainError> {
-        let logits = self.model.forward_masked(
-            &batch.vision_x,
-            &batch.input_ids,
-            Some(&batch.attention_mask),
-        )?;
+        let device = batch.input_ids.device();
+        let logits = crate::autocast::bf16(self.config.amp_bf16, device, || {
+            self.model.forward_masked(
+                &batch.vision_x,
+                &batch.input_ids,
+                Some(&batch.attention_mask),
+            )
+        })?;
         let length = logits.size()[1];
         let vocab = logits.size()[2];
         let shifted_labels = batch.labels.narrow(1, 1, length - 1).reshape([-1]);

@@ -45,6 +45,7 @@ fn config(strategy: Strategy) -> TrainConfig {
         loss_multiplier_mmc4: 1.0,
         gradient_accumulation_steps: 1,
         freeze_lm_embeddings: false,
+        amp_bf16: false,
     }
 }
 
@@ -114,6 +115,87 @@ fn assembler(dir: &Path, form: &str, runtime: &tokio::runtime::Runtime) -> (Asse
         spec.images_per_sample() as usize,
         pad,
     )
+}
+
+/// Single-process losses for `config` (no process group).
+fn losses_in_process(dir: &Path, config: TrainConfig) -> Vec<(f64, f64)> {
+    let spec = ModelSpec::from_file(&dir.join("model/model.toml")).expect("model spec");
+    let (model, tokenizer) = load_flamingo(&spec).expect("model loads");
+    let mut trainer = Trainer::new(model, &tokenizer, None, config).expect("trainer");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let (laion, laion_images, pad) = assembler(dir, "laion", &runtime);
+    let (mmc4, mmc4_images, _) = assembler(dir, "mmc4", &runtime);
+    let (mut laion_cursor, mut mmc4_cursor) = (Cursor::default(), Cursor::default());
+    let mut losses = Vec::new();
+    for _ in 0..STEPS {
+        let global = runtime
+            .block_on(laion.batch(laion_cursor, LAION_BATCH))
+            .expect("laion batch");
+        laion_cursor = global.next;
+        let laion_batch = TrainBatch::from_rank_batch(&RankBatch::from_global(
+            &global,
+            0,
+            1,
+            laion_images,
+            pad,
+            ImageFormat::Uint8,
+        ));
+        let global = runtime
+            .block_on(mmc4.batch(mmc4_cursor, MMC4_BATCH))
+            .expect("mmc4 batch");
+        mmc4_cursor = global.next;
+        let mmc4_batch = TrainBatch::from_rank_batch(&RankBatch::from_global(
+            &global,
+            0,
+            1,
+            mmc4_images,
+            pad,
+            ImageFormat::Uint8,
+        ));
+        let report = trainer
+            .micro_step(Some(&laion_batch), Some(&mmc4_batch))
+            .expect("step")
+            .expect("a report");
+        assert!(!report.skipped && report.grad_norm.is_finite());
+        losses.push((
+            report.loss_laion.expect("laion"),
+            report.loss_mmc4.expect("mmc4"),
+        ));
+    }
+    assert!(trainer.flat_parameters().isfinite().all().int64_value(&[]) == 1);
+    losses
+}
+
+#[test]
+fn amp_bf16_trains_close_to_fp32() {
+    // bf16 autocast in the forward pass: the losses follow fp32's within
+    // bf16's precision, but are not fp32's (autocast took effect).
+    let dir = tempfile::tempdir().expect("temp dir");
+    fixture(dir.path());
+    let fp32 = losses_in_process(dir.path(), config(Strategy::NoShard));
+    let amp = losses_in_process(
+        dir.path(),
+        TrainConfig {
+            amp_bf16: true,
+            ..config(Strategy::NoShard)
+        },
+    );
+    let mut differs = false;
+    for (step, (a, b)) in fp32.iter().zip(&amp).enumerate() {
+        for (x, y) in [(a.0, b.0), (a.1, b.1)] {
+            assert!(
+                (x - y).abs() <= 0.05 * x.abs(),
+                "step {step}: amp_bf16 loss {y} vs fp32 {x}"
+            );
+            differs |= x != y;
+        }
+    }
+    assert!(
+        differs,
+        "amp_bf16 gave fp32's exact losses: autocast did nothing"
+    );
 }
 
 /// One rank's run; rank 0 writes the losses and the final weights.
