@@ -263,6 +263,30 @@ pub fn run_rank(job: &TrainJob, group: Option<&ProcessGroup>) -> anyhow::Result<
             )?;
         }
     }
+    // Memory, for `bench/train-memory.sh`: what this rank held.
+    let peak_rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmHWM:"))
+                .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024);
+    std::fs::write(
+        run_dir.join(format!("memory-rank-{rank}.json")),
+        json!({
+            "rank": rank,
+            "world_size": world,
+            "strategy": job.fsdp_sharding_strategy,
+            "trainable_parameters": trainer.parameter_count(),
+            "parameter_bytes": trainer.parameter_bytes(),
+            "gradient_bytes": trainer.parameter_bytes(),
+            "optimizer_bytes": trainer.optimizer_bytes(),
+            "peak_rss_bytes": peak_rss,
+        })
+        .to_string(),
+    )?;
     if rank == 0 {
         eprintln!();
         let steps = trainer.step_count() - first_step;

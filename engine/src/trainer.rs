@@ -272,10 +272,16 @@ impl<'g> Trainer<'g> {
         self.total
     }
 
-    /// Bytes this rank holds for trainable parameters, their gradient and
-    /// optimizer state (the part that sharding divides).
-    pub fn state_bytes(&self) -> i64 {
-        4 * (self.flat.numel() as i64 + 2 * self.exp_avg.numel() as i64)
+    /// Bytes of this rank's trainable parameters (the flat buffer, held
+    /// whole by every rank in both strategies).
+    pub fn parameter_bytes(&self) -> i64 {
+        4 * self.flat.numel() as i64
+    }
+
+    /// Bytes of this rank's optimizer state (AdamW's two moments): all of it
+    /// for `no_shard`, 1/world for `shard_grad_op`.
+    pub fn optimizer_bytes(&self) -> i64 {
+        4 * 2 * self.exp_avg.numel() as i64
     }
 
     /// The trainable values, flat (unpadded), for checks and checkpoints.
