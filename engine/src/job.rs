@@ -49,6 +49,9 @@ pub struct TrainJob {
     /// Stop after this many steps of the run (0: run to the end); for tests
     /// and preemption drills.
     pub max_steps: u64,
+    /// Data-service replicas to stream batches from (`http://host:port`);
+    /// empty: every rank reads its shards in-process.
+    pub data_service: Vec<String>,
 }
 
 impl Default for TrainJob {
@@ -85,6 +88,7 @@ impl Default for TrainJob {
             mmc4_max_num_images: 6,
             mmc4_min_num_images: 1,
             max_steps: 0,
+            data_service: Vec::new(),
         }
     }
 }

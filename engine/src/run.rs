@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use flamingo_collectives::{ProcessGroup, ReduceOp};
 use flamingo_data::batch::{Assembler, Cursor};
+use flamingo_data::client::{BatchStream, StreamConfig};
 use flamingo_data::convert::{ImageFormat, RankBatch};
 use flamingo_data::prepare::Preparer;
 use flamingo_data::reader::Dataset;
@@ -22,9 +23,21 @@ use crate::checkpoint::{self, Manifest};
 use crate::job::TrainJob;
 use crate::trainer::{StepReport, Trainer};
 
+/// Where a rank's batches come from.
+enum Source {
+    /// Read and prepared in this process.
+    Local(Assembler),
+    /// Streamed from data-service replicas (started at the first batch, so
+    /// that a resumed cursor is used).
+    Remote {
+        config: StreamConfig,
+        stream: Option<BatchStream>,
+    },
+}
+
 /// A dataset's stream on this rank.
 struct Feed {
-    assembler: Assembler,
+    source: Source,
     cursor: Cursor,
     images_per_sample: usize,
     pad: i64,
@@ -67,20 +80,48 @@ impl Feed {
                 ..Mmc4Options::default()
             },
         };
-        let spec = DataSpec::from_toml(&spec.to_toml(), None)?;
+        // Local paths absolute: a data service may run elsewhere.
+        let spec = DataSpec::from_toml(&spec.to_toml(), Some(&std::env::current_dir()?))?;
+        let per_rank = match kind {
+            DatasetKind::Laion => job.batch_size_laion as usize,
+            DatasetKind::Mmc4 => job.batch_size_mmc4 as usize,
+        };
+        let images_per_sample = spec.images_per_sample() as usize;
+        if !job.data_service.is_empty() {
+            let config = StreamConfig {
+                endpoints: job.data_service.clone(),
+                spec_toml: spec.to_toml(),
+                seed: job.seed,
+                rank: 0,
+                world_size: 1,
+                batch_size: per_rank as u32,
+                image_format: ImageFormat::Uint8,
+                cursor: Cursor::default(),
+                end_epoch: 0,
+                buffer_depth: 4,
+                reconnect_for: std::time::Duration::from_secs(120),
+            };
+            return Ok(Self {
+                source: Source::Remote {
+                    config,
+                    stream: None,
+                },
+                cursor: Cursor::default(),
+                images_per_sample,
+                pad: 0,
+                per_rank,
+            });
+        }
         let dataset = runtime.block_on(Dataset::open(&spec, &Storage::default()))?;
         let preparer = Arc::new(Preparer::new(&spec)?);
         let pad = preparer.pad_token_id();
         let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(1).build()?);
         Ok(Self {
-            assembler: Assembler::new(dataset, preparer, pool, job.seed),
+            source: Source::Local(Assembler::new(dataset, preparer, pool, job.seed)),
             cursor: Cursor::default(),
-            images_per_sample: spec.images_per_sample() as usize,
+            images_per_sample,
             pad,
-            per_rank: match kind {
-                DatasetKind::Laion => job.batch_size_laion as usize,
-                DatasetKind::Mmc4 => job.batch_size_mmc4 as usize,
-            },
+            per_rank,
         })
     }
 
@@ -90,7 +131,27 @@ impl Feed {
         world: usize,
         runtime: &tokio::runtime::Runtime,
     ) -> anyhow::Result<TrainBatch> {
-        let global = runtime.block_on(self.assembler.batch(self.cursor, self.per_rank * world))?;
+        let assembler = match &mut self.source {
+            Source::Local(assembler) => assembler,
+            Source::Remote { config, stream } => {
+                if stream.is_none() {
+                    config.rank = rank as u32;
+                    config.world_size = world as u32;
+                    config.cursor = self.cursor;
+                    let config = config.clone();
+                    *stream = Some(runtime.block_on(async move { BatchStream::start(config) }));
+                }
+                let stream = stream
+                    .as_mut()
+                    .ok_or_else(|| anyhow::anyhow!("no batch stream"))?;
+                let batch = runtime
+                    .block_on(stream.next())
+                    .ok_or_else(|| anyhow::anyhow!("the data service ended the stream"))??;
+                self.cursor = batch.next;
+                return Ok(TrainBatch::from_rank_batch(&batch));
+            }
+        };
+        let global = runtime.block_on(assembler.batch(self.cursor, self.per_rank * world))?;
         for skip in global.skipped.iter().filter(|_| rank == 0) {
             tracing::warn!(shard = %skip.shard, key = %skip.key, reason = %skip.reject.reason, detail = %skip.reject.detail, "sample skipped");
         }
@@ -270,7 +331,14 @@ pub fn run_rank(job: &TrainJob, group: Option<&ProcessGroup>) -> anyhow::Result<
             status
                 .lines()
                 .find_map(|line| line.strip_prefix("VmHWM:"))
-                .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .and_then(|value| {
+                    value
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
         })
         .map_or(0, |kib| kib * 1024);
     std::fs::write(

@@ -75,6 +75,10 @@ pub struct TrainArgs {
     pub mmc4_textsim_threshold: Option<f64>,
     #[arg(long = "max_steps")]
     pub max_steps: Option<u64>,
+    /// Stream batches from these data-service replicas (comma-separated
+    /// http://host:port) instead of reading shards in each rank.
+    #[arg(long = "data_service", value_delimiter = ',')]
+    pub data_service: Vec<String>,
 }
 
 impl TrainArgs {
@@ -123,6 +127,9 @@ impl TrainArgs {
         }
         if self.resume_from_checkpoint.is_some() {
             job.resume_from_checkpoint = self.resume_from_checkpoint.clone();
+        }
+        if !self.data_service.is_empty() {
+            job.data_service = self.data_service.clone();
         }
         job.gradient_checkpointing |= self.gradient_checkpointing;
         job.delete_previous_checkpoint |= self.delete_previous_checkpoint;

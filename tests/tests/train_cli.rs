@@ -121,6 +121,40 @@ fn a_run_killed_after_a_checkpoint_resumes_on_another_world_size_exactly() {
     let last = whole[&12].0 + whole[&12].1;
     assert!(last < first, "the loss falls: {whole:?}");
 
+    // The same run fed by a data-service replica gives the same losses.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("free port");
+    let mut service = Command::new(ClusterSandbox::binary("flamingo-data-service"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("data service starts");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "data service did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut remote_args = train_args("remote", 2, 4, 2);
+    remote_args.extend([
+        "--data_service".to_string(),
+        format!("http://127.0.0.1:{port}"),
+    ]);
+    run(&remote_args);
+    let _ = service.kill();
+    let _ = service.wait();
+    let remote = losses(dir.path(), "remote");
+    assert_eq!(remote.len(), 12);
+    for (step, (a, b)) in &whole {
+        let (x, y) = remote[step];
+        assert!(
+            (a - x).abs() <= 1e-6 * a.abs() && (b - y).abs() <= 1e-6 * b.abs(),
+            "step {step}: {remote:?} vs {whole:?}"
+        );
+    }
+
     // Interrupted: SIGKILL once the step-4 checkpoint is committed.
     let mut child = flamingoctl(dir.path())
         .args(train_args("cut", 2, 4, 2))
