@@ -1,10 +1,11 @@
 //! Embeds torch's lib/ as an rpath so tests run without LD_LIBRARY_PATH, and
-//! compiles the autocast shim against the venv's libtorch headers.
+//! compiles the autocast and pickle shims against the venv's libtorch headers.
 
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/autocast.cpp");
+    println!("cargo:rerun-if-changed=csrc/pickle.cpp");
     let torch_lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").expect(
         "torch-sys exports libtorch_lib; run through scripts/setup.sh so LIBTORCH_USE_PYTORCH=1 finds the venv torch",
     ));
@@ -22,7 +23,8 @@ fn main() {
         .include(include.join("torch/csrc/api/include"))
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .file("csrc/autocast.cpp")
-        .compile("flamingo_autocast_shim");
+        .file("csrc/pickle.cpp")
+        .compile("flamingo_engine_shim");
     println!("cargo:rustc-link-search=native={}", torch_lib.display());
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");

@@ -184,3 +184,53 @@ pub fn state_dict(dir: &Path) -> Result<Vec<(String, Tensor)>, String> {
         })
         .collect())
 }
+
+extern "C" {
+    fn fl_pickle_save(
+        names: *const *const std::ffi::c_char,
+        tensors: *const *mut std::ffi::c_void,
+        count: std::ffi::c_int,
+        path: *const std::ffi::c_char,
+        error: *mut std::ffi::c_char,
+        error_len: usize,
+    ) -> std::ffi::c_int;
+}
+
+/// Writes `tensors` as a `{name: tensor}` dict in `torch.save`'s format
+/// (OpenFlamingo's `checkpoint.pt`; Python's `torch.load` reads it).
+pub fn write_torch_pickle(tensors: &[(String, Tensor)], path: &Path) -> Result<(), String> {
+    let names: Vec<std::ffi::CString> = tensors
+        .iter()
+        .map(|(name, _)| std::ffi::CString::new(name.as_str()).map_err(|error| error.to_string()))
+        .collect::<Result<_, _>>()?;
+    let name_pointers: Vec<*const std::ffi::c_char> =
+        names.iter().map(|name| name.as_ptr()).collect();
+    let handles: Vec<*mut std::ffi::c_void> = tensors
+        .iter()
+        .map(|(_, tensor)| tensor.as_ptr() as *mut std::ffi::c_void)
+        .collect();
+    let file =
+        std::ffi::CString::new(path.display().to_string()).map_err(|error| error.to_string())?;
+    let mut error = [0 as std::ffi::c_char; 512];
+    // SAFETY: every pointer is valid for the call: the names and path are
+    // NUL-terminated and alive, the handles are tch's at::Tensor pointers of
+    // tensors borrowed for the duration, and the shim writes at most
+    // `error.len()` bytes of message.
+    let status = unsafe {
+        fl_pickle_save(
+            name_pointers.as_ptr(),
+            handles.as_ptr(),
+            tensors.len() as std::ffi::c_int,
+            file.as_ptr(),
+            error.as_mut_ptr(),
+            error.len(),
+        )
+    };
+    if status == 0 {
+        Ok(())
+    } else {
+        // SAFETY: the shim wrote a NUL-terminated message.
+        let message = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
+        Err(format!("{}: {}", path.display(), message.to_string_lossy()))
+    }
+}

@@ -116,8 +116,8 @@ enum Command {
         #[arg(long, default_value_t = 32)]
         vision_width: i64,
     },
-    /// Write a run's checkpoint as OpenFlamingo's trainable state dict (safetensors), loadable
-    /// as a model spec's `[flamingo] checkpoint`.
+    /// Write a run's checkpoint as OpenFlamingo's trainable state dict (.pt as torch.save
+    /// writes it, or .safetensors), loadable as a model spec's `[flamingo] checkpoint`.
     Export {
         /// A run folder (its latest checkpoint) or a checkpoint folder.
         run: PathBuf,
@@ -278,7 +278,17 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             };
             let tensors =
                 flamingo_engine::checkpoint::state_dict(&dir).map_err(anyhow::Error::msg)?;
-            tch::Tensor::write_safetensors(&tensors, &out)?;
+            match out.extension().and_then(|e| e.to_str()) {
+                Some("safetensors") => tch::Tensor::write_safetensors(&tensors, &out)?,
+                Some("pt" | "bin" | "pth") => {
+                    flamingo_engine::checkpoint::write_torch_pickle(&tensors, &out)
+                        .map_err(anyhow::Error::msg)?
+                }
+                _ => anyhow::bail!(
+                    "--out {}: name it .safetensors, or .pt for torch.save's format (OpenFlamingo's checkpoint.pt)",
+                    out.display()
+                ),
+            }
             if json {
                 println!(
                     "{}",

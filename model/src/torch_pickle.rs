@@ -120,6 +120,14 @@ fn call(function: Value, arguments: Value) -> Result<Value> {
             Ok(args.swap_remove(0))
         }
         "collections.OrderedDict" => Ok(Value::Dict(Vec::new())),
+        // What `torch::pickle_save` (C++) wraps typed containers in:
+        // `restore_type_tag(value, "Dict[str, Tensor]")` is the value.
+        "torch.jit._pickle.restore_type_tag" => {
+            if args.is_empty() {
+                return Err(corrupt(format!("{name} without arguments")));
+            }
+            Ok(args.swap_remove(0))
+        }
         _ => Ok(Value::Call(
             Box::new(function),
             Box::new(Value::Tuple(args)),

@@ -203,10 +203,10 @@ fn a_run_killed_after_a_checkpoint_resumes_on_another_world_size_exactly() {
 
     // Exported in OpenFlamingo's names, the trained parts load as a model
     // spec's checkpoint, and the model scores a prompt with them.
-    run(&["export", "runs/cut", "--out", "trained.safetensors"].map(String::from));
+    run(&["export", "runs/cut", "--out", "trained.pt"].map(String::from));
     std::fs::write(
         dir.path().join("trained.toml"),
-        "[vision]\narch = \"tiny/clip.json\"\nweights = \"tiny/clip.safetensors\"\n[language]\npath = \"tiny/lm\"\n[flamingo]\ncheckpoint = \"trained.safetensors\"\n",
+        "[vision]\narch = \"tiny/clip.json\"\nweights = \"tiny/clip.safetensors\"\n[language]\npath = \"tiny/lm\"\n[flamingo]\ncheckpoint = \"trained.pt\"\n",
     )
     .expect("spec written");
     let (_, members) = flamingo_data::synthetic::laion_sample(77, 0, 32);

@@ -4,7 +4,7 @@ model/tests/reference/released_format_reference.py assembles it, and
 reports unexpected and missing trainable keys and the largest difference
 from the exported values.
 
-usage: python export_reference.py MODEL_DIR EXPORT.safetensors
+usage: python export_reference.py MODEL_DIR EXPORT.safetensors|EXPORT.pt
 (MODEL_DIR: where released_format_reference.py wrote its files; rebuilt
 here, deterministically, into a scratch folder.)
 """
@@ -22,7 +22,10 @@ from released_format_reference import build  # noqa: E402
 
 
 def main():
-    exported = load_file(sys.argv[2])
+    path = sys.argv[2]
+    # OpenFlamingo reads checkpoint.pt with torch.load; weights_only (the
+    # default since torch 2.6) must accept it.
+    exported = load_file(path) if path.endswith(".safetensors") else torch.load(path, weights_only=True)
     with tempfile.TemporaryDirectory() as scratch:
         model, _, _ = build(scratch)
     result = model.load_state_dict(exported, strict=False)
