@@ -148,6 +148,13 @@ pub fn spawn_coordinator(
     spawn(command, log, detach)
 }
 
+/// A data-service replica on `port`.
+pub fn spawn_data_service(port: u16, log: &Path, detach: bool) -> anyhow::Result<Child> {
+    let mut command = Command::new(binary("flamingo-data-service")?);
+    command.arg(format!("--listen=127.0.0.1:{port}"));
+    spawn(command, log, detach)
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentSpec {
     pub node_id: String,
@@ -208,6 +215,11 @@ pub struct ClusterState {
     pub etcd_pid: u32,
     pub coordinator_pid: u32,
     pub agent_pids: Vec<u32>,
+    /// The cluster's data-service replica (`http://127.0.0.1:port`).
+    #[serde(default)]
+    pub data_service: Option<String>,
+    #[serde(default)]
+    pub data_service_pid: Option<u32>,
     pub nodes: u32,
     pub slots_per_node: u32,
     pub state_dir: PathBuf,

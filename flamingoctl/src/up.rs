@@ -86,6 +86,20 @@ pub async fn up(state_dir: &Path, options: &UpOptions) -> anyhow::Result<Cluster
         )?;
         eprintln!("up at {}", coordinator.endpoint());
 
+        step("data service");
+        let data_port = flamingo_common::net::free_local_port()?;
+        let data_log = logs.join("data-service.log");
+        let data_child = local::spawn_data_service(data_port, &data_log, true)?;
+        started.push(data_child.id());
+        let data_service = format!("http://127.0.0.1:{data_port}");
+        local::wait_for_port(&data_service, Duration::from_secs(20)).with_context(|| {
+            format!(
+                "the data service did not start; its log ends:\n{}",
+                tail(&data_log, 15)
+            )
+        })?;
+        eprintln!("up at {data_service}");
+
         step(&format!(
             "{} agent(s) × {} slot(s)",
             options.nodes, options.slots_per_node
@@ -140,6 +154,8 @@ pub async fn up(state_dir: &Path, options: &UpOptions) -> anyhow::Result<Cluster
             etcd_pid: etcd_child.id(),
             coordinator_pid: coordinator_child.id(),
             agent_pids,
+            data_service: Some(data_service),
+            data_service_pid: Some(data_child.id()),
             nodes: options.nodes,
             slots_per_node: options.slots_per_node,
             state_dir: state_dir.to_path_buf(),
@@ -176,6 +192,11 @@ pub fn down(state_dir: &Path) -> anyhow::Result<Option<ClusterState>> {
     step("agents");
     local::terminate(&state.agent_pids, Duration::from_secs(15));
     eprintln!("stopped");
+    if let Some(pid) = state.data_service_pid {
+        step("data service");
+        local::terminate(&[pid], Duration::from_secs(10));
+        eprintln!("stopped");
+    }
     step("coordinator");
     local::terminate(&[state.coordinator_pid], Duration::from_secs(10));
     eprintln!("stopped");
@@ -186,6 +207,7 @@ pub fn down(state_dir: &Path) -> anyhow::Result<Option<ClusterState>> {
         .agent_pids
         .iter()
         .chain([&state.coordinator_pid, &state.etcd_pid])
+        .chain(state.data_service_pid.as_ref())
         .copied()
         .filter(|&pid| local::process_alive(pid))
         .collect();

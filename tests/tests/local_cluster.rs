@@ -41,6 +41,14 @@ fn up_launch_status_down_leaves_no_process_behind() {
         .collect();
     pids.push(cluster["coordinator_pid"].as_u64().unwrap() as u32);
     pids.push(cluster["etcd_pid"].as_u64().unwrap() as u32);
+    // The cluster's data-service replica answers.
+    pids.push(cluster["data_service_pid"].as_u64().unwrap() as u32);
+    let data_service = cluster["data_service"].as_str().unwrap();
+    let address = data_service.trim_start_matches("http://");
+    assert!(
+        std::net::TcpStream::connect(address).is_ok(),
+        "{data_service}"
+    );
     assert!(pids.iter().all(|&pid| alive(pid)));
 
     // A second `up` refuses rather than starting a second cluster.
