@@ -117,54 +117,58 @@ fn assembler(dir: &Path, form: &str, runtime: &tokio::runtime::Runtime) -> (Asse
     )
 }
 
-/// Single-process losses for `config` (no process group).
-fn losses_in_process(dir: &Path, config: TrainConfig) -> Vec<(f64, f64)> {
+/// Trains `STEPS` steps of rank `rank` of `group` (or alone) on the fixture;
+/// returns the per-step (LAION, MMC4) losses and the final flat weights.
+fn train_steps(
+    dir: &Path,
+    group: Option<&ProcessGroup>,
+    config: TrainConfig,
+) -> (Vec<(f64, f64)>, tch::Tensor) {
+    let (rank, world) = group.map_or((0, 1), |g| (g.rank() as usize, g.world_size() as usize));
     let spec = ModelSpec::from_file(&dir.join("model/model.toml")).expect("model spec");
     let (model, tokenizer) = load_flamingo(&spec).expect("model loads");
-    let mut trainer = Trainer::new(model, &tokenizer, None, config).expect("trainer");
+    let mut trainer = Trainer::new(model, &tokenizer, group, config).expect("trainer");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
     let (laion, laion_images, pad) = assembler(dir, "laion", &runtime);
     let (mmc4, mmc4_images, _) = assembler(dir, "mmc4", &runtime);
-    let (mut laion_cursor, mut mmc4_cursor) = (Cursor::default(), Cursor::default());
+    let mut cursors = (Cursor::default(), Cursor::default());
+    let next = |assembler: &Assembler, cursor: &mut Cursor, size: usize, images: usize| {
+        let global = runtime
+            .block_on(assembler.batch(*cursor, size))
+            .expect("batch");
+        *cursor = global.next;
+        TrainBatch::from_rank_batch(&RankBatch::from_global(
+            &global,
+            rank,
+            world,
+            images,
+            pad,
+            ImageFormat::Uint8,
+        ))
+    };
     let mut losses = Vec::new();
     for _ in 0..STEPS {
-        let global = runtime
-            .block_on(laion.batch(laion_cursor, LAION_BATCH))
-            .expect("laion batch");
-        laion_cursor = global.next;
-        let laion_batch = TrainBatch::from_rank_batch(&RankBatch::from_global(
-            &global,
-            0,
-            1,
-            laion_images,
-            pad,
-            ImageFormat::Uint8,
-        ));
-        let global = runtime
-            .block_on(mmc4.batch(mmc4_cursor, MMC4_BATCH))
-            .expect("mmc4 batch");
-        mmc4_cursor = global.next;
-        let mmc4_batch = TrainBatch::from_rank_batch(&RankBatch::from_global(
-            &global,
-            0,
-            1,
-            mmc4_images,
-            pad,
-            ImageFormat::Uint8,
-        ));
+        let laion_batch = next(&laion, &mut cursors.0, LAION_BATCH, laion_images);
+        let mmc4_batch = next(&mmc4, &mut cursors.1, MMC4_BATCH, mmc4_images);
         let report = trainer
             .micro_step(Some(&laion_batch), Some(&mmc4_batch))
             .expect("step")
-            .expect("a report");
+            .expect("a report every step");
         assert!(!report.skipped && report.grad_norm.is_finite());
         losses.push((
             report.loss_laion.expect("laion"),
             report.loss_mmc4.expect("mmc4"),
         ));
     }
-    assert!(trainer.flat_parameters().isfinite().all().int64_value(&[]) == 1);
+    (losses, trainer.flat_parameters())
+}
+
+/// Single-process losses for `config` (no process group).
+fn losses_in_process(dir: &Path, config: TrainConfig) -> Vec<(f64, f64)> {
+    let (losses, weights) = train_steps(dir, None, config);
+    assert!(weights.isfinite().all().int64_value(&[]) == 1);
     losses
 }
 
@@ -212,57 +216,9 @@ fn run_rank(dir: &Path, strategy: Strategy, out: &Path) {
         ),
         _ => None,
     };
-    let (rank, world) = group
-        .as_ref()
-        .map_or((0, 1), |g| (g.rank() as usize, g.world_size() as usize));
-    let spec = ModelSpec::from_file(&dir.join("model/model.toml")).expect("model spec");
-    let (model, tokenizer) = load_flamingo(&spec).expect("model loads");
-    let mut trainer =
-        Trainer::new(model, &tokenizer, group.as_ref(), config(strategy)).expect("trainer");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("runtime");
-    let (laion, laion_images, pad) = assembler(dir, "laion", &runtime);
-    let (mmc4, mmc4_images, _) = assembler(dir, "mmc4", &runtime);
-    let (mut laion_cursor, mut mmc4_cursor) = (Cursor::default(), Cursor::default());
-    let mut losses = Vec::new();
-    for _ in 0..STEPS {
-        let global = runtime
-            .block_on(laion.batch(laion_cursor, LAION_BATCH))
-            .expect("laion batch");
-        laion_cursor = global.next;
-        let laion_batch = TrainBatch::from_rank_batch(&RankBatch::from_global(
-            &global,
-            rank,
-            world,
-            laion_images,
-            pad,
-            ImageFormat::Uint8,
-        ));
-        let global = runtime
-            .block_on(mmc4.batch(mmc4_cursor, MMC4_BATCH))
-            .expect("mmc4 batch");
-        mmc4_cursor = global.next;
-        let mmc4_batch = TrainBatch::from_rank_batch(&RankBatch::from_global(
-            &global,
-            rank,
-            world,
-            mmc4_images,
-            pad,
-            ImageFormat::Uint8,
-        ));
-        let report = trainer
-            .micro_step(Some(&laion_batch), Some(&mmc4_batch))
-            .expect("step")
-            .expect("a report every step");
-        assert!(!report.skipped);
-        losses.push((
-            report.loss_laion.expect("laion"),
-            report.loss_mmc4.expect("mmc4"),
-        ));
-    }
+    let rank = group.as_ref().map_or(0, ProcessGroup::rank);
+    let (losses, flat) = train_steps(dir, group.as_ref(), config(strategy));
     if rank == 0 {
-        let flat = trainer.flat_parameters();
         tch::Tensor::write_safetensors(&[("flat", flat)], out.with_extension("safetensors"))
             .expect("weights written");
         std::fs::write(
