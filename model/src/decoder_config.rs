@@ -92,31 +92,31 @@ fn integer(config: &Value, name: &str) -> Result<i64> {
         .ok_or_else(|| ModelError::Config(format!("config.json: {name} must be an integer")))
 }
 
-fn integer_or(config: &Value, name: &str, default: i64) -> Result<i64> {
+/// An optional field: `default` when absent or null, else it must read as `T`.
+fn optional<T>(
+    config: &Value,
+    name: &str,
+    default: T,
+    read: fn(&Value) -> Option<T>,
+    what: &str,
+) -> Result<T> {
     match config.get(name) {
         None | Some(Value::Null) => Ok(default),
-        Some(value) => value
-            .as_i64()
-            .ok_or_else(|| ModelError::Config(format!("config.json: {name} must be an integer"))),
+        Some(value) => read(value)
+            .ok_or_else(|| ModelError::Config(format!("config.json: {name} must be {what}"))),
     }
+}
+
+fn integer_or(config: &Value, name: &str, default: i64) -> Result<i64> {
+    optional(config, name, default, Value::as_i64, "an integer")
 }
 
 fn float_or(config: &Value, name: &str, default: f64) -> Result<f64> {
-    match config.get(name) {
-        None | Some(Value::Null) => Ok(default),
-        Some(value) => value
-            .as_f64()
-            .ok_or_else(|| ModelError::Config(format!("config.json: {name} must be a number"))),
-    }
+    optional(config, name, default, Value::as_f64, "a number")
 }
 
 fn bool_or(config: &Value, name: &str, default: bool) -> Result<bool> {
-    match config.get(name) {
-        None | Some(Value::Null) => Ok(default),
-        Some(value) => value.as_bool().ok_or_else(|| {
-            ModelError::Config(format!("config.json: {name} must be true or false"))
-        }),
-    }
+    optional(config, name, default, Value::as_bool, "true or false")
 }
 
 impl DecoderConfig {
@@ -216,12 +216,7 @@ impl DecoderConfig {
             None | Some(Value::Null) => None,
             Some(value) => value.as_f64(),
         };
-        let softmax_scale = match config.get("softmax_scale") {
-            None | Some(Value::Null) => (head_dim as f64).powf(-0.5),
-            Some(value) => value.as_f64().ok_or_else(|| {
-                ModelError::Config("config.json: softmax_scale must be a number".into())
-            })?,
-        };
+        let softmax_scale = float_or(config, "softmax_scale", (head_dim as f64).powf(-0.5))?;
         Ok(Self {
             family: DecoderFamily::Mpt,
             vocab_size: integer(config, "vocab_size")?,
