@@ -20,22 +20,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "../../../model/tests/reference"))
 from released_format_reference import build  # noqa: E402
 
-
-def labels_for(input_ids, tokenizer, media, eoc):
-    labels = input_ids.clone()
-    labels[labels == tokenizer.pad_token_id] = -100
-    for i in range(labels.shape[0]):
-        index = 0
-        while index < labels.shape[1] and labels[i][index] != media:
-            labels[i][index] = -100
-            index += 1
-        for end in torch.where(labels[i] == eoc)[0]:
-            position = end + 1
-            while position < labels.shape[1] and labels[i][position] != media:
-                labels[i][position] = -100
-                position += 1
-    labels[labels == media] = -100
-    return labels
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "../../../data-service/tests/reference"))
+from data_reference import interleaved_labels  # noqa: E402  (train_utils.py's masking)
 
 
 def main():
@@ -53,7 +39,7 @@ def main():
     tokenizer.padding_side = "right"
     encoded = tokenizer(texts, padding="longest", return_tensors="pt")
     lang_x, attention_mask = encoded["input_ids"], encoded["attention_mask"]
-    labels = labels_for(lang_x, tokenizer, media, eoc)
+    labels = interleaved_labels(lang_x, tokenizer, media, eoc)
     vision_x = torch.randn(2, 2, 1, 3, 28, 28, generator=generator)
 
     loss = model(vision_x=vision_x, lang_x=lang_x, attention_mask=attention_mask, labels=labels)[0]
