@@ -41,19 +41,24 @@ fn flamingoctl(dir: &Path, args: &[&str]) -> std::process::Output {
         .expect("flamingoctl runs")
 }
 
+/// Runs flamingoctl with `args`; it must succeed; its stdout as JSON.
+fn json_run(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let output = flamingoctl(dir, args);
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON output")
+}
+
 #[test]
 fn score_and_generate_match_open_flamingo() {
     let dir = tempfile::tempdir().unwrap();
     let expected = reference(dir.path());
     let prompt = expected["prompt"].as_str().unwrap();
 
-    let scored = flamingoctl(dir.path(), &["score", "--prompt", prompt, "--json"]);
-    assert!(
-        scored.status.success(),
-        "{}",
-        String::from_utf8_lossy(&scored.stderr)
-    );
-    let scored: serde_json::Value = serde_json::from_slice(&scored.stdout).unwrap();
+    let scored = json_run(dir.path(), &["score", "--prompt", prompt, "--json"]);
     assert_eq!(scored["token_ids"], expected["token_ids"]);
     let ours = scored["logprobs"].as_array().unwrap();
     let theirs = expected["logprobs"].as_array().unwrap();
@@ -67,7 +72,7 @@ fn score_and_generate_match_open_flamingo() {
         assert!(difference <= 1e-4, "logprob {index}: {a} vs {b}");
     }
 
-    let generated = flamingoctl(
+    let generated = json_run(
         dir.path(),
         &[
             "generate",
@@ -78,16 +83,10 @@ fn score_and_generate_match_open_flamingo() {
             "--json",
         ],
     );
-    assert!(
-        generated.status.success(),
-        "{}",
-        String::from_utf8_lossy(&generated.stderr)
-    );
-    let generated: serde_json::Value = serde_json::from_slice(&generated.stdout).unwrap();
     assert_eq!(generated["token_ids"], expected["generated"]);
     assert_eq!(generated["text"], expected["text"]);
 
-    let beams = flamingoctl(
+    let beams = json_run(
         dir.path(),
         &[
             "generate",
@@ -102,12 +101,6 @@ fn score_and_generate_match_open_flamingo() {
             "--json",
         ],
     );
-    assert!(
-        beams.status.success(),
-        "{}",
-        String::from_utf8_lossy(&beams.stderr)
-    );
-    let beams: serde_json::Value = serde_json::from_slice(&beams.stdout).unwrap();
     assert_eq!(beams["token_ids"], expected["beam3"]);
     assert_eq!(beams["text"], expected["beam3_text"]);
 }
@@ -121,7 +114,7 @@ fn bf16_gives_fp32_greedy_tokens_and_close_logprobs() {
     let expected = reference(dir.path());
     let prompt = expected["prompt"].as_str().unwrap();
     for dtype in ["bf16", "fp16"] {
-        let generated = flamingoctl(
+        let generated = json_run(
             dir.path(),
             &[
                 "generate",
@@ -134,20 +127,12 @@ fn bf16_gives_fp32_greedy_tokens_and_close_logprobs() {
                 "--json",
             ],
         );
-        assert!(
-            generated.status.success(),
-            "{dtype}: {}",
-            String::from_utf8_lossy(&generated.stderr)
-        );
-        let generated: serde_json::Value = serde_json::from_slice(&generated.stdout).unwrap();
         assert_eq!(generated["token_ids"], expected["generated"], "{dtype}");
 
-        let scored = flamingoctl(
+        let scored = json_run(
             dir.path(),
             &["score", "--prompt", prompt, "--dtype", dtype, "--json"],
         );
-        assert!(scored.status.success(), "{dtype}");
-        let scored: serde_json::Value = serde_json::from_slice(&scored.stdout).unwrap();
         let ours = scored["logprobs"].as_array().unwrap();
         let theirs = expected["logprobs"].as_array().unwrap();
         assert_eq!(ours.len(), theirs.len());
