@@ -119,6 +119,21 @@ fn bool_or(config: &Value, name: &str, default: bool) -> Result<bool> {
     optional(config, name, default, Value::as_bool, "true or false")
 }
 
+/// A number that may be absent or null (MPT's `clip_qkv`).
+fn optional_float(config: &Value, name: &str) -> Option<f64> {
+    config.get(name).and_then(Value::as_f64)
+}
+
+/// What differs between HF MPT's and MosaicGPT's configs.
+struct MptVariant {
+    mlp_ratio: i64,
+    norm_eps: f64,
+    alibi_bias_max: f64,
+    clip_qkv: Option<f64>,
+    softmax_scale: f64,
+    mosaic_gpt: bool,
+}
+
 impl DecoderConfig {
     /// Parses a Hugging Face `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self> {
@@ -156,10 +171,25 @@ impl DecoderConfig {
             ));
         }
         let head_dim = hidden_size / heads;
-        let clip_qkv = match attn.get("clip_qkv") {
-            None | Some(Value::Null) => None,
-            Some(value) => value.as_f64(),
-        };
+        Self::alibi_mpt(
+            config,
+            MptVariant {
+                // Hugging Face's MptMLP hard-codes 4 × d_model.
+                mlp_ratio: 4,
+                norm_eps: float_or(config, "layer_norm_epsilon", 1e-5)?,
+                alibi_bias_max: float_or(attn, "alibi_bias_max", 8.0)?,
+                clip_qkv: optional_float(attn, "clip_qkv"),
+                softmax_scale: float_or(attn, "softmax_scale", (head_dim as f64).powf(-0.5))?,
+                mosaic_gpt: false,
+            },
+        )
+    }
+
+    /// The MPT architecture (ALiBi, no biases, tied embeddings) with the
+    /// fields its two config formats spell differently.
+    fn alibi_mpt(config: &Value, variant: MptVariant) -> Result<Self> {
+        let hidden_size = integer(config, "d_model")?;
+        let heads = integer(config, "n_heads")?;
         Ok(Self {
             family: DecoderFamily::Mpt,
             vocab_size: integer(config, "vocab_size")?,
@@ -167,22 +197,21 @@ impl DecoderConfig {
             layers: integer(config, "n_layers")?,
             heads,
             kv_heads: heads,
-            head_dim,
-            // Hugging Face's MptMLP hard-codes 4 × d_model.
-            intermediate_size: 4 * hidden_size,
-            norm_eps: float_or(config, "layer_norm_epsilon", 1e-5)?,
+            head_dim: hidden_size / heads,
+            intermediate_size: variant.mlp_ratio * hidden_size,
+            norm_eps: variant.norm_eps,
             activation: Activation::Gelu,
             rotary_dims: 0,
             rope_theta: 0.0,
             parallel_residual: false,
             attention_bias: false,
             mlp_bias: false,
-            alibi_bias_max: float_or(attn, "alibi_bias_max", 8.0)?,
+            alibi_bias_max: variant.alibi_bias_max,
             max_seq_len: integer(config, "max_seq_len")?,
-            clip_qkv,
-            softmax_scale: float_or(attn, "softmax_scale", (head_dim as f64).powf(-0.5))?,
+            clip_qkv: variant.clip_qkv,
+            softmax_scale: variant.softmax_scale,
             tie_word_embeddings: true,
-            mosaic_gpt: false,
+            mosaic_gpt: variant.mosaic_gpt,
         })
     }
 
@@ -212,35 +241,18 @@ impl DecoderConfig {
             return Err(ModelError::Unsupported("MosaicGPT prefix_lm".into()));
         }
         let head_dim = hidden_size / heads;
-        let clip_qkv = match config.get("attn_clip_qkv") {
-            None | Some(Value::Null) => None,
-            Some(value) => value.as_f64(),
-        };
-        let softmax_scale = float_or(config, "softmax_scale", (head_dim as f64).powf(-0.5))?;
-        Ok(Self {
-            family: DecoderFamily::Mpt,
-            vocab_size: integer(config, "vocab_size")?,
-            hidden_size,
-            layers: integer(config, "n_layers")?,
-            heads,
-            kv_heads: heads,
-            head_dim,
-            intermediate_size: integer_or(config, "mlp_ratio", 4)? * hidden_size,
-            // torch.nn.LayerNorm's default; MosaicGPT does not configure it.
-            norm_eps: 1e-5,
-            activation: Activation::Gelu,
-            rotary_dims: 0,
-            rope_theta: 0.0,
-            parallel_residual: false,
-            attention_bias: false,
-            mlp_bias: false,
-            alibi_bias_max: float_or(config, "alibi_bias_max", 8.0)?,
-            max_seq_len: integer(config, "max_seq_len")?,
-            clip_qkv,
-            softmax_scale,
-            tie_word_embeddings: true,
-            mosaic_gpt: true,
-        })
+        Self::alibi_mpt(
+            config,
+            MptVariant {
+                mlp_ratio: integer_or(config, "mlp_ratio", 4)?,
+                // torch.nn.LayerNorm's default; MosaicGPT does not configure it.
+                norm_eps: 1e-5,
+                alibi_bias_max: float_or(config, "alibi_bias_max", 8.0)?,
+                clip_qkv: optional_float(config, "attn_clip_qkv"),
+                softmax_scale: float_or(config, "softmax_scale", (head_dim as f64).powf(-0.5))?,
+                mosaic_gpt: true,
+            },
+        )
     }
 
     fn gpt_neox(config: &Value) -> Result<Self> {
