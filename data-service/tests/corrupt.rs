@@ -7,11 +7,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use flamingo_data::batch::{Assembler, Cursor};
+use flamingo_data::batch::Cursor;
 use flamingo_data::index::ShardIndex;
-use flamingo_data::prepare::Preparer;
 use flamingo_data::reader::Dataset;
 use flamingo_data::spec::DataSpec;
 use flamingo_data::store::Storage;
@@ -83,14 +81,7 @@ async fn damaged_shards_and_samples_are_skipped_and_counted() {
         .as_deref()
         .is_some_and(|e| e.contains("checksum")));
 
-    let preparer = Arc::new(Preparer::new(&spec).expect("preparer"));
-    let pool = Arc::new(
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .expect("pool"),
-    );
-    let assembler = Assembler::new(dataset, preparer, pool, 8);
+    let assembler = common::assembler(dataset, &spec, 8);
     let replay = || async {
         let mut delivered = Vec::new();
         let mut reasons: BTreeMap<String, Vec<String>> = BTreeMap::new();

@@ -6,11 +6,8 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use flamingo_data::batch::{Assembler, Cursor};
 use flamingo_data::convert::{ImageFormat, RankBatch};
-use flamingo_data::prepare::Preparer;
 use flamingo_data::reader::Dataset;
 use flamingo_data::spec::DataSpec;
 use flamingo_data::store::Storage;
@@ -25,14 +22,7 @@ async fn assembler(spec_toml: &str, seed: u64) -> Assembler {
     let dataset = Dataset::open(&spec, &Storage::default())
         .await
         .expect("dataset");
-    let preparer = Arc::new(Preparer::new(&spec).expect("preparer"));
-    let pool = Arc::new(
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .expect("pool"),
-    );
-    Assembler::new(dataset, preparer, pool, seed)
+    common::assembler(dataset, &spec, seed)
 }
 
 /// Runs `world` ranks of `per_rank` samples from `cursor` for `batches`

@@ -9,13 +9,11 @@ mod common;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flamingo_data::batch::{Assembler, Cursor};
+use flamingo_data::batch::Cursor;
 use flamingo_data::index::{ShardIndex, INDEX_SUFFIX};
 use flamingo_data::pack::ShardWriter;
-use flamingo_data::prepare::Preparer;
 use flamingo_data::reader::Dataset;
 use flamingo_data::spec::DataSpec;
 use flamingo_data::store::{Storage, StorageOptions};
@@ -146,14 +144,7 @@ async fn conformance(storage: &Storage, prefix: &str, tokenizer: &str) -> Vec<St
     .expect("spec");
     let dataset = Dataset::open(&spec, storage).await.expect("opens");
     assert_eq!(dataset.samples(), 20);
-    let preparer = Arc::new(Preparer::new(&spec).expect("preparer"));
-    let pool = Arc::new(
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .expect("pool"),
-    );
-    let assembler = Assembler::new(dataset, preparer, pool, 3);
+    let assembler = common::assembler(dataset, &spec, 3);
     let mut keys = Vec::new();
     let mut cursor = Cursor::default();
     while cursor.epoch == 0 {

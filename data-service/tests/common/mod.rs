@@ -5,7 +5,13 @@
 
 use std::path::Path;
 
+use std::sync::Arc;
+
+use flamingo_data::batch::Assembler;
 use flamingo_data::pack::ShardWriter;
+use flamingo_data::prepare::Preparer;
+use flamingo_data::reader::Dataset;
+use flamingo_data::spec::DataSpec;
 use flamingo_data::store::Storage;
 use flamingo_data::synthetic;
 
@@ -43,4 +49,16 @@ pub fn good_keys(shards: usize, per_shard: usize, corrupt_every: u64) -> Vec<Str
         .filter(|index| corrupt_every == 0 || index % corrupt_every != corrupt_every - 1)
         .map(|index| format!("{index:09}"))
         .collect()
+}
+
+/// An assembler over `dataset` with two preprocessing threads.
+pub fn assembler(dataset: Arc<Dataset>, spec: &DataSpec, seed: u64) -> Assembler {
+    let preparer = Arc::new(Preparer::new(spec).expect("preparer"));
+    let pool = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .expect("pool"),
+    );
+    Assembler::new(dataset, preparer, pool, seed)
 }
