@@ -90,6 +90,13 @@ fn refused(status: &tonic::Status) -> bool {
     )
 }
 
+/// Passes a refusal on to the rank; the stream ends there.
+async fn refuse(sender: &mpsc::Sender<Result<RankBatch, StreamError>>, status: &tonic::Status) {
+    let _ = sender
+        .send(Err(StreamError::Refused(status.message().to_string())))
+        .await;
+}
+
 async fn feed(
     config: StreamConfig,
     sender: mpsc::Sender<Result<RankBatch, StreamError>>,
@@ -150,10 +157,7 @@ async fn feed(
         let mut stream = match client.stream_batches(request).await {
             Ok(response) => response.into_inner(),
             Err(status) if refused(&status) => {
-                let _ = sender
-                    .send(Err(StreamError::Refused(status.message().to_string())))
-                    .await;
-                return;
+                return refuse(&sender, &status).await;
             }
             Err(status) => {
                 last_error = format!("{endpoint}: {}", status.message());
@@ -191,10 +195,7 @@ async fn feed(
                     break;
                 }
                 Err(status) if refused(&status) => {
-                    let _ = sender
-                        .send(Err(StreamError::Refused(status.message().to_string())))
-                        .await;
-                    return;
+                    return refuse(&sender, &status).await;
                 }
                 Err(status) => {
                     reconnects.fetch_add(1, Ordering::Relaxed);
