@@ -1,11 +1,12 @@
 //! Embeds torch's lib/ as an rpath so tests run without LD_LIBRARY_PATH, and
-//! compiles the autocast and pickle shims against the venv's libtorch headers.
+//! compiles the autocast, pickle and autograd shims against the venv's libtorch headers.
 
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/autocast.cpp");
     println!("cargo:rerun-if-changed=csrc/pickle.cpp");
+    println!("cargo:rerun-if-changed=csrc/autograd.cpp");
     let torch_lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").expect(
         "torch-sys exports libtorch_lib; run through scripts/setup.sh so LIBTORCH_USE_PYTORCH=1 finds the venv torch",
     ));
@@ -24,6 +25,7 @@ fn main() {
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .file("csrc/autocast.cpp")
         .file("csrc/pickle.cpp")
+        .file("csrc/autograd.cpp")
         .compile("flamingo_engine_shim");
     println!("cargo:rustc-link-search=native={}", torch_lib.display());
     println!("cargo:rustc-link-lib=dylib=torch_cpu");

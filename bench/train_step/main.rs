@@ -24,6 +24,14 @@ struct Args {
     batch: usize,
     #[arg(long, default_value_t = 5)]
     steps: usize,
+    /// Recompute activations in backward on both sides (ours: the unit pass;
+    /// Python: torch's non-reentrant checkpoint wrapper on the modules
+    /// OpenFlamingo's train.py wraps).
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// Our strategy (one process): no_shard, shard_grad_op or full.
+    #[arg(long, default_value = "no_shard")]
+    strategy: Strategy,
 }
 
 fn python() -> PathBuf {
@@ -32,11 +40,12 @@ fn python() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("python3"))
 }
 
-fn ours(dir: &Path, batch: usize, steps: usize) -> anyhow::Result<f64> {
+fn ours(dir: &Path, args: &Args) -> anyhow::Result<f64> {
+    let (batch, steps) = (args.batch, args.steps);
     let spec = ModelSpec::from_file(&dir.join("model.toml"))?;
     let (model, tokenizer) = load_flamingo(&spec)?;
     let config = TrainConfig {
-        strategy: Strategy::NoShard,
+        strategy: args.strategy,
         schedule: Schedule {
             kind: Kind::Constant,
             base_lr: 1e-4,
@@ -51,6 +60,7 @@ fn ours(dir: &Path, batch: usize, steps: usize) -> anyhow::Result<f64> {
         gradient_accumulation_steps: 1,
         freeze_lm_embeddings: false,
         amp_bf16: false,
+        gradient_checkpointing: args.gradient_checkpointing,
     };
     let mut trainer = Trainer::new(model, &tokenizer, None, config)?;
     let mut saved = Weights::read_safetensors(&dir.join("batch.safetensors"))?;
@@ -75,7 +85,16 @@ fn main() -> anyhow::Result<()> {
     tch::set_num_threads(args.threads as i32);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("train_step/reference.py");
     println!("Training step (forward, backward, clip, AdamW): samples/s, batch {} of 32 tokens + 1 image, {} thread(s)", args.batch, args.threads);
-    println!("Python = OpenFlamingo 2.0.1 in one process, no FSDP; ratio = ours / Python (>1: ours faster)\n");
+    println!("Python = OpenFlamingo 2.0.1 in one process, no FSDP; ratio = ours / Python (>1: ours faster)");
+    println!(
+        "ours: {:?}; gradient checkpointing: {}\n",
+        args.strategy,
+        if args.gradient_checkpointing {
+            "on (both)"
+        } else {
+            "off (both)"
+        }
+    );
     println!(
         "{:<6} {:>12} {:>12} {:>12} {:>8}",
         "size", "parameters", "python", "ours", "ratio"
@@ -89,6 +108,11 @@ fn main() -> anyhow::Result<()> {
             .arg(args.threads.to_string())
             .arg(args.batch.to_string())
             .arg(args.steps.to_string())
+            .arg(if args.gradient_checkpointing {
+                "checkpoint"
+            } else {
+                "plain"
+            })
             .env("OMP_NUM_THREADS", args.threads.to_string())
             .output()
             .context("running the Python reference")?;
@@ -102,7 +126,7 @@ fn main() -> anyhow::Result<()> {
         let value: serde_json::Value =
             serde_json::from_str(stdout.lines().last().unwrap_or_default())?;
         let python_rate = value["samples_per_second"].as_f64().unwrap_or(0.0);
-        let our_rate = ours(dir.path(), args.batch, args.steps)?;
+        let our_rate = ours(dir.path(), &args)?;
         println!(
             "{:<6} {:>12} {:>12.2} {:>12.2} {:>8.3}",
             size,

@@ -4,7 +4,11 @@ AdamW with weight decay on the gated cross-attention, clip_grad_norm_(1.0),
 HF loss with OpenFlamingo's LAION labels), one process, no FSDP. Writes the
 batch for flamingo to use and prints one JSON line with samples/s.
 
-usage: python reference.py OUT_DIR tiny|100m THREADS BATCH STEPS
+usage: python reference.py OUT_DIR tiny|100m THREADS BATCH STEPS [plain|checkpoint]
+
+With `checkpoint`, the perceiver, every gated cross-attention block and
+every decoder layer are wrapped in torch's non-reentrant checkpoint wrapper,
+the modules OpenFlamingo's train.py wraps for --gradient_checkpointing.
 """
 
 import json
@@ -25,6 +29,24 @@ def main():
     out, size, threads, batch, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     torch.set_num_threads(threads)
     model, tokenizer, cfg, vocab = build(out, size)
+    if len(sys.argv) > 6 and sys.argv[6] == "checkpoint":
+        from functools import partial
+
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
+
+        # What Flamingo(gradient_checkpointing=True) flags and train.py then
+        # wraps under FSDP: the perceiver, each gated cross-attention block
+        # and each decoder layer.
+        wrapped = {id(model.perceiver)}
+        for layer in model.lang_encoder._get_decoder_layers():
+            wrapped.add(id(layer.decoder_layer))
+            if layer.gated_cross_attn_layer is not None:
+                wrapped.add(id(layer.gated_cross_attn_layer))
+        apply_activation_checkpointing(
+            model,
+            checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+            check_fn=lambda module: id(module) in wrapped)
     model.train()
     model.requires_grad_(False)
     model.perceiver.requires_grad_(True)

@@ -46,7 +46,8 @@ pub struct Manifest {
     pub world_size: u64,
     pub strategy: String,
     pub total: i64,
-    /// (rank, start, end) of each file's range of the flat state.
+    /// (rank, start, end) of each range of the flat state; a rank's file
+    /// holds its ranges one after another, in this order.
     pub ranges: Vec<(u64, i64, i64)>,
     pub laion_cursor: Option<CursorRecord>,
     pub mmc4_cursor: Option<CursorRecord>,
@@ -128,7 +129,17 @@ pub fn read(dir: &Path) -> Result<(Manifest, Tensor, Tensor, Tensor), String> {
     }
     let full = || Tensor::zeros([manifest.total], (Kind::Float, tch::Device::Cpu));
     let (parameters, exp_avg, exp_avg_sq) = (full(), full(), full());
-    for (rank, start, end) in &manifest.ranges {
+    // A rank's file holds its ranges one after another, in manifest order.
+    let mut ranks: Vec<u64> = manifest.ranges.iter().map(|(rank, _, _)| *rank).collect();
+    ranks.dedup();
+    for rank in ranks {
+        let pieces: Vec<(i64, i64)> = manifest
+            .ranges
+            .iter()
+            .filter(|(owner, _, _)| *owner == rank)
+            .map(|(_, start, end)| (*start, end - start))
+            .collect();
+        let expected: i64 = pieces.iter().map(|(_, length)| length).sum();
         let path = dir.join(format!("rank-{rank}.safetensors"));
         let tensors = Tensor::read_safetensors(&path)
             .map_err(|error| format!("{}: {error}", path.display()))?;
@@ -139,15 +150,20 @@ pub fn read(dir: &Path) -> Result<(Manifest, Tensor, Tensor, Tensor), String> {
                 "exp_avg_sq" => &exp_avg_sq,
                 _ => continue,
             };
-            if tensor.numel() as i64 != end - start {
+            if tensor.numel() as i64 != expected {
                 return Err(format!(
-                    "{}: {name} has {} values, expected {}",
+                    "{}: {name} has {} values, expected {expected}",
                     path.display(),
                     tensor.numel(),
-                    end - start
                 ));
             }
-            target.narrow(0, *start, end - start).copy_(&tensor);
+            let mut read = 0;
+            for (start, length) in &pieces {
+                target
+                    .narrow(0, *start, *length)
+                    .copy_(&tensor.narrow(0, read, *length));
+                read += length;
+            }
         }
     }
     Ok((manifest, parameters, exp_avg, exp_avg_sq))

@@ -163,6 +163,7 @@ impl TrainJob {
             gradient_accumulation_steps: self.gradient_accumulation_steps,
             freeze_lm_embeddings: self.freeze_lm_embeddings,
             amp_bf16: self.precision.starts_with("amp_"),
+            gradient_checkpointing: self.gradient_checkpointing,
         })
     }
 

@@ -16,3 +16,4 @@ pub mod run;
 pub mod schedule;
 pub mod tiny;
 pub mod trainer;
+pub mod units;

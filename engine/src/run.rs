@@ -348,9 +348,12 @@ pub fn run_rank(job: &TrainJob, group: Option<&ProcessGroup>) -> anyhow::Result<
             "world_size": world,
             "strategy": job.fsdp_sharding_strategy,
             "trainable_parameters": trainer.parameter_count(),
+            "gradient_checkpointing": job.gradient_checkpointing,
             "parameter_bytes": trainer.parameter_bytes(),
-            "gradient_bytes": trainer.parameter_bytes(),
+            "gradient_bytes": trainer.gradient_bytes(),
             "optimizer_bytes": trainer.optimizer_bytes(),
+            "frozen_bytes": trainer.frozen_bytes(),
+            "gathered_peak_bytes": trainer.gathered_peak_bytes(),
             "peak_rss_bytes": peak_rss,
         })
         .to_string(),
@@ -393,16 +396,12 @@ fn save(
     let ranges: Vec<(u64, i64, i64)> = if job.fsdp_sharding_strategy == "no_shard" {
         vec![(0, 0, trainer.parameter_count())]
     } else {
-        let length =
-            flamingo_collectives::shard_len(trainer.parameter_count().max(1), world as i64);
         (0..world as i64)
-            .map(|r| {
-                let s = (r * length).min(trainer.parameter_count());
-                (
-                    r as u64,
-                    s,
-                    ((r + 1) * length).min(trainer.parameter_count()),
-                )
+            .flat_map(|r| {
+                trainer
+                    .ranges_of(r)
+                    .into_iter()
+                    .map(move |(start, end)| (r as u64, start, end))
             })
             .collect()
     };

@@ -17,7 +17,12 @@
 //! - Strategies: `no_shard` all-reduces the flat gradient and every rank
 //!   updates everything; `shard_grad_op` reduce-scatters it, each rank keeps
 //!   and updates 1/world of the optimizer state and parameters, and the
-//!   updated parameters are all-gathered.
+//!   updated parameters are all-gathered; `full` keeps 1/world of every
+//!   unit's trainable and frozen weights, gathers a unit just before use
+//!   (prefetching the next), frees it after, recomputes it in backward and
+//!   reduce-scatters its gradient at once (see [`crate::units`]).
+//! - `--gradient_checkpointing` (always on under `full`): the forward pass
+//!   keeps only each unit's input; backward recomputes one unit at a time.
 
 use flamingo_collectives::{ProcessGroup, ReduceOp};
 use flamingo_model::{Flamingo, FlamingoTokenizer};
@@ -28,12 +33,14 @@ use crate::batch::TrainBatch;
 use crate::clip::clip_factor;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::Schedule;
+use crate::units::{self, Gathered, UnitPlan};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
     NoShard,
     ShardGradOp,
+    Full,
 }
 
 impl std::str::FromStr for Strategy {
@@ -43,11 +50,13 @@ impl std::str::FromStr for Strategy {
         match text {
             "no_shard" => Ok(Self::NoShard),
             "shard_grad_op" => Ok(Self::ShardGradOp),
-            "full" | "hybrid" => Err(format!(
-                "--fsdp_sharding_strategy {text} is not implemented yet (use no_shard or shard_grad_op)"
-            )),
+            "full" => Ok(Self::Full),
+            "hybrid" => Err(
+                "--fsdp_sharding_strategy hybrid is not implemented yet (use full, shard_grad_op or no_shard)"
+                    .into(),
+            ),
             other => Err(format!(
-                "--fsdp_sharding_strategy '{other}' (use no_shard or shard_grad_op)"
+                "--fsdp_sharding_strategy '{other}' (use full, shard_grad_op or no_shard)"
             )),
         }
     }
@@ -67,6 +76,10 @@ pub struct TrainConfig {
     /// `--precision amp_bf16`: the forward pass under bf16 autocast.
     #[serde(default)]
     pub amp_bf16: bool,
+    /// `--gradient_checkpointing`: keep only unit inputs in forward and
+    /// recompute in backward (implied by `full`).
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 /// AdamW's hyper-parameters in the saved config.
@@ -133,17 +146,26 @@ pub struct Trainer<'g> {
     config: TrainConfig,
     optimizer: AdamW,
     slots: Vec<Slot>,
-    /// All trainable values (padded to a multiple of the world size); the
-    /// model's parameters are views into it.
+    units: Vec<UnitPlan>,
+    /// `no_shard`, `shard_grad_op`: all trainable values (padded to a
+    /// multiple of the world size); the model's parameters are views into
+    /// it. `full`: this rank's shard of every unit, one after another.
     flat: Tensor,
     total: i64,
-    /// `[0, decayed)` of the flat buffer takes weight decay.
+    /// `[0, decayed)` of the flat state takes weight decay.
     decayed: i64,
-    /// The input embedding's place in the flat buffer (offset, rows,
-    /// width) and a `[rows, 1]` mask, 1 on the rows that train.
+    /// The input embedding's place in the flat state (offset, rows, width)
+    /// and a `[rows, 1]` mask, 1 on the rows that train.
     embedding_mask: Option<(i64, i64, i64, Tensor)>,
+    /// Optimizer state over `flat` (`no_shard`, `full`) or over this rank's
+    /// shard of it (`shard_grad_op`).
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
+    /// Gradients summed by the recomputing pass over the micro-steps: of
+    /// the whole flat state, or (`full`) of this rank's shards, reduced.
+    accumulated: Option<Tensor>,
+    /// The most bytes of gathered (whole) units alive at once (`full`).
+    gathered_peak: i64,
     /// Optimizer steps taken.
     step: u64,
     micro_steps: u64,
@@ -164,6 +186,13 @@ impl std::fmt::Debug for Trainer<'_> {
     }
 }
 
+/// Gathers units in the order a pass uses them, one ahead (`full`).
+struct Prefetcher {
+    order: Vec<usize>,
+    position: usize,
+    ahead: Option<Gathered>,
+}
+
 impl<'g> Trainer<'g> {
     pub fn new(
         model: Flamingo,
@@ -178,14 +207,17 @@ impl<'g> Trainer<'g> {
         }
         let mut trainable = model.trainable_parameters(!config.freeze_lm_embeddings);
         // Weight-decayed parameters first, so each group is one range.
-        trainable.sort_by_key(|(name, _)| !name.contains("gated_cross_attn"));
+        trainable.sort_by_key(|(name, _)| !is_decayed(name));
         let world = group.map_or(1, |group| group.world_size());
+        let device = trainable
+            .first()
+            .map_or(tch::Device::Cpu, |(_, tensor)| tensor.device());
         let mut offset = 0;
         let mut slots = Vec::with_capacity(trainable.len());
         let mut decayed = 0;
         for (name, tensor) in trainable {
             let numel = tensor.numel() as i64;
-            if name.contains("gated_cross_attn") {
+            if is_decayed(&name) {
                 decayed = offset + numel;
             }
             slots.push(Slot {
@@ -197,48 +229,67 @@ impl<'g> Trainer<'g> {
             offset += numel;
         }
         let total = offset;
-        let padded = flamingo_collectives::pad_to_multiple(total.max(1), world);
-        let flat = Tensor::zeros([padded], (Kind::Float, tch::Device::Cpu));
         let embedding_name = format!("lang_encoder.{}", model.decoder().input_embedding_name());
-        let mut embedding_mask = None;
-        tch::no_grad(|| {
-            for slot in &mut slots {
-                let mut view = flat.narrow(0, slot.offset, slot.numel);
-                view.copy_(&slot.tensor.detach().reshape([-1]).to_kind(Kind::Float));
-                let shaped = view.view(slot.tensor.size().as_slice());
-                slot.tensor.set_data(&shaped);
-                let _ = slot.tensor.set_requires_grad(true);
-                if slot.name == embedding_name {
-                    let rows = slot.tensor.size()[0];
-                    let width = slot.numel / rows;
-                    let mask = Tensor::zeros([rows, 1], (Kind::Float, tch::Device::Cpu));
-                    for id in [
-                        tokenizer.media_token_id(),
-                        tokenizer.end_of_chunk_token_id(),
-                    ] {
-                        let _ = mask.get(i64::from(id)).fill_(1.0);
-                    }
-                    embedding_mask = Some((slot.offset, rows, width, mask));
+        let embedding_mask = slots
+            .iter()
+            .find(|slot| slot.name == embedding_name)
+            .map(|slot| {
+                let rows = slot.tensor.size()[0];
+                let mask = Tensor::zeros([rows, 1], (Kind::Float, device));
+                for id in [
+                    tokenizer.media_token_id(),
+                    tokenizer.end_of_chunk_token_id(),
+                ] {
+                    let _ = mask.get(i64::from(id)).fill_(1.0);
                 }
+                (slot.offset, rows, slot.numel / rows, mask)
+            });
+        let layout: Vec<(String, Vec<i64>, i64)> = slots
+            .iter()
+            .map(|slot| (slot.name.clone(), slot.tensor.size(), slot.offset))
+            .collect();
+        let mut units = units::plan(&model, &layout, is_decayed)?;
+        let flat = if config.strategy == Strategy::Full {
+            Self::shard_units(&mut units, group, device)?
+        } else {
+            let padded = flamingo_collectives::pad_to_multiple(total.max(1), world);
+            let flat = Tensor::zeros([padded], (Kind::Float, device));
+            tch::no_grad(|| {
+                for slot in &mut slots {
+                    let mut view = flat.narrow(0, slot.offset, slot.numel);
+                    view.copy_(&slot.tensor.detach().reshape([-1]).to_kind(Kind::Float));
+                    let shaped = view.view(slot.tensor.size().as_slice());
+                    slot.tensor.set_data(&shaped);
+                    let _ = slot.tensor.set_requires_grad(true);
+                }
+            });
+            // Every rank starts from rank 0's values, as DDP and FSDP do.
+            if let Some(group) = group.filter(|group| group.world_size() > 1) {
+                group.broadcast(&flat, 0)?;
             }
-        });
-        // Every rank starts from rank 0's values, as DDP and FSDP do.
-        if let Some(group) = group.filter(|group| group.world_size() > 1) {
-            group.broadcast(&flat, 0)?;
-        }
-        let shard = Self::shard_len_for(&config, total, world);
+            flat
+        };
+        let state_len = match config.strategy {
+            Strategy::NoShard | Strategy::Full => flat.numel() as i64,
+            Strategy::ShardGradOp => flamingo_collectives::shard_len(total.max(1), world),
+        };
+        let accumulated = (config.strategy == Strategy::Full || config.gradient_checkpointing)
+            .then(|| flat.zeros_like());
         Ok(Self {
             optimizer: AdamW::new(config.adamw.into()),
-            exp_avg: Tensor::zeros([shard], (Kind::Float, tch::Device::Cpu)),
-            exp_avg_sq: Tensor::zeros([shard], (Kind::Float, tch::Device::Cpu)),
+            exp_avg: Tensor::zeros([state_len], (Kind::Float, device)),
+            exp_avg_sq: Tensor::zeros([state_len], (Kind::Float, device)),
             model,
             group,
             config,
             slots,
+            units,
             flat,
             total,
             decayed,
             embedding_mask,
+            accumulated,
+            gathered_peak: 0,
             step: 0,
             micro_steps: 0,
             skipped_steps: 0,
@@ -248,11 +299,55 @@ impl<'g> Trainer<'g> {
         })
     }
 
-    fn shard_len_for(config: &TrainConfig, total: i64, world: i64) -> i64 {
-        match config.strategy {
-            Strategy::NoShard => flamingo_collectives::pad_to_multiple(total.max(1), world),
-            Strategy::ShardGradOp => flamingo_collectives::shard_len(total.max(1), world),
+    /// `full`: keeps this rank's shard of every unit (rank 0's trainable
+    /// values, as FSDP's `sync_module_states`) and frees the whole weights.
+    /// Returns the local flat state: the trainable shards one after another.
+    fn shard_units(
+        units: &mut [UnitPlan],
+        group: Option<&ProcessGroup>,
+        device: tch::Device,
+    ) -> Result<Tensor, TrainError> {
+        let world = group.map_or(1, |group| group.world_size());
+        let rank = group.map_or(0, |group| group.rank());
+        let mut local_len = 0;
+        for plan in units.iter_mut() {
+            plan.shard_len = if plan.len == 0 {
+                0
+            } else {
+                flamingo_collectives::shard_len(plan.len, world)
+            };
+            plan.shard_offset = local_len;
+            local_len += plan.shard_len;
         }
+        let flat = Tensor::zeros([local_len.max(1)], (Kind::Float, device));
+        for plan in units.iter_mut() {
+            if plan.shard_len > 0 {
+                let whole = units::concatenate(
+                    &plan.trainable,
+                    plan.shard_len * world,
+                    Kind::Float,
+                    device,
+                );
+                if let Some(group) = group.filter(|_| world > 1) {
+                    group.broadcast(&whole, 0)?;
+                }
+                tch::no_grad(|| {
+                    flat.narrow(0, plan.shard_offset, plan.shard_len)
+                        .copy_(&whole.narrow(0, rank * plan.shard_len, plan.shard_len))
+                });
+                for member in &plan.trainable {
+                    let _ = member.tensor.set_requires_grad(true);
+                }
+            }
+            if plan.frozen_len > 0 {
+                let length = flamingo_collectives::shard_len(plan.frozen_len, world);
+                let whole =
+                    units::concatenate(&plan.frozen, length * world, plan.frozen_kind, device);
+                plan.frozen_shard = Some(whole.narrow(0, rank * length, length).copy());
+            }
+            units::release(plan);
+        }
+        Ok(flat)
     }
 
     pub fn model(&self) -> &Flamingo {
@@ -267,26 +362,79 @@ impl<'g> Trainer<'g> {
         self.skipped_steps
     }
 
+    pub fn strategy(&self) -> Strategy {
+        self.config.strategy
+    }
+
     /// Trainable elements.
     pub fn parameter_count(&self) -> i64 {
         self.total
     }
 
-    /// Bytes of this rank's trainable parameters (the flat buffer, held
-    /// whole by every rank in both strategies).
+    /// Bytes of the trainable values this rank holds between steps: the
+    /// whole flat buffer (`no_shard`, `shard_grad_op`) or its shards (`full`).
     pub fn parameter_bytes(&self) -> i64 {
         4 * self.flat.numel() as i64
     }
 
+    /// Bytes of the frozen weights this rank holds between steps: all of
+    /// them, or (`full`) its shards.
+    pub fn frozen_bytes(&self) -> i64 {
+        self.units
+            .iter()
+            .map(|plan| match (&plan.frozen_shard, self.config.strategy) {
+                (Some(shard), Strategy::Full) => {
+                    shard.numel() as i64 * shard.kind().elt_size_in_bytes() as i64
+                }
+                (_, Strategy::Full) => 0,
+                _ => plan.frozen_len * plan.frozen_kind.elt_size_in_bytes() as i64,
+            })
+            .sum()
+    }
+
+    /// Bytes of gradients held through a step: of every trainable value,
+    /// or (`full`) of this rank's shards (a unit's whole gradient exists
+    /// only until it is reduce-scattered).
+    pub fn gradient_bytes(&self) -> i64 {
+        4 * self.flat.numel() as i64
+    }
+
     /// Bytes of this rank's optimizer state (AdamW's two moments): all of it
-    /// for `no_shard`, 1/world for `shard_grad_op`.
+    /// for `no_shard`, 1/world for `shard_grad_op` and `full`.
     pub fn optimizer_bytes(&self) -> i64 {
         4 * 2 * self.exp_avg.numel() as i64
     }
 
+    /// `full`: the most bytes of whole (gathered) units that were alive at
+    /// once: the unit in use and the one being prefetched.
+    pub fn gathered_peak_bytes(&self) -> i64 {
+        self.gathered_peak
+    }
+
     /// The trainable values, flat (unpadded), for checks and checkpoints.
-    pub fn flat_parameters(&self) -> Tensor {
-        self.flat.narrow(0, 0, self.total).copy()
+    /// Under `full` this gathers them: every rank must call it.
+    pub fn flat_parameters(&self) -> Result<Tensor, TrainError> {
+        if self.config.strategy != Strategy::Full {
+            return Ok(self.flat.narrow(0, 0, self.total).copy());
+        }
+        let whole = Tensor::zeros([self.total], (Kind::Float, self.flat.device()));
+        for plan in self.units.iter().filter(|plan| plan.len > 0) {
+            let gathered = self.gather_trainable(plan)?;
+            tch::no_grad(|| {
+                whole
+                    .narrow(0, plan.start, plan.len)
+                    .copy_(&gathered.narrow(0, 0, plan.len))
+            });
+        }
+        Ok(whole)
+    }
+
+    fn gather_trainable(&self, plan: &UnitPlan) -> Result<Tensor, TrainError> {
+        let shard = self.flat.narrow(0, plan.shard_offset, plan.shard_len);
+        match self.group.filter(|group| group.world_size() > 1) {
+            Some(group) => Ok(group.all_gather_flat(&shard.copy(), plan.len)?),
+            None => Ok(shard.copy()),
+        }
     }
 
     /// Where each trainable parameter sits in the flat buffer:
@@ -294,40 +442,101 @@ impl<'g> Trainer<'g> {
     pub fn layout(&self) -> Vec<(String, Vec<i64>, i64)> {
         self.slots
             .iter()
-            .map(|slot| (slot.name.clone(), slot.tensor.size(), slot.offset))
+            .map(|slot| {
+                let shape = self
+                    .units
+                    .iter()
+                    .flat_map(|plan| &plan.trainable)
+                    .find(|member| member.name == slot.name)
+                    .map_or_else(|| slot.tensor.size(), |member| member.shape.clone());
+                (slot.name.clone(), shape, slot.offset)
+            })
             .collect()
     }
 
-    /// The range of the flat buffer whose optimizer state this rank holds
-    /// (all of it for `no_shard`), clipped to the real elements.
-    pub fn owned_range(&self) -> (i64, i64) {
+    /// The ranges of the flat state whose values and optimizer state `rank`
+    /// holds (all of it for `no_shard`), clipped to the real elements; a
+    /// checkpoint file holds them one after another.
+    pub fn ranges_of(&self, rank: i64) -> Vec<(i64, i64)> {
         let world = self.group.map_or(1, |group| group.world_size());
-        let rank = self.group.map_or(0, |group| group.rank());
         match self.config.strategy {
-            Strategy::NoShard => (0, self.total),
+            Strategy::NoShard => vec![(0, self.total)],
             Strategy::ShardGradOp => {
                 let length = flamingo_collectives::shard_len(self.total.max(1), world);
                 let start = (rank * length).min(self.total);
-                (start, ((rank + 1) * length).min(self.total))
+                vec![(start, ((rank + 1) * length).min(self.total))]
             }
+            Strategy::Full => self
+                .units
+                .iter()
+                .filter(|plan| plan.len > 0)
+                .map(|plan| plan.owned_by(rank))
+                .filter(|(start, end)| end > start)
+                .collect(),
+        }
+    }
+
+    fn rank(&self) -> i64 {
+        self.group.map_or(0, |group| group.rank())
+    }
+
+    /// For each range of [`Self::ranges_of`] this rank: (flat-state start,
+    /// local start, length).
+    fn owned_pieces(&self) -> Vec<(i64, i64, i64)> {
+        let rank = self.rank();
+        match self.config.strategy {
+            Strategy::NoShard => vec![(0, 0, self.total)],
+            Strategy::ShardGradOp => self
+                .ranges_of(rank)
+                .into_iter()
+                .map(|(start, end)| (start, start, end - start))
+                .collect(),
+            Strategy::Full => self
+                .units
+                .iter()
+                .filter(|plan| plan.len > 0)
+                .map(|plan| {
+                    let (start, end) = plan.owned_by(rank);
+                    (start, plan.shard_offset, end - start)
+                })
+                .filter(|(_, _, length)| *length > 0)
+                .collect(),
+        }
+    }
+
+    /// Where the optimizer state of local flat position 0 starts
+    /// (`shard_grad_op` keeps state for its shard only).
+    fn state_base(&self) -> i64 {
+        match self.config.strategy {
+            Strategy::ShardGradOp => self.ranges_of(self.rank())[0].0,
+            Strategy::NoShard | Strategy::Full => 0,
         }
     }
 
     /// This rank's part of the state, for a checkpoint: (parameters,
-    /// first moments, second moments) over [`Self::owned_range`].
+    /// first moments, second moments) over [`Self::ranges_of`] this rank,
+    /// concatenated.
     pub fn owned_state(&self) -> (Tensor, Tensor, Tensor) {
-        let (start, end) = self.owned_range();
-        let (shard_start, _) = match self.config.strategy {
-            Strategy::NoShard => (0, 0),
-            Strategy::ShardGradOp => self.owned_range(),
+        let base = self.state_base();
+        let pieces = self.owned_pieces();
+        let take = |source: &Tensor, state: bool| {
+            let parts: Vec<Tensor> = pieces
+                .iter()
+                .map(|(_, local, length)| {
+                    let start = if state { local - base } else { *local };
+                    source.narrow(0, start, *length)
+                })
+                .collect();
+            if parts.is_empty() {
+                Tensor::zeros([0], (Kind::Float, source.device()))
+            } else {
+                Tensor::cat(&parts, 0)
+            }
         };
-        let length = end - start;
         (
-            self.flat.narrow(0, start, length).copy(),
-            self.exp_avg.narrow(0, start - shard_start, length).copy(),
-            self.exp_avg_sq
-                .narrow(0, start - shard_start, length)
-                .copy(),
+            take(&self.flat, false),
+            take(&self.exp_avg, true),
+            take(&self.exp_avg_sq, true),
         )
     }
 
@@ -348,19 +557,30 @@ impl<'g> Trainer<'g> {
                 self.total
             )));
         }
-        let (start, end) = self.owned_range();
-        let shard_start = match self.config.strategy {
-            Strategy::NoShard => 0,
-            Strategy::ShardGradOp => start,
-        };
+        let device = self.flat.device();
+        let (parameters, exp_avg, exp_avg_sq) = (
+            parameters.to_device(device),
+            exp_avg.to_device(device),
+            exp_avg_sq.to_device(device),
+        );
+        let base = self.state_base();
         tch::no_grad(|| {
-            self.flat.narrow(0, 0, self.total).copy_(parameters);
-            self.exp_avg
-                .narrow(0, start - shard_start, end - start)
-                .copy_(&exp_avg.narrow(0, start, end - start));
-            self.exp_avg_sq
-                .narrow(0, start - shard_start, end - start)
-                .copy_(&exp_avg_sq.narrow(0, start, end - start));
+            if self.config.strategy != Strategy::Full {
+                self.flat.narrow(0, 0, self.total).copy_(&parameters);
+            }
+            for (start, local, length) in self.owned_pieces() {
+                if self.config.strategy == Strategy::Full {
+                    self.flat
+                        .narrow(0, local, length)
+                        .copy_(&parameters.narrow(0, start, length));
+                }
+                self.exp_avg
+                    .narrow(0, local - base, length)
+                    .copy_(&exp_avg.narrow(0, start, length));
+                self.exp_avg_sq
+                    .narrow(0, local - base, length)
+                    .copy_(&exp_avg_sq.narrow(0, start, length));
+            }
         });
         self.step = step;
         self.skipped_steps = skipped_steps;
@@ -376,9 +596,33 @@ impl<'g> Trainer<'g> {
         }
     }
 
+    /// The summed token cross-entropy of `logits` against the shifted
+    /// labels, this rank's token count and the global (sum, count).
+    fn token_loss(&self, logits: &Tensor, labels: &Tensor) -> Result<LossParts, TrainError> {
+        let length = logits.size()[1];
+        let vocab = logits.size()[2];
+        let shifted_labels = labels.narrow(1, 1, length - 1).reshape([-1]);
+        let tokens = shifted_labels.ne(-100).sum(Kind::Int64).int64_value(&[]) as f64;
+        let global_tokens = self.all_reduce_sum(tokens)?.max(1.0);
+        let summed = logits
+            .narrow(1, 0, length - 1)
+            .to_kind(Kind::Float)
+            .reshape([-1, vocab])
+            .cross_entropy_loss::<Tensor>(&shifted_labels, None, Reduction::Sum, -100, 0.0);
+        let global_sum = self.all_reduce_sum(summed.double_value(&[]))?;
+        Ok(LossParts {
+            summed,
+            global_sum,
+            global_tokens,
+        })
+    }
+
     /// Forward and backward of one dataset's micro-batch; returns its loss
     /// (the global batch's mean token loss).
     fn accumulate_one(&mut self, batch: &TrainBatch, multiplier: f64) -> Result<f64, TrainError> {
+        if self.accumulated.is_some() {
+            return self.accumulate_by_units(batch, multiplier);
+        }
         let device = batch.input_ids.device();
         let logits = crate::autocast::bf16(self.config.amp_bf16, device, || {
             self.model.forward_masked(
@@ -387,26 +631,289 @@ impl<'g> Trainer<'g> {
                 Some(&batch.attention_mask),
             )
         })?;
-        let length = logits.size()[1];
-        let vocab = logits.size()[2];
-        let shifted_labels = batch.labels.narrow(1, 1, length - 1).reshape([-1]);
-        let tokens = shifted_labels.ne(-100).sum(Kind::Int64).int64_value(&[]) as f64;
-        let global_tokens = self.all_reduce_sum(tokens)?;
-        let summed = logits
-            .narrow(1, 0, length - 1)
-            .to_kind(Kind::Float)
-            .reshape([-1, vocab])
-            .cross_entropy_loss::<Tensor>(&shifted_labels, None, Reduction::Sum, -100, 0.0);
-        let local_sum = summed.double_value(&[]);
-        let global_sum = self.all_reduce_sum(local_sum)?;
+        let loss = self.token_loss(&logits, &batch.labels)?;
         let scale =
-            multiplier / (global_tokens.max(1.0) * self.config.gradient_accumulation_steps as f64);
-        if local_sum.is_finite() {
-            (summed * scale).backward();
+            multiplier / (loss.global_tokens * self.config.gradient_accumulation_steps as f64);
+        // The global sum is the same on every rank, so all skip together.
+        if loss.global_sum.is_finite() {
+            (loss.summed * scale).backward();
         } else {
             self.pending_non_finite = true;
         }
-        Ok(global_sum / global_tokens.max(1.0))
+        Ok(loss.global_sum / loss.global_tokens)
+    }
+
+    fn unit_index(&self, unit: flamingo_model::Unit) -> usize {
+        self.units
+            .iter()
+            .position(|plan| plan.unit == unit)
+            .expect("every unit has a plan")
+    }
+
+    /// Waits for the next unit of the pass, starts gathering the one after,
+    /// and points the model at the waited-for unit's whole weights.
+    fn acquire(&mut self, fetch: &mut Prefetcher) -> Result<(usize, Gathered), TrainError> {
+        let index = fetch.order[fetch.position];
+        let current = match fetch.ahead.take() {
+            Some(gathered) => gathered,
+            None => self.start_gather(index)?,
+        };
+        fetch.position += 1;
+        if let Some(&next) = fetch.order.get(fetch.position) {
+            fetch.ahead = Some(self.start_gather(next)?);
+        }
+        let ahead = fetch.ahead.as_ref().map_or(0, |gathered| gathered.bytes);
+        self.gathered_peak = self.gathered_peak.max(current.bytes + ahead);
+        Ok((index, units::install(&self.units, current)?))
+    }
+
+    fn start_gather(&self, index: usize) -> Result<Gathered, TrainError> {
+        // Outside `full` the plans hold no shards: nothing is gathered and
+        // the model keeps every weight.
+        let group = self
+            .group
+            .filter(|_| self.config.strategy == Strategy::Full);
+        units::start_gather(&self.units, index, &self.flat, group)
+    }
+
+    /// Done with a unit: under `full` its whole weights are dropped.
+    fn release(&self, index: usize, gathered: Gathered) {
+        if self.config.strategy == Strategy::Full {
+            units::release(&self.units[index]);
+        }
+        drop(gathered);
+    }
+
+    /// Adds a unit's weight gradients (one per trainable member, `None`
+    /// where unused) to the accumulated gradient; under `full` the unit's
+    /// whole gradient is reduce-scattered first and only this rank's shard
+    /// is kept.
+    fn sink(&mut self, index: usize, grads: &[Option<Tensor>]) -> Result<(), TrainError> {
+        let plan = &self.units[index];
+        if plan.len == 0 {
+            return Ok(());
+        }
+        let world = self.group.map_or(1, |group| group.world_size());
+        let device = self.flat.device();
+        let padded = match self.config.strategy {
+            Strategy::Full => plan.shard_len * world,
+            _ => plan.len,
+        };
+        let whole = Tensor::zeros([padded], (Kind::Float, device));
+        tch::no_grad(|| {
+            for (member, grad) in plan.trainable.iter().zip(grads) {
+                if let Some(grad) = grad {
+                    whole
+                        .narrow(0, member.offset, member.numel)
+                        .copy_(&grad.reshape([-1]).to_kind(Kind::Float));
+                }
+            }
+        });
+        let accumulated = self
+            .accumulated
+            .as_ref()
+            .expect("the recomputing pass accumulates");
+        if self.config.strategy != Strategy::Full {
+            let _ = accumulated.narrow(0, plan.start, plan.len).g_add_(&whole);
+            return Ok(());
+        }
+        if let Some((offset, rows, width, mask)) = &self.embedding_mask {
+            let within = offset - plan.start;
+            if within >= 0 && within < plan.len {
+                let _ = whole
+                    .narrow(0, within, rows * width)
+                    .view([*rows, *width])
+                    .g_mul_(mask);
+            }
+        }
+        let shard = match self.group.filter(|_| world > 1) {
+            Some(group) => {
+                let shard = Tensor::empty([plan.shard_len], (Kind::Float, device));
+                group.reduce_scatter_tensor(&shard, &whole, ReduceOp::Sum)?;
+                shard
+            }
+            None => whole,
+        };
+        let _ = accumulated
+            .narrow(0, plan.shard_offset, plan.shard_len)
+            .g_add_(&shard);
+        Ok(())
+    }
+
+    /// The recomputing pass (`full`, `--gradient_checkpointing`): forward
+    /// unit by unit without a graph, keeping each layer's input; the loss
+    /// and the head's backward; then each layer recomputed with a graph and
+    /// backpropagated on its own, last to first, the media latents'
+    /// gradient summed over the cross-attention blocks; then the input
+    /// embedding and the perceiver. The vision tower only runs forward.
+    fn accumulate_by_units(
+        &mut self,
+        batch: &TrainBatch,
+        multiplier: f64,
+    ) -> Result<f64, TrainError> {
+        use flamingo_model::Unit;
+        let amp = self.config.amp_bf16;
+        let device = batch.input_ids.device();
+        let layers = self.model.layer_count();
+        let (vision, perceiver, text) = (
+            self.unit_index(Unit::Vision),
+            self.unit_index(Unit::Perceiver),
+            self.unit_index(Unit::Text),
+        );
+        let layer_units: Vec<usize> = (0..layers)
+            .map(|index| self.unit_index(Unit::Layer(index)))
+            .collect();
+        let embedding_trains = self.units[text].len > 0;
+        let mut order = vec![vision, perceiver, text];
+        order.extend(&layer_units);
+        order.push(text);
+        order.extend(layer_units.iter().rev());
+        if embedding_trains {
+            order.push(text);
+        }
+        order.push(perceiver);
+        let mut fetch = Prefetcher {
+            order,
+            position: 0,
+            ahead: None,
+        };
+        let bf16 =
+            |f: &dyn Fn() -> Result<Tensor, TrainError>| crate::autocast::bf16(amp, device, f);
+
+        // Forward, keeping only unit inputs.
+        let (index, gathered) = self.acquire(&mut fetch)?;
+        let features = bf16(&|| Ok(self.model.vision_features(&batch.vision_x)?))?;
+        self.release(index, gathered);
+        let (index, gathered) = self.acquire(&mut fetch)?;
+        let media = tch::no_grad(|| bf16(&|| Ok(self.model.perceive(&features)?)))?;
+        self.release(index, gathered);
+        let inputs =
+            self.model
+                .text_inputs(&batch.input_ids, Some(&batch.attention_mask), &media)?;
+        let (index, gathered) = self.acquire(&mut fetch)?;
+        let mut hidden = tch::no_grad(|| bf16(&|| Ok(self.model.embed(&batch.input_ids))))?;
+        self.release(index, gathered);
+        let mut layer_inputs = Vec::with_capacity(layers);
+        for layer in 0..layers {
+            let (index, gathered) = self.acquire(&mut fetch)?;
+            let next = tch::no_grad(|| {
+                bf16(&|| Ok(self.model.layer(layer, &hidden, &media, &inputs)?))
+            })?;
+            self.release(index, gathered);
+            layer_inputs.push(std::mem::replace(&mut hidden, next));
+        }
+
+        // The head, the loss and the head's backward.
+        let (index, gathered) = self.acquire(&mut fetch)?;
+        let last = hidden.detach().set_requires_grad(true);
+        let logits = bf16(&|| Ok(self.model.head(&last)))?;
+        let loss = self.token_loss(&logits, &batch.labels)?;
+        let mean = loss.global_sum / loss.global_tokens;
+        if !loss.global_sum.is_finite() {
+            // Every rank sees the same sum, so all stop here together.
+            self.pending_non_finite = true;
+            self.release(index, gathered);
+            return Ok(mean);
+        }
+        let scale = Tensor::from(
+            multiplier / (loss.global_tokens * self.config.gradient_accumulation_steps as f64),
+        )
+        .to_kind(loss.summed.kind())
+        .to_device(device);
+        let text_members: Vec<&Tensor> = self.units[text]
+            .trainable
+            .iter()
+            .map(|member| &member.tensor)
+            .collect();
+        let mut wrt = vec![&last];
+        wrt.extend(&text_members);
+        let mut grads = units::gradients(&[&loss.summed], &[&scale], &wrt)?;
+        drop(wrt);
+        drop(text_members);
+        drop(logits);
+        let mut upstream = grads
+            .remove(0)
+            .expect("the loss depends on the last hidden state");
+        let mut text_grads = grads;
+        self.release(index, gathered);
+
+        // Layers, last to first.
+        let media_leaf = media.detach().set_requires_grad(true);
+        let mut media_grad: Option<Tensor> = None;
+        for layer in (0..layers).rev() {
+            let (index, gathered) = self.acquire(&mut fetch)?;
+            let input = layer_inputs
+                .pop()
+                .expect("one input per layer")
+                .set_requires_grad(true);
+            let output = bf16(&|| Ok(self.model.layer(layer, &input, &media_leaf, &inputs)?))?;
+            let members: Vec<&Tensor> = self.units[index]
+                .trainable
+                .iter()
+                .map(|member| &member.tensor)
+                .collect();
+            let sees_media = self.model.layer_sees_media(layer);
+            let mut wrt = vec![&input];
+            if sees_media {
+                wrt.push(&media_leaf);
+            }
+            wrt.extend(&members);
+            let upstream_cast = upstream.to_kind(output.kind());
+            let mut grads = units::gradients(&[&output], &[&upstream_cast], &wrt)?;
+            upstream = grads
+                .remove(0)
+                .expect("a layer's output depends on its input");
+            if sees_media {
+                if let Some(grad) = grads.remove(0) {
+                    media_grad = Some(match media_grad.take() {
+                        Some(sum) => sum + grad.to_kind(Kind::Float),
+                        None => grad.to_kind(Kind::Float),
+                    });
+                }
+            }
+            drop(members);
+            self.sink(index, &grads)?;
+            self.release(index, gathered);
+        }
+
+        // The input embedding (its `<image>` / `<|endofchunk|>` rows).
+        if embedding_trains {
+            let (index, gathered) = self.acquire(&mut fetch)?;
+            let embedded = bf16(&|| Ok(self.model.embed(&batch.input_ids)))?;
+            let members: Vec<&Tensor> = self.units[index]
+                .trainable
+                .iter()
+                .map(|member| &member.tensor)
+                .collect();
+            let upstream_cast = upstream.to_kind(embedded.kind());
+            let grads = units::gradients(&[&embedded], &[&upstream_cast], &members)?;
+            drop(members);
+            for (sum, grad) in text_grads.iter_mut().zip(grads) {
+                *sum = match (sum.take(), grad) {
+                    (Some(a), Some(b)) => Some(a + b),
+                    (a, b) => a.or(b),
+                };
+            }
+            self.sink(index, &text_grads)?;
+            self.release(index, gathered);
+        }
+
+        // The perceiver, from the media latents' summed gradient.
+        let (index, gathered) = self.acquire(&mut fetch)?;
+        if let Some(media_grad) = media_grad {
+            let resampled = bf16(&|| Ok(self.model.perceive(&features)?))?;
+            let members: Vec<&Tensor> = self.units[index]
+                .trainable
+                .iter()
+                .map(|member| &member.tensor)
+                .collect();
+            let grad_cast = media_grad.to_kind(resampled.kind());
+            let grads = units::gradients(&[&resampled], &[&grad_cast], &members)?;
+            drop(members);
+            self.sink(index, &grads)?;
+        }
+        self.release(index, gathered);
+        Ok(mean)
     }
 
     /// One micro-step: the LAION batch (if any), then the MMC4 batch (if
@@ -435,18 +942,20 @@ impl<'g> Trainer<'g> {
         self.apply().map(Some)
     }
 
+    /// The whole flat gradient (`no_shard`, `shard_grad_op`): what the
+    /// parameters' `.grad` hold plus what the recomputing pass summed.
     fn flat_gradient(&self) -> Tensor {
-        let gradient = Tensor::empty_like(&self.flat);
+        let gradient = match &self.accumulated {
+            Some(accumulated) => accumulated.copy(),
+            None => self.flat.zeros_like(),
+        };
         tch::no_grad(|| {
-            let padding = gradient.numel() as i64 - self.total;
-            let _ = gradient.narrow(0, self.total, padding).zero_();
             for slot in &self.slots {
                 let grad = slot.tensor.grad();
-                let mut target = gradient.narrow(0, slot.offset, slot.numel);
                 if grad.defined() {
-                    target.copy_(&grad.reshape([-1]));
-                } else {
-                    let _ = target.zero_();
+                    let _ = gradient
+                        .narrow(0, slot.offset, slot.numel)
+                        .g_add_(&grad.reshape([-1]));
                 }
             }
         });
@@ -456,6 +965,9 @@ impl<'g> Trainer<'g> {
     fn zero_gradients(&mut self) {
         for slot in &mut self.slots {
             slot.tensor.zero_grad();
+        }
+        if let Some(accumulated) = &mut self.accumulated {
+            let _ = accumulated.zero_();
         }
     }
 
@@ -482,6 +994,9 @@ impl<'g> Trainer<'g> {
                 skipped: true,
             });
         }
+        if self.config.strategy == Strategy::Full {
+            return self.apply_full(loss_laion, loss_mmc4, lr);
+        }
         let gradient = self.flat_gradient();
         self.zero_gradients();
         if let Some((offset, rows, width, mask)) = &self.embedding_mask {
@@ -491,7 +1006,7 @@ impl<'g> Trainer<'g> {
                 .g_mul_(mask);
         }
         let world = self.group.map_or(1, |group| group.world_size());
-        let rank = self.group.map_or(0, |group| group.rank());
+        let rank = self.rank();
         let (mut shard_gradient, shard_start) = match (self.config.strategy, self.group) {
             (_, Some(group)) if world > 1 && self.config.strategy == Strategy::ShardGradOp => {
                 let shard =
@@ -510,7 +1025,7 @@ impl<'g> Trainer<'g> {
         let local_squares = shard_gradient.square().sum(Kind::Double).double_value(&[]);
         let squares = match self.config.strategy {
             Strategy::ShardGradOp => self.all_reduce_sum(local_squares)?,
-            Strategy::NoShard => local_squares,
+            _ => local_squares,
         };
         let grad_norm = squares.sqrt();
         let factor = clip_factor(grad_norm, self.config.max_grad_norm);
@@ -557,4 +1072,63 @@ impl<'g> Trainer<'g> {
             skipped: false,
         })
     }
+
+    /// `full`: the accumulated shards are already reduced; clip by the
+    /// global norm and update each unit's shard with its own decay.
+    fn apply_full(
+        &mut self,
+        loss_laion: Option<f64>,
+        loss_mmc4: Option<f64>,
+        lr: f64,
+    ) -> Result<StepReport, TrainError> {
+        let mut gradient = self.accumulated.as_ref().expect("full accumulates").copy();
+        self.zero_gradients();
+        let local_squares = gradient.square().sum(Kind::Double).double_value(&[]);
+        let grad_norm = self.all_reduce_sum(local_squares)?.sqrt();
+        let factor = clip_factor(grad_norm, self.config.max_grad_norm);
+        if factor < 1.0 {
+            gradient *= factor;
+        }
+        self.step += 1;
+        for plan in self.units.iter().filter(|plan| plan.shard_len > 0) {
+            let (offset, len) = (plan.shard_offset, plan.shard_len);
+            let mut parameter = self.flat.narrow(0, offset, len);
+            let mut exp_avg = self.exp_avg.narrow(0, offset, len);
+            let mut exp_avg_sq = self.exp_avg_sq.narrow(0, offset, len);
+            self.optimizer.update_parts(
+                &mut parameter,
+                &gradient.narrow(0, offset, len),
+                &mut exp_avg,
+                &mut exp_avg_sq,
+                self.step,
+                lr,
+                if plan.decay {
+                    self.config.weight_decay
+                } else {
+                    0.0
+                },
+            );
+        }
+        Ok(StepReport {
+            step: self.step,
+            loss_laion,
+            loss_mmc4,
+            lr,
+            grad_norm,
+            skipped: false,
+        })
+    }
+}
+
+/// A micro-batch's loss: this rank's summed token cross-entropy (with its
+/// graph) and the global sum and token count.
+struct LossParts {
+    summed: Tensor,
+    global_sum: f64,
+    global_tokens: f64,
+}
+
+/// Upstream's weight-decay group: the gated cross-attention.
+fn is_decayed(name: &str) -> bool {
+    name.contains("gated_cross_attn")
 }

@@ -1,8 +1,9 @@
-//! The training step across world sizes: the same seed and data for 6
-//! steps — `no_shard` on 1 rank, `shard_grad_op` and `no_shard` on 2 ranks,
-//! `shard_grad_op` on 4 (real processes, Gloo) — give the same losses (1e-4
-//! relative) and the same trainable weights (1e-5); and the weights move and
-//! the loss falls.
+//! The training step across world sizes and strategies: the same seed and
+//! data for 20 steps — `no_shard` on 1 rank, `full` on 2 and 4 ranks,
+//! `shard_grad_op` on 2 (real processes, Gloo) — give the same losses (1e-4
+//! relative) and the same trainable weights (1e-5); so do the recomputing
+//! pass (`--gradient_checkpointing`) and `full` on one rank; and the weights
+//! move and the loss falls.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -24,7 +25,7 @@ use flamingo_engine::tiny::{write_tiny_model, TinyConfig};
 use flamingo_engine::trainer::{AdamWConfigSerde, Strategy, TrainConfig, Trainer};
 use flamingo_model::{load_flamingo, ModelSpec};
 
-const STEPS: usize = 6;
+const STEPS: usize = 20;
 const LAION_BATCH: usize = 8;
 const MMC4_BATCH: usize = 4;
 const ROLE: &str = "FLAMINGO_TRAIN_TEST_DIR";
@@ -46,6 +47,7 @@ fn config(strategy: Strategy) -> TrainConfig {
         gradient_accumulation_steps: 1,
         freeze_lm_embeddings: false,
         amp_bf16: false,
+        gradient_checkpointing: false,
     }
 }
 
@@ -162,7 +164,7 @@ fn train_steps(
             report.loss_mmc4.expect("mmc4"),
         ));
     }
-    (losses, trainer.flat_parameters())
+    (losses, trainer.flat_parameters().expect("weights"))
 }
 
 /// Single-process losses for `config` (no process group).
@@ -170,6 +172,54 @@ fn losses_in_process(dir: &Path, config: TrainConfig) -> Vec<(f64, f64)> {
     let (losses, weights) = train_steps(dir, None, config);
     assert!(weights.isfinite().all().int64_value(&[]) == 1);
     losses
+}
+
+/// Asserts equal losses (1e-4 relative) and weights (1e-5).
+fn assert_same_training(
+    name: &str,
+    expected: &(Vec<(f64, f64)>, tch::Tensor),
+    got: &(Vec<(f64, f64)>, tch::Tensor),
+) {
+    for (step, (a, b)) in expected.0.iter().zip(got.0.iter()).enumerate() {
+        for (x, y) in [(a.0, b.0), (a.1, b.1)] {
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs(),
+                "{name} step {step}: loss {y} vs {x}"
+            );
+        }
+    }
+    assert_eq!(expected.0.len(), got.0.len(), "{name}: step count");
+    let difference = (&got.1 - &expected.1).abs().max().double_value(&[]);
+    assert!(difference <= 1e-5, "{name}: weights differ by {difference}");
+}
+
+#[test]
+fn recomputing_pass_and_one_rank_full_train_as_the_plain_step() {
+    // Unit-by-unit recompute (checkpointing) and `full` on one rank (units
+    // gathered from, and released to, this rank's own shards) follow the
+    // plain autograd step.
+    let dir = tempfile::tempdir().expect("temp dir");
+    fixture(dir.path());
+    let plain = train_steps(dir.path(), None, config(Strategy::NoShard));
+    let checkpointed = train_steps(
+        dir.path(),
+        None,
+        TrainConfig {
+            gradient_checkpointing: true,
+            ..config(Strategy::NoShard)
+        },
+    );
+    assert_same_training("no_shard + gradient_checkpointing", &plain, &checkpointed);
+    let full = train_steps(dir.path(), None, config(Strategy::Full));
+    assert_same_training("full x1", &plain, &full);
+    // With the embedding frozen the text unit has nothing to train.
+    let frozen = |strategy| TrainConfig {
+        freeze_lm_embeddings: true,
+        ..config(strategy)
+    };
+    let plain_frozen = train_steps(dir.path(), None, frozen(Strategy::NoShard));
+    let full_frozen = train_steps(dir.path(), None, frozen(Strategy::Full));
+    assert_same_training("full x1, frozen embeddings", &plain_frozen, &full_frozen);
 }
 
 #[test]
@@ -301,25 +351,11 @@ fn run_world(
 fn world_sizes_and_strategies_train_identically() {
     let dir = tempfile::tempdir().expect("temp dir");
     fixture(dir.path());
-    let (single, single_weights) = run_world(dir.path(), 1, "no_shard", "single");
-    let (sharded, sharded_weights) = run_world(dir.path(), 2, "shard_grad_op", "sharded");
-    let (replicated, replicated_weights) = run_world(dir.path(), 2, "no_shard", "replicated");
-    let (four, four_weights) = run_world(dir.path(), 4, "shard_grad_op", "four");
-    for (name, losses, weights) in [
-        ("shard_grad_op x2", &sharded, &sharded_weights),
-        ("no_shard x2", &replicated, &replicated_weights),
-        ("shard_grad_op x4", &four, &four_weights),
-    ] {
-        for (step, (a, b)) in single.iter().zip(losses.iter()).enumerate() {
-            for (x, y) in [(a.0, b.0), (a.1, b.1)] {
-                assert!(
-                    (x - y).abs() <= 1e-4 * x.abs(),
-                    "{name} step {step}: loss {y} vs {x}"
-                );
-            }
-        }
-        let difference = (weights - &single_weights).abs().max().double_value(&[]);
-        assert!(difference <= 1e-5, "{name}: weights differ by {difference}");
+    let single = run_world(dir.path(), 1, "no_shard", "single");
+    for (world, strategy) in [(2, "full"), (4, "full"), (2, "shard_grad_op")] {
+        let name = format!("{strategy} x{world}");
+        let run = run_world(dir.path(), world, strategy, &name.replace(' ', "-"));
+        assert_same_training(&name, &single, &run);
     }
     // The weights moved, and the loss fell over the steps.
     let initial = {
@@ -328,9 +364,11 @@ fn world_sizes_and_strategies_train_identically() {
         Trainer::new(model, &tokenizer, None, config(Strategy::NoShard))
             .expect("trainer")
             .flat_parameters()
+            .expect("weights")
     };
-    assert!((&single_weights - initial).abs().max().double_value(&[]) > 1e-3);
-    let first = single[0].0 + single[0].1;
-    let last = single[STEPS - 1].0 + single[STEPS - 1].1;
-    assert!(last < first, "loss did not fall: {single:?}");
+    assert!((&single.1 - initial).abs().max().double_value(&[]) > 1e-3);
+    let losses = &single.0;
+    let first = losses[0].0 + losses[0].1;
+    let last = losses[STEPS - 1].0 + losses[STEPS - 1].1;
+    assert!(last < first, "loss did not fall: {losses:?}");
 }

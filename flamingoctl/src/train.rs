@@ -140,9 +140,6 @@ impl TrainArgs {
         job.runs_dir = std::path::absolute(&job.runs_dir)?;
         job.validate(u64::from(self.nproc))
             .map_err(anyhow::Error::msg)?;
-        if job.gradient_checkpointing {
-            eprintln!("note: --gradient_checkpointing is accepted but not implemented yet; training runs without it");
-        }
         Ok(job)
     }
 }

@@ -594,6 +594,18 @@ impl Decoder {
         &self.config
     }
 
+    /// For a Hugging Face weight name inside decoder layer `i`, the rest of
+    /// the name after the layers' prefix (`"{i}.…"`); `None` for the
+    /// embedding, final norm and head.
+    pub fn layer_suffix<'n>(&self, name: &'n str) -> Option<&'n str> {
+        let prefix = match self.config.family {
+            DecoderFamily::Mpt => "transformer.blocks.",
+            DecoderFamily::GptNeox => "gpt_neox.layers.",
+            DecoderFamily::Llama => "model.layers.",
+        };
+        name.strip_prefix(prefix)
+    }
+
     pub fn layers(&self) -> &[DecoderLayer] {
         &self.layers
     }

@@ -170,6 +170,14 @@ impl Flamingo {
     /// `vision_x`: `[b, t_img, frames = 1, 3, h, w]` → media latents
     /// `[b, t_img, 64, vis_dim]` (the frozen tower runs without gradients).
     pub fn encode_vision(&self, vision_x: &Tensor) -> Result<Tensor> {
+        let features = self.vision_features(vision_x)?;
+        self.perceive(&features)
+    }
+
+    /// The frozen vision tower alone, without gradients: `vision_x`
+    /// `[b, t_img, frames = 1, 3, h, w]` → patch features
+    /// `[b, t_img, 1, tokens, vis_dim]`.
+    pub fn vision_features(&self, vision_x: &Tensor) -> Result<Tensor> {
         let size = vision_x.size();
         let [batch, media, frames, channels, height, width] = size[..] else {
             return Err(ModelError::Input(format!(
@@ -184,8 +192,12 @@ impl Flamingo {
         let images = vision_x.reshape([batch * media * frames, channels, height, width]);
         let tokens = tch::no_grad(|| self.vision.forward(&images))?.patch_tokens;
         let token_size = tokens.size();
-        let features = tokens.reshape([batch, media, frames, token_size[1], token_size[2]]);
-        self.perceiver.forward(&features)
+        Ok(tokens.reshape([batch, media, frames, token_size[1], token_size[2]]))
+    }
+
+    /// The Perceiver resampler: patch features → media latents.
+    pub fn perceive(&self, features: &Tensor) -> Result<Tensor> {
+        self.perceiver.forward(features)
     }
 
     pub(crate) fn check_image_count(&self, media: &Tensor, lang_x: &Tensor) -> Result<()> {
@@ -402,5 +414,120 @@ impl Flamingo {
             return Ok(Tensor::zeros([batch, 0], (Kind::Int64, lang_x.device())));
         }
         Ok(Tensor::stack(&generated, 1))
+    }
+}
+
+/// The pieces the training engine gathers, runs and frees one at a time
+/// (FSDP units, reference §2.5): the vision tower, the perceiver, the text
+/// ends of the LM (input embedding, final norm, output head) and each
+/// decoder layer together with the cross-attention block before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Unit {
+    Vision,
+    Perceiver,
+    Text,
+    Layer(usize),
+}
+
+/// What every decoder layer of one training forward pass shares: the
+/// attention context (positions, causal and padding mask) and the
+/// `<image>` locations the cross-attention masks follow.
+#[derive(Debug)]
+pub struct TextInputs {
+    context: crate::decoder::AttentionContext,
+    media_locations: Tensor,
+}
+
+impl Flamingo {
+    /// Which unit a weight (by its name in [`Flamingo::named_parameters`])
+    /// belongs to.
+    pub fn unit_of(&self, name: &str) -> Unit {
+        if name.starts_with("vision_encoder.") {
+            return Unit::Vision;
+        }
+        if name.starts_with("perceiver.") {
+            return Unit::Perceiver;
+        }
+        let Some(lm_name) = name.strip_prefix("lang_encoder.") else {
+            return Unit::Text;
+        };
+        let layer = lm_name
+            .strip_prefix("gated_cross_attn_layers.")
+            .or_else(|| self.decoder.layer_suffix(lm_name))
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|index| index.parse().ok());
+        layer.map_or(Unit::Text, Unit::Layer)
+    }
+
+    /// Decoder layers (each with its cross-attention block, if any).
+    pub fn layer_count(&self) -> usize {
+        self.decoder.layers().len()
+    }
+
+    /// Whether layer `index` has a cross-attention block (and so uses the
+    /// media latents).
+    pub fn layer_sees_media(&self, index: usize) -> bool {
+        matches!(self.cross_attention.get(index), Some(Some(_)))
+    }
+
+    /// The shared inputs of the decoder layers for `lang_x` `[b, t]`
+    /// (`attention_mask`: 1 = real token), after checking that `media_count`
+    /// images cover the text's `<image>` tokens.
+    pub fn text_inputs(
+        &self,
+        lang_x: &Tensor,
+        attention_mask: Option<&Tensor>,
+        media: &Tensor,
+    ) -> Result<TextInputs> {
+        self.check_image_count(media, lang_x)?;
+        let key_mask = attention_mask.map(|mask| mask.to_kind(Kind::Bool));
+        let context = self.decoder.attention_context_padded(
+            lang_x.size()[1],
+            0,
+            lang_x.device(),
+            key_mask.as_ref(),
+            None,
+        );
+        Ok(TextInputs {
+            context,
+            media_locations: lang_x.eq(self.media_token_id),
+        })
+    }
+
+    /// Token embeddings `[b, t] → [b, t, hidden]`.
+    pub fn embed(&self, lang_x: &Tensor) -> Tensor {
+        self.decoder.embed(lang_x)
+    }
+
+    /// Decoder layer `index`, preceded by its cross-attention block if it
+    /// has one: `hidden` `[b, t, hidden]` → the same shape.
+    pub fn layer(
+        &self,
+        index: usize,
+        hidden: &Tensor,
+        media: &Tensor,
+        inputs: &TextInputs,
+    ) -> Result<Tensor> {
+        let (Some(layer), Some(block)) = (
+            self.decoder.layers().get(index),
+            self.cross_attention.get(index),
+        ) else {
+            return Err(ModelError::Input(format!(
+                "layer {index} does not exist (the LM has {})",
+                self.layer_count()
+            )));
+        };
+        let hidden = match block {
+            Some(block) => {
+                block.forward(hidden, media, MediaMask::Locations(&inputs.media_locations))?
+            }
+            None => hidden.shallow_clone(),
+        };
+        Ok(layer.forward(&hidden, &inputs.context, self.decoder.config(), None))
+    }
+
+    /// Final norm and output head: `[b, t, hidden]` → logits `[b, t, vocab]`.
+    pub fn head(&self, hidden: &Tensor) -> Tensor {
+        self.decoder.head(hidden)
     }
 }

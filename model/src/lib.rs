@@ -30,7 +30,7 @@ pub use beam::BeamSettings;
 pub use cross_attention::{GatedCrossAttentionBlock, MaskedCrossAttention, MediaMask};
 pub use decoder::{AttentionContext, Decoder, DecoderLayer};
 pub use decoder_config::{Activation, DecoderConfig, DecoderFamily};
-pub use flamingo::Flamingo;
+pub use flamingo::{Flamingo, TextInputs, Unit};
 pub use load::{load_flamingo, load_flamingo_with, LoadOptions};
 pub use loss::causal_lm_loss;
 pub use perceiver::{PerceiverConfig, PerceiverResampler};

@@ -155,9 +155,12 @@ fn a_run_killed_after_a_checkpoint_resumes_on_another_world_size_exactly() {
         );
     }
 
-    // Interrupted: SIGKILL once the step-4 checkpoint is committed.
+    // Interrupted, under `full` (each rank's file holds a range per unit):
+    // SIGKILL once the step-4 checkpoint is committed.
+    let mut cut_args = train_args("cut", 2, 4, 2);
+    cut_args.extend(["--fsdp_sharding_strategy".to_string(), "full".to_string()]);
     let mut child = flamingoctl(dir.path())
-        .args(train_args("cut", 2, 4, 2))
+        .args(cut_args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -184,7 +187,8 @@ fn a_run_killed_after_a_checkpoint_resumes_on_another_world_size_exactly() {
         .unwrap();
     assert!((4..12).contains(&saved_step), "{saved}");
 
-    // Resume on 1 rank with the same global batch (8 LAION, 4 MMC4).
+    // Resume on 1 rank (the default shard_grad_op) with the same global
+    // batch (8 LAION, 4 MMC4).
     run(&train_args("cut", 1, 8, 4));
     let resumed = losses(dir.path(), "cut");
     for step in saved_step + 1..=12 {

@@ -1,0 +1,338 @@
+//! FSDP units (reference §2.5, design "Training engine"): the model's
+//! weights grouped as the engine gathers, runs and frees them — the vision
+//! tower, the perceiver, the LM's text ends (input embedding, final norm,
+//! head) and each decoder layer with the cross-attention block before it.
+//!
+//! Under `full` every unit keeps only this rank's 1/world of its trainable
+//! values (fp32 master) and of its frozen values (their own dtype). Using a
+//! unit all-gathers both into full buffers, points the model's tensors at
+//! views of them, and afterwards points the tensors at empty storage again,
+//! so at most the unit in use and the one being prefetched are whole.
+//! Under the other strategies the units only group the weights for the
+//! recomputing (checkpointed) pass, and gathering is a no-op.
+
+use flamingo_collectives::{ProcessGroup, Work};
+use flamingo_model::{Flamingo, Unit};
+use tch::{Kind, Tensor};
+
+use crate::trainer::TrainError;
+
+extern "C" {
+    fn fl_autograd_grad(
+        outputs: *mut *mut std::ffi::c_void,
+        grad_outputs: *mut *mut std::ffi::c_void,
+        n_outputs: std::ffi::c_int,
+        inputs: *mut *mut std::ffi::c_void,
+        n_inputs: std::ffi::c_int,
+        results: *mut *mut std::ffi::c_void,
+        error: *mut std::ffi::c_char,
+        error_len: usize,
+    ) -> std::ffi::c_int;
+}
+
+/// `torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)`:
+/// the gradients reaching `inputs` (each `None` where it took no part),
+/// without accumulating into `.grad`. The graph is freed afterwards.
+pub fn gradients(
+    outputs: &[&Tensor],
+    grad_outputs: &[&Tensor],
+    inputs: &[&Tensor],
+) -> Result<Vec<Option<Tensor>>, TrainError> {
+    assert_eq!(
+        outputs.len(),
+        grad_outputs.len(),
+        "one grad_output per output"
+    );
+    let handle = |tensor: &&Tensor| tensor.as_ptr() as *mut std::ffi::c_void;
+    let mut outputs: Vec<_> = outputs.iter().map(handle).collect();
+    let mut grad_outputs: Vec<_> = grad_outputs.iter().map(handle).collect();
+    let mut input_handles: Vec<_> = inputs.iter().map(handle).collect();
+    let mut results = vec![std::ptr::null_mut(); inputs.len()];
+    let mut error = vec![0 as std::ffi::c_char; 1024];
+    // SAFETY: every handle is a live tch tensor borrowed for the call; the
+    // shim writes `inputs.len()` results and a NUL-terminated message.
+    let status = unsafe {
+        fl_autograd_grad(
+            outputs.as_mut_ptr(),
+            grad_outputs.as_mut_ptr(),
+            outputs.len() as std::ffi::c_int,
+            input_handles.as_mut_ptr(),
+            input_handles.len() as std::ffi::c_int,
+            results.as_mut_ptr(),
+            error.as_mut_ptr(),
+            error.len(),
+        )
+    };
+    if status != 0 {
+        // SAFETY: the shim NUL-terminated the message within the buffer.
+        let message = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
+        return Err(TrainError::Config(format!(
+            "backward through a unit failed: {}",
+            message.to_string_lossy()
+        )));
+    }
+    Ok(results
+        .into_iter()
+        .map(|raw| {
+            // SAFETY: a non-null result is a fresh at::Tensor* the shim
+            // allocated for us; Tensor takes ownership and frees it.
+            (!raw.is_null()).then(|| unsafe { Tensor::from_ptr(raw as *mut torch_sys::C_tensor) })
+        })
+        .collect())
+}
+
+/// One weight of a unit: the model's tensor (sharing its storage and
+/// autograd state) and its place in the unit's buffer.
+#[derive(Debug)]
+pub struct Member {
+    pub name: String,
+    pub tensor: Tensor,
+    pub shape: Vec<i64>,
+    pub offset: i64,
+    pub numel: i64,
+}
+
+impl Member {
+    fn point_at(&self, buffer: &Tensor) {
+        let mut tensor = self.tensor.shallow_clone();
+        tch::no_grad(|| {
+            tensor.set_data(
+                &buffer
+                    .narrow(0, self.offset, self.numel)
+                    .view(self.shape.as_slice()),
+            )
+        });
+    }
+
+    fn release(&self) {
+        let mut tensor = self.tensor.shallow_clone();
+        let empty = Tensor::empty([0], (self.tensor.kind(), self.tensor.device()));
+        tch::no_grad(|| tensor.set_data(&empty));
+    }
+}
+
+/// A unit's weights and, under `full`, its shards.
+#[derive(Debug)]
+pub struct UnitPlan {
+    pub unit: Unit,
+    /// Trainable weights, in the order of the flat trainable state; they
+    /// fill `[start, start + len)` of it.
+    pub trainable: Vec<Member>,
+    pub start: i64,
+    pub len: i64,
+    /// Whether the trainable weights take weight decay (the gated
+    /// cross-attention, upstream's parameter group).
+    pub decay: bool,
+    pub frozen: Vec<Member>,
+    pub frozen_len: i64,
+    pub frozen_kind: Kind,
+    /// `full` only: this rank's trainable shard length (`len` split over
+    /// the world, padded) and where it sits in the rank's local flat state.
+    pub shard_len: i64,
+    pub shard_offset: i64,
+    /// `full` only: this rank's frozen shard.
+    pub frozen_shard: Option<Tensor>,
+}
+
+impl UnitPlan {
+    /// The unit's trainable range that `rank` owns under `full`, in flat
+    /// state coordinates, clipped to real values.
+    pub fn owned_by(&self, rank: i64) -> (i64, i64) {
+        let end = self.start + self.len;
+        (
+            (self.start + rank * self.shard_len).min(end),
+            (self.start + (rank + 1) * self.shard_len).min(end),
+        )
+    }
+}
+
+/// Groups the model's weights into units, in the order the engine runs
+/// them: vision, perceiver, text ends, layers. `trainable` are the trainable
+/// weights in flat-state order with their offsets there.
+pub fn plan(
+    model: &Flamingo,
+    trainable: &[(String, Vec<i64>, i64)],
+    decayed: impl Fn(&str) -> bool,
+) -> Result<Vec<UnitPlan>, TrainError> {
+    let mut units: Vec<Unit> = vec![Unit::Vision, Unit::Perceiver, Unit::Text];
+    units.extend((0..model.layer_count()).map(Unit::Layer));
+    let mut plans: Vec<UnitPlan> = units
+        .iter()
+        .map(|&unit| UnitPlan {
+            unit,
+            trainable: Vec::new(),
+            start: 0,
+            len: 0,
+            decay: false,
+            frozen: Vec::new(),
+            frozen_len: 0,
+            frozen_kind: Kind::Float,
+            shard_len: 0,
+            shard_offset: 0,
+            frozen_shard: None,
+        })
+        .collect();
+    let index_of = |unit: Unit| units.iter().position(|&candidate| candidate == unit);
+    for (name, tensor) in model.named_parameters() {
+        let unit = model.unit_of(name);
+        let plan = &mut plans[index_of(unit).ok_or_else(|| {
+            TrainError::Config(format!("weight {name} belongs to no unit ({unit:?})"))
+        })?];
+        let shape = tensor.size();
+        let numel = shape.iter().product::<i64>();
+        let member = |offset| Member {
+            name: name.clone(),
+            tensor: tensor.shallow_clone(),
+            shape: shape.clone(),
+            offset,
+            numel,
+        };
+        match trainable.iter().find(|(candidate, _, _)| candidate == name) {
+            Some((_, _, global)) => {
+                if plan.trainable.is_empty() {
+                    plan.start = *global;
+                    plan.decay = decayed(name);
+                } else if *global != plan.start + plan.len || decayed(name) != plan.decay {
+                    return Err(TrainError::Config(format!(
+                        "the trainable weights of unit {unit:?} are not one range of the flat state (at {name})"
+                    )));
+                }
+                plan.trainable.push(member(plan.len));
+                plan.len += numel;
+            }
+            None => {
+                if plan.frozen.is_empty() {
+                    plan.frozen_kind = tensor.kind();
+                } else if tensor.kind() != plan.frozen_kind {
+                    return Err(TrainError::Config(format!(
+                        "frozen weight {name} is {:?} but the rest of unit {unit:?} is {:?}",
+                        tensor.kind(),
+                        plan.frozen_kind
+                    )));
+                }
+                plan.frozen.push(member(plan.frozen_len));
+                plan.frozen_len += numel;
+            }
+        }
+    }
+    // The trainable members must follow the flat state's order.
+    for plan in &mut plans {
+        plan.trainable.sort_by_key(|member| member.offset);
+    }
+    Ok(plans)
+}
+
+/// Concatenates members' current values into one flat tensor of `kind`,
+/// padded with zeros to `padded`.
+pub fn concatenate(members: &[Member], padded: i64, kind: Kind, device: tch::Device) -> Tensor {
+    let buffer = Tensor::zeros([padded], (kind, device));
+    tch::no_grad(|| {
+        for member in members {
+            buffer
+                .narrow(0, member.offset, member.numel)
+                .copy_(&member.tensor.detach().reshape([-1]).to_kind(kind));
+        }
+    });
+    buffer
+}
+
+/// A unit's whole buffers, being gathered or ready.
+#[derive(Debug)]
+pub struct Gathered {
+    unit: usize,
+    trainable: Option<Tensor>,
+    frozen: Option<Tensor>,
+    works: Vec<Work>,
+    /// Bytes allocated for it (0 when the buffers are the rank's own shards).
+    pub bytes: i64,
+}
+
+impl Gathered {
+    fn wait(&mut self) -> Result<(), TrainError> {
+        for work in self.works.drain(..) {
+            work.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Gathered {
+    fn drop(&mut self) {
+        // A collective still writing into the buffers must finish first.
+        for work in self.works.drain(..) {
+            let _ = work.wait();
+        }
+    }
+}
+
+/// Starts gathering unit `index` (`full`), reading this rank's trainable
+/// shard from `local`.
+pub fn start_gather(
+    plans: &[UnitPlan],
+    index: usize,
+    local: &Tensor,
+    group: Option<&ProcessGroup>,
+) -> Result<Gathered, TrainError> {
+    let plan = &plans[index];
+    let world = group.map_or(1, ProcessGroup::world_size);
+    let mut gathered = Gathered {
+        unit: index,
+        trainable: None,
+        frozen: None,
+        works: Vec::new(),
+        bytes: 0,
+    };
+    let shard = (plan.shard_len > 0).then(|| local.narrow(0, plan.shard_offset, plan.shard_len));
+    let frozen = plan.frozen_shard.as_ref().filter(|shard| shard.numel() > 0);
+    match group.filter(|_| world > 1) {
+        None => {
+            gathered.trainable = shard;
+            gathered.frozen = frozen.map(Tensor::shallow_clone);
+        }
+        Some(group) => {
+            for (source, target) in [
+                (shard.as_ref(), &mut gathered.trainable),
+                (frozen, &mut gathered.frozen),
+            ] {
+                if let Some(source) = source {
+                    let whole = Tensor::empty(
+                        [source.numel() as i64 * world],
+                        (source.kind(), source.device()),
+                    );
+                    gathered
+                        .works
+                        .push(group.all_gather_into_tensor_async(&whole, source)?);
+                    gathered.bytes +=
+                        whole.numel() as i64 * whole.kind().elt_size_in_bytes() as i64;
+                    *target = Some(whole);
+                }
+            }
+        }
+    }
+    Ok(gathered)
+}
+
+/// Waits for a gather and points the unit's tensors at the whole buffers.
+pub fn install(plans: &[UnitPlan], mut gathered: Gathered) -> Result<Gathered, TrainError> {
+    gathered.wait()?;
+    let plan = &plans[gathered.unit];
+    if let Some(buffer) = &gathered.trainable {
+        for member in &plan.trainable {
+            member.point_at(buffer);
+        }
+    }
+    if let Some(buffer) = &gathered.frozen {
+        for member in &plan.frozen {
+            member.point_at(buffer);
+        }
+    }
+    Ok(gathered)
+}
+
+/// Points the unit's tensors at empty storage, so the whole buffers are
+/// freed once nothing else holds them.
+pub fn release(plan: &UnitPlan) {
+    for member in plan.trainable.iter().chain(&plan.frozen) {
+        member.release();
+    }
+}
