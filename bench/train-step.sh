@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Training-step throughput against the Python OpenFlamingo step on the same
 # random weights and batch, one run. Extra flags go to bench-train-step
-# (--sizes, --threads, --batch, --steps).
+# (--sizes, --threads, --batch, --steps, --world N for FSDP against our
+# full sharding, --gradient-checkpointing, --strategy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh

@@ -1,6 +1,9 @@
 //! bench-train-step: samples/s of flamingo's training step against the
 //! Python OpenFlamingo step on the same random weights and batch, same
-//! threads, one process each (no FSDP on either side), one run.
+//! threads, one run. With `--world 1` (the default) one process each, no
+//! FSDP. With `--world N` N rank processes each: Python under torch FSDP
+//! over gloo as OpenFlamingo's train.py sets it up (full sharding, gradient
+//! checkpointing, frozen embeddings), ours under `full` with the same.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -8,6 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use flamingo_collectives::{Backend, ProcessGroup, ProcessGroupConfig};
 use flamingo_engine::batch::TrainBatch;
 use flamingo_engine::schedule::{Kind, Schedule};
 use flamingo_engine::trainer::{AdamWConfigSerde, Strategy, TrainConfig, Trainer};
@@ -32,6 +36,12 @@ struct Args {
     /// Our strategy (one process): no_shard, shard_grad_op or full.
     #[arg(long, default_value = "no_shard")]
     strategy: Strategy,
+    /// Ranks per side; above 1 both sides shard (see the module docs).
+    #[arg(long, default_value_t = 1)]
+    world: usize,
+    /// Internal: run one of our ranks on the files in this folder.
+    #[arg(long, hide = true)]
+    rank_dir: Option<PathBuf>,
 }
 
 fn python() -> PathBuf {
@@ -40,12 +50,20 @@ fn python() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("python3"))
 }
 
-fn ours(dir: &Path, args: &Args) -> anyhow::Result<f64> {
+/// Our step on the files in `dir`; with a group, one rank of `world`
+/// (under `full`, gradient checkpointing and frozen embeddings). Returns
+/// the global samples/s.
+fn ours(dir: &Path, args: &Args, group: Option<&ProcessGroup>) -> anyhow::Result<f64> {
     let (batch, steps) = (args.batch, args.steps);
     let spec = ModelSpec::from_file(&dir.join("model.toml"))?;
     let (model, tokenizer) = load_flamingo(&spec)?;
+    let sharded = group.is_some();
     let config = TrainConfig {
-        strategy: args.strategy,
+        strategy: if sharded {
+            Strategy::Full
+        } else {
+            args.strategy
+        },
         schedule: Schedule {
             kind: Kind::Constant,
             base_lr: 1e-4,
@@ -58,11 +76,11 @@ fn ours(dir: &Path, args: &Args) -> anyhow::Result<f64> {
         loss_multiplier_laion: 1.0,
         loss_multiplier_mmc4: 1.0,
         gradient_accumulation_steps: 1,
-        freeze_lm_embeddings: false,
+        freeze_lm_embeddings: sharded,
         amp_bf16: false,
-        gradient_checkpointing: args.gradient_checkpointing,
+        gradient_checkpointing: sharded || args.gradient_checkpointing,
     };
-    let mut trainer = Trainer::new(model, &tokenizer, None, config)?;
+    let mut trainer = Trainer::new(model, &tokenizer, group, config)?;
     let mut saved = Weights::read_safetensors(&dir.join("batch.safetensors"))?;
     let mut take = |key: &str| saved.remove(key).with_context(|| format!("batch.{key}"));
     let train_batch = TrainBatch {
@@ -73,60 +91,163 @@ fn ours(dir: &Path, args: &Args) -> anyhow::Result<f64> {
         samples: batch,
     };
     trainer.micro_step(Some(&train_batch), None)?; // warm-up
+    if let Some(group) = group {
+        group.barrier()?;
+    }
     let started = Instant::now();
     for _ in 0..steps {
         trainer.micro_step(Some(&train_batch), None)?;
     }
-    Ok((batch * steps) as f64 / started.elapsed().as_secs_f64())
+    if let Some(group) = group {
+        group.barrier()?;
+    }
+    let world = group.map_or(1, ProcessGroup::world_size) as usize;
+    Ok((batch * world * steps) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Starts `world` copies of `command` with torchrun's variables; returns
+/// rank 0's last stdout line.
+fn run_ranks(world: usize, command: impl Fn() -> Command, what: &str) -> anyhow::Result<String> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let children = (0..world)
+        .map(|rank| {
+            command()
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("FLAMINGO_LOCAL_ADDR", "127.0.0.1")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .with_context(|| format!("starting {what} rank {rank}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut first = String::new();
+    for (rank, child) in children.into_iter().enumerate() {
+        let output = child.wait_with_output()?;
+        if !output.status.success() {
+            bail!(
+                "{what} rank {rank} failed:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        if rank == 0 {
+            first = String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .to_string();
+        }
+    }
+    Ok(first)
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tch::set_num_threads(args.threads as i32);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("train_step/reference.py");
-    println!("Training step (forward, backward, clip, AdamW): samples/s, batch {} of 32 tokens + 1 image, {} thread(s)", args.batch, args.threads);
-    println!("Python = OpenFlamingo 2.0.1 in one process, no FSDP; ratio = ours / Python (>1: ours faster)");
-    println!(
-        "ours: {:?}; gradient checkpointing: {}\n",
-        args.strategy,
-        if args.gradient_checkpointing {
-            "on (both)"
-        } else {
-            "off (both)"
+    if let Some(dir) = &args.rank_dir {
+        let group = ProcessGroup::new(&ProcessGroupConfig::from_env(
+            Backend::Gloo,
+            std::time::Duration::from_secs(600),
+        )?)?;
+        let rate = ours(dir, &args, Some(&group))?;
+        if group.rank() == 0 {
+            println!("{}", serde_json::json!({ "samples_per_second": rate }));
         }
-    );
+        return Ok(());
+    }
+    let script_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("train_step");
+    println!("Training step (forward, backward, clip, AdamW): samples/s, batch {} of 32 tokens + 1 image per rank, {} thread(s) per rank, {} rank(s)", args.batch, args.threads, args.world);
+    if args.world > 1 {
+        println!("Python = OpenFlamingo 2.0.1 under torch FSDP (FULL_SHARD, gloo), gradient checkpointing, frozen embeddings");
+        println!("ours: full, gradient checkpointing, frozen embeddings; ratio = ours / Python (>1: ours faster)\n");
+    } else {
+        println!("Python = OpenFlamingo 2.0.1 in one process, no FSDP; ratio = ours / Python (>1: ours faster)");
+        println!(
+            "ours: {:?}; gradient checkpointing: {}\n",
+            args.strategy,
+            if args.gradient_checkpointing {
+                "on (both)"
+            } else {
+                "off (both)"
+            }
+        );
+    }
     println!(
         "{:<6} {:>12} {:>12} {:>12} {:>8}",
         "size", "parameters", "python", "ours", "ratio"
     );
     for size in &args.sizes {
         let dir = tempfile::tempdir()?;
-        let output = Command::new(python())
-            .arg(&script)
-            .arg(dir.path())
-            .arg(size)
-            .arg(args.threads.to_string())
-            .arg(args.batch.to_string())
-            .arg(args.steps.to_string())
-            .arg(if args.gradient_checkpointing {
+        let common = |command: &mut Command| {
+            command
+                .arg(dir.path())
+                .arg(size)
+                .arg(args.threads.to_string())
+                .arg(args.batch.to_string())
+                .arg(args.steps.to_string())
+                .env("OMP_NUM_THREADS", args.threads.to_string());
+        };
+        let line = if args.world > 1 {
+            run_ranks(
+                args.world,
+                || {
+                    let mut command = Command::new(python());
+                    command.arg(script_dir.join("fsdp_reference.py"));
+                    common(&mut command);
+                    command
+                },
+                "fsdp_reference.py",
+            )?
+        } else {
+            let mut command = Command::new(python());
+            command.arg(script_dir.join("reference.py"));
+            common(&mut command);
+            command.arg(if args.gradient_checkpointing {
                 "checkpoint"
             } else {
                 "plain"
-            })
-            .env("OMP_NUM_THREADS", args.threads.to_string())
-            .output()
-            .context("running the Python reference")?;
-        if !output.status.success() {
-            bail!(
-                "reference.py {size} failed:\n{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let value: serde_json::Value =
-            serde_json::from_str(stdout.lines().last().unwrap_or_default())?;
+            });
+            let output = command.output().context("running the Python reference")?;
+            if !output.status.success() {
+                bail!(
+                    "reference.py {size} failed:\n{}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .to_string()
+        };
+        let value: serde_json::Value = serde_json::from_str(&line)?;
         let python_rate = value["samples_per_second"].as_f64().unwrap_or(0.0);
-        let our_rate = ours(dir.path(), &args)?;
+        let our_rate = if args.world > 1 {
+            let line = run_ranks(
+                args.world,
+                || {
+                    let mut command = Command::new(std::env::current_exe().expect("this program"));
+                    command
+                        .args(["--threads", &args.threads.to_string()])
+                        .args(["--batch", &args.batch.to_string()])
+                        .args(["--steps", &args.steps.to_string()])
+                        .arg("--rank-dir")
+                        .arg(dir.path())
+                        .env("OMP_NUM_THREADS", args.threads.to_string());
+                    command
+                },
+                "bench-train-step",
+            )?;
+            let value: serde_json::Value = serde_json::from_str(&line)?;
+            value["samples_per_second"].as_f64().unwrap_or(0.0)
+        } else {
+            ours(dir.path(), &args, None)?
+        };
         println!(
             "{:<6} {:>12} {:>12.2} {:>12.2} {:>8.3}",
             size,
