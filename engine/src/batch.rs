@@ -62,4 +62,15 @@ impl TrainBatch {
             samples: batch.keys.len(),
         }
     }
+
+    /// The batch on `device`, images in `kind` (the model's frozen kind).
+    pub fn to_device(&self, device: tch::Device, kind: Kind) -> Self {
+        Self {
+            vision_x: self.vision_x.to_device(device).to_kind(kind),
+            input_ids: self.input_ids.to_device(device),
+            attention_mask: self.attention_mask.to_device(device),
+            labels: self.labels.to_device(device),
+            samples: self.samples,
+        }
+    }
 }

@@ -6,17 +6,21 @@ use std::path::{Path, PathBuf};
 
 use tch::{Kind, Tensor};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TinyConfig {
     pub image_size: i64,
     pub patch_size: i64,
     pub vision_width: i64,
     pub vision_layers: i64,
+    pub vision_heads: i64,
     pub lm_width: i64,
     pub lm_heads: i64,
     pub lm_layers: i64,
     pub cross_attn_every_n_layers: i64,
     pub seed: i64,
+    /// Multiplies every random weight's standard deviation (1.0 suits the
+    /// tiny widths; wide models want about 0.1 to keep activations finite).
+    pub init_scale: f64,
 }
 
 impl Default for TinyConfig {
@@ -26,11 +30,13 @@ impl Default for TinyConfig {
             patch_size: 8,
             vision_width: 32,
             vision_layers: 2,
+            vision_heads: 4,
             lm_width: 32,
             lm_heads: 4,
             lm_layers: 2,
             cross_attn_every_n_layers: 1,
             seed: 0,
+            init_scale: 1.0,
         }
     }
 }
@@ -50,6 +56,7 @@ pub fn write_tiny_model(
     config: TinyConfig,
 ) -> std::io::Result<PathBuf> {
     tch::manual_seed(config.seed);
+    let normal = |shape: &[i64], scale: f64| normal(shape, scale * config.init_scale);
     std::fs::create_dir_all(dir.join("lm"))?;
     let to_io = |error: tch::TchError| std::io::Error::other(error.to_string());
 
@@ -120,7 +127,7 @@ pub fn write_tiny_model(
             config.image_size,
             config.vision_layers,
             config.patch_size,
-            w / 4
+            w / config.vision_heads
         ),
     )?;
 

@@ -25,48 +25,11 @@ pub struct InferenceArgs {
     #[arg(long)]
     pub prompt: String,
     /// Where to run: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    #[arg(long, default_value = "cpu", value_parser = flamingo_model::device::parse_device)]
     pub device: tch::Device,
     /// Weight and activation precision: fp32, bf16 or fp16.
     #[arg(long, default_value = "fp32", value_parser = parse_dtype)]
     pub dtype: Kind,
-}
-
-fn parse_device(text: &str) -> Result<tch::Device, String> {
-    match text {
-        "cpu" => Ok(tch::Device::Cpu),
-        "cuda" => Ok(tch::Device::Cuda(0)),
-        other => other
-            .strip_prefix("cuda:")
-            .and_then(|index| index.parse().ok())
-            .map(tch::Device::Cuda)
-            .ok_or_else(|| format!("'{other}' is not a device (cpu, cuda or cuda:N)")),
-    }
-}
-
-/// flamingoctl links only libtorch_cpu; CUDA kernels register themselves
-/// when libtorch_cuda.so is loaded, which is found through the binary's
-/// rpath to torch's lib/ directory.
-fn load_torch_cuda() -> anyhow::Result<()> {
-    let name = c"libtorch_cuda.so";
-    // SAFETY: dlopen with a valid NUL-terminated name; the handle is kept
-    // for the life of the process on purpose.
-    let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-    if handle.is_null() {
-        // SAFETY: dlerror returns a NUL-terminated string or null.
-        let reason = unsafe {
-            let error = libc::dlerror();
-            if error.is_null() {
-                String::from("unknown error")
-            } else {
-                std::ffi::CStr::from_ptr(error)
-                    .to_string_lossy()
-                    .into_owned()
-            }
-        };
-        bail!("--device cuda: cannot load libtorch_cuda.so ({reason}); this needs the CUDA build of torch 2.11.0 in the venv");
-    }
-    Ok(())
 }
 
 fn parse_dtype(text: &str) -> Result<Kind, String> {
@@ -89,7 +52,7 @@ struct Prepared {
 fn prepare(args: &InferenceArgs) -> anyhow::Result<Prepared> {
     let spec = ModelSpec::from_file(&args.model)?;
     if let tch::Device::Cuda(index) = args.device {
-        load_torch_cuda()?;
+        flamingo_model::device::prepare(args.device)?;
         let available = tch::Cuda::device_count();
         if i64::try_from(index).unwrap_or(i64::MAX) >= available {
             bail!("--device cuda:{index}: this machine has {available} CUDA device(s) visible to libtorch");

@@ -14,6 +14,7 @@ pub mod beam;
 pub mod cross_attention;
 pub mod decoder;
 pub mod decoder_config;
+pub mod device;
 pub mod flamingo;
 pub mod layers;
 pub mod load;

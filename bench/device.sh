@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The GPU checks, as one prepared run on a lent GPU machine (torch 2.11.0 +
+# CUDA at /opt/torch/.venv, no Rust toolchain, no network). Build here with
+# `bench/device.sh --prepare`, which puts the stripped binaries, the
+# libraries they need and the Python packages of the baseline under
+# target/device/; the run carries that folder and calls this script
+# without arguments. Results go to $OUT (the device tool's output folder):
+#   gpu.txt           nvidia-smi
+#   check.txt         bench-gpu-step check: the GPU training step vs the CPU
+#   inference.txt     flamingoctl score/generate on cuda vs cpu
+#   mfu-ours.json     bench-gpu-step mfu on the 3B-shaped model
+#   mfu-python.json   the Python OpenFlamingo step on the same shapes
+# Each part has a time limit inside an overall budget (BUDGET seconds).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == "--prepare" ]]; then
+    set -e
+    source scripts/setup.sh
+    flamingo_setup_reference
+    cargo build --release -p flamingo-bench -p flamingoctl --quiet
+    rm -rf target/device && mkdir -p target/device/lib target/device/fallback
+    cp target/release/bench-gpu-step target/release/flamingoctl target/device/
+    strip target/device/bench-gpu-step target/device/flamingoctl
+    cp -L /lib/x86_64-linux-gnu/libjpeg.so.62 target/device/lib/
+    cp -L /lib/x86_64-linux-gnu/libstdc++.so.6 target/device/fallback/
+    site="$FLAMINGO_VENV/lib/python3.11/site-packages"
+    other_models=$(cd "$site/transformers/models" && ls | grep -v -x -E "auto|mpt|__init__.py|clip|encoder_decoder|gpt_neox|llama" | sed 's|^|--exclude=transformers/models/|')
+    packages="transformers open_clip open_flamingo einops einops_exts huggingface_hub tokenizers safetensors regex ftfy wcwidth yaml _yaml packaging filelock fsspec tqdm requests certifi charset_normalizer idna urllib3 PIL pillow.libs torchvision torchvision.libs typing_extensions.py"
+    dists=$(cd "$site" && ls -d *.dist-info | grep -i -E "^(transformers|open_clip|open_flamingo|einops|huggingface_hub|tokenizers|safetensors|regex|ftfy|wcwidth|pyyaml|packaging|filelock|fsspec|tqdm|requests|certifi|charset_normalizer|idna|urllib3|pillow|torchvision|typing_extensions)[-_]")
+    # shellcheck disable=SC2086
+    (cd "$site" && tar cJf "$OLDPWD/target/device/pydeps.tar.xz" --exclude=__pycache__ $other_models $packages $dists)
+    (cd "$site" && tar cJf "$OLDPWD/target/device/pyfallback.tar.xz" --exclude=__pycache__ --exclude=tests numpy numpy.libs numpy-*.dist-info)
+    du -sh target/device
+    exit 0
+fi
+
+OUT=${OUT:-/tmp/flamingo-device-out}
+mkdir -p "$OUT"
+BUDGET=${BUDGET:-500}
+started=$(date +%s)
+left() { echo $((BUDGET - ($(date +%s) - started))); }
+part() { # part NAME LIMIT COMMAND...: runs with min(LIMIT, time left)
+    local name=$1 limit=$2; shift 2
+    local budget; budget=$(left)
+    (( budget < limit )) && limit=$budget
+    if (( limit < 20 )); then echo "SKIPPED $name: out of time" | tee -a "$OUT/summary.txt"; return; fi
+    local t0; t0=$(date +%s)
+    timeout "$limit" "$@"
+    local rc=$?
+    echo "$name: rc=$rc in $(( $(date +%s) - t0 ))s (limit ${limit}s)" | tee -a "$OUT/summary.txt"
+}
+
+PY=${PY:-/opt/torch/.venv/bin/python}
+[[ -x $PY ]] || PY=python3
+TORCH_LIB=$($PY -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
+BIN=$PWD/target/device
+export PY BIN OUT
+export LD_LIBRARY_PATH="$TORCH_LIB:$BIN/lib:$BIN/fallback${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c "import sys, torch; print(sys.version); print(torch.__version__, torch.cuda.is_available())"; ldd "$BIN/bench-gpu-step" | grep -i "not found"; } > "$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+
+part check 150 "$BIN/bench-gpu-step" check > "$OUT/check.txt" 2>&1
+tail -5 "$OUT/check.txt"
+
+inference() {
+    local dir; dir=$(mktemp -d)
+    "$BIN/flamingoctl" data synth --form laion --out "$dir/data" --samples 4 --per-shard 4 --image-size 32 >/dev/null 2>&1
+    "$BIN/flamingoctl" tiny-model --tokenizer "$dir/data/tokenizer" --out "$dir/tiny" >/dev/null
+    "$PY" - "$dir" <<'PY'
+import io, sys, tarfile, pathlib
+d = pathlib.Path(sys.argv[1])
+with tarfile.open(d / "data" / "laion-00000.tar") as tar:
+    member = next(m for m in tar.getmembers() if m.name.endswith((".png", ".jpg")))
+    (d / ("held" + pathlib.Path(member.name).suffix)).write_bytes(tar.extractfile(member).read())
+PY
+    local image; image=$(ls "$dir"/held.*)
+    for device in cpu "cuda --dtype fp32" "cuda --dtype bf16"; do
+        echo "== score --device $device"
+        # shellcheck disable=SC2086
+        "$BIN/flamingoctl" score --model "$dir/tiny/model.toml" --image "$image" --prompt "<image>a small red circle" --json --device $device
+        echo "== generate --device $device"
+        # shellcheck disable=SC2086
+        "$BIN/flamingoctl" generate --model "$dir/tiny/model.toml" --image "$image" --prompt "<image>a" --max-new-tokens 8 --json --device $device
+    done
+}
+export -f inference
+part inference 60 bash -c inference > "$OUT/inference.txt" 2>&1
+tail -4 "$OUT/inference.txt"
+
+part mfu-ours 240 "$BIN/bench-gpu-step" mfu --batch 8 --tokens 256 --images 4 --steps 5 --work /tmp/flamingo-mfu > "$OUT/mfu-ours.json" 2> "$OUT/mfu-ours.log"
+rm -rf /tmp/flamingo-mfu
+tail -1 "$OUT/mfu-ours.json"
+
+python_baseline() {
+    mkdir -p /tmp/pydeps /tmp/pyfallback
+    tar xJf "$BIN/pydeps.tar.xz" -C /tmp/pydeps
+    tar xJf "$BIN/pyfallback.tar.xz" -C /tmp/pyfallback
+    # The device's own numpy first, ours only if it has none.
+    PYTHONPATH=/tmp/pydeps "$PY" -c "import numpy" 2>/dev/null || export FALLBACK=/tmp/pyfallback
+    PYTHONPATH="/tmp/pydeps${FALLBACK:+:$FALLBACK}" "$PY" bench/gpu_step/reference.py 8 256 4 5 24
+}
+export -f python_baseline
+part mfu-python 200 bash -c python_baseline > "$OUT/mfu-python.json" 2> "$OUT/mfu-python.log"
+tail -1 "$OUT/mfu-python.json"
+cat "$OUT/summary.txt"

@@ -1,0 +1,511 @@
+//! bench-gpu-step: the training step on one GPU.
+//!
+//! `check`: the CUDA path of the engine against the CPU on a tiny random
+//! model and one random batch: the same few steps in fp32 on the CPU, in
+//! fp32 on the GPU (plain autograd and `full` with its unit-by-unit
+//! recompute), and in bf16 autocast with bf16 frozen weights. Exits
+//! non-zero when the GPU strays from the CPU.
+//!
+//! `mfu`: throughput and model FLOPs utilisation of an OpenFlamingo-3B
+//! shaped random model (CLIP ViT-L/14 at 224 px, MPT-1B: 24 × 2048, 16
+//! heads, a 50,280-token vocabulary, cross-attention before every layer)
+//! in `amp_bf16` with bf16 frozen weights, gradient checkpointing on, the
+//! `<image>`/`<|endofchunk|>` embedding rows training. Model FLOPs are
+//! counted from the shapes (see [`model_flops`]); recomputation is not
+//! counted, as MFU conventionally does not.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use flamingo_engine::batch::TrainBatch;
+use flamingo_engine::schedule::{Kind as ScheduleKind, Schedule};
+use flamingo_engine::tiny::{write_tiny_model, TinyConfig};
+use flamingo_engine::trainer::{AdamWConfigSerde, Strategy, TrainConfig, Trainer};
+use flamingo_model::{load_flamingo_with, FlamingoTokenizer, LoadOptions, ModelSpec};
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, Parser)]
+#[command(about = "The training step on one GPU: CUDA correctness, and MFU of a 3B-shaped model")]
+struct Args {
+    #[command(subcommand)]
+    mode: Mode,
+    /// The device under test (`cpu` only to try the command here).
+    #[arg(long, global = true, default_value = "cuda", value_parser = flamingo_model::device::parse_device)]
+    device: Device,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// The GPU step against the CPU step on a tiny model.
+    Check {
+        #[arg(long, default_value_t = 4)]
+        steps: usize,
+    },
+    /// Samples/s and MFU of the 3B-shaped model.
+    Mfu {
+        /// Samples per step.
+        #[arg(long, default_value_t = 8)]
+        batch: i64,
+        /// Tokens per sample.
+        #[arg(long, default_value_t = 256)]
+        tokens: i64,
+        /// Images per sample.
+        #[arg(long, default_value_t = 4)]
+        images: i64,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Dense bf16 peak of the GPU in TFLOP/s (H100/H200 SXM: 989).
+        #[arg(long, default_value_t = 989.4)]
+        peak_tflops: f64,
+        /// Layers of the LM and of the vision tower (24 for the real shape;
+        /// fewer for a quick try).
+        #[arg(long, default_value_t = 24)]
+        layers: i64,
+        /// Where to write the random model (a temporary folder if not given).
+        #[arg(long)]
+        work: Option<std::path::PathBuf>,
+    },
+}
+
+/// The shapes [`model_flops`] needs.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    vision_width: i64,
+    vision_layers: i64,
+    image: i64,
+    patch: i64,
+    lm_width: i64,
+    lm_layers: i64,
+    vocab: i64,
+    cross_attn_every: i64,
+}
+
+/// Model FLOPs of one training step (multiply-adds count 2), counted from
+/// the shapes of OpenFlamingo's modules:
+/// - the vision tower runs forward only: 2 · params · tokens per linear,
+///   plus attention (4 · n² · width per layer and image);
+/// - the perceiver (6 layers, 64 latents, 8 × 64 heads, feed-forward × 4)
+///   and the cross-attention blocks (8 × 64 heads, feed-forward × 4) train:
+///   6 · params · tokens (forward, input and weight gradients), attention
+///   3 × forward;
+/// - the frozen decoder layers: forward and input gradients, 4 · params ·
+///   tokens; causal attention counted whole, 3 × 4 · t² · width;
+/// - the output head (tied to the training embedding): 6 · vocab · width
+///   per token.
+fn model_flops(shape: Shape, batch: i64, tokens: i64, images: i64) -> f64 {
+    let f = |x: i64| x as f64;
+    let (b, t, n) = (f(batch), f(tokens), f(images));
+    let w = f(shape.vision_width);
+    let d = f(shape.lm_width);
+    let grid = f(shape.image / shape.patch);
+    let patches = grid * grid;
+    let vision_tokens = patches + 1.0;
+    let pictures = b * n;
+    // Vision: patch embedding, then per layer 12·w² parameters.
+    let vision = pictures
+        * (2.0 * 3.0 * f(shape.patch * shape.patch) * w * patches
+            + f(shape.vision_layers)
+                * (2.0 * 12.0 * w * w * vision_tokens + 4.0 * vision_tokens * vision_tokens * w));
+    // Perceiver: per layer and image, q on 64 latents, kv on patches+latents.
+    let latents = 64.0;
+    let inner = 512.0;
+    let perceiver_layer = 2.0 * (w * inner * latents + w * 2.0 * inner * (patches + latents))
+        + 2.0 * (inner * w * latents)
+        + 2.0 * (8.0 * w * w * latents)
+        + 4.0 * latents * (patches + latents) * inner;
+    let perceiver = 3.0 * pictures * 6.0 * perceiver_layer;
+    // LM: frozen layers (forward + input gradients) and attention.
+    let lm = f(shape.lm_layers) * (4.0 * 12.0 * d * d * b * t + 3.0 * 4.0 * t * t * d * b);
+    // Cross-attention blocks (trainable).
+    let blocks = f(shape.lm_layers / shape.cross_attn_every);
+    let media = n * latents;
+    let block = 2.0 * (d * inner * b * t + w * 2.0 * inner * b * media + inner * d * b * t)
+        + 2.0 * 8.0 * d * d * b * t
+        + 4.0 * t * media * inner * b;
+    let cross = 3.0 * blocks * block;
+    let head = 6.0 * f(shape.vocab) * d * b * t;
+    vision + perceiver + lm + cross + head
+}
+
+fn train_config(strategy: Strategy, amp_bf16: bool, checkpointing: bool) -> TrainConfig {
+    TrainConfig {
+        strategy,
+        schedule: Schedule {
+            kind: ScheduleKind::Constant,
+            base_lr: 1e-4,
+            warmup_steps: 0,
+            total_steps: 1000,
+        },
+        weight_decay: 0.1,
+        adamw: AdamWConfigSerde::default(),
+        max_grad_norm: 1.0,
+        loss_multiplier_laion: 1.0,
+        loss_multiplier_mmc4: 1.0,
+        gradient_accumulation_steps: 1,
+        freeze_lm_embeddings: false,
+        amp_bf16,
+        gradient_checkpointing: checkpointing,
+    }
+}
+
+/// A random interleaved batch: `images` `<image>` tokens per sample, the
+/// later ones after an `<|endofchunk|>`, labels masking `<image>`.
+fn random_batch(
+    tokenizer: &FlamingoTokenizer,
+    words: i64,
+    batch: i64,
+    tokens: i64,
+    images: i64,
+    image_size: i64,
+    seed: i64,
+) -> TrainBatch {
+    tch::manual_seed(seed);
+    let ids = Tensor::randint_low(2, words, [batch, tokens], (Kind::Int64, Device::Cpu));
+    let media = i64::from(tokenizer.media_token_id());
+    let end_of_chunk = i64::from(tokenizer.end_of_chunk_token_id());
+    let stride = tokens / images.max(1);
+    for image in 0..images {
+        let _ = ids.narrow(1, image * stride, 1).fill_(media);
+        if image > 0 {
+            let _ = ids.narrow(1, image * stride - 1, 1).fill_(end_of_chunk);
+        }
+    }
+    let labels = ids.masked_fill(&ids.eq(media), -100);
+    TrainBatch {
+        vision_x: Tensor::randn(
+            [batch, images, 1, 3, image_size, image_size],
+            (Kind::Float, Device::Cpu),
+        ),
+        attention_mask: ids.ones_like(),
+        input_ids: ids,
+        labels,
+        samples: batch as usize,
+    }
+}
+
+/// Writes a word-level tokenizer of `size` entries (the LM's vocabulary
+/// before OpenFlamingo's three added tokens).
+fn write_wide_tokenizer(dir: &Path, size: usize) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("<|endoftext|>".into(), json!(0));
+    vocab.insert("[UNK]".into(), json!(1));
+    for id in 2..size {
+        vocab.insert(format!("w{id}"), json!(id));
+    }
+    let special = |id: u32, content: &str| {
+        json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+               "rstrip": false, "normalized": false, "special": true})
+    };
+    let tokenizer = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "<|endoftext|>"), special(1, "[UNK]")],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string())?;
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        json!({"eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"})
+            .to_string(),
+    )?;
+    Ok(())
+}
+
+/// Losses of `steps` steps and the final trainable values.
+fn train(
+    spec: &ModelSpec,
+    options: LoadOptions,
+    config: TrainConfig,
+    batch: &TrainBatch,
+    steps: usize,
+) -> anyhow::Result<(Vec<f64>, Tensor)> {
+    let (model, tokenizer) = load_flamingo_with(spec, options)?;
+    let mut trainer = Trainer::new(model, &tokenizer, None, config)?;
+    let batch = batch.to_device(options.device, options.kind);
+    let mut losses = Vec::new();
+    for _ in 0..steps {
+        let report = trainer
+            .micro_step(None, Some(&batch))?
+            .context("a report every step")?;
+        losses.push(report.loss_mmc4.context("an MMC4 loss")?);
+    }
+    Ok((losses, trainer.flat_parameters()?.to_device(Device::Cpu)))
+}
+
+fn check(device: Device, steps: usize) -> anyhow::Result<()> {
+    flamingo_model::device::prepare(device)?;
+    let dir = tempfile::tempdir()?;
+    flamingo_data::synthetic::write_tokenizer(&dir.path().join("tokenizer"))?;
+    let words = flamingo_data::synthetic::vocabulary().len() as i64 + 2;
+    let spec_path = write_tiny_model(
+        &dir.path().join("model"),
+        &dir.path().join("tokenizer"),
+        words,
+        TinyConfig::default(),
+    )?;
+    let spec = ModelSpec::from_file(&spec_path)?;
+    let (_, tokenizer) = load_flamingo_with(&spec, LoadOptions::default())?;
+    let batch = random_batch(&tokenizer, words, 4, 24, 2, 32, 7);
+    let cpu = LoadOptions::default();
+    flamingo_model::device::prepare(device)?;
+    let gpu = LoadOptions {
+        device,
+        ..LoadOptions::default()
+    };
+    // bf16 frozen weights need CUDA autocast (it runs layer norms in fp32;
+    // the CPU's autocast leaves them mixed, which the CPU kernel refuses).
+    let gpu_bf16 = LoadOptions {
+        device,
+        kind: if device.is_cuda() {
+            Kind::BFloat16
+        } else {
+            Kind::Float
+        },
+        ..LoadOptions::default()
+    };
+    let (reference, reference_weights) = train(
+        &spec,
+        cpu,
+        train_config(Strategy::NoShard, false, false),
+        &batch,
+        steps,
+    )?;
+    println!("cpu fp32 no_shard losses: {reference:?}");
+    let mut failed = false;
+    for (name, options, config, loss_tolerance, weight_tolerance) in [
+        (
+            "cuda fp32 no_shard",
+            gpu,
+            train_config(Strategy::NoShard, false, false),
+            2e-3,
+            2e-3,
+        ),
+        (
+            "cuda fp32 full (world 1, recompute)",
+            gpu,
+            train_config(Strategy::Full, false, false),
+            2e-3,
+            2e-3,
+        ),
+        (
+            "cuda amp_bf16, bf16 frozen, checkpointing",
+            gpu_bf16,
+            train_config(Strategy::NoShard, true, true),
+            5e-2,
+            f64::INFINITY,
+        ),
+    ] {
+        let (losses, weights) = match train(&spec, options, config, &batch, steps) {
+            Ok(result) => result,
+            Err(error) => {
+                failed = true;
+                println!("FAIL {name}: {error:#}");
+                continue;
+            }
+        };
+        let worst_loss = reference
+            .iter()
+            .zip(&losses)
+            .map(|(a, b)| (a - b).abs() / a.abs())
+            .fold(0.0, f64::max);
+        let worst_weight = (&weights - &reference_weights)
+            .abs()
+            .max()
+            .double_value(&[]);
+        let ok = worst_loss <= loss_tolerance
+            && (worst_weight <= weight_tolerance || weight_tolerance.is_infinite())
+            && weights.isfinite().all().int64_value(&[]) == 1;
+        failed |= !ok;
+        println!(
+            "{} {name}: losses {losses:?}; worst relative loss difference {worst_loss:.2e} (limit {loss_tolerance:.0e}); worst weight difference {worst_weight:.2e}",
+            if ok { "PASS" } else { "FAIL" }
+        );
+    }
+    if failed {
+        bail!("the GPU training step differs from the CPU's");
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mfu(
+    device: Device,
+    batch_size: i64,
+    tokens: i64,
+    images: i64,
+    steps: usize,
+    peak_tflops: f64,
+    layers: i64,
+    work: Option<&Path>,
+) -> anyhow::Result<()> {
+    flamingo_model::device::prepare(device)?;
+    let temporary = tempfile::tempdir()?;
+    let dir = work.unwrap_or(temporary.path());
+    let words = 50_277;
+    let shape = Shape {
+        vision_width: 1024,
+        vision_layers: layers,
+        image: 224,
+        patch: 14,
+        lm_width: 2048,
+        lm_layers: layers,
+        vocab: words + 3,
+        cross_attn_every: 1,
+    };
+    let started = Instant::now();
+    write_wide_tokenizer(&dir.join("tokenizer"), words as usize)?;
+    let spec_path = write_tiny_model(
+        &dir.join("model"),
+        &dir.join("tokenizer"),
+        words,
+        TinyConfig {
+            image_size: shape.image,
+            patch_size: shape.patch,
+            vision_width: shape.vision_width,
+            vision_layers: shape.vision_layers,
+            vision_heads: 16,
+            lm_width: shape.lm_width,
+            lm_heads: 16,
+            lm_layers: shape.lm_layers,
+            cross_attn_every_n_layers: shape.cross_attn_every,
+            seed: 0,
+            init_scale: 0.1,
+        },
+    )?;
+    eprintln!(
+        "wrote the random model in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    let spec = ModelSpec::from_file(&spec_path)?;
+    let started = Instant::now();
+    let kind = if device.is_cuda() {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    };
+    let options = LoadOptions {
+        device,
+        kind,
+        ..LoadOptions::default()
+    };
+    let (model, tokenizer) = load_flamingo_with(&spec, options)?;
+    let parameters: i64 = model
+        .named_parameters()
+        .iter()
+        .map(|(_, tensor)| tensor.numel() as i64)
+        .sum();
+    let mut trainer = Trainer::new(
+        model,
+        &tokenizer,
+        None,
+        train_config(Strategy::NoShard, true, true),
+    )?;
+    eprintln!(
+        "loaded {parameters} parameters ({} trainable) in {:.0}s",
+        trainer.parameter_count(),
+        started.elapsed().as_secs_f64()
+    );
+    let batch =
+        random_batch(&tokenizer, words, batch_size, tokens, images, 224, 1).to_device(device, kind);
+    for _ in 0..2 {
+        trainer.micro_step(None, Some(&batch))?; // warm-up
+    }
+    synchronize(device);
+    let started = Instant::now();
+    let mut last_loss = f64::NAN;
+    for _ in 0..steps {
+        let report = trainer.micro_step(None, Some(&batch))?;
+        last_loss = report.and_then(|r| r.loss_mmc4).unwrap_or(f64::NAN);
+    }
+    synchronize(device);
+    let seconds = started.elapsed().as_secs_f64() / steps as f64;
+    let flops = model_flops(shape, batch_size, tokens, images);
+    let achieved = flops / seconds / 1e12;
+    println!(
+        "{}",
+        json!({
+            "parameters": parameters,
+            "trainable": trainer.parameter_count(),
+            "batch": batch_size, "tokens": tokens, "images": images, "layers": layers,
+            "step_seconds": seconds,
+            "samples_per_second": batch_size as f64 / seconds,
+            "model_tflop_per_step": flops / 1e12,
+            "achieved_tflops": achieved,
+            "mfu": achieved / peak_tflops,
+            "last_loss": last_loss,
+            "skipped_steps": trainer.skipped_steps(),
+        })
+    );
+    if trainer.skipped_steps() > 0 {
+        bail!("steps were skipped (non-finite loss): the timing does not hold");
+    }
+    Ok(())
+}
+
+fn synchronize(device: Device) {
+    if let Device::Cuda(index) = device {
+        tch::Cuda::synchronize(index as i64);
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.mode {
+        Mode::Check { steps } => check(args.device, steps),
+        Mode::Mfu {
+            batch,
+            tokens,
+            images,
+            steps,
+            peak_tflops,
+            layers,
+            work,
+        } => mfu(
+            args.device,
+            batch,
+            tokens,
+            images,
+            steps,
+            peak_tflops,
+            layers,
+            work.as_deref(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flops_of_the_lm_layers_follow_the_formula() {
+        // With no images, vision and perceiver vanish; one frozen layer
+        // costs 4·12·d²·b·t + 12·t²·d·b, the blocks 3·(2·(2·d·512 + 8·d²)·b·t),
+        // the head 6·V·d·b·t.
+        let shape = Shape {
+            vision_width: 8,
+            vision_layers: 1,
+            image: 14,
+            patch: 14,
+            lm_width: 16,
+            lm_layers: 1,
+            vocab: 10,
+            cross_attn_every: 1,
+        };
+        let (d, b, t) = (16.0, 2.0, 3.0);
+        let expected = 4.0 * 12.0 * d * d * b * t
+            + 12.0 * t * t * d * b
+            + 3.0 * (2.0 * (d * 512.0 * b * t + 512.0 * d * b * t) + 2.0 * 8.0 * d * d * b * t)
+            + 6.0 * 10.0 * d * b * t;
+        let got = model_flops(shape, 2, 3, 0);
+        assert!(
+            (got - expected).abs() < 1e-6 * expected,
+            "{got} vs {expected}"
+        );
+    }
+}
