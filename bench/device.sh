@@ -24,13 +24,33 @@ if [[ "${1:-}" == "--prepare" ]]; then
     strip target/device/bench-gpu-step target/device/flamingoctl
     cp -L /lib/x86_64-linux-gnu/libjpeg.so.62 target/device/lib/
     cp -L /lib/x86_64-linux-gnu/libstdc++.so.6 target/device/fallback/
+    # The baseline's packages: pure Python from our venv, compiled ones as
+    # wheels for the device's Python (3.12 on the machines seen so far).
     site="$FLAMINGO_VENV/lib/python3.11/site-packages"
+    device_python=${DEVICE_PYTHON:-3.12}
+    wheels=$(mktemp -d)
+    "$FLAMINGO_VENV/bin/python" -m pip download -q --disable-pip-version-check --only-binary=:all: \
+        --python-version "$device_python" --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_17_x86_64 --no-deps -d "$wheels" \
+        "pillow==$("$FLAMINGO_VENV/bin/python" -c 'import PIL; print(PIL.__version__)')" \
+        "regex==$("$FLAMINGO_VENV/bin/python" -c 'import regex; print(regex.__version__)')" \
+        torchvision==0.26.0 pyyaml "numpy==$("$FLAMINGO_VENV/bin/python" -c 'import numpy; print(numpy.__version__)')"
+    staging=$(mktemp -d)
+    mkdir -p "$staging/deps" "$staging/fallback"
     other_models=$(cd "$site/transformers/models" && ls | grep -v -x -E "auto|mpt|__init__.py|clip|encoder_decoder|gpt_neox|llama" | sed 's|^|--exclude=transformers/models/|')
-    packages="transformers open_clip open_flamingo einops einops_exts huggingface_hub tokenizers safetensors regex ftfy wcwidth yaml _yaml packaging filelock fsspec tqdm requests certifi charset_normalizer idna urllib3 PIL pillow.libs torchvision torchvision.libs typing_extensions.py"
-    dists=$(cd "$site" && ls -d *.dist-info | grep -i -E "^(transformers|open_clip|open_flamingo|einops|huggingface_hub|tokenizers|safetensors|regex|ftfy|wcwidth|pyyaml|packaging|filelock|fsspec|tqdm|requests|certifi|charset_normalizer|idna|urllib3|pillow|torchvision|typing_extensions)[-_]")
+    packages="transformers open_clip open_flamingo einops einops_exts huggingface_hub tokenizers safetensors ftfy wcwidth packaging filelock fsspec tqdm requests certifi charset_normalizer idna urllib3 typing_extensions.py"
+    dists=$(cd "$site" && ls -d *.dist-info | grep -i -E "^(transformers|open_clip|open_flamingo|einops|huggingface_hub|tokenizers|safetensors|ftfy|wcwidth|packaging|filelock|fsspec|tqdm|requests|certifi|charset_normalizer|idna|urllib3|typing_extensions)[-_]")
     # shellcheck disable=SC2086
-    (cd "$site" && tar cJf "$OLDPWD/target/device/pydeps.tar.xz" --exclude=__pycache__ $other_models $packages $dists)
-    (cd "$site" && tar cJf "$OLDPWD/target/device/pyfallback.tar.xz" --exclude=__pycache__ --exclude=tests numpy numpy.libs numpy-*.dist-info)
+    (cd "$site" && tar cf - --exclude=__pycache__ $other_models $packages $dists) | tar xf - -C "$staging/deps"
+    for wheel in "$wheels"/*.whl; do
+        case "$(basename "$wheel")" in
+            numpy-*) "$FLAMINGO_VENV/bin/python" -m zipfile -e "$wheel" "$staging/fallback" ;;
+            *) "$FLAMINGO_VENV/bin/python" -m zipfile -e "$wheel" "$staging/deps" ;;
+        esac
+    done
+    tar cJf target/device/pydeps.tar.xz -C "$staging/deps" .
+    tar cJf target/device/pyfallback.tar.xz -C "$staging/fallback" --exclude=tests .
+    rm -rf "$wheels" "$staging"
     du -sh target/device
     exit 0
 fi
@@ -88,9 +108,9 @@ export -f inference
 part inference 60 bash -c inference > "$OUT/inference.txt" 2>&1
 tail -4 "$OUT/inference.txt"
 
-part mfu-ours 240 "$BIN/bench-gpu-step" mfu --batch 8 --tokens 256 --images 4 --steps 5 --work /tmp/flamingo-mfu > "$OUT/mfu-ours.json" 2> "$OUT/mfu-ours.log"
+part mfu-ours 240 "$BIN/bench-gpu-step" mfu --batch 8,32 --tokens 256 --images 4 --steps 3 --work /tmp/flamingo-mfu > "$OUT/mfu-ours.json" 2> "$OUT/mfu-ours.log"
 rm -rf /tmp/flamingo-mfu
-tail -1 "$OUT/mfu-ours.json"
+cat "$OUT/mfu-ours.json"
 
 python_baseline() {
     mkdir -p /tmp/pydeps /tmp/pyfallback
@@ -98,9 +118,9 @@ python_baseline() {
     tar xJf "$BIN/pyfallback.tar.xz" -C /tmp/pyfallback
     # The device's own numpy first, ours only if it has none.
     PYTHONPATH=/tmp/pydeps "$PY" -c "import numpy" 2>/dev/null || export FALLBACK=/tmp/pyfallback
-    PYTHONPATH="/tmp/pydeps${FALLBACK:+:$FALLBACK}" "$PY" bench/gpu_step/reference.py 8 256 4 5 24
+    PYTHONPATH="/tmp/pydeps${FALLBACK:+:$FALLBACK}" "$PY" bench/gpu_step/reference.py 8,32 256 4 3 24
 }
 export -f python_baseline
 part mfu-python 200 bash -c python_baseline > "$OUT/mfu-python.json" 2> "$OUT/mfu-python.log"
-tail -1 "$OUT/mfu-python.json"
+cat "$OUT/mfu-python.json"
 cat "$OUT/summary.txt"

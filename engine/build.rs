@@ -1,5 +1,5 @@
 //! Embeds torch's lib/ as an rpath so tests run without LD_LIBRARY_PATH, and
-//! compiles the autocast, pickle and autograd shims against the venv's libtorch headers.
+//! compiles the autocast, pickle, autograd and fused-AdamW shims against the venv's libtorch headers.
 
 use std::path::PathBuf;
 
@@ -7,6 +7,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/autocast.cpp");
     println!("cargo:rerun-if-changed=csrc/pickle.cpp");
     println!("cargo:rerun-if-changed=csrc/autograd.cpp");
+    println!("cargo:rerun-if-changed=csrc/optim.cpp");
     let torch_lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").expect(
         "torch-sys exports libtorch_lib; run through scripts/setup.sh so LIBTORCH_USE_PYTORCH=1 finds the venv torch",
     ));
@@ -26,6 +27,7 @@ fn main() {
         .file("csrc/autocast.cpp")
         .file("csrc/pickle.cpp")
         .file("csrc/autograd.cpp")
+        .file("csrc/optim.cpp")
         .compile("flamingo_engine_shim");
     println!("cargo:rustc-link-search=native={}", torch_lib.display());
     println!("cargo:rustc-link-lib=dylib=torch_cpu");

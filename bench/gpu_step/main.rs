@@ -46,16 +46,17 @@ enum Mode {
     },
     /// Samples/s and MFU of the 3B-shaped model.
     Mfu {
-        /// Samples per step.
-        #[arg(long, default_value_t = 8)]
-        batch: i64,
+        /// Samples per step (several: one measurement each, one model load).
+        #[arg(long, value_delimiter = ',', default_value = "8")]
+        batch: Vec<i64>,
         /// Tokens per sample.
         #[arg(long, default_value_t = 256)]
         tokens: i64,
         /// Images per sample.
         #[arg(long, default_value_t = 4)]
         images: i64,
-        #[arg(long, default_value_t = 5)]
+        /// Optimizer steps timed (two micro-steps each).
+        #[arg(long, default_value_t = 3)]
         steps: usize,
         /// Dense bf16 peak of the GPU in TFLOP/s (H100/H200 SXM: 989).
         #[arg(long, default_value_t = 989.4)]
@@ -335,7 +336,7 @@ fn check(device: Device, steps: usize) -> anyhow::Result<()> {
 #[allow(clippy::too_many_arguments)]
 fn mfu(
     device: Device,
-    batch_size: i64,
+    batch_sizes: &[i64],
     tokens: i64,
     images: i64,
     steps: usize,
@@ -399,48 +400,66 @@ fn mfu(
         .iter()
         .map(|(_, tensor)| tensor.numel() as i64)
         .sum();
+    // Two micro-steps per optimizer step: the first call times forward and
+    // backward alone, the second adds the optimizer step.
     let mut trainer = Trainer::new(
         model,
         &tokenizer,
         None,
-        train_config(Strategy::NoShard, true, true),
+        TrainConfig {
+            gradient_accumulation_steps: 2,
+            ..train_config(Strategy::NoShard, true, true)
+        },
     )?;
     eprintln!(
         "loaded {parameters} parameters ({} trainable) in {:.0}s",
         trainer.parameter_count(),
         started.elapsed().as_secs_f64()
     );
-    let batch =
-        random_batch(&tokenizer, words, batch_size, tokens, images, 224, 1).to_device(device, kind);
-    for _ in 0..2 {
-        trainer.micro_step(None, Some(&batch))?; // warm-up
+    for &batch_size in batch_sizes {
+        let batch = random_batch(&tokenizer, words, batch_size, tokens, images, 224, 1)
+            .to_device(device, kind);
+        for _ in 0..2 {
+            trainer.micro_step(None, Some(&batch))?; // warm-up
+        }
+        synchronize(device);
+        let (mut forward_backward, mut with_update) = (0.0, 0.0);
+        let mut last_loss = f64::NAN;
+        for _ in 0..steps {
+            let started = Instant::now();
+            trainer.micro_step(None, Some(&batch))?;
+            synchronize(device);
+            forward_backward += started.elapsed().as_secs_f64();
+            let started = Instant::now();
+            let report = trainer.micro_step(None, Some(&batch))?;
+            synchronize(device);
+            with_update += started.elapsed().as_secs_f64();
+            last_loss = report.and_then(|r| r.loss_mmc4).unwrap_or(f64::NAN);
+        }
+        let forward_backward = forward_backward / steps as f64;
+        let optimizer = with_update / steps as f64 - forward_backward;
+        // One micro-batch per optimizer step, as the Python baseline steps.
+        let seconds = forward_backward + optimizer;
+        let flops = model_flops(shape, batch_size, tokens, images);
+        let achieved = flops / seconds / 1e12;
+        println!(
+            "{}",
+            json!({
+                "parameters": parameters,
+                "trainable": trainer.parameter_count(),
+                "batch": batch_size, "tokens": tokens, "images": images, "layers": layers,
+                "step_seconds": seconds,
+                "forward_backward_seconds": forward_backward,
+                "optimizer_seconds": optimizer,
+                "samples_per_second": batch_size as f64 / seconds,
+                "model_tflop_per_step": flops / 1e12,
+                "achieved_tflops": achieved,
+                "mfu": achieved / peak_tflops,
+                "last_loss": last_loss,
+                "skipped_steps": trainer.skipped_steps(),
+            })
+        );
     }
-    synchronize(device);
-    let started = Instant::now();
-    let mut last_loss = f64::NAN;
-    for _ in 0..steps {
-        let report = trainer.micro_step(None, Some(&batch))?;
-        last_loss = report.and_then(|r| r.loss_mmc4).unwrap_or(f64::NAN);
-    }
-    synchronize(device);
-    let seconds = started.elapsed().as_secs_f64() / steps as f64;
-    let flops = model_flops(shape, batch_size, tokens, images);
-    let achieved = flops / seconds / 1e12;
-    println!(
-        "{}",
-        json!({
-            "parameters": parameters,
-            "trainable": trainer.parameter_count(),
-            "batch": batch_size, "tokens": tokens, "images": images, "layers": layers,
-            "step_seconds": seconds,
-            "samples_per_second": batch_size as f64 / seconds,
-            "model_tflop_per_step": flops / 1e12,
-            "achieved_tflops": achieved,
-            "mfu": achieved / peak_tflops,
-            "last_loss": last_loss,
-            "skipped_steps": trainer.skipped_steps(),
-        })
-    );
     if trainer.skipped_steps() > 0 {
         bail!("steps were skipped (non-finite loss): the timing does not hold");
     }
@@ -467,7 +486,7 @@ fn main() -> anyhow::Result<()> {
             work,
         } => mfu(
             args.device,
-            batch,
+            &batch,
             tokens,
             images,
             steps,

@@ -8,7 +8,8 @@ flagged modules), the perceiver, cross-attention and input embedding
 training with the <image>/<|endofchunk|> row mask, AdamW with weight decay
 on the cross-attention, clip_grad_norm_(1.0). Prints one JSON line.
 
-usage: python reference.py BATCH TOKENS IMAGES STEPS LAYERS
+usage: python reference.py BATCH[,BATCH...] TOKENS IMAGES STEPS LAYERS
+(one JSON line per batch size)
 (BENCH_DEVICE=cpu tries it without a GPU.)
 """
 
@@ -37,7 +38,8 @@ class Clip(torch.nn.Module):
 
 
 def main():
-    batch, tokens, images, steps, layers = (int(value) for value in sys.argv[1:6])
+    batches = [int(value) for value in sys.argv[1].split(",")]
+    tokens, images, steps, layers = (int(value) for value in sys.argv[2:6])
     torch.manual_seed(0)
     device = torch.device(os.environ.get("BENCH_DEVICE", "cuda"))
     cuda = device.type == "cuda"
@@ -70,45 +72,52 @@ def main():
         [{"params": [p for n, p in named if "gated_cross_attn" in n], "weight_decay": 0.1},
          {"params": [p for n, p in named if "gated_cross_attn" not in n], "weight_decay": 0.0}], lr=1e-4)
 
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(2, WORDS, (batch, tokens), generator=generator)
-    stride = tokens // images
-    for image in range(images):
-        ids[:, image * stride] = media
-        if image > 0:
-            ids[:, image * stride - 1] = end_of_chunk
-    labels = ids.masked_fill(ids == media, -100)
-    mask = torch.ones_like(ids)
-    vision_x = torch.randn(batch, images, 1, 3, 224, 224, generator=generator)
-    ids, labels, mask, vision_x = (t.to(device) for t in (ids, labels, mask, vision_x))
-    embedding = model.lang_encoder.get_input_embeddings()
-    keep = torch.zeros_like(embedding.weight)
-    keep[media] = 1
-    keep[end_of_chunk] = 1
+    for batch in batches:
+        generator = torch.Generator().manual_seed(1)
+        ids = torch.randint(2, WORDS, (batch, tokens), generator=generator)
+        stride = tokens // images
+        for image in range(images):
+            ids[:, image * stride] = media
+            if image > 0:
+                ids[:, image * stride - 1] = end_of_chunk
+        labels = ids.masked_fill(ids == media, -100)
+        mask = torch.ones_like(ids)
+        vision_x = torch.randn(batch, images, 1, 3, 224, 224, generator=generator)
+        ids, labels, mask, vision_x = (t.to(device) for t in (ids, labels, mask, vision_x))
+        embedding = model.lang_encoder.get_input_embeddings()
+        keep = torch.zeros_like(embedding.weight)
+        keep[media] = 1
+        keep[end_of_chunk] = 1
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(vision_x=vision_x, lang_x=ids, attention_mask=mask, labels=labels)[0]
-        loss.backward()
-        embedding.weight.grad = embedding.weight.grad * keep
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        def sync():
+            if cuda:
+                torch.cuda.synchronize()
 
-    for _ in range(2):
-        step()  # warm-up
-    if cuda:
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - started) / steps
-    print(json.dumps({"parameters": parameters, "trainable": trainable, "step_seconds": seconds,
-                      "samples_per_second": batch / seconds, "last_loss": loss,
-                      "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}))
+        def step():
+            """Returns (loss, forward+backward seconds, optimizer seconds)."""
+            started = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = model(vision_x=vision_x, lang_x=ids, attention_mask=mask, labels=labels)[0]
+            loss.backward()
+            sync()
+            middle = time.perf_counter()
+            embedding.weight.grad = embedding.weight.grad * keep
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            value = loss.item()
+            return value, middle - started, time.perf_counter() - middle
+
+        for _ in range(2):
+            step()  # warm-up
+        times = [step() for _ in range(steps)]
+        forward_backward = sum(t[1] for t in times) / steps
+        update = sum(t[2] for t in times) / steps
+        seconds = forward_backward + update
+        print(json.dumps({"batch": batch, "parameters": parameters, "trainable": trainable, "step_seconds": seconds,
+                          "forward_backward_seconds": forward_backward, "optimizer_seconds": update,
+                          "samples_per_second": batch / seconds, "last_loss": times[-1][0],
+                          "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}))
 
 
 if __name__ == "__main__":

@@ -111,4 +111,65 @@ impl AdamW {
             let _ = parameter.g_add_(&update);
         });
     }
+
+    /// [`AdamW::update_parts`] through PyTorch's fused kernel (what
+    /// `torch.optim.AdamW(fused=True)` runs): one pass, on any device.
+    /// `step` counts this update.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_fused(
+        &self,
+        parameter: &Tensor,
+        gradient: &Tensor,
+        exp_avg: &Tensor,
+        exp_avg_sq: &Tensor,
+        step: u64,
+        lr: f64,
+        weight_decay: f64,
+    ) {
+        let AdamWConfig { beta1, beta2, eps } = self.config;
+        let mut error = vec![0 as std::ffi::c_char; 1024];
+        let handle = |tensor: &Tensor| tensor.as_ptr() as *mut std::ffi::c_void;
+        // SAFETY: the handles are live tch tensors borrowed for the call; the
+        // shim writes a NUL-terminated message into `error` on failure.
+        let status = unsafe {
+            fl_fused_adamw(
+                handle(parameter),
+                handle(gradient),
+                handle(exp_avg),
+                handle(exp_avg_sq),
+                lr,
+                beta1,
+                beta2,
+                weight_decay,
+                eps,
+                step as std::ffi::c_long,
+                error.as_mut_ptr(),
+                error.len(),
+            )
+        };
+        // Shapes, dtypes and devices are the caller's to keep consistent; a
+        // mismatch is a bug in flamingo, not in the input.
+        assert_eq!(status, 0, "fused AdamW failed: {}", {
+            // SAFETY: NUL-terminated by the shim.
+            unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) }.to_string_lossy()
+        });
+    }
+}
+
+extern "C" {
+    #[allow(clippy::too_many_arguments)]
+    fn fl_fused_adamw(
+        param: *mut std::ffi::c_void,
+        grad: *mut std::ffi::c_void,
+        exp_avg: *mut std::ffi::c_void,
+        exp_avg_sq: *mut std::ffi::c_void,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        step: std::ffi::c_long,
+        error: *mut std::ffi::c_char,
+        error_len: usize,
+    ) -> std::ffi::c_int;
 }

@@ -943,10 +943,12 @@ impl<'g> Trainer<'g> {
     }
 
     /// The whole flat gradient (`no_shard`, `shard_grad_op`): what the
-    /// parameters' `.grad` hold plus what the recomputing pass summed.
+    /// parameters' `.grad` hold plus what the recomputing pass summed (in
+    /// the latter's buffer, which [`Self::zero_gradients`] clears after the
+    /// update).
     fn flat_gradient(&self) -> Tensor {
         let gradient = match &self.accumulated {
-            Some(accumulated) => accumulated.copy(),
+            Some(accumulated) => accumulated.shallow_clone(),
             None => self.flat.zeros_like(),
         };
         tch::no_grad(|| {
@@ -998,7 +1000,9 @@ impl<'g> Trainer<'g> {
             return self.apply_full(loss_laion, loss_mmc4, lr);
         }
         let gradient = self.flat_gradient();
-        self.zero_gradients();
+        for slot in &mut self.slots {
+            slot.tensor.zero_grad();
+        }
         if let Some((offset, rows, width, mask)) = &self.embedding_mask {
             let _ = gradient
                 .narrow(0, *offset, rows * width)
@@ -1022,7 +1026,7 @@ impl<'g> Trainer<'g> {
             }
             _ => (gradient, 0),
         };
-        let local_squares = shard_gradient.square().sum(Kind::Double).double_value(&[]);
+        let local_squares = squared_norm(&shard_gradient);
         let squares = match self.config.strategy {
             Strategy::ShardGradOp => self.all_reduce_sum(local_squares)?,
             _ => local_squares,
@@ -1044,19 +1048,18 @@ impl<'g> Trainer<'g> {
             if len == 0 {
                 continue;
             }
-            let mut parameter = shard.narrow(0, start, len);
-            let mut exp_avg = self.exp_avg.narrow(0, start, len);
-            let mut exp_avg_sq = self.exp_avg_sq.narrow(0, start, len);
-            self.optimizer.update_parts(
-                &mut parameter,
+            self.optimizer.update_fused(
+                &shard.narrow(0, start, len),
                 &shard_gradient.narrow(0, start, len),
-                &mut exp_avg,
-                &mut exp_avg_sq,
+                &self.exp_avg.narrow(0, start, len),
+                &self.exp_avg_sq.narrow(0, start, len),
                 self.step,
                 lr,
                 decay,
             );
         }
+        drop(shard_gradient);
+        self.zero_gradients();
         if let (Strategy::ShardGradOp, Some(group)) = (self.config.strategy, self.group) {
             if world > 1 {
                 let gathered = group.all_gather_flat(&shard.copy(), self.total)?;
@@ -1081,9 +1084,12 @@ impl<'g> Trainer<'g> {
         loss_mmc4: Option<f64>,
         lr: f64,
     ) -> Result<StepReport, TrainError> {
-        let mut gradient = self.accumulated.as_ref().expect("full accumulates").copy();
-        self.zero_gradients();
-        let local_squares = gradient.square().sum(Kind::Double).double_value(&[]);
+        let mut gradient = self
+            .accumulated
+            .as_ref()
+            .expect("full accumulates")
+            .shallow_clone();
+        let local_squares = squared_norm(&gradient);
         let grad_norm = self.all_reduce_sum(local_squares)?.sqrt();
         let factor = clip_factor(grad_norm, self.config.max_grad_norm);
         if factor < 1.0 {
@@ -1092,14 +1098,11 @@ impl<'g> Trainer<'g> {
         self.step += 1;
         for plan in self.units.iter().filter(|plan| plan.shard_len > 0) {
             let (offset, len) = (plan.shard_offset, plan.shard_len);
-            let mut parameter = self.flat.narrow(0, offset, len);
-            let mut exp_avg = self.exp_avg.narrow(0, offset, len);
-            let mut exp_avg_sq = self.exp_avg_sq.narrow(0, offset, len);
-            self.optimizer.update_parts(
-                &mut parameter,
+            self.optimizer.update_fused(
+                &self.flat.narrow(0, offset, len),
                 &gradient.narrow(0, offset, len),
-                &mut exp_avg,
-                &mut exp_avg_sq,
+                &self.exp_avg.narrow(0, offset, len),
+                &self.exp_avg_sq.narrow(0, offset, len),
                 self.step,
                 lr,
                 if plan.decay {
@@ -1109,6 +1112,8 @@ impl<'g> Trainer<'g> {
                 },
             );
         }
+        drop(gradient);
+        self.zero_gradients();
         Ok(StepReport {
             step: self.step,
             loss_laion,
@@ -1126,6 +1131,14 @@ struct LossParts {
     summed: Tensor,
     global_sum: f64,
     global_tokens: f64,
+}
+
+/// Σ g², accumulated in double without a squared copy of `gradient`.
+fn squared_norm(gradient: &Tensor) -> f64 {
+    let norm = gradient
+        .norm_scalaropt_dtype(2.0, Kind::Double)
+        .double_value(&[]);
+    norm * norm
 }
 
 /// Upstream's weight-decay group: the gated cross-attention.

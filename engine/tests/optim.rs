@@ -1,5 +1,6 @@
-//! AdamW, the schedules and clipping against PyTorch: torch.optim.AdamW with
-//! two parameter groups, Hugging Face's constant/linear/cosine warmup
+//! AdamW, the schedules and clipping against PyTorch: torch.optim.AdamW
+//! (default, and our fused path against `fused=True`) with two parameter
+//! groups, Hugging Face's constant/linear/cosine warmup
 //! schedules through LambdaLR, clip_grad_norm_(1.0), 7 steps on fixed
 //! gradients; our learning rates and norms must agree, and the parameters
 //! must be identical bit for bit.
@@ -80,5 +81,37 @@ fn adamw_schedules_and_clipping_match_pytorch() {
         }
         // Same ops in the same order as torch's CPU kernels: bit for bit.
         assert_eq!(worst, 0.0, "{name}: parameters differ by up to {worst}");
+
+        // The fused kernel against torch.optim.AdamW(fused=True).
+        let mut params: Vec<tch::Tensor> = initial.iter().map(|t| t.copy()).collect();
+        let moments: Vec<Moments> = params.iter().map(Moments::zeros_like).collect();
+        let mut worst = 0f64;
+        for step in 0..STEPS {
+            let lr = schedule.lr(step);
+            let mut step_grads: Vec<tch::Tensor> =
+                grads[step as usize].iter().map(|g| g.copy()).collect();
+            clip_grad_norm(&mut step_grads, 1.0);
+            for (index, ((param, grad), state)) in
+                params.iter_mut().zip(&step_grads).zip(&moments).enumerate()
+            {
+                let weight_decay = if index == 0 { 0.1 } else { 0.0 };
+                optimizer.update_fused(
+                    param,
+                    grad,
+                    &state.exp_avg,
+                    &state.exp_avg_sq,
+                    step + 1,
+                    lr,
+                    weight_decay,
+                );
+                let expected = take(&format!("{name}.fused.param.{step}.{index}"));
+                let difference = (&*param - &expected).abs().max().double_value(&[]);
+                worst = worst.max(difference);
+            }
+        }
+        assert_eq!(
+            worst, 0.0,
+            "{name} fused: parameters differ by up to {worst}"
+        );
     }
 }

@@ -1,5 +1,5 @@
-"""Reference for tests/optim.rs: torch.optim.AdamW with OpenFlamingo's two
-parameter groups (weight decay on gated cross-attention only), Hugging
+"""Reference for tests/optim.rs: torch.optim.AdamW (default, and fused=True)
+with OpenFlamingo's two parameter groups (weight decay on gated cross-attention only), Hugging
 Face's schedules through LambdaLR, and clip_grad_norm_(1.0) before each
 step, on fixed gradients.
 
@@ -28,13 +28,17 @@ def main():
     for step, step_grads in enumerate(grads):
         for i, g in enumerate(step_grads):
             tensors[f"grad.{step}.{i}"] = g
-    for name, make in [("constant", get_constant_schedule_with_warmup),
-                       ("linear", get_linear_schedule_with_warmup),
-                       ("cosine", get_cosine_schedule_with_warmup)]:
+    runs = [(name, make, fused) for fused in (False, True)
+            for name, make in [("constant", get_constant_schedule_with_warmup),
+                               ("linear", get_linear_schedule_with_warmup),
+                               ("cosine", get_cosine_schedule_with_warmup)]]
+    for schedule_name, make, fused in runs:
+        name = schedule_name + (".fused" if fused else "")
         params = [torch.nn.Parameter(t.clone()) for t in initial]
         optimizer = torch.optim.AdamW([{"params": params[:1], "weight_decay": 0.1},
-                                       {"params": params[1:], "weight_decay": 0.0}], lr=1e-2)
-        if name == "constant":
+                                       {"params": params[1:], "weight_decay": 0.0}], lr=1e-2,
+                                      fused=fused)
+        if schedule_name == "constant":
             scheduler = make(optimizer, num_warmup_steps=3)
         else:
             scheduler = make(optimizer, num_warmup_steps=3, num_training_steps=STEPS)
