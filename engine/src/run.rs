@@ -168,7 +168,14 @@ impl Feed {
     }
 }
 
-fn progress(step: u64, total: u64, report: &StepReport, rate: f64, elapsed: f64) {
+/// The progress line: redrawn in place on a terminal; on a pipe or file
+/// (CI logs, `flamingoctl train > log`) one line per logged step instead.
+fn progress(step: u64, total: u64, report: &StepReport, rate: f64, elapsed: f64, logged: bool) {
+    use std::io::IsTerminal;
+    let terminal = std::io::stderr().is_terminal();
+    if !terminal && !logged {
+        return;
+    }
     let width = 24usize;
     let filled = ((step as f64 / total.max(1) as f64) * width as f64) as usize;
     let eta = if step > 0 {
@@ -177,8 +184,8 @@ fn progress(step: u64, total: u64, report: &StepReport, rate: f64, elapsed: f64)
         0.0
     };
     let loss = |value: Option<f64>| value.map_or("-".to_string(), |v| format!("{v:.4}"));
-    eprint!(
-        "\rstep {step}/{total} [{}{}] loss_laion {} loss_mmc4 {} lr {:.2e} {rate:.1} samples/s ETA {:.0}s   ",
+    let line = format!(
+        "step {step}/{total} [{}{}] loss_laion {} loss_mmc4 {} lr {:.2e} {rate:.1} samples/s ETA {:.0}s",
         "=".repeat(filled.min(width)),
         " ".repeat(width - filled.min(width)),
         loss(report.loss_laion),
@@ -186,6 +193,11 @@ fn progress(step: u64, total: u64, report: &StepReport, rate: f64, elapsed: f64)
         report.lr,
         eta
     );
+    if terminal {
+        eprint!("\r{line}   ");
+    } else {
+        eprintln!("{line}");
+    }
     let _ = std::io::stderr().flush();
 }
 
@@ -294,8 +306,16 @@ pub fn run_rank(job: &TrainJob, group: Option<&ProcessGroup>) -> anyhow::Result<
         let rate = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
         let step = report.step;
         if rank == 0 {
-            progress(step, end, &report, rate, started.elapsed().as_secs_f64());
-            if step % job.logging_steps.max(1) == 0 || step == end || report.skipped {
+            let logged = step % job.logging_steps.max(1) == 0 || step == end || report.skipped;
+            progress(
+                step,
+                end,
+                &report,
+                rate,
+                started.elapsed().as_secs_f64(),
+                logged,
+            );
+            if logged {
                 if let Some(log) = log.as_mut() {
                     let line = json!({
                         "step": step,

@@ -52,7 +52,8 @@ fn train_args(run: &str, nproc: u32, per_rank_laion: u32, per_rank_mmc4: u32) ->
     .collect()
 }
 
-/// step → (loss_laion, loss_mmc4), the last line for each step.
+/// step → (loss_laion, loss_mmc4), the last line for each step (NaN for a
+/// dataset the run does not have).
 fn losses(dir: &Path, run: &str) -> std::collections::BTreeMap<u64, (f64, f64)> {
     std::fs::read_to_string(dir.join("runs").join(run).join("log.jsonl"))
         .expect("a log line")
@@ -62,8 +63,8 @@ fn losses(dir: &Path, run: &str) -> std::collections::BTreeMap<u64, (f64, f64)> 
             (
                 value["step"].as_u64().expect("a log line"),
                 (
-                    value["loss_laion"].as_f64().expect("a log line"),
-                    value["loss_mmc4"].as_f64().expect("a log line"),
+                    value["loss_laion"].as_f64().unwrap_or(f64::NAN),
+                    value["loss_mmc4"].as_f64().unwrap_or(f64::NAN),
                 ),
             )
         })
@@ -322,4 +323,154 @@ fn exports_load_into_the_python_open_flamingo() {
         "{report}"
     );
     assert_eq!(report["max_difference"].as_f64(), Some(0.0), "{report}");
+}
+
+/// The shape words ("circle", "square", "triangle") of a caption, in order.
+fn shapes(caption: &str) -> Vec<&'static str> {
+    caption
+        .split_whitespace()
+        .filter_map(|word| {
+            ["circle", "square", "triangle"]
+                .into_iter()
+                .find(|shape| word.trim_end_matches('s') == *shape)
+        })
+        .collect()
+}
+
+/// A tiny model trained for about three CPU minutes on synthetic LAION
+/// shapes (two ranks) shows a falling loss, and its greedy captions of
+/// held-out images name the first drawn shape far more often than chance (1
+/// in 3; 22 of 24 when this was written); the untrained model's captions
+/// name none.
+#[test]
+fn a_tiny_model_learns_to_caption_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let output = flamingoctl(dir.path())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    run(&[
+        "data",
+        "synth",
+        "--form",
+        "laion",
+        "--out",
+        "data",
+        "--samples",
+        "2048",
+        "--per-shard",
+        "512",
+        "--image-size",
+        "32",
+    ]);
+    run(&[
+        "tiny-model",
+        "--tokenizer",
+        "data/tokenizer",
+        "--out",
+        "tiny",
+        "--lm-width",
+        "64",
+        "--vision-width",
+        "64",
+    ]);
+    let started = Instant::now();
+    run(&[
+        "train",
+        "--nproc",
+        "2",
+        "--model",
+        "tiny/model.toml",
+        "--laion_shards",
+        "data/laion-{00000..00003}.tar",
+        "--batch_size_laion",
+        "16",
+        "--train_num_samples_laion",
+        "2048",
+        "--num_epochs",
+        "12",
+        "--learning_rate",
+        "2e-3",
+        "--lr_scheduler",
+        "cosine",
+        "--warmup_steps",
+        "20",
+        "--logging_steps",
+        "16",
+        "--run_name",
+        "shapes",
+    ]);
+    let seconds = started.elapsed().as_secs_f64();
+    let log = losses(dir.path(), "shapes");
+    let first = log.values().next().expect("a logged step").0;
+    let last = log.values().last().expect("a logged step").0;
+    assert!(last < 0.3 * first, "the loss falls: {first} → {last}");
+
+    run(&["export", "runs/shapes", "--out", "trained.pt"]);
+    std::fs::write(
+        dir.path().join("trained.toml"),
+        "[vision]\narch = \"tiny/clip.json\"\nweights = \"tiny/clip.safetensors\"\n[language]\npath = \"tiny/lm\"\n[flamingo]\ncheckpoint = \"trained.pt\"\n",
+    )
+    .expect("spec written");
+    // Held-out scenes: another seed than the training shards' (0).
+    let (mut right, mut untrained_shapes) = (0, 0);
+    let mut seen = Vec::new();
+    for index in 0..24 {
+        let (_, members) = flamingo_data::synthetic::laion_sample(99, index, 32);
+        let member = |extension: &str| {
+            members
+                .iter()
+                .find(|(name, _)| name == extension)
+                .map(|(_, bytes)| bytes.clone())
+                .expect("a synthetic sample has a png and a txt")
+        };
+        let truth = String::from_utf8(member("txt")).expect("utf-8 caption");
+        let image = dir.path().join(format!("held-{index}.png"));
+        std::fs::write(&image, member("png")).expect("image written");
+        let caption = |spec: &str| {
+            let stdout = run(&[
+                "generate",
+                "--model",
+                spec,
+                "--image",
+                image.to_str().unwrap(),
+                "--prompt",
+                "<image>",
+                "--max-new-tokens",
+                "12",
+                "--json",
+            ]);
+            let value: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+            value["text"].as_str().expect("text").to_string()
+        };
+        let trained = caption("trained.toml");
+        if shapes(&trained).first() == shapes(&truth).first() {
+            right += 1;
+        }
+        untrained_shapes += shapes(&caption("tiny/model.toml")).len();
+        seen.push(format!("{truth} → {trained}"));
+    }
+    eprintln!(
+        "trained in {seconds:.0}s; {right}/24 captions name the first shape:\n{}",
+        seen.join("\n")
+    );
+    assert!(
+        right >= 16,
+        "{right}/24 captions name the first shape:\n{}",
+        seen.join("\n")
+    );
+    assert_eq!(
+        untrained_shapes, 0,
+        "the untrained model already names shapes"
+    );
 }
