@@ -108,7 +108,7 @@ export -f inference
 part inference 60 bash -c inference > "$OUT/inference.txt" 2>&1
 tail -4 "$OUT/inference.txt"
 
-part mfu-ours 240 "$BIN/bench-gpu-step" mfu --batch 8,32 --tokens 256 --images 4 --steps 3 --work /tmp/flamingo-mfu > "$OUT/mfu-ours.json" 2> "$OUT/mfu-ours.log"
+part mfu-ours 240 "$BIN/bench-gpu-step" mfu --batch 8,32 --tokens 256 --images 4 --steps 3 --checkpointing true,false --work /tmp/flamingo-mfu > "$OUT/mfu-ours.json" 2> "$OUT/mfu-ours.log"
 rm -rf /tmp/flamingo-mfu
 cat "$OUT/mfu-ours.json"
 

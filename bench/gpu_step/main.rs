@@ -65,6 +65,9 @@ enum Mode {
         /// fewer for a quick try).
         #[arg(long, default_value_t = 24)]
         layers: i64,
+        /// Gradient checkpointing: on, off, or both (one load each).
+        #[arg(long, value_delimiter = ',', default_value = "true")]
+        checkpointing: Vec<bool>,
         /// Where to write the random model (a temporary folder if not given).
         #[arg(long)]
         work: Option<std::path::PathBuf>,
@@ -187,36 +190,6 @@ fn random_batch(
     }
 }
 
-/// Writes a word-level tokenizer of `size` entries (the LM's vocabulary
-/// before OpenFlamingo's three added tokens).
-fn write_wide_tokenizer(dir: &Path, size: usize) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let mut vocab = serde_json::Map::new();
-    vocab.insert("<|endoftext|>".into(), json!(0));
-    vocab.insert("[UNK]".into(), json!(1));
-    for id in 2..size {
-        vocab.insert(format!("w{id}"), json!(id));
-    }
-    let special = |id: u32, content: &str| {
-        json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-               "rstrip": false, "normalized": false, "special": true})
-    };
-    let tokenizer = json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(0, "<|endoftext|>"), special(1, "[UNK]")],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
-    });
-    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string())?;
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        json!({"eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"})
-            .to_string(),
-    )?;
-    Ok(())
-}
-
 /// Losses of `steps` steps and the final trainable values.
 fn train(
     spec: &ModelSpec,
@@ -239,7 +212,7 @@ fn train(
 }
 
 fn check(device: Device, steps: usize) -> anyhow::Result<()> {
-    flamingo_model::device::prepare(device)?;
+    prepare(device)?;
     let dir = tempfile::tempdir()?;
     flamingo_data::synthetic::write_tokenizer(&dir.path().join("tokenizer"))?;
     let words = flamingo_data::synthetic::vocabulary().len() as i64 + 2;
@@ -253,7 +226,7 @@ fn check(device: Device, steps: usize) -> anyhow::Result<()> {
     let (_, tokenizer) = load_flamingo_with(&spec, LoadOptions::default())?;
     let batch = random_batch(&tokenizer, words, 4, 24, 2, 32, 7);
     let cpu = LoadOptions::default();
-    flamingo_model::device::prepare(device)?;
+    prepare(device)?;
     let gpu = LoadOptions {
         device,
         ..LoadOptions::default()
@@ -342,9 +315,10 @@ fn mfu(
     steps: usize,
     peak_tflops: f64,
     layers: i64,
+    checkpointing: &[bool],
     work: Option<&Path>,
 ) -> anyhow::Result<()> {
-    flamingo_model::device::prepare(device)?;
+    prepare(device)?;
     let temporary = tempfile::tempdir()?;
     let dir = work.unwrap_or(temporary.path());
     let words = 50_277;
@@ -359,7 +333,11 @@ fn mfu(
         cross_attn_every: 1,
     };
     let started = Instant::now();
-    write_wide_tokenizer(&dir.join("tokenizer"), words as usize)?;
+    // The LM's vocabulary before OpenFlamingo's three added tokens.
+    flamingo_data::synthetic::write_word_level_tokenizer(
+        &dir.join("tokenizer"),
+        (2..words).map(|id| format!("w{id}")),
+    )?;
     let spec_path = write_tiny_model(
         &dir.join("model"),
         &dir.join("tokenizer"),
@@ -383,85 +361,114 @@ fn mfu(
         started.elapsed().as_secs_f64()
     );
     let spec = ModelSpec::from_file(&spec_path)?;
-    let started = Instant::now();
-    let kind = if device.is_cuda() {
-        Kind::BFloat16
-    } else {
-        Kind::Float
-    };
-    let options = LoadOptions {
-        device,
-        kind,
-        ..LoadOptions::default()
-    };
-    let (model, tokenizer) = load_flamingo_with(&spec, options)?;
-    let parameters: i64 = model
-        .named_parameters()
-        .iter()
-        .map(|(_, tensor)| tensor.numel() as i64)
-        .sum();
-    // Two micro-steps per optimizer step: the first call times forward and
-    // backward alone, the second adds the optimizer step.
-    let mut trainer = Trainer::new(
-        model,
-        &tokenizer,
-        None,
-        TrainConfig {
-            gradient_accumulation_steps: 2,
-            ..train_config(Strategy::NoShard, true, true)
-        },
-    )?;
-    eprintln!(
-        "loaded {parameters} parameters ({} trainable) in {:.0}s",
-        trainer.parameter_count(),
-        started.elapsed().as_secs_f64()
-    );
-    for &batch_size in batch_sizes {
-        let batch = random_batch(&tokenizer, words, batch_size, tokens, images, 224, 1)
-            .to_device(device, kind);
-        for _ in 0..2 {
-            trainer.micro_step(None, Some(&batch))?; // warm-up
-        }
-        synchronize(device);
-        let (mut forward_backward, mut with_update) = (0.0, 0.0);
-        let mut last_loss = f64::NAN;
-        for _ in 0..steps {
-            let started = Instant::now();
-            trainer.micro_step(None, Some(&batch))?;
-            synchronize(device);
-            forward_backward += started.elapsed().as_secs_f64();
-            let started = Instant::now();
-            let report = trainer.micro_step(None, Some(&batch))?;
-            synchronize(device);
-            with_update += started.elapsed().as_secs_f64();
-            last_loss = report.and_then(|r| r.loss_mmc4).unwrap_or(f64::NAN);
-        }
-        let forward_backward = forward_backward / steps as f64;
-        let optimizer = with_update / steps as f64 - forward_backward;
-        // One micro-batch per optimizer step, as the Python baseline steps.
-        let seconds = forward_backward + optimizer;
-        let flops = model_flops(shape, batch_size, tokens, images);
-        let achieved = flops / seconds / 1e12;
-        println!(
-            "{}",
-            json!({
-                "parameters": parameters,
-                "trainable": trainer.parameter_count(),
-                "batch": batch_size, "tokens": tokens, "images": images, "layers": layers,
-                "step_seconds": seconds,
-                "forward_backward_seconds": forward_backward,
-                "optimizer_seconds": optimizer,
-                "samples_per_second": batch_size as f64 / seconds,
-                "model_tflop_per_step": flops / 1e12,
-                "achieved_tflops": achieved,
-                "mfu": achieved / peak_tflops,
-                "last_loss": last_loss,
-                "skipped_steps": trainer.skipped_steps(),
-            })
+    for &checkpointing in checkpointing {
+        let started = Instant::now();
+        let kind = if device.is_cuda() {
+            Kind::BFloat16
+        } else {
+            Kind::Float
+        };
+        let options = LoadOptions {
+            device,
+            kind,
+            ..LoadOptions::default()
+        };
+        let (model, tokenizer) = load_flamingo_with(&spec, options)?;
+        let parameters: i64 = model
+            .named_parameters()
+            .iter()
+            .map(|(_, tensor)| tensor.numel() as i64)
+            .sum();
+        // Two micro-steps per optimizer step: the first call times forward and
+        // backward alone, the second adds the optimizer step.
+        let mut trainer = Trainer::new(
+            model,
+            &tokenizer,
+            None,
+            TrainConfig {
+                gradient_accumulation_steps: 2,
+                ..train_config(Strategy::NoShard, true, checkpointing)
+            },
+        )?;
+        eprintln!(
+            "loaded {parameters} parameters ({} trainable) in {:.0}s",
+            trainer.parameter_count(),
+            started.elapsed().as_secs_f64()
         );
+        for &batch_size in batch_sizes {
+            let batch = random_batch(&tokenizer, words, batch_size, tokens, images, 224, 1)
+                .to_device(device, kind);
+            for _ in 0..2 {
+                trainer.micro_step(None, Some(&batch))?; // warm-up
+            }
+            synchronize(device);
+            let (mut forward_backward, mut with_update) = (0.0, 0.0);
+            let mut last_loss = f64::NAN;
+            for _ in 0..steps {
+                let started = Instant::now();
+                trainer.micro_step(None, Some(&batch))?;
+                synchronize(device);
+                forward_backward += started.elapsed().as_secs_f64();
+                let started = Instant::now();
+                let report = trainer.micro_step(None, Some(&batch))?;
+                synchronize(device);
+                with_update += started.elapsed().as_secs_f64();
+                last_loss = report.and_then(|r| r.loss_mmc4).unwrap_or(f64::NAN);
+            }
+            let forward_backward = forward_backward / steps as f64;
+            let optimizer = with_update / steps as f64 - forward_backward;
+            // Where the time goes: the same steps again, each phase timed
+            // (the device synchronised at every phase boundary).
+            trainer.time_phases(true);
+            for _ in 0..steps {
+                trainer.micro_step(None, Some(&batch))?;
+                trainer.micro_step(None, Some(&batch))?;
+            }
+            let phases: serde_json::Map<String, serde_json::Value> = trainer
+                .phase_times()
+                .into_iter()
+                .map(|(name, seconds)| (name.to_string(), json!(seconds / steps as f64)))
+                .collect();
+            trainer.time_phases(false);
+            // One micro-batch per optimizer step, as the Python baseline steps.
+            let seconds = forward_backward + optimizer;
+            let flops = model_flops(shape, batch_size, tokens, images);
+            let achieved = flops / seconds / 1e12;
+            println!(
+                "{}",
+                json!({
+                    "parameters": parameters,
+                    "trainable": trainer.parameter_count(),
+                    "batch": batch_size, "tokens": tokens, "images": images, "layers": layers,
+                    "step_seconds": seconds,
+                    "forward_backward_seconds": forward_backward,
+                    "optimizer_seconds": optimizer,
+                    "samples_per_second": batch_size as f64 / seconds,
+                    "model_tflop_per_step": flops / 1e12,
+                    "achieved_tflops": achieved,
+                    "mfu": achieved / peak_tflops,
+                    "last_loss": last_loss,
+                    "skipped_steps": trainer.skipped_steps(),
+                    "gradient_checkpointing": checkpointing,
+                    "phases_per_step": phases,
+                })
+            );
+        }
+        if trainer.skipped_steps() > 0 {
+            bail!("steps were skipped (non-finite loss): the timing does not hold");
+        }
     }
-    if trainer.skipped_steps() > 0 {
-        bail!("steps were skipped (non-finite loss): the timing does not hold");
+    Ok(())
+}
+
+/// Loads the CUDA runtime for `device` and checks that the GPU exists.
+fn prepare(device: Device) -> anyhow::Result<()> {
+    flamingo_model::device::prepare(device)?;
+    if let Device::Cuda(index) = device {
+        let available = tch::Cuda::device_count();
+        if index as i64 >= available {
+            bail!("--device cuda:{index}: this machine has {available} CUDA device(s) visible to libtorch");
+        }
     }
     Ok(())
 }
@@ -483,6 +490,7 @@ fn main() -> anyhow::Result<()> {
             steps,
             peak_tflops,
             layers,
+            checkpointing,
             work,
         } => mfu(
             args.device,
@@ -492,6 +500,7 @@ fn main() -> anyhow::Result<()> {
             steps,
             peak_tflops,
             layers,
+            &checkpointing,
             work.as_deref(),
         ),
     }

@@ -201,11 +201,20 @@ pub fn vocabulary() -> Vec<String> {
 /// (`tokenizer.json` + `tokenizer_config.json`, EOS `<|endoftext|>`, no pad
 /// token): small enough for a tiny model, exact for the captions.
 pub fn write_tokenizer(dir: &std::path::Path) -> std::io::Result<()> {
+    write_word_level_tokenizer(dir, vocabulary())
+}
+
+/// A word-level tokenizer dir: ids 0 and 1 are `<|endoftext|>` (EOS) and
+/// `[UNK]`, then `words` in order (repeats keep their first id).
+pub fn write_word_level_tokenizer(
+    dir: &std::path::Path,
+    words: impl IntoIterator<Item = String>,
+) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut vocab = serde_json::Map::new();
     vocab.insert("<|endoftext|>".into(), json!(0));
     vocab.insert("[UNK]".into(), json!(1));
-    for word in vocabulary() {
+    for word in words {
         let id = vocab.len();
         vocab.entry(word).or_insert(json!(id));
     }

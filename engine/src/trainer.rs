@@ -166,6 +166,9 @@ pub struct Trainer<'g> {
     accumulated: Option<Tensor>,
     /// The most bytes of gathered (whole) units alive at once (`full`).
     gathered_peak: i64,
+    /// Seconds per phase of the step, when timing is on (see
+    /// [`Trainer::time_phases`]).
+    phases: Option<PhaseTimer>,
     /// Optimizer steps taken.
     step: u64,
     micro_steps: u64,
@@ -290,6 +293,7 @@ impl<'g> Trainer<'g> {
             embedding_mask,
             accumulated,
             gathered_peak: 0,
+            phases: None,
             step: 0,
             micro_steps: 0,
             skipped_steps: 0,
@@ -407,6 +411,27 @@ impl<'g> Trainer<'g> {
 
     /// `full`: the most bytes of whole (gathered) units that were alive at
     /// once: the unit in use and the one being prefetched.
+    /// Starts (or stops) timing the phases of each step: vision, perceiver,
+    /// layers forward and backward, head, optimizer, … On a GPU every phase
+    /// boundary synchronises the device, so this slows the step a little;
+    /// it is for profiling.
+    pub fn time_phases(&mut self, on: bool) {
+        self.phases = on.then(|| PhaseTimer::new(self.flat.device()));
+    }
+
+    /// The seconds spent per phase since timing started, in first-seen order.
+    pub fn phase_times(&self) -> Vec<(&'static str, f64)> {
+        self.phases
+            .as_ref()
+            .map_or_else(Vec::new, |timer| timer.totals.clone())
+    }
+
+    fn mark(&mut self, phase: &'static str) {
+        if let Some(timer) = &mut self.phases {
+            timer.mark(phase);
+        }
+    }
+
     pub fn gathered_peak_bytes(&self) -> i64 {
         self.gathered_peak
     }
@@ -624,6 +649,7 @@ impl<'g> Trainer<'g> {
             return self.accumulate_by_units(batch, multiplier);
         }
         let device = batch.input_ids.device();
+        self.mark("data");
         let logits = crate::autocast::bf16(self.config.amp_bf16, device, || {
             self.model.forward_masked(
                 &batch.vision_x,
@@ -635,11 +661,13 @@ impl<'g> Trainer<'g> {
         let scale =
             multiplier / (loss.global_tokens * self.config.gradient_accumulation_steps as f64);
         // The global sum is the same on every rank, so all skip together.
+        self.mark("forward and loss");
         if loss.global_sum.is_finite() {
             (loss.summed * scale).backward();
         } else {
             self.pending_non_finite = true;
         }
+        self.mark("backward");
         Ok(loss.global_sum / loss.global_tokens)
     }
 
@@ -682,6 +710,31 @@ impl<'g> Trainer<'g> {
             units::release(&self.units[index]);
         }
         drop(gathered);
+    }
+
+    /// Backpropagates `upstream` from `output` (recomputed with a graph)
+    /// into the `leading` inputs and the trainable weights of unit `index`:
+    /// (the inputs' gradients, the weights' gradients), `None` where one
+    /// took no part.
+    #[allow(clippy::type_complexity)]
+    fn backward_unit(
+        &self,
+        index: usize,
+        output: &Tensor,
+        upstream: &Tensor,
+        leading: &[&Tensor],
+    ) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>), TrainError> {
+        let mut wrt = leading.to_vec();
+        wrt.extend(
+            self.units[index]
+                .trainable
+                .iter()
+                .map(|member| &member.tensor),
+        );
+        let upstream = upstream.to_kind(output.kind());
+        let mut grads = units::gradients(&[output], &[&upstream], &wrt)?;
+        let weights = grads.split_off(leading.len());
+        Ok((grads, weights))
     }
 
     /// Adds a unit's weight gradients (one per trainable member, `None`
@@ -781,12 +834,15 @@ impl<'g> Trainer<'g> {
             |f: &dyn Fn() -> Result<Tensor, TrainError>| crate::autocast::bf16(amp, device, f);
 
         // Forward, keeping only unit inputs.
+        self.mark("data");
         let (index, gathered) = self.acquire(&mut fetch)?;
         let features = bf16(&|| Ok(self.model.vision_features(&batch.vision_x)?))?;
         self.release(index, gathered);
+        self.mark("vision forward");
         let (index, gathered) = self.acquire(&mut fetch)?;
         let media = tch::no_grad(|| bf16(&|| Ok(self.model.perceive(&features)?)))?;
         self.release(index, gathered);
+        self.mark("perceiver forward");
         let inputs =
             self.model
                 .text_inputs(&batch.input_ids, Some(&batch.attention_mask), &media)?;
@@ -802,6 +858,7 @@ impl<'g> Trainer<'g> {
             self.release(index, gathered);
             layer_inputs.push(std::mem::replace(&mut hidden, next));
         }
+        self.mark("embedding and layers forward");
 
         // The head, the loss and the head's backward.
         let (index, gathered) = self.acquire(&mut fetch)?;
@@ -820,22 +877,14 @@ impl<'g> Trainer<'g> {
         )
         .to_kind(loss.summed.kind())
         .to_device(device);
-        let text_members: Vec<&Tensor> = self.units[text]
-            .trainable
-            .iter()
-            .map(|member| &member.tensor)
-            .collect();
-        let mut wrt = vec![&last];
-        wrt.extend(&text_members);
-        let mut grads = units::gradients(&[&loss.summed], &[&scale], &wrt)?;
-        drop(wrt);
-        drop(text_members);
+        let (mut leading, mut text_grads) =
+            self.backward_unit(text, &loss.summed, &scale, &[&last])?;
         drop(logits);
-        let mut upstream = grads
+        let mut upstream = leading
             .remove(0)
             .expect("the loss depends on the last hidden state");
-        let mut text_grads = grads;
         self.release(index, gathered);
+        self.mark("head, loss and head backward");
 
         // Layers, last to first.
         let media_leaf = media.detach().set_requires_grad(true);
@@ -847,47 +896,32 @@ impl<'g> Trainer<'g> {
                 .expect("one input per layer")
                 .set_requires_grad(true);
             let output = bf16(&|| Ok(self.model.layer(layer, &input, &media_leaf, &inputs)?))?;
-            let members: Vec<&Tensor> = self.units[index]
-                .trainable
-                .iter()
-                .map(|member| &member.tensor)
-                .collect();
             let sees_media = self.model.layer_sees_media(layer);
-            let mut wrt = vec![&input];
+            let mut leading = vec![&input];
             if sees_media {
-                wrt.push(&media_leaf);
+                leading.push(&media_leaf);
             }
-            wrt.extend(&members);
-            let upstream_cast = upstream.to_kind(output.kind());
-            let mut grads = units::gradients(&[&output], &[&upstream_cast], &wrt)?;
-            upstream = grads
+            let (mut inputs_grads, grads) =
+                self.backward_unit(index, &output, &upstream, &leading)?;
+            upstream = inputs_grads
                 .remove(0)
                 .expect("a layer's output depends on its input");
-            if sees_media {
-                if let Some(grad) = grads.remove(0) {
-                    media_grad = Some(match media_grad.take() {
-                        Some(sum) => sum + grad.to_kind(Kind::Float),
-                        None => grad.to_kind(Kind::Float),
-                    });
-                }
+            if let Some(grad) = inputs_grads.pop().flatten().filter(|_| sees_media) {
+                media_grad = Some(match media_grad.take() {
+                    Some(sum) => sum + grad.to_kind(Kind::Float),
+                    None => grad.to_kind(Kind::Float),
+                });
             }
-            drop(members);
             self.sink(index, &grads)?;
             self.release(index, gathered);
         }
+        self.mark("layers recompute and backward");
 
         // The input embedding (its `<image>` / `<|endofchunk|>` rows).
         if embedding_trains {
             let (index, gathered) = self.acquire(&mut fetch)?;
             let embedded = bf16(&|| Ok(self.model.embed(&batch.input_ids)))?;
-            let members: Vec<&Tensor> = self.units[index]
-                .trainable
-                .iter()
-                .map(|member| &member.tensor)
-                .collect();
-            let upstream_cast = upstream.to_kind(embedded.kind());
-            let grads = units::gradients(&[&embedded], &[&upstream_cast], &members)?;
-            drop(members);
+            let (_, grads) = self.backward_unit(index, &embedded, &upstream, &[])?;
             for (sum, grad) in text_grads.iter_mut().zip(grads) {
                 *sum = match (sum.take(), grad) {
                     (Some(a), Some(b)) => Some(a + b),
@@ -902,17 +936,11 @@ impl<'g> Trainer<'g> {
         let (index, gathered) = self.acquire(&mut fetch)?;
         if let Some(media_grad) = media_grad {
             let resampled = bf16(&|| Ok(self.model.perceive(&features)?))?;
-            let members: Vec<&Tensor> = self.units[index]
-                .trainable
-                .iter()
-                .map(|member| &member.tensor)
-                .collect();
-            let grad_cast = media_grad.to_kind(resampled.kind());
-            let grads = units::gradients(&[&resampled], &[&grad_cast], &members)?;
-            drop(members);
+            let (_, grads) = self.backward_unit(index, &resampled, &media_grad, &[])?;
             self.sink(index, &grads)?;
         }
         self.release(index, gathered);
+        self.mark("embedding and perceiver backward");
         Ok(mean)
     }
 
@@ -939,7 +967,10 @@ impl<'g> Trainer<'g> {
         {
             return Ok(None);
         }
-        self.apply().map(Some)
+        self.mark("data");
+        let report = self.apply();
+        self.mark("optimizer");
+        report.map(Some)
     }
 
     /// The whole flat gradient (`no_shard`, `shard_grad_op`): what the
@@ -1122,6 +1153,38 @@ impl<'g> Trainer<'g> {
             grad_norm,
             skipped: false,
         })
+    }
+}
+
+/// Wall time per phase; on a GPU each mark waits for the device first.
+#[derive(Debug)]
+struct PhaseTimer {
+    device: tch::Device,
+    last: std::time::Instant,
+    totals: Vec<(&'static str, f64)>,
+}
+
+impl PhaseTimer {
+    fn new(device: tch::Device) -> Self {
+        Self {
+            device,
+            last: std::time::Instant::now(),
+            totals: Vec::new(),
+        }
+    }
+
+    /// Charges the time since the last mark to `phase`.
+    fn mark(&mut self, phase: &'static str) {
+        if let tch::Device::Cuda(index) = self.device {
+            tch::Cuda::synchronize(index as i64);
+        }
+        let now = std::time::Instant::now();
+        let seconds = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        match self.totals.iter_mut().find(|(name, _)| *name == phase) {
+            Some((_, total)) => *total += seconds,
+            None => self.totals.push((phase, seconds)),
+        }
     }
 }
 

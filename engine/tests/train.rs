@@ -30,6 +30,18 @@ const LAION_BATCH: usize = 8;
 const MMC4_BATCH: usize = 4;
 const ROLE: &str = "FLAMINGO_TRAIN_TEST_DIR";
 
+/// Writing a tiny model and loading one seed torch's global generator and
+/// draw from it; tests running in parallel threads of this process must not
+/// interleave those draws, or two loads of one model start differently.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn load(spec: &ModelSpec) -> (flamingo_model::Flamingo, flamingo_model::FlamingoTokenizer) {
+    let _guard = TORCH_RNG
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    load_flamingo(spec).expect("model loads")
+}
+
 fn config(strategy: Strategy) -> TrainConfig {
     TrainConfig {
         strategy,
@@ -74,6 +86,9 @@ fn fixture(dir: &Path) {
     });
     synthetic::write_tokenizer(&dir.join("tokenizer")).expect("tokenizer");
     let vocab = synthetic::vocabulary().len() as i64 + 2;
+    let _guard = TORCH_RNG
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     write_tiny_model(
         &dir.join("model"),
         &dir.join("tokenizer"),
@@ -128,7 +143,7 @@ fn train_steps(
 ) -> (Vec<(f64, f64)>, tch::Tensor) {
     let (rank, world) = group.map_or((0, 1), |g| (g.rank() as usize, g.world_size() as usize));
     let spec = ModelSpec::from_file(&dir.join("model/model.toml")).expect("model spec");
-    let (model, tokenizer) = load_flamingo(&spec).expect("model loads");
+    let (model, tokenizer) = load(&spec);
     let mut trainer = Trainer::new(model, &tokenizer, group, config).expect("trainer");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -360,7 +375,7 @@ fn world_sizes_and_strategies_train_identically() {
     // The weights moved, and the loss fell over the steps.
     let initial = {
         let spec = ModelSpec::from_file(&dir.path().join("model/model.toml")).expect("spec");
-        let (model, tokenizer) = load_flamingo(&spec).expect("model");
+        let (model, tokenizer) = load(&spec);
         Trainer::new(model, &tokenizer, None, config(Strategy::NoShard))
             .expect("trainer")
             .flat_parameters()

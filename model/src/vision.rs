@@ -97,15 +97,22 @@ impl ResidualBlock {
 
     fn attention(&self, input: &Tensor) -> Tensor {
         let qkv = self.in_proj.forward(input).chunk(3, -1);
-        let head_dim = input.size()[2] / self.heads;
-        let queries = split_heads(&qkv[0], self.heads) * (head_dim as f64).powf(-0.5);
+        let queries = split_heads(&qkv[0], self.heads);
         let keys = split_heads(&qkv[1], self.heads);
         let values = split_heads(&qkv[2], self.heads);
-        let weights = queries
-            .matmul(&keys.transpose(-1, -2))
-            .softmax(-1, input.kind());
-        self.out_proj
-            .forward(&merge_heads(&weights.matmul(&values)))
+        // softmax(q·kᵀ/√d)·v, unmasked, as nn.MultiheadAttention computes it
+        // (PyTorch's fused kernels: flash attention on a GPU).
+        let attended = Tensor::scaled_dot_product_attention(
+            &queries,
+            &keys,
+            &values,
+            None::<&Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        );
+        self.out_proj.forward(&merge_heads(&attended))
     }
 
     fn activation(&self, input: &Tensor) -> Tensor {

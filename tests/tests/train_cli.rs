@@ -52,6 +52,23 @@ fn train_args(run: &str, nproc: u32, per_rank_laion: u32, per_rank_mmc4: u32) ->
     .collect()
 }
 
+/// Runs flamingoctl in `dir`; fails the test with its stderr unless it
+/// succeeds; returns its stdout.
+fn run_ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(dir: &Path, args: &[S]) -> String {
+    let output = flamingoctl(dir)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("flamingoctl runs");
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// step → (loss_laion, loss_mmc4), the last line for each step (NaN for a
 /// dataset the run does not have).
 fn losses(dir: &Path, run: &str) -> std::collections::BTreeMap<u64, (f64, f64)> {
@@ -75,13 +92,7 @@ fn losses(dir: &Path, run: &str) -> std::collections::BTreeMap<u64, (f64, f64)> 
 fn a_run_killed_after_a_checkpoint_resumes_on_another_world_size_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[String]| {
-        let status = flamingoctl(dir.path())
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success(), "{args:?}");
+        run_ok(dir.path(), args);
     };
     for form in ["laion", "mmc4"] {
         let size = if form == "laion" { "32" } else { "96" };
@@ -263,14 +274,7 @@ fn exports_load_into_the_python_open_flamingo() {
         .status()
         .unwrap();
     assert!(status.success());
-    let run = |args: &[&str]| {
-        let output = flamingoctl(dir.path()).args(args).output().unwrap();
-        assert!(
-            output.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
+    let run = |args: &[&str]| run_ok(dir.path(), args);
     run(&[
         "data",
         "synth",
