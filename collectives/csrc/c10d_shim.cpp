@@ -72,10 +72,43 @@ constexpr int kReduceAvg = 1;
 
 struct FlProcessGroup {
   c10::intrusive_ptr<c10d::Store> store;
+  // The TCP store itself, for subgroups (each under its own prefix).
+  c10::intrusive_ptr<c10d::Store> tcp_store;
   c10::intrusive_ptr<c10d::Backend> backend;
   int world_size;
   bool is_nccl;
+  std::string local_hostname;
+  int64_t timeout_ms;
 };
+
+// Gloo or NCCL over `store` for (rank, world_size).
+static void make_backend(FlProcessGroup* group, const std::string& backend, int rank,
+                         int world_size, const c10::intrusive_ptr<c10d::Store>& store) {
+  const auto timeout = std::chrono::milliseconds(group->timeout_ms);
+  if (backend == "gloo") {
+    auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+    if (group->local_hostname.empty()) {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    } else {
+      options->devices.push_back(
+          c10d::ProcessGroupGloo::createDeviceForHostname(group->local_hostname));
+    }
+    group->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, options);
+    group->is_nccl = false;
+  } else if (backend == "nccl") {
+#ifdef USE_C10D_NCCL
+    auto options = c10d::ProcessGroupNCCL::Options::create();
+    options->timeout = timeout;
+    group->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world_size, options);
+    group->is_nccl = true;
+#else
+    throw std::invalid_argument(
+        "backend nccl is not compiled in; rebuild flamingo with the `cuda` cargo feature");
+#endif
+  } else {
+    throw std::invalid_argument("unknown c10d backend '" + backend + "' (expected gloo or nccl)");
+  }
+}
 
 // A pending collective. Gloo has no AVG reduction, so for AVG the result is
 // divided by the world size once the sum has arrived (on wait).
@@ -106,31 +139,30 @@ FlProcessGroup* fl_pg_new(const char* backend_name, const char* master_addr, int
 
     auto group = std::make_unique<FlProcessGroup>();
     group->store = store;
+    group->tcp_store = tcp_store;
     group->world_size = world_size;
-    const std::string backend(backend_name);
-    if (backend == "gloo") {
-      auto options = c10d::ProcessGroupGloo::Options::create(timeout);
-      std::string hostname(local_hostname);
-      if (hostname.empty()) {
-        options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
-      } else {
-        options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(hostname));
-      }
-      group->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, options);
-      group->is_nccl = false;
-    } else if (backend == "nccl") {
-#ifdef USE_C10D_NCCL
-      auto options = c10d::ProcessGroupNCCL::Options::create();
-      options->timeout = timeout;
-      group->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world_size, options);
-      group->is_nccl = true;
-#else
-      throw std::invalid_argument(
-          "backend nccl is not compiled in; rebuild flamingo with the `cuda` cargo feature");
-#endif
-    } else {
-      throw std::invalid_argument("unknown c10d backend '" + backend + "' (expected gloo or nccl)");
-    }
+    group->local_hostname = std::string(local_hostname);
+    group->timeout_ms = timeout_ms;
+    make_backend(group.get(), std::string(backend_name), rank, world_size, store);
+    return group.release();
+  });
+}
+
+// A group of some of `parent`'s processes over the parent's store under
+// `prefix` (every member calls this with the same prefix; the others do
+// not). `rank` and `world_size` are within the subgroup.
+FlProcessGroup* fl_pg_new_subgroup(FlProcessGroup* parent, const char* prefix, int rank,
+                                   int world_size, char** error) {
+  return guarded(error, [&]() -> FlProcessGroup* {
+    c10::intrusive_ptr<c10d::Store> store =
+        c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), parent->tcp_store);
+    auto group = std::make_unique<FlProcessGroup>();
+    group->store = store;
+    group->tcp_store = parent->tcp_store;
+    group->world_size = world_size;
+    group->local_hostname = parent->local_hostname;
+    group->timeout_ms = parent->timeout_ms;
+    make_backend(group.get(), parent->is_nccl ? "nccl" : "gloo", rank, world_size, store);
     return group.release();
   });
 }

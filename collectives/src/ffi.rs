@@ -27,6 +27,13 @@ extern "C" {
         timeout_ms: i64,
         error: *mut *mut c_char,
     ) -> *mut FlProcessGroup;
+    pub fn fl_pg_new_subgroup(
+        parent: *mut FlProcessGroup,
+        prefix: *const c_char,
+        rank: c_int,
+        world_size: c_int,
+        error: *mut *mut c_char,
+    ) -> *mut FlProcessGroup;
     pub fn fl_pg_free(group: *mut FlProcessGroup);
     pub fn fl_all_reduce(
         group: *mut FlProcessGroup,

@@ -204,6 +204,50 @@ impl ProcessGroup {
         })
     }
 
+    /// A group of some of this group's processes, over the same store
+    /// under `prefix`: `rank` and `world_size` are within the subgroup.
+    /// Every member calls it with the same prefix (and no one else does);
+    /// it blocks until all members have. FSDP's hybrid sharding uses two
+    /// kinds: the ranks of one node, and the ranks with one local rank.
+    pub fn subgroup(&self, prefix: &str, rank: i64, world_size: i64) -> Result<Self> {
+        let init_error = |message: String| CollectiveError::Init {
+            rank,
+            world_size,
+            master_addr: format!("(subgroup {prefix} of the group of rank {})", self.rank),
+            master_port: 0,
+            message,
+        };
+        if world_size < 1 || rank < 0 || rank >= world_size {
+            return Err(init_error(format!(
+                "rank must be in [0, world size), got rank {rank} and world size {world_size}"
+            )));
+        }
+        let prefix_c = CString::new(prefix)
+            .map_err(|_| init_error("store prefix contains a NUL byte".to_string()))?;
+        let mut error: *mut c_char = std::ptr::null_mut();
+        // SAFETY: `self.raw` is live; the prefix is a valid NUL-terminated
+        // string for the call.
+        let raw = unsafe {
+            ffi::fl_pg_new_subgroup(
+                self.raw,
+                prefix_c.as_ptr(),
+                rank as i32,
+                world_size as i32,
+                &mut error,
+            )
+        };
+        if raw.is_null() {
+            return Err(init_error(take_error(error)));
+        }
+        Ok(Self {
+            raw,
+            rank,
+            world_size,
+            backend: self.backend,
+            timeout: self.timeout,
+        })
+    }
+
     pub fn rank(&self) -> i64 {
         self.rank
     }

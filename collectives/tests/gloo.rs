@@ -197,6 +197,35 @@ fn check_dead_peer(group: &ProcessGroup) {
     println!("dead peer error: {error}");
 }
 
+/// 4 ranks as 2 nodes × 2: node groups {0,1} {2,3} and local-rank groups
+/// {0,2} {1,3}; each sums only its own members' values.
+fn check_subgroups(group: &ProcessGroup) {
+    let rank = group.rank();
+    let (node, local) = (rank / 2, rank % 2);
+    let within = group
+        .subgroup(&format!("node-{node}/"), local, 2)
+        .expect("node group");
+    let across = group
+        .subgroup(&format!("local-{local}/"), node, 2)
+        .expect("local-rank group");
+    let value = Tensor::from_slice(&[(rank + 1) as f32]);
+    within.all_reduce(&value, ReduceOp::Sum).expect("node sum");
+    let node_members = [2 * node + 1, 2 * node + 2];
+    assert_eq!(
+        value.double_value(&[0]),
+        (node_members[0] + node_members[1]) as f64
+    );
+    let value = Tensor::from_slice(&[(rank + 1) as f32]);
+    across
+        .all_reduce(&value, ReduceOp::Sum)
+        .expect("local-rank sum");
+    assert_eq!(value.double_value(&[0]), ((local + 1) + (local + 3)) as f64);
+    // The parent group still works alongside.
+    let value = Tensor::from_slice(&[1f32]);
+    group.all_reduce(&value, ReduceOp::Sum).expect("world sum");
+    assert_eq!(value.double_value(&[0]), 4.0);
+}
+
 #[test]
 fn rank_entry() {
     let Ok(scenario) = std::env::var(SCENARIO_ENV) else {
@@ -210,6 +239,7 @@ fn rank_entry() {
         "all" => check_all(&group),
         "bad-arguments" => check_bad_arguments(&group),
         "dead-peer" => check_dead_peer(&group),
+        "subgroups" => check_subgroups(&group),
         other => panic!("unknown scenario {other}"),
     }
 }
@@ -266,6 +296,11 @@ fn gloo_two_ranks_match_local_reference() {
 #[test]
 fn gloo_four_ranks_match_local_reference() {
     run_world(4, "all");
+}
+
+#[test]
+fn subgroups_reduce_only_their_members() {
+    run_world(4, "subgroups");
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! flamingo's training engine: the learning-rate schedules (Hugging Face's
 //! `get_*_schedule_with_warmup`), AdamW as `torch.optim.AdamW` computes it,
 //! gradient-norm clipping as `torch.nn.utils.clip_grad_norm_` does, the
-//! training step over flat trainable buffers (`no_shard`, `shard_grad_op`),
-//! checkpoints that reload at any world size, the run configuration with
+//! training step (`no_shard`, `shard_grad_op`, and FSDP's `full` and
+//! `hybrid` over units, with gradient checkpointing), checkpoints that reload at any world size, the run configuration with
 //! OpenFlamingo's argument names, the rank's run loop, and tiny random
 //! models for tests and demos.
 

@@ -21,7 +21,7 @@ use serde_json::json;
 use crate::batch::TrainBatch;
 use crate::checkpoint::{self, Manifest};
 use crate::job::TrainJob;
-use crate::trainer::{StepReport, Trainer};
+use crate::trainer::{StepReport, Strategy, Trainer};
 
 /// Where a rank's batches come from.
 enum Source {
@@ -201,6 +201,28 @@ fn progress(step: u64, total: u64, report: &StepReport, rate: f64, elapsed: f64,
     let _ = std::io::stderr().flush();
 }
 
+/// `hybrid`'s groups: this rank's node (`LOCAL_WORLD_SIZE` consecutive
+/// ranks, torchrun's numbering; all ranks when unset) and the ranks with
+/// its local rank on every node.
+pub fn hybrid_groups(group: &ProcessGroup) -> anyhow::Result<(ProcessGroup, ProcessGroup)> {
+    let world = group.world_size();
+    let local = match std::env::var("LOCAL_WORLD_SIZE") {
+        Ok(value) => value.parse::<i64>().map_err(|_| {
+            anyhow::anyhow!("LOCAL_WORLD_SIZE '{value}' is not a number of ranks per node")
+        })?,
+        Err(_) => world,
+    };
+    if local < 1 || world % local != 0 {
+        anyhow::bail!(
+            "--fsdp_sharding_strategy hybrid: LOCAL_WORLD_SIZE {local} does not divide the world size {world}"
+        );
+    }
+    let (node, local_rank) = (group.rank() / local, group.rank() % local);
+    let nodes = group.subgroup(&format!("hybrid/node-{node}/"), local_rank, local)?;
+    let replicas = group.subgroup(&format!("hybrid/local-{local_rank}/"), node, world / local)?;
+    Ok((nodes, replicas))
+}
+
 /// Runs this rank to the end of the job (or `max_steps`).
 pub fn run_rank(job: &TrainJob, group: Option<&ProcessGroup>) -> anyhow::Result<()> {
     let (rank, world) = group.map_or((0, 1), |group| {
@@ -217,7 +239,16 @@ pub fn run_rank(job: &TrainJob, group: Option<&ProcessGroup>) -> anyhow::Result<
     let (model, tokenizer) = load_flamingo_with(&spec, options)?;
     let config = job.train_config(world as u64).map_err(anyhow::Error::msg)?;
     let total_steps = config.schedule.total_steps;
-    let mut trainer = Trainer::new(model, &tokenizer, group, config)?;
+    let hybrid = match (config.strategy, group) {
+        (Strategy::Hybrid, Some(group)) => Some(hybrid_groups(group)?),
+        _ => None,
+    };
+    let mut trainer = match (&hybrid, group) {
+        (Some((node, replicas)), Some(group)) => {
+            Trainer::new_hybrid(model, &tokenizer, group, node, replicas, config)?
+        }
+        _ => Trainer::new(model, &tokenizer, group, config)?,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -404,8 +435,9 @@ fn save(
 ) -> anyhow::Result<()> {
     let step = trainer.step_count();
     let dir = checkpoint::checkpoint_dir(run_dir, step);
-    // no_shard ranks all hold everything: rank 0 writes it.
-    let writes = job.fsdp_sharding_strategy != "no_shard" || rank == 0;
+    // no_shard ranks all hold everything, and hybrid's nodes hold copies:
+    // only the first holder writes.
+    let writes = trainer.writes_checkpoints();
     if writes {
         checkpoint::write_rank(&dir, rank as u64, trainer.owned_state())?;
     }
@@ -413,10 +445,11 @@ fn save(
     if let Some(group) = group.filter(|_| world > 1) {
         group.all_reduce_scalar(f64::from(u8::from(writes)), ReduceOp::Sum)?;
     }
+    // The writers are ranks 0..shard_world (hybrid: the first node's).
     let ranges: Vec<(u64, i64, i64)> = if job.fsdp_sharding_strategy == "no_shard" {
         vec![(0, 0, trainer.parameter_count())]
     } else {
-        (0..world as i64)
+        (0..trainer.shard_world())
             .flat_map(|r| {
                 trainer
                     .ranges_of(r)

@@ -41,6 +41,17 @@ pub enum Strategy {
     NoShard,
     ShardGradOp,
     Full,
+    /// `full` inside each node, replicated across nodes (FSDP's
+    /// HYBRID_SHARD): units are gathered from the node's ranks only, and
+    /// gradient shards are all-reduced between the nodes.
+    Hybrid,
+}
+
+impl Strategy {
+    /// Whether every unit's weights are sharded (`full`, `hybrid`).
+    pub fn shards_units(self) -> bool {
+        matches!(self, Self::Full | Self::Hybrid)
+    }
 }
 
 impl std::str::FromStr for Strategy {
@@ -51,12 +62,9 @@ impl std::str::FromStr for Strategy {
             "no_shard" => Ok(Self::NoShard),
             "shard_grad_op" => Ok(Self::ShardGradOp),
             "full" => Ok(Self::Full),
-            "hybrid" => Err(
-                "--fsdp_sharding_strategy hybrid is not implemented yet (use full, shard_grad_op or no_shard)"
-                    .into(),
-            ),
+            "hybrid" => Ok(Self::Hybrid),
             other => Err(format!(
-                "--fsdp_sharding_strategy '{other}' (use full, shard_grad_op or no_shard)"
+                "--fsdp_sharding_strategy '{other}' (use full, hybrid, shard_grad_op or no_shard)"
             )),
         }
     }
@@ -143,6 +151,11 @@ struct Slot {
 pub struct Trainer<'g> {
     model: Flamingo,
     group: Option<&'g ProcessGroup>,
+    /// `full`, `hybrid`: the ranks a unit is sharded over (all of them, or
+    /// the node's).
+    shard_group: Option<&'g ProcessGroup>,
+    /// `hybrid`: the ranks holding the same shard on other nodes.
+    replicate_group: Option<&'g ProcessGroup>,
     config: TrainConfig,
     optimizer: AdamW,
     slots: Vec<Slot>,
@@ -197,10 +210,45 @@ struct Prefetcher {
 }
 
 impl<'g> Trainer<'g> {
+    /// A trainer over `group` (every rank; `None` alone). `hybrid` needs
+    /// its node groups: see [`Trainer::new_hybrid`]; here it is `full`
+    /// with the whole group as one node.
     pub fn new(
         model: Flamingo,
         tokenizer: &FlamingoTokenizer,
         group: Option<&'g ProcessGroup>,
+        config: TrainConfig,
+    ) -> Result<Self, TrainError> {
+        Self::with_groups(model, tokenizer, group, group, None, config)
+    }
+
+    /// `hybrid`: `node` holds this node's ranks (units are sharded over
+    /// them) and `replicas` the ranks with this rank's local rank on every
+    /// node (their gradient shards are summed).
+    pub fn new_hybrid(
+        model: Flamingo,
+        tokenizer: &FlamingoTokenizer,
+        group: &'g ProcessGroup,
+        node: &'g ProcessGroup,
+        replicas: &'g ProcessGroup,
+        config: TrainConfig,
+    ) -> Result<Self, TrainError> {
+        Self::with_groups(
+            model,
+            tokenizer,
+            Some(group),
+            Some(node),
+            Some(replicas),
+            config,
+        )
+    }
+
+    fn with_groups(
+        model: Flamingo,
+        tokenizer: &FlamingoTokenizer,
+        group: Option<&'g ProcessGroup>,
+        shard_group: Option<&'g ProcessGroup>,
+        replicate_group: Option<&'g ProcessGroup>,
         config: TrainConfig,
     ) -> Result<Self, TrainError> {
         if config.gradient_accumulation_steps == 0 {
@@ -252,8 +300,8 @@ impl<'g> Trainer<'g> {
             .map(|slot| (slot.name.clone(), slot.tensor.size(), slot.offset))
             .collect();
         let mut units = units::plan(&model, &layout, is_decayed)?;
-        let flat = if config.strategy == Strategy::Full {
-            Self::shard_units(&mut units, group, device)?
+        let flat = if config.strategy.shards_units() {
+            Self::shard_units(&mut units, group, shard_group, device)?
         } else {
             let padded = flamingo_collectives::pad_to_multiple(total.max(1), world);
             let flat = Tensor::zeros([padded], (Kind::Float, device));
@@ -273,10 +321,10 @@ impl<'g> Trainer<'g> {
             flat
         };
         let state_len = match config.strategy {
-            Strategy::NoShard | Strategy::Full => flat.numel() as i64,
+            Strategy::NoShard | Strategy::Full | Strategy::Hybrid => flat.numel() as i64,
             Strategy::ShardGradOp => flamingo_collectives::shard_len(total.max(1), world),
         };
-        let accumulated = (config.strategy == Strategy::Full || config.gradient_checkpointing)
+        let accumulated = (config.strategy.shards_units() || config.gradient_checkpointing)
             .then(|| flat.zeros_like());
         Ok(Self {
             optimizer: AdamW::new(config.adamw.into()),
@@ -284,6 +332,8 @@ impl<'g> Trainer<'g> {
             exp_avg_sq: Tensor::zeros([state_len], (Kind::Float, device)),
             model,
             group,
+            shard_group,
+            replicate_group,
             config,
             slots,
             units,
@@ -309,10 +359,11 @@ impl<'g> Trainer<'g> {
     fn shard_units(
         units: &mut [UnitPlan],
         group: Option<&ProcessGroup>,
+        shard_group: Option<&ProcessGroup>,
         device: tch::Device,
     ) -> Result<Tensor, TrainError> {
-        let world = group.map_or(1, |group| group.world_size());
-        let rank = group.map_or(0, |group| group.rank());
+        let world = shard_group.map_or(1, |group| group.world_size());
+        let rank = shard_group.map_or(0, |group| group.rank());
         let mut local_len = 0;
         for plan in units.iter_mut() {
             plan.shard_len = if plan.len == 0 {
@@ -387,10 +438,10 @@ impl<'g> Trainer<'g> {
         self.units
             .iter()
             .map(|plan| match (&plan.frozen_shard, self.config.strategy) {
-                (Some(shard), Strategy::Full) => {
+                (Some(shard), Strategy::Full | Strategy::Hybrid) => {
                     shard.numel() as i64 * shard.kind().elt_size_in_bytes() as i64
                 }
-                (_, Strategy::Full) => 0,
+                (_, Strategy::Full | Strategy::Hybrid) => 0,
                 _ => plan.frozen_len * plan.frozen_kind.elt_size_in_bytes() as i64,
             })
             .sum()
@@ -439,7 +490,7 @@ impl<'g> Trainer<'g> {
     /// The trainable values, flat (unpadded), for checks and checkpoints.
     /// Under `full` this gathers them: every rank must call it.
     pub fn flat_parameters(&self) -> Result<Tensor, TrainError> {
-        if self.config.strategy != Strategy::Full {
+        if !self.config.strategy.shards_units() {
             return Ok(self.flat.narrow(0, 0, self.total).copy());
         }
         let whole = Tensor::zeros([self.total], (Kind::Float, self.flat.device()));
@@ -456,7 +507,7 @@ impl<'g> Trainer<'g> {
 
     fn gather_trainable(&self, plan: &UnitPlan) -> Result<Tensor, TrainError> {
         let shard = self.flat.narrow(0, plan.shard_offset, plan.shard_len);
-        match self.group.filter(|group| group.world_size() > 1) {
+        match self.shard_group.filter(|group| group.world_size() > 1) {
             Some(group) => Ok(group.all_gather_flat(&shard.copy(), plan.len)?),
             None => Ok(shard.copy()),
         }
@@ -482,6 +533,8 @@ impl<'g> Trainer<'g> {
     /// The ranges of the flat state whose values and optimizer state `rank`
     /// holds (all of it for `no_shard`), clipped to the real elements; a
     /// checkpoint file holds them one after another.
+    /// Under `hybrid`, `rank` is a rank within the node (the first node's
+    /// ranks write checkpoints: see [`Self::writes_checkpoints`]).
     pub fn ranges_of(&self, rank: i64) -> Vec<(i64, i64)> {
         let world = self.group.map_or(1, |group| group.world_size());
         match self.config.strategy {
@@ -491,7 +544,7 @@ impl<'g> Trainer<'g> {
                 let start = (rank * length).min(self.total);
                 vec![(start, ((rank + 1) * length).min(self.total))]
             }
-            Strategy::Full => self
+            Strategy::Full | Strategy::Hybrid => self
                 .units
                 .iter()
                 .filter(|plan| plan.len > 0)
@@ -501,8 +554,36 @@ impl<'g> Trainer<'g> {
         }
     }
 
+    /// This rank's index among the ranks its state is split over.
     fn rank(&self) -> i64 {
-        self.group.map_or(0, |group| group.rank())
+        let group = if self.config.strategy.shards_units() {
+            self.shard_group
+        } else {
+            self.group
+        };
+        group.map_or(0, |group| group.rank())
+    }
+
+    /// How many ranks the state is split over (`hybrid`: a node's).
+    pub fn shard_world(&self) -> i64 {
+        match self.config.strategy {
+            Strategy::NoShard => 1,
+            Strategy::ShardGradOp => self.group.map_or(1, |group| group.world_size()),
+            Strategy::Full | Strategy::Hybrid => {
+                self.shard_group.map_or(1, |group| group.world_size())
+            }
+        }
+    }
+
+    /// Whether this rank writes its part of a checkpoint: every rank for
+    /// `shard_grad_op` and `full`, rank 0 for `no_shard`, the first node's
+    /// ranks for `hybrid` (the other nodes hold copies).
+    pub fn writes_checkpoints(&self) -> bool {
+        match self.config.strategy {
+            Strategy::NoShard => self.group.is_none_or(|group| group.rank() == 0),
+            Strategy::ShardGradOp | Strategy::Full => true,
+            Strategy::Hybrid => self.replicate_group.is_none_or(|group| group.rank() == 0),
+        }
     }
 
     /// For each range of [`Self::ranges_of`] this rank: (flat-state start,
@@ -516,7 +597,7 @@ impl<'g> Trainer<'g> {
                 .into_iter()
                 .map(|(start, end)| (start, start, end - start))
                 .collect(),
-            Strategy::Full => self
+            Strategy::Full | Strategy::Hybrid => self
                 .units
                 .iter()
                 .filter(|plan| plan.len > 0)
@@ -534,7 +615,7 @@ impl<'g> Trainer<'g> {
     fn state_base(&self) -> i64 {
         match self.config.strategy {
             Strategy::ShardGradOp => self.ranges_of(self.rank())[0].0,
-            Strategy::NoShard | Strategy::Full => 0,
+            Strategy::NoShard | Strategy::Full | Strategy::Hybrid => 0,
         }
     }
 
@@ -590,11 +671,11 @@ impl<'g> Trainer<'g> {
         );
         let base = self.state_base();
         tch::no_grad(|| {
-            if self.config.strategy != Strategy::Full {
+            if !self.config.strategy.shards_units() {
                 self.flat.narrow(0, 0, self.total).copy_(&parameters);
             }
             for (start, local, length) in self.owned_pieces() {
-                if self.config.strategy == Strategy::Full {
+                if self.config.strategy.shards_units() {
                     self.flat
                         .narrow(0, local, length)
                         .copy_(&parameters.narrow(0, start, length));
@@ -699,14 +780,14 @@ impl<'g> Trainer<'g> {
         // Outside `full` the plans hold no shards: nothing is gathered and
         // the model keeps every weight.
         let group = self
-            .group
-            .filter(|_| self.config.strategy == Strategy::Full);
+            .shard_group
+            .filter(|_| self.config.strategy.shards_units());
         units::start_gather(&self.units, index, &self.flat, group)
     }
 
     /// Done with a unit: under `full` its whole weights are dropped.
     fn release(&self, index: usize, gathered: Gathered) {
-        if self.config.strategy == Strategy::Full {
+        if self.config.strategy.shards_units() {
             units::release(&self.units[index]);
         }
         drop(gathered);
@@ -746,11 +827,12 @@ impl<'g> Trainer<'g> {
         if plan.len == 0 {
             return Ok(());
         }
-        let world = self.group.map_or(1, |group| group.world_size());
+        let world = self.shard_group.map_or(1, |group| group.world_size());
         let device = self.flat.device();
-        let padded = match self.config.strategy {
-            Strategy::Full => plan.shard_len * world,
-            _ => plan.len,
+        let padded = if self.config.strategy.shards_units() {
+            plan.shard_len * world
+        } else {
+            plan.len
         };
         let whole = Tensor::zeros([padded], (Kind::Float, device));
         tch::no_grad(|| {
@@ -766,7 +848,7 @@ impl<'g> Trainer<'g> {
             .accumulated
             .as_ref()
             .expect("the recomputing pass accumulates");
-        if self.config.strategy != Strategy::Full {
+        if !self.config.strategy.shards_units() {
             let _ = accumulated.narrow(0, plan.start, plan.len).g_add_(&whole);
             return Ok(());
         }
@@ -779,7 +861,7 @@ impl<'g> Trainer<'g> {
                     .g_mul_(mask);
             }
         }
-        let shard = match self.group.filter(|_| world > 1) {
+        let shard = match self.shard_group.filter(|_| world > 1) {
             Some(group) => {
                 let shard = Tensor::empty([plan.shard_len], (Kind::Float, device));
                 group.reduce_scatter_tensor(&shard, &whole, ReduceOp::Sum)?;
@@ -787,6 +869,11 @@ impl<'g> Trainer<'g> {
             }
             None => whole,
         };
+        // `hybrid`: the other nodes computed the same shard's gradient on
+        // their own samples.
+        if let Some(replicas) = self.replicate_group.filter(|group| group.world_size() > 1) {
+            replicas.all_reduce(&shard, ReduceOp::Sum)?;
+        }
         let _ = accumulated
             .narrow(0, plan.shard_offset, plan.shard_len)
             .g_add_(&shard);
@@ -1027,7 +1114,7 @@ impl<'g> Trainer<'g> {
                 skipped: true,
             });
         }
-        if self.config.strategy == Strategy::Full {
+        if self.config.strategy.shards_units() {
             return self.apply_full(loss_laion, loss_mmc4, lr);
         }
         let gradient = self.flat_gradient();
@@ -1120,8 +1207,14 @@ impl<'g> Trainer<'g> {
             .as_ref()
             .expect("full accumulates")
             .shallow_clone();
+        // Each node holds every shard once (`hybrid`: the same on every
+        // node), so the sum over one node's ranks is the global norm.
         let local_squares = squared_norm(&gradient);
-        let grad_norm = self.all_reduce_sum(local_squares)?.sqrt();
+        let squares = match self.shard_group.filter(|group| group.world_size() > 1) {
+            Some(group) => group.all_reduce_scalar(local_squares, ReduceOp::Sum)?,
+            None => local_squares,
+        };
+        let grad_norm = squares.sqrt();
         let factor = clip_factor(grad_norm, self.config.max_grad_norm);
         if factor < 1.0 {
             gradient *= factor;

@@ -1,7 +1,8 @@
 //! The training step across world sizes and strategies: the same seed and
 //! data for 20 steps — `no_shard` on 1 rank, `full` on 2 and 4 ranks,
-//! `shard_grad_op` on 2 (real processes, Gloo) — give the same losses (1e-4
-//! relative) and the same trainable weights (1e-5); so do the recomputing
+//! `shard_grad_op` on 2, `hybrid` on 2 emulated nodes of 2 (real
+//! processes, Gloo) — give the same losses (1e-4 relative) and the same
+//! trainable weights (1e-5); so do the recomputing
 //! pass (`--gradient_checkpointing`) and `full` on one rank; and the weights
 //! move and the loss falls.
 
@@ -141,10 +142,26 @@ fn train_steps(
     group: Option<&ProcessGroup>,
     config: TrainConfig,
 ) -> (Vec<(f64, f64)>, tch::Tensor) {
+    train_steps_with(dir, group, None, config)
+}
+
+/// [`train_steps`], with `hybrid`'s (node, replicas) groups when given.
+fn train_steps_with(
+    dir: &Path,
+    group: Option<&ProcessGroup>,
+    hybrid: Option<&(ProcessGroup, ProcessGroup)>,
+    config: TrainConfig,
+) -> (Vec<(f64, f64)>, tch::Tensor) {
     let (rank, world) = group.map_or((0, 1), |g| (g.rank() as usize, g.world_size() as usize));
     let spec = ModelSpec::from_file(&dir.join("model/model.toml")).expect("model spec");
     let (model, tokenizer) = load(&spec);
-    let mut trainer = Trainer::new(model, &tokenizer, group, config).expect("trainer");
+    let mut trainer = match (hybrid, group) {
+        (Some((node, replicas)), Some(group)) => {
+            Trainer::new_hybrid(model, &tokenizer, group, node, replicas, config)
+        }
+        _ => Trainer::new(model, &tokenizer, group, config),
+    }
+    .expect("trainer");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
@@ -282,7 +299,13 @@ fn run_rank(dir: &Path, strategy: Strategy, out: &Path) {
         _ => None,
     };
     let rank = group.as_ref().map_or(0, ProcessGroup::rank);
-    let (losses, flat) = train_steps(dir, group.as_ref(), config(strategy));
+    let hybrid = match (&group, strategy) {
+        (Some(group), Strategy::Hybrid) => {
+            Some(flamingo_engine::run::hybrid_groups(group).expect("node and replica groups"))
+        }
+        _ => None,
+    };
+    let (losses, flat) = train_steps_with(dir, group.as_ref(), hybrid.as_ref(), config(strategy));
     if rank == 0 {
         tch::Tensor::write_safetensors(&[("flat", flat)], out.with_extension("safetensors"))
             .expect("weights written");
@@ -316,6 +339,17 @@ fn run_world(
     strategy: &str,
     name: &str,
 ) -> (Vec<(f64, f64)>, tch::Tensor) {
+    run_world_nodes(dir, world, world, strategy, name)
+}
+
+/// [`run_world`] with `per_node` ranks per (emulated) node.
+fn run_world_nodes(
+    dir: &Path,
+    world: usize,
+    per_node: usize,
+    strategy: &str,
+    name: &str,
+) -> (Vec<(f64, f64)>, tch::Tensor) {
     let exe = std::env::current_exe().expect("test binary");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -331,6 +365,7 @@ fn run_world(
                 .env("OUT", &out)
                 .env("RANK", rank.to_string())
                 .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_WORLD_SIZE", per_node.to_string())
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", port.to_string())
                 .env("FLAMINGO_LOCAL_ADDR", "127.0.0.1")
@@ -372,6 +407,9 @@ fn world_sizes_and_strategies_train_identically() {
         let run = run_world(dir.path(), world, strategy, &name.replace(' ', "-"));
         assert_same_training(&name, &single, &run);
     }
+    // Two emulated nodes of two ranks: sharded within, replicated across.
+    let hybrid = run_world_nodes(dir.path(), 4, 2, "hybrid", "hybrid-2x2");
+    assert_same_training("hybrid 2 nodes x 2", &single, &hybrid);
     // The weights moved, and the loss fell over the steps.
     let initial = {
         let spec = ModelSpec::from_file(&dir.path().join("model/model.toml")).expect("spec");
