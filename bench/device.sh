@@ -11,6 +11,8 @@
 #   mfu-ours.json     bench-gpu-step mfu on the 3B-shaped model
 #   mfu-python.json   the Python OpenFlamingo step on the same shapes
 # Each part has a time limit inside an overall budget (BUDGET seconds).
+# PARTS picks parts (default "check inference mfu-ours mfu-python");
+# CHECKPOINTING is mfu-ours' setting (default "true,false").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,8 +62,11 @@ mkdir -p "$OUT"
 BUDGET=${BUDGET:-500}
 started=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - started))); }
+PARTS=${PARTS:-check inference mfu-ours mfu-python}
+CHECKPOINTING=${CHECKPOINTING:-true,false}
 part() { # part NAME LIMIT COMMAND...: runs with min(LIMIT, time left)
     local name=$1 limit=$2; shift 2
+    [[ " $PARTS " == *" $name "* ]] || return 0
     local budget; budget=$(left)
     (( budget < limit )) && limit=$budget
     if (( limit < 20 )); then echo "SKIPPED $name: out of time" | tee -a "$OUT/summary.txt"; return; fi
@@ -108,7 +113,7 @@ export -f inference
 part inference 60 bash -c inference > "$OUT/inference.txt" 2>&1
 tail -4 "$OUT/inference.txt"
 
-part mfu-ours 240 "$BIN/bench-gpu-step" mfu --batch 8,32 --tokens 256 --images 4 --steps 3 --checkpointing true,false --work /tmp/flamingo-mfu > "$OUT/mfu-ours.json" 2> "$OUT/mfu-ours.log"
+part mfu-ours 240 "$BIN/bench-gpu-step" mfu --batch 8,32 --tokens 256 --images 4 --steps 3 --checkpointing "$CHECKPOINTING" --work /tmp/flamingo-mfu > "$OUT/mfu-ours.json" 2> "$OUT/mfu-ours.log"
 rm -rf /tmp/flamingo-mfu
 cat "$OUT/mfu-ours.json"
 

@@ -360,19 +360,29 @@ impl DecoderLayer {
         } else {
             (keys, values)
         };
-        let mut scores = queries.matmul(&keys.transpose(-1, -2)) * config.softmax_scale;
-        if let Some(alibi) = &context.alibi {
-            let kind = scores.kind();
-            scores += alibi.to_kind(kind);
-        }
-        let lowest = crate::layers::lowest(scores.kind());
-        let scores = scores.masked_fill(&context.blocked, lowest);
-        let weights = scores.softmax(-1, Kind::Float).to_kind(values.kind());
-        let mixed =
-            weights
-                .matmul(&values)
-                .transpose(1, 2)
-                .reshape([batch, length, heads * head_dim]);
+        // softmax(q·kᵀ·scale + ALiBi, blocked keys at the dtype's lowest
+        // value) · v through PyTorch's fused attention (the memory-efficient
+        // kernel on a GPU): the bias and the mask ride in one float mask.
+        let kind = queries.kind();
+        let lowest = crate::layers::lowest(kind);
+        let bias = match &context.alibi {
+            Some(alibi) => alibi.to_kind(kind).masked_fill(&context.blocked, lowest),
+            None => {
+                Tensor::zeros([1], (kind, queries.device())).masked_fill(&context.blocked, lowest)
+            }
+        };
+        let mixed = Tensor::scaled_dot_product_attention(
+            &queries,
+            &keys,
+            &values.to_kind(kind),
+            Some(&bias),
+            0.0,
+            false,
+            config.softmax_scale,
+            false,
+        )
+        .transpose(1, 2)
+        .reshape([batch, length, heads * head_dim]);
         self.out_proj.forward(&mixed)
     }
 
