@@ -1149,11 +1149,7 @@ impl<'g> Trainer<'g> {
             Strategy::ShardGradOp => self.all_reduce_sum(local_squares)?,
             _ => local_squares,
         };
-        let grad_norm = squares.sqrt();
-        let factor = clip_factor(grad_norm, self.config.max_grad_norm);
-        if factor < 1.0 {
-            shard_gradient *= factor;
-        }
+        let grad_norm = self.clip(&mut shard_gradient, squares);
         self.step += 1;
         let length = shard_gradient.numel() as i64;
         let shard = self.flat.narrow(0, shard_start, length);
@@ -1194,6 +1190,17 @@ impl<'g> Trainer<'g> {
         })
     }
 
+    /// Scales `gradient` down to the clipping norm, given Σg² over every
+    /// rank's part; returns the norm.
+    fn clip(&self, gradient: &mut Tensor, squares: f64) -> f64 {
+        let grad_norm = squares.sqrt();
+        let factor = clip_factor(grad_norm, self.config.max_grad_norm);
+        if factor < 1.0 {
+            *gradient *= factor;
+        }
+        grad_norm
+    }
+
     /// `full`: the accumulated shards are already reduced; clip by the
     /// global norm and update each unit's shard with its own decay.
     fn apply_full(
@@ -1214,11 +1221,7 @@ impl<'g> Trainer<'g> {
             Some(group) => group.all_reduce_scalar(local_squares, ReduceOp::Sum)?,
             None => local_squares,
         };
-        let grad_norm = squares.sqrt();
-        let factor = clip_factor(grad_norm, self.config.max_grad_norm);
-        if factor < 1.0 {
-            gradient *= factor;
-        }
+        let grad_norm = self.clip(&mut gradient, squares);
         self.step += 1;
         for plan in self.units.iter().filter(|plan| plan.shard_len > 0) {
             let (offset, len) = (plan.shard_offset, plan.shard_len);

@@ -227,8 +227,9 @@ fn a_run_killed_after_a_checkpoint_resumes_on_another_world_size_exactly() {
     .expect("spec written");
     let (_, members) = flamingo_data::synthetic::laion_sample(77, 0, 32);
     std::fs::write(dir.path().join("held.png"), &members[0].1).expect("image written");
-    let scored = flamingoctl(dir.path())
-        .args([
+    let scored = run_ok(
+        dir.path(),
+        &[
             "score",
             "--model",
             "trained.toml",
@@ -237,15 +238,9 @@ fn a_run_killed_after_a_checkpoint_resumes_on_another_world_size_exactly() {
             "--prompt",
             "<image>a small red circle",
             "--json",
-        ])
-        .output()
-        .expect("score runs");
-    assert!(
-        scored.status.success(),
-        "{}",
-        String::from_utf8_lossy(&scored.stderr)
+        ],
     );
-    let value: serde_json::Value = serde_json::from_slice(&scored.stdout).expect("json");
+    let value: serde_json::Value = serde_json::from_str(&scored).expect("json");
     // <image> a small red circle: 5 tokens, 4 log-probabilities.
     assert_eq!(
         value["logprobs"].as_array().map(Vec::len),
