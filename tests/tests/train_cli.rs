@@ -344,20 +344,7 @@ fn shapes(caption: &str) -> Vec<&'static str> {
 #[test]
 fn a_tiny_model_learns_to_caption_shapes() {
     let dir = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| {
-        let output = flamingoctl(dir.path())
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    };
+    let run = |args: &[&str]| run_ok(dir.path(), args);
     run(&[
         "data",
         "synth",
