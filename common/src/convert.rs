@@ -7,8 +7,8 @@ use flamingo_proto::v1 as pb;
 
 use crate::jobs::{DEFAULT_MAX_BYTES, DEFAULT_MIN_BYTES};
 use crate::{
-    CommonError, JobEvent, JobId, JobKind, JobRecord, JobSpec, JobState, NodeId, RankRecord,
-    RankState,
+    CheckpointRecord, CommonError, JobEvent, JobId, JobKind, JobPolicy, JobRecord, JobSpec,
+    JobState, NodeId, RankRecord, RankState,
 };
 
 impl TryFrom<pb::JobSpec> for JobSpec {
@@ -29,6 +29,9 @@ impl TryFrom<pb::JobSpec> for JobSpec {
                 backend: (!check.backend.is_empty()).then_some(check.backend),
             },
             Some(pb::job_spec::Kind::Command(command)) => JobKind::Command { argv: command.argv },
+            Some(pb::job_spec::Kind::Train(train)) => JobKind::Train {
+                config_json: train.config_json,
+            },
             None => {
                 return Err(CommonError::invalid(
                     "spec.kind",
@@ -42,6 +45,7 @@ impl TryFrom<pb::JobSpec> for JobSpec {
             slots_per_node: spec.slots_per_node,
             kind,
             env: spec.env.into_iter().collect::<BTreeMap<_, _>>(),
+            policy: spec.policy.map(JobPolicy::from).unwrap_or_default(),
         };
         spec.validate()?;
         Ok(spec)
@@ -63,6 +67,9 @@ impl From<&JobSpec> for pb::JobSpec {
             JobKind::Command { argv } => {
                 pb::job_spec::Kind::Command(pb::Command { argv: argv.clone() })
             }
+            JobKind::Train { config_json } => pb::job_spec::Kind::Train(pb::Train {
+                config_json: config_json.clone(),
+            }),
         };
         pb::JobSpec {
             name: spec.name.clone(),
@@ -70,6 +77,55 @@ impl From<&JobSpec> for pb::JobSpec {
             slots_per_node: spec.slots_per_node,
             kind: Some(kind),
             env: spec.env.clone().into_iter().collect(),
+            policy: Some(pb::JobPolicy::from(&spec.policy)),
+        }
+    }
+}
+
+impl From<pb::JobPolicy> for JobPolicy {
+    fn from(policy: pb::JobPolicy) -> Self {
+        JobPolicy {
+            max_restarts: policy.max_restarts,
+            hang_timeout_seconds: policy.hang_timeout_seconds,
+            keep_checkpoints: policy.keep_checkpoints,
+            keep_every_checkpoint_steps: policy.keep_every_checkpoint_steps,
+            exclude_node_after_failures: policy.exclude_node_after_failures,
+        }
+    }
+}
+
+impl From<&JobPolicy> for pb::JobPolicy {
+    fn from(policy: &JobPolicy) -> Self {
+        pb::JobPolicy {
+            max_restarts: policy.max_restarts,
+            hang_timeout_seconds: policy.hang_timeout_seconds,
+            keep_checkpoints: policy.keep_checkpoints,
+            keep_every_checkpoint_steps: policy.keep_every_checkpoint_steps,
+            exclude_node_after_failures: policy.exclude_node_after_failures,
+        }
+    }
+}
+
+impl From<&CheckpointRecord> for pb::Checkpoint {
+    fn from(checkpoint: &CheckpointRecord) -> Self {
+        pb::Checkpoint {
+            step: checkpoint.step,
+            path: checkpoint.path.clone(),
+            unix_ms: checkpoint.unix_ms,
+            attempt: checkpoint.attempt,
+            data_cursor_json: checkpoint.data_cursor_json.clone(),
+        }
+    }
+}
+
+impl From<pb::Checkpoint> for CheckpointRecord {
+    fn from(checkpoint: pb::Checkpoint) -> Self {
+        CheckpointRecord {
+            step: checkpoint.step,
+            path: checkpoint.path,
+            unix_ms: checkpoint.unix_ms,
+            attempt: checkpoint.attempt,
+            data_cursor_json: checkpoint.data_cursor_json,
         }
     }
 }
@@ -153,6 +209,15 @@ impl From<&JobRecord> for pb::Job {
             created_unix_ms: job.created_unix_ms,
             started_unix_ms: job.started_unix_ms.unwrap_or(0),
             finished_unix_ms: job.finished_unix_ms.unwrap_or(0),
+            attempt: job.attempt,
+            checkpoints: job.checkpoints.iter().map(pb::Checkpoint::from).collect(),
+            last_step: job.last_step,
+            excluded_nodes: job
+                .excluded_nodes()
+                .into_iter()
+                .map(|node| node.0)
+                .collect(),
+            restarts: job.restarts.clone(),
         }
     }
 }
@@ -164,6 +229,7 @@ impl TryFrom<pb::Job> for JobRecord {
             job.spec
                 .ok_or_else(|| CommonError::invalid("job.spec", "missing"))?,
         )?;
+        let spec_limit = spec.policy.exclude_node_after_failures.max(1);
         let ranks = job
             .ranks
             .into_iter()
@@ -194,6 +260,20 @@ impl TryFrom<pb::Job> for JobRecord {
             started_unix_ms: (job.started_unix_ms != 0).then_some(job.started_unix_ms),
             finished_unix_ms: (job.finished_unix_ms != 0).then_some(job.finished_unix_ms),
             next_event_seq: 0,
+            attempt: job.attempt,
+            checkpoints: job
+                .checkpoints
+                .into_iter()
+                .map(CheckpointRecord::from)
+                .collect(),
+            last_step: job.last_step,
+            // Only the nodes at the limit travel; that is what clients show.
+            node_failures: job
+                .excluded_nodes
+                .into_iter()
+                .map(|node| (NodeId(node), spec_limit))
+                .collect(),
+            restarts: job.restarts,
         })
     }
 }
@@ -241,6 +321,7 @@ mod tests {
                     backend: Some("gloo".into()),
                 },
                 env: BTreeMap::from([("A".to_string(), "b".to_string())]),
+                policy: JobPolicy::default(),
             },
             42,
         );

@@ -7,6 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::{CommonError, JobId, NodeId};
 
+/// Exit status of a training rank that checkpointed and stopped on SIGTERM
+/// (`EX_TEMPFAIL`, a preemption): the coordinator requeues its job instead
+/// of counting a failure.
+pub const PREEMPTED_EXIT_CODE: i32 = 75;
+
 /// Default sweep of the collective check: 1 KiB to 256 MiB, like
 /// nccl-tests' `-b 1K -e 256M`.
 pub const DEFAULT_MIN_BYTES: u64 = 1 << 10;
@@ -24,6 +29,9 @@ pub enum JobKind {
     },
     /// Run `argv` once per rank with torchrun's environment.
     Command { argv: Vec<String> },
+    /// Train: every rank runs the FSDP engine on this resolved run
+    /// configuration (the JSON `flamingoctl train` writes).
+    Train { config_json: String },
 }
 
 impl JobKind {
@@ -31,8 +39,56 @@ impl JobKind {
         match self {
             JobKind::CollectiveCheck { .. } => "collective-check",
             JobKind::Command { .. } => "command",
+            JobKind::Train { .. } => "train",
         }
     }
+
+    /// Whether a failure restarts the group from its last checkpoint (a
+    /// training run) rather than ending the job.
+    pub fn restartable(&self) -> bool {
+        matches!(self, JobKind::Train { .. })
+    }
+}
+
+/// What the coordinator does about failures and checkpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JobPolicy {
+    /// Restarts of the whole group from the last committed checkpoint
+    /// before the job fails (train jobs).
+    pub max_restarts: u32,
+    /// No step progress for this long is a hang (0 = not watched).
+    pub hang_timeout_seconds: u32,
+    /// Committed checkpoints kept: the newest `keep_checkpoints`…
+    pub keep_checkpoints: u32,
+    /// …plus those at multiples of this step (0 = none).
+    pub keep_every_checkpoint_steps: u32,
+    /// A node with this many rank failures in the job is left out while
+    /// other nodes can take its place (0 = never).
+    pub exclude_node_after_failures: u32,
+}
+
+impl Default for JobPolicy {
+    fn default() -> Self {
+        Self {
+            max_restarts: 3,
+            hang_timeout_seconds: 600,
+            keep_checkpoints: 2,
+            keep_every_checkpoint_steps: 0,
+            exclude_node_after_failures: 2,
+        }
+    }
+}
+
+/// A checkpoint every rank wrote and the coordinator committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    pub step: u64,
+    pub path: String,
+    pub unix_ms: i64,
+    pub attempt: u32,
+    /// The data cursor saved with it (JSON, per dataset).
+    pub data_cursor_json: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +98,8 @@ pub struct JobSpec {
     pub slots_per_node: u32,
     pub kind: JobKind,
     pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub policy: JobPolicy,
 }
 
 impl JobSpec {
@@ -86,6 +144,24 @@ impl JobSpec {
                     ));
                 }
             }
+            JobKind::Train { config_json } => {
+                let value: serde_json::Value =
+                    serde_json::from_str(config_json).map_err(|error| {
+                        CommonError::invalid("train.config_json", format!("not JSON: {error}"))
+                    })?;
+                if !value.is_object() {
+                    return Err(CommonError::invalid(
+                        "train.config_json",
+                        "must be an object of run settings",
+                    ));
+                }
+            }
+        }
+        if self.policy.keep_checkpoints == 0 {
+            return Err(CommonError::invalid(
+                "policy.keep_checkpoints",
+                "must be at least 1 (the latest checkpoint is what a restart resumes from)",
+            ));
         }
         for key in self.env.keys() {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
@@ -178,6 +254,21 @@ pub struct JobRecord {
     pub finished_unix_ms: Option<i64>,
     /// Sequence number the next event gets.
     pub next_event_seq: u64,
+    /// Which start of the group this is (+1 per restart).
+    #[serde(default)]
+    pub attempt: u32,
+    /// Committed checkpoints still kept, oldest first.
+    #[serde(default)]
+    pub checkpoints: Vec<CheckpointRecord>,
+    /// The last step rank 0 reported (not persisted on every step).
+    #[serde(default)]
+    pub last_step: u64,
+    /// Rank failures per node in this job.
+    #[serde(default)]
+    pub node_failures: BTreeMap<NodeId, u32>,
+    /// One line per restart: when, why, and where it resumed.
+    #[serde(default)]
+    pub restarts: Vec<String>,
 }
 
 impl JobRecord {
@@ -195,7 +286,27 @@ impl JobRecord {
             started_unix_ms: None,
             finished_unix_ms: None,
             next_event_seq: 0,
+            attempt: 0,
+            checkpoints: Vec::new(),
+            last_step: 0,
+            node_failures: BTreeMap::new(),
+            restarts: Vec::new(),
         }
+    }
+
+    /// The checkpoint a restart resumes from.
+    pub fn latest_checkpoint(&self) -> Option<&CheckpointRecord> {
+        self.checkpoints.last()
+    }
+
+    /// Nodes the policy leaves out of this job's placement.
+    pub fn excluded_nodes(&self) -> Vec<NodeId> {
+        let limit = self.spec.policy.exclude_node_after_failures;
+        self.node_failures
+            .iter()
+            .filter(|(_, failures)| limit > 0 && **failures >= limit)
+            .map(|(node, _)| node.clone())
+            .collect()
     }
 
     /// Ranks whose process may still be alive.
@@ -229,6 +340,7 @@ mod tests {
             slots_per_node: 2,
             kind,
             env: BTreeMap::new(),
+            policy: JobPolicy::default(),
         }
     }
 

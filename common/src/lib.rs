@@ -14,7 +14,10 @@ pub mod telemetry;
 
 pub use error::CommonError;
 pub use ids::{JobId, NodeId};
-pub use jobs::{JobEvent, JobKind, JobRecord, JobSpec, JobState, RankRecord, RankState};
+pub use jobs::{
+    CheckpointRecord, JobEvent, JobKind, JobPolicy, JobRecord, JobSpec, JobState, RankRecord,
+    RankState,
+};
 pub use nodes::NodeRecord;
 
 /// Milliseconds since the Unix epoch.
@@ -23,4 +26,15 @@ pub fn unix_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|elapsed| elapsed.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// `unix_ms` as a UTC time of day, `HH:MM:SS`, for one-line logs.
+pub fn format_unix_ms(unix_ms: i64) -> String {
+    let seconds = unix_ms.div_euclid(1000).rem_euclid(86_400);
+    format!(
+        "{:02}:{:02}:{:02}Z",
+        seconds / 3600,
+        seconds / 60 % 60,
+        seconds % 60
+    )
 }

@@ -7,7 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use flamingo_common::{
-    JobEvent, JobId, JobRecord, JobSpec, JobState, NodeId, NodeRecord, RankRecord, RankState,
+    CheckpointRecord, JobEvent, JobId, JobRecord, JobSpec, JobState, NodeId, NodeRecord,
+    RankRecord, RankState,
 };
 use flamingo_proto::v1 as pb;
 
@@ -49,6 +50,22 @@ pub enum RankOutcome {
 pub struct Cluster {
     pub nodes: BTreeMap<NodeId, NodeRecord>,
     pub jobs: BTreeMap<JobId, JobRecord>,
+    /// When each running job last reported a step (in memory only: a
+    /// restarted coordinator gives every job a fresh hang timeout).
+    pub progress_ms: BTreeMap<JobId, i64>,
+    /// When this coordinator started.
+    pub booted_ms: i64,
+}
+
+/// Why a checkpoint commit was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitRefused {
+    UnknownJob,
+    /// The attempt was superseded by a restart, or the job ended.
+    Stale {
+        current_attempt: u32,
+        state: JobState,
+    },
 }
 
 impl Cluster {
@@ -104,19 +121,29 @@ impl Cluster {
             .collect();
         pending.sort();
         for (_, job_id) in pending {
-            let capacity: Vec<NodeCapacity> = self
-                .nodes
-                .values()
-                .map(|node| NodeCapacity {
-                    node_id: node.node_id.clone(),
-                    free_slots: self.free_slots(node),
-                    schedulable: !node.draining,
-                })
-                .collect();
             let Some(job) = self.jobs.get(&job_id) else {
                 continue;
             };
-            let Some(chosen) = place(&capacity, job.spec.nodes, job.spec.slots_per_node) else {
+            let excluded = job.excluded_nodes();
+            let capacity = |leave_out: &[NodeId]| -> Vec<NodeCapacity> {
+                self.nodes
+                    .values()
+                    .map(|node| NodeCapacity {
+                        node_id: node.node_id.clone(),
+                        free_slots: self.free_slots(node),
+                        schedulable: !node.draining && !leave_out.contains(&node.node_id),
+                    })
+                    .collect()
+            };
+            // Nodes that failed the job repeatedly are used only when
+            // nothing else fits.
+            let chosen = place(
+                &capacity(&excluded),
+                job.spec.nodes,
+                job.spec.slots_per_node,
+            )
+            .or_else(|| place(&capacity(&[]), job.spec.nodes, job.spec.slots_per_node));
+            let Some(chosen) = chosen else {
                 break;
             };
             let master_node = self.nodes[&chosen[0]].clone();
@@ -128,6 +155,9 @@ impl Cluster {
                         && other.ranks.first().map(|rank| &rank.node) == Some(&master_node.node_id)
                 })
                 .map(|other| other.master_port)
+                // A restart takes a fresh port: the last attempt's may be
+                // held by a dying process or in TIME_WAIT.
+                .chain((job.attempt > 0).then_some(job.master_port))
                 .collect();
             let Some(port) = pick_port(
                 master_node.rendezvous_port_first,
@@ -156,6 +186,7 @@ impl Cluster {
                 .collect();
             job.state = JobState::Running;
             job.started_unix_ms = Some(now_ms);
+            self.progress_ms.insert(job_id.clone(), now_ms);
             job.master_addr = master_node.address.clone();
             job.master_port = port;
             let message = format!(
@@ -179,10 +210,12 @@ impl Cluster {
         effects
     }
 
-    /// An agent's report about one rank.
+    /// An agent's report about one rank of one attempt (reports about a
+    /// superseded attempt are ignored: its ranks were already written off).
     pub fn rank_report(
         &mut self,
         job_id: &JobId,
+        attempt: u32,
         rank: u32,
         outcome: RankOutcome,
         now_ms: i64,
@@ -191,6 +224,9 @@ impl Cluster {
         let Some(job) = self.jobs.get_mut(job_id) else {
             return effects;
         };
+        if attempt != job.attempt {
+            return effects;
+        }
         let Some(record) = job.ranks.iter_mut().find(|record| record.rank == rank) else {
             return effects;
         };
@@ -218,13 +254,22 @@ impl Cluster {
                     job.result_json = result_json;
                 }
                 let failed = exit_code != 0 || signal != 0;
+                if job.state == JobState::Running
+                    && job.spec.kind.restartable()
+                    && exit_code == flamingo_common::jobs::PREEMPTED_EXIT_CODE
+                    && signal == 0
+                {
+                    effects.merge(Self::requeue(job, &node, now_ms));
+                    effects.merge(self.schedule(now_ms));
+                    return effects;
+                }
                 let description = if signal != 0 {
                     format!("rank {rank} on {node} was killed by signal {signal}")
                 } else {
                     format!("rank {rank} on {node} exited with code {exit_code}")
                 };
                 if job.state == JobState::Running && failed {
-                    effects.merge(Self::finish(job, JobState::Failed, description, now_ms));
+                    effects.merge(Self::fail_or_restart(job, description, &[node], now_ms));
                 } else {
                     effects.jobs_changed.insert(job_id.clone());
                     if job.state == JobState::Running
@@ -246,7 +291,7 @@ impl Cluster {
                 let node = record.node.clone();
                 let description = format!("rank {rank} on {node} failed to start: {message}");
                 if job.state == JobState::Running {
-                    effects.merge(Self::finish(job, JobState::Failed, description, now_ms));
+                    effects.merge(Self::fail_or_restart(job, description, &[node], now_ms));
                 } else {
                     effects.jobs_changed.insert(job_id.clone());
                 }
@@ -256,6 +301,208 @@ impl Cluster {
             effects.merge(self.schedule(now_ms));
         }
         effects
+    }
+
+    /// A failure of a running job: a training job restarts its whole group
+    /// from the last committed checkpoint while restarts remain (the old
+    /// ranks are killed at once, the job queues again and is re-placed,
+    /// avoiding nodes that keep failing); any other job, or one out of
+    /// restarts, fails.
+    fn fail_or_restart(
+        job: &mut JobRecord,
+        cause: String,
+        failed_nodes: &[NodeId],
+        now_ms: i64,
+    ) -> Effects {
+        for node in failed_nodes {
+            *job.node_failures.entry(node.clone()).or_default() += 1;
+        }
+        let restarts_used = job.restarts.len() as u32;
+        let max = job.spec.policy.max_restarts;
+        if !job.spec.kind.restartable() || restarts_used >= max {
+            let message = if job.spec.kind.restartable() {
+                format!("{cause} (no restarts left: {restarts_used} of {max} used)")
+            } else {
+                cause
+            };
+            return Self::finish(job, JobState::Failed, message, now_ms);
+        }
+        let mut effects = Effects::default();
+        let nodes: BTreeSet<NodeId> = job.live_ranks().map(|rank| rank.node.clone()).collect();
+        job.attempt += 1;
+        job.state = JobState::Pending;
+        job.ranks.clear();
+        let from = job.latest_checkpoint().map_or_else(
+            || "the start (no checkpoint committed yet)".to_string(),
+            |checkpoint| format!("step {} ({})", checkpoint.step, checkpoint.path),
+        );
+        let excluded = job.excluded_nodes();
+        let excluded = if excluded.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; avoiding {}",
+                excluded
+                    .iter()
+                    .map(NodeId::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let line = format!(
+            "restart {} of {max}: {cause}; resuming from {from}{excluded}",
+            job.attempt
+        );
+        job.restarts.push(format!(
+            "{} {line}",
+            flamingo_common::format_unix_ms(now_ms)
+        ));
+        Self::event(job, now_ms, line, &mut effects);
+        for node_id in nodes {
+            effects.messages.push((
+                node_id,
+                pb::CoordinatorMessage {
+                    kind: Some(pb::coordinator_message::Kind::Stop(pb::StopJob {
+                        job_id: job.id.0.clone(),
+                        reason: format!("restarting the group: {cause}"),
+                        before_attempt: job.attempt,
+                        kill_now: true,
+                    })),
+                },
+            ));
+        }
+        effects
+    }
+
+    /// A rank checkpointed and stopped on SIGTERM (its node is draining or
+    /// preempted): the group is replaced from that checkpoint when capacity
+    /// allows, without using up a restart.
+    fn requeue(job: &mut JobRecord, node: &NodeId, now_ms: i64) -> Effects {
+        let mut effects = Effects::default();
+        let nodes: BTreeSet<NodeId> = job.live_ranks().map(|rank| rank.node.clone()).collect();
+        job.attempt += 1;
+        job.state = JobState::Pending;
+        job.ranks.clear();
+        let from = job
+            .latest_checkpoint()
+            .map_or("the start".to_string(), |c| format!("step {}", c.step));
+        Self::event(
+            job,
+            now_ms,
+            format!("preempted on {node}: checkpointed; requeued to resume from {from}"),
+            &mut effects,
+        );
+        for node_id in nodes {
+            effects.messages.push((
+                node_id,
+                pb::CoordinatorMessage {
+                    kind: Some(pb::coordinator_message::Kind::Stop(pb::StopJob {
+                        job_id: job.id.0.clone(),
+                        reason: "requeued after a preemption".into(),
+                        before_attempt: job.attempt,
+                        kill_now: false,
+                    })),
+                },
+            ));
+        }
+        effects
+    }
+
+    /// Rank 0 reported a finished step.
+    pub fn progress(&mut self, job_id: &JobId, attempt: u32, step: u64, now_ms: i64) {
+        if let Some(job) = self.jobs.get_mut(job_id) {
+            if job.attempt == attempt && job.state == JobState::Running {
+                job.last_step = step;
+                self.progress_ms.insert(job_id.clone(), now_ms);
+            }
+        }
+    }
+
+    /// Periodic check: a running job with a hang timeout that reported no
+    /// step for that long is failed over like a crashed rank.
+    pub fn tick(&mut self, now_ms: i64) -> Effects {
+        let mut effects = Effects::default();
+        let hung: Vec<(JobId, i64)> = self
+            .jobs
+            .values()
+            .filter(|job| job.state == JobState::Running)
+            .filter_map(|job| {
+                let timeout = i64::from(job.spec.policy.hang_timeout_seconds) * 1000;
+                let last = self
+                    .progress_ms
+                    .get(&job.id)
+                    .copied()
+                    .unwrap_or(0)
+                    .max(job.started_unix_ms.unwrap_or(0))
+                    .max(self.booted_ms);
+                (timeout > 0 && now_ms - last > timeout).then(|| (job.id.clone(), now_ms - last))
+            })
+            .collect();
+        for (job_id, silent_ms) in hung {
+            let job = self.jobs.get_mut(&job_id).expect("listed above");
+            let cause = format!(
+                "hang: no step finished for {:.0} s (hang_timeout_seconds = {}) after step {}",
+                silent_ms as f64 / 1000.0,
+                job.spec.policy.hang_timeout_seconds,
+                job.last_step
+            );
+            effects.merge(Self::fail_or_restart(job, cause, &[], now_ms));
+            self.progress_ms.remove(&job_id);
+        }
+        if !effects.jobs_changed.is_empty() {
+            effects.merge(self.schedule(now_ms));
+        }
+        effects
+    }
+
+    /// Rank 0 says every rank wrote checkpoint `record.step`: it becomes the
+    /// latest (one write of the job record, cursor included), and the
+    /// retention policy names the checkpoints to delete.
+    pub fn commit_checkpoint(
+        &mut self,
+        job_id: &JobId,
+        record: CheckpointRecord,
+        now_ms: i64,
+    ) -> Result<(Effects, Vec<String>), CommitRefused> {
+        let job = self.jobs.get_mut(job_id).ok_or(CommitRefused::UnknownJob)?;
+        if job.attempt != record.attempt || job.state != JobState::Running {
+            return Err(CommitRefused::Stale {
+                current_attempt: job.attempt,
+                state: job.state,
+            });
+        }
+        let mut effects = Effects::default();
+        job.checkpoints.retain(|kept| kept.step != record.step);
+        let step = record.step;
+        let path = record.path.clone();
+        job.checkpoints.push(record);
+        job.checkpoints.sort_by_key(|kept| kept.step);
+        let keep_last = job.spec.policy.keep_checkpoints.max(1) as usize;
+        let every = u64::from(job.spec.policy.keep_every_checkpoint_steps);
+        let newest_from = job.checkpoints.len().saturating_sub(keep_last);
+        let mut retired = Vec::new();
+        let mut kept = Vec::new();
+        for (index, checkpoint) in job.checkpoints.drain(..).enumerate() {
+            let milestone = every > 0 && checkpoint.step % every == 0;
+            if index >= newest_from || milestone {
+                kept.push(checkpoint);
+            } else {
+                retired.push(checkpoint.path);
+            }
+        }
+        job.checkpoints = kept;
+        let dropped = if retired.is_empty() {
+            String::new()
+        } else {
+            format!("; retired {}", retired.len())
+        };
+        Self::event(
+            job,
+            now_ms,
+            format!("checkpoint step {step} committed ({path}){dropped}"),
+            &mut effects,
+        );
+        Ok((effects, retired))
     }
 
     /// Moves a job to a terminal state and tells every node that still runs
@@ -318,7 +565,12 @@ impl Cluster {
             }
             if job.state == JobState::Running {
                 let message = format!("node {node_id} lost: {reason}");
-                effects.merge(Self::finish(job, JobState::Failed, message, now_ms));
+                effects.merge(Self::fail_or_restart(
+                    job,
+                    message,
+                    std::slice::from_ref(node_id),
+                    now_ms,
+                ));
             } else {
                 effects.jobs_changed.insert(job.id.clone());
             }
@@ -333,20 +585,31 @@ impl Cluster {
     pub fn heartbeat(
         &mut self,
         node_id: &NodeId,
-        running: &BTreeSet<(JobId, u32)>,
+        running: &BTreeSet<(JobId, u32, u32)>,
         grace_ms: i64,
         now_ms: i64,
     ) -> Effects {
         let mut effects = Effects::default();
-        for (job_id, _) in running {
-            let over = self
-                .jobs
-                .get(job_id)
-                .is_none_or(|job| job.state.is_terminal());
-            if over {
+        let mut told: BTreeSet<&JobId> = BTreeSet::new();
+        for (job_id, attempt, _) in running {
+            let job = self.jobs.get(job_id);
+            let over = job.is_none_or(|job| job.state.is_terminal());
+            let superseded = job.is_some_and(|job| *attempt < job.attempt);
+            if (over || superseded) && told.insert(job_id) {
+                let before_attempt = match job {
+                    Some(job) if !over => job.attempt,
+                    _ => 0,
+                };
                 effects.messages.push((
                     node_id.clone(),
-                    stop_message(job_id, "job is no longer running"),
+                    pb::CoordinatorMessage {
+                        kind: Some(pb::coordinator_message::Kind::Stop(pb::StopJob {
+                            job_id: job_id.0.clone(),
+                            reason: "job is no longer running this attempt".into(),
+                            before_attempt,
+                            kill_now: superseded,
+                        })),
+                    },
                 ));
             }
         }
@@ -359,7 +622,7 @@ impl Cluster {
                 let missing = job.ranks.iter().any(|rank| {
                     &rank.node == node_id
                         && rank.state == RankState::Assigned
-                        && !running.contains(&(job.id.clone(), rank.rank))
+                        && !running.contains(&(job.id.clone(), job.attempt, rank.rank))
                 });
                 let waited = job
                     .started_unix_ms
@@ -379,7 +642,7 @@ impl Cluster {
                 for rank in job.ranks.iter_mut() {
                     if &rank.node == node_id
                         && rank.state.is_live()
-                        && !running.contains(&(job.id.clone(), rank.rank))
+                        && !running.contains(&(job.id.clone(), job.attempt, rank.rank))
                     {
                         rank.state = RankState::Lost;
                         rank.message = "not running on its node after the job ended".into();
@@ -432,6 +695,11 @@ fn start_message(job: &JobRecord, node_id: &NodeId) -> pb::CoordinatorMessage {
             node_rank,
             master_addr: job.master_addr.clone(),
             master_port: u32::from(job.master_port),
+            attempt: job.attempt,
+            resume_from: job
+                .latest_checkpoint()
+                .map(|checkpoint| checkpoint.path.clone())
+                .unwrap_or_default(),
         })
         .collect();
     pb::CoordinatorMessage {
@@ -446,6 +714,8 @@ fn stop_message(job_id: &JobId, reason: &str) -> pb::CoordinatorMessage {
         kind: Some(pb::coordinator_message::Kind::Stop(pb::StopJob {
             job_id: job_id.0.clone(),
             reason: reason.to_string(),
+            before_attempt: 0,
+            kill_now: false,
         })),
     }
 }

@@ -33,6 +33,7 @@ fn job(id: &str, nodes: u32, slots: u32, created: i64) -> JobRecord {
                 argv: vec!["true".into()],
             },
             env: BTreeMap::new(),
+            policy: Default::default(),
         },
         created,
     )
@@ -95,9 +96,9 @@ fn failing_rank_fails_job_and_stops_peers() {
     cluster.submit(job("j", 2, 2, 1), 10);
     let id = JobId("j".into());
     for rank in 0..4 {
-        cluster.rank_report(&id, rank, RankOutcome::Started { pid: 100 + rank }, 11);
+        cluster.rank_report(&id, 0, rank, RankOutcome::Started { pid: 100 + rank }, 11);
     }
-    let effects = cluster.rank_report(&id, 1, exited(1), 12);
+    let effects = cluster.rank_report(&id, 0, 1, exited(1), 12);
     let job = &cluster.jobs[&id];
     assert_eq!(job.state, JobState::Failed);
     assert!(
@@ -120,6 +121,7 @@ fn failing_rank_fails_job_and_stops_peers() {
     for rank in [0, 2, 3] {
         cluster.rank_report(
             &id,
+            0,
             rank,
             RankOutcome::Exited {
                 exit_code: -1,
@@ -141,10 +143,11 @@ fn all_ranks_succeeding_succeeds_job_with_rank0_result() {
     let mut cluster = cluster(&[("node-0", 2)]);
     cluster.submit(job("j", 1, 2, 1), 10);
     let id = JobId("j".into());
-    cluster.rank_report(&id, 1, exited(0), 11);
+    cluster.rank_report(&id, 0, 1, exited(0), 11);
     assert_eq!(cluster.jobs[&id].state, JobState::Running);
     cluster.rank_report(
         &id,
+        0,
         0,
         RankOutcome::Exited {
             exit_code: 0,
@@ -170,7 +173,7 @@ fn fifo_head_blocks_smaller_jobs_behind_it() {
         cluster.jobs[&JobId("small".into())].state,
         JobState::Pending
     );
-    cluster.rank_report(&JobId("running".into()), 0, exited(0), 4);
+    cluster.rank_report(&JobId("running".into()), 0, 0, exited(0), 4);
     assert_eq!(cluster.jobs[&JobId("big".into())].state, JobState::Running);
     assert_eq!(
         cluster.jobs[&JobId("small".into())].state,
@@ -210,7 +213,7 @@ fn heartbeat_resends_unacted_starts_and_stops_unknown_jobs() {
     let mut cluster = cluster(&[("node-0", 1)]);
     cluster.submit(job("j", 1, 1, 1), 1);
     let node_id = NodeId("node-0".into());
-    let running = BTreeSet::from([(JobId("ghost".into()), 0)]);
+    let running = BTreeSet::from([(JobId("ghost".into()), 0, 0)]);
     let effects = cluster.heartbeat(&node_id, &running, 1000, 5000);
     let kinds: Vec<&str> = effects
         .messages
@@ -231,4 +234,256 @@ fn master_ports_do_not_collide_on_one_node() {
     cluster.submit(job("b", 1, 1, 2), 2);
     assert_eq!(cluster.jobs[&JobId("a".into())].master_port, 29500);
     assert_eq!(cluster.jobs[&JobId("b".into())].master_port, 29501);
+}
+
+fn train_job(id: &str, nodes: u32, slots: u32, max_restarts: u32) -> JobRecord {
+    let mut record = job(id, nodes, slots, 1);
+    record.spec.kind = JobKind::Train {
+        config_json: "{}".into(),
+    };
+    record.spec.policy.max_restarts = max_restarts;
+    record.spec.policy.hang_timeout_seconds = 5;
+    record
+}
+
+fn checkpoint(step: u64, attempt: u32) -> flamingo_common::CheckpointRecord {
+    flamingo_common::CheckpointRecord {
+        step,
+        path: format!("/runs/r/checkpoints/step-{step}"),
+        unix_ms: 0,
+        attempt,
+        data_cursor_json: "{}".into(),
+    }
+}
+
+fn stops(effects: &Effects) -> Vec<(String, u32, bool)> {
+    effects
+        .messages
+        .iter()
+        .filter_map(|(node, message)| match &message.kind {
+            Some(pb::coordinator_message::Kind::Stop(stop)) => {
+                Some((node.0.clone(), stop.before_attempt, stop.kill_now))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn starts(effects: &Effects) -> Vec<pb::RankAssignment> {
+    effects
+        .messages
+        .iter()
+        .filter_map(|(_, message)| match &message.kind {
+            Some(pb::coordinator_message::Kind::Start(start)) => Some(start.ranks.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+#[test]
+fn a_crashed_train_rank_restarts_the_group_from_the_latest_commit() {
+    let mut cluster = cluster(&[("node-0", 2), ("node-1", 2)]);
+    cluster.submit(train_job("t", 2, 2, 2), 1);
+    let id = JobId("t".into());
+    let first_port = cluster.jobs[&id].master_port;
+    cluster
+        .commit_checkpoint(&id, checkpoint(4, 0), 5)
+        .expect("attempt 0 commits");
+    let effects = cluster.rank_report(
+        &id,
+        0,
+        3,
+        RankOutcome::Exited {
+            exit_code: -1,
+            signal: 9,
+            result_json: None,
+        },
+        10,
+    );
+    let job = &cluster.jobs[&id];
+    assert_eq!(job.state, JobState::Running, "re-placed at once");
+    assert_eq!(job.attempt, 1);
+    assert_eq!(job.restarts.len(), 1);
+    assert!(
+        job.restarts[0].contains("killed by signal 9"),
+        "{:?}",
+        job.restarts
+    );
+    assert!(job.restarts[0].contains("resuming from step 4"));
+    assert_ne!(job.master_port, first_port, "a restart takes a fresh port");
+    // Both nodes' old ranks are killed now, then all four start again.
+    let mut stopped = stops(&effects);
+    stopped.sort();
+    assert_eq!(
+        stopped,
+        vec![("node-0".into(), 1, true), ("node-1".into(), 1, true)]
+    );
+    let assignments = starts(&effects);
+    assert_eq!(assignments.len(), 4);
+    assert!(assignments
+        .iter()
+        .all(|a| a.attempt == 1 && a.resume_from == "/runs/r/checkpoints/step-4"));
+    // A late report from the old attempt changes nothing.
+    let late = cluster.rank_report(&id, 0, 1, exited(1), 11);
+    assert!(late.jobs_changed.is_empty());
+    assert_eq!(cluster.jobs[&id].attempt, 1);
+    // So does a commit from it.
+    assert!(matches!(
+        cluster.commit_checkpoint(&id, checkpoint(6, 0), 12),
+        Err(CommitRefused::Stale {
+            current_attempt: 1,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn restarts_run_out_and_other_kinds_never_restart() {
+    let mut cluster = cluster(&[("node-0", 2)]);
+    cluster.submit(train_job("t", 1, 1, 1), 1);
+    let id = JobId("t".into());
+    cluster.rank_report(&id, 0, 0, exited(1), 2);
+    assert_eq!(cluster.jobs[&id].attempt, 1);
+    cluster.rank_report(&id, 1, 0, exited(1), 3);
+    let record = &cluster.jobs[&id];
+    assert_eq!(record.state, JobState::Failed);
+    assert!(
+        record.message.contains("no restarts left: 1 of 1"),
+        "{}",
+        record.message
+    );
+
+    cluster.submit(job("c", 1, 1, 4), 4);
+    let command = JobId("c".into());
+    cluster.rank_report(&command, 0, 0, exited(3), 5);
+    assert_eq!(cluster.jobs[&command].state, JobState::Failed);
+}
+
+#[test]
+fn a_silent_job_is_a_hang_but_progress_keeps_it_alive() {
+    let mut cluster = cluster(&[("node-0", 2)]);
+    cluster.submit(train_job("t", 1, 2, 3), 1_000);
+    let id = JobId("t".into());
+    assert!(cluster.tick(4_000).events.is_empty());
+    cluster.progress(&id, 0, 7, 5_000);
+    assert!(cluster.tick(9_000).events.is_empty(), "4 s after a step");
+    // A report from a superseded attempt does not count.
+    cluster.progress(&id, 5, 8, 9_500);
+    let effects = cluster.tick(10_500);
+    let job = &cluster.jobs[&id];
+    assert_eq!(job.attempt, 1, "{:?}", effects.events);
+    assert!(job.restarts[0].contains("hang"), "{:?}", job.restarts);
+    assert!(job.restarts[0].contains("after step 7"));
+    assert_eq!(stops(&effects), vec![("node-0".into(), 1, true)]);
+}
+
+#[test]
+fn retention_keeps_the_newest_and_the_milestones() {
+    let mut cluster = cluster(&[("node-0", 1)]);
+    let mut record = train_job("t", 1, 1, 0);
+    record.spec.policy.keep_checkpoints = 2;
+    record.spec.policy.keep_every_checkpoint_steps = 4;
+    cluster.submit(record, 1);
+    let id = JobId("t".into());
+    let mut retired = Vec::new();
+    for step in [2, 4, 6, 8, 10] {
+        let (_, gone) = cluster
+            .commit_checkpoint(&id, checkpoint(step, 0), 2)
+            .expect("commits");
+        retired.extend(gone);
+    }
+    let kept: Vec<u64> = cluster.jobs[&id]
+        .checkpoints
+        .iter()
+        .map(|c| c.step)
+        .collect();
+    assert_eq!(kept, vec![4, 8, 10]);
+    assert_eq!(
+        retired,
+        vec![
+            "/runs/r/checkpoints/step-2".to_string(),
+            "/runs/r/checkpoints/step-6".to_string()
+        ]
+    );
+    assert_eq!(
+        cluster.jobs[&id].latest_checkpoint().map(|c| c.step),
+        Some(10)
+    );
+}
+
+#[test]
+fn a_node_that_keeps_failing_is_left_out_when_others_can_run_the_job() {
+    let mut cluster = cluster(&[("node-0", 1), ("node-1", 1)]);
+    let mut record = train_job("t", 1, 1, 5);
+    record.spec.policy.exclude_node_after_failures = 2;
+    cluster.submit(record, 1);
+    let id = JobId("t".into());
+    let first = cluster.jobs[&id].ranks[0].node.clone();
+    for attempt in 0..2 {
+        assert_eq!(cluster.jobs[&id].ranks[0].node, first);
+        cluster.rank_report(&id, attempt, 0, exited(1), 2 + i64::from(attempt));
+    }
+    let job = &cluster.jobs[&id];
+    assert_eq!(job.excluded_nodes(), vec![first.clone()]);
+    assert_ne!(job.ranks[0].node, first, "moved to the healthy node");
+    assert!(job.restarts[1].contains("avoiding"), "{:?}", job.restarts);
+}
+
+#[test]
+fn a_lost_node_restarts_a_train_job_that_waits_for_capacity() {
+    let mut cluster = cluster(&[("node-0", 2), ("node-1", 2)]);
+    cluster.submit(train_job("t", 2, 2, 3), 1);
+    let id = JobId("t".into());
+    let effects = cluster.node_lost(&NodeId("node-1".into()), "lease expired", 5);
+    let job = &cluster.jobs[&id];
+    assert_eq!(job.state, JobState::Pending, "one node left: waits");
+    assert_eq!(job.attempt, 1);
+    assert_eq!(stops(&effects), vec![("node-0".into(), 1, true)]);
+    cluster
+        .nodes
+        .insert(NodeId("node-1".into()), node("node-1", 2));
+    let effects = cluster.schedule(6);
+    assert_eq!(cluster.jobs[&id].state, JobState::Running);
+    assert_eq!(starts(&effects).len(), 4);
+}
+
+#[test]
+fn a_preempted_rank_requeues_the_job_without_using_a_restart() {
+    let mut cluster = cluster(&[("node-0", 2), ("node-1", 2)]);
+    cluster.submit(train_job("t", 2, 2, 0), 1);
+    let id = JobId("t".into());
+    cluster
+        .commit_checkpoint(&id, checkpoint(9, 0), 2)
+        .expect("commits");
+    cluster
+        .nodes
+        .get_mut(&NodeId("node-1".into()))
+        .unwrap()
+        .draining = true;
+    let effects = cluster.rank_report(
+        &id,
+        0,
+        2,
+        exited(flamingo_common::jobs::PREEMPTED_EXIT_CODE),
+        3,
+    );
+    let job = &cluster.jobs[&id];
+    assert_eq!(job.state, JobState::Pending, "waits: node-1 drains");
+    assert_eq!(job.attempt, 1);
+    assert!(job.restarts.is_empty(), "max_restarts 0 and still alive");
+    assert!(effects
+        .events
+        .iter()
+        .any(|e| e.message.contains("preempted on node-1") && e.message.contains("step 9")));
+    cluster
+        .nodes
+        .get_mut(&NodeId("node-1".into()))
+        .unwrap()
+        .draining = false;
+    let effects = cluster.schedule(4);
+    assert!(starts(&effects)
+        .iter()
+        .all(|a| a.resume_from.ends_with("step-9")));
+    assert_eq!(cluster.jobs[&id].state, JobState::Running);
 }

@@ -19,6 +19,16 @@ pub enum CoordinatorError {
     ProtocolMismatch { agent: u32, coordinator: u32 },
     #[error(transparent)]
     Invalid(#[from] flamingo_common::CommonError),
+    #[error(
+        "job {job_id}: attempt {attempt} was superseded (the job is {state} at attempt \
+         {current_attempt}); this rank is being stopped"
+    )]
+    StaleAttempt {
+        job_id: String,
+        attempt: u32,
+        current_attempt: u32,
+        state: String,
+    },
     #[error("rank {rank} of job {job_id}: {message}")]
     Logs {
         job_id: String,
@@ -45,7 +55,7 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::JobNotFound(_) | CoordinatorError::NodeNotRegistered(_) => {
                 tonic::Status::not_found(message)
             }
-            CoordinatorError::ProtocolMismatch { .. } => {
+            CoordinatorError::ProtocolMismatch { .. } | CoordinatorError::StaleAttempt { .. } => {
                 tonic::Status::failed_precondition(message)
             }
             CoordinatorError::Invalid(_) => tonic::Status::invalid_argument(message),

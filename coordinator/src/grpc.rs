@@ -196,10 +196,10 @@ impl pb::node_service_server::NodeService for NodeApi {
             let mut next = Some(heartbeat);
             loop {
                 if let Some(heartbeat) = next.take() {
-                    let running: BTreeSet<(JobId, u32)> = heartbeat
+                    let running: BTreeSet<(JobId, u32, u32)> = heartbeat
                         .running
                         .into_iter()
-                        .map(|rank| (JobId(rank.job_id), rank.rank))
+                        .map(|rank| (JobId(rank.job_id), rank.attempt, rank.rank))
                         .collect();
                     if let Err(error) = coordinator
                         .heartbeat(&node_id, running, heartbeat.draining)
@@ -242,7 +242,7 @@ impl pb::node_service_server::NodeService for NodeApi {
             None => return Err(Status::invalid_argument("rank report: event missing")),
         };
         self.0
-            .rank_report(&JobId(report.job_id), report.rank, outcome)
+            .rank_report(&JobId(report.job_id), report.attempt, report.rank, outcome)
             .await?;
         Ok(Response::new(pb::RankReportResponse {}))
     }
@@ -253,7 +253,36 @@ impl pb::node_service_server::NodeService for NodeApi {
     ) -> Result<Response<pb::MetricsReportResponse>, Status> {
         let report = request.into_inner();
         tracing::debug!(job = %report.job_id, rank = report.rank, step = report.step, values = ?report.values, "metrics");
+        if report.rank == 0 {
+            self.0
+                .progress(&JobId(report.job_id), report.attempt, report.step)
+                .await;
+        }
         Ok(Response::new(pb::MetricsReportResponse {}))
+    }
+
+    async fn commit_checkpoint(
+        &self,
+        request: Request<pb::CommitCheckpointRequest>,
+    ) -> Result<Response<pb::CommitCheckpointResponse>, Status> {
+        let request = request.into_inner();
+        if request.path.is_empty() {
+            return Err(Status::invalid_argument("commit_checkpoint.path: empty"));
+        }
+        let record = flamingo_common::CheckpointRecord {
+            step: request.step,
+            path: request.path,
+            unix_ms: flamingo_common::unix_ms(),
+            attempt: request.attempt,
+            data_cursor_json: request.data_cursor_json,
+        };
+        let retired_paths = self
+            .0
+            .commit_checkpoint(&JobId(request.job_id), record)
+            .await?;
+        Ok(Response::new(pb::CommitCheckpointResponse {
+            retired_paths,
+        }))
     }
 
     async fn deregister(

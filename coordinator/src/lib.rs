@@ -87,6 +87,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .clone()
             .watch_node_leases(revision, shutdown.clone()),
     );
+    let hangs = tokio::spawn(coordinator.clone().watch_hangs(shutdown.clone()));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|error| anyhow::anyhow!("cannot listen on {}: {error}", config.listen))?;
@@ -106,5 +107,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await?;
     shutdown.cancel();
     let _ = watcher.await;
+    let _ = hangs.await;
     Ok(())
 }

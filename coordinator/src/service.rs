@@ -11,7 +11,7 @@ use flamingo_proto::v1 as pb;
 use tokio::sync::{broadcast, mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::{Cluster, Effects, RankOutcome};
+use crate::cluster::{Cluster, CommitRefused, Effects, RankOutcome};
 use crate::store::{EtcdStore, NodeChange};
 use crate::{Config, CoordinatorError};
 
@@ -43,7 +43,10 @@ impl Coordinator {
     pub async fn start(config: Config) -> Result<(Arc<Self>, i64), CoordinatorError> {
         let store = EtcdStore::connect(&config.etcd_endpoints, &config.etcd_prefix).await?;
         let snapshot = store.load().await?;
-        let mut cluster = Cluster::default();
+        let mut cluster = Cluster {
+            booted_ms: unix_ms(),
+            ..Cluster::default()
+        };
         for node in snapshot.nodes {
             cluster.nodes.insert(node.node_id.clone(), node);
         }
@@ -293,7 +296,7 @@ impl Coordinator {
     pub async fn heartbeat(
         &self,
         node_id: &NodeId,
-        running: BTreeSet<(JobId, u32)>,
+        running: BTreeSet<(JobId, u32, u32)>,
         draining: bool,
     ) -> Result<(), CoordinatorError> {
         let lease_id = {
@@ -327,12 +330,76 @@ impl Coordinator {
     pub async fn rank_report(
         &self,
         job_id: &JobId,
+        attempt: u32,
         rank: u32,
         outcome: RankOutcome,
     ) -> Result<(), CoordinatorError> {
         let mut cluster = self.cluster.lock().await;
-        let effects = cluster.rank_report(job_id, rank, outcome, unix_ms());
+        let effects = cluster.rank_report(job_id, attempt, rank, outcome, unix_ms());
         self.apply(&cluster, effects).await
+    }
+
+    /// Rank 0 finished `step` (kept in memory; it feeds hang detection).
+    pub async fn progress(&self, job_id: &JobId, attempt: u32, step: u64) {
+        self.cluster
+            .lock()
+            .await
+            .progress(job_id, attempt, step, unix_ms());
+    }
+
+    /// Makes a checkpoint the job's latest (one etcd write of the job
+    /// record, cursor included) and returns the retired checkpoints' paths.
+    /// Until the write succeeds the previous checkpoint stays the latest.
+    pub async fn commit_checkpoint(
+        &self,
+        job_id: &JobId,
+        record: flamingo_common::CheckpointRecord,
+    ) -> Result<Vec<String>, CoordinatorError> {
+        let mut cluster = self.cluster.lock().await;
+        let before = cluster.jobs.get(job_id).cloned();
+        let attempt = record.attempt;
+        let (effects, retired) = cluster
+            .commit_checkpoint(job_id, record, unix_ms())
+            .map_err(|refused| match refused {
+                CommitRefused::UnknownJob => CoordinatorError::JobNotFound(job_id.0.clone()),
+                CommitRefused::Stale {
+                    current_attempt,
+                    state,
+                } => CoordinatorError::StaleAttempt {
+                    job_id: job_id.0.clone(),
+                    attempt,
+                    current_attempt,
+                    state: state.as_str().to_string(),
+                },
+            })?;
+        if let Err(error) = self.apply(&cluster, effects).await {
+            // Not durable: the commit did not happen.
+            if let Some(job) = before {
+                cluster.jobs.insert(job_id.clone(), job);
+            }
+            return Err(error);
+        }
+        Ok(retired)
+    }
+
+    /// Hang detection; runs every second.
+    pub async fn tick(&self) -> Result<(), CoordinatorError> {
+        let mut cluster = self.cluster.lock().await;
+        let effects = cluster.tick(unix_ms());
+        self.apply(&cluster, effects).await
+    }
+
+    /// Runs [`Self::tick`] until shutdown.
+    pub async fn watch_hangs(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            if let Err(error) = self.tick().await {
+                tracing::warn!(%error, "hang check could not record its decision");
+            }
+        }
     }
 
     pub async fn deregister(&self, node_id: &NodeId) -> Result<(), CoordinatorError> {

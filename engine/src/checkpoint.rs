@@ -80,11 +80,16 @@ pub fn write_rank(dir: &Path, rank: u64, state: (Tensor, Tensor, Tensor)) -> std
     std::fs::rename(temporary, path)
 }
 
-/// Rank 0, after every rank wrote: the manifest, then `latest`.
-pub fn commit(run_dir: &Path, dir: &Path, manifest: &Manifest) -> std::io::Result<()> {
+/// Rank 0, after every rank wrote: the manifest (atomically).
+pub fn write_manifest(dir: &Path, manifest: &Manifest) -> std::io::Result<()> {
     let temporary = dir.join(".manifest.json.tmp");
     std::fs::write(&temporary, serde_json::to_vec_pretty(manifest)?)?;
-    std::fs::rename(&temporary, dir.join("manifest.json"))?;
+    std::fs::rename(&temporary, dir.join("manifest.json"))
+}
+
+/// Rank 0, after every rank wrote: the manifest, then `latest`.
+pub fn commit(run_dir: &Path, dir: &Path, manifest: &Manifest) -> std::io::Result<()> {
+    write_manifest(dir, manifest)?;
     let latest = run_dir.join(".latest.tmp");
     std::fs::write(&latest, dir.display().to_string())?;
     std::fs::rename(latest, run_dir.join("latest"))

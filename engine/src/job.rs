@@ -42,6 +42,12 @@ pub struct TrainJob {
     pub logging_steps: u64,
     /// Save a checkpoint every this many optimizer steps (0: only at the end).
     pub checkpoint_steps: u64,
+    /// Also save when this many minutes passed since the last save (0: off);
+    /// rank 0's clock decides, so every rank saves at the same step.
+    pub checkpoint_minutes: f64,
+    /// Write the keys of every sample each rank trained on, per step, to
+    /// `<run>/audit/rank-<r>.jsonl` (to prove exactly-once delivery).
+    pub audit_samples: bool,
     pub dataset_resampled: bool,
     pub mmc4_textsim_threshold: f64,
     pub mmc4_max_num_images: u32,
@@ -83,6 +89,8 @@ impl Default for TrainJob {
             freeze_lm_embeddings: false,
             logging_steps: 100,
             checkpoint_steps: 0,
+            checkpoint_minutes: 0.0,
+            audit_samples: false,
             dataset_resampled: false,
             mmc4_textsim_threshold: 0.24,
             mmc4_max_num_images: 6,

@@ -3,7 +3,7 @@
 //! `flamingo-worker rank train`), torchrun style.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,6 +22,56 @@ use crate::batch::TrainBatch;
 use crate::checkpoint::{self, Manifest};
 use crate::job::TrainJob;
 use crate::trainer::{StepReport, Strategy, Trainer};
+
+/// What a rank started by the cluster (a `flamingoctl launch` job) tells
+/// and asks its coordinator. `flamingoctl train` runs without one.
+pub trait ClusterLink {
+    /// Which start of the job's group this rank belongs to.
+    fn attempt(&self) -> u32;
+    /// Rank 0 finished a step; must never block the step.
+    fn step(&self, report: &StepReport);
+    /// Every rank wrote its part of checkpoint `step` and the manifest is
+    /// written: make it the job's latest. Returns the checkpoint folders the
+    /// retention policy retired (the caller deletes them).
+    fn commit(&self, step: u64, dir: &Path, cursor_json: &str) -> anyhow::Result<Vec<PathBuf>>;
+}
+
+/// How a rank's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The last step is done and saved.
+    Finished,
+    /// SIGTERM (preemption, a draining node): every rank saved a committed
+    /// checkpoint at `step` and stops, for the job to be requeued.
+    Preempted { step: u64 },
+}
+
+pub use flamingo_common::jobs::PREEMPTED_EXIT_CODE;
+
+static TERMINATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_terminate(_signal: libc::c_int) {
+    TERMINATE.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// From now on SIGTERM asks for a checkpoint at the next step boundary
+/// instead of killing the process.
+fn catch_terminate() {
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe {
+        libc::signal(
+            libc::SIGTERM,
+            on_terminate as *const () as libc::sighandler_t,
+        );
+    }
+}
+
+/// One batch and where it came from (for the sample audit).
+struct Fetched {
+    batch: TrainBatch,
+    keys: Vec<String>,
+    epoch: u64,
+}
 
 /// Where a rank's batches come from.
 enum Source {
@@ -130,7 +180,7 @@ impl Feed {
         rank: usize,
         world: usize,
         runtime: &tokio::runtime::Runtime,
-    ) -> anyhow::Result<TrainBatch> {
+    ) -> anyhow::Result<Fetched> {
         let assembler = match &mut self.source {
             Source::Local(assembler) => assembler,
             Source::Remote { config, stream } => {
@@ -148,7 +198,11 @@ impl Feed {
                     .block_on(stream.next())
                     .ok_or_else(|| anyhow::anyhow!("the data service ended the stream"))??;
                 self.cursor = batch.next;
-                return Ok(TrainBatch::from_rank_batch(&batch));
+                return Ok(Fetched {
+                    batch: TrainBatch::from_rank_batch(&batch),
+                    keys: batch.keys.clone(),
+                    epoch: batch.start.epoch,
+                });
             }
         };
         let global = runtime.block_on(assembler.batch(self.cursor, self.per_rank * world))?;
@@ -164,7 +218,11 @@ impl Feed {
             self.pad,
             ImageFormat::Uint8,
         );
-        Ok(TrainBatch::from_rank_batch(&slice))
+        Ok(Fetched {
+            batch: TrainBatch::from_rank_batch(&slice),
+            keys: slice.keys.clone(),
+            epoch: slice.start.epoch,
+        })
     }
 }
 
@@ -223,8 +281,52 @@ pub fn hybrid_groups(group: &ProcessGroup) -> anyhow::Result<(ProcessGroup, Proc
     Ok((nodes, replicas))
 }
 
+/// Appends one line per micro-batch to `<run>/audit/rank-<r>.jsonl`.
+struct Audit {
+    file: std::fs::File,
+    attempt: u32,
+}
+
+impl Audit {
+    fn open(run_dir: &Path, rank: usize, attempt: u32) -> anyhow::Result<Self> {
+        let dir = run_dir.join("audit");
+        std::fs::create_dir_all(&dir)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("rank-{rank}.jsonl")))?;
+        Ok(Self { file, attempt })
+    }
+
+    fn record(&mut self, step: u64, dataset: &str, fetched: &Fetched) -> anyhow::Result<()> {
+        let line = json!({
+            "attempt": self.attempt,
+            "step": step,
+            "dataset": dataset,
+            "epoch": fetched.epoch,
+            "keys": fetched.keys,
+        });
+        writeln!(self.file, "{line}")?;
+        Ok(())
+    }
+}
+
 /// Runs this rank to the end of the job (or `max_steps`).
 pub fn run_rank(job: &TrainJob, group: Option<&ProcessGroup>) -> anyhow::Result<()> {
+    run_rank_with(job, group, None).map(|_| ())
+}
+
+/// [`run_rank`] for a rank of a cluster job: it resumes only from the
+/// checkpoint the coordinator committed (`job.resume_from_checkpoint`, set
+/// by the agent), reports steps and commits checkpoints through `link`.
+pub fn run_rank_with(
+    job: &TrainJob,
+    group: Option<&ProcessGroup>,
+    link: Option<&dyn ClusterLink>,
+) -> anyhow::Result<RunEnd> {
+    if link.is_some() {
+        catch_terminate();
+    }
     let (rank, world) = group.map_or((0, 1), |group| {
         (group.rank() as usize, group.world_size() as usize)
     });
@@ -262,10 +364,15 @@ pub fn run_rank(job: &TrainJob, group: Option<&ProcessGroup>) -> anyhow::Result<
     let mut laion = open(DatasetKind::Laion, &job.laion_shards)?;
     let mut mmc4 = open(DatasetKind::Mmc4, &job.mmc4_shards)?;
 
-    let resume = job
-        .resume_from_checkpoint
-        .clone()
-        .or_else(|| checkpoint::latest(&run_dir));
+    // A cluster job resumes from what etcd says was committed, never from
+    // a folder's newest manifest (which may belong to an uncommitted save).
+    let resume = match link {
+        Some(_) => job.resume_from_checkpoint.clone(),
+        None => job
+            .resume_from_checkpoint
+            .clone()
+            .or_else(|| checkpoint::latest(&run_dir)),
+    };
     if let Some(dir) = resume {
         let dir = if dir.join("manifest.json").exists() {
             dir
@@ -316,6 +423,11 @@ pub fn run_rank(job: &TrainJob, group: Option<&ProcessGroup>) -> anyhow::Result<
     } else {
         total_steps
     };
+    let mut audit = job
+        .audit_samples
+        .then(|| Audit::open(&run_dir, rank, link.map_or(0, |link| link.attempt())))
+        .transpose()?;
+    let mut last_save = Instant::now();
     let started = Instant::now();
     let first_step = trainer.step_count();
     let mut window = (Instant::now(), 0usize);
@@ -330,7 +442,19 @@ pub fn run_rank(job: &TrainJob, group: Option<&ProcessGroup>) -> anyhow::Result<
         };
         let laion_batch = next(laion.as_mut())?;
         let mmc4_batch = next(mmc4.as_mut())?;
-        let Some(report) = trainer.micro_step(laion_batch.as_ref(), mmc4_batch.as_ref())? else {
+        if let Some(audit) = audit.as_mut() {
+            let step = trainer.step_count() + 1;
+            for (name, fetched) in [("laion", &laion_batch), ("mmc4", &mmc4_batch)] {
+                if let Some(fetched) = fetched {
+                    audit.record(step, name, fetched)?;
+                }
+            }
+        }
+        let Some(report) = trainer.micro_step(
+            laion_batch.as_ref().map(|fetched| &fetched.batch),
+            mmc4_batch.as_ref().map(|fetched| &fetched.batch),
+        )?
+        else {
             continue;
         };
         window.1 += per_step_samples;
@@ -361,8 +485,34 @@ pub fn run_rank(job: &TrainJob, group: Option<&ProcessGroup>) -> anyhow::Result<
                 }
             }
         }
-        let due = job.checkpoint_steps > 0 && step % job.checkpoint_steps == 0;
-        if due || step == end {
+        if rank == 0 {
+            if let Some(link) = link {
+                link.step(&report);
+            }
+        }
+        let mut due = job.checkpoint_steps > 0 && step % job.checkpoint_steps == 0;
+        if job.checkpoint_minutes > 0.0 {
+            // Rank 0's clock decides for everyone.
+            let late =
+                rank == 0 && last_save.elapsed().as_secs_f64() >= job.checkpoint_minutes * 60.0;
+            let late = match group.filter(|_| world > 1) {
+                Some(group) => {
+                    group.all_reduce_scalar(f64::from(u8::from(late)), ReduceOp::Max)? > 0.0
+                }
+                None => late,
+            };
+            due |= late;
+        }
+        // A preemption notice on any rank stops every rank at this step.
+        let preempted = match (link, group.filter(|_| world > 1)) {
+            (None, _) => false,
+            (Some(_), None) => TERMINATE.load(std::sync::atomic::Ordering::SeqCst),
+            (Some(_), Some(group)) => {
+                let mine = TERMINATE.load(std::sync::atomic::Ordering::SeqCst);
+                group.all_reduce_scalar(f64::from(u8::from(mine)), ReduceOp::Max)? > 0.0
+            }
+        };
+        if due || step == end || preempted {
             save(
                 job,
                 &trainer,
@@ -372,7 +522,15 @@ pub fn run_rank(job: &TrainJob, group: Option<&ProcessGroup>) -> anyhow::Result<
                 &run_dir,
                 laion.as_ref(),
                 mmc4.as_ref(),
+                link,
             )?;
+            last_save = Instant::now();
+        }
+        if preempted && step < end {
+            if rank == 0 {
+                eprintln!("\npreempted (SIGTERM): checkpoint at step {step} committed; stopping for a requeue");
+            }
+            return Ok(RunEnd::Preempted { step });
         }
     }
     // Memory, for `bench/train-memory.sh`: what this rank held.
@@ -419,7 +577,7 @@ pub fn run_rank(job: &TrainJob, group: Option<&ProcessGroup>) -> anyhow::Result<
             run_dir.display()
         );
     }
-    Ok(())
+    Ok(RunEnd::Finished)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -432,6 +590,7 @@ fn save(
     run_dir: &Path,
     laion: Option<&Feed>,
     mmc4: Option<&Feed>,
+    link: Option<&dyn ClusterLink>,
 ) -> anyhow::Result<()> {
     let step = trainer.step_count();
     let dir = checkpoint::checkpoint_dir(run_dir, step);
@@ -472,13 +631,48 @@ fn save(
             config: serde_json::to_value(job)?,
             layout: trainer.layout(),
         };
-        checkpoint::commit(run_dir, &dir, &manifest)?;
-        if job.delete_previous_checkpoint {
-            checkpoint::delete_older(run_dir, &dir)?;
+        fault_point("before-manifest", step);
+        match link {
+            Some(link) => {
+                checkpoint::write_manifest(&dir, &manifest)?;
+                fault_point("before-commit", step);
+                let cursor = json!({
+                    "laion": manifest.laion_cursor,
+                    "mmc4": manifest.mmc4_cursor,
+                });
+                for retired in link.commit(step, &dir, &cursor.to_string())? {
+                    if let Err(error) = std::fs::remove_dir_all(&retired) {
+                        tracing::warn!(path = %retired.display(), %error, "could not delete a retired checkpoint");
+                    }
+                }
+            }
+            None => {
+                checkpoint::commit(run_dir, &dir, &manifest)?;
+                if job.delete_previous_checkpoint {
+                    checkpoint::delete_older(run_dir, &dir)?;
+                }
+            }
         }
     }
     if let Some(group) = group.filter(|_| world > 1) {
         group.barrier()?;
     }
     Ok(())
+}
+
+/// Fault injection for the recovery tests: with
+/// `FLAMINGO_FAULT=<point>:<step>` the process aborts (like a SIGKILL) at
+/// that point of that step's checkpoint save, in a job's first attempt.
+fn fault_point(point: &str, step: u64) {
+    let Ok(fault) = std::env::var("FLAMINGO_FAULT") else {
+        return;
+    };
+    // Once per job: a restarted group (attempt > 0) runs through.
+    if std::env::var("FLAMINGO_ATTEMPT").is_ok_and(|attempt| attempt != "0") {
+        return;
+    }
+    if fault == format!("{point}:{step}") {
+        eprintln!("FLAMINGO_FAULT: aborting at {point} of step {step}");
+        std::process::abort();
+    }
 }

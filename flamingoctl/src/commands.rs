@@ -246,27 +246,49 @@ pub struct LaunchArgs {
     pub max_bytes: Option<u64>,
     pub backend: Option<String>,
     pub argv: Vec<String>,
+    /// A resolved training run (the job is then `train`).
+    pub train: Option<flamingo_engine::job::TrainJob>,
+    pub policy: flamingo_common::JobPolicy,
 }
 
 pub fn spec_from(args: LaunchArgs) -> anyhow::Result<JobSpec> {
-    let kind = match (args.job.as_deref(), args.argv.is_empty()) {
-        (Some("collective-check"), true) => JobKind::CollectiveCheck {
+    let mut env = BTreeMap::new();
+    if args.train.is_some() {
+        if !args.argv.is_empty() {
+            bail!("a train job takes no command after `--`");
+        }
+        // Ranks share the node's cores instead of each taking all of them.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        env.insert(
+            "OMP_NUM_THREADS".to_string(),
+            (cores / args.slots_per_node.max(1)).max(1).to_string(),
+        );
+    }
+    let kind = match (&args.train, args.job.as_deref(), args.argv.is_empty()) {
+        (Some(job), _, _) => JobKind::Train {
+            config_json: serde_json::to_string(job)?,
+        },
+        (None, Some("train"), _) => {
+            bail!("--job train needs a run: give --config job.toml and/or --model and shards")
+        }
+        (None, Some("collective-check"), true) => JobKind::CollectiveCheck {
             min_bytes: args.min_bytes.unwrap_or(DEFAULT_MIN_BYTES),
             max_bytes: args.max_bytes.unwrap_or(DEFAULT_MAX_BYTES),
             backend: args.backend,
         },
-        (Some("collective-check"), false) => {
+        (None, Some("collective-check"), false) => {
             bail!("--job collective-check takes no command after `--`")
         }
-        (Some("command") | None, false) => JobKind::Command { argv: args.argv },
-        (Some("command") | None, true) => {
+        (None, Some("command") | None, false) => JobKind::Command { argv: args.argv },
+        (None, Some("command") | None, true) => {
             bail!("nothing to run: give --job collective-check, or a command after `--` (e.g. -- python train.py)")
         }
-        (Some(other), _) => {
-            bail!("--job '{other}' is not a known job kind (known: collective-check, command)")
+        (None, Some(other), _) => {
+            bail!(
+                "--job '{other}' is not a known job kind (known: train, collective-check, command)"
+            )
         }
     };
-    let mut env = BTreeMap::new();
     for pair in args.env {
         let (key, value) = pair
             .split_once('=')
@@ -279,6 +301,7 @@ pub fn spec_from(args: LaunchArgs) -> anyhow::Result<JobSpec> {
         slots_per_node: args.slots_per_node,
         kind,
         env,
+        policy: args.policy,
     };
     spec.validate()?;
     Ok(spec)
@@ -316,6 +339,8 @@ mod tests {
             max_bytes: Some(1 << 20),
             backend: None,
             argv: argv.iter().map(|text| text.to_string()).collect(),
+            train: None,
+            policy: flamingo_common::JobPolicy::default(),
         }
     }
 
@@ -344,6 +369,21 @@ mod tests {
         assert!(spec_from(args(Some("train"), &[]))
             .unwrap_err()
             .to_string()
+            .contains("needs a run"));
+        assert!(spec_from(args(Some("bake"), &[]))
+            .unwrap_err()
+            .to_string()
             .contains("not a known job kind"));
+        let mut train = args(None, &[]);
+        train.train = Some(flamingo_engine::job::TrainJob::default());
+        let spec = spec_from(train).expect("train spec");
+        let JobKind::Train { config_json } = &spec.kind else {
+            panic!("not a train job: {spec:?}");
+        };
+        let job: flamingo_engine::job::TrainJob =
+            serde_json::from_str(config_json).expect("the run travels as JSON");
+        assert_eq!(job, flamingo_engine::job::TrainJob::default());
+        assert!(spec.env.contains_key("OMP_NUM_THREADS"));
+        assert_eq!(spec.env.get("A").map(String::as_str), Some("1"));
     }
 }

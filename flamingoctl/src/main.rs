@@ -39,13 +39,16 @@ enum Command {
     },
     /// Stop the local cluster and everything it runs.
     Down,
-    /// Submit a job: `--job collective-check`, or a command after `--` run once per rank.
+    /// Submit a job: a training run (`--config job.toml` and OpenFlamingo's
+    /// flags, as `flamingoctl train`), `--job collective-check`, or a command
+    /// after `--` run once per rank.
     Launch {
         #[arg(long)]
         nodes: u32,
         #[arg(long, default_value_t = 1)]
         slots_per_node: u32,
-        /// collective-check or command (default: command when argv is given).
+        /// train, collective-check or command (default: train with --config
+        /// or --model, command when argv is given).
         #[arg(long)]
         job: Option<String>,
         #[arg(long)]
@@ -70,9 +73,15 @@ enum Command {
         follow: bool,
         #[arg(last = true)]
         argv: Vec<String>,
+        #[command(flatten)]
+        train: Box<flamingoctl::train::TrainFlags>,
+        #[command(flatten)]
+        policy: flamingoctl::train::PolicyFlags,
     },
     /// Show one job.
     Status { job: String },
+    /// A training job's committed checkpoints.
+    Checkpoints { job: String },
     /// List jobs.
     List,
     /// Stop a job and wait until its ranks are gone.
@@ -119,8 +128,12 @@ enum Command {
     /// Write a run's checkpoint as OpenFlamingo's trainable state dict (.pt as torch.save
     /// writes it, or .safetensors), loadable as a model spec's `[flamingo] checkpoint`.
     Export {
-        /// A run folder (its latest checkpoint) or a checkpoint folder.
+        /// A run folder (its latest checkpoint), a checkpoint folder, or a
+        /// cluster job id (its latest committed checkpoint).
         run: PathBuf,
+        /// Only `openflamingo` (the filtered trainable state dict).
+        #[arg(long, default_value = "openflamingo")]
+        format: String,
         /// A step of the run instead of the latest.
         #[arg(long)]
         step: Option<u64>,
@@ -210,7 +223,27 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             wait,
             follow,
             argv,
+            train,
+            policy,
         } => {
+            let wants_train = match job.as_deref() {
+                Some("train") => true,
+                None => argv.is_empty() && (train.config.is_some() || train.model.is_some()),
+                Some(_) => false,
+            };
+            let train_job = if wants_train {
+                let cluster = flamingoctl::local::ClusterState::load(&state_dir)?;
+                let data_service = cluster.and_then(|state| state.data_service);
+                let resolved = flamingoctl::train::cluster_job(
+                    &train,
+                    nodes * slots_per_node,
+                    name.as_deref(),
+                    data_service.as_deref(),
+                )?;
+                Some(resolved)
+            } else {
+                None
+            };
             let spec = commands::spec_from(LaunchArgs {
                 nodes,
                 slots_per_node,
@@ -221,6 +254,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 max_bytes,
                 backend,
                 argv,
+                train: train_job,
+                policy: policy.policy(),
             })?;
             let mut session = Session::open(&address).await?;
             let job = session.launch(&spec).await?;
@@ -236,6 +271,20 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let job = session.wait(job.id.as_str(), !json, follow).await?;
             commands::print_job(&job, json)?;
             return Ok(commands::exit_code_for(&job));
+        }
+        Command::Checkpoints { job } => {
+            let mut session = Session::open(&address).await?;
+            let job = session.job(&job).await?;
+            if json {
+                let values: Vec<_> = job
+                    .checkpoints
+                    .iter()
+                    .map(render::checkpoint_json)
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&values)?);
+            } else {
+                print!("{}", render::checkpoints_text(&job));
+            }
         }
         Command::Status { job } => {
             let mut session = Session::open(&address).await?;
@@ -269,7 +318,36 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Generate(args) => flamingoctl::inference::generate(&args, json)?,
         Command::Data(command) => flamingoctl::data::run(command, json).await?,
         Command::Train(args) => return flamingoctl::train::run(&args),
-        Command::Export { run, step, out } => {
+        Command::Export {
+            run,
+            step,
+            out,
+            format,
+        } => {
+            if format != "openflamingo" {
+                anyhow::bail!("--format {format}: only openflamingo is supported");
+            }
+            // Not a folder here: a job id whose checkpoints etcd knows.
+            let run = if run.exists() {
+                run
+            } else {
+                let mut session = Session::open(&address).await?;
+                let job = session.job(&run.display().to_string()).await?;
+                let checkpoint = match step {
+                    Some(step) => job.checkpoints.iter().find(|c| c.step == step),
+                    None => job.latest_checkpoint(),
+                }
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "job {}: no committed checkpoint{} (see flamingoctl checkpoints {})",
+                        job.id,
+                        step.map_or(String::new(), |step| format!(" at step {step}")),
+                        job.id
+                    )
+                })?;
+                PathBuf::from(&checkpoint.path)
+            };
+            let step = step.filter(|_| !run.join("manifest.json").exists());
             let dir = match step {
                 Some(step) => flamingo_engine::checkpoint::checkpoint_dir(&run, step),
                 None if run.join("manifest.json").exists() => run.clone(),

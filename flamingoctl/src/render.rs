@@ -39,7 +39,40 @@ pub fn job_json(job: &JobRecord) -> Value {
         "created_unix_ms": job.created_unix_ms,
         "started_unix_ms": job.started_unix_ms,
         "finished_unix_ms": job.finished_unix_ms,
+        "attempt": job.attempt,
+        "last_step": job.last_step,
+        "restarts": job.restarts,
+        "checkpoints": job.checkpoints.iter().map(checkpoint_json).collect::<Vec<_>>(),
+        "excluded_nodes": job.excluded_nodes().iter().map(|node| node.as_str().to_string()).collect::<Vec<_>>(),
     })
+}
+
+pub fn checkpoint_json(checkpoint: &flamingo_common::CheckpointRecord) -> Value {
+    json!({
+        "step": checkpoint.step,
+        "path": checkpoint.path,
+        "unix_ms": checkpoint.unix_ms,
+        "attempt": checkpoint.attempt,
+        "data_cursor": serde_json::from_str::<Value>(&checkpoint.data_cursor_json).unwrap_or(Value::Null),
+    })
+}
+
+/// `flamingoctl checkpoints JOB`: the committed checkpoints, oldest first.
+pub fn checkpoints_text(job: &JobRecord) -> String {
+    if job.checkpoints.is_empty() {
+        return format!("job {} has no committed checkpoint yet\n", job.id);
+    }
+    let mut out = format!("{:>8} {:>8} {:<10} {}\n", "STEP", "ATTEMPT", "TIME", "PATH");
+    for checkpoint in &job.checkpoints {
+        out.push_str(&format!(
+            "{:>8} {:>8} {:<10} {}\n",
+            checkpoint.step,
+            checkpoint.attempt,
+            flamingo_common::format_unix_ms(checkpoint.unix_ms),
+            checkpoint.path
+        ));
+    }
+    out
 }
 
 fn duration_text(job: &JobRecord) -> String {
@@ -74,6 +107,35 @@ pub fn job_text(job: &JobRecord) -> String {
     out.push_str(&format!("duration  {}\n", duration_text(job)));
     if !job.message.is_empty() {
         out.push_str(&format!("message   {}\n", job.message));
+    }
+    if job.spec.kind.restartable() {
+        out.push_str(&format!(
+            "step      {}\nrestarts  {} of {}\n",
+            job.last_step,
+            job.restarts.len(),
+            job.spec.policy.max_restarts
+        ));
+        for line in &job.restarts {
+            out.push_str(&format!("          {line}\n"));
+        }
+        match job.latest_checkpoint() {
+            Some(checkpoint) => out.push_str(&format!(
+                "latest    step {} {}\n",
+                checkpoint.step, checkpoint.path
+            )),
+            None => out.push_str("latest    no checkpoint committed yet\n"),
+        }
+        let excluded = job.excluded_nodes();
+        if !excluded.is_empty() {
+            out.push_str(&format!(
+                "excluded  {}\n",
+                excluded
+                    .iter()
+                    .map(|node| node.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
     }
     if !job.ranks.is_empty() {
         out.push_str(&format!(

@@ -3,7 +3,7 @@
 //! each reading its shards in-process. Flags keep OpenFlamingo's names and
 //! override a `--config` TOML file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
@@ -14,6 +14,14 @@ pub struct TrainArgs {
     /// Rank processes on this machine.
     #[arg(long, default_value_t = 1)]
     pub nproc: u32,
+    #[command(flatten)]
+    pub flags: TrainFlags,
+}
+
+/// A run's settings: a TOML file and OpenFlamingo-named flags over it
+/// (shared by `flamingoctl train` and `flamingoctl launch`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TrainFlags {
     /// A TOML file of the fields below (flags override it).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -81,9 +89,9 @@ pub struct TrainArgs {
     pub data_service: Vec<String>,
 }
 
-impl TrainArgs {
-    /// The file's fields, then the flags given.
-    pub fn resolve(&self) -> anyhow::Result<TrainJob> {
+impl TrainFlags {
+    /// The file's fields, then the flags given, checked for `world` ranks.
+    pub fn resolve(&self, world: u32) -> anyhow::Result<TrainJob> {
         let mut job = match &self.config {
             Some(path) => TrainJob::from_toml_file(path).map_err(anyhow::Error::msg)?,
             None => TrainJob::default(),
@@ -138,8 +146,7 @@ impl TrainArgs {
         // Ranks run in the run folder's parent's terms: absolute paths.
         job.model = std::path::absolute(&job.model)?;
         job.runs_dir = std::path::absolute(&job.runs_dir)?;
-        job.validate(u64::from(self.nproc))
-            .map_err(anyhow::Error::msg)?;
+        job.validate(u64::from(world)).map_err(anyhow::Error::msg)?;
         Ok(job)
     }
 }
@@ -148,7 +155,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<i32> {
     if args.nproc == 0 {
         bail!("--nproc must be at least 1");
     }
-    let job = args.resolve()?;
+    let job = args.flags.resolve(args.nproc)?;
     let run_dir = job.run_dir();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let config_path = run_dir.join("launch.json");
@@ -178,6 +185,8 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<i32> {
             .env("MASTER_PORT", port.to_string())
             .env("FLAMINGO_LOCAL_ADDR", "127.0.0.1")
             .env("OMP_NUM_THREADS", threads.to_string())
+            // Not a cluster rank, whatever this shell exported.
+            .env_remove("FLAMINGO_JOB_COORDINATOR")
             .stdin(Stdio::null());
         {
             use std::os::unix::process::CommandExt;
@@ -239,4 +248,92 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<i32> {
         }
         None => Ok(0),
     }
+}
+
+/// `flamingoctl launch` of a train job: failure policy flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PolicyFlags {
+    /// Restarts of the whole group from the last committed checkpoint
+    /// before the job fails (torchrun's --max-restarts).
+    #[arg(long = "max-restarts", default_value_t = 3)]
+    pub max_restarts: u32,
+    /// No finished step for this many seconds is a hang: the group restarts.
+    #[arg(long = "hang-timeout", default_value_t = 600)]
+    pub hang_timeout_seconds: u32,
+    /// Committed checkpoints kept (the newest n)…
+    #[arg(long = "keep-checkpoints", default_value_t = 2)]
+    pub keep_checkpoints: u32,
+    /// …plus those at multiples of this step (0: none).
+    #[arg(long = "keep-every", default_value_t = 0)]
+    pub keep_every_checkpoint_steps: u32,
+    /// Leave out a node after this many rank failures while others can take
+    /// its place (0: never).
+    #[arg(long = "exclude-after", default_value_t = 2)]
+    pub exclude_node_after_failures: u32,
+}
+
+impl PolicyFlags {
+    pub fn policy(&self) -> flamingo_common::JobPolicy {
+        flamingo_common::JobPolicy {
+            max_restarts: self.max_restarts,
+            hang_timeout_seconds: self.hang_timeout_seconds,
+            keep_checkpoints: self.keep_checkpoints,
+            keep_every_checkpoint_steps: self.keep_every_checkpoint_steps,
+            exclude_node_after_failures: self.exclude_node_after_failures,
+        }
+    }
+}
+
+/// Resolves and checks a train job for `world` cluster ranks before it is
+/// submitted: the model spec loads, every local shard exists, batch sizes
+/// and the world size give at least one step. Each problem names its field.
+/// `data_service` is the local cluster's replica, used when the run names
+/// none; `name` becomes the run name when the run has none of its own.
+pub fn cluster_job(
+    flags: &TrainFlags,
+    world: u32,
+    name: Option<&str>,
+    data_service: Option<&str>,
+) -> anyhow::Result<TrainJob> {
+    let mut job = flags.resolve(world)?;
+    if job.run_name == TrainJob::default().run_name && flags.run_name.is_none() {
+        job.run_name = match name {
+            Some(name) if !name.is_empty() => name.to_string(),
+            _ => format!("launch-{}", flamingo_common::unix_ms()),
+        };
+    }
+    // Ranks start in their agent's folder: local shard paths absolute.
+    let cwd = std::env::current_dir()?;
+    for shards in [&mut job.laion_shards, &mut job.mmc4_shards] {
+        if let Some(pattern) = shards.as_mut() {
+            if !pattern.contains("://") && !pattern.starts_with('/') {
+                *pattern = cwd.join(&*pattern).display().to_string();
+            }
+        }
+    }
+    if job.data_service.is_empty() {
+        if let Some(endpoint) = data_service {
+            job.data_service = vec![endpoint.to_string()];
+        }
+    }
+    flamingo_model::ModelSpec::from_file(&job.model)
+        .map_err(|error| anyhow::anyhow!("model: {}: {error}", job.model.display()))?;
+    for (field, shards) in [
+        ("laion_shards", &job.laion_shards),
+        ("mmc4_shards", &job.mmc4_shards),
+    ] {
+        let Some(pattern) = shards else { continue };
+        let urls = flamingo_data::brace::expand(pattern)
+            .map_err(|error| anyhow::anyhow!("{field}: {error}"))?;
+        for url in urls {
+            let local = url.strip_prefix("file://").unwrap_or(&url);
+            if url.contains("://") && !url.starts_with("file://") {
+                continue; // object storage: the data service reports it
+            }
+            if !Path::new(local).exists() {
+                bail!("{field}: shard {local} does not exist (pattern {pattern})");
+            }
+        }
+    }
+    Ok(job)
 }

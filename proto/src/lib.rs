@@ -8,4 +8,4 @@ pub mod v1 {
 
 /// Version of the node protocol; agents send it when they register and the
 /// coordinator refuses a mismatch.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;

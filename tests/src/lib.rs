@@ -44,10 +44,14 @@ impl Default for SandboxOptions {
 
 pub struct ClusterSandbox {
     pub dir: tempfile::TempDir,
-    etcd: Child,
+    etcd: Option<Child>,
+    etcd_spec: EtcdSpec,
     coordinator: Option<Child>,
     pub coordinator_spec: CoordinatorSpec,
     agents: BTreeMap<String, Child>,
+    /// Each agent's rendezvous port block, kept across restarts.
+    agent_blocks: BTreeMap<String, u16>,
+    data_service: Option<(Child, u16)>,
     next_port_block: u16,
     port_base: u16,
     slots_per_node: u32,
@@ -79,10 +83,13 @@ impl ClusterSandbox {
         let port_base = flamingo_common::net::free_local_port_range(PORTS_PER_NODE * MAX_NODES)?;
         let mut sandbox = Self {
             dir,
-            etcd,
+            etcd: Some(etcd),
+            etcd_spec,
             coordinator: None,
             coordinator_spec,
             agents: BTreeMap::new(),
+            agent_blocks: BTreeMap::new(),
+            data_service: None,
             next_port_block: 0,
             port_base,
             slots_per_node: options.slots_per_node,
@@ -137,11 +144,19 @@ impl ClusterSandbox {
     }
 
     pub fn add_agent(&mut self, node_id: &str, extra_args: &[&str]) -> anyhow::Result<()> {
-        if self.next_port_block >= MAX_NODES {
-            bail!("the sandbox supports at most {MAX_NODES} agents");
-        }
-        let mut spec = self.agent_spec(node_id, self.next_port_block);
-        self.next_port_block += 1;
+        let block = match self.agent_blocks.get(node_id) {
+            Some(block) => *block,
+            None => {
+                if self.next_port_block >= MAX_NODES {
+                    bail!("the sandbox supports at most {MAX_NODES} agents");
+                }
+                self.next_port_block += 1;
+                self.agent_blocks
+                    .insert(node_id.to_string(), self.next_port_block - 1);
+                self.next_port_block - 1
+            }
+        };
+        let mut spec = self.agent_spec(node_id, block);
         spec.extra_args = extra_args.iter().map(|arg| arg.to_string()).collect();
         let child = local::spawn_agent(&spec, &self.agent_log(node_id), false)?;
         self.agents.insert(node_id.to_string(), child);
@@ -184,6 +199,44 @@ impl ClusterSandbox {
                 bail!("agent {node_id} still running after {timeout:?}");
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILLs etcd and reaps it.
+    pub fn kill_etcd(&mut self) {
+        if let Some(mut child) = self.etcd.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts etcd again on its data folder and ports.
+    pub fn start_etcd(&mut self) -> anyhow::Result<()> {
+        let child = local::spawn_etcd(&self.etcd_spec, &self.path().join("etcd.log"), false)?;
+        self.etcd = Some(child);
+        local::wait_for_port(&self.etcd_spec.endpoint(), Duration::from_secs(20))
+    }
+
+    /// Starts (or restarts, on the same port) the sandbox's data service;
+    /// returns its endpoint.
+    pub fn start_data_service(&mut self) -> anyhow::Result<String> {
+        let port = match &self.data_service {
+            Some((_, port)) => *port,
+            None => flamingo_common::net::free_local_port()?,
+        };
+        self.kill_data_service();
+        let child = local::spawn_data_service(port, &self.path().join("data-service.log"), false)?;
+        self.data_service = Some((child, port));
+        let endpoint = format!("http://127.0.0.1:{port}");
+        local::wait_for_port(&endpoint, Duration::from_secs(20))?;
+        Ok(endpoint)
+    }
+
+    /// SIGKILLs the data service (its port is kept for a restart).
+    pub fn kill_data_service(&mut self) {
+        if let Some((child, _)) = self.data_service.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 
@@ -254,7 +307,12 @@ impl Drop for ClusterSandbox {
         if let Some(coordinator) = self.coordinator.as_mut() {
             children.push(coordinator);
         }
-        children.push(&mut self.etcd);
+        if let Some(etcd) = self.etcd.as_mut() {
+            children.push(etcd);
+        }
+        if let Some((data_service, _)) = self.data_service.as_mut() {
+            children.push(data_service);
+        }
         for child in children {
             let _ = child.kill();
             let _ = child.wait();

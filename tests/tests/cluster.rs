@@ -16,6 +16,7 @@ fn command_spec(nodes: u32, slots: u32, script: &str) -> JobSpec {
             argv: vec!["sh".into(), "-c".into(), script.into()],
         },
         env: Default::default(),
+        policy: Default::default(),
     }
 }
 
@@ -372,7 +373,10 @@ async fn agent_with_another_protocol_version_is_refused_clearly() {
     assert!(!status.success());
     let log = std::fs::read_to_string(sandbox.agent_log("old-agent")).unwrap();
     assert!(
-        log.contains("the coordinator refused this agent: agent protocol version 999 does not match the coordinator's 1"),
+        log.contains(&format!(
+            "the coordinator refused this agent: agent protocol version 999 does not match the coordinator's {}",
+            flamingo_proto::PROTOCOL_VERSION
+        )),
         "{log}"
     );
     let mut session = sandbox.session().await.unwrap();

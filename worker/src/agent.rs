@@ -105,9 +105,10 @@ fn heartbeat(node_id: &str, ranks: &Ranks, draining: bool) -> pb::AgentMessage {
             running: ranks
                 .running()
                 .into_iter()
-                .map(|(job_id, rank)| pb::RunningRank {
+                .map(|(job_id, attempt, rank)| pb::RunningRank {
                     job_id: job_id.0,
                     rank,
+                    attempt,
                 })
                 .collect(),
             draining,
@@ -147,6 +148,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let ranks = Ranks::new(
         state_dir.clone(),
         config.address.clone(),
+        node_id.clone(),
+        config.coordinator.clone(),
         Duration::from_secs(config.kill_grace_seconds),
         reports_tx,
     )?;
@@ -302,6 +305,7 @@ async fn session(
         if draining.is_cancelled() {
             let deadline = *drain_deadline.get_or_insert_with(|| {
                 tracing::info!("draining: no new ranks; waiting for running ones to finish");
+                ranks.preempt_all();
                 tokio::time::Instant::now() + Duration::from_secs(drain_timeout_seconds)
             });
             if ranks.running().is_empty() || tokio::time::Instant::now() >= deadline {
@@ -339,7 +343,12 @@ fn handle(ranks: &Ranks, message: pb::CoordinatorMessage, draining: bool) {
             }
         }
         Some(pb::coordinator_message::Kind::Stop(stop)) => {
-            ranks.stop_job(&JobId(stop.job_id), &stop.reason);
+            ranks.stop_job(
+                &JobId(stop.job_id),
+                stop.before_attempt,
+                stop.kill_now,
+                &stop.reason,
+            );
         }
         None => {}
     }

@@ -38,7 +38,7 @@ impl pb::agent_service_server::AgentService for LogService {
             ))
         })?;
         let ranks = self.ranks.clone();
-        let key = (job_id, request.rank);
+        let rank = request.rank;
         let (chunks_tx, chunks_rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
             let mut buffer = vec![0u8; 64 * 1024];
@@ -46,7 +46,7 @@ impl pb::agent_service_server::AgentService for LogService {
                 match file.read(&mut buffer).await {
                     Ok(0) => {
                         // At the end: stop unless following a live rank.
-                        if !request.follow || !ranks.is_running(&key) {
+                        if !request.follow || !ranks.is_running(&job_id, rank) {
                             // One more read catches output written just before exit.
                             if let Ok(read) = file.read(&mut buffer).await {
                                 if read > 0 {

@@ -13,8 +13,8 @@ use flamingo_common::{JobId, JobKind, JobSpec};
 use flamingo_proto::v1 as pb;
 use tokio::sync::mpsc;
 
-/// Identifies one rank of one job.
-pub type RankKey = (JobId, u32);
+/// Identifies one rank of one attempt of one job: (job, attempt, rank).
+pub type RankKey = (JobId, u32, u32);
 
 /// Where rank logs and result files live: `<state dir>/jobs/<job>/rank-<r>.log`.
 pub fn log_path(state_dir: &Path, job_id: &JobId, rank: u32) -> PathBuf {
@@ -34,6 +34,8 @@ fn result_path(state_dir: &Path, job_id: &JobId, rank: u32) -> PathBuf {
 #[derive(Debug)]
 struct RunningRank {
     pid: u32,
+    /// A training rank: SIGTERM makes it checkpoint and exit (preemption).
+    preemptible: bool,
 }
 
 #[derive(Debug, Default)]
@@ -41,8 +43,9 @@ struct Table {
     running: BTreeMap<RankKey, RunningRank>,
     /// Every rank ever started here, so a re-sent start is ignored.
     launched: BTreeSet<RankKey>,
-    /// Jobs told to stop: a late start for them is ignored.
-    stopped: BTreeSet<JobId>,
+    /// Jobs told to stop, with the first attempt still allowed to run
+    /// (`u32::MAX`: none): a late start for a stopped attempt is ignored.
+    stopped: BTreeMap<JobId, u32>,
 }
 
 /// Supervises this node's rank processes.
@@ -50,6 +53,8 @@ struct Table {
 pub struct Ranks {
     state_dir: PathBuf,
     node_address: String,
+    node_id: String,
+    coordinator: String,
     worker_exe: PathBuf,
     kill_grace: Duration,
     table: Arc<Mutex<Table>>,
@@ -60,6 +65,8 @@ impl Ranks {
     pub fn new(
         state_dir: PathBuf,
         node_address: String,
+        node_id: String,
+        coordinator: String,
         kill_grace: Duration,
         report_keys_tx: mpsc::UnboundedSender<(RankKey, pb::rank_report::Event)>,
     ) -> anyhow::Result<Self> {
@@ -67,6 +74,8 @@ impl Ranks {
         Ok(Self {
             state_dir,
             node_address,
+            node_id,
+            coordinator,
             worker_exe,
             kill_grace,
             table: Arc::new(Mutex::new(Table::default())),
@@ -84,16 +93,25 @@ impl Ranks {
         self.table().running.keys().cloned().collect()
     }
 
-    pub fn is_running(&self, key: &RankKey) -> bool {
-        self.table().running.contains_key(key)
+    /// Whether any attempt of this rank of the job runs here.
+    pub fn is_running(&self, job_id: &JobId, rank: u32) -> bool {
+        self.table()
+            .running
+            .keys()
+            .any(|key| &key.0 == job_id && key.2 == rank)
     }
 
     fn report(&self, key: RankKey, event: pb::rank_report::Event) {
         let _ = self.report_keys_tx.send((key, event));
     }
 
-    fn command_for(&self, spec: &JobSpec) -> (PathBuf, Vec<String>) {
-        match &spec.kind {
+    fn command_for(
+        &self,
+        spec: &JobSpec,
+        job_id: &JobId,
+        attempt: u32,
+    ) -> anyhow::Result<(PathBuf, Vec<String>)> {
+        Ok(match &spec.kind {
             JobKind::CollectiveCheck {
                 min_bytes,
                 max_bytes,
@@ -111,17 +129,50 @@ impl Ranks {
                 (self.worker_exe.clone(), args)
             }
             JobKind::Command { argv } => (PathBuf::from(&argv[0]), argv[1..].to_vec()),
-        }
+            JobKind::Train { config_json } => {
+                let path = self
+                    .state_dir
+                    .join("jobs")
+                    .join(job_id.as_str())
+                    .join(format!("train-attempt-{attempt}.json"));
+                std::fs::write(&path, config_json)
+                    .map_err(|error| anyhow::anyhow!("writing {}: {error}", path.display()))?;
+                (
+                    self.worker_exe.clone(),
+                    vec![
+                        "rank".to_string(),
+                        "train".to_string(),
+                        "--config".to_string(),
+                        path.display().to_string(),
+                    ],
+                )
+            }
+        })
     }
 
     /// Starts the ranks of an assignment that are not yet started here.
     pub fn start(&self, assignment: &pb::RankAssignment) {
         let job_id = JobId(assignment.job_id.clone());
-        let key = (job_id.clone(), assignment.rank);
+        let key = (job_id.clone(), assignment.attempt, assignment.rank);
         {
             let mut table = self.table();
-            if table.launched.contains(&key) || table.stopped.contains(&job_id) {
+            let stopped = table
+                .stopped
+                .get(&job_id)
+                .is_some_and(|first_allowed| assignment.attempt < *first_allowed);
+            if table.launched.contains(&key) || stopped {
                 return;
+            }
+            // A newer attempt supersedes whatever this node still runs of
+            // an older one.
+            let older: Vec<u32> = table
+                .running
+                .iter()
+                .filter(|(running, _)| running.0 == job_id && running.1 < assignment.attempt)
+                .map(|(_, rank)| rank.pid)
+                .collect();
+            if !older.is_empty() {
+                self.signal_groups(&older, libc::SIGKILL);
             }
             table.launched.insert(key.clone());
         }
@@ -147,9 +198,10 @@ impl Ranks {
         match self.spawn(assignment, &job_id, &spec) {
             Ok(child) => {
                 let pid = child.id().unwrap_or(0);
+                let preemptible = spec.kind.restartable();
                 self.table()
                     .running
-                    .insert(key.clone(), RunningRank { pid });
+                    .insert(key.clone(), RunningRank { pid, preemptible });
                 tracing::info!(job = %job_id, rank = assignment.rank, pid, "rank started");
                 self.report(
                     key.clone(),
@@ -198,7 +250,7 @@ impl Ranks {
                     )
                 })?;
         }
-        let (program, args) = self.command_for(spec);
+        let (program, args) = self.command_for(spec, job_id, assignment.attempt)?;
         let mut command = std::process::Command::new(&program);
         command
             .args(&args)
@@ -213,6 +265,10 @@ impl Ranks {
             .env("FLAMINGO_JOB_ID", job_id.as_str())
             .env("FLAMINGO_LOCAL_ADDR", &self.node_address)
             .env("FLAMINGO_RESULT_FILE", &result_file)
+            .env("FLAMINGO_ATTEMPT", assignment.attempt.to_string())
+            .env("FLAMINGO_RESUME_FROM", &assignment.resume_from)
+            .env("FLAMINGO_JOB_COORDINATOR", &self.coordinator)
+            .env("FLAMINGO_NODE_ID", &self.node_id)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
@@ -246,10 +302,10 @@ impl Ranks {
                 (-1, 0)
             }
         };
-        let result_json = std::fs::read_to_string(result_path(&self.state_dir, &key.0, key.1))
+        let result_json = std::fs::read_to_string(result_path(&self.state_dir, &key.0, key.2))
             .unwrap_or_default();
         self.table().running.remove(&key);
-        tracing::info!(job = %key.0, rank = key.1, exit_code, signal, "rank exited");
+        tracing::info!(job = %key.0, attempt = key.1, rank = key.2, exit_code, signal, "rank exited");
         self.report(
             key,
             pb::rank_report::Event::Exited(pb::RankExited {
@@ -260,16 +316,24 @@ impl Ranks {
         );
     }
 
-    /// Kills every rank of the job: SIGTERM to each process group, SIGKILL
+    /// Kills the job's ranks of attempts before `before_attempt` (0: all
+    /// of them): SIGKILL at once when `kill_now` (a restart: the group is
+    /// being replaced), else SIGTERM to each process group and SIGKILL
     /// after the grace period.
-    pub fn stop_job(&self, job_id: &JobId, reason: &str) {
+    pub fn stop_job(&self, job_id: &JobId, before_attempt: u32, kill_now: bool, reason: &str) {
+        let limit = if before_attempt == 0 {
+            u32::MAX
+        } else {
+            before_attempt
+        };
         let pids: Vec<u32> = {
             let mut table = self.table();
-            table.stopped.insert(job_id.clone());
+            let first_allowed = table.stopped.entry(job_id.clone()).or_insert(0);
+            *first_allowed = (*first_allowed).max(limit);
             table
                 .running
                 .iter()
-                .filter(|(key, _)| &key.0 == job_id)
+                .filter(|(key, _)| &key.0 == job_id && key.1 < limit)
                 .map(|(_, rank)| rank.pid)
                 .collect()
         };
@@ -277,6 +341,10 @@ impl Ranks {
             return;
         }
         tracing::info!(job = %job_id, ?pids, "stopping ranks: {reason}");
+        if kill_now {
+            self.signal_groups(&pids, libc::SIGKILL);
+            return;
+        }
         self.signal_groups(&pids, libc::SIGTERM);
         let ranks = self.clone();
         let job_id = job_id.clone();
@@ -286,11 +354,31 @@ impl Ranks {
                 .table()
                 .running
                 .iter()
-                .filter(|(key, _)| key.0 == job_id)
+                .filter(|(key, _)| key.0 == job_id && key.1 < limit)
                 .map(|(_, rank)| rank.pid)
                 .collect();
             ranks.signal_groups(&remaining, libc::SIGKILL);
         });
+    }
+
+    /// Preemption notice (the agent drains): SIGTERM to every training
+    /// rank, which checkpoints at its next step and exits for a requeue.
+    /// Other ranks are left to finish within the drain timeout.
+    pub fn preempt_all(&self) {
+        let pids: Vec<u32> = self
+            .table()
+            .running
+            .values()
+            .filter(|rank| rank.preemptible)
+            .map(|rank| rank.pid)
+            .collect();
+        if !pids.is_empty() {
+            tracing::info!(
+                ?pids,
+                "draining: asking training ranks to checkpoint and exit"
+            );
+            self.signal_groups(&pids, libc::SIGTERM);
+        }
     }
 
     /// Kills every rank on the node (drain timeout, shutdown).
@@ -302,7 +390,7 @@ impl Ranks {
             .map(|key| key.0.clone())
             .collect();
         for job_id in jobs {
-            self.stop_job(&job_id, reason);
+            self.stop_job(&job_id, 0, false, reason);
         }
     }
 

@@ -46,11 +46,12 @@ pub fn spawn(
     });
     let counter = backlog.clone();
     tokio::spawn(async move {
-        while let Some(((job_id, rank), event)) = counted_rx.recv().await {
+        while let Some(((job_id, attempt, rank), event)) = counted_rx.recv().await {
             let report = pb::RankReport {
                 node_id: node_id.clone(),
                 job_id: job_id.0.clone(),
                 rank,
+                attempt,
                 event: Some(event),
             };
             let mut delay = Duration::from_millis(100);

@@ -1,0 +1,476 @@
+//! Training jobs on a real local cluster (etcd, coordinator, two agents of
+//! two ranks, a data-service replica), launched with `flamingoctl launch`.
+//!
+//! The chaos test kills, in turn: rank 0 in the middle of a checkpoint save
+//! (after the manifest, before the commit), a rank (SIGKILL), a rank's
+//! progress (SIGSTOP: a hang), an agent, the data service, the coordinator
+//! and etcd. The job must finish; the sample audit must show every sample
+//! exactly once per epoch over the steps that were kept; and the final
+//! weights must equal those of an uninterrupted run with the same seed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flamingo_common::{JobRecord, JobState, RankState};
+use flamingo_tests::{ClusterSandbox, SandboxOptions};
+
+/// LAION samples in the synthetic set, global batch, epochs.
+const SAMPLES: u64 = 192;
+const PER_RANK: u64 = 2;
+const WORLD: u64 = 4;
+const EPOCHS: u64 = 4;
+const STEPS: u64 = SAMPLES / (PER_RANK * WORLD) * EPOCHS;
+
+fn flamingoctl(dir: &Path, args: &[&str]) -> String {
+    let output = Command::new(ClusterSandbox::binary("flamingoctl"))
+        .current_dir(dir)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("flamingoctl runs");
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Synthetic LAION shards, a tiny model and the job file.
+fn prepare(dir: &Path) -> PathBuf {
+    flamingoctl(
+        dir,
+        &[
+            "data",
+            "synth",
+            "--form",
+            "laion",
+            "--out",
+            "data",
+            "--samples",
+            &SAMPLES.to_string(),
+            "--per-shard",
+            "24",
+            "--image-size",
+            "32",
+        ],
+    );
+    flamingoctl(
+        dir,
+        &[
+            "tiny-model",
+            "--tokenizer",
+            "data/tokenizer",
+            "--out",
+            "tiny",
+        ],
+    );
+    let job = dir.join("job.toml");
+    let shards = SAMPLES / 24 - 1;
+    std::fs::write(
+        &job,
+        format!(
+            r#"model = "{dir}/tiny/model.toml"
+runs_dir = "{dir}/runs"
+laion_shards = "{dir}/data/laion-{{00000..{shards:05}}}.tar"
+batch_size_laion = {PER_RANK}
+train_num_samples_laion = {SAMPLES}
+num_epochs = {EPOCHS}
+warmup_steps = 2
+learning_rate = 3e-3
+lr_scheduler = "linear"
+fsdp_sharding_strategy = "full"
+checkpoint_steps = 3
+logging_steps = 1
+audit_samples = true
+"#,
+            dir = dir.display()
+        ),
+    )
+    .expect("job file");
+    job
+}
+
+async fn job(sandbox: &ClusterSandbox, id: &str) -> anyhow::Result<JobRecord> {
+    sandbox.session().await?.job(id).await
+}
+
+/// Waits (through coordinator outages) until `done` holds; fails on a
+/// terminal state that is not wanted.
+async fn wait_for(
+    sandbox: &ClusterSandbox,
+    id: &str,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&JobRecord) -> bool,
+) -> JobRecord {
+    let started = Instant::now();
+    let mut last = None;
+    loop {
+        if let Ok(record) = job(sandbox, id).await {
+            if done(&record) {
+                return record;
+            }
+            if record.state.is_terminal() {
+                panic!("job ended while waiting for {what}: {record:#?}");
+            }
+            last = Some(record);
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "{what}: not within {timeout:?}; last seen {last:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the job made `steps` more steps in its current attempt and
+/// has all ranks running (so the next fault hits a working group).
+async fn progress(sandbox: &ClusterSandbox, id: &str, what: &str, steps: u64) -> JobRecord {
+    let now = job(sandbox, id).await.expect("job");
+    let (attempt, from) = (now.attempt, now.last_step);
+    let record = wait_for(sandbox, id, what, Duration::from_secs(120), |record| {
+        record.attempt == attempt
+            && record.last_step >= from + steps
+            && record
+                .ranks
+                .iter()
+                .all(|rank| rank.state == RankState::Running)
+    })
+    .await;
+    assert!(
+        record.last_step + 6 < STEPS,
+        "the job is too close to its end for the next fault ({what})"
+    );
+    record
+}
+
+fn rank_pid(record: &JobRecord, rank: u32) -> i32 {
+    record
+        .ranks
+        .iter()
+        .find(|r| r.rank == rank)
+        .and_then(|r| r.pid)
+        .expect("a running rank has a pid") as i32
+}
+
+/// (dataset, epoch) → keys trained on, from the audit, keeping for each
+/// (rank, step) only the last attempt that ran it (a restart redoes the
+/// steps after its checkpoint).
+fn audited(run_dir: &Path) -> BTreeMap<(String, u64), Vec<String>> {
+    /// (rank, step, dataset) → (attempt, epoch, keys)
+    type Kept = BTreeMap<(u64, u64, String), (u64, u64, Vec<String>)>;
+    let mut kept: Kept = BTreeMap::new();
+    for rank in 0..WORLD {
+        let text = std::fs::read_to_string(run_dir.join(format!("audit/rank-{rank}.jsonl")))
+            .expect("audit file");
+        for line in text.lines() {
+            let value: serde_json::Value = serde_json::from_str(line).expect("audit line");
+            let number = |field: &str| value[field].as_u64().expect("audit: a number");
+            let (attempt, step, epoch) = (number("attempt"), number("step"), number("epoch"));
+            let dataset = value["dataset"]
+                .as_str()
+                .expect("audit: dataset")
+                .to_string();
+            let keys: Vec<String> = value["keys"]
+                .as_array()
+                .expect("audit: keys")
+                .iter()
+                .map(|key| key.as_str().expect("audit: a key").to_string())
+                .collect();
+            let entry = kept
+                .entry((rank, step, dataset))
+                .or_insert((attempt, epoch, keys.clone()));
+            if attempt >= entry.0 {
+                *entry = (attempt, epoch, keys);
+            }
+        }
+    }
+    let mut epochs: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
+    for ((_, _, dataset), (_, epoch, keys)) in kept {
+        epochs.entry((dataset, epoch)).or_default().extend(keys);
+    }
+    epochs
+}
+
+fn final_parameters(run_dir: &Path) -> tch::Tensor {
+    let dir = run_dir.join("checkpoints").join(format!("step-{STEPS:08}"));
+    let (manifest, parameters, _, _) =
+        flamingo_engine::checkpoint::read(&dir).expect("the final checkpoint reads");
+    assert_eq!(manifest.step, STEPS);
+    parameters
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_training_job_survives_every_component_dying_with_nothing_lost() {
+    let mut sandbox = ClusterSandbox::start(SandboxOptions {
+        nodes: 2,
+        slots_per_node: 2,
+        lease_ttl_seconds: 4,
+    })
+    .await
+    .expect("sandbox");
+    let dir = sandbox.path().to_path_buf();
+    let job_file = prepare(&dir);
+    let data_service = sandbox.start_data_service().expect("data service");
+    let coordinator = sandbox.coordinator_endpoint();
+    let hang_timeout: u32 = 10;
+
+    // The job: rank 0 aborts in its first attempt between writing the
+    // step-6 manifest and committing it.
+    let launched = std::time::Instant::now();
+    let id = flamingoctl(
+        &dir,
+        &[
+            "--coordinator",
+            &coordinator,
+            "launch",
+            "--nodes",
+            "2",
+            "--slots-per-node",
+            "2",
+            "--config",
+            job_file.to_str().unwrap(),
+            "--run_name",
+            "chaos",
+            "--data_service",
+            &data_service,
+            "--max-restarts",
+            "8",
+            "--hang-timeout",
+            &hang_timeout.to_string(),
+            "--env",
+            "FLAMINGO_FAULT=before-commit:6",
+        ],
+    )
+    .trim()
+    .to_string();
+    let mut causes = Vec::new();
+
+    // 1. The crash mid-save: the restart resumes from step 3, not 6.
+    let record = wait_for(
+        &sandbox,
+        &id,
+        "the mid-save crash",
+        Duration::from_secs(120),
+        |r| r.attempt == 1,
+    )
+    .await;
+    assert!(
+        record.restarts[0].contains("resuming from step 3"),
+        "{:?}",
+        record.restarts
+    );
+    causes.push("mid-save crash");
+    let run_dir = dir.join("runs/chaos");
+    let uncommitted = run_dir.join("checkpoints/step-00000006/manifest.json");
+    assert!(
+        uncommitted.exists(),
+        "the step-6 manifest was written before the abort"
+    );
+
+    // 2. A rank dies.
+    let record = progress(&sandbox, &id, "steps after the mid-save crash", 2).await;
+    let killed_at = Instant::now();
+    unsafe { libc::kill(rank_pid(&record, 3), libc::SIGKILL) };
+    wait_for(
+        &sandbox,
+        &id,
+        "restart after SIGKILL",
+        Duration::from_secs(60),
+        |r| r.attempt == 2,
+    )
+    .await;
+    let record = progress(&sandbox, &id, "steps after the rank kill", 1).await;
+    eprintln!(
+        "rank SIGKILL -> first step of the restarted group: {:.1} s",
+        killed_at.elapsed().as_secs_f64()
+    );
+    causes.push("rank SIGKILL");
+
+    // 3. A rank hangs (SIGSTOP): found within the hang timeout.
+    let pid = rank_pid(&record, 2);
+    let stopped_at = Instant::now();
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let record = wait_for(
+        &sandbox,
+        &id,
+        "restart after the hang",
+        Duration::from_secs(u64::from(hang_timeout) + 20),
+        |r| r.attempt == 3,
+    )
+    .await;
+    let detected = stopped_at.elapsed();
+    assert!(record.restarts[2].contains("hang"), "{:?}", record.restarts);
+    assert!(
+        detected < Duration::from_secs(u64::from(hang_timeout) + 5),
+        "hang found after {detected:?}"
+    );
+    causes.push("hang");
+
+    // 4. An agent dies (its ranks die with it) and comes back.
+    progress(&sandbox, &id, "steps after the hang", 2).await;
+    sandbox.kill_agent("node-1");
+    sandbox.add_agent("node-1", &[]).expect("agent restarts");
+    wait_for(
+        &sandbox,
+        &id,
+        "restart after the agent",
+        Duration::from_secs(60),
+        |r| r.attempt == 4,
+    )
+    .await;
+    causes.push("agent SIGKILL");
+
+    // 5. The data service dies and comes back: the ranks reconnect from
+    // their cursors, no restart needed.
+    progress(&sandbox, &id, "steps after the agent", 2).await;
+    sandbox.kill_data_service();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sandbox.start_data_service().expect("data service restarts");
+    causes.push("data service SIGKILL");
+
+    // 6. The coordinator dies and comes back: the job carries on.
+    progress(&sandbox, &id, "steps after the data service", 2).await;
+    sandbox.kill_coordinator();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sandbox.start_coordinator().expect("coordinator restarts");
+    causes.push("coordinator SIGKILL");
+
+    // 7. etcd dies and comes back.
+    progress(&sandbox, &id, "steps after the coordinator", 2).await;
+    sandbox.kill_etcd();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sandbox.start_etcd().expect("etcd restarts");
+    causes.push("etcd SIGKILL");
+
+    let record = wait_for(&sandbox, &id, "the end", Duration::from_secs(300), |r| {
+        r.state == JobState::Succeeded
+    })
+    .await;
+    eprintln!(
+        "chaos job: {STEPS} steps in {:.1} s through {causes:?}; restarts: {:#?}",
+        launched.elapsed().as_secs_f64(),
+        record.restarts
+    );
+    assert_eq!(
+        record.restarts.len(),
+        4,
+        "only the crash, kill, hang and agent loss restart the group: {:#?}",
+        record.restarts
+    );
+    assert_eq!(record.latest_checkpoint().map(|c| c.step), Some(STEPS));
+    assert!(record.checkpoints.len() <= 2, "retention keeps 2");
+    let listed = flamingoctl(&dir, &["--coordinator", &coordinator, "checkpoints", &id]);
+    assert!(listed.contains(&format!("{STEPS}")), "{listed}");
+
+    // Every sample exactly once per epoch over the kept steps.
+    let epochs = audited(&run_dir);
+    let all: BTreeSet<String> = epochs[&("laion".to_string(), 0)].iter().cloned().collect();
+    assert_eq!(all.len() as u64, SAMPLES, "epoch 0 covers the set");
+    for epoch in 0..EPOCHS {
+        let keys = &epochs[&("laion".to_string(), epoch)];
+        let unique: BTreeSet<String> = keys.iter().cloned().collect();
+        assert_eq!(keys.len(), unique.len(), "epoch {epoch} repeats a sample");
+        assert_eq!(unique, all, "epoch {epoch} misses a sample");
+    }
+
+    // The same weights as an uninterrupted run with the same seed.
+    flamingoctl(
+        &dir,
+        &[
+            "train",
+            "--nproc",
+            "4",
+            "--config",
+            job_file.to_str().unwrap(),
+            "--run_name",
+            "whole",
+            "--data_service",
+            &data_service,
+        ],
+    );
+    let whole = final_parameters(&dir.join("runs/whole"));
+    let chaos = final_parameters(&run_dir);
+    let difference = (&whole - &chaos).abs().max().double_value(&[]);
+    assert!(
+        difference <= 1e-5,
+        "final weights differ by {difference} from the uninterrupted run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_node_checkpoints_and_the_job_moves_to_another() {
+    let mut sandbox = ClusterSandbox::start(SandboxOptions {
+        nodes: 3,
+        slots_per_node: 2,
+        lease_ttl_seconds: 4,
+    })
+    .await
+    .expect("sandbox");
+    let dir = sandbox.path().to_path_buf();
+    let job_file = prepare(&dir);
+    let coordinator = sandbox.coordinator_endpoint();
+    // No periodic checkpoints: the only one before the end is the
+    // preemption's. Ranks read their shards in-process this time.
+    let id = flamingoctl(
+        &dir,
+        &[
+            "--coordinator",
+            &coordinator,
+            "launch",
+            "--nodes",
+            "2",
+            "--slots-per-node",
+            "2",
+            "--config",
+            job_file.to_str().unwrap(),
+            "--run_name",
+            "drained",
+            "--checkpoint_steps",
+            "1000",
+            "--max-restarts",
+            "0",
+        ],
+    )
+    .trim()
+    .to_string();
+    let record = progress(&sandbox, &id, "first steps", 3).await;
+    let nodes: BTreeSet<String> = record.ranks.iter().map(|r| r.node.0.clone()).collect();
+    assert_eq!(nodes, BTreeSet::from(["node-0".into(), "node-1".into()]));
+    let agent = sandbox.agent_pid("node-1").expect("agent pid") as i32;
+    unsafe { libc::kill(agent, libc::SIGTERM) };
+    let record = wait_for(&sandbox, &id, "the move", Duration::from_secs(90), |r| {
+        r.attempt == 1 && r.state == JobState::Running
+    })
+    .await;
+    let moved: BTreeSet<String> = record.ranks.iter().map(|r| r.node.0.clone()).collect();
+    assert_eq!(moved, BTreeSet::from(["node-0".into(), "node-2".into()]));
+    let saved = record
+        .latest_checkpoint()
+        .expect("the preemption committed a checkpoint")
+        .step;
+    assert!(saved > 0 && saved < STEPS);
+    sandbox
+        .wait_agent_exit("node-1", Duration::from_secs(30))
+        .expect("the drained agent exits");
+    let record = wait_for(&sandbox, &id, "the end", Duration::from_secs(300), |r| {
+        r.state == JobState::Succeeded
+    })
+    .await;
+    assert!(record.restarts.is_empty(), "a preemption is not a failure");
+    let epochs = audited(&dir.join("runs/drained"));
+    for epoch in 0..EPOCHS {
+        let keys = &epochs[&("laion".to_string(), epoch)];
+        let unique: BTreeSet<&String> = keys.iter().collect();
+        assert_eq!(keys.len(), unique.len(), "epoch {epoch} repeats a sample");
+        assert_eq!(
+            unique.len() as u64,
+            SAMPLES,
+            "epoch {epoch} misses a sample"
+        );
+    }
+}
