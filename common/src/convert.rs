@@ -43,6 +43,7 @@ impl TryFrom<pb::JobSpec> for JobSpec {
             name: spec.name,
             nodes: spec.nodes,
             slots_per_node: spec.slots_per_node,
+            min_nodes: spec.min_nodes,
             kind,
             env: spec.env.into_iter().collect::<BTreeMap<_, _>>(),
             policy: spec.policy.map(JobPolicy::from).unwrap_or_default(),
@@ -75,6 +76,7 @@ impl From<&JobSpec> for pb::JobSpec {
             name: spec.name.clone(),
             nodes: spec.nodes,
             slots_per_node: spec.slots_per_node,
+            min_nodes: spec.min_nodes,
             kind: Some(kind),
             env: spec.env.clone().into_iter().collect(),
             policy: Some(pb::JobPolicy::from(&spec.policy)),
@@ -218,6 +220,7 @@ impl From<&JobRecord> for pb::Job {
                 .map(|node| node.0)
                 .collect(),
             restarts: job.restarts.clone(),
+            placed_nodes: job.placed_nodes,
         }
     }
 }
@@ -274,6 +277,8 @@ impl TryFrom<pb::Job> for JobRecord {
                 .map(|node| (NodeId(node), spec_limit))
                 .collect(),
             restarts: job.restarts,
+            placed_nodes: job.placed_nodes,
+            growing: false,
         })
     }
 }
@@ -322,6 +327,7 @@ mod tests {
                 },
                 env: BTreeMap::from([("A".to_string(), "b".to_string())]),
                 policy: JobPolicy::default(),
+                min_nodes: 0,
             },
             42,
         );

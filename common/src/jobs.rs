@@ -94,8 +94,12 @@ pub struct CheckpointRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobSpec {
     pub name: String,
+    /// The most nodes the job runs on.
     pub nodes: u32,
     pub slots_per_node: u32,
+    /// Elastic train jobs: the fewest nodes it runs on (0 = `nodes`).
+    #[serde(default)]
+    pub min_nodes: u32,
     pub kind: JobKind,
     pub env: BTreeMap<String, String>,
     #[serde(default)]
@@ -107,6 +111,20 @@ impl JobSpec {
         self.nodes * self.slots_per_node
     }
 
+    /// The fewest nodes the job may run on.
+    pub fn fewest_nodes(&self) -> u32 {
+        if self.min_nodes == 0 {
+            self.nodes
+        } else {
+            self.min_nodes
+        }
+    }
+
+    /// Whether the job runs on a varying number of nodes.
+    pub fn elastic(&self) -> bool {
+        self.fewest_nodes() < self.nodes
+    }
+
     /// Rejects specs that can never run, naming the field.
     pub fn validate(&self) -> Result<(), CommonError> {
         if self.nodes == 0 {
@@ -114,6 +132,21 @@ impl JobSpec {
         }
         if self.slots_per_node == 0 {
             return Err(CommonError::invalid("slots_per_node", "must be at least 1"));
+        }
+        if self.min_nodes > self.nodes {
+            return Err(CommonError::invalid(
+                "min_nodes",
+                format!(
+                    "{} is more than nodes = {}; write --nodes MIN:MAX with MIN <= MAX",
+                    self.min_nodes, self.nodes
+                ),
+            ));
+        }
+        if self.elastic() && !self.kind.restartable() {
+            return Err(CommonError::invalid(
+                "min_nodes",
+                "only training jobs run on a varying number of nodes (they reshard from their checkpoint)",
+            ));
         }
         match &self.kind {
             JobKind::CollectiveCheck {
@@ -269,6 +302,13 @@ pub struct JobRecord {
     /// One line per restart: when, why, and where it resumed.
     #[serde(default)]
     pub restarts: Vec<String>,
+    /// Nodes the current attempt runs on.
+    #[serde(default)]
+    pub placed_nodes: u32,
+    /// An elastic job asked to checkpoint and stop so that it restarts on
+    /// more nodes.
+    #[serde(default)]
+    pub growing: bool,
 }
 
 impl JobRecord {
@@ -291,6 +331,8 @@ impl JobRecord {
             last_step: 0,
             node_failures: BTreeMap::new(),
             restarts: Vec::new(),
+            placed_nodes: 0,
+            growing: false,
         }
     }
 
@@ -341,6 +383,7 @@ mod tests {
             kind,
             env: BTreeMap::new(),
             policy: JobPolicy::default(),
+            min_nodes: 0,
         }
     }
 

@@ -55,7 +55,14 @@ pub struct Cluster {
     pub progress_ms: BTreeMap<JobId, i64>,
     /// When this coordinator started.
     pub booted_ms: i64,
+    /// Registered nodes whose agent's stream closed (a dead agent closes it
+    /// at once, long before its lease expires): nothing is placed on them
+    /// until they attach again.
+    pub detached: BTreeSet<NodeId>,
 }
+
+/// How long ranks asked to checkpoint and stop get before SIGKILL.
+pub const CHECKPOINT_GRACE_SECONDS: u32 = 300;
 
 /// Why a checkpoint commit was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,18 +138,22 @@ impl Cluster {
                     .map(|node| NodeCapacity {
                         node_id: node.node_id.clone(),
                         free_slots: self.free_slots(node),
-                        schedulable: !node.draining && !leave_out.contains(&node.node_id),
+                        schedulable: !node.draining
+                            && !leave_out.contains(&node.node_id)
+                            && !self.detached.contains(&node.node_id),
                     })
                     .collect()
             };
             // Nodes that failed the job repeatedly are used only when
-            // nothing else fits.
-            let chosen = place(
-                &capacity(&excluded),
-                job.spec.nodes,
-                job.spec.slots_per_node,
-            )
-            .or_else(|| place(&capacity(&[]), job.spec.nodes, job.spec.slots_per_node));
+            // nothing else fits; an elastic job takes as many nodes as fit,
+            // down to its minimum.
+            let slots = job.spec.slots_per_node;
+            let chosen = (job.spec.fewest_nodes()..=job.spec.nodes)
+                .rev()
+                .find_map(|nodes| {
+                    place(&capacity(&excluded), nodes, slots)
+                        .or_else(|| place(&capacity(&[]), nodes, slots))
+                });
             let Some(chosen) = chosen else {
                 break;
             };
@@ -186,6 +197,8 @@ impl Cluster {
                 .collect();
             job.state = JobState::Running;
             job.started_unix_ms = Some(now_ms);
+            job.placed_nodes = chosen.len() as u32;
+            job.growing = false;
             self.progress_ms.insert(job_id.clone(), now_ms);
             job.master_addr = master_node.address.clone();
             job.master_port = port;
@@ -205,6 +218,73 @@ impl Cluster {
                 effects
                     .messages
                     .push((node_id.clone(), start_message(job, node_id)));
+            }
+        }
+        effects.merge(self.grow(now_ms));
+        effects
+    }
+
+    /// Running elastic jobs below their size, when enough free nodes for at
+    /// least one more node of theirs exist (after every pending job was
+    /// considered): each is asked to checkpoint and stop (SIGTERM, as a
+    /// preemption), and is then requeued and placed on more nodes.
+    fn grow(&mut self, now_ms: i64) -> Effects {
+        let mut effects = Effects::default();
+        let any_pending = self.jobs.values().any(|job| job.state == JobState::Pending);
+        if any_pending {
+            return effects;
+        }
+        let candidates: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|job| {
+                job.state == JobState::Running
+                    && job.spec.elastic()
+                    && !job.growing
+                    && job.placed_nodes < job.spec.nodes
+            })
+            .map(|job| job.id.clone())
+            .collect();
+        for job_id in candidates {
+            let job = &self.jobs[&job_id];
+            let used: BTreeSet<&NodeId> = job.ranks.iter().map(|rank| &rank.node).collect();
+            let excluded = job.excluded_nodes();
+            let spare = self
+                .nodes
+                .values()
+                .filter(|node| {
+                    !node.draining
+                        && !self.detached.contains(&node.node_id)
+                        && !used.contains(&node.node_id)
+                        && !excluded.contains(&node.node_id)
+                        && self.free_slots(node) >= job.spec.slots_per_node
+                })
+                .count() as u32;
+            if spare == 0 {
+                continue;
+            }
+            let target = (job.placed_nodes + spare).min(job.spec.nodes);
+            let job = self.jobs.get_mut(&job_id).expect("listed above");
+            job.growing = true;
+            let nodes: BTreeSet<NodeId> = job.live_ranks().map(|rank| rank.node.clone()).collect();
+            let message = format!(
+                "growing from {} to {target} node(s): checkpoint, then restart on more nodes",
+                job.placed_nodes
+            );
+            Self::event(job, now_ms, message, &mut effects);
+            for node_id in nodes {
+                effects.messages.push((
+                    node_id,
+                    pb::CoordinatorMessage {
+                        kind: Some(pb::coordinator_message::Kind::Stop(pb::StopJob {
+                            job_id: job.id.0.clone(),
+                            reason: "checkpoint and stop: the job grows".into(),
+                            before_attempt: job.attempt + 1,
+                            kill_now: false,
+                            grace_seconds: CHECKPOINT_GRACE_SECONDS,
+                        })),
+                    },
+                ));
             }
         }
         effects
@@ -367,6 +447,7 @@ impl Cluster {
                         reason: format!("restarting the group: {cause}"),
                         before_attempt: job.attempt,
                         kill_now: true,
+                        grace_seconds: 0,
                     })),
                 },
             ));
@@ -386,12 +467,12 @@ impl Cluster {
         let from = job
             .latest_checkpoint()
             .map_or("the start".to_string(), |c| format!("step {}", c.step));
-        Self::event(
-            job,
-            now_ms,
-            format!("preempted on {node}: checkpointed; requeued to resume from {from}"),
-            &mut effects,
-        );
+        let message = if job.growing {
+            format!("checkpointed to grow; requeued to resume from {from} on more nodes")
+        } else {
+            format!("preempted on {node}: checkpointed; requeued to resume from {from}")
+        };
+        Self::event(job, now_ms, message, &mut effects);
         for node_id in nodes {
             effects.messages.push((
                 node_id,
@@ -401,6 +482,7 @@ impl Cluster {
                         reason: "requeued after a preemption".into(),
                         before_attempt: job.attempt,
                         kill_now: false,
+                        grace_seconds: CHECKPOINT_GRACE_SECONDS,
                     })),
                 },
             ));
@@ -551,6 +633,7 @@ impl Cluster {
     pub fn node_lost(&mut self, node_id: &NodeId, reason: &str, now_ms: i64) -> Effects {
         let mut effects = Effects::default();
         self.nodes.remove(node_id);
+        self.detached.remove(node_id);
         for job in self.jobs.values_mut() {
             let mut touched = false;
             for rank in job.ranks.iter_mut() {
@@ -608,6 +691,7 @@ impl Cluster {
                             reason: "job is no longer running this attempt".into(),
                             before_attempt,
                             kill_now: superseded,
+                            grace_seconds: 0,
                         })),
                     },
                 ));
@@ -690,7 +774,7 @@ fn start_message(job: &JobRecord, node_id: &NodeId) -> pb::CoordinatorMessage {
             spec: Some(pb::JobSpec::from(spec)),
             rank: rank.rank,
             local_rank: rank.local_rank,
-            world_size: spec.world_size(),
+            world_size: job.ranks.len() as u32,
             local_world_size: spec.slots_per_node,
             node_rank,
             master_addr: job.master_addr.clone(),
@@ -716,6 +800,7 @@ fn stop_message(job_id: &JobId, reason: &str) -> pb::CoordinatorMessage {
             reason: reason.to_string(),
             before_attempt: 0,
             kill_now: false,
+            grace_seconds: 0,
         })),
     }
 }

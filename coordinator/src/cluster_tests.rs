@@ -34,6 +34,7 @@ fn job(id: &str, nodes: u32, slots: u32, created: i64) -> JobRecord {
             },
             env: BTreeMap::new(),
             policy: Default::default(),
+            min_nodes: 0,
         },
         created,
     )
@@ -485,5 +486,79 @@ fn a_preempted_rank_requeues_the_job_without_using_a_restart() {
     assert!(starts(&effects)
         .iter()
         .all(|a| a.resume_from.ends_with("step-9")));
+    assert_eq!(cluster.jobs[&id].state, JobState::Running);
+}
+
+#[test]
+fn an_elastic_job_shrinks_to_the_nodes_left_and_grows_back() {
+    let mut cluster = cluster(&[("node-0", 2), ("node-1", 2)]);
+    let mut record = train_job("t", 2, 2, 5);
+    record.spec.min_nodes = 1;
+    cluster.submit(record, 1);
+    let id = JobId("t".into());
+    assert_eq!(cluster.jobs[&id].placed_nodes, 2);
+    let effects = cluster.node_lost(&NodeId("node-1".into()), "lease expired", 5);
+    let job = &cluster.jobs[&id];
+    assert_eq!(job.state, JobState::Running, "continues on one node");
+    assert_eq!(job.placed_nodes, 1);
+    let assignments = starts(&effects);
+    assert_eq!(assignments.len(), 2);
+    assert!(assignments.iter().all(|a| a.world_size == 2));
+    // node-1 returns: the job is asked to checkpoint and stop…
+    cluster
+        .nodes
+        .insert(NodeId("node-1".into()), node("node-1", 2));
+    let effects = cluster.schedule(6);
+    assert!(cluster.jobs[&id].growing);
+    let asked: Vec<(u32, bool, u32)> = effects
+        .messages
+        .iter()
+        .filter_map(|(_, message)| match &message.kind {
+            Some(pb::coordinator_message::Kind::Stop(stop)) => {
+                Some((stop.before_attempt, stop.kill_now, stop.grace_seconds))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked, vec![(2, false, CHECKPOINT_GRACE_SECONDS)]);
+    assert!(cluster.schedule(7).messages.is_empty(), "asked once");
+    // …checkpoints, exits for a requeue, and comes back on both nodes.
+    let effects = cluster.rank_report(
+        &id,
+        1,
+        0,
+        exited(flamingo_common::jobs::PREEMPTED_EXIT_CODE),
+        8,
+    );
+    let job = &cluster.jobs[&id];
+    assert_eq!(
+        (job.state, job.placed_nodes, job.attempt),
+        (JobState::Running, 2, 2)
+    );
+    assert!(effects.events.iter().any(|e| e.message.contains("to grow")));
+    assert!(starts(&effects).iter().all(|a| a.world_size == 4));
+    assert_eq!(job.restarts.len(), 1, "only the node loss was a failure");
+}
+
+#[test]
+fn a_restart_avoids_a_node_whose_agent_is_gone() {
+    let mut cluster = cluster(&[("node-0", 2), ("node-1", 2), ("node-2", 2)]);
+    cluster.submit(train_job("t", 2, 2, 3), 1);
+    let id = JobId("t".into());
+    let before: BTreeSet<NodeId> = cluster.jobs[&id]
+        .ranks
+        .iter()
+        .map(|r| r.node.clone())
+        .collect();
+    assert!(before.contains(&NodeId("node-1".into())));
+    // node-1's agent died: its stream closed, its lease still runs.
+    cluster.detached.insert(NodeId("node-1".into()));
+    cluster.rank_report(&id, 0, 0, exited(1), 2);
+    let after: BTreeSet<NodeId> = cluster.jobs[&id]
+        .ranks
+        .iter()
+        .map(|r| r.node.clone())
+        .collect();
+    assert!(!after.contains(&NodeId("node-1".into())), "{after:?}");
     assert_eq!(cluster.jobs[&id].state, JobState::Running);
 }

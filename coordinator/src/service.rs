@@ -275,21 +275,32 @@ impl Coordinator {
         node_id: &NodeId,
         sender: AgentSender,
     ) -> Result<Vec<pb::CoordinatorMessage>, CoordinatorError> {
-        let cluster = self.cluster.lock().await;
+        let mut cluster = self.cluster.lock().await;
         if !cluster.nodes.contains_key(node_id) {
             return Err(CoordinatorError::NodeNotRegistered(node_id.0.clone()));
         }
         self.sessions.lock().await.insert(node_id.clone(), sender);
-        Ok(cluster.starts_for(node_id))
+        let starts = cluster.starts_for(node_id);
+        if cluster.detached.remove(node_id) {
+            // Jobs may have waited for this node (their starts reach it
+            // through the session just registered).
+            let effects = cluster.schedule(unix_ms());
+            self.apply(&cluster, effects).await?;
+        }
+        Ok(starts)
     }
 
     pub async fn detach(&self, node_id: &NodeId, sender: &AgentSender) {
+        let mut cluster = self.cluster.lock().await;
         let mut sessions = self.sessions.lock().await;
         if sessions
             .get(node_id)
             .is_some_and(|current| current.same_channel(sender))
         {
             sessions.remove(node_id);
+            if cluster.nodes.contains_key(node_id) {
+                cluster.detached.insert(node_id.clone());
+            }
         }
     }
 

@@ -324,6 +324,7 @@ pub fn run_rank_with(
     group: Option<&ProcessGroup>,
     link: Option<&dyn ClusterLink>,
 ) -> anyhow::Result<RunEnd> {
+    let entered = unix_seconds();
     if link.is_some() {
         catch_terminate();
     }
@@ -407,6 +408,19 @@ pub fn run_rank_with(
     }
     if rank == 0 {
         std::fs::write(run_dir.join("config.json"), serde_json::to_vec_pretty(job)?)?;
+        // When this start began and was ready (for `bench/recovery`).
+        let mut starts = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(run_dir.join("attempts.jsonl"))?;
+        let line = json!({
+            "attempt": link.map_or(0, |link| link.attempt()),
+            "started": process_start_unix_seconds(),
+            "entered": entered,
+            "loaded": unix_seconds(),
+            "step": trainer.step_count(),
+        });
+        writeln!(starts, "{line}")?;
     }
     let mut log = if rank == 0 {
         Some(
@@ -480,6 +494,8 @@ pub fn run_rank_with(
                         "grad_norm": report.grad_norm,
                         "samples_per_second": rate,
                         "skipped": report.skipped,
+                        "time": unix_seconds(),
+                        "attempt": link.map_or(0, |link| link.attempt()),
                     });
                     writeln!(log, "{line}")?;
                 }
@@ -674,5 +690,36 @@ fn fault_point(point: &str, step: u64) {
     if fault == format!("{point}:{step}") {
         eprintln!("FLAMINGO_FAULT: aborting at {point} of step {step}");
         std::process::abort();
+    }
+}
+
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |elapsed| elapsed.as_secs_f64())
+}
+
+/// When this process started (Unix seconds): its age from `/proc` (start
+/// ticks since boot against the uptime, both to 10 ms) back from now; 0 if
+/// unknown.
+fn process_start_unix_seconds() -> f64 {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(19)?
+                .parse::<f64>()
+                .ok()
+        });
+    let uptime = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<f64>().ok());
+    // SAFETY: sysconf has no preconditions.
+    let hertz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    match (ticks, uptime) {
+        (Some(ticks), Some(uptime)) if hertz > 0.0 => unix_seconds() - (uptime - ticks / hertz),
+        _ => 0.0,
     }
 }

@@ -238,6 +238,8 @@ impl Session {
 /// Builds a job spec from `launch`'s flags.
 pub struct LaunchArgs {
     pub nodes: u32,
+    /// Elastic jobs: the fewest nodes (0: `nodes`).
+    pub min_nodes: u32,
     pub slots_per_node: u32,
     pub job: Option<String>,
     pub name: Option<String>,
@@ -249,6 +251,25 @@ pub struct LaunchArgs {
     /// A resolved training run (the job is then `train`).
     pub train: Option<flamingo_engine::job::TrainJob>,
     pub policy: flamingo_common::JobPolicy,
+}
+
+/// `--nodes N` or `--nodes MIN:MAX` → (min, max).
+pub fn parse_nodes(text: &str) -> Result<(u32, u32), String> {
+    let number = |part: &str| {
+        part.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("'{text}': expected N or MIN:MAX (whole numbers of nodes)"))
+    };
+    let (min, max) = match text.split_once(':') {
+        Some((min, max)) => (number(min)?, number(max)?),
+        None => (number(text)?, number(text)?),
+    };
+    if min == 0 || min > max {
+        return Err(format!(
+            "'{text}': need 1 <= MIN <= MAX (MIN:MAX), or one number"
+        ));
+    }
+    Ok((min, max))
 }
 
 pub fn spec_from(args: LaunchArgs) -> anyhow::Result<JobSpec> {
@@ -299,6 +320,7 @@ pub fn spec_from(args: LaunchArgs) -> anyhow::Result<JobSpec> {
         name: args.name.unwrap_or_default(),
         nodes: args.nodes,
         slots_per_node: args.slots_per_node,
+        min_nodes: args.min_nodes,
         kind,
         env,
         policy: args.policy,
@@ -331,6 +353,7 @@ mod tests {
     fn args(job: Option<&str>, argv: &[&str]) -> LaunchArgs {
         LaunchArgs {
             nodes: 2,
+            min_nodes: 0,
             slots_per_node: 2,
             job: job.map(String::from),
             name: None,
@@ -385,5 +408,20 @@ mod tests {
         assert_eq!(job, flamingo_engine::job::TrainJob::default());
         assert!(spec.env.contains_key("OMP_NUM_THREADS"));
         assert_eq!(spec.env.get("A").map(String::as_str), Some("1"));
+    }
+
+    #[test]
+    fn nodes_take_one_number_or_a_range() {
+        assert_eq!(parse_nodes("4"), Ok((4, 4)));
+        assert_eq!(parse_nodes("2:8"), Ok((2, 8)));
+        assert!(parse_nodes("3:2").unwrap_err().contains("MIN <= MAX"));
+        assert!(parse_nodes("0").is_err());
+        assert!(parse_nodes("two").unwrap_err().contains("N or MIN:MAX"));
+        let mut elastic = args(None, &["true"]);
+        elastic.min_nodes = 1;
+        assert!(spec_from(elastic)
+            .unwrap_err()
+            .to_string()
+            .contains("only training jobs"));
     }
 }

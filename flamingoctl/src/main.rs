@@ -43,8 +43,10 @@ enum Command {
     /// flags, as `flamingoctl train`), `--job collective-check`, or a command
     /// after `--` run once per rank.
     Launch {
-        #[arg(long)]
-        nodes: u32,
+        /// Nodes: N, or MIN:MAX for a training job that continues on fewer
+        /// nodes when some are lost and grows back when they return.
+        #[arg(long, value_parser = commands::parse_nodes)]
+        nodes: (u32, u32),
         #[arg(long, default_value_t = 1)]
         slots_per_node: u32,
         /// train, collective-check or command (default: train with --config
@@ -236,7 +238,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 let data_service = cluster.and_then(|state| state.data_service);
                 let resolved = flamingoctl::train::cluster_job(
                     &train,
-                    nodes * slots_per_node,
+                    nodes.1 * slots_per_node,
                     name.as_deref(),
                     data_service.as_deref(),
                 )?;
@@ -245,7 +247,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 None
             };
             let spec = commands::spec_from(LaunchArgs {
-                nodes,
+                nodes: nodes.1,
+                min_nodes: if nodes.0 == nodes.1 { 0 } else { nodes.0 },
                 slots_per_node,
                 job,
                 name,

@@ -17,6 +17,7 @@ fn command_spec(nodes: u32, slots: u32, script: &str) -> JobSpec {
         },
         env: Default::default(),
         policy: Default::default(),
+        min_nodes: 0,
     }
 }
 

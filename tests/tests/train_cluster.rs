@@ -158,19 +158,20 @@ fn rank_pid(record: &JobRecord, rank: u32) -> i32 {
 }
 
 /// (dataset, epoch) → keys trained on, from the audit, keeping for each
-/// (rank, step) only the last attempt that ran it (a restart redoes the
-/// steps after its checkpoint).
+/// step only the last attempt that ran it (a restart redoes the steps after
+/// its checkpoint, possibly with another number of ranks).
 fn audited(run_dir: &Path) -> BTreeMap<(String, u64), Vec<String>> {
-    /// (rank, step, dataset) → (attempt, epoch, keys)
-    type Kept = BTreeMap<(u64, u64, String), (u64, u64, Vec<String>)>;
-    let mut kept: Kept = BTreeMap::new();
+    /// (attempt, step, dataset, rank, epoch, keys)
+    type Line = (u64, u64, String, u64, u64, Vec<String>);
+    let mut lines: Vec<Line> = Vec::new();
     for rank in 0..WORLD {
-        let text = std::fs::read_to_string(run_dir.join(format!("audit/rank-{rank}.jsonl")))
-            .expect("audit file");
+        let Ok(text) = std::fs::read_to_string(run_dir.join(format!("audit/rank-{rank}.jsonl")))
+        else {
+            continue;
+        };
         for line in text.lines() {
             let value: serde_json::Value = serde_json::from_str(line).expect("audit line");
             let number = |field: &str| value[field].as_u64().expect("audit: a number");
-            let (attempt, step, epoch) = (number("attempt"), number("step"), number("epoch"));
             let dataset = value["dataset"]
                 .as_str()
                 .expect("audit: dataset")
@@ -181,17 +182,26 @@ fn audited(run_dir: &Path) -> BTreeMap<(String, u64), Vec<String>> {
                 .iter()
                 .map(|key| key.as_str().expect("audit: a key").to_string())
                 .collect();
-            let entry = kept
-                .entry((rank, step, dataset))
-                .or_insert((attempt, epoch, keys.clone()));
-            if attempt >= entry.0 {
-                *entry = (attempt, epoch, keys);
-            }
+            lines.push((
+                number("attempt"),
+                number("step"),
+                dataset,
+                rank,
+                number("epoch"),
+                keys,
+            ));
         }
     }
+    let mut last_attempt: BTreeMap<(u64, String), u64> = BTreeMap::new();
+    for (attempt, step, dataset, ..) in &lines {
+        let entry = last_attempt.entry((*step, dataset.clone())).or_default();
+        *entry = (*entry).max(*attempt);
+    }
     let mut epochs: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
-    for ((_, _, dataset), (_, epoch, keys)) in kept {
-        epochs.entry((dataset, epoch)).or_default().extend(keys);
+    for (attempt, step, dataset, _, epoch, keys) in lines {
+        if last_attempt[&(step, dataset.clone())] == attempt {
+            epochs.entry((dataset, epoch)).or_default().extend(keys);
+        }
     }
     epochs
 }
@@ -472,5 +482,68 @@ async fn a_drained_node_checkpoints_and_the_job_moves_to_another() {
             SAMPLES,
             "epoch {epoch} misses a sample"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_elastic_job_continues_on_fewer_nodes_and_grows_back() {
+    let mut sandbox = ClusterSandbox::start(SandboxOptions {
+        nodes: 2,
+        slots_per_node: 2,
+        lease_ttl_seconds: 4,
+    })
+    .await
+    .expect("sandbox");
+    let dir = sandbox.path().to_path_buf();
+    let job_file = prepare(&dir);
+    let coordinator = sandbox.coordinator_endpoint();
+    let id = flamingoctl(
+        &dir,
+        &[
+            "--coordinator",
+            &coordinator,
+            "launch",
+            "--nodes",
+            "1:2",
+            "--slots-per-node",
+            "2",
+            "--config",
+            job_file.to_str().unwrap(),
+            "--run_name",
+            "elastic",
+            "--max-restarts",
+            "2",
+        ],
+    )
+    .trim()
+    .to_string();
+    let record = progress(&sandbox, &id, "steps on two nodes", 3).await;
+    assert_eq!(record.placed_nodes, 2);
+    // node-1 goes away for good: the job goes on with node-0's two ranks.
+    sandbox.kill_agent("node-1");
+    let record = wait_for(&sandbox, &id, "the shrink", Duration::from_secs(60), |r| {
+        r.attempt == 1 && r.state == JobState::Running
+    })
+    .await;
+    assert_eq!((record.placed_nodes, record.ranks.len()), (1, 2));
+    progress(&sandbox, &id, "steps on one node", 3).await;
+    // It comes back: the job checkpoints and restarts on both.
+    sandbox.add_agent("node-1", &[]).expect("agent restarts");
+    let record = wait_for(&sandbox, &id, "the growth", Duration::from_secs(90), |r| {
+        r.attempt == 2 && r.state == JobState::Running
+    })
+    .await;
+    assert_eq!((record.placed_nodes, record.ranks.len()), (2, 4));
+    let record = wait_for(&sandbox, &id, "the end", Duration::from_secs(300), |r| {
+        r.state == JobState::Succeeded
+    })
+    .await;
+    assert_eq!(record.restarts.len(), 1, "{:#?}", record.restarts);
+    let epochs = audited(&dir.join("runs/elastic"));
+    let all: BTreeSet<String> = epochs[&("laion".to_string(), 0)].iter().cloned().collect();
+    assert_eq!(all.len() as u64, SAMPLES);
+    for ((_, epoch), keys) in &epochs {
+        let unique: BTreeSet<&String> = keys.iter().collect();
+        assert_eq!(keys.len(), unique.len(), "epoch {epoch} repeats a sample");
     }
 }

@@ -347,6 +347,8 @@ fn handle(ranks: &Ranks, message: pb::CoordinatorMessage, draining: bool) {
                 &JobId(stop.job_id),
                 stop.before_attempt,
                 stop.kill_now,
+                (stop.grace_seconds > 0)
+                    .then(|| Duration::from_secs(u64::from(stop.grace_seconds))),
                 &stop.reason,
             );
         }

@@ -319,8 +319,16 @@ impl Ranks {
     /// Kills the job's ranks of attempts before `before_attempt` (0: all
     /// of them): SIGKILL at once when `kill_now` (a restart: the group is
     /// being replaced), else SIGTERM to each process group and SIGKILL
-    /// after the grace period.
-    pub fn stop_job(&self, job_id: &JobId, before_attempt: u32, kill_now: bool, reason: &str) {
+    /// after `grace` (the agent's kill grace when `None`; longer when the
+    /// ranks are to checkpoint first).
+    pub fn stop_job(
+        &self,
+        job_id: &JobId,
+        before_attempt: u32,
+        kill_now: bool,
+        grace: Option<Duration>,
+        reason: &str,
+    ) {
         let limit = if before_attempt == 0 {
             u32::MAX
         } else {
@@ -348,8 +356,9 @@ impl Ranks {
         self.signal_groups(&pids, libc::SIGTERM);
         let ranks = self.clone();
         let job_id = job_id.clone();
+        let grace = grace.unwrap_or(self.kill_grace);
         tokio::spawn(async move {
-            tokio::time::sleep(ranks.kill_grace).await;
+            tokio::time::sleep(grace).await;
             let remaining: Vec<u32> = ranks
                 .table()
                 .running
@@ -390,7 +399,7 @@ impl Ranks {
             .map(|key| key.0.clone())
             .collect();
         for job_id in jobs {
-            self.stop_job(&job_id, 0, false, reason);
+            self.stop_job(&job_id, 0, false, None, reason);
         }
     }
 
