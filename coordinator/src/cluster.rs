@@ -275,15 +275,13 @@ impl Cluster {
             for node_id in nodes {
                 effects.messages.push((
                     node_id,
-                    pb::CoordinatorMessage {
-                        kind: Some(pb::coordinator_message::Kind::Stop(pb::StopJob {
-                            job_id: job.id.0.clone(),
-                            reason: "checkpoint and stop: the job grows".into(),
-                            before_attempt: job.attempt + 1,
-                            kill_now: false,
-                            grace_seconds: CHECKPOINT_GRACE_SECONDS,
-                        })),
-                    },
+                    stop_attempts(
+                        &job.id,
+                        "checkpoint and stop: the job grows".into(),
+                        job.attempt + 1,
+                        false,
+                        CHECKPOINT_GRACE_SECONDS,
+                    ),
                 ));
             }
         }
@@ -441,15 +439,13 @@ impl Cluster {
         for node_id in nodes {
             effects.messages.push((
                 node_id,
-                pb::CoordinatorMessage {
-                    kind: Some(pb::coordinator_message::Kind::Stop(pb::StopJob {
-                        job_id: job.id.0.clone(),
-                        reason: format!("restarting the group: {cause}"),
-                        before_attempt: job.attempt,
-                        kill_now: true,
-                        grace_seconds: 0,
-                    })),
-                },
+                stop_attempts(
+                    &job.id,
+                    format!("restarting the group: {cause}"),
+                    job.attempt,
+                    true,
+                    0,
+                ),
             ));
         }
         effects
@@ -476,15 +472,13 @@ impl Cluster {
         for node_id in nodes {
             effects.messages.push((
                 node_id,
-                pb::CoordinatorMessage {
-                    kind: Some(pb::coordinator_message::Kind::Stop(pb::StopJob {
-                        job_id: job.id.0.clone(),
-                        reason: "requeued after a preemption".into(),
-                        before_attempt: job.attempt,
-                        kill_now: false,
-                        grace_seconds: CHECKPOINT_GRACE_SECONDS,
-                    })),
-                },
+                stop_attempts(
+                    &job.id,
+                    "requeued after a preemption".into(),
+                    job.attempt,
+                    false,
+                    CHECKPOINT_GRACE_SECONDS,
+                ),
             ));
         }
         effects
@@ -685,15 +679,13 @@ impl Cluster {
                 };
                 effects.messages.push((
                     node_id.clone(),
-                    pb::CoordinatorMessage {
-                        kind: Some(pb::coordinator_message::Kind::Stop(pb::StopJob {
-                            job_id: job_id.0.clone(),
-                            reason: "job is no longer running this attempt".into(),
-                            before_attempt,
-                            kill_now: superseded,
-                            grace_seconds: 0,
-                        })),
-                    },
+                    stop_attempts(
+                        job_id,
+                        "job is no longer running this attempt".into(),
+                        before_attempt,
+                        superseded,
+                        0,
+                    ),
                 ));
             }
         }
@@ -794,13 +786,26 @@ fn start_message(job: &JobRecord, node_id: &NodeId) -> pb::CoordinatorMessage {
 }
 
 fn stop_message(job_id: &JobId, reason: &str) -> pb::CoordinatorMessage {
+    stop_attempts(job_id, reason.to_string(), 0, false, 0)
+}
+
+/// Stops the job's ranks of attempts before `before_attempt` (0: all):
+/// SIGKILL at once when `kill_now`, else SIGTERM and SIGKILL after
+/// `grace_seconds` (0: the agent's default grace).
+fn stop_attempts(
+    job_id: &JobId,
+    reason: String,
+    before_attempt: u32,
+    kill_now: bool,
+    grace_seconds: u32,
+) -> pb::CoordinatorMessage {
     pb::CoordinatorMessage {
         kind: Some(pb::coordinator_message::Kind::Stop(pb::StopJob {
             job_id: job_id.0.clone(),
-            reason: reason.to_string(),
-            before_attempt: 0,
-            kill_now: false,
-            grace_seconds: 0,
+            reason,
+            before_attempt,
+            kill_now,
+            grace_seconds,
         })),
     }
 }

@@ -264,10 +264,9 @@ pub fn parse_nodes(text: &str) -> Result<(u32, u32), String> {
         Some((min, max)) => (number(min)?, number(max)?),
         None => (number(text)?, number(text)?),
     };
-    if min == 0 || min > max {
-        return Err(format!(
-            "'{text}': need 1 <= MIN <= MAX (MIN:MAX), or one number"
-        ));
+    // A single 0 is left to the spec's check ("nodes: must be at least 1").
+    if text.contains(':') && (min == 0 || min > max) {
+        return Err(format!("'{text}': need 1 <= MIN <= MAX"));
     }
     Ok((min, max))
 }
@@ -415,7 +414,7 @@ mod tests {
         assert_eq!(parse_nodes("4"), Ok((4, 4)));
         assert_eq!(parse_nodes("2:8"), Ok((2, 8)));
         assert!(parse_nodes("3:2").unwrap_err().contains("MIN <= MAX"));
-        assert!(parse_nodes("0").is_err());
+        assert!(parse_nodes("0:2").unwrap_err().contains("MIN <= MAX"));
         assert!(parse_nodes("two").unwrap_err().contains("N or MIN:MAX"));
         let mut elastic = args(None, &["true"]);
         elastic.min_nodes = 1;

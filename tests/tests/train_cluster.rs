@@ -26,6 +26,8 @@ const STEPS: u64 = SAMPLES / (PER_RANK * WORLD) * EPOCHS;
 fn flamingoctl(dir: &Path, args: &[&str]) -> String {
     let output = Command::new(ClusterSandbox::binary("flamingoctl"))
         .current_dir(dir)
+        // No local cluster record (and its data service) from elsewhere.
+        .env("FLAMINGO_STATE_DIR", dir.join("state"))
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -92,6 +94,27 @@ audit_samples = true
     )
     .expect("job file");
     job
+}
+
+/// `flamingoctl launch` of the job file on 2-slot nodes, as run `run`;
+/// returns the job id.
+fn launch(dir: &Path, coordinator: &str, nodes: &str, run: &str, extra: &[&str]) -> String {
+    let job_file = dir.join("job.toml");
+    let mut args = vec![
+        "--coordinator",
+        coordinator,
+        "launch",
+        "--nodes",
+        nodes,
+        "--slots-per-node",
+        "2",
+        "--config",
+        job_file.to_str().expect("a UTF-8 path"),
+        "--run_name",
+        run,
+    ];
+    args.extend_from_slice(extra);
+    flamingoctl(dir, &args).trim().to_string()
 }
 
 async fn job(sandbox: &ClusterSandbox, id: &str) -> anyhow::Result<JobRecord> {
@@ -232,20 +255,12 @@ async fn a_training_job_survives_every_component_dying_with_nothing_lost() {
     // The job: rank 0 aborts in its first attempt between writing the
     // step-6 manifest and committing it.
     let launched = std::time::Instant::now();
-    let id = flamingoctl(
+    let id = launch(
         &dir,
+        &coordinator,
+        "2",
+        "chaos",
         &[
-            "--coordinator",
-            &coordinator,
-            "launch",
-            "--nodes",
-            "2",
-            "--slots-per-node",
-            "2",
-            "--config",
-            job_file.to_str().unwrap(),
-            "--run_name",
-            "chaos",
             "--data_service",
             &data_service,
             "--max-restarts",
@@ -255,9 +270,7 @@ async fn a_training_job_survives_every_component_dying_with_nothing_lost() {
             "--env",
             "FLAMINGO_FAULT=before-commit:6",
         ],
-    )
-    .trim()
-    .to_string();
+    );
     let mut causes = Vec::new();
 
     // 1. The crash mid-save: the restart resumes from step 3, not 6.
@@ -422,32 +435,17 @@ async fn a_drained_node_checkpoints_and_the_job_moves_to_another() {
     .await
     .expect("sandbox");
     let dir = sandbox.path().to_path_buf();
-    let job_file = prepare(&dir);
+    prepare(&dir);
     let coordinator = sandbox.coordinator_endpoint();
     // No periodic checkpoints: the only one before the end is the
     // preemption's. Ranks read their shards in-process this time.
-    let id = flamingoctl(
+    let id = launch(
         &dir,
-        &[
-            "--coordinator",
-            &coordinator,
-            "launch",
-            "--nodes",
-            "2",
-            "--slots-per-node",
-            "2",
-            "--config",
-            job_file.to_str().unwrap(),
-            "--run_name",
-            "drained",
-            "--checkpoint_steps",
-            "1000",
-            "--max-restarts",
-            "0",
-        ],
-    )
-    .trim()
-    .to_string();
+        &coordinator,
+        "2",
+        "drained",
+        &["--checkpoint_steps", "1000", "--max-restarts", "0"],
+    );
     let record = progress(&sandbox, &id, "first steps", 3).await;
     let nodes: BTreeSet<String> = record.ranks.iter().map(|r| r.node.0.clone()).collect();
     assert_eq!(nodes, BTreeSet::from(["node-0".into(), "node-1".into()]));
@@ -472,6 +470,28 @@ async fn a_drained_node_checkpoints_and_the_job_moves_to_another() {
     })
     .await;
     assert!(record.restarts.is_empty(), "a preemption is not a failure");
+    // The job's latest checkpoint exports by job id, as OpenFlamingo's
+    // state dict.
+    flamingoctl(
+        &dir,
+        &[
+            "--coordinator",
+            &coordinator,
+            "export",
+            &id,
+            "--out",
+            "drained.safetensors",
+        ],
+    );
+    let exported = tch::Tensor::read_safetensors(dir.join("drained.safetensors"))
+        .expect("the export reads back");
+    assert!(
+        exported
+            .iter()
+            .any(|(name, _)| name.starts_with("perceiver.")),
+        "{:?}",
+        exported.iter().map(|(name, _)| name).collect::<Vec<_>>()
+    );
     let epochs = audited(&dir.join("runs/drained"));
     for epoch in 0..EPOCHS {
         let keys = &epochs[&("laion".to_string(), epoch)];
@@ -495,28 +515,15 @@ async fn an_elastic_job_continues_on_fewer_nodes_and_grows_back() {
     .await
     .expect("sandbox");
     let dir = sandbox.path().to_path_buf();
-    let job_file = prepare(&dir);
+    prepare(&dir);
     let coordinator = sandbox.coordinator_endpoint();
-    let id = flamingoctl(
+    let id = launch(
         &dir,
-        &[
-            "--coordinator",
-            &coordinator,
-            "launch",
-            "--nodes",
-            "1:2",
-            "--slots-per-node",
-            "2",
-            "--config",
-            job_file.to_str().unwrap(),
-            "--run_name",
-            "elastic",
-            "--max-restarts",
-            "2",
-        ],
-    )
-    .trim()
-    .to_string();
+        &coordinator,
+        "1:2",
+        "elastic",
+        &["--max-restarts", "2"],
+    );
     let record = progress(&sandbox, &id, "steps on two nodes", 3).await;
     assert_eq!(record.placed_nodes, 2);
     // node-1 goes away for good: the job goes on with node-0's two ranks.
@@ -540,8 +547,15 @@ async fn an_elastic_job_continues_on_fewer_nodes_and_grows_back() {
     .await;
     assert_eq!(record.restarts.len(), 1, "{:#?}", record.restarts);
     let epochs = audited(&dir.join("runs/elastic"));
+    // The global batch changed size with the world (2 or 4 ranks × 2), so
+    // the epoch may end with fewer samples left than a batch: drop_last
+    // leaves those out of that epoch, as upstream does.
     let all: BTreeSet<String> = epochs[&("laion".to_string(), 0)].iter().cloned().collect();
-    assert_eq!(all.len() as u64, SAMPLES);
+    let dropped = SAMPLES - all.len() as u64;
+    assert!(
+        dropped < PER_RANK * WORLD,
+        "{dropped} samples of epoch 0 missing"
+    );
     for ((_, epoch), keys) in &epochs {
         let unique: BTreeSet<&String> = keys.iter().collect();
         assert_eq!(keys.len(), unique.len(), "epoch {epoch} repeats a sample");
