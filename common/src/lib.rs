@@ -3,6 +3,7 @@
 //! directories, ports, clocks, tracing set-up).
 
 pub mod bandwidth;
+pub mod brace;
 pub mod convert;
 pub mod error;
 pub mod ids;

@@ -2,6 +2,7 @@
 //! gang scheduling, failure detection through etcd leases, and all state in
 //! etcd so a restarted coordinator carries running jobs on.
 
+pub mod admission;
 pub mod cluster;
 mod error;
 mod grpc;
@@ -42,6 +43,10 @@ pub struct Config {
     /// How often agents send heartbeats.
     #[arg(long, env = "FLAMINGO_HEARTBEAT_INTERVAL_MS", default_value_t = 1000)]
     pub heartbeat_interval_ms: u32,
+    /// Do not check a train job's local model and shard paths on submission
+    /// (for a coordinator that cannot see the nodes' shared filesystem).
+    #[arg(long, env = "FLAMINGO_NO_PATH_CHECKS")]
+    pub no_path_checks: bool,
 }
 
 impl Config {

@@ -129,6 +129,7 @@ impl Coordinator {
 
     pub async fn launch(&self, spec: JobSpec) -> Result<JobRecord, CoordinatorError> {
         spec.validate()?;
+        crate::admission::check(&spec, !self.config.no_path_checks)?;
         let now = unix_ms();
         let job = JobRecord::new(JobId::generate(now), spec, now);
         let job_id = job.id.clone();

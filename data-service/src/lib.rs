@@ -2,7 +2,19 @@
 //! their indexes, OpenFlamingo's LAION and MMC4 preprocessing, the
 //! world-size-independent sample order, and the batch stream.
 
-pub mod brace;
+/// Brace patterns (`shard-{00000..00099}.tar`), as webdataset expands them.
+pub mod brace {
+    use crate::error::{DataError, Result};
+
+    /// Expands `pattern` into the URLs it names, in order.
+    pub fn expand(pattern: &str) -> Result<Vec<String>> {
+        flamingo_common::brace::expand(pattern).map_err(|error| match error {
+            flamingo_common::CommonError::InvalidField { field, message } => {
+                DataError::spec(&field, message)
+            }
+        })
+    }
+}
 pub mod error;
 pub mod index;
 pub mod store;

@@ -2,21 +2,24 @@
 //! numeric ranges keep the width of their bounds (`{00000..00009}`), lists
 //! (`{a,b}`) expand in order, and several groups multiply left to right.
 
-use crate::error::{DataError, Result};
+use crate::CommonError;
+
+type Result<T> = std::result::Result<T, CommonError>;
 
 /// Expands `pattern` into the URLs it names, in order.
 pub fn expand(pattern: &str) -> Result<Vec<String>> {
     let Some(open) = pattern.find('{') else {
         if pattern.contains('}') {
-            return Err(DataError::spec(
+            return Err(CommonError::invalid(
                 "shards",
                 format!("'{pattern}' has a '}}' without '{{'"),
             ));
         }
         return Ok(vec![pattern.to_string()]);
     };
-    let close = matching_close(pattern, open)
-        .ok_or_else(|| DataError::spec("shards", format!("'{pattern}' has a '{{' without '}}'")))?;
+    let close = matching_close(pattern, open).ok_or_else(|| {
+        CommonError::invalid("shards", format!("'{pattern}' has a '{{' without '}}'"))
+    })?;
     let head = &pattern[..open];
     let body = &pattern[open + 1..close];
     let tail = expand(&pattern[close + 1..])?;
