@@ -29,6 +29,8 @@ pub enum CoordinatorError {
         current_attempt: u32,
         state: String,
     },
+    #[error("metrics of job {job_id}: {message}")]
+    Metrics { job_id: String, message: String },
     #[error("rank {rank} of job {job_id}: {message}")]
     Logs {
         job_id: String,
@@ -48,9 +50,9 @@ impl From<CoordinatorError> for tonic::Status {
     fn from(error: CoordinatorError) -> Self {
         let message = error.to_string();
         match error {
-            CoordinatorError::Etcd { .. } | CoordinatorError::Logs { .. } => {
-                tonic::Status::unavailable(message)
-            }
+            CoordinatorError::Etcd { .. }
+            | CoordinatorError::Logs { .. }
+            | CoordinatorError::Metrics { .. } => tonic::Status::unavailable(message),
             CoordinatorError::Corrupt { .. } => tonic::Status::data_loss(message),
             CoordinatorError::JobNotFound(_) | CoordinatorError::NodeNotRegistered(_) => {
                 tonic::Status::not_found(message)

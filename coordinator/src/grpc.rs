@@ -46,6 +46,16 @@ impl pb::job_service_server::JobService for JobApi {
         }))
     }
 
+    async fn job_metrics(
+        &self,
+        request: Request<pb::JobMetricsRequest>,
+    ) -> Result<Response<pb::JobMetricsResponse>, Status> {
+        let points = self.0.metrics(&JobId(request.into_inner().job_id)).await?;
+        Ok(Response::new(pb::JobMetricsResponse {
+            points: points.iter().map(pb::MetricPoint::from).collect(),
+        }))
+    }
+
     async fn get_job(
         &self,
         request: Request<pb::GetJobRequest>,
@@ -253,10 +263,19 @@ impl pb::node_service_server::NodeService for NodeApi {
     ) -> Result<Response<pb::MetricsReportResponse>, Status> {
         let report = request.into_inner();
         tracing::debug!(job = %report.job_id, rank = report.rank, step = report.step, values = ?report.values, "metrics");
+        let job_id = JobId(report.job_id);
+        self.0.record_metrics(
+            &job_id,
+            &crate::metrics::Point {
+                step: report.step,
+                rank: report.rank,
+                attempt: report.attempt,
+                unix_ms: flamingo_common::unix_ms(),
+                values: report.values.into_iter().collect(),
+            },
+        );
         if report.rank == 0 {
-            self.0
-                .progress(&JobId(report.job_id), report.attempt, report.step)
-                .await;
+            self.0.progress(&job_id, report.attempt, report.step).await;
         }
         Ok(Response::new(pb::MetricsReportResponse {}))
     }

@@ -6,6 +6,7 @@ pub mod admission;
 pub mod cluster;
 mod error;
 mod grpc;
+pub mod metrics;
 pub mod placement;
 pub mod service;
 mod store;
@@ -47,6 +48,10 @@ pub struct Config {
     /// (for a coordinator that cannot see the nodes' shared filesystem).
     #[arg(long, env = "FLAMINGO_NO_PATH_CHECKS")]
     pub no_path_checks: bool,
+    /// Where jobs' metric reports are kept (one JSON-lines file per job);
+    /// default $FLAMINGO_HOME/metrics.
+    #[arg(long, env = "FLAMINGO_METRICS_DIR")]
+    pub metrics_dir: Option<std::path::PathBuf>,
 }
 
 impl Config {

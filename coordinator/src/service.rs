@@ -36,6 +36,7 @@ pub struct Coordinator {
     cluster: Mutex<Cluster>,
     sessions: Mutex<HashMap<NodeId, AgentSender>>,
     events_tx: broadcast::Sender<JobEvent>,
+    metrics: crate::metrics::MetricsStore,
 }
 
 impl Coordinator {
@@ -60,12 +61,19 @@ impl Coordinator {
             "state loaded from etcd"
         );
         let (events_tx, _) = broadcast::channel(1024);
+        let metrics = crate::metrics::MetricsStore::new(
+            config
+                .metrics_dir
+                .clone()
+                .unwrap_or_else(|| flamingo_common::paths::flamingo_home().join("metrics")),
+        );
         let coordinator = Arc::new(Self {
             config,
             store,
             cluster: Mutex::new(cluster),
             sessions: Mutex::new(HashMap::new()),
             events_tx,
+            metrics,
         });
         // Ranks on nodes that vanished while no coordinator was watching.
         {
@@ -349,6 +357,28 @@ impl Coordinator {
         let mut cluster = self.cluster.lock().await;
         let effects = cluster.rank_report(job_id, attempt, rank, outcome, unix_ms());
         self.apply(&cluster, effects).await
+    }
+
+    /// Stores a rank's metric report (on disk, not in etcd); a failure to
+    /// store is logged, never sent back to the rank.
+    pub fn record_metrics(&self, job_id: &JobId, point: &crate::metrics::Point) {
+        if let Err(error) = self.metrics.append(job_id.as_str(), point) {
+            tracing::warn!(job = %job_id, %error, "could not store a metric report");
+        }
+    }
+
+    /// Every metric report stored for the job.
+    pub async fn metrics(
+        &self,
+        job_id: &JobId,
+    ) -> Result<Vec<crate::metrics::Point>, CoordinatorError> {
+        self.job(job_id).await?;
+        self.metrics
+            .read(job_id.as_str())
+            .map_err(|error| CoordinatorError::Metrics {
+                job_id: job_id.0.clone(),
+                message: error.to_string(),
+            })
     }
 
     /// Rank 0 finished `step` (kept in memory; it feeds hang detection).

@@ -31,6 +31,19 @@ impl Session {
         client::call_error(&self.address, status)
     }
 
+    /// Every metric report the coordinator stored for the job.
+    pub async fn metrics(&mut self, job_id: &str) -> anyhow::Result<Vec<pb::MetricPoint>> {
+        Ok(self
+            .client
+            .job_metrics(pb::JobMetricsRequest {
+                job_id: job_id.to_string(),
+            })
+            .await
+            .map_err(|status| self.error(status))?
+            .into_inner()
+            .points)
+    }
+
     pub async fn job(&mut self, job_id: &str) -> anyhow::Result<JobRecord> {
         let job = self
             .client

@@ -145,6 +145,10 @@ pub fn spawn_coordinator(
             "--heartbeat-interval-ms={}",
             spec.heartbeat_interval_ms
         ));
+    // Jobs' metrics next to the coordinator's log (the cluster's folder).
+    if let Some(dir) = log.parent() {
+        command.arg(format!("--metrics-dir={}", dir.join("metrics").display()));
+    }
     spawn(command, log, detach)
 }
 

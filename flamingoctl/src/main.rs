@@ -84,6 +84,13 @@ enum Command {
     Status { job: String },
     /// A training job's committed checkpoints.
     Checkpoints { job: String },
+    /// A job's metric reports (step, rank, attempt, time, values): a table,
+    /// --csv, or --json.
+    Metrics {
+        job: String,
+        #[arg(long)]
+        csv: bool,
+    },
     /// List jobs.
     List,
     /// Stop a job and wait until its ranks are gone.
@@ -274,6 +281,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let job = session.wait(job.id.as_str(), !json, follow).await?;
             commands::print_job(&job, json)?;
             return Ok(commands::exit_code_for(&job));
+        }
+        Command::Metrics { job, csv } => {
+            let mut session = Session::open(&address).await?;
+            let points = session.metrics(&job).await?;
+            print!("{}", render::metrics(&points, json, csv));
         }
         Command::Checkpoints { job } => {
             let mut session = Session::open(&address).await?;

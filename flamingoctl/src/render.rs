@@ -219,3 +219,77 @@ pub fn nodes_text(nodes: &[pb::Node]) -> String {
     }
     out
 }
+
+/// `flamingoctl metrics`: one row per report; the value columns are the
+/// union of the reports' names, sorted.
+pub fn metrics(points: &[flamingo_proto::v1::MetricPoint], json: bool, csv: bool) -> String {
+    if json {
+        let values: Vec<Value> = points
+            .iter()
+            .map(|point| {
+                let fields: std::collections::BTreeMap<&String, &f64> =
+                    point.values.iter().collect();
+                json!({
+                    "step": point.step,
+                    "rank": point.rank,
+                    "attempt": point.attempt,
+                    "unix_ms": point.unix_ms,
+                    "values": fields,
+                })
+            })
+            .collect();
+        return serde_json::to_string_pretty(&values).unwrap_or_default() + "\n";
+    }
+    let names: std::collections::BTreeSet<&String> = points
+        .iter()
+        .flat_map(|point| point.values.keys())
+        .collect();
+    let cell = |point: &flamingo_proto::v1::MetricPoint, name: &String| {
+        point
+            .values
+            .get(name)
+            .map_or(String::new(), |value| format!("{value}"))
+    };
+    let mut out = String::new();
+    if csv {
+        let header: Vec<String> = ["step", "rank", "attempt", "unix_ms"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(names.iter().map(|name| name.to_string()))
+            .collect();
+        out.push_str(&header.join(","));
+        out.push('\n');
+        for point in points {
+            let mut row = vec![
+                point.step.to_string(),
+                point.rank.to_string(),
+                point.attempt.to_string(),
+                point.unix_ms.to_string(),
+            ];
+            row.extend(names.iter().map(|name| cell(point, name)));
+            out.push_str(&row.join(","));
+            out.push('\n');
+        }
+        return out;
+    }
+    out.push_str(&format!("{:>8} {:>5} {:>8}", "STEP", "RANK", "ATTEMPT"));
+    for name in &names {
+        out.push_str(&format!(" {:>14}", name.to_uppercase()));
+    }
+    out.push('\n');
+    for point in points {
+        out.push_str(&format!(
+            "{:>8} {:>5} {:>8}",
+            point.step, point.rank, point.attempt
+        ));
+        for name in &names {
+            let value = point
+                .values
+                .get(*name)
+                .map_or("-".to_string(), |value| format!("{value:.6}"));
+            out.push_str(&format!(" {value:>14}"));
+        }
+        out.push('\n');
+    }
+    out
+}

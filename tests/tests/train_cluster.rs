@@ -389,6 +389,26 @@ async fn a_training_job_survives_every_component_dying_with_nothing_lost() {
     assert!(record.checkpoints.len() <= 2, "retention keeps 2");
     let listed = flamingoctl(&dir, &["--coordinator", &coordinator, "checkpoints", &id]);
     assert!(listed.contains(&format!("{STEPS}")), "{listed}");
+    // Rank 0's per-step reports were stored by the coordinator and outlived
+    // its SIGKILL: the first steps' are there beside the last one's.
+    let csv = flamingoctl(
+        &dir,
+        &["--coordinator", &coordinator, "metrics", &id, "--csv"],
+    );
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().expect("a header").split(',').collect();
+    assert_eq!(&header[..4], ["step", "rank", "attempt", "unix_ms"]);
+    assert!(header.contains(&"loss_laion"), "{header:?}");
+    let steps: BTreeSet<u64> = lines
+        .map(|line| {
+            line.split(',')
+                .next()
+                .unwrap_or("")
+                .parse()
+                .expect("a step")
+        })
+        .collect();
+    assert!(steps.contains(&1) && steps.contains(&STEPS), "{steps:?}");
 
     // Every sample exactly once per epoch over the kept steps.
     let epochs = audited(&run_dir);
