@@ -356,6 +356,11 @@ impl JobRecord {
         self.ranks.iter().filter(|rank| rank.state.is_live())
     }
 
+    /// Nodes that may still run one of its ranks.
+    pub fn live_nodes(&self) -> std::collections::BTreeSet<NodeId> {
+        self.live_ranks().map(|rank| rank.node.clone()).collect()
+    }
+
     /// Slots this job still holds on `node`.
     pub fn slots_held_on(&self, node: &NodeId) -> u32 {
         self.live_ranks().filter(|rank| &rank.node == node).count() as u32

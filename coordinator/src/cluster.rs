@@ -266,14 +266,14 @@ impl Cluster {
             let target = (job.placed_nodes + spare).min(job.spec.nodes);
             let job = self.jobs.get_mut(&job_id).expect("listed above");
             job.growing = true;
-            let nodes: BTreeSet<NodeId> = job.live_ranks().map(|rank| rank.node.clone()).collect();
+            let nodes = job.live_nodes();
             let message = format!(
                 "growing from {} to {target} node(s): checkpoint, then restart on more nodes",
                 job.placed_nodes
             );
             Self::event(job, now_ms, message, &mut effects);
-            for node_id in nodes {
-                effects.messages.push((
+            effects.messages.extend(nodes.into_iter().map(|node_id| {
+                (
                     node_id,
                     stop_attempts(
                         &job.id,
@@ -282,8 +282,8 @@ impl Cluster {
                         false,
                         CHECKPOINT_GRACE_SECONDS,
                     ),
-                ));
-            }
+                )
+            }));
         }
         effects
     }
@@ -406,7 +406,7 @@ impl Cluster {
             return Self::finish(job, JobState::Failed, message, now_ms);
         }
         let mut effects = Effects::default();
-        let nodes: BTreeSet<NodeId> = job.live_ranks().map(|rank| rank.node.clone()).collect();
+        let nodes = job.live_nodes();
         job.attempt += 1;
         job.state = JobState::Pending;
         job.ranks.clear();
@@ -436,8 +436,8 @@ impl Cluster {
             flamingo_common::format_unix_ms(now_ms)
         ));
         Self::event(job, now_ms, line, &mut effects);
-        for node_id in nodes {
-            effects.messages.push((
+        effects.messages.extend(nodes.into_iter().map(|node_id| {
+            (
                 node_id,
                 stop_attempts(
                     &job.id,
@@ -446,8 +446,8 @@ impl Cluster {
                     true,
                     0,
                 ),
-            ));
-        }
+            )
+        }));
         effects
     }
 
@@ -456,7 +456,7 @@ impl Cluster {
     /// allows, without using up a restart.
     fn requeue(job: &mut JobRecord, node: &NodeId, now_ms: i64) -> Effects {
         let mut effects = Effects::default();
-        let nodes: BTreeSet<NodeId> = job.live_ranks().map(|rank| rank.node.clone()).collect();
+        let nodes = job.live_nodes();
         job.attempt += 1;
         job.state = JobState::Pending;
         job.ranks.clear();
@@ -469,8 +469,8 @@ impl Cluster {
             format!("preempted on {node}: checkpointed; requeued to resume from {from}")
         };
         Self::event(job, now_ms, message, &mut effects);
-        for node_id in nodes {
-            effects.messages.push((
+        effects.messages.extend(nodes.into_iter().map(|node_id| {
+            (
                 node_id,
                 stop_attempts(
                     &job.id,
@@ -479,8 +479,8 @@ impl Cluster {
                     false,
                     CHECKPOINT_GRACE_SECONDS,
                 ),
-            ));
-        }
+            )
+        }));
         effects
     }
 
@@ -594,7 +594,7 @@ impl Cluster {
             format!("{}: {message}", state.as_str()),
             &mut effects,
         );
-        let nodes: BTreeSet<NodeId> = job.live_ranks().map(|rank| rank.node.clone()).collect();
+        let nodes = job.live_nodes();
         for node_id in nodes {
             effects.messages.push((
                 node_id,
