@@ -81,7 +81,27 @@ flamingo_setup() {
 # Idempotent.
 flamingo_setup_reference() {
     local python="$FLAMINGO_VENV/bin/python"
-    if "$python" -c "import einops, einops_exts, safetensors, open_clip, transformers, webdataset, braceexpand, moto, flask_cors, importlib.util, importlib.metadata as m, sys; sys.exit(0 if importlib.util.find_spec('open_flamingo') and m.version('webdataset') == '0.2.86' else 1)" 2>/dev/null; then
+    # The dashboard's browser test drives Debian's Chromium through
+    # chromedriver.
+    local browser=()
+    local package
+    for package in chromium chromium-driver; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+            || browser+=("$package")
+    done
+    if [ ${#browser[@]} -gt 0 ]; then
+        if [ "$(id -u)" = 0 ]; then
+            echo "setup: installing Debian packages for the browser test: ${browser[*]}"
+            DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null \
+                && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${browser[@]}" >/dev/null \
+                || { echo "setup: apt-get install ${browser[*]} failed" >&2; return 1; }
+        else
+            echo "setup: missing Debian packages for the browser test: ${browser[*]}" >&2
+            echo "setup: run: sudo apt-get install -y ${browser[*]}" >&2
+            return 1
+        fi
+    fi
+    if "$python" -c "import einops, einops_exts, safetensors, open_clip, transformers, webdataset, braceexpand, moto, flask_cors, tensorboard, importlib.util, importlib.metadata as m, sys; sys.exit(0 if importlib.util.find_spec('open_flamingo') and m.version('webdataset') == '0.2.86' else 1)" 2>/dev/null; then
         return 0
     fi
     echo "setup: installing the Python reference packages for the parity tests"
@@ -95,7 +115,7 @@ flamingo_setup_reference() {
             "einops==0.8.2" "einops-exts==0.0.4" "safetensors==0.8.0" \
             "ftfy==6.3.1" "regex==2026.11.19" "tqdm==4.70.1" "pillow==13.0.0" \
             "transformers==4.57.1" "webdataset==0.2.86" "braceexpand==0.1.7" \
-            "moto[server]==5.2.5"; } >"$log" 2>&1; then
+            "moto[server]==5.2.5" "tensorboard==2.21.0"; } >"$log" 2>&1; then
         cat "$log" >&2
         rm -f "$log"
         echo "setup: pip install of the reference packages failed" >&2

@@ -7,8 +7,8 @@ use flamingo_proto::v1 as pb;
 
 use crate::jobs::{DEFAULT_MAX_BYTES, DEFAULT_MIN_BYTES};
 use crate::{
-    CheckpointRecord, CommonError, JobEvent, JobId, JobKind, JobPolicy, JobRecord, JobSpec,
-    JobState, NodeId, RankRecord, RankState,
+    CheckpointRecord, CommonError, EventKind, JobEvent, JobId, JobKind, JobPolicy, JobRecord,
+    JobSpec, JobState, NodeId, RankRecord, RankState,
 };
 
 impl TryFrom<pb::JobSpec> for JobSpec {
@@ -291,6 +291,7 @@ impl From<&JobEvent> for pb::JobEvent {
             unix_ms: event.unix_ms,
             message: event.message.clone(),
             state: pb::JobState::from(event.state) as i32,
+            kind: event.kind.as_str().to_string(),
         }
     }
 }
@@ -304,6 +305,7 @@ impl TryFrom<pb::JobEvent> for JobEvent {
             unix_ms: event.unix_ms,
             message: event.message,
             state: job_state_from_pb(event.state)?,
+            kind: EventKind::parse(&event.kind),
         })
     }
 }

@@ -374,6 +374,69 @@ pub struct JobEvent {
     pub unix_ms: i64,
     pub message: String,
     pub state: JobState,
+    /// What happened, for the dashboard's timeline (events stored before
+    /// kinds existed read as `other`).
+    #[serde(default)]
+    pub kind: EventKind,
+}
+
+/// The kinds of job events the dashboard marks on its timeline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Submitted,
+    Scheduled,
+    RankStarted,
+    RankExited,
+    Restart,
+    Preempted,
+    Grow,
+    Checkpoint,
+    SamplesSkipped,
+    Finished,
+    #[default]
+    Other,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 11] = [
+        EventKind::Submitted,
+        EventKind::Scheduled,
+        EventKind::RankStarted,
+        EventKind::RankExited,
+        EventKind::Restart,
+        EventKind::Preempted,
+        EventKind::Grow,
+        EventKind::Checkpoint,
+        EventKind::SamplesSkipped,
+        EventKind::Finished,
+        EventKind::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Submitted => "submitted",
+            EventKind::Scheduled => "scheduled",
+            EventKind::RankStarted => "rank_started",
+            EventKind::RankExited => "rank_exited",
+            EventKind::Restart => "restart",
+            EventKind::Preempted => "preempted",
+            EventKind::Grow => "grow",
+            EventKind::Checkpoint => "checkpoint",
+            EventKind::SamplesSkipped => "samples_skipped",
+            EventKind::Finished => "finished",
+            EventKind::Other => "other",
+        }
+    }
+
+    /// The kind named by `text` (`other` for names this build does not
+    /// know, so newer peers' events still show).
+    pub fn parse(text: &str) -> EventKind {
+        EventKind::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == text)
+            .unwrap_or(EventKind::Other)
+    }
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@ pub mod telemetry;
 pub use error::CommonError;
 pub use ids::{JobId, NodeId};
 pub use jobs::{
-    CheckpointRecord, JobEvent, JobKind, JobPolicy, JobRecord, JobSpec, JobState, RankRecord,
-    RankState,
+    CheckpointRecord, EventKind, JobEvent, JobKind, JobPolicy, JobRecord, JobSpec, JobState,
+    RankRecord, RankState,
 };
 pub use nodes::NodeRecord;
 

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use flamingo_common::{
-    CheckpointRecord, JobEvent, JobId, JobRecord, JobSpec, JobState, NodeId, NodeRecord,
+    CheckpointRecord, EventKind, JobEvent, JobId, JobRecord, JobSpec, JobState, NodeId, NodeRecord,
     RankRecord, RankState,
 };
 use flamingo_proto::v1 as pb;
@@ -76,13 +76,20 @@ pub enum CommitRefused {
 }
 
 impl Cluster {
-    fn event(job: &mut JobRecord, now_ms: i64, message: String, effects: &mut Effects) {
+    fn event(
+        job: &mut JobRecord,
+        now_ms: i64,
+        kind: EventKind,
+        message: String,
+        effects: &mut Effects,
+    ) {
         let event = JobEvent {
             job_id: job.id.clone(),
             seq: job.next_event_seq,
             unix_ms: now_ms,
             message,
             state: job.state,
+            kind,
         };
         job.next_event_seq += 1;
         effects.jobs_changed.insert(job.id.clone());
@@ -109,7 +116,13 @@ impl Cluster {
             spec.nodes,
             spec.slots_per_node
         );
-        Self::event(&mut job, now_ms, message, &mut effects);
+        Self::event(
+            &mut job,
+            now_ms,
+            EventKind::Submitted,
+            message,
+            &mut effects,
+        );
         self.jobs.insert(job.id.clone(), job);
         effects.merge(self.schedule(now_ms));
         effects
@@ -213,7 +226,7 @@ impl Cluster {
                 job.master_addr,
                 job.master_port
             );
-            Self::event(job, now_ms, message, &mut effects);
+            Self::event(job, now_ms, EventKind::Scheduled, message, &mut effects);
             for node_id in &chosen {
                 effects
                     .messages
@@ -271,7 +284,7 @@ impl Cluster {
                 "growing from {} to {target} node(s): checkpoint, then restart on more nodes",
                 job.placed_nodes
             );
-            Self::event(job, now_ms, message, &mut effects);
+            Self::event(job, now_ms, EventKind::Grow, message, &mut effects);
             effects.messages.extend(nodes.into_iter().map(|node_id| {
                 (
                     node_id,
@@ -313,7 +326,8 @@ impl Cluster {
                 if record.state == RankState::Assigned {
                     record.state = RankState::Running;
                     record.pid = Some(pid);
-                    effects.jobs_changed.insert(job_id.clone());
+                    let message = format!("rank {rank} started on {} (pid {pid})", record.node);
+                    Self::event(job, now_ms, EventKind::RankStarted, message, &mut effects);
                 }
             }
             RankOutcome::Exited {
@@ -346,6 +360,13 @@ impl Cluster {
                 } else {
                     format!("rank {rank} on {node} exited with code {exit_code}")
                 };
+                Self::event(
+                    job,
+                    now_ms,
+                    EventKind::RankExited,
+                    description.clone(),
+                    &mut effects,
+                );
                 if job.state == JobState::Running && failed {
                     effects.merge(Self::fail_or_restart(job, description, &[node], now_ms));
                 } else {
@@ -435,7 +456,7 @@ impl Cluster {
             "{} {line}",
             flamingo_common::format_unix_ms(now_ms)
         ));
-        Self::event(job, now_ms, line, &mut effects);
+        Self::event(job, now_ms, EventKind::Restart, line, &mut effects);
         effects.messages.extend(nodes.into_iter().map(|node_id| {
             (
                 node_id,
@@ -468,7 +489,7 @@ impl Cluster {
         } else {
             format!("preempted on {node}: checkpointed; requeued to resume from {from}")
         };
-        Self::event(job, now_ms, message, &mut effects);
+        Self::event(job, now_ms, EventKind::Preempted, message, &mut effects);
         effects.messages.extend(nodes.into_iter().map(|node_id| {
             (
                 node_id,
@@ -551,6 +572,8 @@ impl Cluster {
         job.checkpoints.retain(|kept| kept.step != record.step);
         let step = record.step;
         let path = record.path.clone();
+        // Rank 0 finished this step (its batched step reports may lag).
+        job.last_step = job.last_step.max(step);
         job.checkpoints.push(record);
         job.checkpoints.sort_by_key(|kept| kept.step);
         let keep_last = job.spec.policy.keep_checkpoints.max(1) as usize;
@@ -575,6 +598,7 @@ impl Cluster {
         Self::event(
             job,
             now_ms,
+            EventKind::Checkpoint,
             format!("checkpoint step {step} committed ({path}){dropped}"),
             &mut effects,
         );
@@ -591,6 +615,7 @@ impl Cluster {
         Self::event(
             job,
             now_ms,
+            EventKind::Finished,
             format!("{}: {message}", state.as_str()),
             &mut effects,
         );

@@ -280,6 +280,51 @@ impl pb::node_service_server::NodeService for NodeApi {
         Ok(Response::new(pb::MetricsReportResponse {}))
     }
 
+    async fn report_metrics_batch(
+        &self,
+        request: Request<pb::MetricsBatch>,
+    ) -> Result<Response<pb::MetricsReportResponse>, Status> {
+        let batch = request.into_inner();
+        let job_id = JobId(batch.job_id);
+        let (rank, attempt) = (batch.rank, batch.attempt);
+        let count = batch.samples.len();
+        let mut points: Vec<crate::metrics::Point> = batch
+            .samples
+            .into_iter()
+            .map(|sample| crate::metrics::Point {
+                step: sample.step,
+                rank,
+                attempt,
+                unix_ms: sample.unix_ms,
+                values: sample.values.into_iter().collect(),
+            })
+            .collect();
+        if let Some(last) = points.last_mut() {
+            last.values
+                .insert(crate::metrics::DROPPED.to_string(), batch.dropped as f64);
+        }
+        let notes: Vec<crate::metrics::StoredEvent> = batch
+            .notes
+            .into_iter()
+            .map(|note| crate::metrics::StoredEvent {
+                unix_ms: note.unix_ms,
+                kind: flamingo_common::EventKind::parse(&note.kind),
+                message: format!("rank {rank}: {}", note.message),
+                seq: None,
+                step: Some(note.step),
+                rank: Some(rank),
+                attempt,
+            })
+            .collect();
+        let last_step = points.last().map(|point| point.step);
+        self.0.record_batch(&job_id, &points, &notes);
+        tracing::debug!(job = %job_id, rank, count, "metrics batch");
+        if let (0, Some(step)) = (rank, last_step) {
+            self.0.progress(&job_id, attempt, step).await;
+        }
+        Ok(Response::new(pb::MetricsReportResponse {}))
+    }
+
     async fn commit_checkpoint(
         &self,
         request: Request<pb::CommitCheckpointRequest>,

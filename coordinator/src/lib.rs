@@ -6,6 +6,7 @@ pub mod admission;
 pub mod cluster;
 mod error;
 mod grpc;
+pub mod http;
 pub mod metrics;
 pub mod placement;
 pub mod service;
@@ -52,6 +53,28 @@ pub struct Config {
     /// default $FLAMINGO_HOME/metrics.
     #[arg(long, env = "FLAMINGO_METRICS_DIR")]
     pub metrics_dir: Option<std::path::PathBuf>,
+    /// Address the dashboard, its data API and Prometheus `/metrics` listen
+    /// on; `off` for none.
+    #[arg(
+        long,
+        env = "FLAMINGO_HTTP_LISTEN",
+        default_value = "127.0.0.1:7080",
+        value_parser = parse_http_listen
+    )]
+    pub http_listen: HttpListen,
+}
+
+/// Where the coordinator's HTTP server listens, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpListen(pub Option<SocketAddr>);
+
+fn parse_http_listen(text: &str) -> Result<HttpListen, String> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(HttpListen(None));
+    }
+    text.parse()
+        .map(|address| HttpListen(Some(address)))
+        .map_err(|error| format!("'{text}': {error} (an address like 127.0.0.1:7080, or off)"))
 }
 
 impl Config {
@@ -103,6 +126,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .map_err(|error| anyhow::anyhow!("cannot listen on {}: {error}", config.listen))?;
     let local = listener.local_addr()?;
     tracing::info!(%local, "coordinator listening");
+    let http = match config.http_listen.0 {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address).await.map_err(|error| {
+                anyhow::anyhow!(
+                    "cannot listen on {address} for the dashboard: {error} (choose another with --http-listen, or --http-listen off)"
+                )
+            })?;
+            tracing::info!(dashboard = %format!("http://{}/", listener.local_addr()?), "dashboard listening");
+            let app = http::router(coordinator.clone());
+            let stop = shutdown.clone();
+            Some(tokio::spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(error) = served {
+                    tracing::error!(%error, "dashboard server failed");
+                }
+            }))
+        }
+        None => None,
+    };
     tonic::transport::Server::builder()
         .add_service(pb::job_service_server::JobServiceServer::new(grpc::JobApi(
             coordinator.clone(),
@@ -118,5 +162,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     shutdown.cancel();
     let _ = watcher.await;
     let _ = hangs.await;
+    if let Some(http) = http {
+        let _ = http.await;
+    }
     Ok(())
 }

@@ -1,20 +1,30 @@
-//! Jobs' metric reports, kept durably outside etcd: one JSON-lines file per
-//! job under the metrics folder, appended as reports arrive, read back
-//! whole. A restarted coordinator finds everything its predecessor stored.
+//! Jobs' metric reports and timeline events, kept durably outside etcd: per
+//! job one JSON-lines file of points (`<job>.jsonl`) and one of events
+//! (`<job>.events.jsonl`) under the metrics folder, appended as reports
+//! arrive. A restarted coordinator finds everything its predecessor stored.
+//!
+//! For the dashboard each job's curves are also held in memory, column by
+//! column (loaded from the file the first time the job is asked for), so a
+//! query over a million points is a scan of compact arrays, downsampled on
+//! the server before it is sent.
 
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
+use flamingo_common::EventKind;
 use flamingo_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
+/// One report of one rank at one step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Point {
     pub step: u64,
     pub rank: u32,
     pub attempt: u32,
     pub unix_ms: i64,
-    pub values: std::collections::BTreeMap<String, f64>,
+    pub values: BTreeMap<String, f64>,
 }
 
 impl From<&Point> for pb::MetricPoint {
@@ -29,57 +39,358 @@ impl From<&Point> for pb::MetricPoint {
     }
 }
 
+/// A mark on a job's timeline: a job event of the coordinator's (launch,
+/// restart, checkpoint, …) or a note a rank sent (samples skipped).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    pub unix_ms: i64,
+    pub kind: EventKind,
+    pub message: String,
+    /// The job event's sequence number (none for ranks' notes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<u32>,
+    #[serde(default)]
+    pub attempt: u32,
+}
+
+/// One value of a curve, as held in memory (32 bytes).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    pub step: u64,
+    pub unix_ms: i64,
+    pub value: f64,
+    pub attempt: u16,
+}
+
+/// One curve: a metric of one rank.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SeriesKey {
+    pub name: String,
+    pub rank: u32,
+}
+
+#[derive(Debug, Default)]
+struct JobCache {
+    series: BTreeMap<SeriesKey, Vec<Sample>>,
+    events: Vec<StoredEvent>,
+    points: u64,
+}
+
+impl JobCache {
+    fn add(&mut self, point: &Point) {
+        self.points += 1;
+        for (name, value) in &point.values {
+            let key = SeriesKey {
+                name: name.clone(),
+                rank: point.rank,
+            };
+            self.series.entry(key).or_default().push(Sample {
+                step: point.step,
+                unix_ms: point.unix_ms,
+                value: *value,
+                attempt: point.attempt.min(u32::from(u16::MAX)) as u16,
+            });
+        }
+    }
+}
+
+/// What a query asks for.
+#[derive(Debug, Clone, Default)]
+pub struct SeriesQuery {
+    /// Metric names to return (all when empty).
+    pub names: Vec<String>,
+    /// Ranks to return (all when empty).
+    pub ranks: Vec<u32>,
+    /// At most about this many points per curve (0: all).
+    pub max_points: usize,
+}
+
+/// One curve as a query returns it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SeriesOut {
+    pub name: String,
+    pub rank: u32,
+    /// Stored points of the curve.
+    pub total: usize,
+    /// `[step, unix_ms, value, attempt]`, in arrival order; fewer than
+    /// `total` when downsampled.
+    pub points: Vec<(u64, i64, f64, u16)>,
+}
+
+/// What the Prometheus endpoint shows about a job's curves.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Summary {
+    pub points: u64,
+    /// Rank 0's latest value of each metric.
+    pub latest: BTreeMap<String, f64>,
+    /// Steps per second over the last minute of rank 0's reports.
+    pub step_rate: Option<f64>,
+    /// Reports the ranks could not send (sum of their latest counters).
+    pub dropped: u64,
+}
+
 pub struct MetricsStore {
     dir: PathBuf,
-    lock: std::sync::Mutex<()>,
+    /// Serialises appends to the files.
+    write: Mutex<()>,
+    cache: Mutex<HashMap<String, Arc<RwLock<JobCache>>>>,
 }
 
 impl MetricsStore {
     pub fn new(dir: PathBuf) -> Self {
         Self {
             dir,
-            lock: std::sync::Mutex::new(()),
+            write: Mutex::new(()),
+            cache: Mutex::new(HashMap::new()),
         }
     }
 
-    fn path(&self, job_id: &str) -> PathBuf {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn safe(job_id: &str) -> String {
         // Job ids are generated by the coordinator; refuse anything that
         // could leave the folder.
-        let safe: String = job_id
+        job_id
             .chars()
             .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-            .collect();
-        self.dir.join(format!("{safe}.jsonl"))
+            .collect()
     }
 
-    pub fn append(&self, job_id: &str, point: &Point) -> std::io::Result<()> {
-        let _serial = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        std::fs::create_dir_all(&self.dir)?;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(self.path(job_id))?;
-        let length = file.metadata()?.len();
-        let mut last = [b'\n'];
-        if length > 0 {
-            use std::os::unix::fs::FileExt;
-            file.read_at(&mut last, length - 1)?;
+    fn points_path(&self, job_id: &str) -> PathBuf {
+        self.dir.join(format!("{}.jsonl", Self::safe(job_id)))
+    }
+
+    fn events_path(&self, job_id: &str) -> PathBuf {
+        self.dir
+            .join(format!("{}.events.jsonl", Self::safe(job_id)))
+    }
+
+    /// The job's in-memory curves, loaded from its files the first time.
+    fn job(&self, job_id: &str) -> std::io::Result<Arc<RwLock<JobCache>>> {
+        let key = Self::safe(job_id);
+        if let Some(cache) = lock(&self.cache).get(&key) {
+            return Ok(cache.clone());
         }
-        let line = serde_json::to_string(point).map_err(std::io::Error::other)?;
-        // After a torn line (a crash mid-write) start on a fresh one.
-        let separator = if last[0] == b'\n' { "" } else { "\n" };
-        writeln!(file, "{separator}{line}")
+        // Load outside the map's lock (a big job takes a moment); a racing
+        // loader's copy is dropped.
+        let mut loaded = JobCache::default();
+        for point in read_lines::<Point>(&self.points_path(job_id))? {
+            loaded.add(&point);
+        }
+        loaded.events = read_lines(&self.events_path(job_id))?;
+        let _writer = lock(&self.write);
+        let mut cache = lock(&self.cache);
+        Ok(cache
+            .entry(key)
+            .or_insert_with(|| Arc::new(RwLock::new(loaded)))
+            .clone())
     }
 
-    /// Every stored point of the job; a torn last line (a crash mid-write)
-    /// is skipped.
+    /// Stores one report.
+    pub fn append(&self, job_id: &str, point: &Point) -> std::io::Result<()> {
+        self.append_batch(job_id, std::slice::from_ref(point), &[])
+    }
+
+    /// Stores a rank's batch of reports and notes with one write per file.
+    pub fn append_batch(
+        &self,
+        job_id: &str,
+        points: &[Point],
+        events: &[StoredEvent],
+    ) -> std::io::Result<()> {
+        let job = self.job(job_id)?;
+        let _serial = lock(&self.write);
+        if !points.is_empty() {
+            append_lines(&self.points_path(job_id), points)?;
+        }
+        if !events.is_empty() {
+            append_lines(&self.events_path(job_id), events)?;
+        }
+        let mut cache = job.write().unwrap_or_else(|p| p.into_inner());
+        for point in points {
+            cache.add(point);
+        }
+        cache.events.extend_from_slice(events);
+        Ok(())
+    }
+
+    /// Every stored point of the job, in arrival order; a torn last line (a
+    /// crash mid-write) is skipped.
     pub fn read(&self, job_id: &str) -> std::io::Result<Vec<Point>> {
-        read_points(&self.path(job_id))
+        read_lines(&self.points_path(job_id))
+    }
+
+    pub fn events(&self, job_id: &str) -> std::io::Result<Vec<StoredEvent>> {
+        let job = self.job(job_id)?;
+        let cache = job.read().unwrap_or_else(|p| p.into_inner());
+        Ok(cache.events.clone())
+    }
+
+    /// The job's curves, downsampled to about `query.max_points` each.
+    pub fn series(&self, job_id: &str, query: &SeriesQuery) -> std::io::Result<Vec<SeriesOut>> {
+        let job = self.job(job_id)?;
+        let cache = job.read().unwrap_or_else(|p| p.into_inner());
+        Ok(cache
+            .series
+            .iter()
+            .filter(|(key, _)| query.names.is_empty() || query.names.contains(&key.name))
+            .filter(|(key, _)| query.ranks.is_empty() || query.ranks.contains(&key.rank))
+            .map(|(key, samples)| SeriesOut {
+                name: key.name.clone(),
+                rank: key.rank,
+                total: samples.len(),
+                points: downsample(samples, query.max_points)
+                    .into_iter()
+                    .map(|s| (s.step, s.unix_ms, s.value, s.attempt))
+                    .collect(),
+            })
+            .collect())
+    }
+
+    /// The names and ranks of the job's curves.
+    pub fn keys(&self, job_id: &str) -> std::io::Result<Vec<SeriesKey>> {
+        let job = self.job(job_id)?;
+        let cache = job.read().unwrap_or_else(|p| p.into_inner());
+        Ok(cache.series.keys().cloned().collect())
+    }
+
+    /// Jobs held in memory and what Prometheus shows about them.
+    pub fn summaries(&self) -> Vec<(String, Summary)> {
+        let jobs: Vec<(String, Arc<RwLock<JobCache>>)> = lock(&self.cache)
+            .iter()
+            .map(|(id, cache)| (id.clone(), cache.clone()))
+            .collect();
+        let mut out: Vec<(String, Summary)> = jobs
+            .into_iter()
+            .map(|(id, cache)| {
+                let cache = cache.read().unwrap_or_else(|p| p.into_inner());
+                (id, summarise(&cache))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 }
 
-fn read_points(path: &Path) -> std::io::Result<Vec<Point>> {
+fn summarise(cache: &JobCache) -> Summary {
+    let mut summary = Summary {
+        points: cache.points,
+        ..Summary::default()
+    };
+    for (key, samples) in &cache.series {
+        let Some(last) = samples.last() else { continue };
+        if key.name == DROPPED {
+            summary.dropped += last.value as u64;
+        }
+        if key.rank != 0 {
+            continue;
+        }
+        summary.latest.insert(key.name.clone(), last.value);
+        if summary.step_rate.is_none() {
+            let since = last.unix_ms - 60_000;
+            let first = samples
+                .iter()
+                .rev()
+                .take_while(|s| s.unix_ms >= since && s.attempt == last.attempt)
+                .last()
+                .copied()
+                .unwrap_or(*last);
+            let seconds = (last.unix_ms - first.unix_ms) as f64 / 1000.0;
+            if seconds > 0.0 {
+                summary.step_rate = Some(last.step.saturating_sub(first.step) as f64 / seconds);
+            }
+        }
+    }
+    summary
+}
+
+/// The metric a rank's batches carry its count of unsent reports in.
+pub const DROPPED: &str = "dropped_reports";
+
+/// At most about `max_points` of `samples` (all of them when 0 or when
+/// fewer): the first and last, and in each of `max_points / 2` equal runs
+/// the smallest and largest value, in their order — spikes survive, unlike
+/// with plain striding.
+pub fn downsample(samples: &[Sample], max_points: usize) -> Vec<Sample> {
+    let n = samples.len();
+    if max_points == 0 || n <= max_points.max(4) {
+        return samples.to_vec();
+    }
+    let buckets = (max_points / 2).max(2);
+    let mut out = Vec::with_capacity(buckets * 2 + 2);
+    let mut last_index = None;
+    let mut push = |index: usize, out: &mut Vec<Sample>| {
+        if last_index != Some(index) {
+            out.push(samples[index]);
+            last_index = Some(index);
+        }
+    };
+    push(0, &mut out);
+    for bucket in 0..buckets {
+        let start = bucket * n / buckets;
+        let end = ((bucket + 1) * n / buckets).max(start + 1);
+        let run = &samples[start..end];
+        let (mut low, mut high) = (0, 0);
+        for (index, sample) in run.iter().enumerate() {
+            // NaN never wins either comparison, so it is skipped.
+            if sample.value < run[low].value || run[low].value.is_nan() {
+                low = index;
+            }
+            if sample.value > run[high].value || run[high].value.is_nan() {
+                high = index;
+            }
+        }
+        let (first, second) = if low <= high {
+            (low, high)
+        } else {
+            (high, low)
+        };
+        push(start + first, &mut out);
+        push(start + second, &mut out);
+    }
+    push(n - 1, &mut out);
+    out
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Appends JSON lines with one write; after a torn line (a crash
+/// mid-write) it starts on a fresh one.
+fn append_lines<T: Serialize>(path: &Path, items: &[T]) -> std::io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(path)?;
+    let length = file.metadata()?.len();
+    let mut last = [b'\n'];
+    if length > 0 {
+        use std::os::unix::fs::FileExt;
+        file.read_at(&mut last, length - 1)?;
+    }
+    let mut text = String::new();
+    if last[0] != b'\n' {
+        text.push('\n');
+    }
+    for item in items {
+        text.push_str(&serde_json::to_string(item).map_err(std::io::Error::other)?);
+        text.push('\n');
+    }
+    file.write_all(text.as_bytes())
+}
+
+fn read_lines<T: serde::de::DeserializeOwned>(path: &Path) -> std::io::Result<Vec<T>> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(text
             .lines()
@@ -94,20 +405,23 @@ fn read_points(path: &Path) -> std::io::Result<Vec<Point>> {
 mod tests {
     use super::*;
 
+    fn point(step: u64, rank: u32, value: f64) -> Point {
+        Point {
+            step,
+            rank,
+            attempt: 1,
+            unix_ms: 5 + step as i64,
+            values: [("loss_laion".to_string(), value)].into_iter().collect(),
+        }
+    }
+
     #[test]
     fn points_survive_a_new_store_and_a_torn_line() {
         let dir = tempfile::tempdir().unwrap();
-        let point = |step| Point {
-            step,
-            rank: 0,
-            attempt: 1,
-            unix_ms: 5,
-            values: [("loss_laion".to_string(), 2.5)].into_iter().collect(),
-        };
         let store = MetricsStore::new(dir.path().join("metrics"));
-        store.append("job-a", &point(1)).unwrap();
-        store.append("job-a", &point(2)).unwrap();
-        store.append("job-b", &point(9)).unwrap();
+        store.append("job-a", &point(1, 0, 2.5)).unwrap();
+        store.append("job-a", &point(2, 0, 2.5)).unwrap();
+        store.append("job-b", &point(9, 0, 2.5)).unwrap();
         // A coordinator killed mid-write leaves half a line.
         let path = dir.path().join("metrics/job-a.jsonl");
         let mut file = std::fs::OpenOptions::new()
@@ -116,13 +430,114 @@ mod tests {
             .unwrap();
         write!(file, "{{\"step\": 3, \"ra").unwrap();
         let reopened = MetricsStore::new(dir.path().join("metrics"));
-        assert_eq!(reopened.read("job-a").unwrap(), vec![point(1), point(2)]);
-        reopened.append("job-a", &point(4)).unwrap();
         assert_eq!(
             reopened.read("job-a").unwrap(),
-            vec![point(1), point(2), point(4)]
+            vec![point(1, 0, 2.5), point(2, 0, 2.5)]
+        );
+        reopened.append("job-a", &point(4, 0, 2.5)).unwrap();
+        assert_eq!(
+            reopened.read("job-a").unwrap(),
+            vec![point(1, 0, 2.5), point(2, 0, 2.5), point(4, 0, 2.5)]
         );
         assert_eq!(reopened.read("job-none").unwrap(), vec![]);
         assert_eq!(reopened.read("../metrics/job-b").unwrap(), vec![]);
+        // The in-memory curves hold the same points as the file.
+        let curves = reopened.series("job-a", &SeriesQuery::default()).unwrap();
+        assert_eq!(curves.len(), 1);
+        let steps: Vec<u64> = curves[0].points.iter().map(|p| p.0).collect();
+        assert_eq!(steps, vec![1, 2, 4]);
+    }
+
+    #[test]
+    fn batches_store_points_and_events_and_filter_by_name_and_rank() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetricsStore::new(dir.path().to_path_buf());
+        let mut with_time = point(1, 3, 0.5);
+        with_time.values.insert("step_seconds".into(), 0.25);
+        let note = StoredEvent {
+            unix_ms: 7,
+            kind: EventKind::SamplesSkipped,
+            message: "2 samples skipped".into(),
+            seq: None,
+            step: Some(1),
+            rank: Some(3),
+            attempt: 1,
+        };
+        store
+            .append_batch(
+                "j",
+                &[point(1, 0, 2.0), with_time],
+                std::slice::from_ref(&note),
+            )
+            .unwrap();
+        let query = SeriesQuery {
+            names: vec!["step_seconds".into()],
+            ..SeriesQuery::default()
+        };
+        let curves = store.series("j", &query).unwrap();
+        assert_eq!(curves.len(), 1);
+        assert_eq!((curves[0].rank, curves[0].points[0].2), (3, 0.25));
+        let query = SeriesQuery {
+            ranks: vec![0],
+            ..SeriesQuery::default()
+        };
+        let curves = store.series("j", &query).unwrap();
+        assert_eq!(curves.len(), 1);
+        assert_eq!(curves[0].name, "loss_laion");
+        let fresh = MetricsStore::new(dir.path().to_path_buf());
+        assert_eq!(fresh.events("j").unwrap(), vec![note]);
+        assert_eq!(fresh.series("j", &SeriesQuery::default()).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn downsampling_keeps_ends_and_extremes_in_order() {
+        let samples: Vec<Sample> = (0..10_000u64)
+            .map(|step| Sample {
+                step,
+                unix_ms: step as i64,
+                value: if step == 4321 {
+                    100.0
+                } else {
+                    (step % 7) as f64
+                },
+                attempt: 0,
+            })
+            .collect();
+        let out = downsample(&samples, 500);
+        assert!(out.len() <= 502, "{} points", out.len());
+        assert_eq!(out.first().unwrap().step, 0);
+        assert_eq!(out.last().unwrap().step, 9_999);
+        assert!(out.iter().any(|s| s.step == 4321), "the spike survives");
+        assert!(out.windows(2).all(|w| w[0].step < w[1].step));
+        // Small curves come back whole.
+        assert_eq!(downsample(&samples[..300], 500), samples[..300].to_vec());
+        assert_eq!(downsample(&samples, 0).len(), 10_000);
+    }
+
+    #[test]
+    fn summary_has_latest_values_step_rate_and_dropped_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetricsStore::new(dir.path().to_path_buf());
+        let points: Vec<Point> = (0..=10u64)
+            .map(|step| Point {
+                step,
+                rank: 0,
+                attempt: 0,
+                unix_ms: step as i64 * 500,
+                values: [("loss_laion".to_string(), 10.0 - step as f64)]
+                    .into_iter()
+                    .collect(),
+            })
+            .collect();
+        store.append_batch("j", &points, &[]).unwrap();
+        let mut dropped = point(3, 1, 0.0);
+        dropped.values = [(DROPPED.to_string(), 4.0)].into_iter().collect();
+        store.append("j", &dropped).unwrap();
+        let summaries = store.summaries();
+        let summary = &summaries[0].1;
+        assert_eq!(summary.points, 12);
+        assert_eq!(summary.latest["loss_laion"], 0.0);
+        assert_eq!(summary.step_rate, Some(2.0));
+        assert_eq!(summary.dropped, 4);
     }
 }

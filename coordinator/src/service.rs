@@ -116,6 +116,22 @@ impl Coordinator {
         for event in &effects.events {
             self.store.put_event(event).await?;
             tracing::info!(job = %event.job_id, state = event.state.as_str(), "{}", event.message);
+            // The dashboard's timeline reads events next to the curves.
+            let stored = crate::metrics::StoredEvent {
+                unix_ms: event.unix_ms,
+                kind: event.kind,
+                message: event.message.clone(),
+                seq: Some(event.seq),
+                step: cluster.jobs.get(&event.job_id).map(|job| job.last_step),
+                rank: None,
+                attempt: cluster.jobs.get(&event.job_id).map_or(0, |job| job.attempt),
+            };
+            if let Err(error) = self
+                .metrics
+                .append_batch(event.job_id.as_str(), &[], &[stored])
+            {
+                tracing::warn!(job = %event.job_id, %error, "could not store an event with the metrics");
+            }
             let _no_watchers_is_fine = self.events_tx.send(event.clone());
         }
         if !effects.messages.is_empty() {
@@ -365,6 +381,23 @@ impl Coordinator {
         if let Err(error) = self.metrics.append(job_id.as_str(), point) {
             tracing::warn!(job = %job_id, %error, "could not store a metric report");
         }
+    }
+
+    /// Stores a rank's batch of reports and notes; a failure to store is
+    /// logged, never sent back to the rank.
+    pub fn record_batch(
+        &self,
+        job_id: &JobId,
+        points: &[crate::metrics::Point],
+        notes: &[crate::metrics::StoredEvent],
+    ) {
+        if let Err(error) = self.metrics.append_batch(job_id.as_str(), points, notes) {
+            tracing::warn!(job = %job_id, %error, "could not store a metrics batch");
+        }
+    }
+
+    pub fn metrics_store(&self) -> &crate::metrics::MetricsStore {
+        &self.metrics
     }
 
     /// Every metric report stored for the job.

@@ -58,6 +58,9 @@ pub struct TrainJob {
     /// Data-service replicas to stream batches from (`http://host:port`);
     /// empty: every rank reads its shards in-process.
     pub data_service: Vec<String>,
+    /// Dense peak of one rank's device in TFLOP/s (H100/H200 SXM bf16:
+    /// 989.4), for the MFU each rank reports; 0: unknown, no MFU reported.
+    pub peak_tflops: f64,
 }
 
 impl Default for TrainJob {
@@ -97,6 +100,7 @@ impl Default for TrainJob {
             mmc4_min_num_images: 1,
             max_steps: 0,
             data_service: Vec::new(),
+            peak_tflops: 0.0,
         }
     }
 }
@@ -118,6 +122,12 @@ impl TrainJob {
             return Err(format!(
                 "--precision {}: use fp32 or amp_bf16 (bf16 and fp16 are not implemented yet)",
                 self.precision
+            ));
+        }
+        if !(self.peak_tflops.is_finite() && self.peak_tflops >= 0.0) {
+            return Err(format!(
+                "--peak_tflops {}: give the device's peak in TFLOP/s (or 0 for none)",
+                self.peak_tflops
             ));
         }
         self.fsdp_sharding_strategy.parse::<Strategy>()?;

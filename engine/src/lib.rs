@@ -10,6 +10,7 @@ pub mod autocast;
 pub mod batch;
 pub mod checkpoint;
 pub mod clip;
+pub mod flops;
 pub mod job;
 pub mod optim;
 pub mod run;

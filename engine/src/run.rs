@@ -20,6 +20,7 @@ use serde_json::json;
 
 use crate::batch::TrainBatch;
 use crate::checkpoint::{self, Manifest};
+use crate::flops::FlopModel;
 use crate::job::TrainJob;
 use crate::trainer::{StepReport, Strategy, Trainer};
 
@@ -28,8 +29,11 @@ use crate::trainer::{StepReport, Strategy, Trainer};
 pub trait ClusterLink {
     /// Which start of the job's group this rank belongs to.
     fn attempt(&self) -> u32;
-    /// Rank 0 finished a step; must never block the step.
-    fn step(&self, report: &StepReport);
+    /// This rank finished optimizer step `step`: its metrics (rank 0's
+    /// include the losses, lr and grad norm). Must never block the step.
+    fn step(&self, step: u64, values: &[(&'static str, f64)]);
+    /// Something for the job's timeline (samples skipped); never blocks.
+    fn note(&self, step: u64, kind: &'static str, message: String);
     /// Every rank wrote its part of checkpoint `step` and the manifest is
     /// written: make it the job's latest. Returns the checkpoint folders the
     /// retention policy retired (the caller deletes them).
@@ -71,6 +75,20 @@ struct Fetched {
     batch: TrainBatch,
     keys: Vec<String>,
     epoch: u64,
+    /// Samples the pipeline skipped for this batch: `shard key: reason`.
+    skipped: Vec<String>,
+}
+
+fn describe_skips(skipped: &[flamingo_data::sample::Skipped]) -> Vec<String> {
+    skipped
+        .iter()
+        .map(|skip| {
+            format!(
+                "{} {}: {} ({})",
+                skip.shard, skip.key, skip.reject.reason, skip.reject.detail
+            )
+        })
+        .collect()
 }
 
 /// Where a rank's batches come from.
@@ -202,6 +220,7 @@ impl Feed {
                     batch: TrainBatch::from_rank_batch(&batch),
                     keys: batch.keys.clone(),
                     epoch: batch.start.epoch,
+                    skipped: describe_skips(&batch.skipped),
                 });
             }
         };
@@ -222,8 +241,86 @@ impl Feed {
             batch: TrainBatch::from_rank_batch(&slice),
             keys: slice.keys.clone(),
             epoch: slice.start.epoch,
+            // The global batch's skips, told once (by rank 0).
+            skipped: if rank == 0 {
+                describe_skips(&global.skipped)
+            } else {
+                Vec::new()
+            },
         })
     }
+}
+
+/// What one optimizer step of this rank took, measured across its
+/// micro-batches.
+struct StepMeter {
+    started: Instant,
+    data_wait: f64,
+    samples: usize,
+    images: f64,
+    tokens: f64,
+    skipped: Vec<String>,
+}
+
+struct Measured {
+    values: Vec<(&'static str, f64)>,
+    skipped: Vec<String>,
+}
+
+impl StepMeter {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            data_wait: 0.0,
+            samples: 0,
+            images: 0.0,
+            tokens: 0.0,
+            skipped: Vec::new(),
+        }
+    }
+
+    fn count(&mut self, batch: &TrainBatch) {
+        let shape = batch.vision_x.size();
+        self.samples += batch.samples;
+        self.images += (shape[0] * shape[1]) as f64;
+        self.tokens += batch.input_ids.numel() as f64;
+    }
+
+    /// The step's metrics; the meter starts over for the next step.
+    /// Throughput is global (this rank's count × world: every rank's
+    /// batches have the same shape).
+    fn finish(&mut self, flops: &FlopModel, peak_tflops: f64, world: usize) -> Measured {
+        let seconds = self.started.elapsed().as_secs_f64().max(1e-9);
+        let achieved = flops.step_flops(self.images, self.tokens) / seconds;
+        let mut values = vec![
+            ("step_seconds", seconds),
+            ("data_wait_seconds", self.data_wait),
+            (
+                "samples_per_second",
+                (self.samples * world) as f64 / seconds,
+            ),
+            ("tokens_per_second", self.tokens * world as f64 / seconds),
+            ("model_tflops", achieved / 1e12),
+        ];
+        if peak_tflops > 0.0 {
+            values.push(("mfu", achieved / (peak_tflops * 1e12)));
+        }
+        if let Some(bytes) = resident_bytes() {
+            values.push(("memory_bytes", bytes));
+        }
+        let skipped = std::mem::take(&mut self.skipped);
+        *self = Self::new();
+        Measured { values, skipped }
+    }
+}
+
+/// This process's resident memory (`/proc/self/statm`).
+fn resident_bytes() -> Option<f64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: f64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page as f64)
 }
 
 /// The progress line: redrawn in place on a terminal; on a pipe or file
@@ -449,13 +546,29 @@ pub fn run_rank_with(
         + job.batch_size_mmc4 as usize * usize::from(mmc4.is_some()))
         * world
         * job.gradient_accumulation_steps as usize;
+    let flop_model = FlopModel::new(
+        trainer.model(),
+        &format!(
+            "lang_encoder.{}",
+            trainer.model().decoder().input_embedding_name()
+        ),
+        !job.freeze_lm_embeddings,
+        (image_size / spec.vision.patch_size).pow(2) + 1,
+    );
+    let mut meter = StepMeter::new();
     while trainer.step_count() < end {
         let next = |feed: Option<&mut Feed>| {
             feed.map(|feed| feed.next(rank, world, &runtime))
                 .transpose()
         };
+        let waiting = Instant::now();
         let laion_batch = next(laion.as_mut())?;
         let mmc4_batch = next(mmc4.as_mut())?;
+        meter.data_wait += waiting.elapsed().as_secs_f64();
+        for fetched in [&laion_batch, &mmc4_batch].into_iter().flatten() {
+            meter.count(&fetched.batch);
+            meter.skipped.extend(fetched.skipped.iter().cloned());
+        }
         if let Some(audit) = audit.as_mut() {
             let step = trainer.step_count() + 1;
             for (name, fetched) in [("laion", &laion_batch), ("mmc4", &mmc4_batch)] {
@@ -501,9 +614,43 @@ pub fn run_rank_with(
                 }
             }
         }
-        if rank == 0 {
-            if let Some(link) = link {
-                link.step(&report);
+        let measured = meter.finish(&flop_model, job.peak_tflops, world);
+        if let Some(link) = link {
+            let mut values = measured.values;
+            if rank == 0 {
+                values.push(("lr", report.lr));
+                values.push(("grad_norm", report.grad_norm));
+                values.push(("skipped_steps", trainer.skipped_steps() as f64));
+                if let Some(loss) = report.loss_laion {
+                    values.push(("loss_laion", loss));
+                }
+                if let Some(loss) = report.loss_mmc4 {
+                    values.push(("loss_mmc4", loss));
+                }
+            }
+            link.step(step, &values);
+            if !measured.skipped.is_empty() {
+                let shown: Vec<&str> = measured
+                    .skipped
+                    .iter()
+                    .take(5)
+                    .map(String::as_str)
+                    .collect();
+                let more = measured.skipped.len().saturating_sub(shown.len());
+                let more = if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                };
+                link.note(
+                    step,
+                    "samples_skipped",
+                    format!(
+                        "{} sample(s) skipped: {}{more}",
+                        measured.skipped.len(),
+                        shown.join("; ")
+                    ),
+                );
             }
         }
         let mut due = job.checkpoint_steps > 0 && step % job.checkpoint_steps == 0;

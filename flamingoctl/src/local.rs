@@ -120,6 +120,8 @@ pub fn spawn_etcd(spec: &EtcdSpec, log: &Path, detach: bool) -> anyhow::Result<C
 #[derive(Debug, Clone)]
 pub struct CoordinatorSpec {
     pub port: u16,
+    /// The dashboard's port (its data API and Prometheus `/metrics` too).
+    pub http_port: u16,
     pub etcd_endpoint: String,
     pub lease_ttl_seconds: u32,
     pub heartbeat_interval_ms: u32,
@@ -128,6 +130,10 @@ pub struct CoordinatorSpec {
 impl CoordinatorSpec {
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn dashboard(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.http_port)
     }
 }
 
@@ -139,6 +145,7 @@ pub fn spawn_coordinator(
     let mut command = Command::new(binary("flamingo-coordinator")?);
     command
         .arg(format!("--listen=127.0.0.1:{}", spec.port))
+        .arg(format!("--http-listen=127.0.0.1:{}", spec.http_port))
         .arg(format!("--etcd-endpoints={}", spec.etcd_endpoint))
         .arg(format!("--lease-ttl-seconds={}", spec.lease_ttl_seconds))
         .arg(format!(
@@ -169,6 +176,8 @@ pub struct AgentSpec {
     pub rendezvous_port_count: u16,
     pub drain_timeout_seconds: u64,
     pub kill_grace_seconds: u64,
+    /// Where the agent serves Prometheus `/metrics` (none: it does not).
+    pub metrics_port: Option<u16>,
     pub extra_args: Vec<String>,
 }
 
@@ -189,6 +198,10 @@ pub fn spawn_agent(spec: &AgentSpec, log: &Path, detach: bool) -> anyhow::Result
             spec.drain_timeout_seconds
         ))
         .arg(format!("--kill-grace-seconds={}", spec.kill_grace_seconds))
+        .args(
+            spec.metrics_port
+                .map(|port| format!("--metrics-listen=127.0.0.1:{port}")),
+        )
         .args(&spec.extra_args);
     spawn(command, log, detach)
 }
@@ -224,6 +237,9 @@ pub struct ClusterState {
     pub data_service: Option<String>,
     #[serde(default)]
     pub data_service_pid: Option<u32>,
+    /// The coordinator's dashboard (`http://127.0.0.1:port/`).
+    #[serde(default)]
+    pub dashboard: Option<String>,
     pub nodes: u32,
     pub slots_per_node: u32,
     pub state_dir: PathBuf,

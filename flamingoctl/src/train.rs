@@ -83,6 +83,10 @@ pub struct TrainFlags {
     pub mmc4_textsim_threshold: Option<f64>,
     #[arg(long = "max_steps")]
     pub max_steps: Option<u64>,
+    /// Dense peak of one rank's device in TFLOP/s, for the MFU estimate the
+    /// ranks report (H100/H200 SXM bf16: 989.4); unset: no MFU.
+    #[arg(long = "peak_tflops")]
+    pub peak_tflops: Option<f64>,
     /// Stream batches from these data-service replicas (comma-separated
     /// http://host:port) instead of reading shards in each rank.
     #[arg(long = "data_service", value_delimiter = ',')]
@@ -125,7 +129,8 @@ impl TrainFlags {
             logging_steps,
             checkpoint_steps,
             mmc4_textsim_threshold,
-            max_steps
+            max_steps,
+            peak_tflops
         );
         if self.laion_shards.is_some() {
             job.laion_shards = self.laion_shards.clone();

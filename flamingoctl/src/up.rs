@@ -67,8 +67,14 @@ pub async fn up(state_dir: &Path, options: &UpOptions) -> anyhow::Result<Cluster
         } else {
             flamingo_common::net::free_local_port()?
         };
+        let http_port = if std::net::TcpListener::bind(("127.0.0.1", 7080)).is_ok() {
+            7080
+        } else {
+            flamingo_common::net::free_local_port()?
+        };
         let coordinator = CoordinatorSpec {
             port,
+            http_port,
             etcd_endpoint: etcd.endpoint(),
             lease_ttl_seconds: options.lease_ttl_seconds,
             heartbeat_interval_ms: 1000.min(options.lease_ttl_seconds * 250),
@@ -84,7 +90,11 @@ pub async fn up(state_dir: &Path, options: &UpOptions) -> anyhow::Result<Cluster
                 )
             },
         )?;
-        eprintln!("up at {}", coordinator.endpoint());
+        eprintln!(
+            "up at {} (dashboard {})",
+            coordinator.endpoint(),
+            coordinator.dashboard()
+        );
 
         step("data service");
         let data_port = flamingo_common::net::free_local_port()?;
@@ -119,6 +129,7 @@ pub async fn up(state_dir: &Path, options: &UpOptions) -> anyhow::Result<Cluster
                 rendezvous_port_count: ports_per_node,
                 drain_timeout_seconds: 3,
                 kill_grace_seconds: 3,
+                metrics_port: Some(flamingo_common::net::free_local_port()?),
                 extra_args: Vec::new(),
             };
             let child = local::spawn_agent(&spec, &logs.join(format!("{node_id}.log")), true)?;
@@ -156,6 +167,7 @@ pub async fn up(state_dir: &Path, options: &UpOptions) -> anyhow::Result<Cluster
             agent_pids,
             data_service: Some(data_service),
             data_service_pid: Some(data_child.id()),
+            dashboard: Some(coordinator.dashboard()),
             nodes: options.nodes,
             slots_per_node: options.slots_per_node,
             state_dir: state_dir.to_path_buf(),
@@ -173,6 +185,9 @@ pub async fn up(state_dir: &Path, options: &UpOptions) -> anyhow::Result<Cluster
                 state.slots_per_node,
                 state_dir.display()
             );
+            if let Some(dashboard) = &state.dashboard {
+                eprintln!("dashboard: {dashboard}");
+            }
             Ok(state)
         }
         Err(error) => {

@@ -76,6 +76,7 @@ impl ClusterSandbox {
         local::wait_for_port(&etcd_spec.endpoint(), Duration::from_secs(20))?;
         let coordinator_spec = CoordinatorSpec {
             port: flamingo_common::net::free_local_port()?,
+            http_port: flamingo_common::net::free_local_port()?,
             etcd_endpoint: etcd_spec.endpoint(),
             lease_ttl_seconds: options.lease_ttl_seconds,
             heartbeat_interval_ms: 300,
@@ -111,6 +112,18 @@ impl ClusterSandbox {
         self.coordinator_spec.endpoint()
     }
 
+    /// The coordinator's dashboard (`http://127.0.0.1:port/`).
+    pub fn dashboard(&self) -> String {
+        self.coordinator_spec.dashboard()
+    }
+
+    /// An agent's Prometheus endpoint.
+    pub fn agent_metrics(&self, node_id: &str) -> Option<String> {
+        let block = *self.agent_blocks.get(node_id)?;
+        let port = self.agent_spec(node_id, block).metrics_port?;
+        Some(format!("http://127.0.0.1:{port}/metrics"))
+    }
+
     pub fn start_coordinator(&mut self) -> anyhow::Result<()> {
         let child = local::spawn_coordinator(
             &self.coordinator_spec,
@@ -136,9 +149,10 @@ impl ClusterSandbox {
             slots: self.slots_per_node,
             state_dir: self.path().join("agents").join(node_id),
             rendezvous_port_first: self.port_base + block * PORTS_PER_NODE,
-            rendezvous_port_count: PORTS_PER_NODE,
+            rendezvous_port_count: PORTS_PER_NODE - 1,
             drain_timeout_seconds: 5,
             kill_grace_seconds: 2,
+            metrics_port: Some(self.port_base + block * PORTS_PER_NODE + PORTS_PER_NODE - 1),
             extra_args: Vec::new(),
         }
     }

@@ -50,6 +50,10 @@ pub struct AgentConfig {
     /// Between SIGTERM and SIGKILL when stopping a rank.
     #[arg(long, env = "FLAMINGO_KILL_GRACE_SECONDS", default_value_t = 5)]
     pub kill_grace_seconds: u64,
+    /// Where to serve Prometheus `/metrics` (rank process states); none
+    /// when not given.
+    #[arg(long, env = "FLAMINGO_AGENT_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Protocol version to announce (only for testing version checks).
     #[arg(long, hide = true, default_value_t = flamingo_proto::PROTOCOL_VERSION)]
     pub protocol_version: u32,
@@ -184,6 +188,34 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         agent_endpoint,
     };
     let draining = CancellationToken::new();
+    if let Some(address) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("--metrics-listen {address}: cannot listen"))?;
+        let (ranks, node_id, draining) = (ranks.clone(), node_id.clone(), draining.clone());
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let text = ranks.prometheus_text(&node_id, slots, draining.is_cancelled());
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        text,
+                    )
+                }
+            }),
+        );
+        tracing::info!(%address, "serving Prometheus /metrics");
+        let stop = server_shutdown.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+        });
+    }
     let mut interval = Duration::from_millis(1000);
     let mut registered = false;
     let drain_watch = {

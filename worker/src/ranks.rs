@@ -46,6 +46,8 @@ struct Table {
     /// Jobs told to stop, with the first attempt still allowed to run
     /// (`u32::MAX`: none): a late start for a stopped attempt is ignored.
     stopped: BTreeMap<JobId, u32>,
+    /// Rank exits by outcome (`succeeded`, `failed`, `killed`, `preempted`).
+    exits: BTreeMap<&'static str, u64>,
 }
 
 /// Supervises this node's rank processes.
@@ -87,6 +89,73 @@ impl Ranks {
         self.table
             .lock()
             .expect("rank table lock is never poisoned")
+    }
+
+    /// This node's rank processes in Prometheus' text format.
+    pub fn prometheus_text(&self, node_id: &str, slots: u32, draining: bool) -> String {
+        use std::fmt::Write as _;
+        let table = self.table();
+        let node = node_id.replace('\\', "\\\\").replace('"', "\\\"");
+        let mut out = String::new();
+        let _ = writeln!(out, "# HELP flamingo_agent_slots Rank slots of this node.");
+        let _ = writeln!(out, "# TYPE flamingo_agent_slots gauge");
+        let _ = writeln!(out, "flamingo_agent_slots{{node=\"{node}\"}} {slots}");
+        let _ = writeln!(
+            out,
+            "# HELP flamingo_agent_draining Whether the node is draining (SIGTERM received)."
+        );
+        let _ = writeln!(out, "# TYPE flamingo_agent_draining gauge");
+        let _ = writeln!(
+            out,
+            "flamingo_agent_draining{{node=\"{node}\"}} {}",
+            u8::from(draining)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP flamingo_agent_ranks_running Rank processes running on this node."
+        );
+        let _ = writeln!(out, "# TYPE flamingo_agent_ranks_running gauge");
+        let _ = writeln!(
+            out,
+            "flamingo_agent_ranks_running{{node=\"{node}\"}} {}",
+            table.running.len()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP flamingo_agent_rank_running One per running rank process."
+        );
+        let _ = writeln!(out, "# TYPE flamingo_agent_rank_running gauge");
+        for ((job, attempt, rank), process) in &table.running {
+            let _ = writeln!(
+                out,
+                "flamingo_agent_rank_running{{node=\"{node}\",job=\"{}\",attempt=\"{attempt}\",rank=\"{rank}\",pid=\"{}\"}} 1",
+                job.as_str(),
+                process.pid
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP flamingo_agent_rank_starts_total Rank processes started on this node."
+        );
+        let _ = writeln!(out, "# TYPE flamingo_agent_rank_starts_total counter");
+        let _ = writeln!(
+            out,
+            "flamingo_agent_rank_starts_total{{node=\"{node}\"}} {}",
+            table.launched.len()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP flamingo_agent_rank_exits_total Rank process exits by outcome."
+        );
+        let _ = writeln!(out, "# TYPE flamingo_agent_rank_exits_total counter");
+        for outcome in ["succeeded", "failed", "killed", "preempted"] {
+            let count = table.exits.get(outcome).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "flamingo_agent_rank_exits_total{{node=\"{node}\",outcome=\"{outcome}\"}} {count}"
+            );
+        }
+        out
     }
 
     pub fn running(&self) -> Vec<RankKey> {
@@ -304,7 +373,17 @@ impl Ranks {
         };
         let result_json = std::fs::read_to_string(result_path(&self.state_dir, &key.0, key.2))
             .unwrap_or_default();
-        self.table().running.remove(&key);
+        {
+            let mut table = self.table();
+            table.running.remove(&key);
+            let outcome = match (exit_code, signal) {
+                (_, signal) if signal != 0 => "killed",
+                (0, _) => "succeeded",
+                (flamingo_common::jobs::PREEMPTED_EXIT_CODE, _) => "preempted",
+                _ => "failed",
+            };
+            *table.exits.entry(outcome).or_default() += 1;
+        }
         tracing::info!(job = %key.0, attempt = key.1, rank = key.2, exit_code, signal, "rank exited");
         self.report(
             key,

@@ -5,12 +5,13 @@
 //! commits, and it resumes only from the checkpoint the agent names.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use flamingo_collectives::{Backend, ProcessGroup, ProcessGroupConfig};
 use flamingo_engine::job::TrainJob;
 use flamingo_engine::run::{ClusterLink, RunEnd, PREEMPTED_EXIT_CODE};
-use flamingo_engine::trainer::StepReport;
 use flamingo_proto::v1 as pb;
 use flamingo_proto::v1::node_service_client::NodeServiceClient;
 use tokio::sync::mpsc;
@@ -32,11 +33,23 @@ struct CoordinatorLink {
     runtime: tokio::runtime::Runtime,
     client: NodeServiceClient<Channel>,
     job_id: String,
-    node_id: String,
-    rank: u32,
     attempt: u32,
-    steps: mpsc::Sender<pb::MetricsReport>,
+    reports: mpsc::Sender<Report>,
+    sender: tokio::task::JoinHandle<()>,
+    /// Reports that found the queue full (the coordinator is slow or
+    /// down): counted and told to the coordinator with the next batch.
+    dropped: Arc<AtomicU64>,
 }
+
+enum Report {
+    Step(pb::MetricSample),
+    Note(pb::RankNote),
+}
+
+/// Reports queued at most (about a minute of steps at 10 per second).
+const REPORT_QUEUE: usize = 512;
+/// How often queued reports go out, as one batch.
+const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
 impl CoordinatorLink {
     fn from_env(rank: u32) -> anyhow::Result<Option<Self>> {
@@ -58,24 +71,88 @@ impl CoordinatorLink {
                 .connect_lazy()
         };
         let client = NodeServiceClient::new(channel);
-        // Step reports go out from a background task; when it falls behind
-        // (coordinator down) reports are dropped, never waited for.
-        let (steps, mut steps_rx) = mpsc::channel::<pb::MetricsReport>(64);
-        let sender = client.clone();
-        runtime.spawn(async move {
-            while let Some(report) = steps_rx.recv().await {
-                let _ = sender.clone().report_metrics(report).await;
-            }
-        });
+        // Reports go out in batches from a background task; a step only
+        // ever does a non-blocking send into a bounded queue.
+        let (reports, reports_rx) = mpsc::channel::<Report>(REPORT_QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let template = pb::MetricsBatch {
+            node_id: var("FLAMINGO_NODE_ID"),
+            job_id: var("FLAMINGO_JOB_ID"),
+            rank,
+            attempt,
+            ..pb::MetricsBatch::default()
+        };
+        let sender = runtime.spawn(send_batches(
+            client.clone(),
+            template,
+            reports_rx,
+            dropped.clone(),
+        ));
         Ok(Some(Self {
             runtime,
             client,
             job_id: var("FLAMINGO_JOB_ID"),
-            node_id: var("FLAMINGO_NODE_ID"),
-            rank,
             attempt,
-            steps,
+            reports,
+            sender,
+            dropped,
         }))
+    }
+
+    /// Sends what is still queued (waiting a few seconds at most).
+    fn finish(self) {
+        let Self {
+            runtime,
+            reports,
+            sender,
+            ..
+        } = self;
+        drop(reports);
+        runtime.block_on(async move {
+            let _late_reports_are_dropped =
+                tokio::time::timeout(Duration::from_secs(3), sender).await;
+        });
+    }
+
+    fn send(&self, report: Report) {
+        if self.reports.try_send(report).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Sends what the queue holds about once a second. A batch the
+/// coordinator did not take is dropped and counted (the next one may get
+/// through), so a down coordinator costs memory for one queue, no more.
+async fn send_batches(
+    client: NodeServiceClient<Channel>,
+    template: pb::MetricsBatch,
+    mut reports: mpsc::Receiver<Report>,
+    dropped: Arc<AtomicU64>,
+) {
+    let mut open = true;
+    while open {
+        let deadline = tokio::time::Instant::now() + REPORT_INTERVAL;
+        let mut batch = template.clone();
+        loop {
+            match tokio::time::timeout_at(deadline, reports.recv()).await {
+                Ok(Some(Report::Step(sample))) => batch.samples.push(sample),
+                Ok(Some(Report::Note(note))) => batch.notes.push(note),
+                Ok(None) => {
+                    open = false;
+                    break;
+                }
+                Err(_elapsed) => break,
+            }
+        }
+        if batch.samples.is_empty() && batch.notes.is_empty() {
+            continue;
+        }
+        let count = batch.samples.len() as u64;
+        batch.dropped = dropped.load(Ordering::Relaxed);
+        if client.clone().report_metrics_batch(batch).await.is_err() {
+            dropped.fetch_add(count, Ordering::Relaxed);
+        }
     }
 }
 
@@ -84,24 +161,24 @@ impl ClusterLink for CoordinatorLink {
         self.attempt
     }
 
-    fn step(&self, report: &StepReport) {
-        let mut values = std::collections::HashMap::new();
-        values.insert("lr".to_string(), report.lr);
-        values.insert("grad_norm".to_string(), report.grad_norm);
-        if let Some(loss) = report.loss_laion {
-            values.insert("loss_laion".to_string(), loss);
-        }
-        if let Some(loss) = report.loss_mmc4 {
-            values.insert("loss_mmc4".to_string(), loss);
-        }
-        let _dropped_when_full = self.steps.try_send(pb::MetricsReport {
-            node_id: self.node_id.clone(),
-            job_id: self.job_id.clone(),
-            rank: self.rank,
-            step: report.step,
-            values,
-            attempt: self.attempt,
-        });
+    fn step(&self, step: u64, values: &[(&'static str, f64)]) {
+        self.send(Report::Step(pb::MetricSample {
+            step,
+            unix_ms: flamingo_common::unix_ms(),
+            values: values
+                .iter()
+                .map(|(name, value)| (name.to_string(), *value))
+                .collect(),
+        }));
+    }
+
+    fn note(&self, step: u64, kind: &'static str, message: String) {
+        self.send(Report::Note(pb::RankNote {
+            step,
+            unix_ms: flamingo_common::unix_ms(),
+            kind: kind.to_string(),
+            message,
+        }));
     }
 
     fn commit(&self, step: u64, dir: &Path, cursor_json: &str) -> anyhow::Result<Vec<PathBuf>> {
@@ -187,8 +264,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         &job,
         group.as_ref(),
         link.as_ref().map(|link| link as &dyn ClusterLink),
-    )?;
-    if let RunEnd::Preempted { .. } = end {
+    );
+    if let Some(link) = link {
+        link.finish();
+    }
+    if let RunEnd::Preempted { .. } = end? {
         std::process::exit(PREEMPTED_EXIT_CODE);
     }
     Ok(())

@@ -1,0 +1,409 @@
+//! The dashboard in a real browser: headless Chromium driven through
+//! chromedriver (WebDriver) opens the coordinator's dashboard while a
+//! training job runs on a local cluster. The loss chart must hold exactly
+//! the points `flamingoctl metrics` exports (read from the DOM), grow as
+//! steps arrive, mark checkpoints, and show the same curves after the
+//! coordinator is SIGKILLed and restarted. The Prometheus endpoints of the
+//! coordinator and of an agent are checked while the job runs. A screenshot
+//! is kept in `target/test-artifacts/dashboard.png`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use flamingo_tests::{ClusterSandbox, SandboxOptions};
+use serde_json::{json, Value};
+
+const SAMPLES: u64 = 512;
+const PER_RANK: u64 = 4;
+const WORLD: u64 = 2;
+const EPOCHS: u64 = 3;
+const STEPS: u64 = SAMPLES / (PER_RANK * WORLD) * EPOCHS;
+
+fn flamingoctl(dir: &Path, args: &[&str]) -> String {
+    let output = Command::new(ClusterSandbox::binary("flamingoctl"))
+        .current_dir(dir)
+        .env("FLAMINGO_STATE_DIR", dir.join("state"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("flamingoctl runs");
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// chromedriver on a free port, stopped on drop.
+struct Driver {
+    child: Child,
+    url: String,
+    session: Option<String>,
+}
+
+impl Driver {
+    fn start(profile: &Path) -> Self {
+        let binary = ["chromedriver", "/usr/bin/chromedriver"]
+            .into_iter()
+            .find(|candidate| {
+                Command::new(candidate)
+                    .arg("--version")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|status| status.success())
+            })
+            .expect(
+                "chromedriver not found: install Debian's chromium and chromium-driver \
+                 (scripts/test.sh does when run as root)",
+            );
+        let port = flamingo_common::net::free_local_port().expect("a free port");
+        let child = Command::new(binary)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("WebDriver or HTTP call");
+        let url = format!("http://127.0.0.1:{port}");
+        flamingoctl::local::wait_for_port(&url, Duration::from_secs(20))
+            .expect("chromedriver listens");
+        let mut driver = Self {
+            child,
+            url,
+            session: None,
+        };
+        let capabilities = json!({
+            "capabilities": { "alwaysMatch": {
+                "browserName": "chrome",
+                "goog:chromeOptions": {
+                    "binary": "/usr/bin/chromium",
+                    "args": [
+                        "--headless=new", "--no-sandbox", "--disable-gpu",
+                        "--disable-dev-shm-usage", "--window-size=1400,1900",
+                        format!("--user-data-dir={}", profile.display()),
+                    ],
+                },
+            }},
+        });
+        let created = driver.call("POST", "/session", Some(capabilities));
+        driver.session = Some(
+            created["sessionId"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no WebDriver session: {created}"))
+                .to_string(),
+        );
+        driver
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let url = format!("{}{path}", self.url);
+        let request = ureq::request(method, &url).timeout(Duration::from_secs(60));
+        let response = match body {
+            Some(body) => request
+                .set("Content-Type", "application/json")
+                .send_string(&body.to_string()),
+            None => request.call(),
+        };
+        let text = match response {
+            Ok(response) => response.into_string().expect("a UTF-8 response"),
+            Err(ureq::Error::Status(code, response)) => panic!(
+                "WebDriver {method} {path}: {code} {}",
+                response.into_string().unwrap_or_default()
+            ),
+            Err(error) => panic!("WebDriver {method} {path}: {error}"),
+        };
+        let value: Value = serde_json::from_str(&text).expect("a JSON response");
+        value["value"].clone()
+    }
+
+    fn session_path(&self, tail: &str) -> String {
+        format!(
+            "/session/{}{tail}",
+            self.session.as_deref().expect("a session")
+        )
+    }
+
+    fn open(&self, url: &str) {
+        self.call(
+            "POST",
+            &self.session_path("/url"),
+            Some(json!({ "url": url })),
+        );
+    }
+
+    fn run(&self, script: &str) -> Value {
+        self.call(
+            "POST",
+            &self.session_path("/execute/sync"),
+            Some(json!({ "script": script, "args": [] })),
+        )
+    }
+
+    fn screenshot(&self, path: &Path) {
+        let encoded = self.call("GET", &self.session_path("/screenshot"), None);
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(encoded.as_str().expect("base64 screenshot"))
+            .expect("WebDriver or HTTP call");
+        assert_eq!(&png[..4], b"\x89PNG", "a PNG screenshot");
+        std::fs::create_dir_all(path.parent().expect("the artifact folder is writable"))
+            .expect("the artifact folder is writable");
+        std::fs::write(path, png).expect("the artifact folder is writable");
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            let _ = ureq::delete(&format!("{}/session/{session}", self.url))
+                .timeout(Duration::from_secs(20))
+                .call();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The loss chart's `loss_laion` curve as the DOM holds it: `[step, value]`.
+const LOSS_POINTS: &str = r#"
+    const path = document.querySelector(
+        'svg[data-chart="loss"] path.series[data-name="loss_laion"][data-rank="0"]');
+    return path ? JSON.parse(path.getAttribute('data-points')) : null;
+"#;
+
+fn dom_loss(driver: &Driver) -> Vec<(u64, f64)> {
+    match driver.run(LOSS_POINTS) {
+        Value::Array(points) => points
+            .iter()
+            .map(|point| {
+                (
+                    point[0].as_u64().expect("numeric points"),
+                    point[1].as_f64().expect("numeric points"),
+                )
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn http_get(url: &str) -> String {
+    ureq::get(url)
+        .timeout(Duration::from_secs(10))
+        .call()
+        .unwrap_or_else(|error| panic!("GET {url}: {error}"))
+        .into_string()
+        .expect("WebDriver or HTTP call")
+}
+
+/// `flamingoctl metrics JOB --json`: rank 0's `loss_laion` by step.
+fn exported_loss(dir: &Path, coordinator: &str, job: &str) -> Vec<(u64, f64)> {
+    let text = flamingoctl(
+        dir,
+        &["--coordinator", coordinator, "metrics", job, "--json"],
+    );
+    let points: Vec<Value> = serde_json::from_str(&text).expect("a JSON response");
+    points
+        .iter()
+        .filter(|point| point["rank"] == 0)
+        .filter_map(|point| {
+            Some((
+                point["step"].as_u64()?,
+                point["values"]["loss_laion"].as_f64()?,
+            ))
+        })
+        .collect()
+}
+
+fn artifact(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/test-artifacts")
+        .join(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
+    let mut sandbox = ClusterSandbox::start(SandboxOptions {
+        nodes: 2,
+        slots_per_node: 1,
+        ..SandboxOptions::default()
+    })
+    .await
+    .unwrap();
+    let dir = sandbox.path().join("work");
+    std::fs::create_dir_all(&dir).unwrap();
+    let coordinator = sandbox.coordinator_endpoint();
+    flamingoctl(
+        &dir,
+        &[
+            "data",
+            "synth",
+            "--form",
+            "laion",
+            "--out",
+            "data",
+            "--samples",
+            "512",
+            "--per-shard",
+            "128",
+            "--image-size",
+            "32",
+        ],
+    );
+    flamingoctl(
+        &dir,
+        &[
+            "tiny-model",
+            "--tokenizer",
+            "data/tokenizer",
+            "--out",
+            "tiny",
+        ],
+    );
+    let job = flamingoctl(
+        &dir,
+        &[
+            "--coordinator",
+            &coordinator,
+            "launch",
+            "--nodes",
+            "2",
+            "--slots-per-node",
+            "1",
+            "--name",
+            "dashboard",
+            "--model",
+            "tiny/model.toml",
+            "--laion_shards",
+            "data/laion-{00000..00003}.tar",
+            "--batch_size_laion",
+            &PER_RANK.to_string(),
+            "--train_num_samples_laion",
+            &SAMPLES.to_string(),
+            "--num_epochs",
+            &EPOCHS.to_string(),
+            "--learning_rate",
+            "2e-3",
+            "--warmup_steps",
+            "10",
+            "--logging_steps",
+            "8",
+            "--checkpoint_steps",
+            "40",
+            "--runs_dir",
+            "runs",
+        ],
+    )
+    .trim()
+    .to_string();
+
+    let profile = tempfile::tempdir().unwrap();
+    let driver = Driver::start(profile.path());
+    let page = format!("{}?job={job}&smoothing=0", sandbox.dashboard());
+    driver.open(&page);
+    let first = wait_for(
+        "the loss chart's first points",
+        Duration::from_secs(180),
+        || {
+            let points = dom_loss(&driver);
+            (points.len() >= 3).then_some(points)
+        },
+    );
+    assert!(
+        (first.len() as u64) < STEPS,
+        "the job should still be running (it has {STEPS} steps; {} shown)",
+        first.len()
+    );
+
+    // Prometheus while the job runs: the coordinator's jobs and last loss,
+    // the agent's rank processes.
+    let prometheus = http_get(&format!("{}metrics", sandbox.dashboard()));
+    assert!(
+        prometheus.contains("flamingo_jobs{state=\"running\"} 1"),
+        "{prometheus}"
+    );
+    assert!(
+        prometheus.contains(&format!(
+            "flamingo_job_last_value{{job=\"{job}\",metric=\"loss_laion\"}}"
+        )),
+        "{prometheus}"
+    );
+    let agent = http_get(&sandbox.agent_metrics("node-0").unwrap());
+    assert!(
+        agent.contains(&format!(
+            "flamingo_agent_rank_running{{node=\"node-0\",job=\"{job}\",attempt=\"0\",rank=\"0\""
+        )),
+        "{agent}"
+    );
+
+    // The chart grows as steps arrive (the page refreshes itself).
+    wait_for("the loss chart to grow", Duration::from_secs(60), || {
+        (dom_loss(&driver).len() > first.len()).then_some(())
+    });
+
+    let finished = wait_for("the job to finish", Duration::from_secs(300), || {
+        let status = flamingoctl(&dir, &["--coordinator", &coordinator, "status", &job]);
+        (status.contains("Succeeded") || status.contains("Failed")).then_some(status)
+    });
+    assert!(finished.contains("Succeeded"), "{finished}");
+
+    // Reloaded after the end, the chart holds what `flamingoctl metrics`
+    // exports: every step, the same values.
+    driver.open(&page);
+    let exported = exported_loss(&dir, &coordinator, &job);
+    assert_eq!(exported.len() as u64, STEPS, "one loss per step was stored");
+    let shown = wait_for("the finished job's chart", Duration::from_secs(30), || {
+        let points = dom_loss(&driver);
+        (points.len() == exported.len()).then_some(points)
+    });
+    assert_eq!(shown, exported);
+    let checkpoints = driver.run(
+        "return document.querySelectorAll('svg[data-chart=\"loss\"] line.event[data-kind=\"checkpoint\"]').length",
+    );
+    assert!(
+        checkpoints.as_u64().unwrap() >= STEPS / 40,
+        "checkpoints marked on the timeline: {checkpoints}"
+    );
+    let ranks = driver.run(
+        "return [...document.querySelectorAll('svg[data-chart=\"step_time\"] path.series')].map(p => p.dataset.rank)",
+    );
+    assert_eq!(ranks, json!(["0", "1"]), "a step-time curve per rank");
+    driver.screenshot(&artifact("dashboard.png"));
+
+    // The coordinator dies (SIGKILL) and comes back: the curves are intact.
+    sandbox.kill_coordinator();
+    sandbox.start_coordinator().unwrap();
+    driver.open(&page);
+    let after = wait_for(
+        "the chart after a coordinator restart",
+        Duration::from_secs(30),
+        || {
+            let points = dom_loss(&driver);
+            (points.len() == exported.len()).then_some(points)
+        },
+    );
+    assert_eq!(after, exported);
+    assert_eq!(exported_loss(&dir, &coordinator, &job), exported);
+    let api = http_get(&format!(
+        "{}api/jobs/{job}/series?names=step_seconds",
+        sandbox.dashboard()
+    ));
+    let api: Value = serde_json::from_str(&api).unwrap();
+    for series in api["series"].as_array().unwrap() {
+        assert_eq!(series["total"], STEPS, "{}", series["name"]);
+    }
+    driver.screenshot(&artifact("dashboard-after-coordinator-restart.png"));
+}
