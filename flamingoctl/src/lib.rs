@@ -7,5 +7,6 @@ pub mod data;
 pub mod inference;
 pub mod local;
 pub mod render;
+pub mod tensorboard;
 pub mod train;
 pub mod up;

@@ -90,6 +90,13 @@ enum Command {
         job: String,
         #[arg(long)]
         csv: bool,
+        /// Write TensorBoard event files into DIR/<job>/ instead (point
+        /// `tensorboard --logdir DIR` at it).
+        #[arg(long, value_name = "DIR")]
+        tensorboard: Option<PathBuf>,
+        /// With --tensorboard: keep adding points until the job ends.
+        #[arg(long, requires = "tensorboard")]
+        follow: bool,
     },
     /// List jobs.
     List,
@@ -282,7 +289,36 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             commands::print_job(&job, json)?;
             return Ok(commands::exit_code_for(&job));
         }
-        Command::Metrics { job, csv } => {
+        Command::Metrics {
+            job,
+            csv: _,
+            tensorboard: Some(dir),
+            follow,
+        } => {
+            let mut session = Session::open(&address).await?;
+            let record = session.job(&job).await?;
+            let mut writer =
+                flamingoctl::tensorboard::EventWriter::create(&dir.join(record.id.as_str()))?;
+            let mut written = 0usize;
+            loop {
+                // The state first: points stored before it turned terminal
+                // are all in the fetch that follows.
+                let done = !follow || session.job(&job).await?.state.is_terminal();
+                let points = session.metrics(&job).await?;
+                written += writer.write_points(points.get(written..).unwrap_or_default())?;
+                eprint!(
+                    "\r{written} point(s) written to {}   ",
+                    writer.path().display()
+                );
+                if done {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+            eprintln!();
+            eprintln!("tensorboard --logdir {}", dir.display());
+        }
+        Command::Metrics { job, csv, .. } => {
             let mut session = Session::open(&address).await?;
             let points = session.metrics(&job).await?;
             print!("{}", render::metrics(&points, json, csv));

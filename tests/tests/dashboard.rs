@@ -406,4 +406,59 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
         assert_eq!(series["total"], STEPS, "{}", series["name"]);
     }
     driver.screenshot(&artifact("dashboard-after-coordinator-restart.png"));
+
+    // TensorBoard reads the event files `flamingoctl metrics --tensorboard`
+    // writes (its own reader, from the tensorboard package).
+    flamingoctl(
+        &dir,
+        &[
+            "--coordinator",
+            &coordinator,
+            "metrics",
+            &job,
+            "--tensorboard",
+            "tb",
+        ],
+    );
+    let read = Command::new(python())
+        .args(["-c", TENSORBOARD_READ])
+        .arg(dir.join("tb").join(&job))
+        .output()
+        .expect("python runs");
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let scalars: Value = serde_json::from_slice(&read.stdout).unwrap();
+    let loss: Vec<(u64, f64)> = scalars["train/loss_laion"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+        .collect();
+    assert_eq!(loss.len(), exported.len());
+    for ((step, value), (want_step, want)) in loss.iter().zip(&exported) {
+        assert_eq!(step, want_step);
+        // Scalars are stored as 32-bit floats.
+        assert_eq!(*value as f32, *want as f32, "step {step}");
+    }
+    assert_eq!(
+        scalars["rank1/step_seconds"].as_array().unwrap().len() as u64,
+        STEPS
+    );
 }
+
+fn python() -> PathBuf {
+    std::env::var_os("FLAMINGO_VENV")
+        .map(|venv| PathBuf::from(venv).join("bin/python"))
+        .unwrap_or_else(|| PathBuf::from("python3"))
+}
+
+const TENSORBOARD_READ: &str = r#"
+import json, sys
+from tensorboard.backend.event_processing import event_accumulator as ea
+acc = ea.EventAccumulator(sys.argv[1], size_guidance={ea.SCALARS: 0})
+acc.Reload()
+print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}))
+"#;

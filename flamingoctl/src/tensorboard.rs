@@ -1,0 +1,191 @@
+//! TensorBoard event files from a job's stored metrics, so `tensorboard
+//! --logdir DIR` shows a flamingo job: TFRecord framing (length, masked
+//! CRC-32C of the length, the record, masked CRC-32C of the record) around
+//! `Event` protos with scalar summaries, as TensorFlow's `EventsWriter`
+//! writes them.
+//!
+//! Tags: rank 0's metrics as `train/<name>` (`train/loss_laion`, `train/lr`,
+//! …); every rank's own measurements as `rank<r>/<name>`
+//! (`rank3/step_seconds`).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use flamingo_proto::v1::MetricPoint;
+
+/// `tensorflow.Event`, the fields written here.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Event {
+    #[prost(double, tag = "1")]
+    wall_time: f64,
+    #[prost(int64, tag = "2")]
+    step: i64,
+    #[prost(string, optional, tag = "3")]
+    file_version: Option<String>,
+    #[prost(message, optional, tag = "5")]
+    summary: Option<Summary>,
+}
+
+/// `tensorflow.Summary`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Summary {
+    #[prost(message, repeated, tag = "1")]
+    value: Vec<SummaryValue>,
+}
+
+/// `tensorflow.Summary.Value` with a `simple_value`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SummaryValue {
+    #[prost(string, tag = "1")]
+    tag: String,
+    #[prost(float, optional, tag = "2")]
+    simple_value: Option<f32>,
+}
+
+/// Rank 0's values that describe the whole job (the rest are per rank).
+const JOB_WIDE: [&str; 7] = [
+    "loss_laion",
+    "loss_mmc4",
+    "lr",
+    "grad_norm",
+    "samples_per_second",
+    "tokens_per_second",
+    "skipped_steps",
+];
+
+/// The tag a stored value is written under.
+pub fn tag(rank: u32, name: &str) -> String {
+    if rank == 0 && JOB_WIDE.contains(&name) {
+        format!("train/{name}")
+    } else {
+        format!("rank{rank}/{name}")
+    }
+}
+
+/// CRC-32C (Castagnoli), bitwise-reflected, as TFRecord uses.
+pub fn crc32c(data: &[u8]) -> u32 {
+    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut table = [0u32; 256];
+        for (index, slot) in table.iter_mut().enumerate() {
+            let mut crc = index as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0x82F6_3B78
+                } else {
+                    crc >> 1
+                };
+            }
+            *slot = crc;
+        }
+        table
+    });
+    let mut crc = !0u32;
+    for byte in data {
+        crc = table[((crc ^ u32::from(*byte)) & 0xff) as usize] ^ (crc >> 8);
+    }
+    !crc
+}
+
+fn masked_crc(data: &[u8]) -> u32 {
+    let crc = crc32c(data);
+    crc.rotate_right(15).wrapping_add(0xa282_ead8)
+}
+
+/// An open event file; records are appended and flushed per batch.
+pub struct EventWriter {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl EventWriter {
+    /// A new `events.out.tfevents.<time>.<host>.flamingo` file in `dir`.
+    pub fn create(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|error| anyhow::anyhow!("creating {}: {error}", dir.display()))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        let path = dir.join(format!(
+            "events.out.tfevents.{}.{host}.flamingo",
+            now.as_secs()
+        ));
+        let file = std::fs::File::create(&path)
+            .map_err(|error| anyhow::anyhow!("creating {}: {error}", path.display()))?;
+        let mut writer = Self { file, path };
+        writer.write_event(&Event {
+            wall_time: now.as_secs_f64(),
+            step: 0,
+            file_version: Some("brain.Event:2".into()),
+            summary: None,
+        })?;
+        Ok(writer)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn write_event(&mut self, event: &Event) -> anyhow::Result<()> {
+        let data = prost::Message::encode_to_vec(event);
+        let length = (data.len() as u64).to_le_bytes();
+        let mut record = Vec::with_capacity(data.len() + 16);
+        record.extend_from_slice(&length);
+        record.extend_from_slice(&masked_crc(&length).to_le_bytes());
+        record.extend_from_slice(&data);
+        record.extend_from_slice(&masked_crc(&data).to_le_bytes());
+        self.file
+            .write_all(&record)
+            .map_err(|error| anyhow::anyhow!("writing {}: {error}", self.path.display()))
+    }
+
+    /// One event per point, a scalar per value (non-finite values too:
+    /// TensorBoard shows them as gaps).
+    pub fn write_points(&mut self, points: &[MetricPoint]) -> anyhow::Result<usize> {
+        let mut written = 0;
+        for point in points {
+            let mut names: Vec<(&String, &f64)> = point.values.iter().collect();
+            names.sort_by(|a, b| a.0.cmp(b.0));
+            let value = names
+                .into_iter()
+                .map(|(name, value)| SummaryValue {
+                    tag: tag(point.rank, name),
+                    simple_value: Some(*value as f32),
+                })
+                .collect();
+            self.write_event(&Event {
+                wall_time: point.unix_ms as f64 / 1000.0,
+                step: point.step as i64,
+                file_version: None,
+                summary: Some(Summary { value }),
+            })?;
+            written += 1;
+        }
+        self.file
+            .flush()
+            .map_err(|error| anyhow::anyhow!("writing {}: {error}", self.path.display()))?;
+        Ok(written)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32c_matches_the_standard_check_value() {
+        // The CRC-32C check value (RFC 3720, appendix B.4).
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+        assert_eq!(crc32c(&[0u8; 32]), 0x8A91_36AA);
+    }
+
+    #[test]
+    fn tags_separate_job_wide_and_per_rank_values() {
+        assert_eq!(tag(0, "loss_laion"), "train/loss_laion");
+        assert_eq!(tag(0, "step_seconds"), "rank0/step_seconds");
+        assert_eq!(tag(3, "loss_laion"), "rank3/loss_laion");
+    }
+}
