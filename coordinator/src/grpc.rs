@@ -11,6 +11,7 @@ use flamingo_proto::v1::agent_service_client::AgentServiceClient;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 use crate::cluster::RankOutcome;
 use crate::service::{Coordinator, Registration};
@@ -40,7 +41,15 @@ impl pb::job_service_server::JobService for JobApi {
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: missing"))?;
         let spec = JobSpec::try_from(spec).map_err(CoordinatorError::from)?;
-        let job = self.0.launch(spec).await?;
+        let span = tracing::info_span!(
+            "launch",
+            name = %spec.name,
+            kind = spec.kind.label(),
+            nodes = spec.nodes,
+            job = tracing::field::Empty
+        );
+        let job = self.0.launch(spec).instrument(span.clone()).await?;
+        span.record("job", job.id.as_str());
         Ok(Response::new(pb::LaunchResponse {
             job: Some(pb::Job::from(&job)),
         }))
@@ -340,9 +349,16 @@ impl pb::node_service_server::NodeService for NodeApi {
             attempt: request.attempt,
             data_cursor_json: request.data_cursor_json,
         };
+        let span = tracing::info_span!(
+            "checkpoint",
+            job = %request.job_id,
+            step = record.step,
+            attempt = record.attempt
+        );
         let retired_paths = self
             .0
             .commit_checkpoint(&JobId(request.job_id), record)
+            .instrument(span)
             .await?;
         Ok(Response::new(pb::CommitCheckpointResponse {
             retired_paths,

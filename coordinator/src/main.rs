@@ -15,7 +15,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    flamingo_common::telemetry::init_tracing("info");
+    let _telemetry = flamingo_common::telemetry::init_tracing("info", "flamingo-coordinator");
     let cli = Cli::parse();
     let shutdown = flamingo_common::telemetry::shutdown_on_signals();
     flamingo_coordinator::run(cli.config, shutdown).await

@@ -116,6 +116,12 @@ impl Coordinator {
         for event in &effects.events {
             self.store.put_event(event).await?;
             tracing::info!(job = %event.job_id, state = event.state.as_str(), "{}", event.message);
+            if event.kind == flamingo_common::EventKind::Restart {
+                // A span per restart for OTLP collectors (the restart
+                // itself is this transition).
+                tracing::info_span!("restart", job = %event.job_id, cause = %event.message)
+                    .in_scope(|| tracing::info!(job = %event.job_id, "restarting the group"));
+            }
             // The dashboard's timeline reads events next to the curves.
             let stored = crate::metrics::StoredEvent {
                 unix_ms: event.unix_ms,

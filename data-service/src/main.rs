@@ -30,7 +30,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    flamingo_common::telemetry::init_tracing("info");
+    let _telemetry = flamingo_common::telemetry::init_tracing("info", "flamingo-data-service");
     let mut config = ServiceConfig {
         read_ahead: args.read_ahead,
         storage: StorageOptions {

@@ -756,6 +756,7 @@ fn save(
     link: Option<&dyn ClusterLink>,
 ) -> anyhow::Result<()> {
     let step = trainer.step_count();
+    let _span = tracing::info_span!("checkpoint", step, rank).entered();
     let dir = checkpoint::checkpoint_dir(run_dir, step);
     // no_shard ranks all hold everything, and hybrid's nodes hold copies:
     // only the first holder writes.

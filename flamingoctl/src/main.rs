@@ -298,7 +298,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let mut session = Session::open(&address).await?;
             let record = session.job(&job).await?;
             let mut writer =
-                flamingoctl::tensorboard::EventWriter::create(&dir.join(record.id.as_str()))?;
+                flamingoctl::tensorboard::JobEvents::new(&dir.join(record.id.as_str()));
             let mut written = 0usize;
             loop {
                 // The state first: points stored before it turned terminal
@@ -307,8 +307,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 let points = session.metrics(&job).await?;
                 written += writer.write_points(points.get(written..).unwrap_or_default())?;
                 eprint!(
-                    "\r{written} point(s) written to {}   ",
-                    writer.path().display()
+                    "\r{written} point(s) written under {}   ",
+                    writer.dir().display()
                 );
                 if done {
                     break;

@@ -4,9 +4,12 @@
 //! `Event` protos with scalar summaries, as TensorFlow's `EventsWriter`
 //! writes them.
 //!
-//! Tags: rank 0's metrics as `train/<name>` (`train/loss_laion`, `train/lr`,
-//! …); every rank's own measurements as `rank<r>/<name>`
-//! (`rank3/step_seconds`).
+//! One run per rank (`<dir>/rank-<r>/`), so TensorBoard overlays the ranks'
+//! curves of a tag and sees each rank's steps in order (a restart rewinds
+//! them; TensorBoard then drops the abandoned points past the resume step,
+//! as it does for any resumed run). Tags: the job-wide values rank 0 reports
+//! as `train/<name>` (`train/loss_laion`, `train/lr`, …); every rank's own
+//! measurements under their names (`step_seconds`, `memory_bytes`, …).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -58,7 +61,7 @@ pub fn tag(rank: u32, name: &str) -> String {
     if rank == 0 && JOB_WIDE.contains(&name) {
         format!("train/{name}")
     } else {
-        format!("rank{rank}/{name}")
+        name.to_string()
     }
 }
 
@@ -171,6 +174,47 @@ impl EventWriter {
     }
 }
 
+/// A job's event files: one writer per rank, made as ranks appear.
+pub struct JobEvents {
+    dir: PathBuf,
+    writers: std::collections::BTreeMap<u32, EventWriter>,
+}
+
+impl JobEvents {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            writers: std::collections::BTreeMap::new(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn write_points(&mut self, points: &[MetricPoint]) -> anyhow::Result<usize> {
+        let mut written = 0;
+        let mut ranks: Vec<u32> = points.iter().map(|point| point.rank).collect();
+        ranks.sort_unstable();
+        ranks.dedup();
+        for rank in ranks {
+            let writer = match self.writers.entry(rank) {
+                std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::btree_map::Entry::Vacant(entry) => {
+                    entry.insert(EventWriter::create(&self.dir.join(format!("rank-{rank}")))?)
+                }
+            };
+            let mine: Vec<MetricPoint> = points
+                .iter()
+                .filter(|point| point.rank == rank)
+                .cloned()
+                .collect();
+            written += writer.write_points(&mine)?;
+        }
+        Ok(written)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,7 +229,7 @@ mod tests {
     #[test]
     fn tags_separate_job_wide_and_per_rank_values() {
         assert_eq!(tag(0, "loss_laion"), "train/loss_laion");
-        assert_eq!(tag(0, "step_seconds"), "rank0/step_seconds");
-        assert_eq!(tag(3, "loss_laion"), "rank3/loss_laion");
+        assert_eq!(tag(0, "step_seconds"), "step_seconds");
+        assert_eq!(tag(3, "memory_bytes"), "memory_bytes");
     }
 }

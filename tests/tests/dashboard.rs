@@ -1,14 +1,21 @@
 //! The dashboard in a real browser: headless Chromium driven through
 //! chromedriver (WebDriver) opens the coordinator's dashboard while a
-//! training job runs on a local cluster. The loss chart must hold exactly
-//! the points `flamingoctl metrics` exports (read from the DOM), grow as
-//! steps arrive, mark checkpoints, and show the same curves after the
-//! coordinator is SIGKILLed and restarted. The Prometheus endpoints of the
-//! coordinator and of an agent are checked while the job runs. A screenshot
-//! is kept in `target/test-artifacts/dashboard.png`.
+//! training job runs on a local cluster; rank 0 crashes once mid-save, so
+//! the job restarts from its last checkpoint. The loss chart must hold
+//! exactly the points `flamingoctl metrics` exports (read from the DOM),
+//! grow as steps arrive, mark checkpoints and the restart, break the curve
+//! where the restart rewinds, and show the same curves after the
+//! coordinator is SIGKILLed and restarted. Also checked on the same run:
+//! the Prometheus endpoints of the coordinator and an agent, the spans the
+//! processes export to an OTLP collector (a receiver in the test, decoding
+//! OpenTelemetry's protobuf), and TensorBoard event files read back by
+//! TensorBoard's own reader. Screenshots are kept in
+//! `target/test-artifacts/`.
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -20,6 +27,104 @@ const PER_RANK: u64 = 4;
 const WORLD: u64 = 2;
 const EPOCHS: u64 = 3;
 const STEPS: u64 = SAMPLES / (PER_RANK * WORLD) * EPOCHS;
+/// Rank 0 of the first attempt aborts after writing this step's
+/// checkpoint, before committing it: the restart resumes from step 40.
+const CRASH_STEP: u64 = 80;
+
+/// An OTLP/HTTP collector: records every exported span as (service,
+/// span name, attributes).
+#[derive(Clone, Default)]
+struct Collector(Arc<Spans>);
+
+impl Collector {
+    fn start(&self) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a local port");
+        let address = listener.local_addr().expect("bound");
+        let spans = self.0.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let spans = spans.clone();
+                std::thread::spawn(move || serve_otlp(stream, &spans));
+            }
+        });
+        format!("http://{address}")
+    }
+
+    fn spans(&self) -> Vec<Span> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// An exported span: service, name, attributes.
+type Span = (String, String, Vec<(String, String)>);
+type Spans = Mutex<Vec<Span>>;
+
+fn serve_otlp(stream: std::net::TcpStream, spans: &Spans) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+    let mut reader = BufReader::new(stream.try_clone().expect("a socket"));
+    loop {
+        let mut length = 0usize;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0u8; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        if let Ok(request) = <ExportTraceServiceRequest as prost::Message>::decode(&body[..]) {
+            let mut found = spans.lock().unwrap_or_else(|p| p.into_inner());
+            for resource in request.resource_spans {
+                let service = resource
+                    .resource
+                    .iter()
+                    .flat_map(|r| &r.attributes)
+                    .find(|kv| kv.key == "service.name")
+                    .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                        Any::StringValue(name) => Some(name.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                for scope in resource.scope_spans {
+                    for span in scope.spans {
+                        let attributes = span
+                            .attributes
+                            .iter()
+                            .map(|kv| {
+                                let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                                    Some(Any::StringValue(text)) => text.clone(),
+                                    Some(Any::IntValue(number)) => number.to_string(),
+                                    other => format!("{other:?}"),
+                                };
+                                (kv.key.clone(), value)
+                            })
+                            .collect();
+                        found.push((service.clone(), span.name.clone(), attributes));
+                    }
+                }
+            }
+        }
+        let mut writer = &stream;
+        let reply =
+            "HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n";
+        if writer.write_all(reply.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
 
 fn flamingoctl(dir: &Path, args: &[&str]) -> String {
     let output = Command::new(ClusterSandbox::binary("flamingoctl"))
@@ -174,6 +279,13 @@ const LOSS_POINTS: &str = r#"
     return path ? JSON.parse(path.getAttribute('data-points')) : null;
 "#;
 
+/// How many pieces the loss curve's path is drawn in (a restart breaks it).
+const LOSS_PIECES: &str = r#"
+    const path = document.querySelector(
+        'svg[data-chart="loss"] path.series[data-name="loss_laion"][data-rank="0"]');
+    return path ? (path.getAttribute('d').match(/M/g) || []).length : 0;
+"#;
+
 fn dom_loss(driver: &Driver) -> Vec<(u64, f64)> {
     match driver.run(LOSS_POINTS) {
         Value::Array(points) => points
@@ -236,6 +348,13 @@ fn artifact(name: &str) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
+    // Every process the sandbox starts (and the ranks its agents start)
+    // exports spans here. Set before any thread of this test binary reads
+    // the environment.
+    let collector = Collector::default();
+    let otlp = collector.start();
+    // SAFETY: this test binary has one test, and no other thread runs yet.
+    unsafe { std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp) };
     let mut sandbox = ClusterSandbox::start(SandboxOptions {
         nodes: 2,
         slots_per_node: 1,
@@ -305,6 +424,10 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
             "40",
             "--runs_dir",
             "runs",
+            "--max-restarts",
+            "2",
+            "--env",
+            &format!("FLAMINGO_FAULT=before-commit:{CRASH_STEP}"),
         ],
     )
     .trim()
@@ -361,10 +484,20 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
     assert!(finished.contains("Succeeded"), "{finished}");
 
     // Reloaded after the end, the chart holds what `flamingoctl metrics`
-    // exports: every step, the same values.
+    // exports: every step (the restart's rewound steps twice), the same
+    // values.
     driver.open(&page);
     let exported = exported_loss(&dir, &coordinator, &job);
-    assert_eq!(exported.len() as u64, STEPS, "one loss per step was stored");
+    let steps: std::collections::BTreeSet<u64> = exported.iter().map(|(step, _)| *step).collect();
+    assert_eq!(
+        steps,
+        (1..=STEPS).collect(),
+        "a loss for every step was stored"
+    );
+    assert!(
+        exported.len() as u64 > STEPS,
+        "the steps after the resume point ran twice"
+    );
     let shown = wait_for("the finished job's chart", Duration::from_secs(30), || {
         let points = dom_loss(&driver);
         (points.len() == exported.len()).then_some(points)
@@ -376,6 +509,15 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
     assert!(
         checkpoints.as_u64().unwrap() >= STEPS / 40,
         "checkpoints marked on the timeline: {checkpoints}"
+    );
+    let restarts = driver.run(
+        "return document.querySelectorAll('svg[data-chart=\"loss\"] line.event[data-kind=\"restart\"]').length",
+    );
+    assert_eq!(restarts, json!(1), "the restart is marked on the timeline");
+    assert_eq!(
+        driver.run(LOSS_PIECES),
+        json!(2),
+        "the curve breaks where the restart rewinds"
     );
     let ranks = driver.run(
         "return [...document.querySelectorAll('svg[data-chart=\"step_time\"] path.series')].map(p => p.dataset.rank)",
@@ -403,7 +545,12 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
     ));
     let api: Value = serde_json::from_str(&api).unwrap();
     for series in api["series"].as_array().unwrap() {
-        assert_eq!(series["total"], STEPS, "{}", series["name"]);
+        assert!(
+            series["total"].as_u64().unwrap() >= STEPS,
+            "every step of rank {} reported: {}",
+            series["rank"],
+            series["total"]
+        );
     }
     driver.screenshot(&artifact("dashboard-after-coordinator-restart.png"));
 
@@ -422,7 +569,7 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
     );
     let read = Command::new(python())
         .args(["-c", TENSORBOARD_READ])
-        .arg(dir.join("tb").join(&job))
+        .arg(dir.join("tb").join(&job).join("rank-0"))
         .output()
         .expect("python runs");
     assert!(
@@ -431,6 +578,8 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
         String::from_utf8_lossy(&read.stderr)
     );
     let scalars: Value = serde_json::from_slice(&read.stdout).unwrap();
+    // Read without TensorBoard's purge of abandoned steps, the file holds
+    // every stored point in order.
     let loss: Vec<(u64, f64)> = scalars["train/loss_laion"]
         .as_array()
         .unwrap()
@@ -444,8 +593,38 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
         assert_eq!(*value as f32, *want as f32, "step {step}");
     }
     assert_eq!(
-        scalars["rank1/step_seconds"].as_array().unwrap().len() as u64,
-        STEPS
+        scalars["step_seconds"].as_array().unwrap().len(),
+        exported.len(),
+        "rank 0 measured every step it ran"
+    );
+
+    // The spans the processes exported over OTLP.
+    let spans = wait_for("the spans", Duration::from_secs(30), || {
+        let spans = collector.spans();
+        let has =
+            |service: &str, name: &str| spans.iter().any(|(s, n, _)| s == service && n == name);
+        (has("flamingo-coordinator", "launch")
+            && has("flamingo-coordinator", "checkpoint")
+            && has("flamingo-coordinator", "restart")
+            && has("flamingo-rank", "rendezvous")
+            && has("flamingo-rank", "checkpoint"))
+        .then_some(spans)
+    });
+    let attribute = |name: &str, key: &str| {
+        spans
+            .iter()
+            .filter(|(service, span, _)| service == "flamingo-coordinator" && span == name)
+            .flat_map(|(_, _, attributes)| attributes.iter())
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>()
+    };
+    assert!(attribute("launch", "job").contains(&job), "{spans:?}");
+    assert!(attribute("checkpoint", "step").contains(&"40".to_string()));
+    let causes = attribute("restart", "cause");
+    assert!(
+        causes.iter().any(|cause| cause.contains("rank 0")),
+        "{causes:?}"
     );
 }
 
@@ -458,7 +637,7 @@ fn python() -> PathBuf {
 const TENSORBOARD_READ: &str = r#"
 import json, sys
 from tensorboard.backend.event_processing import event_accumulator as ea
-acc = ea.EventAccumulator(sys.argv[1], size_guidance={ea.SCALARS: 0})
+acc = ea.EventAccumulator(sys.argv[1], size_guidance={ea.SCALARS: 0}, purge_orphaned_data=False)
 acc.Reload()
 print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}))
 "#;

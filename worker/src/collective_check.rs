@@ -208,7 +208,9 @@ pub fn run(args: CollectiveCheckArgs) -> anyhow::Result<()> {
     };
     let config = ProcessGroupConfig::from_env(backend, Duration::from_secs(args.timeout_seconds))?;
     let device = device_for(backend);
-    let group = ProcessGroup::new(&config).context("joining the process group")?;
+    let group = tracing::info_span!("rendezvous", rank = config.rank, world = config.world_size)
+        .in_scope(|| ProcessGroup::new(&config))
+        .context("joining the process group")?;
     eprintln!(
         "rank {}/{}: joined {:?} group via {}:{}",
         group.rank(),

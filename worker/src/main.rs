@@ -41,13 +41,16 @@ enum RankProgram {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Rank(RankProgram::CollectiveCheck(args)) => collective_check::run(args),
+        Command::Rank(RankProgram::CollectiveCheck(args)) => {
+            let _telemetry = flamingo_common::telemetry::init_tracing("warn", "flamingo-rank");
+            collective_check::run(args)
+        }
         Command::Rank(RankProgram::Train(args)) => {
-            flamingo_common::telemetry::init_tracing("warn");
+            let _telemetry = flamingo_common::telemetry::init_tracing("warn", "flamingo-rank");
             train::run(args)
         }
         Command::Agent(config) => {
-            flamingo_common::telemetry::init_tracing("info");
+            let _telemetry = flamingo_common::telemetry::init_tracing("info", "flamingo-agent");
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -256,7 +256,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     }
     let group = if world > 1 {
         let config = ProcessGroupConfig::from_env(Backend::Gloo, Duration::from_secs(300))?;
-        Some(ProcessGroup::new(&config)?)
+        let span = tracing::info_span!("rendezvous", rank = config.rank, world = config.world_size);
+        Some(span.in_scope(|| ProcessGroup::new(&config))?)
     } else {
         None
     };
