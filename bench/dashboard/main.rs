@@ -228,7 +228,10 @@ async fn main() -> anyhow::Result<()> {
     let log = dir.path().join("coordinator.log");
     let mut coordinator = local::spawn_coordinator(&spec, &log, false)?;
     local::wait_for_port(&spec.endpoint(), Duration::from_secs(20))?;
-    local::wait_for_port(&spec.dashboard(), Duration::from_secs(20))?;
+    local::wait_for_port(
+        &format!("http://127.0.0.1:{}", spec.http_port),
+        Duration::from_secs(20),
+    )?;
     let result = run(&args, &spec, &mut coordinator, &log, dir.path()).await;
     let _ = coordinator.kill();
     let _ = coordinator.wait();
@@ -387,7 +390,10 @@ async fn run(
     let _ = coordinator.kill();
     let _ = coordinator.wait();
     *coordinator = local::spawn_coordinator(spec, log, false)?;
-    local::wait_for_port(&spec.dashboard(), Duration::from_secs(60))?;
+    local::wait_for_port(
+        &format!("http://127.0.0.1:{}", spec.http_port),
+        Duration::from_secs(60),
+    )?;
     let cold = Instant::now();
     get(&urls[1].1)?;
     let cold_ms = cold.elapsed().as_secs_f64() * 1000.0;

@@ -121,6 +121,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .watch_node_leases(revision, shutdown.clone()),
     );
     let hangs = tokio::spawn(coordinator.clone().watch_hangs(shutdown.clone()));
+    // Curves of jobs nobody reports to or looks at leave memory after ten
+    // minutes (their files stay).
+    let evictions = {
+        let (coordinator, shutdown) = (coordinator.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = ticker.tick() => {
+                        let dropped = coordinator
+                            .metrics_store()
+                            .evict_idle(std::time::Duration::from_secs(600));
+                        if dropped > 0 {
+                            tracing::debug!(dropped, "idle jobs' curves left memory");
+                        }
+                    }
+                }
+            }
+        })
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|error| anyhow::anyhow!("cannot listen on {}: {error}", config.listen))?;
@@ -162,6 +183,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     shutdown.cancel();
     let _ = watcher.await;
     let _ = hangs.await;
+    let _ = evictions.await;
     if let Some(http) = http {
         let _ = http.await;
     }

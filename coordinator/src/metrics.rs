@@ -137,7 +137,19 @@ pub struct MetricsStore {
     dir: PathBuf,
     /// Serialises appends to the files.
     write: Mutex<()>,
-    cache: Mutex<HashMap<String, Arc<RwLock<JobCache>>>>,
+    cache: Mutex<HashMap<String, Cached>>,
+}
+
+/// A job's curves in memory and when they were last read or appended to.
+struct Cached {
+    job: Arc<RwLock<JobCache>>,
+    used: Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn now_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
 }
 
 impl MetricsStore {
@@ -174,8 +186,11 @@ impl MetricsStore {
     /// The job's in-memory curves, loaded from its files the first time.
     fn job(&self, job_id: &str) -> std::io::Result<Arc<RwLock<JobCache>>> {
         let key = Self::safe(job_id);
-        if let Some(cache) = lock(&self.cache).get(&key) {
-            return Ok(cache.clone());
+        if let Some(cached) = lock(&self.cache).get(&key) {
+            cached
+                .used
+                .store(now_seconds(), std::sync::atomic::Ordering::Relaxed);
+            return Ok(cached.job.clone());
         }
         // Load outside the map's lock (a big job takes a moment); a racing
         // loader's copy is dropped.
@@ -188,8 +203,26 @@ impl MetricsStore {
         let mut cache = lock(&self.cache);
         Ok(cache
             .entry(key)
-            .or_insert_with(|| Arc::new(RwLock::new(loaded)))
+            .or_insert_with(|| Cached {
+                job: Arc::new(RwLock::new(loaded)),
+                used: Arc::new(std::sync::atomic::AtomicU64::new(now_seconds())),
+            })
+            .job
             .clone())
+    }
+
+    /// Drops from memory the curves of jobs nobody reported to or looked at
+    /// for `idle` (their files stay; the next look loads them again).
+    /// Returns how many were dropped.
+    pub fn evict_idle(&self, idle: std::time::Duration) -> usize {
+        let _writer = lock(&self.write);
+        let mut cache = lock(&self.cache);
+        let before = cache.len();
+        let cutoff = now_seconds().saturating_sub(idle.as_secs());
+        cache.retain(|_, cached| {
+            idle.as_secs() > 0 && cached.used.load(std::sync::atomic::Ordering::Relaxed) > cutoff
+        });
+        before - cache.len()
     }
 
     /// Stores one report.
@@ -264,7 +297,7 @@ impl MetricsStore {
     pub fn summaries(&self) -> Vec<(String, Summary)> {
         let jobs: Vec<(String, Arc<RwLock<JobCache>>)> = lock(&self.cache)
             .iter()
-            .map(|(id, cache)| (id.clone(), cache.clone()))
+            .map(|(id, cached)| (id.clone(), cached.job.clone()))
             .collect();
         let mut out: Vec<(String, Summary)> = jobs
             .into_iter()
@@ -485,6 +518,12 @@ mod tests {
         assert_eq!(curves.len(), 1);
         assert_eq!(curves[0].name, "loss_laion");
         let fresh = MetricsStore::new(dir.path().to_path_buf());
+        assert_eq!(fresh.events("j").unwrap(), vec![note.clone()]);
+        assert_eq!(fresh.series("j", &SeriesQuery::default()).unwrap().len(), 3);
+        // Dropped from memory, the job loads again from its files.
+        assert_eq!(fresh.evict_idle(std::time::Duration::from_secs(3600)), 0);
+        assert_eq!(fresh.evict_idle(std::time::Duration::ZERO), 1);
+        assert!(fresh.summaries().is_empty());
         assert_eq!(fresh.events("j").unwrap(), vec![note]);
         assert_eq!(fresh.series("j", &SeriesQuery::default()).unwrap().len(), 3);
     }

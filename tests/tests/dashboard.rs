@@ -554,6 +554,18 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
     }
     driver.screenshot(&artifact("dashboard-after-coordinator-restart.png"));
 
+    // The jobs list shows the job and its state, and links to its page.
+    driver.open(&sandbox.dashboard());
+    let row = format!(
+        "const row = document.querySelector('tr[data-job=\"{job}\"]'); \
+         return row ? [row.querySelector('td.state').textContent, row.querySelector('a').getAttribute('href')] : null"
+    );
+    let listed = wait_for("the jobs list", Duration::from_secs(30), || {
+        let value = driver.run(&row);
+        (!value.is_null()).then_some(value)
+    });
+    assert_eq!(listed, json!(["Succeeded", format!("/?job={job}")]));
+
     // TensorBoard reads the event files `flamingoctl metrics --tensorboard`
     // writes (its own reader, from the tensorboard package).
     flamingoctl(
