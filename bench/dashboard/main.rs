@@ -224,6 +224,7 @@ async fn main() -> anyhow::Result<()> {
         etcd_endpoint: etcd_spec.endpoint(),
         lease_ttl_seconds: 10,
         heartbeat_interval_ms: 1000,
+        extra_args: Vec::new(),
     };
     let log = dir.path().join("coordinator.log");
     let mut coordinator = local::spawn_coordinator(&spec, &log, false)?;

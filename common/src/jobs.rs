@@ -393,13 +393,14 @@ pub enum EventKind {
     Grow,
     Checkpoint,
     SamplesSkipped,
+    NodeLost,
     Finished,
     #[default]
     Other,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 11] = [
+    pub const ALL: [EventKind; 12] = [
         EventKind::Submitted,
         EventKind::Scheduled,
         EventKind::RankStarted,
@@ -409,6 +410,7 @@ impl EventKind {
         EventKind::Grow,
         EventKind::Checkpoint,
         EventKind::SamplesSkipped,
+        EventKind::NodeLost,
         EventKind::Finished,
         EventKind::Other,
     ];
@@ -424,6 +426,7 @@ impl EventKind {
             EventKind::Grow => "grow",
             EventKind::Checkpoint => "checkpoint",
             EventKind::SamplesSkipped => "samples_skipped",
+            EventKind::NodeLost => "node_lost",
             EventKind::Finished => "finished",
             EventKind::Other => "other",
         }

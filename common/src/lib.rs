@@ -10,6 +10,7 @@ pub mod ids;
 pub mod jobs;
 pub mod net;
 pub mod nodes;
+pub mod objects;
 pub mod paths;
 pub mod telemetry;
 

@@ -9,11 +9,12 @@ const PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf
   "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"];
 const EVENT_COLOURS = {
   restart: "#c62828", preempted: "#ef6c00", grow: "#6a1b9a", checkpoint: "#2e7d32",
+  node_lost: "#ad1457",
   samples_skipped: "#9a6700", finished: "#0b5cad", scheduled: "#546e7a", submitted: "#546e7a",
 };
 // Events drawn on the charts (rank starts and exits only go in the list).
 const TIMELINE_KINDS = new Set(["restart", "preempted", "grow", "checkpoint",
-  "samples_skipped", "finished"]);
+  "samples_skipped", "node_lost", "finished"]);
 const TERMINAL = new Set(["Succeeded", "Failed", "Stopped"]);
 
 const CHARTS = [

@@ -667,6 +667,13 @@ impl Cluster {
             }
             if job.state == JobState::Running {
                 let message = format!("node {node_id} lost: {reason}");
+                Self::event(
+                    job,
+                    now_ms,
+                    EventKind::NodeLost,
+                    message.clone(),
+                    &mut effects,
+                );
                 effects.merge(Self::fail_or_restart(
                     job,
                     message,

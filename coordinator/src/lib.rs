@@ -3,6 +3,7 @@
 //! etcd so a restarted coordinator carries running jobs on.
 
 pub mod admission;
+pub mod archive;
 pub mod cluster;
 mod error;
 mod grpc;
@@ -53,6 +54,13 @@ pub struct Config {
     /// default $FLAMINGO_HOME/metrics.
     #[arg(long, env = "FLAMINGO_METRICS_DIR")]
     pub metrics_dir: Option<std::path::PathBuf>,
+    /// Also keep the metrics folder in object storage (s3://bucket/prefix,
+    /// gs://, az://, file://): synced every --metrics-sync-seconds, and
+    /// restored from there at start-up (a new machine gets the curves back).
+    #[arg(long, env = "FLAMINGO_METRICS_STORE")]
+    pub metrics_store: Option<String>,
+    #[arg(long, env = "FLAMINGO_METRICS_SYNC_SECONDS", default_value_t = 10)]
+    pub metrics_sync_seconds: u64,
     /// Address the dashboard, its data API and Prometheus `/metrics` listen
     /// on; `off` for none.
     #[arg(
@@ -78,6 +86,13 @@ fn parse_http_listen(text: &str) -> Result<HttpListen, String> {
 }
 
 impl Config {
+    /// Where jobs' metric files are kept on this machine.
+    pub fn metrics_dir(&self) -> std::path::PathBuf {
+        self.metrics_dir
+            .clone()
+            .unwrap_or_else(|| flamingo_common::paths::flamingo_home().join("metrics"))
+    }
+
     pub fn validate(&self) -> Result<(), flamingo_common::CommonError> {
         use flamingo_common::CommonError;
         if self.lease_ttl_seconds < 2 {
@@ -114,7 +129,41 @@ impl service::Coordinator {
 /// Serves until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate()?;
+    // The archive first: what it holds must be on disk before any job's
+    // curves are read or appended to.
+    let archive = match &config.metrics_store {
+        Some(url) => {
+            let archive = archive::Archive::open(url)
+                .map_err(|error| anyhow::anyhow!("--metrics-store {error}"))?;
+            let restored = archive
+                .restore(&config.metrics_dir())
+                .await
+                .map_err(|error| anyhow::anyhow!("restoring metrics from the archive: {error}"))?;
+            tracing::info!(url = archive.url(), restored, "metrics archive");
+            Some(std::sync::Arc::new(archive))
+        }
+        None => None,
+    };
     let (coordinator, revision) = service::Coordinator::start(config.clone()).await?;
+    let syncer = archive.map(|archive| {
+        let (dir, shutdown) = (config.metrics_dir(), shutdown.clone());
+        let every = std::time::Duration::from_secs(config.metrics_sync_seconds.max(1));
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            loop {
+                let stopping = tokio::select! {
+                    _ = shutdown.cancelled() => true,
+                    _ = ticker.tick() => false,
+                };
+                if let Err(error) = archive.sync(&dir).await {
+                    tracing::warn!(%error, "metrics archive sync failed; retrying at the next");
+                }
+                if stopping {
+                    break;
+                }
+            }
+        })
+    });
     let watcher = tokio::spawn(
         coordinator
             .clone()
@@ -184,6 +233,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let _ = watcher.await;
     let _ = hangs.await;
     let _ = evictions.await;
+    if let Some(syncer) = syncer {
+        let _ = syncer.await;
+    }
     if let Some(http) = http {
         let _ = http.await;
     }

@@ -61,12 +61,7 @@ impl Coordinator {
             "state loaded from etcd"
         );
         let (events_tx, _) = broadcast::channel(1024);
-        let metrics = crate::metrics::MetricsStore::new(
-            config
-                .metrics_dir
-                .clone()
-                .unwrap_or_else(|| flamingo_common::paths::flamingo_home().join("metrics")),
-        );
+        let metrics = crate::metrics::MetricsStore::new(config.metrics_dir());
         let coordinator = Arc::new(Self {
             config,
             store,

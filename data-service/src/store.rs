@@ -61,50 +61,30 @@ impl Storage {
     /// Resolves a URL or a local path (relative paths against the current
     /// directory).
     pub fn resolve(&self, url: &str) -> Result<Location> {
-        let parsed = match url::Url::parse(url) {
-            Ok(parsed) if parsed.scheme().len() > 1 => parsed,
-            _ => {
-                let path = std::path::absolute(url).map_err(|error| DataError::Storage {
-                    url: url.to_string(),
-                    message: error.to_string(),
-                })?;
-                url::Url::from_file_path(&path).map_err(|()| DataError::Storage {
-                    url: url.to_string(),
-                    message: "not a valid local path".into(),
-                })?
-            }
+        let failed = |message: String| DataError::Storage {
+            url: url.to_string(),
+            message,
         };
+        let parsed = flamingo_common::objects::parse(url).map_err(failed)?;
         let scheme = parsed.scheme().to_string();
         let bucket_key = format!("{scheme}://{}", parsed.host_str().unwrap_or_default());
         let store = {
-            let mut stores = self.stores.lock().map_err(|_| DataError::Storage {
-                url: url.to_string(),
-                message: "store registry poisoned".into(),
-            })?;
+            let mut stores = self
+                .stores
+                .lock()
+                .map_err(|_| failed("store registry poisoned".into()))?;
             match stores.get(&bucket_key) {
                 Some(store) => store.clone(),
                 None => {
-                    let store = self.build(&parsed, url)?;
+                    let store =
+                        flamingo_common::objects::build(&parsed, self.options.s3_endpoint.clone())
+                            .map_err(failed)?;
                     stores.insert(bucket_key, store.clone());
                     store
                 }
             }
         };
-        let path = if scheme == "file" {
-            let local = parsed.to_file_path().map_err(|()| DataError::Storage {
-                url: url.to_string(),
-                message: "not a valid file URL".into(),
-            })?;
-            StorePath::from_absolute_path(&local).map_err(|error| DataError::Storage {
-                url: url.to_string(),
-                message: error.to_string(),
-            })?
-        } else {
-            StorePath::from_url_path(parsed.path()).map_err(|error| DataError::Storage {
-                url: url.to_string(),
-                message: error.to_string(),
-            })?
-        };
+        let path = flamingo_common::objects::path(&parsed).map_err(failed)?;
         Ok(Location {
             store,
             path,
@@ -114,60 +94,6 @@ impl Storage {
                 url.to_string()
             },
         })
-    }
-
-    fn build(&self, parsed: &url::Url, url: &str) -> Result<Arc<dyn ObjectStore>> {
-        let failed = |error: object_store::Error| DataError::Storage {
-            url: url.to_string(),
-            message: format!("cannot configure storage: {error}"),
-        };
-        let origin = format!("{}://{}", parsed.scheme(), parsed.authority());
-        let store: Arc<dyn ObjectStore> = match parsed.scheme() {
-            "file" => Arc::new(object_store::local::LocalFileSystem::new()),
-            "s3" | "s3a" => {
-                let mut builder =
-                    object_store::aws::AmazonS3Builder::from_env().with_url(origin.as_str());
-                let endpoint = self
-                    .options
-                    .s3_endpoint
-                    .clone()
-                    .or_else(|| std::env::var("FLAMINGO_S3_ENDPOINT").ok());
-                if let Some(endpoint) = endpoint {
-                    builder = builder
-                        .with_allow_http(endpoint.starts_with("http://"))
-                        .with_endpoint(endpoint)
-                        .with_virtual_hosted_style_request(false);
-                }
-                Arc::new(builder.build().map_err(failed)?)
-            }
-            "gs" => Arc::new(
-                object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_url(origin.as_str())
-                    .build()
-                    .map_err(failed)?,
-            ),
-            "az" | "abfs" | "abfss" | "azure" => Arc::new(
-                object_store::azure::MicrosoftAzureBuilder::from_env()
-                    .with_url(origin.as_str())
-                    .build()
-                    .map_err(failed)?,
-            ),
-            "http" | "https" => Arc::new(
-                object_store::http::HttpBuilder::new()
-                    .with_url(origin.as_str())
-                    .build()
-                    .map_err(failed)?,
-            ),
-            other => {
-                return Err(DataError::Storage {
-                    url: url.to_string(),
-                    message: format!(
-                    "unsupported scheme '{other}' (use file://, s3://, gs://, az:// or http(s)://)"
-                ),
-                })
-            }
-        };
-        Ok(store)
     }
 }
 

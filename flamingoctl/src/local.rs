@@ -125,6 +125,8 @@ pub struct CoordinatorSpec {
     pub etcd_endpoint: String,
     pub lease_ttl_seconds: u32,
     pub heartbeat_interval_ms: u32,
+    /// More flags for the coordinator.
+    pub extra_args: Vec<String>,
 }
 
 impl CoordinatorSpec {
@@ -156,6 +158,7 @@ pub fn spawn_coordinator(
     if let Some(dir) = log.parent() {
         command.arg(format!("--metrics-dir={}", dir.join("metrics").display()));
     }
+    command.args(&spec.extra_args);
     spawn(command, log, detach)
 }
 

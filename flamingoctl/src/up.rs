@@ -78,6 +78,7 @@ pub async fn up(state_dir: &Path, options: &UpOptions) -> anyhow::Result<Cluster
             etcd_endpoint: etcd.endpoint(),
             lease_ttl_seconds: options.lease_ttl_seconds,
             heartbeat_interval_ms: 1000.min(options.lease_ttl_seconds * 250),
+            extra_args: Vec::new(),
         };
         let coordinator_log = logs.join("coordinator.log");
         let coordinator_child = local::spawn_coordinator(&coordinator, &coordinator_log, true)?;

@@ -80,6 +80,7 @@ impl ClusterSandbox {
             etcd_endpoint: etcd_spec.endpoint(),
             lease_ttl_seconds: options.lease_ttl_seconds,
             heartbeat_interval_ms: 300,
+            extra_args: Vec::new(),
         };
         let port_base = flamingo_common::net::free_local_port_range(PORTS_PER_NODE * MAX_NODES)?;
         let mut sandbox = Self {
@@ -110,6 +111,11 @@ impl ClusterSandbox {
 
     pub fn coordinator_endpoint(&self) -> String {
         self.coordinator_spec.endpoint()
+    }
+
+    /// Flags the coordinator gets from its next start on.
+    pub fn set_coordinator_args(&mut self, args: &[&str]) {
+        self.coordinator_spec.extra_args = args.iter().map(|arg| arg.to_string()).collect();
     }
 
     /// The coordinator's dashboard (`http://127.0.0.1:port/`).
