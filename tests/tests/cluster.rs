@@ -386,6 +386,27 @@ async fn agent_with_another_protocol_version_is_refused_clearly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_an_agent_whose_coordinator_is_down() {
+    let mut sandbox = ClusterSandbox::start(SandboxOptions {
+        nodes: 1,
+        slots_per_node: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    sandbox.kill_coordinator();
+    let pid = sandbox.agent_pid("node-0").unwrap();
+    // SAFETY: plain syscall on our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    // Nothing runs on it: it stops at once rather than waiting for a
+    // coordinator to drain through.
+    let status = sandbox
+        .wait_agent_exit("node-0", Duration::from_secs(10))
+        .unwrap();
+    assert!(status.success(), "agent exit {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_the_agent_and_lets_its_rank_finish() {
     let mut sandbox = ClusterSandbox::start(SandboxOptions {
         nodes: 1,

@@ -227,6 +227,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         })
     };
 
+    let mut drain_started: Option<tokio::time::Instant> = None;
     let outcome: anyhow::Result<()> = async {
         loop {
             if !registered {
@@ -242,7 +243,21 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             }
             match session(&client, &node_id, &ranks, interval, &draining, config.drain_timeout_seconds).await {
                 SessionEnd::Unregistered => registered = false,
-                SessionEnd::Disconnected => tokio::time::sleep(Duration::from_millis(300)).await,
+                SessionEnd::Disconnected => {
+                    // Draining with the coordinator out of reach: the ranks
+                    // still get the drain timeout to finish, then the agent
+                    // stops without it.
+                    if draining.is_cancelled() {
+                        let started = *drain_started.get_or_insert_with(tokio::time::Instant::now);
+                        if ranks.running().is_empty()
+                            || started.elapsed() >= Duration::from_secs(config.drain_timeout_seconds)
+                        {
+                            tracing::warn!("draining without the coordinator: stopping");
+                            break;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await
+                }
                 SessionEnd::Shutdown => break,
             }
         }
