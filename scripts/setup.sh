@@ -8,27 +8,34 @@
 #     $FLAMINGO_VENV (default ~/.cache/flamingo/venv-torch-2.11.0) when present;
 #   - exports what cargo needs to build tch and the c10d shim against it.
 
-flamingo_setup() {
-    local torch_version=2.11.0
-    local packages=(etcd-server protobuf-compiler libgloo-dev g++ pkg-config python3-venv libjpeg62-turbo-dev)
+# Installs the Debian packages given that are missing (as root; otherwise
+# says what to run). $1 names what they are for.
+flamingo_apt_install() {
+    local purpose=$1
+    shift
     local missing=()
     local package
-    for package in "${packages[@]}"; do
+    for package in "$@"; do
         dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
             || missing+=("$package")
     done
-    if [ ${#missing[@]} -gt 0 ]; then
-        if [ "$(id -u)" = 0 ]; then
-            echo "setup: installing Debian packages: ${missing[*]}"
-            DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null \
-                && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
-                || { echo "setup: apt-get install ${missing[*]} failed" >&2; return 1; }
-        else
-            echo "setup: missing Debian packages: ${missing[*]}" >&2
-            echo "setup: run: sudo apt-get install -y ${missing[*]}" >&2
-            return 1
-        fi
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" = 0 ]; then
+        echo "setup: installing Debian packages$purpose: ${missing[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null \
+            && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
+            || { echo "setup: apt-get install ${missing[*]} failed" >&2; return 1; }
+    else
+        echo "setup: missing Debian packages$purpose: ${missing[*]}" >&2
+        echo "setup: run: sudo apt-get install -y ${missing[*]}" >&2
+        return 1
     fi
+}
+
+flamingo_setup() {
+    local torch_version=2.11.0
+    flamingo_apt_install "" etcd-server protobuf-compiler libgloo-dev g++ pkg-config \
+        python3-venv libjpeg62-turbo-dev || return 1
     # etcd-server's unit starts a system etcd on :2379; flamingo runs its own
     # on free ports, so the system one is not needed (and not touched).
 
@@ -83,24 +90,7 @@ flamingo_setup_reference() {
     local python="$FLAMINGO_VENV/bin/python"
     # The dashboard's browser test drives Debian's Chromium through
     # chromedriver.
-    local browser=()
-    local package
-    for package in chromium chromium-driver; do
-        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
-            || browser+=("$package")
-    done
-    if [ ${#browser[@]} -gt 0 ]; then
-        if [ "$(id -u)" = 0 ]; then
-            echo "setup: installing Debian packages for the browser test: ${browser[*]}"
-            DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null \
-                && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${browser[@]}" >/dev/null \
-                || { echo "setup: apt-get install ${browser[*]} failed" >&2; return 1; }
-        else
-            echo "setup: missing Debian packages for the browser test: ${browser[*]}" >&2
-            echo "setup: run: sudo apt-get install -y ${browser[*]}" >&2
-            return 1
-        fi
-    fi
+    flamingo_apt_install " for the browser test" chromium chromium-driver || return 1
     if "$python" -c "import einops, einops_exts, safetensors, open_clip, transformers, webdataset, braceexpand, moto, flask_cors, tensorboard, importlib.util, importlib.metadata as m, sys; sys.exit(0 if importlib.util.find_spec('open_flamingo') and m.version('webdataset') == '0.2.86' else 1)" 2>/dev/null; then
         return 0
     fi

@@ -12,7 +12,10 @@ pub mod net;
 pub mod nodes;
 pub mod objects;
 pub mod paths;
+pub mod prometheus;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use error::CommonError;
 pub use ids::{JobId, NodeId};

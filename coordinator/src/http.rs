@@ -12,7 +12,6 @@
 //! - `GET /api/jobs/{id}/events` — the job's timeline
 //! - `GET /metrics` — Prometheus text format
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
@@ -188,21 +187,9 @@ async fn events(State(coordinator): State<Arc<Coordinator>>, Path(id): Path<Stri
     }
 }
 
-/// A Prometheus label value.
-fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
 /// The coordinator's state in Prometheus' text format.
 pub async fn prometheus_text(coordinator: &Coordinator) -> String {
+    use flamingo_common::prometheus::{family, sample};
     let jobs = coordinator.jobs().await;
     let nodes = coordinator.nodes().await;
     let mut out = String::new();
@@ -215,11 +202,8 @@ pub async fn prometheus_text(coordinator: &Coordinator) -> String {
         JobState::Stopped,
     ] {
         let count = jobs.iter().filter(|job| job.state == state).count();
-        let _ = writeln!(
-            out,
-            "flamingo_jobs{{state=\"{}\"}} {count}",
-            state.as_str().to_lowercase()
-        );
+        let name = state.as_str().to_lowercase();
+        sample(&mut out, "flamingo_jobs", &[("state", &name)], count as f64);
     }
     family(
         &mut out,
@@ -232,20 +216,24 @@ pub async fn prometheus_text(coordinator: &Coordinator) -> String {
             .iter()
             .map(|job| job.ranks.iter().filter(|r| r.state == state).count())
             .sum();
-        let _ = writeln!(
-            out,
-            "flamingo_ranks{{state=\"{}\"}} {count}",
-            state.as_str().to_lowercase()
+        let name = state.as_str().to_lowercase();
+        sample(
+            &mut out,
+            "flamingo_ranks",
+            &[("state", &name)],
+            count as f64,
         );
     }
     family(&mut out, "flamingo_nodes", "gauge", "Registered nodes.");
     let draining = nodes.iter().filter(|(node, _)| node.draining).count();
-    let _ = writeln!(
-        out,
-        "flamingo_nodes{{state=\"ready\"}} {}",
-        nodes.len() - draining
+    let ready = (nodes.len() - draining) as f64;
+    sample(&mut out, "flamingo_nodes", &[("state", "ready")], ready);
+    sample(
+        &mut out,
+        "flamingo_nodes",
+        &[("state", "draining")],
+        draining as f64,
     );
-    let _ = writeln!(out, "flamingo_nodes{{state=\"draining\"}} {draining}");
     family(
         &mut out,
         "flamingo_free_slots",
@@ -253,7 +241,7 @@ pub async fn prometheus_text(coordinator: &Coordinator) -> String {
         "Free rank slots over all nodes.",
     );
     let free: u32 = nodes.iter().map(|(_, free)| free).sum();
-    let _ = writeln!(out, "flamingo_free_slots {free}");
+    sample(&mut out, "flamingo_free_slots", &[], f64::from(free));
 
     let live: Vec<&JobRecord> = jobs.iter().filter(|job| !job.state.is_terminal()).collect();
     family(
@@ -263,13 +251,8 @@ pub async fn prometheus_text(coordinator: &Coordinator) -> String {
         "Last step rank 0 reported.",
     );
     for job in &live {
-        let _ = writeln!(
-            out,
-            "flamingo_job_step{{job=\"{}\",name=\"{}\"}} {}",
-            label(job.id.as_str()),
-            label(&job.spec.name),
-            job.last_step
-        );
+        let labels = [("job", job.id.as_str()), ("name", job.spec.name.as_str())];
+        sample(&mut out, "flamingo_job_step", &labels, job.last_step as f64);
     }
     family(
         &mut out,
@@ -278,11 +261,12 @@ pub async fn prometheus_text(coordinator: &Coordinator) -> String {
         "Restarts of the job's group.",
     );
     for job in &jobs {
-        let _ = writeln!(
-            out,
-            "flamingo_job_restarts_total{{job=\"{}\"}} {}",
-            label(job.id.as_str()),
-            job.restarts.len()
+        let labels = [("job", job.id.as_str())];
+        sample(
+            &mut out,
+            "flamingo_job_restarts_total",
+            &labels,
+            job.restarts.len() as f64,
         );
     }
     let summaries = coordinator.metrics_store().summaries();
@@ -296,11 +280,7 @@ pub async fn prometheus_text(coordinator: &Coordinator) -> String {
     );
     for (id, summary) in &summaries {
         if let (true, Some(rate)) = (live_ids.contains(id.as_str()), summary.step_rate) {
-            let _ = writeln!(
-                out,
-                "flamingo_job_step_rate{{job=\"{}\"}} {rate}",
-                label(id)
-            );
+            sample(&mut out, "flamingo_job_step_rate", &[("job", id)], rate);
         }
     }
     family(
@@ -309,18 +289,13 @@ pub async fn prometheus_text(coordinator: &Coordinator) -> String {
         "gauge",
         "Rank 0's latest value of each metric (loss_laion, loss_mmc4, lr, ...).",
     );
-    for (id, summary) in &summaries {
-        if !live_ids.contains(id.as_str()) {
-            continue;
-        }
+    for (id, summary) in summaries
+        .iter()
+        .filter(|(id, _)| live_ids.contains(id.as_str()))
+    {
         for (name, value) in &summary.latest {
-            let _ = writeln!(
-                out,
-                "flamingo_job_last_value{{job=\"{}\",metric=\"{}\"}} {}",
-                label(id),
-                label(name),
-                prometheus_number(*value)
-            );
+            let labels = [("job", id.as_str()), ("metric", name.as_str())];
+            sample(&mut out, "flamingo_job_last_value", &labels, *value);
         }
     }
     family(
@@ -330,11 +305,12 @@ pub async fn prometheus_text(coordinator: &Coordinator) -> String {
         "Metric reports stored for the job.",
     );
     for (id, summary) in &summaries {
-        let _ = writeln!(
-            out,
-            "flamingo_metric_points_total{{job=\"{}\"}} {}",
-            label(id),
-            summary.points
+        let labels = [("job", id.as_str())];
+        sample(
+            &mut out,
+            "flamingo_metric_points_total",
+            &labels,
+            summary.points as f64,
         );
     }
     family(
@@ -344,24 +320,16 @@ pub async fn prometheus_text(coordinator: &Coordinator) -> String {
         "Reports ranks could not send in time (counted, never waited for).",
     );
     for (id, summary) in &summaries {
-        let _ = writeln!(
-            out,
-            "flamingo_metric_reports_dropped_total{{job=\"{}\"}} {}",
-            label(id),
-            summary.dropped
+        let labels = [("job", id.as_str())];
+        let dropped = summary.dropped as f64;
+        sample(
+            &mut out,
+            "flamingo_metric_reports_dropped_total",
+            &labels,
+            dropped,
         );
     }
     out
-}
-
-fn prometheus_number(value: f64) -> String {
-    if value.is_nan() {
-        "NaN".into()
-    } else if value.is_infinite() {
-        if value > 0.0 { "+Inf" } else { "-Inf" }.into()
-    } else {
-        value.to_string()
-    }
 }
 
 async fn prometheus(State(coordinator): State<Arc<Coordinator>>) -> Response {
@@ -378,14 +346,6 @@ async fn prometheus(State(coordinator): State<Arc<Coordinator>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn labels_escape_quotes_backslashes_and_newlines() {
-        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-        assert_eq!(prometheus_number(f64::NAN), "NaN");
-        assert_eq!(prometheus_number(f64::NEG_INFINITY), "-Inf");
-        assert_eq!(prometheus_number(2.5), "2.5");
-    }
 
     #[test]
     fn lists_split_on_commas_and_drop_blanks() {

@@ -6,11 +6,7 @@
 
 mod common;
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
+use flamingo_common::testing::S3Server;
 use flamingo_data::batch::Cursor;
 use flamingo_data::index::{ShardIndex, INDEX_SUFFIX};
 use flamingo_data::pack::ShardWriter;
@@ -18,57 +14,6 @@ use flamingo_data::reader::Dataset;
 use flamingo_data::spec::DataSpec;
 use flamingo_data::store::{Storage, StorageOptions};
 use flamingo_data::{synthetic, DataError};
-
-fn venv_bin(name: &str) -> PathBuf {
-    std::env::var_os("FLAMINGO_VENV")
-        .map(|venv| PathBuf::from(venv).join("bin").join(name))
-        .unwrap_or_else(|| PathBuf::from(name))
-}
-
-struct S3Server {
-    child: Child,
-    endpoint: String,
-}
-
-impl S3Server {
-    fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .map(|address| address.port())
-            .expect("a free port");
-        let child = Command::new(venv_bin("moto_server"))
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("moto_server starts (scripts/setup.sh installs it in the venv)");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not listen");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let endpoint = format!("http://127.0.0.1:{port}");
-        // Buckets are made with the S3 API itself (path-style CreateBucket).
-        let created = Command::new(venv_bin("python"))
-            .args([
-                "-c",
-                &format!(
-                    "import boto3; boto3.client('s3', endpoint_url='{endpoint}', region_name='us-east-1', aws_access_key_id='test', aws_secret_access_key='test').create_bucket(Bucket='shards')"
-                ),
-            ])
-            .status()
-            .expect("python runs");
-        assert!(created.success(), "bucket created");
-        Self { child, endpoint }
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Writes 3 synthetic LAION shards under `prefix`, then checks every
 /// storage operation the service uses; returns the keys of the first
@@ -173,7 +118,7 @@ async fn local_files_and_s3_behave_alike() {
     let plain = conformance(&local, &format!("{}/b", dir.path().display()), &tokenizer).await;
     assert_eq!(files, plain);
 
-    let server = S3Server::start();
+    let server = S3Server::start("shards");
     std::env::set_var("AWS_ACCESS_KEY_ID", "test");
     std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
     std::env::set_var("AWS_REGION", "us-east-1");

@@ -344,3 +344,36 @@ impl Drop for ClusterSandbox {
 pub fn alive(pid: u32) -> bool {
     local::process_alive(pid)
 }
+
+/// Runs `flamingoctl ARGS` in `dir` (with its own state folder, `dir/state`,
+/// so no local cluster record from elsewhere is used); panics with its
+/// stderr when it fails, else returns its stdout.
+pub fn flamingoctl(dir: &Path, args: &[&str]) -> String {
+    let output = std::process::Command::new(ClusterSandbox::binary("flamingoctl"))
+        .current_dir(dir)
+        .env("FLAMINGO_STATE_DIR", dir.join("state"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("flamingoctl runs");
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Polls `probe` every 250 ms until it gives a value; panics naming `what`
+/// after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}

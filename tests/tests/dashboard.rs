@@ -16,10 +16,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
-use flamingo_tests::{ClusterSandbox, SandboxOptions};
+use flamingo_tests::{flamingoctl, wait_for, ClusterSandbox, SandboxOptions};
 use serde_json::{json, Value};
 
 const SAMPLES: u64 = 512;
@@ -124,23 +124,6 @@ fn serve_otlp(stream: std::net::TcpStream, spans: &Spans) {
             return;
         }
     }
-}
-
-fn flamingoctl(dir: &Path, args: &[&str]) -> String {
-    let output = Command::new(ClusterSandbox::binary("flamingoctl"))
-        .current_dir(dir)
-        .env("FLAMINGO_STATE_DIR", dir.join("state"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .expect("flamingoctl runs");
-    assert!(
-        output.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// chromedriver on a free port, stopped on drop.
@@ -298,17 +281,6 @@ fn dom_loss(driver: &Driver) -> Vec<(u64, f64)> {
             })
             .collect(),
         _ => Vec::new(),
-    }
-}
-
-fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
     }
 }
 

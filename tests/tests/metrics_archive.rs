@@ -4,79 +4,12 @@
 //! metrics folder deleted and started again, it restores the job's points
 //! and events from the bucket.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use flamingo_common::testing::S3Server;
 use flamingo_proto::v1 as pb;
-use flamingo_tests::{ClusterSandbox, SandboxOptions};
+use flamingo_tests::{flamingoctl, ClusterSandbox, SandboxOptions};
 use serde_json::Value;
-
-fn venv_bin(name: &str) -> PathBuf {
-    std::env::var_os("FLAMINGO_VENV")
-        .map(|venv| PathBuf::from(venv).join("bin").join(name))
-        .unwrap_or_else(|| PathBuf::from(name))
-}
-
-struct S3Server {
-    child: Child,
-    endpoint: String,
-}
-
-impl S3Server {
-    fn start(bucket: &str) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .map(|address| address.port())
-            .expect("a free port");
-        let child = Command::new(venv_bin("moto_server"))
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("moto_server starts (scripts/setup.sh installs it in the venv)");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not listen");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let endpoint = format!("http://127.0.0.1:{port}");
-        let created = Command::new(venv_bin("python"))
-            .args([
-                "-c",
-                &format!(
-                    "import boto3; boto3.client('s3', endpoint_url='{endpoint}', region_name='us-east-1', aws_access_key_id='test', aws_secret_access_key='test').create_bucket(Bucket='{bucket}')"
-                ),
-            ])
-            .status()
-            .expect("python runs");
-        assert!(created.success(), "bucket created");
-        Self { child, endpoint }
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn flamingoctl(dir: &Path, args: &[&str]) -> String {
-    let output = Command::new(ClusterSandbox::binary("flamingoctl"))
-        .current_dir(dir)
-        .env("FLAMINGO_STATE_DIR", dir.join("state"))
-        .args(args)
-        .output()
-        .expect("flamingoctl runs");
-    assert!(
-        output.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curves_come_back_from_object_storage_after_the_disk_is_lost() {

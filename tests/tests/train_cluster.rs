@@ -10,11 +10,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flamingo_common::{JobRecord, JobState, RankState};
-use flamingo_tests::{ClusterSandbox, SandboxOptions};
+use flamingo_tests::{flamingoctl, ClusterSandbox, SandboxOptions};
 
 /// LAION samples in the synthetic set, global batch, epochs.
 const SAMPLES: u64 = 192;
@@ -22,24 +21,6 @@ const PER_RANK: u64 = 2;
 const WORLD: u64 = 4;
 const EPOCHS: u64 = 4;
 const STEPS: u64 = SAMPLES / (PER_RANK * WORLD) * EPOCHS;
-
-fn flamingoctl(dir: &Path, args: &[&str]) -> String {
-    let output = Command::new(ClusterSandbox::binary("flamingoctl"))
-        .current_dir(dir)
-        // No local cluster record (and its data service) from elsewhere.
-        .env("FLAMINGO_STATE_DIR", dir.join("state"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .expect("flamingoctl runs");
-    assert!(
-        output.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
 
 /// Synthetic LAION shards, a tiny model and the job file.
 fn prepare(dir: &Path) -> PathBuf {

@@ -93,66 +93,87 @@ impl Ranks {
 
     /// This node's rank processes in Prometheus' text format.
     pub fn prometheus_text(&self, node_id: &str, slots: u32, draining: bool) -> String {
-        use std::fmt::Write as _;
+        use flamingo_common::prometheus::{family, sample};
         let table = self.table();
-        let node = node_id.replace('\\', "\\\\").replace('"', "\\\"");
+        let node = ("node", node_id);
         let mut out = String::new();
-        let _ = writeln!(out, "# HELP flamingo_agent_slots Rank slots of this node.");
-        let _ = writeln!(out, "# TYPE flamingo_agent_slots gauge");
-        let _ = writeln!(out, "flamingo_agent_slots{{node=\"{node}\"}} {slots}");
-        let _ = writeln!(
-            out,
-            "# HELP flamingo_agent_draining Whether the node is draining (SIGTERM received)."
+        family(
+            &mut out,
+            "flamingo_agent_slots",
+            "gauge",
+            "Rank slots of this node.",
         );
-        let _ = writeln!(out, "# TYPE flamingo_agent_draining gauge");
-        let _ = writeln!(
-            out,
-            "flamingo_agent_draining{{node=\"{node}\"}} {}",
-            u8::from(draining)
+        sample(&mut out, "flamingo_agent_slots", &[node], f64::from(slots));
+        family(
+            &mut out,
+            "flamingo_agent_draining",
+            "gauge",
+            "Whether the node is draining (SIGTERM received).",
         );
-        let _ = writeln!(
-            out,
-            "# HELP flamingo_agent_ranks_running Rank processes running on this node."
+        sample(
+            &mut out,
+            "flamingo_agent_draining",
+            &[node],
+            f64::from(u8::from(draining)),
         );
-        let _ = writeln!(out, "# TYPE flamingo_agent_ranks_running gauge");
-        let _ = writeln!(
-            out,
-            "flamingo_agent_ranks_running{{node=\"{node}\"}} {}",
-            table.running.len()
+        family(
+            &mut out,
+            "flamingo_agent_ranks_running",
+            "gauge",
+            "Rank processes running on this node.",
         );
-        let _ = writeln!(
-            out,
-            "# HELP flamingo_agent_rank_running One per running rank process."
+        sample(
+            &mut out,
+            "flamingo_agent_ranks_running",
+            &[node],
+            table.running.len() as f64,
         );
-        let _ = writeln!(out, "# TYPE flamingo_agent_rank_running gauge");
+        family(
+            &mut out,
+            "flamingo_agent_rank_running",
+            "gauge",
+            "One per running rank process.",
+        );
         for ((job, attempt, rank), process) in &table.running {
-            let _ = writeln!(
-                out,
-                "flamingo_agent_rank_running{{node=\"{node}\",job=\"{}\",attempt=\"{attempt}\",rank=\"{rank}\",pid=\"{}\"}} 1",
-                job.as_str(),
-                process.pid
+            let (attempt, rank, pid) = (
+                attempt.to_string(),
+                rank.to_string(),
+                process.pid.to_string(),
             );
+            let labels = [
+                node,
+                ("job", job.as_str()),
+                ("attempt", attempt.as_str()),
+                ("rank", rank.as_str()),
+                ("pid", pid.as_str()),
+            ];
+            sample(&mut out, "flamingo_agent_rank_running", &labels, 1.0);
         }
-        let _ = writeln!(
-            out,
-            "# HELP flamingo_agent_rank_starts_total Rank processes started on this node."
+        family(
+            &mut out,
+            "flamingo_agent_rank_starts_total",
+            "counter",
+            "Rank processes started on this node.",
         );
-        let _ = writeln!(out, "# TYPE flamingo_agent_rank_starts_total counter");
-        let _ = writeln!(
-            out,
-            "flamingo_agent_rank_starts_total{{node=\"{node}\"}} {}",
-            table.launched.len()
+        sample(
+            &mut out,
+            "flamingo_agent_rank_starts_total",
+            &[node],
+            table.launched.len() as f64,
         );
-        let _ = writeln!(
-            out,
-            "# HELP flamingo_agent_rank_exits_total Rank process exits by outcome."
+        family(
+            &mut out,
+            "flamingo_agent_rank_exits_total",
+            "counter",
+            "Rank process exits by outcome.",
         );
-        let _ = writeln!(out, "# TYPE flamingo_agent_rank_exits_total counter");
         for outcome in ["succeeded", "failed", "killed", "preempted"] {
             let count = table.exits.get(outcome).copied().unwrap_or(0);
-            let _ = writeln!(
-                out,
-                "flamingo_agent_rank_exits_total{{node=\"{node}\",outcome=\"{outcome}\"}} {count}"
+            sample(
+                &mut out,
+                "flamingo_agent_rank_exits_total",
+                &[node, ("outcome", outcome)],
+                count as f64,
             );
         }
         out
