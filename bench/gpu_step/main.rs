@@ -11,8 +11,9 @@
 //! heads, a 50,280-token vocabulary, cross-attention before every layer)
 //! in `amp_bf16` with bf16 frozen weights, gradient checkpointing on, the
 //! `<image>`/`<|endofchunk|>` embedding rows training. Model FLOPs are
-//! counted from the shapes (see [`model_flops`]); recomputation is not
-//! counted, as MFU conventionally does not.
+//! counted by `flamingo_engine::flops` (as PyTorch's `FlopCounterMode`
+//! counts them); recomputation is not counted, as MFU conventionally does
+//! not.
 
 use std::path::Path;
 use std::time::Instant;
@@ -20,6 +21,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use flamingo_engine::batch::TrainBatch;
+use flamingo_engine::flops::FlopModel;
 use flamingo_engine::schedule::{Kind as ScheduleKind, Schedule};
 use flamingo_engine::tiny::{write_tiny_model, TinyConfig};
 use flamingo_engine::trainer::{AdamWConfigSerde, Strategy, TrainConfig, Trainer};
@@ -74,7 +76,7 @@ enum Mode {
     },
 }
 
-/// The shapes [`model_flops`] needs.
+/// The random model's shape.
 #[derive(Debug, Clone, Copy)]
 struct Shape {
     vision_width: i64,
@@ -83,55 +85,7 @@ struct Shape {
     patch: i64,
     lm_width: i64,
     lm_layers: i64,
-    vocab: i64,
     cross_attn_every: i64,
-}
-
-/// Model FLOPs of one training step (multiply-adds count 2), counted from
-/// the shapes of OpenFlamingo's modules:
-/// - the vision tower runs forward only: 2 · params · tokens per linear,
-///   plus attention (4 · n² · width per layer and image);
-/// - the perceiver (6 layers, 64 latents, 8 × 64 heads, feed-forward × 4)
-///   and the cross-attention blocks (8 × 64 heads, feed-forward × 4) train:
-///   6 · params · tokens (forward, input and weight gradients), attention
-///   3 × forward;
-/// - the frozen decoder layers: forward and input gradients, 4 · params ·
-///   tokens; causal attention counted whole, 3 × 4 · t² · width;
-/// - the output head (tied to the training embedding): 6 · vocab · width
-///   per token.
-fn model_flops(shape: Shape, batch: i64, tokens: i64, images: i64) -> f64 {
-    let f = |x: i64| x as f64;
-    let (b, t, n) = (f(batch), f(tokens), f(images));
-    let w = f(shape.vision_width);
-    let d = f(shape.lm_width);
-    let grid = f(shape.image / shape.patch);
-    let patches = grid * grid;
-    let vision_tokens = patches + 1.0;
-    let pictures = b * n;
-    // Vision: patch embedding, then per layer 12·w² parameters.
-    let vision = pictures
-        * (2.0 * 3.0 * f(shape.patch * shape.patch) * w * patches
-            + f(shape.vision_layers)
-                * (2.0 * 12.0 * w * w * vision_tokens + 4.0 * vision_tokens * vision_tokens * w));
-    // Perceiver: per layer and image, q on 64 latents, kv on patches+latents.
-    let latents = 64.0;
-    let inner = 512.0;
-    let perceiver_layer = 2.0 * (w * inner * latents + w * 2.0 * inner * (patches + latents))
-        + 2.0 * (inner * w * latents)
-        + 2.0 * (8.0 * w * w * latents)
-        + 4.0 * latents * (patches + latents) * inner;
-    let perceiver = 3.0 * pictures * 6.0 * perceiver_layer;
-    // LM: frozen layers (forward + input gradients) and attention.
-    let lm = f(shape.lm_layers) * (4.0 * 12.0 * d * d * b * t + 3.0 * 4.0 * t * t * d * b);
-    // Cross-attention blocks (trainable).
-    let blocks = f(shape.lm_layers / shape.cross_attn_every);
-    let media = n * latents;
-    let block = 2.0 * (d * inner * b * t + w * 2.0 * inner * b * media + inner * d * b * t)
-        + 2.0 * 8.0 * d * d * b * t
-        + 4.0 * t * media * inner * b;
-    let cross = 3.0 * blocks * block;
-    let head = 6.0 * f(shape.vocab) * d * b * t;
-    vision + perceiver + lm + cross + head
 }
 
 fn train_config(strategy: Strategy, amp_bf16: bool, checkpointing: bool) -> TrainConfig {
@@ -329,7 +283,6 @@ fn mfu(
         patch: 14,
         lm_width: 2048,
         lm_layers: layers,
-        vocab: words + 3,
         cross_attn_every: 1,
     };
     let started = Instant::now();
@@ -374,6 +327,12 @@ fn mfu(
             ..LoadOptions::default()
         };
         let (model, tokenizer) = load_flamingo_with(&spec, options)?;
+        let flop_model = FlopModel::new(
+            &model,
+            &format!("lang_encoder.{}", model.decoder().input_embedding_name()),
+            true,
+            (shape.image / shape.patch).pow(2),
+        );
         let parameters: i64 = model
             .named_parameters()
             .iter()
@@ -432,7 +391,7 @@ fn mfu(
             trainer.time_phases(false);
             // One micro-batch per optimizer step, as the Python baseline steps.
             let seconds = forward_backward + optimizer;
-            let flops = model_flops(shape, batch_size, tokens, images);
+            let flops = flop_model.batch_flops(batch_size as f64, images as f64, tokens as f64);
             let achieved = flops / seconds / 1e12;
             println!(
                 "{}",
@@ -503,37 +462,5 @@ fn main() -> anyhow::Result<()> {
             &checkpointing,
             work.as_deref(),
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn flops_of_the_lm_layers_follow_the_formula() {
-        // With no images, vision and perceiver vanish; one frozen layer
-        // costs 4·12·d²·b·t + 12·t²·d·b, the blocks 3·(2·(2·d·512 + 8·d²)·b·t),
-        // the head 6·V·d·b·t.
-        let shape = Shape {
-            vision_width: 8,
-            vision_layers: 1,
-            image: 14,
-            patch: 14,
-            lm_width: 16,
-            lm_layers: 1,
-            vocab: 10,
-            cross_attn_every: 1,
-        };
-        let (d, b, t) = (16.0, 2.0, 3.0);
-        let expected = 4.0 * 12.0 * d * d * b * t
-            + 12.0 * t * t * d * b
-            + 3.0 * (2.0 * (d * 512.0 * b * t + 512.0 * d * b * t) + 2.0 * 8.0 * d * d * b * t)
-            + 6.0 * 10.0 * d * b * t;
-        let got = model_flops(shape, 2, 3, 0);
-        assert!(
-            (got - expected).abs() < 1e-6 * expected,
-            "{got} vs {expected}"
-        );
     }
 }

@@ -257,8 +257,8 @@ struct StepMeter {
     started: Instant,
     data_wait: f64,
     samples: usize,
-    images: f64,
     tokens: f64,
+    flops: f64,
     skipped: Vec<String>,
 }
 
@@ -273,25 +273,26 @@ impl StepMeter {
             started: Instant::now(),
             data_wait: 0.0,
             samples: 0,
-            images: 0.0,
             tokens: 0.0,
+            flops: 0.0,
             skipped: Vec::new(),
         }
     }
 
-    fn count(&mut self, batch: &TrainBatch) {
-        let shape = batch.vision_x.size();
+    fn count(&mut self, batch: &TrainBatch, flops: &FlopModel) {
+        let images = batch.vision_x.size();
+        let tokens = batch.input_ids.size();
         self.samples += batch.samples;
-        self.images += (shape[0] * shape[1]) as f64;
-        self.tokens += batch.input_ids.numel() as f64;
+        self.tokens += (tokens[0] * tokens[1]) as f64;
+        self.flops += flops.batch_flops(tokens[0] as f64, images[1] as f64, tokens[1] as f64);
     }
 
     /// The step's metrics; the meter starts over for the next step.
     /// Throughput is global (this rank's count × world: every rank's
     /// batches have the same shape).
-    fn finish(&mut self, flops: &FlopModel, peak_tflops: f64, world: usize) -> Measured {
+    fn finish(&mut self, peak_tflops: f64, world: usize) -> Measured {
         let seconds = self.started.elapsed().as_secs_f64().max(1e-9);
-        let achieved = flops.step_flops(self.images, self.tokens) / seconds;
+        let achieved = self.flops / seconds;
         let mut values = vec![
             ("step_seconds", seconds),
             ("data_wait_seconds", self.data_wait),
@@ -553,7 +554,7 @@ pub fn run_rank_with(
             trainer.model().decoder().input_embedding_name()
         ),
         !job.freeze_lm_embeddings,
-        (image_size / spec.vision.patch_size).pow(2) + 1,
+        (image_size / spec.vision.patch_size).pow(2),
     );
     let mut meter = StepMeter::new();
     while trainer.step_count() < end {
@@ -566,7 +567,7 @@ pub fn run_rank_with(
         let mmc4_batch = next(mmc4.as_mut())?;
         meter.data_wait += waiting.elapsed().as_secs_f64();
         for fetched in [&laion_batch, &mmc4_batch].into_iter().flatten() {
-            meter.count(&fetched.batch);
+            meter.count(&fetched.batch, &flop_model);
             meter.skipped.extend(fetched.skipped.iter().cloned());
         }
         if let Some(audit) = audit.as_mut() {
@@ -614,7 +615,7 @@ pub fn run_rank_with(
                 }
             }
         }
-        let measured = meter.finish(&flop_model, job.peak_tflops, world);
+        let measured = meter.finish(job.peak_tflops, world);
         if let Some(link) = link {
             let mut values = measured.values;
             if rank == 0 {
