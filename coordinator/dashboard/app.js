@@ -377,7 +377,8 @@ function draw(card, lines, markers, chart) {
   // Events and checkpoints on the timeline.
   for (const marker of markers) {
     if (!(marker.x >= x0 && marker.x <= x1)) continue;
-    const line = s("line", { class: "event", "data-kind": marker.kind, x1: px(marker.x),
+    const line = s("line", { class: "event", "data-kind": marker.kind,
+      "data-x": String(marker.x), x1: px(marker.x),
       x2: px(marker.x), y1: pad.top, y2: height - pad.bottom,
       stroke: EVENT_COLOURS[marker.kind] || "#888" });
     const title = s("title");

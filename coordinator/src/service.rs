@@ -123,7 +123,15 @@ impl Coordinator {
                 kind: event.kind,
                 message: event.message.clone(),
                 seq: Some(event.seq),
-                step: cluster.jobs.get(&event.job_id).map(|job| job.last_step),
+                // On the step axis a restart sits where the new attempt
+                // resumes (its curve starts there); other events at the
+                // last step rank 0 reported.
+                step: cluster.jobs.get(&event.job_id).map(|job| match event.kind {
+                    flamingo_common::EventKind::Restart => job
+                        .latest_checkpoint()
+                        .map_or(0, |checkpoint| checkpoint.step),
+                    _ => job.last_step,
+                }),
                 rank: None,
                 attempt: cluster.jobs.get(&event.job_id).map_or(0, |job| job.attempt),
             };

@@ -483,9 +483,13 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
         "checkpoints marked on the timeline: {checkpoints}"
     );
     let restarts = driver.run(
-        "return document.querySelectorAll('svg[data-chart=\"loss\"] line.event[data-kind=\"restart\"]').length",
+        "return [...document.querySelectorAll('svg[data-chart=\"loss\"] line.event[data-kind=\"restart\"]')].map(l => l.dataset.x)",
     );
-    assert_eq!(restarts, json!(1), "the restart is marked on the timeline");
+    assert_eq!(
+        restarts,
+        json!(["40"]),
+        "the restart is marked where the new attempt resumes"
+    );
     assert_eq!(
         driver.run(LOSS_PIECES),
         json!(2),
