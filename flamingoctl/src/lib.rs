@@ -5,6 +5,7 @@ pub mod client;
 pub mod commands;
 pub mod data;
 pub mod inference;
+pub mod k8s;
 pub mod local;
 pub mod render;
 pub mod tensorboard;

@@ -79,6 +79,12 @@ enum Command {
         train: Box<flamingoctl::train::TrainFlags>,
         #[command(flatten)]
         policy: flamingoctl::train::PolicyFlags,
+        /// Where the job runs: local (this coordinator's agents) or k8s
+        /// (render the Kubernetes objects; see deploy/README.md).
+        #[arg(long, default_value = "local")]
+        scheduler: String,
+        #[command(flatten)]
+        k8s: flamingoctl::k8s::K8sFlags,
     },
     /// Show one job.
     Status { job: String },
@@ -241,7 +247,37 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             argv,
             train,
             policy,
+            scheduler,
+            k8s,
         } => {
+            match scheduler.as_str() {
+                "local" => {}
+                "k8s" => {
+                    let job_name = name
+                        .clone()
+                        .or_else(|| train.run_name.clone())
+                        .unwrap_or_else(|| "job".into());
+                    let argv: Vec<String> = std::env::args().collect();
+                    let objects = flamingoctl::k8s::render(
+                        &flamingoctl::k8s::K8sJob {
+                            name: job_name,
+                            nodes: nodes.1,
+                            slots_per_node,
+                            launch_args: flamingoctl::k8s::launch_args(&argv),
+                        },
+                        &k8s,
+                    )?;
+                    if !k8s.dry_run {
+                        anyhow::bail!(
+                            "--scheduler k8s applies nothing by itself yet: add --dry-run and pipe the objects to `kubectl apply -f -`"
+                        );
+                    }
+                    print!("{objects}");
+                    return Ok(0);
+                }
+                "slurm" => anyhow::bail!("--scheduler slurm is not built yet"),
+                other => anyhow::bail!("--scheduler {other}: use local or k8s"),
+            }
             let wants_train = match job.as_deref() {
                 Some("train") => true,
                 None => argv.is_empty() && (train.config.is_some() || train.model.is_some()),

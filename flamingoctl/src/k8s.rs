@@ -1,0 +1,458 @@
+//! `flamingoctl launch --scheduler k8s`: the Kubernetes objects that run a
+//! flamingo job, rendered as YAML (`--dry-run` prints them; pipe them to
+//! `kubectl apply -f -`).
+//!
+//! The control plane (once per namespace; applying it again changes
+//! nothing): a ServiceAccount with a Role to read pods, etcd (a StatefulSet
+//! with a volume), the coordinator (Deployment + Service for gRPC, the
+//! dashboard and `/metrics`) and a data-service replica. Per job: a headless
+//! Service and an Indexed Job of worker agents, one pod per node, GPUs
+//! requested as `nvidia.com/gpu` with NCCL's network settings and a memory
+//! `/dev/shm`; and a launcher Job that submits the job to the coordinator
+//! with the same flags (`flamingoctl launch … --wait`). Paths in the flags
+//! must exist inside the pods: mount the data with `--volume-claim`.
+
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct K8sFlags {
+    /// Namespace of every object.
+    #[arg(long, default_value = "flamingo")]
+    pub namespace: String,
+    /// The container image with flamingo's binaries, etcd and torch
+    /// (deploy/Dockerfile builds it).
+    #[arg(long, default_value = "flamingo:latest")]
+    pub image: String,
+    /// GPUs per node (agent pod); 0 for CPU slots.
+    #[arg(long, default_value_t = 0)]
+    pub gpus_per_node: u32,
+    /// A PersistentVolumeClaim mounted at /data in every pod (datasets,
+    /// models, runs).
+    #[arg(long)]
+    pub volume_claim: Option<String>,
+    /// Print the objects instead of applying them.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// What the objects are made from.
+#[derive(Debug, Clone)]
+pub struct K8sJob {
+    pub name: String,
+    pub nodes: u32,
+    pub slots_per_node: u32,
+    /// `flamingoctl launch` arguments for the launcher (without the
+    /// scheduler's own flags).
+    pub launch_args: Vec<String>,
+}
+
+const COORDINATOR: &str = "flamingo-coordinator";
+const ETCD: &str = "flamingo-etcd";
+const DATA_SERVICE: &str = "flamingo-data-service";
+
+/// A DNS-1123 label from a job name.
+pub fn object_name(name: &str) -> String {
+    let mut out: String = name
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    out = out.trim_matches('-').to_string();
+    out.truncate(40);
+    let out = out.trim_end_matches('-').to_string();
+    if out.is_empty() {
+        "job".into()
+    } else {
+        out
+    }
+}
+
+fn metadata(name: &str, flags: &K8sFlags, component: &str) -> Value {
+    json!({
+        "name": name,
+        "namespace": flags.namespace,
+        "labels": {
+            "app.kubernetes.io/name": "flamingo",
+            "app.kubernetes.io/component": component,
+        },
+    })
+}
+
+fn selector(component: &str) -> Value {
+    json!({ "app.kubernetes.io/name": "flamingo", "app.kubernetes.io/component": component })
+}
+
+fn data_volume(flags: &K8sFlags) -> (Vec<Value>, Vec<Value>) {
+    match &flags.volume_claim {
+        Some(claim) => (
+            vec![json!({ "name": "data", "persistentVolumeClaim": { "claimName": claim } })],
+            vec![json!({ "name": "data", "mountPath": "/data" })],
+        ),
+        None => (Vec::new(), Vec::new()),
+    }
+}
+
+fn service(
+    name: &str,
+    flags: &K8sFlags,
+    component: &str,
+    ports: &[(&str, u16)],
+    headless: bool,
+) -> Value {
+    let mut spec = json!({
+        "selector": selector(component),
+        "ports": ports.iter().map(|(port_name, port)| json!({
+            "name": port_name, "port": port, "targetPort": port, "protocol": "TCP",
+        })).collect::<Vec<_>>(),
+    });
+    if headless {
+        spec["clusterIP"] = json!("None");
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(name, flags, component),
+        "spec": spec,
+    })
+}
+
+/// The shared control plane.
+pub fn control_plane(flags: &K8sFlags) -> Vec<Value> {
+    let (volumes, mounts) = data_volume(flags);
+    vec![
+        json!({
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": metadata("flamingo", flags, "control-plane"),
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": metadata("flamingo", flags, "control-plane"),
+            "rules": [{ "apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"] }],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": metadata("flamingo", flags, "control-plane"),
+            "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "flamingo" },
+            "subjects": [{ "kind": "ServiceAccount", "name": "flamingo", "namespace": flags.namespace }],
+        }),
+        service(ETCD, flags, "etcd", &[("client", 2379)], true),
+        json!({
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": metadata(ETCD, flags, "etcd"),
+            "spec": {
+                "serviceName": ETCD,
+                "replicas": 1,
+                "selector": { "matchLabels": selector("etcd") },
+                "template": {
+                    "metadata": { "labels": selector("etcd") },
+                    "spec": {
+                        "containers": [{
+                            "name": "etcd",
+                            "image": flags.image,
+                            "command": ["etcd"],
+                            "args": [
+                                "--name=flamingo",
+                                "--data-dir=/var/lib/etcd",
+                                "--listen-client-urls=http://0.0.0.0:2379",
+                                format!("--advertise-client-urls=http://{ETCD}:2379"),
+                            ],
+                            "ports": [{ "containerPort": 2379, "name": "client" }],
+                            "volumeMounts": [{ "name": "etcd-data", "mountPath": "/var/lib/etcd" }],
+                        }],
+                    },
+                },
+                "volumeClaimTemplates": [{
+                    "metadata": { "name": "etcd-data" },
+                    "spec": {
+                        "accessModes": ["ReadWriteOnce"],
+                        "resources": { "requests": { "storage": "1Gi" } },
+                    },
+                }],
+            },
+        }),
+        service(
+            COORDINATOR,
+            flags,
+            "coordinator",
+            &[("grpc", 7070), ("http", 7080)],
+            false,
+        ),
+        json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": metadata(COORDINATOR, flags, "coordinator"),
+            "spec": {
+                "replicas": 1,
+                // Never two coordinators at once.
+                "strategy": { "type": "Recreate" },
+                "selector": { "matchLabels": selector("coordinator") },
+                "template": {
+                    "metadata": { "labels": selector("coordinator") },
+                    "spec": {
+                        "serviceAccountName": "flamingo",
+                        "containers": [{
+                            "name": "coordinator",
+                            "image": flags.image,
+                            "command": ["flamingo-coordinator"],
+                            "args": [
+                                "--listen=0.0.0.0:7070",
+                                "--http-listen=0.0.0.0:7080",
+                                format!("--etcd-endpoints=http://{ETCD}:2379"),
+                                "--metrics-dir=/var/lib/flamingo/metrics",
+                                // Shards and models live on the nodes' volume.
+                                "--no-path-checks",
+                            ],
+                            "ports": [
+                                { "containerPort": 7070, "name": "grpc" },
+                                { "containerPort": 7080, "name": "http" },
+                            ],
+                            "readinessProbe": { "tcpSocket": { "port": 7070 }, "periodSeconds": 5 },
+                            "volumeMounts": [{ "name": "metrics", "mountPath": "/var/lib/flamingo" }],
+                        }],
+                        "volumes": [{ "name": "metrics", "emptyDir": {} }],
+                    },
+                },
+            },
+        }),
+        service(
+            DATA_SERVICE,
+            flags,
+            "data-service",
+            &[("grpc", 7090)],
+            false,
+        ),
+        json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": metadata(DATA_SERVICE, flags, "data-service"),
+            "spec": {
+                "replicas": 1,
+                "selector": { "matchLabels": selector("data-service") },
+                "template": {
+                    "metadata": { "labels": selector("data-service") },
+                    "spec": {
+                        "containers": [{
+                            "name": "data-service",
+                            "image": flags.image,
+                            "command": ["flamingo-data-service"],
+                            "args": ["--listen=0.0.0.0:7090"],
+                            "ports": [{ "containerPort": 7090, "name": "grpc" }],
+                            "volumeMounts": mounts,
+                        }],
+                        "volumes": volumes,
+                    },
+                },
+            },
+        }),
+    ]
+}
+
+/// The job's agents and its launcher.
+pub fn job_objects(job: &K8sJob, flags: &K8sFlags) -> Vec<Value> {
+    let name = object_name(&job.name);
+    let agents = format!("flamingo-{name}-agents");
+    let (volumes, mounts) = data_volume(flags);
+    let mut volumes = volumes;
+    volumes.push(json!({ "name": "shm", "emptyDir": { "medium": "Memory" } }));
+    let mut mounts = mounts;
+    mounts.push(json!({ "name": "shm", "mountPath": "/dev/shm" }));
+    let mut resources = json!({});
+    if flags.gpus_per_node > 0 {
+        resources = json!({
+            "limits": { "nvidia.com/gpu": flags.gpus_per_node },
+            "requests": { "nvidia.com/gpu": flags.gpus_per_node },
+        });
+    }
+    let component = format!("agents-{name}");
+    let agent = json!({
+        "name": "agent",
+        "image": flags.image,
+        "command": ["flamingo-worker"],
+        "args": [
+            "agent",
+            format!("--coordinator=http://{COORDINATOR}:7070"),
+            format!("--node-id={name}-$(JOB_COMPLETION_INDEX)"),
+            "--address=$(POD_IP)",
+            format!("--cpu-slots={}", job.slots_per_node),
+            "--listen=0.0.0.0:7071",
+            "--rendezvous-ports=29500:100",
+            "--metrics-listen=0.0.0.0:9100",
+            "--state-dir=/var/lib/flamingo/agent",
+        ],
+        "env": [
+            { "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } },
+            { "name": "NCCL_SOCKET_IFNAME", "value": "eth0" },
+            { "name": "GLOO_SOCKET_IFNAME", "value": "eth0" },
+            { "name": "NCCL_DEBUG", "value": "WARN" },
+        ],
+        "ports": [
+            { "containerPort": 7071, "name": "logs" },
+            { "containerPort": 9100, "name": "metrics" },
+        ],
+        "resources": resources,
+        "volumeMounts": mounts,
+    });
+    let mut launch = vec![
+        format!("--coordinator=http://{COORDINATOR}:7070"),
+        "launch".to_string(),
+    ];
+    launch.extend(job.launch_args.iter().cloned());
+    if !job.launch_args.iter().any(|arg| arg == "--wait") {
+        launch.push("--wait".into());
+    }
+    // Train jobs stream their batches from the namespace's data service.
+    if !job
+        .launch_args
+        .iter()
+        .any(|arg| arg.starts_with("--data_service"))
+    {
+        launch.push(format!("--data_service=http://{DATA_SERVICE}:7090"));
+    }
+    let (launcher_volumes, launcher_mounts) = data_volume(flags);
+    vec![
+        service(
+            &agents,
+            flags,
+            &component,
+            &[("logs", 7071), ("metrics", 9100)],
+            true,
+        ),
+        json!({
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": metadata(&agents, flags, &component),
+            "spec": {
+                "completionMode": "Indexed",
+                "completions": job.nodes,
+                "parallelism": job.nodes,
+                // A lost pod is the coordinator's business (it restarts the
+                // group elsewhere); Kubernetes replaces the pod.
+                "backoffLimit": job.nodes * 4,
+                "template": {
+                    "metadata": { "labels": selector(&component) },
+                    "spec": {
+                        "subdomain": agents,
+                        "restartPolicy": "OnFailure",
+                        "terminationGracePeriodSeconds": 60,
+                        "containers": [agent],
+                        "volumes": volumes,
+                    },
+                },
+            },
+        }),
+        json!({
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": metadata(&format!("flamingo-{name}-launch"), flags, "launcher"),
+            "spec": {
+                "backoffLimit": 2,
+                "template": {
+                    "metadata": { "labels": selector("launcher") },
+                    "spec": {
+                        "restartPolicy": "Never",
+                        "containers": [{
+                            "name": "launch",
+                            "image": flags.image,
+                            "command": ["flamingoctl"],
+                            "args": launch,
+                            "volumeMounts": launcher_mounts,
+                        }],
+                        "volumes": launcher_volumes,
+                    },
+                },
+            },
+        }),
+    ]
+}
+
+/// Every object, as one multi-document YAML stream.
+pub fn render(job: &K8sJob, flags: &K8sFlags) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for object in control_plane(flags)
+        .into_iter()
+        .chain(job_objects(job, flags))
+    {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&object)?);
+    }
+    Ok(out)
+}
+
+/// The `launch` arguments without the scheduler's own flags (for the
+/// launcher pod).
+pub fn launch_args(argv: &[String]) -> Vec<String> {
+    const WITH_VALUE: [&str; 6] = [
+        "--scheduler",
+        "--namespace",
+        "--image",
+        "--gpus-per-node",
+        "--volume-claim",
+        "--coordinator",
+    ];
+    let start = argv
+        .iter()
+        .position(|arg| arg == "launch")
+        .map_or(argv.len(), |i| i + 1);
+    let mut out = Vec::new();
+    let mut skip = false;
+    for arg in &argv[start..] {
+        if skip {
+            skip = false;
+            continue;
+        }
+        if arg == "--dry-run" {
+            continue;
+        }
+        if WITH_VALUE.contains(&arg.as_str()) {
+            skip = true;
+            continue;
+        }
+        if WITH_VALUE
+            .iter()
+            .any(|flag| arg.starts_with(&format!("{flag}=")))
+        {
+            continue;
+        }
+        out.push(arg.clone());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_become_dns_labels() {
+        assert_eq!(object_name("My_Run 1"), "my-run-1");
+        assert_eq!(object_name("--"), "job");
+        assert!(object_name(&"x".repeat(80)).len() <= 40);
+    }
+
+    #[test]
+    fn the_launcher_gets_the_flags_without_the_schedulers() {
+        let argv: Vec<String> = [
+            "flamingoctl",
+            "launch",
+            "--scheduler",
+            "k8s",
+            "--nodes",
+            "2",
+            "--image=i:1",
+            "--dry-run",
+            "--config",
+            "/data/job.toml",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            launch_args(&argv),
+            ["--nodes", "2", "--config", "/data/job.toml"]
+        );
+    }
+}
