@@ -3,8 +3,7 @@
 //! tower and decoder, trained perceiver, cross-attention and embedding) on
 //! the same tiny released-format model.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
 use flamingo_engine::flops::FlopModel;
 use flamingo_model::{load_flamingo, ModelSpec};
@@ -12,21 +11,7 @@ use flamingo_model::{load_flamingo, ModelSpec};
 #[test]
 fn step_flops_match_torch_flop_counter() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let python = std::env::var_os("FLAMINGO_VENV")
-        .map(|venv| PathBuf::from(venv).join("bin/python"))
-        .unwrap_or_else(|| PathBuf::from("python3"));
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/flops_reference.py");
-    let output = Command::new(python)
-        .arg(script)
-        .arg(dir.path())
-        .output()
-        .expect("python runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    common::run_reference("flops_reference.py", dir.path());
     let reference: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("flops.json")).expect("flops.json"))
             .expect("JSON");

@@ -4,29 +4,14 @@
 //! two interleaved sequences labelled as OpenFlamingo labels them, must
 //! match the Python OpenFlamingo's within 1e-4; the frozen ones get none.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
 use flamingo_model::{causal_lm_loss, load_flamingo, ModelSpec, Weights};
 
 #[test]
 fn trainable_gradients_match_open_flamingo() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let python = std::env::var_os("FLAMINGO_VENV")
-        .map(|venv| PathBuf::from(venv).join("bin/python"))
-        .unwrap_or_else(|| PathBuf::from("python3"));
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/grad_reference.py");
-    let output = Command::new(python)
-        .arg(script)
-        .arg(dir.path())
-        .output()
-        .expect("python runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    common::run_reference("grad_reference.py", dir.path());
     let mut reference =
         Weights::read_safetensors(&dir.path().join("gradients.safetensors")).expect("reference");
     let mut take = |key: &str| reference.remove(key).unwrap_or_else(|| panic!("{key}"));

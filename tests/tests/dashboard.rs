@@ -555,7 +555,7 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
             "tb",
         ],
     );
-    let read = Command::new(python())
+    let read = Command::new(flamingo_common::testing::venv_bin("python"))
         .args(["-c", TENSORBOARD_READ])
         .arg(dir.join("tb").join(&job).join("rank-0"))
         .output()
@@ -614,12 +614,6 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
         causes.iter().any(|cause| cause.contains("rank 0")),
         "{causes:?}"
     );
-}
-
-fn python() -> PathBuf {
-    std::env::var_os("FLAMINGO_VENV")
-        .map(|venv| PathBuf::from(venv).join("bin/python"))
-        .unwrap_or_else(|| PathBuf::from("python3"))
 }
 
 const TENSORBOARD_READ: &str = r#"
