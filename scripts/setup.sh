@@ -91,6 +91,9 @@ flamingo_setup_reference() {
     # The dashboard's browser test drives Debian's Chromium through
     # chromedriver.
     flamingo_apt_install " for the browser test" chromium chromium-driver || return 1
+    # The Slurm test runs a real cluster (munged, slurmctld, two slurmd) that
+    # it starts and stops itself; the packages' own services are not used.
+    flamingo_apt_install " for the Slurm test" slurm-wlm munge || return 1
     if "$python" -c "import einops, einops_exts, safetensors, open_clip, transformers, webdataset, braceexpand, moto, flask_cors, tensorboard, kubernetes_validate, importlib.util, importlib.metadata as m, sys; sys.exit(0 if importlib.util.find_spec('open_flamingo') and m.version('webdataset') == '0.2.86' else 1)" 2>/dev/null; then
         return 0
     fi

@@ -58,15 +58,15 @@ extern "C" fn on_terminate(_signal: libc::c_int) {
     TERMINATE.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// From now on SIGTERM asks for a checkpoint at the next step boundary
-/// instead of killing the process.
+/// From now on SIGTERM, and SIGUSR1 (Slurm's warning before a time limit or
+/// a preemption, which reaches every process of a job step), ask for a
+/// checkpoint at the next step boundary instead of killing the process.
 fn catch_terminate() {
-    // SAFETY: the handler only stores to an atomic (async-signal-safe).
-    unsafe {
-        libc::signal(
-            libc::SIGTERM,
-            on_terminate as *const () as libc::sighandler_t,
-        );
+    for signal in [libc::SIGTERM, libc::SIGUSR1] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        unsafe {
+            libc::signal(signal, on_terminate as *const () as libc::sighandler_t);
+        }
     }
 }
 
@@ -155,9 +155,25 @@ impl Feed {
             DatasetKind::Mmc4 => job.batch_size_mmc4 as usize,
         };
         let images_per_sample = spec.images_per_sample() as usize;
-        if !job.data_service.is_empty() {
+        // The job's own replicas, else the node's (`FLAMINGO_DATA_SERVICE`,
+        // which a Slurm job's agents pass on: its replica moves when the
+        // job is requeued), else the shards are read in this process.
+        let endpoints = if job.data_service.is_empty() {
+            std::env::var("FLAMINGO_DATA_SERVICE")
+                .map(|list| {
+                    list.split(',')
+                        .map(str::trim)
+                        .filter(|endpoint| !endpoint.is_empty())
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default()
+        } else {
+            job.data_service.clone()
+        };
+        if !endpoints.is_empty() {
             let config = StreamConfig {
-                endpoints: job.data_service.clone(),
+                endpoints,
                 spec_toml: spec.to_toml(),
                 seed: job.seed,
                 rank: 0,

@@ -30,7 +30,8 @@ pub struct K8sFlags {
     /// models, runs).
     #[arg(long)]
     pub volume_claim: Option<String>,
-    /// Print the objects instead of applying them.
+    /// Print what would be applied or submitted instead (k8s: the objects;
+    /// slurm: the sbatch script).
     #[arg(long)]
     pub dry_run: bool,
 }
@@ -385,33 +386,48 @@ pub fn render(job: &K8sJob, flags: &K8sFlags) -> anyhow::Result<String> {
 /// The `launch` arguments without the scheduler's own flags (for the
 /// launcher pod).
 pub fn launch_args(argv: &[String]) -> Vec<String> {
-    const WITH_VALUE: [&str; 6] = [
-        "--scheduler",
-        "--namespace",
-        "--image",
-        "--gpus-per-node",
-        "--volume-claim",
-        "--coordinator",
-    ];
+    strip_flags(
+        argv,
+        &[
+            "--scheduler",
+            "--namespace",
+            "--image",
+            "--gpus-per-node",
+            "--volume-claim",
+            "--coordinator",
+        ],
+        &["--dry-run"],
+    )
+}
+
+/// The arguments after `launch` in `argv`, without the flags named (those in
+/// `with_value` with their value, as `--flag value` or `--flag=value`);
+/// everything after `--` (a command job's argv) is kept as it is.
+pub fn strip_flags(argv: &[String], with_value: &[&str], bare: &[&str]) -> Vec<String> {
     let start = argv
         .iter()
         .position(|arg| arg == "launch")
         .map_or(argv.len(), |i| i + 1);
     let mut out = Vec::new();
     let mut skip = false;
-    for arg in &argv[start..] {
+    let mut rest = argv[start..].iter();
+    for arg in rest.by_ref() {
         if skip {
             skip = false;
             continue;
         }
-        if arg == "--dry-run" {
+        if arg == "--" {
+            out.push(arg.clone());
+            break;
+        }
+        if bare.contains(&arg.as_str()) {
             continue;
         }
-        if WITH_VALUE.contains(&arg.as_str()) {
+        if with_value.contains(&arg.as_str()) {
             skip = true;
             continue;
         }
-        if WITH_VALUE
+        if with_value
             .iter()
             .any(|flag| arg.starts_with(&format!("{flag}=")))
         {
@@ -419,6 +435,7 @@ pub fn launch_args(argv: &[String]) -> Vec<String> {
         }
         out.push(arg.clone());
     }
+    out.extend(rest.cloned());
     out
 }
 

@@ -8,6 +8,7 @@ pub mod inference;
 pub mod k8s;
 pub mod local;
 pub mod render;
+pub mod slurm;
 pub mod tensorboard;
 pub mod train;
 pub mod up;

@@ -79,13 +79,19 @@ enum Command {
         train: Box<flamingoctl::train::TrainFlags>,
         #[command(flatten)]
         policy: flamingoctl::train::PolicyFlags,
-        /// Where the job runs: local (this coordinator's agents) or k8s
-        /// (render the Kubernetes objects; see deploy/README.md).
+        /// Where the job runs: local (this coordinator's agents), slurm
+        /// (an sbatch job with its own control plane) or k8s (render the
+        /// Kubernetes objects); see deploy/README.md.
         #[arg(long, default_value = "local")]
         scheduler: String,
         #[command(flatten)]
         k8s: flamingoctl::k8s::K8sFlags,
+        #[command(flatten)]
+        slurm: Box<flamingoctl::slurm::SlurmFlags>,
     },
+    /// Inside a Slurm batch job: what the sbatch script runs.
+    #[command(subcommand, hide = true)]
+    Slurm(SlurmCommand),
     /// Show one job.
     Status { job: String },
     /// A training job's committed checkpoints.
@@ -169,6 +175,40 @@ enum Command {
     Data(flamingoctl::data::DataCommand),
 }
 
+#[derive(Subcommand)]
+enum SlurmCommand {
+    /// The batch job's body: control plane, agents, launch, follow, requeue.
+    Run {
+        #[arg(long)]
+        job_dir: PathBuf,
+    },
+    /// One node's agent (srun starts one per node).
+    Agent(flamingoctl::slurm::AgentArgs),
+}
+
+/// The Slurm job (by Slurm or flamingo id) `job` names, unless the
+/// coordinator was given explicitly.
+fn slurm_record(explicit: bool, job: &str) -> anyhow::Result<Option<flamingoctl::slurm::Record>> {
+    if explicit {
+        return Ok(None);
+    }
+    flamingoctl::slurm::find(&flamingoctl::slurm::slurm_dir(None), job)
+}
+
+/// The coordinator and flamingo job id for `job`: a running Slurm job's own
+/// coordinator when `job` names one.
+fn route(explicit: bool, address: &str, job: &str) -> anyhow::Result<(String, String)> {
+    if let Some(record) = slurm_record(explicit, job)? {
+        if let (Some(coordinator), Some(job_id)) = (record.coordinator(), record.job_id()) {
+            return Ok((coordinator.to_string(), job_id.to_string()));
+        }
+        if let Some(job_id) = record.job_id() {
+            return Ok((address.to_string(), job_id.to_string()));
+        }
+    }
+    Ok((address.to_string(), job.to_string()))
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let cli = Cli::parse();
@@ -187,6 +227,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         .clone()
         .unwrap_or_else(flamingo_common::paths::local_cluster_dir);
     let address = client::resolve(cli.coordinator.as_deref(), &state_dir);
+    let explicit = cli.coordinator.is_some();
     let json = cli.json;
     match cli.command {
         Command::Up {
@@ -249,9 +290,87 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             policy,
             scheduler,
             k8s,
+            slurm,
         } => {
+            let wants_train = match job.as_deref() {
+                Some("train") => true,
+                None => argv.is_empty() && (train.config.is_some() || train.model.is_some()),
+                Some(_) => false,
+            };
             match scheduler.as_str() {
                 "local" => {}
+                "slurm" => {
+                    // The flags are checked here, before anything waits in
+                    // Slurm's queue.
+                    let job_name = name
+                        .clone()
+                        .or_else(|| train.run_name.clone())
+                        .unwrap_or_else(|| "job".into());
+                    let train_job = if wants_train {
+                        Some(flamingoctl::train::cluster_job(
+                            &train,
+                            nodes.1 * slots_per_node,
+                            name.as_deref(),
+                            None,
+                        )?)
+                    } else {
+                        None
+                    };
+                    commands::spec_from(LaunchArgs {
+                        nodes: nodes.1,
+                        min_nodes: if nodes.0 == nodes.1 { 0 } else { nodes.0 },
+                        slots_per_node,
+                        job: job.clone(),
+                        name: name.clone(),
+                        env: env.clone(),
+                        min_bytes,
+                        max_bytes,
+                        backend: backend.clone(),
+                        argv: argv.clone(),
+                        train: train_job,
+                        policy: policy.policy(),
+                    })?;
+                    let all: Vec<String> = std::env::args().collect();
+                    let (dir, record) = flamingoctl::slurm::submit(
+                        flamingoctl::slurm::Submission {
+                            name: job_name,
+                            nodes: nodes.1,
+                            slots_per_node,
+                            launch_args: flamingoctl::k8s::strip_flags(
+                                &all,
+                                &flamingoctl::slurm::FLAGS_WITH_VALUE,
+                                &flamingoctl::slurm::BARE_FLAGS,
+                            ),
+                            train: wants_train,
+                            coordinator: cli.coordinator.clone(),
+                        },
+                        &slurm,
+                        k8s.dry_run,
+                    )?;
+                    if k8s.dry_run {
+                        return Ok(0);
+                    }
+                    let slurm_id = record.slurm_job_id.clone().unwrap_or_default();
+                    if json && !wait {
+                        println!(
+                            "{}",
+                            serde_json::json!({"slurm_job_id": slurm_id, "dir": dir})
+                        );
+                        return Ok(0);
+                    }
+                    if !json || wait {
+                        eprintln!("submitted Slurm job {slurm_id}; folder {}", dir.display());
+                    }
+                    if !wait {
+                        println!("{slurm_id}");
+                        return Ok(0);
+                    }
+                    let record = flamingoctl::slurm::Record::load(&dir)?;
+                    let job = flamingoctl::slurm::wait(&record, !json, follow).await?;
+                    let record = flamingoctl::slurm::Record::load(&dir)?;
+                    flamingoctl::slurm::print_status(&record, json).await?;
+                    return Ok(commands::exit_code_for(&job));
+                }
                 "k8s" => {
                     let job_name = name
                         .clone()
@@ -275,14 +394,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     print!("{objects}");
                     return Ok(0);
                 }
-                "slurm" => anyhow::bail!("--scheduler slurm is not built yet"),
-                other => anyhow::bail!("--scheduler {other}: use local or k8s"),
+                other => anyhow::bail!("--scheduler {other}: use local, slurm or k8s"),
             }
-            let wants_train = match job.as_deref() {
-                Some("train") => true,
-                None => argv.is_empty() && (train.config.is_some() || train.model.is_some()),
-                Some(_) => false,
-            };
             let train_job = if wants_train {
                 let cluster = flamingoctl::local::ClusterState::load(&state_dir)?;
                 let data_service = cluster.and_then(|state| state.data_service);
@@ -331,6 +444,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             tensorboard: Some(dir),
             follow,
         } => {
+            let (address, job) = route(explicit, &address, &job)?;
             let mut session = Session::open(&address).await?;
             let record = session.job(&job).await?;
             let mut writer =
@@ -355,11 +469,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             eprintln!("tensorboard --logdir {}", dir.display());
         }
         Command::Metrics { job, csv, .. } => {
+            let (address, job) = route(explicit, &address, &job)?;
             let mut session = Session::open(&address).await?;
             let points = session.metrics(&job).await?;
             print!("{}", render::metrics(&points, json, csv));
         }
         Command::Checkpoints { job } => {
+            let (address, job) = route(explicit, &address, &job)?;
             let mut session = Session::open(&address).await?;
             let job = session.job(&job).await?;
             if json {
@@ -374,6 +490,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
         }
         Command::Status { job } => {
+            if let Some(record) = slurm_record(explicit, &job)? {
+                flamingoctl::slurm::print_status(&record, json).await?;
+                return Ok(0);
+            }
             let mut session = Session::open(&address).await?;
             commands::print_job(&session.job(&job).await?, json)?;
         }
@@ -388,18 +508,49 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
         }
         Command::Stop { job } => {
+            if let Some(record) = slurm_record(explicit, &job)? {
+                flamingoctl::slurm::stop(&record, json).await?;
+                return Ok(0);
+            }
             let mut session = Session::open(&address).await?;
             commands::print_job(&session.stop(&job).await?, json)?;
         }
         Command::Logs { job, rank, follow } => {
+            if let Some(record) = slurm_record(explicit, &job)? {
+                // The job's coordinator is gone once it ended: its ranks'
+                // logs are in the job's folder.
+                if let (None, Some(job_id)) = (record.coordinator(), record.job_id()) {
+                    let path =
+                        flamingoctl::slurm::rank_log(&record, job_id, rank).ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "no log of rank {rank} under {}/agents",
+                                record.dir.display()
+                            )
+                        })?;
+                    std::io::copy(&mut std::fs::File::open(&path)?, &mut std::io::stdout())?;
+                    return Ok(0);
+                }
+            }
+            let (address, job) = route(explicit, &address, &job)?;
             let mut session = Session::open(&address).await?;
             session.logs(&job, rank, follow, json).await?;
         }
         Command::Wait { job, follow } => {
+            if let Some(record) = slurm_record(explicit, &job)? {
+                let job = flamingoctl::slurm::wait(&record, !json, follow).await?;
+                commands::print_job(&job, json)?;
+                return Ok(commands::exit_code_for(&job));
+            }
             let mut session = Session::open(&address).await?;
             let job = session.wait(&job, !json, follow).await?;
             commands::print_job(&job, json)?;
             return Ok(commands::exit_code_for(&job));
+        }
+        Command::Slurm(SlurmCommand::Run { job_dir }) => {
+            return flamingoctl::slurm::run_in_allocation(&job_dir).await;
+        }
+        Command::Slurm(SlurmCommand::Agent(args)) => {
+            return Err(flamingoctl::slurm::exec_agent(&args));
         }
         Command::Score(args) => flamingoctl::inference::score(&args, json)?,
         Command::Generate(args) => flamingoctl::inference::generate(&args, json)?,

@@ -3,6 +3,8 @@
 //! Everything is killed when the sandbox is dropped. Fault tests use it to
 //! SIGKILL and restart real processes.
 
+pub mod slurm;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Child;

@@ -84,8 +84,16 @@ impl AgentConfig {
     }
 }
 
-/// GPUs visible on this node (`/dev/nvidiaN`), which become its slots.
+/// GPUs this agent may use, which become its slots: those named by
+/// `CUDA_VISIBLE_DEVICES` when it is set (Slurm sets it to the allocated
+/// ones), else every `/dev/nvidiaN`.
 fn gpu_count() -> u32 {
+    if let Ok(visible) = std::env::var("CUDA_VISIBLE_DEVICES") {
+        return visible
+            .split(',')
+            .filter(|device| !device.trim().is_empty())
+            .count() as u32;
+    }
     std::fs::read_dir("/dev")
         .map(|entries| {
             entries
@@ -350,16 +358,34 @@ async fn session(
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     loop {
         if draining.is_cancelled() {
-            let deadline = *drain_deadline.get_or_insert_with(|| {
-                tracing::info!("draining: no new ranks; waiting for running ones to finish");
-                ranks.preempt_all();
-                tokio::time::Instant::now() + Duration::from_secs(drain_timeout_seconds)
-            });
+            let deadline = match drain_deadline {
+                Some(deadline) => deadline,
+                None => {
+                    tracing::info!("draining: no new ranks; waiting for running ones to finish");
+                    // Tell the coordinator first, so that the ranks' exits
+                    // (they checkpoint and stop) are not answered with new
+                    // ranks on this node.
+                    if outgoing_tx
+                        .send(heartbeat(node_id, ranks, true))
+                        .await
+                        .is_err()
+                    {
+                        return SessionEnd::Disconnected;
+                    }
+                    ranks.preempt_all();
+                    let deadline =
+                        tokio::time::Instant::now() + Duration::from_secs(drain_timeout_seconds);
+                    drain_deadline = Some(deadline);
+                    deadline
+                }
+            };
             if ranks.running().is_empty() || tokio::time::Instant::now() >= deadline {
                 return SessionEnd::Shutdown;
             }
         }
         tokio::select! {
+            // Wakes the loop the moment a drain starts.
+            _ = draining.cancelled(), if drain_deadline.is_none() => {}
             _ = ticker.tick() => {
                 if outgoing_tx.send(heartbeat(node_id, ranks, draining.is_cancelled())).await.is_err() {
                     return SessionEnd::Disconnected;

@@ -57,6 +57,17 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(async move {
                 let shutdown = flamingo_common::telemetry::shutdown_on_signals();
+                // SIGUSR1 drains too: under Slurm it is the warning before a
+                // time limit or preemption (`scancel --signal=USR1`).
+                let mut usr1 =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+                let draining = shutdown.clone();
+                tokio::spawn(async move {
+                    if usr1.recv().await.is_some() {
+                        tracing::info!("SIGUSR1: draining");
+                        draining.cancel();
+                    }
+                });
                 agent::run(config, shutdown).await
             })
         }
