@@ -169,7 +169,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("agent log service cannot listen on {}", config.listen))?;
-    let agent_endpoint = format!("http://{}", listener.local_addr()?);
+    // Listening on every interface: others reach the log service at the
+    // node's address.
+    let local = listener.local_addr()?;
+    let agent_endpoint = if local.ip().is_unspecified() {
+        format!("http://{}:{}", config.address, local.port())
+    } else {
+        format!("http://{local}")
+    };
     let server_shutdown = CancellationToken::new();
     let log_server = tokio::spawn(
         tonic::transport::Server::builder()
