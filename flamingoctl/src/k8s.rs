@@ -1,5 +1,6 @@
 //! `flamingoctl launch --scheduler k8s`: the Kubernetes objects that run a
-//! flamingo job, rendered as YAML (`--dry-run` prints them; pipe them to
+//! flamingo job, applied through the API server of the current kubeconfig
+//! context (server-side apply), or rendered as YAML with `--dry-run` (for
 //! `kubectl apply -f -`).
 //!
 //! The control plane (once per namespace; applying it again changes
@@ -12,6 +13,7 @@
 //! with the same flags (`flamingoctl launch … --wait`). Paths in the flags
 //! must exist inside the pods: mount the data with `--volume-claim`.
 
+use anyhow::Context;
 use serde_json::{json, Value};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -130,7 +132,11 @@ pub fn control_plane(flags: &K8sFlags) -> Vec<Value> {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
             "metadata": metadata("flamingo", flags, "control-plane"),
-            "rules": [{ "apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"] }],
+            "rules": [
+                { "apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"] },
+                // The launcher deletes its job's agents when the job ends.
+                { "apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "delete"] },
+            ],
         }),
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -305,6 +311,8 @@ pub fn job_objects(job: &K8sJob, flags: &K8sFlags) -> Vec<Value> {
     if !job.launch_args.iter().any(|arg| arg == "--wait") {
         launch.push("--wait".into());
     }
+    // When the job ends, its agents' pods go too.
+    launch.push(format!("--delete-k8s-job={agents}"));
     // Train jobs stream their batches from the namespace's data service.
     if !job
         .launch_args
@@ -355,6 +363,7 @@ pub fn job_objects(job: &K8sJob, flags: &K8sFlags) -> Vec<Value> {
                     "metadata": { "labels": selector("launcher") },
                     "spec": {
                         "restartPolicy": "Never",
+                        "serviceAccountName": "flamingo",
                         "containers": [{
                             "name": "launch",
                             "image": flags.image,
@@ -373,14 +382,84 @@ pub fn job_objects(job: &K8sJob, flags: &K8sFlags) -> Vec<Value> {
 /// Every object, as one multi-document YAML stream.
 pub fn render(job: &K8sJob, flags: &K8sFlags) -> anyhow::Result<String> {
     let mut out = String::new();
-    for object in control_plane(flags)
-        .into_iter()
-        .chain(job_objects(job, flags))
-    {
+    for object in objects(job, flags) {
         out.push_str("---\n");
         out.push_str(&serde_yaml::to_string(&object)?);
     }
     Ok(out)
+}
+
+/// Every object, in the order they are applied: the control plane, then
+/// the job's.
+pub fn objects(job: &K8sJob, flags: &K8sFlags) -> Vec<Value> {
+    control_plane(flags)
+        .into_iter()
+        .chain(job_objects(job, flags))
+        .collect()
+}
+
+/// The API server of the kubeconfig's current context (`$KUBECONFIG`,
+/// `~/.kube/config`), or of the pod's service account inside a cluster.
+pub async fn client() -> anyhow::Result<kube::Client> {
+    let config = kube::Config::infer().await.map_err(|error| {
+        anyhow::anyhow!(
+            "no Kubernetes cluster to apply to ({error}): set KUBECONFIG or ~/.kube/config, or add --dry-run and pipe the objects to `kubectl apply -f -`"
+        )
+    })?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Deletes a Job and its pods (the agents' Job when their job ended).
+pub async fn delete_job(client: &kube::Client, namespace: &str, name: &str) -> anyhow::Result<()> {
+    use kube::api::{Api, DeleteParams};
+    let api: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), namespace);
+    api.delete(name, &DeleteParams::background())
+        .await
+        .with_context(|| format!("deleting Job {namespace}/{name}"))?;
+    Ok(())
+}
+
+/// Applies `objects` in order with server-side apply (field manager
+/// `flamingoctl`, taking over fields another manager set); returns one line
+/// per object. Applying the same objects again changes nothing.
+pub async fn apply(client: &kube::Client, objects: &[Value]) -> anyhow::Result<Vec<String>> {
+    use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+    let params = PatchParams::apply("flamingoctl").force();
+    let mut applied = Vec::new();
+    for object in objects {
+        let field = |name: &str| -> anyhow::Result<&str> {
+            object
+                .pointer(name)
+                .and_then(Value::as_str)
+                .with_context(|| format!("a rendered object has no {name}: {object}"))
+        };
+        let (api_version, kind) = (field("/apiVersion")?, field("/kind")?);
+        let (namespace, name) = (field("/metadata/namespace")?, field("/metadata/name")?);
+        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(group, version, kind),
+            &format!("{}s", kind.to_ascii_lowercase()),
+        );
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
+        let dynamic: DynamicObject = serde_json::from_value(object.clone())?;
+        api.patch(name, &params, &Patch::Apply(&dynamic))
+            .await
+            .map_err(|error| {
+                let hint = match &error {
+                    kube::Error::Api(status) if status.code == 404 => format!(
+                        "; does the namespace exist? kubectl create namespace {namespace}"
+                    ),
+                    kube::Error::Api(status) if status.message.contains("immutable") => format!(
+                        "; a {kind} of that name exists from an earlier launch: kubectl -n {namespace} delete {} {name}",
+                        kind.to_ascii_lowercase()
+                    ),
+                    _ => String::new(),
+                };
+                anyhow::anyhow!("applying {kind} {namespace}/{name}: {error}{hint}")
+            })?;
+        applied.push(format!("{kind} {namespace}/{name} applied"));
+    }
+    Ok(applied)
 }
 
 /// The `launch` arguments without the scheduler's own flags (for the
@@ -470,6 +549,205 @@ mod tests {
         assert_eq!(
             launch_args(&argv),
             ["--nodes", "2", "--config", "/data/job.toml"]
+        );
+    }
+
+    #[test]
+    fn a_command_jobs_own_flags_are_kept() {
+        let argv: Vec<String> = [
+            "flamingoctl",
+            "launch",
+            "--image",
+            "i:1",
+            "--",
+            "echo",
+            "--image",
+            "x",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(launch_args(&argv), ["--", "echo", "--image", "x"]);
+    }
+
+    fn demo() -> (K8sJob, K8sFlags) {
+        (
+            K8sJob {
+                name: "demo".into(),
+                nodes: 2,
+                slots_per_node: 8,
+                launch_args: vec!["--nodes".into(), "2".into()],
+            },
+            K8sFlags {
+                namespace: "flamingo".into(),
+                image: "flamingo:1".into(),
+                gpus_per_node: 8,
+                volume_claim: Some("flamingo-data".into()),
+                dry_run: false,
+            },
+        )
+    }
+
+    type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String, String, Value)>>>;
+
+    /// A stand-in API server for the client code: records each request
+    /// (method, path and query, content type, body) and answers with the
+    /// object, or with `failure` as a Kubernetes Status.
+    async fn api_server(failure: Option<Value>) -> (kube::Client, Seen) {
+        let seen: Seen = Default::default();
+        let recorded = seen.clone();
+        let app = axum::Router::new().fallback(
+            move |method: axum::http::Method,
+                  uri: axum::http::Uri,
+                  headers: axum::http::HeaderMap,
+                  body: axum::body::Bytes| {
+                let recorded = recorded.clone();
+                let failure = failure.clone();
+                async move {
+                    let content_type = headers
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    let object: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    recorded.lock().expect("lock").push((
+                        method.to_string(),
+                        uri.to_string(),
+                        content_type,
+                        object.clone(),
+                    ));
+                    let (status, answer) = match failure {
+                        Some(status) => (
+                            axum::http::StatusCode::from_u16(
+                                status["code"].as_u64().unwrap_or(500) as u16,
+                            )
+                            .expect("a status code"),
+                            status,
+                        ),
+                        None => (axum::http::StatusCode::OK, object),
+                    };
+                    (
+                        status,
+                        [("content-type", "application/json")],
+                        answer.to_string(),
+                    )
+                }
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port");
+        let address = listener.local_addr().expect("an address");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let config = kube::Config::new(format!("http://{address}").parse().expect("a URL"));
+        (kube::Client::try_from(config).expect("a client"), seen)
+    }
+
+    #[tokio::test]
+    async fn every_object_is_applied_in_order_at_its_resource_path() {
+        let (job, flags) = demo();
+        let objects = objects(&job, &flags);
+        let (client, seen) = api_server(None).await;
+        let lines = apply(&client, &objects).await.unwrap();
+        assert_eq!(lines.len(), objects.len());
+        assert_eq!(lines[0], "ServiceAccount flamingo/flamingo applied");
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), objects.len());
+        for ((method, uri, content_type, body), object) in seen.iter().zip(&objects) {
+            assert_eq!(method, "PATCH");
+            assert_eq!(content_type, "application/apply-patch+yaml");
+            assert!(
+                uri.contains("fieldManager=flamingoctl") && uri.contains("force=true"),
+                "{uri}"
+            );
+            assert_eq!(body, object, "the object is sent as rendered");
+        }
+        let paths: Vec<&str> = seen
+            .iter()
+            .map(|(_, uri, _, _)| uri.split('?').next().unwrap())
+            .collect();
+        for expected in [
+            "/api/v1/namespaces/flamingo/serviceaccounts/flamingo",
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/flamingo/roles/flamingo",
+            "/apis/apps/v1/namespaces/flamingo/statefulsets/flamingo-etcd",
+            "/apis/apps/v1/namespaces/flamingo/deployments/flamingo-coordinator",
+            "/api/v1/namespaces/flamingo/services/flamingo-demo-agents",
+            "/apis/batch/v1/namespaces/flamingo/jobs/flamingo-demo-agents",
+            "/apis/batch/v1/namespaces/flamingo/jobs/flamingo-demo-launch",
+        ] {
+            assert!(paths.contains(&expected), "{expected} not in {paths:#?}");
+        }
+        // The launcher goes last, once what it talks to is there.
+        assert_eq!(
+            paths.last(),
+            Some(&"/apis/batch/v1/namespaces/flamingo/jobs/flamingo-demo-launch")
+        );
+    }
+
+    #[tokio::test]
+    async fn the_agents_job_is_deleted_with_its_pods() {
+        let (client, seen) = api_server(Some(json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 200
+        })))
+        .await;
+        delete_job(&client, "flamingo", "flamingo-demo-agents")
+            .await
+            .unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        let (method, uri, _, body) = &seen[0];
+        assert_eq!(method, "DELETE");
+        assert_eq!(
+            uri.trim_end_matches('?'),
+            "/apis/batch/v1/namespaces/flamingo/jobs/flamingo-demo-agents"
+        );
+        assert_eq!(body["propagationPolicy"], "Background");
+    }
+
+    #[test]
+    fn the_launcher_deletes_the_agents_when_the_job_ends() {
+        let (job, flags) = demo();
+        let objects = objects(&job, &flags);
+        let launcher = objects
+            .iter()
+            .find(|o| o["metadata"]["name"] == "flamingo-demo-launch")
+            .unwrap();
+        let spec = &launcher["spec"]["template"]["spec"];
+        assert_eq!(spec["serviceAccountName"], "flamingo");
+        let args: Vec<&str> = spec["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert!(args.contains(&"--wait"), "{args:?}");
+        assert!(
+            args.contains(&"--delete-k8s-job=flamingo-demo-agents"),
+            "{args:?}"
+        );
+        let role = objects.iter().find(|o| o["kind"] == "Role").unwrap();
+        assert!(role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|rule| rule["resources"][0] == "jobs"
+                && rule["verbs"].to_string().contains("delete")));
+    }
+
+    #[tokio::test]
+    async fn a_missing_namespace_is_named_with_the_fix() {
+        let (job, flags) = demo();
+        let (client, _) = api_server(Some(json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "namespaces \"flamingo\" not found", "reason": "NotFound", "code": 404
+        })))
+        .await;
+        let error = apply(&client, &objects(&job, &flags)).await.unwrap_err();
+        let text = format!("{error:#}");
+        assert!(
+            text.contains("ServiceAccount flamingo/flamingo")
+                && text.contains("kubectl create namespace flamingo"),
+            "{text}"
         );
     }
 }

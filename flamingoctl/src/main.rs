@@ -85,9 +85,13 @@ enum Command {
         #[arg(long, default_value = "local")]
         scheduler: String,
         #[command(flatten)]
-        k8s: flamingoctl::k8s::K8sFlags,
+        k8s: Box<flamingoctl::k8s::K8sFlags>,
         #[command(flatten)]
         slurm: Box<flamingoctl::slurm::SlurmFlags>,
+        /// With --wait, inside a cluster: delete this Kubernetes Job (the
+        /// job's agents) once the job ended (the k8s launcher does).
+        #[arg(long, hide = true, requires = "wait")]
+        delete_k8s_job: Option<String>,
     },
     /// Inside a Slurm batch job: what the sbatch script runs.
     #[command(subcommand, hide = true)]
@@ -291,6 +295,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             scheduler,
             k8s,
             slurm,
+            delete_k8s_job,
         } => {
             let wants_train = match job.as_deref() {
                 Some("train") => true,
@@ -377,21 +382,38 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                         .or_else(|| train.run_name.clone())
                         .unwrap_or_else(|| "job".into());
                     let argv: Vec<String> = std::env::args().collect();
-                    let objects = flamingoctl::k8s::render(
-                        &flamingoctl::k8s::K8sJob {
-                            name: job_name,
-                            nodes: nodes.1,
-                            slots_per_node,
-                            launch_args: flamingoctl::k8s::launch_args(&argv),
-                        },
-                        &k8s,
-                    )?;
-                    if !k8s.dry_run {
-                        anyhow::bail!(
-                            "--scheduler k8s applies nothing by itself yet: add --dry-run and pipe the objects to `kubectl apply -f -`"
+                    let k8s_job = flamingoctl::k8s::K8sJob {
+                        name: job_name,
+                        nodes: nodes.1,
+                        slots_per_node,
+                        launch_args: flamingoctl::k8s::launch_args(&argv),
+                    };
+                    if k8s.dry_run {
+                        print!("{}", flamingoctl::k8s::render(&k8s_job, &k8s)?);
+                        return Ok(0);
+                    }
+                    let client = flamingoctl::k8s::client().await?;
+                    let objects = flamingoctl::k8s::objects(&k8s_job, &k8s);
+                    for line in flamingoctl::k8s::apply(&client, &objects).await? {
+                        eprintln!("{line}");
+                    }
+                    let launcher = objects
+                        .iter()
+                        .filter(|object| object["kind"] == "Job")
+                        .filter_map(|object| object["metadata"]["name"].as_str())
+                        .find(|name| name.ends_with("-launch"))
+                        .unwrap_or_default();
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"namespace": k8s.namespace, "launcher": launcher, "objects": objects.len()})
+                        );
+                    } else {
+                        println!(
+                            "follow it: kubectl -n {} logs -f job/{launcher}",
+                            k8s.namespace
                         );
                     }
-                    print!("{objects}");
                     return Ok(0);
                 }
                 other => anyhow::bail!("--scheduler {other}: use local, slurm or k8s"),
@@ -436,6 +458,17 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             eprintln!("launched {}", job.id);
             let job = session.wait(job.id.as_str(), !json, follow).await?;
             commands::print_job(&job, json)?;
+            if let Some(agents) = delete_k8s_job {
+                let client = flamingoctl::k8s::client().await?;
+                // The pod's own namespace (its service account's).
+                let namespace = std::fs::read_to_string(
+                    "/var/run/secrets/kubernetes.io/serviceaccount/namespace",
+                )
+                .map(|text| text.trim().to_string())
+                .unwrap_or_else(|_| client.default_namespace().to_string());
+                flamingoctl::k8s::delete_job(&client, &namespace, &agents).await?;
+                eprintln!("deleted Job {namespace}/{agents} (the job's agents)");
+            }
             return Ok(commands::exit_code_for(&job));
         }
         Command::Metrics {
