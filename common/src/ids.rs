@@ -18,7 +18,9 @@ impl JobId {
     }
 }
 
-fn to_base36(mut value: u64) -> String {
+/// `value` in base 36 (digits, then lower-case letters): short, sortable
+/// by length then text.
+pub fn to_base36(mut value: u64) -> String {
     const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
     let mut out = Vec::new();
     loop {

@@ -209,6 +209,13 @@ pub fn spawn_agent(spec: &AgentSpec, log: &Path, detach: bool) -> anyhow::Result
     spawn(command, log, detach)
 }
 
+/// The last `lines` lines of a log file (empty when it cannot be read).
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 /// Waits until `endpoint` accepts TCP connections.
 pub fn wait_for_port(endpoint: &str, timeout: Duration) -> anyhow::Result<()> {
     let address = endpoint

@@ -292,7 +292,7 @@ pub fn submit(
     let dir = root.join(format!(
         "{}-{}",
         crate::k8s::object_name(&submission.name),
-        base36(stamp as u64)
+        flamingo_common::ids::to_base36(stamp as u64)
     ));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
@@ -348,20 +348,6 @@ pub fn submit(
     job.slurm_job_id = Some(id);
     job.save(&dir)?;
     Ok((dir, job))
-}
-
-fn base36(mut value: u64) -> String {
-    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut out = Vec::new();
-    loop {
-        out.push(DIGITS[(value % 36) as usize]);
-        value /= 36;
-        if value == 0 {
-            break;
-        }
-    }
-    out.reverse();
-    String::from_utf8(out).expect("base36 digits are ascii")
 }
 
 /// Slurm's view of a job (`scontrol show job`), while Slurm remembers it.
@@ -643,7 +629,7 @@ async fn wait_job(record: &Record, progress: bool, follow: bool) -> anyhow::Resu
                 "slurm job {} ended ({summary}) before its flamingo job did; its output ({}) ends:\n{}",
                 record.slurm_job_id(),
                 output.display(),
-                tail(&output, 15)
+                local::tail(&output, 15)
             );
         }
         if progress && summary != last_state {
@@ -652,12 +638,6 @@ async fn wait_job(record: &Record, progress: bool, follow: bool) -> anyhow::Resu
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// `flamingoctl stop` for a Slurm job: the flamingo job is stopped through
@@ -788,7 +768,7 @@ fn wait_up(name: &str, port: u16, log: &Path) -> anyhow::Result<()> {
         format!(
             "{name} did not start; {} ends:\n{}",
             log.display(),
-            tail(log, 15)
+            local::tail(log, 15)
         )
     })
 }

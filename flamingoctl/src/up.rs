@@ -20,12 +20,6 @@ fn step(label: &str) {
     eprint!("{label:<40}");
 }
 
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 pub async fn up(state_dir: &Path, options: &UpOptions) -> anyhow::Result<ClusterState> {
     if options.nodes == 0 || options.slots_per_node == 0 {
         bail!("--nodes and --slots-per-node must be at least 1");
@@ -55,7 +49,10 @@ pub async fn up(state_dir: &Path, options: &UpOptions) -> anyhow::Result<Cluster
         let etcd_child = local::spawn_etcd(&etcd, &etcd_log, true)?;
         started.push(etcd_child.id());
         local::wait_for_port(&etcd.endpoint(), Duration::from_secs(20)).with_context(|| {
-            format!("etcd did not start; its log ends:\n{}", tail(&etcd_log, 15))
+            format!(
+                "etcd did not start; its log ends:\n{}",
+                local::tail(&etcd_log, 15)
+            )
         })?;
         eprintln!("up at {}", etcd.endpoint());
 
@@ -87,7 +84,7 @@ pub async fn up(state_dir: &Path, options: &UpOptions) -> anyhow::Result<Cluster
             || {
                 format!(
                     "the coordinator did not start; its log ends:\n{}",
-                    tail(&coordinator_log, 15)
+                    local::tail(&coordinator_log, 15)
                 )
             },
         )?;
@@ -106,7 +103,7 @@ pub async fn up(state_dir: &Path, options: &UpOptions) -> anyhow::Result<Cluster
         local::wait_for_port(&data_service, Duration::from_secs(20)).with_context(|| {
             format!(
                 "the data service did not start; its log ends:\n{}",
-                tail(&data_log, 15)
+                local::tail(&data_log, 15)
             )
         })?;
         eprintln!("up at {data_service}");

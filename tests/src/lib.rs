@@ -367,6 +367,39 @@ pub fn flamingoctl(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// In `dir`: `samples` synthetic LAION samples in shards of 24 under
+/// `data/` (32-pixel images, with the tokenizer in `data/tokenizer`), and a
+/// tiny random model whose spec is `tiny/model.toml`.
+pub fn synthetic_laion_and_tiny_model(dir: &Path, samples: u64) {
+    flamingoctl(
+        dir,
+        &[
+            "data",
+            "synth",
+            "--form",
+            "laion",
+            "--out",
+            "data",
+            "--samples",
+            &samples.to_string(),
+            "--per-shard",
+            "24",
+            "--image-size",
+            "32",
+        ],
+    );
+    flamingoctl(
+        dir,
+        &[
+            "tiny-model",
+            "--tokenizer",
+            "data/tokenizer",
+            "--out",
+            "tiny",
+        ],
+    );
+}
+
 /// Polls `probe` every 250 ms until it gives a value; panics naming `what`
 /// after `timeout`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {

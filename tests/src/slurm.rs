@@ -161,7 +161,7 @@ MinJobAge=600
             bail!(
                 "the Slurm nodes did not become idle; sinfo: {:?}; slurmctld log ends:\n{}",
                 cluster.output("sinfo", &["-N"]),
-                tail(&dir.join("log/slurmctld.log"))
+                flamingoctl::local::tail(&dir.join("log/slurmctld.log"), 20)
             );
         }
         Ok(cluster)
@@ -271,10 +271,4 @@ fn wait(timeout: Duration, mut done: impl FnMut() -> bool) -> anyhow::Result<()>
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(())
-}
-
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
 }

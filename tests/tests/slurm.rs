@@ -10,7 +10,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use flamingo_tests::slurm::{leftovers, SlurmCluster};
-use flamingo_tests::{flamingoctl, ClusterSandbox};
+use flamingo_tests::ClusterSandbox;
 use serde_json::Value;
 
 /// `flamingoctl ARGS` in `dir` against the Slurm cluster, with the jobs'
@@ -67,33 +67,7 @@ fn wait_status(
 
 /// Synthetic shards, a tiny model and a job file that trains for a while.
 fn prepare(dir: &Path) {
-    flamingoctl(
-        dir,
-        &[
-            "data",
-            "synth",
-            "--form",
-            "laion",
-            "--out",
-            "data",
-            "--samples",
-            "96",
-            "--per-shard",
-            "24",
-            "--image-size",
-            "32",
-        ],
-    );
-    flamingoctl(
-        dir,
-        &[
-            "tiny-model",
-            "--tokenizer",
-            "data/tokenizer",
-            "--out",
-            "tiny",
-        ],
-    );
+    flamingo_tests::synthetic_laion_and_tiny_model(dir, 96);
     std::fs::write(
         dir.join("job.toml"),
         format!(
@@ -189,6 +163,56 @@ fn slurm_jobs_run_checkpoint_on_the_warning_signal_requeue_and_stop() {
         "logs",
     );
     assert!(log.contains("rank 1: correctness checks passed"), "{log}");
+
+    // 1b. The allocation's agents join an existing coordinator (a local
+    // cluster with one node of its own) instead of starting one.
+    let up = ok(&ctl(&cluster, dir, &["--json", "up", "--nodes", "1"]), "up");
+    let up: Value = serde_json::from_str(&up).unwrap();
+    let existing = up["coordinator"].as_str().unwrap().to_string();
+    let joined = ctl(
+        &cluster,
+        dir,
+        &[
+            "--coordinator",
+            &existing,
+            "launch",
+            "--scheduler",
+            "slurm",
+            "--nodes",
+            "2",
+            "--job",
+            "collective-check",
+            "--max-bytes",
+            "4096",
+            "--name",
+            "joined",
+            "--wait",
+            "--json",
+        ],
+    );
+    let joined_text = ok(&joined, "collective check on an existing coordinator");
+    let joined: Value = serde_json::from_str(&joined_text).unwrap();
+    assert_eq!(joined["state"], "Succeeded", "{joined:#}");
+    let folder = Path::new(joined["slurm"]["dir"].as_str().unwrap());
+    let control: Value =
+        serde_json::from_slice(&std::fs::read(folder.join("control-plane.json")).unwrap()).unwrap();
+    assert_eq!(control["coordinator"], existing.as_str(), "{control:#}");
+    assert!(
+        !folder.join("logs/coordinator.log").exists(),
+        "no coordinator of its own"
+    );
+    // It ran on the allocation's agents (the local cluster has one node).
+    let ranks: Vec<&str> = joined["ranks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|rank| rank["node"].as_str().unwrap())
+        .collect();
+    assert!(
+        ranks.iter().any(|node| ["node1", "node2"].contains(node)),
+        "{ranks:?}"
+    );
+    ok(&ctl(&cluster, dir, &["down"]), "down");
 
     // 2. Training: USR1 (Slurm's warning before the time limit) makes every
     // rank checkpoint; the job is requeued, resumes there and finishes.

@@ -24,33 +24,7 @@ const STEPS: u64 = SAMPLES / (PER_RANK * WORLD) * EPOCHS;
 
 /// Synthetic LAION shards, a tiny model and the job file.
 fn prepare(dir: &Path) -> PathBuf {
-    flamingoctl(
-        dir,
-        &[
-            "data",
-            "synth",
-            "--form",
-            "laion",
-            "--out",
-            "data",
-            "--samples",
-            &SAMPLES.to_string(),
-            "--per-shard",
-            "24",
-            "--image-size",
-            "32",
-        ],
-    );
-    flamingoctl(
-        dir,
-        &[
-            "tiny-model",
-            "--tokenizer",
-            "data/tokenizer",
-            "--out",
-            "tiny",
-        ],
-    );
+    flamingo_tests::synthetic_laion_and_tiny_model(dir, SAMPLES);
     let job = dir.join("job.toml");
     let shards = SAMPLES / 24 - 1;
     std::fs::write(
