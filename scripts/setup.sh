@@ -94,7 +94,7 @@ flamingo_setup_reference() {
     # The Slurm test runs a real cluster (munged, slurmctld, two slurmd) that
     # it starts and stops itself; the packages' own services are not used.
     flamingo_apt_install " for the Slurm test" slurm-wlm munge || return 1
-    if "$python" -c "import einops, einops_exts, safetensors, open_clip, transformers, webdataset, braceexpand, moto, flask_cors, tensorboard, kubernetes_validate, importlib.util, importlib.metadata as m, sys; sys.exit(0 if importlib.util.find_spec('open_flamingo') and m.version('webdataset') == '0.2.86' else 1)" 2>/dev/null; then
+    if "$python" -c "import einops, einops_exts, safetensors, open_clip, transformers, webdataset, braceexpand, moto, flask_cors, tensorboard, kubernetes_validate, sklearn, importlib.util, importlib.metadata as m, sys; sys.exit(0 if importlib.util.find_spec('open_flamingo') and m.version('webdataset') == '0.2.86' else 1)" 2>/dev/null; then
         return 0
     fi
     echo "setup: installing the Python reference packages for the parity tests"
@@ -108,7 +108,8 @@ flamingo_setup_reference() {
             "einops==0.8.2" "einops-exts==0.0.4" "safetensors==0.8.0" \
             "ftfy==6.3.1" "regex==2026.11.19" "tqdm==4.70.1" "pillow==13.0.0" \
             "transformers==4.57.1" "webdataset==0.2.86" "braceexpand==0.1.7" \
-            "moto[server]==5.2.5" "tensorboard==2.21.0" "kubernetes-validate==1.34.1"; } >"$log" 2>&1; then
+            "moto[server]==5.2.5" "tensorboard==2.21.0" "kubernetes-validate==1.34.1" \
+            "scikit-learn==1.9.1"; } >"$log" 2>&1; then
         cat "$log" >&2
         rm -f "$log"
         echo "setup: pip install of the reference packages failed" >&2

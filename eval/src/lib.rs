@@ -1,0 +1,4 @@
+//! The evaluation suite of OpenFlamingo (reference §4): the metrics first,
+//! each equal to the implementation the published numbers came from.
+
+pub mod metrics;
