@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use flamingo_eval::metrics::{roc::roc_auc, vqa};
+use flamingo_eval::metrics::{cider, roc::roc_auc, vqa};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -196,4 +196,150 @@ fn vqa_accuracy_and_roc_auc_equal_the_reference_implementations() {
             "case {index}: ours {ours}, scikit-learn {theirs}"
         );
     }
+}
+
+/// COCO-style captions of the synthetic shapes, written the ways people
+/// write them: capitals, final periods, commas, possessives, negations,
+/// quotes, brackets, numbers and abbreviations.
+fn caption(rng: &mut StdRng) -> String {
+    let count = pick(rng, &["Two", "two", "3", "three", "A", "One", "Several"]);
+    let size = pick(rng, &["small", "big", "tiny", "", "large"]);
+    let colour = pick(rng, &["red", "blue", "green", "yellow", "dark-blue"]);
+    let shape = pick(
+        rng,
+        &["circles", "squares", "triangles", "shapes", "circle"],
+    );
+    let relation = pick(
+        rng,
+        &[
+            "left of",
+            "right of",
+            "above",
+            "below",
+            "next to",
+            "on top of",
+        ],
+    );
+    let other = pick(
+        rng,
+        &[
+            "a blue square",
+            "the red circle",
+            "Mr. Smith's box",
+            "a 3.5 in. dot",
+            "(a green dot)",
+            "\"the\" star",
+        ],
+    );
+    let tail = pick(
+        rng,
+        &[
+            ".",
+            "",
+            " .",
+            ", it isn't clear.",
+            "!",
+            "... maybe",
+            ", don't you think?",
+            " -- mostly",
+            "; that's it",
+        ],
+    );
+    format!("{count} {size} {colour} {shape} {relation} {other}{tail}")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn cider_equals_pycocoevalcaps_with_the_same_tokenisation() {
+    let folder = tempfile::tempdir().unwrap();
+    let dir = folder.path();
+    let mut rng = StdRng::seed_from_u64(11);
+    let images: Vec<(u64, String, Vec<String>)> = (0..80u64)
+        .map(|id| {
+            let references: Vec<String> = (0..5).map(|_| caption(&mut rng)).collect();
+            let candidate = if rng.random_bool(0.3) {
+                references[0].clone()
+            } else {
+                caption(&mut rng)
+            };
+            (id * 3 + 1, candidate, references)
+        })
+        .collect();
+    write(
+        &dir.join("captions.json"),
+        &json!({"images": images.iter().map(|(id, candidate, references)| json!({
+            "id": id, "candidate": candidate, "references": references,
+        })).collect::<Vec<_>>()}),
+    );
+    let python = flamingo_common::testing::venv_bin("python");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/cider_reference.py");
+    let output = std::process::Command::new(python)
+        .arg(script)
+        .arg(dir)
+        .output()
+        .expect("the venv's python runs");
+    assert!(
+        output.status.success(),
+        "reference (needs Java for the PTB tokenizer): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let reference: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+
+    // The tokenisation, caption by caption.
+    for (id, candidate, references) in &images {
+        assert_eq!(
+            cider::tokenize(candidate),
+            reference["candidates"][id.to_string()].as_str().unwrap(),
+            "candidate of image {id}: {candidate:?}"
+        );
+        for (index, caption) in references.iter().enumerate() {
+            assert_eq!(
+                cider::tokenize(caption),
+                reference["references"][id.to_string()][index]
+                    .as_str()
+                    .unwrap(),
+                "reference {index} of image {id}: {caption:?}"
+            );
+        }
+    }
+    // The scores, in the reference's image order.
+    let by_id: HashMap<String, &(u64, String, Vec<String>)> = images
+        .iter()
+        .map(|image| (image.0.to_string(), image))
+        .collect();
+    let order: Vec<&(u64, String, Vec<String>)> = reference["order"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| by_id[id.as_str().unwrap()])
+        .collect();
+    let candidates: Vec<String> = order
+        .iter()
+        .map(|image| cider::tokenize(&image.1))
+        .collect();
+    let references: Vec<Vec<String>> = order
+        .iter()
+        .map(|image| image.2.iter().map(|c| cider::tokenize(c)).collect())
+        .collect();
+    let (overall, per_image) = cider::cider(&candidates, &references).unwrap();
+    for (index, score) in per_image.iter().enumerate() {
+        let theirs = reference["per_image"][index].as_f64().unwrap();
+        assert!(
+            (score - theirs).abs() <= 1e-6,
+            "image {}: ours {score}, pycocoevalcap {theirs}",
+            order[index].0
+        );
+    }
+    let theirs = reference["overall"].as_f64().unwrap();
+    assert!(
+        (overall - theirs).abs() <= 1e-6,
+        "ours {overall}, pycocoevalcap {theirs}"
+    );
+    assert!(
+        overall > 0.1,
+        "the fixture has matching captions: {overall}"
+    );
 }

@@ -1,6 +1,7 @@
 //! Metrics, each checked against its reference implementation in
 //! `eval/tests/metric_parity.rs`.
 
+pub mod cider;
 pub mod roc;
 pub mod vqa;
 
