@@ -14,6 +14,22 @@ pub fn venv_bin(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
+/// Runs the venv's Python on `script` with `args`; panics with the script's
+/// stderr when it fails (the parity tests' reference implementations).
+pub fn run_python(script: &std::path::Path, args: &[&std::ffi::OsStr]) {
+    let output = Command::new(venv_bin("python"))
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("the venv's python runs");
+    assert!(
+        output.status.success(),
+        "{}: {}",
+        script.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// moto's S3 server on a free local port, stopped on drop.
 pub struct S3Server {
     child: Child,

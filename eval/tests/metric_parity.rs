@@ -55,6 +55,17 @@ fn pick<'a>(rng: &mut StdRng, choices: &[&'a str]) -> &'a str {
     choices[rng.random_range(0..choices.len())]
 }
 
+/// Runs `tests/reference/<script> <dir>` (needs Java for the PTB
+/// tokenizer) and reads the `reference.json` it writes.
+fn reference(script: &str, dir: &Path) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/reference")
+        .join(script);
+    flamingo_common::testing::run_python(&path, &[dir.as_os_str()]);
+    serde_json::from_slice(&std::fs::read(dir.join("reference.json")).expect("reference.json"))
+        .expect("the reference writes JSON")
+}
+
 fn write(path: &Path, value: &Value) {
     std::fs::write(path, serde_json::to_vec(value).expect("JSON")).expect("a fixture file");
 }
@@ -154,20 +165,7 @@ fn vqa_accuracy_and_roc_auc_equal_the_reference_implementations() {
         ),
     );
 
-    let python = flamingo_common::testing::venv_bin("python");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/metrics_reference.py");
-    let output = std::process::Command::new(python)
-        .arg(script)
-        .arg(dir)
-        .output()
-        .expect("the venv's python runs");
-    assert!(
-        output.status.success(),
-        "reference: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let reference: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+    let reference = reference("metrics_reference.py", dir);
 
     let ours = vqa::evaluate(&predictions, &humans).unwrap();
     for (question, score) in &ours.per_question {
@@ -273,20 +271,7 @@ fn cider_equals_pycocoevalcaps_with_the_same_tokenisation() {
             "id": id, "candidate": candidate, "references": references,
         })).collect::<Vec<_>>()}),
     );
-    let python = flamingo_common::testing::venv_bin("python");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/cider_reference.py");
-    let output = std::process::Command::new(python)
-        .arg(script)
-        .arg(dir)
-        .output()
-        .expect("the venv's python runs");
-    assert!(
-        output.status.success(),
-        "reference (needs Java for the PTB tokenizer): {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let reference: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+    let reference = reference("cider_reference.py", dir);
 
     // The tokenisation, caption by caption.
     for (id, candidate, references) in &images {

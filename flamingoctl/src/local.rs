@@ -67,7 +67,7 @@ fn log_file(path: &Path) -> anyhow::Result<(File, File)> {
 
 /// Spawns `command` with output to `log`; `detach` puts it in its own
 /// session so it outlives flamingoctl and a terminal's Ctrl-C.
-fn spawn(mut command: Command, log: &Path, detach: bool) -> anyhow::Result<Child> {
+pub fn spawn(mut command: Command, log: &Path, detach: bool) -> anyhow::Result<Child> {
     let (stdout, stderr) = log_file(log)?;
     command.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
     if detach {
@@ -102,6 +102,12 @@ impl EtcdSpec {
 }
 
 pub fn spawn_etcd(spec: &EtcdSpec, log: &Path, detach: bool) -> anyhow::Result<Child> {
+    spawn(etcd_command(spec)?, log, detach)
+}
+
+/// The command that runs a one-member etcd as `spec` says (`spawn_etcd`
+/// runs it; a Slurm job adds its own flags first).
+pub fn etcd_command(spec: &EtcdSpec) -> anyhow::Result<Command> {
     let client = spec.endpoint();
     let peer = format!("http://127.0.0.1:{}", spec.peer_port);
     let mut command = Command::new(etcd_binary()?);
@@ -114,7 +120,7 @@ pub fn spawn_etcd(spec: &EtcdSpec, log: &Path, detach: bool) -> anyhow::Result<C
         .arg(format!("--initial-advertise-peer-urls={peer}"))
         .arg(format!("--initial-cluster=flamingo={peer}"))
         .env_remove("ETCDCTL_API");
-    spawn(command, log, detach)
+    Ok(command)
 }
 
 #[derive(Debug, Clone)]

@@ -526,19 +526,37 @@ async fn current_job(record: &Record) -> anyhow::Result<Option<JobRecord>> {
 pub async fn print_status(record: &Record, json: bool) -> anyhow::Result<()> {
     let state = SlurmState::query(record.slurm_job_id());
     let job = current_job(record).await?;
+    print_both(
+        record,
+        state.as_ref(),
+        job.as_ref(),
+        json,
+        "not launched yet (it starts when Slurm runs the batch job)",
+    )
+}
+
+/// The Slurm job's state above the flamingo job (or `missing` when there is
+/// none yet); with `json`, the job's JSON with a `slurm` object added.
+fn print_both(
+    record: &Record,
+    state: Option<&SlurmState>,
+    job: Option<&JobRecord>,
+    json: bool,
+    missing: &str,
+) -> anyhow::Result<()> {
     if json {
-        let mut value = match &job {
+        let mut value = match job {
             Some(job) => crate::render::job_json(job),
             None => serde_json::json!({"id": null, "state": "not_started"}),
         };
-        value["slurm"] = record.slurm_json(state.as_ref());
+        value["slurm"] = record.slurm_json(state);
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
     println!(
         "slurm job {}: {}",
         record.slurm_job_id(),
-        state.as_ref().map_or_else(
+        state.map_or_else(
             || "no longer in Slurm's records".to_string(),
             SlurmState::summary
         )
@@ -553,10 +571,8 @@ pub async fn print_status(record: &Record, json: bool) -> anyhow::Result<()> {
         println!("dashboard {dashboard}");
     }
     match job {
-        Some(job) => print!("{}", crate::render::job_text(&job)),
-        None => {
-            println!("flamingo job: not launched yet (it starts when Slurm runs the batch job)")
-        }
+        Some(job) => print!("{}", crate::render::job_text(job)),
+        None => println!("flamingo job: {missing}"),
     }
     Ok(())
 }
@@ -676,27 +692,13 @@ pub async fn stop(record: &Record, json: bool) -> anyhow::Result<()> {
         Some(job) => Some(job),
         None => stopped,
     };
-    if json {
-        let mut value = match &job {
-            Some(job) => crate::render::job_json(job),
-            None => serde_json::json!({"id": null, "state": "not_started"}),
-        };
-        value["slurm"] = record.slurm_json(state.as_ref());
-        println!("{}", serde_json::to_string_pretty(&value)?);
-    } else {
-        println!(
-            "slurm job {slurm_id}: {}",
-            state.as_ref().map_or_else(
-                || "no longer in Slurm's records".to_string(),
-                SlurmState::summary
-            )
-        );
-        match job {
-            Some(job) => print!("{}", crate::render::job_text(&job)),
-            None => println!("flamingo job: cancelled before it was launched"),
-        }
-    }
-    Ok(())
+    print_both(
+        record,
+        state.as_ref(),
+        job.as_ref(),
+        json,
+        "cancelled before it was launched",
+    )
 }
 
 /// A rank's log from the agents' folders (after the job's coordinator is gone).
@@ -742,24 +744,12 @@ impl Drop for Children {
 }
 
 fn spawn_service(
-    mut command: Command,
+    command: Command,
     name: &str,
     log: &Path,
     children: &mut Children,
 ) -> anyhow::Result<()> {
-    let file = std::fs::File::options()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("opening {}", log.display()))?;
-    command
-        .stdin(Stdio::null())
-        .stdout(file.try_clone()?)
-        .stderr(file);
-    let child = command
-        .spawn()
-        .with_context(|| format!("starting {name}"))?;
-    children.push(name, child);
+    children.push(name, local::spawn(command, log, false)?);
     Ok(())
 }
 
@@ -836,18 +826,12 @@ pub async fn run_in_allocation(dir: &Path) -> anyhow::Result<i32> {
                     let data_dir = dir.join("etcd");
                     let client_port = free()?;
                     let peer_port = free()?;
-                    let client = format!("http://127.0.0.1:{client_port}");
-                    let peer = format!("http://127.0.0.1:{peer_port}");
-                    let mut command = Command::new(local::etcd_binary()?);
-                    command
-                        .arg("--name=flamingo")
-                        .arg(format!("--data-dir={}", data_dir.display()))
-                        .arg(format!("--listen-client-urls={client}"))
-                        .arg(format!("--advertise-client-urls={client}"))
-                        .arg(format!("--listen-peer-urls={peer}"))
-                        .arg(format!("--initial-advertise-peer-urls={peer}"))
-                        .arg(format!("--initial-cluster=flamingo={peer}"))
-                        .env_remove("ETCDCTL_API");
+                    let spec = local::EtcdSpec {
+                        data_dir: data_dir.clone(),
+                        client_port,
+                        peer_port,
+                    };
+                    let mut command = local::etcd_command(&spec)?;
                     if data_dir.exists() {
                         // A requeued job: the same data on another node or
                         // other ports; keep it, as the only member.
@@ -856,7 +840,7 @@ pub async fn run_in_allocation(dir: &Path) -> anyhow::Result<i32> {
                     let log = logs.join("etcd.log");
                     spawn_service(command, "etcd", &log, &mut children)?;
                     wait_up("etcd", client_port, &log)?;
-                    client
+                    spec.endpoint()
                 }
             };
             let port = free()?;
