@@ -241,6 +241,50 @@ pub fn write_word_level_tokenizer(
     )
 }
 
+/// One scene for the evaluation datasets (`flamingoctl data synth-eval`):
+/// the scene and its PNG bytes, keyed by split and index.
+pub fn eval_scene(seed: u64, split: u64, index: u64, size: usize) -> (Scene, Vec<u8>) {
+    let mut rng = Rng::keyed(&[seed, 0xe7, split, index]);
+    let scene = Scene::random(&mut rng);
+    let pixels = scene.draw(size, &mut rng);
+    (scene, encode_png(&pixels, size))
+}
+
+impl Scene {
+    /// A question about the scene and its answer, VQA style: the colour of
+    /// the (left) shape, or what shape it is, alternating with `index`.
+    pub fn question(&self, index: u64) -> (String, String) {
+        let first = self.groups[0];
+        let place = if self.groups.len() > 1 {
+            " on the left"
+        } else {
+            ""
+        };
+        if index.is_multiple_of(2) {
+            (
+                format!("What colour is the {}{place}?", SHAPES[first.shape]),
+                COLOURS[first.colour].0.to_string(),
+            )
+        } else {
+            (
+                format!("What shape is the {} one{place}?", COLOURS[first.colour].0),
+                SHAPES[first.shape].to_string(),
+            )
+        }
+    }
+
+    /// The shape of the (left) group: the class of the classification set.
+    pub fn shape_name(&self) -> &'static str {
+        SHAPES[self.groups[0].shape]
+    }
+
+    /// Whether anything in the scene is red (the "hateful" label of the
+    /// synthetic HatefulMemes set: learnable from the image alone).
+    pub fn has_red(&self) -> bool {
+        self.groups.iter().any(|group| group.colour == 0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

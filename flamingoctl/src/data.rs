@@ -52,6 +52,24 @@ pub enum DataCommand {
         #[arg(long, env = "FLAMINGO_S3_ENDPOINT")]
         s3_endpoint: Option<String>,
     },
+    /// Write a synthetic shapes benchmark in the layout OpenFlamingo's
+    /// evaluation reads for --dataset (captions, questions about colours and
+    /// shapes, "red means hateful", shape classes), for tests and demos.
+    SynthEval {
+        #[arg(long, value_enum)]
+        dataset: flamingo_eval::datasets::Task,
+        #[arg(long)]
+        out: PathBuf,
+        /// Training (demonstration) examples.
+        #[arg(long, default_value_t = 64)]
+        train: u64,
+        #[arg(long, default_value_t = 16)]
+        test: u64,
+        #[arg(long, default_value_t = 32)]
+        image_size: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Write the synthetic shapes dataset (LAION or MMC4 form) and its tokenizer.
     Synth {
         #[arg(long, value_parser = ["laion", "mmc4"])]
@@ -152,6 +170,26 @@ pub async fn run(command: DataCommand, json_output: bool) -> anyhow::Result<()> 
             );
             let spec = DataSpec::from_toml(&text, Some(&std::env::current_dir()?))?;
             inspect(&spec, seed, limit, s3_endpoint, json_output).await
+        }
+        DataCommand::SynthEval {
+            dataset,
+            out,
+            train,
+            test,
+            image_size,
+            seed,
+        } => {
+            synth_eval(dataset, &out, train, test, image_size, seed)?;
+            if json_output {
+                println!("{}", json!({"out": out, "train": train, "test": test}));
+            } else {
+                println!(
+                    "wrote a synthetic {} benchmark ({train} train, {test} test) to {}",
+                    dataset.name(),
+                    out.display()
+                );
+            }
+            Ok(())
         }
         DataCommand::Synth {
             form,
@@ -584,6 +622,162 @@ async fn bench(
             raws.len(),
             rate / threads as f64
         );
+    }
+    Ok(())
+}
+
+/// Writes the synthetic benchmark for `task` under `out` in its real layout.
+fn synth_eval(
+    task: flamingo_eval::datasets::Task,
+    out: &Path,
+    train: u64,
+    test: u64,
+    size: usize,
+    seed: u64,
+) -> anyhow::Result<()> {
+    use flamingo_eval::datasets::Task;
+    let write = |path: PathBuf, bytes: &[u8]| -> anyhow::Result<()> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))
+    };
+    let splits = [("train", 0u64, train), ("test", 1u64, test)];
+    match task {
+        Task::Coco | Task::Flickr30k => {
+            let mut images = Vec::new();
+            for (split, code, count) in splits {
+                for index in 0..count {
+                    let (scene, png) = synthetic::eval_scene(seed, code, index, size);
+                    let id = code * 1_000_000 + index;
+                    let (folder, filename) = if task == Task::Coco {
+                        let folder = if split == "train" {
+                            "train2014"
+                        } else {
+                            "val2014"
+                        };
+                        (folder.to_string(), format!("COCO_{folder}_{id:012}.jpg"))
+                    } else {
+                        ("flickr30k-images".to_string(), format!("{id}.jpg"))
+                    };
+                    write(out.join(&folder).join(&filename), &png)?;
+                    let caption = scene.caption();
+                    images.push(json!({
+                        "filepath": folder, "filename": filename, "split": split,
+                        "cocoid": id, "imgid": images.len(),
+                        "sentences": [{"raw": format!("{caption}."), "tokens": caption.split(' ').collect::<Vec<_>>()},
+                                      {"raw": caption, "tokens": []}],
+                    }));
+                }
+            }
+            let name = if task == Task::Coco {
+                "dataset_coco.json"
+            } else {
+                "dataset_flickr30k.json"
+            };
+            let dataset = if task == Task::Coco {
+                "coco"
+            } else {
+                "flickr30k"
+            };
+            write(
+                out.join(name),
+                json!({"images": images, "dataset": dataset})
+                    .to_string()
+                    .as_bytes(),
+            )?;
+        }
+        Task::Vqav2 | Task::OkVqa | Task::Textvqa | Task::Vizwiz => {
+            for (split, code, count) in splits {
+                let split = if split == "test" { "val" } else { split };
+                let mut questions = Vec::new();
+                let mut annotations = Vec::new();
+                for index in 0..count {
+                    let (scene, png) = synthetic::eval_scene(seed, code, index, size);
+                    let image_id = code * 1_000_000 + index;
+                    let question_id = image_id * 10;
+                    let (image_value, path, questions_name, annotations_name) = match task {
+                        Task::Vqav2 => (
+                            json!(image_id),
+                            out.join(format!("{split}2014/COCO_{split}2014_{image_id:012}.jpg")),
+                            format!("v2_OpenEnded_mscoco_{split}2014_questions.json"),
+                            format!("v2_mscoco_{split}2014_annotations.json"),
+                        ),
+                        Task::OkVqa => (
+                            json!(image_id),
+                            out.join(format!("{split}2014/COCO_{split}2014_{image_id:012}.jpg")),
+                            format!("OpenEnded_mscoco_{split}2014_questions.json"),
+                            format!("mscoco_{split}2014_annotations.json"),
+                        ),
+                        Task::Textvqa => (
+                            json!(format!("{image_id:016x}")),
+                            out.join(format!("train_images/{image_id:016x}.jpg")),
+                            format!("{split}_questions_vqa_format.json"),
+                            format!("{split}_annotations_vqa_format.json"),
+                        ),
+                        _ => (
+                            json!(format!("VizWiz_{split}_{image_id:08}.jpg")),
+                            out.join(format!("{split}/VizWiz_{split}_{image_id:08}.jpg")),
+                            format!("{split}_questions_vqa_format.json"),
+                            format!("{split}_annotations_vqa_format.json"),
+                        ),
+                    };
+                    write(path, &png)?;
+                    let (question, answer) = scene.question(index);
+                    questions.push(json!({"image_id": image_value, "question": question, "question_id": question_id}));
+                    let answers: Vec<_> = (1..=10)
+                        .map(|n| json!({"answer": answer, "answer_confidence": "yes", "answer_id": n}))
+                        .collect();
+                    annotations.push(json!({"question_id": question_id, "image_id": image_value,
+                        "answers": answers, "multiple_choice_answer": answer,
+                        "question_type": "what", "answer_type": "other"}));
+                    if index + 1 == count {
+                        write(
+                            out.join(&questions_name),
+                            json!({"questions": questions}).to_string().as_bytes(),
+                        )?;
+                        write(
+                            out.join(&annotations_name),
+                            json!({"annotations": annotations}).to_string().as_bytes(),
+                        )?;
+                    }
+                }
+            }
+        }
+        Task::HatefulMemes => {
+            for (split, code, count) in splits {
+                let file = if split == "train" {
+                    "train.json"
+                } else {
+                    "dev.json"
+                };
+                let mut lines = String::new();
+                for index in 0..count {
+                    let (scene, png) = synthetic::eval_scene(seed, code, index, size);
+                    let id = code * 100_000 + index;
+                    write(out.join(format!("img/{id:05}.png")), &png)?;
+                    lines.push_str(
+                        &json!({"id": id, "img": format!("img/{id:05}.png"),
+                        "label": u8::from(scene.has_red()), "text": scene.caption()})
+                        .to_string(),
+                    );
+                    lines.push('\n');
+                }
+                write(out.join(file), lines.as_bytes())?;
+            }
+        }
+        Task::Imagenet => {
+            for (split, code, count) in splits {
+                let folder = if split == "train" { "train" } else { "val" };
+                for index in 0..count {
+                    let (scene, png) = synthetic::eval_scene(seed, code, index, size);
+                    write(
+                        out.join(format!("{folder}/{}/{index:05}.png", scene.shape_name())),
+                        &png,
+                    )?;
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -32,7 +32,7 @@ pub struct InferenceArgs {
     pub dtype: Kind,
 }
 
-fn parse_dtype(text: &str) -> Result<Kind, String> {
+pub fn parse_dtype(text: &str) -> Result<Kind, String> {
     match text {
         "fp32" | "float32" => Ok(Kind::Float),
         "bf16" | "bfloat16" => Ok(Kind::BFloat16),

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod commands;
 pub mod data;
+pub mod eval;
 pub mod inference;
 pub mod k8s;
 pub mod local;

@@ -139,6 +139,8 @@ enum Command {
     Score(flamingoctl::inference::InferenceArgs),
     /// Continue a prompt about images (greedy or beam search; ends at <|endofchunk|>).
     Generate(flamingoctl::inference::GenerateArgs),
+    /// OpenFlamingo's few-shot benchmarks (COCO, Flickr30K, VQAv2, OK-VQA, TextVQA, VizWiz, HatefulMemes, ImageNet).
+    Eval(Box<flamingoctl::eval::EvalArgs>),
     /// Write a tiny random Flamingo (open_clip + MPT files and a model spec) for tests and demos.
     TinyModel {
         /// LM tokenizer dir (tokenizer.json, tokenizer_config.json).
@@ -587,6 +589,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Score(args) => flamingoctl::inference::score(&args, json)?,
         Command::Generate(args) => flamingoctl::inference::generate(&args, json)?,
+        Command::Eval(args) => flamingoctl::eval::run(&args, json)?,
         Command::Data(command) => flamingoctl::data::run(command, json).await?,
         Command::Train(args) => return flamingoctl::train::run(&args),
         Command::Export {

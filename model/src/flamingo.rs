@@ -70,14 +70,14 @@ impl Padding {
 /// What incremental decoding carries from step to step.
 #[derive(Debug)]
 pub(crate) struct Decoding {
-    cache: KvCache,
-    cached_locations: Tensor,
-    padding: Option<Padding>,
+    pub(crate) cache: KvCache,
+    pub(crate) cached_locations: Tensor,
+    pub(crate) padding: Option<Padding>,
 }
 
 #[derive(Debug)]
 pub struct Flamingo {
-    vision: VisionTransformer,
+    pub(crate) vision: VisionTransformer,
     perceiver: PerceiverResampler,
     decoder: Decoder,
     /// One entry per decoder layer; `Some` where a block precedes it.

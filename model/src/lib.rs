@@ -21,6 +21,7 @@ pub mod load;
 pub mod loss;
 pub mod perceiver;
 pub mod preprocess;
+pub mod rank;
 pub mod spec;
 pub mod tokenizer;
 pub mod torch_pickle;

@@ -1,0 +1,575 @@
+//! The evaluation datasets, read from the files OpenFlamingo's evaluation
+//! reads (reference §4.2), all under one `--data-dir`. Every missing file is
+//! reported by path with what belongs there.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+/// The benchmarks of reference §4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum Task {
+    Coco,
+    Flickr30k,
+    Vqav2,
+    OkVqa,
+    Textvqa,
+    Vizwiz,
+    HatefulMemes,
+    Imagenet,
+}
+
+/// How a task is scored, which decides its prompt and its decoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Captioning,
+    Vqa,
+    Classification,
+}
+
+impl Task {
+    /// The name used in results files (OpenFlamingo's keys).
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Coco => "coco",
+            Task::Flickr30k => "flickr30",
+            Task::Vqav2 => "vqav2",
+            Task::OkVqa => "ok_vqa",
+            Task::Textvqa => "textvqa",
+            Task::Vizwiz => "vizwiz",
+            Task::HatefulMemes => "hateful_memes",
+            Task::Imagenet => "imagenet",
+        }
+    }
+
+    pub fn kind(self) -> Kind {
+        match self {
+            Task::Coco | Task::Flickr30k => Kind::Captioning,
+            Task::Vqav2 | Task::OkVqa | Task::Textvqa | Task::Vizwiz => Kind::Vqa,
+            Task::HatefulMemes | Task::Imagenet => Kind::Classification,
+        }
+    }
+
+    /// `max_new_tokens` as OpenFlamingo's evaluate.py sets it per task.
+    pub fn max_new_tokens(self) -> i64 {
+        match self {
+            Task::Coco | Task::Flickr30k => 20,
+            Task::Textvqa => 10,
+            _ => 5,
+        }
+    }
+
+    /// The files this task reads under the data dir, for `--help` and errors.
+    pub fn layout(self) -> &'static str {
+        match self {
+            Task::Coco => "dataset_coco.json (Karpathy splits), train2014/ and val2014/ images (by each entry's filepath); captions_val2014.json is used for the CIDEr references when present, else the Karpathy sentences",
+            Task::Flickr30k => "dataset_flickr30k.json (Karpathy splits), flickr30k-images/; dataset_flickr30k_coco_style.json is used for the references when present",
+            Task::Vqav2 => "train2014/ and val2014/ (COCO_<split>_<id:012>.jpg), v2_OpenEnded_mscoco_{train,val}2014_questions.json, v2_mscoco_{train,val}2014_annotations.json",
+            Task::OkVqa => "train2014/ and val2014/ (COCO_<split>_<id:012>.jpg), OpenEnded_mscoco_{train,val}2014_questions.json, mscoco_{train,val}2014_annotations.json",
+            Task::Textvqa => "train_images/ (<image_id>.jpg), {train,val}_questions_vqa_format.json, {train,val}_annotations_vqa_format.json",
+            Task::Vizwiz => "train/ and val/ (by image_id), {train,val}_questions_vqa_format.json, {train,val}_annotations_vqa_format.json",
+            Task::HatefulMemes => "img/, train.json and dev.json (JSON lines: id, img, label, text)",
+            Task::Imagenet => "train/<class>/ and val/<class>/ image folders (classes in sorted folder order); classnames.txt (one name per line, in that order) when the folder names are not the class names",
+        }
+    }
+}
+
+/// One example: an image and what goes with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    /// The id results are keyed by: COCO `cocoid`, Flickr file stem, VQA
+    /// `question_id`, HatefulMemes `id`, ImageNet index.
+    pub id: Value,
+    pub image: PathBuf,
+    /// The question (VQA) or the meme's text (HatefulMemes).
+    pub text: Option<String>,
+    /// What a demonstration shows: the first caption, the first answer or
+    /// the class name.
+    pub target: String,
+    /// Captioning: all reference captions; VQA: all human answers.
+    pub references: Vec<String>,
+    /// Classification: the class index.
+    pub class_id: Option<usize>,
+}
+
+/// A task's demonstration pool and test set.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub task: Task,
+    pub train: Vec<Example>,
+    pub test: Vec<Example>,
+    /// Classification: the class names, by class index.
+    pub class_names: Vec<String>,
+}
+
+type Result<T> = std::result::Result<T, String>;
+
+fn require(path: PathBuf, task: Task, what: &str) -> Result<PathBuf> {
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{}: missing; {what} ({} reads: {})",
+            path.display(),
+            task.name(),
+            task.layout()
+        ))
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).map_err(|error| format!("{}: {error}", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|error| format!("{}: not valid JSON ({error})", path.display()))
+}
+
+fn field<'v>(value: &'v Value, key: &str, path: &Path, index: usize) -> Result<&'v Value> {
+    value
+        .get(key)
+        .ok_or_else(|| format!("{}: entry {index} has no \"{key}\"", path.display()))
+}
+
+fn string(value: &Value, key: &str, path: &Path, index: usize) -> Result<String> {
+    match field(value, key, path, index)? {
+        Value::String(text) => Ok(text.clone()),
+        other => Err(format!(
+            "{}: entry {index}: \"{key}\" should be a string, found {other}",
+            path.display()
+        )),
+    }
+}
+
+/// Reads `task` from `dir`.
+pub fn load(task: Task, dir: &Path) -> Result<Dataset> {
+    if !dir.is_dir() {
+        return Err(format!(
+            "{}: --data-dir is not a directory ({} reads: {})",
+            dir.display(),
+            task.name(),
+            task.layout()
+        ));
+    }
+    let (train, test, class_names) = match task {
+        Task::Coco | Task::Flickr30k => {
+            let (train, test) = karpathy(task, dir)?;
+            (train, test, Vec::new())
+        }
+        Task::Vqav2 | Task::OkVqa | Task::Textvqa | Task::Vizwiz => {
+            (vqa(task, dir, true)?, vqa(task, dir, false)?, Vec::new())
+        }
+        Task::HatefulMemes => {
+            let names = vec!["no".to_string(), "yes".to_string()];
+            (
+                hateful_memes(dir, "train.json")?,
+                hateful_memes(dir, "dev.json")?,
+                names,
+            )
+        }
+        Task::Imagenet => image_folder(dir)?,
+    };
+    if train.is_empty() {
+        return Err(format!(
+            "{}: the {} training split (the demonstrations) is empty",
+            dir.display(),
+            task.name()
+        ));
+    }
+    if test.is_empty() {
+        return Err(format!(
+            "{}: the {} test split is empty",
+            dir.display(),
+            task.name()
+        ));
+    }
+    Ok(Dataset {
+        task,
+        train,
+        test,
+        class_names,
+    })
+}
+
+/// Karpathy's split file: `images[]` with `split`, `filepath`, `filename`,
+/// `cocoid` and `sentences[].raw`. Train examples are the demonstrations,
+/// test examples are scored.
+fn karpathy(task: Task, dir: &Path) -> Result<(Vec<Example>, Vec<Example>)> {
+    let (file, references_file) = match task {
+        Task::Coco => ("dataset_coco.json", "captions_val2014.json"),
+        _ => (
+            "dataset_flickr30k.json",
+            "dataset_flickr30k_coco_style.json",
+        ),
+    };
+    let path = require(dir.join(file), task, "Karpathy's caption splits")?;
+    let root = read_json(&path)?;
+    let images = root
+        .get("images")
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            format!(
+                "{}: no \"images\" list (is it Karpathy's split file?)",
+                path.display()
+            )
+        })?;
+    let mut train = Vec::new();
+    let mut test = Vec::new();
+    for (index, entry) in images.iter().enumerate() {
+        let split = string(entry, "split", &path, index)?;
+        let into = match split.as_str() {
+            "train" => &mut train,
+            "test" => &mut test,
+            _ => continue,
+        };
+        let filename = string(entry, "filename", &path, index)?;
+        let (image, id) = if task == Task::Coco {
+            let folder = if string(entry, "filepath", &path, index)? == "train2014" {
+                "train2014"
+            } else {
+                "val2014"
+            };
+            (
+                dir.join(folder).join(&filename),
+                field(entry, "cocoid", &path, index)?.clone(),
+            )
+        } else {
+            let stem = filename.split('.').next().unwrap_or(&filename).to_string();
+            (
+                dir.join("flickr30k-images").join(&filename),
+                Value::String(stem),
+            )
+        };
+        let sentences = field(entry, "sentences", &path, index)?
+            .as_array()
+            .ok_or_else(|| {
+                format!(
+                    "{}: entry {index}: \"sentences\" should be a list",
+                    path.display()
+                )
+            })?;
+        let references = sentences
+            .iter()
+            .map(|sentence| string(sentence, "raw", &path, index))
+            .collect::<Result<Vec<_>>>()?;
+        let target = references.first().cloned().ok_or_else(|| {
+            format!(
+                "{}: entry {index} ({filename}) has no sentences",
+                path.display()
+            )
+        })?;
+        into.push(Example {
+            id,
+            image,
+            text: None,
+            target,
+            references,
+            class_id: None,
+        });
+    }
+    let references_path = dir.join(references_file);
+    if references_path.exists() {
+        let coco = read_json(&references_path)?;
+        let annotations = coco
+            .get("annotations")
+            .and_then(Value::as_array)
+            .ok_or_else(|| {
+                format!(
+                    "{}: no \"annotations\" list (COCO caption format)",
+                    references_path.display()
+                )
+            })?;
+        let mut by_image: HashMap<String, Vec<String>> = HashMap::new();
+        for (index, annotation) in annotations.iter().enumerate() {
+            let image = field(annotation, "image_id", &references_path, index)?;
+            let key = match image {
+                Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            by_image.entry(key).or_default().push(string(
+                annotation,
+                "caption",
+                &references_path,
+                index,
+            )?);
+        }
+        for example in &mut test {
+            let key = match &example.id {
+                Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            example.references = by_image.remove(&key).ok_or_else(|| {
+                format!(
+                    "{}: no captions for test image {key}",
+                    references_path.display()
+                )
+            })?;
+        }
+    }
+    Ok((train, test))
+}
+
+/// VQA-format questions (`questions[]`: `question_id`, `image_id`,
+/// `question`) and annotations (`annotations[]`: `question_id`,
+/// `answers[].answer`), paired by question id.
+fn vqa(task: Task, dir: &Path, train: bool) -> Result<Vec<Example>> {
+    let split = if train { "train" } else { "val" };
+    let (questions, annotations, images) = match task {
+        Task::Vqav2 => (
+            format!("v2_OpenEnded_mscoco_{split}2014_questions.json"),
+            format!("v2_mscoco_{split}2014_annotations.json"),
+            format!("{split}2014"),
+        ),
+        Task::OkVqa => (
+            format!("OpenEnded_mscoco_{split}2014_questions.json"),
+            format!("mscoco_{split}2014_annotations.json"),
+            format!("{split}2014"),
+        ),
+        Task::Textvqa => (
+            format!("{split}_questions_vqa_format.json"),
+            format!("{split}_annotations_vqa_format.json"),
+            "train_images".to_string(),
+        ),
+        _ => (
+            format!("{split}_questions_vqa_format.json"),
+            format!("{split}_annotations_vqa_format.json"),
+            split.to_string(),
+        ),
+    };
+    let role = if train {
+        "the demonstrations' questions"
+    } else {
+        "the questions to answer"
+    };
+    let questions_path = require(dir.join(&questions), task, role)?;
+    let annotations_path = require(dir.join(&annotations), task, "their human answers")?;
+    let image_dir = require(dir.join(&images), task, "the images")?;
+    let questions_json = read_json(&questions_path)?;
+    let questions = questions_json
+        .get("questions")
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("{}: no \"questions\" list", questions_path.display()))?;
+    let annotations_json = read_json(&annotations_path)?;
+    let mut answers: HashMap<String, Vec<String>> = HashMap::new();
+    for (index, annotation) in annotations_json
+        .get("annotations")
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("{}: no \"annotations\" list", annotations_path.display()))?
+        .iter()
+        .enumerate()
+    {
+        let id = field(annotation, "question_id", &annotations_path, index)?.to_string();
+        let list = field(annotation, "answers", &annotations_path, index)?
+            .as_array()
+            .ok_or_else(|| {
+                format!(
+                    "{}: entry {index}: \"answers\" should be a list",
+                    annotations_path.display()
+                )
+            })?
+            .iter()
+            .map(|answer| string(answer, "answer", &annotations_path, index))
+            .collect::<Result<Vec<_>>>()?;
+        answers.insert(id, list);
+    }
+    let mut examples = Vec::with_capacity(questions.len());
+    for (index, question) in questions.iter().enumerate() {
+        let id = field(question, "question_id", &questions_path, index)?.clone();
+        if id.as_u64().is_none() {
+            return Err(format!(
+                "{}: entry {index}: question_id {id} is not a non-negative integer",
+                questions_path.display()
+            ));
+        }
+        let image_id = field(question, "image_id", &questions_path, index)?;
+        let file = match task {
+            Task::Vqav2 | Task::OkVqa => {
+                let number = image_id.as_u64().ok_or_else(|| {
+                    format!(
+                        "{}: entry {index}: image_id should be a number",
+                        questions_path.display()
+                    )
+                })?;
+                format!("COCO_{split}2014_{number:012}.jpg")
+            }
+            Task::Textvqa => format!(
+                "{}.jpg",
+                image_id
+                    .as_str()
+                    .map_or(image_id.to_string(), str::to_string)
+            ),
+            _ => image_id
+                .as_str()
+                .ok_or_else(|| {
+                    format!(
+                        "{}: entry {index}: image_id should be a file name",
+                        questions_path.display()
+                    )
+                })?
+                .to_string(),
+        };
+        let references = answers.remove(&id.to_string()).ok_or_else(|| {
+            format!(
+                "{}: question {id} has no entry in {}",
+                questions_path.display(),
+                annotations_path.display()
+            )
+        })?;
+        let target = references.first().cloned().ok_or_else(|| {
+            format!(
+                "{}: question {id} has an empty answer list",
+                annotations_path.display()
+            )
+        })?;
+        examples.push(Example {
+            id,
+            image: image_dir.join(file),
+            text: Some(string(question, "question", &questions_path, index)?),
+            target,
+            references,
+            class_id: None,
+        });
+    }
+    Ok(examples)
+}
+
+/// HatefulMemes' JSON lines: `id`, `img` (`img/xxxxx.png`), `label`, `text`.
+fn hateful_memes(dir: &Path, file: &str) -> Result<Vec<Example>> {
+    let role = if file == "train.json" {
+        "the demonstrations"
+    } else {
+        "the memes to classify"
+    };
+    let path = require(dir.join(file), Task::HatefulMemes, role)?;
+    let images = require(dir.join("img"), Task::HatefulMemes, "the meme images")?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|error| format!("{}: {error}", path.display()))?;
+    let mut examples = Vec::new();
+    for (index, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+    {
+        let entry: Value = serde_json::from_str(line).map_err(|error| {
+            format!(
+                "{}: line {}: not valid JSON ({error})",
+                path.display(),
+                index + 1
+            )
+        })?;
+        let label = field(&entry, "label", &path, index)?
+            .as_u64()
+            .filter(|label| *label <= 1)
+            .ok_or_else(|| {
+                format!(
+                    "{}: line {}: \"label\" should be 0 or 1",
+                    path.display(),
+                    index + 1
+                )
+            })? as usize;
+        let img = string(&entry, "img", &path, index)?;
+        let name = img.rsplit('/').next().unwrap_or(&img);
+        let class = if label == 1 { "yes" } else { "no" };
+        examples.push(Example {
+            id: field(&entry, "id", &path, index)?.clone(),
+            image: images.join(name),
+            text: Some(string(&entry, "text", &path, index)?),
+            target: class.to_string(),
+            references: Vec::new(),
+            class_id: Some(label),
+        });
+    }
+    Ok(examples)
+}
+
+const IMAGE_EXTENSIONS: [&str; 7] = ["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff"];
+
+/// torchvision's ImageFolder: classes are the sorted sub-folders; samples
+/// are each class's images in sorted order.
+fn image_folder(dir: &Path) -> Result<(Vec<Example>, Vec<Example>, Vec<String>)> {
+    let split = |name: &str| -> Result<(Vec<String>, Vec<Example>)> {
+        let root = require(
+            dir.join(name),
+            Task::Imagenet,
+            "one folder of images per class",
+        )?;
+        let mut classes: Vec<String> = std::fs::read_dir(&root)
+            .map_err(|error| format!("{}: {error}", root.display()))?
+            .filter_map(|entry| entry.ok())
+            .filter(|entry| entry.path().is_dir())
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .collect();
+        classes.sort();
+        let mut examples = Vec::new();
+        for (class_id, class) in classes.iter().enumerate() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(root.join(class))
+                .map_err(|error| format!("{}: {error}", root.join(class).display()))?
+                .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+                .filter(|path| {
+                    path.extension()
+                        .and_then(|ext| ext.to_str())
+                        .is_some_and(|ext| {
+                            IMAGE_EXTENSIONS.contains(&ext.to_ascii_lowercase().as_str())
+                        })
+                })
+                .collect();
+            files.sort();
+            for image in files {
+                examples.push(Example {
+                    id: Value::from(examples.len()),
+                    image,
+                    text: None,
+                    target: String::new(),
+                    references: Vec::new(),
+                    class_id: Some(class_id),
+                });
+            }
+        }
+        Ok((classes, examples))
+    };
+    let (train_classes, mut train) = split("train")?;
+    let (val_classes, mut val) = split("val")?;
+    // Classes are train/'s folders; val/ may lack some of them.
+    for example in &mut val {
+        let folder = &val_classes[example.class_id.unwrap_or_default()];
+        let class_id = train_classes
+            .iter()
+            .position(|class| class == folder)
+            .ok_or_else(|| {
+                format!(
+                "{}: val/{folder}/ has no counterpart in train/; every class needs demonstrations",
+                dir.display()
+            )
+            })?;
+        example.class_id = Some(class_id);
+    }
+    let names_path = dir.join("classnames.txt");
+    let names: Vec<String> = if names_path.exists() {
+        let text = std::fs::read_to_string(&names_path)
+            .map_err(|error| format!("{}: {error}", names_path.display()))?;
+        let names: Vec<String> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| l.trim().to_string())
+            .collect();
+        if names.len() != train_classes.len() {
+            return Err(format!(
+                "{}: {} names for {} class folders; give one name per folder, in sorted folder order",
+                names_path.display(),
+                names.len(),
+                train_classes.len()
+            ));
+        }
+        names
+    } else {
+        train_classes
+            .iter()
+            .map(|class| class.replace('_', " "))
+            .collect()
+    };
+    for example in train.iter_mut().chain(val.iter_mut()) {
+        example.target = names[example.class_id.unwrap_or_default()].clone();
+    }
+    Ok((train, val, names))
+}
