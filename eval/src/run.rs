@@ -64,6 +64,8 @@ pub struct Prediction {
     pub prompt: String,
     /// Ids of the demonstrations, in prompt order.
     pub demos: Vec<Value>,
+    /// The image files given with the prompt, in order.
+    pub images: Vec<PathBuf>,
     /// What the model generated (generation tasks).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
@@ -403,8 +405,8 @@ fn trial(
                     .collect::<anyhow::Result<Vec<_>>>()?
             }
         };
-        for ((position, prompt), (output, prediction, score)) in
-            batch.iter().zip(texts).zip(outcomes)
+        for (((position, prompt), images), (output, prediction, score)) in
+            batch.iter().zip(texts).zip(&image_lists).zip(outcomes)
         {
             let index = plan.subset[*position];
             predictions.push(Prediction {
@@ -415,6 +417,7 @@ fn trial(
                     .iter()
                     .map(|demo| dataset.train[*demo].id.clone())
                     .collect(),
+                images: images.iter().map(|path| path.to_path_buf()).collect(),
                 output,
                 prediction,
                 score,
