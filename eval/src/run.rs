@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use flamingo_model::preprocess::{clip_preprocess, RgbImage};
 use flamingo_model::{BeamSettings, Flamingo, FlamingoTokenizer};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
@@ -56,7 +56,7 @@ pub struct Model {
 }
 
 /// One scored example's outcome.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Prediction {
     /// Position in the test split.
     pub index: usize,
@@ -67,12 +67,12 @@ pub struct Prediction {
     /// The image files given with the prompt, in order.
     pub images: Vec<PathBuf>,
     /// What the model generated (generation tasks).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
     /// The post-processed answer or caption, or the predicted class name.
     pub prediction: String,
     /// Classification: the probability the score is computed from.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub score: Option<f64>,
 }
 
@@ -296,7 +296,8 @@ impl Model {
                 settings.features_dir.display()
             )
         })?;
-        let partial = path.with_extension("partial");
+        // Ranks of a distributed run may compute the same features at once.
+        let partial = path.with_extension(format!("partial-{}", std::process::id()));
         Tensor::write_safetensors(&[("features", &features)], &partial)?;
         std::fs::rename(&partial, &path)?;
         eprintln!("RICES: features cached in {}", path.display());

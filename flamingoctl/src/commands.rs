@@ -318,7 +318,7 @@ pub fn spec_from(args: LaunchArgs) -> anyhow::Result<JobSpec> {
         }
         (None, Some(other), _) => {
             bail!(
-                "--job '{other}' is not a known job kind (known: train, collective-check, command)"
+                "--job '{other}' is not a known job kind (known: train, eval, collective-check, command)"
             )
         }
     };
@@ -356,6 +356,68 @@ pub fn exit_code_for(job: &JobRecord) -> i32 {
         JobState::Succeeded => 0,
         _ => 1,
     }
+}
+
+/// The checkpoint folder `run` names at `step` (default: the latest
+/// committed one): `run` is a run folder, a checkpoint folder, or a cluster
+/// job id whose checkpoints the coordinator knows.
+pub async fn resolve_checkpoint(
+    address: &str,
+    run: &std::path::Path,
+    step: Option<u64>,
+) -> anyhow::Result<std::path::PathBuf> {
+    // Not a folder here: a job id whose checkpoints etcd knows.
+    let run = if run.exists() {
+        run.to_path_buf()
+    } else {
+        let mut session = Session::open(address).await?;
+        let job = session.job(&run.display().to_string()).await?;
+        let checkpoint = match step {
+            Some(step) => job.checkpoints.iter().find(|c| c.step == step),
+            None => job.latest_checkpoint(),
+        }
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "job {}: no committed checkpoint{} (see flamingoctl checkpoints {})",
+                job.id,
+                step.map_or(String::new(), |step| format!(" at step {step}")),
+                job.id
+            )
+        })?;
+        std::path::PathBuf::from(&checkpoint.path)
+    };
+    let step = step.filter(|_| !run.join("manifest.json").exists());
+    Ok(match step {
+        Some(step) => {
+            let dir = flamingo_engine::checkpoint::checkpoint_dir(&run, step);
+            if !dir.join("manifest.json").exists() {
+                let committed: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+                    .map(|entries| {
+                        let mut names: Vec<String> = entries
+                            .filter_map(|entry| entry.ok())
+                            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                            .filter(|name| name.starts_with("step-"))
+                            .collect();
+                        names.sort();
+                        names
+                    })
+                    .unwrap_or_default();
+                bail!(
+                    "{}: no checkpoint at step {step} (there: {})",
+                    run.display(),
+                    if committed.is_empty() {
+                        "none".to_string()
+                    } else {
+                        committed.join(", ")
+                    }
+                );
+            }
+            dir
+        }
+        None if run.join("manifest.json").exists() => run.clone(),
+        None => flamingo_engine::checkpoint::latest(&run)
+            .ok_or_else(|| anyhow::anyhow!("{}: no committed checkpoint", run.display()))?,
+    })
 }
 
 #[cfg(test)]

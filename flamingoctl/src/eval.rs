@@ -2,19 +2,27 @@
 //! (reference §4): one dataset, several shot counts and trials, results in
 //! OpenFlamingo's JSON format and as a table.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use flamingo_collectives::{Backend, ProcessGroup, ProcessGroupConfig, ReduceOp};
 use flamingo_eval::datasets::{self, Task};
 use flamingo_eval::run::{self, Selection, Settings, ShotResult};
 use flamingo_model::{load_flamingo_with, LoadOptions, ModelSpec};
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct EvalArgs {
     /// Model spec file (TOML: [vision], [language], [flamingo]).
-    #[arg(long)]
-    pub model: PathBuf,
+    #[arg(long, required_unless_present = "job")]
+    pub model: Option<PathBuf>,
+    /// Evaluate a training run's checkpoint instead: a cluster job id, a
+    /// run folder or a checkpoint folder (its model is the run's --model).
+    #[arg(long, conflicts_with = "model")]
+    pub job: Option<String>,
+    /// With --job: the checkpoint at this step (default: the latest).
+    #[arg(long, requires = "job")]
+    pub step: Option<u64>,
     /// The benchmark.
     #[arg(long, value_enum)]
     pub dataset: Task,
@@ -111,8 +119,44 @@ impl EvalArgs {
         })
     }
 
-    pub fn load_model(&self) -> anyhow::Result<run::Model> {
-        let spec = ModelSpec::from_file(&self.model)?;
+    /// The model: `--model`'s spec, or with a `checkpoint` folder (from
+    /// `--job`), its run's spec with the checkpoint's trainable weights.
+    pub fn load_model(&self, checkpoint: Option<&Path>) -> anyhow::Result<run::Model> {
+        let (mut spec, spec_path) = match (&self.model, checkpoint) {
+            (_, Some(dir)) => {
+                let manifest_path = dir.join("manifest.json");
+                let manifest: flamingo_engine::checkpoint::Manifest = serde_json::from_str(
+                    &std::fs::read_to_string(&manifest_path)
+                        .with_context(|| format!("reading {}", manifest_path.display()))?,
+                )
+                .with_context(|| {
+                    format!("{}: not a checkpoint manifest", manifest_path.display())
+                })?;
+                let model = manifest.config["model"].as_str().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{}: the run config names no model spec",
+                        manifest_path.display()
+                    )
+                })?;
+                let path = PathBuf::from(model);
+                (ModelSpec::from_file(&path)?, path)
+            }
+            (Some(path), None) => (ModelSpec::from_file(path)?, path.clone()),
+            (None, None) => bail!("give --model SPEC or --job JOB"),
+        };
+        // The checkpoint's trainable weights, in OpenFlamingo's names, replace
+        // whatever checkpoint the spec names.
+        let _exported;
+        if let Some(dir) = checkpoint {
+            let tensors =
+                flamingo_engine::checkpoint::state_dict(dir).map_err(anyhow::Error::msg)?;
+            let folder = tempfile::tempdir()?;
+            let file = folder.path().join("checkpoint.safetensors");
+            Tensor::write_safetensors(&tensors, &file)?;
+            spec.checkpoint = Some(file);
+            _exported = folder;
+            eprintln!("evaluating checkpoint {}", dir.display());
+        }
         if let tch::Device::Cuda(_) = self.device {
             flamingo_model::device::prepare(self.device)?;
         }
@@ -122,19 +166,22 @@ impl EvalArgs {
             ..LoadOptions::default()
         };
         let (model, tokenizer) = load_flamingo_with(&spec, options)
-            .with_context(|| format!("loading {}", self.model.display()))?;
-        let spec_text = std::fs::read_to_string(&self.model).unwrap_or_default();
-        let canonical = self
-            .model
-            .canonicalize()
-            .unwrap_or_else(|_| self.model.clone());
+            .with_context(|| format!("loading {}", spec_path.display()))?;
+        let spec_text = std::fs::read_to_string(&spec_path).unwrap_or_default();
+        let canonical = spec_path.canonicalize().unwrap_or(spec_path);
         Ok(run::Model {
             model,
             tokenizer,
             device: self.device,
             kind: self.dtype,
             image_size: spec.vision.image_size as usize,
-            identity: format!("{}\n{spec_text}", canonical.display()),
+            identity: format!(
+                "{}\n{spec_text}\n{}",
+                canonical.display(),
+                checkpoint
+                    .map(|dir| dir.display().to_string())
+                    .unwrap_or_default()
+            ),
         })
     }
 }
@@ -177,8 +224,52 @@ pub fn print_table(task: Task, selection: &str, results: &[ShotResult]) {
     }
 }
 
-pub fn run(args: &EvalArgs, json_output: bool) -> anyhow::Result<()> {
-    let settings = args.settings(0, 1)?;
+/// Joins the ranks when started as one of several (torchrun's environment:
+/// `flamingoctl launch --job eval` or any launcher that sets `WORLD_SIZE`).
+fn process_group() -> anyhow::Result<Option<ProcessGroup>> {
+    let world: i64 = std::env::var("WORLD_SIZE")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(1);
+    if world <= 1 {
+        return Ok(None);
+    }
+    let config = ProcessGroupConfig::from_env(Backend::Gloo, std::time::Duration::from_secs(1800))?;
+    Ok(Some(ProcessGroup::new(&config)?))
+}
+
+/// Every rank's `bytes`, in rank order, on every rank.
+fn all_gather_bytes(group: &ProcessGroup, bytes: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+    let world = group.world_size();
+    let lengths = Tensor::zeros([world], (Kind::Int64, tch::Device::Cpu));
+    let _ = lengths.get(group.rank()).fill_(bytes.len() as i64);
+    group.all_reduce(&lengths, ReduceOp::Sum)?;
+    let lengths: Vec<i64> = Vec::<i64>::try_from(&lengths)?;
+    let longest = lengths.iter().copied().max().unwrap_or(0).max(1);
+    let mine = Tensor::zeros([longest], (Kind::Uint8, tch::Device::Cpu));
+    if !bytes.is_empty() {
+        mine.narrow(0, 0, bytes.len() as i64)
+            .copy_(&Tensor::from_slice(bytes));
+    }
+    let all = Tensor::zeros([world * longest], (Kind::Uint8, tch::Device::Cpu));
+    group.all_gather_into_tensor(&all, &mine)?;
+    let all: Vec<u8> = Vec::<u8>::try_from(&all)?;
+    Ok(lengths
+        .iter()
+        .enumerate()
+        .map(|(rank, length)| {
+            let start = rank * longest as usize;
+            all[start..start + *length as usize].to_vec()
+        })
+        .collect())
+}
+
+pub fn run(args: &EvalArgs, checkpoint: Option<&Path>, json_output: bool) -> anyhow::Result<()> {
+    let group = process_group()?;
+    let (rank, world) = group.as_ref().map_or((0, 1), |group| {
+        (group.rank() as usize, group.world_size() as usize)
+    });
+    let settings = args.settings(rank, world)?;
     let dataset = datasets::load(args.dataset, &args.data_dir).map_err(anyhow::Error::msg)?;
     eprintln!(
         "{}: {} test examples, {} demonstrations to draw from",
@@ -186,9 +277,30 @@ pub fn run(args: &EvalArgs, json_output: bool) -> anyhow::Result<()> {
         dataset.test.len(),
         dataset.train.len()
     );
-    let model = args.load_model()?;
+    let model = args.load_model(checkpoint)?;
     let started = std::time::Instant::now();
-    let outputs = run::predict(&model, &dataset, &settings)?;
+    let mut outputs = run::predict(&model, &dataset, &settings)?;
+    if let Some(group) = &group {
+        let mine = serde_json::to_vec(&outputs)?;
+        let gathered = all_gather_bytes(group, &mine)?;
+        if rank != 0 {
+            return Ok(());
+        }
+        outputs = Vec::new();
+        for bytes in gathered {
+            let part: run::Outputs = serde_json::from_slice(&bytes)?;
+            for (key, predictions) in part {
+                match outputs.iter_mut().find(|(existing, _)| *existing == key) {
+                    Some((_, all)) => all.extend(predictions),
+                    None => outputs.push((key, predictions)),
+                }
+            }
+        }
+        for (_, predictions) in &mut outputs {
+            predictions.sort_by_key(|prediction| prediction.index);
+        }
+        eprintln!("gathered the predictions of {world} ranks");
+    }
     if let Some(path) = &args.predictions {
         write_predictions(path, &outputs)?;
     }
@@ -231,4 +343,60 @@ pub fn write_predictions(path: &std::path::Path, outputs: &run::Outputs) -> anyh
         }
     }
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+#[derive(clap::Parser)]
+#[command(name = "flamingoctl eval")]
+struct EvalCli {
+    #[command(flatten)]
+    args: EvalArgs,
+}
+
+const PATH_FLAGS: [&str; 5] = [
+    "--model",
+    "--data-dir",
+    "--results",
+    "--predictions",
+    "--features-dir",
+];
+
+/// `flamingoctl launch --job eval -- EVAL FLAGS`: checks the flags and the
+/// dataset here, then returns the command every rank runs (this binary's
+/// `eval`, with absolute paths, since ranks need not share this directory's
+/// view of relative ones).
+pub fn launch_argv(argv: &[String]) -> anyhow::Result<Vec<String>> {
+    use clap::Parser;
+    let parsed = EvalCli::try_parse_from(
+        std::iter::once("flamingoctl eval".to_string()).chain(argv.iter().cloned()),
+    )
+    .map_err(|error| {
+        anyhow::anyhow!("--job eval: the flags after `--` are `flamingoctl eval`'s:\n{error}")
+    })?;
+    parsed.args.seeds()?;
+    datasets::load(parsed.args.dataset, &parsed.args.data_dir).map_err(anyhow::Error::msg)?;
+    if let Some(model) = &parsed.args.model {
+        ModelSpec::from_file(model)?;
+    }
+    let cwd = std::env::current_dir()?;
+    let absolute = |value: &str| cwd.join(value).display().to_string();
+    let mut out = vec![
+        std::env::current_exe()?.display().to_string(),
+        "eval".to_string(),
+    ];
+    let mut next_is_path = false;
+    for arg in argv {
+        if next_is_path {
+            out.push(absolute(arg));
+            next_is_path = false;
+        } else if let Some((flag, value)) = arg
+            .split_once('=')
+            .filter(|(flag, _)| PATH_FLAGS.contains(flag))
+        {
+            out.push(format!("{flag}={}", absolute(value)));
+        } else {
+            next_is_path = PATH_FLAGS.contains(&arg.as_str());
+            out.push(arg.clone());
+        }
+    }
+    Ok(out)
 }

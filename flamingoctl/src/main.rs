@@ -49,8 +49,9 @@ enum Command {
         nodes: (u32, u32),
         #[arg(long, default_value_t = 1)]
         slots_per_node: u32,
-        /// train, collective-check or command (default: train with --config
-        /// or --model, command when argv is given).
+        /// train, eval (`flamingoctl eval` flags after `--`, the test set split
+        /// across ranks), collective-check or command (default: train with
+        /// --config or --model, command when argv is given).
         #[arg(long)]
         job: Option<String>,
         #[arg(long)]
@@ -299,6 +300,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             slurm,
             delete_k8s_job,
         } => {
+            // An eval job: every rank runs `flamingoctl eval` on its share.
+            let (job, argv) = if job.as_deref() == Some("eval") {
+                (
+                    Some("command".to_string()),
+                    flamingoctl::eval::launch_argv(&argv)?,
+                )
+            } else {
+                (job, argv)
+            };
             let wants_train = match job.as_deref() {
                 Some("train") => true,
                 None => argv.is_empty() && (train.config.is_some() || train.model.is_some()),
@@ -589,7 +599,16 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Score(args) => flamingoctl::inference::score(&args, json)?,
         Command::Generate(args) => flamingoctl::inference::generate(&args, json)?,
-        Command::Eval(args) => flamingoctl::eval::run(&args, json)?,
+        Command::Eval(args) => {
+            let checkpoint = match &args.job {
+                Some(job) => Some(
+                    commands::resolve_checkpoint(&address, std::path::Path::new(job), args.step)
+                        .await?,
+                ),
+                None => None,
+            };
+            flamingoctl::eval::run(&args, checkpoint.as_deref(), json)?
+        }
         Command::Data(command) => flamingoctl::data::run(command, json).await?,
         Command::Train(args) => return flamingoctl::train::run(&args),
         Command::Export {
@@ -601,33 +620,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             if format != "openflamingo" {
                 anyhow::bail!("--format {format}: only openflamingo is supported");
             }
-            // Not a folder here: a job id whose checkpoints etcd knows.
-            let run = if run.exists() {
-                run
-            } else {
-                let mut session = Session::open(&address).await?;
-                let job = session.job(&run.display().to_string()).await?;
-                let checkpoint = match step {
-                    Some(step) => job.checkpoints.iter().find(|c| c.step == step),
-                    None => job.latest_checkpoint(),
-                }
-                .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "job {}: no committed checkpoint{} (see flamingoctl checkpoints {})",
-                        job.id,
-                        step.map_or(String::new(), |step| format!(" at step {step}")),
-                        job.id
-                    )
-                })?;
-                PathBuf::from(&checkpoint.path)
-            };
-            let step = step.filter(|_| !run.join("manifest.json").exists());
-            let dir = match step {
-                Some(step) => flamingo_engine::checkpoint::checkpoint_dir(&run, step),
-                None if run.join("manifest.json").exists() => run.clone(),
-                None => flamingo_engine::checkpoint::latest(&run)
-                    .ok_or_else(|| anyhow::anyhow!("{}: no committed checkpoint", run.display()))?,
-            };
+            let dir = commands::resolve_checkpoint(&address, &run, step).await?;
             let tensors =
                 flamingo_engine::checkpoint::state_dict(&dir).map_err(anyhow::Error::msg)?;
             match out.extension().and_then(|e| e.to_str()) {

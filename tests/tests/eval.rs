@@ -195,3 +195,131 @@ fn missing_dataset_files_are_named() {
         "{stderr}"
     );
 }
+
+/// Scores and predictions of a results/predictions pair, with image paths
+/// reduced to file names (ranks get absolute paths).
+fn outcome(dir: &Path, results: &str, predictions: &str) -> (Value, Vec<Value>) {
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(results)).expect("results written"))
+            .expect("results are JSON");
+    let predictions = std::fs::read_to_string(dir.join(predictions))
+        .expect("predictions written")
+        .lines()
+        .map(|line| {
+            let mut value: Value = serde_json::from_str(line).expect("a JSON line");
+            let names: Vec<Value> = value["images"]
+                .as_array()
+                .expect("images")
+                .iter()
+                .map(|path| Value::String(file_name(path)))
+                .collect();
+            value["images"] = Value::Array(names);
+            value
+        })
+        .collect();
+    (results, predictions)
+}
+
+/// `flamingoctl launch --job eval` on two ranks of a real cluster (agents,
+/// Gloo gather) gives the same scores and predictions as one process, for
+/// generation (COCO, RICES and random) and classification (HatefulMemes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed_eval_on_two_ranks_equals_one_process() {
+    let sandbox = flamingo_tests::ClusterSandbox::start(flamingo_tests::SandboxOptions {
+        nodes: 1,
+        slots_per_node: 2,
+        lease_ttl_seconds: 4,
+    })
+    .await
+    .unwrap();
+    let dir = sandbox.path().join("work");
+    std::fs::create_dir_all(&dir).unwrap();
+    synthetic_laion_and_tiny_model(&dir, 24);
+    for (task, shots, rices) in [
+        ("coco", "0 4", true),
+        ("coco", "2", false),
+        ("hateful_memes", "0 2", false),
+    ] {
+        flamingoctl(
+            &dir,
+            &[
+                "data",
+                "synth-eval",
+                "--dataset",
+                task,
+                "--out",
+                task,
+                "--train",
+                "24",
+                "--test",
+                "11",
+            ],
+        );
+        let mut flags = vec![
+            "--model",
+            "tiny/model.toml",
+            "--dataset",
+            task,
+            "--data-dir",
+            task,
+            "--batch-size",
+            "2",
+            "--features-dir",
+            "features",
+        ];
+        if rices {
+            flags.push("--rices");
+        }
+        flags.push("--shots");
+        flags.extend(shots.split(' '));
+        let mut one = vec![
+            "eval",
+            "--results",
+            "one.json",
+            "--predictions",
+            "one.jsonl",
+        ];
+        one.extend(&flags);
+        flamingoctl(&dir, &one);
+        let mut two = vec![
+            "launch",
+            "--nodes",
+            "1",
+            "--slots-per-node",
+            "2",
+            "--job",
+            "eval",
+            "--wait",
+            "--",
+            "--results",
+            "two.json",
+            "--predictions",
+            "two.jsonl",
+        ];
+        two.extend(&flags);
+        let output =
+            std::process::Command::new(flamingo_tests::ClusterSandbox::binary("flamingoctl"))
+                .current_dir(&dir)
+                .args(&two)
+                .env("FLAMINGO_COORDINATOR", sandbox.coordinator_endpoint())
+                .env("FLAMINGO_STATE_DIR", dir.join("state"))
+                .output()
+                .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let (one_results, one_predictions) = outcome(&dir, "one.json", "one.jsonl");
+        let (two_results, two_predictions) = outcome(&dir, "two.json", "two.jsonl");
+        assert_eq!(one_results, two_results, "{task} {shots}: scores");
+        assert_eq!(one_predictions.len(), 11 * shots.split(' ').count());
+        assert_eq!(
+            one_predictions, two_predictions,
+            "{task} {shots}: predictions"
+        );
+        for file in ["one.json", "two.json"] {
+            std::fs::remove_file(dir.join(file)).unwrap();
+        }
+    }
+}

@@ -11,7 +11,7 @@
 //! bigrams, not words, and a bracket survives as `-lrb-` (the punctuation
 //! list is upper-case, the tokens lower-cased).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 /// Tokens pycocoevalcap drops after tokenising.
 const DROPPED: [&str; 17] = [
@@ -149,9 +149,9 @@ pub fn tokenize(caption: &str) -> String {
 
 type Ngram = Vec<String>;
 
-fn counts(sentence: &str) -> HashMap<Ngram, f64> {
+fn counts(sentence: &str) -> BTreeMap<Ngram, f64> {
     let words: Vec<String> = sentence.split_whitespace().map(String::from).collect();
-    let mut out = HashMap::new();
+    let mut out = BTreeMap::new();
     for n in 1..=4 {
         for window in words.windows(n) {
             *out.entry(window.to_vec()).or_insert(0.0) += 1.0;
@@ -161,18 +161,18 @@ fn counts(sentence: &str) -> HashMap<Ngram, f64> {
 }
 
 struct Vector {
-    weights: [HashMap<Ngram, f64>; 4],
+    weights: [BTreeMap<Ngram, f64>; 4],
     norms: [f64; 4],
     /// The reference's "length": its bigram count.
     length: f64,
 }
 
 fn vector(
-    counts: &HashMap<Ngram, f64>,
-    frequency: &HashMap<Ngram, f64>,
+    counts: &BTreeMap<Ngram, f64>,
+    frequency: &BTreeMap<Ngram, f64>,
     log_images: f64,
 ) -> Vector {
-    let mut weights: [HashMap<Ngram, f64>; 4] = Default::default();
+    let mut weights: [BTreeMap<Ngram, f64>; 4] = Default::default();
     let mut squares = [0.0; 4];
     let mut length = 0.0;
     for (ngram, &count) in counts {
@@ -220,11 +220,11 @@ pub fn cider(candidates: &[String], references: &[Vec<String>]) -> Result<(f64, 
             references.len()
         ));
     }
-    let reference_counts: Vec<Vec<HashMap<Ngram, f64>>> = references
+    let reference_counts: Vec<Vec<BTreeMap<Ngram, f64>>> = references
         .iter()
         .map(|refs| refs.iter().map(|r| counts(r)).collect())
         .collect();
-    let mut frequency: HashMap<Ngram, f64> = HashMap::new();
+    let mut frequency: BTreeMap<Ngram, f64> = BTreeMap::new();
     for refs in &reference_counts {
         let mut seen: Vec<&Ngram> = refs.iter().flat_map(|r| r.keys()).collect();
         seen.sort();
