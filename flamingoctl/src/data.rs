@@ -627,7 +627,7 @@ async fn bench(
 }
 
 /// Writes the synthetic benchmark for `task` under `out` in its real layout.
-fn synth_eval(
+pub fn synth_eval(
     task: flamingo_eval::datasets::Task,
     out: &Path,
     train: u64,

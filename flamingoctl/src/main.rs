@@ -302,10 +302,26 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         } => {
             // An eval job: every rank runs `flamingoctl eval` on its share.
             let (job, argv) = if job.as_deref() == Some("eval") {
-                (
-                    Some("command".to_string()),
-                    flamingoctl::eval::launch_argv(&argv)?,
-                )
+                let mut argv = flamingoctl::eval::launch_argv(&argv)?;
+                // A training job's id is resolved here, where the coordinator
+                // is known: the ranks get its checkpoint folder.
+                if let Some(position) = argv.iter().position(|arg| arg == "--job") {
+                    if let Some(value) = argv.get(position + 1).cloned() {
+                        let step = argv
+                            .iter()
+                            .position(|arg| arg == "--step")
+                            .and_then(|index| argv.get(index + 1))
+                            .and_then(|step| step.parse().ok());
+                        let dir = commands::resolve_checkpoint(
+                            &address,
+                            std::path::Path::new(&value),
+                            step,
+                        )
+                        .await?;
+                        argv[position + 1] = std::path::absolute(dir)?.display().to_string();
+                    }
+                }
+                (Some("command".to_string()), argv)
             } else {
                 (job, argv)
             };

@@ -74,7 +74,7 @@ def save_as_mosaic_gpt(lm, lm_dir, mosaic_dir):
             shutil.copy(os.path.join(lm_dir, name), mosaic_dir)
 
 
-def build(out):
+def build(out, max_seq_len=64):
     """Writes the released-format files; returns (model, tokenizer, generator)."""
     generator = torch.Generator().manual_seed(3)
     torch.manual_seed(0)
@@ -89,7 +89,7 @@ def build(out):
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(lm_dir)
     base_vocab = bpe.get_vocab_size()
-    lm = MptForCausalLM(MptConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=base_vocab, max_seq_len=64))
+    lm = MptForCausalLM(MptConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=base_vocab, max_seq_len=max_seq_len))
     lm.config._attn_implementation = "eager"
     randomise(lm, generator, 0.3)
     lm.save_pretrained(lm_dir, safe_serialization=True)
