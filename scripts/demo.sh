@@ -3,7 +3,9 @@
 # a data service, 2 agents × 2 slots), checks the collectives on all 4 ranks,
 # then trains a tiny Flamingo on the synthetic shapes dataset (LAION and MMC4
 # forms) as a cluster job, checkpointing as it goes, and captions images it
-# never saw with the trained weights. Takes the cluster down at the end.
+# never saw with the trained weights, and scores untrained and trained
+# weights on a synthetic few-shot captioning benchmark (flamingoctl eval).
+# Takes the cluster down at the end.
 #   FLAMINGO_DEMO_EPOCHS      training epochs (default 10; ~3-4 CPU minutes)
 #   FLAMINGO_DEMO_MAX_BYTES   largest message of the collective sweep (default 64 MiB)
 set -euo pipefail
@@ -72,6 +74,14 @@ for text in heldout/*.txt; do
     caption=$(ctl generate --model trained.toml --image "$image" --prompt '<image>' --max-new-tokens 12)
     printf '%-28s truth: %-40s generated: %s\n' "$(basename "$image")" "$(cat "$text")" "$caption"
 done
+
+echo "== flamingoctl eval --job $job: few-shot captioning on a synthetic COCO (Karpathy layout), untrained vs trained"
+ctl data synth-eval --dataset coco --out coco --train 64 --test 32 >/dev/null
+ctl eval --model tiny/model.toml --dataset coco --data-dir coco --shots 0 4 --results untrained.json
+ctl launch --nodes 1 --slots-per-node 2 --job eval --wait -- \
+    --job "$job" --dataset coco --data-dir coco --shots 0 4 --results trained.json >/dev/null
+echo "trained (2 ranks, job $job's latest checkpoint):"
+cat trained.json
 
 echo "== flamingoctl down"
 cd - >/dev/null

@@ -568,6 +568,11 @@ pub fn predict(model: &Model, dataset: &Dataset, settings: &Settings) -> anyhow:
             settings.world
         );
     }
+    if dataset.task == Task::OkVqa {
+        eprintln!(
+            "warning: OK-VQA answers are scored without OpenFlamingo's stemming (NLTK's tagger and WordNet are not available); scores can be slightly lower than the reference's"
+        );
+    }
     let mut cache = ImageCache {
         size: model.image_size,
         kept: HashMap::new(),
