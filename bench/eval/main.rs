@@ -8,11 +8,13 @@
 //! are the same on both sides.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Parser;
+
+#[path = "../baseline.rs"]
+mod baseline;
 use flamingo_eval::datasets::{self, Task};
 use flamingo_eval::run::{self, Selection, Settings};
 use flamingo_model::{load_flamingo, ModelSpec};
@@ -37,11 +39,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tch::set_num_threads(args.threads);
-    let python = args.python.clone().unwrap_or_else(|| {
-        std::env::var_os("FLAMINGO_VENV")
-            .map(|venv| PathBuf::from(venv).join("bin/python"))
-            .unwrap_or_else(|| PathBuf::from("python3"))
-    });
+    let python = baseline::python(args.python.as_deref());
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("coco");
     flamingoctl::data::synth_eval(Task::Coco, &data, args.train, args.samples, 32, 0)?;
@@ -50,25 +48,12 @@ fn main() -> anyhow::Result<()> {
         args.samples
     );
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("eval/reference.py");
-    let output = Command::new(&python)
-        .arg(&script)
-        .arg(dir.path())
-        .arg(&data)
-        .arg(args.threads.to_string())
-        .env("OMP_NUM_THREADS", args.threads.to_string())
-        .output()
-        .with_context(|| format!("running {}", python.display()))?;
-    if !output.status.success() {
-        bail!(
-            "the Python baseline failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let baseline: serde_json::Value = serde_json::from_str(
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .last()
-            .context("the Python baseline printed nothing")?,
+    let threads = args.threads.to_string();
+    let baseline = baseline::run(
+        &python,
+        &script,
+        &[dir.path().as_os_str(), data.as_os_str(), threads.as_ref()],
+        args.threads,
     )?;
 
     eprintln!("timing flamingo …");

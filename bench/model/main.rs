@@ -6,11 +6,13 @@
 //! Prints tokens/s for both and the ratio flamingo / Python (>1: faster).
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Parser;
+
+#[path = "../baseline.rs"]
+mod baseline;
 use flamingo_model::{load_flamingo, ModelSpec, Weights};
 
 #[derive(Parser)]
@@ -32,11 +34,7 @@ const REPEATS: u32 = 5;
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tch::set_num_threads(args.threads);
-    let python = args.python.clone().unwrap_or_else(|| {
-        std::env::var_os("FLAMINGO_VENV")
-            .map(|venv| PathBuf::from(venv).join("bin/python"))
-            .unwrap_or_else(|| PathBuf::from("python3"))
-    });
+    let python = baseline::python(args.python.as_deref());
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("model/reference.py");
     println!(
         "Flamingo, fp32 CPU, {} thread(s); throughput in tokens/s; ratio = flamingo / Python OpenFlamingo\n",
@@ -56,25 +54,12 @@ fn main() -> anyhow::Result<()> {
     for size in &args.sizes {
         let dir = tempfile::tempdir()?;
         eprintln!("{size}: building the model and timing Python …");
-        let output = Command::new(&python)
-            .arg(&script)
-            .arg(dir.path())
-            .arg(size)
-            .arg(args.threads.to_string())
-            .env("OMP_NUM_THREADS", args.threads.to_string())
-            .output()
-            .with_context(|| format!("running {}", python.display()))?;
-        if !output.status.success() {
-            bail!(
-                "the Python baseline failed:\n{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        let baseline: serde_json::Value = serde_json::from_str(
-            String::from_utf8_lossy(&output.stdout)
-                .lines()
-                .last()
-                .context("the Python baseline printed nothing")?,
+        let threads = args.threads.to_string();
+        let baseline = baseline::run(
+            &python,
+            &script,
+            &[dir.path().as_os_str(), size.as_ref(), threads.as_ref()],
+            args.threads,
         )?;
         eprintln!("{size}: timing flamingo …");
         let spec = ModelSpec::from_file(&dir.path().join("model.toml"))?;

@@ -22,6 +22,25 @@ const TASKS: [(&str, &str); 7] = [
     ("hateful_memes", "0,4"),
 ];
 
+/// `flamingoctl data synth-eval` for `task` into `dir/task`.
+fn synth_eval(dir: &Path, task: &str, train: &str, test: &str) {
+    flamingoctl(
+        dir,
+        &[
+            "data",
+            "synth-eval",
+            "--dataset",
+            task,
+            "--out",
+            task,
+            "--train",
+            train,
+            "--test",
+            test,
+        ],
+    );
+}
+
 fn file_name(path: &Value) -> String {
     Path::new(path.as_str().expect("a path"))
         .file_name()
@@ -42,21 +61,7 @@ fn rices_prompts_equal_openflamingo_evaluation() {
     let dir = tempfile::tempdir().unwrap();
     synthetic_laion_and_tiny_model(dir.path(), 24);
     for (task, _) in TASKS {
-        flamingoctl(
-            dir.path(),
-            &[
-                "data",
-                "synth-eval",
-                "--dataset",
-                task,
-                "--out",
-                task,
-                "--train",
-                "40",
-                "--test",
-                "10",
-            ],
-        );
+        synth_eval(dir.path(), task, "40", "10");
     }
     let reference_json = dir.path().join("reference.json");
     let mut reference_args: Vec<std::ffi::OsString> = vec![
@@ -240,21 +245,7 @@ async fn distributed_eval_on_two_ranks_equals_one_process() {
         ("coco", "2", false),
         ("hateful_memes", "0 2", false),
     ] {
-        flamingoctl(
-            &dir,
-            &[
-                "data",
-                "synth-eval",
-                "--dataset",
-                task,
-                "--out",
-                task,
-                "--train",
-                "24",
-                "--test",
-                "11",
-            ],
-        );
+        synth_eval(&dir, task, "24", "11");
         let mut flags = vec![
             "--model",
             "tiny/model.toml",
