@@ -76,6 +76,7 @@ fn main() -> anyhow::Result<()> {
         num_samples: Some(1),
         batch_size: 8,
         num_beams: 3,
+        ensemble: false,
         features_dir: dir.path().join("features"),
         rank: 0,
         world: 1,

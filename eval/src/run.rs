@@ -36,6 +36,10 @@ pub struct Settings {
     pub num_samples: Option<usize>,
     pub batch_size: usize,
     pub num_beams: i64,
+    /// Classification: average the class log-likelihoods over up to 6
+    /// orders of the demonstrations (OpenFlamingo's
+    /// `--classification_prompt_ensembling`).
+    pub ensemble: bool,
     /// Where RICES features of the training split are cached.
     pub features_dir: PathBuf,
     /// This process's share: batches `rank`, `rank + world`, …
@@ -99,6 +103,10 @@ impl ShotResult {
         }
     }
 }
+
+/// Prompts are cut to this many tokens, as OpenFlamingo's evaluation cuts
+/// them (from the right, as its tokenizer call does).
+const MAX_PROMPT_TOKENS: usize = 2000;
 
 /// Preprocessed images, kept while the run reuses them (demonstrations
 /// recur across examples).
@@ -205,8 +213,13 @@ impl Model {
     fn texts(&self, prompts: &[String]) -> anyhow::Result<(Tensor, Tensor)> {
         let encoded = prompts
             .iter()
-            .map(|prompt| self.tokenizer.encode(prompt, true))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|prompt| {
+                let mut tokens = self.tokenizer.encode(prompt, true)?;
+                // OpenFlamingo's tokenizer call: truncation=True, max_length=2000.
+                tokens.truncate(MAX_PROMPT_TOKENS);
+                Ok(tokens)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let longest = encoded.iter().map(Vec::len).max().unwrap_or(0);
         let pad = i64::from(self.tokenizer.pad_token_id());
         let mut ids = Vec::with_capacity(encoded.len() * longest);
@@ -305,9 +318,33 @@ impl Model {
     }
 }
 
+/// One batch's model inputs and what they were made from.
+struct Inputs {
+    texts: Vec<String>,
+    /// Training indices of each row's demonstrations, in prompt order.
+    demo_orders: Vec<Vec<usize>>,
+    image_lists: Vec<Vec<PathBuf>>,
+    vision_x: Tensor,
+    lang_x: Tensor,
+    mask: Tensor,
+}
+
+/// Ensemble members for `demos` demonstrations: min(6, demos!).
+fn permutations(demos: usize) -> usize {
+    let mut product = 1;
+    for n in 1..=demos {
+        product *= n;
+        if product >= 6 {
+            return 6;
+        }
+    }
+    product
+}
+
 /// The prompts for the examples of one trial; `demos[i]` are training
 /// indices in prompt order.
 pub struct Plan {
+    pub seed: u64,
     pub subset: Vec<usize>,
     pub demos: Vec<Vec<usize>>,
 }
@@ -340,7 +377,11 @@ fn plan(
         }
         (Selection::Rices, None) => bail!("RICES selection needs the training split's features"),
     };
-    Ok(Plan { subset, demos })
+    Ok(Plan {
+        seed,
+        subset,
+        demos,
+    })
 }
 
 /// Runs one trial (`shots`, `seed`) over this rank's batches and returns
@@ -361,22 +402,87 @@ fn trial(
         if batch_index % settings.world != settings.rank {
             continue;
         }
-        let mut texts = Vec::with_capacity(batch.len());
-        let mut image_lists = Vec::with_capacity(batch.len());
-        for position in batch {
-            let query = &dataset.test[plan.subset[*position]];
-            let demos: Vec<&Example> = plan.demos[*position]
+        let classification = task.kind() == crate::datasets::Kind::Classification;
+        let orders = if classification && settings.ensemble {
+            permutations(prompts::effective_shots(shots))
+        } else {
+            1
+        };
+        // Demonstration orders, shuffled further for each ensemble member
+        // (as `random.shuffle` in place does upstream).
+        let mut demo_orders: Vec<Vec<usize>> = batch
+            .iter()
+            .map(|position| plan.demos[*position].clone())
+            .collect();
+        let mut summed: Option<Vec<Vec<f64>>> = None;
+        let mut first: Option<Inputs> = None;
+        for order in 0..orders {
+            if orders > 1 {
+                for (demos, position) in demo_orders.iter_mut().zip(batch) {
+                    select::shuffle(demos, plan.seed, plan.subset[*position], order);
+                }
+            }
+            let mut texts = Vec::with_capacity(batch.len());
+            let mut image_lists: Vec<Vec<PathBuf>> = Vec::with_capacity(batch.len());
+            for (position, order) in batch.iter().zip(&demo_orders) {
+                let query = &dataset.test[plan.subset[*position]];
+                let demos: Vec<&Example> =
+                    order.iter().map(|index| &dataset.train[*index]).collect();
+                texts.push(prompts::prompt(task, &demos, query, shots));
+                image_lists.push(
+                    prompts::images(&demos, query, shots)
+                        .into_iter()
+                        .map(Path::to_path_buf)
+                        .collect(),
+                );
+            }
+            let paths: Vec<Vec<&Path>> = image_lists
                 .iter()
-                .map(|index| &dataset.train[*index])
+                .map(|list| list.iter().map(PathBuf::as_path).collect())
                 .collect();
-            texts.push(prompts::prompt(task, &demos, query, shots));
-            image_lists.push(prompts::images(&demos, query, shots));
+            let vision_x = model.images(cache, &paths)?;
+            let (lang_x, mask) = model.texts(&texts)?;
+            if classification {
+                let rows = class_rows(model, dataset, &vision_x, &lang_x, &mask)?;
+                summed = Some(match summed {
+                    None => rows,
+                    Some(mut total) => {
+                        for (total, row) in total.iter_mut().zip(rows) {
+                            for (sum, value) in total.iter_mut().zip(row) {
+                                *sum += value;
+                            }
+                        }
+                        total
+                    }
+                });
+            }
+            if first.is_none() {
+                first = Some(Inputs {
+                    texts,
+                    demo_orders: demo_orders.clone(),
+                    image_lists,
+                    vision_x,
+                    lang_x,
+                    mask,
+                });
+            }
         }
-        let vision_x = model.images(cache, &image_lists)?;
-        let (lang_x, mask) = model.texts(&texts)?;
+        let Inputs {
+            texts,
+            demo_orders,
+            image_lists,
+            vision_x,
+            lang_x,
+            mask,
+        } = first.expect("at least one demonstration order");
         let outcomes: Vec<Outcome> = match task.kind() {
             crate::datasets::Kind::Classification => {
-                classify(model, dataset, &vision_x, &lang_x, &mask)?
+                let rows: Vec<Vec<f64>> = summed
+                    .expect("classification scored every order")
+                    .into_iter()
+                    .map(|row| row.into_iter().map(|sum| sum / orders as f64).collect())
+                    .collect();
+                class_outcomes(dataset, rows)
             }
             _ => {
                 let settings = BeamSettings {
@@ -406,19 +512,23 @@ fn trial(
                     .collect::<anyhow::Result<Vec<_>>>()?
             }
         };
-        for (((position, prompt), images), (output, prediction, score)) in
-            batch.iter().zip(texts).zip(&image_lists).zip(outcomes)
+        for ((((position, prompt), images), demos), (output, prediction, score)) in batch
+            .iter()
+            .zip(texts)
+            .zip(&image_lists)
+            .zip(&demo_orders)
+            .zip(outcomes)
         {
             let index = plan.subset[*position];
             predictions.push(Prediction {
                 index,
                 id: dataset.test[index].id.clone(),
                 prompt,
-                demos: plan.demos[*position]
+                demos: demos
                     .iter()
                     .map(|demo| dataset.train[*demo].id.clone())
                     .collect(),
-                images: images.iter().map(|path| path.to_path_buf()).collect(),
+                images: images.clone(),
                 output,
                 prediction,
                 score,
@@ -432,15 +542,14 @@ fn trial(
 /// A batch row's raw output (generation), prediction and class probability.
 type Outcome = (Option<String>, String, Option<f64>);
 
-/// Class-name log-likelihoods (mean over tokens), the top class and its
-/// softmax probability over the classes.
-fn classify(
+/// Class-name log-likelihoods (mean over each name's tokens), `[row][class]`.
+fn class_rows(
     model: &Model,
     dataset: &Dataset,
     vision_x: &Tensor,
     lang_x: &Tensor,
     mask: &Tensor,
-) -> anyhow::Result<Vec<Outcome>> {
+) -> anyhow::Result<Vec<Vec<f64>>> {
     let classes = dataset
         .class_names
         .iter()
@@ -459,9 +568,13 @@ fn classify(
             .class_logprobs(vision_x, lang_x, Some(mask), &classes, true)
     })?
     .to_device(Device::Cpu);
-    let rows: Vec<Vec<f64>> = Vec::<Vec<f64>>::try_from(&logprobs)?;
-    Ok(rows
-        .into_iter()
+    Ok(Vec::<Vec<f64>>::try_from(&logprobs)?)
+}
+
+/// The top class of each row of class log-likelihoods and its softmax
+/// probability over the classes.
+fn class_outcomes(dataset: &Dataset, rows: Vec<Vec<f64>>) -> Vec<Outcome> {
+    rows.into_iter()
         .map(|row| {
             let (best, top) =
                 row.iter()
@@ -480,7 +593,7 @@ fn classify(
                 Some((top - log_total).exp()),
             )
         })
-        .collect())
+        .collect()
 }
 
 /// The metric over all ranks' predictions, in OpenFlamingo's scale: CIDEr
@@ -647,4 +760,22 @@ pub fn results(
             Ok(ShotResult::new(shots, trials))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ensembles_have_min_6_factorial_members() {
+        let counts: Vec<usize> = (0..6).map(permutations).collect();
+        assert_eq!(counts, vec![1, 1, 2, 6, 6, 6]);
+    }
+
+    #[test]
+    fn population_stddev_as_numpy() {
+        let result = ShotResult::new(4, vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(result.mean, 2.5);
+        assert!((result.stddev - 1.25f64.sqrt()).abs() < 1e-15);
+    }
 }

@@ -52,6 +52,14 @@ pub fn random_demos(query_set: &[usize], shots: usize, seed: u64, test_index: us
         .collect()
 }
 
+/// Shuffles `demos` in place for ensemble member `order` of test example
+/// `test_index` (prompt ensembling; each shuffle continues from the last).
+pub fn shuffle(demos: &mut [usize], seed: u64, test_index: usize, order: usize) {
+    use rand::seq::SliceRandom;
+    let purpose = (1u64 << 62) ^ ((test_index as u64) << 8) ^ order as u64;
+    demos.shuffle(&mut generator(seed, purpose));
+}
+
 /// The `shots` training examples most similar to each query, most similar
 /// last. `train` `[n, d]` and `queries` `[q, d]` are L2-normalised; ties
 /// go to the lower index.
@@ -94,6 +102,18 @@ mod tests {
         let subset = test_subset(50, Some(5), 1);
         assert_eq!(subset.len(), 5);
         assert!(subset.windows(2).all(|pair| pair[0] < pair[1]));
+    }
+
+    #[test]
+    fn ensemble_shuffles_are_seeded_permutations() {
+        let mut a = vec![3, 1, 4, 5, 9];
+        let mut b = a.clone();
+        shuffle(&mut a, 42, 7, 1);
+        shuffle(&mut b, 42, 7, 1);
+        assert_eq!(a, b);
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, vec![1, 3, 4, 5, 9]);
     }
 
     #[test]

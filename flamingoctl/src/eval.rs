@@ -50,6 +50,10 @@ pub struct EvalArgs {
     pub query_set_size: usize,
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// Classification: average class log-likelihoods over up to 6 orders of
+    /// the demonstrations (OpenFlamingo's --classification_prompt_ensembling).
+    #[arg(long)]
+    pub classification_prompt_ensembling: bool,
     /// Beams of the beam search (captioning and VQA).
     #[arg(long, default_value_t = 3)]
     pub num_beams: i64,
@@ -113,6 +117,7 @@ impl EvalArgs {
             num_samples: self.num_samples,
             batch_size: self.batch_size,
             num_beams: self.num_beams,
+            ensemble: self.classification_prompt_ensembling,
             features_dir,
             rank,
             world,

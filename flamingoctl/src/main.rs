@@ -303,6 +303,16 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             // An eval job: every rank runs `flamingoctl eval` on its share.
             let (job, argv) = if job.as_deref() == Some("eval") {
                 let mut argv = flamingoctl::eval::launch_argv(&argv)?;
+                // `--job=VALUE` and `--step=S` as two arguments each.
+                argv = argv
+                    .into_iter()
+                    .flat_map(|arg| match arg.split_once('=') {
+                        Some((flag @ ("--job" | "--step"), value)) => {
+                            vec![flag.to_string(), value.to_string()]
+                        }
+                        _ => vec![arg],
+                    })
+                    .collect();
                 // A training job's id is resolved here, where the coordinator
                 // is known: the ranks get its checkpoint folder.
                 if let Some(position) = argv.iter().position(|arg| arg == "--job") {

@@ -240,10 +240,11 @@ async fn distributed_eval_on_two_ranks_equals_one_process() {
     let dir = sandbox.path().join("work");
     std::fs::create_dir_all(&dir).unwrap();
     synthetic_laion_and_tiny_model(&dir, 24);
-    for (task, shots, rices) in [
-        ("coco", "0 4", true),
-        ("coco", "2", false),
-        ("hateful_memes", "0 2", false),
+    for (task, shots, extra) in [
+        ("coco", "0 4", "--rices"),
+        ("coco", "2", ""),
+        ("hateful_memes", "0 2", ""),
+        ("hateful_memes", "3", "--classification-prompt-ensembling"),
     ] {
         synth_eval(&dir, task, "24", "11");
         let mut flags = vec![
@@ -258,8 +259,8 @@ async fn distributed_eval_on_two_ranks_equals_one_process() {
             "--features-dir",
             "features",
         ];
-        if rices {
-            flags.push("--rices");
+        if !extra.is_empty() {
+            flags.push(extra);
         }
         flags.push("--shots");
         flags.extend(shots.split(' '));
