@@ -68,7 +68,7 @@ fn main() -> anyhow::Result<()> {
         image_size: spec.vision.image_size as usize,
         identity: spec_path.display().to_string(),
     };
-    let dataset = datasets::load(Task::Coco, &data).map_err(anyhow::Error::msg)?;
+    let dataset = datasets::load(Task::Coco, &data)?;
     let mut settings = Settings {
         shots: vec![4],
         seeds: vec![42],

@@ -143,7 +143,11 @@ fn string(value: &Value, key: &str, path: &Path, index: usize) -> Result<String>
 }
 
 /// Reads `task` from `dir`.
-pub fn load(task: Task, dir: &Path) -> Result<Dataset> {
+pub fn load(task: Task, dir: &Path) -> crate::Result<Dataset> {
+    read(task, dir).map_err(crate::EvalError::Dataset)
+}
+
+fn read(task: Task, dir: &Path) -> Result<Dataset> {
     if !dir.is_dir() {
         return Err(format!(
             "{}: --data-dir is not a directory ({} reads: {})",

@@ -1,8 +1,16 @@
-//! The evaluation suite of OpenFlamingo (reference §4): the metrics first,
-//! each equal to the implementation the published numbers came from.
+//! The evaluation suite of OpenFlamingo (reference §4): datasets in their
+//! published layouts, prompts, demonstration selection, decoding and the
+//! metrics, each equal to the implementation the published numbers came
+//! from.
 
 pub mod datasets;
+pub mod error;
 pub mod metrics;
+pub mod model;
+pub(crate) mod progress;
 pub mod prompts;
 pub mod run;
+pub mod score;
 pub mod select;
+
+pub use error::{EvalError, Result};

@@ -1,21 +1,23 @@
-//! Running a model over a benchmark: prompts for each scored example,
-//! batched generation (beam search, `<|endofchunk|>` ends) or class-name
-//! log-likelihoods, post-processing, and the metric.
+//! Running a model over a benchmark: the scored examples and their
+//! demonstrations, a prompt for each, batched generation (beam search,
+//! `<|endofchunk|>` ends) or class-name log-likelihoods, and
+//! post-processing. The metric is in [`crate::score`].
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use anyhow::{bail, Context};
-use flamingo_model::preprocess::{clip_preprocess, RgbImage};
-use flamingo_model::{BeamSettings, Flamingo, FlamingoTokenizer};
+use flamingo_model::BeamSettings;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
+
+pub use crate::model::Model;
+use crate::model::{class_rows, ImageCache};
+use crate::progress::Progress;
+pub use crate::score::{results, score, ShotResult};
 
 use crate::datasets::{Dataset, Example, Task};
+use crate::error::{EvalError, Result};
 use crate::metrics;
 use crate::prompts;
 use crate::select;
@@ -47,18 +49,6 @@ pub struct Settings {
     pub world: usize,
 }
 
-/// A model ready to evaluate.
-pub struct Model {
-    pub model: Flamingo,
-    pub tokenizer: FlamingoTokenizer,
-    pub device: Device,
-    pub kind: Kind,
-    pub image_size: usize,
-    /// Identifies the weights in feature-cache keys (the spec's path and
-    /// contents).
-    pub identity: String,
-}
-
 /// One scored example's outcome.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Prediction {
@@ -78,244 +68,6 @@ pub struct Prediction {
     /// Classification: the probability the score is computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub score: Option<f64>,
-}
-
-/// Scores of one dataset: per shots, the trials' scores, in OpenFlamingo's
-/// results format.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct ShotResult {
-    pub shots: usize,
-    pub trials: Vec<f64>,
-    pub mean: f64,
-    pub stddev: f64,
-}
-
-impl ShotResult {
-    pub fn new(shots: usize, trials: Vec<f64>) -> Self {
-        let mean = trials.iter().sum::<f64>() / trials.len().max(1) as f64;
-        let variance =
-            trials.iter().map(|t| (t - mean).powi(2)).sum::<f64>() / trials.len().max(1) as f64;
-        Self {
-            shots,
-            trials,
-            mean,
-            stddev: variance.sqrt(),
-        }
-    }
-}
-
-/// Prompts are cut to this many tokens, as OpenFlamingo's evaluation cuts
-/// them (from the right, as its tokenizer call does).
-const MAX_PROMPT_TOKENS: usize = 2000;
-
-/// Preprocessed images, kept while the run reuses them (demonstrations
-/// recur across examples).
-struct ImageCache {
-    size: usize,
-    kept: HashMap<PathBuf, Tensor>,
-}
-
-const IMAGE_CACHE_ENTRIES: usize = 4096;
-
-impl ImageCache {
-    fn get(&mut self, path: &Path) -> anyhow::Result<Tensor> {
-        if let Some(tensor) = self.kept.get(path) {
-            return Ok(tensor.shallow_clone());
-        }
-        let image = RgbImage::open(path)
-            .with_context(|| format!("{}: cannot read the image", path.display()))?;
-        let tensor = clip_preprocess(&image, self.size)
-            .with_context(|| format!("{}: cannot preprocess the image", path.display()))?;
-        if self.kept.len() < IMAGE_CACHE_ENTRIES {
-            self.kept.insert(path.to_path_buf(), tensor.shallow_clone());
-        }
-        Ok(tensor)
-    }
-}
-
-/// A progress line on stderr: redrawn on a terminal, every tenth of the way
-/// otherwise.
-struct Progress {
-    label: String,
-    total: usize,
-    done: usize,
-    started: Instant,
-    terminal: bool,
-    last_tenth: usize,
-}
-
-impl Progress {
-    fn new(label: String, total: usize) -> Self {
-        use std::io::IsTerminal;
-        Self {
-            label,
-            total,
-            done: 0,
-            started: Instant::now(),
-            terminal: std::io::stderr().is_terminal(),
-            last_tenth: 0,
-        }
-    }
-
-    fn advance(&mut self, count: usize) {
-        self.done += count;
-        let tenth = self.done * 10 / self.total.max(1);
-        if !self.terminal && tenth == self.last_tenth && self.done < self.total {
-            return;
-        }
-        self.last_tenth = tenth;
-        let elapsed = self.started.elapsed().as_secs_f64();
-        let rate = self.done as f64 / elapsed.max(1e-9);
-        let eta = (self.total - self.done.min(self.total)) as f64 / rate.max(1e-9);
-        let width = 24;
-        let filled = (self.done * width / self.total.max(1)).min(width);
-        let line = format!(
-            "{} {}/{} [{}{}] {rate:.2} samples/s ETA {eta:.0}s",
-            self.label,
-            self.done,
-            self.total,
-            "=".repeat(filled),
-            " ".repeat(width - filled)
-        );
-        if self.terminal {
-            eprint!("\r{line}   ");
-            if self.done >= self.total {
-                eprintln!();
-            }
-        } else {
-            eprintln!("{line}");
-        }
-        let _ = std::io::stderr().flush();
-    }
-}
-
-impl Model {
-    fn images(&self, cache: &mut ImageCache, lists: &[Vec<&Path>]) -> anyhow::Result<Tensor> {
-        let longest = lists.iter().map(Vec::len).max().unwrap_or(0) as i64;
-        let size = self.image_size as i64;
-        let batch = Tensor::zeros(
-            [lists.len() as i64, longest, 1, 3, size, size],
-            (Kind::Float, Device::Cpu),
-        );
-        for (row, paths) in lists.iter().enumerate() {
-            for (slot, path) in paths.iter().enumerate() {
-                batch
-                    .get(row as i64)
-                    .get(slot as i64)
-                    .get(0)
-                    .copy_(&cache.get(path)?);
-            }
-        }
-        Ok(batch.to_device(self.device).to_kind(self.kind))
-    }
-
-    /// Token ids left-padded to the longest, and the attention mask.
-    fn texts(&self, prompts: &[String]) -> anyhow::Result<(Tensor, Tensor)> {
-        let encoded = prompts
-            .iter()
-            .map(|prompt| {
-                let mut tokens = self.tokenizer.encode(prompt, true)?;
-                // OpenFlamingo's tokenizer call: truncation=True, max_length=2000.
-                tokens.truncate(MAX_PROMPT_TOKENS);
-                Ok(tokens)
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let longest = encoded.iter().map(Vec::len).max().unwrap_or(0);
-        let pad = i64::from(self.tokenizer.pad_token_id());
-        let mut ids = Vec::with_capacity(encoded.len() * longest);
-        let mut mask = Vec::with_capacity(encoded.len() * longest);
-        for tokens in &encoded {
-            let padding = longest - tokens.len();
-            ids.extend(std::iter::repeat_n(pad, padding));
-            mask.extend(std::iter::repeat_n(0i64, padding));
-            ids.extend(tokens.iter().map(|id| i64::from(*id)));
-            mask.extend(std::iter::repeat_n(1i64, tokens.len()));
-        }
-        let shape = [encoded.len() as i64, longest as i64];
-        Ok((
-            Tensor::from_slice(&ids).view(shape).to_device(self.device),
-            Tensor::from_slice(&mask).view(shape).to_device(self.device),
-        ))
-    }
-
-    /// L2-normalised CLIP embeddings of `examples`' images, `[n, d]` on the
-    /// CPU.
-    fn embeddings(
-        &self,
-        cache: &mut ImageCache,
-        examples: &[&Example],
-        batch_size: usize,
-    ) -> anyhow::Result<Tensor> {
-        let mut parts = Vec::new();
-        for chunk in examples.chunks(batch_size.max(1)) {
-            let pixels = chunk
-                .iter()
-                .map(|example| cache.get(&example.image))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let images = Tensor::stack(&pixels, 0)
-                .to_device(self.device)
-                .to_kind(self.kind);
-            parts.push(self.model.image_embeddings(&images)?.to_device(Device::Cpu));
-        }
-        Ok(Tensor::cat(&parts, 0))
-    }
-
-    /// The training split's RICES features, from `dir` when cached there by
-    /// an earlier run with the same model and images, else computed and
-    /// cached.
-    fn train_features(
-        &self,
-        cache: &mut ImageCache,
-        dataset: &Dataset,
-        settings: &Settings,
-    ) -> anyhow::Result<Tensor> {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        self.identity.hash(&mut hasher);
-        for example in &dataset.train {
-            example.image.hash(&mut hasher);
-        }
-        let key = format!(
-            "{}-{:016x}.safetensors",
-            dataset.task.name(),
-            hasher.finish()
-        );
-        let path = settings.features_dir.join(key);
-        if let Ok(tensors) = Tensor::read_safetensors(&path) {
-            if let Some((_, features)) = tensors.into_iter().find(|(name, _)| name == "features") {
-                if features.size().first() == Some(&(dataset.train.len() as i64)) {
-                    eprintln!(
-                        "RICES: {} cached features from {}",
-                        dataset.train.len(),
-                        path.display()
-                    );
-                    return Ok(features);
-                }
-            }
-        }
-        let mut progress = Progress::new(
-            format!("RICES features ({})", dataset.task.name()),
-            dataset.train.len(),
-        );
-        let mut parts = Vec::new();
-        let examples: Vec<&Example> = dataset.train.iter().collect();
-        for chunk in examples.chunks(64) {
-            parts.push(self.embeddings(cache, chunk, settings.batch_size)?);
-            progress.advance(chunk.len());
-        }
-        let features = Tensor::cat(&parts, 0);
-        std::fs::create_dir_all(&settings.features_dir).with_context(|| {
-            format!(
-                "creating the RICES feature cache {}",
-                settings.features_dir.display()
-            )
-        })?;
-        // Ranks of a distributed run may compute the same features at once.
-        let partial = path.with_extension(format!("partial-{}", std::process::id()));
-        Tensor::write_safetensors(&[("features", &features)], &partial)?;
-        std::fs::rename(&partial, &path)?;
-        eprintln!("RICES: features cached in {}", path.display());
-        Ok(features)
-    }
 }
 
 /// One batch's model inputs and what they were made from.
@@ -359,7 +111,7 @@ fn plan(
     shots: usize,
     seed: u64,
     train_features: Option<&Tensor>,
-) -> anyhow::Result<Plan> {
+) -> Result<Plan> {
     let subset = select::test_subset(dataset.test.len(), settings.num_samples, seed);
     let count = prompts::effective_shots(shots);
     let demos = match (settings.selection, train_features) {
@@ -375,7 +127,11 @@ fn plan(
                 .map(|index| select::random_demos(&pool, count, seed, *index))
                 .collect()
         }
-        (Selection::Rices, None) => bail!("RICES selection needs the training split's features"),
+        (Selection::Rices, None) => {
+            return Err(EvalError::Settings(
+                "RICES selection needs the training split's features".into(),
+            ))
+        }
     };
     Ok(Plan {
         seed,
@@ -394,7 +150,7 @@ fn trial(
     plan: &Plan,
     shots: usize,
     progress: &mut Progress,
-) -> anyhow::Result<Vec<Prediction>> {
+) -> Result<Vec<Prediction>> {
     let task = dataset.task;
     let positions: Vec<usize> = (0..plan.subset.len()).collect();
     let mut predictions = Vec::new();
@@ -509,7 +265,7 @@ fn trial(
                         };
                         Ok((Some(output), prediction, None))
                     })
-                    .collect::<anyhow::Result<Vec<_>>>()?
+                    .collect::<Result<Vec<_>>>()?
             }
         };
         for ((((position, prompt), images), demos), (output, prediction, score)) in batch
@@ -542,35 +298,6 @@ fn trial(
 /// A batch row's raw output (generation), prediction and class probability.
 type Outcome = (Option<String>, String, Option<f64>);
 
-/// Class-name log-likelihoods (mean over each name's tokens), `[row][class]`.
-fn class_rows(
-    model: &Model,
-    dataset: &Dataset,
-    vision_x: &Tensor,
-    lang_x: &Tensor,
-    mask: &Tensor,
-) -> anyhow::Result<Vec<Vec<f64>>> {
-    let classes = dataset
-        .class_names
-        .iter()
-        .map(|name| {
-            Ok(model
-                .tokenizer
-                .encode(name, false)?
-                .into_iter()
-                .map(i64::from)
-                .collect::<Vec<i64>>())
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let logprobs = tch::no_grad(|| {
-        model
-            .model
-            .class_logprobs(vision_x, lang_x, Some(mask), &classes, true)
-    })?
-    .to_device(Device::Cpu);
-    Ok(Vec::<Vec<f64>>::try_from(&logprobs)?)
-}
-
 /// The top class of each row of class log-likelihoods and its softmax
 /// probability over the classes.
 fn class_outcomes(dataset: &Dataset, rows: Vec<Vec<f64>>) -> Vec<Outcome> {
@@ -596,90 +323,16 @@ fn class_outcomes(dataset: &Dataset, rows: Vec<Vec<f64>>) -> Vec<Outcome> {
         .collect()
 }
 
-/// The metric over all ranks' predictions, in OpenFlamingo's scale: CIDEr
-/// × 100, VQA accuracy in percent, ROC-AUC and top-1 as fractions.
-pub fn score(dataset: &Dataset, predictions: &[Prediction]) -> anyhow::Result<f64> {
-    if predictions.is_empty() {
-        bail!("no predictions to score");
-    }
-    let task = dataset.task;
-    match task {
-        Task::Coco | Task::Flickr30k => {
-            let candidates: Vec<String> = predictions
-                .iter()
-                .map(|p| metrics::cider::tokenize(&p.prediction))
-                .collect();
-            let references: Vec<Vec<String>> = predictions
-                .iter()
-                .map(|p| {
-                    dataset.test[p.index]
-                        .references
-                        .iter()
-                        .map(|r| metrics::cider::tokenize(r))
-                        .collect()
-                })
-                .collect();
-            let (value, _) =
-                metrics::cider::cider(&candidates, &references).map_err(anyhow::Error::msg)?;
-            Ok(value * 100.0)
-        }
-        Task::Vqav2 | Task::OkVqa | Task::Textvqa | Task::Vizwiz => {
-            let answers: HashMap<u64, Vec<String>> = predictions
-                .iter()
-                .map(|p| {
-                    (
-                        p.id.as_u64().unwrap_or_default(),
-                        dataset.test[p.index].references.clone(),
-                    )
-                })
-                .collect();
-            let pairs: Vec<(u64, String)> = predictions
-                .iter()
-                .map(|p| (p.id.as_u64().unwrap_or_default(), p.prediction.clone()))
-                .collect();
-            Ok(metrics::vqa::evaluate(&pairs, &answers)
-                .map_err(anyhow::Error::msg)?
-                .overall)
-        }
-        Task::HatefulMemes => {
-            let labels: Vec<bool> = predictions
-                .iter()
-                .map(|p| dataset.test[p.index].class_id == Some(1))
-                .collect();
-            let scores: Vec<f64> = predictions
-                .iter()
-                .map(|p| {
-                    let probability = p.score.unwrap_or(0.5);
-                    if p.prediction == "yes" {
-                        probability
-                    } else {
-                        1.0 - probability
-                    }
-                })
-                .collect();
-            metrics::roc::roc_auc(&labels, &scores).map_err(anyhow::Error::msg)
-        }
-        Task::Imagenet => {
-            let correct = predictions
-                .iter()
-                .filter(|p| p.prediction == dataset.test[p.index].target)
-                .count();
-            Ok(correct as f64 / predictions.len() as f64)
-        }
-    }
-}
-
 /// What one rank produced: per (shots, seed), its predictions.
 pub type Outputs = Vec<((usize, u64), Vec<Prediction>)>;
 
 /// Runs every (shots, seed) trial of `settings` over this rank's share.
-pub fn predict(model: &Model, dataset: &Dataset, settings: &Settings) -> anyhow::Result<Outputs> {
+pub fn predict(model: &Model, dataset: &Dataset, settings: &Settings) -> Result<Outputs> {
     if settings.world == 0 || settings.rank >= settings.world {
-        bail!(
+        return Err(EvalError::Settings(format!(
             "rank {} is outside a world of {}",
-            settings.rank,
-            settings.world
-        );
+            settings.rank, settings.world
+        )));
     }
     if dataset.task == Task::OkVqa {
         eprintln!(
@@ -730,36 +383,6 @@ pub fn predict(model: &Model, dataset: &Dataset, settings: &Settings) -> anyhow:
         }
     }
     Ok(outputs)
-}
-
-/// Scores gathered outputs (every rank's, in any order) per shots.
-pub fn results(
-    dataset: &Dataset,
-    settings: &Settings,
-    outputs: Outputs,
-) -> anyhow::Result<Vec<ShotResult>> {
-    let mut merged: HashMap<(usize, u64), Vec<Prediction>> = HashMap::new();
-    for (key, predictions) in outputs {
-        merged.entry(key).or_default().extend(predictions);
-    }
-    settings
-        .shots
-        .iter()
-        .map(|&shots| {
-            let trials = settings
-                .seeds
-                .iter()
-                .map(|&seed| {
-                    let mut predictions = merged.remove(&(shots, seed)).unwrap_or_default();
-                    predictions.sort_by_key(|p| p.index);
-                    score(dataset, &predictions).with_context(|| {
-                        format!("{} {shots}-shot seed {seed}", dataset.task.name())
-                    })
-                })
-                .collect::<anyhow::Result<Vec<f64>>>()?;
-            Ok(ShotResult::new(shots, trials))
-        })
-        .collect()
 }
 
 #[cfg(test)]

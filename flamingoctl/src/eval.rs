@@ -275,7 +275,7 @@ pub fn run(args: &EvalArgs, checkpoint: Option<&Path>, json_output: bool) -> any
         (group.rank() as usize, group.world_size() as usize)
     });
     let settings = args.settings(rank, world)?;
-    let dataset = datasets::load(args.dataset, &args.data_dir).map_err(anyhow::Error::msg)?;
+    let dataset = datasets::load(args.dataset, &args.data_dir)?;
     eprintln!(
         "{}: {} test examples, {} demonstrations to draw from",
         args.dataset.name(),
@@ -378,7 +378,7 @@ pub fn launch_argv(argv: &[String]) -> anyhow::Result<Vec<String>> {
         anyhow::anyhow!("--job eval: the flags after `--` are `flamingoctl eval`'s:\n{error}")
     })?;
     parsed.args.seeds()?;
-    datasets::load(parsed.args.dataset, &parsed.args.data_dir).map_err(anyhow::Error::msg)?;
+    datasets::load(parsed.args.dataset, &parsed.args.data_dir)?;
     if let Some(model) = &parsed.args.model {
         ModelSpec::from_file(model)?;
     }
