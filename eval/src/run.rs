@@ -14,7 +14,7 @@ use tch::{Device, Tensor};
 pub use crate::model::Model;
 use crate::model::{class_rows, ImageCache};
 use crate::progress::Progress;
-pub use crate::score::{results, score, ShotResult};
+pub use crate::score::{merge, results, score, ShotResult};
 
 use crate::datasets::{Dataset, Example, Task};
 use crate::error::{EvalError, Result};
@@ -47,6 +47,21 @@ pub struct Settings {
     /// This process's share: batches `rank`, `rank + world`, …
     pub rank: usize,
     pub world: usize,
+}
+
+impl Settings {
+    /// This rank's batches of `positions`: batch b goes to rank b mod
+    /// world, so batches are the same at any world size.
+    fn my_batches<'p>(
+        &self,
+        positions: &'p [usize],
+    ) -> impl Iterator<Item = &'p [usize]> + use<'p, '_> {
+        positions
+            .chunks(self.batch_size.max(1))
+            .enumerate()
+            .filter(move |(batch, _)| batch % self.world == self.rank)
+            .map(|(_, chunk)| chunk)
+    }
 }
 
 /// One scored example's outcome.
@@ -154,10 +169,7 @@ fn trial(
     let task = dataset.task;
     let positions: Vec<usize> = (0..plan.subset.len()).collect();
     let mut predictions = Vec::new();
-    for (batch_index, batch) in positions.chunks(settings.batch_size.max(1)).enumerate() {
-        if batch_index % settings.world != settings.rank {
-            continue;
-        }
+    for batch in settings.my_batches(&positions) {
         let classification = task.kind() == crate::datasets::Kind::Classification;
         let orders = if classification && settings.ensemble {
             permutations(prompts::effective_shots(shots))
@@ -359,13 +371,7 @@ pub fn predict(model: &Model, dataset: &Dataset, settings: &Settings) -> Result<
                 seed,
                 train_features.as_ref(),
             )?;
-            let mine = plan
-                .subset
-                .chunks(settings.batch_size.max(1))
-                .enumerate()
-                .filter(|(batch, _)| batch % settings.world == settings.rank)
-                .map(|(_, chunk)| chunk.len())
-                .sum();
+            let mine = settings.my_batches(&plan.subset).map(<[usize]>::len).sum();
             let mut progress = Progress::new(
                 format!("{} {shots}-shot seed {seed}", dataset.task.name()),
                 mine,

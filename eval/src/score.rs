@@ -107,16 +107,29 @@ pub fn score(dataset: &Dataset, predictions: &[Prediction]) -> Result<f64> {
     }
 }
 
+/// Every rank's outputs as one: per (shots, seed) in first-seen order, the
+/// predictions of all ranks sorted by test index.
+pub fn merge(parts: impl IntoIterator<Item = Outputs>) -> Outputs {
+    let mut merged: Outputs = Vec::new();
+    for (key, predictions) in parts.into_iter().flatten() {
+        match merged.iter_mut().find(|(existing, _)| *existing == key) {
+            Some((_, all)) => all.extend(predictions),
+            None => merged.push((key, predictions)),
+        }
+    }
+    for (_, predictions) in &mut merged {
+        predictions.sort_by_key(|prediction| prediction.index);
+    }
+    merged
+}
+
 /// Scores gathered outputs (every rank's, in any order) per shots.
 pub fn results(
     dataset: &Dataset,
     settings: &Settings,
     outputs: Outputs,
 ) -> Result<Vec<ShotResult>> {
-    let mut merged: HashMap<(usize, u64), Vec<Prediction>> = HashMap::new();
-    for (key, predictions) in outputs {
-        merged.entry(key).or_default().extend(predictions);
-    }
+    let mut merged: HashMap<(usize, u64), Vec<Prediction>> = merge([outputs]).into_iter().collect();
     settings
         .shots
         .iter()
@@ -125,8 +138,7 @@ pub fn results(
                 .seeds
                 .iter()
                 .map(|&seed| {
-                    let mut predictions = merged.remove(&(shots, seed)).unwrap_or_default();
-                    predictions.sort_by_key(|p| p.index);
+                    let predictions = merged.remove(&(shots, seed)).unwrap_or_default();
                     score(dataset, &predictions).map_err(|error| {
                         EvalError::Metric(format!(
                             "{} {shots}-shot seed {seed}: {error}",

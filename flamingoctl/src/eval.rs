@@ -291,19 +291,11 @@ pub fn run(args: &EvalArgs, checkpoint: Option<&Path>, json_output: bool) -> any
         if rank != 0 {
             return Ok(());
         }
-        outputs = Vec::new();
-        for bytes in gathered {
-            let part: run::Outputs = serde_json::from_slice(&bytes)?;
-            for (key, predictions) in part {
-                match outputs.iter_mut().find(|(existing, _)| *existing == key) {
-                    Some((_, all)) => all.extend(predictions),
-                    None => outputs.push((key, predictions)),
-                }
-            }
-        }
-        for (_, predictions) in &mut outputs {
-            predictions.sort_by_key(|prediction| prediction.index);
-        }
+        let parts = gathered
+            .iter()
+            .map(|bytes| serde_json::from_slice::<run::Outputs>(bytes))
+            .collect::<Result<Vec<_>, _>>()?;
+        outputs = run::merge(parts);
         eprintln!("gathered the predictions of {world} ranks");
     }
     if let Some(path) = &args.predictions {
