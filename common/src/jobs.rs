@@ -395,12 +395,14 @@ pub enum EventKind {
     SamplesSkipped,
     NodeLost,
     Finished,
+    /// A checkpoint's benchmark scores arrived (`flamingoctl eval --job`).
+    Eval,
     #[default]
     Other,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 12] = [
+    pub const ALL: [EventKind; 13] = [
         EventKind::Submitted,
         EventKind::Scheduled,
         EventKind::RankStarted,
@@ -412,6 +414,7 @@ impl EventKind {
         EventKind::SamplesSkipped,
         EventKind::NodeLost,
         EventKind::Finished,
+        EventKind::Eval,
         EventKind::Other,
     ];
 
@@ -428,6 +431,7 @@ impl EventKind {
             EventKind::SamplesSkipped => "samples_skipped",
             EventKind::NodeLost => "node_lost",
             EventKind::Finished => "finished",
+            EventKind::Eval => "eval",
             EventKind::Other => "other",
         }
     }

@@ -11,10 +11,11 @@ const EVENT_COLOURS = {
   restart: "#c62828", preempted: "#ef6c00", grow: "#6a1b9a", checkpoint: "#2e7d32",
   node_lost: "#ad1457",
   samples_skipped: "#9a6700", finished: "#0b5cad", scheduled: "#546e7a", submitted: "#546e7a",
+  eval: "#00838f",
 };
 // Events drawn on the charts (rank starts and exits only go in the list).
 const TIMELINE_KINDS = new Set(["restart", "preempted", "grow", "checkpoint",
-  "samples_skipped", "node_lost", "finished"]);
+  "samples_skipped", "node_lost", "finished", "eval"]);
 const TERMINAL = new Set(["Succeeded", "Failed", "Stopped"]);
 
 const CHARTS = [
@@ -133,13 +134,15 @@ async function showJobs() {
 
 async function fetchJob(id) {
   const base = `/api/jobs/${encodeURIComponent(id)}`;
-  const [job, rank0, perRank, events] = await Promise.all([
+  const [job, rank0, perRank, events, evals] = await Promise.all([
     getJSON(base),
     getJSON(`${base}/series?ranks=0&names=${RANK0_NAMES.join(",")}&max_points=2000`),
     getJSON(`${base}/series?names=${PER_RANK_NAMES.join(",")}&max_points=400`),
     getJSON(`${base}/events`),
+    getJSON(`${base}/evals`),
   ]);
-  return { job, series: rank0.series.concat(perRank.series), events: events.events };
+  return { job, series: rank0.series.concat(perRank.series), events: events.events,
+    evals: evals.evals };
 }
 
 async function showJobsPage(ids) {
@@ -182,16 +185,24 @@ function buildJobsPage(main) {
     h("div", { id: "summary" }),
     controls,
     h("div", { class: "grid", id: "charts" },
-      CHARTS.map((chart) => h("div", { class: "card", id: `card-${chart.id}` },
-        h("h3", {}, chart.title),
-        h("div", { class: "legend" }),
-        svgChart(chart.id),
-        h("div", { class: "tip" }),
-        chart.perRank ? h("div", { class: "stragglers" }) : ""))),
+      CHARTS.map(chartCard),
+      // Benchmark scores of the job's checkpoints, one card per benchmark
+      // (made as reports arrive); this one stands in until the first.
+      chartCard(EVAL_PLACEHOLDER)),
     h("div", { class: "card", style: "margin-top:14px" }, h("h3", {}, "Events"),
       h("ul", { class: "events", id: "events" })),
   );
   window.addEventListener("resize", render);
+}
+
+function chartCard(chart) {
+  return h("div", { class: "card", id: `card-${chart.id}` },
+    h("h3", {}, chart.title),
+    h("div", { class: "legend" }),
+    svgChart(chart.id),
+    h("div", { class: "tip" }),
+    chart.perRank ? h("div", { class: "stragglers" }) : "",
+    chart.evals ? h("div", { class: "eval-table" }) : "");
 }
 
 function svgChart(id) {
@@ -259,8 +270,114 @@ function render() {
     const card = document.getElementById(`card-${chart.id}`);
     draw(card, lines, markers, chart);
   }
+  renderEvals(overlay);
   renderSummary();
   renderEvents();
+}
+
+// ------------------------------------------------------------ eval scores
+
+const EVAL_PLACEHOLDER = { id: "eval", title: "Evaluation", names: [], evals: true, dots: true,
+  empty: "no eval scores yet: flamingoctl eval --job JOB --dataset coco ..." };
+
+/// One chart per benchmark (dataset, metric, how demonstrations were
+/// chosen), over every job shown.
+function evalCharts() {
+  const charts = new Map();
+  for (const data of view.data) {
+    for (const record of data.evals || []) {
+      const key = `${record.dataset}|${record.metric}|${record.selection}`;
+      if (charts.has(key)) continue;
+      const slug = key.toLowerCase().replace(/[^a-z0-9]+/g, "-");
+      charts.set(key, { id: `eval-${slug}`, key, names: [], evals: true, dots: true,
+        dataset: record.dataset, metric: record.metric, selection: record.selection,
+        title: `Eval: ${record.dataset}, ${record.metric} (${record.selection} demonstrations)` });
+    }
+  }
+  return [...charts.values()].sort((a, b) => a.key.localeCompare(b.key));
+}
+
+/// Each job's scores for one benchmark: shots → step → the latest report.
+function evalScores(data, chart) {
+  const byShots = new Map();
+  for (const record of data.evals || []) {
+    if (`${record.dataset}|${record.metric}|${record.selection}` !== chart.key) continue;
+    for (const score of record.scores) {
+      if (!byShots.has(score.shots)) byShots.set(score.shots, new Map());
+      byShots.get(score.shots).set(record.step, { ...score, step: record.step,
+        unix_ms: record.unix_ms, samples: record.samples });
+    }
+  }
+  return byShots;
+}
+
+/// When rank 0 reached `step` (for the wall-time axis), else `fallback`.
+function timeOfStep(data, step, fallback) {
+  for (const name of ["loss_laion", "loss_mmc4"]) {
+    const series = data.series.find((x) => x.name === name && x.rank === 0);
+    const point = series && series.points.find((p) => p[0] === step);
+    if (point) return point[1];
+  }
+  return fallback;
+}
+
+function renderEvals(overlay) {
+  const charts = evalCharts();
+  const grid = document.getElementById("charts");
+  document.getElementById("card-eval").hidden = charts.length > 0;
+  // New benchmarks get a card after the loss chart, in name order.
+  let after = document.getElementById("card-loss");
+  for (const chart of charts) {
+    let card = document.getElementById(`card-${chart.id}`);
+    if (!card) card = chartCard(chart);
+    if (after.nextSibling !== card) grid.insertBefore(card, after.nextSibling);
+    after = card;
+  }
+  for (const chart of charts.length ? charts : [EVAL_PLACEHOLDER]) {
+    const lines = [];
+    const rows = [];
+    view.data.forEach((data, jobIndex) => {
+      const start = startOf(data);
+      const byShots = evalScores(data, chart);
+      for (const [shots, bySteps] of [...byShots].sort((a, b) => a[0] - b[0])) {
+        const points = [...bySteps.values()].sort((a, b) => a.step - b.step).map((score) => ({
+          x: view.x === "step" ? score.step
+            : (timeOfStep(data, score.step, score.unix_ms) - start) / 1000,
+          y: score.mean, step: score.step, value: score.mean, attempt: 0,
+          stddev: score.stddev, trials: score.trials.length }));
+        const label = `${overlay ? data.job.id + " · " : ""}${shots} shots`;
+        lines.push({ job: data.job.id, jobIndex, name: `${shots} shots`, rank: 0,
+          total: points.length, points, label, shots });
+      }
+      const steps = [...new Set([...byShots.values()].flatMap((m) => [...m.keys()]))]
+        .sort((a, b) => b - a);
+      for (const step of steps) rows.push({ job: data.job.id, step, byShots });
+    });
+    lines.forEach((line, index) => { line.colour = PALETTE[index % PALETTE.length]; });
+    const card = document.getElementById(`card-${chart.id}`);
+    draw(card, lines, [], chart);
+    renderEvalTable(card, chart, rows, overlay);
+  }
+}
+
+/// The scores as a table: a row per checkpoint (newest first), a column
+/// per shot count, `mean ± stddev` over the trials.
+function renderEvalTable(card, chart, rows, overlay) {
+  const shots = [...new Set(rows.flatMap((row) => [...row.byShots.keys()]))].sort((a, b) => a - b);
+  const place = card.querySelector(".eval-table");
+  if (!rows.length) { place.replaceChildren(); return; }
+  place.replaceChildren(h("table", { class: "evals", "data-chart": chart.id },
+    h("thead", {}, h("tr", {}, overlay ? h("th", {}, "job") : "", h("th", {}, "step"),
+      ...shots.map((n) => h("th", {}, `${n} shots`)))),
+    h("tbody", {}, ...rows.map((row) => h("tr", { "data-job": row.job, "data-step": String(row.step) },
+      overlay ? h("td", {}, row.job) : "",
+      h("td", {}, String(row.step)),
+      ...shots.map((n) => {
+        const score = row.byShots.get(n) && row.byShots.get(n).get(row.step);
+        return h("td", score ? { "data-shots": String(n), "data-mean": String(score.mean) } : {},
+          score ? `${format(score.mean)}${score.trials.length > 1 ? " ± " + format(score.stddev) : ""}`
+            : "–");
+      }))))));
 }
 
 function colour(lines, chart, overlay) {
@@ -412,6 +529,21 @@ function draw(card, lines, markers, chart) {
       // The curve's stored points as the server sent them (unsmoothed).
       "data-points": JSON.stringify(line.points.map((p) => [p.step, p.value])),
     }));
+  }
+  // Sparse points (eval scores) get a dot each, with their value on hover.
+  if (chart.dots) {
+    for (const line of lines) {
+      for (const p of line.points) {
+        if (!usable(p.y) || !Number.isFinite(p.x)) continue;
+        const dot = s("circle", { class: "dot", cx: px(p.x).toFixed(1), cy: py(p.y).toFixed(1),
+          r: 3, fill: line.colour, "data-step": String(p.step), "data-value": String(p.value) });
+        const title = s("title");
+        title.textContent = `${line.label} at step ${p.step}: ${format(p.value)}`
+          + (p.trials > 1 ? ` ± ${format(p.stddev)} over ${p.trials} trials` : "");
+        dot.append(title);
+        svg.append(dot);
+      }
+    }
   }
   const cursor = s("line", { class: "cursor", y1: pad.top, y2: height - pad.bottom,
     visibility: "hidden" });

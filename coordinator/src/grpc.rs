@@ -65,6 +65,33 @@ impl pb::job_service_server::JobService for JobApi {
         }))
     }
 
+    async fn report_eval(
+        &self,
+        request: Request<pb::EvalReport>,
+    ) -> Result<Response<pb::EvalReportResponse>, Status> {
+        let report = request.into_inner();
+        let job_id = JobId(report.job_id.clone());
+        tracing::info!(job = %job_id, step = report.step, dataset = %report.dataset, "eval report");
+        self.0
+            .record_eval(&job_id, crate::metrics::EvalRecord::from(report))
+            .await?;
+        Ok(Response::new(pb::EvalReportResponse {}))
+    }
+
+    async fn job_evals(
+        &self,
+        request: Request<pb::JobEvalsRequest>,
+    ) -> Result<Response<pb::JobEvalsResponse>, Status> {
+        let job_id = JobId(request.into_inner().job_id);
+        let evals = self.0.evals(&job_id).await?;
+        Ok(Response::new(pb::JobEvalsResponse {
+            reports: evals
+                .iter()
+                .map(|record| record.to_proto(job_id.as_str()))
+                .collect(),
+        }))
+    }
+
     async fn get_job(
         &self,
         request: Request<pb::GetJobRequest>,

@@ -51,6 +51,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/api/jobs/{id}", get(job))
         .route("/api/jobs/{id}/series", get(series))
         .route("/api/jobs/{id}/events", get(events))
+        .route("/api/jobs/{id}/evals", get(evals))
         .route("/metrics", get(prometheus))
         .with_state(coordinator)
 }
@@ -183,6 +184,17 @@ async fn events(State(coordinator): State<Arc<Coordinator>>, Path(id): Path<Stri
     }
     match coordinator.metrics_store().events(&id) {
         Ok(events) => Json(json!({ "events": events })).into_response(),
+        Err(failure) => error(StatusCode::INTERNAL_SERVER_ERROR, failure.to_string()),
+    }
+}
+
+/// The job's benchmark scores (`flamingoctl eval --job`), in arrival order.
+async fn evals(State(coordinator): State<Arc<Coordinator>>, Path(id): Path<String>) -> Response {
+    if coordinator.job(&JobId(id.clone())).await.is_err() {
+        return error(StatusCode::NOT_FOUND, format!("no job {id}"));
+    }
+    match coordinator.metrics_store().evals(&id) {
+        Ok(evals) => Json(json!({ "evals": evals })).into_response(),
         Err(failure) => error(StatusCode::INTERNAL_SERVER_ERROR, failure.to_string()),
     }
 }

@@ -57,6 +57,95 @@ pub struct StoredEvent {
     pub attempt: u32,
 }
 
+/// One benchmark's scores on one checkpoint of the job (`flamingoctl eval
+/// --job`), as OpenFlamingo's results JSON holds them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    pub step: u64,
+    pub unix_ms: i64,
+    pub dataset: String,
+    pub metric: String,
+    pub selection: String,
+    pub scores: Vec<EvalScore>,
+    pub samples: u64,
+    pub checkpoint: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalScore {
+    pub shots: u64,
+    pub mean: f64,
+    pub stddev: f64,
+    pub trials: Vec<f64>,
+}
+
+impl From<pb::EvalReport> for EvalRecord {
+    fn from(report: pb::EvalReport) -> Self {
+        EvalRecord {
+            step: report.step,
+            unix_ms: report.unix_ms,
+            dataset: report.dataset,
+            metric: report.metric,
+            selection: report.selection,
+            scores: report
+                .scores
+                .into_iter()
+                .map(|score| EvalScore {
+                    shots: score.shots,
+                    mean: score.mean,
+                    stddev: score.stddev,
+                    trials: score.trials,
+                })
+                .collect(),
+            samples: report.samples,
+            checkpoint: report.checkpoint,
+        }
+    }
+}
+
+impl EvalRecord {
+    pub fn to_proto(&self, job_id: &str) -> pb::EvalReport {
+        pb::EvalReport {
+            job_id: job_id.to_string(),
+            step: self.step,
+            dataset: self.dataset.clone(),
+            metric: self.metric.clone(),
+            selection: self.selection.clone(),
+            scores: self
+                .scores
+                .iter()
+                .map(|score| pb::EvalScore {
+                    shots: score.shots,
+                    mean: score.mean,
+                    stddev: score.stddev,
+                    trials: score.trials.clone(),
+                })
+                .collect(),
+            samples: self.samples,
+            checkpoint: self.checkpoint.clone(),
+            unix_ms: self.unix_ms,
+        }
+    }
+
+    /// The timeline's line for it: `coco CIDEr (random) at step 40: 0 shots
+    /// 115.2, 4 shots 115.5`.
+    pub fn summary(&self) -> String {
+        let scores: Vec<String> = self
+            .scores
+            .iter()
+            .map(|score| format!("{} shots {:.4}", score.shots, score.mean))
+            .collect();
+        format!(
+            "{} {} ({}) at step {}: {}",
+            self.dataset,
+            self.metric,
+            self.selection,
+            self.step,
+            scores.join(", ")
+        )
+    }
+}
+
 /// One value of a curve, as held in memory (32 bytes).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sample {
@@ -77,6 +166,7 @@ pub struct SeriesKey {
 struct JobCache {
     series: BTreeMap<SeriesKey, Vec<Sample>>,
     events: Vec<StoredEvent>,
+    evals: Vec<EvalRecord>,
     points: u64,
 }
 
@@ -183,6 +273,10 @@ impl MetricsStore {
             .join(format!("{}.events.jsonl", Self::safe(job_id)))
     }
 
+    fn evals_path(&self, job_id: &str) -> PathBuf {
+        self.dir.join(format!("{}.evals.jsonl", Self::safe(job_id)))
+    }
+
     /// The job's in-memory curves, loaded from its files the first time.
     fn job(&self, job_id: &str) -> std::io::Result<Arc<RwLock<JobCache>>> {
         let key = Self::safe(job_id);
@@ -199,6 +293,7 @@ impl MetricsStore {
             loaded.add(&point);
         }
         loaded.events = read_lines(&self.events_path(job_id))?;
+        loaded.evals = read_lines(&self.evals_path(job_id))?;
         let _writer = lock(&self.write);
         let mut cache = lock(&self.cache);
         Ok(cache
@@ -251,6 +346,35 @@ impl MetricsStore {
         }
         cache.events.extend_from_slice(events);
         Ok(())
+    }
+
+    /// Stores a checkpoint's benchmark scores and marks them on the job's
+    /// timeline (at the checkpoint's step).
+    pub fn append_eval(&self, job_id: &str, record: &EvalRecord) -> std::io::Result<()> {
+        let job = self.job(job_id)?;
+        let event = StoredEvent {
+            unix_ms: record.unix_ms,
+            kind: EventKind::Eval,
+            message: format!("eval: {}", record.summary()),
+            seq: None,
+            step: Some(record.step),
+            rank: None,
+            attempt: 0,
+        };
+        let _serial = lock(&self.write);
+        append_lines(&self.evals_path(job_id), std::slice::from_ref(record))?;
+        append_lines(&self.events_path(job_id), std::slice::from_ref(&event))?;
+        let mut cache = job.write().unwrap_or_else(|p| p.into_inner());
+        cache.evals.push(record.clone());
+        cache.events.push(event);
+        Ok(())
+    }
+
+    /// The job's eval reports, in arrival order.
+    pub fn evals(&self, job_id: &str) -> std::io::Result<Vec<EvalRecord>> {
+        let job = self.job(job_id)?;
+        let cache = job.read().unwrap_or_else(|p| p.into_inner());
+        Ok(cache.evals.clone())
     }
 
     /// Every stored point of the job, in arrival order; a torn last line (a
@@ -446,6 +570,48 @@ mod tests {
             unix_ms: 5 + step as i64,
             values: [("loss_laion".to_string(), value)].into_iter().collect(),
         }
+    }
+
+    #[test]
+    fn eval_reports_are_stored_marked_and_kept_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetricsStore::new(dir.path().join("metrics"));
+        let record = |step: u64, mean: f64| EvalRecord {
+            step,
+            unix_ms: 1000 + step as i64,
+            dataset: "coco".to_string(),
+            metric: "CIDEr".to_string(),
+            selection: "random".to_string(),
+            scores: vec![EvalScore {
+                shots: 4,
+                mean,
+                stddev: 0.5,
+                trials: vec![mean - 0.5, mean + 0.5],
+            }],
+            samples: 16,
+            checkpoint: format!("/runs/a/checkpoints/step-{step:08}"),
+        };
+        store.append_eval("job-a", &record(80, 12.5)).unwrap();
+        store.append_eval("job-a", &record(40, 3.25)).unwrap();
+        store.append("job-a", &point(1, 0, 2.5)).unwrap();
+        let reopened = MetricsStore::new(dir.path().join("metrics"));
+        assert_eq!(
+            reopened.evals("job-a").unwrap(),
+            vec![record(80, 12.5), record(40, 3.25)]
+        );
+        assert!(reopened.evals("job-b").unwrap().is_empty());
+        let events = reopened.events("job-a").unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[1].kind, EventKind::Eval);
+        assert_eq!(events[1].step, Some(40));
+        assert_eq!(
+            events[1].message,
+            "eval: coco CIDEr (random) at step 40: 4 shots 3.2500"
+        );
+        // Eval scores are not curves: the points hold only the rank's report.
+        assert_eq!(reopened.keys("job-a").unwrap().len(), 1);
+        let proto = record(40, 3.25).to_proto("job-a");
+        assert_eq!(EvalRecord::from(proto), record(40, 3.25));
     }
 
     #[test]

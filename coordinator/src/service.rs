@@ -405,6 +405,56 @@ impl Coordinator {
         }
     }
 
+    /// Stores a checkpoint's benchmark scores with the job (on disk, with
+    /// its metrics) and marks them on its timeline. Unlike a rank's report
+    /// this is not progress: the hang watchdog does not see it.
+    pub async fn record_eval(
+        &self,
+        job_id: &JobId,
+        mut record: crate::metrics::EvalRecord,
+    ) -> Result<(), CoordinatorError> {
+        self.job(job_id).await?;
+        let invalid = |field: &str, message: &str| {
+            CoordinatorError::Invalid(flamingo_common::CommonError::InvalidField {
+                field: format!("eval_report.{field}"),
+                message: message.to_string(),
+            })
+        };
+        if record.dataset.is_empty() {
+            return Err(invalid(
+                "dataset",
+                "empty; name the benchmark (coco, vqav2, ...)",
+            ));
+        }
+        if record.scores.is_empty() {
+            return Err(invalid("scores", "empty; report at least one shot count"));
+        }
+        if record.scores.iter().any(|score| !score.mean.is_finite()) {
+            return Err(invalid("scores.mean", "not a finite number"));
+        }
+        record.unix_ms = unix_ms();
+        self.metrics
+            .append_eval(job_id.as_str(), &record)
+            .map_err(|error| CoordinatorError::Metrics {
+                job_id: job_id.0.clone(),
+                message: error.to_string(),
+            })
+    }
+
+    /// The job's stored eval reports, in arrival order.
+    pub async fn evals(
+        &self,
+        job_id: &JobId,
+    ) -> Result<Vec<crate::metrics::EvalRecord>, CoordinatorError> {
+        self.job(job_id).await?;
+        self.metrics
+            .evals(job_id.as_str())
+            .map_err(|error| CoordinatorError::Metrics {
+                job_id: job_id.0.clone(),
+                message: error.to_string(),
+            })
+    }
+
     pub fn metrics_store(&self) -> &crate::metrics::MetricsStore {
         &self.metrics
     }

@@ -44,6 +44,19 @@ impl Session {
             .points)
     }
 
+    /// The benchmark scores stored with the job (`flamingoctl eval --job`).
+    pub async fn evals(&mut self, job_id: &str) -> anyhow::Result<Vec<pb::EvalReport>> {
+        Ok(self
+            .client
+            .job_evals(pb::JobEvalsRequest {
+                job_id: job_id.to_string(),
+            })
+            .await
+            .map_err(|status| self.error(status))?
+            .into_inner()
+            .reports)
+    }
+
     pub async fn job(&mut self, job_id: &str) -> anyhow::Result<JobRecord> {
         let job = self
             .client

@@ -66,6 +66,13 @@ pub struct EvalArgs {
     /// RICES feature cache (default ~/.cache/flamingo/rices).
     #[arg(long)]
     pub features_dir: Option<PathBuf>,
+    /// Store the scores with this cluster job, next to its loss curves on
+    /// the dashboard (the default when --job names a cluster job).
+    #[arg(long, requires = "job")]
+    pub report_to: Option<String>,
+    /// Do not store the scores with the training job.
+    #[arg(long, conflicts_with = "report_to")]
+    pub no_report: bool,
     /// Where to run: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu", value_parser = flamingo_model::device::parse_device)]
     pub device: tch::Device,
@@ -207,14 +214,19 @@ pub fn write_results(
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// The results as a table.
-pub fn print_table(task: Task, selection: &str, results: &[ShotResult]) {
-    let metric = match task.kind() {
+/// The name of `task`'s metric.
+pub fn metric_name(task: Task) -> &'static str {
+    match task.kind() {
         datasets::Kind::Captioning => "CIDEr",
         datasets::Kind::Vqa => "VQA accuracy",
         datasets::Kind::Classification if task == Task::HatefulMemes => "ROC-AUC",
         datasets::Kind::Classification => "top-1",
-    };
+    }
+}
+
+/// The results as a table.
+pub fn print_table(task: Task, selection: &str, results: &[ShotResult]) {
+    let metric = metric_name(task);
     println!("{} ({metric}, {selection} demonstrations)", task.name());
     println!("{:>6}  {:>10}  {:>8}  trials", "shots", "mean", "stddev");
     for result in results {
@@ -269,7 +281,19 @@ fn all_gather_bytes(group: &ProcessGroup, bytes: &[u8]) -> anyhow::Result<Vec<Ve
         .collect())
 }
 
-pub fn run(args: &EvalArgs, checkpoint: Option<&Path>, json_output: bool) -> anyhow::Result<()> {
+/// What one run scored (on rank 0; the other ranks return none).
+pub struct Scored {
+    pub results: Vec<ShotResult>,
+    /// Test examples scored per trial.
+    pub samples: usize,
+}
+
+/// Runs the benchmark; rank 0 returns the scores.
+pub fn run(
+    args: &EvalArgs,
+    checkpoint: Option<&Path>,
+    json_output: bool,
+) -> anyhow::Result<Option<Scored>> {
     let group = process_group()?;
     let (rank, world) = group.as_ref().map_or((0, 1), |group| {
         (group.rank() as usize, group.world_size() as usize)
@@ -289,7 +313,7 @@ pub fn run(args: &EvalArgs, checkpoint: Option<&Path>, json_output: bool) -> any
         let mine = serde_json::to_vec(&outputs)?;
         let gathered = all_gather_bytes(group, &mine)?;
         if rank != 0 {
-            return Ok(());
+            return Ok(None);
         }
         let parts = gathered
             .iter()
@@ -305,6 +329,7 @@ pub fn run(args: &EvalArgs, checkpoint: Option<&Path>, json_output: bool) -> any
         .iter()
         .map(|(_, predictions)| predictions.len())
         .sum();
+    let runs = outputs.len().max(1);
     let results = run::results(&dataset, &settings, outputs)?;
     if let Some(path) = &args.results {
         write_results(path, args.dataset, &results)?;
@@ -323,6 +348,68 @@ pub fn run(args: &EvalArgs, checkpoint: Option<&Path>, json_output: bool) -> any
             .as_ref()
             .map(|path| format!("; results in {}", path.display()))
             .unwrap_or_default()
+    );
+    Ok(Some(Scored {
+        results,
+        samples: scored / runs,
+    }))
+}
+
+/// The cluster job `args`' scores are stored with, if any: `--report-to`,
+/// else `--job` when it names a cluster job rather than a folder here.
+pub fn report_target(args: &EvalArgs) -> Option<String> {
+    if args.no_report {
+        return None;
+    }
+    args.report_to
+        .clone()
+        .or_else(|| args.job.clone().filter(|job| !Path::new(job).exists()))
+}
+
+/// Stores the scores of `checkpoint` with `job` on the coordinator at
+/// `address` (the dashboard shows them next to the job's loss curves).
+pub async fn report(
+    address: &str,
+    job: &str,
+    args: &EvalArgs,
+    checkpoint: &Path,
+    scored: &Scored,
+) -> anyhow::Result<()> {
+    use flamingo_proto::v1 as pb;
+    let manifest_path = checkpoint.join("manifest.json");
+    let manifest: flamingo_engine::checkpoint::Manifest = serde_json::from_str(
+        &std::fs::read_to_string(&manifest_path)
+            .with_context(|| format!("reading {}", manifest_path.display()))?,
+    )
+    .with_context(|| format!("{}: not a checkpoint manifest", manifest_path.display()))?;
+    let report = pb::EvalReport {
+        job_id: job.to_string(),
+        step: manifest.step,
+        dataset: args.dataset.name().to_string(),
+        metric: metric_name(args.dataset).to_string(),
+        selection: if args.rices { "RICES" } else { "random" }.to_string(),
+        scores: scored
+            .results
+            .iter()
+            .map(|result| pb::EvalScore {
+                shots: result.shots as u64,
+                mean: result.mean,
+                stddev: result.stddev,
+                trials: result.trials.clone(),
+            })
+            .collect(),
+        samples: scored.samples as u64,
+        checkpoint: checkpoint.display().to_string(),
+        unix_ms: 0,
+    };
+    let mut client = crate::client::connect(address).await?;
+    client
+        .report_eval(report)
+        .await
+        .map_err(|status| crate::client::call_error(address, status))?;
+    eprintln!(
+        "stored the scores with job {job} (step {}): its dashboard page shows them",
+        manifest.step
     );
     Ok(())
 }

@@ -329,6 +329,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                         )
                         .await?;
                         argv[position + 1] = std::path::absolute(dir)?.display().to_string();
+                        // A cluster job's scores go to its dashboard page.
+                        let reported = argv
+                            .iter()
+                            .any(|arg| arg == "--no-report" || arg.starts_with("--report-to"));
+                        if !std::path::Path::new(&value).exists() && !reported {
+                            argv.extend(["--report-to".to_string(), value]);
+                        }
                     }
                 }
                 (Some("command".to_string()), argv)
@@ -536,6 +543,23 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
                 tokio::time::sleep(std::time::Duration::from_secs(5)).await;
             }
+            // The checkpoints' benchmark scores, as their own run (`eval/`)
+            // beside the ranks': in a rank's run their steps would go back,
+            // and TensorBoard would purge the curves after them.
+            let evals = session.evals(&job).await?;
+            let mut scores = 0;
+            if !evals.is_empty() {
+                let mut eval_writer =
+                    flamingoctl::tensorboard::EventWriter::create(&writer.dir().join("eval"))?;
+                scores =
+                    eval_writer.write_points(&flamingoctl::tensorboard::eval_points(&evals))?;
+            }
+            if scores > 0 {
+                eprint!(
+                    "\r{written} point(s) and {scores} checkpoint(s)' eval scores written under {}",
+                    writer.dir().display()
+                );
+            }
             eprintln!();
             eprintln!("tensorboard --logdir {}", dir.display());
         }
@@ -633,7 +657,27 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 ),
                 None => None,
             };
-            flamingoctl::eval::run(&args, checkpoint.as_deref(), json)?
+            let scored = flamingoctl::eval::run(&args, checkpoint.as_deref(), json)?;
+            // Rank 0 stores the scores with the training job. A rank of an
+            // eval job reaches the coordinator its agent names.
+            if let (Some(scored), Some(job), Some(checkpoint)) = (
+                scored,
+                flamingoctl::eval::report_target(&args),
+                checkpoint.as_deref(),
+            ) {
+                let address = std::env::var("FLAMINGO_JOB_COORDINATOR").unwrap_or(address);
+                if let Err(error) =
+                    flamingoctl::eval::report(&address, &job, &args, checkpoint, &scored).await
+                {
+                    eprintln!(
+                        "warning: the scores were not stored with job {job}: {error:#}{}",
+                        args.results
+                            .as_ref()
+                            .map(|path| format!(" (they are in {})", path.display()))
+                            .unwrap_or_default()
+                    );
+                }
+            }
         }
         Command::Data(command) => flamingoctl::data::run(command, json).await?,
         Command::Train(args) => return flamingoctl::train::run(&args),

@@ -65,6 +65,35 @@ pub fn tag(rank: u32, name: &str) -> String {
     }
 }
 
+/// Benchmark scores as points, in step order (TensorBoard drops points
+/// that go back in step): `eval/coco/4_shots` (`eval/coco_rices/…`
+/// with RICES demonstrations), a report's latest score per step and tag.
+pub fn eval_points(reports: &[flamingo_proto::v1::EvalReport]) -> Vec<MetricPoint> {
+    let mut by_step: std::collections::BTreeMap<u64, MetricPoint> = Default::default();
+    for report in reports {
+        let point = by_step.entry(report.step).or_insert_with(|| MetricPoint {
+            step: report.step,
+            rank: 0,
+            attempt: 0,
+            unix_ms: report.unix_ms,
+            values: Default::default(),
+        });
+        point.unix_ms = point.unix_ms.max(report.unix_ms);
+        let benchmark = if report.selection == "RICES" {
+            format!("{}_rices", report.dataset)
+        } else {
+            report.dataset.clone()
+        };
+        for score in &report.scores {
+            point.values.insert(
+                format!("eval/{benchmark}/{}_shots", score.shots),
+                score.mean,
+            );
+        }
+    }
+    by_step.into_values().collect()
+}
+
 /// CRC-32C (Castagnoli), bitwise-reflected, as TFRecord uses.
 pub fn crc32c(data: &[u8]) -> u32 {
     static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
@@ -224,6 +253,43 @@ mod tests {
         // The CRC-32C check value (RFC 3720, appendix B.4).
         assert_eq!(crc32c(b"123456789"), 0xE306_9283);
         assert_eq!(crc32c(&[0u8; 32]), 0x8A91_36AA);
+    }
+
+    #[test]
+    fn eval_reports_become_rank_0_points_in_step_order() {
+        use flamingo_proto::v1::{EvalReport, EvalScore};
+        let report = |step: u64, selection: &str, mean: f64, unix_ms: i64| EvalReport {
+            job_id: "job".to_string(),
+            step,
+            dataset: "coco".to_string(),
+            metric: "CIDEr".to_string(),
+            selection: selection.to_string(),
+            scores: vec![EvalScore {
+                shots: 4,
+                mean,
+                stddev: 0.0,
+                trials: vec![mean],
+            }],
+            samples: 8,
+            checkpoint: String::new(),
+            unix_ms,
+        };
+        let points = eval_points(&[
+            report(80, "random", 1.0, 10),
+            report(40, "random", 2.0, 20),
+            report(80, "RICES", 3.0, 30),
+            report(80, "random", 4.0, 40),
+        ]);
+        let steps: Vec<u64> = points.iter().map(|p| p.step).collect();
+        assert_eq!(steps, vec![40, 80]);
+        assert_eq!(points[0].values["eval/coco/4_shots"], 2.0);
+        assert_eq!(
+            points[1].values["eval/coco/4_shots"], 4.0,
+            "the latest report wins"
+        );
+        assert_eq!(points[1].values["eval/coco_rices/4_shots"], 3.0);
+        assert_eq!(points[1].unix_ms, 40);
+        assert_eq!(tag(0, "eval/coco/4_shots"), "eval/coco/4_shots");
     }
 
     #[test]

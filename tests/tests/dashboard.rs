@@ -5,7 +5,10 @@
 //! exactly the points `flamingoctl metrics` exports (read from the DOM),
 //! grow as steps arrive, mark checkpoints and the restart, break the curve
 //! where the restart rewinds, and show the same curves after the
-//! coordinator is SIGKILLed and restarted. Also checked on the same run:
+//! coordinator is SIGKILLed and restarted. Two of the job's checkpoints
+//! are then evaluated (`flamingoctl eval --job` and a 2-rank `launch --job
+//! eval`): the page must show their scores as the results files hold them,
+//! before and after the restart. Also checked on the same run:
 //! the Prometheus endpoints of the coordinator and an agent, the spans the
 //! processes export to an OTLP collector (a receiver in the test, decoding
 //! OpenTelemetry's protobuf), and TensorBoard event files read back by
@@ -312,6 +315,203 @@ fn exported_loss(dir: &Path, coordinator: &str, job: &str) -> Vec<(u64, f64)> {
         .collect()
 }
 
+/// Scores (step, shots, mean) of the checkpoints `evaluate_checkpoints` ran.
+type Evaluated = Vec<(u64, u64, f64)>;
+
+/// Evaluates the job's oldest kept checkpoint with `flamingoctl eval --job`
+/// and its latest with `launch --job eval` on both nodes; returns the
+/// scores the results files hold, after checking that the coordinator
+/// stored the same.
+fn evaluate_checkpoints(dir: &Path, coordinator: &str, job: &str, dashboard: &str) -> Evaluated {
+    flamingoctl(
+        dir,
+        &[
+            "data",
+            "synth-eval",
+            "--dataset",
+            "coco",
+            "--out",
+            "coco",
+            "--train",
+            "8",
+            "--test",
+            "4",
+        ],
+    );
+    let flags = [
+        "--dataset",
+        "coco",
+        "--data-dir",
+        "coco",
+        "--shots",
+        "0",
+        "2",
+        "--trials",
+        "2",
+        "--batch-size",
+        "2",
+    ];
+    // The checkpoints the retention policy kept.
+    let record: Value = serde_json::from_str(&http_get(&format!("{dashboard}api/jobs/{job}")))
+        .expect("the job as JSON");
+    let mut kept: Vec<u64> = record["checkpoints"]
+        .as_array()
+        .expect("an array")
+        .iter()
+        .map(|c| c["step"].as_u64().expect("a count"))
+        .collect();
+    kept.sort();
+    assert!(kept.len() >= 2, "{record}");
+    let (earlier, latest) = (kept[0], kept[kept.len() - 1]);
+    let earlier_text = earlier.to_string();
+    let mut direct = vec![
+        "--coordinator",
+        coordinator,
+        "eval",
+        "--job",
+        job,
+        "--step",
+        &earlier_text,
+        "--results",
+        "earlier.json",
+    ];
+    direct.extend(flags);
+    flamingoctl(dir, &direct);
+    let mut launched = vec![
+        "--coordinator",
+        coordinator,
+        "launch",
+        "--nodes",
+        "2",
+        "--slots-per-node",
+        "1",
+        "--job",
+        "eval",
+        "--wait",
+        "--",
+        "--job",
+        job,
+        "--results",
+        "latest.json",
+    ];
+    launched.extend(flags);
+    flamingoctl(dir, &launched);
+
+    let mut evaluated = Vec::new();
+    for (step, file) in [(earlier, "earlier.json"), (latest, "latest.json")] {
+        let results: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(file)).expect("the results file"),
+        )
+        .expect("results JSON");
+        for entry in results["coco"].as_array().expect("an array") {
+            evaluated.push((
+                step,
+                entry["shots"].as_u64().expect("a count"),
+                entry["mean"].as_f64().expect("a score"),
+            ));
+        }
+    }
+    assert_eq!(evaluated.len(), 4, "two checkpoints, two shot counts");
+    let stored: Value =
+        serde_json::from_str(&http_get(&format!("{dashboard}api/jobs/{job}/evals")))
+            .expect("the evals as JSON");
+    let stored: Evaluated = stored["evals"]
+        .as_array()
+        .expect("an array")
+        .iter()
+        .flat_map(|record| {
+            assert_eq!(record["dataset"], "coco");
+            assert_eq!(record["metric"], "CIDEr");
+            assert_eq!(record["selection"], "random");
+            assert_eq!(record["samples"], 4);
+            let step = record["step"].as_u64().expect("a count");
+            record["scores"]
+                .as_array()
+                .expect("an array")
+                .iter()
+                .map(|score| {
+                    assert_eq!(score["trials"].as_array().expect("an array").len(), 2);
+                    (
+                        step,
+                        score["shots"].as_u64().expect("a count"),
+                        score["mean"].as_f64().expect("a score"),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(
+        stored, evaluated,
+        "the coordinator holds the results files' scores"
+    );
+    evaluated
+}
+
+/// The page shows the eval scores: a COCO chart with a dot per checkpoint
+/// and shot count, a table of the same values, and the evaluated steps
+/// marked on the loss chart.
+fn check_eval_charts(driver: &Driver, evaluated: &Evaluated) {
+    let dots = wait_for("the eval chart", Duration::from_secs(30), || {
+        let dots = driver.run(
+            "return [...document.querySelectorAll('svg[data-chart=\"eval-coco-cider-random\"] circle.dot')].map(c => [Number(c.dataset.step), Number(c.dataset.value)])",
+        );
+        (dots.as_array().is_some_and(|d| d.len() == evaluated.len())).then_some(dots)
+    });
+    let mut shown: Vec<(u64, f64)> = dots
+        .as_array()
+        .expect("an array")
+        .iter()
+        .map(|d| {
+            (
+                d[0].as_u64().expect("a count"),
+                d[1].as_f64().expect("a score"),
+            )
+        })
+        .collect();
+    let mut want: Vec<(u64, f64)> = evaluated
+        .iter()
+        .map(|(step, _, mean)| (*step, *mean))
+        .collect();
+    let order = |a: &(u64, f64), b: &(u64, f64)| a.partial_cmp(b).expect("no NaN scores");
+    shown.sort_by(order);
+    want.sort_by(order);
+    assert_eq!(shown, want);
+    let cells = driver.run(
+        "return [...document.querySelectorAll('table.evals tbody td[data-shots]')].map(td => [Number(td.parentElement.dataset.step), Number(td.dataset.shots), Number(td.dataset.mean)])",
+    );
+    let mut cells: Evaluated = cells
+        .as_array()
+        .expect("an array")
+        .iter()
+        .map(|c| {
+            (
+                c[0].as_u64().expect("a count"),
+                c[1].as_u64().expect("a count"),
+                c[2].as_f64().expect("a score"),
+            )
+        })
+        .collect();
+    cells.sort_by(|a, b| a.partial_cmp(b).expect("no NaN scores"));
+    let mut want = evaluated.clone();
+    want.sort_by(|a, b| a.partial_cmp(b).expect("no NaN scores"));
+    assert_eq!(cells, want, "the table holds every score");
+    let marked = driver.run(
+        "return [...document.querySelectorAll('svg[data-chart=\"loss\"] line.event[data-kind=\"eval\"]')].map(l => Number(l.dataset.x))",
+    );
+    let mut steps: Vec<u64> = evaluated.iter().map(|(step, _, _)| *step).collect();
+    steps.dedup();
+    assert_eq!(
+        marked,
+        json!(steps),
+        "the evaluated steps are marked on the loss chart"
+    );
+    assert_eq!(
+        driver.run("return document.getElementById('card-eval').hidden"),
+        json!(true),
+        "the placeholder gives way to the benchmark's card"
+    );
+}
+
 fn artifact(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../target/test-artifacts")
@@ -455,6 +655,11 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
     });
     assert!(finished.contains("Succeeded"), "{finished}");
 
+    // Two checkpoints evaluated on a COCO-style benchmark: the older by
+    // `flamingoctl eval` here, the latest by a 2-rank eval job. Both store
+    // their scores with the training job.
+    let evaluated = evaluate_checkpoints(&dir, &coordinator, &job, &sandbox.dashboard());
+
     // Reloaded after the end, the chart holds what `flamingoctl metrics`
     // exports: every step (the restart's rewound steps twice), the same
     // values.
@@ -499,6 +704,7 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
         "return [...document.querySelectorAll('svg[data-chart=\"step_time\"] path.series')].map(p => p.dataset.rank)",
     );
     assert_eq!(ranks, json!(["0", "1"]), "a step-time curve per rank");
+    check_eval_charts(&driver, &evaluated);
     driver.screenshot(&artifact("dashboard.png"));
 
     // The coordinator dies (SIGKILL) and comes back: the curves are intact.
@@ -528,6 +734,17 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
             series["total"]
         );
     }
+    let stored: Value = serde_json::from_str(&http_get(&format!(
+        "{}api/jobs/{job}/evals",
+        sandbox.dashboard()
+    )))
+    .unwrap();
+    assert_eq!(
+        stored["evals"].as_array().unwrap().len(),
+        2,
+        "the eval scores outlive the coordinator: {stored}"
+    );
+    check_eval_charts(&driver, &evaluated);
     driver.screenshot(&artifact("dashboard-after-coordinator-restart.png"));
 
     // The jobs list shows the job and its state, and links to its page.
@@ -585,6 +802,39 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
         exported.len(),
         "rank 0 measured every step it ran"
     );
+    // The eval scores are a run of their own: per shot count, a scalar at
+    // each evaluated step.
+    let read = Command::new(flamingo_common::testing::venv_bin("python"))
+        .args(["-c", TENSORBOARD_READ])
+        .arg(dir.join("tb").join(&job).join("eval"))
+        .output()
+        .expect("python runs");
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let scalars: Value = serde_json::from_slice(&read.stdout).unwrap();
+    let mut from_tensorboard: Vec<(u64, u64, f32)> = Vec::new();
+    for (tag, points) in scalars.as_object().unwrap() {
+        let shots: u64 = tag
+            .strip_prefix("eval/coco/")
+            .and_then(|rest| rest.strip_suffix("_shots"))
+            .unwrap_or_else(|| panic!("unexpected tag {tag}"))
+            .parse()
+            .unwrap();
+        for point in points.as_array().unwrap() {
+            let step = point[0].as_u64().unwrap();
+            from_tensorboard.push((step, shots, point[1].as_f64().unwrap() as f32));
+        }
+    }
+    from_tensorboard.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let mut want: Vec<(u64, u64, f32)> = evaluated
+        .iter()
+        .map(|(step, shots, mean)| (*step, *shots, *mean as f32))
+        .collect();
+    want.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    assert_eq!(from_tensorboard, want, "TensorBoard's eval run");
 
     // The spans the processes exported over OTLP.
     let spans = wait_for("the spans", Duration::from_secs(30), || {
