@@ -96,7 +96,10 @@ flamingo_setup_reference() {
     flamingo_apt_install " for the Slurm test" slurm-wlm munge || return 1
     # pycocoevalcap's tokenizer (the CIDEr reference) is Stanford's, in Java.
     flamingo_apt_install " for the CIDEr reference" default-jre-headless || return 1
-    if "$python" -c "import einops, einops_exts, safetensors, open_clip, transformers, webdataset, braceexpand, moto, flask_cors, tensorboard, kubernetes_validate, sklearn, pycocoevalcap, importlib.util, importlib.metadata as m, sys; sys.exit(0 if importlib.util.find_spec('open_flamingo') and m.version('webdataset') == '0.2.86' else 1)" 2>/dev/null; then
+    # OK-VQA's stemming reads WordNet 3.0; NLTK's reader (the reference)
+    # also wants the sense index.
+    flamingo_apt_install " for OK-VQA's stemming" wordnet-base wordnet-sense-index || return 1
+    if "$python" -c "import einops, einops_exts, safetensors, open_clip, transformers, webdataset, braceexpand, moto, flask_cors, tensorboard, kubernetes_validate, sklearn, pycocoevalcap, nltk, inflection, importlib.util, importlib.metadata as m, sys; sys.exit(0 if importlib.util.find_spec('open_flamingo') and m.version('webdataset') == '0.2.86' else 1)" 2>/dev/null; then
         return 0
     fi
     echo "setup: installing the Python reference packages for the parity tests"
@@ -111,7 +114,7 @@ flamingo_setup_reference() {
             "ftfy==6.3.1" "regex==2026.11.19" "tqdm==4.70.1" "pillow==13.0.0" \
             "transformers==4.57.1" "webdataset==0.2.86" "braceexpand==0.1.7" \
             "moto[server]==5.2.5" "tensorboard==2.21.0" "kubernetes-validate==1.34.1" \
-            "scikit-learn==1.9.1" "pycocoevalcap==1.2"; } >"$log" 2>&1; then
+            "scikit-learn==1.9.1" "pycocoevalcap==1.2" "nltk==3.10.4" "inflection==0.5.1"; } >"$log" 2>&1; then
         cat "$log" >&2
         rm -f "$log"
         echo "setup: pip install of the reference packages failed" >&2

@@ -80,6 +80,7 @@ fn main() -> anyhow::Result<()> {
         features_dir: dir.path().join("features"),
         rank: 0,
         world: 1,
+        wordnet_dir: None,
     };
     // Warm-up on one image; it also caches the training split's features.
     run::predict(&model, &dataset, &settings)?;

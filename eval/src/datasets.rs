@@ -102,6 +102,9 @@ pub struct Dataset {
     pub test: Vec<Example>,
     /// Classification: the class names, by class index.
     pub class_names: Vec<String>,
+    /// VQA: each human answer given both raw and as stored (`raw_answer`
+    /// and `answer`, in annotations that have both, as OK-VQA v1.1 does).
+    pub raw_answers: Vec<(String, String)>,
 }
 
 type Result<T> = std::result::Result<T, String>;
@@ -156,13 +159,16 @@ fn read(task: Task, dir: &Path) -> Result<Dataset> {
             task.layout()
         ));
     }
+    let mut raw_answers = Vec::new();
     let (train, test, class_names) = match task {
         Task::Coco | Task::Flickr30k => {
             let (train, test) = karpathy(task, dir)?;
             (train, test, Vec::new())
         }
         Task::Vqav2 | Task::OkVqa | Task::Textvqa | Task::Vizwiz => {
-            (vqa(task, dir, true)?, vqa(task, dir, false)?, Vec::new())
+            let train = vqa(task, dir, true, &mut raw_answers)?;
+            let test = vqa(task, dir, false, &mut raw_answers)?;
+            (train, test, Vec::new())
         }
         Task::HatefulMemes => {
             let names = vec!["no".to_string(), "yes".to_string()];
@@ -193,6 +199,7 @@ fn read(task: Task, dir: &Path) -> Result<Dataset> {
         train,
         test,
         class_names,
+        raw_answers,
     })
 }
 
@@ -317,7 +324,12 @@ fn karpathy(task: Task, dir: &Path) -> Result<(Vec<Example>, Vec<Example>)> {
 /// VQA-format questions (`questions[]`: `question_id`, `image_id`,
 /// `question`) and annotations (`annotations[]`: `question_id`,
 /// `answers[].answer`), paired by question id.
-fn vqa(task: Task, dir: &Path, train: bool) -> Result<Vec<Example>> {
+fn vqa(
+    task: Task,
+    dir: &Path,
+    train: bool,
+    raw_answers: &mut Vec<(String, String)>,
+) -> Result<Vec<Example>> {
     let split = if train { "train" } else { "val" };
     let (questions, annotations, images) = match task {
         Task::Vqav2 => (
@@ -373,7 +385,13 @@ fn vqa(task: Task, dir: &Path, train: bool) -> Result<Vec<Example>> {
                 )
             })?
             .iter()
-            .map(|answer| string(answer, "answer", &annotations_path, index))
+            .map(|answer| {
+                let stored = string(answer, "answer", &annotations_path, index)?;
+                if let Some(raw) = answer.get("raw_answer").and_then(Value::as_str) {
+                    raw_answers.push((raw.to_string(), stored.clone()));
+                }
+                Ok(stored)
+            })
             .collect::<Result<Vec<_>>>()?;
         answers.insert(id, list);
     }

@@ -47,6 +47,8 @@ pub struct Settings {
     /// This process's share: batches `rank`, `rank + world`, …
     pub rank: usize,
     pub world: usize,
+    /// OK-VQA's stemming: WordNet's folder (else the usual places).
+    pub wordnet_dir: Option<PathBuf>,
 }
 
 impl Settings {
@@ -111,6 +113,7 @@ fn permutations(demos: usize) -> usize {
 /// The prompts for the examples of one trial; `demos[i]` are training
 /// indices in prompt order.
 pub struct Plan {
+    pub shots: usize,
     pub seed: u64,
     pub subset: Vec<usize>,
     pub demos: Vec<Vec<usize>>,
@@ -149,6 +152,7 @@ fn plan(
         }
     };
     Ok(Plan {
+        shots,
         seed,
         subset,
         demos,
@@ -163,10 +167,11 @@ fn trial(
     dataset: &Dataset,
     settings: &Settings,
     plan: &Plan,
-    shots: usize,
     progress: &mut Progress,
+    stemmer: Option<&metrics::okvqa::Stemmer>,
 ) -> Result<Vec<Prediction>> {
     let task = dataset.task;
+    let shots = plan.shots;
     let positions: Vec<usize> = (0..plan.subset.len()).collect();
     let mut predictions = Vec::new();
     for batch in settings.my_batches(&positions) {
@@ -271,8 +276,13 @@ fn trial(
                     .map(|row| {
                         let ids: Vec<u32> = row.into_iter().map(|id| id as u32).collect();
                         let output = model.tokenizer.decode(&ids, true)?;
-                        let prediction = match task {
-                            Task::Coco | Task::Flickr30k => prompts::postprocess_caption(&output),
+                        let prediction = match (task, stemmer) {
+                            (Task::Coco | Task::Flickr30k, _) => {
+                                prompts::postprocess_caption(&output)
+                            }
+                            (Task::OkVqa, Some(stemmer)) => {
+                                metrics::okvqa::postprocess(&output, stemmer)
+                            }
                             _ => metrics::vqa::postprocess_generation(&output).to_string(),
                         };
                         Ok((Some(output), prediction, None))
@@ -346,11 +356,19 @@ pub fn predict(model: &Model, dataset: &Dataset, settings: &Settings) -> Result<
             settings.rank, settings.world
         )));
     }
-    if dataset.task == Task::OkVqa {
-        eprintln!(
-            "warning: OK-VQA answers are scored without OpenFlamingo's stemming (NLTK's tagger and WordNet are not available); scores can be slightly lower than the reference's"
-        );
-    }
+    // OK-VQA's answers are stemmed; the dataset's own stems of its
+    // human answers say which words are plural nouns.
+    let stemmer = match dataset.task {
+        Task::OkVqa => {
+            let mut stemmer = metrics::okvqa::Stemmer::load(settings.wordnet_dir.as_deref())
+                .map_err(EvalError::Settings)?;
+            for (raw, stored) in &dataset.raw_answers {
+                stemmer.learn(raw, stored);
+            }
+            Some(stemmer)
+        }
+        _ => None,
+    };
     let mut cache = ImageCache {
         size: model.image_size,
         kept: HashMap::new(),
@@ -382,8 +400,8 @@ pub fn predict(model: &Model, dataset: &Dataset, settings: &Settings) -> Result<
                 dataset,
                 settings,
                 &plan,
-                shots,
                 &mut progress,
+                stemmer.as_ref(),
             )?;
             outputs.push(((shots, seed), predictions));
         }

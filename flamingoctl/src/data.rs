@@ -726,7 +726,15 @@ pub fn synth_eval(
                     let (question, answer) = scene.question(index);
                     questions.push(json!({"image_id": image_value, "question": question, "question_id": question_id}));
                     let answers: Vec<_> = (1..=10)
-                        .map(|n| json!({"answer": answer, "answer_confidence": "yes", "answer_id": n}))
+                        .map(|n| {
+                            let mut entry = json!({"answer": answer, "answer_confidence": "yes", "answer_id": n});
+                            // OK-VQA v1.1 keeps each answer raw and stemmed
+                            // (shapes and colours stem to themselves).
+                            if task == Task::OkVqa {
+                                entry["raw_answer"] = json!(answer);
+                            }
+                            entry
+                        })
                         .collect();
                     annotations.push(json!({"question_id": question_id, "image_id": image_value,
                         "answers": answers, "multiple_choice_answer": answer,

@@ -66,6 +66,10 @@ pub struct EvalArgs {
     /// RICES feature cache (default ~/.cache/flamingo/rices).
     #[arg(long)]
     pub features_dir: Option<PathBuf>,
+    /// OK-VQA's stemming: WordNet 3.0's folder (default: $WNSEARCHDIR,
+    /// /usr/share/wordnet from Debian's wordnet-base, NLTK's corpora/wordnet).
+    #[arg(long)]
+    pub wordnet_dir: Option<PathBuf>,
     /// Store the scores with this cluster job, next to its loss curves on
     /// the dashboard (the default when --job names a cluster job).
     #[arg(long, requires = "job")]
@@ -128,6 +132,7 @@ impl EvalArgs {
             features_dir,
             rank,
             world,
+            wordnet_dir: self.wordnet_dir.clone(),
         })
     }
 
@@ -281,6 +286,15 @@ fn all_gather_bytes(group: &ProcessGroup, bytes: &[u8]) -> anyhow::Result<Vec<Ve
         .collect())
 }
 
+/// OK-VQA's stemming needs WordNet: said before the model loads.
+fn check_wordnet(args: &EvalArgs) -> anyhow::Result<()> {
+    if args.dataset == Task::OkVqa {
+        flamingo_eval::metrics::okvqa::Stemmer::load(args.wordnet_dir.as_deref())
+            .map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
+
 /// What one run scored (on rank 0; the other ranks return none).
 pub struct Scored {
     pub results: Vec<ShotResult>,
@@ -306,6 +320,7 @@ pub fn run(
         dataset.test.len(),
         dataset.train.len()
     );
+    check_wordnet(args)?;
     let model = args.load_model(checkpoint)?;
     let started = std::time::Instant::now();
     let mut outputs = run::predict(&model, &dataset, &settings)?;
@@ -436,12 +451,13 @@ struct EvalCli {
     args: EvalArgs,
 }
 
-const PATH_FLAGS: [&str; 5] = [
+const PATH_FLAGS: [&str; 6] = [
     "--model",
     "--data-dir",
     "--results",
     "--predictions",
     "--features-dir",
+    "--wordnet-dir",
 ];
 
 /// `flamingoctl launch --job eval -- EVAL FLAGS`: checks the flags and the
@@ -458,6 +474,7 @@ pub fn launch_argv(argv: &[String]) -> anyhow::Result<Vec<String>> {
     })?;
     parsed.args.seeds()?;
     datasets::load(parsed.args.dataset, &parsed.args.data_dir)?;
+    check_wordnet(&parsed.args)?;
     if let Some(model) = &parsed.args.model {
         ModelSpec::from_file(model)?;
     }

@@ -1,7 +1,9 @@
 //! Metrics, each checked against its reference implementation in
-//! `eval/tests/metric_parity.rs`.
+//! `eval/tests/metric_parity.rs` (OK-VQA's stemming in
+//! `eval/tests/okvqa_parity.rs`).
 
 pub mod cider;
+pub mod okvqa;
 pub mod roc;
 pub mod vqa;
 
