@@ -71,9 +71,24 @@ impl Task {
             Task::Textvqa => "train_images/ (<image_id>.jpg), {train,val}_questions_vqa_format.json, {train,val}_annotations_vqa_format.json",
             Task::Vizwiz => "train/ and val/ (by image_id), {train,val}_questions_vqa_format.json, {train,val}_annotations_vqa_format.json",
             Task::HatefulMemes => "img/, train.json and dev.json (JSON lines: id, img, label, text)",
-            Task::Imagenet => "train/<class>/ and val/<class>/ image folders (classes in sorted folder order); classnames.txt (one name per line, in that order) when the folder names are not the class names",
+            Task::Imagenet => "train/<class>/ and val/<class>/ image folders (classes in sorted folder order); classnames.txt (one name per line, in that order) when the folder names are not the class names (ImageNet-1k's 1000 synset folders get OpenFlamingo's class names without it)",
         }
     }
+}
+
+/// ImageNet-1k's class names as OpenFlamingo's evaluation prompts with
+/// them (its `IMAGENET_CLASSNAMES`, OpenAI CLIP's curated list), in the
+/// sorted order of the synset folders.
+const IMAGENET_CLASS_NAMES: &str = include_str!("../data/imagenet_classnames.txt");
+
+/// ImageNet-1k's folders: 1000 WordNet synset ids (`n01440764`, …).
+fn is_imagenet_1k(classes: &[String]) -> bool {
+    classes.len() == 1000
+        && classes.iter().all(|class| {
+            class.len() == 9
+                && class.starts_with('n')
+                && class[1..].chars().all(|c| c.is_ascii_digit())
+        })
 }
 
 /// One example: an image and what goes with it.
@@ -584,6 +599,8 @@ fn image_folder(dir: &Path) -> Result<(Vec<Example>, Vec<Example>, Vec<String>)>
             ));
         }
         names
+    } else if is_imagenet_1k(&train_classes) {
+        IMAGENET_CLASS_NAMES.lines().map(str::to_string).collect()
     } else {
         train_classes
             .iter()
