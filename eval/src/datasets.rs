@@ -91,6 +91,18 @@ fn is_imagenet_1k(classes: &[String]) -> bool {
         })
 }
 
+impl Task {
+    /// The files `--testdev` reads besides the training split, for the
+    /// tasks with an EvalAI test-dev set.
+    pub fn testdev_layout(self) -> Option<&'static str> {
+        match self {
+            Task::Vqav2 => Some("test2015/ (COCO_test2015_<id:012>.jpg), v2_OpenEnded_mscoco_test-dev2015_questions.json (the questions to answer), v2_OpenEnded_mscoco_test2015_questions.json (all test questions, each needs an answer)"),
+            Task::Vizwiz => Some("test/ (by image_id), test_questions_vqa_format.json"),
+            _ => None,
+        }
+    }
+}
+
 /// One example: an image and what goes with it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
@@ -120,6 +132,19 @@ pub struct Dataset {
     /// VQA: each human answer given both raw and as stored (`raw_answer`
     /// and `answer`, in annotations that have both, as OK-VQA v1.1 does).
     pub raw_answers: Vec<(String, String)>,
+    /// A test-dev set (`load_testdev`): every question EvalAI wants an
+    /// answer for, as (question_id, image_id); the test split has no
+    /// answers.
+    pub testdev: Option<Vec<(Value, Value)>>,
+}
+
+/// Which questions a VQA split holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Split {
+    Train,
+    Val,
+    /// EvalAI's test-dev: questions without annotations.
+    TestDev,
 }
 
 type Result<T> = std::result::Result<T, String>;
@@ -162,10 +187,22 @@ fn string(value: &Value, key: &str, path: &Path, index: usize) -> Result<String>
 
 /// Reads `task` from `dir`.
 pub fn load(task: Task, dir: &Path) -> crate::Result<Dataset> {
-    read(task, dir).map_err(crate::EvalError::Dataset)
+    read(task, dir, false).map_err(crate::EvalError::Dataset)
 }
 
-fn read(task: Task, dir: &Path) -> Result<Dataset> {
+/// Reads `task`'s training split and its EvalAI test-dev questions, which
+/// have no annotations (VQAv2 and VizWiz; `Task::testdev_layout`).
+pub fn load_testdev(task: Task, dir: &Path) -> crate::Result<Dataset> {
+    read(task, dir, true).map_err(crate::EvalError::Dataset)
+}
+
+fn read(task: Task, dir: &Path, testdev: bool) -> Result<Dataset> {
+    if testdev && task.testdev_layout().is_none() {
+        return Err(format!(
+            "--testdev: {} has no EvalAI test-dev set here (vqav2 and vizwiz do)",
+            task.name()
+        ));
+    }
     if !dir.is_dir() {
         return Err(format!(
             "{}: --data-dir is not a directory ({} reads: {})",
@@ -181,8 +218,9 @@ fn read(task: Task, dir: &Path) -> Result<Dataset> {
             (train, test, Vec::new())
         }
         Task::Vqav2 | Task::OkVqa | Task::Textvqa | Task::Vizwiz => {
-            let train = vqa(task, dir, true, &mut raw_answers)?;
-            let test = vqa(task, dir, false, &mut raw_answers)?;
+            let train = vqa(task, dir, Split::Train, &mut raw_answers)?;
+            let split = if testdev { Split::TestDev } else { Split::Val };
+            let test = vqa(task, dir, split, &mut raw_answers)?;
             (train, test, Vec::new())
         }
         Task::HatefulMemes => {
@@ -215,7 +253,44 @@ fn read(task: Task, dir: &Path) -> Result<Dataset> {
         test,
         class_names,
         raw_answers,
+        testdev: if testdev {
+            Some(testdev_questions(task, dir)?)
+        } else {
+            None
+        },
     })
+}
+
+/// Every question of EvalAI's test set, as (question_id, image_id).
+fn testdev_questions(task: Task, dir: &Path) -> Result<Vec<(Value, Value)>> {
+    let name = match task {
+        Task::Vqav2 => "v2_OpenEnded_mscoco_test2015_questions.json",
+        _ => "test_questions_vqa_format.json",
+    };
+    let path = dir.join(name);
+    if !path.exists() {
+        return Err(format!(
+            "{}: missing; EvalAI's whole test set, whose questions a submission must all answer ({} --testdev reads: {})",
+            path.display(),
+            task.name(),
+            task.testdev_layout().unwrap_or_default()
+        ));
+    }
+    let json = read_json(&path)?;
+    let questions = json
+        .get("questions")
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("{}: no \"questions\" list", path.display()))?;
+    questions
+        .iter()
+        .enumerate()
+        .map(|(index, question)| {
+            Ok((
+                field(question, "question_id", &path, index)?.clone(),
+                field(question, "image_id", &path, index)?.clone(),
+            ))
+        })
+        .collect()
 }
 
 /// Karpathy's split file: `images[]` with `split`, `filepath`, `filename`,
@@ -342,22 +417,38 @@ fn karpathy(task: Task, dir: &Path) -> Result<(Vec<Example>, Vec<Example>)> {
 fn vqa(
     task: Task,
     dir: &Path,
-    train: bool,
+    which: Split,
     raw_answers: &mut Vec<(String, String)>,
 ) -> Result<Vec<Example>> {
+    let train = which == Split::Train;
     let split = if train { "train" } else { "val" };
-    let (questions, annotations, images) = match task {
-        Task::Vqav2 => (
+    // VQAv2's COCO file names carry the split and year.
+    let mut coco = format!("{split}2014");
+    let (questions, annotations, images) = match (task, which) {
+        (Task::Vqav2, Split::TestDev) => {
+            coco = "test2015".to_string();
+            (
+                "v2_OpenEnded_mscoco_test-dev2015_questions.json".to_string(),
+                String::new(),
+                coco.clone(),
+            )
+        }
+        (_, Split::TestDev) => (
+            "test_questions_vqa_format.json".to_string(),
+            String::new(),
+            "test".to_string(),
+        ),
+        (Task::Vqav2, _) => (
             format!("v2_OpenEnded_mscoco_{split}2014_questions.json"),
             format!("v2_mscoco_{split}2014_annotations.json"),
             format!("{split}2014"),
         ),
-        Task::OkVqa => (
+        (Task::OkVqa, _) => (
             format!("OpenEnded_mscoco_{split}2014_questions.json"),
             format!("mscoco_{split}2014_annotations.json"),
             format!("{split}2014"),
         ),
-        Task::Textvqa => (
+        (Task::Textvqa, _) => (
             format!("{split}_questions_vqa_format.json"),
             format!("{split}_annotations_vqa_format.json"),
             "train_images".to_string(),
@@ -374,15 +465,14 @@ fn vqa(
         "the questions to answer"
     };
     let questions_path = require(dir.join(&questions), task, role)?;
-    let annotations_path = require(dir.join(&annotations), task, "their human answers")?;
     let image_dir = require(dir.join(&images), task, "the images")?;
-    let questions_json = read_json(&questions_path)?;
-    let questions = questions_json
-        .get("questions")
-        .and_then(Value::as_array)
-        .ok_or_else(|| format!("{}: no \"questions\" list", questions_path.display()))?;
-    let annotations_json = read_json(&annotations_path)?;
     let mut answers: HashMap<String, Vec<String>> = HashMap::new();
+    if which == Split::TestDev {
+        let examples = vqa_examples(task, &questions_path, &image_dir, &coco, &mut answers, None)?;
+        return Ok(examples);
+    }
+    let annotations_path = require(dir.join(&annotations), task, "their human answers")?;
+    let annotations_json = read_json(&annotations_path)?;
     for (index, annotation) in annotations_json
         .get("annotations")
         .and_then(Value::as_array)
@@ -410,16 +500,41 @@ fn vqa(
             .collect::<Result<Vec<_>>>()?;
         answers.insert(id, list);
     }
+    vqa_examples(
+        task,
+        &questions_path,
+        &image_dir,
+        &coco,
+        &mut answers,
+        Some(&annotations_path),
+    )
+}
+
+/// The questions of `questions_path` with their images and, when
+/// `annotations_path` is given, the human answers `answers` holds for them.
+fn vqa_examples(
+    task: Task,
+    questions_path: &Path,
+    image_dir: &Path,
+    coco: &str,
+    answers: &mut HashMap<String, Vec<String>>,
+    annotations_path: Option<&Path>,
+) -> Result<Vec<Example>> {
+    let questions_json = read_json(questions_path)?;
+    let questions = questions_json
+        .get("questions")
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("{}: no \"questions\" list", questions_path.display()))?;
     let mut examples = Vec::with_capacity(questions.len());
     for (index, question) in questions.iter().enumerate() {
-        let id = field(question, "question_id", &questions_path, index)?.clone();
+        let id = field(question, "question_id", questions_path, index)?.clone();
         if id.as_u64().is_none() {
             return Err(format!(
                 "{}: entry {index}: question_id {id} is not a non-negative integer",
                 questions_path.display()
             ));
         }
-        let image_id = field(question, "image_id", &questions_path, index)?;
+        let image_id = field(question, "image_id", questions_path, index)?;
         let file = match task {
             Task::Vqav2 | Task::OkVqa => {
                 let number = image_id.as_u64().ok_or_else(|| {
@@ -428,7 +543,7 @@ fn vqa(
                         questions_path.display()
                     )
                 })?;
-                format!("COCO_{split}2014_{number:012}.jpg")
+                format!("COCO_{coco}_{number:012}.jpg")
             }
             Task::Textvqa => format!(
                 "{}.jpg",
@@ -446,23 +561,30 @@ fn vqa(
                 })?
                 .to_string(),
         };
-        let references = answers.remove(&id.to_string()).ok_or_else(|| {
-            format!(
-                "{}: question {id} has no entry in {}",
-                questions_path.display(),
-                annotations_path.display()
-            )
-        })?;
-        let target = references.first().cloned().ok_or_else(|| {
-            format!(
-                "{}: question {id} has an empty answer list",
-                annotations_path.display()
-            )
-        })?;
+        let (references, target) = match annotations_path {
+            Some(annotations_path) => {
+                let references = answers.remove(&id.to_string()).ok_or_else(|| {
+                    format!(
+                        "{}: question {id} has no entry in {}",
+                        questions_path.display(),
+                        annotations_path.display()
+                    )
+                })?;
+                let target = references.first().cloned().ok_or_else(|| {
+                    format!(
+                        "{}: question {id} has an empty answer list",
+                        annotations_path.display()
+                    )
+                })?;
+                (references, target)
+            }
+            // Test-dev: nothing to score against, never a demonstration.
+            None => (Vec::new(), String::new()),
+        };
         examples.push(Example {
             id,
             image: image_dir.join(file),
-            text: Some(string(question, "question", &questions_path, index)?),
+            text: Some(string(question, "question", questions_path, index)?),
             target,
             references,
             class_id: None,

@@ -12,5 +12,6 @@ pub mod prompts;
 pub mod run;
 pub mod score;
 pub mod select;
+pub mod testdev;
 
 pub use error::{EvalError, Result};

@@ -66,6 +66,13 @@ pub struct EvalArgs {
     /// RICES feature cache (default ~/.cache/flamingo/rices).
     #[arg(long)]
     pub features_dir: Option<PathBuf>,
+    /// Answer EvalAI's test-dev questions instead of the val split (VQAv2,
+    /// VizWiz): no annotations, so no score; writes the submission files.
+    #[arg(long)]
+    pub testdev: bool,
+    /// With --testdev: where the submission files go.
+    #[arg(long, default_value = ".", requires = "testdev")]
+    pub testdev_dir: PathBuf,
     /// OK-VQA's stemming: WordNet 3.0's folder (default: $WNSEARCHDIR,
     /// /usr/share/wordnet from Debian's wordnet-base, NLTK's corpora/wordnet).
     #[arg(long)]
@@ -286,6 +293,40 @@ fn all_gather_bytes(group: &ProcessGroup, bytes: &[u8]) -> anyhow::Result<Vec<Ve
         .collect())
 }
 
+/// The val split, or with --testdev the test-dev questions.
+fn load_dataset(args: &EvalArgs) -> anyhow::Result<datasets::Dataset> {
+    Ok(if args.testdev {
+        datasets::load_testdev(args.dataset, &args.data_dir)?
+    } else {
+        datasets::load(args.dataset, &args.data_dir)?
+    })
+}
+
+/// A test-dev run's EvalAI files, one per shot count and trial.
+fn write_submissions(
+    args: &EvalArgs,
+    dataset: &datasets::Dataset,
+    outputs: &run::Outputs,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.testdev_dir)
+        .with_context(|| format!("creating {}", args.testdev_dir.display()))?;
+    let mut written = Vec::new();
+    for (name, json) in flamingo_eval::testdev::submissions(dataset, outputs, args.rices) {
+        let path = args.testdev_dir.join(name);
+        std::fs::write(&path, serde_json::to_vec(&json)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        written.push(path.display().to_string());
+    }
+    if args.results.is_some() {
+        eprintln!("test-dev has no annotations: no scores for --results");
+    }
+    eprintln!(
+        "test-dev: no annotations, no score; EvalAI submission files:\n  {}",
+        written.join("\n  ")
+    );
+    Ok(())
+}
+
 /// OK-VQA's stemming needs WordNet: said before the model loads.
 fn check_wordnet(args: &EvalArgs) -> anyhow::Result<()> {
     if args.dataset == Task::OkVqa {
@@ -313,7 +354,7 @@ pub fn run(
         (group.rank() as usize, group.world_size() as usize)
     });
     let settings = args.settings(rank, world)?;
-    let dataset = datasets::load(args.dataset, &args.data_dir)?;
+    let dataset = load_dataset(args)?;
     eprintln!(
         "{}: {} test examples, {} demonstrations to draw from",
         args.dataset.name(),
@@ -339,6 +380,10 @@ pub fn run(
     }
     if let Some(path) = &args.predictions {
         write_predictions(path, &outputs)?;
+    }
+    if args.testdev {
+        write_submissions(args, &dataset, &outputs)?;
+        return Ok(None);
     }
     let scored: usize = outputs
         .iter()
@@ -451,13 +496,14 @@ struct EvalCli {
     args: EvalArgs,
 }
 
-const PATH_FLAGS: [&str; 6] = [
+const PATH_FLAGS: [&str; 7] = [
     "--model",
     "--data-dir",
     "--results",
     "--predictions",
     "--features-dir",
     "--wordnet-dir",
+    "--testdev-dir",
 ];
 
 /// `flamingoctl launch --job eval -- EVAL FLAGS`: checks the flags and the
@@ -473,7 +519,7 @@ pub fn launch_argv(argv: &[String]) -> anyhow::Result<Vec<String>> {
         anyhow::anyhow!("--job eval: the flags after `--` are `flamingoctl eval`'s:\n{error}")
     })?;
     parsed.args.seeds()?;
-    datasets::load(parsed.args.dataset, &parsed.args.data_dir)?;
+    load_dataset(&parsed.args)?;
     check_wordnet(&parsed.args)?;
     if let Some(model) = &parsed.args.model {
         ModelSpec::from_file(model)?;

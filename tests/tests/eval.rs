@@ -7,7 +7,7 @@ use std::path::Path;
 
 use flamingo_common::testing::run_python;
 use flamingo_tests::{flamingoctl, synthetic_laion_and_tiny_model};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// (task, shots): every generation task and HatefulMemes (ImageNet's
 /// evaluation is broken at OpenFlamingo's HEAD: it reads a missing `ocr`
@@ -312,6 +312,162 @@ async fn distributed_eval_on_two_ranks_equals_one_process() {
         );
         for file in ["one.json", "two.json"] {
             std::fs::remove_file(dir.join(file)).unwrap();
+        }
+    }
+}
+
+/// Every file in `from` copied to `to`, renamed by `rename`.
+fn copy_images(from: &Path, to: &Path, rename: impl Fn(&str) -> String) {
+    std::fs::create_dir_all(to).expect("the folder");
+    for entry in std::fs::read_dir(from).expect("the images") {
+        let entry = entry.expect("an image");
+        let name = entry.file_name().to_string_lossy().into_owned();
+        std::fs::copy(entry.path(), to.join(rename(&name))).expect("a copy");
+    }
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("the file")).expect("JSON")
+}
+
+/// `--testdev` answers EvalAI's test-dev questions (here the val questions
+/// again, so the answers must be the val run's) and writes a submission per
+/// shot count and trial that answers every question of the whole test set
+/// ("" for those not asked), in VQAv2's and VizWiz's formats; no scores.
+#[test]
+fn testdev_writes_evalai_submissions_for_every_test_question() {
+    use flamingo_eval::metrics::vqa::normalize;
+    let folder = tempfile::tempdir().unwrap();
+    let dir = folder.path();
+    synthetic_laion_and_tiny_model(dir, 24);
+    for task in ["vqav2", "vizwiz"] {
+        synth_eval(dir, task, "16", "5");
+        let data = dir.join(task);
+        let extra = [json!(90_000_001u64), json!(90_000_002u64)];
+        let (testdev_name, all_name) = if task == "vqav2" {
+            copy_images(&data.join("val2014"), &data.join("test2015"), |name| {
+                name.replace("val2014", "test2015")
+            });
+            std::fs::copy(
+                data.join("v2_OpenEnded_mscoco_val2014_questions.json"),
+                data.join("v2_OpenEnded_mscoco_test-dev2015_questions.json"),
+            )
+            .unwrap();
+            (
+                "v2_OpenEnded_mscoco_val2014_questions.json",
+                "v2_OpenEnded_mscoco_test2015_questions.json",
+            )
+        } else {
+            copy_images(&data.join("val"), &data.join("test"), str::to_string);
+            (
+                "val_questions_vqa_format.json",
+                "test_questions_vqa_format.json",
+            )
+        };
+        // The whole test set: the test-dev questions and two more.
+        let mut all = read_json(&data.join(testdev_name));
+        let questions = all["questions"].as_array_mut().unwrap();
+        let first = questions[0].clone();
+        for id in &extra {
+            let mut question = first.clone();
+            question["question_id"] = id.clone();
+            questions.push(question);
+        }
+        if task == "vizwiz" {
+            // VizWiz reads its test questions from this one file.
+            all["questions"].as_array_mut().unwrap().truncate(5);
+        }
+        std::fs::write(data.join(all_name), all.to_string()).unwrap();
+
+        let common = [
+            "eval",
+            "--model",
+            "tiny/model.toml",
+            "--dataset",
+            task,
+            "--data-dir",
+            task,
+            "--shots",
+            "0",
+            "2",
+            "--batch-size",
+            "2",
+            // Four of the five questions: the fifth is left unanswered.
+            "--num-samples",
+            "4",
+        ];
+        let mut val = common.to_vec();
+        val.extend(["--predictions", "val.jsonl"]);
+        flamingoctl(dir, &val);
+        let mut testdev = common.to_vec();
+        testdev.extend([
+            "--testdev",
+            "--testdev-dir",
+            "evalai",
+            "--results",
+            "none.json",
+        ]);
+        flamingoctl(dir, &testdev);
+        assert!(!dir.join("none.json").exists(), "test-dev has no scores");
+
+        let predictions: Vec<Value> = std::fs::read_to_string(dir.join("val.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        let all_ids: Vec<Value> = read_json(&data.join(all_name))["questions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| q["question_id"].clone())
+            .collect();
+        for shots in [0u64, 2] {
+            let file = dir.join(format!("evalai/{task}-testdev_{shots}_random_42.json"));
+            let submission = read_json(&file);
+            let entries = submission.as_array().unwrap();
+            let want: HashMap<String, String> = predictions
+                .iter()
+                .filter(|p| p["shots"] == shots)
+                .map(|p| {
+                    (
+                        p["id"].to_string(),
+                        normalize(p["prediction"].as_str().unwrap()),
+                    )
+                })
+                .collect();
+            assert_eq!(want.len(), 4);
+            if task == "vqav2" {
+                let got: HashMap<String, String> = entries
+                    .iter()
+                    .map(|e| {
+                        assert_eq!(e.as_object().unwrap().len(), 2, "{e}");
+                        (
+                            e["question_id"].to_string(),
+                            e["answer"].as_str().unwrap().to_string(),
+                        )
+                    })
+                    .collect();
+                assert_eq!(entries.len(), all_ids.len(), "every test question once");
+                for id in &all_ids {
+                    let expected = want.get(&id.to_string()).cloned().unwrap_or_default();
+                    assert_eq!(got[&id.to_string()], expected, "question {id}");
+                }
+                for id in &extra {
+                    assert_eq!(got[&id.to_string()], "", "unanswered: empty");
+                }
+            } else {
+                let all = read_json(&data.join(all_name));
+                let questions = all["questions"].as_array().unwrap();
+                assert_eq!(entries.len(), questions.len());
+                for (entry, question) in entries.iter().zip(questions) {
+                    assert_eq!(entry["image"], question["image_id"]);
+                    let expected = want
+                        .get(&question["question_id"].to_string())
+                        .cloned()
+                        .unwrap_or_default();
+                    assert_eq!(entry["answer"].as_str().unwrap(), expected);
+                }
+            }
         }
     }
 }
