@@ -321,6 +321,21 @@ function timeOfStep(data, step, fallback) {
   return fallback;
 }
 
+/// The first and last x of rank 0's loss curves: eval charts span them too,
+/// so their steps line up with the loss chart's.
+function lossExtent(data) {
+  const start = startOf(data);
+  const xs = [];
+  for (const name of ["loss_laion", "loss_mmc4"]) {
+    const series = data.series.find((x) => x.name === name && x.rank === 0);
+    if (!series || !series.points.length) continue;
+    for (const p of [series.points[0], series.points[series.points.length - 1]]) {
+      xs.push(view.x === "step" ? p[0] : (p[1] - start) / 1000);
+    }
+  }
+  return xs;
+}
+
 function renderEvals(overlay) {
   const charts = evalCharts();
   const grid = document.getElementById("charts");
@@ -355,6 +370,7 @@ function renderEvals(overlay) {
     });
     lines.forEach((line, index) => { line.colour = PALETTE[index % PALETTE.length]; });
     const card = document.getElementById(`card-${chart.id}`);
+    chart.extraX = view.data.flatMap(lossExtent);
     draw(card, lines, [], chart);
     renderEvalTable(card, chart, rows, overlay);
   }
@@ -454,7 +470,8 @@ function draw(card, lines, markers, chart) {
   const smoothing = chart.smooth ? view.smoothing : 0;
   for (const line of lines) line.smoothed = smooth(line.points.map((p) => p.y), smoothing);
   const usable = (y) => Number.isFinite(y) && (!log || y > 0);
-  const xs = lines.flatMap((line) => line.points.map((p) => p.x)).filter(Number.isFinite);
+  const xs = lines.flatMap((line) => line.points.map((p) => p.x)).concat(chart.extraX || [])
+    .filter(Number.isFinite);
   const ys = lines.flatMap((line) => line.points.map((p) => p.y).concat(line.smoothed))
     .filter(usable);
   if (!xs.length || !ys.length) {

@@ -435,10 +435,7 @@ impl Coordinator {
         record.unix_ms = unix_ms();
         self.metrics
             .append_eval(job_id.as_str(), &record)
-            .map_err(|error| CoordinatorError::Metrics {
-                job_id: job_id.0.clone(),
-                message: error.to_string(),
-            })
+            .map_err(|error| metrics_error(job_id, error))
     }
 
     /// The job's stored eval reports, in arrival order.
@@ -449,10 +446,7 @@ impl Coordinator {
         self.job(job_id).await?;
         self.metrics
             .evals(job_id.as_str())
-            .map_err(|error| CoordinatorError::Metrics {
-                job_id: job_id.0.clone(),
-                message: error.to_string(),
-            })
+            .map_err(|error| metrics_error(job_id, error))
     }
 
     pub fn metrics_store(&self) -> &crate::metrics::MetricsStore {
@@ -467,10 +461,7 @@ impl Coordinator {
         self.job(job_id).await?;
         self.metrics
             .read(job_id.as_str())
-            .map_err(|error| CoordinatorError::Metrics {
-                job_id: job_id.0.clone(),
-                message: error.to_string(),
-            })
+            .map_err(|error| metrics_error(job_id, error))
     }
 
     /// Rank 0 finished `step` (kept in memory; it feeds hang detection).
@@ -633,5 +624,13 @@ impl Coordinator {
         if let Err(error) = self.apply(&cluster, effects).await {
             tracing::error!(%error, "could not record the loss of node {node_id}");
         }
+    }
+}
+
+/// The metrics store failed for `job_id` (its disk, not the request).
+fn metrics_error(job_id: &JobId, error: std::io::Error) -> CoordinatorError {
+    CoordinatorError::Metrics {
+        job_id: job_id.0.clone(),
+        message: error.to_string(),
     }
 }

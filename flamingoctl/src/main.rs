@@ -101,6 +101,9 @@ enum Command {
     Status { job: String },
     /// A training job's committed checkpoints.
     Checkpoints { job: String },
+    /// The benchmark scores stored with a training job (`flamingoctl eval
+    /// --job`): per checkpoint, dataset and shot count; a table or --json.
+    Evals { job: String },
     /// A job's metric reports (step, rank, attempt, time, values): a table,
     /// --csv, or --json.
     Metrics {
@@ -568,6 +571,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let mut session = Session::open(&address).await?;
             let points = session.metrics(&job).await?;
             print!("{}", render::metrics(&points, json, csv));
+        }
+        Command::Evals { job } => {
+            let (address, job) = route(explicit, &address, &job)?;
+            let mut session = Session::open(&address).await?;
+            let reports = session.evals(&job).await?;
+            print!("{}", render::evals(&reports, json));
         }
         Command::Checkpoints { job } => {
             let (address, job) = route(explicit, &address, &job)?;

@@ -222,6 +222,60 @@ pub fn nodes_text(nodes: &[pb::Node]) -> String {
 
 /// `flamingoctl metrics`: one row per report; the value columns are the
 /// union of the reports' names, sorted.
+/// A job's eval reports in arrival order: one row per shot count, or the
+/// reports as JSON (OpenFlamingo's results entries, with the step).
+pub fn evals(reports: &[flamingo_proto::v1::EvalReport], json: bool) -> String {
+    if json {
+        let values: Vec<Value> = reports
+            .iter()
+            .map(|report| {
+                let scores: Vec<Value> = report
+                    .scores
+                    .iter()
+                    .map(|score| {
+                        json!({"shots": score.shots, "trials": score.trials,
+                            "mean": score.mean, "stddev": score.stddev})
+                    })
+                    .collect();
+                json!({
+                    "step": report.step,
+                    "dataset": report.dataset,
+                    "metric": report.metric,
+                    "selection": report.selection,
+                    "samples": report.samples,
+                    "checkpoint": report.checkpoint,
+                    "unix_ms": report.unix_ms,
+                    "scores": scores,
+                })
+            })
+            .collect();
+        return serde_json::to_string_pretty(&values).unwrap_or_default() + "\n";
+    }
+    if reports.is_empty() {
+        return "no eval scores stored (flamingoctl eval --job JOB stores them)\n".to_string();
+    }
+    let mut out = format!(
+        "{:>8}  {:<14} {:<13} {:<7} {:>5}  {:>10}  {:>8}  {:>7}\n",
+        "step", "dataset", "metric", "demos", "shots", "mean", "stddev", "trials"
+    );
+    for report in reports {
+        for score in &report.scores {
+            out.push_str(&format!(
+                "{:>8}  {:<14} {:<13} {:<7} {:>5}  {:>10.4}  {:>8.4}  {:>7}\n",
+                report.step,
+                report.dataset,
+                report.metric,
+                report.selection,
+                score.shots,
+                score.mean,
+                score.stddev,
+                score.trials.len()
+            ));
+        }
+    }
+    out
+}
+
 pub fn metrics(points: &[flamingo_proto::v1::MetricPoint], json: bool, csv: bool) -> String {
     if json {
         let values: Vec<Value> = points

@@ -444,6 +444,34 @@ fn evaluate_checkpoints(dir: &Path, coordinator: &str, job: &str, dashboard: &st
         stored, evaluated,
         "the coordinator holds the results files' scores"
     );
+    // The CLI lists the same scores.
+    let listed: Value = serde_json::from_str(&flamingoctl(
+        dir,
+        &["--coordinator", coordinator, "--json", "evals", job],
+    ))
+    .expect("evals as JSON");
+    let listed: Evaluated = listed
+        .as_array()
+        .expect("an array")
+        .iter()
+        .flat_map(|report| {
+            let step = report["step"].as_u64().expect("a step");
+            report["scores"]
+                .as_array()
+                .expect("an array")
+                .iter()
+                .map(move |score| {
+                    (
+                        step,
+                        score["shots"].as_u64().expect("a count"),
+                        score["mean"].as_f64().expect("a score"),
+                    )
+                })
+        })
+        .collect();
+    assert_eq!(listed, evaluated, "flamingoctl evals");
+    let table = flamingoctl(dir, &["--coordinator", coordinator, "evals", job]);
+    assert!(table.contains("CIDEr"), "{table}");
     evaluated
 }
 
@@ -772,17 +800,7 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
             "tb",
         ],
     );
-    let read = Command::new(flamingo_common::testing::venv_bin("python"))
-        .args(["-c", TENSORBOARD_READ])
-        .arg(dir.join("tb").join(&job).join("rank-0"))
-        .output()
-        .expect("python runs");
-    assert!(
-        read.status.success(),
-        "{}",
-        String::from_utf8_lossy(&read.stderr)
-    );
-    let scalars: Value = serde_json::from_slice(&read.stdout).unwrap();
+    let scalars = tensorboard_scalars(&dir.join("tb").join(&job).join("rank-0"));
     // Read without TensorBoard's purge of abandoned steps, the file holds
     // every stored point in order.
     let loss: Vec<(u64, f64)> = scalars["train/loss_laion"]
@@ -804,17 +822,7 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
     );
     // The eval scores are a run of their own: per shot count, a scalar at
     // each evaluated step.
-    let read = Command::new(flamingo_common::testing::venv_bin("python"))
-        .args(["-c", TENSORBOARD_READ])
-        .arg(dir.join("tb").join(&job).join("eval"))
-        .output()
-        .expect("python runs");
-    assert!(
-        read.status.success(),
-        "{}",
-        String::from_utf8_lossy(&read.stderr)
-    );
-    let scalars: Value = serde_json::from_slice(&read.stdout).unwrap();
+    let scalars = tensorboard_scalars(&dir.join("tb").join(&job).join("eval"));
     let mut from_tensorboard: Vec<(u64, u64, f32)> = Vec::new();
     for (tag, points) in scalars.as_object().unwrap() {
         let shots: u64 = tag
@@ -864,6 +872,22 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
         causes.iter().any(|cause| cause.contains("rank 0")),
         "{causes:?}"
     );
+}
+
+/// A TensorBoard run's scalars, read by TensorBoard's own reader:
+/// `{tag: [[step, value], ...]}`.
+fn tensorboard_scalars(run: &Path) -> Value {
+    let read = Command::new(flamingo_common::testing::venv_bin("python"))
+        .args(["-c", TENSORBOARD_READ])
+        .arg(run)
+        .output()
+        .expect("python runs");
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    serde_json::from_slice(&read.stdout).expect("the reader prints JSON")
 }
 
 const TENSORBOARD_READ: &str = r#"
