@@ -82,6 +82,8 @@ ctl launch --nodes 1 --slots-per-node 2 --job eval --wait -- \
     --job "$job" --dataset coco --data-dir coco --shots 0 4 --results trained.json >/dev/null
 echo "trained (2 ranks, job $job's latest checkpoint):"
 cat trained.json
+echo "stored with job $job (its dashboard page charts them next to the loss):"
+ctl evals "$job"
 
 echo "== flamingoctl down"
 cd - >/dev/null
