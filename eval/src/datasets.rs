@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+mod vqa;
+use vqa::{testdev_questions, vqa, Split};
+
 /// The benchmarks of reference §4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 #[value(rename_all = "snake_case")]
@@ -74,6 +77,16 @@ impl Task {
             Task::Imagenet => "train/<class>/ and val/<class>/ image folders (classes in sorted folder order); classnames.txt (one name per line, in that order) when the folder names are not the class names (ImageNet-1k's 1000 synset folders get OpenFlamingo's class names without it)",
         }
     }
+
+    /// The files `--testdev` reads besides the training split, for the
+    /// tasks with an EvalAI test-dev set.
+    pub fn testdev_layout(self) -> Option<&'static str> {
+        match self {
+            Task::Vqav2 => Some("test2015/ (COCO_test2015_<id:012>.jpg), v2_OpenEnded_mscoco_test-dev2015_questions.json (the questions to answer), v2_OpenEnded_mscoco_test2015_questions.json (all test questions, each needs an answer)"),
+            Task::Vizwiz => Some("test/ (by image_id), test_questions_vqa_format.json"),
+            _ => None,
+        }
+    }
 }
 
 /// ImageNet-1k's class names as OpenFlamingo's evaluation prompts with
@@ -89,18 +102,6 @@ fn is_imagenet_1k(classes: &[String]) -> bool {
                 && class.starts_with('n')
                 && class[1..].chars().all(|c| c.is_ascii_digit())
         })
-}
-
-impl Task {
-    /// The files `--testdev` reads besides the training split, for the
-    /// tasks with an EvalAI test-dev set.
-    pub fn testdev_layout(self) -> Option<&'static str> {
-        match self {
-            Task::Vqav2 => Some("test2015/ (COCO_test2015_<id:012>.jpg), v2_OpenEnded_mscoco_test-dev2015_questions.json (the questions to answer), v2_OpenEnded_mscoco_test2015_questions.json (all test questions, each needs an answer)"),
-            Task::Vizwiz => Some("test/ (by image_id), test_questions_vqa_format.json"),
-            _ => None,
-        }
-    }
 }
 
 /// One example: an image and what goes with it.
@@ -136,15 +137,6 @@ pub struct Dataset {
     /// answer for, as (question_id, image_id); the test split has no
     /// answers.
     pub testdev: Option<Vec<(Value, Value)>>,
-}
-
-/// Which questions a VQA split holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Split {
-    Train,
-    Val,
-    /// EvalAI's test-dev: questions without annotations.
-    TestDev,
 }
 
 type Result<T> = std::result::Result<T, String>;
@@ -259,38 +251,6 @@ fn read(task: Task, dir: &Path, testdev: bool) -> Result<Dataset> {
             None
         },
     })
-}
-
-/// Every question of EvalAI's test set, as (question_id, image_id).
-fn testdev_questions(task: Task, dir: &Path) -> Result<Vec<(Value, Value)>> {
-    let name = match task {
-        Task::Vqav2 => "v2_OpenEnded_mscoco_test2015_questions.json",
-        _ => "test_questions_vqa_format.json",
-    };
-    let path = dir.join(name);
-    if !path.exists() {
-        return Err(format!(
-            "{}: missing; EvalAI's whole test set, whose questions a submission must all answer ({} --testdev reads: {})",
-            path.display(),
-            task.name(),
-            task.testdev_layout().unwrap_or_default()
-        ));
-    }
-    let json = read_json(&path)?;
-    let questions = json
-        .get("questions")
-        .and_then(Value::as_array)
-        .ok_or_else(|| format!("{}: no \"questions\" list", path.display()))?;
-    questions
-        .iter()
-        .enumerate()
-        .map(|(index, question)| {
-            Ok((
-                field(question, "question_id", &path, index)?.clone(),
-                field(question, "image_id", &path, index)?.clone(),
-            ))
-        })
-        .collect()
 }
 
 /// Karpathy's split file: `images[]` with `split`, `filepath`, `filename`,
@@ -409,188 +369,6 @@ fn karpathy(task: Task, dir: &Path) -> Result<(Vec<Example>, Vec<Example>)> {
         }
     }
     Ok((train, test))
-}
-
-/// VQA-format questions (`questions[]`: `question_id`, `image_id`,
-/// `question`) and annotations (`annotations[]`: `question_id`,
-/// `answers[].answer`), paired by question id.
-fn vqa(
-    task: Task,
-    dir: &Path,
-    which: Split,
-    raw_answers: &mut Vec<(String, String)>,
-) -> Result<Vec<Example>> {
-    let train = which == Split::Train;
-    let split = if train { "train" } else { "val" };
-    // VQAv2's COCO file names carry the split and year.
-    let mut coco = format!("{split}2014");
-    let (questions, annotations, images) = match (task, which) {
-        (Task::Vqav2, Split::TestDev) => {
-            coco = "test2015".to_string();
-            (
-                "v2_OpenEnded_mscoco_test-dev2015_questions.json".to_string(),
-                String::new(),
-                coco.clone(),
-            )
-        }
-        (_, Split::TestDev) => (
-            "test_questions_vqa_format.json".to_string(),
-            String::new(),
-            "test".to_string(),
-        ),
-        (Task::Vqav2, _) => (
-            format!("v2_OpenEnded_mscoco_{split}2014_questions.json"),
-            format!("v2_mscoco_{split}2014_annotations.json"),
-            format!("{split}2014"),
-        ),
-        (Task::OkVqa, _) => (
-            format!("OpenEnded_mscoco_{split}2014_questions.json"),
-            format!("mscoco_{split}2014_annotations.json"),
-            format!("{split}2014"),
-        ),
-        (Task::Textvqa, _) => (
-            format!("{split}_questions_vqa_format.json"),
-            format!("{split}_annotations_vqa_format.json"),
-            "train_images".to_string(),
-        ),
-        _ => (
-            format!("{split}_questions_vqa_format.json"),
-            format!("{split}_annotations_vqa_format.json"),
-            split.to_string(),
-        ),
-    };
-    let role = if train {
-        "the demonstrations' questions"
-    } else {
-        "the questions to answer"
-    };
-    let questions_path = require(dir.join(&questions), task, role)?;
-    let image_dir = require(dir.join(&images), task, "the images")?;
-    let mut answers: HashMap<String, Vec<String>> = HashMap::new();
-    if which == Split::TestDev {
-        let examples = vqa_examples(task, &questions_path, &image_dir, &coco, &mut answers, None)?;
-        return Ok(examples);
-    }
-    let annotations_path = require(dir.join(&annotations), task, "their human answers")?;
-    let annotations_json = read_json(&annotations_path)?;
-    for (index, annotation) in annotations_json
-        .get("annotations")
-        .and_then(Value::as_array)
-        .ok_or_else(|| format!("{}: no \"annotations\" list", annotations_path.display()))?
-        .iter()
-        .enumerate()
-    {
-        let id = field(annotation, "question_id", &annotations_path, index)?.to_string();
-        let list = field(annotation, "answers", &annotations_path, index)?
-            .as_array()
-            .ok_or_else(|| {
-                format!(
-                    "{}: entry {index}: \"answers\" should be a list",
-                    annotations_path.display()
-                )
-            })?
-            .iter()
-            .map(|answer| {
-                let stored = string(answer, "answer", &annotations_path, index)?;
-                if let Some(raw) = answer.get("raw_answer").and_then(Value::as_str) {
-                    raw_answers.push((raw.to_string(), stored.clone()));
-                }
-                Ok(stored)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        answers.insert(id, list);
-    }
-    vqa_examples(
-        task,
-        &questions_path,
-        &image_dir,
-        &coco,
-        &mut answers,
-        Some(&annotations_path),
-    )
-}
-
-/// The questions of `questions_path` with their images and, when
-/// `annotations_path` is given, the human answers `answers` holds for them.
-fn vqa_examples(
-    task: Task,
-    questions_path: &Path,
-    image_dir: &Path,
-    coco: &str,
-    answers: &mut HashMap<String, Vec<String>>,
-    annotations_path: Option<&Path>,
-) -> Result<Vec<Example>> {
-    let questions_json = read_json(questions_path)?;
-    let questions = questions_json
-        .get("questions")
-        .and_then(Value::as_array)
-        .ok_or_else(|| format!("{}: no \"questions\" list", questions_path.display()))?;
-    let mut examples = Vec::with_capacity(questions.len());
-    for (index, question) in questions.iter().enumerate() {
-        let id = field(question, "question_id", questions_path, index)?.clone();
-        if id.as_u64().is_none() {
-            return Err(format!(
-                "{}: entry {index}: question_id {id} is not a non-negative integer",
-                questions_path.display()
-            ));
-        }
-        let image_id = field(question, "image_id", questions_path, index)?;
-        let file = match task {
-            Task::Vqav2 | Task::OkVqa => {
-                let number = image_id.as_u64().ok_or_else(|| {
-                    format!(
-                        "{}: entry {index}: image_id should be a number",
-                        questions_path.display()
-                    )
-                })?;
-                format!("COCO_{coco}_{number:012}.jpg")
-            }
-            Task::Textvqa => format!(
-                "{}.jpg",
-                image_id
-                    .as_str()
-                    .map_or(image_id.to_string(), str::to_string)
-            ),
-            _ => image_id
-                .as_str()
-                .ok_or_else(|| {
-                    format!(
-                        "{}: entry {index}: image_id should be a file name",
-                        questions_path.display()
-                    )
-                })?
-                .to_string(),
-        };
-        let (references, target) = match annotations_path {
-            Some(annotations_path) => {
-                let references = answers.remove(&id.to_string()).ok_or_else(|| {
-                    format!(
-                        "{}: question {id} has no entry in {}",
-                        questions_path.display(),
-                        annotations_path.display()
-                    )
-                })?;
-                let target = references.first().cloned().ok_or_else(|| {
-                    format!(
-                        "{}: question {id} has an empty answer list",
-                        annotations_path.display()
-                    )
-                })?;
-                (references, target)
-            }
-            // Test-dev: nothing to score against, never a demonstration.
-            None => (Vec::new(), String::new()),
-        };
-        examples.push(Example {
-            id,
-            image: image_dir.join(file),
-            text: Some(string(question, "question", questions_path, index)?),
-            target,
-            references,
-            class_id: None,
-        });
-    }
-    Ok(examples)
 }
 
 /// HatefulMemes' JSON lines: `id`, `img` (`img/xxxxx.png`), `label`, `text`.

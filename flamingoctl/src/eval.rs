@@ -415,6 +415,36 @@ pub fn run(
     }))
 }
 
+/// `flamingoctl eval`: resolves `--job` (through the coordinator at
+/// `address` when it names a cluster job), runs the benchmark, and on rank
+/// 0 stores the scores with the training job. A rank of an eval job reaches
+/// the coordinator its agent names.
+pub async fn command(args: &EvalArgs, address: &str, json_output: bool) -> anyhow::Result<()> {
+    let checkpoint = match &args.job {
+        Some(job) => {
+            Some(crate::commands::resolve_checkpoint(address, Path::new(job), args.step).await?)
+        }
+        None => None,
+    };
+    let scored = run(args, checkpoint.as_deref(), json_output)?;
+    if let (Some(scored), Some(job), Some(checkpoint)) =
+        (scored, report_target(args), checkpoint.as_deref())
+    {
+        let address =
+            std::env::var("FLAMINGO_JOB_COORDINATOR").unwrap_or_else(|_| address.to_string());
+        if let Err(error) = report(&address, &job, args, checkpoint, &scored).await {
+            eprintln!(
+                "warning: the scores were not stored with job {job}: {error:#}{}",
+                args.results
+                    .as_ref()
+                    .map(|path| format!(" (they are in {})", path.display()))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The cluster job `args`' scores are stored with, if any: `--report-to`,
 /// else `--job` when it names a cluster job rather than a folder here.
 pub fn report_target(args: &EvalArgs) -> Option<String> {

@@ -546,17 +546,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
                 tokio::time::sleep(std::time::Duration::from_secs(5)).await;
             }
-            // The checkpoints' benchmark scores, as their own run (`eval/`)
-            // beside the ranks': in a rank's run their steps would go back,
-            // and TensorBoard would purge the curves after them.
+            // The checkpoints' benchmark scores, as a run of their own.
             let evals = session.evals(&job).await?;
-            let mut scores = 0;
-            if !evals.is_empty() {
-                let mut eval_writer =
-                    flamingoctl::tensorboard::EventWriter::create(&writer.dir().join("eval"))?;
-                scores =
-                    eval_writer.write_points(&flamingoctl::tensorboard::eval_points(&evals))?;
-            }
+            let scores = flamingoctl::tensorboard::write_evals(writer.dir(), &evals)?;
             if scores > 0 {
                 eprint!(
                     "\r{written} point(s) and {scores} checkpoint(s)' eval scores written under {}",
@@ -658,36 +650,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Score(args) => flamingoctl::inference::score(&args, json)?,
         Command::Generate(args) => flamingoctl::inference::generate(&args, json)?,
-        Command::Eval(args) => {
-            let checkpoint = match &args.job {
-                Some(job) => Some(
-                    commands::resolve_checkpoint(&address, std::path::Path::new(job), args.step)
-                        .await?,
-                ),
-                None => None,
-            };
-            let scored = flamingoctl::eval::run(&args, checkpoint.as_deref(), json)?;
-            // Rank 0 stores the scores with the training job. A rank of an
-            // eval job reaches the coordinator its agent names.
-            if let (Some(scored), Some(job), Some(checkpoint)) = (
-                scored,
-                flamingoctl::eval::report_target(&args),
-                checkpoint.as_deref(),
-            ) {
-                let address = std::env::var("FLAMINGO_JOB_COORDINATOR").unwrap_or(address);
-                if let Err(error) =
-                    flamingoctl::eval::report(&address, &job, &args, checkpoint, &scored).await
-                {
-                    eprintln!(
-                        "warning: the scores were not stored with job {job}: {error:#}{}",
-                        args.results
-                            .as_ref()
-                            .map(|path| format!(" (they are in {})", path.display()))
-                            .unwrap_or_default()
-                    );
-                }
-            }
-        }
+        Command::Eval(args) => flamingoctl::eval::command(&args, &address, json).await?,
         Command::Data(command) => flamingoctl::data::run(command, json).await?,
         Command::Train(args) => return flamingoctl::train::run(&args),
         Command::Export {

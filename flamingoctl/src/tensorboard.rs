@@ -94,6 +94,20 @@ pub fn eval_points(reports: &[flamingo_proto::v1::EvalReport]) -> Vec<MetricPoin
     by_step.into_values().collect()
 }
 
+/// Writes a job's benchmark scores as their own run, `<job_dir>/eval/`,
+/// beside the ranks': in a rank's run their steps would go back, and
+/// TensorBoard would purge the curves after them. Returns the points
+/// written (one per evaluated step).
+pub fn write_evals(
+    job_dir: &Path,
+    reports: &[flamingo_proto::v1::EvalReport],
+) -> anyhow::Result<usize> {
+    if reports.is_empty() {
+        return Ok(0);
+    }
+    EventWriter::create(&job_dir.join("eval"))?.write_points(&eval_points(reports))
+}
+
 /// CRC-32C (Castagnoli), bitwise-reflected, as TFRecord uses.
 pub fn crc32c(data: &[u8]) -> u32 {
     static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
