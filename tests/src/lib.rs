@@ -367,6 +367,25 @@ pub fn flamingoctl(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// `flamingoctl data synth-eval` for `task` into `dir/task`.
+pub fn synth_eval(dir: &Path, task: &str, train: &str, test: &str) {
+    flamingoctl(
+        dir,
+        &[
+            "data",
+            "synth-eval",
+            "--dataset",
+            task,
+            "--out",
+            task,
+            "--train",
+            train,
+            "--test",
+            test,
+        ],
+    );
+}
+
 /// In `dir`: `samples` synthetic LAION samples in shards of 24 under
 /// `data/` (32-pixel images, with the tokenizer in `data/tokenizer`), and a
 /// tiny random model whose spec is `tiny/model.toml`.

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
-use flamingo_tests::{flamingoctl, wait_for, ClusterSandbox, SandboxOptions};
+use flamingo_tests::{flamingoctl, synth_eval, wait_for, ClusterSandbox, SandboxOptions};
 use serde_json::{json, Value};
 
 const SAMPLES: u64 = 512;
@@ -323,21 +323,7 @@ type Evaluated = Vec<(u64, u64, f64)>;
 /// scores the results files hold, after checking that the coordinator
 /// stored the same.
 fn evaluate_checkpoints(dir: &Path, coordinator: &str, job: &str, dashboard: &str) -> Evaluated {
-    flamingoctl(
-        dir,
-        &[
-            "data",
-            "synth-eval",
-            "--dataset",
-            "coco",
-            "--out",
-            "coco",
-            "--train",
-            "8",
-            "--test",
-            "4",
-        ],
-    );
+    synth_eval(dir, "coco", "8", "4");
     let flags = [
         "--dataset",
         "coco",

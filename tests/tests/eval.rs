@@ -6,7 +6,7 @@ use std::ffi::OsStr;
 use std::path::Path;
 
 use flamingo_common::testing::run_python;
-use flamingo_tests::{flamingoctl, synthetic_laion_and_tiny_model};
+use flamingo_tests::{flamingoctl, synth_eval, synthetic_laion_and_tiny_model};
 use serde_json::{json, Value};
 
 /// (task, shots): every generation task and HatefulMemes (ImageNet's
@@ -21,25 +21,6 @@ const TASKS: [(&str, &str); 7] = [
     ("vizwiz", "4"),
     ("hateful_memes", "0,4"),
 ];
-
-/// `flamingoctl data synth-eval` for `task` into `dir/task`.
-fn synth_eval(dir: &Path, task: &str, train: &str, test: &str) {
-    flamingoctl(
-        dir,
-        &[
-            "data",
-            "synth-eval",
-            "--dataset",
-            task,
-            "--out",
-            task,
-            "--train",
-            train,
-            "--test",
-            test,
-        ],
-    );
-}
 
 fn file_name(path: &Value) -> String {
     Path::new(path.as_str().expect("a path"))
