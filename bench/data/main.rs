@@ -32,6 +32,9 @@ struct Args {
     rounds: usize,
     #[arg(long)]
     python: Option<PathBuf>,
+    /// Measure ours only (for profiling); no ratio is printed.
+    #[arg(long)]
+    no_python: bool,
 }
 
 fn python(args: &Args) -> PathBuf {
@@ -141,18 +144,24 @@ async fn main() -> anyhow::Result<()> {
         "dataset", "threads", "ours (/s)", "per core", "ratio"
     );
     for dataset in ["laion", "mmc4"] {
-        let mut python_rate = 0f64;
-        for _ in 0..args.rounds {
+        let mut python_rate = f64::NAN;
+        for _ in 0..if args.no_python { 0 } else { args.rounds } {
             let output = reference(&args, &["time", &path, dataset])?;
             let value: serde_json::Value = serde_json::from_str(output.trim())?;
             let rate =
                 value["samples"].as_f64().unwrap_or(0.0) / value["seconds"].as_f64().unwrap_or(1.0);
-            python_rate = python_rate.max(rate);
+            python_rate = if python_rate.is_nan() {
+                rate
+            } else {
+                python_rate.max(rate)
+            };
         }
-        println!(
-            "{:<8} {:>8} {:>12.1} {:>12.1} {:>8}",
-            dataset, "python", python_rate, python_rate, "1.000"
-        );
+        if !args.no_python {
+            println!(
+                "{:<8} {:>8} {:>12.1} {:>12.1} {:>8}",
+                dataset, "python", python_rate, python_rate, "1.000"
+            );
+        }
         for threads in &threads {
             let (kept, rate) = ours(dir.path(), dataset, *threads, args.rounds).await?;
             let per_core = rate / *threads as f64;

@@ -4,7 +4,7 @@
 //! bytes and the seeded decisions, run on worker threads.
 
 use base64::Engine as _;
-use flamingo_model::preprocess::{clip_resize_crop, RgbImage};
+use flamingo_model::preprocess::{clip_image, RgbImage};
 use flamingo_model::FlamingoTokenizer;
 use serde_json::Value;
 
@@ -84,18 +84,11 @@ impl Preparer {
             .map_err(|error| Reject::new(RejectReason::BadText, error.to_string()))
     }
 
+    /// Decoded, resized and center-cropped (only the part of a JPEG that
+    /// the crop reads is decoded).
     fn image(&self, bytes: &[u8], which: &str) -> Result<RgbImage, Reject> {
-        RgbImage::decode(bytes)
+        clip_image(bytes, self.spec.image_size as usize)
             .map_err(|error| Reject::new(RejectReason::BadImage, format!("{which}: {error}")))
-    }
-
-    fn crop(&self, image: &RgbImage, flip: bool) -> Result<RgbImage, Reject> {
-        let mut cropped = clip_resize_crop(image, self.spec.image_size as usize)
-            .map_err(|error| Reject::new(RejectReason::BadImage, error.to_string()))?;
-        if flip {
-            cropped.flip_horizontal();
-        }
-        Ok(cropped)
     }
 
     /// `<image>{caption.strip()}<|endofchunk|>{eos}`, truncated to
@@ -112,8 +105,10 @@ impl Preparer {
             .ok_or_else(|| Reject::new(RejectReason::MissingImage, "no .jpg/.png/.jpeg member"))?;
         let caption = std::str::from_utf8(text)
             .map_err(|error| Reject::new(RejectReason::BadText, format!("txt: {error}")))?;
-        let image = self.image(image, suffix)?;
-        let cropped = self.crop(&image, decisions.flip)?;
+        let mut cropped = self.image(image, suffix)?;
+        if decisions.flip {
+            cropped.flip_horizontal();
+        }
         let input_ids = self.encode(&format!(
             "{MEDIA}{}{EOC}{}",
             python_strip(caption),
@@ -320,9 +315,12 @@ impl Preparer {
         let labels = interleaved_labels(&input_ids, self.pad, self.media, self.end_of_chunk);
         let mut image_order = Vec::with_capacity(kept.len());
         let mut cropped = Vec::with_capacity(kept.len());
-        for (index, image, _) in &kept {
-            image_order.push(*index);
-            cropped.push(self.crop(image, decisions.flip)?);
+        for (index, mut image, _) in kept {
+            if decisions.flip {
+                image.flip_horizontal();
+            }
+            image_order.push(index);
+            cropped.push(image);
         }
         Ok(Prepared {
             shard: raw.shard.clone(),
@@ -369,12 +367,19 @@ fn replace_placeholders(text: &str) -> String {
 /// Python's `base64.b64decode` without `validate`: characters outside the
 /// alphabet (newlines, spaces) are discarded first.
 fn decode_base64(text: &str) -> Result<Vec<u8>, String> {
-    let cleaned: String = text
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '='))
-        .collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(cleaned.as_bytes())
+    let engine = base64::engine::general_purpose::STANDARD;
+    // Text in the alphabet alone decodes directly; anything else (newlines,
+    // spaces) is filtered out first. Non-ASCII characters are bytes ≥ 0x80
+    // in UTF-8, none of them in the alphabet.
+    engine
+        .decode(text)
+        .or_else(|_| {
+            let cleaned: Vec<u8> = text
+                .bytes()
+                .filter(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'+' | b'/' | b'='))
+                .collect();
+            engine.decode(cleaned)
+        })
         .map_err(|error| error.to_string())
 }
 

@@ -1,7 +1,16 @@
 /* JPEG decoding through libjpeg(-turbo), as Pillow decodes: the library's
  * defaults (accurate integer IDCT, fancy upsampling) with output converted
  * to RGB by libjpeg. A premature end of data is an error, as Pillow's
- * "image file is truncated"; other corrupt-data warnings are not. */
+ * "image file is truncated"; other corrupt-data warnings are not.
+ *
+ * A decoder can produce a region of the image only (libjpeg-turbo's
+ * jpeg_crop_scanline and jpeg_skip_scanlines). The entropy-coded data is
+ * still read to the end, so a truncated file fails the same way whatever
+ * region is asked for; only the inverse DCT, upsampling and colour
+ * conversion of pixels outside the region are saved.
+ *
+ * Every entry point sets its own error jump, as libjpeg's error handling
+ * requires; after an error the decoder may only be closed. */
 
 #include <setjmp.h>
 #include <stdio.h>
@@ -16,6 +25,11 @@ struct shim_error {
     jmp_buf jump;
     char *message;
     size_t message_len;
+};
+
+struct flamingo_jpeg {
+    struct jpeg_decompress_struct cinfo;
+    struct shim_error error;
 };
 
 static void shim_fail(j_common_ptr cinfo) {
@@ -34,52 +48,110 @@ static void shim_warn(j_common_ptr cinfo, int level) {
     }
 }
 
-/* Returns 0 and a malloc'ed RGB buffer, 1 with a message on failure, 2 when
- * the image is CMYK/YCCK (left to the caller: libjpeg cannot make RGB). */
-int flamingo_jpeg_decode(const unsigned char *data, unsigned long size,
-                         unsigned char **pixels, int *width, int *height,
-                         char *message, size_t message_len) {
-    struct jpeg_decompress_struct cinfo;
-    struct shim_error error;
-    unsigned char *volatile buffer = NULL;
-    *pixels = NULL;
-    cinfo.err = jpeg_std_error(&error.manager);
-    error.manager.error_exit = shim_fail;
-    error.manager.emit_message = shim_warn;
-    error.message = message;
-    error.message_len = message_len;
-    if (setjmp(error.jump)) {
-        jpeg_destroy_decompress(&cinfo);
-        free(buffer);
+/* Reads the header. Returns 0 with a decoder (to close with
+ * flamingo_jpeg_close) and the image size, 1 with a message on failure, 2
+ * when the image is CMYK/YCCK (libjpeg cannot make RGB). `data` must outlive
+ * the decoder. */
+int flamingo_jpeg_open(const unsigned char *data, unsigned long size,
+                       struct flamingo_jpeg **out, unsigned *width,
+                       unsigned *height, char *message, size_t message_len) {
+    struct flamingo_jpeg *volatile decoder = calloc(1, sizeof(struct flamingo_jpeg));
+    *out = NULL;
+    if (decoder == NULL) {
+        snprintf(message, message_len, "out of memory for a JPEG decoder");
         return 1;
     }
-    jpeg_create_decompress(&cinfo);
-    jpeg_mem_src(&cinfo, data, size);
-    jpeg_read_header(&cinfo, TRUE);
-    if (cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK) {
-        jpeg_destroy_decompress(&cinfo);
+    decoder->cinfo.err = jpeg_std_error(&decoder->error.manager);
+    decoder->error.manager.error_exit = shim_fail;
+    decoder->error.manager.emit_message = shim_warn;
+    decoder->error.message = message;
+    decoder->error.message_len = message_len;
+    if (setjmp(decoder->error.jump)) {
+        jpeg_destroy_decompress(&decoder->cinfo);
+        free(decoder);
+        return 1;
+    }
+    jpeg_create_decompress(&decoder->cinfo);
+    jpeg_mem_src(&decoder->cinfo, data, size);
+    jpeg_read_header(&decoder->cinfo, TRUE);
+    if (decoder->cinfo.jpeg_color_space == JCS_CMYK ||
+        decoder->cinfo.jpeg_color_space == JCS_YCCK) {
+        jpeg_destroy_decompress(&decoder->cinfo);
+        free(decoder);
         return 2;
     }
-    cinfo.out_color_space = JCS_RGB;
-    jpeg_start_decompress(&cinfo);
-    size_t row = (size_t)cinfo.output_width * 3;
-    buffer = malloc(row * cinfo.output_height);
-    if (buffer == NULL) {
-        snprintf(message, message_len, "out of memory for %ux%u pixels",
-                 cinfo.output_width, cinfo.output_height);
-        jpeg_destroy_decompress(&cinfo);
-        return 1;
-    }
-    while (cinfo.output_scanline < cinfo.output_height) {
-        JSAMPROW line = buffer + row * cinfo.output_scanline;
-        jpeg_read_scanlines(&cinfo, &line, 1);
-    }
-    jpeg_finish_decompress(&cinfo);
-    *width = (int)cinfo.output_width;
-    *height = (int)cinfo.output_height;
-    jpeg_destroy_decompress(&cinfo);
-    *pixels = buffer;
+    decoder->cinfo.out_color_space = JCS_RGB;
+    *width = decoder->cinfo.image_width;
+    *height = decoder->cinfo.image_height;
+    *out = decoder;
     return 0;
 }
 
-void flamingo_jpeg_free(unsigned char *pixels) { free(pixels); }
+/* Starts decompression of the columns [*left, *left + *columns). libjpeg
+ * starts them at an iMCU boundary: *left and *columns are updated to the
+ * columns that flamingo_jpeg_read will produce. Returns 0, or 1 with a
+ * message. */
+int flamingo_jpeg_start(struct flamingo_jpeg *decoder, unsigned *left,
+                        unsigned *columns, char *message, size_t message_len) {
+    decoder->error.message = message;
+    decoder->error.message_len = message_len;
+    if (setjmp(decoder->error.jump)) {
+        return 1;
+    }
+    jpeg_start_decompress(&decoder->cinfo);
+    JDIMENSION offset = *left, width = *columns;
+    jpeg_crop_scanline(&decoder->cinfo, &offset, &width);
+    *left = offset;
+    *columns = width;
+    return 0;
+}
+
+/* Writes the rows [top, top + rows) of the started columns to `pixels`
+ * (rows × columns × 3 bytes), then reads the rest of the data to the end of
+ * the image. Returns 0, or 1 with a message. */
+int flamingo_jpeg_read(struct flamingo_jpeg *decoder, unsigned top,
+                       unsigned rows, unsigned char *pixels, char *message,
+                       size_t message_len) {
+    struct jpeg_decompress_struct *cinfo = &decoder->cinfo;
+    decoder->error.message = message;
+    decoder->error.message_len = message_len;
+    if (setjmp(decoder->error.jump)) {
+        return 1;
+    }
+    size_t stride = (size_t)cinfo->output_width * 3;
+    if ((unsigned long long)top + rows > cinfo->output_height) {
+        snprintf(message, message_len, "rows %u..%u outside the image's %u", top,
+                 top + rows, cinfo->output_height);
+        return 1;
+    }
+    if (top > 0) {
+        jpeg_skip_scanlines(cinfo, top);
+    }
+    while (cinfo->output_scanline < top + rows) {
+        JSAMPROW line = pixels + stride * (cinfo->output_scanline - top);
+        jpeg_read_scanlines(cinfo, &line, 1);
+    }
+    if (cinfo->output_scanline < cinfo->output_height) {
+        /* Skipping to the very end would stop reading the data (libjpeg
+         * marks the end of the image reached), so skip to the last row and
+         * decode it: every entropy-coded byte is read, as in a full decode. */
+        JSAMPARRAY last = (*cinfo->mem->alloc_sarray)((j_common_ptr)cinfo, JPOOL_IMAGE,
+                                                      (JDIMENSION)stride, 1);
+        JDIMENSION before_last = cinfo->output_height - 1;
+        if (cinfo->output_scanline < before_last) {
+            jpeg_skip_scanlines(cinfo, before_last - cinfo->output_scanline);
+        }
+        while (cinfo->output_scanline < cinfo->output_height) {
+            jpeg_read_scanlines(cinfo, last, 1);
+        }
+    }
+    jpeg_finish_decompress(cinfo);
+    return 0;
+}
+
+void flamingo_jpeg_close(struct flamingo_jpeg *decoder) {
+    if (decoder != NULL) {
+        jpeg_destroy_decompress(&decoder->cinfo);
+        free(decoder);
+    }
+}

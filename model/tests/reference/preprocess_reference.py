@@ -1,6 +1,7 @@
 """Reference tensors for tests/parity_preprocess.rs: open_clip's eval
 transform (torchvision Resize with Pillow bicubic, CenterCrop, ToTensor,
-Normalize) on PNG images of several sizes and aspect ratios.
+Normalize) on PNG images of several sizes and aspect ratios, and on JPEGs of
+several sizes, subsamplings and encodings.
 
 usage: python preprocess_reference.py OUT_DIR
 """
@@ -15,6 +16,19 @@ from PIL import Image
 from safetensors.torch import save_file
 
 SIZES = [(60, 45), (45, 60), (300, 200), (227, 331), (28, 28), (20, 13), (640, 480)]
+# JPEGs decoded through a region (tests/parity_preprocess.rs): photo sizes,
+# odd sizes, every chroma subsampling Pillow writes, progressive, greyscale.
+JPEGS = [
+    ((640, 427), dict(subsampling=2)),
+    ((427, 640), dict(subsampling=1)),
+    ((500, 375), dict(subsampling=0)),
+    ((333, 500), dict(subsampling=2, progressive=True)),
+    ((1024, 683), dict(subsampling=2)),
+    ((641, 479), dict(subsampling=1, progressive=True)),
+    ((257, 1001), dict(subsampling=2)),
+    ((400, 300), dict(grey=True)),
+    ((230, 225), dict(subsampling=2)),
+]
 
 
 def main():
@@ -32,6 +46,23 @@ def main():
         for size in (28, 224):
             transform = image_transform(size, is_train=False)
             tensors[f"image{index}.{size}"] = transform(Image.open(path)).contiguous()
+    for index, ((width, height), options) in enumerate(JPEGS):
+        y, x = np.mgrid[0:height, 0:width]
+        # Smooth colour ramps with blobs, so JPEG keeps structure and every
+        # chroma and edge case of the upsampler is exercised.
+        smooth = np.stack([(x * 7 + y * 3) % 256, (y * 5 + 40) % 256,
+                           128 + 100 * np.sin(x / 17.0) * np.cos(y / 23.0)], axis=-1)
+        noise = rng.integers(0, 256, size=(height, width, 3))
+        pixels = np.where(rng.random((height, width, 1)) < 0.05, noise, smooth).astype(np.uint8)
+        image = Image.fromarray(pixels, "RGB")
+        options = dict(options)
+        if options.pop("grey", False):
+            image = image.convert("L")
+        path = os.path.join(out, f"photo{index}.jpg")
+        image.save(path, quality=90, **options)
+        for size in (28, 224):
+            transform = image_transform(size, is_train=False)
+            tensors[f"photo{index}.{size}"] = transform(Image.open(path)).contiguous()
     save_file(tensors, os.path.join(out, "reference.safetensors"))
 
 
