@@ -118,6 +118,17 @@ impl<'a> Jpeg<'a> {
         columns: Range<usize>,
         rows: Range<usize>,
     ) -> Result<Region, String> {
+        self.decode_region_into(columns, rows, Vec::new())
+    }
+
+    /// [`Self::decode_region`] into `pixels`' memory (a buffer kept from
+    /// an earlier image saves the allocation and its page faults).
+    pub fn decode_region_into(
+        self,
+        columns: Range<usize>,
+        rows: Range<usize>,
+        mut pixels: Vec<u8>,
+    ) -> Result<Region, String> {
         let end = columns.end.clamp(1, self.width);
         let mut left = columns.start.min(end - 1) as c_uint;
         let mut count = (end as c_uint) - left;
@@ -140,7 +151,8 @@ impl<'a> Jpeg<'a> {
         }
         let (left, count) = (left as usize, count as usize);
         let lines = bottom - top;
-        let mut pixels = vec![0u8; lines * count * 3];
+        pixels.clear();
+        pixels.resize(lines * count * 3, 0);
         // SAFETY: `pixels` holds lines × count × 3 bytes, which is what
         // the started decoder writes for `lines` rows.
         let status = unsafe {

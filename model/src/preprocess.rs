@@ -162,6 +162,15 @@ pub fn clip_resize_crop(image: &RgbImage, size: usize) -> Result<RgbImage> {
 /// from every pixel used.
 const JPEG_MARGIN: usize = 16;
 
+thread_local! {
+    /// The last decoded JPEG region's memory, reused by the next image on
+    /// this thread.
+    static DECODED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Larger decode buffers are freed rather than kept per thread.
+const KEPT_DECODE_BYTES: usize = 8 << 20;
+
 /// [`clip_resize_crop`] of encoded image bytes (Pillow's
 /// `Image.open(…).convert("RGB")` first). A JPEG is decoded only where the
 /// crop reads it; those pixels are the whole decode's, so the result is the
@@ -182,8 +191,9 @@ pub fn clip_image(bytes: &[u8], size: usize) -> std::result::Result<RgbImage, St
                 resample::span(full_height, height, top..top + size),
                 full_height,
             );
-            let region = jpeg.decode_region(columns, rows)?;
-            return Ok(resample::resize(
+            let buffer = DECODED.with(|kept| std::mem::take(&mut *kept.borrow_mut()));
+            let region = jpeg.decode_region_into(columns, rows, buffer)?;
+            let cropped = resample::resize(
                 &region.image,
                 &Window {
                     full: (full_width, full_height),
@@ -193,7 +203,11 @@ pub fn clip_image(bytes: &[u8], size: usize) -> std::result::Result<RgbImage, St
                     top,
                     out: (size, size),
                 },
-            ));
+            );
+            if region.image.pixels.capacity() <= KEPT_DECODE_BYTES {
+                DECODED.with(|kept| *kept.borrow_mut() = region.image.pixels);
+            }
+            return Ok(cropped);
         }
     }
     let image = RgbImage::decode(bytes)?;
