@@ -231,21 +231,11 @@ fn horizontal_pass(
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2, checked just above.
-        return unsafe { horizontal_avx2(source, rows, taps, out) };
+        return unsafe { avx2::horizontal(source, rows, taps, out) };
     }
     horizontal_generic(source, rows, taps, out);
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn horizontal_avx2(
-    source: &RgbImage,
-    rows: Range<usize>,
-    taps: &[(usize, Vec<i32>)],
-    out: &mut [u8],
-) {
-    avx2::horizontal(source, rows, taps, out);
-}
 /// Each output pixel accumulates four lanes per tap — red, green, blue and
 /// the next pixel's red, which is thrown away — so that a tap is one vector
 /// multiply-add. The fourth byte exists except after the very last pixel of
