@@ -84,10 +84,10 @@ impl Preparer {
             .map_err(|error| Reject::new(RejectReason::BadText, error.to_string()))
     }
 
-    /// Decoded, resized and center-cropped (only the part of a JPEG that
-    /// the crop reads is decoded).
-    fn image(&self, bytes: &[u8], which: &str) -> Result<RgbImage, Reject> {
-        clip_image(bytes, self.spec.image_size as usize)
+    /// Decoded, resized, center-cropped and mirrored if `flip` (only the
+    /// part of a JPEG that the crop reads is decoded).
+    fn image(&self, bytes: &[u8], which: &str, flip: bool) -> Result<RgbImage, Reject> {
+        clip_image(bytes, self.spec.image_size as usize, flip)
             .map_err(|error| Reject::new(RejectReason::BadImage, format!("{which}: {error}")))
     }
 
@@ -105,10 +105,7 @@ impl Preparer {
             .ok_or_else(|| Reject::new(RejectReason::MissingImage, "no .jpg/.png/.jpeg member"))?;
         let caption = std::str::from_utf8(text)
             .map_err(|error| Reject::new(RejectReason::BadText, format!("txt: {error}")))?;
-        let mut cropped = self.image(image, suffix)?;
-        if decisions.flip {
-            cropped.flip_horizontal();
-        }
+        let cropped = self.image(image, suffix, decisions.flip)?;
         let input_ids = self.encode(&format!(
             "{MEDIA}{}{EOC}{}",
             python_strip(caption),
@@ -212,7 +209,7 @@ impl Preparer {
             if score < mmc4.sim_threshold {
                 continue;
             }
-            let decoded = self.image(&bytes, &format!("image {index}"))?;
+            let decoded = self.image(&bytes, &format!("image {index}"), decisions.flip)?;
             kept.push((index, decoded, sentence));
         }
         if kept.is_empty() {
@@ -264,7 +261,11 @@ impl Preparer {
             let bytes = decode_base64(encoded).map_err(|error| {
                 Reject::new(RejectReason::BadBase64, format!("{placeholder}: {error}"))
             })?;
-            kept.push((number - 1, self.image(&bytes, &placeholder)?, number - 1));
+            kept.push((
+                number - 1,
+                self.image(&bytes, &placeholder, decisions.flip)?,
+                number - 1,
+            ));
         }
         kept.truncate(self.spec.mmc4.max_images as usize);
         let mut text = replace_placeholders(example);
@@ -315,10 +316,7 @@ impl Preparer {
         let labels = interleaved_labels(&input_ids, self.pad, self.media, self.end_of_chunk);
         let mut image_order = Vec::with_capacity(kept.len());
         let mut cropped = Vec::with_capacity(kept.len());
-        for (index, mut image, _) in kept {
-            if decisions.flip {
-                image.flip_horizontal();
-            }
+        for (index, image, _) in kept {
             image_order.push(index);
             cropped.push(image);
         }

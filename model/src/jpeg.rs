@@ -151,8 +151,9 @@ impl<'a> Jpeg<'a> {
         }
         let (left, count) = (left as usize, count as usize);
         let lines = bottom - top;
-        pixels.clear();
-        pixels.resize(lines * count * 3, 0);
+        // Every byte is written by the decoder, so a reused buffer's old
+        // contents need no clearing; only new memory is zeroed.
+        reuse(&mut pixels, lines * count * 3);
         // SAFETY: `pixels` holds lines × count × 3 bytes, which is what
         // the started decoder writes for `lines` rows.
         let status = unsafe {
@@ -177,6 +178,15 @@ impl<'a> Jpeg<'a> {
             left,
             top,
         })
+    }
+}
+
+/// Makes `buffer` `len` bytes long, zeroing only bytes it never held.
+pub(crate) fn reuse(buffer: &mut Vec<u8>, len: usize) {
+    if buffer.len() < len {
+        buffer.resize(len, 0);
+    } else {
+        buffer.truncate(len);
     }
 }
 

@@ -63,16 +63,11 @@ impl RgbImage {
 
     /// Mirrors the image left to right (torchvision's `hflip`).
     pub fn flip_horizontal(&mut self) {
+        if self.width == 0 {
+            return;
+        }
         for row in self.pixels.chunks_exact_mut(self.width * 3) {
-            let mut left = 0;
-            let mut right = self.width.saturating_sub(1);
-            while left < right {
-                for channel in 0..3 {
-                    row.swap(left * 3 + channel, right * 3 + channel);
-                }
-                left += 1;
-                right -= 1;
-            }
+            row.as_chunks_mut::<3>().0.reverse();
         }
     }
 
@@ -103,6 +98,7 @@ impl RgbImage {
                 left,
                 top,
                 out: (out_width, out_height),
+                flip: false,
             },
         )
     }
@@ -172,10 +168,12 @@ thread_local! {
 const KEPT_DECODE_BYTES: usize = 8 << 20;
 
 /// [`clip_resize_crop`] of encoded image bytes (Pillow's
-/// `Image.open(…).convert("RGB")` first). A JPEG is decoded only where the
-/// crop reads it; those pixels are the whole decode's, so the result is the
-/// same, and a truncated or corrupt file fails the same way.
-pub fn clip_image(bytes: &[u8], size: usize) -> std::result::Result<RgbImage, String> {
+/// `Image.open(…).convert("RGB")` first), mirrored left to right if `flip`
+/// (the training augmentation; free here, as the resize writes the columns
+/// in reverse). A JPEG is decoded only where the crop reads it; those pixels
+/// are the whole decode's, so the result is the same, and a truncated or
+/// corrupt file fails the same way.
+pub fn clip_image(bytes: &[u8], size: usize, flip: bool) -> std::result::Result<RgbImage, String> {
     if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
         if let Some(jpeg) = Jpeg::open(bytes)? {
             let (full_width, full_height) = (jpeg.width, jpeg.height);
@@ -202,6 +200,7 @@ pub fn clip_image(bytes: &[u8], size: usize) -> std::result::Result<RgbImage, St
                     left,
                     top,
                     out: (size, size),
+                    flip,
                 },
             );
             if region.image.pixels.capacity() <= KEPT_DECODE_BYTES {
@@ -211,12 +210,30 @@ pub fn clip_image(bytes: &[u8], size: usize) -> std::result::Result<RgbImage, St
         }
     }
     let image = RgbImage::decode(bytes)?;
-    clip_resize_crop(&image, size).map_err(|error| error.to_string())
+    let mut cropped = clip_resize_crop(&image, size).map_err(|error| error.to_string())?;
+    if flip {
+        cropped.flip_horizontal();
+    }
+    Ok(cropped)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flipping_mirrors_whole_pixels() {
+        let mut image = RgbImage {
+            width: 3,
+            height: 2,
+            pixels: (0..18).collect(),
+        };
+        image.flip_horizontal();
+        assert_eq!(
+            image.pixels,
+            [6, 7, 8, 3, 4, 5, 0, 1, 2, 15, 16, 17, 12, 13, 14, 9, 10, 11]
+        );
+    }
 
     #[test]
     fn rounding_follows_python() {

@@ -7,10 +7,12 @@
 //!
 //! Only a window of the output is computed (each output pixel depends only
 //! on its own coefficients), and the input may be a window of the image too,
-//! as long as it holds every pixel the output reads ([`span`]). The inner
-//! loops are written so that the compiler vectorises them; on x86-64 with
-//! AVX2 they are compiled a second time for it and chosen at run time. The
-//! integer arithmetic is the same on every path.
+//! as long as it holds every pixel the output reads ([`span`]). On x86-64
+//! with AVX2 (checked at run time) both passes run as explicit vector code:
+//! the horizontal one four rows at a time with 16-bit multiply-adds on split
+//! weights, the vertical one 32 bytes at a time with their sums kept in
+//! registers. Other CPUs run the plain loops. The integer arithmetic, and so
+//! every pixel, is the same on every path.
 
 use std::ops::Range;
 
@@ -107,7 +109,9 @@ fn clip8(value: i32) -> u8 {
 /// The part `[left, left + out_width) × [top, top + out_height)` of Pillow's
 /// `resize((width, height), BICUBIC)` of a `full_width × full_height` image
 /// of which `source` holds the columns from `origin.0` and the rows from
-/// `origin.1`.
+/// `origin.1`, mirrored left to right when `flip` is set (torchvision's
+/// `hflip` of the result; the horizontal pass then just takes its output
+/// columns in reverse order).
 pub(crate) struct Window {
     pub full: (usize, usize),
     pub origin: (usize, usize),
@@ -115,6 +119,7 @@ pub(crate) struct Window {
     pub left: usize,
     pub top: usize,
     pub out: (usize, usize),
+    pub flip: bool,
 }
 
 pub(crate) fn resize(source: &RgbImage, window: &Window) -> RgbImage {
@@ -146,7 +151,7 @@ pub(crate) fn resize(source: &RgbImage, window: &Window) -> RgbImage {
             *first -= origin_y;
         }
         let source_columns = needed_columns.start - origin_x..needed_columns.end - origin_x;
-        let mut pixels = vec![0u8; source_columns.len() * out_height * 3];
+        let mut pixels = scratch(source_columns.len() * out_height * 3);
         vertical_pass(source, source_columns.clone(), &vertical, &mut pixels);
         let temporary = RgbImage {
             width: source_columns.len(),
@@ -157,8 +162,12 @@ pub(crate) fn resize(source: &RgbImage, window: &Window) -> RgbImage {
         for (first, _) in &mut horizontal {
             *first -= needed_columns.start;
         }
+        if window.flip {
+            horizontal.reverse();
+        }
         let mut pixels = vec![0u8; out_width * out_height * 3];
         horizontal_pass(&temporary, 0..out_height, &horizontal, &mut pixels);
+        keep_scratch(temporary.pixels);
         return RgbImage {
             width: out_width,
             height: out_height,
@@ -170,8 +179,17 @@ pub(crate) fn resize(source: &RgbImage, window: &Window) -> RgbImage {
         for (first, _) in &mut horizontal {
             *first -= origin_x;
         }
+        if window.flip {
+            horizontal.reverse();
+        }
         let source_rows = needed_rows.start - origin_y..needed_rows.end - origin_y;
-        let mut pixels = vec![0u8; out_width * source_rows.len() * 3];
+        let len = out_width * source_rows.len() * 3;
+        // The result itself when the height stays, else a temporary.
+        let mut pixels = if height == full_height {
+            vec![0u8; len]
+        } else {
+            scratch(len)
+        };
         horizontal_pass(source, source_rows.clone(), &horizontal, &mut pixels);
         RgbImage {
             width: out_width,
@@ -179,13 +197,17 @@ pub(crate) fn resize(source: &RgbImage, window: &Window) -> RgbImage {
             pixels,
         }
     } else {
-        crop(
+        let mut cropped = crop(
             source,
             window.left - origin_x,
             needed_rows.start - origin_y,
             out_width,
             needed_rows.len(),
-        )
+        );
+        if window.flip {
+            cropped.flip_horizontal();
+        }
+        cropped
     };
     if height == full_height {
         return temporary;
@@ -196,10 +218,33 @@ pub(crate) fn resize(source: &RgbImage, window: &Window) -> RgbImage {
     }
     let mut pixels = vec![0u8; out_width * out_height * 3];
     vertical_pass(&temporary, 0..out_width, &vertical, &mut pixels);
+    keep_scratch(temporary.pixels);
     RgbImage {
         width: out_width,
         height: out_height,
         pixels,
+    }
+}
+
+thread_local! {
+    /// The intermediate image between the passes, kept per thread for the
+    /// next resize (saving its allocation, page faults and zeroing).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Larger intermediate images are freed rather than kept per thread.
+const KEPT_SCRATCH_BYTES: usize = 4 << 20;
+
+/// A `len`-byte buffer for a pass to overwrite whole.
+fn scratch(len: usize) -> Vec<u8> {
+    let mut buffer = SCRATCH.with(|kept| std::mem::take(&mut *kept.borrow_mut()));
+    crate::jpeg::reuse(&mut buffer, len);
+    buffer
+}
+
+fn keep_scratch(buffer: Vec<u8>) {
+    if buffer.capacity() <= KEPT_SCRATCH_BYTES {
+        SCRATCH.with(|kept| *kept.borrow_mut() = buffer);
     }
 }
 
@@ -296,7 +341,7 @@ mod avx2 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{clip8, RgbImage, ROUNDING};
+    use super::{RgbImage, PRECISION_BITS, ROUNDING};
 
     /// Taps per group: one 256-bit multiply-add.
     const GROUP: usize = 4;
@@ -308,28 +353,44 @@ mod avx2 {
         6, -128, 9, -128, 7, -128, 10, -128, 8, -128, 11, -128, -128, -128, -128, -128,
     ];
 
-    /// One output pixel's weights, grouped and split into halves.
-    struct Packed {
-        first: usize,
-        groups: Vec<([i16; 16], [i16; 16])>,
+    /// Where one output pixel's input starts and which weight groups it
+    /// uses.
+    struct Output {
+        /// Byte offset of the first input pixel in a row.
+        start: usize,
+        /// Index of the first group in the shared weight table.
+        group: usize,
+        groups: usize,
     }
 
-    fn pack(first: usize, weights: &[i32]) -> Packed {
-        let groups = weights
-            .chunks(GROUP)
-            .map(|group| {
-                let (mut lo, mut hi) = ([0i16; 16], [0i16; 16]);
-                for (tap, weight) in group.iter().enumerate() {
-                    let (lane, pair) = (tap / 2, tap % 2);
-                    for channel in 0..3 {
-                        lo[lane * 8 + channel * 2 + pair] = (weight & 0x7ff) as i16;
-                        hi[lane * 8 + channel * 2 + pair] = (weight >> 11) as i16;
+    /// Each output pixel's weights, grouped four taps at a time and split
+    /// into halves (`lo`, then `hi`), in one table.
+    fn pack(taps: &[(usize, Vec<i32>)]) -> (Vec<Output>, Vec<[i16; 16]>) {
+        let mut table = Vec::new();
+        let outputs = taps
+            .iter()
+            .map(|(first, weights)| {
+                let output = Output {
+                    start: first * 3,
+                    group: table.len() / 2,
+                    groups: weights.len().div_ceil(GROUP),
+                };
+                for group in weights.chunks(GROUP) {
+                    let (mut lo, mut hi) = ([0i16; 16], [0i16; 16]);
+                    for (tap, weight) in group.iter().enumerate() {
+                        let (lane, pair) = (tap / 2, tap % 2);
+                        for channel in 0..3 {
+                            lo[lane * 8 + channel * 2 + pair] = (weight & 0x7ff) as i16;
+                            hi[lane * 8 + channel * 2 + pair] = (weight >> 11) as i16;
+                        }
                     }
+                    table.push(lo);
+                    table.push(hi);
                 }
-                (lo, hi)
+                output
             })
             .collect();
-        Packed { first, groups }
+        (outputs, table)
     }
 
     #[target_feature(enable = "avx2")]
@@ -339,53 +400,163 @@ mod avx2 {
         taps: &[(usize, Vec<i32>)],
         out: &mut [u8],
     ) {
-        let packed: Vec<Packed> = taps
-            .iter()
-            .map(|(first, weights)| pack(*first, weights))
-            .collect();
+        let (outputs, table) = pack(taps);
         let stride = source.width * 3;
         let out_stride = taps.len() * 3;
+        let mut rows = rows.zip(out.chunks_exact_mut(out_stride));
+        // Several rows at a time share the weights' loads.
+        loop {
+            let batch: Vec<(usize, &mut [u8])> = rows.by_ref().take(ROWS).collect();
+            match <[_; ROWS]>::try_from(batch) {
+                Ok(full) => {
+                    let lines = full.map(|(row, out)| (&source.pixels[row * stride..], out));
+                    lines_at_once(lines, &outputs, &table, taps);
+                }
+                Err(rest) => {
+                    for (row, out) in rest {
+                        let line = [(&source.pixels[row * stride..], out)];
+                        lines_at_once(line, &outputs, &table, taps);
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Rows at a time in the horizontal pass.
+    const ROWS: usize = 4;
+
+    /// The horizontal pass over `N` lines (each from its first input pixel
+    /// to the end of the image), writing their output rows.
+    #[target_feature(enable = "avx2")]
+    fn lines_at_once<const N: usize>(
+        lines: [(&[u8], &mut [u8]); N],
+        outputs: &[Output],
+        table: &[[i16; 16]],
+        taps: &[(usize, Vec<i32>)],
+    ) {
         // SAFETY: loadu of a 32-byte array.
         let shuffle = unsafe { _mm256_loadu_si256(SHUFFLE.as_ptr().cast()) };
-        for (row, out_row) in rows.zip(out.chunks_exact_mut(out_stride)) {
-            let line = &source.pixels[row * stride..];
-            for ((output, (first, weights)), pixel) in
-                packed.iter().zip(taps).zip(out_row.chunks_exact_mut(3))
-            {
-                let start = output.first * 3;
-                // The last group loads 16 bytes from its first pixel.
-                if start + output.groups.len() * GROUP * 3 + 4 > line.len() {
-                    super::horizontal_pixel(line, *first, weights, pixel);
-                    continue;
+        let (lines, mut outs): (Vec<&[u8]>, Vec<&mut [u8]>) = lines.into_iter().unzip();
+        // The last line is the shortest (it ends where the image does).
+        let shortest = lines[N - 1].len();
+        for (index, (output, (first, weights))) in outputs.iter().zip(taps).enumerate() {
+            let pixels = index * 3..index * 3 + 3;
+            // The last group loads 16 bytes from its first pixel.
+            if output.start + output.groups * GROUP * 3 + 4 > shortest {
+                for (line, out) in lines.iter().zip(&mut outs) {
+                    super::horizontal_pixel(line, *first, weights, &mut out[pixels.clone()]);
                 }
-                let mut sum_lo = _mm256_setzero_si256();
-                let mut sum_hi = _mm256_setzero_si256();
-                for (group, (lo, hi)) in output.groups.iter().enumerate() {
-                    // SAFETY: 16 bytes from start + 12·group lie inside
-                    // `line` (checked above); the weights are 32-byte arrays.
-                    unsafe {
-                        let bytes =
-                            _mm_loadu_si128(line.as_ptr().add(start + group * GROUP * 3).cast());
+                continue;
+            }
+            let groups = &table[output.group * 2..][..output.groups * 2];
+            let mut lo_sums = [_mm256_setzero_si256(); N];
+            let mut hi_sums = [_mm256_setzero_si256(); N];
+            for (group, halves) in groups.chunks_exact(2).enumerate() {
+                let offset = output.start + group * GROUP * 3;
+                // SAFETY: 16 bytes from `offset` lie inside every line
+                // (checked above against the shortest); the weights are
+                // 32-byte arrays.
+                unsafe {
+                    let lo = _mm256_loadu_si256(halves[0].as_ptr().cast());
+                    let hi = _mm256_loadu_si256(halves[1].as_ptr().cast());
+                    for line in 0..N {
+                        let bytes = _mm_loadu_si128(lines[line].as_ptr().add(offset).cast());
                         let pixels =
                             _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(bytes), shuffle);
-                        let lo = _mm256_loadu_si256(lo.as_ptr().cast());
-                        let hi = _mm256_loadu_si256(hi.as_ptr().cast());
-                        sum_lo = _mm256_add_epi32(sum_lo, _mm256_madd_epi16(pixels, lo));
-                        sum_hi = _mm256_add_epi32(sum_hi, _mm256_madd_epi16(pixels, hi));
+                        lo_sums[line] =
+                            _mm256_add_epi32(lo_sums[line], _mm256_madd_epi16(pixels, lo));
+                        hi_sums[line] =
+                            _mm256_add_epi32(hi_sums[line], _mm256_madd_epi16(pixels, hi));
                     }
                 }
-                let total = _mm256_add_epi32(_mm256_slli_epi32::<11>(sum_hi), sum_lo);
-                let halves = _mm_add_epi32(
+            }
+            for line in 0..N {
+                store(
+                    lo_sums[line],
+                    hi_sums[line],
+                    &mut outs[line][pixels.clone()],
+                );
+            }
+        }
+    }
+
+    /// The vertical pass 32 bytes at a time, their sums kept in registers
+    /// across the taps (32-bit products, as Pillow's); the last few bytes of
+    /// each row run through the plain loop.
+    #[target_feature(enable = "avx2")]
+    pub(super) fn vertical(
+        source: &RgbImage,
+        columns: Range<usize>,
+        taps: &[(usize, Vec<i32>)],
+        out: &mut [u8],
+    ) {
+        const BLOCK: usize = 32;
+        let stride = source.width * 3;
+        let (offset, width) = (columns.start * 3, columns.len() * 3);
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for ((first, weights), out_row) in taps.iter().zip(out.chunks_exact_mut(width)) {
+            let base = first * stride + offset;
+            let last_row = base + (weights.len().max(1) - 1) * stride;
+            let rows = &source.pixels[base..last_row + width];
+            let blocks = width / BLOCK;
+            for block in 0..blocks {
+                let mut sums = [_mm256_set1_epi32(ROUNDING); 4];
+                for (row, weight) in weights.iter().enumerate() {
+                    let weight = _mm256_set1_epi32(*weight);
+                    let start = row * stride + block * BLOCK;
+                    let values = &rows[start..start + BLOCK];
+                    for (part, sum) in sums.iter_mut().enumerate() {
+                        // SAFETY: 8 bytes of the 32-byte `values`.
+                        let bytes =
+                            unsafe { _mm_loadl_epi64(values.as_ptr().add(part * 8).cast()) };
+                        let product = _mm256_mullo_epi32(_mm256_cvtepu8_epi32(bytes), weight);
+                        *sum = _mm256_add_epi32(*sum, product);
+                    }
+                }
+                // Pillow's clip8: the arithmetic shift, then saturation.
+                let [a, b, c, d] =
+                    sums.map(|sum| _mm256_srai_epi32::<{ PRECISION_BITS as i32 }>(sum));
+                let packed =
+                    _mm256_packus_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+                // The packs work within 128-bit lanes: put the 4-byte
+                // groups back in order.
+                let bytes = _mm256_permutevar8x32_epi32(packed, order);
+                let target = &mut out_row[block * BLOCK..(block + 1) * BLOCK];
+                // SAFETY: storeu of 32 bytes into a 32-byte slice.
+                unsafe { _mm256_storeu_si256(target.as_mut_ptr().cast(), bytes) };
+            }
+            for column in blocks * BLOCK..width {
+                let mut sum = ROUNDING;
+                for (row, weight) in weights.iter().enumerate() {
+                    sum += i32::from(rows[row * stride + column]) * weight;
+                }
+                out_row[column] = super::clip8(sum);
+            }
+        }
+    }
+
+    /// Recombines the halves' sums, adds the lanes of the two taps pairs,
+    /// and writes Pillow's clip8 of red, green and blue to `pixel`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn store(sum_lo: __m256i, sum_hi: __m256i, pixel: &mut [u8]) {
+        {
+            let total = _mm256_add_epi32(_mm256_slli_epi32::<11>(sum_hi), sum_lo);
+            let sums = _mm_add_epi32(
+                _mm_add_epi32(
                     _mm256_castsi256_si128(total),
                     _mm256_extracti128_si256::<1>(total),
-                );
-                let mut lanes = [0i32; 4];
-                // SAFETY: storeu into a 16-byte array.
-                unsafe { _mm_storeu_si128(lanes.as_mut_ptr().cast(), halves) };
-                pixel[0] = clip8(ROUNDING + lanes[0]);
-                pixel[1] = clip8(ROUNDING + lanes[1]);
-                pixel[2] = clip8(ROUNDING + lanes[2]);
-            }
+                ),
+                _mm_setr_epi32(ROUNDING, ROUNDING, ROUNDING, 0),
+            );
+            // The arithmetic shift, then saturation to 0..=255 (through 16
+            // bits, which cannot change the result).
+            let shifted = _mm_srai_epi32::<{ PRECISION_BITS as i32 }>(sums);
+            let zero = _mm_setzero_si128();
+            let bytes = _mm_packus_epi16(_mm_packs_epi32(shifted, zero), zero);
+            let rgb = (_mm_cvtsi128_si32(bytes) as u32).to_le_bytes();
+            pixel.copy_from_slice(&rgb[..3]);
         }
     }
 }
@@ -400,19 +571,8 @@ fn vertical_pass(
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2, checked just above.
-        return unsafe { vertical_avx2(source, columns, taps, out) };
+        return unsafe { avx2::vertical(source, columns, taps, out) };
     }
-    vertical_generic(source, columns, taps, out);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn vertical_avx2(
-    source: &RgbImage,
-    columns: Range<usize>,
-    taps: &[(usize, Vec<i32>)],
-    out: &mut [u8],
-) {
     vertical_generic(source, columns, taps, out);
 }
 
@@ -553,37 +713,63 @@ mod tests {
         {
             let image = noise(w, h, index as u64);
             let whole = plain(&image, out_w, out_h);
-            for (left, top, width, height) in [(0, 0, out_w, out_h), (1, 2, out_w - 3, out_h - 4)] {
+            let windows = [(0, 0, out_w, out_h), (1, 2, out_w - 3, out_h - 4)];
+            for ((left, top, width, height), flip) in windows
+                .into_iter()
+                .flat_map(|window| [(window, false), (window, true)])
+            {
+                let window = |origin, out| Window {
+                    full: (w, h),
+                    origin,
+                    size: (out_w, out_h),
+                    left,
+                    top,
+                    out,
+                    flip,
+                };
+                let mut expected = crop(&whole, left, top, width, height);
+                if flip {
+                    expected.flip_horizontal();
+                }
                 // The whole image as the source, then only the pixels read.
-                let full = resize(
-                    &image,
-                    &Window {
-                        full: (w, h),
-                        origin: (0, 0),
-                        size: (out_w, out_h),
-                        left,
-                        top,
-                        out: (width, height),
-                    },
+                let full = resize(&image, &window((0, 0), (width, height)));
+                assert_eq!(
+                    full, expected,
+                    "{w}×{h} → {out_w}×{out_h} at {left},{top}, flip {flip}"
                 );
-                let expected = crop(&whole, left, top, width, height);
-                assert_eq!(full, expected, "{w}×{h} → {out_w}×{out_h} at {left},{top}");
                 let columns = span(w, out_w, left..left + width);
                 let rows = span(h, out_h, top..top + height);
                 let part = crop(&image, columns.start, rows.start, columns.len(), rows.len());
-                let windowed = resize(
-                    &part,
-                    &Window {
-                        full: (w, h),
-                        origin: (columns.start, rows.start),
-                        size: (out_w, out_h),
-                        left,
-                        top,
-                        out: (width, height),
-                    },
+                let windowed = resize(&part, &window((columns.start, rows.start), (width, height)));
+                assert_eq!(
+                    windowed, expected,
+                    "windowed {w}×{h} → {out_w}×{out_h}, flip {flip}"
                 );
-                assert_eq!(windowed, expected, "windowed {w}×{h} → {out_w}×{out_h}");
             }
+        }
+    }
+
+    /// The plain loops (what CPUs without AVX2 run) against the dispatched
+    /// passes, over widths that leave every kind of remainder.
+    #[test]
+    fn plain_passes_equal_the_dispatched_ones() {
+        for (index, (w, h, out_w, out_h)) in [(40, 30, 17, 13), (257, 101, 28, 45), (33, 7, 64, 3)]
+            .into_iter()
+            .enumerate()
+        {
+            let image = noise(w, h, 100 + index as u64);
+            let taps = coefficients(w, out_w, 0..out_w);
+            let (mut fast, mut slow) = (vec![0u8; out_w * h * 3], vec![0u8; out_w * h * 3]);
+            horizontal_pass(&image, 0..h, &taps, &mut fast);
+            horizontal_generic(&image, 0..h, &taps, &mut slow);
+            assert_eq!(fast, slow, "horizontal {w}×{h} → {out_w}");
+            let taps = coefficients(h, out_h, 0..out_h);
+            let columns = 1..w - 1;
+            let len = columns.len() * out_h * 3;
+            let (mut fast, mut slow) = (vec![0u8; len], vec![0u8; len]);
+            vertical_pass(&image, columns.clone(), &taps, &mut fast);
+            vertical_generic(&image, columns, &taps, &mut slow);
+            assert_eq!(fast, slow, "vertical {w}×{h} → {out_h}");
         }
     }
 }

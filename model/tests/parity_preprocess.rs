@@ -56,13 +56,20 @@ fn jpeg_regions_match_pillow() {
                 image.width,
                 image.height
             );
-            let region = clip_image(&bytes, size).unwrap();
-            let whole = clip_resize_crop(&image, size).unwrap();
+            let region = clip_image(&bytes, size, false).unwrap();
+            let mut whole = clip_resize_crop(&image, size).unwrap();
             assert!(
                 region == whole,
                 "photo{index} ({}×{}) at {size}: the region decode differs from the whole",
                 image.width,
                 image.height
+            );
+            // The training flip, done inside the resize, is torchvision's
+            // hflip of the crop.
+            whole.flip_horizontal();
+            assert!(
+                clip_image(&bytes, size, true).unwrap() == whole,
+                "photo{index} at {size}: the flipped region differs"
             );
         }
     }
@@ -78,7 +85,7 @@ fn truncated_jpegs_fail_through_regions_too() {
         let bytes = std::fs::read(dir.path().join(format!("photo{index}.jpg"))).unwrap();
         let cut = &bytes[..bytes.len() * 9 / 10];
         let whole = RgbImage::decode(cut).unwrap_err();
-        let region = clip_image(cut, 224).unwrap_err();
+        let region = clip_image(cut, 224, false).unwrap_err();
         assert!(whole.contains("JPEG"), "{whole}");
         assert_eq!(region, whole, "photo{index}");
     }
