@@ -365,7 +365,13 @@ fn replace_placeholders(text: &str) -> String {
 /// Python's `base64.b64decode` without `validate`: characters outside the
 /// alphabet (newlines, spaces) are discarded first.
 fn decode_base64(text: &str) -> Result<Vec<u8>, String> {
-    let engine = base64::engine::general_purpose::STANDARD;
+    // Python accepts nonzero bits after the last whole byte ("QR==" is
+    // b"A"); padding it requires, as the default does.
+    const ENGINE: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new().with_decode_allow_trailing_bits(true),
+    );
+    let engine = ENGINE;
     // Text in the alphabet alone decodes directly; anything else (newlines,
     // spaces) is filtered out first. Non-ASCII characters are bytes ≥ 0x80
     // in UTF-8, none of them in the alphabet.
@@ -452,5 +458,7 @@ mod tests {
         );
         assert_eq!(decode_base64("aGVs\nbG8=").unwrap(), b"hello");
         assert!(decode_base64("aGVsbG8").is_err());
+        // Python's b64decode("QR==") is b"A": the trailing bits are dropped.
+        assert_eq!(decode_base64("QR==").unwrap(), b"A");
     }
 }
