@@ -153,7 +153,7 @@ impl<'a> Jpeg<'a> {
         let lines = bottom - top;
         // Every byte is written by the decoder, so a reused buffer's old
         // contents need no clearing; only new memory is zeroed.
-        reuse(&mut pixels, lines * count * 3);
+        crate::buffers::resize_for_overwrite(&mut pixels, lines * count * 3);
         // SAFETY: `pixels` holds lines × count × 3 bytes, which is what
         // the started decoder writes for `lines` rows.
         let status = unsafe {
@@ -178,15 +178,6 @@ impl<'a> Jpeg<'a> {
             left,
             top,
         })
-    }
-}
-
-/// Makes `buffer` `len` bytes long, zeroing only bytes it never held.
-pub(crate) fn reuse(buffer: &mut Vec<u8>, len: usize) {
-    if buffer.len() < len {
-        buffer.resize(len, 0);
-    } else {
-        buffer.truncate(len);
     }
 }
 

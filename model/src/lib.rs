@@ -11,6 +11,7 @@
 //! loading (pickles, sharded checkpoints, presets) and the CLI.
 
 pub mod beam;
+mod buffers;
 pub mod cross_attention;
 pub mod decoder;
 pub mod decoder_config;

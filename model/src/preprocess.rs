@@ -10,6 +10,7 @@ use std::path::Path;
 
 use tch::{Kind, Tensor};
 
+use crate::buffers;
 use crate::jpeg::Jpeg;
 use crate::resample::{self, Window};
 use crate::{ModelError, Result};
@@ -189,7 +190,7 @@ pub fn clip_image(bytes: &[u8], size: usize, flip: bool) -> std::result::Result<
                 resample::span(full_height, height, top..top + size),
                 full_height,
             );
-            let buffer = DECODED.with(|kept| std::mem::take(&mut *kept.borrow_mut()));
+            let buffer = buffers::take(&DECODED);
             let region = jpeg.decode_region_into(columns, rows, buffer)?;
             let cropped = resample::resize(
                 &region.image,
@@ -203,9 +204,7 @@ pub fn clip_image(bytes: &[u8], size: usize, flip: bool) -> std::result::Result<
                     flip,
                 },
             );
-            if region.image.pixels.capacity() <= KEPT_DECODE_BYTES {
-                DECODED.with(|kept| *kept.borrow_mut() = region.image.pixels);
-            }
+            buffers::keep(&DECODED, region.image.pixels, KEPT_DECODE_BYTES);
             return Ok(cropped);
         }
     }

@@ -16,6 +16,7 @@
 
 use std::ops::Range;
 
+use crate::buffers;
 use crate::preprocess::RgbImage;
 
 pub(crate) const PRECISION_BITS: u32 = 32 - 8 - 2;
@@ -237,15 +238,13 @@ const KEPT_SCRATCH_BYTES: usize = 4 << 20;
 
 /// A `len`-byte buffer for a pass to overwrite whole.
 fn scratch(len: usize) -> Vec<u8> {
-    let mut buffer = SCRATCH.with(|kept| std::mem::take(&mut *kept.borrow_mut()));
-    crate::jpeg::reuse(&mut buffer, len);
+    let mut buffer = buffers::take(&SCRATCH);
+    buffers::resize_for_overwrite(&mut buffer, len);
     buffer
 }
 
 fn keep_scratch(buffer: Vec<u8>) {
-    if buffer.capacity() <= KEPT_SCRATCH_BYTES {
-        SCRATCH.with(|kept| *kept.borrow_mut() = buffer);
-    }
+    buffers::keep(&SCRATCH, buffer, KEPT_SCRATCH_BYTES);
 }
 
 pub(crate) fn crop(
@@ -541,23 +540,21 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2")]
     fn store(sum_lo: __m256i, sum_hi: __m256i, pixel: &mut [u8]) {
-        {
-            let total = _mm256_add_epi32(_mm256_slli_epi32::<11>(sum_hi), sum_lo);
-            let sums = _mm_add_epi32(
-                _mm_add_epi32(
-                    _mm256_castsi256_si128(total),
-                    _mm256_extracti128_si256::<1>(total),
-                ),
-                _mm_setr_epi32(ROUNDING, ROUNDING, ROUNDING, 0),
-            );
-            // The arithmetic shift, then saturation to 0..=255 (through 16
-            // bits, which cannot change the result).
-            let shifted = _mm_srai_epi32::<{ PRECISION_BITS as i32 }>(sums);
-            let zero = _mm_setzero_si128();
-            let bytes = _mm_packus_epi16(_mm_packs_epi32(shifted, zero), zero);
-            let rgb = (_mm_cvtsi128_si32(bytes) as u32).to_le_bytes();
-            pixel.copy_from_slice(&rgb[..3]);
-        }
+        let total = _mm256_add_epi32(_mm256_slli_epi32::<11>(sum_hi), sum_lo);
+        let sums = _mm_add_epi32(
+            _mm_add_epi32(
+                _mm256_castsi256_si128(total),
+                _mm256_extracti128_si256::<1>(total),
+            ),
+            _mm_setr_epi32(ROUNDING, ROUNDING, ROUNDING, 0),
+        );
+        // The arithmetic shift, then saturation to 0..=255 (through 16
+        // bits, which cannot change the result).
+        let shifted = _mm_srai_epi32::<{ PRECISION_BITS as i32 }>(sums);
+        let zero = _mm_setzero_si128();
+        let bytes = _mm_packus_epi16(_mm_packs_epi32(shifted, zero), zero);
+        let rgb = (_mm_cvtsi128_si32(bytes) as u32).to_le_bytes();
+        pixel.copy_from_slice(&rgb[..3]);
     }
 }
 
