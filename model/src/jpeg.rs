@@ -28,6 +28,7 @@ extern "C" {
         decoder: *mut Handle,
         left: *mut c_uint,
         columns: *mut c_uint,
+        fast: c_int,
         message: *mut c_char,
         message_len: usize,
     ) -> c_int;
@@ -40,6 +41,23 @@ extern "C" {
         message_len: usize,
     ) -> c_int;
     fn flamingo_jpeg_close(decoder: *mut Handle);
+    fn flamingo_jpeg_fast_counts(decodes: *mut u64, give_ups: *mut u64);
+}
+
+/// How often the fast baseline Huffman decoder (`csrc/jpeg_huffman.c`) ran
+/// in this process, and how often it gave up on data it does not handle
+/// (corrupt or truncated), so that libjpeg decoded the image again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FastDecodes {
+    pub started: u64,
+    pub given_up: u64,
+}
+
+pub fn fast_decodes() -> FastDecodes {
+    let (mut started, mut given_up) = (0u64, 0u64);
+    // SAFETY: the shim writes the two counters.
+    unsafe { flamingo_jpeg_fast_counts(&mut started, &mut given_up) };
+    FastDecodes { started, given_up }
 }
 
 /// A decoded part of an image: `image` holds the columns from `left` and
@@ -56,6 +74,7 @@ pub struct Jpeg<'a> {
     handle: *mut Handle,
     pub width: usize,
     pub height: usize,
+    fast: bool,
     _data: PhantomData<&'a [u8]>,
 }
 
@@ -98,11 +117,19 @@ impl<'a> Jpeg<'a> {
                 handle,
                 width: width as usize,
                 height: height as usize,
+                fast: true,
                 _data: PhantomData,
             })),
             2 => Ok(None),
             _ => Err(failed(&message)),
         }
+    }
+
+    /// Entropy-decodes with libjpeg's own Huffman decoder rather than the
+    /// faster one (the same pixels; for comparing the two).
+    pub fn libjpeg_only(mut self) -> Self {
+        self.fast = false;
+        self
     }
 
     /// The whole image.
@@ -142,6 +169,7 @@ impl<'a> Jpeg<'a> {
                 self.handle,
                 &mut left,
                 &mut count,
+                c_int::from(self.fast),
                 message.as_mut_ptr(),
                 message.len(),
             )

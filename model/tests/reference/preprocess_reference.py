@@ -28,7 +28,32 @@ JPEGS = [
     ((257, 1001), dict(subsampling=2)),
     ((400, 300), dict(grey=True)),
     ((230, 225), dict(subsampling=2)),
+    # Entropy-decoding cases (jpeg_huffman.c): restart markers, optimised
+    # Huffman tables (long codes; Pillow needs the bigger buffer for them),
+    # large coefficients, coarse quantisation.
+    ((640, 427), dict(subsampling=2, restart_marker_blocks=7)),
+    ((500, 375), dict(subsampling=0, restart_marker_rows=1)),
+    ((480, 360), dict(subsampling=1, quality=100)),
+    ((300, 400), dict(subsampling=2, quality=40, optimize=True, bufsize=1 << 24)),
 ]
+# Corrupt JPEGs, decoded as Pillow decodes them (libjpeg's warnings are
+# silent): a restart marker with the wrong number, and random bytes in the
+# middle of the entropy-coded data.
+CORRUPT = [(9, "restart"), (10, "bytes"), (4, "bytes")]
+
+
+def corrupt(data, how, rng):
+    data = bytearray(data)
+    start = data.index(b"\xff\xda")
+    start += 2 + int.from_bytes(data[start + 2:start + 4], "big")
+    end = data.rindex(b"\xff\xd9")
+    if how == "restart":
+        at = data.index(b"\xff\xd2", start)
+        data[at + 1] = 0xD5
+    else:
+        at = start + (end - start) * 2 // 5
+        data[at:at + 24] = bytes(rng.integers(0, 255, size=24).tolist())
+    return bytes(data)
 
 
 def main():
@@ -59,7 +84,16 @@ def main():
         if options.pop("grey", False):
             image = image.convert("L")
         path = os.path.join(out, f"photo{index}.jpg")
-        image.save(path, quality=90, **options)
+        image.save(path, quality=options.pop("quality", 90), **options)
+        for size in (28, 224):
+            transform = image_transform(size, is_train=False)
+            tensors[f"photo{index}.{size}"] = transform(Image.open(path)).contiguous()
+    for index, (source, how) in enumerate(CORRUPT, start=len(JPEGS)):
+        with open(os.path.join(out, f"photo{source}.jpg"), "rb") as file:
+            data = corrupt(file.read(), how, rng)
+        path = os.path.join(out, f"photo{index}.jpg")
+        with open(path, "wb") as file:
+            file.write(data)
         for size in (28, 224):
             transform = image_transform(size, is_train=False)
             tensors[f"photo{index}.{size}"] = transform(Image.open(path)).contiguous()
