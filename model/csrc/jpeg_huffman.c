@@ -12,7 +12,7 @@
  *   - one table lookup on the next FAST_BITS bits gives an AC coefficient's
  *     run, value and total length (code and extra bits together), or an
  *     end of block, for the common short codes (stb_image's `fast_ac`
- *     idea);
+ *     idea), and often the symbol after it as well;
  *   - restart intervals stay on the fast path (libjpeg-turbo drops to its
  *     slow path for every MCU of a file with restart markers).
  *
@@ -36,8 +36,16 @@
 #define FAST_BITS 10
 #define FAST_SIZE (1 << FAST_BITS)
 
-/* Combined AC entries: value << 16 | run << 8 | END_OF_BLOCK | length. */
-#define END_OF_BLOCK 0x80
+/* Combined AC entries (see struct table), in bits:
+ *   0-5    length of the first symbol with its extra bits
+ *   6-11   length of what the entry decodes (both symbols, or the first)
+ *   16-19  the first coefficient's run of zeros
+ *   20-24  positions from the first coefficient to the second (0: none)
+ *   32-47  the first coefficient, 48-63 the second (the first again when
+ *          there is none: rewriting it costs less than a branch). */
+#define FIRST_EOB (1u << 12)  /* the first symbol ends the block */
+#define SECOND_EOB (1u << 13) /* a coefficient, then the end of the block */
+#define LENGTHS ((uint64_t)0x3F << 6)
 
 /* Zigzag order to natural order, with 16 extra entries for a run that goes
  * past the end of a corrupt block (libjpeg's jpeg_natural_order does the
@@ -52,9 +60,12 @@ static const uint8_t NATURAL[64 + 16] = {
 struct table {
     /* The next FAST_BITS bits → length << 8 | symbol; 0 for a longer code. */
     uint16_t lookup[FAST_SIZE];
-    /* AC tables only: the next FAST_BITS bits → a whole coefficient (see
-     * END_OF_BLOCK); 0 when code and extra bits do not fit. */
-    int32_t coefficient[FAST_SIZE];
+    /* AC tables only: the next FAST_BITS bits → a whole coefficient (its
+     * code and extra bits), or an end of block, and the symbol after it
+     * too when that one also fits (see FIRST_EOB); 0 when the first does
+     * not fit. Two coefficients per lookup halve the table loads that each
+     * wait on the one before. */
+    uint64_t coefficient[FAST_SIZE];
     /* Canonical decoding of longer codes, as libjpeg's derived tables:
      * the largest code of each length (-1: none) and the offset from a
      * code to its symbol's index. */
@@ -79,6 +90,7 @@ struct flamingo_huffman {
     int blocks;
     int components;
     int last_dc[MAX_COMPS_IN_SCAN];
+    JCOEF scratch[DCTSIZE2];
     unsigned restart_interval;
     unsigned restarts_to_go;
     struct bits bits;
@@ -90,12 +102,58 @@ struct flamingo_huffman {
  * an allocation per image. */
 static _Thread_local struct flamingo_huffman *kept;
 
+/* libjpeg's HUFF_EXTEND: `size` extra bits to a signed value. */
+static inline int extend(int extra, int size) {
+    return extra < (1 << (size - 1)) ? extra - (1 << size) + 1 : extra;
+}
+
+static void build_coefficients(struct table *table) {
+    for (unsigned bits = 0; bits < FAST_SIZE; bits++) {
+        unsigned first = table->lookup[bits];
+        int length = (int)(first >> 8), symbol = (int)(first & 0xFF);
+        int run = symbol >> 4, size = symbol & 15;
+        table->coefficient[bits] = 0;
+        if (first == 0) {
+            continue;
+        }
+        if (symbol == 0) {
+            table->coefficient[bits] = FIRST_EOB | (unsigned)length;
+            continue;
+        }
+        if (size == 0 || length + size > FAST_BITS) {
+            continue; /* a run of 16 zeros, or too long: the slow path */
+        }
+        int used = length + size;
+        int extra = (int)(bits >> (FAST_BITS - used)) & ((1 << size) - 1);
+        uint64_t value = (uint16_t)extend(extra, size);
+        uint64_t entry = value << 48 | value << 32 | (uint64_t)run << 16 |
+                         (uint64_t)used << 6 | (uint64_t)used;
+        /* The next symbol, if its code lies wholly in the known bits (the
+         * shifted-in low bits are zeros, which do not change a code that
+         * short). */
+        int rest = FAST_BITS - used;
+        unsigned second = table->lookup[(bits << used) & (FAST_SIZE - 1)];
+        int second_length = (int)(second >> 8), second_symbol = (int)(second & 0xFF);
+        int second_size = second_symbol & 15;
+        if (rest > 0 && second != 0 && second_length <= rest) {
+            int total = used + second_length + second_size;
+            if (second_symbol == 0) {
+                entry = (entry & ~LENGTHS) | SECOND_EOB | (uint64_t)total << 6;
+            } else if (second_size != 0 && total <= FAST_BITS) {
+                int second_extra = (int)(bits >> (FAST_BITS - total)) & ((1 << second_size) - 1);
+                uint64_t second_value = (uint16_t)extend(second_extra, second_size);
+                entry = (entry & 0xFFFFFFFFull & ~LENGTHS) | second_value << 48 |
+                        value << 32 | (uint64_t)(1 + (second_symbol >> 4)) << 20 |
+                        (uint64_t)total << 6;
+            }
+        }
+        table->coefficient[bits] = entry;
+    }
+}
+
 static void build_table(struct table *table, const JHUFF_TBL *source, int ac) {
     int code = 0, index = 0;
     memset(table->lookup, 0, sizeof table->lookup);
-    if (ac) {
-        memset(table->coefficient, 0, sizeof table->coefficient);
-    }
     memcpy(table->symbols, source->huffval, sizeof table->symbols);
     for (int length = 1; length <= 16; length++) {
         int count = source->bits[length];
@@ -104,29 +162,17 @@ static void build_table(struct table *table, const JHUFF_TBL *source, int ac) {
             if (length > FAST_BITS) {
                 continue;
             }
-            int symbol = source->huffval[index];
             int shift = FAST_BITS - length;
             for (int fill = 0; fill < (1 << shift); fill++) {
-                int bits = (code << shift) | fill;
-                table->lookup[bits] = (uint16_t)(length << 8 | symbol);
-                if (!ac) {
-                    continue;
-                }
-                int run = symbol >> 4, size = symbol & 15;
-                if (size == 0) {
-                    if (run == 0) {
-                        table->coefficient[bits] = END_OF_BLOCK | length;
-                    }
-                } else if (length + size <= FAST_BITS) {
-                    int extra = (bits >> (shift - size)) & ((1 << size) - 1);
-                    int value = extra < (1 << (size - 1)) ? extra - (1 << size) + 1 : extra;
-                    table->coefficient[bits] =
-                        (int32_t)((uint32_t)value << 16) | run << 8 | (length + size);
-                }
+                table->lookup[(code << shift) | fill] =
+                    (uint16_t)(length << 8 | source->huffval[index]);
             }
         }
         table->max_code[length] = count ? code - 1 : -1;
         code <<= 1;
+    }
+    if (ac) {
+        build_coefficients(table);
     }
 }
 
@@ -177,16 +223,16 @@ static inline void fill(struct bits *bits) {
     }
 }
 
+static inline void take_bits_only(struct bits *bits, int count) {
+    bits->buffer <<= count;
+    bits->count -= count;
+}
+
 static inline int take_bits(struct bits *bits, int count) {
     int value = (int)(bits->buffer >> (64 - count));
     bits->buffer <<= count;
     bits->count -= count;
     return value;
-}
-
-/* libjpeg's HUFF_EXTEND: `size` extra bits to a signed value. */
-static inline int extend(int extra, int size) {
-    return extra < (1 << (size - 1)) ? extra - (1 << size) + 1 : extra;
 }
 
 /* The next symbol; -1 for a bad code. Needs 16 buffered bits. */
@@ -208,8 +254,8 @@ static inline int symbol(struct bits *bits, const struct table *table) {
     return -1;
 }
 
-/* One block; `block` may be NULL (the coefficients are only skipped).
- * Returns 0, or -1 for a bad code. */
+/* One block into `block` (zeroed; libjpeg zeroes its MCU buffer, and a
+ * skipped MCU goes to scratch space). Returns 0, or -1 for a bad code. */
 static inline int decode_block(struct bits *bits, const struct table *dc,
                                const struct table *ac, JCOEF *block, int *last_dc) {
     if (bits->count < 32) {
@@ -223,24 +269,30 @@ static inline int decode_block(struct bits *bits, const struct table *dc,
     /* Wrapping, as libjpeg lets a corrupt file's DC sum wrap. */
     int value = (int)((unsigned)*last_dc + (unsigned)difference);
     *last_dc = value;
-    if (block) {
-        block[0] = (JCOEF)value;
-    }
+    block[0] = (JCOEF)value;
     for (int k = 1; k < DCTSIZE2; k++) {
         if (bits->count < 32) {
             fill(bits);
         }
-        int32_t fast = ac->coefficient[bits->buffer >> (64 - FAST_BITS)];
+        uint64_t fast = ac->coefficient[bits->buffer >> (64 - FAST_BITS)];
         if (fast) {
-            int length = fast & 0x3F;
-            bits->buffer <<= length;
-            bits->count -= length;
-            if (fast & END_OF_BLOCK) {
+            if (fast & FIRST_EOB) {
+                take_bits_only(bits, (int)(fast & 0x3F));
                 break;
             }
-            k += (fast >> 8) & 15;
-            if (block) {
-                block[NATURAL[k]] = (JCOEF)(fast >> 16);
+            k += (int)(fast >> 16) & 15;
+            block[NATURAL[k]] = (JCOEF)(int16_t)(fast >> 32);
+            if (k >= DCTSIZE2 - 1) {
+                /* The last coefficient: what follows belongs to the next
+                 * block (libjpeg's loop ends here). */
+                take_bits_only(bits, (int)(fast & 0x3F));
+                continue;
+            }
+            take_bits_only(bits, (int)(fast >> 6) & 0x3F);
+            k += (int)(fast >> 20) & 0x1F;
+            block[NATURAL[k]] = (JCOEF)(int16_t)(fast >> 48);
+            if (fast & SECOND_EOB) {
+                break;
             }
             continue;
         }
@@ -251,10 +303,7 @@ static inline int decode_block(struct bits *bits, const struct table *dc,
         int run = found >> 4, coefficient_size = found & 15;
         if (coefficient_size) {
             k += run;
-            int coefficient = extend(take_bits(bits, coefficient_size), coefficient_size);
-            if (block) {
-                block[NATURAL[k]] = (JCOEF)coefficient;
-            }
+            block[NATURAL[k]] = (JCOEF)extend(take_bits(bits, coefficient_size), coefficient_size);
         } else {
             if (run != 15) {
                 break;
@@ -297,8 +346,9 @@ static boolean decode_mcu(j_decompress_ptr cinfo, JBLOCKROW *data) {
     }
     struct bits bits = huffman->bits;
     for (int block = 0; block < huffman->blocks; block++) {
-        if (decode_block(&bits, huffman->dc[block], huffman->ac[block],
-                         data ? data[block][0] : NULL,
+        /* A skipped MCU's coefficients go where nothing reads them. */
+        JCOEF *coefficients = data ? data[block][0] : huffman->scratch;
+        if (decode_block(&bits, huffman->dc[block], huffman->ac[block], coefficients,
                          &huffman->last_dc[huffman->component[block]]) != 0) {
             huffman->give_up(cinfo);
         }
