@@ -99,10 +99,6 @@ struct flamingo_huffman {
     void (*give_up)(j_decompress_ptr cinfo);
 };
 
-/* One state (about 50 KiB) kept per thread for the next image, rather than
- * an allocation per image. */
-static _Thread_local struct flamingo_huffman *kept;
-
 /* libjpeg's HUFF_EXTEND: `size` extra bits to a signed value. */
 static inline int extend(int extra, int size) {
     return extra < (1 << (size - 1)) ? extra - (1 << size) + 1 : extra;
@@ -383,11 +379,7 @@ struct flamingo_huffman *flamingo_huffman_install(j_decompress_ptr cinfo,
             return NULL;
         }
     }
-    struct flamingo_huffman *huffman = kept;
-    kept = NULL;
-    if (huffman == NULL) {
-        huffman = malloc(sizeof *huffman);
-    }
+    struct flamingo_huffman *huffman = malloc(sizeof *huffman);
     if (huffman == NULL) {
         return NULL;
     }
@@ -428,9 +420,5 @@ struct flamingo_huffman *flamingo_huffman_install(j_decompress_ptr cinfo,
 }
 
 void flamingo_huffman_free(struct flamingo_huffman *huffman) {
-    if (kept == NULL) {
-        kept = huffman;
-    } else {
-        free(huffman);
-    }
+    free(huffman);
 }
