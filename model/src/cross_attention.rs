@@ -85,8 +85,6 @@ impl MaskedCrossAttention {
         let keys_values = self.to_kv.forward(&media_flat).chunk(2, -1);
         let keys = split_heads(&keys_values[0], self.heads);
         let values = split_heads(&keys_values[1], self.heads);
-        let mut scores = queries.matmul(&keys.transpose(-1, -2));
-
         let text_time = match mask {
             MediaMask::Locations(locations) => {
                 if locations.size() != [batch, text_len] {
@@ -104,28 +102,44 @@ impl MaskedCrossAttention {
                 seen.expand([batch, text_len], false)
             }
         };
-        {
-            // Media j (0-based) has time j + 1; each of its latents shares it.
-            let media_time = Tensor::arange_start(1, media_count + 1, (Kind::Int64, text.device()))
-                .repeat_interleave_self_int(latents, 0, None)
-                .view([1, 1, 1, media_count * latents]);
-            let token_time = text_time.view([batch, 1, text_len, 1]);
-            let allowed = if self.only_attend_immediate_media {
-                token_time.eq_tensor(&media_time)
-            } else {
-                token_time.ge_tensor(&media_time)
-            };
-            let lowest = crate::layers::lowest(scores.kind());
-            scores = scores.masked_fill(&allowed.logical_not(), lowest);
-        }
-        let mut attention = stable_softmax(&scores);
-        if self.only_attend_immediate_media {
+        // Media j (0-based) has time j + 1; each of its latents shares it.
+        let media_time = Tensor::arange_start(1, media_count + 1, (Kind::Int64, text.device()))
+            .repeat_interleave_self_int(latents, 0, None)
+            .view([1, 1, 1, media_count * latents]);
+        let token_time = text_time.view([batch, 1, text_len, 1]);
+        let attended = if self.only_attend_immediate_media {
+            // PyTorch's fused attention (the memory-efficient kernel on a
+            // GPU) with a boolean mask. A token before the first image has
+            // no media to see: its row is let see everything, so that the
+            // softmax stays finite, and its output is then zeroed, as
+            // upstream does — no gradient flows through that row either.
             let before_any_media = text_time.eq(0).view([batch, 1, text_len, 1]);
-            attention = attention.masked_fill(&before_any_media, 0.0);
-        }
-        Ok(self
-            .to_out
-            .forward(&merge_heads(&attention.matmul(&values))))
+            let allowed = token_time
+                .eq_tensor(&media_time)
+                .logical_or(&before_any_media);
+            Tensor::scaled_dot_product_attention(
+                &queries,
+                &keys,
+                &values,
+                Some(&allowed),
+                0.0,
+                false,
+                // The queries already carry the scale, as upstream's do.
+                1.0,
+                false,
+            )
+            .masked_fill(&before_any_media, 0.0)
+        } else {
+            // Upstream's explicit softmax: a token before any media keeps a
+            // uniform row over the masked scores, which fused attention
+            // would not reproduce.
+            let scores = queries.matmul(&keys.transpose(-1, -2));
+            let lowest = crate::layers::lowest(scores.kind());
+            let scores =
+                scores.masked_fill(&token_time.ge_tensor(&media_time).logical_not(), lowest);
+            stable_softmax(&scores).matmul(&values)
+        };
+        Ok(self.to_out.forward(&merge_heads(&attended)))
     }
 }
 

@@ -11,7 +11,7 @@
 
 use tch::Tensor;
 
-use crate::layers::{merge_heads, split_heads, stable_softmax, FeedForward, LayerNorm, Linear};
+use crate::layers::{merge_heads, split_heads, FeedForward, LayerNorm, Linear};
 use crate::{ModelError, Result, Weights};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -87,9 +87,25 @@ impl PerceiverAttention {
         let queries = split_heads(&queries, self.heads) * self.scale;
         let keys = split_heads(&halves[0], self.heads);
         let values = split_heads(&halves[1], self.heads);
-        let attention = stable_softmax(&queries.matmul(&keys.transpose(-1, -2)));
+        // PyTorch's fused attention over [b, h·t, n, d] (fused kernels take
+        // 4-D inputs); no mask, and the queries already carry the scale.
+        let shape = queries.size();
+        let fold = |x: &Tensor| {
+            let size = x.size();
+            x.reshape([size[0], size[1] * size[2], size[3], size[4]])
+        };
+        let attended = Tensor::scaled_dot_product_attention(
+            &fold(&queries),
+            &fold(&keys),
+            &fold(&values),
+            None::<&Tensor>,
+            0.0,
+            false,
+            1.0,
+            false,
+        );
         self.to_out
-            .forward(&merge_heads(&attention.matmul(&values)))
+            .forward(&merge_heads(&attended.reshape(shape.as_slice())))
     }
 }
 
