@@ -7,7 +7,8 @@
 mod common;
 
 use flamingo_model::{
-    GatedCrossAttentionBlock, MediaMask, PerceiverConfig, PerceiverResampler, Weights,
+    GatedCrossAttentionBlock, MaskedCrossAttention, MediaMask, PerceiverConfig, PerceiverResampler,
+    Weights,
 };
 use tch::{Kind, Tensor};
 
@@ -88,6 +89,30 @@ fn perceiver_and_gated_cross_attention_match_open_flamingo() {
             .unwrap(),
         &weights.take("output.xattn_cached", &[2, 4, 24]).unwrap(),
         "gated cross-attention, cached media",
+    );
+
+    // Upstream's other mask (`only_attend_immediate_media=False`): a token
+    // sees every image at or before it, and one before any image gets a
+    // uniform row over the masked scores instead of a zero output.
+    let all_previous = MaskedCrossAttention::load(&mut weights, "all_previous", 24, 32, 8, 4)
+        .unwrap()
+        .attend_all_previous_media();
+    weights.expect_consumed("all_previous.").unwrap();
+    assert_close(
+        &all_previous
+            .forward(&text, &media, MediaMask::Locations(&locations))
+            .unwrap(),
+        &weights.take("output.all_previous", &[2, 9, 24]).unwrap(),
+        "cross-attention to all previous media",
+    );
+    assert_close(
+        &all_previous
+            .forward(&new_text, &media, MediaMask::Cached(&locations))
+            .unwrap(),
+        &weights
+            .take("output.all_previous_cached", &[2, 4, 24])
+            .unwrap(),
+        "cross-attention to all previous media, cached media",
     );
     weights.expect_consumed("").unwrap();
 }

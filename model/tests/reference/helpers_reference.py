@@ -4,7 +4,7 @@ Loads open_flamingo/src/helpers.py from the installed open-flamingo package by
 path (its package __init__ would pull in transformers and open_clip, which
 these modules do not need), builds tiny PerceiverResampler and
 GatedCrossAttentionBlock modules with random non-default weights and non-zero
-gates, runs them, and writes weights (under OpenFlamingo's state-dict names),
+gates, and a MaskedCrossAttention that attends to all previous media, runs them, and writes weights (under OpenFlamingo's state-dict names),
 inputs and outputs to one safetensors file.
 
 usage: python helpers_reference.py OUT.safetensors
@@ -49,6 +49,11 @@ def main():
     with torch.no_grad():
         block.attn_gate.fill_(0.7)
         block.ff_gate.fill_(-0.4)
+    # The mode no released model uses: each token sees every earlier image.
+    all_previous = helpers.MaskedCrossAttention(
+        dim=24, dim_visual=32, dim_head=8, heads=4, only_attend_immediate_media=False
+    )
+    randomise(all_previous, generator)
 
     vision = torch.randn(2, 3, 1, 7, 32, generator=generator)
     vision_frames = torch.randn(2, 3, 2, 7, 32, generator=generator)
@@ -63,6 +68,7 @@ def main():
     perceiver.eval()
     timed.eval()
     block.eval()
+    all_previous.eval()
     with torch.no_grad():
         media = perceiver(vision)
         tensors["output.perceiver"] = media
@@ -71,8 +77,17 @@ def main():
         tensors["output.xattn_cached"] = block(
             new_text, media, media_locations=locations, use_cached_media=True
         )
+        tensors["output.all_previous"] = all_previous(text, media, media_locations=locations)
+        tensors["output.all_previous_cached"] = all_previous(
+            new_text, media, media_locations=locations, use_cached_media=True
+        )
 
-    for prefix, module in [("perceiver", perceiver), ("perceiver_timed", timed), ("xattn", block)]:
+    for prefix, module in [
+        ("perceiver", perceiver),
+        ("perceiver_timed", timed),
+        ("xattn", block),
+        ("all_previous", all_previous),
+    ]:
         for name, tensor in module.state_dict().items():
             tensors[f"{prefix}.{name}"] = tensor
     tensors["input.vision"] = vision
