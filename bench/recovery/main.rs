@@ -344,9 +344,7 @@ impl Flamingo {
             ctl,
             job: String::new(),
         };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = flamingo_common::net::free_local_port()?;
         run(
             system.ctl().args([
                 "up",
@@ -442,9 +440,7 @@ impl Torchrun {
         let out = work.join("torchrun");
         std::fs::create_dir_all(&out)?;
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("recovery/torchrun_train.py");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = flamingo_common::net::free_local_port()?;
         let log = std::fs::File::create(out.join("torchrun.log"))?;
         let child = Command::new(python)
             .args([

@@ -108,9 +108,7 @@ fn ours(dir: &Path, args: &Args, group: Option<&ProcessGroup>) -> anyhow::Result
 /// Starts `world` copies of `command` with torchrun's variables; returns
 /// rank 0's last stdout line.
 fn run_ranks(world: usize, command: impl Fn() -> Command, what: &str) -> anyhow::Result<String> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = flamingo_common::net::free_local_port()?;
     let children = (0..world)
         .map(|rank| {
             command()

@@ -282,10 +282,9 @@ fn run_world(world_size: usize, scenario: &str) {
 }
 
 fn flamingo_free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("free port")
+    // Outside the ephemeral range: the other tests' Gloo sockets, running
+    // alongside, cannot take it before rank 0's store binds it.
+    flamingo_common::net::free_local_port().expect("free port")
 }
 
 #[test]

@@ -2,28 +2,89 @@
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 
-/// A port that was free a moment ago on 127.0.0.1 (bind-and-release; the
-/// caller binds it soon after).
+/// Linux's default ephemeral range, used where /proc cannot be read.
+const DEFAULT_EPHEMERAL: (u16, u16) = (32768, 60999);
+/// The lowest port handed out (above the registered services people run on
+/// a training machine: etcd 2379, TensorBoard 6006, Prometheus 9090, …).
+const LOWEST: u16 = 20_000;
+
+/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`).
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut numbers = text.split_whitespace().map(str::parse::<u16>);
+            Some((numbers.next()?.ok()?, numbers.next()?.ok()?))
+        })
+        .unwrap_or(DEFAULT_EPHEMERAL)
+}
+
+/// The ports from [`LOWEST`] up that the kernel never hands out on its own.
+fn unassigned_ports() -> Vec<u16> {
+    let (low, high) = ephemeral_range();
+    (LOWEST..=u16::MAX)
+        .filter(|&port| port < low || port > high)
+        .collect()
+}
+
+fn bindable(port: u16) -> bool {
+    // Servers here listen on loopback or on every address: check both.
+    TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))).is_ok()
+        && TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).is_ok()
+}
+
+/// A port that is free now on 127.0.0.1 and on the wildcard address, for a
+/// server the caller starts soon after (etcd, rank 0's TCP store, …).
+///
+/// It lies outside the kernel's ephemeral range. A port from `bind(0)` is
+/// ephemeral: between the check and the server's bind, the kernel may give
+/// it to any outgoing connection or Gloo pair socket on the machine, and
+/// the server then fails with EADDRINUSE (seen in CI with tests running
+/// side by side). A port outside the range can only be taken by a program
+/// asking for that very port.
 pub fn free_local_port() -> std::io::Result<u16> {
+    let candidates = unassigned_ports();
+    if !candidates.is_empty() {
+        let start = rand::random::<u32>() as usize;
+        for step in 0..candidates.len().min(500) {
+            let port = candidates[start.wrapping_add(step * 7919) % candidates.len()];
+            if bindable(port) {
+                return Ok(port);
+            }
+        }
+    }
+    // No room outside the range (an unusual sysctl): let the kernel choose.
     let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
     Ok(listener.local_addr()?.port())
 }
 
-/// The first port of `count` consecutive ports that are all bindable on
-/// `127.0.0.1` right now, searched from a random start in [20000, 60000).
+/// The first port of `count` consecutive ports that are all free right now,
+/// outside the ephemeral range (see [`free_local_port`]), searched from a
+/// random start.
 pub fn free_local_port_range(count: u16) -> std::io::Result<u16> {
-    for _ in 0..200 {
-        let first: u16 = 20_000 + (rand::random::<u16>() % 40_000);
-        let all_free = (0..count).all(|offset| {
-            TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, first + offset))).is_ok()
-        });
-        if all_free {
+    let candidates = unassigned_ports();
+    let runs: Vec<u16> = candidates
+        .iter()
+        .copied()
+        .filter(|&first| {
+            (0..count).all(|offset| {
+                first
+                    .checked_add(offset)
+                    .is_some_and(|port| candidates.binary_search(&port).is_ok())
+            })
+        })
+        .collect();
+    for _ in 0..200.min(runs.len()) {
+        let first = runs[rand::random::<u32>() as usize % runs.len()];
+        if (0..count).all(|offset| bindable(first + offset)) {
             return Ok(first);
         }
     }
     Err(std::io::Error::new(
         std::io::ErrorKind::AddrInUse,
-        format!("no {count} consecutive free ports found in 20000..60000"),
+        format!(
+            "no {count} consecutive free ports found from {LOWEST} up outside the ephemeral range"
+        ),
     ))
 }
 
@@ -103,6 +164,19 @@ pub fn host_address(interface: Option<&str>) -> std::io::Result<std::net::IpAddr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_ports_are_free_and_outside_the_ephemeral_range() {
+        let (low, high) = ephemeral_range();
+        let port = free_local_port().unwrap();
+        assert!(port >= LOWEST && !(low..=high).contains(&port), "{port}");
+        TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))).unwrap();
+        let first = free_local_port_range(8).unwrap();
+        for port in first..first + 8 {
+            assert!(port >= LOWEST && !(low..=high).contains(&port), "{port}");
+            TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).unwrap();
+        }
+    }
 
     #[test]
     fn the_route_to_loopback_starts_at_loopback() {

@@ -351,10 +351,7 @@ fn run_world_nodes(
     name: &str,
 ) -> (Vec<(f64, f64)>, tch::Tensor) {
     let exe = std::env::current_exe().expect("test binary");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port");
+    let port = flamingo_common::net::free_local_port().expect("port");
     let out = dir.join(name);
     let children: Vec<_> = (0..world)
         .map(|rank| {

@@ -166,9 +166,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<i32> {
     let config_path = run_dir.join("launch.json");
     std::fs::write(&config_path, serde_json::to_vec_pretty(&job)?)?;
     let worker = crate::local::binary("flamingo-worker")?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = flamingo_common::net::free_local_port()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / args.nproc as usize).max(1);
     eprintln!(

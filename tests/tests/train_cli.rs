@@ -134,10 +134,7 @@ fn a_run_killed_after_a_checkpoint_resumes_on_another_world_size_exactly() {
     assert!(last < first, "the loss falls: {whole:?}");
 
     // The same run fed by a data-service replica gives the same losses.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("free port");
+    let port = flamingo_common::net::free_local_port().expect("free port");
     let mut service = Command::new(ClusterSandbox::binary("flamingo-data-service"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .stdout(Stdio::null())
