@@ -19,14 +19,6 @@ fn ephemeral_range() -> (u16, u16) {
         .unwrap_or(DEFAULT_EPHEMERAL)
 }
 
-/// The ports from [`LOWEST`] up that the kernel never hands out on its own.
-fn unassigned_ports() -> Vec<u16> {
-    let (low, high) = ephemeral_range();
-    (LOWEST..=u16::MAX)
-        .filter(|&port| port < low || port > high)
-        .collect()
-}
-
 fn bindable(port: u16) -> bool {
     // Servers here listen on loopback or on every address: check both.
     TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))).is_ok()
@@ -43,47 +35,34 @@ fn bindable(port: u16) -> bool {
 /// side by side). A port outside the range can only be taken by a program
 /// asking for that very port.
 pub fn free_local_port() -> std::io::Result<u16> {
-    let candidates = unassigned_ports();
-    if !candidates.is_empty() {
-        let start = rand::random::<u32>() as usize;
-        for step in 0..candidates.len().min(500) {
-            let port = candidates[start.wrapping_add(step * 7919) % candidates.len()];
-            if bindable(port) {
-                return Ok(port);
-            }
-        }
-    }
-    // No room outside the range (an unusual sysctl): let the kernel choose.
-    let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
-    Ok(listener.local_addr()?.port())
+    free_local_port_range(1).or_else(|_| {
+        // No room outside the range (an unusual sysctl): let the kernel choose.
+        let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+        Ok(listener.local_addr()?.port())
+    })
 }
 
 /// The first port of `count` consecutive ports that are all free right now,
-/// outside the ephemeral range (see [`free_local_port`]), searched from a
-/// random start.
+/// from [`LOWEST`] up and outside the ephemeral range (see
+/// [`free_local_port`]), searched from random starts.
 pub fn free_local_port_range(count: u16) -> std::io::Result<u16> {
-    let candidates = unassigned_ports();
-    let runs: Vec<u16> = candidates
-        .iter()
-        .copied()
-        .filter(|&first| {
-            (0..count).all(|offset| {
-                first
-                    .checked_add(offset)
-                    .is_some_and(|port| candidates.binary_search(&port).is_ok())
-            })
-        })
+    let (low, high) = ephemeral_range();
+    let last_of = |first: u16| u32::from(first) + u32::from(count.max(1)) - 1;
+    // Starts whose whole run lies below or above the ephemeral range.
+    let starts: Vec<u16> = (LOWEST..=u16::MAX)
+        .filter(|&first| last_of(first) < u32::from(low) || first > high)
+        .filter(|&first| last_of(first) <= u32::from(u16::MAX))
         .collect();
-    for _ in 0..200.min(runs.len()) {
-        let first = runs[rand::random::<u32>() as usize % runs.len()];
-        if (0..count).all(|offset| bindable(first + offset)) {
+    for _ in 0..starts.len().min(500) {
+        let first = starts[rand::random::<u32>() as usize % starts.len()];
+        if (first..=last_of(first) as u16).all(bindable) {
             return Ok(first);
         }
     }
     Err(std::io::Error::new(
         std::io::ErrorKind::AddrInUse,
         format!(
-            "no {count} consecutive free ports found from {LOWEST} up outside the ephemeral range"
+            "no {count} consecutive free ports found from {LOWEST} up outside the ephemeral range {low}-{high}"
         ),
     ))
 }
