@@ -1,8 +1,8 @@
-//! Embeds torch's lib/ as an rpath so tests run without LD_LIBRARY_PATH
-//! (torch-sys exports the folder it linked against).
+//! An rpath to torch's lib/ for this crate's binaries and tests, and
+//! libtorch_cuda kept with the `cuda` feature (see link_torch.rs).
+
+include!("../torch-shim/link_torch.rs");
 
 fn main() {
-    if let Ok(torch_lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{torch_lib}");
-    }
+    link_torch();
 }

@@ -147,35 +147,27 @@ fn run_world(
     program_args: &[String],
 ) -> anyhow::Result<Vec<Sample>> {
     let port = flamingo_common::net::free_local_port()?;
-    let children: Vec<_> = (0..args.ranks)
-        .map(|rank| {
-            let mut command = Command::new(program);
-            command
-                .args(program_args)
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", args.ranks.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
-                .env("FLAMINGO_LOCAL_ADDR", "127.0.0.1")
-                .env("GLOO_SOCKET_IFNAME", "lo")
-                .env("OMP_NUM_THREADS", "1")
-                .stdout(if rank == 0 {
-                    Stdio::piped()
-                } else {
-                    Stdio::null()
-                })
-                .stderr(Stdio::inherit());
-            for &size in &args.sizes {
-                command.env(
-                    format!("BENCH_ITERATIONS_{size}"),
-                    iterations_for(size).to_string(),
-                );
-            }
-            command
-                .spawn()
-                .with_context(|| format!("starting {}", program.display()))
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let children = flamingo_common::ranks::spawn_local_world(args.ranks as u32, port, |env| {
+        let mut command = Command::new(program);
+        command
+            .args(program_args)
+            .env("GLOO_SOCKET_IFNAME", "lo")
+            .env("OMP_NUM_THREADS", "1")
+            .stdout(if env.rank == 0 {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stderr(Stdio::inherit());
+        for &size in &args.sizes {
+            command.env(
+                format!("BENCH_ITERATIONS_{size}"),
+                iterations_for(size).to_string(),
+            );
+        }
+        command
+    })
+    .with_context(|| format!("starting {}", program.display()))?;
     let mut samples = Vec::new();
     for (rank, child) in children.into_iter().enumerate() {
         let output = child.wait_with_output()?;

@@ -25,7 +25,8 @@ use flamingo_engine::flops::FlopModel;
 use flamingo_engine::schedule::{Kind as ScheduleKind, Schedule};
 use flamingo_engine::tiny::{write_tiny_model, TinyConfig};
 use flamingo_engine::trainer::{AdamWConfigSerde, Strategy, TrainConfig, Trainer};
-use flamingo_model::{load_flamingo_with, FlamingoTokenizer, LoadOptions, ModelSpec};
+use flamingo_model::{load_flamingo_with, LoadOptions, ModelSpec};
+use flamingo_preprocess::FlamingoTokenizer;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 

@@ -60,12 +60,6 @@ type StepLine = (u64, u64, f64);
 /// One start: attempt → (started, entered, loaded).
 type Starts = BTreeMap<u64, (f64, f64, f64)>;
 
-fn now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |elapsed| elapsed.as_secs_f64())
-}
-
 fn read_lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -162,7 +156,7 @@ fn wait_steps(system: &dyn System, count: u64, timeout: Duration) -> anyhow::Res
 fn measure_recovery(system: &dyn System, rank: u32) -> anyhow::Result<Recovery> {
     let before = last_step(system).map_or(0, |line| line.0);
     let pid = system.rank_pid(rank)?;
-    let killed = now();
+    let killed = flamingo_common::unix_seconds();
     // SAFETY: plain syscall.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -258,13 +252,13 @@ fn run_system(system: &mut dyn System, args: &Args) -> anyhow::Result<Outcome> {
         outcome.recoveries.push(recovery);
         wait_steps(system, 3, Duration::from_secs(120))?;
     }
-    let from = now();
+    let from = flamingo_common::unix_seconds();
     let to = from + args.minutes * 60.0;
     let mut next_fault = from + args.fault_every;
     let mut rank = 0;
     let mut reported = f64::INFINITY;
-    while now() < to {
-        let remaining = to - now();
+    while flamingo_common::unix_seconds() < to {
+        let remaining = to - flamingo_common::unix_seconds();
         // A line every 10 s: readable in a log as on a terminal.
         if reported - remaining >= 10.0 {
             reported = remaining;
@@ -274,7 +268,7 @@ fn run_system(system: &mut dyn System, args: &Args) -> anyhow::Result<Outcome> {
                 args.fault_every, remaining, outcome.faults
             );
         }
-        if now() >= next_fault {
+        if flamingo_common::unix_seconds() >= next_fault {
             rank = (rank % (WORLD - 1)) + 1;
             if let Ok(pid) = system.rank_pid(rank) {
                 // SAFETY: plain syscall.

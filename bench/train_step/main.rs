@@ -109,21 +109,13 @@ fn ours(dir: &Path, args: &Args, group: Option<&ProcessGroup>) -> anyhow::Result
 /// rank 0's last stdout line.
 fn run_ranks(world: usize, command: impl Fn() -> Command, what: &str) -> anyhow::Result<String> {
     let port = flamingo_common::net::free_local_port()?;
-    let children = (0..world)
-        .map(|rank| {
-            command()
-                .env("RANK", rank.to_string())
-                .env("LOCAL_RANK", rank.to_string())
-                .env("WORLD_SIZE", world.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
-                .env("FLAMINGO_LOCAL_ADDR", "127.0.0.1")
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .with_context(|| format!("starting {what} rank {rank}"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let children = flamingo_common::ranks::spawn_local_world(world as u32, port, |_| {
+        let mut rank = command();
+        rank.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        rank
+    })
+    .with_context(|| format!("starting {what} ranks"))?;
     let mut first = String::new();
     for (rank, child) in children.into_iter().enumerate() {
         let output = child.wait_with_output()?;

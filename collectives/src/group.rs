@@ -4,9 +4,9 @@ use std::ffi::{CStr, CString};
 use std::os::raw::c_char;
 use std::time::Duration;
 
+use flamingo_torch_shim::c10d as ffi;
 use tch::{Kind, Tensor};
 
-use crate::ffi;
 use crate::sharding::{pad_to_multiple, shard_len};
 use crate::{CollectiveError, Result};
 

@@ -5,7 +5,6 @@
 //! Every operation has a timeout, so a dead peer surfaces as an error rather
 //! than a hang, and C++ exceptions come back as [`CollectiveError`]s.
 
-mod ffi;
 mod group;
 mod sharding;
 

@@ -247,23 +247,17 @@ fn rank_entry() {
 fn run_world(world_size: usize, scenario: &str) {
     let exe = std::env::current_exe().expect("test binary path");
     let port = flamingo_free_port();
-    let children: Vec<_> = (0..world_size)
-        .map(|rank| {
-            Command::new(&exe)
-                .args(["--exact", "rank_entry", "--nocapture", "--test-threads=1"])
-                .env(SCENARIO_ENV, scenario)
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", world_size.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
-                .env("FLAMINGO_LOCAL_ADDR", "127.0.0.1")
-                .env("OMP_NUM_THREADS", "1")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn rank")
-        })
-        .collect();
+    let children = flamingo_common::ranks::spawn_local_world(world_size as u32, port, |_| {
+        let mut command = Command::new(&exe);
+        command
+            .args(["--exact", "rank_entry", "--nocapture", "--test-threads=1"])
+            .env(SCENARIO_ENV, scenario)
+            .env("OMP_NUM_THREADS", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    })
+    .expect("spawn ranks");
     let mut failures = Vec::new();
     for (rank, child) in children.into_iter().enumerate() {
         let output = child.wait_with_output().expect("wait rank");

@@ -12,7 +12,10 @@ pub mod net;
 pub mod nodes;
 pub mod objects;
 pub mod paths;
+pub mod progress;
 pub mod prometheus;
+pub mod ranks;
+pub mod rng;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -31,6 +34,13 @@ pub fn unix_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|elapsed| elapsed.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// Seconds since the Unix epoch, with the fraction.
+pub fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |elapsed| elapsed.as_secs_f64())
 }
 
 /// `unix_ms` as a UTC time of day, `HH:MM:SS`, for one-line logs.

@@ -236,12 +236,6 @@ struct Cached {
     used: Arc<std::sync::atomic::AtomicU64>,
 }
 
-fn now_seconds() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs())
-}
-
 impl MetricsStore {
     pub fn new(dir: PathBuf) -> Self {
         Self {
@@ -281,9 +275,10 @@ impl MetricsStore {
     fn job(&self, job_id: &str) -> std::io::Result<Arc<RwLock<JobCache>>> {
         let key = Self::safe(job_id);
         if let Some(cached) = lock(&self.cache).get(&key) {
-            cached
-                .used
-                .store(now_seconds(), std::sync::atomic::Ordering::Relaxed);
+            cached.used.store(
+                flamingo_common::unix_seconds() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             return Ok(cached.job.clone());
         }
         // Load outside the map's lock (a big job takes a moment); a racing
@@ -300,7 +295,9 @@ impl MetricsStore {
             .entry(key)
             .or_insert_with(|| Cached {
                 job: Arc::new(RwLock::new(loaded)),
-                used: Arc::new(std::sync::atomic::AtomicU64::new(now_seconds())),
+                used: Arc::new(std::sync::atomic::AtomicU64::new(
+                    flamingo_common::unix_seconds() as u64,
+                )),
             })
             .job
             .clone())
@@ -313,7 +310,7 @@ impl MetricsStore {
         let _writer = lock(&self.write);
         let mut cache = lock(&self.cache);
         let before = cache.len();
-        let cutoff = now_seconds().saturating_sub(idle.as_secs());
+        let cutoff = (flamingo_common::unix_seconds() as u64).saturating_sub(idle.as_secs());
         cache.retain(|_, cached| {
             idle.as_secs() > 0 && cached.used.load(std::sync::atomic::Ordering::Relaxed) > cutoff
         });

@@ -4,8 +4,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use clap::Parser;
-use flamingo_data::service::{serve, DataService, ServiceConfig};
 use flamingo_data::store::StorageOptions;
+use server::{serve, DataService, ServiceConfig};
+
+mod server;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -4,8 +4,6 @@
 //! unchanged; two ranks of one job share a replica's global batches; and a
 //! spec naming a missing shard is refused with its URL.
 
-mod common;
-
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -116,7 +114,9 @@ async fn a_killed_replica_changes_nothing_the_rank_sees() {
     let dir = tempfile::tempdir().expect("temp dir");
     // Batches of ~1.2 MB (float32 128² images), so that the stream cannot
     // sit whole in the HTTP/2 buffers when a replica dies.
-    let spec = common::laion_fixture(dir.path(), 5, 12, 9).await;
+    let spec = flamingo_data::synthetic::write_laion_fixture(dir.path(), 5, 12, 9)
+        .await
+        .expect("fixture written");
     let spec = spec.replace("image_size = 16", "image_size = 128");
     let spec = flamingo_data::spec::DataSpec::from_toml(&spec, None)
         .expect("spec")
@@ -152,7 +152,9 @@ async fn a_killed_replica_changes_nothing_the_rank_sees() {
 #[tokio::test(flavor = "multi_thread")]
 async fn ranks_of_a_job_split_the_global_batches() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let spec = common::laion_fixture(dir.path(), 3, 10, 0).await;
+    let spec = flamingo_data::synthetic::write_laion_fixture(dir.path(), 3, 10, 0)
+        .await
+        .expect("fixture written");
     let spec = flamingo_data::spec::DataSpec::from_toml(&spec, None)
         .expect("spec")
         .to_toml();
@@ -181,7 +183,9 @@ async fn ranks_of_a_job_split_the_global_batches() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_missing_shard_is_refused_by_url() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let spec = common::laion_fixture(dir.path(), 2, 4, 0).await;
+    let spec = flamingo_data::synthetic::write_laion_fixture(dir.path(), 2, 4, 0)
+        .await
+        .expect("fixture written");
     let spec = spec.replace("{00000..00001}", "{00000..00002}");
     let spec = flamingo_data::spec::DataSpec::from_toml(&spec, None)
         .expect("spec")

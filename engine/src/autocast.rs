@@ -3,10 +3,7 @@
 //! fp32), on the CPU or a GPU; weights, gradients and optimizer state stay
 //! fp32. tch exposes autocast only for CUDA, so a small shim sets it.
 
-extern "C" {
-    fn fl_autocast_enter(device: std::ffi::c_int, dtype: std::ffi::c_int) -> std::ffi::c_int;
-    fn fl_autocast_exit(device: std::ffi::c_int, enabled_before: std::ffi::c_int);
-}
+use flamingo_torch_shim::autocast::{fl_autocast_enter, fl_autocast_exit};
 
 /// Runs `f` with bf16 autocast on `device` when `enabled`.
 pub fn bf16<T>(enabled: bool, device: tch::Device, f: impl FnOnce() -> T) -> T {

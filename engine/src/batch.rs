@@ -3,7 +3,7 @@
 //! slots zero, as upstream pads), tokens, attention mask and labels.
 
 use flamingo_data::convert::{ImageFormat, RankBatch};
-use flamingo_model::preprocess::{OPENAI_MEAN, OPENAI_STD};
+use flamingo_preprocess::{OPENAI_MEAN, OPENAI_STD};
 use tch::{Kind, Tensor};
 
 #[derive(Debug)]

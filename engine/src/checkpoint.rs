@@ -5,6 +5,7 @@
 //! and never loaded. Loading assembles the flat state from the ranges, so
 //! it works at any world size.
 
+use flamingo_torch_shim::pickle::fl_pickle_save;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -204,17 +205,6 @@ pub fn state_dict(dir: &Path) -> Result<Vec<(String, Tensor)>, String> {
             )
         })
         .collect())
-}
-
-extern "C" {
-    fn fl_pickle_save(
-        names: *const *const std::ffi::c_char,
-        tensors: *const *mut std::ffi::c_void,
-        count: std::ffi::c_int,
-        path: *const std::ffi::c_char,
-        error: *mut std::ffi::c_char,
-        error_len: usize,
-    ) -> std::ffi::c_int;
 }
 
 /// Writes `tensors` as a `{name: tensor}` dict in `torch.save`'s format

@@ -3,6 +3,7 @@
 //! step, with the same tensor operations in the same order, so the fp32
 //! results are PyTorch's bit for bit.
 
+use flamingo_torch_shim::optim::fl_fused_adamw;
 use tch::Tensor;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -154,22 +155,4 @@ impl AdamW {
             unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) }.to_string_lossy()
         });
     }
-}
-
-extern "C" {
-    #[allow(clippy::too_many_arguments)]
-    fn fl_fused_adamw(
-        param: *mut std::ffi::c_void,
-        grad: *mut std::ffi::c_void,
-        exp_avg: *mut std::ffi::c_void,
-        exp_avg_sq: *mut std::ffi::c_void,
-        lr: f64,
-        beta1: f64,
-        beta2: f64,
-        weight_decay: f64,
-        eps: f64,
-        step: std::ffi::c_long,
-        error: *mut std::ffi::c_char,
-        error_len: usize,
-    ) -> std::ffi::c_int;
 }

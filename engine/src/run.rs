@@ -22,7 +22,7 @@ use crate::batch::TrainBatch;
 use crate::checkpoint::{self, Manifest};
 use crate::flops::FlopModel;
 use crate::job::TrainJob;
-use crate::trainer::{StepReport, Strategy, Trainer};
+use crate::trainer::{Strategy, Trainer};
 
 /// What a rank started by the cluster (a `flamingoctl launch` job) tells
 /// and asks its coordinator. `flamingoctl train` runs without one.
@@ -340,39 +340,6 @@ fn resident_bytes() -> Option<f64> {
     Some(pages * page as f64)
 }
 
-/// The progress line: redrawn in place on a terminal; on a pipe or file
-/// (CI logs, `flamingoctl train > log`) one line per logged step instead.
-fn progress(step: u64, total: u64, report: &StepReport, rate: f64, elapsed: f64, logged: bool) {
-    use std::io::IsTerminal;
-    let terminal = std::io::stderr().is_terminal();
-    if !terminal && !logged {
-        return;
-    }
-    let width = 24usize;
-    let filled = ((step as f64 / total.max(1) as f64) * width as f64) as usize;
-    let eta = if step > 0 {
-        elapsed / step as f64 * (total - step.min(total)) as f64
-    } else {
-        0.0
-    };
-    let loss = |value: Option<f64>| value.map_or("-".to_string(), |v| format!("{v:.4}"));
-    let line = format!(
-        "step {step}/{total} [{}{}] loss_laion {} loss_mmc4 {} lr {:.2e} {rate:.1} samples/s ETA {:.0}s",
-        "=".repeat(filled.min(width)),
-        " ".repeat(width - filled.min(width)),
-        loss(report.loss_laion),
-        loss(report.loss_mmc4),
-        report.lr,
-        eta
-    );
-    if terminal {
-        eprint!("\r{line}   ");
-    } else {
-        eprintln!("{line}");
-    }
-    let _ = std::io::stderr().flush();
-}
-
 /// `hybrid`'s groups: this rank's node (`LOCAL_WORLD_SIZE` consecutive
 /// ranks, torchrun's numbering; all ranks when unset) and the ranks with
 /// its local rank on every node.
@@ -438,7 +405,7 @@ pub fn run_rank_with(
     group: Option<&ProcessGroup>,
     link: Option<&dyn ClusterLink>,
 ) -> anyhow::Result<RunEnd> {
-    let entered = unix_seconds();
+    let entered = flamingo_common::unix_seconds();
     if link.is_some() {
         catch_terminate();
     }
@@ -531,7 +498,7 @@ pub fn run_rank_with(
             "attempt": link.map_or(0, |link| link.attempt()),
             "started": process_start_unix_seconds(),
             "entered": entered,
-            "loaded": unix_seconds(),
+            "loaded": flamingo_common::unix_seconds(),
             "step": trainer.step_count(),
         });
         writeln!(starts, "{line}")?;
@@ -556,7 +523,7 @@ pub fn run_rank_with(
         .then(|| Audit::open(&run_dir, rank, link.map_or(0, |link| link.attempt())))
         .transpose()?;
     let mut last_save = Instant::now();
-    let started = Instant::now();
+    let mut progress = flamingo_common::progress::Progress::new("step", Some(end));
     let first_step = trainer.step_count();
     let mut window = (Instant::now(), 0usize);
     let per_step_samples = (job.batch_size_laion as usize * usize::from(laion.is_some())
@@ -606,14 +573,20 @@ pub fn run_rank_with(
         let step = report.step;
         if rank == 0 {
             let logged = step % job.logging_steps.max(1) == 0 || step == end || report.skipped;
-            progress(
-                step,
-                end,
-                &report,
-                rate,
-                started.elapsed().as_secs_f64(),
-                logged,
+            let loss = |value: Option<f64>| value.map_or("-".to_string(), |v| format!("{v:.4}"));
+            let details = format!(
+                "loss_laion {} loss_mmc4 {} lr {:.2e}",
+                loss(report.loss_laion),
+                loss(report.loss_mmc4),
+                report.lr
             );
+            // One line per logged step on a pipe or file (CI logs,
+            // `flamingoctl train > log`); redrawn in place on a terminal.
+            if logged {
+                progress.print(step, &details, Some(rate));
+            } else {
+                progress.redraw(step, &details, Some(rate));
+            }
             if logged {
                 if let Some(log) = log.as_mut() {
                     let line = json!({
@@ -624,7 +597,7 @@ pub fn run_rank_with(
                         "grad_norm": report.grad_norm,
                         "samples_per_second": rate,
                         "skipped": report.skipped,
-                        "time": unix_seconds(),
+                        "time": flamingo_common::unix_seconds(),
                         "attempt": link.map_or(0, |link| link.attempt()),
                     });
                     writeln!(log, "{line}")?;
@@ -748,11 +721,10 @@ pub fn run_rank_with(
         .to_string(),
     )?;
     if rank == 0 {
-        eprintln!();
+        let seconds = progress.finish();
         let steps = trainer.step_count() - first_step;
         eprintln!(
-            "done: {steps} steps in {:.1}s ({} skipped); run folder {}",
-            started.elapsed().as_secs_f64(),
+            "done: {steps} steps in {seconds:.1}s ({} skipped); run folder {}",
             trainer.skipped_steps(),
             run_dir.display()
         );
@@ -858,12 +830,6 @@ fn fault_point(point: &str, step: u64) {
     }
 }
 
-fn unix_seconds() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |elapsed| elapsed.as_secs_f64())
-}
-
 /// When this process started (Unix seconds): its age from `/proc` (start
 /// ticks since boot against the uptime, both to 10 ms) back from now; 0 if
 /// unknown.
@@ -884,7 +850,9 @@ fn process_start_unix_seconds() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hertz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     match (ticks, uptime) {
-        (Some(ticks), Some(uptime)) if hertz > 0.0 => unix_seconds() - (uptime - ticks / hertz),
+        (Some(ticks), Some(uptime)) if hertz > 0.0 => {
+            flamingo_common::unix_seconds() - (uptime - ticks / hertz)
+        }
         _ => 0.0,
     }
 }

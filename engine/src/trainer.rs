@@ -25,7 +25,8 @@
 //!   keeps only each unit's input; backward recomputes one unit at a time.
 
 use flamingo_collectives::{ProcessGroup, ReduceOp};
-use flamingo_model::{Flamingo, FlamingoTokenizer};
+use flamingo_model::Flamingo;
+use flamingo_preprocess::FlamingoTokenizer;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Reduction, Tensor};
 

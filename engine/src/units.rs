@@ -13,22 +13,10 @@
 
 use flamingo_collectives::{ProcessGroup, Work};
 use flamingo_model::{Flamingo, Unit};
+use flamingo_torch_shim::autograd::fl_autograd_grad;
 use tch::{Kind, Tensor};
 
 use crate::trainer::TrainError;
-
-extern "C" {
-    fn fl_autograd_grad(
-        outputs: *mut *mut std::ffi::c_void,
-        grad_outputs: *mut *mut std::ffi::c_void,
-        n_outputs: std::ffi::c_int,
-        inputs: *mut *mut std::ffi::c_void,
-        n_inputs: std::ffi::c_int,
-        results: *mut *mut std::ffi::c_void,
-        error: *mut std::ffi::c_char,
-        error_len: usize,
-    ) -> std::ffi::c_int;
-}
 
 /// `torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)`:
 /// the gradients reaching `inputs` (each `None` where it took no part),
@@ -76,7 +64,8 @@ pub fn gradients(
         .map(|raw| {
             // SAFETY: a non-null result is a fresh at::Tensor* the shim
             // allocated for us; Tensor takes ownership and frees it.
-            (!raw.is_null()).then(|| unsafe { Tensor::from_ptr(raw as *mut torch_sys::C_tensor) })
+            (!raw.is_null())
+                .then(|| unsafe { Tensor::from_ptr(raw as *mut flamingo_torch_shim::C_tensor) })
         })
         .collect())
 }

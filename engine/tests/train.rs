@@ -36,7 +36,12 @@ const ROLE: &str = "FLAMINGO_TRAIN_TEST_DIR";
 /// interleave those draws, or two loads of one model start differently.
 static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn load(spec: &ModelSpec) -> (flamingo_model::Flamingo, flamingo_model::FlamingoTokenizer) {
+fn load(
+    spec: &ModelSpec,
+) -> (
+    flamingo_model::Flamingo,
+    flamingo_preprocess::FlamingoTokenizer,
+) {
     let _guard = TORCH_RNG
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -353,26 +358,20 @@ fn run_world_nodes(
     let exe = std::env::current_exe().expect("test binary");
     let port = flamingo_common::net::free_local_port().expect("port");
     let out = dir.join(name);
-    let children: Vec<_> = (0..world)
-        .map(|rank| {
-            Command::new(&exe)
-                .args(["--exact", "rank_entry", "--nocapture", "--test-threads=1"])
-                .env(ROLE, dir)
-                .env("STRATEGY", strategy)
-                .env("OUT", &out)
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", world.to_string())
-                .env("LOCAL_WORLD_SIZE", per_node.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
-                .env("FLAMINGO_LOCAL_ADDR", "127.0.0.1")
-                .env("OMP_NUM_THREADS", "1")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("rank starts")
-        })
-        .collect();
+    let children = flamingo_common::ranks::spawn_local_world(world as u32, port, |env| {
+        env.split_into_nodes_of(per_node as u32);
+        let mut command = Command::new(&exe);
+        command
+            .args(["--exact", "rank_entry", "--nocapture", "--test-threads=1"])
+            .env(ROLE, dir)
+            .env("STRATEGY", strategy)
+            .env("OUT", &out)
+            .env("OMP_NUM_THREADS", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    })
+    .expect("ranks start");
     for (rank, child) in children.into_iter().enumerate() {
         let output = child.wait_with_output().expect("rank ends");
         let stdout = String::from_utf8_lossy(&output.stdout);

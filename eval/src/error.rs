@@ -18,6 +18,8 @@ pub enum EvalError {
     },
     #[error(transparent)]
     Model(#[from] flamingo_model::ModelError),
+    #[error(transparent)]
+    Preprocess(#[from] flamingo_preprocess::PreprocessError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     /// Predictions that cannot be scored.

@@ -7,7 +7,6 @@ pub mod datasets;
 pub mod error;
 pub mod metrics;
 pub mod model;
-pub(crate) mod progress;
 pub mod prompts;
 pub mod run;
 pub mod score;

@@ -5,14 +5,16 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
-use flamingo_model::preprocess::{clip_preprocess, RgbImage};
-use flamingo_model::{Flamingo, FlamingoTokenizer};
+use flamingo_model::preprocess::clip_preprocess;
+use flamingo_model::Flamingo;
+use flamingo_preprocess::FlamingoTokenizer;
+use flamingo_preprocess::RgbImage;
 use tch::{Device, Kind, Tensor};
 
 use crate::datasets::{Dataset, Example};
 use crate::error::{EvalError, Result};
-use crate::progress::Progress;
 use crate::run::Settings;
+use flamingo_common::progress::Progress;
 
 /// A model ready to evaluate.
 pub struct Model {
@@ -49,7 +51,7 @@ impl ImageCache {
             message: format!(
                 "cannot read the image ({}); check the dataset's image folder",
                 match error {
-                    flamingo_model::ModelError::Io { message, .. } => message,
+                    flamingo_preprocess::PreprocessError::File { message, .. } => message,
                     other => other.to_string(),
                 }
             ),
@@ -170,13 +172,13 @@ impl Model {
         }
         let mut progress = Progress::new(
             format!("RICES features ({})", dataset.task.name()),
-            dataset.train.len(),
+            Some(dataset.train.len() as u64),
         );
         let mut parts = Vec::new();
         let examples: Vec<&Example> = dataset.train.iter().collect();
         for chunk in examples.chunks(64) {
             parts.push(self.embeddings(cache, chunk, settings.batch_size)?);
-            progress.advance(chunk.len());
+            progress.advance(chunk.len() as u64);
         }
         let features = Tensor::cat(&parts, 0);
         let io = |path: &Path| {

@@ -13,8 +13,8 @@ use tch::{Device, Tensor};
 
 pub use crate::model::Model;
 use crate::model::{class_rows, ImageCache};
-use crate::progress::Progress;
 pub use crate::score::{merge, results, score, ShotResult};
+use flamingo_common::progress::Progress;
 
 use crate::datasets::{Dataset, Example, Task};
 use crate::error::{EvalError, Result};
@@ -312,7 +312,7 @@ fn trial(
                 score,
             });
         }
-        progress.advance(batch.len());
+        progress.advance(batch.len() as u64);
     }
     Ok(predictions)
 }
@@ -389,10 +389,10 @@ pub fn predict(model: &Model, dataset: &Dataset, settings: &Settings) -> Result<
                 seed,
                 train_features.as_ref(),
             )?;
-            let mine = settings.my_batches(&plan.subset).map(<[usize]>::len).sum();
+            let mine: usize = settings.my_batches(&plan.subset).map(<[usize]>::len).sum();
             let mut progress = Progress::new(
                 format!("{} {shots}-shot seed {seed}", dataset.task.name()),
-                mine,
+                Some(mine as u64),
             );
             let predictions = trial(
                 model,

@@ -11,13 +11,17 @@
 //! RICES ranks the whole training split by cosine similarity of CLIP image
 //! embeddings to the query image and keeps the top k, most similar last.
 
-use rand::rngs::StdRng;
-use rand::SeedableRng;
+use flamingo_common::rng::Rng;
 use tch::{Kind, Tensor};
 
-/// The generator for `purpose` under `seed`.
-fn generator(seed: u64, purpose: u64) -> StdRng {
-    StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ purpose)
+/// The purposes of the evaluation's draws, keyed under the seed (distinct
+/// from the data service's tags, though the two never share a seed's use).
+mod purpose {
+    pub const EVAL: u64 = 0xe7a1;
+    pub const TEST_SUBSET: u64 = 1;
+    pub const QUERY_SET: u64 = 2;
+    pub const DEMONSTRATIONS: u64 = 3;
+    pub const ENSEMBLE_SHUFFLE: u64 = 4;
 }
 
 /// Indices of the test examples to score: all of them in order, or
@@ -26,7 +30,7 @@ pub fn test_subset(test_len: usize, num_samples: Option<usize>, seed: u64) -> Ve
     match num_samples {
         Some(count) if count < test_len => {
             let mut chosen =
-                rand::seq::index::sample(&mut generator(seed, 1), test_len, count).into_vec();
+                Rng::keyed(&[seed, purpose::EVAL, purpose::TEST_SUBSET]).sample(test_len, count);
             chosen.sort_unstable();
             chosen
         }
@@ -39,25 +43,35 @@ pub fn query_set(train_len: usize, query_set_size: usize, seed: u64) -> Vec<usiz
     if query_set_size >= train_len {
         return (0..train_len).collect();
     }
-    rand::seq::index::sample(&mut generator(seed, 2), train_len, query_set_size).into_vec()
+    Rng::keyed(&[seed, purpose::EVAL, purpose::QUERY_SET]).sample(train_len, query_set_size)
 }
 
 /// `shots` demonstrations for test example `test_index`, from `query_set`.
 pub fn random_demos(query_set: &[usize], shots: usize, seed: u64, test_index: usize) -> Vec<usize> {
     let count = shots.min(query_set.len());
-    let mut rng = generator(seed, 3 + ((test_index as u64) << 8));
-    rand::seq::index::sample(&mut rng, query_set.len(), count)
-        .into_iter()
-        .map(|position| query_set[position])
-        .collect()
+    Rng::keyed(&[
+        seed,
+        purpose::EVAL,
+        purpose::DEMONSTRATIONS,
+        test_index as u64,
+    ])
+    .sample(query_set.len(), count)
+    .into_iter()
+    .map(|position| query_set[position])
+    .collect()
 }
 
 /// Shuffles `demos` in place for ensemble member `order` of test example
 /// `test_index` (prompt ensembling; each shuffle continues from the last).
 pub fn shuffle(demos: &mut [usize], seed: u64, test_index: usize, order: usize) {
-    use rand::seq::SliceRandom;
-    let purpose = (1u64 << 62) ^ ((test_index as u64) << 8) ^ order as u64;
-    demos.shuffle(&mut generator(seed, purpose));
+    Rng::keyed(&[
+        seed,
+        purpose::EVAL,
+        purpose::ENSEMBLE_SHUFFLE,
+        test_index as u64,
+        order as u64,
+    ])
+    .shuffle(demos);
 }
 
 /// The `shots` training examples most similar to each query, most similar

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::{bail, Context};
+use flamingo_common::progress::Progress;
 use flamingo_data::index::ShardIndex;
 use flamingo_data::inspect::for_each_sample;
 use flamingo_data::pack::ShardWriter;
@@ -120,33 +120,6 @@ fn storage(s3_endpoint: Option<String>) -> Storage {
     Storage::new(StorageOptions { s3_endpoint })
 }
 
-/// A progress line on stderr, rewritten in place.
-struct Progress {
-    started: Instant,
-    label: &'static str,
-}
-
-impl Progress {
-    fn new(label: &'static str) -> Self {
-        Self {
-            started: Instant::now(),
-            label,
-        }
-    }
-
-    fn update(&self, done: u64, total: Option<u64>) {
-        let rate = done as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
-        let of = total.map(|total| format!("/{total}")).unwrap_or_default();
-        eprint!("\r{} {done}{of} ({rate:.0}/s)   ", self.label);
-        let _ = std::io::stderr().flush();
-    }
-
-    fn finish(&self) -> f64 {
-        eprintln!();
-        self.started.elapsed().as_secs_f64()
-    }
-}
-
 pub async fn run(command: DataCommand, json_output: bool) -> anyhow::Result<()> {
     match command {
         DataCommand::Index {
@@ -251,7 +224,7 @@ async fn index(
         brace::expand(spec)?
     };
     let storage = storage(s3_endpoint);
-    let progress = Progress::new("indexed samples");
+    let mut progress = Progress::new("indexed", Some(urls.len() as u64)).counting("shards");
     let mut samples = 0u64;
     let mut damaged = Vec::new();
     for (number, url) in urls.iter().enumerate() {
@@ -267,10 +240,7 @@ async fn index(
         if let Some(error) = &index.error {
             damaged.push(json!({"shard": url, "error": error, "samples": index.samples.len()}));
         }
-        progress.update(samples, None);
-        if !json_output && number + 1 == urls.len() {
-            eprint!(" ({} shards)", urls.len());
-        }
+        progress.update(number as u64 + 1, &format!("({samples} samples)"), None);
     }
     let seconds = progress.finish();
     if json_output {
@@ -380,7 +350,7 @@ async fn synth(
     }
     let pattern = format!("{}/{form}-{{}}.tar", out.trim_end_matches('/'));
     let mut writer = ShardWriter::new(&storage, &pattern, per_shard);
-    let progress = Progress::new("samples written");
+    let mut progress = Progress::new("samples written", Some(samples));
     for index in 0..samples {
         let (key, members) = match form {
             "laion" => synthetic::laion_sample(seed, index, image_size),
@@ -388,10 +358,10 @@ async fn synth(
         };
         writer.add(&key, &members).await?;
         if index % 50 == 0 {
-            progress.update(index + 1, Some(samples));
+            progress.update(index + 1, "", None);
         }
     }
-    progress.update(samples, Some(samples));
+    progress.update(samples, "", None);
     let (shards, written) = writer.finish().await?;
     let seconds = progress.finish();
     let shard_pattern = ShardWriter::brace_pattern(&pattern, shards.len());
@@ -497,11 +467,11 @@ async fn pack(
     }
     let storage = Storage::default();
     let mut writer = ShardWriter::new(&storage, out, per_shard);
-    let progress = Progress::new("samples packed");
+    let mut progress = Progress::new("samples packed", None);
     let mut done = 0u64;
     if form == "laion" {
         let pairs = read_pairs(input)?;
-        let total = pairs.len() as u64;
+        progress = Progress::new("samples packed", Some(pairs.len() as u64));
         for (key, image, caption) in pairs {
             let extension = image
                 .extension()
@@ -517,7 +487,7 @@ async fn pack(
                 )
                 .await?;
             done += 1;
-            progress.update(done, Some(total));
+            progress.update(done, "", None);
         }
     } else {
         let images =
@@ -565,7 +535,7 @@ async fn pack(
                 )
                 .await?;
             done += 1;
-            progress.update(done, None);
+            progress.update(done, "", None);
         }
     }
     let (shards, samples) = writer.finish().await?;
@@ -599,7 +569,7 @@ async fn bench(
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .build()?;
-    let started = Instant::now();
+    let started = std::time::Instant::now();
     let kept = {
         use rayon::prelude::*;
         let preparer = preparer.clone();

@@ -5,10 +5,9 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use flamingo_model::preprocess::{clip_preprocess, RgbImage};
-use flamingo_model::{
-    load_flamingo_with, BeamSettings, Flamingo, FlamingoTokenizer, LoadOptions, ModelSpec,
-};
+use flamingo_model::preprocess::clip_preprocess;
+use flamingo_model::{load_flamingo_with, BeamSettings, Flamingo, LoadOptions, ModelSpec};
+use flamingo_preprocess::{FlamingoTokenizer, RgbImage};
 use serde_json::json;
 use tch::{Kind, Tensor};
 

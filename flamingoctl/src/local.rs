@@ -71,16 +71,7 @@ pub fn spawn(mut command: Command, log: &Path, detach: bool) -> anyhow::Result<C
     let (stdout, stderr) = log_file(log)?;
     command.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
     if detach {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: setsid is async-signal-safe.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        flamingo_common::ranks::Tie::DAEMON.apply(&mut command);
     }
     let program = command.get_program().to_string_lossy().into_owned();
     command

@@ -698,7 +698,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             lm_layers,
             vision_width,
         } => {
-            let vocab = flamingo_model::FlamingoTokenizer::from_dir(&tokenizer)?.len() as i64 - 3;
+            let vocab =
+                flamingo_preprocess::FlamingoTokenizer::from_dir(&tokenizer)?.len() as i64 - 3;
             let spec = flamingo_engine::tiny::write_tiny_model(
                 &out,
                 &tokenizer,

@@ -175,12 +175,6 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis() as i64)
-}
-
 /// A value for an `#SBATCH` line: one word, no line breaks.
 fn sbatch_value(flag: &str, value: &str) -> anyhow::Result<String> {
     if value.is_empty() || value.chars().any(char::is_whitespace) {
@@ -288,7 +282,7 @@ pub fn submit(
     dry_run: bool,
 ) -> anyhow::Result<(PathBuf, JobFile)> {
     let root = slurm_dir(flags.slurm_dir.as_deref());
-    let stamp = now_ms();
+    let stamp = flamingo_common::unix_ms();
     let dir = root.join(format!(
         "{}-{}",
         crate::k8s::object_name(&submission.name),

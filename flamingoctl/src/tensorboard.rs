@@ -149,21 +149,19 @@ impl EventWriter {
     pub fn create(dir: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)
             .map_err(|error| anyhow::anyhow!("creating {}: {error}", dir.display()))?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let now = flamingo_common::unix_seconds();
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|name| name.trim().to_string())
             .unwrap_or_else(|_| "localhost".into());
         let path = dir.join(format!(
             "events.out.tfevents.{}.{host}.flamingo",
-            now.as_secs()
+            now as u64
         ));
         let file = std::fs::File::create(&path)
             .map_err(|error| anyhow::anyhow!("creating {}: {error}", path.display()))?;
         let mut writer = Self { file, path };
         writer.write_event(&Event {
-            wall_time: now.as_secs_f64(),
+            wall_time: now,
             step: 0,
             file_version: Some("brain.Event:2".into()),
             summary: None,

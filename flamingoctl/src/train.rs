@@ -175,44 +175,42 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<i32> {
         args.nproc,
         run_dir.display()
     );
-    let mut children = Vec::new();
-    for rank in 0..args.nproc {
+    // `LOCAL_WORLD_SIZE=2 flamingoctl train --nproc 4` emulates two nodes
+    // (for `hybrid`); unset, all ranks are one node.
+    let per_node = std::env::var("LOCAL_WORLD_SIZE")
+        .ok()
+        .and_then(|value| value.parse::<u32>().ok())
+        .filter(|&size| size > 0)
+        .unwrap_or(args.nproc);
+    let mut logs = Vec::new();
+    let mut children = flamingo_common::ranks::spawn_local_world(args.nproc, port, |env| {
+        env.split_into_nodes_of(per_node);
         let mut command = Command::new(&worker);
         command
             .args(["rank", "train", "--config"])
             .arg(&config_path)
-            .env("RANK", rank.to_string())
-            .env("LOCAL_RANK", rank.to_string())
-            .env("WORLD_SIZE", args.nproc.to_string())
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
-            .env("FLAMINGO_LOCAL_ADDR", "127.0.0.1")
             .env("OMP_NUM_THREADS", threads.to_string())
             // Not a cluster rank, whatever this shell exported.
             .env_remove("FLAMINGO_JOB_COORDINATOR")
             .stdin(Stdio::null());
-        {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: prctl is async-signal-safe; the ranks die with this
-            // launcher instead of waiting on each other forever.
-            unsafe {
-                command.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+        if env.rank != 0 {
+            let log = run_dir.join(format!("rank-{}.log", env.rank));
+            match std::fs::File::create(&log).and_then(|file| Ok((file.try_clone()?, file))) {
+                Ok((stdout, stderr)) => {
+                    command.stdout(stdout).stderr(stderr);
+                }
+                Err(error) => logs.push(format!("{}: {error}", log.display())),
             }
         }
-        if rank != 0 {
-            let log = std::fs::File::create(run_dir.join(format!("rank-{rank}.log")))?;
-            command.stdout(log.try_clone()?).stderr(log);
+        command
+    })
+    .context("starting the ranks")?;
+    if !logs.is_empty() {
+        for child in &mut children {
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        children.push(
-            command
-                .spawn()
-                .with_context(|| format!("starting rank {rank}"))?,
-        );
+        bail!("cannot create the rank logs: {}", logs.join("; "));
     }
     let mut failed = None;
     loop {

@@ -6,27 +6,26 @@
 //! resampler and gated cross-attention block (OpenFlamingo `helpers.py`),
 //! and the MPT, GPT-NeoX and LLaMA decoders (Hugging Face transformers).
 //! [`Flamingo`] joins them and matches OpenFlamingo's own model.
-//! [`FlamingoTokenizer`] adds OpenFlamingo's tokens to the Hugging Face
-//! tokenizer. Still to come: beam search, batched left padding, model-spec
-//! loading (pickles, sharded checkpoints, presets) and the CLI.
+//! Around them: greedy decoding and beam search with a KV cache and left
+//! padding ([`beam`]), and loading from a model spec (safetensors, torch
+//! pickles, sharded indexes, open_clip and Hugging Face layouts,
+//! OpenFlamingo checkpoints, presets; [`load`], [`spec`]). Image decoding
+//! and the tokenizer are libtorch-free and live in `flamingo-preprocess`;
+//! [`preprocess::clip_preprocess`] turns its pixels into the model's input.
 
 pub mod beam;
-mod buffers;
 pub mod cross_attention;
 pub mod decoder;
 pub mod decoder_config;
 pub mod device;
 pub mod flamingo;
-pub mod jpeg;
 pub mod layers;
 pub mod load;
 pub mod loss;
 pub mod perceiver;
 pub mod preprocess;
 pub mod rank;
-pub mod resample;
 pub mod spec;
-pub mod tokenizer;
 pub mod torch_pickle;
 pub mod vision;
 pub mod weights;
@@ -40,7 +39,6 @@ pub use load::{load_flamingo, load_flamingo_with, LoadOptions};
 pub use loss::causal_lm_loss;
 pub use perceiver::{PerceiverConfig, PerceiverResampler};
 pub use spec::ModelSpec;
-pub use tokenizer::FlamingoTokenizer;
 pub use vision::{VisionConfig, VisionOutput, VisionTransformer};
 pub use weights::Weights;
 
@@ -67,6 +65,8 @@ pub enum ModelError {
     Config(String),
     #[error("unsupported: {0}")]
     Unsupported(String),
+    #[error(transparent)]
+    Preprocess(#[from] flamingo_preprocess::PreprocessError),
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

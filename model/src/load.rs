@@ -19,9 +19,9 @@ use crate::decoder_config::{DecoderConfig, DecoderFamily};
 use crate::flamingo::Flamingo;
 use crate::perceiver::PerceiverConfig;
 use crate::spec::ModelSpec;
-use crate::tokenizer::FlamingoTokenizer;
 use crate::vision::VisionTransformer;
 use crate::{ModelError, Result, Weights};
+use flamingo_preprocess::FlamingoTokenizer;
 
 /// The LM's weight file in a Hugging Face dir, in the order HF prefers.
 fn lm_weights_file(dir: &Path) -> Result<PathBuf> {

@@ -4,9 +4,10 @@
 
 mod common;
 
-use flamingo_model::jpeg::Jpeg;
-use flamingo_model::preprocess::{clip_image, clip_preprocess, clip_resize_crop, RgbImage};
+use flamingo_model::preprocess::clip_preprocess;
 use flamingo_model::Weights;
+use flamingo_preprocess::jpeg::Jpeg;
+use flamingo_preprocess::{clip_image, clip_resize_crop, RgbImage};
 use tch::Tensor;
 
 fn max_difference(actual: &Tensor, expected: &Tensor) -> f64 {
@@ -47,7 +48,7 @@ fn preprocessing_matches_open_clip() {
 fn jpeg_regions_match_pillow() {
     let dir = common::reference_dir("preprocess_reference.py");
     let mut reference = Weights::read(&dir.path().join("reference.safetensors")).unwrap();
-    let before = flamingo_model::jpeg::fast_decodes();
+    let before = flamingo_preprocess::jpeg::fast_decodes();
     for index in 0..16 {
         let path = dir.path().join(format!("photo{index}.jpg"));
         let bytes = std::fs::read(&path).unwrap();
@@ -83,7 +84,7 @@ fn jpeg_regions_match_pillow() {
     // through the fast decoder, and it gave up on the wrong restart marker
     // and on photo 14's bytes (photo 15's still decode as codes, and match
     // Pillow's output all the same).
-    let after = flamingo_model::jpeg::fast_decodes();
+    let after = flamingo_preprocess::jpeg::fast_decodes();
     assert!(
         after.started - before.started >= 60,
         "{before:?} → {after:?}"
@@ -115,7 +116,7 @@ fn damaged_jpegs_decode_as_libjpeg_decodes_them() {
         let jpeg = match Jpeg::open(bytes) {
             Ok(Some(jpeg)) => jpeg,
             Ok(None) => return Err("not RGB".to_string()),
-            Err(error) => return Err(error),
+            Err(error) => return Err(error.to_string()),
         };
         let jpeg = if fast { jpeg } else { jpeg.libjpeg_only() };
         let (width, height) = (jpeg.width, jpeg.height);
@@ -126,6 +127,7 @@ fn damaged_jpegs_decode_as_libjpeg_decodes_them() {
         };
         jpeg.decode_region(columns, rows)
             .map(|region| (region.left, region.top, region.image))
+            .map_err(|error| error.to_string())
     };
     let mut compared = 0;
     for index in [0, 1, 2, 4, 6, 8, 9, 10, 11, 12] {
@@ -185,8 +187,8 @@ fn truncated_jpegs_fail_through_regions_too() {
     for index in [0, 3, 6, 9, 11] {
         let bytes = std::fs::read(dir.path().join(format!("photo{index}.jpg"))).unwrap();
         let cut = &bytes[..bytes.len() * 9 / 10];
-        let whole = RgbImage::decode(cut).unwrap_err();
-        let region = clip_image(cut, 224, false).unwrap_err();
+        let whole = RgbImage::decode(cut).unwrap_err().to_string();
+        let region = clip_image(cut, 224, false).unwrap_err().to_string();
         assert!(whole.contains("JPEG"), "{whole}");
         assert_eq!(region, whole, "photo{index}");
     }

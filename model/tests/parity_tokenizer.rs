@@ -4,7 +4,7 @@
 
 mod common;
 
-use flamingo_model::FlamingoTokenizer;
+use flamingo_preprocess::FlamingoTokenizer;
 
 #[test]
 fn tokenizer_matches_hugging_face_with_open_flamingo_tokens() {

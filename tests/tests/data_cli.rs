@@ -1,6 +1,6 @@
 //! `flamingoctl data` end to end: `inspect --json` prints, in shard order,
 //! what OpenFlamingo's Python preprocessing makes of the fixture shards
-//! (data-service/tests/reference/data_reference.py); `synth`, `index` and
+//! (data/tests/reference/data_reference.py); `synth`, `index` and
 //! `pack` write shards that inspect reads back.
 
 use std::path::{Path, PathBuf};
@@ -29,8 +29,8 @@ fn flamingoctl(dir: &Path, args: &[&str]) -> (String, String) {
 #[test]
 fn inspect_prints_what_open_flamingo_computes() {
     let dir = tempfile::tempdir().unwrap();
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../data-service/tests/reference/data_reference.py");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/tests/reference/data_reference.py");
     let status = Command::new(python())
         .arg(&script)
         .arg(dir.path())

@@ -3,12 +3,13 @@
 //! stdout and stderr captured to a per-rank log, exits reported upstream.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use flamingo_common::ranks::{RankEnv, Tie};
 use flamingo_common::{JobId, JobKind, JobSpec};
 use flamingo_proto::v1 as pb;
 use tokio::sync::mpsc;
@@ -342,40 +343,30 @@ impl Ranks {
         }
         let (program, args) = self.command_for(spec, job_id, assignment.attempt)?;
         let mut command = std::process::Command::new(&program);
-        command
-            .args(&args)
-            .envs(&spec.env)
-            .env("RANK", assignment.rank.to_string())
-            .env("WORLD_SIZE", assignment.world_size.to_string())
-            .env("LOCAL_RANK", assignment.local_rank.to_string())
-            .env("LOCAL_WORLD_SIZE", assignment.local_world_size.to_string())
-            .env("GROUP_RANK", assignment.node_rank.to_string())
-            .env("MASTER_ADDR", &assignment.master_addr)
-            .env("MASTER_PORT", assignment.master_port.to_string())
-            .env("FLAMINGO_JOB_ID", job_id.as_str())
-            .env("FLAMINGO_LOCAL_ADDR", &self.node_address)
-            .env("FLAMINGO_RESULT_FILE", &result_file)
-            .env("FLAMINGO_ATTEMPT", assignment.attempt.to_string())
-            .env("FLAMINGO_RESUME_FROM", &assignment.resume_from)
-            .env("FLAMINGO_JOB_COORDINATOR", &self.coordinator)
-            .env("FLAMINGO_NODE_ID", &self.node_id)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file);
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            command.pre_exec(|| {
-                // Own process group: stop kills the rank and its children.
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // If the agent dies (even SIGKILL), its ranks die with it.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+        command.args(&args).envs(&spec.env);
+        RankEnv {
+            rank: assignment.rank,
+            world_size: assignment.world_size,
+            local_rank: assignment.local_rank,
+            local_world_size: assignment.local_world_size,
+            group_rank: assignment.node_rank,
+            master_addr: assignment.master_addr.clone(),
+            master_port: assignment.master_port as u16,
+            local_addr: self.node_address.clone(),
         }
+        .apply(&mut command)
+        .env("FLAMINGO_JOB_ID", job_id.as_str())
+        .env("FLAMINGO_RESULT_FILE", &result_file)
+        .env("FLAMINGO_ATTEMPT", assignment.attempt.to_string())
+        .env("FLAMINGO_RESUME_FROM", &assignment.resume_from)
+        .env("FLAMINGO_JOB_COORDINATOR", &self.coordinator)
+        .env("FLAMINGO_NODE_ID", &self.node_id)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file);
+        // Own process group (a stop kills the rank and its children); if the
+        // agent dies, even by SIGKILL, its ranks die with it.
+        Tie::RANK.apply(&mut command);
         let child = tokio::process::Command::from(command)
             .kill_on_drop(false)
             .spawn()

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "../../../model/tests/reference"))
 from released_format_reference import build  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "../../../data-service/tests/reference"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "../../../data/tests/reference"))
 from data_reference import interleaved_labels  # noqa: E402  (train_utils.py's masking)
 
 

@@ -1,0 +1,253 @@
+//! The gRPC data service. Replicas share nothing: a stream is fully
+//! described by its request, and a replica caches what it computed (opened
+//! datasets, global batches) only to serve the ranks of one job once.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use flamingo_proto::v1 as pb;
+use tokio::sync::OnceCell;
+use tokio_stream::wrappers::ReceiverStream;
+
+use flamingo_data::batch::{Assembler, Cursor, GlobalBatch};
+use flamingo_data::convert::{ImageFormat, RankBatch};
+use flamingo_data::prepare::Preparer;
+use flamingo_data::reader::Dataset;
+use flamingo_data::spec::DataSpec;
+use flamingo_data::store::{Storage, StorageOptions};
+use flamingo_data::{DataError, Result};
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Preprocessing threads.
+    pub threads: usize,
+    /// Global batches a stream computes ahead of its reader.
+    pub read_ahead: usize,
+    /// Global batches kept for the other ranks of a job.
+    pub cache_batches: usize,
+    pub storage: StorageOptions,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            read_ahead: 4,
+            cache_batches: 64,
+            storage: StorageOptions::default(),
+        }
+    }
+}
+
+type BatchCell = Arc<OnceCell<Arc<GlobalBatch>>>;
+/// (spec TOML, seed, global batch size, cursor)
+type BatchKey = (String, u64, usize, Cursor);
+
+#[derive(Debug)]
+struct Opened {
+    assembler: Arc<Assembler>,
+    pad_token_id: i64,
+    images_per_sample: usize,
+}
+
+#[derive(Debug)]
+pub struct DataService {
+    config: ServiceConfig,
+    storage: Storage,
+    pool: Arc<rayon::ThreadPool>,
+    /// (spec TOML, seed) → opened dataset.
+    opened: tokio::sync::Mutex<HashMap<(String, u64), Arc<Opened>>>,
+    /// (spec TOML, seed, global batch size, cursor) → batch, oldest first.
+    batches: Mutex<(HashMap<BatchKey, BatchCell>, VecDeque<BatchKey>)>,
+}
+
+impl DataService {
+    pub fn new(config: ServiceConfig) -> anyhow::Result<Self> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(config.threads.max(1))
+            .thread_name(|index| format!("prep-{index}"))
+            .build()?;
+        Ok(Self {
+            storage: Storage::new(config.storage.clone()),
+            pool: Arc::new(pool),
+            config,
+            opened: Default::default(),
+            batches: Default::default(),
+        })
+    }
+
+    async fn open(&self, spec_toml: &str, seed: u64) -> Result<Arc<Opened>> {
+        let mut opened = self.opened.lock().await;
+        if let Some(found) = opened.get(&(spec_toml.to_string(), seed)) {
+            return Ok(found.clone());
+        }
+        let spec = DataSpec::from_toml(spec_toml, None)?;
+        let preparer = Arc::new(Preparer::new(&spec)?);
+        let dataset = Dataset::open(&spec, &self.storage).await?;
+        tracing::info!(
+            shards = dataset.shards.len(),
+            samples = dataset.samples(),
+            "dataset opened"
+        );
+        let entry = Arc::new(Opened {
+            pad_token_id: preparer.pad_token_id(),
+            images_per_sample: spec.images_per_sample() as usize,
+            assembler: Arc::new(Assembler::new(dataset, preparer, self.pool.clone(), seed)),
+        });
+        opened.insert((spec_toml.to_string(), seed), entry.clone());
+        Ok(entry)
+    }
+
+    async fn global_batch(
+        &self,
+        spec_toml: &str,
+        seed: u64,
+        size: usize,
+        cursor: Cursor,
+        assembler: &Assembler,
+    ) -> Result<Arc<GlobalBatch>> {
+        let key = (spec_toml.to_string(), seed, size, cursor);
+        let cell = {
+            let mut guard = self
+                .batches
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            let (cells, age) = &mut *guard;
+            match cells.get(&key) {
+                Some(cell) => cell.clone(),
+                None => {
+                    let cell: BatchCell = Arc::default();
+                    cells.insert(key.clone(), cell.clone());
+                    age.push_back(key);
+                    while age.len() > self.config.cache_batches {
+                        if let Some(old) = age.pop_front() {
+                            cells.remove(&old);
+                        }
+                    }
+                    cell
+                }
+            }
+        };
+        cell.get_or_try_init(|| async { assembler.batch(cursor, size).await.map(Arc::new) })
+            .await
+            .cloned()
+    }
+
+    pub async fn validate(&self, spec_toml: &str) -> Result<(u64, u64)> {
+        let spec = DataSpec::from_toml(spec_toml, None)?;
+        Preparer::new(&spec)?;
+        let dataset = Dataset::open(&spec, &self.storage).await?;
+        Ok((dataset.shards.len() as u64, dataset.samples()))
+    }
+
+    /// Starts the stream of `request`'s rank: batches are computed ahead
+    /// (bounded by `read_ahead`) by a task that ends with the receiver.
+    pub async fn stream(
+        self: &Arc<Self>,
+        request: pb::StreamBatchesRequest,
+    ) -> Result<tokio::sync::mpsc::Receiver<Result<pb::Batch, tonic::Status>>> {
+        let world = request.world_size as usize;
+        let rank = request.rank as usize;
+        if world == 0 || rank >= world {
+            return Err(DataError::spec(
+                "rank",
+                format!("rank {rank} is not in a world of {world}"),
+            ));
+        }
+        if request.batch_size == 0 {
+            return Err(DataError::spec("batch_size", "must be at least 1"));
+        }
+        let opened = self.open(&request.spec_toml, request.seed).await?;
+        let format = pb::ImageFormat::try_from(request.image_format)
+            .map(ImageFormat::from)
+            .unwrap_or_default();
+        let size = request.batch_size as usize * world;
+        let (sender, receiver) = tokio::sync::mpsc::channel(self.config.read_ahead.max(1));
+        let service = self.clone();
+        let mut cursor = request.cursor.map(Cursor::from).unwrap_or_default();
+        tokio::spawn(async move {
+            loop {
+                if request.end_epoch > 0 && cursor.epoch >= request.end_epoch {
+                    return;
+                }
+                let batch = service
+                    .global_batch(
+                        &request.spec_toml,
+                        request.seed,
+                        size,
+                        cursor,
+                        &opened.assembler,
+                    )
+                    .await;
+                let message = batch.map(|batch| {
+                    cursor = batch.next;
+                    pb::Batch::from(RankBatch::from_global(
+                        &batch,
+                        rank,
+                        world,
+                        opened.images_per_sample,
+                        opened.pad_token_id,
+                        format,
+                    ))
+                });
+                let failed = message.is_err();
+                if sender
+                    .send(message.map_err(tonic::Status::from))
+                    .await
+                    .is_err()
+                    || failed
+                {
+                    return;
+                }
+            }
+        });
+        Ok(receiver)
+    }
+}
+
+/// The tonic adapter.
+#[derive(Debug, Clone)]
+pub struct Grpc(pub Arc<DataService>);
+
+#[tonic::async_trait]
+impl pb::data_service_server::DataService for Grpc {
+    type StreamBatchesStream = ReceiverStream<Result<pb::Batch, tonic::Status>>;
+
+    async fn stream_batches(
+        &self,
+        request: tonic::Request<pb::StreamBatchesRequest>,
+    ) -> Result<tonic::Response<Self::StreamBatchesStream>, tonic::Status> {
+        let receiver = self.0.stream(request.into_inner()).await?;
+        Ok(tonic::Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn validate_spec(
+        &self,
+        request: tonic::Request<pb::ValidateSpecRequest>,
+    ) -> Result<tonic::Response<pb::ValidateSpecResponse>, tonic::Status> {
+        let (shards, samples) = self.0.validate(&request.into_inner().spec_toml).await?;
+        Ok(tonic::Response::new(pb::ValidateSpecResponse {
+            shards,
+            samples,
+        }))
+    }
+}
+
+/// Serves on `listener` until `shutdown` resolves.
+pub async fn serve(
+    service: Arc<DataService>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    tonic::transport::Server::builder()
+        .add_service(
+            pb::data_service_server::DataServiceServer::new(Grpc(service))
+                .max_encoding_message_size(usize::MAX),
+        )
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,79 @@
+//! The C ABI of flamingo's C++ shims over libtorch (`csrc/`), for what
+//! `tch` does not bind: c10d collectives, the autocast state of a device,
+//! `torch.autograd.grad`, the fused AdamW kernel and `torch.save`'s pickle
+//! writer. Raw declarations only; the safe wrappers live with their users
+//! (`flamingo-collectives`, `flamingo-engine`). Every function that can fail
+//! reports a C++ exception's message through an error out-parameter instead
+//! of unwinding across the boundary.
+
+pub mod c10d;
+
+/// A tch tensor handle as the shims take it (`at::Tensor*`).
+pub use torch_sys::C_tensor;
+
+/// `csrc/autocast.cpp`: PyTorch's thread-local autocast state for a device
+/// type (tch only exposes CUDA's).
+pub mod autocast {
+    extern "C" {
+        /// device: 0 = CPU, 1 = CUDA; dtype: 0 = bfloat16, 1 = float16.
+        /// Returns whether autocast was enabled before.
+        pub fn fl_autocast_enter(
+            device: std::ffi::c_int,
+            dtype: std::ffi::c_int,
+        ) -> std::ffi::c_int;
+        pub fn fl_autocast_exit(device: std::ffi::c_int, enabled_before: std::ffi::c_int);
+    }
+}
+
+/// `csrc/autograd.cpp`: `torch.autograd.grad(outputs, inputs, grad_outputs,
+/// allow_unused=True)`; an unused input's result is null.
+pub mod autograd {
+    extern "C" {
+        pub fn fl_autograd_grad(
+            outputs: *mut *mut std::ffi::c_void,
+            grad_outputs: *mut *mut std::ffi::c_void,
+            n_outputs: std::ffi::c_int,
+            inputs: *mut *mut std::ffi::c_void,
+            n_inputs: std::ffi::c_int,
+            results: *mut *mut std::ffi::c_void,
+            error: *mut std::ffi::c_char,
+            error_len: usize,
+        ) -> std::ffi::c_int;
+    }
+}
+
+/// `csrc/optim.cpp`: one AdamW step with `torch._fused_adamw_` (what
+/// `torch.optim.AdamW(fused=True)` runs).
+pub mod optim {
+    extern "C" {
+        #[allow(clippy::too_many_arguments)]
+        pub fn fl_fused_adamw(
+            param: *mut std::ffi::c_void,
+            grad: *mut std::ffi::c_void,
+            exp_avg: *mut std::ffi::c_void,
+            exp_avg_sq: *mut std::ffi::c_void,
+            lr: f64,
+            beta1: f64,
+            beta2: f64,
+            weight_decay: f64,
+            eps: f64,
+            step: std::ffi::c_long,
+            error: *mut std::ffi::c_char,
+            error_len: usize,
+        ) -> std::ffi::c_int;
+    }
+}
+
+/// `csrc/pickle.cpp`: a `{name: tensor}` dict in `torch.save`'s zip format.
+pub mod pickle {
+    extern "C" {
+        pub fn fl_pickle_save(
+            names: *const *const std::ffi::c_char,
+            tensors: *const *mut std::ffi::c_void,
+            count: std::ffi::c_int,
+            path: *const std::ffi::c_char,
+            error: *mut std::ffi::c_char,
+            error_len: usize,
+        ) -> std::ffi::c_int;
+    }
+}
