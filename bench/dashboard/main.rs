@@ -14,9 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use flamingo_common::progress::Progress;
+use flamingo_launch::local::{self, CoordinatorSpec, EtcdSpec};
 use flamingo_proto::v1 as pb;
 use flamingo_proto::v1::node_service_client::NodeServiceClient;
-use flamingoctl::local::{self, CoordinatorSpec, EtcdSpec};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -241,6 +242,17 @@ async fn main() -> anyhow::Result<()> {
     result
 }
 
+/// The load phase's measurements.
+struct Load {
+    latencies: serde_json::Value,
+    reports: u64,
+    failures: u64,
+    cpu_percent: f64,
+    rss_max: u64,
+    rss_end: u64,
+    rss_samples: Vec<u64>,
+}
+
 async fn run(
     args: &Args,
     spec: &CoordinatorSpec,
@@ -248,61 +260,17 @@ async fn run(
     log: &Path,
     dir: &Path,
 ) -> anyhow::Result<()> {
-    // A job to report to: a collective check no node can take (there are
-    // none), so it stays pending and its curves are all simulated.
-    let mut jobs = flamingoctl::client::connect(&spec.endpoint()).await?;
-    let launched = jobs
-        .launch(pb::LaunchRequest {
-            spec: Some(pb::JobSpec::from(&flamingo_common::JobSpec {
-                name: "dashboard-bench".into(),
-                nodes: 1,
-                slots_per_node: 1,
-                min_nodes: 0,
-                kind: flamingo_common::JobKind::CollectiveCheck {
-                    min_bytes: 1,
-                    max_bytes: 1,
-                    backend: None,
-                },
-                env: Default::default(),
-                policy: Default::default(),
-            })),
-        })
-        .await?
-        .into_inner();
-    let job = launched.job.map(|job| job.id).unwrap_or_default();
-    let mut nodes = NodeServiceClient::connect(spec.endpoint()).await?;
-
-    // Prefill: the history of a long run, in 1000-report batches.
+    let job = launch_job(spec).await?;
+    let nodes = NodeServiceClient::connect(spec.endpoint()).await?;
     let started = Instant::now();
-    let per_rank = args.prefill / u64::from(args.ranks.max(1));
-    let chunk = 1000u64;
-    let mut sent = 0u64;
-    for rank in 0..args.ranks {
-        let mut step = 0;
-        while step < per_rank {
-            let end = (step + chunk).min(per_rank);
-            let samples = (step..end).map(|s| sample(rank, s)).collect();
-            nodes
-                .report_metrics_batch(batch(&job, rank, samples))
-                .await?;
-            sent += end - step;
-            step = end;
-        }
-        eprint!(
-            "\rprefill {sent}/{} reports ({:.0}/s)   ",
-            args.prefill,
-            sent as f64 / started.elapsed().as_secs_f64()
-        );
-    }
-    eprintln!();
+    let sent = prefill(args, &nodes, &job).await?;
     let pid = coordinator.id();
-    let (cpu_before, rss_prefilled) = usage(pid).unwrap_or((0.0, 0));
+    let (_, rss_prefilled) = usage(pid).unwrap_or((0.0, 0));
     println!(
         "prefilled {sent} reports in {:.1} s; coordinator RSS {:.0} MiB",
         started.elapsed().as_secs_f64(),
         rss_prefilled as f64 / 1048576.0
     );
-
     let urls = page_urls(&spec.dashboard(), &job);
     // Baseline: the same page loads with no ranks reporting.
     let idle = Arc::new(Latencies::default());
@@ -320,15 +288,132 @@ async fn run(
         let _ = handle.join();
     }
     let idle = summarise("idle (baseline)", &idle.take());
+    let load = load(args, &nodes, &job, &urls, pid, rss_prefilled).await;
+    let stored = sent + load.reports;
+    // The coordinator dies and comes back: the first page load reads the
+    // curves back from disk.
+    let _ = coordinator.kill();
+    let _ = coordinator.wait();
+    *coordinator = local::spawn_coordinator(spec, log, false)?;
+    local::wait_for_port(
+        &format!("http://127.0.0.1:{}", spec.http_port),
+        Duration::from_secs(60),
+    )?;
+    let cold = Instant::now();
+    get(&urls[1].1)?;
+    let cold_ms = cold.elapsed().as_secs_f64() * 1000.0;
+    let warm = Instant::now();
+    get(&urls[1].1)?;
+    let warm_ms = warm.elapsed().as_secs_f64() * 1000.0;
+    let file = dir.join("metrics").join(format!("{job}.jsonl"));
+    let file_bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "stored reports: {stored} ({:.0} MiB on disk); {} failed sends",
+        file_bytes as f64 / 1048576.0,
+        load.failures
+    );
+    println!(
+        "coordinator: CPU {:.0} % of one core under load; RSS {:.0} MiB after prefill, {:.0} MiB max, {:.0} MiB at the end",
+        load.cpu_percent,
+        rss_prefilled as f64 / 1048576.0,
+        load.rss_max as f64 / 1048576.0,
+        load.rss_end as f64 / 1048576.0
+    );
+    println!(
+        "after a coordinator SIGKILL and restart: first rank-0 series query {cold_ms:.0} ms (loads the curves from disk), then {warm_ms:.1} ms"
+    );
+    let p99 = load.latencies["p99_ms"].as_f64().unwrap_or(f64::NAN);
+    let idle_p99 = idle["p99_ms"].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "p99 under load {p99:.1} ms = {:.2}× the idle baseline ({idle_p99:.1} ms); {:.2}× the 200 ms target: {}",
+        p99 / idle_p99,
+        p99 / TARGET_P99_MS,
+        if p99 < TARGET_P99_MS { "met" } else { "NOT met" }
+    );
+    if let Some(path) = &args.json {
+        let summary = serde_json::json!({
+            "ranks": args.ranks, "interval_ms": args.interval_ms, "seconds": args.seconds,
+            "prefill": args.prefill, "stored_reports": stored, "file_bytes": file_bytes,
+            "viewers": args.viewers, "refresh_ms": args.refresh_ms,
+            "idle": idle, "under_load": load.latencies,
+            "cpu_percent": load.cpu_percent, "rss_prefilled": rss_prefilled, "rss_max": load.rss_max,
+            "rss_end": load.rss_end, "rss_samples": load.rss_samples,
+            "cold_query_ms": cold_ms, "warm_query_ms": warm_ms,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&summary)?)?;
+    }
+    Ok(())
+}
 
-    // Load: every rank reports every interval; viewers refresh.
+/// A job to report to: a collective check no node can take (there are
+/// none), so it stays pending and its curves are all simulated.
+async fn launch_job(spec: &CoordinatorSpec) -> anyhow::Result<String> {
+    let mut session = flamingo_client::Session::open(&spec.endpoint()).await?;
+    let job = session
+        .launch(&flamingo_common::JobSpec {
+            name: "dashboard-bench".into(),
+            nodes: 1,
+            slots_per_node: 1,
+            min_nodes: 0,
+            kind: flamingo_common::JobKind::CollectiveCheck {
+                min_bytes: 1,
+                max_bytes: 1,
+                backend: None,
+            },
+            env: Default::default(),
+            policy: Default::default(),
+        })
+        .await?;
+    Ok(job.id.to_string())
+}
+
+/// The history of a long run, in 1000-report batches; returns the reports
+/// sent.
+async fn prefill(
+    args: &Args,
+    nodes: &NodeServiceClient<tonic::transport::Channel>,
+    job: &str,
+) -> anyhow::Result<u64> {
+    let per_rank = args.prefill / u64::from(args.ranks.max(1));
+    let chunk = 1000u64;
+    let mut sent = 0u64;
+    let mut progress = Progress::new("prefill", Some(args.prefill)).counting("reports");
+    for rank in 0..args.ranks {
+        let mut step = 0;
+        while step < per_rank {
+            let end = (step + chunk).min(per_rank);
+            let samples = (step..end).map(|s| sample(rank, s)).collect();
+            nodes
+                .clone()
+                .report_metrics_batch(batch(job, rank, samples))
+                .await?;
+            sent += end - step;
+            step = end;
+        }
+        progress.update(sent, "", None);
+    }
+    progress.finish();
+    Ok(sent)
+}
+
+/// Every rank reports every interval while viewers refresh, for
+/// `--seconds`; the coordinator's CPU and memory are sampled meanwhile.
+async fn load(
+    args: &Args,
+    nodes: &NodeServiceClient<tonic::transport::Channel>,
+    job: &str,
+    urls: &[(&'static str, String)],
+    pid: u32,
+    rss_prefilled: u64,
+) -> Load {
+    let per_rank = args.prefill / u64::from(args.ranks.max(1));
     let loaded = Arc::new(Latencies::default());
     let stop = Arc::new(AtomicBool::new(false));
     let reports = Arc::new(AtomicU64::new(0));
     let failures = Arc::new(AtomicU64::new(0));
     let mut ranks = Vec::new();
     for rank in 0..args.ranks {
-        let (mut client, job, stop) = (nodes.clone(), job.clone(), stop.clone());
+        let (mut client, job, stop) = (nodes.clone(), job.to_string(), stop.clone());
         let (reports, failures) = (reports.clone(), failures.clone());
         let interval = Duration::from_millis(args.interval_ms);
         ranks.push(tokio::spawn(async move {
@@ -349,12 +434,12 @@ async fn run(
     let handles = viewers(
         args.viewers,
         Duration::from_millis(args.refresh_ms),
-        urls.clone(),
+        urls.to_vec(),
         stop.clone(),
         loaded.clone(),
     );
     let load_started = Instant::now();
-    let (cpu_start, _) = usage(pid).unwrap_or((cpu_before, 0));
+    let (cpu_start, _) = usage(pid).unwrap_or((0.0, 0));
     let mut rss_max = rss_prefilled;
     let mut rss_samples = Vec::new();
     while load_started.elapsed() < Duration::from_secs(args.seconds) {
@@ -382,61 +467,13 @@ async fn run(
     }
     let elapsed = load_started.elapsed().as_secs_f64();
     let (cpu_end, rss_end) = usage(pid).unwrap_or((0.0, 0));
-    let cpu_percent = (cpu_end - cpu_start) / elapsed * 100.0;
-    let under_load = summarise("under load", &loaded.take());
-    let stored = sent + reports.load(Ordering::Relaxed);
-
-    // The coordinator dies and comes back: the first page load reads the
-    // curves back from disk.
-    let _ = coordinator.kill();
-    let _ = coordinator.wait();
-    *coordinator = local::spawn_coordinator(spec, log, false)?;
-    local::wait_for_port(
-        &format!("http://127.0.0.1:{}", spec.http_port),
-        Duration::from_secs(60),
-    )?;
-    let cold = Instant::now();
-    get(&urls[1].1)?;
-    let cold_ms = cold.elapsed().as_secs_f64() * 1000.0;
-    let warm = Instant::now();
-    get(&urls[1].1)?;
-    let warm_ms = warm.elapsed().as_secs_f64() * 1000.0;
-    let file = dir.join("metrics").join(format!("{job}.jsonl"));
-    let file_bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
-
-    let p99 = under_load["p99_ms"].as_f64().unwrap_or(f64::NAN);
-    let idle_p99 = idle["p99_ms"].as_f64().unwrap_or(f64::NAN);
-    println!(
-        "stored reports: {stored} ({:.0} MiB on disk); {} failed sends",
-        file_bytes as f64 / 1048576.0,
-        failures.load(Ordering::Relaxed)
-    );
-    println!(
-        "coordinator: CPU {cpu_percent:.0} % of one core under load; RSS {:.0} MiB after prefill, {:.0} MiB max, {:.0} MiB at the end",
-        rss_prefilled as f64 / 1048576.0,
-        rss_max as f64 / 1048576.0,
-        rss_end as f64 / 1048576.0
-    );
-    println!(
-        "after a coordinator SIGKILL and restart: first rank-0 series query {cold_ms:.0} ms (loads the curves from disk), then {warm_ms:.1} ms"
-    );
-    println!(
-        "p99 under load {p99:.1} ms = {:.2}× the idle baseline ({idle_p99:.1} ms); {:.2}× the 200 ms target: {}",
-        p99 / idle_p99,
-        p99 / TARGET_P99_MS,
-        if p99 < TARGET_P99_MS { "met" } else { "NOT met" }
-    );
-    if let Some(path) = &args.json {
-        let summary = serde_json::json!({
-            "ranks": args.ranks, "interval_ms": args.interval_ms, "seconds": args.seconds,
-            "prefill": args.prefill, "stored_reports": stored, "file_bytes": file_bytes,
-            "viewers": args.viewers, "refresh_ms": args.refresh_ms,
-            "idle": idle, "under_load": under_load,
-            "cpu_percent": cpu_percent, "rss_prefilled": rss_prefilled, "rss_max": rss_max,
-            "rss_end": rss_end, "rss_samples": rss_samples,
-            "cold_query_ms": cold_ms, "warm_query_ms": warm_ms,
-        });
-        std::fs::write(path, serde_json::to_vec_pretty(&summary)?)?;
+    Load {
+        latencies: summarise("under load", &loaded.take()),
+        reports: reports.load(Ordering::Relaxed),
+        failures: failures.load(Ordering::Relaxed),
+        cpu_percent: (cpu_end - cpu_start) / elapsed * 100.0,
+        rss_max,
+        rss_end,
+        rss_samples,
     }
-    Ok(())
 }

@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
     let python = baseline::python(args.python.as_deref());
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("coco");
-    flamingoctl::data::synth_eval(Task::Coco, &data, args.train, args.samples, 32, 0)?;
+    flamingo_eval::synthetic::write(Task::Coco, &data, args.train, args.samples, 32, 0)?;
     eprintln!(
         "timing OpenFlamingo's evaluation ({} images, 4 shots, RICES) …",
         args.samples

@@ -20,11 +20,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use flamingo_common::train::{LrScheduler, Strategy};
 use flamingo_engine::batch::TrainBatch;
 use flamingo_engine::flops::FlopModel;
-use flamingo_engine::schedule::{Kind as ScheduleKind, Schedule};
+use flamingo_engine::optim::AdamWConfig;
+use flamingo_engine::schedule::Schedule;
 use flamingo_engine::tiny::{write_tiny_model, TinyConfig};
-use flamingo_engine::trainer::{AdamWConfigSerde, Strategy, TrainConfig, Trainer};
+use flamingo_engine::trainer::{TrainConfig, Trainer};
 use flamingo_model::{load_flamingo_with, LoadOptions, ModelSpec};
 use flamingo_preprocess::FlamingoTokenizer;
 use serde_json::json;
@@ -93,13 +95,13 @@ fn train_config(strategy: Strategy, amp_bf16: bool, checkpointing: bool) -> Trai
     TrainConfig {
         strategy,
         schedule: Schedule {
-            kind: ScheduleKind::Constant,
+            kind: LrScheduler::Constant,
             base_lr: 1e-4,
             warmup_steps: 0,
             total_steps: 1000,
         },
         weight_decay: 0.1,
-        adamw: AdamWConfigSerde::default(),
+        adamw: AdamWConfig::default(),
         max_grad_norm: 1.0,
         loss_multiplier_laion: 1.0,
         loss_multiplier_mmc4: 1.0,
@@ -261,22 +263,10 @@ fn check(device: Device, steps: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn mfu(
-    device: Device,
-    batch_sizes: &[i64],
-    tokens: i64,
-    images: i64,
-    steps: usize,
-    peak_tflops: f64,
-    layers: i64,
-    checkpointing: &[bool],
-    work: Option<&Path>,
-) -> anyhow::Result<()> {
-    prepare(device)?;
-    let temporary = tempfile::tempdir()?;
-    let dir = work.unwrap_or(temporary.path());
-    let words = 50_277;
+/// The OpenFlamingo-3B shape (CLIP ViT-L/14 widths, an MPT-1B-wide LM with
+/// `layers` layers, cross-attention in every layer) as a random model in
+/// `dir`; returns its spec.
+fn write_shaped_model(dir: &Path, layers: i64, words: i64) -> anyhow::Result<(ModelSpec, Shape)> {
     let shape = Shape {
         vision_width: 1024,
         vision_layers: layers,
@@ -314,14 +304,89 @@ fn mfu(
         "wrote the random model in {:.0}s",
         started.elapsed().as_secs_f64()
     );
-    let spec = ModelSpec::from_file(&spec_path)?;
+    Ok((ModelSpec::from_file(&spec_path)?, shape))
+}
+
+/// One batch size's timing: seconds of forward and backward, of the
+/// optimizer, the last loss, and the seconds per phase of a step.
+struct Timing {
+    forward_backward: f64,
+    optimizer: f64,
+    last_loss: f64,
+    phases: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Times `steps` optimizer steps of two micro-steps each: the first call
+/// times forward and backward alone, the second adds the optimizer step.
+fn time_steps(
+    trainer: &mut Trainer<'_>,
+    batch: &TrainBatch,
+    steps: usize,
+    device: Device,
+) -> anyhow::Result<Timing> {
+    for _ in 0..2 {
+        trainer.micro_step(None, Some(batch))?; // warm-up
+    }
+    synchronize(device);
+    let (mut forward_backward, mut with_update) = (0.0, 0.0);
+    let mut last_loss = f64::NAN;
+    for _ in 0..steps {
+        let started = Instant::now();
+        trainer.micro_step(None, Some(batch))?;
+        synchronize(device);
+        forward_backward += started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let report = trainer.micro_step(None, Some(batch))?;
+        synchronize(device);
+        with_update += started.elapsed().as_secs_f64();
+        last_loss = report.and_then(|r| r.loss_mmc4).unwrap_or(f64::NAN);
+    }
+    let forward_backward = forward_backward / steps as f64;
+    let optimizer = with_update / steps as f64 - forward_backward;
+    // Where the time goes: the same steps again, each phase timed (the
+    // device synchronised at every phase boundary).
+    trainer.time_phases(true);
+    for _ in 0..steps {
+        trainer.micro_step(None, Some(batch))?;
+        trainer.micro_step(None, Some(batch))?;
+    }
+    let phases = trainer
+        .phase_times()
+        .into_iter()
+        .map(|(name, seconds)| (name.to_string(), json!(seconds / steps as f64)))
+        .collect();
+    trainer.time_phases(false);
+    Ok(Timing {
+        forward_backward,
+        optimizer,
+        last_loss,
+        phases,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mfu(
+    device: Device,
+    batch_sizes: &[i64],
+    tokens: i64,
+    images: i64,
+    steps: usize,
+    peak_tflops: f64,
+    layers: i64,
+    checkpointing: &[bool],
+    work: Option<&Path>,
+) -> anyhow::Result<()> {
+    prepare(device)?;
+    let temporary = tempfile::tempdir()?;
+    let words = 50_277;
+    let (spec, shape) = write_shaped_model(work.unwrap_or(temporary.path()), layers, words)?;
+    let kind = if device.is_cuda() {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    };
     for &checkpointing in checkpointing {
         let started = Instant::now();
-        let kind = if device.is_cuda() {
-            Kind::BFloat16
-        } else {
-            Kind::Float
-        };
         let options = LoadOptions {
             device,
             kind,
@@ -339,8 +404,7 @@ fn mfu(
             .iter()
             .map(|(_, tensor)| tensor.numel() as i64)
             .sum();
-        // Two micro-steps per optimizer step: the first call times forward and
-        // backward alone, the second adds the optimizer step.
+        // Two micro-steps per optimizer step (see `time_steps`).
         let mut trainer = Trainer::new(
             model,
             &tokenizer,
@@ -358,40 +422,9 @@ fn mfu(
         for &batch_size in batch_sizes {
             let batch = random_batch(&tokenizer, words, batch_size, tokens, images, 224, 1)
                 .to_device(device, kind);
-            for _ in 0..2 {
-                trainer.micro_step(None, Some(&batch))?; // warm-up
-            }
-            synchronize(device);
-            let (mut forward_backward, mut with_update) = (0.0, 0.0);
-            let mut last_loss = f64::NAN;
-            for _ in 0..steps {
-                let started = Instant::now();
-                trainer.micro_step(None, Some(&batch))?;
-                synchronize(device);
-                forward_backward += started.elapsed().as_secs_f64();
-                let started = Instant::now();
-                let report = trainer.micro_step(None, Some(&batch))?;
-                synchronize(device);
-                with_update += started.elapsed().as_secs_f64();
-                last_loss = report.and_then(|r| r.loss_mmc4).unwrap_or(f64::NAN);
-            }
-            let forward_backward = forward_backward / steps as f64;
-            let optimizer = with_update / steps as f64 - forward_backward;
-            // Where the time goes: the same steps again, each phase timed
-            // (the device synchronised at every phase boundary).
-            trainer.time_phases(true);
-            for _ in 0..steps {
-                trainer.micro_step(None, Some(&batch))?;
-                trainer.micro_step(None, Some(&batch))?;
-            }
-            let phases: serde_json::Map<String, serde_json::Value> = trainer
-                .phase_times()
-                .into_iter()
-                .map(|(name, seconds)| (name.to_string(), json!(seconds / steps as f64)))
-                .collect();
-            trainer.time_phases(false);
+            let timing = time_steps(&mut trainer, &batch, steps, device)?;
             // One micro-batch per optimizer step, as the Python baseline steps.
-            let seconds = forward_backward + optimizer;
+            let seconds = timing.forward_backward + timing.optimizer;
             let flops = flop_model.batch_flops(batch_size as f64, images as f64, tokens as f64);
             let achieved = flops / seconds / 1e12;
             println!(
@@ -401,16 +434,16 @@ fn mfu(
                     "trainable": trainer.parameter_count(),
                     "batch": batch_size, "tokens": tokens, "images": images, "layers": layers,
                     "step_seconds": seconds,
-                    "forward_backward_seconds": forward_backward,
-                    "optimizer_seconds": optimizer,
+                    "forward_backward_seconds": timing.forward_backward,
+                    "optimizer_seconds": timing.optimizer,
                     "samples_per_second": batch_size as f64 / seconds,
                     "model_tflop_per_step": flops / 1e12,
                     "achieved_tflops": achieved,
                     "mfu": achieved / peak_tflops,
-                    "last_loss": last_loss,
+                    "last_loss": timing.last_loss,
                     "skipped_steps": trainer.skipped_steps(),
                     "gradient_checkpointing": checkpointing,
-                    "phases_per_step": phases,
+                    "phases_per_step": timing.phases,
                 })
             );
         }

@@ -12,9 +12,11 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Parser;
 use flamingo_collectives::{Backend, ProcessGroup, ProcessGroupConfig};
+use flamingo_common::train::{LrScheduler, Strategy};
 use flamingo_engine::batch::TrainBatch;
-use flamingo_engine::schedule::{Kind, Schedule};
-use flamingo_engine::trainer::{AdamWConfigSerde, Strategy, TrainConfig, Trainer};
+use flamingo_engine::optim::AdamWConfig;
+use flamingo_engine::schedule::Schedule;
+use flamingo_engine::trainer::{TrainConfig, Trainer};
 use flamingo_model::{load_flamingo, ModelSpec, Weights};
 
 #[derive(Debug, Parser)]
@@ -65,13 +67,13 @@ fn ours(dir: &Path, args: &Args, group: Option<&ProcessGroup>) -> anyhow::Result
             args.strategy
         },
         schedule: Schedule {
-            kind: Kind::Constant,
+            kind: LrScheduler::Constant,
             base_lr: 1e-4,
             warmup_steps: 0,
             total_steps: 1000,
         },
         weight_decay: 0.1,
-        adamw: AdamWConfigSerde::default(),
+        adamw: AdamWConfig::default(),
         max_grad_norm: 1.0,
         loss_multiplier_laion: 1.0,
         loss_multiplier_mmc4: 1.0,

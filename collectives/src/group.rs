@@ -27,12 +27,15 @@ impl Backend {
 }
 
 impl std::str::FromStr for Backend {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, String> {
+    type Err = CollectiveError;
+    fn from_str(text: &str) -> Result<Self> {
         match text {
             "gloo" => Ok(Backend::Gloo),
             "nccl" => Ok(Backend::Nccl),
-            other => Err(format!("unknown backend '{other}' (expected gloo or nccl)")),
+            other => Err(CollectiveError::InvalidArgument {
+                op: "backend",
+                message: format!("unknown backend '{other}' (expected gloo or nccl)"),
+            }),
         }
     }
 }

@@ -5,6 +5,9 @@ pub enum CommonError {
     /// A request or config field is out of range or missing.
     #[error("invalid {field}: {message}")]
     InvalidField { field: String, message: String },
+    /// An object-store URL that cannot be used.
+    #[error("{url}: {message}")]
+    Storage { url: String, message: String },
 }
 
 impl CommonError {

@@ -19,6 +19,7 @@ pub mod rng;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod train;
 
 pub use error::CommonError;
 pub use ids::{JobId, NodeId};

@@ -8,13 +8,26 @@ use std::sync::Arc;
 
 use object_store::ObjectStore;
 
+use crate::CommonError;
+
+fn storage_error(url: &url::Url, message: impl Into<String>) -> CommonError {
+    CommonError::Storage {
+        url: url.to_string(),
+        message: message.into(),
+    }
+}
+
 /// A parsed store URL: absolute paths become `file://` URLs.
-pub fn parse(url: &str) -> Result<url::Url, String> {
+pub fn parse(url: &str) -> Result<url::Url, CommonError> {
+    let failed = |message: String| CommonError::Storage {
+        url: url.to_string(),
+        message,
+    };
     match url::Url::parse(url) {
         Ok(parsed) if parsed.scheme().len() > 1 => Ok(parsed),
         _ => {
-            let path = std::path::absolute(url).map_err(|error| error.to_string())?;
-            url::Url::from_file_path(&path).map_err(|()| "not a valid local path".to_string())
+            let path = std::path::absolute(url).map_err(|error| failed(error.to_string()))?;
+            url::Url::from_file_path(&path).map_err(|()| failed("not a valid local path".into()))
         }
     }
 }
@@ -23,8 +36,10 @@ pub fn parse(url: &str) -> Result<url::Url, String> {
 pub fn build(
     parsed: &url::Url,
     s3_endpoint: Option<String>,
-) -> Result<Arc<dyn ObjectStore>, String> {
-    let failed = |error: object_store::Error| format!("cannot configure storage: {error}");
+) -> Result<Arc<dyn ObjectStore>, CommonError> {
+    let failed = |error: object_store::Error| {
+        storage_error(parsed, format!("cannot configure storage: {error}"))
+    };
     let origin = format!("{}://{}", parsed.scheme(), parsed.authority());
     let store: Arc<dyn ObjectStore> = match parsed.scheme() {
         "file" => Arc::new(object_store::local::LocalFileSystem::new()),
@@ -59,8 +74,11 @@ pub fn build(
                 .map_err(failed)?,
         ),
         other => {
-            return Err(format!(
-                "unsupported scheme '{other}' (use file://, s3://, gs://, az:// or http(s)://)"
+            return Err(storage_error(
+                parsed,
+                format!(
+                    "unsupported scheme '{other}' (use file://, s3://, gs://, az:// or http(s)://)"
+                ),
             ))
         }
     };
@@ -68,13 +86,16 @@ pub fn build(
 }
 
 /// The object path of `parsed` within its store.
-pub fn path(parsed: &url::Url) -> Result<object_store::path::Path, String> {
+pub fn path(parsed: &url::Url) -> Result<object_store::path::Path, CommonError> {
+    let failed = |message: String| storage_error(parsed, message);
     if parsed.scheme() == "file" {
         let local = parsed
             .to_file_path()
-            .map_err(|()| "not a valid file URL".to_string())?;
-        object_store::path::Path::from_absolute_path(&local).map_err(|error| error.to_string())
+            .map_err(|()| failed("not a valid file URL".into()))?;
+        object_store::path::Path::from_absolute_path(&local)
+            .map_err(|error| failed(error.to_string()))
     } else {
-        object_store::path::Path::from_url_path(parsed.path()).map_err(|error| error.to_string())
+        object_store::path::Path::from_url_path(parsed.path())
+            .map_err(|error| failed(error.to_string()))
     }
 }

@@ -47,17 +47,21 @@ pub fn otlp_configured() -> bool {
     .any(|name| std::env::var(name).is_ok_and(|value| !value.is_empty()))
 }
 
-fn otlp_provider(service: &str) -> Result<opentelemetry_sdk::trace::SdkTracerProvider, String> {
+fn otlp_provider(
+    service: &str,
+) -> Result<opentelemetry_sdk::trace::SdkTracerProvider, crate::CommonError> {
+    let failed =
+        |message: String| crate::CommonError::invalid("OTEL_EXPORTER_OTLP_ENDPOINT", message);
     // The blocking HTTP client must not be built on an async runtime's
     // thread, so the exporter is built on a thread of its own.
     let exporter = std::thread::spawn(|| {
         opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .build()
-            .map_err(|error| error.to_string())
     })
     .join()
-    .map_err(|_| "building the OTLP exporter panicked".to_string())??;
+    .map_err(|_| failed("building the OTLP exporter panicked".to_string()))?
+    .map_err(|error| failed(error.to_string()))?;
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(service.to_string())
         .build();

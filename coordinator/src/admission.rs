@@ -5,77 +5,28 @@
 //! filesystem; `--no-path-checks` otherwise), and the batch sizes and world
 //! size give at least one step.
 
-use std::path::Path;
-
+use flamingo_common::train::TrainJob;
 use flamingo_common::{CommonError, JobKind, JobSpec};
-use serde_json::Value;
 
+/// Checks a submitted train job for its world size: the same rules as
+/// `flamingoctl` and the ranks ([`TrainJob::validate`]), plus the paths
+/// when `check_paths`. Every error names the field as `train.<field>`.
 pub fn check(spec: &JobSpec, check_paths: bool) -> Result<(), CommonError> {
     let JobKind::Train { config_json } = &spec.kind else {
         return Ok(());
     };
-    let run: Value = serde_json::from_str(config_json)
+    let in_train = |error: CommonError| match error {
+        CommonError::InvalidField { field, message } => {
+            CommonError::invalid(format!("train.{field}"), message)
+        }
+        other => other,
+    };
+    let run: TrainJob = serde_json::from_str(config_json)
         .map_err(|error| CommonError::invalid("train.config_json", error.to_string()))?;
-    let text = |field: &str| run.get(field).and_then(Value::as_str);
-    let number = |field: &str| run.get(field).and_then(Value::as_u64).unwrap_or(0);
-    let model = text("model").ok_or_else(|| {
-        CommonError::invalid("train.model", "missing; give the model spec file (--model)")
-    })?;
-    if check_paths && !model.contains("://") && !Path::new(model).exists() {
-        return Err(CommonError::invalid(
-            "train.model",
-            format!("{model} does not exist; give a model spec path every node can read"),
-        ));
-    }
-    let datasets: Vec<(&str, &str)> = ["laion", "mmc4"]
-        .into_iter()
-        .filter_map(|name| Some((name, text(&format!("{name}_shards"))?)))
-        .collect();
-    if datasets.is_empty() {
-        return Err(CommonError::invalid(
-            "train.laion_shards",
-            "no dataset: give laion_shards, mmc4_shards or both",
-        ));
-    }
-    let world = u64::from(spec.world_size());
-    for (name, pattern) in datasets {
-        let field = format!("train.{name}_shards");
-        let urls = flamingo_common::brace::expand(pattern)
-            .map_err(|error| CommonError::invalid(&field, error.to_string()))?;
-        if check_paths {
-            for url in urls
-                .iter()
-                .filter(|url| !url.contains("://") || url.starts_with("file://"))
-            {
-                let path = url.strip_prefix("file://").unwrap_or(url);
-                if !Path::new(path).exists() {
-                    return Err(CommonError::invalid(
-                        &field,
-                        format!("shard {path} does not exist (pattern {pattern})"),
-                    ));
-                }
-            }
-        }
-        let batch = number(&format!("batch_size_{name}"));
-        if batch == 0 {
-            return Err(CommonError::invalid(
-                format!("train.batch_size_{name}"),
-                "must be at least 1 (samples per rank)",
-            ));
-        }
-        // The epoch's steps come from MMC4's budget when it is trained,
-        // else LAION's (OpenFlamingo's rule).
-        let paces = name == "mmc4" || text("mmc4_shards").is_none();
-        let samples = number(&format!("train_num_samples_{name}"));
-        let global = batch * world * number("gradient_accumulation_steps").max(1);
-        if paces && samples < global {
-            return Err(CommonError::invalid(
-                format!("train.train_num_samples_{name}"),
-                format!(
-                    "{samples} samples per epoch is less than one optimizer step's ({batch} per rank × {world} ranks × gradient accumulation)"
-                ),
-            ));
-        }
+    run.validate(u64::from(spec.world_size()))
+        .map_err(in_train)?;
+    if check_paths {
+        run.check_paths().map_err(in_train)?;
     }
     Ok(())
 }
@@ -83,6 +34,8 @@ pub fn check(spec: &JobSpec, check_paths: bool) -> Result<(), CommonError> {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+
+    use serde_json::Value;
 
     use super::*;
 

@@ -17,6 +17,17 @@ use futures::TryStreamExt;
 use object_store::path::Path as StorePath;
 use object_store::ObjectStore;
 
+use crate::error::CoordinatorError;
+
+type Result<T, E = CoordinatorError> = std::result::Result<T, E>;
+
+fn archive_error(place: impl std::fmt::Display, error: impl std::fmt::Display) -> CoordinatorError {
+    CoordinatorError::Archive {
+        place: place.to_string(),
+        message: error.to_string(),
+    }
+}
+
 pub struct Archive {
     store: Arc<dyn ObjectStore>,
     prefix: StorePath,
@@ -45,13 +56,13 @@ fn is_metrics_file(name: &str) -> bool {
 }
 
 impl Archive {
-    pub fn open(url: &str) -> Result<Self, String> {
+    pub fn open(url: &str) -> Result<Self> {
         let parsed =
-            flamingo_common::objects::parse(url).map_err(|error| format!("{url}: {error}"))?;
+            flamingo_common::objects::parse(url).map_err(|error| archive_error(url, error))?;
         let store = flamingo_common::objects::build(&parsed, None)
-            .map_err(|error| format!("{url}: {error}"))?;
+            .map_err(|error| archive_error(url, error))?;
         let prefix =
-            flamingo_common::objects::path(&parsed).map_err(|error| format!("{url}: {error}"))?;
+            flamingo_common::objects::path(&parsed).map_err(|error| archive_error(url, error))?;
         Ok(Self {
             store,
             prefix,
@@ -65,13 +76,13 @@ impl Archive {
     }
 
     /// Every file's segments in the archive, in offset order.
-    async fn segments(&self) -> Result<BTreeMap<String, Vec<Segment>>, String> {
+    async fn segments(&self) -> Result<BTreeMap<String, Vec<Segment>>> {
         let listed: Vec<object_store::ObjectMeta> = self
             .store
             .list(Some(&self.prefix))
             .try_collect()
             .await
-            .map_err(|error| format!("listing {}: {error}", self.url))?;
+            .map_err(|error| archive_error(format!("listing {}", self.url), error))?;
         let mut files: BTreeMap<String, Vec<Segment>> = BTreeMap::new();
         for meta in listed {
             let parts: Vec<String> = meta
@@ -102,8 +113,8 @@ impl Archive {
 
     /// Rebuilds what the local folder lacks from the archive and notes what
     /// the archive holds. Returns the bytes restored.
-    pub async fn restore(&self, dir: &Path) -> Result<u64, String> {
-        std::fs::create_dir_all(dir).map_err(|error| format!("{}: {error}", dir.display()))?;
+    pub async fn restore(&self, dir: &Path) -> Result<u64> {
+        std::fs::create_dir_all(dir).map_err(|error| archive_error(dir.display(), error))?;
         let mut restored = 0;
         let mut uploaded = HashMap::new();
         for (file, segments) in self.segments().await? {
@@ -119,7 +130,7 @@ impl Archive {
                     continue;
                 }
                 let failed = |error: object_store::Error| {
-                    format!("reading {}/{}: {error}", self.url, segment.location)
+                    archive_error(format!("reading {}/{}", self.url, segment.location), error)
                 };
                 let got = self.store.get(&segment.location).await.map_err(failed)?;
                 let bytes = got.bytes().await.map_err(failed)?;
@@ -130,10 +141,10 @@ impl Archive {
                     .create(true)
                     .append(true)
                     .open(&local)
-                    .map_err(|error| format!("{}: {error}", local.display()))?;
+                    .map_err(|error| archive_error(local.display(), error))?;
                 handle
                     .write_all(tail)
-                    .map_err(|error| format!("{}: {error}", local.display()))?;
+                    .map_err(|error| archive_error(local.display(), error))?;
                 length = end;
                 restored += tail.len() as u64;
             }
@@ -145,11 +156,11 @@ impl Archive {
 
     /// Uploads the complete lines every local file gained since the last
     /// sync. Returns the bytes uploaded.
-    pub async fn sync(&self, dir: &Path) -> Result<u64, String> {
+    pub async fn sync(&self, dir: &Path) -> Result<u64> {
         let entries = match std::fs::read_dir(dir) {
             Ok(entries) => entries,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(error) => return Err(format!("{}: {error}", dir.display())),
+            Err(error) => return Err(archive_error(dir.display(), error)),
         };
         let mut sent = 0;
         for entry in entries.flatten() {
@@ -171,13 +182,13 @@ impl Archive {
             let bytes = {
                 use std::io::{Read, Seek};
                 let mut file = std::fs::File::open(entry.path())
-                    .map_err(|error| format!("{}: {error}", entry.path().display()))?;
+                    .map_err(|error| archive_error(entry.path().display(), error))?;
                 file.seek(std::io::SeekFrom::Start(done))
-                    .map_err(|error| format!("{}: {error}", entry.path().display()))?;
+                    .map_err(|error| archive_error(entry.path().display(), error))?;
                 let mut bytes = Vec::new();
                 file.take(length - done)
                     .read_to_end(&mut bytes)
-                    .map_err(|error| format!("{}: {error}", entry.path().display()))?;
+                    .map_err(|error| archive_error(entry.path().display(), error))?;
                 bytes
             };
             // Only whole lines: a line being written waits for the next sync.
@@ -191,7 +202,9 @@ impl Archive {
             self.store
                 .put(&location, bytes.into())
                 .await
-                .map_err(|error| format!("uploading {}/{location}: {error}", self.url))?;
+                .map_err(|error| {
+                    archive_error(format!("uploading {}/{location}", self.url), error)
+                })?;
             self.uploaded
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

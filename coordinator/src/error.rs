@@ -29,6 +29,9 @@ pub enum CoordinatorError {
         current_attempt: u32,
         state: String,
     },
+    /// The metrics archive (`--metrics-store`) failed at `place`.
+    #[error("metrics archive: {place}: {message}")]
+    Archive { place: String, message: String },
     #[error("metrics of job {job_id}: {message}")]
     Metrics { job_id: String, message: String },
     #[error("rank {rank} of job {job_id}: {message}")]
@@ -52,7 +55,8 @@ impl From<CoordinatorError> for tonic::Status {
         match error {
             CoordinatorError::Etcd { .. }
             | CoordinatorError::Logs { .. }
-            | CoordinatorError::Metrics { .. } => tonic::Status::unavailable(message),
+            | CoordinatorError::Metrics { .. }
+            | CoordinatorError::Archive { .. } => tonic::Status::unavailable(message),
             CoordinatorError::Corrupt { .. } => tonic::Status::data_loss(message),
             CoordinatorError::JobNotFound(_) | CoordinatorError::NodeNotRegistered(_) => {
                 tonic::Status::not_found(message)

@@ -19,7 +19,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use flamingo_common::{JobId, JobRecord, JobState, RankState};
+use flamingo_common::{JobId, JobRecord, JobState, NodeRecord, RankState};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -201,11 +201,20 @@ async fn evals(State(coordinator): State<Arc<Coordinator>>, Path(id): Path<Strin
 
 /// The coordinator's state in Prometheus' text format.
 pub async fn prometheus_text(coordinator: &Coordinator) -> String {
-    use flamingo_common::prometheus::{family, sample};
     let jobs = coordinator.jobs().await;
     let nodes = coordinator.nodes().await;
     let mut out = String::new();
-    family(&mut out, "flamingo_jobs", "gauge", "Jobs by state.");
+    cluster_families(&mut out, &jobs, &nodes);
+    let live: Vec<&JobRecord> = jobs.iter().filter(|job| !job.state.is_terminal()).collect();
+    job_families(&mut out, &jobs, &live);
+    metric_families(&mut out, coordinator, &live);
+    out
+}
+
+/// Jobs, ranks, nodes and free slots.
+fn cluster_families(out: &mut String, jobs: &[JobRecord], nodes: &[(NodeRecord, u32)]) {
+    use flamingo_common::prometheus::{family, sample};
+    family(out, "flamingo_jobs", "gauge", "Jobs by state.");
     for state in [
         JobState::Pending,
         JobState::Running,
@@ -215,10 +224,10 @@ pub async fn prometheus_text(coordinator: &Coordinator) -> String {
     ] {
         let count = jobs.iter().filter(|job| job.state == state).count();
         let name = state.as_str().to_lowercase();
-        sample(&mut out, "flamingo_jobs", &[("state", &name)], count as f64);
+        sample(out, "flamingo_jobs", &[("state", &name)], count as f64);
     }
     family(
-        &mut out,
+        out,
         "flamingo_ranks",
         "gauge",
         "Ranks of live jobs by state.",
@@ -229,74 +238,74 @@ pub async fn prometheus_text(coordinator: &Coordinator) -> String {
             .map(|job| job.ranks.iter().filter(|r| r.state == state).count())
             .sum();
         let name = state.as_str().to_lowercase();
-        sample(
-            &mut out,
-            "flamingo_ranks",
-            &[("state", &name)],
-            count as f64,
-        );
+        sample(out, "flamingo_ranks", &[("state", &name)], count as f64);
     }
-    family(&mut out, "flamingo_nodes", "gauge", "Registered nodes.");
+    family(out, "flamingo_nodes", "gauge", "Registered nodes.");
     let draining = nodes.iter().filter(|(node, _)| node.draining).count();
     let ready = (nodes.len() - draining) as f64;
-    sample(&mut out, "flamingo_nodes", &[("state", "ready")], ready);
+    sample(out, "flamingo_nodes", &[("state", "ready")], ready);
     sample(
-        &mut out,
+        out,
         "flamingo_nodes",
         &[("state", "draining")],
         draining as f64,
     );
     family(
-        &mut out,
+        out,
         "flamingo_free_slots",
         "gauge",
         "Free rank slots over all nodes.",
     );
     let free: u32 = nodes.iter().map(|(_, free)| free).sum();
-    sample(&mut out, "flamingo_free_slots", &[], f64::from(free));
+    sample(out, "flamingo_free_slots", &[], f64::from(free));
+}
 
-    let live: Vec<&JobRecord> = jobs.iter().filter(|job| !job.state.is_terminal()).collect();
+/// Each live job's step, and every job's restarts.
+fn job_families(out: &mut String, jobs: &[JobRecord], live: &[&JobRecord]) {
+    use flamingo_common::prometheus::{family, sample};
     family(
-        &mut out,
+        out,
         "flamingo_job_step",
         "gauge",
         "Last step rank 0 reported.",
     );
-    for job in &live {
+    for job in live {
         let labels = [("job", job.id.as_str()), ("name", job.spec.name.as_str())];
-        sample(&mut out, "flamingo_job_step", &labels, job.last_step as f64);
+        sample(out, "flamingo_job_step", &labels, job.last_step as f64);
     }
     family(
-        &mut out,
+        out,
         "flamingo_job_restarts_total",
         "counter",
         "Restarts of the job's group.",
     );
-    for job in &jobs {
+    for job in jobs {
         let labels = [("job", job.id.as_str())];
-        sample(
-            &mut out,
-            "flamingo_job_restarts_total",
-            &labels,
-            job.restarts.len() as f64,
-        );
+        let restarts = job.restarts.len() as f64;
+        sample(out, "flamingo_job_restarts_total", &labels, restarts);
     }
+}
+
+/// What the jobs' metric reports say: step rates and latest values of live
+/// jobs, stored and dropped reports of every job.
+fn metric_families(out: &mut String, coordinator: &Coordinator, live: &[&JobRecord]) {
+    use flamingo_common::prometheus::{family, sample};
     let summaries = coordinator.metrics_store().summaries();
     let live_ids: std::collections::BTreeSet<&str> =
         live.iter().map(|job| job.id.as_str()).collect();
     family(
-        &mut out,
+        out,
         "flamingo_job_step_rate",
         "gauge",
         "Steps per second over the last minute.",
     );
     for (id, summary) in &summaries {
         if let (true, Some(rate)) = (live_ids.contains(id.as_str()), summary.step_rate) {
-            sample(&mut out, "flamingo_job_step_rate", &[("job", id)], rate);
+            sample(out, "flamingo_job_step_rate", &[("job", id)], rate);
         }
     }
     family(
-        &mut out,
+        out,
         "flamingo_job_last_value",
         "gauge",
         "Rank 0's latest value of each metric (loss_laion, loss_mmc4, lr, ...).",
@@ -307,11 +316,11 @@ pub async fn prometheus_text(coordinator: &Coordinator) -> String {
     {
         for (name, value) in &summary.latest {
             let labels = [("job", id.as_str()), ("metric", name.as_str())];
-            sample(&mut out, "flamingo_job_last_value", &labels, *value);
+            sample(out, "flamingo_job_last_value", &labels, *value);
         }
     }
     family(
-        &mut out,
+        out,
         "flamingo_metric_points_total",
         "counter",
         "Metric reports stored for the job.",
@@ -319,14 +328,14 @@ pub async fn prometheus_text(coordinator: &Coordinator) -> String {
     for (id, summary) in &summaries {
         let labels = [("job", id.as_str())];
         sample(
-            &mut out,
+            out,
             "flamingo_metric_points_total",
             &labels,
             summary.points as f64,
         );
     }
     family(
-        &mut out,
+        out,
         "flamingo_metric_reports_dropped_total",
         "counter",
         "Reports ranks could not send in time (counted, never waited for).",
@@ -335,13 +344,12 @@ pub async fn prometheus_text(coordinator: &Coordinator) -> String {
         let labels = [("job", id.as_str())];
         let dropped = summary.dropped as f64;
         sample(
-            &mut out,
+            out,
             "flamingo_metric_reports_dropped_total",
             &labels,
             dropped,
         );
     }
-    out
 }
 
 async fn prometheus(State(coordinator): State<Arc<Coordinator>>) -> Response {

@@ -76,13 +76,18 @@ pub struct Config {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpListen(pub Option<SocketAddr>);
 
-fn parse_http_listen(text: &str) -> Result<HttpListen, String> {
+fn parse_http_listen(text: &str) -> Result<HttpListen, flamingo_common::CommonError> {
     if text.eq_ignore_ascii_case("off") {
         return Ok(HttpListen(None));
     }
     text.parse()
         .map(|address| HttpListen(Some(address)))
-        .map_err(|error| format!("'{text}': {error} (an address like 127.0.0.1:7080, or off)"))
+        .map_err(|error| {
+            flamingo_common::CommonError::invalid(
+                "http-listen",
+                format!("'{text}': {error} (an address like 127.0.0.1:7080, or off)"),
+            )
+        })
 }
 
 impl Config {
@@ -134,7 +139,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let archive = match &config.metrics_store {
         Some(url) => {
             let archive = archive::Archive::open(url)
-                .map_err(|error| anyhow::anyhow!("--metrics-store {error}"))?;
+                .map_err(|error| anyhow::anyhow!("--metrics-store: {error}"))?;
             let restored = archive
                 .restore(&config.metrics_dir())
                 .await

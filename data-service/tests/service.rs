@@ -8,8 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flamingo_data::batch::Cursor;
-use flamingo_data::client::{BatchStream, StreamConfig, StreamError};
+use flamingo_data::client::{BatchStream, StreamConfig};
 use flamingo_data::convert::{ImageFormat, RankBatch};
+use flamingo_data::DataError;
 use flamingo_proto::v1 as pb;
 
 struct Replica {
@@ -208,7 +209,7 @@ async fn a_missing_shard_is_refused_by_url() {
     );
     let mut stream = BatchStream::start(config(vec![replica.endpoint()], &spec, 0, 1, 2));
     match stream.next().await {
-        Some(Err(StreamError::Refused(message))) => {
+        Some(Err(DataError::Refused { message })) => {
             assert!(message.contains("laion-00002.tar"), "{message}")
         }
         other => panic!("expected a refusal, got {other:?}"),

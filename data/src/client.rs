@@ -35,21 +35,9 @@ pub struct StreamConfig {
     pub reconnect_for: Duration,
 }
 
-/// Why a stream ended badly.
-#[derive(Debug, thiserror::Error)]
-pub enum StreamError {
-    /// The request is wrong (spec, missing shard): retrying cannot help.
-    #[error("data service refused the stream: {0}")]
-    Refused(String),
-    #[error("no data service replica answered for {seconds}s (last error: {last})")]
-    Unreachable { seconds: u64, last: String },
-    #[error(transparent)]
-    Malformed(#[from] DataError),
-}
-
 #[derive(Debug)]
 pub struct BatchStream {
-    receiver: mpsc::Receiver<Result<RankBatch, StreamError>>,
+    receiver: mpsc::Receiver<Result<RankBatch, DataError>>,
     task: JoinHandle<()>,
     reconnects: Arc<AtomicU64>,
 }
@@ -78,7 +66,7 @@ impl BatchStream {
     }
 
     /// The next batch; `None` when the requested epochs are done.
-    pub async fn next(&mut self) -> Option<Result<RankBatch, StreamError>> {
+    pub async fn next(&mut self) -> Option<Result<RankBatch, DataError>> {
         self.receiver.recv().await
     }
 }
@@ -91,15 +79,17 @@ fn refused(status: &tonic::Status) -> bool {
 }
 
 /// Passes a refusal on to the rank; the stream ends there.
-async fn refuse(sender: &mpsc::Sender<Result<RankBatch, StreamError>>, status: &tonic::Status) {
+async fn refuse(sender: &mpsc::Sender<Result<RankBatch, DataError>>, status: &tonic::Status) {
     let _ = sender
-        .send(Err(StreamError::Refused(status.message().to_string())))
+        .send(Err(DataError::Refused {
+            message: status.message().to_string(),
+        }))
         .await;
 }
 
 async fn feed(
     config: StreamConfig,
-    sender: mpsc::Sender<Result<RankBatch, StreamError>>,
+    sender: mpsc::Sender<Result<RankBatch, DataError>>,
     reconnects: Arc<AtomicU64>,
 ) {
     let mut cursor = config.cursor;
@@ -114,7 +104,7 @@ async fn feed(
         if let Some(since) = failing_since {
             if since.elapsed() > config.reconnect_for {
                 let _ = sender
-                    .send(Err(StreamError::Unreachable {
+                    .send(Err(DataError::Unreachable {
                         seconds: config.reconnect_for.as_secs(),
                         last: last_error,
                     }))
@@ -171,7 +161,7 @@ async fn feed(
                     let batch = match RankBatch::try_from(message) {
                         Ok(batch) => batch,
                         Err(error) => {
-                            let _ = sender.send(Err(error.into())).await;
+                            let _ = sender.send(Err(error)).await;
                             return;
                         }
                     };

@@ -19,8 +19,20 @@ pub enum DataError {
     /// An index file exists but cannot be used.
     #[error("index {url}: {message}; delete it and run `flamingoctl data index` again")]
     Index { url: String, message: String },
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
+    /// The tokenizer a spec names cannot be used.
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer { path: String, message: String },
+    /// The data service refused a stream: the request is wrong (spec,
+    /// missing shard), and retrying cannot help.
+    #[error("data service refused the stream: {message}")]
+    Refused { message: String },
+    /// No replica answered for `seconds`.
+    #[error("no data service replica answered for {seconds}s (last error: {last})")]
+    Unreachable { seconds: u64, last: String },
+    /// Raw pairs or documents to pack that cannot be read (`place` is the
+    /// file, and the line when it is one line).
+    #[error("{place}: {message}")]
+    Source { place: String, message: String },
 }
 
 impl DataError {
@@ -42,12 +54,15 @@ impl From<DataError> for tonic::Status {
     fn from(error: DataError) -> Self {
         let message = error.to_string();
         match error {
-            DataError::Spec { .. } | DataError::Tokenizer(_) => {
+            DataError::Spec { .. } | DataError::Tokenizer { .. } | DataError::Source { .. } => {
                 tonic::Status::invalid_argument(message)
             }
             DataError::MissingShard { .. } => tonic::Status::not_found(message),
             DataError::Index { .. } => tonic::Status::failed_precondition(message),
-            DataError::Storage { .. } => tonic::Status::unavailable(message),
+            DataError::Storage { .. } | DataError::Unreachable { .. } => {
+                tonic::Status::unavailable(message)
+            }
+            DataError::Refused { .. } => tonic::Status::invalid_argument(message),
         }
     }
 }

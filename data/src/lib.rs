@@ -15,6 +15,7 @@ pub mod brace {
             flamingo_common::CommonError::InvalidField { field, message } => {
                 DataError::spec(&field, message)
             }
+            other => DataError::spec("shards", other.to_string()),
         })
     }
 }
@@ -36,5 +37,6 @@ pub mod prepare;
 pub mod purpose;
 pub mod reader;
 pub mod sample;
+pub mod sources;
 pub mod spec;
 pub mod synthetic;

@@ -46,14 +46,15 @@ impl Preparer {
         };
         let tokenizer = FlamingoTokenizer::from_dir(dir)
             .and_then(|tokenizer| tokenizer.with_truncation(max_tokens as usize))
-            .map_err(|error| DataError::Tokenizer(format!("{}: {error}", spec.tokenizer)))?;
+            .map_err(|error| DataError::Tokenizer {
+                path: spec.tokenizer.clone(),
+                message: error.to_string(),
+            })?;
         let eos = tokenizer
             .eos_token()
-            .ok_or_else(|| {
-                DataError::Tokenizer(format!(
-                    "{}: the tokenizer declares no eos_token (tokenizer_config.json), which every sample ends with",
-                    spec.tokenizer
-                ))
+            .ok_or_else(|| DataError::Tokenizer {
+                path: spec.tokenizer.clone(),
+                message: "the tokenizer declares no eos_token (tokenizer_config.json), which every sample ends with".into(),
             })?
             .to_string();
         Ok(Self {

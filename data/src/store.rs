@@ -65,7 +65,11 @@ impl Storage {
             url: url.to_string(),
             message,
         };
-        let parsed = flamingo_common::objects::parse(url).map_err(failed)?;
+        let common = |error: flamingo_common::CommonError| match error {
+            flamingo_common::CommonError::Storage { message, .. } => failed(message),
+            other => failed(other.to_string()),
+        };
+        let parsed = flamingo_common::objects::parse(url).map_err(common)?;
         let scheme = parsed.scheme().to_string();
         let bucket_key = format!("{scheme}://{}", parsed.host_str().unwrap_or_default());
         let store = {
@@ -78,13 +82,13 @@ impl Storage {
                 None => {
                     let store =
                         flamingo_common::objects::build(&parsed, self.options.s3_endpoint.clone())
-                            .map_err(failed)?;
+                            .map_err(common)?;
                     stores.insert(bucket_key, store.clone());
                     store
                 }
             }
         };
-        let path = flamingo_common::objects::path(&parsed).map_err(failed)?;
+        let path = flamingo_common::objects::path(&parsed).map_err(common)?;
         Ok(Location {
             store,
             path,

@@ -5,13 +5,14 @@
 //! and never loaded. Loading assembles the flat state from the ranges, so
 //! it works at any world size.
 
-use flamingo_torch_shim::pickle::fl_pickle_save;
 use std::path::{Path, PathBuf};
 
+use flamingo_data::batch::Cursor;
+use flamingo_torch_shim::pickle::fl_pickle_save;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use flamingo_data::batch::Cursor;
+use crate::trainer::TrainError;
 
 const FORMAT: &str = "flamingo-checkpoint/1";
 
@@ -116,21 +117,27 @@ pub fn delete_older(run_dir: &Path, keep: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+fn bad(path: &Path, message: impl Into<String>) -> TrainError {
+    TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
 /// Reads a checkpoint: the manifest and the whole flat state.
-pub fn read(dir: &Path) -> Result<(Manifest, Tensor, Tensor, Tensor), String> {
+pub fn read(dir: &Path) -> Result<(Manifest, Tensor, Tensor, Tensor), TrainError> {
     let text = std::fs::read_to_string(dir.join("manifest.json")).map_err(|error| {
-        format!(
-            "{}: no manifest ({error}); the checkpoint is incomplete or not a checkpoint",
-            dir.display()
+        bad(
+            dir,
+            format!("no manifest ({error}); the checkpoint is incomplete or not a checkpoint"),
         )
     })?;
     let manifest: Manifest = serde_json::from_str(&text)
-        .map_err(|error| format!("{}/manifest.json: {error}", dir.display()))?;
+        .map_err(|error| bad(&dir.join("manifest.json"), error.to_string()))?;
     if manifest.format != FORMAT {
-        return Err(format!(
-            "{}: format {} (expected {FORMAT})",
-            dir.display(),
-            manifest.format
+        return Err(bad(
+            dir,
+            format!("format {} (expected {FORMAT})", manifest.format),
         ));
     }
     let full = || Tensor::zeros([manifest.total], (Kind::Float, tch::Device::Cpu));
@@ -147,8 +154,8 @@ pub fn read(dir: &Path) -> Result<(Manifest, Tensor, Tensor, Tensor), String> {
             .collect();
         let expected: i64 = pieces.iter().map(|(_, length)| length).sum();
         let path = dir.join(format!("rank-{rank}.safetensors"));
-        let tensors = Tensor::read_safetensors(&path)
-            .map_err(|error| format!("{}: {error}", path.display()))?;
+        let tensors =
+            Tensor::read_safetensors(&path).map_err(|error| bad(&path, error.to_string()))?;
         for (name, tensor) in tensors {
             let target = match name.as_str() {
                 "parameters" => &parameters,
@@ -157,10 +164,9 @@ pub fn read(dir: &Path) -> Result<(Manifest, Tensor, Tensor, Tensor), String> {
                 _ => continue,
             };
             if tensor.numel() as i64 != expected {
-                return Err(format!(
-                    "{}: {name} has {} values, expected {expected}",
-                    path.display(),
-                    tensor.numel(),
+                return Err(bad(
+                    &path,
+                    format!("{name} has {} values, expected {expected}", tensor.numel()),
                 ));
             }
             let mut read = 0;
@@ -183,13 +189,10 @@ pub fn manifest_format() -> &'static str {
 /// state-dict names (`perceiver.*`, `lang_encoder.gated_cross_attn_layers.*`,
 /// the input embedding): what OpenFlamingo's `checkpoint.pt` holds, and what
 /// a model spec's `[flamingo] checkpoint` loads.
-pub fn state_dict(dir: &Path) -> Result<Vec<(String, Tensor)>, String> {
+pub fn state_dict(dir: &Path) -> Result<Vec<(String, Tensor)>, TrainError> {
     let (manifest, parameters, _, _) = read(dir)?;
     if manifest.layout.is_empty() {
-        return Err(format!(
-            "{}: the manifest has no parameter layout",
-            dir.display()
-        ));
+        return Err(bad(dir, "the manifest has no parameter layout"));
     }
     Ok(manifest
         .layout
@@ -209,10 +212,12 @@ pub fn state_dict(dir: &Path) -> Result<Vec<(String, Tensor)>, String> {
 
 /// Writes `tensors` as a `{name: tensor}` dict in `torch.save`'s format
 /// (OpenFlamingo's `checkpoint.pt`; Python's `torch.load` reads it).
-pub fn write_torch_pickle(tensors: &[(String, Tensor)], path: &Path) -> Result<(), String> {
+pub fn write_torch_pickle(tensors: &[(String, Tensor)], path: &Path) -> Result<(), TrainError> {
     let names: Vec<std::ffi::CString> = tensors
         .iter()
-        .map(|(name, _)| std::ffi::CString::new(name.as_str()).map_err(|error| error.to_string()))
+        .map(|(name, _)| {
+            std::ffi::CString::new(name.as_str()).map_err(|error| bad(path, error.to_string()))
+        })
         .collect::<Result<_, _>>()?;
     let name_pointers: Vec<*const std::ffi::c_char> =
         names.iter().map(|name| name.as_ptr()).collect();
@@ -220,8 +225,8 @@ pub fn write_torch_pickle(tensors: &[(String, Tensor)], path: &Path) -> Result<(
         .iter()
         .map(|(_, tensor)| tensor.as_ptr() as *mut std::ffi::c_void)
         .collect();
-    let file =
-        std::ffi::CString::new(path.display().to_string()).map_err(|error| error.to_string())?;
+    let file = std::ffi::CString::new(path.display().to_string())
+        .map_err(|error| bad(path, error.to_string()))?;
     let mut error = [0 as std::ffi::c_char; 512];
     // SAFETY: every pointer is valid for the call: the names and path are
     // NUL-terminated and alive, the handles are tch's at::Tensor pointers of
@@ -242,6 +247,6 @@ pub fn write_torch_pickle(tensors: &[(String, Tensor)], path: &Path) -> Result<(
     } else {
         // SAFETY: the shim wrote a NUL-terminated message.
         let message = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
-        Err(format!("{}: {}", path.display(), message.to_string_lossy()))
+        Err(bad(path, message.to_string_lossy().into_owned()))
     }
 }

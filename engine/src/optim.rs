@@ -6,7 +6,7 @@
 use flamingo_torch_shim::optim::fl_fused_adamw;
 use tch::Tensor;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamWConfig {
     pub beta1: f64,
     pub beta2: f64,

@@ -4,34 +4,12 @@
 //! that `torch.optim.lr_scheduler.LambdaLR` multiplies the base rate by.
 //! OpenFlamingo's `--lr_scheduler constant|linear|cosine`.
 
+use flamingo_common::train::LrScheduler;
 use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    Constant,
-    Linear,
-    Cosine,
-}
-
-impl std::str::FromStr for Kind {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text {
-            "constant" => Ok(Self::Constant),
-            "linear" => Ok(Self::Linear),
-            "cosine" => Ok(Self::Cosine),
-            other => Err(format!(
-                "--lr_scheduler '{other}' (use constant, linear or cosine)"
-            )),
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Schedule {
-    pub kind: Kind,
+    pub kind: LrScheduler,
     pub base_lr: f64,
     pub warmup_steps: u64,
     /// Optimizer steps of the whole run (linear and cosine decay to 0 there).
@@ -46,13 +24,13 @@ impl Schedule {
             return step_f / (self.warmup_steps.max(1) as f64);
         }
         match self.kind {
-            Kind::Constant => 1.0,
-            Kind::Linear => {
+            LrScheduler::Constant => 1.0,
+            LrScheduler::Linear => {
                 let remaining = self.total_steps as f64 - step_f;
                 let span = (self.total_steps.saturating_sub(self.warmup_steps)).max(1) as f64;
                 (remaining / span).max(0.0)
             }
-            Kind::Cosine => {
+            LrScheduler::Cosine => {
                 let span = (self.total_steps.saturating_sub(self.warmup_steps)).max(1) as f64;
                 let progress = (step_f - self.warmup_steps as f64) / span;
                 (0.5 * (1.0 + (std::f64::consts::PI * 0.5 * 2.0 * progress).cos())).max(0.0)
@@ -78,16 +56,11 @@ mod tests {
             warmup_steps: 10,
             total_steps: 110,
         };
-        assert_eq!(schedule(Kind::Constant).factor(0), 0.0);
-        assert_eq!(schedule(Kind::Constant).factor(5), 0.5);
-        assert_eq!(schedule(Kind::Constant).factor(500), 1.0);
-        assert_eq!(schedule(Kind::Linear).factor(60), 0.5);
-        assert_eq!(schedule(Kind::Linear).factor(200), 0.0);
-        assert!((schedule(Kind::Cosine).factor(60) - 0.5).abs() < 1e-12);
-        assert_eq!("cosine".parse::<Kind>(), Ok(Kind::Cosine));
-        assert!("step"
-            .parse::<Kind>()
-            .unwrap_err()
-            .contains("--lr_scheduler"));
+        assert_eq!(schedule(LrScheduler::Constant).factor(0), 0.0);
+        assert_eq!(schedule(LrScheduler::Constant).factor(5), 0.5);
+        assert_eq!(schedule(LrScheduler::Constant).factor(500), 1.0);
+        assert_eq!(schedule(LrScheduler::Linear).factor(60), 0.5);
+        assert_eq!(schedule(LrScheduler::Linear).factor(200), 0.0);
+        assert!((schedule(LrScheduler::Cosine).factor(60) - 0.5).abs() < 1e-12);
     }
 }

@@ -56,11 +56,28 @@ pub fn write_tiny_model(
     config: TinyConfig,
 ) -> std::io::Result<PathBuf> {
     tch::manual_seed(config.seed);
-    let normal = |shape: &[i64], scale: f64| normal(shape, scale * config.init_scale);
     std::fs::create_dir_all(dir.join("lm"))?;
-    let to_io = |error: tch::TchError| std::io::Error::other(error.to_string());
+    // The vision tower's draws come first, then the language model's.
+    write_vision(dir, &config)?;
+    write_language(dir, tokenizer_dir, vocab_size, &config)?;
+    let spec = dir.join("model.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "[vision]\narch = \"clip.json\"\nweights = \"clip.safetensors\"\n[language]\npath = \"lm\"\n[flamingo]\ncross_attn_every_n_layers = {}\n",
+            config.cross_attn_every_n_layers
+        ),
+    )?;
+    Ok(spec)
+}
 
-    // Vision tower, open_clip layout.
+fn to_io(error: tch::TchError) -> std::io::Error {
+    std::io::Error::other(error.to_string())
+}
+
+/// The vision tower, open_clip layout: `clip.safetensors` and `clip.json`.
+fn write_vision(dir: &Path, config: &TinyConfig) -> std::io::Result<()> {
+    let normal = |shape: &[i64], scale: f64| normal(shape, scale * config.init_scale);
     let w = config.vision_width;
     let grid = config.image_size / config.patch_size;
     let mut vision: Vec<(String, Tensor)> = vec![
@@ -129,9 +146,18 @@ pub fn write_tiny_model(
             config.patch_size,
             w / config.vision_heads
         ),
-    )?;
+    )
+}
 
-    // MPT language model, Hugging Face names.
+/// The MPT language model, Hugging Face names: `lm/` with its config,
+/// weights and the tokenizer files of `tokenizer_dir`.
+fn write_language(
+    dir: &Path,
+    tokenizer_dir: &Path,
+    vocab_size: i64,
+    config: &TinyConfig,
+) -> std::io::Result<()> {
+    let normal = |shape: &[i64], scale: f64| normal(shape, scale * config.init_scale);
     let d = config.lm_width;
     let mut lm: Vec<(String, Tensor)> = vec![
         (
@@ -174,13 +200,5 @@ pub fn write_tiny_model(
             std::fs::copy(&source, dir.join("lm").join(file))?;
         }
     }
-    let spec = dir.join("model.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            "[vision]\narch = \"clip.json\"\nweights = \"clip.safetensors\"\n[language]\npath = \"lm\"\n[flamingo]\ncross_attn_every_n_layers = {}\n",
-            config.cross_attn_every_n_layers
-        ),
-    )?;
-    Ok(spec)
+    Ok(())
 }

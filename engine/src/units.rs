@@ -54,10 +54,9 @@ pub fn gradients(
     if status != 0 {
         // SAFETY: the shim NUL-terminated the message within the buffer.
         let message = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
-        return Err(TrainError::Config(format!(
-            "backward through a unit failed: {}",
-            message.to_string_lossy()
-        )));
+        return Err(TrainError::Backward {
+            message: message.to_string_lossy().into_owned(),
+        });
     }
     Ok(results
         .into_iter()
@@ -100,7 +99,7 @@ impl Member {
     }
 }
 
-/// A unit's weights and, under `full`, its shards.
+/// A unit's weights.
 #[derive(Debug)]
 pub struct UnitPlan {
     pub unit: Unit,
@@ -115,22 +114,28 @@ pub struct UnitPlan {
     pub frozen: Vec<Member>,
     pub frozen_len: i64,
     pub frozen_kind: Kind,
-    /// `full` only: this rank's trainable shard length (`len` split over
-    /// the world, padded) and where it sits in the rank's local flat state.
-    pub shard_len: i64,
-    pub shard_offset: i64,
-    /// `full` only: this rank's frozen shard.
-    pub frozen_shard: Option<Tensor>,
 }
 
-impl UnitPlan {
-    /// The unit's trainable range that `rank` owns under `full`, in flat
-    /// state coordinates, clipped to real values.
-    pub fn owned_by(&self, rank: i64) -> (i64, i64) {
-        let end = self.start + self.len;
+/// `full`: this rank's part of a unit.
+#[derive(Debug, Default)]
+pub struct UnitShard {
+    /// This rank's trainable shard length (the unit's `len` split over the
+    /// shard group, padded) and where it sits in the rank's local flat
+    /// state.
+    pub len: i64,
+    pub offset: i64,
+    /// This rank's frozen shard.
+    pub frozen: Option<Tensor>,
+}
+
+impl UnitShard {
+    /// The trainable range of `plan` that `rank` owns, in flat state
+    /// coordinates, clipped to real values.
+    pub fn owned_by(&self, plan: &UnitPlan, rank: i64) -> (i64, i64) {
+        let end = plan.start + plan.len;
         (
-            (self.start + rank * self.shard_len).min(end),
-            (self.start + (rank + 1) * self.shard_len).min(end),
+            (plan.start + rank * self.len).min(end),
+            (plan.start + (rank + 1) * self.len).min(end),
         )
     }
 }
@@ -156,16 +161,14 @@ pub fn plan(
             frozen: Vec::new(),
             frozen_len: 0,
             frozen_kind: Kind::Float,
-            shard_len: 0,
-            shard_offset: 0,
-            frozen_shard: None,
         })
         .collect();
     let index_of = |unit: Unit| units.iter().position(|&candidate| candidate == unit);
     for (name, tensor) in model.named_parameters() {
         let unit = model.unit_of(name);
-        let plan = &mut plans[index_of(unit).ok_or_else(|| {
-            TrainError::Config(format!("weight {name} belongs to no unit ({unit:?})"))
+        let plan = &mut plans[index_of(unit).ok_or_else(|| TrainError::UnitLayout {
+            weight: name.clone(),
+            message: format!("belongs to no unit ({unit:?})"),
         })?];
         let shape = tensor.size();
         let numel = shape.iter().product::<i64>();
@@ -182,9 +185,12 @@ pub fn plan(
                     plan.start = *global;
                     plan.decay = decayed(name);
                 } else if *global != plan.start + plan.len || decayed(name) != plan.decay {
-                    return Err(TrainError::Config(format!(
-                        "the trainable weights of unit {unit:?} are not one range of the flat state (at {name})"
-                    )));
+                    return Err(TrainError::UnitLayout {
+                        weight: name.clone(),
+                        message: format!(
+                            "the trainable weights of unit {unit:?} are not one range of the flat state"
+                        ),
+                    });
                 }
                 plan.trainable.push(member(plan.len));
                 plan.len += numel;
@@ -193,11 +199,14 @@ pub fn plan(
                 if plan.frozen.is_empty() {
                     plan.frozen_kind = tensor.kind();
                 } else if tensor.kind() != plan.frozen_kind {
-                    return Err(TrainError::Config(format!(
-                        "frozen weight {name} is {:?} but the rest of unit {unit:?} is {:?}",
-                        tensor.kind(),
-                        plan.frozen_kind
-                    )));
+                    return Err(TrainError::UnitLayout {
+                        weight: name.clone(),
+                        message: format!(
+                            "frozen, {:?}, but the rest of unit {unit:?} is {:?}",
+                            tensor.kind(),
+                            plan.frozen_kind
+                        ),
+                    });
                 }
                 plan.frozen.push(member(plan.frozen_len));
                 plan.frozen_len += numel;
@@ -223,6 +232,21 @@ pub fn concatenate(members: &[Member], padded: i64, kind: Kind, device: tch::Dev
         }
     });
     buffer
+}
+
+/// Writes a unit's weight gradients (one per trainable member, `None`
+/// where unused) into `whole`, the unit's trainable range, at each
+/// member's offset.
+pub fn place_gradients(whole: &Tensor, plan: &UnitPlan, grads: &[Option<Tensor>]) {
+    tch::no_grad(|| {
+        for (member, grad) in plan.trainable.iter().zip(grads) {
+            if let Some(grad) = grad {
+                whole
+                    .narrow(0, member.offset, member.numel)
+                    .copy_(&grad.reshape([-1]).to_kind(Kind::Float));
+            }
+        }
+    });
 }
 
 /// A unit's whole buffers, being gathered or ready.
@@ -254,15 +278,15 @@ impl Drop for Gathered {
     }
 }
 
-/// Starts gathering unit `index` (`full`), reading this rank's trainable
-/// shard from `local`.
+/// Starts gathering unit `index` (`full`) from this rank's `shard`, whose
+/// trainable values are in `local`; without a shard (the other strategies)
+/// there is nothing to gather.
 pub fn start_gather(
-    plans: &[UnitPlan],
     index: usize,
+    shard: Option<&UnitShard>,
     local: &Tensor,
     group: Option<&ProcessGroup>,
 ) -> Result<Gathered, TrainError> {
-    let plan = &plans[index];
     let world = group.map_or(1, ProcessGroup::world_size);
     let mut gathered = Gathered {
         unit: index,
@@ -271,8 +295,12 @@ pub fn start_gather(
         works: Vec::new(),
         bytes: 0,
     };
-    let shard = (plan.shard_len > 0).then(|| local.narrow(0, plan.shard_offset, plan.shard_len));
-    let frozen = plan.frozen_shard.as_ref().filter(|shard| shard.numel() > 0);
+    let frozen = shard
+        .and_then(|shard| shard.frozen.as_ref())
+        .filter(|frozen| frozen.numel() > 0);
+    let shard = shard
+        .filter(|shard| shard.len > 0)
+        .map(|shard| local.narrow(0, shard.offset, shard.len));
     match group.filter(|_| world > 1) {
         None => {
             gathered.trainable = shard;

@@ -8,9 +8,10 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use flamingo_common::train::LrScheduler;
 use flamingo_engine::clip::clip_grad_norm;
 use flamingo_engine::optim::{AdamW, AdamWConfig, Moments};
-use flamingo_engine::schedule::{Kind, Schedule};
+use flamingo_engine::schedule::Schedule;
 use flamingo_model::Weights;
 
 const STEPS: u64 = 7;
@@ -37,9 +38,9 @@ fn adamw_schedules_and_clipping_match_pytorch() {
         .map(|step| (0..3).map(|i| take(&format!("grad.{step}.{i}"))).collect())
         .collect();
     for (name, kind) in [
-        ("constant", Kind::Constant),
-        ("linear", Kind::Linear),
-        ("cosine", Kind::Cosine),
+        ("constant", LrScheduler::Constant),
+        ("linear", LrScheduler::Linear),
+        ("cosine", LrScheduler::Cosine),
     ] {
         let schedule = Schedule {
             kind,

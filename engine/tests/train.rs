@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flamingo_collectives::{Backend, ProcessGroup, ProcessGroupConfig};
+use flamingo_common::train::{LrScheduler, Strategy};
 use flamingo_data::batch::{Assembler, Cursor};
 use flamingo_data::convert::{ImageFormat, RankBatch};
 use flamingo_data::pack::ShardWriter;
@@ -21,9 +22,10 @@ use flamingo_data::spec::DataSpec;
 use flamingo_data::store::Storage;
 use flamingo_data::synthetic;
 use flamingo_engine::batch::TrainBatch;
-use flamingo_engine::schedule::{Kind as ScheduleKind, Schedule};
+use flamingo_engine::optim::AdamWConfig;
+use flamingo_engine::schedule::Schedule;
 use flamingo_engine::tiny::{write_tiny_model, TinyConfig};
-use flamingo_engine::trainer::{AdamWConfigSerde, Strategy, TrainConfig, Trainer};
+use flamingo_engine::trainer::{TrainConfig, Trainer};
 use flamingo_model::{load_flamingo, ModelSpec};
 
 const STEPS: usize = 20;
@@ -52,13 +54,13 @@ fn config(strategy: Strategy) -> TrainConfig {
     TrainConfig {
         strategy,
         schedule: Schedule {
-            kind: ScheduleKind::Linear,
+            kind: LrScheduler::Linear,
             base_lr: 3e-3,
             warmup_steps: 2,
             total_steps: STEPS as u64,
         },
         weight_decay: 0.1,
-        adamw: AdamWConfigSerde::default(),
+        adamw: AdamWConfig::default(),
         max_grad_norm: 1.0,
         loss_multiplier_laion: 0.2,
         loss_multiplier_mmc4: 1.0,

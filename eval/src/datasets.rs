@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::EvalError;
+
 use serde_json::Value;
 
 mod vqa;
@@ -139,68 +141,77 @@ pub struct Dataset {
     pub testdev: Option<Vec<(Value, Value)>>,
 }
 
-type Result<T> = std::result::Result<T, String>;
+type Result<T> = std::result::Result<T, EvalError>;
+
+/// A dataset file (or folder) that is missing or malformed.
+fn bad(path: impl AsRef<Path>, message: impl Into<String>) -> EvalError {
+    EvalError::Dataset {
+        path: path.as_ref().to_path_buf(),
+        message: message.into(),
+    }
+}
 
 fn require(path: PathBuf, task: Task, what: &str) -> Result<PathBuf> {
     if path.exists() {
         Ok(path)
     } else {
-        Err(format!(
-            "{}: missing; {what} ({} reads: {})",
-            path.display(),
-            task.name(),
-            task.layout()
+        Err(bad(
+            &path,
+            format!("missing; {what} ({} reads: {})", task.name(), task.layout()),
         ))
     }
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text =
-        std::fs::read_to_string(path).map_err(|error| format!("{}: {error}", path.display()))?;
-    serde_json::from_str(&text)
-        .map_err(|error| format!("{}: not valid JSON ({error})", path.display()))
+    let text = std::fs::read_to_string(path).map_err(|error| bad(path, format!("{error}")))?;
+    serde_json::from_str(&text).map_err(|error| bad(path, format!("not valid JSON ({error})")))
 }
 
 fn field<'v>(value: &'v Value, key: &str, path: &Path, index: usize) -> Result<&'v Value> {
     value
         .get(key)
-        .ok_or_else(|| format!("{}: entry {index} has no \"{key}\"", path.display()))
+        .ok_or_else(|| bad(path, format!("entry {index} has no \"{key}\"")))
 }
 
 fn string(value: &Value, key: &str, path: &Path, index: usize) -> Result<String> {
     match field(value, key, path, index)? {
         Value::String(text) => Ok(text.clone()),
-        other => Err(format!(
-            "{}: entry {index}: \"{key}\" should be a string, found {other}",
-            path.display()
+        other => Err(bad(
+            path,
+            format!("entry {index}: \"{key}\" should be a string, found {other}"),
         )),
     }
 }
 
 /// Reads `task` from `dir`.
 pub fn load(task: Task, dir: &Path) -> crate::Result<Dataset> {
-    read(task, dir, false).map_err(crate::EvalError::Dataset)
+    read(task, dir, false)
 }
 
 /// Reads `task`'s training split and its EvalAI test-dev questions, which
 /// have no annotations (VQAv2 and VizWiz; `Task::testdev_layout`).
 pub fn load_testdev(task: Task, dir: &Path) -> crate::Result<Dataset> {
-    read(task, dir, true).map_err(crate::EvalError::Dataset)
+    read(task, dir, true)
 }
 
 fn read(task: Task, dir: &Path, testdev: bool) -> Result<Dataset> {
     if testdev && task.testdev_layout().is_none() {
-        return Err(format!(
-            "--testdev: {} has no EvalAI test-dev set here (vqav2 and vizwiz do)",
-            task.name()
-        ));
+        return Err(EvalError::Settings {
+            field: "testdev",
+            message: format!(
+                "{} has no EvalAI test-dev set here (vqav2 and vizwiz do)",
+                task.name()
+            ),
+        });
     }
     if !dir.is_dir() {
-        return Err(format!(
-            "{}: --data-dir is not a directory ({} reads: {})",
-            dir.display(),
-            task.name(),
-            task.layout()
+        return Err(bad(
+            dir,
+            format!(
+                "--data-dir is not a directory ({} reads: {})",
+                task.name(),
+                task.layout()
+            ),
         ));
     }
     let mut raw_answers = Vec::new();
@@ -226,18 +237,16 @@ fn read(task: Task, dir: &Path, testdev: bool) -> Result<Dataset> {
         Task::Imagenet => image_folder(dir)?,
     };
     if train.is_empty() {
-        return Err(format!(
-            "{}: the {} training split (the demonstrations) is empty",
-            dir.display(),
-            task.name()
+        return Err(bad(
+            dir,
+            format!(
+                "the {} training split (the demonstrations) is empty",
+                task.name()
+            ),
         ));
     }
     if test.is_empty() {
-        return Err(format!(
-            "{}: the {} test split is empty",
-            dir.display(),
-            task.name()
-        ));
+        return Err(bad(dir, format!("the {} test split is empty", task.name())));
     }
     Ok(Dataset {
         task,
@@ -269,12 +278,7 @@ fn karpathy(task: Task, dir: &Path) -> Result<(Vec<Example>, Vec<Example>)> {
     let images = root
         .get("images")
         .and_then(Value::as_array)
-        .ok_or_else(|| {
-            format!(
-                "{}: no \"images\" list (is it Karpathy's split file?)",
-                path.display()
-            )
-        })?;
+        .ok_or_else(|| bad(&path, "no \"images\" list (is it Karpathy's split file?)"))?;
     let mut train = Vec::new();
     let mut test = Vec::new();
     for (index, entry) in images.iter().enumerate() {
@@ -305,9 +309,9 @@ fn karpathy(task: Task, dir: &Path) -> Result<(Vec<Example>, Vec<Example>)> {
         let sentences = field(entry, "sentences", &path, index)?
             .as_array()
             .ok_or_else(|| {
-                format!(
-                    "{}: entry {index}: \"sentences\" should be a list",
-                    path.display()
+                bad(
+                    &path,
+                    format!("entry {index}: \"sentences\" should be a list"),
                 )
             })?;
         let references = sentences
@@ -315,9 +319,9 @@ fn karpathy(task: Task, dir: &Path) -> Result<(Vec<Example>, Vec<Example>)> {
             .map(|sentence| string(sentence, "raw", &path, index))
             .collect::<Result<Vec<_>>>()?;
         let target = references.first().cloned().ok_or_else(|| {
-            format!(
-                "{}: entry {index} ({filename}) has no sentences",
-                path.display()
+            bad(
+                &path,
+                format!("entry {index} ({filename}) has no sentences"),
             )
         })?;
         into.push(Example {
@@ -336,9 +340,9 @@ fn karpathy(task: Task, dir: &Path) -> Result<(Vec<Example>, Vec<Example>)> {
             .get("annotations")
             .and_then(Value::as_array)
             .ok_or_else(|| {
-                format!(
-                    "{}: no \"annotations\" list (COCO caption format)",
-                    references_path.display()
+                bad(
+                    &references_path,
+                    "no \"annotations\" list (COCO caption format)",
                 )
             })?;
         let mut by_image: HashMap<String, Vec<String>> = HashMap::new();
@@ -361,9 +365,9 @@ fn karpathy(task: Task, dir: &Path) -> Result<(Vec<Example>, Vec<Example>)> {
                 other => other.to_string(),
             };
             example.references = by_image.remove(&key).ok_or_else(|| {
-                format!(
-                    "{}: no captions for test image {key}",
-                    references_path.display()
+                bad(
+                    &references_path,
+                    format!("no captions for test image {key}"),
                 )
             })?;
         }
@@ -380,8 +384,7 @@ fn hateful_memes(dir: &Path, file: &str) -> Result<Vec<Example>> {
     };
     let path = require(dir.join(file), Task::HatefulMemes, role)?;
     let images = require(dir.join("img"), Task::HatefulMemes, "the meme images")?;
-    let text =
-        std::fs::read_to_string(&path).map_err(|error| format!("{}: {error}", path.display()))?;
+    let text = std::fs::read_to_string(&path).map_err(|error| bad(&path, format!("{error}")))?;
     let mut examples = Vec::new();
     for (index, line) in text
         .lines()
@@ -389,20 +392,18 @@ fn hateful_memes(dir: &Path, file: &str) -> Result<Vec<Example>> {
         .filter(|(_, line)| !line.trim().is_empty())
     {
         let entry: Value = serde_json::from_str(line).map_err(|error| {
-            format!(
-                "{}: line {}: not valid JSON ({error})",
-                path.display(),
-                index + 1
+            bad(
+                &path,
+                format!("line {}: not valid JSON ({error})", index + 1),
             )
         })?;
         let label = field(&entry, "label", &path, index)?
             .as_u64()
             .filter(|label| *label <= 1)
             .ok_or_else(|| {
-                format!(
-                    "{}: line {}: \"label\" should be 0 or 1",
-                    path.display(),
-                    index + 1
+                bad(
+                    &path,
+                    format!("line {}: \"label\" should be 0 or 1", index + 1),
                 )
             })? as usize;
         let img = string(&entry, "img", &path, index)?;
@@ -432,7 +433,7 @@ fn image_folder(dir: &Path) -> Result<(Vec<Example>, Vec<Example>, Vec<String>)>
             "one folder of images per class",
         )?;
         let mut classes: Vec<String> = std::fs::read_dir(&root)
-            .map_err(|error| format!("{}: {error}", root.display()))?
+            .map_err(|error| bad(&root, format!("{error}")))?
             .filter_map(|entry| entry.ok())
             .filter(|entry| entry.path().is_dir())
             .map(|entry| entry.file_name().to_string_lossy().into_owned())
@@ -441,7 +442,7 @@ fn image_folder(dir: &Path) -> Result<(Vec<Example>, Vec<Example>, Vec<String>)>
         let mut examples = Vec::new();
         for (class_id, class) in classes.iter().enumerate() {
             let mut files: Vec<PathBuf> = std::fs::read_dir(root.join(class))
-                .map_err(|error| format!("{}: {error}", root.join(class).display()))?
+                .map_err(|error| bad(root.join(class), format!("{error}")))?
                 .filter_map(|entry| entry.ok().map(|entry| entry.path()))
                 .filter(|path| {
                     path.extension()
@@ -474,29 +475,22 @@ fn image_folder(dir: &Path) -> Result<(Vec<Example>, Vec<Example>, Vec<String>)>
             .iter()
             .position(|class| class == folder)
             .ok_or_else(|| {
-                format!(
-                "{}: val/{folder}/ has no counterpart in train/; every class needs demonstrations",
-                dir.display()
-            )
+                bad(dir, format!("val/{folder}/ has no counterpart in train/; every class needs demonstrations"))
             })?;
         example.class_id = Some(class_id);
     }
     let names_path = dir.join("classnames.txt");
     let names: Vec<String> = if names_path.exists() {
         let text = std::fs::read_to_string(&names_path)
-            .map_err(|error| format!("{}: {error}", names_path.display()))?;
+            .map_err(|error| bad(&names_path, format!("{error}")))?;
         let names: Vec<String> = text
             .lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| l.trim().to_string())
             .collect();
         if names.len() != train_classes.len() {
-            return Err(format!(
-                "{}: {} names for {} class folders; give one name per folder, in sorted folder order",
-                names_path.display(),
-                names.len(),
-                train_classes.len()
-            ));
+            return Err(bad(&names_path, format!("{} names for {} class folders; give one name per folder, in sorted folder order", names.len(),
+                train_classes.len())));
         }
         names
     } else if is_imagenet_1k(&train_classes) {

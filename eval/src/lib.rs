@@ -4,13 +4,16 @@
 //! from.
 
 pub mod datasets;
+pub mod distributed;
 pub mod error;
 pub mod metrics;
 pub mod model;
+pub mod output;
 pub mod prompts;
 pub mod run;
 pub mod score;
 pub mod select;
+pub mod synthetic;
 pub mod testdev;
 
 pub use error::{EvalError, Result};

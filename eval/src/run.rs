@@ -146,9 +146,10 @@ fn plan(
                 .collect()
         }
         (Selection::Rices, None) => {
-            return Err(EvalError::Settings(
-                "RICES selection needs the training split's features".into(),
-            ))
+            return Err(EvalError::Settings {
+                field: "rices",
+                message: "RICES selection needs the training split's features".into(),
+            })
         }
     };
     Ok(Plan {
@@ -157,6 +158,15 @@ fn plan(
         subset,
         demos,
     })
+}
+
+/// What a trial works with.
+struct Trial<'a> {
+    model: &'a Model,
+    dataset: &'a Dataset,
+    settings: &'a Settings,
+    plan: &'a Plan,
+    stemmer: Option<&'a metrics::okvqa::Stemmer>,
 }
 
 /// Runs one trial (`shots`, `seed`) over this rank's batches and returns
@@ -170,14 +180,31 @@ fn trial(
     progress: &mut Progress,
     stemmer: Option<&metrics::okvqa::Stemmer>,
 ) -> Result<Vec<Prediction>> {
-    let task = dataset.task;
-    let shots = plan.shots;
+    let trial = Trial {
+        model,
+        dataset,
+        settings,
+        plan,
+        stemmer,
+    };
     let positions: Vec<usize> = (0..plan.subset.len()).collect();
     let mut predictions = Vec::new();
     for batch in settings.my_batches(&positions) {
+        predictions.extend(trial.batch(cache, batch)?);
+        progress.advance(batch.len() as u64);
+    }
+    Ok(predictions)
+}
+
+impl Trial<'_> {
+    /// The predictions of one batch of test positions. Classification with
+    /// prompt ensembling averages the class log-likelihoods over the
+    /// demonstration orders; every row is recorded with the first order.
+    fn batch(&self, cache: &mut ImageCache, batch: &[usize]) -> Result<Vec<Prediction>> {
+        let task = self.dataset.task;
         let classification = task.kind() == crate::datasets::Kind::Classification;
-        let orders = if classification && settings.ensemble {
-            permutations(prompts::effective_shots(shots))
+        let orders = if classification && self.settings.ensemble {
+            permutations(prompts::effective_shots(self.plan.shots))
         } else {
             1
         };
@@ -185,38 +212,25 @@ fn trial(
         // (as `random.shuffle` in place does upstream).
         let mut demo_orders: Vec<Vec<usize>> = batch
             .iter()
-            .map(|position| plan.demos[*position].clone())
+            .map(|position| self.plan.demos[*position].clone())
             .collect();
         let mut summed: Option<Vec<Vec<f64>>> = None;
         let mut first: Option<Inputs> = None;
         for order in 0..orders {
             if orders > 1 {
                 for (demos, position) in demo_orders.iter_mut().zip(batch) {
-                    select::shuffle(demos, plan.seed, plan.subset[*position], order);
+                    select::shuffle(demos, self.plan.seed, self.plan.subset[*position], order);
                 }
             }
-            let mut texts = Vec::with_capacity(batch.len());
-            let mut image_lists: Vec<Vec<PathBuf>> = Vec::with_capacity(batch.len());
-            for (position, order) in batch.iter().zip(&demo_orders) {
-                let query = &dataset.test[plan.subset[*position]];
-                let demos: Vec<&Example> =
-                    order.iter().map(|index| &dataset.train[*index]).collect();
-                texts.push(prompts::prompt(task, &demos, query, shots));
-                image_lists.push(
-                    prompts::images(&demos, query, shots)
-                        .into_iter()
-                        .map(Path::to_path_buf)
-                        .collect(),
-                );
-            }
-            let paths: Vec<Vec<&Path>> = image_lists
-                .iter()
-                .map(|list| list.iter().map(PathBuf::as_path).collect())
-                .collect();
-            let vision_x = model.images(cache, &paths)?;
-            let (lang_x, mask) = model.texts(&texts)?;
+            let inputs = self.inputs(cache, batch, &demo_orders)?;
             if classification {
-                let rows = class_rows(model, dataset, &vision_x, &lang_x, &mask)?;
+                let rows = class_rows(
+                    self.model,
+                    self.dataset,
+                    &inputs.vision_x,
+                    &inputs.lang_x,
+                    &inputs.mask,
+                )?;
                 summed = Some(match summed {
                     None => rows,
                     Some(mut total) => {
@@ -229,92 +243,130 @@ fn trial(
                     }
                 });
             }
-            if first.is_none() {
-                first = Some(Inputs {
-                    texts,
-                    demo_orders: demo_orders.clone(),
-                    image_lists,
-                    vision_x,
-                    lang_x,
-                    mask,
-                });
-            }
+            first.get_or_insert(inputs);
         }
-        let Inputs {
+        let inputs = first.expect("at least one demonstration order");
+        let outcomes = match summed {
+            Some(summed) => {
+                let rows: Vec<Vec<f64>> = summed
+                    .into_iter()
+                    .map(|row| row.into_iter().map(|sum| sum / orders as f64).collect())
+                    .collect();
+                class_outcomes(self.dataset, rows)
+            }
+            None => self.generate(&inputs)?,
+        };
+        Ok(self.predictions(batch, inputs, outcomes))
+    }
+
+    /// The prompts and images of a batch for the demonstration orders.
+    fn inputs(
+        &self,
+        cache: &mut ImageCache,
+        batch: &[usize],
+        demo_orders: &[Vec<usize>],
+    ) -> Result<Inputs> {
+        let (task, shots) = (self.dataset.task, self.plan.shots);
+        let mut texts = Vec::with_capacity(batch.len());
+        let mut image_lists: Vec<Vec<PathBuf>> = Vec::with_capacity(batch.len());
+        for (position, order) in batch.iter().zip(demo_orders) {
+            let query = &self.dataset.test[self.plan.subset[*position]];
+            let demos: Vec<&Example> = order
+                .iter()
+                .map(|index| &self.dataset.train[*index])
+                .collect();
+            texts.push(prompts::prompt(task, &demos, query, shots));
+            image_lists.push(
+                prompts::images(&demos, query, shots)
+                    .into_iter()
+                    .map(Path::to_path_buf)
+                    .collect(),
+            );
+        }
+        let paths: Vec<Vec<&Path>> = image_lists
+            .iter()
+            .map(|list| list.iter().map(PathBuf::as_path).collect())
+            .collect();
+        let vision_x = self.model.images(cache, &paths)?;
+        let (lang_x, mask) = self.model.texts(&texts)?;
+        Ok(Inputs {
             texts,
-            demo_orders,
+            demo_orders: demo_orders.to_vec(),
             image_lists,
             vision_x,
             lang_x,
             mask,
-        } = first.expect("at least one demonstration order");
-        let outcomes: Vec<Outcome> = match task.kind() {
-            crate::datasets::Kind::Classification => {
-                let rows: Vec<Vec<f64>> = summed
-                    .expect("classification scored every order")
-                    .into_iter()
-                    .map(|row| row.into_iter().map(|sum| sum / orders as f64).collect())
-                    .collect();
-                class_outcomes(dataset, rows)
-            }
-            _ => {
-                let settings = BeamSettings {
-                    num_beams: settings.num_beams,
-                    max_new_tokens: task.max_new_tokens(),
-                    length_penalty: 0.0,
-                    eos_token_id: i64::from(model.tokenizer.end_of_chunk_token_id()),
-                    pad_token_id: i64::from(model.tokenizer.pad_token_id()),
-                };
-                let new_tokens = tch::no_grad(|| {
-                    model
-                        .model
-                        .generate_beam(&vision_x, &lang_x, Some(&mask), settings)
-                })?;
-                let rows: Vec<Vec<i64>> =
-                    Vec::<Vec<i64>>::try_from(&new_tokens.to_device(Device::Cpu))?;
-                rows.into_iter()
-                    .map(|row| {
-                        let ids: Vec<u32> = row.into_iter().map(|id| id as u32).collect();
-                        let output = model.tokenizer.decode(&ids, true)?;
-                        let prediction = match (task, stemmer) {
-                            (Task::Coco | Task::Flickr30k, _) => {
-                                prompts::postprocess_caption(&output)
-                            }
-                            (Task::OkVqa, Some(stemmer)) => {
-                                metrics::okvqa::postprocess(&output, stemmer)
-                            }
-                            _ => metrics::vqa::postprocess_generation(&output).to_string(),
-                        };
-                        Ok((Some(output), prediction, None))
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            }
-        };
-        for ((((position, prompt), images), demos), (output, prediction, score)) in batch
-            .iter()
-            .zip(texts)
-            .zip(&image_lists)
-            .zip(&demo_orders)
-            .zip(outcomes)
-        {
-            let index = plan.subset[*position];
-            predictions.push(Prediction {
-                index,
-                id: dataset.test[index].id.clone(),
-                prompt,
-                demos: demos
-                    .iter()
-                    .map(|demo| dataset.train[*demo].id.clone())
-                    .collect(),
-                images: images.clone(),
-                output,
-                prediction,
-                score,
-            });
-        }
-        progress.advance(batch.len() as u64);
+        })
     }
-    Ok(predictions)
+
+    /// Captioning and VQA: beam search, then the reference's
+    /// post-processing (OK-VQA's answers stemmed).
+    fn generate(&self, inputs: &Inputs) -> Result<Vec<Outcome>> {
+        let (model, task) = (self.model, self.dataset.task);
+        let settings = BeamSettings {
+            num_beams: self.settings.num_beams,
+            max_new_tokens: task.max_new_tokens(),
+            length_penalty: 0.0,
+            eos_token_id: i64::from(model.tokenizer.end_of_chunk_token_id()),
+            pad_token_id: i64::from(model.tokenizer.pad_token_id()),
+        };
+        let new_tokens = tch::no_grad(|| {
+            model.model.generate_beam(
+                &inputs.vision_x,
+                &inputs.lang_x,
+                Some(&inputs.mask),
+                settings,
+            )
+        })?;
+        let rows: Vec<Vec<i64>> = Vec::<Vec<i64>>::try_from(&new_tokens.to_device(Device::Cpu))?;
+        rows.into_iter()
+            .map(|row| {
+                let ids: Vec<u32> = row.into_iter().map(|id| id as u32).collect();
+                let output = model.tokenizer.decode(&ids, true)?;
+                let prediction = match (task, self.stemmer) {
+                    (Task::Coco | Task::Flickr30k, _) => prompts::postprocess_caption(&output),
+                    (Task::OkVqa, Some(stemmer)) => metrics::okvqa::postprocess(&output, stemmer),
+                    _ => metrics::vqa::postprocess_generation(&output).to_string(),
+                };
+                Ok((Some(output), prediction, None))
+            })
+            .collect()
+    }
+
+    /// The batch's rows as predictions.
+    fn predictions(
+        &self,
+        batch: &[usize],
+        inputs: Inputs,
+        outcomes: Vec<Outcome>,
+    ) -> Vec<Prediction> {
+        let dataset = self.dataset;
+        batch
+            .iter()
+            .zip(inputs.texts)
+            .zip(&inputs.image_lists)
+            .zip(&inputs.demo_orders)
+            .zip(outcomes)
+            .map(
+                |((((position, prompt), images), demos), (output, prediction, score))| {
+                    let index = self.plan.subset[*position];
+                    Prediction {
+                        index,
+                        id: dataset.test[index].id.clone(),
+                        prompt,
+                        demos: demos
+                            .iter()
+                            .map(|demo| dataset.train[*demo].id.clone())
+                            .collect(),
+                        images: images.clone(),
+                        output,
+                        prediction,
+                        score,
+                    }
+                },
+            )
+            .collect()
+    }
 }
 
 /// A batch row's raw output (generation), prediction and class probability.
@@ -351,17 +403,19 @@ pub type Outputs = Vec<((usize, u64), Vec<Prediction>)>;
 /// Runs every (shots, seed) trial of `settings` over this rank's share.
 pub fn predict(model: &Model, dataset: &Dataset, settings: &Settings) -> Result<Outputs> {
     if settings.world == 0 || settings.rank >= settings.world {
-        return Err(EvalError::Settings(format!(
-            "rank {} is outside a world of {}",
-            settings.rank, settings.world
-        )));
+        return Err(EvalError::Settings {
+            field: "world",
+            message: format!(
+                "rank {} is outside a world of {}",
+                settings.rank, settings.world
+            ),
+        });
     }
     // OK-VQA's answers are stemmed; the dataset's own stems of its
     // human answers say which words are plural nouns.
     let stemmer = match dataset.task {
         Task::OkVqa => {
-            let mut stemmer = metrics::okvqa::Stemmer::load(settings.wordnet_dir.as_deref())
-                .map_err(EvalError::Settings)?;
+            let mut stemmer = metrics::okvqa::Stemmer::load(settings.wordnet_dir.as_deref())?;
             for (raw, stored) in &dataset.raw_answers {
                 stemmer.learn(raw, stored);
             }

@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::datasets::{Dataset, Task};
 use crate::error::{EvalError, Result};
 use crate::metrics;
+use crate::output::metric_name;
 use crate::run::{Outputs, Prediction, Settings};
 
 /// Scores of one dataset: per shots, the trials' scores, in OpenFlamingo's
@@ -38,7 +39,10 @@ impl ShotResult {
 /// × 100, VQA accuracy in percent, ROC-AUC and top-1 as fractions.
 pub fn score(dataset: &Dataset, predictions: &[Prediction]) -> Result<f64> {
     if predictions.is_empty() {
-        return Err(EvalError::Metric("no predictions to score".into()));
+        return Err(EvalError::Metric {
+            metric: metric_name(dataset.task),
+            message: "no predictions to score".into(),
+        });
     }
     let task = dataset.task;
     match task {
@@ -57,8 +61,7 @@ pub fn score(dataset: &Dataset, predictions: &[Prediction]) -> Result<f64> {
                         .collect()
                 })
                 .collect();
-            let (value, _) =
-                metrics::cider::cider(&candidates, &references).map_err(EvalError::Metric)?;
+            let (value, _) = metrics::cider::cider(&candidates, &references)?;
             Ok(value * 100.0)
         }
         Task::Vqav2 | Task::OkVqa | Task::Textvqa | Task::Vizwiz => {
@@ -75,9 +78,7 @@ pub fn score(dataset: &Dataset, predictions: &[Prediction]) -> Result<f64> {
                 .iter()
                 .map(|p| (p.id.as_u64().unwrap_or_default(), p.prediction.clone()))
                 .collect();
-            Ok(metrics::vqa::evaluate(&pairs, &answers)
-                .map_err(EvalError::Metric)?
-                .overall)
+            Ok(metrics::vqa::evaluate(&pairs, &answers)?.overall)
         }
         Task::HatefulMemes => {
             let labels: Vec<bool> = predictions
@@ -95,7 +96,7 @@ pub fn score(dataset: &Dataset, predictions: &[Prediction]) -> Result<f64> {
                     }
                 })
                 .collect();
-            metrics::roc::roc_auc(&labels, &scores).map_err(EvalError::Metric)
+            metrics::roc::roc_auc(&labels, &scores)
         }
         Task::Imagenet => {
             let correct = predictions
@@ -139,11 +140,12 @@ pub fn results(
                 .iter()
                 .map(|&seed| {
                     let predictions = merged.remove(&(shots, seed)).unwrap_or_default();
-                    score(dataset, &predictions).map_err(|error| {
-                        EvalError::Metric(format!(
+                    score(dataset, &predictions).map_err(|error| EvalError::Metric {
+                        metric: metric_name(dataset.task),
+                        message: format!(
                             "{} {shots}-shot seed {seed}: {error}",
                             dataset.task.name()
-                        ))
+                        ),
                     })
                 })
                 .collect::<Result<Vec<f64>>>()?;

@@ -250,7 +250,7 @@ fn answers_stemmed_in_the_dataset_teach_the_plural_decision() {
 #[test]
 fn missing_wordnet_is_named_with_what_to_install() {
     let folder = tempfile::tempdir().unwrap();
-    let error = Stemmer::load(Some(folder.path())).unwrap_err();
+    let error = Stemmer::load(Some(folder.path())).unwrap_err().to_string();
     assert!(error.contains("index.verb"), "{error}");
     assert!(error.contains("wordnet-base"), "{error}");
     assert!(

@@ -4,12 +4,16 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
-use flamingo_collectives::{Backend, ProcessGroup, ProcessGroupConfig, ReduceOp};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
 use flamingo_eval::datasets::{self, Task};
 use flamingo_eval::run::{self, Selection, Settings, ShotResult};
+use flamingo_eval::{distributed, output};
 use flamingo_model::{load_flamingo_with, LoadOptions, ModelSpec};
 use tch::{Kind, Tensor};
+
+use crate::context::Context;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct EvalArgs {
@@ -93,6 +97,15 @@ pub struct EvalArgs {
 }
 
 impl EvalArgs {
+    /// How demonstrations are chosen, as the results name it.
+    fn selection(&self) -> &'static str {
+        if self.rices {
+            "RICES"
+        } else {
+            "random"
+        }
+    }
+
     /// The trial seeds.
     pub fn seeds(&self) -> anyhow::Result<Vec<u64>> {
         match (self.trials, self.seeds.is_empty()) {
@@ -172,8 +185,7 @@ impl EvalArgs {
         // whatever checkpoint the spec names.
         let _exported;
         if let Some(dir) = checkpoint {
-            let tensors =
-                flamingo_engine::checkpoint::state_dict(dir).map_err(anyhow::Error::msg)?;
+            let tensors = flamingo_engine::checkpoint::state_dict(dir)?;
             let folder = tempfile::tempdir()?;
             let file = folder.path().join("checkpoint.safetensors");
             Tensor::write_safetensors(&tensors, &file)?;
@@ -210,89 +222,6 @@ impl EvalArgs {
     }
 }
 
-/// Writes `results` for `task` into `path`, keeping other datasets there.
-pub fn write_results(
-    path: &std::path::Path,
-    task: Task,
-    results: &[ShotResult],
-) -> anyhow::Result<()> {
-    let mut all = match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&text)
-            .with_context(|| format!("{}: exists but is not a results JSON object; move it away or choose another --results", path.display()))?,
-        Err(_) => serde_json::Map::new(),
-    };
-    all.insert(task.name().to_string(), serde_json::to_value(results)?);
-    std::fs::write(path, serde_json::to_string_pretty(&all)? + "\n")
-        .with_context(|| format!("writing {}", path.display()))
-}
-
-/// The name of `task`'s metric.
-pub fn metric_name(task: Task) -> &'static str {
-    match task.kind() {
-        datasets::Kind::Captioning => "CIDEr",
-        datasets::Kind::Vqa => "VQA accuracy",
-        datasets::Kind::Classification if task == Task::HatefulMemes => "ROC-AUC",
-        datasets::Kind::Classification => "top-1",
-    }
-}
-
-/// The results as a table.
-pub fn print_table(task: Task, selection: &str, results: &[ShotResult]) {
-    let metric = metric_name(task);
-    println!("{} ({metric}, {selection} demonstrations)", task.name());
-    println!("{:>6}  {:>10}  {:>8}  trials", "shots", "mean", "stddev");
-    for result in results {
-        let trials: Vec<String> = result.trials.iter().map(|t| format!("{t:.4}")).collect();
-        println!(
-            "{:>6}  {:>10.4}  {:>8.4}  {}",
-            result.shots,
-            result.mean,
-            result.stddev,
-            trials.join(" ")
-        );
-    }
-}
-
-/// Joins the ranks when started as one of several (torchrun's environment:
-/// `flamingoctl launch --job eval` or any launcher that sets `WORLD_SIZE`).
-fn process_group() -> anyhow::Result<Option<ProcessGroup>> {
-    let world: i64 = std::env::var("WORLD_SIZE")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(1);
-    if world <= 1 {
-        return Ok(None);
-    }
-    let config = ProcessGroupConfig::from_env(Backend::Gloo, std::time::Duration::from_secs(1800))?;
-    Ok(Some(ProcessGroup::new(&config)?))
-}
-
-/// Every rank's `bytes`, in rank order, on every rank.
-fn all_gather_bytes(group: &ProcessGroup, bytes: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
-    let world = group.world_size();
-    let lengths = Tensor::zeros([world], (Kind::Int64, tch::Device::Cpu));
-    let _ = lengths.get(group.rank()).fill_(bytes.len() as i64);
-    group.all_reduce(&lengths, ReduceOp::Sum)?;
-    let lengths: Vec<i64> = Vec::<i64>::try_from(&lengths)?;
-    let longest = lengths.iter().copied().max().unwrap_or(0).max(1);
-    let mine = Tensor::zeros([longest], (Kind::Uint8, tch::Device::Cpu));
-    if !bytes.is_empty() {
-        mine.narrow(0, 0, bytes.len() as i64)
-            .copy_(&Tensor::from_slice(bytes));
-    }
-    let all = Tensor::zeros([world * longest], (Kind::Uint8, tch::Device::Cpu));
-    group.all_gather_into_tensor(&all, &mine)?;
-    let all: Vec<u8> = Vec::<u8>::try_from(&all)?;
-    Ok(lengths
-        .iter()
-        .enumerate()
-        .map(|(rank, length)| {
-            let start = rank * longest as usize;
-            all[start..start + *length as usize].to_vec()
-        })
-        .collect())
-}
-
 /// The val split, or with --testdev the test-dev questions.
 fn load_dataset(args: &EvalArgs) -> anyhow::Result<datasets::Dataset> {
     Ok(if args.testdev {
@@ -300,31 +229,6 @@ fn load_dataset(args: &EvalArgs) -> anyhow::Result<datasets::Dataset> {
     } else {
         datasets::load(args.dataset, &args.data_dir)?
     })
-}
-
-/// A test-dev run's EvalAI files, one per shot count and trial.
-fn write_submissions(
-    args: &EvalArgs,
-    dataset: &datasets::Dataset,
-    outputs: &run::Outputs,
-) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.testdev_dir)
-        .with_context(|| format!("creating {}", args.testdev_dir.display()))?;
-    let mut written = Vec::new();
-    for (name, json) in flamingo_eval::testdev::submissions(dataset, outputs, args.rices) {
-        let path = args.testdev_dir.join(name);
-        std::fs::write(&path, serde_json::to_vec(&json)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-        written.push(path.display().to_string());
-    }
-    if args.results.is_some() {
-        eprintln!("test-dev has no annotations: no scores for --results");
-    }
-    eprintln!(
-        "test-dev: no annotations, no score; EvalAI submission files:\n  {}",
-        written.join("\n  ")
-    );
-    Ok(())
 }
 
 /// OK-VQA's stemming needs WordNet: said before the model loads.
@@ -343,13 +247,14 @@ pub struct Scored {
     pub samples: usize,
 }
 
-/// Runs the benchmark; rank 0 returns the scores.
-pub fn run(
+/// Runs the benchmark on this rank (and its share of the batches when
+/// started as one of several); rank 0 scores, writes and prints.
+fn evaluate(
     args: &EvalArgs,
     checkpoint: Option<&Path>,
     json_output: bool,
 ) -> anyhow::Result<Option<Scored>> {
-    let group = process_group()?;
+    let group = distributed::process_group()?;
     let (rank, world) = group.as_ref().map_or((0, 1), |group| {
         (group.rank() as usize, group.world_size() as usize)
     });
@@ -364,25 +269,25 @@ pub fn run(
     check_wordnet(args)?;
     let model = args.load_model(checkpoint)?;
     let started = std::time::Instant::now();
-    let mut outputs = run::predict(&model, &dataset, &settings)?;
-    if let Some(group) = &group {
-        let mine = serde_json::to_vec(&outputs)?;
-        let gathered = all_gather_bytes(group, &mine)?;
-        if rank != 0 {
-            return Ok(None);
-        }
-        let parts = gathered
-            .iter()
-            .map(|bytes| serde_json::from_slice::<run::Outputs>(bytes))
-            .collect::<Result<Vec<_>, _>>()?;
-        outputs = run::merge(parts);
-        eprintln!("gathered the predictions of {world} ranks");
-    }
+    let Some(outputs) = distributed::predict(&model, &dataset, &settings, group.as_ref())? else {
+        return Ok(None);
+    };
     if let Some(path) = &args.predictions {
-        write_predictions(path, &outputs)?;
+        output::write_predictions(path, &outputs)?;
     }
     if args.testdev {
-        write_submissions(args, &dataset, &outputs)?;
+        let written = output::write_submissions(&args.testdev_dir, &dataset, &outputs, args.rices)?;
+        if args.results.is_some() {
+            eprintln!("test-dev has no annotations: no scores for --results");
+        }
+        let written: Vec<String> = written
+            .iter()
+            .map(|path| path.display().to_string())
+            .collect();
+        eprintln!(
+            "test-dev: no annotations, no score; EvalAI submission files:\n  {}",
+            written.join("\n  ")
+        );
         return Ok(None);
     }
     let scored: usize = outputs
@@ -392,13 +297,15 @@ pub fn run(
     let runs = outputs.len().max(1);
     let results = run::results(&dataset, &settings, outputs)?;
     if let Some(path) = &args.results {
-        write_results(path, args.dataset, &results)?;
+        output::write_results(path, args.dataset, &results)?;
     }
-    let selection = if args.rices { "RICES" } else { "random" };
     if json_output {
         println!("{}", serde_json::json!({ args.dataset.name(): results }));
     } else {
-        print_table(args.dataset, selection, &results);
+        print!(
+            "{}",
+            output::table(args.dataset, args.selection(), &results)
+        );
     }
     let seconds = started.elapsed().as_secs_f64();
     eprintln!(
@@ -415,18 +322,17 @@ pub fn run(
     }))
 }
 
-/// `flamingoctl eval`: resolves `--job` (through the coordinator at
-/// `address` when it names a cluster job), runs the benchmark, and on rank
-/// 0 stores the scores with the training job. A rank of an eval job reaches
-/// the coordinator its agent names.
-pub async fn command(args: &EvalArgs, address: &str, json_output: bool) -> anyhow::Result<()> {
+/// `flamingoctl eval`: resolves `--job` (through the coordinator when it
+/// names a cluster job), runs the benchmark, and on rank 0 stores the scores
+/// with the training job. A rank of an eval job reaches the coordinator its
+/// agent names.
+pub async fn run(args: &EvalArgs, context: &Context) -> anyhow::Result<ExitCode> {
+    let address = &context.address;
     let checkpoint = match &args.job {
-        Some(job) => {
-            Some(crate::commands::resolve_checkpoint(address, Path::new(job), args.step).await?)
-        }
+        Some(job) => Some(crate::checkpoints::resolve(address, Path::new(job), args.step).await?),
         None => None,
     };
-    let scored = run(args, checkpoint.as_deref(), json_output)?;
+    let scored = evaluate(args, checkpoint.as_deref(), context.json)?;
     if let (Some(scored), Some(job), Some(checkpoint)) =
         (scored, report_target(args), checkpoint.as_deref())
     {
@@ -442,7 +348,7 @@ pub async fn command(args: &EvalArgs, address: &str, json_output: bool) -> anyho
             );
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The cluster job `args`' scores are stored with, if any: `--report-to`,
@@ -476,8 +382,8 @@ pub async fn report(
         job_id: job.to_string(),
         step: manifest.step,
         dataset: args.dataset.name().to_string(),
-        metric: metric_name(args.dataset).to_string(),
-        selection: if args.rices { "RICES" } else { "random" }.to_string(),
+        metric: output::metric_name(args.dataset).to_string(),
+        selection: args.selection().to_string(),
         scores: scored
             .results
             .iter()
@@ -492,31 +398,15 @@ pub async fn report(
         checkpoint: checkpoint.display().to_string(),
         unix_ms: 0,
     };
-    let mut client = crate::client::connect(address).await?;
-    client
+    flamingo_client::Session::open(address)
+        .await?
         .report_eval(report)
-        .await
-        .map_err(|status| crate::client::call_error(address, status))?;
+        .await?;
     eprintln!(
         "stored the scores with job {job} (step {}): its dashboard page shows them",
         manifest.step
     );
     Ok(())
-}
-
-/// Every prediction as a JSON line with its shots and seed.
-pub fn write_predictions(path: &std::path::Path, outputs: &run::Outputs) -> anyhow::Result<()> {
-    let mut text = String::new();
-    for ((shots, seed), predictions) in outputs {
-        for prediction in predictions {
-            let mut line = serde_json::to_value(prediction)?;
-            line["shots"] = (*shots).into();
-            line["seed"] = (*seed).into();
-            text.push_str(&serde_json::to_string(&line)?);
-            text.push('\n');
-        }
-    }
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 #[derive(clap::Parser)]

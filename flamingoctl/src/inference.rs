@@ -3,6 +3,7 @@
 //! `--device cuda --dtype bf16` on a GPU.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use flamingo_model::preprocess::clip_preprocess;
@@ -102,7 +103,8 @@ fn prepare(args: &InferenceArgs) -> anyhow::Result<Prepared> {
 }
 
 /// `logprobs[i] = log p(token_ids[i + 1] | token_ids[..=i])`.
-pub fn score(args: &InferenceArgs, json_output: bool) -> anyhow::Result<()> {
+pub fn score(args: &InferenceArgs, context: &crate::context::Context) -> anyhow::Result<ExitCode> {
+    let json_output = context.json;
     let prepared = prepare(args)?;
     let logits = tch::no_grad(|| prepared.model.forward(&prepared.vision_x, &prepared.lang_x))?;
     let length = prepared.token_ids.len() as i64;
@@ -145,7 +147,7 @@ pub fn score(args: &InferenceArgs, json_output: bool) -> anyhow::Result<()> {
         }
         println!("total log-probability {:.4}", logprobs.iter().sum::<f64>());
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -160,7 +162,11 @@ pub struct GenerateArgs {
     pub length_penalty: f64,
 }
 
-pub fn generate(args: &GenerateArgs, json_output: bool) -> anyhow::Result<()> {
+pub fn generate(
+    args: &GenerateArgs,
+    context: &crate::context::Context,
+) -> anyhow::Result<ExitCode> {
+    let json_output = context.json;
     if args.num_beams < 1 || args.max_new_tokens < 1 {
         bail!("--num-beams and --max-new-tokens must be at least 1");
     }
@@ -196,5 +202,5 @@ pub fn generate(args: &GenerateArgs, json_output: bool) -> anyhow::Result<()> {
     } else {
         println!("{}{text}", args.inference.prompt);
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

@@ -169,10 +169,6 @@ impl EventWriter {
         Ok(writer)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn write_event(&mut self, event: &Event) -> anyhow::Result<()> {
         let data = prost::Message::encode_to_vec(event);
         let length = (data.len() as u64).to_le_bytes();

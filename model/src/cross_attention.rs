@@ -75,9 +75,9 @@ impl MaskedCrossAttention {
         let (&[batch, text_len, _], &[_, media_count, latents, _]) =
             (&text_size[..], &media_size[..])
         else {
-            return Err(ModelError::Input(format!(
+            return Err(ModelError::Input { input: "media", message: format!(
                 "cross-attention expects text [b, t, d] and media [b, t_img, n, d], got {text_size:?} and {media_size:?}"
-            )));
+            ) });
         };
         let queries =
             split_heads(&self.to_q.forward(&self.norm.forward(text)), self.heads) * self.scale;
@@ -88,10 +88,13 @@ impl MaskedCrossAttention {
         let text_time = match mask {
             MediaMask::Locations(locations) => {
                 if locations.size() != [batch, text_len] {
-                    return Err(ModelError::Input(format!(
-                        "media locations {:?} do not match the text [{batch}, {text_len}]",
-                        locations.size()
-                    )));
+                    return Err(ModelError::Input {
+                        input: "media_locations",
+                        message: format!(
+                            "media locations {:?} do not match the text [{batch}, {text_len}]",
+                            locations.size()
+                        ),
+                    });
                 }
                 locations.to_kind(Kind::Int64).cumsum(-1, Kind::Int64)
             }

@@ -119,161 +119,117 @@ pub struct DecoderLayer {
     feed_forward: FeedForward,
 }
 
+/// A layer's (hidden, attention inner, feed-forward inner) widths.
+fn sizes(config: &DecoderConfig) -> (i64, i64, i64) {
+    (
+        config.hidden_size,
+        config.heads * config.head_dim,
+        config.intermediate_size,
+    )
+}
+
+/// One layer's weights, named under its prefix.
+struct Prefixed<'a> {
+    weights: &'a mut Weights,
+    prefix: String,
+    config: &'a DecoderConfig,
+}
+
+impl<'a> Prefixed<'a> {
+    fn new(weights: &'a mut Weights, prefix: String, config: &'a DecoderConfig) -> Self {
+        Self {
+            weights,
+            prefix,
+            config,
+        }
+    }
+
+    fn linear(&mut self, name: &str, input: i64, output: i64, bias: bool) -> Result<Linear> {
+        linear(
+            self.weights,
+            &format!("{}.{name}", self.prefix),
+            input,
+            output,
+            bias,
+        )
+    }
+
+    fn norm(&mut self, name: &str) -> Result<Norm> {
+        Norm::load(
+            self.weights,
+            &format!("{}.{name}", self.prefix),
+            self.config,
+        )
+    }
+}
+
 impl DecoderLayer {
     fn load(weights: &mut Weights, index: i64, config: &DecoderConfig) -> Result<Self> {
-        let hidden = config.hidden_size;
-        let inner = config.heads * config.head_dim;
+        match config.family {
+            DecoderFamily::Mpt => Self::load_mpt(weights, index, config),
+            DecoderFamily::GptNeox => Self::load_gpt_neox(weights, index, config),
+            DecoderFamily::Llama => Self::load_llama(weights, index, config),
+        }
+    }
+
+    /// MPT's names (`transformer.blocks.N`): fused QKV, no biases.
+    fn load_mpt(weights: &mut Weights, index: i64, config: &DecoderConfig) -> Result<Self> {
+        let (hidden, inner, mlp) = sizes(config);
+        let mut at = Prefixed::new(weights, format!("transformer.blocks.{index}"), config);
+        Ok(Self {
+            input_norm: at.norm("norm_1")?,
+            mixer: Mixer::Mpt {
+                wqkv: at.linear("attn.Wqkv", hidden, 3 * inner, false)?,
+            },
+            out_proj: at.linear("attn.out_proj", inner, hidden, false)?,
+            post_norm: at.norm("norm_2")?,
+            feed_forward: FeedForward::Plain {
+                up: at.linear("ffn.up_proj", hidden, mlp, false)?,
+                down: at.linear("ffn.down_proj", mlp, hidden, false)?,
+            },
+        })
+    }
+
+    /// GPT-NeoX's names (`gpt_neox.layers.N`): fused QKV.
+    fn load_gpt_neox(weights: &mut Weights, index: i64, config: &DecoderConfig) -> Result<Self> {
+        let (hidden, inner, mlp) = sizes(config);
+        let (bias, mlp_bias) = (config.attention_bias, config.mlp_bias);
+        let mut at = Prefixed::new(weights, format!("gpt_neox.layers.{index}"), config);
+        Ok(Self {
+            input_norm: at.norm("input_layernorm")?,
+            mixer: Mixer::GptNeox {
+                query_key_value: at.linear("attention.query_key_value", hidden, 3 * inner, bias)?,
+            },
+            out_proj: at.linear("attention.dense", inner, hidden, bias)?,
+            post_norm: at.norm("post_attention_layernorm")?,
+            feed_forward: FeedForward::Plain {
+                up: at.linear("mlp.dense_h_to_4h", hidden, mlp, mlp_bias)?,
+                down: at.linear("mlp.dense_4h_to_h", mlp, hidden, mlp_bias)?,
+            },
+        })
+    }
+
+    /// LLaMA's names (`model.layers.N`): separate Q, K, V (grouped K and V
+    /// heads) and a gated feed-forward.
+    fn load_llama(weights: &mut Weights, index: i64, config: &DecoderConfig) -> Result<Self> {
+        let (hidden, inner, mlp) = sizes(config);
         let kv_inner = config.kv_heads * config.head_dim;
-        let mlp = config.intermediate_size;
-        Ok(match config.family {
-            DecoderFamily::Mpt => {
-                let prefix = format!("transformer.blocks.{index}");
-                Self {
-                    input_norm: Norm::load(weights, &format!("{prefix}.norm_1"), config)?,
-                    mixer: Mixer::Mpt {
-                        wqkv: linear(
-                            weights,
-                            &format!("{prefix}.attn.Wqkv"),
-                            hidden,
-                            3 * inner,
-                            false,
-                        )?,
-                    },
-                    out_proj: linear(
-                        weights,
-                        &format!("{prefix}.attn.out_proj"),
-                        inner,
-                        hidden,
-                        false,
-                    )?,
-                    post_norm: Norm::load(weights, &format!("{prefix}.norm_2"), config)?,
-                    feed_forward: FeedForward::Plain {
-                        up: linear(
-                            weights,
-                            &format!("{prefix}.ffn.up_proj"),
-                            hidden,
-                            mlp,
-                            false,
-                        )?,
-                        down: linear(
-                            weights,
-                            &format!("{prefix}.ffn.down_proj"),
-                            mlp,
-                            hidden,
-                            false,
-                        )?,
-                    },
-                }
-            }
-            DecoderFamily::GptNeox => {
-                let prefix = format!("gpt_neox.layers.{index}");
-                let bias = config.attention_bias;
-                Self {
-                    input_norm: Norm::load(weights, &format!("{prefix}.input_layernorm"), config)?,
-                    mixer: Mixer::GptNeox {
-                        query_key_value: linear(
-                            weights,
-                            &format!("{prefix}.attention.query_key_value"),
-                            hidden,
-                            3 * inner,
-                            bias,
-                        )?,
-                    },
-                    out_proj: linear(
-                        weights,
-                        &format!("{prefix}.attention.dense"),
-                        inner,
-                        hidden,
-                        bias,
-                    )?,
-                    post_norm: Norm::load(
-                        weights,
-                        &format!("{prefix}.post_attention_layernorm"),
-                        config,
-                    )?,
-                    feed_forward: FeedForward::Plain {
-                        up: linear(
-                            weights,
-                            &format!("{prefix}.mlp.dense_h_to_4h"),
-                            hidden,
-                            mlp,
-                            config.mlp_bias,
-                        )?,
-                        down: linear(
-                            weights,
-                            &format!("{prefix}.mlp.dense_4h_to_h"),
-                            mlp,
-                            hidden,
-                            config.mlp_bias,
-                        )?,
-                    },
-                }
-            }
-            DecoderFamily::Llama => {
-                let prefix = format!("model.layers.{index}");
-                let bias = config.attention_bias;
-                Self {
-                    input_norm: Norm::load(weights, &format!("{prefix}.input_layernorm"), config)?,
-                    mixer: Mixer::Llama {
-                        q_proj: linear(
-                            weights,
-                            &format!("{prefix}.self_attn.q_proj"),
-                            hidden,
-                            inner,
-                            bias,
-                        )?,
-                        k_proj: linear(
-                            weights,
-                            &format!("{prefix}.self_attn.k_proj"),
-                            hidden,
-                            kv_inner,
-                            bias,
-                        )?,
-                        v_proj: linear(
-                            weights,
-                            &format!("{prefix}.self_attn.v_proj"),
-                            hidden,
-                            kv_inner,
-                            bias,
-                        )?,
-                    },
-                    out_proj: linear(
-                        weights,
-                        &format!("{prefix}.self_attn.o_proj"),
-                        inner,
-                        hidden,
-                        bias,
-                    )?,
-                    post_norm: Norm::load(
-                        weights,
-                        &format!("{prefix}.post_attention_layernorm"),
-                        config,
-                    )?,
-                    feed_forward: FeedForward::Gated {
-                        gate: linear(
-                            weights,
-                            &format!("{prefix}.mlp.gate_proj"),
-                            hidden,
-                            mlp,
-                            config.mlp_bias,
-                        )?,
-                        up: linear(
-                            weights,
-                            &format!("{prefix}.mlp.up_proj"),
-                            hidden,
-                            mlp,
-                            config.mlp_bias,
-                        )?,
-                        down: linear(
-                            weights,
-                            &format!("{prefix}.mlp.down_proj"),
-                            mlp,
-                            hidden,
-                            config.mlp_bias,
-                        )?,
-                    },
-                }
-            }
+        let (bias, mlp_bias) = (config.attention_bias, config.mlp_bias);
+        let mut at = Prefixed::new(weights, format!("model.layers.{index}"), config);
+        Ok(Self {
+            input_norm: at.norm("input_layernorm")?,
+            mixer: Mixer::Llama {
+                q_proj: at.linear("self_attn.q_proj", hidden, inner, bias)?,
+                k_proj: at.linear("self_attn.k_proj", hidden, kv_inner, bias)?,
+                v_proj: at.linear("self_attn.v_proj", hidden, kv_inner, bias)?,
+            },
+            out_proj: at.linear("self_attn.o_proj", inner, hidden, bias)?,
+            post_norm: at.norm("post_attention_layernorm")?,
+            feed_forward: FeedForward::Gated {
+                gate: at.linear("mlp.gate_proj", hidden, mlp, mlp_bias)?,
+                up: at.linear("mlp.up_proj", hidden, mlp, mlp_bias)?,
+                down: at.linear("mlp.down_proj", mlp, hidden, mlp_bias)?,
+            },
         })
     }
 

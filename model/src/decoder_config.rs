@@ -33,7 +33,9 @@ impl Activation {
             "gelu_new" | "gelu_fast" | "gelu_pytorch_tanh" => Ok(Self::GeluTanh),
             "relu" => Ok(Self::Relu),
             "silu" | "swish" => Ok(Self::Silu),
-            other => Err(ModelError::Unsupported(format!("hidden_act '{other}'"))),
+            other => Err(ModelError::Unsupported {
+                feature: format!("hidden_act '{other}'"),
+            }),
         }
     }
 
@@ -80,16 +82,23 @@ pub struct DecoderConfig {
     pub mosaic_gpt: bool,
 }
 
+fn config_error(field: &str, message: impl Into<String>) -> ModelError {
+    ModelError::DecoderConfig {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
 fn field<'a>(config: &'a Value, name: &str) -> Result<&'a Value> {
     config
         .get(name)
-        .ok_or_else(|| ModelError::Config(format!("config.json: missing field {name}")))
+        .ok_or_else(|| config_error(name, format!("missing field {name}")))
 }
 
 fn integer(config: &Value, name: &str) -> Result<i64> {
     field(config, name)?
         .as_i64()
-        .ok_or_else(|| ModelError::Config(format!("config.json: {name} must be an integer")))
+        .ok_or_else(|| config_error(name, format!("{name} must be an integer")))
 }
 
 /// An optional field: `default` when absent or null, else it must read as `T`.
@@ -102,8 +111,9 @@ fn optional<T>(
 ) -> Result<T> {
     match config.get(name) {
         None | Some(Value::Null) => Ok(default),
-        Some(value) => read(value)
-            .ok_or_else(|| ModelError::Config(format!("config.json: {name} must be {what}"))),
+        Some(value) => {
+            read(value).ok_or_else(|| config_error(name, format!("{name} must be {what}")))
+        }
     }
 }
 
@@ -138,7 +148,7 @@ impl DecoderConfig {
     /// Parses a Hugging Face `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self> {
         let config: Value = serde_json::from_str(text)
-            .map_err(|error| ModelError::Config(format!("config.json is not JSON: {error}")))?;
+            .map_err(|error| config_error("(file)", format!("not JSON: {error}")))?;
         let model_type = field(&config, "model_type")?
             .as_str()
             .unwrap_or_default()
@@ -148,9 +158,11 @@ impl DecoderConfig {
             "mosaic_gpt" => Self::mosaic_gpt(&config),
             "gpt_neox" => Self::gpt_neox(&config),
             "llama" => Self::llama(&config),
-            other => Err(ModelError::Unsupported(format!(
-                "model_type '{other}' (supported: mpt, mosaic_gpt, gpt_neox, llama)"
-            ))),
+            other => Err(ModelError::Unsupported {
+                feature: format!(
+                    "model_type '{other}' (supported: mpt, mosaic_gpt, gpt_neox, llama)"
+                ),
+            }),
         }
     }
 
@@ -160,15 +172,19 @@ impl DecoderConfig {
         let empty = Value::Object(Default::default());
         let attn = config.get("attn_config").unwrap_or(&empty);
         if bool_or(attn, "qk_ln", false)? {
-            return Err(ModelError::Unsupported("MPT attn_config.qk_ln".into()));
+            return Err(ModelError::Unsupported {
+                feature: "MPT attn_config.qk_ln".into(),
+            });
         }
         if !bool_or(attn, "alibi", true)? {
-            return Err(ModelError::Unsupported("MPT without ALiBi".into()));
+            return Err(ModelError::Unsupported {
+                feature: "MPT without ALiBi".into(),
+            });
         }
         if !bool_or(config, "no_bias", true)? {
-            return Err(ModelError::Unsupported(
-                "MPT with biases (no_bias = false)".into(),
-            ));
+            return Err(ModelError::Unsupported {
+                feature: "MPT with biases (no_bias = false)".into(),
+            });
         }
         let head_dim = hidden_size / heads;
         Self::alibi_mpt(
@@ -222,23 +238,29 @@ impl DecoderConfig {
         let hidden_size = integer(config, "d_model")?;
         let heads = integer(config, "n_heads")?;
         if bool_or(config, "attn_qk_ln", false)? {
-            return Err(ModelError::Unsupported("MosaicGPT attn_qk_ln".into()));
+            return Err(ModelError::Unsupported {
+                feature: "MosaicGPT attn_qk_ln".into(),
+            });
         }
         if !bool_or(config, "alibi", false)? {
-            return Err(ModelError::Unsupported(
-                "MosaicGPT without ALiBi (learned positions)".into(),
-            ));
+            return Err(ModelError::Unsupported {
+                feature: "MosaicGPT without ALiBi (learned positions)".into(),
+            });
         }
         if !bool_or(config, "no_bias", false)? {
-            return Err(ModelError::Unsupported(
-                "MosaicGPT with biases (no_bias = false)".into(),
-            ));
+            return Err(ModelError::Unsupported {
+                feature: "MosaicGPT with biases (no_bias = false)".into(),
+            });
         }
         if !matches!(config.get("logit_scale"), None | Some(Value::Null)) {
-            return Err(ModelError::Unsupported("MosaicGPT logit_scale".into()));
+            return Err(ModelError::Unsupported {
+                feature: "MosaicGPT logit_scale".into(),
+            });
         }
         if bool_or(config, "prefix_lm", false)? {
-            return Err(ModelError::Unsupported("MosaicGPT prefix_lm".into()));
+            return Err(ModelError::Unsupported {
+                feature: "MosaicGPT prefix_lm".into(),
+            });
         }
         let head_dim = hidden_size / heads;
         Self::alibi_mpt(
@@ -263,7 +285,9 @@ impl DecoderConfig {
             .get("rope_scaling")
             .is_some_and(|value| !value.is_null())
         {
-            return Err(ModelError::Unsupported("GPT-NeoX rope_scaling".into()));
+            return Err(ModelError::Unsupported {
+                feature: "GPT-NeoX rope_scaling".into(),
+            });
         }
         let rotary_pct = float_or(
             config,
@@ -316,7 +340,9 @@ impl DecoderConfig {
             .get("rope_scaling")
             .is_some_and(|value| !value.is_null())
         {
-            return Err(ModelError::Unsupported("LLaMA rope_scaling".into()));
+            return Err(ModelError::Unsupported {
+                feature: "LLaMA rope_scaling".into(),
+            });
         }
         let kv_heads = match config.get("num_key_value_heads") {
             Some(Value::Number(number)) => number.as_i64().unwrap_or(heads),

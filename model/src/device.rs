@@ -7,7 +7,7 @@
 use crate::{ModelError, Result};
 
 /// `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
-pub fn parse_device(text: &str) -> std::result::Result<tch::Device, String> {
+pub fn parse_device(text: &str) -> Result<tch::Device> {
     match text {
         "cpu" => Ok(tch::Device::Cpu),
         "cuda" => Ok(tch::Device::Cuda(0)),
@@ -15,7 +15,10 @@ pub fn parse_device(text: &str) -> std::result::Result<tch::Device, String> {
             .strip_prefix("cuda:")
             .and_then(|index| index.parse().ok())
             .map(tch::Device::Cuda)
-            .ok_or_else(|| format!("'{other}' is not a device (cpu, cuda or cuda:N)")),
+            .ok_or_else(|| ModelError::Device {
+                device: other.to_string(),
+                message: "not a device (cpu, cuda or cuda:N)".into(),
+            }),
     }
 }
 
@@ -43,9 +46,12 @@ pub fn prepare(device: tch::Device) -> Result<()> {
                     .into_owned()
             }
         };
-        return Err(ModelError::Config(format!(
-            "device {device:?}: cannot load libtorch_cuda.so ({reason}); this needs the CUDA build of torch 2.11.0 (its lib/ on the binary's rpath or LD_LIBRARY_PATH)"
-        )));
+        return Err(ModelError::Device {
+            device: format!("{device:?}"),
+            message: format!(
+                "cannot load libtorch_cuda.so ({reason}); this needs the CUDA build of torch 2.11.0 (its lib/ on the binary's rpath or LD_LIBRARY_PATH)"
+            ),
+        });
     }
     Ok(())
 }

@@ -99,9 +99,10 @@ impl Flamingo {
         media_token_id: i64,
     ) -> Result<Self> {
         if cross_attn_every_n_layers < 1 {
-            return Err(ModelError::Config(
-                "cross_attn_every_n_layers must be at least 1".to_string(),
-            ));
+            return Err(ModelError::Setting {
+                field: "cross_attn_every_n_layers",
+                message: "must be at least 1".to_string(),
+            });
         }
         let vis_dim = vision.config().width;
         let perceiver = PerceiverResampler::load(
@@ -180,14 +181,20 @@ impl Flamingo {
     pub fn vision_features(&self, vision_x: &Tensor) -> Result<Tensor> {
         let size = vision_x.size();
         let [batch, media, frames, channels, height, width] = size[..] else {
-            return Err(ModelError::Input(format!(
-                "vision_x must be [batch, images, frames, 3, height, width], got {size:?}"
-            )));
+            return Err(ModelError::Input {
+                input: "vision_x",
+                message: format!(
+                    "vision_x must be [batch, images, frames, 3, height, width], got {size:?}"
+                ),
+            });
         };
         if frames != 1 {
-            return Err(ModelError::Input(format!(
-                "only single-frame media are supported (frames = 1), got {frames}"
-            )));
+            return Err(ModelError::Input {
+                input: "vision_x",
+                message: format!(
+                    "only single-frame media are supported (frames = 1), got {frames}"
+                ),
+            });
         }
         let images = vision_x.reshape([batch * media * frames, channels, height, width]);
         let tokens = tch::no_grad(|| self.vision.forward(&images))?.patch_tokens;
@@ -209,9 +216,9 @@ impl Flamingo {
             .int64_value(&[]);
         let images_given = media.size()[1];
         if images_in_text > images_given {
-            return Err(ModelError::Input(format!(
+            return Err(ModelError::Input { input: "lang_x", message: format!(
                 "the text has {images_in_text} <image> tokens but only {images_given} images were given"
-            )));
+            ) });
         }
         Ok(())
     }
@@ -512,10 +519,13 @@ impl Flamingo {
             self.decoder.layers().get(index),
             self.cross_attention.get(index),
         ) else {
-            return Err(ModelError::Input(format!(
-                "layer {index} does not exist (the LM has {})",
-                self.layer_count()
-            )));
+            return Err(ModelError::Input {
+                input: "layer",
+                message: format!(
+                    "layer {index} does not exist (the LM has {})",
+                    self.layer_count()
+                ),
+            });
         };
         let hidden = match block {
             Some(block) => {

@@ -59,12 +59,36 @@ pub enum ModelError {
     UnexpectedKeys { keys: Vec<String> },
     #[error("{path}: {message}")]
     Io { path: String, message: String },
-    #[error("invalid input: {0}")]
-    Input(String),
-    #[error("model config: {0}")]
-    Config(String),
-    #[error("unsupported: {0}")]
-    Unsupported(String),
+    /// An input that does not fit the model; `input` names the argument.
+    #[error("invalid input: {message}")]
+    Input {
+        input: &'static str,
+        message: String,
+    },
+    /// A model spec file that cannot be used.
+    #[error("model spec {}: {message}", path.display())]
+    Spec {
+        path: std::path::PathBuf,
+        message: String,
+    },
+    /// A field of a language model's `config.json` (`message` names it).
+    #[error("model config: config.json: {message}")]
+    DecoderConfig { field: String, message: String },
+    /// A setting of the model itself (not of an input).
+    #[error("{field}: {message}")]
+    Setting {
+        field: &'static str,
+        message: String,
+    },
+    /// A device that cannot run the model.
+    #[error("device {device}: {message}")]
+    Device { device: String, message: String },
+    /// A torch pickle that cannot be read.
+    #[error("pickle: {message}")]
+    Pickle { message: String },
+    /// Something a released model could need that is not implemented here.
+    #[error("unsupported: {feature}")]
+    Unsupported { feature: String },
     #[error(transparent)]
     Preprocess(#[from] flamingo_preprocess::PreprocessError),
 }

@@ -230,10 +230,12 @@ pub fn load_flamingo_with(
     options: LoadOptions,
 ) -> Result<(Flamingo, FlamingoTokenizer)> {
     if !matches!(options.kind, Kind::Float | Kind::BFloat16 | Kind::Half) {
-        return Err(ModelError::Unsupported(format!(
-            "weight kind {:?} (use float32, bfloat16 or float16)",
-            options.kind
-        )));
+        return Err(ModelError::Unsupported {
+            feature: format!(
+                "weight kind {:?} (use float32, bfloat16 or float16)",
+                options.kind
+            ),
+        });
     }
     // Vision: a full open_clip CLIP state dict (visual.*), an OpenFlamingo
     // one (vision_encoder.*), or the bare tower.

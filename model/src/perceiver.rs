@@ -171,24 +171,33 @@ impl PerceiverResampler {
     pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
         let size = features.size();
         let [batch, media, frames, tokens, dim] = size[..] else {
-            return Err(ModelError::Input(format!(
-                "perceiver input must be [batch, media, frames, tokens, dim], got {size:?}"
-            )));
+            return Err(ModelError::Input {
+                input: "features",
+                message: format!(
+                    "perceiver input must be [batch, media, frames, tokens, dim], got {size:?}"
+                ),
+            });
         };
         if dim != self.config.dim {
-            return Err(ModelError::Input(format!(
-                "perceiver expects feature width {}, got {dim}",
-                self.config.dim
-            )));
+            return Err(ModelError::Input {
+                input: "features",
+                message: format!(
+                    "perceiver expects feature width {}, got {dim}",
+                    self.config.dim
+                ),
+            });
         }
         // Out-of-place adds throughout: the input must not be modified.
         let with_frames = match &self.frame_embs {
             Some(frame_embs) => {
                 let limit = frame_embs.size()[0];
                 if frames > limit {
-                    return Err(ModelError::Input(format!(
-                        "{frames} frames per media exceed max_num_frames = {limit}"
-                    )));
+                    return Err(ModelError::Input {
+                        input: "features",
+                        message: format!(
+                            "{frames} frames per media exceed max_num_frames = {limit}"
+                        ),
+                    });
                 }
                 features + frame_embs.narrow(0, 0, frames).view([1, 1, frames, 1, dim])
             }
@@ -199,9 +208,10 @@ impl PerceiverResampler {
             Some(time_embs) => {
                 let limit = time_embs.size()[0];
                 if media > limit {
-                    return Err(ModelError::Input(format!(
-                        "{media} media exceed max_num_media = {limit}"
-                    )));
+                    return Err(ModelError::Input {
+                        input: "features",
+                        message: format!("{media} media exceed max_num_media = {limit}"),
+                    });
                 }
                 flat + time_embs.narrow(0, 0, media).unsqueeze(0)
             }

@@ -37,9 +37,12 @@ impl Flamingo {
         normalize_length: bool,
     ) -> Result<Tensor> {
         if let Some(empty) = classes.iter().position(|tokens| tokens.is_empty()) {
-            return Err(ModelError::Input(format!(
+            return Err(ModelError::Input {
+                input: "class_names",
+                message: format!(
                 "class {empty} has no tokens; every class name must tokenize to at least one token"
-            )));
+            ),
+            });
         }
         let device = lang_x.device();
         let batch = lang_x.size()[0];

@@ -107,7 +107,10 @@ pub struct ModelSpec {
 }
 
 fn spec_error(path: &Path, message: impl Into<String>) -> ModelError {
-    ModelError::Config(format!("model spec {}: {}", path.display(), message.into()))
+    ModelError::Spec {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
 }
 
 /// An open_clip model-config JSON (`embed_dim`, `quick_gelu`, `vision_cfg`).
@@ -132,9 +135,9 @@ pub fn vision_config_from_open_clip_json(path: &Path) -> Result<VisionConfig> {
             .get(unsupported)
             .is_some_and(|value| !value.is_null() && value != false)
         {
-            return Err(ModelError::Unsupported(format!(
-                "open_clip vision_cfg.{unsupported}"
-            )));
+            return Err(ModelError::Unsupported {
+                feature: format!("open_clip vision_cfg.{unsupported}"),
+            });
         }
     }
     let width = integer("width")?;

@@ -67,7 +67,9 @@ fn storage_kind(name: &str) -> Option<Kind> {
 }
 
 fn corrupt(message: impl Into<String>) -> ModelError {
-    ModelError::Input(format!("pickle: {}", message.into()))
+    ModelError::Pickle {
+        message: message.into(),
+    }
 }
 
 fn int_of(value: &Value) -> Result<i64> {
@@ -143,8 +145,9 @@ fn persistent(pid: Value) -> Result<Value> {
         [Value::String(tag), Value::Global(type_name), Value::String(key), _location, Value::Int(numel), ..]
             if tag == "storage" =>
         {
-            let kind = storage_kind(type_name)
-                .ok_or_else(|| ModelError::Unsupported(format!("storage type {type_name}")))?;
+            let kind = storage_kind(type_name).ok_or_else(|| ModelError::Unsupported {
+                feature: format!("storage type {type_name}"),
+            })?;
             Ok(Value::Storage(StorageRef {
                 key: key.clone(),
                 kind,
@@ -157,193 +160,211 @@ fn persistent(pid: Value) -> Result<Value> {
 
 /// Runs the pickle program in `bytes` and returns its result.
 pub fn unpickle(bytes: &[u8]) -> Result<Value> {
-    let mut reader = Reader { bytes, position: 0 };
-    let mut stack: Vec<Value> = Vec::new();
-    let mut marks: Vec<usize> = Vec::new();
-    let mut memo: BTreeMap<u32, usize> = BTreeMap::new();
-    // Memoised values are shared in pickles; they are re-created on each get
-    // from their recorded position in `shared`, since our values are owned.
-    let mut shared: Vec<Value> = Vec::new();
+    let mut machine = Machine {
+        reader: Reader { bytes, position: 0 },
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: BTreeMap::new(),
+        shared: Vec::new(),
+    };
     loop {
-        let opcode = reader.byte()?;
+        let opcode = machine.reader.byte()?;
+        if opcode == b'.' {
+            return machine
+                .stack
+                .pop()
+                .ok_or_else(|| corrupt("empty stack at STOP"));
+        }
+        machine.step(opcode)?;
+    }
+}
+
+/// The pickle machine's state.
+struct Machine<'a> {
+    reader: Reader<'a>,
+    stack: Vec<Value>,
+    marks: Vec<usize>,
+    memo: BTreeMap<u32, usize>,
+    /// Memoised values are shared in pickles; they are re-created on each
+    /// get from their recorded position here, since our values are owned.
+    shared: Vec<Value>,
+}
+
+impl Machine<'_> {
+    fn step(&mut self, opcode: u8) -> Result<()> {
+        if let Some(value) = self.literal(opcode)? {
+            self.stack.push(value);
+            return Ok(());
+        }
         match opcode {
             0x80 => {
-                reader.byte()?; // PROTO n
+                self.reader.byte()?; // PROTO n
             }
             0x95 => {
-                reader.take(8)?; // FRAME
+                self.reader.take(8)?; // FRAME
             }
-            b'.' => return stack.pop().ok_or_else(|| corrupt("empty stack at STOP")),
-            b'(' => marks.push(stack.len()),
-            b'}' => stack.push(Value::Dict(Vec::new())),
-            b']' => stack.push(Value::List(Vec::new())),
-            b')' => stack.push(Value::Tuple(Vec::new())),
-            b'N' => stack.push(Value::None),
-            0x88 => stack.push(Value::Bool(true)),
-            0x89 => stack.push(Value::Bool(false)),
-            b'J' => stack.push(Value::Int(i64::from(i32::from_le_bytes(reader.array()?)))),
-            b'K' => stack.push(Value::Int(i64::from(reader.byte()?))),
-            b'M' => stack.push(Value::Int(i64::from(u16::from_le_bytes(reader.array()?)))),
-            0x8a => {
-                let length = usize::from(reader.byte()?);
-                let raw = reader.take(length)?;
-                if length > 8 {
-                    return Err(ModelError::Unsupported(
-                        "integers wider than 64 bits".into(),
-                    ));
-                }
-                let mut buffer = if raw.last().is_some_and(|byte| byte & 0x80 != 0) {
-                    [0xff; 8]
-                } else {
-                    [0; 8]
-                };
-                buffer[..length].copy_from_slice(raw);
-                stack.push(Value::Int(i64::from_le_bytes(buffer)));
+            b'(' => self.marks.push(self.stack.len()),
+            b'q' | b'r' | 0x94 | b'h' | b'j' => self.memo(opcode)?,
+            b't' | 0x85..=0x87 | b'l' | b'd' => self.collect(opcode)?,
+            b's' | b'u' | b'a' | b'e' => self.extend(opcode)?,
+            b'R' | 0x81 => {
+                let arguments = self.pop("REDUCE without arguments")?;
+                let function = self.pop("REDUCE without a callable")?;
+                self.stack.push(call(function, arguments)?);
             }
-            b'G' => stack.push(Value::Float(f64::from_be_bytes(reader.array()?))),
-            b'X' => {
+            b'Q' => {
+                let pid = self.pop("BINPERSID on an empty stack")?;
+                self.stack.push(persistent(pid)?);
+            }
+            b'b' => {
+                // BUILD: object state; torch tensors and dicts need none here.
+                self.pop("BUILD on an empty stack")?;
+            }
+            other => {
+                return Err(ModelError::Unsupported {
+                    feature: format!(
+                        "pickle opcode 0x{other:02x} at byte {}",
+                        self.reader.position - 1
+                    ),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    fn pop(&mut self, what: &str) -> Result<Value> {
+        self.stack.pop().ok_or_else(|| corrupt(what))
+    }
+
+    /// The items since the last MARK.
+    fn since_mark(&mut self, what: &str) -> Result<Vec<Value>> {
+        let start = self.marks.pop().ok_or_else(|| corrupt(what))?;
+        Ok(self.stack.split_off(start))
+    }
+
+    /// A value an opcode pushes by itself (constants, numbers, strings,
+    /// bytes, globals); `None` for the other opcodes.
+    fn literal(&mut self, opcode: u8) -> Result<Option<Value>> {
+        let reader = &mut self.reader;
+        Ok(Some(match opcode {
+            b'}' => Value::Dict(Vec::new()),
+            b']' => Value::List(Vec::new()),
+            b')' => Value::Tuple(Vec::new()),
+            b'N' => Value::None,
+            0x88 => Value::Bool(true),
+            0x89 => Value::Bool(false),
+            b'J' => Value::Int(i64::from(i32::from_le_bytes(reader.array()?))),
+            b'K' => Value::Int(i64::from(reader.byte()?)),
+            b'M' => Value::Int(i64::from(u16::from_le_bytes(reader.array()?))),
+            0x8a => Value::Int(reader.long()?),
+            b'G' => Value::Float(f64::from_be_bytes(reader.array()?)),
+            b'X' | b'T' => {
                 let length = u32::from_le_bytes(reader.array()?) as usize;
-                stack.push(Value::String(reader.string(length)?));
+                Value::String(reader.string(length)?)
             }
-            0x8c => {
+            0x8c | b'U' => {
                 let length = usize::from(reader.byte()?);
-                stack.push(Value::String(reader.string(length)?));
-            }
-            b'U' => {
-                let length = usize::from(reader.byte()?);
-                stack.push(Value::String(reader.string(length)?));
-            }
-            b'T' => {
-                let length = u32::from_le_bytes(reader.array()?) as usize;
-                stack.push(Value::String(reader.string(length)?));
+                Value::String(reader.string(length)?)
             }
             b'B' => {
                 let length = u32::from_le_bytes(reader.array()?) as usize;
-                stack.push(Value::Bytes(reader.take(length)?.to_vec()));
+                Value::Bytes(reader.take(length)?.to_vec())
             }
             b'C' => {
                 let length = usize::from(reader.byte()?);
-                stack.push(Value::Bytes(reader.take(length)?.to_vec()));
+                Value::Bytes(reader.take(length)?.to_vec())
             }
             b'c' => {
                 let module = reader.line()?;
                 let name = reader.line()?;
-                stack.push(Value::Global(format!("{module}.{name}")));
+                Value::Global(format!("{module}.{name}"))
             }
             0x93 => {
-                let name = pop_string(&mut stack)?;
-                let module = pop_string(&mut stack)?;
-                stack.push(Value::Global(format!("{module}.{name}")));
+                let name = pop_string(&mut self.stack)?;
+                let module = pop_string(&mut self.stack)?;
+                Value::Global(format!("{module}.{name}"))
             }
-            b'q' | b'r' | 0x94 => {
-                let index = match opcode {
-                    b'q' => u32::from(reader.byte()?),
-                    b'r' => u32::from_le_bytes(reader.array()?),
-                    _ => memo.len() as u32,
-                };
-                let top = stack
-                    .last()
-                    .ok_or_else(|| corrupt("memoising an empty stack"))?;
-                memo.insert(index, shared.len());
-                shared.push(clone_value(top));
-            }
-            b'h' | b'j' => {
-                let index = if opcode == b'h' {
-                    u32::from(reader.byte()?)
-                } else {
-                    u32::from_le_bytes(reader.array()?)
-                };
-                let slot = memo
-                    .get(&index)
-                    .ok_or_else(|| corrupt(format!("memo {index} unset")))?;
-                stack.push(clone_value(&shared[*slot]));
-            }
-            b't' => {
-                let start = marks.pop().ok_or_else(|| corrupt("TUPLE without MARK"))?;
-                let items = stack.split_off(start);
-                stack.push(Value::Tuple(items));
-            }
-            0x85..=0x87 => {
+            _ => return Ok(None),
+        }))
+    }
+
+    /// PUT, BINPUT, MEMOIZE and GET, BINGET.
+    fn memo(&mut self, opcode: u8) -> Result<()> {
+        let index = match opcode {
+            b'q' | b'h' => u32::from(self.reader.byte()?),
+            b'r' | b'j' => u32::from_le_bytes(self.reader.array()?),
+            _ => self.memo.len() as u32,
+        };
+        if matches!(opcode, b'h' | b'j') {
+            let slot = self
+                .memo
+                .get(&index)
+                .ok_or_else(|| corrupt(format!("memo {index} unset")))?;
+            self.stack.push(clone_value(&self.shared[*slot]));
+            return Ok(());
+        }
+        let top = self
+            .stack
+            .last()
+            .ok_or_else(|| corrupt("memoising an empty stack"))?;
+        self.memo.insert(index, self.shared.len());
+        self.shared.push(clone_value(top));
+        Ok(())
+    }
+
+    /// TUPLE, TUPLE1-3, LIST and DICT: a new container of stack items.
+    fn collect(&mut self, opcode: u8) -> Result<()> {
+        let value = match opcode {
+            b't' => Value::Tuple(self.since_mark("TUPLE without MARK")?),
+            b'l' => Value::List(self.since_mark("LIST without MARK")?),
+            b'd' => Value::Dict(pairs(self.since_mark("DICT without MARK")?)?),
+            _ => {
                 let count = usize::from(opcode - 0x84);
-                if stack.len() < count {
+                if self.stack.len() < count {
                     return Err(corrupt("TUPLEn past the stack"));
                 }
-                let items = stack.split_off(stack.len() - count);
-                stack.push(Value::Tuple(items));
+                Value::Tuple(self.stack.split_off(self.stack.len() - count))
             }
-            b'l' => {
-                let start = marks.pop().ok_or_else(|| corrupt("LIST without MARK"))?;
-                let items = stack.split_off(start);
-                stack.push(Value::List(items));
-            }
-            b'd' => {
-                let start = marks.pop().ok_or_else(|| corrupt("DICT without MARK"))?;
-                let items = stack.split_off(start);
-                stack.push(Value::Dict(pairs(items)?));
-            }
-            b'R' | 0x81 => {
-                let arguments = stack
-                    .pop()
-                    .ok_or_else(|| corrupt("REDUCE without arguments"))?;
-                let function = stack
-                    .pop()
-                    .ok_or_else(|| corrupt("REDUCE without a callable"))?;
-                stack.push(call(function, arguments)?);
-            }
-            b'Q' => {
-                let pid = stack
-                    .pop()
-                    .ok_or_else(|| corrupt("BINPERSID on an empty stack"))?;
-                stack.push(persistent(pid)?);
-            }
-            b'b' => {
-                // BUILD: object state; torch tensors and dicts need none here.
-                stack
-                    .pop()
-                    .ok_or_else(|| corrupt("BUILD on an empty stack"))?;
-            }
+        };
+        self.stack.push(value);
+        Ok(())
+    }
+
+    /// SETITEM, SETITEMS, APPEND and APPENDS: items added to the container
+    /// below them.
+    fn extend(&mut self, opcode: u8) -> Result<()> {
+        match opcode {
             b's' => {
-                let value = stack
-                    .pop()
-                    .ok_or_else(|| corrupt("SETITEM without value"))?;
-                let key = stack.pop().ok_or_else(|| corrupt("SETITEM without key"))?;
-                match stack.last_mut() {
+                let value = self.pop("SETITEM without value")?;
+                let key = self.pop("SETITEM without key")?;
+                match self.stack.last_mut() {
                     Some(Value::Dict(entries)) => entries.push((key, value)),
                     _ => return Err(corrupt("SETITEM on a non-dict")),
                 }
             }
             b'u' => {
-                let start = marks
-                    .pop()
-                    .ok_or_else(|| corrupt("SETITEMS without MARK"))?;
-                let items = stack.split_off(start);
-                match stack.last_mut() {
-                    Some(Value::Dict(entries)) => entries.extend(pairs(items)?),
+                let items = pairs(self.since_mark("SETITEMS without MARK")?)?;
+                match self.stack.last_mut() {
+                    Some(Value::Dict(entries)) => entries.extend(items),
                     _ => return Err(corrupt("SETITEMS on a non-dict")),
                 }
             }
             b'a' => {
-                let value = stack.pop().ok_or_else(|| corrupt("APPEND without value"))?;
-                match stack.last_mut() {
+                let value = self.pop("APPEND without value")?;
+                match self.stack.last_mut() {
                     Some(Value::List(items)) => items.push(value),
                     _ => return Err(corrupt("APPEND on a non-list")),
                 }
             }
-            b'e' => {
-                let start = marks.pop().ok_or_else(|| corrupt("APPENDS without MARK"))?;
-                let values = stack.split_off(start);
-                match stack.last_mut() {
+            _ => {
+                let values = self.since_mark("APPENDS without MARK")?;
+                match self.stack.last_mut() {
                     Some(Value::List(items)) => items.extend(values),
                     _ => return Err(corrupt("APPENDS on a non-list")),
                 }
             }
-            other => {
-                return Err(ModelError::Unsupported(format!(
-                    "pickle opcode 0x{other:02x} at byte {}",
-                    reader.position - 1
-                )))
-            }
         }
+        Ok(())
     }
 }
 
@@ -419,6 +440,24 @@ impl<'a> Reader<'a> {
         let mut out = [0u8; N];
         out.copy_from_slice(self.take(N)?);
         Ok(out)
+    }
+
+    /// LONG1: a little-endian two's-complement integer of up to 8 bytes.
+    fn long(&mut self) -> Result<i64> {
+        let length = usize::from(self.byte()?);
+        let raw = self.take(length)?;
+        if length > 8 {
+            return Err(ModelError::Unsupported {
+                feature: "integers wider than 64 bits".into(),
+            });
+        }
+        let mut buffer = if raw.last().is_some_and(|byte| byte & 0x80 != 0) {
+            [0xff; 8]
+        } else {
+            [0; 8]
+        };
+        buffer[..length].copy_from_slice(raw);
+        Ok(i64::from_le_bytes(buffer))
     }
 
     fn string(&mut self, length: usize) -> Result<String> {

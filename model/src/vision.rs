@@ -191,10 +191,13 @@ impl VisionTransformer {
         let size = images.size();
         let expected = [3, self.config.image_size, self.config.image_size];
         if size.len() != 4 || size[1..] != expected {
-            return Err(ModelError::Input(format!(
-                "images must be [n, 3, {0}, {0}], got {size:?}",
-                self.config.image_size
-            )));
+            return Err(ModelError::Input {
+                input: "images",
+                message: format!(
+                    "images must be [n, 3, {0}, {0}], got {size:?}",
+                    self.config.image_size
+                ),
+            });
         }
         let batch = size[0];
         let width = self.config.width;

@@ -12,9 +12,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use flamingo_client::Session;
 use flamingo_common::{JobRecord, JobState};
-use flamingoctl::commands::Session;
-use flamingoctl::local::{self, AgentSpec, CoordinatorSpec, EtcdSpec};
+use flamingo_launch::local::{self, AgentSpec, CoordinatorSpec, EtcdSpec};
 
 /// Cluster tests run one at a time: they time lease expiry and share two
 /// cores, so running several clusters at once would only make them flaky.
@@ -139,7 +139,8 @@ impl ClusterSandbox {
             false,
         )?;
         self.coordinator = Some(child);
-        local::wait_for_port(&self.coordinator_endpoint(), Duration::from_secs(20))
+        local::wait_for_port(&self.coordinator_endpoint(), Duration::from_secs(20))?;
+        Ok(())
     }
 
     /// SIGKILLs the coordinator and reaps it.
@@ -236,7 +237,8 @@ impl ClusterSandbox {
     pub fn start_etcd(&mut self) -> anyhow::Result<()> {
         let child = local::spawn_etcd(&self.etcd_spec, &self.path().join("etcd.log"), false)?;
         self.etcd = Some(child);
-        local::wait_for_port(&self.etcd_spec.endpoint(), Duration::from_secs(20))
+        local::wait_for_port(&self.etcd_spec.endpoint(), Duration::from_secs(20))?;
+        Ok(())
     }
 
     /// Starts (or restarts, on the same port) the sandbox's data service;
@@ -263,7 +265,7 @@ impl ClusterSandbox {
     }
 
     pub async fn session(&self) -> anyhow::Result<Session> {
-        Session::open(&self.coordinator_endpoint()).await
+        Ok(Session::open(&self.coordinator_endpoint()).await?)
     }
 
     pub async fn wait_for_nodes(&self, count: usize) -> anyhow::Result<()> {

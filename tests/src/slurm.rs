@@ -31,61 +31,52 @@ fn daemon(command: &mut Command, name: &str, log: &Path) -> anyhow::Result<Child
         .with_context(|| format!("starting {name} (Debian: slurm-wlm, munge)"))
 }
 
-impl SlurmCluster {
-    /// Starts munged, slurmctld and `nodes` slurmd (each with `cpus`
-    /// CPUs) with their state under `dir`; returns once every node is idle.
-    pub fn start(dir: &Path, nodes: u32, cpus: u32) -> anyhow::Result<Self> {
-        // SAFETY: plain getter.
-        if unsafe { libc::geteuid() } != 0 {
-            bail!("the Slurm tests run slurmd, which needs root (CI runs as root)");
-        }
-        let dir = dir.join("slurm-cluster");
-        for sub in ["munge", "state", "spool", "log"] {
-            std::fs::create_dir_all(dir.join(sub))?;
-        }
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.join("munge"), std::fs::Permissions::from_mode(0o700))?;
-        let key = dir.join("munge/munge.key");
-        let mut bytes = vec![0u8; 1024];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut random| std::io::Read::read_exact(&mut random, &mut bytes))?;
-        std::fs::write(&key, bytes)?;
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
-        let socket = dir.join("munge/munge.socket");
-        let mut cluster = Self {
-            conf: dir.join("slurm.conf"),
-            dir: dir.clone(),
-            nodes,
-            daemons: Vec::new(),
-        };
-        let munged = daemon(
-            Command::new("munged")
-                .arg("--foreground")
-                .arg("--force")
-                .arg(format!("--socket={}", socket.display()))
-                .arg(format!("--key-file={}", key.display()))
-                .arg(format!(
-                    "--pid-file={}",
-                    dir.join("munge/munged.pid").display()
-                ))
-                .arg(format!(
-                    "--seed-file={}",
-                    dir.join("munge/munged.seed").display()
-                ))
-                .arg(format!(
-                    "--log-file={}",
-                    dir.join("log/munged.log").display()
-                )),
-            "munged",
-            &dir.join("log/munged.out"),
-        )?;
-        cluster.daemons.push(("munged".into(), munged));
-        wait(Duration::from_secs(10), || socket.exists())
-            .context("munged did not create its socket")?;
+/// Starts munged with a fresh key under `dir/munge`; returns it and its socket.
+fn start_munge(dir: &Path) -> anyhow::Result<(Child, PathBuf)> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join("munge"), std::fs::Permissions::from_mode(0o700))?;
+    let key = dir.join("munge/munge.key");
+    let mut bytes = vec![0u8; 1024];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| std::io::Read::read_exact(&mut random, &mut bytes))?;
+    std::fs::write(&key, bytes)?;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    let socket = dir.join("munge/munge.socket");
+    let mut munged = daemon(
+        Command::new("munged")
+            .arg("--foreground")
+            .arg("--force")
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--key-file={}", key.display()))
+            .arg(format!(
+                "--pid-file={}",
+                dir.join("munge/munged.pid").display()
+            ))
+            .arg(format!(
+                "--seed-file={}",
+                dir.join("munge/munged.seed").display()
+            ))
+            .arg(format!(
+                "--log-file={}",
+                dir.join("log/munged.log").display()
+            )),
+        "munged",
+        &dir.join("log/munged.out"),
+    )?;
+    if let Err(error) = wait(Duration::from_secs(10), || socket.exists()) {
+        let _ = munged.kill();
+        let _ = munged.wait();
+        return Err(error.context("munged did not create its socket"));
+    }
+    Ok((munged, socket))
+}
 
-        let controller_port = free_port()?;
-        let mut conf = format!(
-            "ClusterName=flamingotest
+/// slurm.conf for one controller and `names` nodes of `cpus` CPUs, all on
+/// this machine, on free ports.
+fn slurm_conf(dir: &Path, socket: &Path, names: &[String], cpus: u32) -> anyhow::Result<String> {
+    let controller_port = free_port()?;
+    let mut conf = format!(
+        "ClusterName=flamingotest
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={controller_port}
 SlurmUser=root
@@ -116,21 +107,43 @@ InactiveLimit=0
 KillWait=30
 MinJobAge=600
 ",
-            socket = socket.display(),
-            dir = dir.display()
-        );
-        let names: Vec<String> = (1..=nodes).map(|i| format!("node{i}")).collect();
-        for name in &names {
-            conf.push_str(&format!(
-                "NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={} CPUs={cpus} RealMemory=1000 State=UNKNOWN\n",
-                free_port()?
-            ));
-        }
+        socket = socket.display(),
+        dir = dir.display()
+    );
+    for name in names {
         conf.push_str(&format!(
-            "PartitionName=debug Nodes={} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES\n",
-            names.join(",")
+            "NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={} CPUs={cpus} RealMemory=1000 State=UNKNOWN\n",
+            free_port()?
         ));
-        std::fs::write(&cluster.conf, conf)?;
+    }
+    conf.push_str(&format!(
+        "PartitionName=debug Nodes={} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES\n",
+        names.join(",")
+    ));
+    Ok(conf)
+}
+
+impl SlurmCluster {
+    /// Starts munged, slurmctld and `nodes` slurmd (each with `cpus`
+    /// CPUs) with their state under `dir`; returns once every node is idle.
+    pub fn start(dir: &Path, nodes: u32, cpus: u32) -> anyhow::Result<Self> {
+        // SAFETY: plain getter.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("the Slurm tests run slurmd, which needs root (CI runs as root)");
+        }
+        let dir = dir.join("slurm-cluster");
+        for sub in ["munge", "state", "spool", "log"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        let (munged, socket) = start_munge(&dir)?;
+        let mut cluster = Self {
+            conf: dir.join("slurm.conf"),
+            dir: dir.clone(),
+            nodes,
+            daemons: vec![("munged".into(), munged)],
+        };
+        let names: Vec<String> = (1..=nodes).map(|i| format!("node{i}")).collect();
+        std::fs::write(&cluster.conf, slurm_conf(&dir, &socket, &names, cpus)?)?;
 
         let controller = daemon(
             Command::new("slurmctld")
@@ -161,7 +174,7 @@ MinJobAge=600
             bail!(
                 "the Slurm nodes did not become idle; sinfo: {:?}; slurmctld log ends:\n{}",
                 cluster.output("sinfo", &["-N"]),
-                flamingoctl::local::tail(&dir.join("log/slurmctld.log"), 20)
+                flamingo_launch::local::tail(&dir.join("log/slurmctld.log"), 20)
             );
         }
         Ok(cluster)
@@ -248,7 +261,7 @@ pub fn leftovers(dir: &Path) -> Vec<u32> {
     entries
         .filter_map(Result::ok)
         .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != own && flamingoctl::local::process_alive(pid))
+        .filter(|&pid| pid != own && flamingo_launch::local::process_alive(pid))
         .filter(|pid| {
             let read =
                 |what: &str| std::fs::read(format!("/proc/{pid}/{what}")).unwrap_or_default();

@@ -160,7 +160,7 @@ impl Driver {
             .spawn()
             .expect("WebDriver or HTTP call");
         let url = format!("http://127.0.0.1:{port}");
-        flamingoctl::local::wait_for_port(&url, Duration::from_secs(20))
+        flamingo_launch::local::wait_for_port(&url, Duration::from_secs(20))
             .expect("chromedriver listens");
         let mut driver = Self {
             child,

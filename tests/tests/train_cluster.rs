@@ -73,7 +73,7 @@ fn launch(dir: &Path, coordinator: &str, nodes: &str, run: &str, extra: &[&str])
 }
 
 async fn job(sandbox: &ClusterSandbox, id: &str) -> anyhow::Result<JobRecord> {
-    sandbox.session().await?.job(id).await
+    Ok(sandbox.session().await?.job(id).await?)
 }
 
 /// Waits (through coordinator outages) until `done` holds; fails on a

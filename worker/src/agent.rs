@@ -150,7 +150,6 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     });
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating the agent state dir {}", state_dir.display()))?;
-
     let channel: Channel = Endpoint::from_shared(config.coordinator.clone())
         .with_context(|| format!("--coordinator '{}' is not a URL", config.coordinator))?
         .connect_timeout(Duration::from_secs(2))
@@ -165,148 +164,208 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         Duration::from_secs(config.kill_grace_seconds),
         reports_tx,
     )?;
+    let servers = CancellationToken::new();
+    let (agent_endpoint, log_server) = serve_logs(&config, &state_dir, &ranks, &servers).await?;
+    let draining = CancellationToken::new();
+    if let Some(address) = config.metrics_listen {
+        let node = (node_id.clone(), slots);
+        serve_metrics(address, &ranks, node, &draining, &servers).await?;
+    }
+    let drain_watch = {
+        let (draining, shutdown) = (draining.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            draining.cancel();
+        })
+    };
+    let mut agent = Agent {
+        registration: pb::RegisterRequest {
+            protocol_version: config.protocol_version,
+            node_id: node_id.clone(),
+            address: config.address.clone(),
+            slots,
+            gpu: gpus > 0,
+            rendezvous_port_first: u32::from(port_first),
+            rendezvous_port_count: u32::from(port_count),
+            agent_endpoint,
+        },
+        config: &config,
+        client,
+        ranks,
+        draining,
+        registered: false,
+    };
+    let outcome = agent.serve().await;
+    agent.stop(&backlog).await;
+    servers.cancel();
+    let _ = log_server.await;
+    drain_watch.abort();
+    tracing::info!(node = %node_id, "agent stopped");
+    outcome
+}
 
+/// The log service (`AgentService`) on `--listen`; returns the endpoint the
+/// coordinator reaches it at and its task.
+async fn serve_logs(
+    config: &AgentConfig,
+    state_dir: &std::path::Path,
+    ranks: &Ranks,
+    stop: &CancellationToken,
+) -> anyhow::Result<(
+    String,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+)> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("agent log service cannot listen on {}", config.listen))?;
     // Listening on every interface: others reach the log service at the
     // node's address.
     let local = listener.local_addr()?;
-    let agent_endpoint = if local.ip().is_unspecified() {
+    let endpoint = if local.ip().is_unspecified() {
         format!("http://{}:{}", config.address, local.port())
     } else {
         format!("http://{local}")
     };
-    let server_shutdown = CancellationToken::new();
-    let log_server = tokio::spawn(
+    let service = logs::LogService {
+        state_dir: state_dir.to_path_buf(),
+        ranks: ranks.clone(),
+    };
+    let server = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(pb::agent_service_server::AgentServiceServer::new(
-                logs::LogService {
-                    state_dir: state_dir.clone(),
-                    ranks: ranks.clone(),
-                },
-            ))
+            .add_service(pb::agent_service_server::AgentServiceServer::new(service))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
-                server_shutdown.clone().cancelled_owned(),
+                stop.clone().cancelled_owned(),
             ),
     );
+    Ok((endpoint, server))
+}
 
-    let registration = pb::RegisterRequest {
-        protocol_version: config.protocol_version,
-        node_id: node_id.clone(),
-        address: config.address.clone(),
-        slots,
-        gpu: gpus > 0,
-        rendezvous_port_first: u32::from(port_first),
-        rendezvous_port_count: u32::from(port_count),
-        agent_endpoint,
-    };
-    let draining = CancellationToken::new();
-    if let Some(address) = config.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(address)
-            .await
-            .with_context(|| format!("--metrics-listen {address}: cannot listen"))?;
-        let (ranks, node_id, draining) = (ranks.clone(), node_id.clone(), draining.clone());
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let text = ranks.prometheus_text(&node_id, slots, draining.is_cancelled());
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )],
-                        text,
-                    )
-                }
-            }),
-        );
-        tracing::info!(%address, "serving Prometheus /metrics");
-        let stop = server_shutdown.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-        });
-    }
-    let mut interval = Duration::from_millis(1000);
-    let mut registered = false;
-    let drain_watch = {
-        let draining = draining.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            draining.cancel();
-        })
-    };
+/// Prometheus `/metrics` on `address` (`--metrics-listen`).
+async fn serve_metrics(
+    address: std::net::SocketAddr,
+    ranks: &Ranks,
+    (node_id, slots): (String, u32),
+    draining: &CancellationToken,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("--metrics-listen {address}: cannot listen"))?;
+    let (ranks, draining) = (ranks.clone(), draining.clone());
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = ranks.prometheus_text(&node_id, slots, draining.is_cancelled());
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    text,
+                )
+            }
+        }),
+    );
+    tracing::info!(%address, "serving Prometheus /metrics");
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+    });
+    Ok(())
+}
 
-    let mut drain_started: Option<tokio::time::Instant> = None;
-    let outcome: anyhow::Result<()> = async {
+/// The agent's connection to the coordinator.
+struct Agent<'a> {
+    config: &'a AgentConfig,
+    client: NodeServiceClient<Channel>,
+    registration: pb::RegisterRequest,
+    ranks: Ranks,
+    /// Cancelled at the first SIGTERM.
+    draining: CancellationToken,
+    registered: bool,
+}
+
+impl Agent<'_> {
+    /// Registers and keeps a session with the coordinator until the drain
+    /// is done (or the agent must stop).
+    async fn serve(&mut self) -> anyhow::Result<()> {
+        let config = self.config;
+        let node_id = self.registration.node_id.clone();
+        let mut interval = Duration::from_millis(1000);
+        let mut drain_started: Option<tokio::time::Instant> = None;
         loop {
-            if !registered {
+            if !self.registered {
                 tokio::select! {
-                    result = register(&client, &registration) => {
+                    result = register(&self.client, &self.registration) => {
                         let response = result?;
                         interval = Duration::from_millis(u64::from(response.heartbeat_interval_ms.max(100)));
-                        registered = true;
-                        tracing::info!(node = %node_id, slots, coordinator = %config.coordinator, "registered");
+                        self.registered = true;
+                        tracing::info!(node = %node_id, slots = self.registration.slots, coordinator = %config.coordinator, "registered");
                     }
-                    _ = draining.cancelled() => break,
+                    _ = self.draining.cancelled() => return Ok(()),
                 }
             }
-            match session(&client, &node_id, &ranks, interval, &draining, config.drain_timeout_seconds).await {
-                SessionEnd::Unregistered => registered = false,
+            let end = session(
+                &self.client,
+                &node_id,
+                &self.ranks,
+                interval,
+                &self.draining,
+                config.drain_timeout_seconds,
+            )
+            .await;
+            match end {
+                SessionEnd::Unregistered => self.registered = false,
                 SessionEnd::Disconnected => {
                     // Draining with the coordinator out of reach: the ranks
                     // still get the drain timeout to finish, then the agent
                     // stops without it.
-                    if draining.is_cancelled() {
+                    if self.draining.is_cancelled() {
                         let started = *drain_started.get_or_insert_with(tokio::time::Instant::now);
-                        if ranks.running().is_empty()
-                            || started.elapsed() >= Duration::from_secs(config.drain_timeout_seconds)
+                        if self.ranks.running().is_empty()
+                            || started.elapsed()
+                                >= Duration::from_secs(config.drain_timeout_seconds)
                         {
                             tracing::warn!("draining without the coordinator: stopping");
-                            break;
+                            return Ok(());
                         }
                     }
                     tokio::time::sleep(Duration::from_millis(300)).await
                 }
-                SessionEnd::Shutdown => break,
+                SessionEnd::Shutdown => return Ok(()),
             }
         }
-        Ok(())
     }
-    .await;
 
-    // Drain finished (or timed out): kill what is left, flush reports,
-    // deregister, stop serving logs.
-    if !ranks.running().is_empty() {
-        ranks.stop_all("agent shutting down");
-        let deadline =
-            tokio::time::Instant::now() + Duration::from_secs(config.kill_grace_seconds + 2);
-        while !ranks.running().is_empty() && tokio::time::Instant::now() < deadline {
+    /// The drain finished (or timed out): kill what is left, flush reports,
+    /// deregister.
+    async fn stop(&self, backlog: &reporter::Backlog) {
+        if !self.ranks.running().is_empty() {
+            self.ranks.stop_all("agent shutting down");
+            let grace = Duration::from_secs(self.config.kill_grace_seconds + 2);
+            let deadline = tokio::time::Instant::now() + grace;
+            while !self.ranks.running().is_empty() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while backlog.pending() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        if self.registered {
+            let _ = self
+                .client
+                .clone()
+                .deregister(pb::DeregisterRequest {
+                    node_id: self.registration.node_id.clone(),
+                })
+                .await;
+        }
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while backlog.pending() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if registered {
-        let _ = client
-            .clone()
-            .deregister(pb::DeregisterRequest {
-                node_id: node_id.clone(),
-            })
-            .await;
-    }
-    server_shutdown.cancel();
-    let _ = log_server.await;
-    drain_watch.abort();
-    tracing::info!(node = %node_id, "agent stopped");
-    outcome
 }
 
 /// Registers, retrying while the coordinator is unreachable; a refusal

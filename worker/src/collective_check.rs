@@ -202,7 +202,7 @@ pub fn run(args: CollectiveCheckArgs) -> anyhow::Result<()> {
         bail!("--min-bytes must be in [1, --max-bytes]");
     }
     let backend: Backend = match args.backend.as_deref() {
-        Some(name) => name.parse().map_err(anyhow::Error::msg)?,
+        Some(name) => name.parse()?,
         None if tch::Cuda::is_available() && cfg!(feature = "cuda") => Backend::Nccl,
         None => Backend::Gloo,
     };

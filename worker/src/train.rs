@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flamingo_collectives::{Backend, ProcessGroup, ProcessGroupConfig};
-use flamingo_engine::job::TrainJob;
+use flamingo_common::train::TrainJob;
 use flamingo_engine::run::{ClusterLink, RunEnd, PREEMPTED_EXIT_CODE};
 use flamingo_proto::v1 as pb;
 use flamingo_proto::v1::node_service_client::NodeServiceClient;

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::{field, read_json, require, string, Example, Result, Task};
+use super::{bad, field, read_json, require, string, Example, Result, Task};
 
 /// Which questions a VQA split holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +82,7 @@ pub(super) fn vqa(
     for (index, annotation) in annotations_json
         .get("annotations")
         .and_then(Value::as_array)
-        .ok_or_else(|| format!("{}: no \"annotations\" list", annotations_path.display()))?
+        .ok_or_else(|| bad(&annotations_path, "no \"annotations\" list"))?
         .iter()
         .enumerate()
     {
@@ -90,9 +90,9 @@ pub(super) fn vqa(
         let list = field(annotation, "answers", &annotations_path, index)?
             .as_array()
             .ok_or_else(|| {
-                format!(
-                    "{}: entry {index}: \"answers\" should be a list",
-                    annotations_path.display()
+                bad(
+                    &annotations_path,
+                    format!("entry {index}: \"answers\" should be a list"),
                 )
             })?
             .iter()
@@ -130,23 +130,23 @@ fn vqa_examples(
     let questions = questions_json
         .get("questions")
         .and_then(Value::as_array)
-        .ok_or_else(|| format!("{}: no \"questions\" list", questions_path.display()))?;
+        .ok_or_else(|| bad(questions_path, "no \"questions\" list"))?;
     let mut examples = Vec::with_capacity(questions.len());
     for (index, question) in questions.iter().enumerate() {
         let id = field(question, "question_id", questions_path, index)?.clone();
         if id.as_u64().is_none() {
-            return Err(format!(
-                "{}: entry {index}: question_id {id} is not a non-negative integer",
-                questions_path.display()
+            return Err(bad(
+                questions_path,
+                format!("entry {index}: question_id {id} is not a non-negative integer"),
             ));
         }
         let image_id = field(question, "image_id", questions_path, index)?;
         let file = match task {
             Task::Vqav2 | Task::OkVqa => {
                 let number = image_id.as_u64().ok_or_else(|| {
-                    format!(
-                        "{}: entry {index}: image_id should be a number",
-                        questions_path.display()
+                    bad(
+                        questions_path,
+                        format!("entry {index}: image_id should be a number"),
                     )
                 })?;
                 format!("COCO_{coco}_{number:012}.jpg")
@@ -160,9 +160,9 @@ fn vqa_examples(
             _ => image_id
                 .as_str()
                 .ok_or_else(|| {
-                    format!(
-                        "{}: entry {index}: image_id should be a file name",
-                        questions_path.display()
+                    bad(
+                        questions_path,
+                        format!("entry {index}: image_id should be a file name"),
                     )
                 })?
                 .to_string(),
@@ -170,16 +170,18 @@ fn vqa_examples(
         let (references, target) = match annotations_path {
             Some(annotations_path) => {
                 let references = answers.remove(&id.to_string()).ok_or_else(|| {
-                    format!(
-                        "{}: question {id} has no entry in {}",
-                        questions_path.display(),
-                        annotations_path.display()
+                    bad(
+                        questions_path,
+                        format!(
+                            "question {id} has no entry in {}",
+                            annotations_path.display()
+                        ),
                     )
                 })?;
                 let target = references.first().cloned().ok_or_else(|| {
-                    format!(
-                        "{}: question {id} has an empty answer list",
-                        annotations_path.display()
+                    bad(
+                        annotations_path,
+                        format!("question {id} has an empty answer list"),
                     )
                 })?;
                 (references, target)
@@ -207,18 +209,14 @@ pub(super) fn testdev_questions(task: Task, dir: &Path) -> Result<Vec<(Value, Va
     };
     let path = dir.join(name);
     if !path.exists() {
-        return Err(format!(
-            "{}: missing; EvalAI's whole test set, whose questions a submission must all answer ({} --testdev reads: {})",
-            path.display(),
-            task.name(),
-            task.testdev_layout().unwrap_or_default()
-        ));
+        return Err(bad(&path, format!("missing; EvalAI's whole test set, whose questions a submission must all answer ({} --testdev reads: {})", task.name(),
+            task.testdev_layout().unwrap_or_default())));
     }
     let json = read_json(&path)?;
     let questions = json
         .get("questions")
         .and_then(Value::as_array)
-        .ok_or_else(|| format!("{}: no \"questions\" list", path.display()))?;
+        .ok_or_else(|| bad(&path, "no \"questions\" list"))?;
     questions
         .iter()
         .enumerate()

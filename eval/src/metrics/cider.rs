@@ -13,6 +13,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::{EvalError, Result};
+
 /// Tokens pycocoevalcap drops after tokenising.
 const DROPPED: [&str; 17] = [
     "''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
@@ -210,15 +212,22 @@ fn similarity(candidate: &Vector, reference: &Vector) -> [f64; 4] {
     })
 }
 
+fn error(message: impl Into<String>) -> EvalError {
+    EvalError::Metric {
+        metric: "CIDEr",
+        message: message.into(),
+    }
+}
+
 /// Per image and overall CIDEr-D of tokenised `candidates[i]` against
 /// tokenised `references[i]` (use [`tokenize`] first).
-pub fn cider(candidates: &[String], references: &[Vec<String>]) -> Result<(f64, Vec<f64>), String> {
+pub fn cider(candidates: &[String], references: &[Vec<String>]) -> Result<(f64, Vec<f64>)> {
     if candidates.len() != references.len() || candidates.is_empty() {
-        return Err(format!(
+        return Err(error(format!(
             "{} candidates for {} images",
             candidates.len(),
             references.len()
-        ));
+        )));
     }
     let reference_counts: Vec<Vec<BTreeMap<Ngram, f64>>> = references
         .iter()
@@ -237,7 +246,7 @@ pub fn cider(candidates: &[String], references: &[Vec<String>]) -> Result<(f64, 
     let mut scores = Vec::with_capacity(candidates.len());
     for (candidate, refs) in candidates.iter().zip(&reference_counts) {
         if refs.is_empty() {
-            return Err("an image without reference captions".into());
+            return Err(error("an image without reference captions"));
         }
         let ours = vector(&counts(candidate), &frequency, log_images);
         let mut total = [0.0; 4];

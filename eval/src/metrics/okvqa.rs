@@ -247,10 +247,10 @@ struct Lexicon {
 }
 
 impl Lexicon {
-    fn read(dir: &Path, part: &str) -> Result<Self, String> {
+    fn read(dir: &Path, part: &str) -> crate::Result<Self> {
         let read = |name: String| {
             let path = dir.join(&name);
-            std::fs::read_to_string(&path).map_err(|error| format!("{}: {error}", path.display()))
+            std::fs::read_to_string(&path).map_err(|source| crate::EvalError::Io { path, source })
         };
         let lemmas = read(format!("index.{part}"))?
             .lines()
@@ -322,7 +322,7 @@ impl Stemmer {
     /// Reads WordNet 3.0's verb and noun indexes and exception lists from
     /// `dir` (Debian's `wordnet-base` or NLTK's wordnet corpus folder), or
     /// from the first of `wordnet_dirs()` that has them.
-    pub fn load(dir: Option<&Path>) -> Result<Self, String> {
+    pub fn load(dir: Option<&Path>) -> crate::Result<Self> {
         let candidates = match dir {
             Some(dir) => vec![dir.to_path_buf()],
             None => wordnet_dirs(),
@@ -333,11 +333,14 @@ impl Stemmer {
             .find(|dir| files.iter().all(|file| dir.join(file).is_file()));
         let Some(dir) = found else {
             let tried: Vec<String> = candidates.iter().map(|d| d.display().to_string()).collect();
-            return Err(format!(
-                "OK-VQA's answer stemming needs WordNet 3.0 ({}); not found in {}. Install Debian's wordnet-base (apt-get install wordnet-base) or pass --wordnet-dir DIR (NLTK's corpora/wordnet folder works too)",
-                files.join(", "),
-                tried.join(", ")
-            ));
+            return Err(crate::EvalError::Settings {
+                field: "wordnet-dir",
+                message: format!(
+                    "OK-VQA's answer stemming needs WordNet 3.0 ({}); not found in {}. Install Debian's wordnet-base (apt-get install wordnet-base) or pass --wordnet-dir DIR (NLTK's corpora/wordnet folder works too)",
+                    files.join(", "),
+                    tried.join(", ")
+                ),
+            });
         };
         Ok(Self {
             verbs: Lexicon::read(dir, "verb")?,

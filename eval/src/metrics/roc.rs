@@ -3,18 +3,27 @@
 //! highest down (tied scores form one point), and the trapezoidal area
 //! under them.
 
+use crate::{EvalError, Result};
+
+fn error(message: impl Into<String>) -> EvalError {
+    EvalError::Metric {
+        metric: "ROC-AUC",
+        message: message.into(),
+    }
+}
+
 /// The area under the ROC curve of `scores` for `labels` (true = the
 /// positive class). Both classes must be present, as scikit-learn requires.
-pub fn roc_auc(labels: &[bool], scores: &[f64]) -> Result<f64, String> {
+pub fn roc_auc(labels: &[bool], scores: &[f64]) -> Result<f64> {
     if labels.len() != scores.len() {
-        return Err(format!(
+        return Err(error(format!(
             "{} labels but {} scores",
             labels.len(),
             scores.len()
-        ));
+        )));
     }
     if let Some(index) = scores.iter().position(|score| !score.is_finite()) {
-        return Err(format!("score {index} is {}", scores[index]));
+        return Err(error(format!("score {index} is {}", scores[index])));
     }
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
@@ -36,7 +45,9 @@ pub fn roc_auc(labels: &[bool], scores: &[f64]) -> Result<f64, String> {
         }
     }
     if true_positives == 0.0 || false_positives == 0.0 {
-        return Err("ROC-AUC needs both classes among the labels; only one is present".into());
+        return Err(error(
+            "ROC-AUC needs both classes among the labels; only one is present",
+        ));
     }
     let area = points
         .windows(2)

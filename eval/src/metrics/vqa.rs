@@ -256,16 +256,22 @@ pub struct VqaScores {
 pub fn evaluate(
     predictions: &[(u64, String)],
     answers: &HashMap<u64, Vec<String>>,
-) -> Result<VqaScores, String> {
+) -> crate::Result<VqaScores> {
+    let error = |message: String| crate::EvalError::Metric {
+        metric: "VQA accuracy",
+        message,
+    };
     if predictions.is_empty() {
-        return Err("no predictions to score".into());
+        return Err(error("no predictions to score".into()));
     }
     let mut sum = 0.0;
     let mut per_question = Vec::with_capacity(predictions.len());
     for (question, prediction) in predictions {
-        let humans = answers
-            .get(question)
-            .ok_or_else(|| format!("question {question}: no human answers in the annotations"))?;
+        let humans = answers.get(question).ok_or_else(|| {
+            error(format!(
+                "question {question}: no human answers in the annotations"
+            ))
+        })?;
         let score = accuracy(prediction, humans);
         sum += score;
         per_question.push((*question, round_like_python(100.0 * score, 2)));

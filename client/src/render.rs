@@ -88,6 +88,18 @@ fn duration_text(job: &JobRecord) -> String {
     }
 }
 
+/// A job as `flamingoctl status` shows it: a table, or pretty JSON.
+pub fn job(job: &JobRecord, json: bool) -> String {
+    if json {
+        format!(
+            "{}\n",
+            serde_json::to_string_pretty(&job_json(job)).expect("JSON values serialize")
+        )
+    } else {
+        job_text(job)
+    }
+}
+
 pub fn job_text(job: &JobRecord) -> String {
     let mut out = format!(
         "job       {}\nkind      {}\nstate     {}\nlayout    {} node(s) × {} slot(s) = {} rank(s)\n",

@@ -1,44 +1,47 @@
-//! Local clusters: etcd, a coordinator and N agents as processes on this
-//! machine. `flamingoctl up` starts them detached and records them in
-//! `<state dir>/cluster.json`; the test sandbox starts the same processes and
-//! keeps their handles.
+//! The processes of a cluster on one machine: etcd, a coordinator, agents
+//! and a data-service replica, each from a spec, with its output in a log.
+//! `flamingoctl up` starts them detached (see [`crate::cluster`]); a Slurm
+//! job starts them inside its allocation; the test sandbox starts the same
+//! processes and keeps their handles.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use serde::{Deserialize, Serialize};
+use crate::{LaunchError, Result};
 
 /// Where the flamingo binaries are: `$FLAMINGO_BIN_DIR`, else next to the
 /// running executable (cargo puts all workspace binaries in one folder).
-pub fn bin_dir() -> anyhow::Result<PathBuf> {
+pub fn bin_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("FLAMINGO_BIN_DIR") {
         return Ok(PathBuf::from(dir));
     }
-    let exe = std::env::current_exe().context("locating the running executable")?;
-    let dir = exe.parent().context("executable has no folder")?;
+    let exe = std::env::current_exe().map_err(|error| LaunchError::NotFound {
+        what: "the running executable".into(),
+        hint: error.to_string(),
+    })?;
+    let dir = exe.parent().unwrap_or(Path::new("/"));
     // Test binaries live in target/<profile>/deps; the binaries one level up.
     if dir.ends_with("deps") {
-        return Ok(dir.parent().context("deps has a parent")?.to_path_buf());
+        return Ok(dir.parent().unwrap_or(dir).to_path_buf());
     }
     Ok(dir.to_path_buf())
 }
 
-pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+pub fn binary(name: &str) -> Result<PathBuf> {
     let path = bin_dir()?.join(name);
     if !path.exists() {
-        bail!(
-            "{} not found; build it with `cargo build --workspace` or set FLAMINGO_BIN_DIR",
-            path.display()
-        );
+        return Err(LaunchError::NotFound {
+            what: path.display().to_string(),
+            hint: "build it with `cargo build --workspace` or set FLAMINGO_BIN_DIR".into(),
+        });
     }
     Ok(path)
 }
 
 /// The etcd binary: `$FLAMINGO_ETCD_BIN`, else `etcd` on PATH, else Debian's.
-pub fn etcd_binary() -> anyhow::Result<PathBuf> {
+pub fn etcd_binary() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("FLAMINGO_ETCD_BIN") {
         return Ok(PathBuf::from(path));
     }
@@ -53,21 +56,26 @@ pub fn etcd_binary() -> anyhow::Result<PathBuf> {
         .into_iter()
         .chain([PathBuf::from("/usr/bin/etcd")])
         .find(|path| path.exists())
-        .context("etcd not found; install Debian's etcd-server (scripts/setup.sh does) or set FLAMINGO_ETCD_BIN")
+        .ok_or_else(|| LaunchError::NotFound {
+            what: "etcd".into(),
+            hint: "install Debian's etcd-server (scripts/setup.sh does) or set FLAMINGO_ETCD_BIN"
+                .into(),
+        })
 }
 
-fn log_file(path: &Path) -> anyhow::Result<(File, File)> {
+fn log_file(path: &Path) -> Result<(File, File)> {
     let file = File::options()
         .create(true)
         .append(true)
         .open(path)
-        .with_context(|| format!("opening log {}", path.display()))?;
-    Ok((file.try_clone()?, file))
+        .and_then(|file| Ok((file.try_clone()?, file)))
+        .map_err(|source| LaunchError::file(path, "opening the log", source))?;
+    Ok(file)
 }
 
 /// Spawns `command` with output to `log`; `detach` puts it in its own
 /// session so it outlives flamingoctl and a terminal's Ctrl-C.
-pub fn spawn(mut command: Command, log: &Path, detach: bool) -> anyhow::Result<Child> {
+pub fn spawn(mut command: Command, log: &Path, detach: bool) -> Result<Child> {
     let (stdout, stderr) = log_file(log)?;
     command.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
     if detach {
@@ -76,7 +84,7 @@ pub fn spawn(mut command: Command, log: &Path, detach: bool) -> anyhow::Result<C
     let program = command.get_program().to_string_lossy().into_owned();
     command
         .spawn()
-        .with_context(|| format!("starting {program}"))
+        .map_err(|source| LaunchError::Spawn { program, source })
 }
 
 #[derive(Debug, Clone)]
@@ -92,13 +100,13 @@ impl EtcdSpec {
     }
 }
 
-pub fn spawn_etcd(spec: &EtcdSpec, log: &Path, detach: bool) -> anyhow::Result<Child> {
+pub fn spawn_etcd(spec: &EtcdSpec, log: &Path, detach: bool) -> Result<Child> {
     spawn(etcd_command(spec)?, log, detach)
 }
 
 /// The command that runs a one-member etcd as `spec` says (`spawn_etcd`
 /// runs it; a Slurm job adds its own flags first).
-pub fn etcd_command(spec: &EtcdSpec) -> anyhow::Result<Command> {
+pub fn etcd_command(spec: &EtcdSpec) -> Result<Command> {
     let client = spec.endpoint();
     let peer = format!("http://127.0.0.1:{}", spec.peer_port);
     let mut command = Command::new(etcd_binary()?);
@@ -136,11 +144,7 @@ impl CoordinatorSpec {
     }
 }
 
-pub fn spawn_coordinator(
-    spec: &CoordinatorSpec,
-    log: &Path,
-    detach: bool,
-) -> anyhow::Result<Child> {
+pub fn spawn_coordinator(spec: &CoordinatorSpec, log: &Path, detach: bool) -> Result<Child> {
     let mut command = Command::new(binary("flamingo-coordinator")?);
     command
         .arg(format!("--listen=127.0.0.1:{}", spec.port))
@@ -160,7 +164,7 @@ pub fn spawn_coordinator(
 }
 
 /// A data-service replica on `port`.
-pub fn spawn_data_service(port: u16, log: &Path, detach: bool) -> anyhow::Result<Child> {
+pub fn spawn_data_service(port: u16, log: &Path, detach: bool) -> Result<Child> {
     let mut command = Command::new(binary("flamingo-data-service")?);
     command.arg(format!("--listen=127.0.0.1:{port}"));
     spawn(command, log, detach)
@@ -181,7 +185,7 @@ pub struct AgentSpec {
     pub extra_args: Vec<String>,
 }
 
-pub fn spawn_agent(spec: &AgentSpec, log: &Path, detach: bool) -> anyhow::Result<Child> {
+pub fn spawn_agent(spec: &AgentSpec, log: &Path, detach: bool) -> Result<Child> {
     let mut command = Command::new(binary("flamingo-worker")?);
     command
         .arg("agent")
@@ -214,7 +218,7 @@ pub fn tail(path: &Path, lines: usize) -> String {
 }
 
 /// Waits until `endpoint` accepts TCP connections.
-pub fn wait_for_port(endpoint: &str, timeout: Duration) -> anyhow::Result<()> {
+pub fn wait_for_port(endpoint: &str, timeout: Duration) -> Result<()> {
     let address = endpoint
         .trim_start_matches("http://")
         .trim_start_matches("https://")
@@ -225,58 +229,12 @@ pub fn wait_for_port(endpoint: &str, timeout: Duration) -> anyhow::Result<()> {
             return Ok(());
         }
         if started.elapsed() > timeout {
-            bail!("{endpoint} did not come up within {timeout:?}");
+            return Err(LaunchError::Timeout {
+                what: format!("{endpoint} to accept connections"),
+                seconds: timeout.as_secs_f64(),
+            });
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// What `flamingoctl up` started, for `down` and for finding the coordinator.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ClusterState {
-    pub coordinator: String,
-    pub etcd_endpoint: String,
-    pub etcd_pid: u32,
-    pub coordinator_pid: u32,
-    pub agent_pids: Vec<u32>,
-    /// The cluster's data-service replica (`http://127.0.0.1:port`).
-    #[serde(default)]
-    pub data_service: Option<String>,
-    #[serde(default)]
-    pub data_service_pid: Option<u32>,
-    /// The coordinator's dashboard (`http://127.0.0.1:port/`).
-    #[serde(default)]
-    pub dashboard: Option<String>,
-    pub nodes: u32,
-    pub slots_per_node: u32,
-    pub state_dir: PathBuf,
-}
-
-impl ClusterState {
-    pub fn path(state_dir: &Path) -> PathBuf {
-        state_dir.join("cluster.json")
-    }
-
-    pub fn load(state_dir: &Path) -> anyhow::Result<Option<Self>> {
-        let path = Self::path(state_dir);
-        match std::fs::read(&path) {
-            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
-                format!(
-                    "{} is not a flamingo cluster record; remove it",
-                    path.display()
-                )
-            })?)),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
-        }
-    }
-
-    pub fn save(&self) -> anyhow::Result<()> {
-        let path = Self::path(&self.state_dir);
-        let temporary = path.with_extension("json.tmp");
-        std::fs::write(&temporary, serde_json::to_vec_pretty(self)?)?;
-        std::fs::rename(&temporary, &path)?;
-        Ok(())
     }
 }
 

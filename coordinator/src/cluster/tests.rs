@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use flamingo_common::JobKind;
+use flamingo_common::{JobKind, JobSpec, RankState};
 
 use super::*;
 

@@ -1,0 +1,205 @@
+//! Nodes: lost ones, heartbeats reconciled with what each agent runs, and
+//! the messages sent to agents.
+
+use flamingo_common::{EventKind, JobId, JobRecord, JobSpec, JobState, NodeId, RankState};
+use flamingo_proto::v1 as pb;
+
+use std::collections::BTreeSet;
+
+use super::{Cluster, Effects};
+
+impl Cluster {
+    /// A node vanished (its lease expired, or its agent restarted): its ranks
+    /// are lost and their jobs fail.
+    pub fn node_lost(&mut self, node_id: &NodeId, reason: &str, now_ms: i64) -> Effects {
+        let mut effects = Effects::default();
+        self.nodes.remove(node_id);
+        self.detached.remove(node_id);
+        for job in self.jobs.values_mut() {
+            let mut touched = false;
+            for rank in job.ranks.iter_mut() {
+                if &rank.node == node_id && rank.state.is_live() {
+                    rank.state = RankState::Lost;
+                    rank.message = format!("node {node_id} lost: {reason}");
+                    touched = true;
+                }
+            }
+            if !touched {
+                continue;
+            }
+            if job.state == JobState::Running {
+                let message = format!("node {node_id} lost: {reason}");
+                Self::event(
+                    job,
+                    now_ms,
+                    EventKind::NodeLost,
+                    message.clone(),
+                    &mut effects,
+                );
+                effects.merge(Self::fail_or_restart(
+                    job,
+                    message,
+                    std::slice::from_ref(node_id),
+                    now_ms,
+                ));
+            } else {
+                effects.jobs_changed.insert(job.id.clone());
+            }
+        }
+        effects.merge(self.schedule(now_ms));
+        effects
+    }
+
+    /// Level-triggered reconciliation on every heartbeat: re-send starts the
+    /// agent has not acted on (e.g. after a coordinator restart), and stops
+    /// for ranks of jobs that are over or unknown.
+    pub fn heartbeat(
+        &mut self,
+        node_id: &NodeId,
+        running: &BTreeSet<(JobId, u32, u32)>,
+        grace_ms: i64,
+        now_ms: i64,
+    ) -> Effects {
+        let mut effects = Effects::default();
+        let mut told: BTreeSet<&JobId> = BTreeSet::new();
+        for (job_id, attempt, _) in running {
+            let job = self.jobs.get(job_id);
+            let over = job.is_none_or(|job| job.state.is_terminal());
+            let superseded = job.is_some_and(|job| *attempt < job.attempt);
+            if (over || superseded) && told.insert(job_id) {
+                let before_attempt = match job {
+                    Some(job) if !over => job.attempt,
+                    _ => 0,
+                };
+                effects.messages.push((
+                    node_id.clone(),
+                    stop_attempts(
+                        job_id,
+                        "job is no longer running this attempt".into(),
+                        before_attempt,
+                        superseded,
+                        0,
+                    ),
+                ));
+            }
+        }
+        for job in self.jobs.values_mut() {
+            let assigned_here = job
+                .ranks
+                .iter()
+                .any(|rank| &rank.node == node_id && rank.state == RankState::Assigned);
+            if job.state == JobState::Running && assigned_here {
+                let missing = job.ranks.iter().any(|rank| {
+                    &rank.node == node_id
+                        && rank.state == RankState::Assigned
+                        && !running.contains(&(job.id.clone(), job.attempt, rank.rank))
+                });
+                let waited = job
+                    .started_unix_ms
+                    .is_some_and(|started| now_ms - started > grace_ms);
+                if missing && waited {
+                    effects
+                        .messages
+                        .push((node_id.clone(), start_message(job, node_id)));
+                }
+            }
+            // A finished job whose rank the node no longer runs: the process
+            // is gone even if its exit report never arrived.
+            let settled = job
+                .finished_unix_ms
+                .is_some_and(|finished| now_ms - finished > grace_ms);
+            if job.state.is_terminal() && settled {
+                for rank in job.ranks.iter_mut() {
+                    if &rank.node == node_id
+                        && rank.state.is_live()
+                        && !running.contains(&(job.id.clone(), job.attempt, rank.rank))
+                    {
+                        rank.state = RankState::Lost;
+                        rank.message = "not running on its node after the job ended".into();
+                        effects.jobs_changed.insert(job.id.clone());
+                    }
+                }
+            }
+        }
+        if !effects.jobs_changed.is_empty() {
+            effects.merge(self.schedule(now_ms));
+        }
+        effects
+    }
+
+    /// Every start message a freshly attached agent should see.
+    pub fn starts_for(&self, node_id: &NodeId) -> Vec<pb::CoordinatorMessage> {
+        self.jobs
+            .values()
+            .filter(|job| {
+                job.state == JobState::Running
+                    && job
+                        .ranks
+                        .iter()
+                        .any(|rank| &rank.node == node_id && rank.state == RankState::Assigned)
+            })
+            .map(|job| start_message(job, node_id))
+            .collect()
+    }
+}
+
+pub(super) fn start_message(job: &JobRecord, node_id: &NodeId) -> pb::CoordinatorMessage {
+    let spec: &JobSpec = &job.spec;
+    let node_rank = job
+        .ranks
+        .iter()
+        .find(|rank| &rank.node == node_id)
+        .map(|rank| rank.rank / spec.slots_per_node)
+        .unwrap_or(0);
+    let ranks = job
+        .ranks
+        .iter()
+        .filter(|rank| &rank.node == node_id && rank.state == RankState::Assigned)
+        .map(|rank| pb::RankAssignment {
+            job_id: job.id.0.clone(),
+            spec: Some(pb::JobSpec::from(spec)),
+            rank: rank.rank,
+            local_rank: rank.local_rank,
+            world_size: job.ranks.len() as u32,
+            local_world_size: spec.slots_per_node,
+            node_rank,
+            master_addr: job.master_addr.clone(),
+            master_port: u32::from(job.master_port),
+            attempt: job.attempt,
+            resume_from: job
+                .latest_checkpoint()
+                .map(|checkpoint| checkpoint.path.clone())
+                .unwrap_or_default(),
+        })
+        .collect();
+    pb::CoordinatorMessage {
+        kind: Some(pb::coordinator_message::Kind::Start(pb::StartRanks {
+            ranks,
+        })),
+    }
+}
+
+pub(super) fn stop_message(job_id: &JobId, reason: &str) -> pb::CoordinatorMessage {
+    stop_attempts(job_id, reason.to_string(), 0, false, 0)
+}
+
+/// Stops the job's ranks of attempts before `before_attempt` (0: all):
+/// SIGKILL at once when `kill_now`, else SIGTERM and SIGKILL after
+/// `grace_seconds` (0: the agent's default grace).
+pub(super) fn stop_attempts(
+    job_id: &JobId,
+    reason: String,
+    before_attempt: u32,
+    kill_now: bool,
+    grace_seconds: u32,
+) -> pb::CoordinatorMessage {
+    pb::CoordinatorMessage {
+        kind: Some(pb::coordinator_message::Kind::Stop(pb::StopJob {
+            job_id: job_id.0.clone(),
+            reason,
+            before_attempt,
+            kill_now,
+            grace_seconds,
+        })),
+    }
+}

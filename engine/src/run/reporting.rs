@@ -1,0 +1,308 @@
+//! What a rank tells about its steps: rank 0's progress line and
+//! `log.jsonl`, every rank's metrics to the coordinator (through the
+//! [`super::ClusterLink`]), the sample audit, and the memory report at the
+//! end.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use flamingo_common::progress::Progress;
+use flamingo_common::train::TrainJob;
+use serde_json::json;
+
+use super::feed::Fetched;
+use super::ClusterLink;
+use crate::batch::TrainBatch;
+use crate::flops::FlopModel;
+use crate::trainer::{StepReport, Trainer};
+
+/// What one optimizer step of this rank took, measured across its
+/// micro-batches.
+pub(crate) struct StepMeter {
+    started: Instant,
+    pub(crate) data_wait: f64,
+    samples: usize,
+    tokens: f64,
+    flops: f64,
+    pub(crate) skipped: Vec<String>,
+}
+
+pub(crate) struct Measured {
+    values: Vec<(&'static str, f64)>,
+    skipped: Vec<String>,
+}
+
+impl StepMeter {
+    pub(crate) fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            data_wait: 0.0,
+            samples: 0,
+            tokens: 0.0,
+            flops: 0.0,
+            skipped: Vec::new(),
+        }
+    }
+
+    pub(crate) fn count(&mut self, batch: &TrainBatch, flops: &FlopModel) {
+        let images = batch.vision_x.size();
+        let tokens = batch.input_ids.size();
+        self.samples += batch.samples;
+        self.tokens += (tokens[0] * tokens[1]) as f64;
+        self.flops += flops.batch_flops(tokens[0] as f64, images[1] as f64, tokens[1] as f64);
+    }
+
+    /// The step's metrics; the meter starts over for the next step.
+    /// Throughput is global (this rank's count × world: every rank's
+    /// batches have the same shape).
+    pub(crate) fn finish(&mut self, peak_tflops: f64, world: usize) -> Measured {
+        let seconds = self.started.elapsed().as_secs_f64().max(1e-9);
+        let achieved = self.flops / seconds;
+        let mut values = vec![
+            ("step_seconds", seconds),
+            ("data_wait_seconds", self.data_wait),
+            (
+                "samples_per_second",
+                (self.samples * world) as f64 / seconds,
+            ),
+            ("tokens_per_second", self.tokens * world as f64 / seconds),
+            ("model_tflops", achieved / 1e12),
+        ];
+        if peak_tflops > 0.0 {
+            values.push(("mfu", achieved / (peak_tflops * 1e12)));
+        }
+        if let Some(bytes) = resident_bytes() {
+            values.push(("memory_bytes", bytes));
+        }
+        let skipped = std::mem::take(&mut self.skipped);
+        *self = Self::new();
+        Measured { values, skipped }
+    }
+}
+
+/// This process's resident memory (`/proc/self/statm`).
+fn resident_bytes() -> Option<f64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: f64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page as f64)
+}
+
+/// Rank 0's progress line and `log.jsonl`, and every rank's reports to the
+/// coordinator.
+pub(crate) struct Reporter<'a> {
+    rank: usize,
+    link: Option<&'a dyn ClusterLink>,
+    logging_steps: u64,
+    end: u64,
+    progress: Progress,
+    log: Option<std::fs::File>,
+    /// Samples per second over the whole run so far (since this start).
+    window: (Instant, usize),
+    per_step_samples: usize,
+}
+
+impl<'a> Reporter<'a> {
+    pub(crate) fn new(
+        job: &TrainJob,
+        run_dir: &Path,
+        (rank, world): (usize, usize),
+        end: u64,
+        link: Option<&'a dyn ClusterLink>,
+    ) -> anyhow::Result<Self> {
+        let log = if rank == 0 {
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(run_dir.join("log.jsonl"))?,
+            )
+        } else {
+            None
+        };
+        let per_step_samples = (job.batch_size_laion as usize
+            * usize::from(job.laion_shards.is_some())
+            + job.batch_size_mmc4 as usize * usize::from(job.mmc4_shards.is_some()))
+            * world
+            * job.gradient_accumulation_steps as usize;
+        Ok(Self {
+            rank,
+            link,
+            logging_steps: job.logging_steps.max(1),
+            end,
+            progress: Progress::new("step", Some(end)),
+            log,
+            window: (Instant::now(), 0),
+            per_step_samples,
+        })
+    }
+
+    /// Rank 0: the progress line, and a `log.jsonl` line per logged step.
+    pub(crate) fn step(&mut self, report: &StepReport) -> anyhow::Result<f64> {
+        self.window.1 += self.per_step_samples;
+        let rate = self.window.1 as f64 / self.window.0.elapsed().as_secs_f64().max(1e-9);
+        if self.rank != 0 {
+            return Ok(rate);
+        }
+        let step = report.step;
+        let logged = step.is_multiple_of(self.logging_steps) || step == self.end || report.skipped;
+        let loss = |value: Option<f64>| value.map_or("-".to_string(), |v| format!("{v:.4}"));
+        let details = format!(
+            "loss_laion {} loss_mmc4 {} lr {:.2e}",
+            loss(report.loss_laion),
+            loss(report.loss_mmc4),
+            report.lr
+        );
+        // One line per logged step on a pipe or file (CI logs,
+        // `flamingoctl train > log`); redrawn in place on a terminal.
+        if !logged {
+            self.progress.redraw(step, &details, Some(rate));
+            return Ok(rate);
+        }
+        self.progress.print(step, &details, Some(rate));
+        if let Some(log) = self.log.as_mut() {
+            let line = json!({
+                "step": step,
+                "loss_laion": report.loss_laion,
+                "loss_mmc4": report.loss_mmc4,
+                "lr": report.lr,
+                "grad_norm": report.grad_norm,
+                "samples_per_second": rate,
+                "skipped": report.skipped,
+                "time": flamingo_common::unix_seconds(),
+                "attempt": self.link.map_or(0, |link| link.attempt()),
+            });
+            writeln!(log, "{line}")?;
+        }
+        Ok(rate)
+    }
+
+    /// The step's metrics to the coordinator (rank 0's with the losses, lr
+    /// and grad norm), and the samples skipped as a note on the job's
+    /// timeline.
+    pub(crate) fn metrics(&self, report: &StepReport, skipped_steps: u64, measured: Measured) {
+        let Some(link) = self.link else { return };
+        let mut values = measured.values;
+        if self.rank == 0 {
+            values.push(("lr", report.lr));
+            values.push(("grad_norm", report.grad_norm));
+            values.push(("skipped_steps", skipped_steps as f64));
+            if let Some(loss) = report.loss_laion {
+                values.push(("loss_laion", loss));
+            }
+            if let Some(loss) = report.loss_mmc4 {
+                values.push(("loss_mmc4", loss));
+            }
+        }
+        link.step(report.step, &values);
+        if measured.skipped.is_empty() {
+            return;
+        }
+        let shown: Vec<&str> = measured
+            .skipped
+            .iter()
+            .take(5)
+            .map(String::as_str)
+            .collect();
+        let more = measured.skipped.len().saturating_sub(shown.len());
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        link.note(
+            report.step,
+            "samples_skipped",
+            format!(
+                "{} sample(s) skipped: {}{more}",
+                measured.skipped.len(),
+                shown.join("; ")
+            ),
+        );
+    }
+
+    /// Ends the progress line; returns the seconds since this start.
+    pub(crate) fn finish(&mut self) -> f64 {
+        self.progress.finish()
+    }
+}
+
+/// Appends one line per micro-batch to `<run>/audit/rank-<r>.jsonl`.
+pub(crate) struct Audit {
+    file: std::fs::File,
+    attempt: u32,
+}
+
+impl Audit {
+    pub(crate) fn open(run_dir: &Path, rank: usize, attempt: u32) -> anyhow::Result<Self> {
+        let dir = run_dir.join("audit");
+        std::fs::create_dir_all(&dir)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("rank-{rank}.jsonl")))?;
+        Ok(Self { file, attempt })
+    }
+
+    pub(crate) fn record(
+        &mut self,
+        step: u64,
+        dataset: &str,
+        fetched: &Fetched,
+    ) -> anyhow::Result<()> {
+        let line = json!({
+            "attempt": self.attempt,
+            "step": step,
+            "dataset": dataset,
+            "epoch": fetched.epoch,
+            "keys": fetched.keys,
+        });
+        writeln!(self.file, "{line}")?;
+        Ok(())
+    }
+}
+
+/// `<run>/memory-rank-<r>.json`, for `bench/train-memory.sh`: what this
+/// rank held.
+pub(crate) fn write_memory_report(
+    run_dir: &Path,
+    job: &TrainJob,
+    (rank, world): (usize, usize),
+    trainer: &Trainer<'_>,
+) -> anyhow::Result<()> {
+    let peak_rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let value = status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmHWM:"))?;
+            value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kib| kib * 1024);
+    let memory = trainer.memory();
+    std::fs::write(
+        run_dir.join(format!("memory-rank-{rank}.json")),
+        json!({
+            "rank": rank,
+            "world_size": world,
+            "strategy": job.fsdp_sharding_strategy,
+            "trainable_parameters": trainer.parameter_count(),
+            "gradient_checkpointing": job.gradient_checkpointing,
+            "parameter_bytes": memory.parameter_bytes,
+            "gradient_bytes": memory.gradient_bytes,
+            "optimizer_bytes": memory.optimizer_bytes,
+            "frozen_bytes": memory.frozen_bytes,
+            "gathered_peak_bytes": memory.gathered_peak_bytes,
+            "peak_rss_bytes": peak_rss,
+        })
+        .to_string(),
+    )?;
+    Ok(())
+}

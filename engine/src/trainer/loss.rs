@@ -1,0 +1,82 @@
+//! The loss of a micro-batch as the global batch's mean token loss, and the
+//! gradient's norm: the parts of the step that every strategy shares.
+
+use flamingo_collectives::{ProcessGroup, ReduceOp};
+use tch::{Kind, Reduction, Tensor};
+
+use super::TrainError;
+use crate::clip::clip_factor;
+
+/// A micro-batch's loss: this rank's summed token cross-entropy (with its
+/// graph) and the global sum and token count.
+pub(crate) struct LossParts {
+    pub(crate) summed: Tensor,
+    pub(crate) global_sum: f64,
+    pub(crate) global_tokens: f64,
+}
+
+impl LossParts {
+    /// The global batch's mean token loss.
+    pub(crate) fn mean(&self) -> f64 {
+        self.global_sum / self.global_tokens
+    }
+
+    /// What the summed loss is multiplied by before backward: the loss
+    /// multiplier over the global token count and the accumulated
+    /// micro-steps.
+    pub(crate) fn scale(&self, multiplier: f64, accumulation: u64) -> f64 {
+        multiplier / (self.global_tokens * accumulation as f64)
+    }
+}
+
+/// Σ over every rank of `group` (the value itself alone).
+pub(crate) fn all_reduce_sum(group: Option<&ProcessGroup>, value: f64) -> Result<f64, TrainError> {
+    match group {
+        Some(group) if group.world_size() > 1 => Ok(group.all_reduce_scalar(value, ReduceOp::Sum)?),
+        _ => Ok(value),
+    }
+}
+
+/// The summed token cross-entropy of `logits` against the shifted
+/// labels, and the global (sum, count) over `group`.
+pub(crate) fn token_loss(
+    group: Option<&ProcessGroup>,
+    logits: &Tensor,
+    labels: &Tensor,
+) -> Result<LossParts, TrainError> {
+    let length = logits.size()[1];
+    let vocab = logits.size()[2];
+    let shifted_labels = labels.narrow(1, 1, length - 1).reshape([-1]);
+    let tokens = shifted_labels.ne(-100).sum(Kind::Int64).int64_value(&[]) as f64;
+    let global_tokens = all_reduce_sum(group, tokens)?.max(1.0);
+    let summed = logits
+        .narrow(1, 0, length - 1)
+        .to_kind(Kind::Float)
+        .reshape([-1, vocab])
+        .cross_entropy_loss::<Tensor>(&shifted_labels, None, Reduction::Sum, -100, 0.0);
+    let global_sum = all_reduce_sum(group, summed.double_value(&[]))?;
+    Ok(LossParts {
+        summed,
+        global_sum,
+        global_tokens,
+    })
+}
+
+/// Σ g², accumulated in double without a squared copy of `gradient`.
+pub(crate) fn squared_norm(gradient: &Tensor) -> f64 {
+    let norm = gradient
+        .norm_scalaropt_dtype(2.0, Kind::Double)
+        .double_value(&[]);
+    norm * norm
+}
+
+/// Scales `gradient` down to `max_norm`, given Σg² over every rank's
+/// part; returns the norm.
+pub(crate) fn clip(gradient: &mut Tensor, squares: f64, max_norm: f64) -> f64 {
+    let grad_norm = squares.sqrt();
+    let factor = clip_factor(grad_norm, max_norm);
+    if factor < 1.0 {
+        *gradient *= factor;
+    }
+    grad_norm
+}

@@ -1,0 +1,363 @@
+//! The recomputing pass (`full`, `hybrid`, `--gradient_checkpointing`):
+//! forward unit by unit without a graph, keeping each layer's input; the
+//! loss and the head's backward; then each layer recomputed with a graph
+//! and backpropagated on its own, last to first, the media latents'
+//! gradient summed over the cross-attention blocks; then the input
+//! embedding and the perceiver. The vision tower only runs forward. Units
+//! are gathered in the order the pass uses them, one ahead.
+
+use flamingo_collectives::ProcessGroup;
+use flamingo_model::{Flamingo, Unit};
+use tch::{Kind, Tensor};
+
+use super::loss::token_loss;
+use super::phases::{mark, PhaseTimer};
+use super::state::ParameterState;
+use super::{MicroLoss, TrainConfig, TrainError};
+use crate::batch::TrainBatch;
+use crate::units::{self, Gathered};
+
+/// What one pass works with.
+pub(crate) struct Pass<'a> {
+    pub(crate) model: &'a Flamingo,
+    pub(crate) state: &'a mut dyn ParameterState,
+    /// Every rank, for the global loss.
+    pub(crate) group: Option<&'a ProcessGroup>,
+    pub(crate) config: &'a TrainConfig,
+    pub(crate) phases: &'a mut Option<PhaseTimer>,
+}
+
+/// Gathers units in the order a pass uses them, one ahead.
+struct Prefetcher {
+    order: Vec<usize>,
+    position: usize,
+    ahead: Option<Gathered>,
+}
+
+/// The unit indices of the model's parts.
+struct Indices {
+    vision: usize,
+    perceiver: usize,
+    text: usize,
+    layers: Vec<usize>,
+}
+
+impl Pass<'_> {
+    fn indices(&self) -> Indices {
+        let index = |unit: Unit| {
+            self.state
+                .plans()
+                .iter()
+                .position(|plan| plan.unit == unit)
+                .expect("every unit has a plan")
+        };
+        Indices {
+            vision: index(Unit::Vision),
+            perceiver: index(Unit::Perceiver),
+            text: index(Unit::Text),
+            layers: (0..self.model.layer_count())
+                .map(|layer| index(Unit::Layer(layer)))
+                .collect(),
+        }
+    }
+
+    /// Waits for the next unit of the pass, starts gathering the one after,
+    /// and points the model at the waited-for unit's whole weights.
+    fn acquire(&mut self, fetch: &mut Prefetcher) -> Result<(usize, Gathered), TrainError> {
+        let index = fetch.order[fetch.position];
+        let current = match fetch.ahead.take() {
+            Some(gathered) => gathered,
+            None => self.state.start_gather(index)?,
+        };
+        fetch.position += 1;
+        if let Some(&next) = fetch.order.get(fetch.position) {
+            fetch.ahead = Some(self.state.start_gather(next)?);
+        }
+        let ahead = fetch.ahead.as_ref().map_or(0, |gathered| gathered.bytes);
+        Ok((index, self.state.install(current, ahead)?))
+    }
+
+    fn mark(&mut self, phase: &'static str) {
+        mark(self.phases, phase);
+    }
+
+    fn bf16(
+        &self,
+        device: tch::Device,
+        f: impl FnOnce() -> Result<Tensor, TrainError>,
+    ) -> Result<Tensor, TrainError> {
+        crate::autocast::bf16(self.config.amp_bf16, device, f)
+    }
+
+    /// Backpropagates `upstream` from `output` (recomputed with a graph)
+    /// into the `leading` inputs and the trainable weights of unit `index`:
+    /// (the inputs' gradients, the weights' gradients), `None` where one
+    /// took no part.
+    #[allow(clippy::type_complexity)]
+    fn backward_unit(
+        &self,
+        index: usize,
+        output: &Tensor,
+        upstream: &Tensor,
+        leading: &[&Tensor],
+    ) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>), TrainError> {
+        let mut wrt = leading.to_vec();
+        wrt.extend(
+            self.state.plans()[index]
+                .trainable
+                .iter()
+                .map(|member| &member.tensor),
+        );
+        let upstream = upstream.to_kind(output.kind());
+        let mut grads = units::gradients(&[output], &[&upstream], &wrt)?;
+        let weights = grads.split_off(leading.len());
+        Ok((grads, weights))
+    }
+
+    /// Forward and backward of one dataset's micro-batch.
+    pub(crate) fn run(
+        &mut self,
+        batch: &TrainBatch,
+        multiplier: f64,
+    ) -> Result<MicroLoss, TrainError> {
+        let at = self.indices();
+        let embedding_trains = self.state.plans()[at.text].len > 0;
+        let mut order = vec![at.vision, at.perceiver, at.text];
+        order.extend(&at.layers);
+        order.push(at.text);
+        order.extend(at.layers.iter().rev());
+        if embedding_trains {
+            order.push(at.text);
+        }
+        order.push(at.perceiver);
+        let mut fetch = Prefetcher {
+            order,
+            position: 0,
+            ahead: None,
+        };
+        let Forward {
+            features,
+            media,
+            inputs,
+            layer_inputs,
+            last,
+        } = self.forward(batch, &mut fetch)?;
+        let mut backward = match self.head(batch, &mut fetch, last, multiplier)? {
+            Head::Finite(backward) => backward,
+            Head::NonFinite(mean) => {
+                return Ok(MicroLoss {
+                    mean,
+                    finite: false,
+                })
+            }
+        };
+        let mean = backward.mean;
+        self.layers_backward(&mut fetch, &media, &inputs, layer_inputs, &mut backward)?;
+        if embedding_trains {
+            self.embedding_backward(batch, &mut fetch, &mut backward)?;
+        }
+        self.perceiver_backward(&mut fetch, &features, backward.media_grad)?;
+        Ok(MicroLoss { mean, finite: true })
+    }
+
+    /// Vision, perceiver, embedding and layers without a graph, keeping
+    /// each layer's input.
+    fn forward(
+        &mut self,
+        batch: &TrainBatch,
+        fetch: &mut Prefetcher,
+    ) -> Result<Forward, TrainError> {
+        let device = batch.input_ids.device();
+        self.mark("data");
+        let (index, gathered) = self.acquire(fetch)?;
+        let features = self.bf16(device, || {
+            Ok(self.model.vision_features(&batch.vision_x)?)
+        })?;
+        self.state.release(index, gathered);
+        self.mark("vision forward");
+        let (index, gathered) = self.acquire(fetch)?;
+        let media = tch::no_grad(|| self.bf16(device, || Ok(self.model.perceive(&features)?)))?;
+        self.state.release(index, gathered);
+        self.mark("perceiver forward");
+        let inputs =
+            self.model
+                .text_inputs(&batch.input_ids, Some(&batch.attention_mask), &media)?;
+        let (index, gathered) = self.acquire(fetch)?;
+        let mut hidden =
+            tch::no_grad(|| self.bf16(device, || Ok(self.model.embed(&batch.input_ids))))?;
+        self.state.release(index, gathered);
+        let layers = self.model.layer_count();
+        let mut layer_inputs = Vec::with_capacity(layers);
+        for layer in 0..layers {
+            let (index, gathered) = self.acquire(fetch)?;
+            let next = tch::no_grad(|| {
+                self.bf16(device, || {
+                    Ok(self.model.layer(layer, &hidden, &media, &inputs)?)
+                })
+            })?;
+            self.state.release(index, gathered);
+            layer_inputs.push(std::mem::replace(&mut hidden, next));
+        }
+        self.mark("embedding and layers forward");
+        Ok(Forward {
+            features,
+            media,
+            inputs,
+            layer_inputs,
+            last: hidden,
+        })
+    }
+
+    /// The head, the loss and the head's backward from the last hidden
+    /// state.
+    fn head(
+        &mut self,
+        batch: &TrainBatch,
+        fetch: &mut Prefetcher,
+        hidden: Tensor,
+        multiplier: f64,
+    ) -> Result<Head, TrainError> {
+        let device = batch.input_ids.device();
+        let (index, gathered) = self.acquire(fetch)?;
+        let last = hidden.detach().set_requires_grad(true);
+        let logits = self.bf16(device, || Ok(self.model.head(&last)))?;
+        let loss = token_loss(self.group, &logits, &batch.labels)?;
+        if !loss.global_sum.is_finite() {
+            // Every rank sees the same sum, so all stop here together.
+            self.state.release(index, gathered);
+            return Ok(Head::NonFinite(loss.mean()));
+        }
+        let scale = Tensor::from(loss.scale(multiplier, self.config.gradient_accumulation_steps))
+            .to_kind(loss.summed.kind())
+            .to_device(device);
+        let (mut leading, text_grads) =
+            self.backward_unit(index, &loss.summed, &scale, &[&last])?;
+        drop(logits);
+        let upstream = leading
+            .remove(0)
+            .expect("the loss depends on the last hidden state");
+        self.state.release(index, gathered);
+        self.mark("head, loss and head backward");
+        Ok(Head::Finite(Backward {
+            mean: loss.mean(),
+            upstream,
+            text_grads,
+            media_grad: None,
+        }))
+    }
+
+    /// Each layer recomputed with a graph and backpropagated, last to
+    /// first; the media latents' gradient summed over the cross-attention
+    /// blocks.
+    fn layers_backward(
+        &mut self,
+        fetch: &mut Prefetcher,
+        media: &Tensor,
+        inputs: &flamingo_model::TextInputs,
+        mut layer_inputs: Vec<Tensor>,
+        backward: &mut Backward,
+    ) -> Result<(), TrainError> {
+        let device = media.device();
+        let media_leaf = media.detach().set_requires_grad(true);
+        for layer in (0..self.model.layer_count()).rev() {
+            let (index, gathered) = self.acquire(fetch)?;
+            // Each layer's input is freed once its backward is done.
+            let input = layer_inputs
+                .pop()
+                .expect("one input per layer")
+                .set_requires_grad(true);
+            let output = self.bf16(device, || {
+                Ok(self.model.layer(layer, &input, &media_leaf, inputs)?)
+            })?;
+            let sees_media = self.model.layer_sees_media(layer);
+            let mut leading = vec![&input];
+            if sees_media {
+                leading.push(&media_leaf);
+            }
+            let (mut inputs_grads, grads) =
+                self.backward_unit(index, &output, &backward.upstream, &leading)?;
+            backward.upstream = inputs_grads
+                .remove(0)
+                .expect("a layer's output depends on its input");
+            if let Some(grad) = inputs_grads.pop().flatten().filter(|_| sees_media) {
+                backward.media_grad = Some(match backward.media_grad.take() {
+                    Some(sum) => sum + grad.to_kind(Kind::Float),
+                    None => grad.to_kind(Kind::Float),
+                });
+            }
+            self.state.sink(index, &grads)?;
+            self.state.release(index, gathered);
+        }
+        self.mark("layers recompute and backward");
+        Ok(())
+    }
+
+    /// The input embedding (its `<image>` / `<|endofchunk|>` rows), with
+    /// the head's gradient of the same unit.
+    fn embedding_backward(
+        &mut self,
+        batch: &TrainBatch,
+        fetch: &mut Prefetcher,
+        backward: &mut Backward,
+    ) -> Result<(), TrainError> {
+        let device = batch.input_ids.device();
+        let (index, gathered) = self.acquire(fetch)?;
+        let embedded = self.bf16(device, || Ok(self.model.embed(&batch.input_ids)))?;
+        let (_, grads) = self.backward_unit(index, &embedded, &backward.upstream, &[])?;
+        for (sum, grad) in backward.text_grads.iter_mut().zip(grads) {
+            *sum = match (sum.take(), grad) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            };
+        }
+        self.state.sink(index, &backward.text_grads)?;
+        self.state.release(index, gathered);
+        Ok(())
+    }
+
+    /// The perceiver, from the media latents' summed gradient.
+    fn perceiver_backward(
+        &mut self,
+        fetch: &mut Prefetcher,
+        features: &Tensor,
+        media_grad: Option<Tensor>,
+    ) -> Result<(), TrainError> {
+        let device = features.device();
+        let (index, gathered) = self.acquire(fetch)?;
+        if let Some(media_grad) = media_grad {
+            let resampled = self.bf16(device, || Ok(self.model.perceive(features)?))?;
+            let (_, grads) = self.backward_unit(index, &resampled, &media_grad, &[])?;
+            self.state.sink(index, &grads)?;
+        }
+        self.state.release(index, gathered);
+        self.mark("embedding and perceiver backward");
+        Ok(())
+    }
+}
+
+/// What the forward half keeps for the backward half.
+struct Forward {
+    features: Tensor,
+    media: Tensor,
+    inputs: flamingo_model::TextInputs,
+    layer_inputs: Vec<Tensor>,
+    last: Tensor,
+}
+
+/// How the head's part ended.
+enum Head {
+    Finite(Backward),
+    /// The loss (the global mean) is not finite: the step is skipped.
+    NonFinite(f64),
+}
+
+/// The gradient flowing back through the pass.
+struct Backward {
+    mean: f64,
+    /// The gradient of the next unit's output (the hidden state).
+    upstream: Tensor,
+    /// The text unit's weight gradients from the head (the embedding adds
+    /// its own before they are sunk).
+    text_grads: Vec<Option<Tensor>>,
+    media_grad: Option<Tensor>,
+}

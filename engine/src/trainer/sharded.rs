@@ -1,0 +1,353 @@
+//! `full` and `hybrid`: each rank keeps 1/world of every unit's trainable
+//! fp32 values, optimizer state and frozen weights (`hybrid`: 1/node of
+//! them, the same on every node). A unit is gathered just before use and
+//! freed after; its gradient is reduce-scattered as soon as its backward is
+//! done (see [`crate::units`]).
+
+use flamingo_collectives::{ProcessGroup, ReduceOp};
+use tch::{Kind, Tensor};
+
+use super::loss::{clip, squared_norm};
+use super::state::{EmbeddingRows, MemoryUse, ParameterState, Update};
+use super::TrainError;
+use crate::units::{self, Gathered, UnitPlan, UnitShard};
+
+pub(crate) struct ShardedUnits<'g> {
+    /// The ranks a unit is sharded over: all of them (`full`) or this
+    /// node's (`hybrid`); `None` alone.
+    shard_group: Option<&'g ProcessGroup>,
+    /// `hybrid`: the ranks holding the same shard on the other nodes.
+    replicate_group: Option<&'g ProcessGroup>,
+    units: Vec<UnitPlan>,
+    /// This rank's part of each unit, by unit index.
+    shards: Vec<UnitShard>,
+    /// This rank's trainable shards, one after another.
+    local: Tensor,
+    total: i64,
+    embedding: Option<EmbeddingRows>,
+    /// AdamW's moments over `local`.
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    /// The reduced gradient shards, summed over the micro-steps.
+    accumulated: Tensor,
+    /// The most bytes of gathered (whole) units alive at once.
+    gathered_peak: i64,
+}
+
+impl<'g> ShardedUnits<'g> {
+    /// Keeps this rank's shard of every unit (rank 0's trainable values, as
+    /// FSDP's `sync_module_states`) and frees the whole weights.
+    pub(crate) fn new(
+        group: Option<&'g ProcessGroup>,
+        shard_group: Option<&'g ProcessGroup>,
+        replicate_group: Option<&'g ProcessGroup>,
+        units: Vec<UnitPlan>,
+        total: i64,
+        embedding: Option<EmbeddingRows>,
+        device: tch::Device,
+    ) -> Result<Self, TrainError> {
+        let world = shard_group.map_or(1, ProcessGroup::world_size);
+        let rank = shard_group.map_or(0, ProcessGroup::rank);
+        let mut local_len = 0;
+        let mut shards: Vec<UnitShard> = units
+            .iter()
+            .map(|plan| {
+                let len = if plan.len == 0 {
+                    0
+                } else {
+                    flamingo_collectives::shard_len(plan.len, world)
+                };
+                let shard = UnitShard {
+                    len,
+                    offset: local_len,
+                    frozen: None,
+                };
+                local_len += len;
+                shard
+            })
+            .collect();
+        let local = Tensor::zeros([local_len.max(1)], (Kind::Float, device));
+        for (plan, shard) in units.iter().zip(&mut shards) {
+            if shard.len > 0 {
+                let whole =
+                    units::concatenate(&plan.trainable, shard.len * world, Kind::Float, device);
+                if let Some(group) = group.filter(|_| world > 1) {
+                    group.broadcast(&whole, 0)?;
+                }
+                tch::no_grad(|| {
+                    local
+                        .narrow(0, shard.offset, shard.len)
+                        .copy_(&whole.narrow(0, rank * shard.len, shard.len))
+                });
+                for member in &plan.trainable {
+                    let _ = member.tensor.set_requires_grad(true);
+                }
+            }
+            if plan.frozen_len > 0 {
+                let length = flamingo_collectives::shard_len(plan.frozen_len, world);
+                let whole =
+                    units::concatenate(&plan.frozen, length * world, plan.frozen_kind, device);
+                shard.frozen = Some(whole.narrow(0, rank * length, length).copy());
+            }
+            units::release(plan);
+        }
+        Ok(Self {
+            shard_group,
+            replicate_group,
+            units,
+            shards,
+            exp_avg: local.zeros_like(),
+            exp_avg_sq: local.zeros_like(),
+            accumulated: local.zeros_like(),
+            local,
+            total,
+            embedding,
+            gathered_peak: 0,
+        })
+    }
+
+    fn rank(&self) -> i64 {
+        self.shard_group.map_or(0, ProcessGroup::rank)
+    }
+
+    fn world(&self) -> i64 {
+        self.shard_group.map_or(1, ProcessGroup::world_size)
+    }
+
+    /// The units with trainable values, with this rank's shard of each.
+    fn trainable_units(&self) -> impl Iterator<Item = (&UnitPlan, &UnitShard)> {
+        self.units
+            .iter()
+            .zip(&self.shards)
+            .filter(|(plan, _)| plan.len > 0)
+    }
+
+    /// For each range this rank owns: (flat-state start, local start,
+    /// length).
+    fn owned_pieces(&self) -> Vec<(i64, i64, i64)> {
+        let rank = self.rank();
+        self.trainable_units()
+            .map(|(plan, shard)| {
+                let (start, end) = shard.owned_by(plan, rank);
+                (start, shard.offset, end - start)
+            })
+            .filter(|(_, _, length)| *length > 0)
+            .collect()
+    }
+
+    fn gather_trainable(&self, shard: &UnitShard, len: i64) -> Result<Tensor, TrainError> {
+        let local = self.local.narrow(0, shard.offset, shard.len);
+        match self.shard_group.filter(|group| group.world_size() > 1) {
+            Some(group) => Ok(group.all_gather_flat(&local.copy(), len)?),
+            None => Ok(local.copy()),
+        }
+    }
+}
+
+impl ParameterState for ShardedUnits<'_> {
+    fn total(&self) -> i64 {
+        self.total
+    }
+
+    fn device(&self) -> tch::Device {
+        self.local.device()
+    }
+
+    fn plans(&self) -> &[UnitPlan] {
+        &self.units
+    }
+
+    fn layout(&self) -> Vec<(String, Vec<i64>, i64)> {
+        let mut layout: Vec<(String, Vec<i64>, i64)> = self
+            .units
+            .iter()
+            .flat_map(|plan| {
+                plan.trainable.iter().map(|member| {
+                    (
+                        member.name.clone(),
+                        member.shape.clone(),
+                        plan.start + member.offset,
+                    )
+                })
+            })
+            .collect();
+        layout.sort_by_key(|(_, _, offset)| *offset);
+        layout
+    }
+
+    /// Under `hybrid`, `rank` is a rank within the node (the first node's
+    /// ranks write checkpoints).
+    fn ranges_of(&self, rank: i64) -> Vec<(i64, i64)> {
+        self.trainable_units()
+            .map(|(plan, shard)| shard.owned_by(plan, rank))
+            .filter(|(start, end)| end > start)
+            .collect()
+    }
+
+    fn shard_world(&self) -> i64 {
+        self.world()
+    }
+
+    /// Every rank of `full`; under `hybrid` the first node's ranks (the
+    /// other nodes hold copies).
+    fn writes_checkpoints(&self) -> bool {
+        self.replicate_group.is_none_or(|group| group.rank() == 0)
+    }
+
+    fn owned_state(&self) -> (Tensor, Tensor, Tensor) {
+        let pieces = self.owned_pieces();
+        let take = |source: &Tensor| {
+            let parts: Vec<Tensor> = pieces
+                .iter()
+                .map(|(_, local, length)| source.narrow(0, *local, *length))
+                .collect();
+            if parts.is_empty() {
+                Tensor::zeros([0], (Kind::Float, source.device()))
+            } else {
+                Tensor::cat(&parts, 0)
+            }
+        };
+        (
+            take(&self.local),
+            take(&self.exp_avg),
+            take(&self.exp_avg_sq),
+        )
+    }
+
+    fn restore(&mut self, parameters: &Tensor, exp_avg: &Tensor, exp_avg_sq: &Tensor) {
+        tch::no_grad(|| {
+            for (start, local, length) in self.owned_pieces() {
+                for (target, source) in [
+                    (&self.local, parameters),
+                    (&self.exp_avg, exp_avg),
+                    (&self.exp_avg_sq, exp_avg_sq),
+                ] {
+                    target
+                        .narrow(0, local, length)
+                        .copy_(&source.narrow(0, start, length));
+                }
+            }
+        });
+    }
+
+    fn flat_parameters(&self) -> Result<Tensor, TrainError> {
+        let whole = Tensor::zeros([self.total], (Kind::Float, self.local.device()));
+        for (plan, shard) in self.trainable_units() {
+            let gathered = self.gather_trainable(shard, plan.len)?;
+            tch::no_grad(|| {
+                whole
+                    .narrow(0, plan.start, plan.len)
+                    .copy_(&gathered.narrow(0, 0, plan.len))
+            });
+        }
+        Ok(whole)
+    }
+
+    fn memory(&self) -> MemoryUse {
+        MemoryUse {
+            parameter_bytes: 4 * self.local.numel() as i64,
+            gradient_bytes: 4 * self.local.numel() as i64,
+            optimizer_bytes: 4 * 2 * self.exp_avg.numel() as i64,
+            frozen_bytes: self
+                .shards
+                .iter()
+                .filter_map(|shard| shard.frozen.as_ref())
+                .map(|frozen| frozen.numel() as i64 * frozen.kind().elt_size_in_bytes() as i64)
+                .sum(),
+            gathered_peak_bytes: self.gathered_peak,
+        }
+    }
+
+    fn recomputes(&self) -> bool {
+        true
+    }
+
+    fn start_gather(&self, index: usize) -> Result<Gathered, TrainError> {
+        units::start_gather(
+            index,
+            Some(&self.shards[index]),
+            &self.local,
+            self.shard_group,
+        )
+    }
+
+    fn install(&mut self, gathered: Gathered, ahead: i64) -> Result<Gathered, TrainError> {
+        self.gathered_peak = self.gathered_peak.max(gathered.bytes + ahead);
+        units::install(&self.units, gathered)
+    }
+
+    fn release(&self, index: usize, gathered: Gathered) {
+        units::release(&self.units[index]);
+        drop(gathered);
+    }
+
+    /// The unit's whole gradient is reduce-scattered at once and only this
+    /// rank's shard is kept (`hybrid`: summed over the nodes too).
+    fn sink(&mut self, index: usize, grads: &[Option<Tensor>]) -> Result<(), TrainError> {
+        let (plan, shard) = (&self.units[index], &self.shards[index]);
+        if plan.len == 0 {
+            return Ok(());
+        }
+        let world = self.world();
+        let device = self.local.device();
+        let whole = Tensor::zeros([shard.len * world], (Kind::Float, device));
+        units::place_gradients(&whole, plan, grads);
+        if let Some(embedding) = &self.embedding {
+            embedding.mask(&whole, plan.start, plan.len);
+        }
+        let reduced = match self.shard_group.filter(|_| world > 1) {
+            Some(group) => {
+                let reduced = Tensor::empty([shard.len], (Kind::Float, device));
+                group.reduce_scatter_tensor(&reduced, &whole, ReduceOp::Sum)?;
+                reduced
+            }
+            None => whole,
+        };
+        // `hybrid`: the other nodes computed the same shard's gradient on
+        // their own samples.
+        if let Some(replicas) = self.replicate_group.filter(|group| group.world_size() > 1) {
+            replicas.all_reduce(&reduced, ReduceOp::Sum)?;
+        }
+        let _ = self
+            .accumulated
+            .narrow(0, shard.offset, shard.len)
+            .g_add_(&reduced);
+        Ok(())
+    }
+
+    fn discard_gradients(&mut self) {
+        let _ = self.accumulated.zero_();
+    }
+
+    /// The accumulated shards are already reduced: clip by the global norm
+    /// and update each unit's shard with its own decay.
+    fn update(&mut self, update: &Update<'_>) -> Result<f64, TrainError> {
+        let mut gradient = self.accumulated.shallow_clone();
+        // Each node holds every shard once (`hybrid`: the same on every
+        // node), so the sum over one node's ranks is the global norm.
+        let local_squares = squared_norm(&gradient);
+        let squares = match self.shard_group.filter(|group| group.world_size() > 1) {
+            Some(group) => group.all_reduce_scalar(local_squares, ReduceOp::Sum)?,
+            None => local_squares,
+        };
+        let grad_norm = clip(&mut gradient, squares, update.max_grad_norm);
+        for (plan, shard) in self.units.iter().zip(&self.shards) {
+            if shard.len == 0 {
+                continue;
+            }
+            let (offset, len) = (shard.offset, shard.len);
+            update.optimizer.update_fused(
+                &self.local.narrow(0, offset, len),
+                &gradient.narrow(0, offset, len),
+                &self.exp_avg.narrow(0, offset, len),
+                &self.exp_avg_sq.narrow(0, offset, len),
+                update.step,
+                update.lr,
+                if plan.decay { update.weight_decay } else { 0.0 },
+            );
+        }
+        drop(gradient);
+        self.discard_gradients();
+        Ok(grad_norm)
+    }
+}

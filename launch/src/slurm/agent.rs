@@ -1,0 +1,67 @@
+//! `flamingoctl slurm agent`: one node's agent inside a Slurm job, as the
+//! job's `srun` step starts it on every node.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::Context;
+
+use super::script::command_line;
+use crate::local;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    #[arg(long)]
+    pub job_dir: PathBuf,
+    #[arg(long)]
+    pub coordinator: String,
+    #[arg(long, default_value_t = 1)]
+    pub slots: u32,
+    /// The allocation's data-service replica, for the ranks of training
+    /// jobs that name none.
+    #[arg(long)]
+    pub data_service: Option<String>,
+}
+
+/// `flamingoctl slurm agent`: one node's agent, as srun starts it. Named
+/// after the Slurm node, bound to the address on its route to the
+/// coordinator; replaces this process.
+pub fn exec_agent(args: &AgentArgs) -> anyhow::Error {
+    let run = || -> anyhow::Result<Command> {
+        let node = std::env::var("SLURMD_NODENAME").or_else(|_| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|name| name.trim().to_string())
+        })?;
+        let peer = args
+            .coordinator
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .trim_end_matches('/');
+        let address = flamingo_common::net::route_address(peer)
+            .with_context(|| format!("finding the route to the coordinator {peer}"))?;
+        let mut command = Command::new(local::binary("flamingo-worker")?);
+        command
+            .arg("agent")
+            .arg(format!("--coordinator={}", args.coordinator))
+            .arg(format!("--node-id={node}"))
+            .arg(format!("--address={address}"))
+            .arg(format!("--listen={address}:0"))
+            .arg(format!("--cpu-slots={}", args.slots))
+            .arg(format!(
+                "--state-dir={}",
+                args.job_dir.join("agents").join(&node).display()
+            ))
+            .arg("--drain-timeout-seconds=150");
+        if let Some(endpoint) = &args.data_service {
+            command.env("FLAMINGO_DATA_SERVICE", endpoint);
+        }
+        Ok(command)
+    };
+    match run() {
+        Ok(mut command) => {
+            use std::os::unix::process::CommandExt;
+            eprintln!("flamingo agent: {}", command_line(&command));
+            anyhow::Error::from(command.exec()).context("starting flamingo-worker agent")
+        }
+        Err(error) => error,
+    }
+}
