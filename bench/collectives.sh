@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 cargo build --release -p flamingo-bench --quiet
-exec target/release/bench-collectives "$@"
+exec "${CARGO_TARGET_DIR:-target}"/release/bench-collectives "$@"

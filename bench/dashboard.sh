@@ -9,4 +9,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 cargo build --release --workspace --bins --quiet
-exec target/release/bench-dashboard "$@"
+exec "${CARGO_TARGET_DIR:-target}"/release/bench-dashboard "$@"

@@ -22,7 +22,8 @@ if [[ "${1:-}" == "--prepare" ]]; then
     flamingo_setup_reference
     cargo build --release -p flamingo-bench -p flamingoctl --quiet
     rm -rf target/device && mkdir -p target/device/lib target/device/fallback
-    cp target/release/bench-gpu-step target/release/flamingoctl target/device/
+    release=${CARGO_TARGET_DIR:-target}/release
+    cp "$release/bench-gpu-step" "$release/flamingoctl" target/device/
     strip target/device/bench-gpu-step target/device/flamingoctl
     cp -L /lib/x86_64-linux-gnu/libjpeg.so.62 target/device/lib/
     cp -L /lib/x86_64-linux-gnu/libstdc++.so.6 target/device/fallback/

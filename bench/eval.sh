@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 flamingo_setup_reference
 cargo build --release -p flamingo-bench --quiet
-exec target/release/bench-eval "$@"
+exec "${CARGO_TARGET_DIR:-target}"/release/bench-eval "$@"

@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 flamingo_setup_reference
 cargo build --release -p flamingo-bench --quiet
-exec target/release/bench-model "$@"
+exec "${CARGO_TARGET_DIR:-target}"/release/bench-model "$@"

@@ -10,4 +10,4 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 flamingo_setup_reference
 cargo build --release --workspace --bins --quiet
-exec target/release/bench-recovery "$@"
+exec "${CARGO_TARGET_DIR:-target}"/release/bench-recovery "$@"

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 flamingo_setup_reference
 cargo build --release -p flamingoctl -p flamingo-worker --quiet
-bin="$PWD/target/release"
+bin=$(realpath -m "${CARGO_TARGET_DIR:-target}")/release
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"

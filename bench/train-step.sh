@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 flamingo_setup_reference
 cargo build --release -p flamingo-bench --quiet
-exec target/release/bench-train-step "$@"
+exec "${CARGO_TARGET_DIR:-target}"/release/bench-train-step "$@"

@@ -14,7 +14,7 @@ source scripts/setup.sh
 
 echo "== build"
 cargo build --workspace --bins --quiet
-bin=$PWD/target/debug
+bin=$(realpath -m "${CARGO_TARGET_DIR:-target}")/debug
 ctl() { "$bin/flamingoctl" "$@"; }
 
 export FLAMINGO_STATE_DIR=${FLAMINGO_STATE_DIR:-$PWD/.flamingo/demo}
