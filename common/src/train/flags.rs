@@ -79,7 +79,7 @@ impl TrainFlags {
             merged[field] = value.clone();
             // Decoded one flag at a time, so a bad value names its flag.
             serde_json::from_value::<TrainJob>(merged.clone())
-                .map_err(|error| CommonError::invalid(field, error.to_string()))?;
+                .map_err(|error| CommonError::invalid(format!("--{field}"), error.to_string()))?;
         }
         Ok(serde_json::from_value(merged).expect("checked field by field"))
     }
@@ -219,7 +219,7 @@ mod tests {
         assert_eq!(cosine.lr_scheduler, super::super::LrScheduler::Cosine);
         let error = parse(&["--lr_scheduler", "step"]).unwrap_err();
         assert!(
-            error.contains("lr_scheduler") && error.contains("step"),
+            error.contains("--lr_scheduler") && error.contains("step"),
             "{error}"
         );
         let error = parse(&["--batch_size_laion", "many"]).unwrap_err();
