@@ -5,6 +5,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use flamingo_common::progress::Progress;
+
 use crate::context::Context;
 use crate::tensorboard;
 
@@ -35,31 +37,27 @@ pub async fn run(args: &MetricsArgs, context: &Context) -> anyhow::Result<ExitCo
     let record = session.job(&job).await?;
     let mut writer = tensorboard::JobEvents::new(&dir.join(record.id.as_str()));
     let mut written = 0usize;
+    let mut progress = Progress::new("tensorboard", None).counting("points");
+    let place = format!("written under {}", writer.dir().display());
     loop {
         // The state first: points stored before it turned terminal are all
         // in the fetch that follows.
         let done = !args.follow || session.job(&job).await?.state.is_terminal();
         let points = session.metrics(&job).await?;
         written += writer.write_points(points.get(written..).unwrap_or_default())?;
-        eprint!(
-            "\r{written} point(s) written under {}   ",
-            writer.dir().display()
-        );
+        progress.update(written as u64, &place, None);
         if done {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     }
+    progress.finish();
     // The checkpoints' benchmark scores, as a run of their own.
     let evals = session.evals(&job).await?;
     let scores = tensorboard::write_evals(writer.dir(), &evals)?;
-    if scores > 0 {
-        eprint!(
-            "\r{written} point(s) and {scores} checkpoint(s)' eval scores written under {}",
-            writer.dir().display()
-        );
-    }
-    eprintln!();
+    eprintln!(
+        "{written} point(s) and {scores} checkpoint(s)' eval scores {place}; view them with:"
+    );
     eprintln!("tensorboard --logdir {}", dir.display());
     Ok(ExitCode::SUCCESS)
 }
