@@ -79,8 +79,13 @@ fn batch(job: &str, rank: u32, samples: Vec<pb::MetricSample>) -> pb::MetricsBat
         samples,
         dropped: 0,
         notes: Vec::new(),
+        rank_token: RANK_TOKEN.get().cloned().unwrap_or_default(),
     }
 }
+
+/// The simulated ranks' credential (the job's attempt 0), minted with the
+/// bench cluster's rank key once the job exists.
+static RANK_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// The job page's calls, as `app.js` makes them.
 fn page_urls(base: &str, job: &str) -> Vec<(&'static str, String)> {
@@ -212,10 +217,14 @@ fn viewers(
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
+    // Secure, as users run it: mutual TLS everywhere, ranks with credentials.
+    let credentials =
+        flamingo_launch::pki::ClusterCredentials::prepare(&dir.path().join("pki"), &[])?;
     let etcd_spec = EtcdSpec {
         data_dir: dir.path().join("etcd"),
         client_port: flamingo_common::net::free_local_port()?,
         peer_port: flamingo_common::net::free_local_port()?,
+        tls: Some(credentials.etcd.clone()),
     };
     let mut etcd = local::spawn_etcd(&etcd_spec, &dir.path().join("etcd.log"), false)?;
     local::wait_for_port(&etcd_spec.endpoint(), Duration::from_secs(20))?;
@@ -225,6 +234,7 @@ async fn main() -> anyhow::Result<()> {
         etcd_endpoint: etcd_spec.endpoint(),
         lease_ttl_seconds: 10,
         heartbeat_interval_ms: 1000,
+        tls: credentials.coordinator.clone(),
         extra_args: Vec::new(),
     };
     let log = dir.path().join("coordinator.log");
@@ -234,7 +244,15 @@ async fn main() -> anyhow::Result<()> {
         &format!("http://127.0.0.1:{}", spec.http_port),
         Duration::from_secs(20),
     )?;
-    let result = run(&args, &spec, &mut coordinator, &log, dir.path()).await;
+    let result = run(
+        &args,
+        &spec,
+        &credentials,
+        &mut coordinator,
+        &log,
+        dir.path(),
+    )
+    .await;
     let _ = coordinator.kill();
     let _ = coordinator.wait();
     let _ = etcd.kill();
@@ -256,12 +274,28 @@ struct Load {
 async fn run(
     args: &Args,
     spec: &CoordinatorSpec,
+    credentials: &flamingo_launch::pki::ClusterCredentials,
     coordinator: &mut std::process::Child,
     log: &Path,
     dir: &Path,
 ) -> anyhow::Result<()> {
-    let job = launch_job(spec).await?;
-    let nodes = NodeServiceClient::connect(spec.endpoint()).await?;
+    let job = launch_job(spec, credentials).await?;
+    let secret = credentials.pki.rank_secret()?;
+    let _ = RANK_TOKEN.set(flamingo_security::RankToken::mint(
+        &secret,
+        &job,
+        0,
+        24 * 3600,
+    ));
+    let node = credentials.node("sim")?.client()?;
+    let channel = flamingo_security::endpoint(
+        &spec.endpoint(),
+        node.as_ref(),
+        flamingo_security::COORDINATOR_NAME,
+    )?
+    .connect()
+    .await?;
+    let nodes = NodeServiceClient::new(channel);
     let started = Instant::now();
     let sent = prefill(args, &nodes, &job).await?;
     let pid = coordinator.id();
@@ -347,8 +381,12 @@ async fn run(
 
 /// A job to report to: a collective check no node can take (there are
 /// none), so it stays pending and its curves are all simulated.
-async fn launch_job(spec: &CoordinatorSpec) -> anyhow::Result<String> {
-    let mut session = flamingo_client::Session::open(&spec.endpoint()).await?;
+async fn launch_job(
+    spec: &CoordinatorSpec,
+    credentials: &flamingo_launch::pki::ClusterCredentials,
+) -> anyhow::Result<String> {
+    let admin = credentials.admin.client()?;
+    let mut session = flamingo_client::Session::open_with(&spec.endpoint(), admin.as_ref()).await?;
     let job = session
         .launch(&flamingo_common::JobSpec {
             name: "dashboard-bench".into(),
@@ -362,6 +400,7 @@ async fn launch_job(spec: &CoordinatorSpec) -> anyhow::Result<String> {
             },
             env: Default::default(),
             policy: Default::default(),
+            submitter: String::new(),
         })
         .await?;
     Ok(job.id.to_string())

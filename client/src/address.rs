@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use flamingo_proto::v1::job_service_client::JobServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::cluster::ClusterState;
 use crate::{ClientError, Result};
@@ -41,9 +41,23 @@ pub fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
     current.to_string()
 }
 
-/// A job API client of the coordinator at `address`.
+/// A job API client of the coordinator at `address`, with this process's
+/// credentials (`FLAMINGO_TLS_*`).
 pub async fn connect(address: &str) -> Result<JobServiceClient<Channel>> {
-    let endpoint = Endpoint::from_shared(address.to_string())
+    let tls =
+        flamingo_security::client_tls_from_env().map_err(|error| ClientError::Credentials {
+            message: error.to_string(),
+        })?;
+    connect_with(address, tls.as_ref()).await
+}
+
+/// A job API client of the coordinator at `address`: mutual TLS with `tls`,
+/// plain text without.
+pub async fn connect_with(
+    address: &str,
+    tls: Option<&flamingo_security::ClientTls>,
+) -> Result<JobServiceClient<Channel>> {
+    let endpoint = flamingo_security::endpoint(address, tls, flamingo_security::COORDINATOR_NAME)
         .map_err(|_| ClientError::BadAddress {
             address: address.to_string(),
         })?

@@ -26,6 +26,33 @@ pub struct ClusterState {
     pub nodes: u32,
     pub slots_per_node: u32,
     pub state_dir: PathBuf,
+    /// The cluster's certificate authority folder.
+    #[serde(default)]
+    pub pki: Option<PathBuf>,
+    /// The admin credential of the user who ran `up` (CA, certificate,
+    /// key): flamingoctl uses it when `FLAMINGO_TLS_*` are not set.
+    #[serde(default)]
+    pub admin: Option<[PathBuf; 3]>,
+}
+
+impl ClusterState {
+    /// Points this process's `FLAMINGO_TLS_*` at the admin credential of
+    /// the local cluster in `state_dir`, unless they are already set.
+    /// Called first thing in `main`, before any thread starts.
+    pub fn use_admin_credentials(state_dir: &Path) {
+        if std::env::var_os(flamingo_security::ENV_CERT).is_some() {
+            return;
+        }
+        if let Ok(Some(Self {
+            admin: Some([ca, cert, key]),
+            ..
+        })) = Self::load(state_dir)
+        {
+            std::env::set_var(flamingo_security::ENV_CA, ca);
+            std::env::set_var(flamingo_security::ENV_CERT, cert);
+            std::env::set_var(flamingo_security::ENV_KEY, key);
+        }
+    }
 }
 
 impl ClusterState {

@@ -22,6 +22,9 @@ pub enum ClientError {
     Answer { address: String, message: String },
     #[error("job {job}: {message}")]
     Job { job: String, message: String },
+    /// This process's TLS credentials cannot be used.
+    #[error("credentials: {message}")]
+    Credentials { message: String },
     /// A local file (the cluster record, an output) failed.
     #[error("{path}: {message}")]
     File { path: String, message: String },

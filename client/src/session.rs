@@ -18,10 +18,22 @@ pub struct Session {
 }
 
 impl Session {
+    /// With this process's credentials (`FLAMINGO_TLS_*`).
     pub async fn open(address: &str) -> Result<Self> {
         Ok(Self {
             address: address.to_string(),
             client: crate::address::connect(address).await?,
+        })
+    }
+
+    /// With `tls` (plain text when `None`).
+    pub async fn open_with(
+        address: &str,
+        tls: Option<&flamingo_security::ClientTls>,
+    ) -> Result<Self> {
+        Ok(Self {
+            address: address.to_string(),
+            client: crate::address::connect_with(address, tls).await?,
         })
     }
 

@@ -47,6 +47,7 @@ impl TryFrom<pb::JobSpec> for JobSpec {
             kind,
             env: spec.env.into_iter().collect::<BTreeMap<_, _>>(),
             policy: spec.policy.map(JobPolicy::from).unwrap_or_default(),
+            submitter: spec.submitter,
         };
         spec.validate()?;
         Ok(spec)
@@ -80,6 +81,7 @@ impl From<&JobSpec> for pb::JobSpec {
             kind: Some(kind),
             env: spec.env.clone().into_iter().collect(),
             policy: Some(pb::JobPolicy::from(&spec.policy)),
+            submitter: spec.submitter.clone(),
         }
     }
 }
@@ -319,6 +321,7 @@ mod tests {
         let mut job = JobRecord::new(
             JobId("job-1".into()),
             JobSpec {
+                submitter: String::new(),
                 name: "check".into(),
                 nodes: 2,
                 slots_per_node: 2,

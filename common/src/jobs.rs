@@ -104,6 +104,10 @@ pub struct JobSpec {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub policy: JobPolicy,
+    /// Who launched it: the coordinator sets it from the caller's
+    /// credential, whatever the request says.
+    #[serde(default)]
+    pub submitter: String,
 }
 
 impl JobSpec {
@@ -452,6 +456,7 @@ mod tests {
 
     fn spec(kind: JobKind) -> JobSpec {
         JobSpec {
+            submitter: String::new(),
             name: String::new(),
             nodes: 2,
             slots_per_node: 2,

@@ -41,6 +41,7 @@ mod tests {
 
     fn train(run: Value) -> JobSpec {
         JobSpec {
+            submitter: String::new(),
             name: String::new(),
             nodes: 2,
             slots_per_node: 2,

@@ -5,25 +5,29 @@ use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use flamingo_common::{JobId, JobSpec, NodeId};
+use flamingo_common::{JobId, JobRecord, JobSpec, NodeId};
 use flamingo_proto::v1 as pb;
 use flamingo_proto::v1::agent_service_client::AgentServiceClient;
+use flamingo_security::Role;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
+use crate::auth::{Auth, Caller};
 use crate::cluster::RankOutcome;
 use crate::service::{Coordinator, Registration};
 use crate::CoordinatorError;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// The job API: users (and eval ranks reporting scores).
 #[derive(Clone)]
-pub struct JobApi(pub Arc<Coordinator>);
+pub struct JobApi(pub Arc<Coordinator>, pub Arc<Auth>);
 
+/// The node API: agents, and ranks reporting metrics and checkpoints.
 #[derive(Clone)]
-pub struct NodeApi(pub Arc<Coordinator>);
+pub struct NodeApi(pub Arc<Coordinator>, pub Arc<Auth>);
 
 fn port(value: u32, field: &str) -> Result<u16, Status> {
     u16::try_from(value)
@@ -36,16 +40,20 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         request: Request<pb::LaunchRequest>,
     ) -> Result<Response<pb::LaunchResponse>, Status> {
+        let caller = self.1.user(&request, Role::Submitter, "launch")?;
         let spec = request
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: missing"))?;
-        let spec = JobSpec::try_from(spec).map_err(CoordinatorError::from)?;
+        let mut spec = JobSpec::try_from(spec).map_err(CoordinatorError::from)?;
+        self.1.admit(&caller, &spec)?;
+        spec.submitter = caller.principal();
         let span = tracing::info_span!(
             "launch",
             name = %spec.name,
             kind = spec.kind.label(),
             nodes = spec.nodes,
+            submitter = %spec.submitter,
             job = tracing::field::Empty
         );
         let job = self.0.launch(spec).instrument(span.clone()).await?;
@@ -59,6 +67,7 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         request: Request<pb::JobMetricsRequest>,
     ) -> Result<Response<pb::JobMetricsResponse>, Status> {
+        self.1.user(&request, Role::Viewer, "job metrics")?;
         let points = self.0.metrics(&JobId(request.into_inner().job_id)).await?;
         Ok(Response::new(pb::JobMetricsResponse {
             points: points.iter().map(pb::MetricPoint::from).collect(),
@@ -69,6 +78,7 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         request: Request<pb::EvalReport>,
     ) -> Result<Response<pb::EvalReportResponse>, Status> {
+        self.authorize_eval_report(&request).await?;
         let report = request.into_inner();
         let job_id = JobId(report.job_id.clone());
         tracing::info!(job = %job_id, step = report.step, dataset = %report.dataset, "eval report");
@@ -82,6 +92,7 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         request: Request<pb::JobEvalsRequest>,
     ) -> Result<Response<pb::JobEvalsResponse>, Status> {
+        self.1.user(&request, Role::Viewer, "job evals")?;
         let job_id = JobId(request.into_inner().job_id);
         let evals = self.0.evals(&job_id).await?;
         Ok(Response::new(pb::JobEvalsResponse {
@@ -96,19 +107,24 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::GetJobResponse>, Status> {
+        let caller = self.1.user(&request, Role::Viewer, "get job")?;
         let job = self.0.job(&JobId(request.into_inner().job_id)).await?;
         Ok(Response::new(pb::GetJobResponse {
-            job: Some(pb::Job::from(&job)),
+            job: Some(pb::Job::from(&self.1.redact(&caller, job))),
         }))
     }
 
     async fn list_jobs(
         &self,
-        _request: Request<pb::ListJobsRequest>,
+        request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let caller = self.1.user(&request, Role::Viewer, "list jobs")?;
         let jobs = self.0.jobs().await;
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs.iter().map(pb::Job::from).collect(),
+            jobs: jobs
+                .into_iter()
+                .map(|job| pb::Job::from(&self.1.redact(&caller, job)))
+                .collect(),
         }))
     }
 
@@ -116,7 +132,17 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         request: Request<pb::StopJobRequest>,
     ) -> Result<Response<pb::StopJobResponse>, Status> {
-        let job = self.0.stop(&JobId(request.into_inner().job_id)).await?;
+        let caller = self.1.user(&request, Role::Submitter, "stop")?;
+        let job_id = JobId(request.into_inner().job_id);
+        let job = self.0.job(&job_id).await?;
+        if !caller.owns(&job) {
+            return Err(Status::permission_denied(format!(
+                "stop {job_id}: only its submitter ({}) or an admin may stop it",
+                job.spec.submitter
+            )));
+        }
+        tracing::info!(job = %job_id, by = %caller.principal(), "stop requested");
+        let job = self.0.stop(&job_id).await?;
         Ok(Response::new(pb::StopJobResponse {
             job: Some(pb::Job::from(&job)),
         }))
@@ -128,6 +154,7 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        self.1.user(&request, Role::Viewer, "watch job")?;
         let request = request.into_inner();
         let events = self
             .0
@@ -139,8 +166,9 @@ impl pb::job_service_server::JobService for JobApi {
 
     async fn list_nodes(
         &self,
-        _request: Request<pb::ListNodesRequest>,
+        request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.1.user(&request, Role::Viewer, "list nodes")?;
         let nodes = self
             .0
             .nodes()
@@ -165,6 +193,7 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         request: Request<pb::JobLogsRequest>,
     ) -> Result<Response<Self::JobLogsStream>, Status> {
+        self.1.user(&request, Role::Viewer, "job logs")?;
         let request = request.into_inner();
         let job_id = JobId(request.job_id.clone());
         let endpoint = self.0.log_endpoint(&job_id, request.rank).await?;
@@ -173,9 +202,16 @@ impl pb::job_service_server::JobService for JobApi {
             rank: request.rank,
             message,
         };
-        let mut agent = AgentServiceClient::connect(endpoint.clone())
-            .await
-            .map_err(|error| logs_error(format!("cannot reach agent at {endpoint}: {error}")))?;
+        let channel = flamingo_security::endpoint(
+            &endpoint,
+            self.1.agent_tls.as_ref(),
+            flamingo_security::AGENT_NAME,
+        )
+        .map_err(|error| logs_error(error.to_string()))?
+        .connect()
+        .await
+        .map_err(|error| logs_error(format!("cannot reach agent at {endpoint}: {error}")))?;
+        let mut agent = AgentServiceClient::new(channel);
         let stream = agent
             .read_log(pb::ReadLogRequest {
                 job_id: request.job_id.clone(),
@@ -194,10 +230,11 @@ impl pb::node_service_server::NodeService for NodeApi {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let request = request.into_inner();
-        if request.node_id.is_empty() {
+        if request.get_ref().node_id.is_empty() {
             return Err(Status::invalid_argument("node_id: empty"));
         }
+        self.1.node(&request, &request.get_ref().node_id)?;
+        let request = request.into_inner();
         let registration = Registration {
             protocol_version: request.protocol_version,
             node_id: NodeId(request.node_id),
@@ -221,6 +258,7 @@ impl pb::node_service_server::NodeService for NodeApi {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
+        let caller = self.1.caller(&request)?;
         let mut incoming = request.into_inner();
         let first = incoming
             .message()
@@ -232,6 +270,15 @@ impl pb::node_service_server::NodeService for NodeApi {
             ));
         };
         let node_id = NodeId(heartbeat.node_id.clone());
+        match &caller {
+            Caller::Local => {}
+            Caller::Peer(flamingo_security::Identity::Node { id }) if *id == node_id.0 => {}
+            Caller::Peer(identity) => {
+                return Err(Status::permission_denied(format!(
+                    "only node {node_id}'s own certificate may attach as it; this is {identity}"
+                )))
+            }
+        }
         let (sender, receiver) = tokio::sync::mpsc::channel(256);
         let initial = self.0.attach(&node_id, sender.clone()).await?;
         for message in initial {
@@ -265,13 +312,26 @@ impl pb::node_service_server::NodeService for NodeApi {
             }
             coordinator.detach(&node_id, &sender).await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+        // Each attempt's ranks get its credential with their assignment.
+        let auth = self.1.clone();
+        let stamped = ReceiverStream::new(receiver).map(move |message| {
+            message.map(|mut message| {
+                if let Some(pb::coordinator_message::Kind::Start(start)) = message.kind.as_mut() {
+                    for rank in &mut start.ranks {
+                        rank.rank_token = auth.mint(&rank.job_id, rank.attempt);
+                    }
+                }
+                message
+            })
+        });
+        Ok(Response::new(Box::pin(stamped)))
     }
 
     async fn report_rank(
         &self,
         request: Request<pb::RankReport>,
     ) -> Result<Response<pb::RankReportResponse>, Status> {
+        self.1.node(&request, &request.get_ref().node_id)?;
         let report = request.into_inner();
         let outcome = match report.event {
             Some(pb::rank_report::Event::Started(started)) => {
@@ -297,6 +357,9 @@ impl pb::node_service_server::NodeService for NodeApi {
         &self,
         request: Request<pb::MetricsReport>,
     ) -> Result<Response<pb::MetricsReportResponse>, Status> {
+        let report = request.get_ref();
+        self.authorize_rank(&request, &report.job_id, report.attempt, &report.rank_token)
+            .await?;
         let report = request.into_inner();
         tracing::debug!(job = %report.job_id, rank = report.rank, step = report.step, values = ?report.values, "metrics");
         let job_id = JobId(report.job_id);
@@ -320,6 +383,9 @@ impl pb::node_service_server::NodeService for NodeApi {
         &self,
         request: Request<pb::MetricsBatch>,
     ) -> Result<Response<pb::MetricsReportResponse>, Status> {
+        let batch = request.get_ref();
+        self.authorize_rank(&request, &batch.job_id, batch.attempt, &batch.rank_token)
+            .await?;
         let batch = request.into_inner();
         let job_id = JobId(batch.job_id);
         let (rank, attempt) = (batch.rank, batch.attempt);
@@ -365,6 +431,9 @@ impl pb::node_service_server::NodeService for NodeApi {
         &self,
         request: Request<pb::CommitCheckpointRequest>,
     ) -> Result<Response<pb::CommitCheckpointResponse>, Status> {
+        let commit = request.get_ref();
+        self.authorize_rank(&request, &commit.job_id, commit.attempt, &commit.rank_token)
+            .await?;
         let request = request.into_inner();
         if request.path.is_empty() {
             return Err(Status::invalid_argument("commit_checkpoint.path: empty"));
@@ -396,9 +465,63 @@ impl pb::node_service_server::NodeService for NodeApi {
         &self,
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        self.1.node(&request, &request.get_ref().node_id)?;
         self.0
             .deregister(&NodeId(request.into_inner().node_id))
             .await?;
         Ok(Response::new(pb::DeregisterResponse {}))
+    }
+}
+
+impl NodeApi {
+    /// A rank's call: its node's certificate, and the credential of the
+    /// job's current attempt.
+    async fn authorize_rank<T>(
+        &self,
+        request: &Request<T>,
+        job_id: &str,
+        attempt: u32,
+        token: &str,
+    ) -> Result<(), Status> {
+        self.1.rank(request, job_id, attempt, token)?;
+        let job = self.0.job(&JobId(job_id.to_string())).await?;
+        if job.attempt != attempt || job.state.is_terminal() {
+            return Err(Status::permission_denied(format!(
+                "job {job_id} attempt {attempt} is no longer live (the job is {} at attempt {})",
+                job.state.as_str(),
+                job.attempt
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl JobApi {
+    /// Scores come from the job's submitter or an admin, or from a rank of
+    /// a live eval job with its credential.
+    async fn authorize_eval_report(&self, request: &Request<pb::EvalReport>) -> Result<(), Status> {
+        let report = request.get_ref();
+        if !report.rank_token.is_empty() {
+            let token_job = report
+                .rank_token
+                .split(':')
+                .nth(1)
+                .unwrap_or_default()
+                .to_string();
+            let job = self.0.job(&JobId(token_job.clone())).await?;
+            return NodeApi(self.0.clone(), self.1.clone())
+                .authorize_rank(request, &token_job, job.attempt, &report.rank_token)
+                .await;
+        }
+        let caller = self.1.user(request, Role::Submitter, "report eval")?;
+        let job: JobRecord = self.0.job(&JobId(report.job_id.clone())).await?;
+        if caller.owns(&job) {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "report eval for {}: only its submitter or an admin",
+                report.job_id
+            )))
+        }
     }
 }

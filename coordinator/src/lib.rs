@@ -4,6 +4,7 @@
 
 pub mod admission;
 pub mod archive;
+pub mod auth;
 pub mod cluster;
 mod error;
 mod grpc;
@@ -70,6 +71,23 @@ pub struct Config {
         value_parser = parse_http_listen
     )]
     pub http_listen: HttpListen,
+    /// Mutual TLS for the gRPC API and for etcd (the cluster CA, this
+    /// coordinator's certificate and key); `--insecure` for plain text on
+    /// loopback.
+    #[command(flatten)]
+    pub tls: flamingo_security::TlsFiles,
+    /// Revoked certificate serials, one per line (re-read every 2 s);
+    /// default: `revoked` next to --tls-ca.
+    #[arg(long = "tls-revoked", env = "FLAMINGO_TLS_REVOKED")]
+    pub tls_revoked: Option<std::path::PathBuf>,
+    /// The key rank credentials are signed with (hex); default
+    /// `rank.secret` next to --tls-ca.
+    #[arg(long = "rank-secret-file", env = "FLAMINGO_RANK_SECRET_FILE")]
+    pub rank_secret_file: Option<std::path::PathBuf>,
+    /// Accept command jobs (`flamingoctl launch -- <cmd>`), from admins
+    /// only. Off by default: a command job runs any program on every node.
+    #[arg(long, env = "FLAMINGO_ALLOW_COMMAND_JOBS")]
+    pub allow_command_jobs: bool,
 }
 
 /// Where the coordinator's HTTP server listens, if anywhere.
@@ -91,6 +109,40 @@ fn parse_http_listen(text: &str) -> Result<HttpListen, flamingo_common::CommonEr
 }
 
 impl Config {
+    /// A file next to the CA certificate, unless `flag` names one.
+    fn beside_ca(
+        &self,
+        flag: &Option<std::path::PathBuf>,
+        name: &str,
+    ) -> Option<std::path::PathBuf> {
+        flag.clone().or_else(|| {
+            let dir = self.tls.ca.as_ref()?.parent()?;
+            let path = dir.join(name);
+            path.exists().then_some(path)
+        })
+    }
+
+    /// Authentication and authorization from the TLS flags.
+    fn auth(&self) -> anyhow::Result<std::sync::Arc<auth::Auth>> {
+        let secure = self.tls.ca.is_some();
+        let rank_secret = match self.beside_ca(&self.rank_secret_file, "rank.secret") {
+            Some(path) => Some(flamingo_security::read_secret(&path)?),
+            None if secure => anyhow::bail!(
+                "--rank-secret-file: not given and no rank.secret next to --tls-ca (flamingoctl up writes one)"
+            ),
+            None => None,
+        };
+        let agent_tls = self.tls.client()?;
+        Ok(auth::Auth::new(
+            secure,
+            self.beside_ca(&self.tls_revoked, "revoked")
+                .or_else(|| Some(self.tls.ca.as_ref()?.parent()?.join("revoked"))),
+            rank_secret,
+            self.allow_command_jobs,
+            agent_tls,
+        ))
+    }
+
     /// Where jobs' metric files are kept on this machine.
     pub fn metrics_dir(&self) -> std::path::PathBuf {
         self.metrics_dir
@@ -149,6 +201,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
         None => None,
     };
+    let tls = config.tls.server("coordinator", &config.listen)?;
+    let auth = config.auth()?;
+    auth.watch_revocations(std::time::Duration::from_secs(2));
     let (coordinator, revision) = service::Coordinator::start(config.clone()).await?;
     let syncer = archive.map(|archive| {
         let (dir, shutdown) = (config.metrics_dir(), shutdown.clone());
@@ -222,12 +277,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
         None => None,
     };
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .add_service(pb::job_service_server::JobServiceServer::new(grpc::JobApi(
             coordinator.clone(),
+            auth.clone(),
         )))
         .add_service(pb::node_service_server::NodeServiceServer::new(
-            grpc::NodeApi(coordinator),
+            grpc::NodeApi(coordinator, auth),
         ))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

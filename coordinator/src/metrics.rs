@@ -123,6 +123,7 @@ impl EvalRecord {
                 .collect(),
             samples: self.samples,
             checkpoint: self.checkpoint.clone(),
+            rank_token: String::new(),
             unix_ms: self.unix_ms,
         }
     }

@@ -42,7 +42,15 @@ pub struct Coordinator {
 impl Coordinator {
     /// Connects to etcd and rebuilds the state a previous coordinator left.
     pub async fn start(config: Config) -> Result<(Arc<Self>, i64), CoordinatorError> {
-        let store = EtcdStore::connect(&config.etcd_endpoints, &config.etcd_prefix).await?;
+        let tls = config
+            .tls
+            .client()
+            .map_err(|error| CoordinatorError::Etcd {
+                action: "load the TLS credentials for etcd".into(),
+                message: error.to_string(),
+            })?;
+        let store =
+            EtcdStore::connect(&config.etcd_endpoints, &config.etcd_prefix, tls.as_ref()).await?;
         let snapshot = store.load().await?;
         let mut cluster = Cluster {
             booted_ms: unix_ms(),

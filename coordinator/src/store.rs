@@ -47,14 +47,29 @@ fn decode_all<T: serde::de::DeserializeOwned>(
 }
 
 impl EtcdStore {
-    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, CoordinatorError> {
-        let client =
-            Client::connect(endpoints, None)
-                .await
-                .map_err(|source| CoordinatorError::Etcd {
-                    action: format!("connect to {}", endpoints.join(",")),
-                    message: source.to_string(),
-                })?;
+    /// Connects to etcd; with `tls`, over mutual TLS checking etcd's
+    /// certificate for [`flamingo_security::ETCD_NAME`].
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        tls: Option<&flamingo_security::ClientTls>,
+    ) -> Result<Self, CoordinatorError> {
+        // TLS when the endpoints say https (etcd started by flamingo); an
+        // operator's own etcd may be plain text on a private network.
+        let tls = tls.filter(|_| {
+            endpoints
+                .iter()
+                .any(|endpoint| endpoint.starts_with("https://"))
+        });
+        let options = tls.map(|tls| {
+            etcd_client::ConnectOptions::new().with_tls(tls.config(flamingo_security::ETCD_NAME))
+        });
+        let client = Client::connect(endpoints, options)
+            .await
+            .map_err(|source| CoordinatorError::Etcd {
+                action: format!("connect to {}", endpoints.join(",")),
+                message: source.to_string(),
+            })?;
         Ok(Self {
             client,
             prefix: prefix.trim_end_matches('/').to_string(),

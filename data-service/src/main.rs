@@ -7,6 +7,7 @@ use clap::Parser;
 use flamingo_data::store::StorageOptions;
 use server::{serve, DataService, ServiceConfig};
 
+mod access;
 mod server;
 
 #[derive(Debug, Parser)]
@@ -28,6 +29,50 @@ struct Args {
     /// Endpoint of an S3-compatible server for s3:// URLs.
     #[arg(long, env = "FLAMINGO_S3_ENDPOINT")]
     s3_endpoint: Option<String>,
+    /// Storage locations this service reads (local folders, or URL
+    /// prefixes like s3://bucket/laion/), repeatable; default
+    /// $FLAMINGO_HOME/data. A spec naming anything else is refused.
+    #[arg(
+        long = "allow-prefix",
+        env = "FLAMINGO_DATA_ALLOW_PREFIX",
+        value_delimiter = ','
+    )]
+    allow_prefix: Vec<String>,
+    /// Also read http(s):// sources.
+    #[arg(long)]
+    allow_http: bool,
+    /// The cluster's rank key (hex): ranks' credentials are checked with
+    /// it; default `rank.secret` next to --tls-ca.
+    #[arg(long = "rank-secret-file", env = "FLAMINGO_RANK_SECRET_FILE")]
+    rank_secret_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    tls: flamingo_security::TlsFiles,
+}
+
+impl Args {
+    fn access(&self) -> anyhow::Result<access::Access> {
+        let prefixes = if self.allow_prefix.is_empty() {
+            vec![flamingo_common::paths::flamingo_home()
+                .join("data")
+                .display()
+                .to_string()]
+        } else {
+            self.allow_prefix.clone()
+        };
+        let secret_file = self.rank_secret_file.clone().or_else(|| {
+            let path = self.tls.ca.as_ref()?.parent()?.join("rank.secret");
+            path.exists().then_some(path)
+        });
+        let rank_secret = secret_file
+            .map(|path| flamingo_security::read_secret(&path))
+            .transpose()?;
+        Ok(access::Access {
+            prefixes,
+            allow_http: self.allow_http,
+            secure: self.tls.ca.is_some(),
+            rank_secret,
+        })
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,7 +81,7 @@ fn main() -> anyhow::Result<()> {
     let mut config = ServiceConfig {
         read_ahead: args.read_ahead,
         storage: StorageOptions {
-            s3_endpoint: args.s3_endpoint,
+            s3_endpoint: args.s3_endpoint.clone(),
         },
         ..ServiceConfig::default()
     };
@@ -45,12 +90,18 @@ fn main() -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
+        let tls = args.tls.server("data service", &args.listen)?;
+        let access = args.access()?;
+        tracing::info!(prefixes = ?access.prefixes, tls = tls.is_some(), "data service access");
         let service = Arc::new(DataService::new(config)?);
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .map_err(|error| anyhow::anyhow!("cannot listen on {}: {error}", args.listen))?;
         tracing::info!(address = %listener.local_addr()?, "data service listening");
         let shutdown = flamingo_common::telemetry::shutdown_on_signals();
-        serve(service, listener, async move { shutdown.cancelled().await }).await
+        serve(service, access, tls, listener, async move {
+            shutdown.cancelled().await
+        })
+        .await
     })
 }

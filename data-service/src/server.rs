@@ -207,7 +207,7 @@ impl DataService {
 
 /// The tonic adapter.
 #[derive(Debug, Clone)]
-pub struct Grpc(pub Arc<DataService>);
+pub struct Grpc(pub Arc<DataService>, pub Arc<crate::access::Access>);
 
 #[tonic::async_trait]
 impl pb::data_service_server::DataService for Grpc {
@@ -217,6 +217,9 @@ impl pb::data_service_server::DataService for Grpc {
         &self,
         request: tonic::Request<pb::StreamBatchesRequest>,
     ) -> Result<tonic::Response<Self::StreamBatchesStream>, tonic::Status> {
+        self.1
+            .check_caller(&request, &request.get_ref().rank_token)?;
+        self.1.check_spec(&request.get_ref().spec_toml)?;
         let receiver = self.0.stream(request.into_inner()).await?;
         Ok(tonic::Response::new(ReceiverStream::new(receiver)))
     }
@@ -225,6 +228,7 @@ impl pb::data_service_server::DataService for Grpc {
         &self,
         request: tonic::Request<pb::ValidateSpecRequest>,
     ) -> Result<tonic::Response<pb::ValidateSpecResponse>, tonic::Status> {
+        self.1.check_spec(&request.get_ref().spec_toml)?;
         let (shards, samples) = self.0.validate(&request.into_inner().spec_toml).await?;
         Ok(tonic::Response::new(pb::ValidateSpecResponse {
             shards,
@@ -236,12 +240,18 @@ impl pb::data_service_server::DataService for Grpc {
 /// Serves on `listener` until `shutdown` resolves.
 pub async fn serve(
     service: Arc<DataService>,
+    access: crate::access::Access,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .add_service(
-            pb::data_service_server::DataServiceServer::new(Grpc(service))
+            pb::data_service_server::DataServiceServer::new(Grpc(service, Arc::new(access)))
                 .max_encoding_message_size(usize::MAX),
         )
         .serve_with_incoming_shutdown(

@@ -18,6 +18,34 @@ struct Replica {
     port: u16,
 }
 
+/// The replicas' certificate, the CA's, and (set once in this process's
+/// `FLAMINGO_TLS_*`) a submitter's client certificate, as a user streaming
+/// from the service would have.
+fn service_tls() -> &'static flamingo_security::TlsFiles {
+    static TLS: std::sync::OnceLock<(tempfile::TempDir, flamingo_security::TlsFiles)> =
+        std::sync::OnceLock::new();
+    let (_, files) = TLS.get_or_init(|| {
+        use flamingo_security::{Identity, Pki, Role};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pki = Pki::init(&dir.path().join("pki")).expect("a CA");
+        let day = Duration::from_secs(86_400);
+        let hosts = ["127.0.0.1".to_string()];
+        let service = pki
+            .issue(&Identity::service("data-service"), day, &hosts)
+            .expect("issued");
+        let user = pki
+            .issue(&Identity::user("tester", Role::Submitter), day, &[])
+            .expect("issued");
+        let client = flamingo_security::TlsFiles::new(&pki.ca_cert(), &user.cert, &user.key);
+        for (name, path) in client.env() {
+            std::env::set_var(name, path);
+        }
+        let files = flamingo_security::TlsFiles::new(&pki.ca_cert(), &service.cert, &service.key);
+        (dir, files)
+    });
+    files
+}
+
 impl Replica {
     fn start(port: u16) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_flamingo-data-service"))
@@ -28,7 +56,10 @@ impl Replica {
                 "2",
                 "--read-ahead",
                 "2",
+                "--allow-prefix",
+                &std::env::temp_dir().display().to_string(),
             ])
+            .args(service_tls().args())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -192,9 +223,19 @@ async fn a_missing_shard_is_refused_by_url() {
         .expect("spec")
         .to_toml();
     let replica = Replica::start(free_port());
-    let mut client = pb::data_service_client::DataServiceClient::connect(replica.endpoint())
-        .await
-        .expect("connects");
+    let tls = flamingo_security::client_tls_from_env()
+        .expect("credentials")
+        .expect("set by service_tls");
+    let channel = flamingo_security::endpoint(
+        &replica.endpoint(),
+        Some(&tls),
+        flamingo_security::DATA_SERVICE_NAME,
+    )
+    .expect("endpoint")
+    .connect()
+    .await
+    .expect("connects");
+    let mut client = pb::data_service_client::DataServiceClient::new(channel);
     let status = client
         .validate_spec(pb::ValidateSpecRequest {
             spec_toml: spec.clone(),

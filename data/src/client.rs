@@ -74,7 +74,11 @@ impl BatchStream {
 fn refused(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
-        tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition
+        tonic::Code::InvalidArgument
+            | tonic::Code::NotFound
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::PermissionDenied
+            | tonic::Code::Unauthenticated
     )
 }
 
@@ -125,14 +129,25 @@ async fn feed(
             batch_size: config.batch_size,
             image_format: pb::ImageFormat::from(config.image_format) as i32,
             end_epoch: config.end_epoch,
+            // The rank's credential (the agent sets it); the service checks
+            // it when it holds the cluster's rank key.
+            rank_token: std::env::var(flamingo_security::ENV_RANK_TOKEN).unwrap_or_default(),
         };
-        let connected = tokio::time::timeout(
-            Duration::from_secs(5),
-            pb::data_service_client::DataServiceClient::connect(endpoint.clone()),
-        )
-        .await;
+        let channel = match data_endpoint(&endpoint) {
+            Ok(channel) => channel,
+            Err(error) => {
+                let _ = sender
+                    .send(Err(DataError::Refused {
+                        message: error.to_string(),
+                    }))
+                    .await;
+                return;
+            }
+        };
+        let connected = tokio::time::timeout(Duration::from_secs(5), channel.connect()).await;
         let mut client = match connected {
-            Ok(Ok(client)) => client.max_decoding_message_size(usize::MAX),
+            Ok(Ok(channel)) => pb::data_service_client::DataServiceClient::new(channel)
+                .max_decoding_message_size(usize::MAX),
             Ok(Err(error)) => {
                 last_error = format!("{endpoint}: {error}");
                 failing_since.get_or_insert_with(tokio::time::Instant::now);
@@ -197,4 +212,13 @@ async fn feed(
             }
         }
     }
+}
+
+/// The replica's endpoint: mutual TLS with this process's credentials
+/// (`FLAMINGO_TLS_*`) when it has them.
+fn data_endpoint(
+    url: &str,
+) -> Result<tonic::transport::Endpoint, flamingo_security::SecurityError> {
+    let tls = flamingo_security::client_tls_from_env()?;
+    flamingo_security::endpoint(url, tls.as_ref(), flamingo_security::DATA_SERVICE_NAME)
 }

@@ -18,6 +18,15 @@ pub struct UpArgs {
     port: u16,
     #[arg(long, default_value_t = 10)]
     lease_ttl_seconds: u32,
+    /// Storage the data service may read (a folder, or a URL prefix such as
+    /// s3://bucket/laion/), repeatable; default: the state dir's `work`
+    /// and `data` folders.
+    #[arg(long = "allow-prefix", value_delimiter = ',')]
+    allow_prefix: Vec<String>,
+    /// Let admins launch command jobs (`flamingoctl launch -- CMD`), which
+    /// run any program on every node. Off by default.
+    #[arg(long)]
+    allow_command_jobs: bool,
 }
 
 pub async fn up(args: &UpArgs, context: &Context) -> anyhow::Result<ExitCode> {
@@ -26,8 +35,16 @@ pub async fn up(args: &UpArgs, context: &Context) -> anyhow::Result<ExitCode> {
         slots_per_node: args.slots_per_node,
         port: args.port,
         lease_ttl_seconds: args.lease_ttl_seconds,
+        allow_prefixes: args.allow_prefix.clone(),
+        allow_command_jobs: args.allow_command_jobs,
     };
     let state = cluster::up(&context.state_dir, &options).await?;
+    if let Some([_, cert, _]) = &state.admin {
+        eprintln!(
+            "credentials: admin certificate {} (flamingoctl uses it with this state dir)",
+            cert.display()
+        );
+    }
     if context.json {
         println!("{}", serde_json::to_string_pretty(&state)?);
     } else {

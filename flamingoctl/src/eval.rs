@@ -397,6 +397,9 @@ pub async fn report(
         samples: scored.samples as u64,
         checkpoint: checkpoint.display().to_string(),
         unix_ms: 0,
+        // An eval job's rank reports with its attempt's credential; a user
+        // with their own certificate.
+        rank_token: std::env::var(flamingo_security::ENV_RANK_TOKEN).unwrap_or_default(),
     };
     flamingo_client::Session::open(address)
         .await?

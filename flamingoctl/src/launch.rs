@@ -378,6 +378,8 @@ pub fn spec_from(args: SpecArgs) -> anyhow::Result<JobSpec> {
         kind,
         env,
         policy: args.policy,
+        // Set by the coordinator from the credential.
+        submitter: String::new(),
     };
     spec.validate()?;
     Ok(spec)

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod certs;
 mod checkpoints;
 mod cluster;
 mod context;
@@ -92,12 +93,18 @@ enum Command {
     /// Datasets: index, inspect, pack and synthesize shards; measure preprocessing.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// The cluster's certificates: issue (users, nodes), list, revoke.
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let context = Context::new(cli.coordinator, cli.state_dir, cli.json);
+    // The local cluster's admin credential unless FLAMINGO_TLS_* name one
+    // (a rank, another user); set before anything connects.
+    flamingo_client::cluster::ClusterState::use_admin_credentials(&context.state_dir);
     match run(cli.command, &context).await {
         Ok(code) => code,
         Err(error) => {
@@ -129,5 +136,6 @@ async fn run(command: Command, context: &Context) -> anyhow::Result<ExitCode> {
         Command::Export(args) => export::run(&args, context).await,
         Command::Train(args) => train::run(&args),
         Command::Data(command) => data::run(command, context).await,
+        Command::Certs(command) => certs::run(command, context),
     }
 }

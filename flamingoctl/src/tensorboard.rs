@@ -281,6 +281,7 @@ mod tests {
             samples: 8,
             checkpoint: String::new(),
             unix_ms,
+            rank_token: String::new(),
         };
         let points = eval_points(&[
             report(80, "random", 1.0, 10),

@@ -10,12 +10,23 @@ use flamingo_client::cluster::ClusterState;
 use flamingo_proto::v1 as pb;
 
 use crate::local::{self, AgentSpec, CoordinatorSpec, EtcdSpec};
+use crate::pki::ClusterCredentials;
+
+/// The admin's CA, certificate and key, for the cluster record.
+fn admin_files(admin: &flamingo_security::TlsFiles) -> Option<[std::path::PathBuf; 3]> {
+    Some([admin.ca.clone()?, admin.cert.clone()?, admin.key.clone()?])
+}
 
 pub struct UpOptions {
     pub nodes: u32,
     pub slots_per_node: u32,
     pub port: u16,
     pub lease_ttl_seconds: u32,
+    /// Storage the data service may read; default `<state dir>/work`
+    /// and `<state dir>/data`.
+    pub allow_prefixes: Vec<String>,
+    /// Let admins launch command jobs.
+    pub allow_command_jobs: bool,
 }
 
 fn step(label: &str) {
@@ -40,10 +51,12 @@ pub async fn up(state_dir: &Path, options: &UpOptions) -> anyhow::Result<Cluster
     let logs = state_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let started_at = Instant::now();
+    let credentials = ClusterCredentials::prepare(&state_dir.join("pki"), &[])?;
     let mut starting = Starting {
         state_dir,
         logs: &logs,
         options,
+        credentials,
         pids: Vec::new(),
     };
     match starting.start().await {
@@ -74,6 +87,7 @@ struct Starting<'a> {
     state_dir: &'a Path,
     logs: &'a Path,
     options: &'a UpOptions,
+    credentials: ClusterCredentials,
     pids: Vec<u32>,
 }
 
@@ -96,6 +110,8 @@ impl Starting<'_> {
             nodes: self.options.nodes,
             slots_per_node: self.options.slots_per_node,
             state_dir: self.state_dir.to_path_buf(),
+            pki: Some(self.credentials.pki.dir().to_path_buf()),
+            admin: admin_files(&self.credentials.admin),
         };
         state.save()?;
         Ok(state)
@@ -117,6 +133,7 @@ impl Starting<'_> {
             data_dir: self.state_dir.join("etcd"),
             client_port: flamingo_common::net::free_local_port()?,
             peer_port: flamingo_common::net::free_local_port()?,
+            tls: Some(self.credentials.etcd.clone()),
         };
         let log = self.logs.join("etcd.log");
         let child = local::spawn_etcd(&etcd, &log, true)?;
@@ -143,7 +160,12 @@ impl Starting<'_> {
             etcd_endpoint: etcd.endpoint(),
             lease_ttl_seconds: self.options.lease_ttl_seconds,
             heartbeat_interval_ms: 1000.min(self.options.lease_ttl_seconds * 250),
-            extra_args: Vec::new(),
+            tls: self.credentials.coordinator.clone(),
+            extra_args: if self.options.allow_command_jobs {
+                vec!["--allow-command-jobs".to_string()]
+            } else {
+                Vec::new()
+            },
         };
         let log = self.logs.join("coordinator.log");
         let child = local::spawn_coordinator(&coordinator, &log, true)?;
@@ -161,7 +183,16 @@ impl Starting<'_> {
         step("data service");
         let port = flamingo_common::net::free_local_port()?;
         let log = self.logs.join("data-service.log");
-        let child = local::spawn_data_service(port, &log, true)?;
+        let prefixes = if self.options.allow_prefixes.is_empty() {
+            ["work", "data"]
+                .iter()
+                .map(|dir| self.state_dir.join(dir).display().to_string())
+                .collect()
+        } else {
+            self.options.allow_prefixes.clone()
+        };
+        let child =
+            local::spawn_data_service(port, &self.credentials.data_service, &prefixes, &log, true)?;
         self.pids.push(child.id());
         let endpoint = format!("http://127.0.0.1:{port}");
         self.wait_up("the data service", &endpoint, &log)?;
@@ -191,6 +222,7 @@ impl Starting<'_> {
                 drain_timeout_seconds: 3,
                 kill_grace_seconds: 3,
                 metrics_port: Some(flamingo_common::net::free_local_port()?),
+                tls: self.credentials.node(&node_id)?,
                 extra_args: Vec::new(),
             };
             let log = self.logs.join(format!("{node_id}.log"));
@@ -202,7 +234,8 @@ impl Starting<'_> {
     }
 
     async fn wait_registered(&self, coordinator: &str) -> anyhow::Result<()> {
-        let mut session = flamingo_client::Session::open(coordinator).await?;
+        let admin = self.credentials.admin.client()?;
+        let mut session = flamingo_client::Session::open_with(coordinator, admin.as_ref()).await?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let nodes: Vec<pb::Node> = session.nodes().await?;

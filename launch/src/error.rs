@@ -8,6 +8,9 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum LaunchError {
+    /// The cluster's certificates cannot be issued or read.
+    #[error("cluster credentials: {message}")]
+    Credentials { message: String },
     /// A program or file that should be there is not.
     #[error("{what} not found; {hint}")]
     NotFound { what: String, hint: String },

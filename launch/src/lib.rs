@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod error;
 pub mod k8s;
 pub mod local;
+pub mod pki;
 pub mod slurm;
 
 pub use error::{LaunchError, Result};

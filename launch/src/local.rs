@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use flamingo_security::TlsFiles;
+
 use crate::{LaunchError, Result};
 
 /// Where the flamingo binaries are: `$FLAMINGO_BIN_DIR`, else next to the
@@ -92,11 +94,15 @@ pub struct EtcdSpec {
     pub data_dir: PathBuf,
     pub client_port: u16,
     pub peer_port: u16,
+    /// etcd's certificate: clients need one from the same CA
+    /// (`--client-cert-auth`). `None`: plain text (tests of `--insecure`).
+    pub tls: Option<TlsFiles>,
 }
 
 impl EtcdSpec {
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 }
 
@@ -119,6 +125,19 @@ pub fn etcd_command(spec: &EtcdSpec) -> Result<Command> {
         .arg(format!("--initial-advertise-peer-urls={peer}"))
         .arg(format!("--initial-cluster=flamingo={peer}"))
         .env_remove("ETCDCTL_API");
+    if let Some(TlsFiles {
+        ca: Some(ca),
+        cert: Some(cert),
+        key: Some(key),
+        ..
+    }) = &spec.tls
+    {
+        command
+            .arg(format!("--cert-file={}", cert.display()))
+            .arg(format!("--key-file={}", key.display()))
+            .arg(format!("--trusted-ca-file={}", ca.display()))
+            .arg("--client-cert-auth");
+    }
     Ok(command)
 }
 
@@ -130,6 +149,9 @@ pub struct CoordinatorSpec {
     pub etcd_endpoint: String,
     pub lease_ttl_seconds: u32,
     pub heartbeat_interval_ms: u32,
+    /// The coordinator's certificate (its client credential for etcd and
+    /// the agents too); `insecure` for plain text.
+    pub tls: TlsFiles,
     /// More flags for the coordinator.
     pub extra_args: Vec<String>,
 }
@@ -154,7 +176,8 @@ pub fn spawn_coordinator(spec: &CoordinatorSpec, log: &Path, detach: bool) -> Re
         .arg(format!(
             "--heartbeat-interval-ms={}",
             spec.heartbeat_interval_ms
-        ));
+        ))
+        .args(spec.tls.args());
     // Jobs' metrics next to the coordinator's log (the cluster's folder).
     if let Some(dir) = log.parent() {
         command.arg(format!("--metrics-dir={}", dir.join("metrics").display()));
@@ -163,10 +186,24 @@ pub fn spawn_coordinator(spec: &CoordinatorSpec, log: &Path, detach: bool) -> Re
     spawn(command, log, detach)
 }
 
-/// A data-service replica on `port`.
-pub fn spawn_data_service(port: u16, log: &Path, detach: bool) -> Result<Child> {
+/// A data-service replica on `port`, serving the storage under
+/// `allow_prefixes`.
+pub fn spawn_data_service(
+    port: u16,
+    tls: &TlsFiles,
+    allow_prefixes: &[String],
+    log: &Path,
+    detach: bool,
+) -> Result<Child> {
     let mut command = Command::new(binary("flamingo-data-service")?);
-    command.arg(format!("--listen=127.0.0.1:{port}"));
+    command
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .args(tls.args())
+        .args(
+            allow_prefixes
+                .iter()
+                .map(|prefix| format!("--allow-prefix={prefix}")),
+        );
     spawn(command, log, detach)
 }
 
@@ -182,6 +219,8 @@ pub struct AgentSpec {
     pub kill_grace_seconds: u64,
     /// Where the agent serves Prometheus `/metrics` (none: it does not).
     pub metrics_port: Option<u16>,
+    /// The node's certificate (its id in the SAN).
+    pub tls: TlsFiles,
     pub extra_args: Vec<String>,
 }
 
@@ -206,6 +245,7 @@ pub fn spawn_agent(spec: &AgentSpec, log: &Path, detach: bool) -> Result<Child> 
             spec.metrics_port
                 .map(|port| format!("--metrics-listen=127.0.0.1:{port}")),
         )
+        .args(spec.tls.args())
         .args(&spec.extra_args);
     spawn(command, log, detach)
 }

@@ -15,6 +15,26 @@ use anyhow::{bail, Context};
 use flamingo_client::Session;
 use flamingo_common::{JobRecord, JobState};
 use flamingo_launch::local::{self, AgentSpec, CoordinatorSpec, EtcdSpec};
+use flamingo_launch::pki::ClusterCredentials;
+
+/// The test process's cluster CA, shared by its sandboxes: created once,
+/// and the process's `FLAMINGO_TLS_*` point at its admin credential, so
+/// sessions and the `flamingoctl` the tests run authenticate as an admin,
+/// as a user's would after `flamingoctl up`.
+pub fn credentials() -> &'static ClusterCredentials {
+    static CREDENTIALS: std::sync::OnceLock<(tempfile::TempDir, ClusterCredentials)> =
+        std::sync::OnceLock::new();
+    let (_, credentials) = CREDENTIALS.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let credentials = ClusterCredentials::prepare(&dir.path().join("pki"), &[])
+            .expect("the test CA is created");
+        for (name, path) in credentials.admin.env() {
+            std::env::set_var(name, path);
+        }
+        (dir, credentials)
+    });
+    credentials
+}
 
 /// Cluster tests run one at a time: they time lease expiry and share two
 /// cores, so running several clusters at once would only make them flaky.
@@ -69,10 +89,12 @@ impl ClusterSandbox {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let dir = tempfile::tempdir()?;
+        let credentials = credentials();
         let etcd_spec = EtcdSpec {
             data_dir: dir.path().join("etcd"),
             client_port: flamingo_common::net::free_local_port()?,
             peer_port: flamingo_common::net::free_local_port()?,
+            tls: Some(credentials.etcd.clone()),
         };
         let etcd = local::spawn_etcd(&etcd_spec, &dir.path().join("etcd.log"), false)?;
         local::wait_for_port(&etcd_spec.endpoint(), Duration::from_secs(20))?;
@@ -82,7 +104,9 @@ impl ClusterSandbox {
             etcd_endpoint: etcd_spec.endpoint(),
             lease_ttl_seconds: options.lease_ttl_seconds,
             heartbeat_interval_ms: 300,
-            extra_args: Vec::new(),
+            tls: credentials.coordinator.clone(),
+            // The fault tests run shell commands as jobs (as an admin).
+            extra_args: vec!["--allow-command-jobs".to_string()],
         };
         let port_base = flamingo_common::net::free_local_port_range(PORTS_PER_NODE * MAX_NODES)?;
         let mut sandbox = Self {
@@ -115,9 +139,17 @@ impl ClusterSandbox {
         self.coordinator_spec.endpoint()
     }
 
-    /// Flags the coordinator gets from its next start on.
+    pub fn etcd_endpoint(&self) -> String {
+        self.etcd_spec.endpoint()
+    }
+
+    /// Flags the coordinator gets from its next start on (besides
+    /// `--allow-command-jobs`, which the sandbox always gives).
     pub fn set_coordinator_args(&mut self, args: &[&str]) {
-        self.coordinator_spec.extra_args = args.iter().map(|arg| arg.to_string()).collect();
+        self.coordinator_spec.extra_args = std::iter::once("--allow-command-jobs")
+            .chain(args.iter().copied())
+            .map(String::from)
+            .collect();
     }
 
     /// The coordinator's dashboard (`http://127.0.0.1:port/`).
@@ -162,6 +194,9 @@ impl ClusterSandbox {
             drain_timeout_seconds: 5,
             kill_grace_seconds: 2,
             metrics_port: Some(self.port_base + block * PORTS_PER_NODE + PORTS_PER_NODE - 1),
+            tls: credentials()
+                .node(node_id)
+                .expect("the node's certificate is issued"),
             extra_args: Vec::new(),
         }
     }
@@ -249,7 +284,15 @@ impl ClusterSandbox {
             None => flamingo_common::net::free_local_port()?,
         };
         self.kill_data_service();
-        let child = local::spawn_data_service(port, &self.path().join("data-service.log"), false)?;
+        // The tests' data lives in temporary folders.
+        let prefixes = [std::env::temp_dir().display().to_string()];
+        let child = local::spawn_data_service(
+            port,
+            &credentials().data_service,
+            &prefixes,
+            &self.path().join("data-service.log"),
+            false,
+        )?;
         self.data_service = Some((child, port));
         let endpoint = format!("http://127.0.0.1:{port}");
         local::wait_for_port(&endpoint, Duration::from_secs(20))?;
@@ -262,6 +305,35 @@ impl ClusterSandbox {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// A channel to the coordinator as `identity` (a certificate issued
+    /// for it now by the test CA).
+    pub async fn channel_as(
+        &self,
+        identity: &flamingo_security::Identity,
+    ) -> anyhow::Result<tonic::transport::Channel> {
+        let pki = &credentials().pki;
+        let issued = pki.issue(identity, Duration::from_secs(3600), &[])?;
+        let tls = flamingo_security::TlsFiles::new(&pki.ca_cert(), &issued.cert, &issued.key)
+            .client()?
+            .context("client credentials")?;
+        Ok(flamingo_security::endpoint(
+            &self.coordinator_endpoint(),
+            Some(&tls),
+            flamingo_security::COORDINATOR_NAME,
+        )?
+        .connect()
+        .await?)
+    }
+
+    /// The credential the coordinator gives `job_id`'s attempt `attempt`.
+    pub fn rank_token(&self, job_id: &str, attempt: u32) -> String {
+        let secret = credentials()
+            .pki
+            .rank_secret()
+            .expect("the test CA's rank key");
+        flamingo_security::RankToken::mint(&secret, job_id, attempt, 3600)
     }
 
     pub async fn session(&self) -> anyhow::Result<Session> {

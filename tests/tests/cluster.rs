@@ -9,6 +9,7 @@ use flamingo_tests::{alive, ClusterSandbox, SandboxOptions};
 
 fn command_spec(nodes: u32, slots: u32, script: &str) -> JobSpec {
     JobSpec {
+        submitter: String::new(),
         name: String::new(),
         nodes,
         slots_per_node: slots,

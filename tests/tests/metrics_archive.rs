@@ -55,9 +55,9 @@ async fn curves_come_back_from_object_storage_after_the_disk_is_lost() {
     )
     .trim()
     .to_string();
-    let mut nodes = pb::node_service_client::NodeServiceClient::connect(coordinator.clone())
-        .await
-        .unwrap();
+    let node = flamingo_security::Identity::node("node-x");
+    let mut nodes =
+        pb::node_service_client::NodeServiceClient::new(sandbox.channel_as(&node).await.unwrap());
     for rank in 0..2u32 {
         let samples = (1..=50u64)
             .map(|step| pb::MetricSample {
@@ -85,6 +85,7 @@ async fn curves_come_back_from_object_storage_after_the_disk_is_lost() {
                     kind: "samples_skipped".into(),
                     message: "1 sample(s) skipped: shard-0 key-3: corrupt jpeg".into(),
                 }],
+                rank_token: sandbox.rank_token(&job, 0),
             })
             .await
             .unwrap();

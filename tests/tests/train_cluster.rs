@@ -437,6 +437,7 @@ async fn a_drained_node_checkpoints_and_the_job_moves_to_another() {
         .expect("the preemption committed a checkpoint")
         .step;
     assert!(saved > 0 && saved < STEPS);
+    superseded_attempts_cannot_commit(&sandbox, &id).await;
     sandbox
         .wait_agent_exit("node-1", Duration::from_secs(30))
         .expect("the drained agent exits");
@@ -535,4 +536,31 @@ async fn an_elastic_job_continues_on_fewer_nodes_and_grows_back() {
         let unique: BTreeSet<&String> = keys.iter().collect();
         assert_eq!(keys.len(), unique.len(), "epoch {epoch} repeats a sample");
     }
+}
+
+/// With attempt 1 running, attempt 0's rank credential commits nothing, and
+/// cannot be passed off as attempt 1's (the checkpoints stay as they are).
+async fn superseded_attempts_cannot_commit(sandbox: &ClusterSandbox, id: &str) {
+    use flamingo_proto::v1 as pb;
+    let before = job(sandbox, id).await.expect("job").checkpoints;
+    let node = flamingo_security::Identity::node("node-0");
+    let mut client = pb::node_service_client::NodeServiceClient::new(
+        sandbox.channel_as(&node).await.expect("channel"),
+    );
+    let old = sandbox.rank_token(id, 0);
+    for (attempt, token) in [(0, old.clone()), (1, old)] {
+        let status = client
+            .commit_checkpoint(pb::CommitCheckpointRequest {
+                job_id: id.to_string(),
+                attempt,
+                step: 999_999,
+                path: "/tmp/forged-checkpoint".into(),
+                data_cursor_json: String::new(),
+                rank_token: token,
+            })
+            .await
+            .expect_err("a superseded attempt's commit is refused");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    }
+    assert_eq!(job(sandbox, id).await.expect("job").checkpoints, before);
 }

@@ -12,7 +12,7 @@ use flamingo_proto::v1 as pb;
 use flamingo_proto::v1::node_service_client::NodeServiceClient;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::ranks::Ranks;
 use crate::{logs, reporter};
@@ -57,6 +57,11 @@ pub struct AgentConfig {
     /// Protocol version to announce (only for testing version checks).
     #[arg(long, hide = true, default_value_t = flamingo_proto::PROTOCOL_VERSION)]
     pub protocol_version: u32,
+    /// Mutual TLS: the cluster CA and this node's certificate (its node id
+    /// in the SAN), for the coordinator link, the log service and the
+    /// node's ranks; `--insecure` for plain text on loopback.
+    #[command(flatten)]
+    pub tls: flamingo_security::TlsFiles,
 }
 
 impl AgentConfig {
@@ -150,10 +155,22 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     });
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating the agent state dir {}", state_dir.display()))?;
-    let channel: Channel = Endpoint::from_shared(config.coordinator.clone())
-        .with_context(|| format!("--coordinator '{}' is not a URL", config.coordinator))?
-        .connect_timeout(Duration::from_secs(2))
-        .connect_lazy();
+    let client_tls = config.tls.client()?;
+    if client_tls.is_none() && !config.tls.insecure {
+        anyhow::bail!(
+            "--tls-ca, --tls-cert, --tls-key: not given; the agent talks to the coordinator over mutual TLS \
+             (flamingoctl up issues the node certificates; `flamingoctl certs issue --node ID` for another machine), \
+             or --insecure for plain text on loopback"
+        );
+    }
+    let channel: Channel = flamingo_security::endpoint(
+        &config.coordinator,
+        client_tls.as_ref(),
+        flamingo_security::COORDINATOR_NAME,
+    )
+    .with_context(|| format!("--coordinator '{}'", config.coordinator))?
+    .connect_timeout(Duration::from_secs(2))
+    .connect_lazy();
     let client = NodeServiceClient::new(channel);
     let (reports_tx, backlog) = reporter::spawn(client.clone(), node_id.clone());
     let ranks = Ranks::new(
@@ -163,6 +180,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         config.coordinator.clone(),
         Duration::from_secs(config.kill_grace_seconds),
         reports_tx,
+        config.tls.clone(),
     )?;
     let servers = CancellationToken::new();
     let (agent_endpoint, log_server) = serve_logs(&config, &state_dir, &ranks, &servers).await?;
@@ -215,6 +233,7 @@ async fn serve_logs(
     String,
     tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 )> {
+    let tls = config.tls.server("agent log service", &config.listen)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("agent log service cannot listen on {}", config.listen))?;
@@ -229,9 +248,14 @@ async fn serve_logs(
     let service = logs::LogService {
         state_dir: state_dir.to_path_buf(),
         ranks: ranks.clone(),
+        secure: tls.is_some(),
     };
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .add_service(pb::agent_service_server::AgentServiceServer::new(service))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),

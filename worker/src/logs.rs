@@ -16,6 +16,51 @@ use crate::ranks::{log_path, Ranks};
 pub struct LogService {
     pub state_dir: PathBuf,
     pub ranks: Ranks,
+    /// Over mutual TLS: only the coordinator (which checked the user) or
+    /// an admin may read.
+    pub secure: bool,
+}
+
+impl LogService {
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if !self.secure {
+            return Ok(());
+        }
+        let cert = request
+            .peer_certs()
+            .and_then(|certs| certs.first().cloned())
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let peer = flamingo_security::PeerCertificate::from_der(&cert)
+            .map_err(|error| Status::unauthenticated(error.to_string()))?;
+        match peer.identity {
+            flamingo_security::Identity::Service { ref name } if name == "coordinator" => Ok(()),
+            flamingo_security::Identity::User {
+                role: flamingo_security::Role::Admin,
+                ..
+            } => Ok(()),
+            other => Err(Status::permission_denied(format!(
+                "rank logs are read through the coordinator; {other} may not read them here"
+            ))),
+        }
+    }
+}
+
+/// A job id safe to use as a folder name: letters, digits, '-', '_' and
+/// '.', not starting with '.'.
+fn check_job_id(job_id: &str) -> Result<(), Status> {
+    let fine = !job_id.is_empty()
+        && job_id.len() <= 128
+        && !job_id.starts_with('.')
+        && job_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if fine {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "job_id '{job_id}': not a job id (letters, digits, '-', '_', '.')"
+        )))
+    }
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send>>;
@@ -28,7 +73,9 @@ impl pb::agent_service_server::AgentService for LogService {
         &self,
         request: Request<pb::ReadLogRequest>,
     ) -> Result<Response<Self::ReadLogStream>, Status> {
+        self.authorize(&request)?;
         let request = request.into_inner();
+        check_job_id(&request.job_id)?;
         let job_id = JobId(request.job_id);
         let path = log_path(&self.state_dir, &job_id, request.rank);
         let mut file = tokio::fs::File::open(&path).await.map_err(|error| {

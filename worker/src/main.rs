@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent until SIGTERM (drain) or SIGINT.
-    Agent(agent::AgentConfig),
+    Agent(Box<agent::AgentConfig>),
     /// Run one rank of a built-in job from torchrun's environment variables.
     #[command(subcommand)]
     Rank(RankProgram),
@@ -68,7 +68,7 @@ fn main() -> anyhow::Result<()> {
                         draining.cancel();
                     }
                 });
-                agent::run(config, shutdown).await
+                agent::run(*config, shutdown).await
             })
         }
     }

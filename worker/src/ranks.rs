@@ -60,6 +60,8 @@ pub struct Ranks {
     coordinator: String,
     worker_exe: PathBuf,
     kill_grace: Duration,
+    /// `FLAMINGO_TLS_*` for the ranks (the node's own certificate).
+    tls_env: Vec<(&'static str, PathBuf)>,
     table: Arc<Mutex<Table>>,
     report_keys_tx: mpsc::UnboundedSender<(RankKey, pb::rank_report::Event)>,
 }
@@ -72,6 +74,7 @@ impl Ranks {
         coordinator: String,
         kill_grace: Duration,
         report_keys_tx: mpsc::UnboundedSender<(RankKey, pb::rank_report::Event)>,
+        tls: flamingo_security::TlsFiles,
     ) -> anyhow::Result<Self> {
         let worker_exe = std::env::current_exe()?;
         Ok(Self {
@@ -81,6 +84,7 @@ impl Ranks {
             coordinator,
             worker_exe,
             kill_grace,
+            tls_env: tls.env(),
             table: Arc::new(Mutex::new(Table::default())),
             report_keys_tx,
         })
@@ -361,6 +365,10 @@ impl Ranks {
         .env("FLAMINGO_RESUME_FROM", &assignment.resume_from)
         .env("FLAMINGO_JOB_COORDINATOR", &self.coordinator)
         .env("FLAMINGO_NODE_ID", &self.node_id)
+        // The node's certificate and the attempt's credential: ranks reach
+        // the coordinator and the data service with them.
+        .envs(self.tls_env.iter().map(|(name, path)| (*name, path)))
+        .env(flamingo_security::ENV_RANK_TOKEN, &assignment.rank_token)
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file);

@@ -15,7 +15,7 @@ use flamingo_engine::run::{ClusterLink, RunEnd, PREEMPTED_EXIT_CODE};
 use flamingo_proto::v1 as pb;
 use flamingo_proto::v1::node_service_client::NodeServiceClient;
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
@@ -34,6 +34,8 @@ struct CoordinatorLink {
     client: NodeServiceClient<Channel>,
     job_id: String,
     attempt: u32,
+    /// The attempt's credential (`FLAMINGO_RANK_TOKEN`).
+    token: String,
     reports: mpsc::Sender<Report>,
     sender: tokio::task::JoinHandle<()>,
     /// Reports that found the queue full (the coordinator is slow or
@@ -62,13 +64,19 @@ impl CoordinatorLink {
             .worker_threads(1)
             .enable_all()
             .build()?;
+        let tls = flamingo_security::client_tls_from_env()?;
+        let token = var(flamingo_security::ENV_RANK_TOKEN);
         let channel = {
             let _entered = runtime.enter();
-            Endpoint::from_shared(endpoint.clone())
-                .map_err(|error| anyhow::anyhow!("FLAMINGO_JOB_COORDINATOR '{endpoint}': {error}"))?
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(10))
-                .connect_lazy()
+            flamingo_security::endpoint(
+                &endpoint,
+                tls.as_ref(),
+                flamingo_security::COORDINATOR_NAME,
+            )
+            .map_err(|error| anyhow::anyhow!("FLAMINGO_JOB_COORDINATOR '{endpoint}': {error}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .connect_lazy()
         };
         let client = NodeServiceClient::new(channel);
         // Reports go out in batches from a background task; a step only
@@ -80,6 +88,7 @@ impl CoordinatorLink {
             job_id: var("FLAMINGO_JOB_ID"),
             rank,
             attempt,
+            rank_token: token.clone(),
             ..pb::MetricsBatch::default()
         };
         let sender = runtime.spawn(send_batches(
@@ -93,6 +102,7 @@ impl CoordinatorLink {
             client,
             job_id: var("FLAMINGO_JOB_ID"),
             attempt,
+            token,
             reports,
             sender,
             dropped,
@@ -188,6 +198,7 @@ impl ClusterLink for CoordinatorLink {
             step,
             path: dir.display().to_string(),
             data_cursor_json: cursor_json.to_string(),
+            rank_token: self.token.clone(),
         };
         let client = self.client.clone();
         self.runtime.block_on(async move {

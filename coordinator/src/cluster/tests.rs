@@ -26,6 +26,7 @@ fn job(id: &str, nodes: u32, slots: u32, created: i64) -> JobRecord {
     JobRecord::new(
         JobId(id.into()),
         JobSpec {
+            submitter: String::new(),
             name: String::new(),
             nodes,
             slots_per_node: slots,

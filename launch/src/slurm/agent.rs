@@ -51,6 +51,17 @@ pub fn exec_agent(args: &AgentArgs) -> anyhow::Error {
                 args.job_dir.join("agents").join(&node).display()
             ))
             .arg("--drain-timeout-seconds=150");
+        // This node's certificate, from the job's CA (the job folder is on
+        // the shared filesystem, mode 0700).
+        let pki = flamingo_security::Pki::open(&args.job_dir.join("pki"))?;
+        let issued = pki.ensure(
+            &flamingo_security::Identity::node(&node),
+            crate::pki::VALIDITY,
+            &[address.to_string()],
+        )?;
+        command.args(
+            flamingo_security::TlsFiles::new(&pki.ca_cert(), &issued.cert, &issued.key).args(),
+        );
         if let Some(endpoint) = &args.data_service {
             command.env("FLAMINGO_DATA_SERVICE", endpoint);
         }

@@ -18,6 +18,7 @@ use super::records::{final_path, write_json, ControlPlane, JobFile, SlurmState};
 use super::script::command_line;
 use super::slurm_command;
 use crate::local;
+use crate::pki::ClusterCredentials;
 
 /// Processes this batch job started, stopped (TERM, then KILL) when dropped.
 #[derive(Default)]
@@ -63,6 +64,9 @@ struct Allocation {
     restarts: u32,
     nodes: u32,
     logs: PathBuf,
+    /// The job's CA (`<job dir>/pki`) and the services' and admin's
+    /// certificates.
+    credentials: ClusterCredentials,
     children: Children,
     /// Caught before anything starts, so no signal is missed.
     usr1: Signal,
@@ -128,7 +132,8 @@ pub async fn run_in_allocation(dir: &Path) -> anyhow::Result<i32> {
     control.job_id = Some(job_id.clone());
     control.save(dir)?;
     eprintln!("flamingo: job {job_id}");
-    let mut session = Session::open(&endpoints.coordinator).await?;
+    let mut session =
+        crate::pki::admin_session(&allocation.credentials, &endpoints.coordinator).await?;
     let outcome = allocation
         .follow(&mut session, &mut agents, &endpoints.coordinator, &job_id)
         .await;
@@ -179,6 +184,10 @@ impl Allocation {
         let nodes = count("SLURM_JOB_NUM_NODES").unwrap_or(file.nodes);
         let logs = dir.join("logs");
         std::fs::create_dir_all(&logs)?;
+        let host = flamingo_common::net::host_address(file.interface.as_deref())
+            .map(|address| address.to_string())
+            .ok();
+        let credentials = ClusterCredentials::prepare(&dir.join("pki"), host.as_slice())?;
         eprintln!(
             "flamingo: Slurm job {slurm_id}, start {} on {nodes} node(s); folder {}",
             restarts + 1,
@@ -191,6 +200,7 @@ impl Allocation {
             restarts,
             nodes,
             logs,
+            credentials,
             children: Children::default(),
             usr1,
             term,
@@ -252,7 +262,8 @@ impl Allocation {
             .arg(format!(
                 "--metrics-dir={}",
                 self.dir.join("metrics").display()
-            ));
+            ))
+            .args(self.credentials.coordinator.args());
         if self.file.etcd_endpoints.is_some() {
             command.arg(format!("--etcd-prefix=/flamingo/slurm-{}", self.slurm_id));
         }
@@ -260,7 +271,12 @@ impl Allocation {
         let data_service = if self.file.train {
             let port = free()?;
             let mut command = Command::new(local::binary("flamingo-data-service")?);
-            command.arg(format!("--listen=0.0.0.0:{port}"));
+            // The job's own replica, reachable only with the job's
+            // certificates; it reads wherever the job's shards are.
+            command
+                .arg(format!("--listen=0.0.0.0:{port}"))
+                .arg("--allow-prefix=/")
+                .args(self.credentials.data_service.args());
             self.start_service(command, "the data service", "data-service.log", port)?;
             Some(format!("http://{host}:{port}"))
         } else {
@@ -280,6 +296,7 @@ impl Allocation {
             data_dir: self.dir.join("etcd"),
             client_port: free()?,
             peer_port: free()?,
+            tls: Some(self.credentials.etcd.clone()),
         };
         let mut command = local::etcd_command(&spec)?;
         if spec.data_dir.exists() {
@@ -333,6 +350,7 @@ impl Allocation {
             // Not a local cluster's record (its data service) from the
             // submitting user's environment.
             .env("FLAMINGO_STATE_DIR", self.dir.join("launch"))
+            .envs(self.credentials.admin.env())
             .arg(format!("--coordinator={coordinator}"))
             .arg("--json")
             .arg("launch")
@@ -365,8 +383,10 @@ impl Allocation {
         let progress = {
             let coordinator = coordinator.to_string();
             let job_id = job_id.to_string();
+            let credentials = self.credentials.clone();
             tokio::spawn(async move {
-                if let Ok(mut session) = Session::open(&coordinator).await {
+                if let Ok(mut session) = crate::pki::admin_session(&credentials, &coordinator).await
+                {
                     let _ = session.wait(&job_id, true, false).await;
                 }
             })

@@ -5,7 +5,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use flamingo_client::Session;
 use flamingo_common::JobRecord;
 
 use super::records::{Record, SlurmState};
@@ -18,7 +17,7 @@ async fn current_job(record: &Record) -> crate::Result<Option<JobRecord>> {
         return Ok(Some(job));
     }
     if let (Some(address), Some(job_id)) = (record.coordinator(), record.job_id()) {
-        if let Ok(mut session) = Session::open(address).await {
+        if let Ok(mut session) = record.session(address).await {
             if let Ok(job) = session.job(job_id).await {
                 return Ok(Some(job));
             }
@@ -121,7 +120,7 @@ async fn wait_job(record: &Record, progress: bool, follow: bool) -> anyhow::Resu
         if started {
             let address = record.coordinator().unwrap_or_default().to_string();
             let job_id = record.job_id().unwrap_or_default().to_string();
-            if let Ok(mut session) = Session::open(&address).await {
+            if let Ok(mut session) = record.session(&address).await {
                 match session.wait(&job_id, progress, follow).await {
                     Ok(job) => {
                         // The control plane writes the final record as it stops.
@@ -171,7 +170,7 @@ async fn wait_job(record: &Record, progress: bool, follow: bool) -> anyhow::Resu
 pub async fn stop(record: &Record, json: bool) -> anyhow::Result<String> {
     let mut stopped = None;
     if let (Some(address), Some(job_id)) = (record.coordinator(), record.job_id()) {
-        if let Ok(mut session) = Session::open(address).await {
+        if let Ok(mut session) = record.session(address).await {
             stopped = Some(session.stop(job_id).await?);
         }
     }

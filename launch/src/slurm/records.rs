@@ -190,6 +190,13 @@ pub struct Record {
 }
 
 impl Record {
+    /// A session with the job's coordinator, as the admin of the job's CA
+    /// (created in `<job dir>/pki` on first use).
+    pub async fn session(&self, address: &str) -> anyhow::Result<flamingo_client::Session> {
+        let credentials = crate::pki::ClusterCredentials::prepare(&self.dir.join("pki"), &[])?;
+        crate::pki::admin_session(&credentials, address).await
+    }
+
     pub fn load(dir: &Path) -> Result<Self> {
         Ok(Self {
             dir: dir.to_path_buf(),
