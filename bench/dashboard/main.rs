@@ -104,8 +104,17 @@ fn page_urls(base: &str, job: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// The dashboard's token (the bench cluster's), as a viewer's browser
+/// holds it.
+static DASHBOARD_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn get(url: &str) -> anyhow::Result<usize> {
+    let token = DASHBOARD_TOKEN
+        .get()
+        .map(String::as_str)
+        .unwrap_or_default();
     let body = ureq::get(url)
+        .set("Authorization", &format!("Bearer {token}"))
         .timeout(Duration::from_secs(30))
         .call()?
         .into_string()?;
@@ -280,6 +289,7 @@ async fn run(
     dir: &Path,
 ) -> anyhow::Result<()> {
     let job = launch_job(spec, credentials).await?;
+    let _ = DASHBOARD_TOKEN.set(credentials.pki.dashboard_token()?);
     let secret = credentials.pki.rank_secret()?;
     let _ = RANK_TOKEN.set(flamingo_security::RankToken::mint(
         &secret,

@@ -27,6 +27,7 @@ pub fn job_json(job: &JobRecord) -> Value {
         "id": job.id.as_str(),
         "name": job.spec.name,
         "kind": job.spec.kind.label(),
+        "submitter": job.spec.submitter,
         "state": job.state.as_str(),
         "nodes": job.spec.nodes,
         "slots_per_node": job.spec.slots_per_node,

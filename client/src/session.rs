@@ -48,6 +48,16 @@ impl Session {
         }
     }
 
+    /// The newest `limit` audit records, newest first (admins).
+    pub async fn audit(&mut self, limit: u32) -> Result<Vec<pb::AuditRecord>> {
+        let response = self
+            .client
+            .list_audit(pb::ListAuditRequest { limit })
+            .await
+            .map_err(|status| self.error(status))?;
+        Ok(response.into_inner().records)
+    }
+
     /// Every metric report the coordinator stored for the job.
     pub async fn metrics(&mut self, job_id: &str) -> Result<Vec<pb::MetricPoint>> {
         Ok(self

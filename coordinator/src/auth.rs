@@ -142,6 +142,22 @@ impl Auth {
         Ok(Caller::Peer(peer.identity))
     }
 
+    /// Who `request` comes from, for the audit log (also when it is
+    /// refused).
+    pub fn who<T>(&self, request: &Request<T>) -> String {
+        match self.caller(request) {
+            Ok(caller) => caller.principal(),
+            Err(_) => match request.peer_certs().and_then(|certs| {
+                certs
+                    .first()
+                    .and_then(|cert| PeerCertificate::from_der(cert).ok())
+            }) {
+                Some(peer) => format!("{} (serial {})", peer.identity.principal(), peer.serial),
+                None => "unauthenticated".to_string(),
+            },
+        }
+    }
+
     /// A user with at least `role`.
     pub fn user<T>(&self, request: &Request<T>, role: Role, what: &str) -> Result<Caller, Status> {
         let caller = self.caller(request)?;

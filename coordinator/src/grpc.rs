@@ -40,27 +40,27 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         request: Request<pb::LaunchRequest>,
     ) -> Result<Response<pb::LaunchResponse>, Status> {
-        let caller = self.1.user(&request, Role::Submitter, "launch")?;
-        let spec = request
-            .into_inner()
-            .spec
-            .ok_or_else(|| Status::invalid_argument("spec: missing"))?;
-        let mut spec = JobSpec::try_from(spec).map_err(CoordinatorError::from)?;
-        self.1.admit(&caller, &spec)?;
-        spec.submitter = caller.principal();
-        let span = tracing::info_span!(
-            "launch",
-            name = %spec.name,
-            kind = spec.kind.label(),
-            nodes = spec.nodes,
-            submitter = %spec.submitter,
-            job = tracing::field::Empty
-        );
-        let job = self.0.launch(spec).instrument(span.clone()).await?;
-        span.record("job", job.id.as_str());
-        Ok(Response::new(pb::LaunchResponse {
-            job: Some(pb::Job::from(&job)),
-        }))
+        let who = self.1.who(&request);
+        let asked_of = |q: &pb::LaunchRequest| {
+            q.spec
+                .as_ref()
+                .map(|spec| spec.name.clone())
+                .unwrap_or_default()
+        };
+        let asked = asked_of(request.get_ref());
+        let result = self.launch_unaudited(request).await;
+        let (target, outcome) = match &result {
+            Ok(response) => {
+                let made_of = |r: &pb::LaunchResponse| {
+                    r.job.as_ref().map(|job| job.id.clone()).unwrap_or_default()
+                };
+                let made = made_of(response.get_ref());
+                (if made.is_empty() { asked } else { made }, "ok".to_string())
+            }
+            Err(status) => (asked, format!("refused: {}", status.message())),
+        };
+        self.0.audit(who, "launch", &target, outcome).await;
+        result
     }
 
     async fn job_metrics(
@@ -132,20 +132,20 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         request: Request<pb::StopJobRequest>,
     ) -> Result<Response<pb::StopJobResponse>, Status> {
-        let caller = self.1.user(&request, Role::Submitter, "stop")?;
-        let job_id = JobId(request.into_inner().job_id);
-        let job = self.0.job(&job_id).await?;
-        if !caller.owns(&job) {
-            return Err(Status::permission_denied(format!(
-                "stop {job_id}: only its submitter ({}) or an admin may stop it",
-                job.spec.submitter
-            )));
-        }
-        tracing::info!(job = %job_id, by = %caller.principal(), "stop requested");
-        let job = self.0.stop(&job_id).await?;
-        Ok(Response::new(pb::StopJobResponse {
-            job: Some(pb::Job::from(&job)),
-        }))
+        let who = self.1.who(&request);
+        let asked_of = |q: &pb::StopJobRequest| q.job_id.clone();
+        let asked = asked_of(request.get_ref());
+        let result = self.stop_job_unaudited(request).await;
+        let (target, outcome) = match &result {
+            Ok(response) => {
+                let made_of = |_: &pb::StopJobResponse| String::new();
+                let made = made_of(response.get_ref());
+                (if made.is_empty() { asked } else { made }, "ok".to_string())
+            }
+            Err(status) => (asked, format!("refused: {}", status.message())),
+        };
+        self.0.audit(who, "stop", &target, outcome).await;
+        result
     }
 
     type WatchJobStream = BoxStream<pb::JobEvent>;
@@ -162,6 +162,31 @@ impl pb::job_service_server::JobService for JobApi {
             .await?;
         let stream = ReceiverStream::new(events).map(|event| Ok(pb::JobEvent::from(&event)));
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        self.1.user(&request, Role::Admin, "audit log")?;
+        let limit = match request.get_ref().limit {
+            0 => 100,
+            limit => limit,
+        };
+        let records = self
+            .0
+            .audit_log(limit)
+            .await?
+            .into_iter()
+            .map(|entry| pb::AuditRecord {
+                unix_ms: entry.unix_ms,
+                who: entry.who,
+                action: entry.action,
+                target: entry.target,
+                outcome: entry.outcome,
+            })
+            .collect();
+        Ok(Response::new(pb::ListAuditResponse { records }))
     }
 
     async fn list_nodes(
@@ -230,26 +255,20 @@ impl pb::node_service_server::NodeService for NodeApi {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        if request.get_ref().node_id.is_empty() {
-            return Err(Status::invalid_argument("node_id: empty"));
-        }
-        self.1.node(&request, &request.get_ref().node_id)?;
-        let request = request.into_inner();
-        let registration = Registration {
-            protocol_version: request.protocol_version,
-            node_id: NodeId(request.node_id),
-            address: request.address,
-            slots: request.slots,
-            gpu: request.gpu,
-            rendezvous_port_first: port(request.rendezvous_port_first, "rendezvous_port_first")?,
-            rendezvous_port_count: port(request.rendezvous_port_count, "rendezvous_port_count")?,
-            agent_endpoint: request.agent_endpoint,
+        let who = self.1.who(&request);
+        let asked_of = |q: &pb::RegisterRequest| q.node_id.clone();
+        let asked = asked_of(request.get_ref());
+        let result = self.register_unaudited(request).await;
+        let (target, outcome) = match &result {
+            Ok(response) => {
+                let made_of = |_: &pb::RegisterResponse| String::new();
+                let made = made_of(response.get_ref());
+                (if made.is_empty() { asked } else { made }, "ok".to_string())
+            }
+            Err(status) => (asked, format!("refused: {}", status.message())),
         };
-        self.0.register(registration).await?;
-        Ok(Response::new(pb::RegisterResponse {
-            lease_ttl_seconds: self.0.lease_ttl_seconds(),
-            heartbeat_interval_ms: self.0.heartbeat_interval_ms(),
-        }))
+        self.0.audit(who, "register", &target, outcome).await;
+        result
     }
 
     type AttachStream = BoxStream<pb::CoordinatorMessage>;
@@ -431,45 +450,38 @@ impl pb::node_service_server::NodeService for NodeApi {
         &self,
         request: Request<pb::CommitCheckpointRequest>,
     ) -> Result<Response<pb::CommitCheckpointResponse>, Status> {
-        let commit = request.get_ref();
-        self.authorize_rank(&request, &commit.job_id, commit.attempt, &commit.rank_token)
-            .await?;
-        let request = request.into_inner();
-        if request.path.is_empty() {
-            return Err(Status::invalid_argument("commit_checkpoint.path: empty"));
-        }
-        let record = flamingo_common::CheckpointRecord {
-            step: request.step,
-            path: request.path,
-            unix_ms: flamingo_common::unix_ms(),
-            attempt: request.attempt,
-            data_cursor_json: request.data_cursor_json,
+        let who = self.1.who(&request);
+        let request_ref = request.get_ref();
+        let asked = format!("{} step {}", request_ref.job_id, request_ref.step);
+        let result = self.commit_checkpoint_unaudited(request).await;
+        let (target, outcome) = match &result {
+            Ok(_) => (asked, "ok".to_string()),
+            Err(status) => (asked, format!("refused: {}", status.message())),
         };
-        let span = tracing::info_span!(
-            "checkpoint",
-            job = %request.job_id,
-            step = record.step,
-            attempt = record.attempt
-        );
-        let retired_paths = self
-            .0
-            .commit_checkpoint(&JobId(request.job_id), record)
-            .instrument(span)
-            .await?;
-        Ok(Response::new(pb::CommitCheckpointResponse {
-            retired_paths,
-        }))
+        self.0
+            .audit(who, "commit-checkpoint", &target, outcome)
+            .await;
+        result
     }
 
     async fn deregister(
         &self,
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
-        self.1.node(&request, &request.get_ref().node_id)?;
-        self.0
-            .deregister(&NodeId(request.into_inner().node_id))
-            .await?;
-        Ok(Response::new(pb::DeregisterResponse {}))
+        let who = self.1.who(&request);
+        let asked_of = |q: &pb::DeregisterRequest| q.node_id.clone();
+        let asked = asked_of(request.get_ref());
+        let result = self.deregister_unaudited(request).await;
+        let (target, outcome) = match &result {
+            Ok(response) => {
+                let made_of = |_: &pb::DeregisterResponse| String::new();
+                let made = made_of(response.get_ref());
+                (if made.is_empty() { asked } else { made }, "ok".to_string())
+            }
+            Err(status) => (asked, format!("refused: {}", status.message())),
+        };
+        self.0.audit(who, "deregister", &target, outcome).await;
+        result
     }
 }
 
@@ -523,5 +535,129 @@ impl JobApi {
                 report.job_id
             )))
         }
+    }
+}
+
+/// The calls themselves; the trait methods record each in the audit log.
+impl JobApi {
+    async fn launch_unaudited(
+        &self,
+        request: Request<pb::LaunchRequest>,
+    ) -> Result<Response<pb::LaunchResponse>, Status> {
+        let caller = self.1.user(&request, Role::Submitter, "launch")?;
+        let spec = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: missing"))?;
+        let mut spec = JobSpec::try_from(spec).map_err(CoordinatorError::from)?;
+        self.1.admit(&caller, &spec)?;
+        spec.submitter = caller.principal();
+        let span = tracing::info_span!(
+            "launch",
+            name = %spec.name,
+            kind = spec.kind.label(),
+            nodes = spec.nodes,
+            submitter = %spec.submitter,
+            job = tracing::field::Empty
+        );
+        let job = self.0.launch(spec).instrument(span.clone()).await?;
+        span.record("job", job.id.as_str());
+        Ok(Response::new(pb::LaunchResponse {
+            job: Some(pb::Job::from(&job)),
+        }))
+    }
+
+    async fn stop_job_unaudited(
+        &self,
+        request: Request<pb::StopJobRequest>,
+    ) -> Result<Response<pb::StopJobResponse>, Status> {
+        let caller = self.1.user(&request, Role::Submitter, "stop")?;
+        let job_id = JobId(request.into_inner().job_id);
+        let job = self.0.job(&job_id).await?;
+        if !caller.owns(&job) {
+            return Err(Status::permission_denied(format!(
+                "stop {job_id}: only its submitter ({}) or an admin may stop it",
+                job.spec.submitter
+            )));
+        }
+        tracing::info!(job = %job_id, by = %caller.principal(), "stop requested");
+        let job = self.0.stop(&job_id).await?;
+        Ok(Response::new(pb::StopJobResponse {
+            job: Some(pb::Job::from(&job)),
+        }))
+    }
+}
+
+/// The calls themselves; the trait methods record each in the audit log.
+impl NodeApi {
+    async fn register_unaudited(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        if request.get_ref().node_id.is_empty() {
+            return Err(Status::invalid_argument("node_id: empty"));
+        }
+        self.1.node(&request, &request.get_ref().node_id)?;
+        let request = request.into_inner();
+        let registration = Registration {
+            protocol_version: request.protocol_version,
+            node_id: NodeId(request.node_id),
+            address: request.address,
+            slots: request.slots,
+            gpu: request.gpu,
+            rendezvous_port_first: port(request.rendezvous_port_first, "rendezvous_port_first")?,
+            rendezvous_port_count: port(request.rendezvous_port_count, "rendezvous_port_count")?,
+            agent_endpoint: request.agent_endpoint,
+        };
+        self.0.register(registration).await?;
+        Ok(Response::new(pb::RegisterResponse {
+            lease_ttl_seconds: self.0.lease_ttl_seconds(),
+            heartbeat_interval_ms: self.0.heartbeat_interval_ms(),
+        }))
+    }
+
+    async fn commit_checkpoint_unaudited(
+        &self,
+        request: Request<pb::CommitCheckpointRequest>,
+    ) -> Result<Response<pb::CommitCheckpointResponse>, Status> {
+        let commit = request.get_ref();
+        self.authorize_rank(&request, &commit.job_id, commit.attempt, &commit.rank_token)
+            .await?;
+        let request = request.into_inner();
+        if request.path.is_empty() {
+            return Err(Status::invalid_argument("commit_checkpoint.path: empty"));
+        }
+        let record = flamingo_common::CheckpointRecord {
+            step: request.step,
+            path: request.path,
+            unix_ms: flamingo_common::unix_ms(),
+            attempt: request.attempt,
+            data_cursor_json: request.data_cursor_json,
+        };
+        let span = tracing::info_span!(
+            "checkpoint",
+            job = %request.job_id,
+            step = record.step,
+            attempt = record.attempt
+        );
+        let retired_paths = self
+            .0
+            .commit_checkpoint(&JobId(request.job_id), record)
+            .instrument(span)
+            .await?;
+        Ok(Response::new(pb::CommitCheckpointResponse {
+            retired_paths,
+        }))
+    }
+
+    async fn deregister_unaudited(
+        &self,
+        request: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        self.1.node(&request, &request.get_ref().node_id)?;
+        self.0
+            .deregister(&NodeId(request.into_inner().node_id))
+            .await?;
+        Ok(Response::new(pb::DeregisterResponse {}))
     }
 }

@@ -11,6 +11,9 @@
 //!   every point)
 //! - `GET /api/jobs/{id}/events` — the job's timeline
 //! - `GET /metrics` — Prometheus text format
+//! - `GET /login?token=…` — sets the dashboard's cookie (see
+//!   [`crate::dashboard_auth`]: every path needs the token when the cluster
+//!   is secure)
 
 use std::sync::Arc;
 
@@ -33,7 +36,10 @@ const APP_CSS: &str = include_str!("../dashboard/app.css");
 /// Points per curve the data API returns unless asked otherwise.
 pub const DEFAULT_MAX_POINTS: usize = 2000;
 
-pub fn router(coordinator: Arc<Coordinator>) -> Router {
+pub fn router(
+    coordinator: Arc<Coordinator>,
+    access: crate::dashboard_auth::DashboardAccess,
+) -> Router {
     Router::new()
         .route(
             "/",
@@ -54,6 +60,10 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/api/jobs/{id}/evals", get(evals))
         .route("/metrics", get(prometheus))
         .with_state(coordinator)
+        .layer(axum::middleware::from_fn_with_state(
+            access,
+            crate::dashboard_auth::guard,
+        ))
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {

@@ -6,6 +6,7 @@ pub mod admission;
 pub mod archive;
 pub mod auth;
 pub mod cluster;
+pub mod dashboard_auth;
 mod error;
 mod grpc;
 pub mod http;
@@ -88,6 +89,15 @@ pub struct Config {
     /// only. Off by default: a command job runs any program on every node.
     #[arg(long, env = "FLAMINGO_ALLOW_COMMAND_JOBS")]
     pub allow_command_jobs: bool,
+    /// The dashboard's token (a file); default `dashboard.token` next to
+    /// --tls-ca. Every dashboard, API and /metrics request needs it.
+    #[arg(long = "dashboard-token-file", env = "FLAMINGO_DASHBOARD_TOKEN_FILE")]
+    pub dashboard_token_file: Option<std::path::PathBuf>,
+    /// Host names the dashboard answers to besides 127.0.0.1, localhost,
+    /// ::1 and the listen address (requests naming others are refused:
+    /// DNS rebinding), repeatable.
+    #[arg(long = "http-host", env = "FLAMINGO_HTTP_HOSTS", value_delimiter = ',')]
+    pub http_hosts: Vec<String>,
 }
 
 /// Where the coordinator's HTTP server listens, if anywhere.
@@ -141,6 +151,31 @@ impl Config {
             self.allow_command_jobs,
             agent_tls,
         ))
+    }
+
+    /// The dashboard's token and host names.
+    fn dashboard_access(&self) -> anyhow::Result<dashboard_auth::DashboardAccess> {
+        let token = match self.beside_ca(&self.dashboard_token_file, "dashboard.token") {
+            Some(path) => Some(std::sync::Arc::new(
+                std::fs::read_to_string(&path)
+                    .map_err(|error| anyhow::anyhow!("--dashboard-token-file {}: {error}", path.display()))?
+                    .trim()
+                    .to_string(),
+            )),
+            None if self.tls.ca.is_some() => anyhow::bail!(
+                "--dashboard-token-file: not given and no dashboard.token next to --tls-ca (flamingoctl up writes one)"
+            ),
+            None => None,
+        };
+        let mut hosts: Vec<String> = ["127.0.0.1", "localhost", "::1"].map(String::from).to_vec();
+        if let Some(address) = self.http_listen.0 {
+            hosts.push(address.ip().to_string());
+        }
+        hosts.extend(self.http_hosts.iter().cloned());
+        Ok(dashboard_auth::DashboardAccess {
+            token,
+            hosts: std::sync::Arc::new(hosts),
+        })
     }
 
     /// Where jobs' metric files are kept on this machine.
@@ -264,7 +299,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 )
             })?;
             tracing::info!(dashboard = %format!("http://{}/", listener.local_addr()?), "dashboard listening");
-            let app = http::router(coordinator.clone());
+            let app = http::router(coordinator.clone(), config.dashboard_access()?);
             let stop = shutdown.clone();
             Some(tokio::spawn(async move {
                 let served = axum::serve(listener, app)

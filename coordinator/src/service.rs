@@ -168,6 +168,30 @@ impl Coordinator {
         &self.config
     }
 
+    /// Records a state-changing call in the audit log (and the coordinator's
+    /// log); a failed write is logged, never the caller's failure.
+    pub async fn audit(&self, who: String, action: &str, target: &str, outcome: String) {
+        tracing::info!(%who, action, target, %outcome, "audit");
+        let entry = crate::store::AuditEntry {
+            unix_ms: unix_ms(),
+            who,
+            action: action.to_string(),
+            target: target.to_string(),
+            outcome,
+        };
+        if let Err(error) = self.store.put_audit(&entry).await {
+            tracing::warn!(%error, "audit record not stored");
+        }
+    }
+
+    /// The newest `limit` audit records.
+    pub async fn audit_log(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<crate::store::AuditEntry>, CoordinatorError> {
+        self.store.audit(i64::from(limit.clamp(1, 10_000))).await
+    }
+
     pub async fn launch(&self, spec: JobSpec) -> Result<JobRecord, CoordinatorError> {
         spec.validate()?;
         crate::admission::check(&spec, !self.config.no_path_checks)?;

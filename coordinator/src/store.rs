@@ -46,6 +46,16 @@ fn decode_all<T: serde::de::DeserializeOwned>(
         .collect()
 }
 
+/// One state-changing call, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AuditEntry {
+    pub unix_ms: i64,
+    pub who: String,
+    pub action: String,
+    pub target: String,
+    pub outcome: String,
+}
+
 impl EtcdStore {
     /// Connects to etcd; with `tls`, over mutual TLS checking etcd's
     /// certificate for [`flamingo_security::ETCD_NAME`].
@@ -137,6 +147,42 @@ impl EtcdStore {
             .await
             .map_err(Self::etcd_error(format!("write {key}")))?;
         Ok(())
+    }
+
+    /// Appends an audit record (keys sort by time).
+    pub async fn put_audit(&self, record: &AuditEntry) -> Result<(), CoordinatorError> {
+        let key = format!(
+            "{}/audit/{:020}-{:08x}",
+            self.prefix,
+            record.unix_ms,
+            rand::random::<u32>()
+        );
+        let value = serde_json::to_vec(record).expect("audit records serialise");
+        self.client
+            .clone()
+            .put(key.clone(), value, None)
+            .await
+            .map_err(Self::etcd_error(format!("write {key}")))?;
+        Ok(())
+    }
+
+    /// The newest `limit` audit records, newest first.
+    pub async fn audit(&self, limit: i64) -> Result<Vec<AuditEntry>, CoordinatorError> {
+        let prefix = format!("{}/audit/", self.prefix);
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_sort(
+                etcd_client::SortTarget::Key,
+                etcd_client::SortOrder::Descend,
+            )
+            .with_limit(limit);
+        let response = self
+            .client
+            .clone()
+            .get(prefix.clone(), Some(options))
+            .await
+            .map_err(Self::etcd_error(format!("read {prefix}")))?;
+        decode_all(response.kvs())
     }
 
     pub async fn events(&self, job_id: &JobId) -> Result<Vec<JobEvent>, CoordinatorError> {

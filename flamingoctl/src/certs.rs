@@ -115,6 +115,39 @@ pub fn run(command: CertsCommand, context: &Context) -> anyhow::Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
+/// `flamingoctl audit`: the coordinator's audit log, newest first.
+pub async fn audit(limit: u32, context: &Context) -> anyhow::Result<ExitCode> {
+    let records = context.session().await?.audit(limit).await?;
+    if context.json {
+        let rows: Vec<serde_json::Value> = records
+            .iter()
+            .map(|record| {
+                serde_json::json!({
+                    "unix_ms": record.unix_ms, "who": record.who, "action": record.action,
+                    "target": record.target, "outcome": record.outcome,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<20} {:<24} {:<18} {:<28} outcome",
+        "when", "who", "action", "target"
+    );
+    for record in records {
+        println!(
+            "{:<20} {:<24} {:<18} {:<28} {}",
+            unix_date(record.unix_ms / 1000),
+            record.who,
+            record.action,
+            record.target,
+            record.outcome
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `2026-12-04 21:00 UTC`.
 fn unix_date(seconds: i64) -> String {
     let days = seconds.div_euclid(86_400);

@@ -216,6 +216,19 @@ async fn on_slurm(args: &LaunchArgs, context: &Context) -> anyhow::Result<ExitCo
         launch_args: k8s::strip_flags(&all, &slurm::FLAGS_WITH_VALUE, &slurm::BARE_FLAGS),
         train: args.trains(),
         coordinator: context.explicit.then(|| context.address.clone()),
+        // Joining a cluster: its CA issues the job's node certificates
+        // (FLAMINGO_PKI, else the local cluster's in the state dir).
+        pki: match context.explicit {
+            true => std::env::var_os("FLAMINGO_PKI")
+                .map(std::path::PathBuf::from)
+                .or_else(|| {
+                    flamingo_client::cluster::ClusterState::load(&context.state_dir)
+                        .ok()
+                        .flatten()
+                        .and_then(|state| state.pki)
+                }),
+            false => None,
+        },
     };
     let submitted = slurm::submit(submission, &args.slurm, args.k8s.dry_run)?;
     if args.k8s.dry_run {
@@ -266,7 +279,7 @@ async fn on_kubernetes(args: &LaunchArgs, context: &Context) -> anyhow::Result<E
         return Ok(ExitCode::SUCCESS);
     }
     let client = k8s::client().await?;
-    let objects = k8s::objects(&job, flags);
+    let objects = k8s::objects(&job, flags)?;
     for line in k8s::apply(&client, &objects).await? {
         eprintln!("{line}");
     }

@@ -93,6 +93,14 @@ enum Command {
     /// Datasets: index, inspect, pack and synthesize shards; measure preprocessing.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// The cluster's audit log, newest first: who launched, stopped,
+    /// registered, deregistered or committed what, and whether it was
+    /// refused (admins).
+    Audit {
+        /// How many records.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
     /// The cluster's certificates: issue (users, nodes), list, revoke.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
@@ -137,5 +145,6 @@ async fn run(command: Command, context: &Context) -> anyhow::Result<ExitCode> {
         Command::Train(args) => train::run(&args),
         Command::Data(command) => data::run(command, context).await,
         Command::Certs(command) => certs::run(command, context),
+        Command::Audit { limit } => certs::audit(limit, context).await,
     }
 }

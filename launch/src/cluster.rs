@@ -69,7 +69,10 @@ pub async fn up(state_dir: &Path, options: &UpOptions) -> anyhow::Result<Cluster
                 state_dir.display()
             );
             if let Some(dashboard) = &state.dashboard {
-                eprintln!("dashboard: {dashboard}");
+                match starting.credentials.pki.dashboard_token() {
+                    Ok(token) => eprintln!("dashboard: {dashboard}login?token={token}"),
+                    Err(_) => eprintln!("dashboard: {dashboard}"),
+                }
             }
             Ok(state)
         }

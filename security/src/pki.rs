@@ -6,6 +6,8 @@
 //! <dir>/certs/<who>.pem  <who>.key every issued certificate (keys 0600)
 //! <dir>/revoked                    revoked serials, one per line
 //! <dir>/rank.secret                the key rank credentials are signed with
+//! <dir>/dashboard.token            what the dashboard asks for
+//! <dir>/dashboard.token            what the dashboard asks for
 //! ```
 
 use std::collections::BTreeSet;
@@ -68,13 +70,12 @@ impl Pki {
         if !pki.ca_cert().exists() {
             pki.create_ca()?;
         }
-        if !pki.rank_secret_path().exists() {
-            let mut secret = [0u8; 32];
-            rand::rng().fill_bytes(&mut secret);
-            write_private(
-                &pki.rank_secret_path(),
-                crate::identity::hex(&secret).as_bytes(),
-            )?;
+        for secret_path in [pki.rank_secret_path(), pki.dashboard_token_path()] {
+            if !secret_path.exists() {
+                let mut secret = [0u8; 32];
+                rand::rng().fill_bytes(&mut secret);
+                write_private(&secret_path, crate::identity::hex(&secret).as_bytes())?;
+            }
         }
         Ok(pki)
     }
@@ -104,6 +105,13 @@ impl Pki {
     }
     pub fn rank_secret_path(&self) -> PathBuf {
         self.dir.join("rank.secret")
+    }
+    /// The token the dashboard, its API and `/metrics` ask for.
+    pub fn dashboard_token_path(&self) -> PathBuf {
+        self.dir.join("dashboard.token")
+    }
+    pub fn dashboard_token(&self) -> Result<String> {
+        Ok(read(&self.dashboard_token_path())?.trim().to_string())
     }
     pub fn revoked_path(&self) -> PathBuf {
         self.dir.join("revoked")
@@ -492,5 +500,6 @@ mod tests {
         Pki::init(pki.dir()).unwrap();
         assert_eq!(std::fs::read(pki.ca_cert()).unwrap(), ca);
         assert_eq!(pki.rank_secret().unwrap().len(), 32);
+        assert_eq!(pki.dashboard_token().unwrap().len(), 64);
     }
 }

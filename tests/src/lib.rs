@@ -416,6 +416,14 @@ impl Drop for ClusterSandbox {
     }
 }
 
+/// The test clusters' dashboard token.
+pub fn dashboard_token() -> String {
+    credentials()
+        .pki
+        .dashboard_token()
+        .expect("the test CA's dashboard token")
+}
+
 /// Whether the process exists (zombies count as gone).
 pub fn alive(pid: u32) -> bool {
     local::process_alive(pid)

@@ -287,8 +287,13 @@ fn dom_loss(driver: &Driver) -> Vec<(u64, f64)> {
     }
 }
 
+/// GET with the dashboard's token (agents' `/metrics` ignore it).
 fn http_get(url: &str) -> String {
     ureq::get(url)
+        .set(
+            "Authorization",
+            &format!("Bearer {}", flamingo_tests::dashboard_token()),
+        )
         .timeout(Duration::from_secs(10))
         .call()
         .unwrap_or_else(|error| panic!("GET {url}: {error}"))
@@ -621,6 +626,12 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
 
     let profile = tempfile::tempdir().unwrap();
     let driver = Driver::start(profile.path());
+    // Signed in once, as a user following `flamingoctl up`'s link.
+    driver.open(&format!(
+        "{}login?token={}",
+        sandbox.dashboard(),
+        flamingo_tests::dashboard_token()
+    ));
     let page = format!("{}?job={job}&smoothing=0", sandbox.dashboard());
     driver.open(&page);
     let first = wait_for(

@@ -30,7 +30,15 @@ fn up_launch_status_down_leaves_no_process_behind() {
     let state_dir = dir.path().join("cluster");
     let up = ok(&flamingoctl(
         &state_dir,
-        &["up", "--nodes", "2", "--port", "0", "--json"],
+        &[
+            "up",
+            "--nodes",
+            "2",
+            "--port",
+            "0",
+            "--allow-command-jobs",
+            "--json",
+        ],
     ));
     let cluster: serde_json::Value = serde_json::from_str(&up).unwrap();
     let mut pids: Vec<u32> = cluster["agent_pids"]

@@ -98,6 +98,10 @@ async fn curves_come_back_from_object_storage_after_the_disk_is_lost() {
     assert_eq!(before_points.len(), 100);
     let events_url = format!("{}api/jobs/{job}/events", sandbox.dashboard());
     let events_before = ureq::get(&events_url)
+        .set(
+            "Authorization",
+            &format!("Bearer {}", flamingo_tests::dashboard_token()),
+        )
         .call()
         .unwrap()
         .into_string()
@@ -120,6 +124,10 @@ async fn curves_come_back_from_object_storage_after_the_disk_is_lost() {
         before_points
     );
     let events_after = ureq::get(&events_url)
+        .set(
+            "Authorization",
+            &format!("Bearer {}", flamingo_tests::dashboard_token()),
+        )
         .call()
         .unwrap()
         .into_string()

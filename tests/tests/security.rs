@@ -191,13 +191,70 @@ async fn clients_without_credentials_and_the_wrong_roles_are_refused() {
         .expect_err("agent on JobService");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
 
+    // The dashboard: its API without the token is 401, with it 200; a
+    // foreign Host (DNS rebinding) is refused even with the token.
+    let api = format!("{}api/jobs", sandbox.dashboard());
+    match ureq::get(&api).call() {
+        Err(ureq::Error::Status(code, _)) => assert_eq!(code, 401),
+        other => panic!("the API answered without a token: {other:?}"),
+    }
+    let bearer = format!("Bearer {}", flamingo_tests::dashboard_token());
+    let page = ureq::get(&api)
+        .set("Authorization", &bearer)
+        .call()
+        .expect("with the token");
+    assert_eq!(page.status(), 200);
+    assert!(page
+        .header("Content-Security-Policy")
+        .is_some_and(|csp| csp.contains("default-src 'none'")));
+    match ureq::get(&api)
+        .set("Authorization", &bearer)
+        .set("Host", "attacker.example:7080")
+        .call()
+    {
+        Err(ureq::Error::Status(code, _)) => assert_eq!(code, 421),
+        other => panic!("a foreign Host was served: {other:?}"),
+    }
+
     // Nothing ran the command.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!marker.exists(), "a refused launch ran its command");
     admin
-        .stop_job(pb::StopJobRequest { job_id: job.id })
+        .stop_job(pb::StopJobRequest {
+            job_id: job.id.clone(),
+        })
         .await
         .expect("the admin stops it");
+
+    // The audit log has it all, refusals included, and only admins read it.
+    let records = admin
+        .list_audit(pb::ListAuditRequest { limit: 100 })
+        .await
+        .expect("the admin reads the audit log")
+        .into_inner()
+        .records;
+    let has = |who: &str, action: &str, target: &str, outcome: &str| {
+        records.iter().any(|record| {
+            record.who == who
+                && record.action == action
+                && record.target == target
+                && record.outcome.starts_with(outcome)
+        })
+    };
+    assert!(has("ada", "launch", &job.id, "ok"), "{records:#?}");
+    assert!(has("sam", "stop", &job.id, "refused"), "{records:#?}");
+    assert!(has("ada", "stop", &job.id, "ok"), "{records:#?}");
+    assert!(
+        records
+            .iter()
+            .any(|r| r.who == "vera" && r.action == "launch" && r.outcome.starts_with("refused")),
+        "{records:#?}"
+    );
+    let status = viewer
+        .list_audit(pb::ListAuditRequest { limit: 10 })
+        .await
+        .expect_err("viewer");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,9 +275,15 @@ async fn a_node_certificate_speaks_only_for_its_node() {
         .job
         .expect("job");
     let running = sandbox
-        .wait_state(&job.id, JobState::Running, Duration::from_secs(30))
+        .wait_job(&job.id, Duration::from_secs(30), |job| {
+            job.state == JobState::Running
+                && job
+                    .ranks
+                    .iter()
+                    .all(|rank| rank.state == flamingo_common::RankState::Running)
+        })
         .await
-        .expect("running");
+        .expect("every rank running");
 
     // node-1's certificate registers as node-0, deregisters it, reports its
     // ranks: all refused, and the job runs on untouched.
@@ -411,6 +474,84 @@ async fn expired_and_revoked_certificates_and_bare_etcd_clients_are_refused() {
             outcome.err()
         });
     assert!(refused.to_string().contains("revoked"), "{refused:#}");
+
+    // Rotation: node-0's certificate is revoked, the agent restarts with a
+    // newly issued one and registers again; the old one stays refused.
+    let node_files = credentials().node("node-0").expect("cert");
+    let kept = sandbox.path().join("old-node-0");
+    std::fs::create_dir_all(&kept).expect("folder");
+    let (old_cert, old_key) = (kept.join("cert.pem"), kept.join("key.pem"));
+    std::fs::copy(node_files.cert.as_ref().expect("path"), &old_cert).expect("copy");
+    std::fs::copy(node_files.key.as_ref().expect("path"), &old_key).expect("copy");
+    let old = flamingo_security::read_certificate(&old_cert).expect("readable");
+    let endpoint_of = |nodes: Vec<pb::Node>| {
+        nodes
+            .into_iter()
+            .find(|node| node.node_id == "node-0")
+            .map(|node| node.agent_endpoint)
+    };
+    let before = endpoint_of(
+        sandbox
+            .session()
+            .await
+            .expect("session")
+            .nodes()
+            .await
+            .expect("nodes"),
+    );
+    let mut sandbox = sandbox;
+    sandbox.kill_agent("node-0");
+    pki.revoke(&old.serial).expect("revoked");
+    // The coordinator re-reads the list every 2 s.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sandbox.add_agent("node-0", &[]).expect("agent restarts");
+    let new = flamingo_security::read_certificate(
+        credentials()
+            .node("node-0")
+            .expect("cert")
+            .cert
+            .as_ref()
+            .expect("path"),
+    )
+    .expect("readable");
+    assert_ne!(new.serial, old.serial);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = endpoint_of(
+            sandbox
+                .session()
+                .await
+                .expect("session")
+                .nodes()
+                .await
+                .expect("nodes"),
+        );
+        if now.is_some() && now != before {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-0 did not register again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let old_tls = flamingo_security::TlsFiles::new(&pki.ca_cert(), &old_cert, &old_key)
+        .client()
+        .expect("tls")
+        .expect("files");
+    let channel =
+        flamingo_security::endpoint(&url, Some(&old_tls), flamingo_security::COORDINATOR_NAME)
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("TLS accepts the still-valid certificate");
+    let status = NodeServiceClient::new(channel)
+        .deregister(pb::DeregisterRequest {
+            node_id: "node-0".into(),
+        })
+        .await
+        .expect_err("the revoked certificate is refused");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
 
     // etcd: plain text and TLS without a client certificate get nothing.
     let etcd = sandbox.etcd_endpoint();

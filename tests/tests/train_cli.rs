@@ -135,8 +135,14 @@ fn a_run_killed_after_a_checkpoint_resumes_on_another_world_size_exactly() {
 
     // The same run fed by a data-service replica gives the same losses.
     let port = flamingo_common::net::free_local_port().expect("free port");
+    // Secure as a cluster's replica: its certificate, the data folder as
+    // its only prefix; the ranks show the admin's certificate (this
+    // process's FLAMINGO_TLS_*, set by `credentials`).
+    let credentials = flamingo_tests::credentials();
     let mut service = Command::new(ClusterSandbox::binary("flamingo-data-service"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(credentials.data_service.args())
+        .arg(format!("--allow-prefix={}", dir.path().display()))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

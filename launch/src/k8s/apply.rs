@@ -44,7 +44,7 @@ pub async fn apply(client: &kube::Client, objects: &[Value]) -> anyhow::Result<V
         let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
         let resource = ApiResource::from_gvk_with_plural(
             &GroupVersionKind::gvk(group, version, kind),
-            &format!("{}s", kind.to_ascii_lowercase()),
+            &plural(kind),
         );
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
         let dynamic: DynamicObject = serde_json::from_value(object.clone())?;
@@ -66,4 +66,13 @@ pub async fn apply(client: &kube::Client, objects: &[Value]) -> anyhow::Result<V
         applied.push(format!("{kind} {namespace}/{name} applied"));
     }
     Ok(applied)
+}
+
+/// The resource path's plural of a kind: `NetworkPolicy` → `networkpolicies`.
+fn plural(kind: &str) -> String {
+    let lower = kind.to_ascii_lowercase();
+    match lower.strip_suffix('y') {
+        Some(stem) => format!("{stem}ies"),
+        None => format!("{lower}s"),
+    }
 }

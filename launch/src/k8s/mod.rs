@@ -12,14 +12,23 @@
 //! `/dev/shm`; and a launcher Job that submits the job to the coordinator
 //! with the same flags (`flamingoctl launch … --wait`). Paths in the flags
 //! must exist inside the pods: mount the data with `--volume-claim`.
+//!
+//! Secure as the local cluster is: the certificates come as Secrets (see
+//! [`secrets`]), etcd and every gRPC link use mutual TLS, every pod runs as
+//! uid 10001 with no capabilities, no privilege escalation and a read-only
+//! root filesystem, with resource requests and limits; NetworkPolicies let
+//! only the coordinator reach etcd, flamingo's pods reach the coordinator,
+//! agent pods reach the data service, and a job's agents reach each other.
 
 use serde_json::Value;
 
 mod apply;
 mod objects;
+mod secrets;
 
 pub use apply::{apply, client, delete_job};
 pub use objects::{control_plane, job_objects};
+pub use secrets::K8sCredentials;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct K8sFlags {
@@ -41,6 +50,16 @@ pub struct K8sFlags {
     /// slurm: the sbatch script).
     #[arg(long)]
     pub dry_run: bool,
+    /// The CA the pods' certificates come from (kept on this machine;
+    /// default $FLAMINGO_HOME/k8s/<namespace>/pki).
+    #[arg(long)]
+    pub pki: Option<std::path::PathBuf>,
+    /// CPU an agent pod requests and is limited to.
+    #[arg(long, default_value = "8")]
+    pub agent_cpu: String,
+    /// Memory an agent pod requests and is limited to.
+    #[arg(long, default_value = "64Gi")]
+    pub agent_memory: String,
 }
 
 /// What the objects are made from.
@@ -74,7 +93,7 @@ pub fn object_name(name: &str) -> String {
 /// Every object, as one multi-document YAML stream.
 pub fn render(job: &K8sJob, flags: &K8sFlags) -> anyhow::Result<String> {
     let mut out = String::new();
-    for object in objects(job, flags) {
+    for object in objects(job, flags)? {
         out.push_str("---\n");
         out.push_str(&serde_yaml::to_string(&object)?);
     }
@@ -83,11 +102,12 @@ pub fn render(job: &K8sJob, flags: &K8sFlags) -> anyhow::Result<String> {
 
 /// Every object, in the order they are applied: the control plane, then
 /// the job's.
-pub fn objects(job: &K8sJob, flags: &K8sFlags) -> Vec<Value> {
-    control_plane(flags)
+pub fn objects(job: &K8sJob, flags: &K8sFlags) -> anyhow::Result<Vec<Value>> {
+    let credentials = K8sCredentials::prepare(job, flags)?;
+    Ok(control_plane(flags, &credentials)
         .into_iter()
-        .chain(job_objects(job, flags))
-        .collect()
+        .chain(job_objects(job, flags, &credentials))
+        .collect())
 }
 
 /// The `launch` arguments without the scheduler's own flags (for the
@@ -214,9 +234,19 @@ mod tests {
                 gpus_per_node: 8,
                 volume_claim: Some("flamingo-data".into()),
                 dry_run: false,
+                // One CA folder per call: the tests run in parallel.
+                pki: Some(std::env::temp_dir().join(format!(
+                    "flamingo-k8s-test-{}-{}",
+                    std::process::id(),
+                    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                ))),
+                agent_cpu: "8".into(),
+                agent_memory: "64Gi".into(),
             },
         )
     }
+
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
     type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String, String, Value)>>>;
 
@@ -276,11 +306,12 @@ mod tests {
     #[tokio::test]
     async fn every_object_is_applied_in_order_at_its_resource_path() {
         let (job, flags) = demo();
-        let objects = objects(&job, &flags);
+        let objects = objects(&job, &flags).unwrap();
         let (client, seen) = api_server(None).await;
         let lines = apply(&client, &objects).await.unwrap();
         assert_eq!(lines.len(), objects.len());
-        assert_eq!(lines[0], "ServiceAccount flamingo/flamingo applied");
+        // The Secrets first: the pods mount them.
+        assert_eq!(lines[0], "Secret flamingo/flamingo-tls applied");
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), objects.len());
         for ((method, uri, content_type, body), object) in seen.iter().zip(&objects) {
@@ -297,6 +328,9 @@ mod tests {
             .map(|(_, uri, _, _)| uri.split('?').next().unwrap())
             .collect();
         for expected in [
+            "/api/v1/namespaces/flamingo/secrets/flamingo-tls",
+            "/api/v1/namespaces/flamingo/secrets/flamingo-demo-tls",
+            "/apis/networking.k8s.io/v1/namespaces/flamingo/networkpolicies/flamingo-etcd",
             "/api/v1/namespaces/flamingo/serviceaccounts/flamingo",
             "/apis/rbac.authorization.k8s.io/v1/namespaces/flamingo/roles/flamingo",
             "/apis/apps/v1/namespaces/flamingo/statefulsets/flamingo-etcd",
@@ -337,7 +371,7 @@ mod tests {
     #[test]
     fn the_launcher_deletes_the_agents_when_the_job_ends() {
         let (job, flags) = demo();
-        let objects = objects(&job, &flags);
+        let objects = objects(&job, &flags).unwrap();
         let launcher = objects
             .iter()
             .find(|o| o["metadata"]["name"] == "flamingo-demo-launch")
@@ -372,10 +406,12 @@ mod tests {
             "message": "namespaces \"flamingo\" not found", "reason": "NotFound", "code": 404
         })))
         .await;
-        let error = apply(&client, &objects(&job, &flags)).await.unwrap_err();
+        let error = apply(&client, &objects(&job, &flags).unwrap())
+            .await
+            .unwrap_err();
         let text = format!("{error:#}");
         assert!(
-            text.contains("ServiceAccount flamingo/flamingo")
+            text.contains("Secret flamingo/flamingo-tls")
                 && text.contains("kubectl create namespace flamingo"),
             "{text}"
         );

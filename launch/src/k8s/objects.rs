@@ -3,11 +3,56 @@
 
 use serde_json::{json, Value};
 
+use super::secrets::{self, K8sCredentials, CONTROL_PLANE_SECRET};
 use super::{object_name, K8sFlags, K8sJob};
 
-const COORDINATOR: &str = "flamingo-coordinator";
-const ETCD: &str = "flamingo-etcd";
-const DATA_SERVICE: &str = "flamingo-data-service";
+pub(super) const COORDINATOR: &str = "flamingo-coordinator";
+pub(super) const ETCD: &str = "flamingo-etcd";
+pub(super) const DATA_SERVICE: &str = "flamingo-data-service";
+/// The uid and gid every container runs as (the image's `flamingo` user).
+const UID: u32 = 10001;
+
+/// Every pod: not root, the runtime's seccomp profile, Secrets and volumes
+/// readable by the group.
+fn pod_security() -> Value {
+    json!({
+        "runAsNonRoot": true,
+        "runAsUser": UID,
+        "runAsGroup": UID,
+        "fsGroup": UID,
+        "seccompProfile": { "type": "RuntimeDefault" },
+    })
+}
+
+/// Every container: no privilege escalation, no capabilities, a read-only
+/// root filesystem (writable paths are volumes).
+fn container_security() -> Value {
+    json!({
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": { "drop": ["ALL"] },
+    })
+}
+
+/// A writable `/tmp` (also `$HOME` in the image).
+fn scratch() -> (Value, Value) {
+    (
+        json!({ "name": "tmp", "emptyDir": {} }),
+        json!({ "name": "tmp", "mountPath": "/tmp" }),
+    )
+}
+
+fn resources(
+    cpu_request: &str,
+    memory_request: &str,
+    cpu_limit: &str,
+    memory_limit: &str,
+) -> Value {
+    json!({
+        "requests": { "cpu": cpu_request, "memory": memory_request },
+        "limits": { "cpu": cpu_limit, "memory": memory_limit },
+    })
+}
 
 fn metadata(name: &str, flags: &K8sFlags, component: &str) -> Value {
     json!({
@@ -59,14 +104,65 @@ fn service(
 }
 
 /// The shared control plane.
-pub fn control_plane(flags: &K8sFlags) -> Vec<Value> {
+pub fn control_plane(flags: &K8sFlags, credentials: &K8sCredentials) -> Vec<Value> {
     [
+        vec![credentials.control_plane_secret(flags)],
         rbac(flags),
         etcd(flags),
         coordinator(flags),
         data_service(flags),
+        network_policies(flags),
     ]
     .concat()
+}
+
+fn policy(name: &str, flags: &K8sFlags, pods: Value, ingress: Value) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(name, flags, "network"),
+        "spec": {
+            "podSelector": { "matchLabels": pods },
+            "policyTypes": ["Ingress"],
+            "ingress": ingress,
+        },
+    })
+}
+
+fn from_pods(labels: Value) -> Value {
+    json!({ "podSelector": { "matchLabels": labels } })
+}
+
+/// Nothing reaches a flamingo pod unless a policy below lets it: etcd only
+/// from the coordinator; the coordinator's gRPC from flamingo's pods (its
+/// dashboard from the namespace); the data service from agent pods.
+fn network_policies(flags: &K8sFlags) -> Vec<Value> {
+    let flamingo = json!({ "app.kubernetes.io/name": "flamingo" });
+    let agents = json!({ "app.kubernetes.io/name": "flamingo", "flamingo/agent": "true" });
+    vec![
+        policy("flamingo-default-deny", flags, flamingo.clone(), json!([])),
+        policy(
+            "flamingo-etcd",
+            flags,
+            selector("etcd"),
+            json!([{ "from": [from_pods(selector("coordinator"))], "ports": [{ "port": 2379, "protocol": "TCP" }] }]),
+        ),
+        policy(
+            "flamingo-coordinator",
+            flags,
+            selector("coordinator"),
+            json!([
+                { "from": [from_pods(flamingo)], "ports": [{ "port": 7070, "protocol": "TCP" }] },
+                { "from": [{ "podSelector": {} }], "ports": [{ "port": 7080, "protocol": "TCP" }] },
+            ]),
+        ),
+        policy(
+            "flamingo-data-service",
+            flags,
+            selector("data-service"),
+            json!([{ "from": [from_pods(agents)], "ports": [{ "port": 7090, "protocol": "TCP" }] }]),
+        ),
+    ]
 }
 
 /// The account the coordinator and launchers run as, and what it may do.
@@ -112,19 +208,32 @@ fn etcd(flags: &K8sFlags) -> Vec<Value> {
                 "template": {
                     "metadata": { "labels": selector("etcd") },
                     "spec": {
+                        "securityContext": pod_security(),
+                        "automountServiceAccountToken": false,
                         "containers": [{
                             "name": "etcd",
                             "image": flags.image,
                             "command": ["etcd"],
                             "args": [
                                 "--name=flamingo",
-                                "--data-dir=/var/lib/etcd",
-                                "--listen-client-urls=http://0.0.0.0:2379",
-                                format!("--advertise-client-urls=http://{ETCD}:2379"),
+                                "--data-dir=/var/lib/etcd/data",
+                                "--listen-client-urls=https://0.0.0.0:2379",
+                                format!("--advertise-client-urls=https://{ETCD}:2379"),
+                                format!("--cert-file={}/etcd.pem", secrets::TLS_DIR),
+                                format!("--key-file={}/etcd.key", secrets::TLS_DIR),
+                                format!("--trusted-ca-file={}/ca.pem", secrets::TLS_DIR),
+                                "--client-cert-auth",
                             ],
                             "ports": [{ "containerPort": 2379, "name": "client" }],
-                            "volumeMounts": [{ "name": "etcd-data", "mountPath": "/var/lib/etcd" }],
+                            "securityContext": container_security(),
+                            "resources": resources("100m", "256Mi", "1", "1Gi"),
+                            "volumeMounts": [
+                                { "name": "etcd-data", "mountPath": "/var/lib/etcd" },
+                                secrets::volume(CONTROL_PLANE_SECRET).1,
+                                scratch().1,
+                            ],
                         }],
+                        "volumes": [secrets::volume(CONTROL_PLANE_SECRET).0, scratch().0],
                     },
                 },
                 "volumeClaimTemplates": [{
@@ -162,26 +271,43 @@ fn coordinator(flags: &K8sFlags) -> Vec<Value> {
                     "metadata": { "labels": selector("coordinator") },
                     "spec": {
                         "serviceAccountName": "flamingo",
+                        "automountServiceAccountToken": false,
+                        "securityContext": pod_security(),
                         "containers": [{
                             "name": "coordinator",
                             "image": flags.image,
                             "command": ["flamingo-coordinator"],
-                            "args": [
-                                "--listen=0.0.0.0:7070",
-                                "--http-listen=0.0.0.0:7080",
-                                format!("--etcd-endpoints=http://{ETCD}:2379"),
-                                "--metrics-dir=/var/lib/flamingo/metrics",
-                                // Shards and models live on the nodes' volume.
-                                "--no-path-checks",
-                            ],
+                            "args": ([
+                                vec![
+                                    "--listen=0.0.0.0:7070".to_string(),
+                                    "--http-listen=0.0.0.0:7080".to_string(),
+                                    format!("--etcd-endpoints=https://{ETCD}:2379"),
+                                    "--metrics-dir=/var/lib/flamingo/metrics".to_string(),
+                                    // Shards and models live on the nodes' volume.
+                                    "--no-path-checks".to_string(),
+                                    // The dashboard through its Service (or port-forward).
+                                    format!("--http-host={COORDINATOR},{COORDINATOR}.{}.svc", flags.namespace),
+                                ],
+                                secrets::tls_args("coordinator"),
+                            ].concat()),
                             "ports": [
                                 { "containerPort": 7070, "name": "grpc" },
                                 { "containerPort": 7080, "name": "http" },
                             ],
                             "readinessProbe": { "tcpSocket": { "port": 7070 }, "periodSeconds": 5 },
-                            "volumeMounts": [{ "name": "metrics", "mountPath": "/var/lib/flamingo" }],
+                            "securityContext": container_security(),
+                            "resources": resources("250m", "256Mi", "2", "2Gi"),
+                            "volumeMounts": [
+                                { "name": "metrics", "mountPath": "/var/lib/flamingo" },
+                                secrets::volume(CONTROL_PLANE_SECRET).1,
+                                scratch().1,
+                            ],
                         }],
-                        "volumes": [{ "name": "metrics", "emptyDir": {} }],
+                        "volumes": [
+                            { "name": "metrics", "emptyDir": {} },
+                            secrets::volume(CONTROL_PLANE_SECRET).0,
+                            scratch().0,
+                        ],
                     },
                 },
             },
@@ -191,7 +317,11 @@ fn coordinator(flags: &K8sFlags) -> Vec<Value> {
 
 /// A data-service replica with the data volume.
 fn data_service(flags: &K8sFlags) -> Vec<Value> {
-    let (volumes, mounts) = data_volume(flags);
+    let (mut volumes, mut mounts) = data_volume(flags);
+    for (volume, mount) in [secrets::volume(CONTROL_PLANE_SECRET), scratch()] {
+        volumes.push(volume);
+        mounts.push(mount);
+    }
     vec![
         service(
             DATA_SERVICE,
@@ -210,12 +340,23 @@ fn data_service(flags: &K8sFlags) -> Vec<Value> {
                 "template": {
                     "metadata": { "labels": selector("data-service") },
                     "spec": {
+                        "securityContext": pod_security(),
+                        "automountServiceAccountToken": false,
                         "containers": [{
                             "name": "data-service",
                             "image": flags.image,
                             "command": ["flamingo-data-service"],
-                            "args": ["--listen=0.0.0.0:7090"],
+                            "args": ([
+                                vec![
+                                    "--listen=0.0.0.0:7090".to_string(),
+                                    // Only the data volume.
+                                    "--allow-prefix=/data".to_string(),
+                                ],
+                                secrets::tls_args("data-service"),
+                            ].concat()),
                             "ports": [{ "containerPort": 7090, "name": "grpc" }],
+                            "securityContext": container_security(),
+                            "resources": resources("1", "1Gi", "4", "8Gi"),
                             "volumeMounts": mounts,
                         }],
                         "volumes": volumes,
@@ -227,16 +368,39 @@ fn data_service(flags: &K8sFlags) -> Vec<Value> {
 }
 
 /// The job's agents and its launcher.
-pub fn job_objects(job: &K8sJob, flags: &K8sFlags) -> Vec<Value> {
+pub fn job_objects(job: &K8sJob, flags: &K8sFlags, credentials: &K8sCredentials) -> Vec<Value> {
     let name = object_name(&job.name);
     let agents = format!("flamingo-{name}-agents");
+    let secret = secrets::job_secret_name(job);
     let (mut volumes, mounts) = data_volume(flags);
     volumes.push(json!({ "name": "shm", "emptyDir": { "medium": "Memory" } }));
+    volumes.push(json!({ "name": "state", "emptyDir": {} }));
+    volumes.push(secrets::volume(&secret).0);
+    volumes.push(scratch().0);
     let component = format!("agents-{name}");
     let agent = agent_container(job, flags, &name, mounts);
     let launch = launcher_args(job, &agents);
-    let (launcher_volumes, launcher_mounts) = data_volume(flags);
+    let (mut launcher_volumes, mut launcher_mounts) = data_volume(flags);
+    for (volume, mount) in [secrets::volume(&secret), scratch()] {
+        launcher_volumes.push(volume);
+        launcher_mounts.push(mount);
+    }
+    let mut agent_labels = selector(&component);
+    agent_labels["flamingo/agent"] = json!("true");
+    let job_pods = policy(
+        &agents,
+        flags,
+        selector(&component),
+        json!([
+            // The job's ranks talk to each other on any port (c10d, NCCL).
+            { "from": [from_pods(selector(&component))] },
+            { "from": [from_pods(selector("coordinator"))], "ports": [{ "port": 7071, "protocol": "TCP" }] },
+            { "from": [{ "podSelector": {} }], "ports": [{ "port": 9100, "protocol": "TCP" }] },
+        ]),
+    );
     vec![
+        credentials.job_secret(job, flags),
+        job_pods,
         service(
             &agents,
             flags,
@@ -256,9 +420,11 @@ pub fn job_objects(job: &K8sJob, flags: &K8sFlags) -> Vec<Value> {
                 // group elsewhere); Kubernetes replaces the pod.
                 "backoffLimit": job.nodes * 4,
                 "template": {
-                    "metadata": { "labels": selector(&component) },
+                    "metadata": { "labels": agent_labels },
                     "spec": {
                         "subdomain": agents,
+                        "automountServiceAccountToken": false,
+                        "securityContext": pod_security(),
                         "restartPolicy": "OnFailure",
                         "terminationGracePeriodSeconds": 60,
                         "containers": [agent],
@@ -277,12 +443,21 @@ pub fn job_objects(job: &K8sJob, flags: &K8sFlags) -> Vec<Value> {
                     "metadata": { "labels": selector("launcher") },
                     "spec": {
                         "restartPolicy": "Never",
+                        // The account that may delete the agents' Job.
                         "serviceAccountName": "flamingo",
+                        "securityContext": pod_security(),
                         "containers": [{
                             "name": "launch",
                             "image": flags.image,
                             "command": ["flamingoctl"],
                             "args": launch,
+                            "env": [
+                                { "name": "FLAMINGO_TLS_CA", "value": format!("{}/ca.pem", secrets::TLS_DIR) },
+                                { "name": "FLAMINGO_TLS_CERT", "value": format!("{}/launcher.pem", secrets::TLS_DIR) },
+                                { "name": "FLAMINGO_TLS_KEY", "value": format!("{}/launcher.key", secrets::TLS_DIR) },
+                            ],
+                            "securityContext": container_security(),
+                            "resources": resources("100m", "128Mi", "1", "512Mi"),
                             "volumeMounts": launcher_mounts,
                         }],
                         "volumes": launcher_volumes,
@@ -297,12 +472,18 @@ pub fn job_objects(job: &K8sJob, flags: &K8sFlags) -> Vec<Value> {
 /// network settings, a memory `/dev/shm`.
 fn agent_container(job: &K8sJob, flags: &K8sFlags, name: &str, mut mounts: Vec<Value>) -> Value {
     mounts.push(json!({ "name": "shm", "mountPath": "/dev/shm" }));
-    let mut resources = json!({});
+    mounts.push(json!({ "name": "state", "mountPath": "/var/lib/flamingo" }));
+    mounts.push(secrets::mount());
+    mounts.push(scratch().1);
+    let mut resources = resources(
+        &flags.agent_cpu,
+        &flags.agent_memory,
+        &flags.agent_cpu,
+        &flags.agent_memory,
+    );
     if flags.gpus_per_node > 0 {
-        resources = json!({
-            "limits": { "nvidia.com/gpu": flags.gpus_per_node },
-            "requests": { "nvidia.com/gpu": flags.gpus_per_node },
-        });
+        resources["limits"]["nvidia.com/gpu"] = json!(flags.gpus_per_node);
+        resources["requests"]["nvidia.com/gpu"] = json!(flags.gpus_per_node);
     }
     json!({
         "name": "agent",
@@ -310,7 +491,7 @@ fn agent_container(job: &K8sJob, flags: &K8sFlags, name: &str, mut mounts: Vec<V
         "command": ["flamingo-worker"],
         "args": [
             "agent",
-            format!("--coordinator=http://{COORDINATOR}:7070"),
+            format!("--coordinator=https://{COORDINATOR}:7070"),
             format!("--node-id={name}-$(JOB_COMPLETION_INDEX)"),
             "--address=$(POD_IP)",
             format!("--cpu-slots={}", job.slots_per_node),
@@ -318,6 +499,10 @@ fn agent_container(job: &K8sJob, flags: &K8sFlags, name: &str, mut mounts: Vec<V
             "--rendezvous-ports=29500:100",
             "--metrics-listen=0.0.0.0:9100",
             "--state-dir=/var/lib/flamingo/agent",
+            format!("--tls-ca={}/ca.pem", secrets::TLS_DIR),
+            // Each pod's own certificate: its node id is <job>-<index>.
+            format!("--tls-cert={}/node-$(JOB_COMPLETION_INDEX).pem", secrets::TLS_DIR),
+            format!("--tls-key={}/node-$(JOB_COMPLETION_INDEX).key", secrets::TLS_DIR),
         ],
         "env": [
             { "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } },
@@ -329,6 +514,7 @@ fn agent_container(job: &K8sJob, flags: &K8sFlags, name: &str, mut mounts: Vec<V
             { "containerPort": 7071, "name": "logs" },
             { "containerPort": 9100, "name": "metrics" },
         ],
+        "securityContext": container_security(),
         "resources": resources,
         "volumeMounts": mounts,
     })
@@ -339,7 +525,7 @@ fn agent_container(job: &K8sJob, flags: &K8sFlags, name: &str, mut mounts: Vec<V
 /// service for train jobs that name none.
 fn launcher_args(job: &K8sJob, agents: &str) -> Vec<String> {
     let mut launch = vec![
-        format!("--coordinator=http://{COORDINATOR}:7070"),
+        format!("--coordinator=https://{COORDINATOR}:7070"),
         "launch".to_string(),
     ];
     launch.extend(job.launch_args.iter().cloned());
@@ -354,7 +540,7 @@ fn launcher_args(job: &K8sJob, agents: &str) -> Vec<String> {
         .iter()
         .any(|arg| arg.starts_with("--data_service"))
     {
-        launch.push(format!("--data_service=http://{DATA_SERVICE}:7090"));
+        launch.push(format!("--data_service=https://{DATA_SERVICE}:7090"));
     }
     launch
 }

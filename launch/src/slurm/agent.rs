@@ -53,7 +53,8 @@ pub fn exec_agent(args: &AgentArgs) -> anyhow::Error {
             .arg("--drain-timeout-seconds=150");
         // This node's certificate, from the job's CA (the job folder is on
         // the shared filesystem, mode 0700).
-        let pki = flamingo_security::Pki::open(&args.job_dir.join("pki"))?;
+        let file = super::records::JobFile::load(&args.job_dir)?;
+        let pki = flamingo_security::Pki::open(&file.pki_dir(&args.job_dir))?;
         let issued = pki.ensure(
             &flamingo_security::Identity::node(&node),
             crate::pki::VALIDITY,

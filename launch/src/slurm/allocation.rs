@@ -187,7 +187,7 @@ impl Allocation {
         let host = flamingo_common::net::host_address(file.interface.as_deref())
             .map(|address| address.to_string())
             .ok();
-        let credentials = ClusterCredentials::prepare(&dir.join("pki"), host.as_slice())?;
+        let credentials = ClusterCredentials::prepare(&file.pki_dir(dir), host.as_slice())?;
         eprintln!(
             "flamingo: Slurm job {slurm_id}, start {} on {nodes} node(s); folder {}",
             restarts + 1,
@@ -263,6 +263,11 @@ impl Allocation {
                 "--metrics-dir={}",
                 self.dir.join("metrics").display()
             ))
+            .arg(format!("--http-host={host}"))
+            // The job's own control plane, reachable only with the job's
+            // certificates: a command job runs in the submitter's own
+            // allocation, as any step of theirs would.
+            .arg("--allow-command-jobs")
             .args(self.credentials.coordinator.args());
         if self.file.etcd_endpoints.is_some() {
             command.arg(format!("--etcd-prefix=/flamingo/slurm-{}", self.slurm_id));

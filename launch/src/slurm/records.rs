@@ -23,6 +23,9 @@ pub struct JobFile {
     pub train: bool,
     /// An existing coordinator the agents join instead of a new one.
     pub coordinator: Option<String>,
+    /// The CA folder of the cluster it joins; `None`: `<job dir>/pki`.
+    #[serde(default)]
+    pub pki: Option<PathBuf>,
     pub etcd_endpoints: Option<String>,
     pub interface: Option<String>,
     /// The working directory the job's relative paths are resolved in.
@@ -36,6 +39,11 @@ pub struct JobFile {
 impl JobFile {
     pub(crate) fn path(dir: &Path) -> PathBuf {
         dir.join("job.json")
+    }
+
+    /// The CA the job's certificates come from.
+    pub fn pki_dir(&self, dir: &Path) -> PathBuf {
+        self.pki.clone().unwrap_or_else(|| dir.join("pki"))
     }
 
     pub fn load(dir: &Path) -> Result<Self> {
@@ -193,7 +201,8 @@ impl Record {
     /// A session with the job's coordinator, as the admin of the job's CA
     /// (created in `<job dir>/pki` on first use).
     pub async fn session(&self, address: &str) -> anyhow::Result<flamingo_client::Session> {
-        let credentials = crate::pki::ClusterCredentials::prepare(&self.dir.join("pki"), &[])?;
+        let credentials =
+            crate::pki::ClusterCredentials::prepare(&self.file.pki_dir(&self.dir), &[])?;
         crate::pki::admin_session(&credentials, address).await
     }
 

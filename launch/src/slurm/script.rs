@@ -112,6 +112,9 @@ pub struct Submission {
     pub launch_args: Vec<String>,
     pub train: bool,
     pub coordinator: Option<String>,
+    /// The CA of the cluster the job joins (`coordinator`); `None`: the
+    /// job's own, in its folder.
+    pub pki: Option<PathBuf>,
 }
 
 /// A job's folder and script, and its Slurm id once submitted.
@@ -145,6 +148,7 @@ pub fn submit(
         launch_args: submission.launch_args,
         train: submission.train,
         coordinator: submission.coordinator,
+        pki: submission.pki,
         etcd_endpoints: flags.etcd_endpoints.clone(),
         interface: flags.interface.clone(),
         workdir: std::env::current_dir()?,
@@ -208,6 +212,7 @@ mod tests {
             launch_args: vec!["--nodes".into(), "2".into()],
             train: true,
             coordinator: None,
+            pki: None,
             etcd_endpoints: None,
             interface: None,
             workdir: PathBuf::from("/work"),
