@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 flamingo_setup_reference
 
+# A full run builds every test binary once; incremental caches would add a
+# third to the target dir and save nothing on a clean checkout.
+export CARGO_INCREMENTAL=0
+
 echo "== build"
 cargo build --workspace --bins --quiet
 echo "== test"
