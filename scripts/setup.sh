@@ -99,6 +99,9 @@ flamingo_setup_reference() {
     # OK-VQA's stemming reads WordNet 3.0; NLTK's reader (the reference)
     # also wants the sense index.
     flamingo_apt_install " for OK-VQA's stemming" wordnet-base wordnet-sense-index || return 1
+    # The crash-consistency test reads the checkpoint writer's fsyncs and
+    # renames through strace.
+    flamingo_apt_install " for the crash-consistency test" strace || return 1
     if "$python" -c "import einops, einops_exts, safetensors, open_clip, transformers, webdataset, braceexpand, moto, flask_cors, tensorboard, kubernetes_validate, sklearn, pycocoevalcap, nltk, inflection, importlib.util, importlib.metadata as m, sys; sys.exit(0 if importlib.util.find_spec('open_flamingo') and m.version('webdataset') == '0.2.86' else 1)" 2>/dev/null; then
         return 0
     fi

@@ -61,7 +61,11 @@ pub async fn connect_with(
         .map_err(|_| ClientError::BadAddress {
             address: address.to_string(),
         })?
-        .connect_timeout(Duration::from_secs(3));
+        .connect_timeout(Duration::from_secs(3))
+        // A deadline on every call's answer (a stream's first message
+        // header, not the stream itself): a stuck coordinator fails a
+        // command instead of hanging it.
+        .timeout(Duration::from_secs(60));
     let channel = endpoint
         .connect()
         .await
@@ -69,7 +73,9 @@ pub async fn connect_with(
             address: address.to_string(),
             cause: root_cause(&error),
         })?;
-    Ok(JobServiceClient::new(channel))
+    Ok(JobServiceClient::new(channel)
+        .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::MAX_MESSAGE_BYTES))
 }
 
 #[cfg(test)]

@@ -11,4 +11,8 @@ pub mod render;
 pub mod session;
 
 pub use error::{ClientError, Result};
+
+/// The largest message flamingoctl sends or accepts (tonic's default, set
+/// on purpose): the coordinator pages anything that could be larger.
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 pub use session::Session;

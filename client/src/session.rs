@@ -60,15 +60,34 @@ impl Session {
 
     /// Every metric report the coordinator stored for the job.
     pub async fn metrics(&mut self, job_id: &str) -> Result<Vec<pb::MetricPoint>> {
-        Ok(self
-            .client
-            .job_metrics(pb::JobMetricsRequest {
-                job_id: job_id.to_string(),
-            })
-            .await
-            .map_err(|status| self.error(status))?
-            .into_inner()
-            .points)
+        self.metrics_from(job_id, 0).await
+    }
+
+    /// The job's metric reports from the `offset`-th on (the coordinator
+    /// sends them a page at a time; this fetches every page).
+    pub async fn metrics_from(
+        &mut self,
+        job_id: &str,
+        mut offset: u64,
+    ) -> Result<Vec<pb::MetricPoint>> {
+        let mut points = Vec::new();
+        loop {
+            let page = self
+                .client
+                .job_metrics(pb::JobMetricsRequest {
+                    job_id: job_id.to_string(),
+                    offset,
+                    limit: 0,
+                })
+                .await
+                .map_err(|status| self.error(status))?
+                .into_inner();
+            points.extend(page.points);
+            if page.next_offset == 0 || page.next_offset <= offset {
+                return Ok(points);
+            }
+            offset = page.next_offset;
+        }
     }
 
     /// Stores a checkpoint's benchmark scores with its training job.
@@ -122,13 +141,21 @@ impl Session {
     }
 
     pub async fn list(&mut self) -> Result<Vec<JobRecord>> {
-        let jobs = self
-            .client
-            .list_jobs(pb::ListJobsRequest {})
-            .await
-            .map_err(|status| self.error(status))?
-            .into_inner()
-            .jobs;
+        let mut jobs = Vec::new();
+        let mut offset = 0;
+        loop {
+            let page = self
+                .client
+                .list_jobs(pb::ListJobsRequest { offset, limit: 0 })
+                .await
+                .map_err(|status| self.error(status))?
+                .into_inner();
+            jobs.extend(page.jobs);
+            if page.next_offset == 0 || page.next_offset <= offset {
+                break;
+            }
+            offset = page.next_offset;
+        }
         jobs.into_iter()
             .map(|job| JobRecord::try_from(job).map_err(|error| self.answer(error.to_string())))
             .collect()
@@ -211,35 +238,48 @@ impl Session {
     }
 
     async fn wait_events(&mut self, job_id: &str, progress: bool) -> Result<JobRecord> {
-        let mut stream = self
-            .client
-            .watch_job(pb::WatchJobRequest {
-                job_id: job_id.to_string(),
-                from_seq: 0,
-            })
-            .await
-            .map_err(|status| self.error(status))?
-            .into_inner();
         let started = Instant::now();
-        loop {
-            match stream.message().await {
-                Ok(Some(event)) => {
-                    let event = JobEvent::try_from(event)
-                        .map_err(|error| self.answer(error.to_string()))?;
-                    if progress {
-                        eprintln!(
-                            "[{:>6.1}s] {:<9} {}",
-                            started.elapsed().as_secs_f64(),
-                            event.state.as_str(),
-                            event.message
-                        );
+        let mut next_seq = 0;
+        // A stream that ends before the job did (a coordinator restart, a
+        // watcher that could not resync) is opened again from the next
+        // event: nothing is missed and nothing hangs.
+        'watch: loop {
+            let mut stream = self
+                .client
+                .watch_job(pb::WatchJobRequest {
+                    job_id: job_id.to_string(),
+                    from_seq: next_seq,
+                })
+                .await
+                .map_err(|status| self.error(status))?
+                .into_inner();
+            loop {
+                match stream.message().await {
+                    Ok(Some(event)) => {
+                        let event = JobEvent::try_from(event)
+                            .map_err(|error| self.answer(error.to_string()))?;
+                        next_seq = event.seq + 1;
+                        if progress {
+                            eprintln!(
+                                "[{:>6.1}s] {:<9} {}",
+                                started.elapsed().as_secs_f64(),
+                                event.state.as_str(),
+                                event.message
+                            );
+                        }
+                        if event.state.is_terminal() {
+                            break 'watch;
+                        }
                     }
-                    if event.state.is_terminal() {
-                        break;
+                    Ok(None) => {
+                        if self.job(job_id).await?.state.is_terminal() {
+                            break 'watch;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue 'watch;
                     }
+                    Err(status) => return Err(self.error(status)),
                 }
-                Ok(None) => break,
-                Err(status) => return Err(self.error(status)),
             }
         }
         // Let the ranks' exit reports land so the record is complete.

@@ -17,6 +17,11 @@ pub const PREEMPTED_EXIT_CODE: i32 = 75;
 pub const DEFAULT_MIN_BYTES: u64 = 1 << 10;
 pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
 
+/// The most nodes any job may span, and ranks any node may run, whatever
+/// a coordinator is configured to allow (`nodes × slots` stays below 2^31).
+pub const MAX_NODES: u32 = 1 << 16;
+pub const MAX_SLOTS_PER_NODE: u32 = 1 << 14;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
 pub enum JobKind {
@@ -111,8 +116,9 @@ pub struct JobSpec {
 }
 
 impl JobSpec {
+    /// Ranks at full size (saturating: [`Self::validate`] bounds both).
     pub fn world_size(&self) -> u32 {
-        self.nodes * self.slots_per_node
+        self.nodes.saturating_mul(self.slots_per_node)
     }
 
     /// The fewest nodes the job may run on.
@@ -136,6 +142,26 @@ impl JobSpec {
         }
         if self.slots_per_node == 0 {
             return Err(CommonError::invalid("slots_per_node", "must be at least 1"));
+        }
+        // Hard bounds whatever a coordinator allows: the world size fits a
+        // u32 with room to spare.
+        if self.nodes > MAX_NODES {
+            return Err(CommonError::invalid(
+                "nodes",
+                format!(
+                    "{} is more than the most any job may use ({MAX_NODES})",
+                    self.nodes
+                ),
+            ));
+        }
+        if self.slots_per_node > MAX_SLOTS_PER_NODE {
+            return Err(CommonError::invalid(
+                "slots_per_node",
+                format!(
+                    "{} is more than the most any node may run ({MAX_SLOTS_PER_NODE})",
+                    self.slots_per_node
+                ),
+            ));
         }
         if self.min_nodes > self.nodes {
             return Err(CommonError::invalid(

@@ -205,6 +205,14 @@ impl TrainJob {
         self.runs_dir.join(&self.run_name)
     }
 
+    /// The folder of the run's checkpoint at `step`: the only path a rank
+    /// may commit for it, and so the only kind retention deletes.
+    pub fn checkpoint_dir(&self, step: u64) -> PathBuf {
+        self.run_dir()
+            .join("checkpoints")
+            .join(format!("step-{step:08}"))
+    }
+
     /// Reads a TOML file of these fields.
     pub fn from_toml_file(path: &Path) -> Result<Self, CommonError> {
         let text = std::fs::read_to_string(path).map_err(|error| {
@@ -246,6 +254,22 @@ impl TrainJob {
 
     /// Checks the fields for `world` ranks; the error names the field.
     pub fn validate(&self, world: u64) -> Result<(), CommonError> {
+        let name = Path::new(&self.run_name);
+        if self.run_name.is_empty()
+            || name.components().count() != 1
+            || !matches!(
+                name.components().next(),
+                Some(std::path::Component::Normal(_))
+            )
+        {
+            return Err(CommonError::invalid(
+                "run_name",
+                format!(
+                    "'{}' is not a plain folder name (no '/', '.' or '..'); the run's folder is <runs_dir>/<run_name>",
+                    self.run_name
+                ),
+            ));
+        }
         let datasets = self.datasets();
         if datasets.is_empty() {
             return Err(CommonError::invalid(
@@ -311,7 +335,7 @@ impl TrainJob {
     /// Checks that the model spec and every local shard exist (object-store
     /// URLs are left to the data service). For a process that sees the
     /// nodes' filesystem.
-    pub fn check_paths(&self) -> Result<(), CommonError> {
+    pub fn check_paths(&self, max_shards: u64) -> Result<(), CommonError> {
         if !self.model.exists() {
             return Err(CommonError::invalid(
                 "model",
@@ -323,7 +347,7 @@ impl TrainJob {
         }
         for (name, pattern) in self.datasets() {
             let field = format!("{name}_shards");
-            let urls = crate::brace::expand(pattern)
+            let urls = crate::brace::expand_at_most(pattern, max_shards)
                 .map_err(|error| CommonError::invalid(&field, error.to_string()))?;
             for url in urls
                 .iter()

@@ -8,10 +8,14 @@
 use flamingo_common::train::TrainJob;
 use flamingo_common::{CommonError, JobKind, JobSpec};
 
-/// Checks a submitted train job for its world size: the same rules as
-/// `flamingoctl` and the ranks ([`TrainJob::validate`]), plus the paths
-/// when `check_paths`. Every error names the field as `train.<field>`.
-pub fn check(spec: &JobSpec, check_paths: bool) -> Result<(), CommonError> {
+use crate::Limits;
+
+/// Checks a submitted job against this coordinator's limits, then a train
+/// job for its world size: the same rules as `flamingoctl` and the ranks
+/// ([`TrainJob::validate`]), plus the paths when `check_paths`. Every error
+/// names the field (`train.<field>` for the run's) and the limit.
+pub fn check(spec: &JobSpec, check_paths: bool, limits: &Limits) -> Result<(), CommonError> {
+    check_limits(spec, limits)?;
     let JobKind::Train { config_json } = &spec.kind else {
         return Ok(());
     };
@@ -25,8 +29,64 @@ pub fn check(spec: &JobSpec, check_paths: bool) -> Result<(), CommonError> {
         .map_err(|error| CommonError::invalid("train.config_json", error.to_string()))?;
     run.validate(u64::from(spec.world_size()))
         .map_err(in_train)?;
+    for (name, pattern) in run.datasets() {
+        let shards = flamingo_common::brace::count(pattern).map_err(|error| {
+            CommonError::invalid(format!("train.{name}_shards"), error.to_string())
+        })?;
+        if shards > u128::from(limits.max_shards) {
+            return Err(CommonError::invalid(
+                format!("train.{name}_shards"),
+                format!(
+                    "'{pattern}' names {shards} shards, more than this coordinator's limit of {} (--max-shards)",
+                    limits.max_shards
+                ),
+            ));
+        }
+    }
     if check_paths {
-        run.check_paths().map_err(in_train)?;
+        run.check_paths(limits.max_shards).map_err(in_train)?;
+    }
+    Ok(())
+}
+
+/// Sizes a job may ask for: nodes and slots under the configured maxima
+/// (which bound the placement work the request causes), and a spec that
+/// fits an etcd request.
+fn check_limits(spec: &JobSpec, limits: &Limits) -> Result<(), CommonError> {
+    let over = |field: &str, value: u64, limit: u64, flag: &str| {
+        CommonError::invalid(
+            field,
+            format!("{value} is more than this coordinator's limit of {limit} ({flag})"),
+        )
+    };
+    if spec.nodes > limits.max_job_nodes {
+        return Err(over(
+            "nodes",
+            spec.nodes.into(),
+            limits.max_job_nodes.into(),
+            "--max-job-nodes",
+        ));
+    }
+    if spec.slots_per_node > limits.max_slots_per_node {
+        return Err(over(
+            "slots_per_node",
+            spec.slots_per_node.into(),
+            limits.max_slots_per_node.into(),
+            "--max-slots-per-node",
+        ));
+    }
+    let bytes = serde_json::to_vec(spec)
+        .map_err(|error| CommonError::invalid("spec", error.to_string()))?
+        .len();
+    if bytes > limits.max_spec_bytes {
+        return Err(CommonError::invalid(
+            "spec",
+            format!(
+                "{bytes} bytes is more than this coordinator's limit of {} (--max-spec-bytes); \
+                 keep large settings in files the nodes read, not in the environment or argv",
+                limits.max_spec_bytes
+            ),
+        ));
     }
     Ok(())
 }
@@ -67,11 +127,11 @@ mod tests {
             "model": model, "laion_shards": shards,
             "batch_size_laion": 2, "train_num_samples_laion": 8,
         });
-        check(&train(good.clone()), true).expect("a good run");
+        check(&train(good.clone()), true, &Limits::default()).expect("a good run");
         let refused = |change: &dyn Fn(&mut Value), paths: bool| {
             let mut run = good.clone();
             change(&mut run);
-            check(&train(run), paths)
+            check(&train(run), paths, &Limits::default())
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         };

@@ -68,9 +68,15 @@ impl pb::job_service_server::JobService for JobApi {
         request: Request<pb::JobMetricsRequest>,
     ) -> Result<Response<pb::JobMetricsResponse>, Status> {
         self.1.user(&request, Role::Viewer, "job metrics")?;
-        let points = self.0.metrics(&JobId(request.into_inner().job_id)).await?;
+        let asked = request.into_inner();
+        let points = self.0.metrics(&JobId(asked.job_id)).await?;
+        let (page, next_offset) = page(&points, asked.offset, asked.limit, METRICS_PAGE, |point| {
+            pb::MetricPoint::from(point)
+        });
         Ok(Response::new(pb::JobMetricsResponse {
-            points: points.iter().map(pb::MetricPoint::from).collect(),
+            points: page,
+            next_offset,
+            total: points.len() as u64,
         }))
     }
 
@@ -119,12 +125,15 @@ impl pb::job_service_server::JobService for JobApi {
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let caller = self.1.user(&request, Role::Viewer, "list jobs")?;
+        let asked = request.into_inner();
         let jobs = self.0.jobs().await;
+        let (jobs, next_offset) = page(&jobs, asked.offset, asked.limit, JOBS_PAGE, |job| {
+            pb::Job::from(&self.1.redact(&caller, job.clone()))
+        });
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs
-                .into_iter()
-                .map(|job| pb::Job::from(&self.1.redact(&caller, job)))
-                .collect(),
+            jobs,
+            next_offset,
+            total: self.0.job_count().await as u64,
         }))
     }
 
@@ -438,7 +447,7 @@ impl pb::node_service_server::NodeService for NodeApi {
             })
             .collect();
         let last_step = points.last().map(|point| point.step);
-        self.0.record_batch(&job_id, &points, &notes);
+        self.0.record_batch(&job_id, points, notes).await;
         tracing::debug!(job = %job_id, rank, count, "metrics batch");
         if let (0, Some(step)) = (rank, last_step) {
             self.0.progress(&job_id, attempt, step).await;
@@ -659,5 +668,78 @@ impl NodeApi {
             .deregister(&NodeId(request.into_inner().node_id))
             .await?;
         Ok(Response::new(pb::DeregisterResponse {}))
+    }
+}
+
+/// Page sizes of the listing calls: far below the 4 MiB message limit for
+/// any record these hold (a point is ~100 bytes; a job record with 64
+/// ranks ~10 KiB), and [`page`] also stops at [`PAGE_BYTES`].
+const METRICS_PAGE: u32 = 10_000;
+const JOBS_PAGE: u32 = 100;
+const PAGE_BYTES: usize = 2 << 20;
+
+/// `items[offset..]`, converted, at most `limit` of them (the default and
+/// the most: `max`) and about [`PAGE_BYTES`] encoded (always at least one);
+/// with the offset of the next page, 0 after the last.
+fn page<T, P: prost::Message>(
+    items: &[T],
+    offset: u64,
+    limit: u32,
+    max: u32,
+    convert: impl Fn(&T) -> P,
+) -> (Vec<P>, u64) {
+    let limit = if limit == 0 { max } else { limit.min(max) } as usize;
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(items.len());
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    for item in items[start..].iter().take(limit) {
+        let converted = convert(item);
+        bytes += converted.encoded_len();
+        out.push(converted);
+        if bytes >= PAGE_BYTES {
+            break;
+        }
+    }
+    let end = start + out.len();
+    (out, if end < items.len() { end as u64 } else { 0 })
+}
+
+#[cfg(test)]
+mod paging_tests {
+    use super::*;
+
+    #[test]
+    fn pages_cover_everything_once_and_stop_at_the_byte_budget() {
+        let points: Vec<u64> = (0..25_000).collect();
+        let convert = |step: &u64| pb::MetricPoint {
+            step: *step,
+            ..Default::default()
+        };
+        let mut offset = 0;
+        let mut seen = Vec::new();
+        loop {
+            let (page, next) = page(&points, offset, 0, METRICS_PAGE, convert);
+            assert!(page.len() <= METRICS_PAGE as usize);
+            seen.extend(page.iter().map(|point| point.step));
+            if next == 0 {
+                break;
+            }
+            offset = next;
+        }
+        assert_eq!(seen, points);
+        // A small limit is honoured; an offset past the end is an empty last page.
+        assert_eq!(page(&points, 10, 3, METRICS_PAGE, convert).0.len(), 3);
+        assert_eq!(
+            page(&points, 99_999, 0, METRICS_PAGE, convert),
+            (Vec::new(), 0)
+        );
+        // Large items: the byte budget ends the page early.
+        let big: Vec<String> = (0..10).map(|_| "x".repeat(1 << 20)).collect();
+        let (first, next) = page(&big, 0, 0, JOBS_PAGE, |text: &String| pb::LogChunk {
+            data: text.clone().into_bytes(),
+        });
+        assert_eq!((first.len(), next), (2, 2));
     }
 }

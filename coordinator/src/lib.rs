@@ -98,6 +98,53 @@ pub struct Config {
     /// DNS rebinding), repeatable.
     #[arg(long = "http-host", env = "FLAMINGO_HTTP_HOSTS", value_delimiter = ',')]
     pub http_hosts: Vec<String>,
+    #[command(flatten)]
+    pub limits: Limits,
+    /// How long a finished job stays in etcd (seconds). Then its record
+    /// moves to the metrics folder (and archive): `status`, `metrics` and
+    /// the dashboard still show it, `list` no longer does, and etcd holds
+    /// only live and recent jobs. 0 keeps them in etcd forever.
+    #[arg(long = "job-retention-seconds", env = "FLAMINGO_JOB_RETENTION_SECONDS", default_value_t = 7 * 24 * 3600)]
+    pub job_retention_seconds: u64,
+}
+
+/// What one request may ask of the coordinator; checked at `Launch` with
+/// errors that name the field and the limit.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Limits {
+    /// The most nodes one job may ask for.
+    #[arg(
+        long = "max-job-nodes",
+        env = "FLAMINGO_MAX_JOB_NODES",
+        default_value_t = 4096
+    )]
+    pub max_job_nodes: u32,
+    /// The most ranks one job may run on a node.
+    #[arg(
+        long = "max-slots-per-node",
+        env = "FLAMINGO_MAX_SLOTS_PER_NODE",
+        default_value_t = 256
+    )]
+    pub max_slots_per_node: u32,
+    /// The most shards a dataset pattern of a train job may name (counted
+    /// before it is expanded).
+    #[arg(long = "max-shards", env = "FLAMINGO_MAX_SHARDS", default_value_t = flamingo_common::brace::DEFAULT_MAX_SHARDS)]
+    pub max_shards: u64,
+    /// The largest job spec in bytes (JSON, as stored in etcd; etcd refuses
+    /// requests over 1.5 MiB).
+    #[arg(long = "max-spec-bytes", env = "FLAMINGO_MAX_SPEC_BYTES", default_value_t = 1 << 20)]
+    pub max_spec_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_job_nodes: 4096,
+            max_slots_per_node: 256,
+            max_shards: flamingo_common::brace::DEFAULT_MAX_SHARDS,
+            max_spec_bytes: 1 << 20,
+        }
+    }
 }
 
 /// Where the coordinator's HTTP server listens, if anywhere.
@@ -312,18 +359,34 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
         None => None,
     };
-    let mut server = tonic::transport::Server::builder();
+    // Bounds on what one client can ask at once: calls in flight per
+    // connection, a deadline on producing each answer (streams' bodies are
+    // not cut), and message sizes set on purpose — requests are small (a
+    // spec is at most --max-spec-bytes), a rank's metrics batch up to 4 MiB,
+    // answers page under 4 MiB.
+    let mut server = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(64)
+        .timeout(std::time::Duration::from_secs(60));
     if let Some(tls) = tls {
         server = server.tls_config(tls)?;
     }
+    // A spec up to 4 MiB (or past a raised --max-spec-bytes) reaches
+    // admission, which names the limit; bigger is refused by the transport.
+    let spec_limit = config.limits.max_spec_bytes.saturating_mul(2);
     server
-        .add_service(pb::job_service_server::JobServiceServer::new(grpc::JobApi(
-            coordinator.clone(),
-            auth.clone(),
-        )))
-        .add_service(pb::node_service_server::NodeServiceServer::new(
-            grpc::NodeApi(coordinator, auth),
-        ))
+        .add_service(
+            pb::job_service_server::JobServiceServer::new(grpc::JobApi(
+                coordinator.clone(),
+                auth.clone(),
+            ))
+            .max_decoding_message_size(spec_limit.max(4 << 20))
+            .max_encoding_message_size(4 << 20),
+        )
+        .add_service(
+            pb::node_service_server::NodeServiceServer::new(grpc::NodeApi(coordinator, auth))
+                .max_decoding_message_size(4 << 20)
+                .max_encoding_message_size(4 << 20),
+        )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown.clone().cancelled_owned(),

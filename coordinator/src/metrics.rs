@@ -268,6 +268,34 @@ impl MetricsStore {
             .join(format!("{}.events.jsonl", Self::safe(job_id)))
     }
 
+    fn record_path(&self, job_id: &str) -> PathBuf {
+        self.dir.join(format!("{}.job.jsonl", Self::safe(job_id)))
+    }
+
+    /// Keeps a finished job's final record with its curves (one JSON line,
+    /// written durably; the archive syncs it like the curves), before the
+    /// job leaves etcd.
+    pub fn archive_job(&self, job: &flamingo_common::JobRecord) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let path = self.record_path(job.id.as_str());
+        let temporary = path.with_extension("jsonl.tmp");
+        {
+            let mut file = std::fs::File::create(&temporary)?;
+            let mut line = serde_json::to_vec(job)?;
+            line.push(b'\n');
+            std::io::Write::write_all(&mut file, &line)?;
+            file.sync_all()?;
+        }
+        std::fs::rename(&temporary, &path)?;
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+
+    /// A job's archived record, if it left etcd after its retention.
+    pub fn archived_job(&self, job_id: &str) -> Option<flamingo_common::JobRecord> {
+        let text = std::fs::read_to_string(self.record_path(job_id)).ok()?;
+        serde_json::from_str(text.lines().next()?).ok()
+    }
+
     fn evals_path(&self, job_id: &str) -> PathBuf {
         self.dir.join(format!("{}.evals.jsonl", Self::safe(job_id)))
     }

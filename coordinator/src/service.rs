@@ -36,7 +36,7 @@ pub struct Coordinator {
     cluster: Mutex<Cluster>,
     sessions: Mutex<HashMap<NodeId, AgentSender>>,
     events_tx: broadcast::Sender<JobEvent>,
-    metrics: crate::metrics::MetricsStore,
+    metrics: Arc<crate::metrics::MetricsStore>,
 }
 
 impl Coordinator {
@@ -69,7 +69,7 @@ impl Coordinator {
             "state loaded from etcd"
         );
         let (events_tx, _) = broadcast::channel(1024);
-        let metrics = crate::metrics::MetricsStore::new(config.metrics_dir());
+        let metrics = Arc::new(crate::metrics::MetricsStore::new(config.metrics_dir()));
         let coordinator = Arc::new(Self {
             config,
             store,
@@ -194,30 +194,75 @@ impl Coordinator {
 
     pub async fn launch(&self, spec: JobSpec) -> Result<JobRecord, CoordinatorError> {
         spec.validate()?;
-        crate::admission::check(&spec, !self.config.no_path_checks)?;
+        crate::admission::check(&spec, !self.config.no_path_checks, &self.config.limits)?;
         let now = unix_ms();
         let job = JobRecord::new(JobId::generate(now), spec, now);
         let job_id = job.id.clone();
         let mut cluster = self.cluster.lock().await;
         let effects = cluster.submit(job, now);
-        self.apply(&cluster, effects).await?;
+        if let Err(error) = self.apply(&cluster, effects).await {
+            // Not stored, so not submitted: nothing of it stays in memory
+            // (no agent heard of it either: messages go out after the
+            // writes).
+            cluster.withdraw(&job_id);
+            return Err(error);
+        }
         Ok(cluster.jobs[&job_id].clone())
     }
 
+    /// The job: live or recent from memory, older finished ones from the
+    /// archive they moved to after their retention.
     pub async fn job(&self, job_id: &JobId) -> Result<JobRecord, CoordinatorError> {
-        self.cluster
-            .lock()
-            .await
-            .jobs
-            .get(job_id)
-            .cloned()
+        let live = self.cluster.lock().await.jobs.get(job_id).cloned();
+        live.or_else(|| self.metrics.archived_job(job_id.as_str()))
             .ok_or_else(|| CoordinatorError::JobNotFound(job_id.0.clone()))
+    }
+
+    /// Moves finished jobs older than the retention period out of etcd and
+    /// memory, into the metrics folder beside their curves. Returns how
+    /// many moved.
+    pub async fn retire_finished(&self) -> Result<usize, CoordinatorError> {
+        let retention = self.config.job_retention_seconds;
+        if retention == 0 {
+            return Ok(0);
+        }
+        let cutoff = unix_ms()
+            .saturating_sub(i64::try_from(retention.saturating_mul(1000)).unwrap_or(i64::MAX));
+        let mut cluster = self.cluster.lock().await;
+        let old: Vec<JobRecord> = cluster
+            .jobs
+            .values()
+            .filter(|job| {
+                job.state.is_terminal()
+                    && job.live_ranks().next().is_none()
+                    && job
+                        .finished_unix_ms
+                        .is_some_and(|finished| finished < cutoff)
+            })
+            .cloned()
+            .collect();
+        for job in &old {
+            // The archive copy first: if the delete then fails, the job is
+            // still in etcd and is retired again at the next pass.
+            self.metrics
+                .archive_job(job)
+                .map_err(|error| metrics_error(&job.id, error))?;
+            self.store.delete_job(&job.id).await?;
+            cluster.jobs.remove(&job.id);
+            cluster.progress_ms.remove(&job.id);
+            tracing::info!(job = %job.id, "retention: moved from etcd to the metrics archive");
+        }
+        Ok(old.len())
     }
 
     pub async fn jobs(&self) -> Vec<JobRecord> {
         let mut jobs: Vec<JobRecord> = self.cluster.lock().await.jobs.values().cloned().collect();
         jobs.sort_by_key(|job| job.created_unix_ms);
         jobs
+    }
+
+    pub async fn job_count(&self) -> usize {
+        self.cluster.lock().await.jobs.len()
     }
 
     pub async fn stop(&self, job_id: &JobId) -> Result<JobRecord, CoordinatorError> {
@@ -253,6 +298,7 @@ impl Coordinator {
         let (events_tx, events_rx) = mpsc::channel(256);
         let job_id = job_id.clone();
         let current = self.job(&job_id).await?;
+        let store = self.store.clone();
         tokio::spawn(async move {
             let mut next_seq = from_seq;
             for event in past.into_iter().filter(|event| event.seq >= from_seq) {
@@ -274,7 +320,24 @@ impl Coordinator {
                             return;
                         }
                     }
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        // This watcher fell behind the live feed: it
+                        // resyncs from the stored events, so it misses
+                        // nothing (the terminal event included).
+                        tracing::debug!(job = %job_id, missed, "watcher lagged; resyncing from etcd");
+                        let Ok(stored) = store.events(&job_id).await else {
+                            return;
+                        };
+                        let from = next_seq;
+                        for event in stored.into_iter().filter(|event| event.seq >= from) {
+                            next_seq = event.seq + 1;
+                            let terminal = event.state.is_terminal();
+                            if events_tx.send(event).await.is_err() || terminal {
+                                return;
+                            }
+                        }
+                    }
                     Err(broadcast::error::RecvError::Closed) => return,
                 }
             }
@@ -426,13 +489,20 @@ impl Coordinator {
 
     /// Stores a rank's batch of reports and notes; a failure to store is
     /// logged, never sent back to the rank.
-    pub fn record_batch(
+    /// The writing runs on the blocking pool: a big batch never holds up
+    /// the async workers that answer heartbeats.
+    pub async fn record_batch(
         &self,
         job_id: &JobId,
-        points: &[crate::metrics::Point],
-        notes: &[crate::metrics::StoredEvent],
+        points: Vec<crate::metrics::Point>,
+        notes: Vec<crate::metrics::StoredEvent>,
     ) {
-        if let Err(error) = self.metrics.append_batch(job_id.as_str(), points, notes) {
+        let (store, job) = (self.metrics.clone(), job_id.clone());
+        let stored =
+            tokio::task::spawn_blocking(move || store.append_batch(job.as_str(), &points, &notes))
+                .await
+                .unwrap_or_else(|error| Err(std::io::Error::other(error.to_string())));
+        if let Err(error) = stored {
             tracing::warn!(job = %job_id, %error, "could not store a metrics batch");
         }
     }
@@ -514,6 +584,9 @@ impl Coordinator {
     ) -> Result<Vec<String>, CoordinatorError> {
         let mut cluster = self.cluster.lock().await;
         let before = cluster.jobs.get(job_id).cloned();
+        if let Some(job) = &before {
+            check_checkpoint_path(job, &record)?;
+        }
         let attempt = record.attempt;
         let (effects, retired) = cluster
             .commit_checkpoint(job_id, record, unix_ms())
@@ -555,6 +628,9 @@ impl Coordinator {
             }
             if let Err(error) = self.tick().await {
                 tracing::warn!(%error, "hang check could not record its decision");
+            }
+            if let Err(error) = self.retire_finished().await {
+                tracing::warn!(%error, "retention could not move a finished job out of etcd");
             }
         }
     }
@@ -657,6 +733,39 @@ impl Coordinator {
             tracing::error!(%error, "could not record the loss of node {node_id}");
         }
     }
+}
+
+/// A commit names the checkpoint folder of its step inside the job's run
+/// folder, exactly: the paths committed are the ones retention later hands
+/// to rank 0 to delete, so a path from anywhere else is refused (and
+/// nothing is committed or deleted).
+fn check_checkpoint_path(
+    job: &JobRecord,
+    record: &flamingo_common::CheckpointRecord,
+) -> Result<(), CoordinatorError> {
+    let refused = |message: String| {
+        CoordinatorError::Invalid(flamingo_common::CommonError::invalid(
+            "commit_checkpoint.path",
+            message,
+        ))
+    };
+    let flamingo_common::JobKind::Train { config_json } = &job.spec.kind else {
+        return Err(refused(format!(
+            "job {} is a {} job; only train jobs commit checkpoints",
+            job.id,
+            job.spec.kind.label()
+        )));
+    };
+    let run: flamingo_common::train::TrainJob = serde_json::from_str(config_json)
+        .map_err(|error| refused(format!("the job's run settings do not decode: {error}")))?;
+    let expected = run.checkpoint_dir(record.step).display().to_string();
+    if record.path != expected {
+        return Err(refused(format!(
+            "'{}' is not step {}'s checkpoint folder of this run ({expected}); nothing was committed or deleted",
+            record.path, record.step
+        )));
+    }
+    Ok(())
 }
 
 /// The metrics store failed for `job_id` (its disk, not the request).

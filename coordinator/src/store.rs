@@ -33,17 +33,32 @@ pub enum NodeChange {
 }
 
 /// Decodes JSON records, naming the key of the first one that does not decode.
+/// A record that does not decode: its key, its value, and why.
+type Undecodable = (Vec<u8>, Vec<u8>, String);
+
+/// Records that decode, and those that do not.
 fn decode_all<T: serde::de::DeserializeOwned>(
     kvs: &[etcd_client::KeyValue],
-) -> Result<Vec<T>, CoordinatorError> {
-    kvs.iter()
-        .map(|kv| {
-            serde_json::from_slice(kv.value()).map_err(|source| CoordinatorError::Corrupt {
-                key: String::from_utf8_lossy(kv.key()).into_owned(),
-                message: source.to_string(),
-            })
-        })
-        .collect()
+) -> (Vec<T>, Vec<Undecodable>) {
+    let mut good = Vec::new();
+    let mut bad = Vec::new();
+    for kv in kvs {
+        match serde_json::from_slice(kv.value()) {
+            Ok(record) => good.push(record),
+            Err(error) => bad.push((kv.key().to_vec(), kv.value().to_vec(), error.to_string())),
+        }
+    }
+    (good, bad)
+}
+
+/// The records that decode; each that does not is logged and left out (an
+/// audit or event record is history, not state the coordinator needs).
+fn decode_or_skip<T: serde::de::DeserializeOwned>(kvs: &[etcd_client::KeyValue]) -> Vec<T> {
+    let (good, bad) = decode_all(kvs);
+    for (key, _, why) in bad {
+        tracing::warn!(key = %String::from_utf8_lossy(&key), "skipped a record that does not decode: {why}");
+    }
+    good
 }
 
 /// One state-changing call, as the audit log keeps it.
@@ -113,18 +128,56 @@ impl EtcdStore {
             .await
             .map_err(Self::etcd_error(format!("read {nodes_prefix}")))?;
         let revision = response.header().map_or(0, |header| header.revision());
-        let nodes: Vec<NodeRecord> = decode_all(response.kvs())?;
+        let (nodes, bad_nodes) = decode_all::<NodeRecord>(response.kvs());
         let jobs_prefix = format!("{}/jobs/", self.prefix);
         let response = client
             .get(jobs_prefix.clone(), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(Self::etcd_error(format!("read {jobs_prefix}")))?;
-        let jobs: Vec<JobRecord> = decode_all(response.kvs())?;
+        let (jobs, bad_jobs) = decode_all::<JobRecord>(response.kvs());
+        for (key, value, why) in bad_nodes.into_iter().chain(bad_jobs) {
+            self.quarantine(&key, value, &why).await?;
+        }
         Ok(Snapshot {
             nodes,
             jobs,
             revision,
         })
+    }
+
+    /// Moves a record that does not decode out of the way (to
+    /// `<prefix>/quarantine/<its key>`, in one transaction) so that the
+    /// coordinator starts without it, and says so in its log.
+    async fn quarantine(
+        &self,
+        key: &[u8],
+        value: Vec<u8>,
+        why: &str,
+    ) -> Result<(), CoordinatorError> {
+        let original = String::from_utf8_lossy(key).into_owned();
+        let moved = format!(
+            "{}/quarantine/{}",
+            self.prefix,
+            original
+                .trim_start_matches(&self.prefix)
+                .trim_start_matches('/')
+        );
+        let txn = etcd_client::Txn::new().and_then([
+            etcd_client::TxnOp::put(moved.clone(), value, None),
+            etcd_client::TxnOp::delete(key.to_vec(), None),
+        ]);
+        self.client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(Self::etcd_error(format!("quarantine {original}")))?;
+        tracing::error!(
+            key = %original,
+            quarantined = %moved,
+            "a record in etcd does not decode ({why}); it was moved aside and the coordinator goes on without it \
+             (inspect it with: etcdctl get {moved})"
+        );
+        Ok(())
     }
 
     pub async fn put_job(&self, job: &JobRecord) -> Result<(), CoordinatorError> {
@@ -182,7 +235,7 @@ impl EtcdStore {
             .get(prefix.clone(), Some(options))
             .await
             .map_err(Self::etcd_error(format!("read {prefix}")))?;
-        decode_all(response.kvs())
+        Ok(decode_or_skip(response.kvs()))
     }
 
     pub async fn events(&self, job_id: &JobId) -> Result<Vec<JobEvent>, CoordinatorError> {
@@ -193,7 +246,7 @@ impl EtcdStore {
             .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(Self::etcd_error(format!("read {prefix}")))?;
-        let mut events: Vec<JobEvent> = decode_all(response.kvs())?;
+        let mut events: Vec<JobEvent> = decode_or_skip(response.kvs());
         events.sort_by_key(|event| event.seq);
         Ok(events)
     }
@@ -247,6 +300,25 @@ impl EtcdStore {
             .await
             .map_err(Self::etcd_error(format!("keep lease {lease_id:x} alive")))?;
         Ok(response.is_some_and(|response| response.ttl() > 0))
+    }
+
+    /// Removes a job and its events from etcd in one transaction (the job
+    /// left its retention period; its record lives on in the archive).
+    pub async fn delete_job(&self, job_id: &JobId) -> Result<(), CoordinatorError> {
+        let events = format!("{}/events/{}/", self.prefix, job_id);
+        let txn = etcd_client::Txn::new().and_then([
+            etcd_client::TxnOp::delete(self.job_key(job_id), None),
+            etcd_client::TxnOp::delete(
+                events,
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            ),
+        ]);
+        self.client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(Self::etcd_error(format!("delete job {job_id}")))?;
+        Ok(())
     }
 
     pub async fn revoke(&self, lease_id: i64) -> Result<(), CoordinatorError> {

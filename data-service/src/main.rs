@@ -26,6 +26,10 @@ struct Args {
     /// Global batches each stream prepares ahead of its rank.
     #[arg(long, default_value_t = 4)]
     read_ahead: usize,
+    /// The most samples in one global batch (batch size × world size) a
+    /// stream may ask for.
+    #[arg(long, env = "FLAMINGO_DATA_MAX_GLOBAL_BATCH", default_value_t = 65_536)]
+    max_global_batch: u64,
     /// Endpoint of an S3-compatible server for s3:// URLs.
     #[arg(long, env = "FLAMINGO_S3_ENDPOINT")]
     s3_endpoint: Option<String>,
@@ -80,6 +84,7 @@ fn main() -> anyhow::Result<()> {
     let _telemetry = flamingo_common::telemetry::init_tracing("info", "flamingo-data-service");
     let mut config = ServiceConfig {
         read_ahead: args.read_ahead,
+        max_global_batch: args.max_global_batch,
         storage: StorageOptions {
             s3_endpoint: args.s3_endpoint.clone(),
         },

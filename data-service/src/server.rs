@@ -25,6 +25,9 @@ pub struct ServiceConfig {
     pub read_ahead: usize,
     /// Global batches kept for the other ranks of a job.
     pub cache_batches: usize,
+    /// The most samples in one global batch (`batch_size × world_size`),
+    /// checked before anything is allocated for a stream.
+    pub max_global_batch: u64,
     pub storage: StorageOptions,
 }
 
@@ -34,12 +37,14 @@ impl Default for ServiceConfig {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             read_ahead: 4,
             cache_batches: 64,
+            max_global_batch: 65_536,
             storage: StorageOptions::default(),
         }
     }
 }
 
 type BatchCell = Arc<OnceCell<Arc<GlobalBatch>>>;
+type OpenedCell = Arc<OnceCell<Arc<Opened>>>;
 /// (spec TOML, seed, global batch size, cursor)
 type BatchKey = (String, u64, usize, Cursor);
 
@@ -55,8 +60,10 @@ pub struct DataService {
     config: ServiceConfig,
     storage: Storage,
     pool: Arc<rayon::ThreadPool>,
-    /// (spec TOML, seed) → opened dataset.
-    opened: tokio::sync::Mutex<HashMap<(String, u64), Arc<Opened>>>,
+    /// (spec TOML, seed) → opened dataset. The map's lock is held only to
+    /// find or add a cell: a slow open (an object store listing thousands
+    /// of shards) delays the streams of that dataset, not the others.
+    opened: Mutex<HashMap<(String, u64), OpenedCell>>,
     /// (spec TOML, seed, global batch size, cursor) → batch, oldest first.
     batches: Mutex<(HashMap<BatchKey, BatchCell>, VecDeque<BatchKey>)>,
 }
@@ -77,10 +84,19 @@ impl DataService {
     }
 
     async fn open(&self, spec_toml: &str, seed: u64) -> Result<Arc<Opened>> {
-        let mut opened = self.opened.lock().await;
-        if let Some(found) = opened.get(&(spec_toml.to_string(), seed)) {
-            return Ok(found.clone());
-        }
+        let cell = self
+            .opened
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .entry((spec_toml.to_string(), seed))
+            .or_default()
+            .clone();
+        cell.get_or_try_init(|| self.open_now(spec_toml, seed))
+            .await
+            .cloned()
+    }
+
+    async fn open_now(&self, spec_toml: &str, seed: u64) -> Result<Arc<Opened>> {
         let spec = DataSpec::from_toml(spec_toml, None)?;
         let preparer = Arc::new(Preparer::new(&spec)?);
         let dataset = Dataset::open(&spec, &self.storage).await?;
@@ -94,7 +110,6 @@ impl DataService {
             images_per_sample: spec.images_per_sample() as usize,
             assembler: Arc::new(Assembler::new(dataset, preparer, self.pool.clone(), seed)),
         });
-        opened.insert((spec_toml.to_string(), seed), entry.clone());
         Ok(entry)
     }
 
@@ -156,6 +171,17 @@ impl DataService {
         }
         if request.batch_size == 0 {
             return Err(DataError::spec("batch_size", "must be at least 1"));
+        }
+        let global = u64::from(request.batch_size) * u64::from(request.world_size);
+        if global > self.config.max_global_batch {
+            return Err(DataError::spec(
+                "batch_size",
+                format!(
+                    "{} per rank × world_size {} = {global} samples a global batch, more than this \
+                     service's limit of {} (--max-global-batch)",
+                    request.batch_size, request.world_size, self.config.max_global_batch
+                ),
+            ));
         }
         let opened = self.open(&request.spec_toml, request.seed).await?;
         let format = pb::ImageFormat::try_from(request.image_format)
@@ -245,13 +271,18 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let mut builder = tonic::transport::Server::builder();
+    // Streams in flight per connection (a node's ranks share one), small
+    // requests (a data spec), batches as large as they come.
+    let mut builder = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(256)
+        .timeout(std::time::Duration::from_secs(600));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
     builder
         .add_service(
             pb::data_service_server::DataServiceServer::new(Grpc(service, Arc::new(access)))
+                .max_decoding_message_size(1 << 20)
                 .max_encoding_message_size(usize::MAX),
         )
         .serve_with_incoming_shutdown(

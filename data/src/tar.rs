@@ -184,8 +184,12 @@ pub fn parse(data: &[u8], base: u64, at_end: bool) -> Parsed {
             break;
         };
         let data_start = position + block;
-        let Some(padded) = usize::try_from(size.div_ceil(BLOCK) * BLOCK)
-            .ok()
+        // A size near u64::MAX (GNU base-256) must not wrap: it is a
+        // corrupt header, reported at its offset like any other.
+        let Some(padded) = size
+            .div_ceil(BLOCK)
+            .checked_mul(BLOCK)
+            .and_then(|padded| usize::try_from(padded).ok())
             .and_then(|padded| data_start.checked_add(padded))
         else {
             parsed.error = Some(TarError {
@@ -254,6 +258,82 @@ pub(crate) mod tests {
         }
         out.extend_from_slice(&[0u8; 1024]);
         out
+    }
+
+    /// A header whose base-256 size is `size`, with a valid checksum.
+    fn header_with_size(size: u64) -> Vec<u8> {
+        let mut out = archive(&[("a.txt", b"x")]);
+        out.truncate(512);
+        out[124] = 0x80;
+        out[125..128].fill(0);
+        out[128..136].copy_from_slice(&size.to_be_bytes());
+        out[148..156].fill(b' ');
+        let sum: u64 = out.iter().map(|byte| u64::from(*byte)).sum();
+        out[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        out
+    }
+
+    #[test]
+    fn a_base256_size_near_u64_max_is_a_bad_field_not_an_overflow() {
+        let error = |kind| Some(TarError { offset: 0, kind });
+        for size in [u64::MAX, u64::MAX - 511, u64::MAX - 1000] {
+            let mut data = header_with_size(size);
+            data.extend_from_slice(&[0x41; 2048]);
+            for at_end in [false, true] {
+                let parsed = parse(&data, 0, at_end);
+                assert!(parsed.members.is_empty(), "size {size}");
+                assert_eq!(
+                    parsed.error,
+                    error(TarErrorKind::BadField("size")),
+                    "size {size}"
+                );
+            }
+        }
+        // Huge but representable: more than the data holds, a truncation.
+        for size in [u64::MAX / 2, 1 << 62] {
+            let mut data = header_with_size(size);
+            data.extend_from_slice(&[0x41; 2048]);
+            assert_eq!(parse(&data, 0, true).error, error(TarErrorKind::Truncated));
+            let partial = parse(&data, 0, false);
+            assert!(partial.error.is_none() && partial.members.is_empty() && partial.consumed == 0);
+        }
+        // The same header with a small base-256 size parses.
+        let mut data = header_with_size(1);
+        data.extend_from_slice(&[0x41; 512]);
+        data.extend_from_slice(&[0; 1024]);
+        let parsed = parse(&data, 0, true);
+        assert_eq!(parsed.members.len(), 1);
+        assert_eq!(parsed.members[0].size, 1);
+        assert!(parsed.error.is_none());
+    }
+
+    proptest::proptest! {
+        /// Fuzzing on stable: any bytes (and any mutation of a real
+        /// archive) parse to members inside the buffer or an error; never a
+        /// panic or an overflow.
+        #[test]
+        fn any_bytes_parse_without_panic(
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000),
+            flips in proptest::collection::vec((0usize..3000, proptest::prelude::any::<u8>()), 0..16),
+        ) {
+            for (data, at_end) in [(noise.clone(), true), (noise, false)] {
+                check_parse(&data, at_end);
+            }
+            let mut real = archive(&[("a.jpg", &[1u8; 700]), ("a.txt", b"caption"), ("b.json", b"{}")]);
+            for (at, byte) in flips {
+                let len = real.len();
+                real[at % len] = byte;
+            }
+            check_parse(&real, true);
+        }
+    }
+
+    fn check_parse(data: &[u8], at_end: bool) {
+        let parsed = parse(data, 0, at_end);
+        assert!(parsed.consumed <= data.len() as u64);
+        for member in &parsed.members {
+            assert!(member.data_offset + member.size <= data.len() as u64);
+        }
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! A corpus of damaged shards and samples: a truncated shard, a file of
-//! garbage, a sample whose bytes were overwritten after indexing, samples
-//! with corrupt images. Opening and reading them must count and report what
-//! is skipped — with shard and key — and never panic; every intact sample
-//! is still delivered, the same way on every replay.
+//! garbage, a sample whose bytes were overwritten after indexing, a header
+//! whose size is u64::MAX, samples with corrupt images. Opening and reading
+//! them must count and report what is skipped — with shard and key — and
+//! never panic; every intact sample is still delivered, the same way on
+//! every replay.
 
 mod common;
 
@@ -50,6 +51,16 @@ async fn damaged_shards_and_samples_are_skipped_and_counted() {
     let mut bytes = std::fs::read(shard(3)).expect("shard 3");
     let start = index3.samples[3].start as usize;
     bytes[start..start + 100].fill(0x33);
+    // And sample 5's header claims a GNU base-256 size of u64::MAX (with a
+    // valid checksum): a reader that trusted it would overflow.
+    let header = index3.samples[5].start as usize;
+    let header = &mut bytes[header..header + 512];
+    header[124] = 0x80;
+    header[125..128].fill(0);
+    header[128..136].copy_from_slice(&u64::MAX.to_be_bytes());
+    header[148..156].fill(b' ');
+    let sum: u64 = header.iter().map(|byte| u64::from(*byte)).sum();
+    header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
     std::fs::write(shard(3), &bytes).expect("overwritten");
 
     let spec = DataSpec::from_toml(
@@ -101,13 +112,16 @@ async fn damaged_shards_and_samples_are_skipped_and_counted() {
         (delivered, reasons)
     };
     let (delivered, reasons) = replay().await;
-    // Sample 33 (shard 3, sample 3) is unreadable; 6, 13, 20, 27, 34 have
-    // corrupt images (20 and 27 sit in the lost parts of shards 1 and 2).
-    assert_eq!(reasons["bad_tar"], ["000000033"]);
+    // Samples 33 and 35 (shard 3, samples 3 and 5) are unreadable; 6, 13,
+    // 20, 27, 34 have corrupt images (20 and 27 sit in the lost parts of
+    // shards 1 and 2).
+    let mut bad_tars = reasons["bad_tar"].clone();
+    bad_tars.sort();
+    assert_eq!(bad_tars, ["000000033", "000000035"]);
     let mut bad_images = reasons["bad_image"].clone();
     bad_images.sort();
     assert_eq!(bad_images, ["000000006", "000000013", "000000034"]);
-    assert_eq!(delivered.len(), 25 - 4);
+    assert_eq!(delivered.len(), 25 - 5);
     let (again, again_reasons) = replay().await;
     assert_eq!(again, delivered, "skipped the same way on every replay");
     assert_eq!(again_reasons, reasons);

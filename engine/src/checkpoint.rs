@@ -1,10 +1,18 @@
 //! Checkpoints of a run: each rank writes the part of the trainable values
-//! and optimizer state it owns (`rank-<r>.safetensors`); once all have,
-//! rank 0 writes `manifest.json` (step, data cursors, world size, ranges)
-//! and points `latest` at it. A checkpoint without a manifest is incomplete
-//! and never loaded. Loading assembles the flat state from the ranges, so
-//! it works at any world size.
+//! and optimizer state it owns (`rank-<r>.safetensors`) with its size and
+//! CRC-32 beside it; once all have, rank 0 writes `manifest.json` (step,
+//! data cursors, world size, ranges, every file's size and checksum) and
+//! points `latest` at it. A checkpoint without a manifest is incomplete and
+//! never loaded; one whose files do not match their manifest fails
+//! verification on load. Loading assembles the flat state from the ranges,
+//! so it works at any world size.
+//!
+//! Durability: every file is written to a temporary name, `fsync`ed,
+//! renamed into place, and its folder `fsync`ed — so after a power loss a
+//! name points at complete data, and the manifest (the commit point, which
+//! names the files) is on disk only after the files it names.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use flamingo_data::batch::Cursor;
@@ -58,18 +66,84 @@ pub struct Manifest {
     /// (name, shape, offset) of each trainable parameter in the flat state.
     #[serde(default)]
     pub layout: Vec<(String, Vec<i64>, i64)>,
+    /// Every rank file with its size and CRC-32, checked on load (empty in
+    /// checkpoints written before checksums: those load unverified).
+    #[serde(default)]
+    pub files: Vec<FileSum>,
+}
+
+/// A checkpoint file's size and CRC-32 (IEEE), as its writer measured it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSum {
+    pub name: String,
+    pub bytes: u64,
+    pub crc32: u32,
+}
+
+impl FileSum {
+    /// Reads `path` through once.
+    pub fn of(path: &Path) -> std::io::Result<Self> {
+        let mut file = std::fs::File::open(path)?;
+        let mut hasher = crc32fast::Hasher::new();
+        let mut buffer = vec![0u8; 1 << 20];
+        let mut bytes = 0u64;
+        loop {
+            let read = file.read(&mut buffer)?;
+            if read == 0 {
+                break;
+            }
+            hasher.update(&buffer[..read]);
+            bytes += read as u64;
+        }
+        Ok(Self {
+            name: path
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            bytes,
+            crc32: hasher.finalize(),
+        })
+    }
+}
+
+/// `fsync`s a folder, so the renames and creations in it are durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Writes `bytes` to `path` durably: a temporary file beside it, `fsync`,
+/// rename, `fsync` of the folder.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = dir.join(format!(".{name}.tmp"));
+    {
+        let mut file = std::fs::File::create(&temporary)?;
+        std::io::Write::write_all(&mut file, bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&temporary, path)?;
+    sync_dir(dir)
 }
 
 pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
     run_dir.join("checkpoints").join(format!("step-{step:08}"))
 }
 
-/// Writes this rank's part.
+/// Writes this rank's part durably, and beside it (`rank-<r>.sum.json`)
+/// the file's size and CRC-32 for the manifest.
 pub fn write_rank(dir: &Path, rank: u64, state: (Tensor, Tensor, Tensor)) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
+    // The new folders' entries (`checkpoints/`, `step-…/`) are durable too.
+    for ancestor in dir.ancestors().skip(1).take(2) {
+        sync_dir(ancestor)?;
+    }
     let (parameters, exp_avg, exp_avg_sq) = state;
-    let path = dir.join(format!("rank-{rank}.safetensors"));
-    let temporary = dir.join(format!(".rank-{rank}.safetensors.tmp"));
+    let name = format!("rank-{rank}.safetensors");
+    let temporary = dir.join(format!(".{name}.tmp"));
     Tensor::write_safetensors(
         &[
             ("parameters", parameters),
@@ -79,22 +153,102 @@ pub fn write_rank(dir: &Path, rank: u64, state: (Tensor, Tensor, Tensor)) -> std
         &temporary,
     )
     .map_err(|error| std::io::Error::other(error.to_string()))?;
-    std::fs::rename(temporary, path)
+    // Summed from the page cache just after the write, before the rename
+    // makes the file visible under its name.
+    let mut sum = FileSum::of(&temporary)?;
+    sum.name = name.clone();
+    std::fs::File::open(&temporary)?.sync_all()?;
+    std::fs::rename(&temporary, dir.join(&name))?;
+    sync_dir(dir)?;
+    write_durably(
+        &dir.join(format!("rank-{rank}.sum.json")),
+        &serde_json::to_vec(&sum)?,
+    )
 }
 
-/// Rank 0, after every rank wrote: the manifest (atomically).
+/// Rank 0, after every writer wrote: the files the manifest lists, from the
+/// writers' sums, each checked against the size on disk now.
+pub fn file_sums(dir: &Path, writers: &[u64]) -> std::io::Result<Vec<FileSum>> {
+    writers
+        .iter()
+        .map(|rank| {
+            let sum_path = dir.join(format!("rank-{rank}.sum.json"));
+            let sum: FileSum =
+                serde_json::from_slice(&std::fs::read(&sum_path)?).map_err(|error| {
+                    std::io::Error::other(format!("{}: {error}", sum_path.display()))
+                })?;
+            let on_disk = std::fs::metadata(dir.join(&sum.name))?.len();
+            if on_disk != sum.bytes {
+                return Err(std::io::Error::other(format!(
+                    "{}: {on_disk} bytes on disk, its writer wrote {}",
+                    dir.join(&sum.name).display(),
+                    sum.bytes
+                )));
+            }
+            Ok(sum)
+        })
+        .collect()
+}
+
+/// Rank 0, after every rank wrote: the manifest (durably; it is what makes
+/// the checkpoint complete).
 pub fn write_manifest(dir: &Path, manifest: &Manifest) -> std::io::Result<()> {
-    let temporary = dir.join(".manifest.json.tmp");
-    std::fs::write(&temporary, serde_json::to_vec_pretty(manifest)?)?;
-    std::fs::rename(&temporary, dir.join("manifest.json"))
+    write_durably(
+        &dir.join("manifest.json"),
+        &serde_json::to_vec_pretty(manifest)?,
+    )
 }
 
 /// Rank 0, after every rank wrote: the manifest, then `latest`.
 pub fn commit(run_dir: &Path, dir: &Path, manifest: &Manifest) -> std::io::Result<()> {
     write_manifest(dir, manifest)?;
-    let latest = run_dir.join(".latest.tmp");
-    std::fs::write(&latest, dir.display().to_string())?;
-    std::fs::rename(latest, run_dir.join("latest"))
+    write_durably(
+        &run_dir.join("latest"),
+        dir.display().to_string().as_bytes(),
+    )
+}
+
+/// The run's checkpoints with a manifest, newest step first (where a local
+/// run falls back to when its latest fails verification).
+pub fn committed(run_dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(run_dir.join("checkpoints")) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.join("manifest.json").exists())
+        .collect();
+    found.sort();
+    found.reverse();
+    found
+}
+
+/// Checks every file the manifest lists against its size and checksum.
+pub fn verify(dir: &Path, manifest: &Manifest) -> Result<(), TrainError> {
+    for expected in &manifest.files {
+        let path = dir.join(&expected.name);
+        let found = FileSum::of(&path).map_err(|error| bad(&path, error.to_string()))?;
+        if found.bytes != expected.bytes {
+            return Err(bad(
+                &path,
+                format!(
+                    "{} bytes, the manifest says {}: the file was cut short or replaced",
+                    found.bytes, expected.bytes
+                ),
+            ));
+        }
+        if found.crc32 != expected.crc32 {
+            return Err(bad(
+                &path,
+                format!(
+                    "CRC-32 {:08x}, the manifest says {:08x}: the file changed after it was written",
+                    found.crc32, expected.crc32
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The newest committed checkpoint of a run, if any.
@@ -140,6 +294,7 @@ pub fn read(dir: &Path) -> Result<(Manifest, Tensor, Tensor, Tensor), TrainError
             format!("format {} (expected {FORMAT})", manifest.format),
         ));
     }
+    verify(dir, &manifest)?;
     let full = || Tensor::zeros([manifest.total], (Kind::Float, tch::Device::Cpu));
     let (parameters, exp_avg, exp_avg_sq) = (full(), full(), full());
     // A rank's file holds its ranges one after another, in manifest order.
@@ -248,5 +403,184 @@ pub fn write_torch_pickle(tensors: &[(String, Tensor)], path: &Path) -> Result<(
         // SAFETY: the shim wrote a NUL-terminated message.
         let message = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
         Err(bad(path, message.to_string_lossy().into_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A two-writer checkpoint of `step` in `run_dir`, committed as rank 0
+    /// commits one.
+    fn write_checkpoint(run_dir: &Path, step: u64) -> PathBuf {
+        let dir = checkpoint_dir(run_dir, step);
+        let part = |rank: u64| {
+            let values =
+                Tensor::arange(4, (Kind::Float, tch::Device::Cpu)) + (rank * 10 + step) as f64;
+            (values.copy(), values.copy() * 2.0, values * 3.0)
+        };
+        for rank in 0..2 {
+            write_rank(&dir, rank, part(rank)).expect("rank writes");
+        }
+        let manifest = Manifest {
+            format: FORMAT.to_string(),
+            step,
+            skipped_steps: 0,
+            world_size: 2,
+            strategy: "full".into(),
+            total: 8,
+            ranges: vec![(0, 0, 4), (1, 4, 8)],
+            laion_cursor: None,
+            mmc4_cursor: None,
+            config: serde_json::json!({}),
+            layout: Vec::new(),
+            files: file_sums(&dir, &[0, 1]).expect("sums"),
+        };
+        commit(run_dir, &dir, &manifest).expect("commit");
+        dir
+    }
+
+    #[test]
+    fn a_changed_or_cut_file_fails_verification_and_names_itself() {
+        let run = tempfile::tempdir().expect("temp dir");
+        let older = write_checkpoint(run.path(), 2);
+        let newer = write_checkpoint(run.path(), 4);
+        assert_eq!(latest(run.path()), Some(newer.clone()));
+        assert_eq!(committed(run.path()), vec![newer.clone(), older.clone()]);
+        let (manifest, parameters, _, exp_avg_sq) = read(&newer).expect("reads");
+        assert_eq!(manifest.files.len(), 2);
+        assert_eq!(parameters.double_value(&[5]), 15.0);
+        assert_eq!(exp_avg_sq.double_value(&[0]), 12.0);
+        // One flipped byte in the middle of rank 1's file.
+        let file = newer.join("rank-1.safetensors");
+        let mut bytes = std::fs::read(&file).expect("file");
+        let middle = bytes.len() - 8;
+        bytes[middle] ^= 0x01;
+        std::fs::write(&file, &bytes).expect("flipped");
+        let error = read(&newer).expect_err("verification fails").to_string();
+        assert!(error.contains("rank-1.safetensors"), "{error}");
+        assert!(
+            error.contains("the file changed after it was written"),
+            "{error}"
+        );
+        // Cut short.
+        std::fs::write(&file, &bytes[..100]).expect("cut");
+        let error = read(&newer).expect_err("verification fails").to_string();
+        assert!(error.contains("cut short"), "{error}");
+        assert!(read(&older).is_ok());
+        // A writer's recorded size that disagrees with the disk is caught
+        // before the manifest is written.
+        let error = file_sums(&newer, &[0, 1])
+            .expect_err("sizes differ")
+            .to_string();
+        assert!(error.contains("bytes on disk, its writer wrote"), "{error}");
+    }
+
+    /// The crash-consistency check: the writer runs in a child process
+    /// (this test binary, re-executed) under `strace`, and every rename of
+    /// a checkpoint file must come after an fsync of that file and be
+    /// followed by an fsync of its folder; the manifest (the commit point)
+    /// is renamed only after every rank file is durable, and `latest` after
+    /// the manifest.
+    #[test]
+    fn every_file_is_synced_before_its_rename_and_its_folder_after() {
+        if let Ok(run_dir) = std::env::var("FLAMINGO_TEST_CHECKPOINT_INTO") {
+            write_checkpoint(Path::new(&run_dir), 6);
+            return;
+        }
+        let strace = std::process::Command::new("strace").arg("-V").output();
+        assert!(
+            strace.is_ok_and(|output| output.status.success()),
+            "strace is missing: scripts/setup.sh installs it (apt-get install strace)"
+        );
+        let work = tempfile::tempdir().expect("temp dir");
+        let run_dir = work.path().join("run");
+        let log = work.path().join("strace.log");
+        let status = std::process::Command::new("strace")
+            .args([
+                "-f",
+                "-y",
+                "-qq",
+                "-e",
+                "trace=fsync,fdatasync,rename,renameat,renameat2",
+                "-o",
+            ])
+            .arg(&log)
+            .arg(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "checkpoint::tests::every_file_is_synced_before_its_rename_and_its_folder_after",
+                "--test-threads=1",
+            ])
+            .env("FLAMINGO_TEST_CHECKPOINT_INTO", &run_dir)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("strace runs");
+        assert!(status.success());
+        let trace = std::fs::read_to_string(&log).expect("trace");
+        let root = run_dir.display().to_string();
+        // (index, synced path) and (index, from, to), in call order.
+        let mut syncs: Vec<(usize, String)> = Vec::new();
+        let mut renames: Vec<(usize, String, String)> = Vec::new();
+        for (index, line) in trace.lines().enumerate() {
+            let quoted: Vec<&str> = line.split('"').skip(1).step_by(2).collect();
+            if line.contains("rename") && quoted.len() >= 2 && line.ends_with("= 0") {
+                let (from, to) = (quoted[quoted.len() - 2], quoted[quoted.len() - 1]);
+                if to.starts_with(&root) {
+                    renames.push((index, from.to_string(), to.to_string()));
+                }
+            } else if line.contains("sync(") && line.ends_with("= 0") {
+                if let Some(path) = line
+                    .split('<')
+                    .nth(1)
+                    .and_then(|rest| rest.split('>').next())
+                {
+                    syncs.push((index, path.to_string()));
+                }
+            }
+        }
+        let expected = [
+            "rank-0.safetensors",
+            "rank-0.sum.json",
+            "rank-1.safetensors",
+            "rank-1.sum.json",
+            "manifest.json",
+            "latest",
+        ];
+        let names: Vec<&str> = renames
+            .iter()
+            .map(|(_, _, to)| to.rsplit('/').next().unwrap_or_default())
+            .collect();
+        assert_eq!(names, expected, "{trace}");
+        let synced = |path: &str, after: usize, before: usize| {
+            syncs
+                .iter()
+                .any(|(index, synced)| synced == path && *index > after && *index < before)
+        };
+        let mut durable_at = Vec::new();
+        for (index, from, to) in &renames {
+            assert!(
+                synced(from, 0, *index),
+                "{from} renamed before it was synced:\n{trace}"
+            );
+            let folder = Path::new(to)
+                .parent()
+                .expect("a folder")
+                .display()
+                .to_string();
+            let synced_at = syncs
+                .iter()
+                .find(|(at, path)| *path == folder && at > index)
+                .map(|(at, _)| *at)
+                .unwrap_or_else(|| {
+                    panic!("{folder} not synced after {to} was renamed into it:\n{trace}")
+                });
+            durable_at.push(synced_at);
+        }
+        // Commit order: the manifest's rename after every rank file and sum
+        // is durable, `latest` after the manifest is.
+        let manifest = renames[4].0;
+        assert!(durable_at[..4].iter().all(|at| *at < manifest), "{trace}");
+        assert!(durable_at[4] < renames[5].0, "{trace}");
     }
 }

@@ -43,8 +43,8 @@ pub async fn run(args: &MetricsArgs, context: &Context) -> anyhow::Result<ExitCo
         // The state first: points stored before it turned terminal are all
         // in the fetch that follows.
         let done = !args.follow || session.job(&job).await?.state.is_terminal();
-        let points = session.metrics(&job).await?;
-        written += writer.write_points(points.get(written..).unwrap_or_default())?;
+        let points = session.metrics_from(&job, written as u64).await?;
+        written += writer.write_points(&points)?;
         progress.update(written as u64, &place, None);
         if done {
             break;

@@ -204,9 +204,10 @@ pub fn cluster_job(
     }
     flamingo_model::ModelSpec::from_file(&job.model)
         .map_err(|error| anyhow::anyhow!("--model: {}: {error}", job.model.display()))?;
-    job.check_paths().map_err(|error| match error {
-        CommonError::InvalidField { field, message } => anyhow::anyhow!("--{field}: {message}"),
-        other => anyhow::Error::from(other),
-    })?;
+    job.check_paths(flamingo_common::brace::DEFAULT_MAX_SHARDS)
+        .map_err(|error| match error {
+            CommonError::InvalidField { field, message } => anyhow::anyhow!("--{field}: {message}"),
+            other => anyhow::Error::from(other),
+        })?;
     Ok(job)
 }

@@ -106,6 +106,17 @@ impl EtcdSpec {
     }
 }
 
+/// What keeps etcd's database from growing forever: history older than an
+/// hour compacted (the coordinator watches only recent revisions), and a
+/// quota (2 GiB, etcd's default made explicit) past which writes fail
+/// loudly instead of filling the disk. Every etcd flamingo starts gets
+/// these (Slurm and Kubernetes too).
+pub const ETCD_BOUNDS: [&str; 3] = [
+    "--auto-compaction-mode=periodic",
+    "--auto-compaction-retention=1h",
+    "--quota-backend-bytes=2147483648",
+];
+
 pub fn spawn_etcd(spec: &EtcdSpec, log: &Path, detach: bool) -> Result<Child> {
     spawn(etcd_command(spec)?, log, detach)
 }
@@ -124,6 +135,7 @@ pub fn etcd_command(spec: &EtcdSpec) -> Result<Command> {
         .arg(format!("--listen-peer-urls={peer}"))
         .arg(format!("--initial-advertise-peer-urls={peer}"))
         .arg(format!("--initial-cluster=flamingo={peer}"))
+        .args(ETCD_BOUNDS)
         .env_remove("ETCDCTL_API");
     if let Some(TlsFiles {
         ca: Some(ca),

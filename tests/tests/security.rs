@@ -124,7 +124,10 @@ async fn clients_without_credentials_and_the_wrong_roles_are_refused() {
     // A viewer reads but launches nothing; a submitter launches train-type
     // jobs but no command, and cannot stop an admin's job.
     let mut viewer = jobs_as(&sandbox, &Identity::user("vera", Role::Viewer)).await;
-    assert!(viewer.list_jobs(pb::ListJobsRequest {}).await.is_ok());
+    assert!(viewer
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .is_ok());
     let status = viewer
         .launch(collective_check())
         .await
@@ -186,7 +189,7 @@ async fn clients_without_credentials_and_the_wrong_roles_are_refused() {
     // A node's certificate is not a user's.
     let mut agent = jobs_as(&sandbox, &Identity::node("node-0")).await;
     let status = agent
-        .list_jobs(pb::ListJobsRequest {})
+        .list_jobs(pb::ListJobsRequest::default())
         .await
         .expect_err("agent on JobService");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
@@ -440,7 +443,7 @@ async fn expired_and_revoked_certificates_and_bare_etcd_clients_are_refused() {
                     .connect()
                     .await?;
             JobServiceClient::new(channel)
-                .list_jobs(pb::ListJobsRequest {})
+                .list_jobs(pb::ListJobsRequest::default())
                 .await
                 .map(|_| ())
                 .map_err(anyhow::Error::from)

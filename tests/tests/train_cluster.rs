@@ -538,6 +538,81 @@ async fn an_elastic_job_continues_on_fewer_nodes_and_grows_back() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_checkpoint_falls_back_to_the_previous_committed_one() {
+    let sandbox = ClusterSandbox::start(SandboxOptions {
+        nodes: 2,
+        slots_per_node: 2,
+        lease_ttl_seconds: 4,
+    })
+    .await
+    .expect("sandbox");
+    let dir = sandbox.path().to_path_buf();
+    prepare(&dir);
+    let id = launch(&dir, &sandbox.coordinator_endpoint(), "2", "verify", &[]);
+    let record = wait_for(
+        &sandbox,
+        &id,
+        "two committed checkpoints",
+        Duration::from_secs(120),
+        |r| r.checkpoints.len() >= 2 && r.ranks.iter().all(|rank| rank.pid.is_some()),
+    )
+    .await;
+    // Freeze the group so nothing commits past what we read, flip one
+    // byte of the latest committed checkpoint, then kill every rank.
+    let pids: Vec<i32> = (0..WORLD as u32)
+        .map(|rank| rank_pid(&record, rank))
+        .collect();
+    for pid in &pids {
+        // SAFETY: plain signals to this test's own rank processes.
+        unsafe { libc::kill(*pid, libc::SIGSTOP) };
+    }
+    let frozen = job(&sandbox, &id).await.expect("job");
+    let latest = frozen.latest_checkpoint().expect("a checkpoint").clone();
+    let previous = frozen.checkpoints[frozen.checkpoints.len() - 2].step;
+    let file = PathBuf::from(&latest.path).join("rank-1.safetensors");
+    let mut bytes = std::fs::read(&file).expect("rank 1's part");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&file, &bytes).expect("flipped");
+    for pid in &pids {
+        // SAFETY: as above.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    let record = wait_for(&sandbox, &id, "the end", Duration::from_secs(300), |r| {
+        r.state.is_terminal()
+    })
+    .await;
+    assert_eq!(record.state, JobState::Succeeded, "{:#?}", record.restarts);
+    // Attempt 1 resumed from the previous checkpoint, and said why.
+    let attempts =
+        std::fs::read_to_string(dir.join("runs/verify/attempts.jsonl")).expect("attempts");
+    let resumed: Vec<serde_json::Value> = attempts
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("JSON"))
+        .filter(|start: &serde_json::Value| start["attempt"] == 1)
+        .collect();
+    assert_eq!(resumed.len(), 1, "{attempts}");
+    assert_eq!(resumed[0]["step"], previous, "{attempts}");
+    let events = ureq::get(&format!("{}api/jobs/{id}/events", sandbox.dashboard()))
+        .set(
+            "Authorization",
+            &format!("Bearer {}", flamingo_tests::dashboard_token()),
+        )
+        .timeout(Duration::from_secs(10))
+        .call()
+        .expect("events")
+        .into_string()
+        .expect("text");
+    let step_dir = format!("step-{:08}", latest.step);
+    assert!(
+        events.contains("checkpoint verification failed, resumed from the previous committed one")
+            && events.contains(&step_dir)
+            && events.contains("the file changed after it was written"),
+        "{events}"
+    );
+}
+
 /// With attempt 1 running, attempt 0's rank credential commits nothing, and
 /// cannot be passed off as attempt 1's (the checkpoints stay as they are).
 async fn superseded_attempts_cannot_commit(sandbox: &ClusterSandbox, id: &str) {

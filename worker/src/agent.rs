@@ -54,6 +54,13 @@ pub struct AgentConfig {
     /// when not given.
     #[arg(long, env = "FLAMINGO_AGENT_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// A rank's log past this size is rotated (copied to `rank-<r>.log.1`,
+    /// older copies shifted, the live file truncated).
+    #[arg(long, env = "FLAMINGO_RANK_LOG_MAX_BYTES", default_value_t = 256 << 20)]
+    pub rank_log_max_bytes: u64,
+    /// Rotated copies kept per rank log.
+    #[arg(long, env = "FLAMINGO_RANK_LOG_KEEP", default_value_t = 3)]
+    pub rank_log_keep: u32,
     /// Protocol version to announce (only for testing version checks).
     #[arg(long, hide = true, default_value_t = flamingo_proto::PROTOCOL_VERSION)]
     pub protocol_version: u32,
@@ -184,6 +191,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     )?;
     let servers = CancellationToken::new();
     let (agent_endpoint, log_server) = serve_logs(&config, &state_dir, &ranks, &servers).await?;
+    tokio::spawn(crate::logs::rotate_logs(
+        state_dir.clone(),
+        config.rank_log_max_bytes,
+        config.rank_log_keep,
+        servers.clone(),
+    ));
     let draining = CancellationToken::new();
     if let Some(address) = config.metrics_listen {
         let node = (node_id.clone(), slots);

@@ -363,6 +363,10 @@ impl Ranks {
         .env("FLAMINGO_RESULT_FILE", &result_file)
         .env("FLAMINGO_ATTEMPT", assignment.attempt.to_string())
         .env("FLAMINGO_RESUME_FROM", &assignment.resume_from)
+        .env(
+            "FLAMINGO_RESUME_FALLBACKS",
+            assignment.fallback_checkpoints.join("\n"),
+        )
         .env("FLAMINGO_JOB_COORDINATOR", &self.coordinator)
         .env("FLAMINGO_NODE_ID", &self.node_id)
         // The node's certificate and the attempt's credential: ranks reach

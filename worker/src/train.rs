@@ -41,6 +41,9 @@ struct CoordinatorLink {
     /// Reports that found the queue full (the coordinator is slow or
     /// down): counted and told to the coordinator with the next batch.
     dropped: Arc<AtomicU64>,
+    /// Older committed checkpoints, newest first
+    /// (`FLAMINGO_RESUME_FALLBACKS`, one per line).
+    fallbacks: Vec<PathBuf>,
 }
 
 enum Report {
@@ -97,7 +100,13 @@ impl CoordinatorLink {
             reports_rx,
             dropped.clone(),
         ));
+        let fallbacks = var("FLAMINGO_RESUME_FALLBACKS")
+            .lines()
+            .filter(|line| !line.is_empty())
+            .map(PathBuf::from)
+            .collect();
         Ok(Some(Self {
+            fallbacks,
             runtime,
             client,
             job_id: var("FLAMINGO_JOB_ID"),
@@ -169,6 +178,10 @@ async fn send_batches(
 impl ClusterLink for CoordinatorLink {
     fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    fn fallback_checkpoints(&self) -> Vec<PathBuf> {
+        self.fallbacks.clone()
     }
 
     fn step(&self, step: u64, values: &[(&'static str, f64)]) {

@@ -170,6 +170,13 @@ pub(super) fn start_message(job: &JobRecord, node_id: &NodeId) -> pb::Coordinato
                 .latest_checkpoint()
                 .map(|checkpoint| checkpoint.path.clone())
                 .unwrap_or_default(),
+            fallback_checkpoints: job
+                .checkpoints
+                .iter()
+                .rev()
+                .skip(1)
+                .map(|checkpoint| checkpoint.path.clone())
+                .collect(),
             // Stamped on the way out (the API layer holds the key).
             rank_token: String::new(),
         })

@@ -1,5 +1,5 @@
-//! Placing jobs: strict FIFO gang scheduling, and elastic jobs growing
-//! back when nodes return.
+//! Placing jobs: FIFO gang scheduling with reserve-and-backfill, and
+//! elastic jobs growing back when nodes return.
 
 use std::collections::BTreeSet;
 
@@ -33,9 +33,20 @@ impl Cluster {
         effects
     }
 
-    /// Places pending jobs in submission order; the first that does not fit
-    /// blocks the ones behind it (strict FIFO gang scheduling: a large job is
-    /// never starved by a stream of small ones).
+    /// Forgets a job whose submission could not be stored (its slots, if
+    /// it was placed, free with it).
+    pub fn withdraw(&mut self, job_id: &JobId) {
+        self.jobs.remove(job_id);
+        self.progress_ms.remove(job_id);
+    }
+
+    /// Places pending jobs in submission order with backfill. A job that
+    /// fits now runs; one that waits for busy nodes holds (reserves) the
+    /// nodes it will take first, and jobs behind it run only on other
+    /// nodes — so they never delay it (no starvation), but they are not
+    /// blocked by it either (Slurm's reserve-and-backfill, without run-time
+    /// estimates). A job that cannot fit the registered cluster at all
+    /// holds nothing and says so in its message until nodes arrive.
     pub fn schedule(&mut self, now_ms: i64) -> Effects {
         let mut effects = Effects::default();
         let mut pending: Vec<(i64, JobId)> = self
@@ -45,10 +56,27 @@ impl Cluster {
             .map(|job| (job.created_unix_ms, job.id.clone()))
             .collect();
         pending.sort();
+        let mut reserved: BTreeSet<NodeId> = BTreeSet::new();
         for (_, job_id) in pending {
             let Some(job) = self.jobs.get(&job_id) else {
                 continue;
             };
+            let slots = job.spec.slots_per_node;
+            let fewest = job.spec.fewest_nodes();
+            // Nodes that could ever hold one node of this job.
+            let able = self
+                .nodes
+                .values()
+                .filter(|node| !node.draining && node.slots >= slots)
+                .count() as u32;
+            if able < fewest {
+                let reason = format!(
+                    "cannot fit the registered cluster: needs {fewest} node(s) with {slots} slot(s); \
+                     {able} registered node(s) have that many (it starts when enough nodes register)"
+                );
+                self.wait_reason(&job_id, reason, &mut effects);
+                continue;
+            }
             let excluded = job.excluded_nodes();
             let capacity = |leave_out: &[NodeId]| -> Vec<NodeCapacity> {
                 self.nodes
@@ -58,22 +86,43 @@ impl Cluster {
                         free_slots: self.free_slots(node),
                         schedulable: !node.draining
                             && !leave_out.contains(&node.node_id)
-                            && !self.detached.contains(&node.node_id),
+                            && !self.detached.contains(&node.node_id)
+                            && !reserved.contains(&node.node_id),
                     })
                     .collect()
             };
+            // Placement tries only sizes the free nodes allow: the work
+            // stays proportional to the cluster, not to what was asked.
+            let free_now = capacity(&[])
+                .iter()
+                .filter(|node| node.schedulable && node.free_slots >= slots)
+                .count() as u32;
+            let most = job.spec.nodes.min(free_now);
             // Nodes that failed the job repeatedly are used only when
             // nothing else fits; an elastic job takes as many nodes as fit,
             // down to its minimum.
-            let slots = job.spec.slots_per_node;
-            let chosen = (job.spec.fewest_nodes()..=job.spec.nodes)
-                .rev()
-                .find_map(|nodes| {
-                    place(&capacity(&excluded), nodes, slots)
-                        .or_else(|| place(&capacity(&[]), nodes, slots))
-                });
+            let chosen = (fewest <= most)
+                .then(|| {
+                    (fewest..=most).rev().find_map(|nodes| {
+                        place(&capacity(&excluded), nodes, slots)
+                            .or_else(|| place(&capacity(&[]), nodes, slots))
+                    })
+                })
+                .flatten();
             let Some(chosen) = chosen else {
-                break;
+                let holding = self.reserve_for(&job_id, fewest, &reserved);
+                let reason = format!(
+                    "waiting for {fewest} node(s) with {slots} free slot(s); \
+                     holding {} for it, jobs behind it run elsewhere",
+                    holding
+                        .iter()
+                        .map(NodeId::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                reserved.extend(holding);
+                self.wait_reason(&job_id, reason, &mut effects);
+                continue;
             };
             let master_node = self.nodes[&chosen[0]].clone();
             let taken: Vec<u16> = self
@@ -93,9 +142,15 @@ impl Cluster {
                 master_node.rendezvous_port_count,
                 &taken,
             ) else {
-                break;
+                let reason = format!(
+                    "waiting for a free rendezvous port on {}",
+                    master_node.node_id
+                );
+                self.wait_reason(&job_id, reason, &mut effects);
+                continue;
             };
             let job = self.jobs.get_mut(&job_id).expect("job listed above");
+            job.message.clear();
             let slots = job.spec.slots_per_node;
             job.ranks = chosen
                 .iter()
@@ -140,6 +195,36 @@ impl Cluster {
         }
         effects.merge(self.grow(now_ms));
         effects
+    }
+
+    /// The `count` nodes a waiting job takes first as they free up (the
+    /// ones with the most free slots now), outside those already held.
+    fn reserve_for(&self, job_id: &JobId, count: u32, held: &BTreeSet<NodeId>) -> Vec<NodeId> {
+        let slots = self.jobs[job_id].spec.slots_per_node;
+        let mut candidates: Vec<(u32, &NodeId)> = self
+            .nodes
+            .values()
+            .filter(|node| !node.draining && node.slots >= slots && !held.contains(&node.node_id))
+            .map(|node| (self.free_slots(node), &node.node_id))
+            .collect();
+        candidates.sort_by(|left, right| right.0.cmp(&left.0).then_with(|| left.1.cmp(right.1)));
+        candidates
+            .into_iter()
+            .take(count as usize)
+            .map(|(_, node_id)| node_id.clone())
+            .collect()
+    }
+
+    /// Says why a pending job waits (stored with it when the reason
+    /// changes; `status` shows it as the job's message).
+    fn wait_reason(&mut self, job_id: &JobId, reason: String, effects: &mut Effects) {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        if job.message != reason {
+            job.message = reason;
+            effects.jobs_changed.insert(job_id.clone());
+        }
     }
 
     /// Running elastic jobs below their size, when enough free nodes for at

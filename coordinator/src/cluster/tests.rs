@@ -184,6 +184,81 @@ fn fifo_head_blocks_smaller_jobs_behind_it() {
 }
 
 #[test]
+fn a_waiting_job_holds_its_nodes_and_smaller_jobs_backfill_the_rest() {
+    let mut cluster = cluster(&[("n0", 4), ("n1", 4), ("n2", 2)]);
+    let state = |cluster: &Cluster, id: &str| cluster.jobs[&JobId(id.into())].state;
+    cluster.submit(job("a", 1, 4, 1), 1);
+    assert_eq!(
+        cluster.jobs[&JobId("a".into())].ranks[0].node.as_str(),
+        "n0"
+    );
+    cluster.submit(job("big", 2, 4, 2), 2);
+    assert_eq!(state(&cluster, "big"), JobState::Pending);
+    let waiting = &cluster.jobs[&JobId("big".into())].message;
+    assert!(
+        waiting.contains("waiting for 2 node(s) with 4 free slot(s); holding n1, n0"),
+        "{waiting}"
+    );
+    // Behind it: a job that fits on a node it does not hold runs now; one
+    // that would take a held node waits (it cannot delay the big job).
+    cluster.submit(job("small", 1, 2, 3), 3);
+    cluster.submit(job("takes-n1", 1, 4, 4), 4);
+    assert_eq!(state(&cluster, "small"), JobState::Running);
+    assert_eq!(
+        cluster.jobs[&JobId("small".into())].ranks[0].node.as_str(),
+        "n2"
+    );
+    assert_eq!(state(&cluster, "takes-n1"), JobState::Pending);
+    for rank in 0..4 {
+        cluster.rank_report(&JobId("a".into()), 0, rank, exited(0), 5);
+    }
+    assert_eq!(state(&cluster, "big"), JobState::Running);
+    assert!(cluster.jobs[&JobId("big".into())].message.is_empty());
+    assert_eq!(state(&cluster, "takes-n1"), JobState::Pending);
+}
+
+#[test]
+fn a_job_that_cannot_fit_the_cluster_blocks_nothing_and_starts_when_nodes_arrive() {
+    let mut cluster = cluster(&[("n0", 2), ("n1", 2)]);
+    let state = |cluster: &Cluster, id: &str| cluster.jobs[&JobId(id.into())].state;
+    cluster.submit(job("huge", 3, 2, 1), 1);
+    cluster.submit(job("wide", 1, 8, 2), 2);
+    cluster.submit(job("small", 2, 1, 3), 3);
+    assert_eq!(state(&cluster, "small"), JobState::Running);
+    let huge = &cluster.jobs[&JobId("huge".into())].message;
+    assert!(
+        huge.contains("cannot fit the registered cluster: needs 3 node(s) with 2 slot(s); 2 registered node(s)"),
+        "{huge}"
+    );
+    assert!(cluster.jobs[&JobId("wide".into())]
+        .message
+        .contains("needs 1 node(s) with 8 slot(s); 0 registered"));
+    cluster.rank_report(&JobId("small".into()), 0, 0, exited(0), 4);
+    cluster.rank_report(&JobId("small".into()), 0, 1, exited(0), 4);
+    cluster.nodes.insert(NodeId("n2".into()), node("n2", 2));
+    cluster.schedule(5);
+    assert_eq!(state(&cluster, "huge"), JobState::Running);
+    assert_eq!(state(&cluster, "wide"), JobState::Pending);
+}
+
+#[test]
+fn an_absurd_elastic_request_costs_placement_work_for_the_nodes_there_are() {
+    let mut cluster = cluster(&[("n0", 1), ("n1", 1)]);
+    let mut elastic = job("elastic", u32::MAX, 1, 1);
+    elastic.spec.min_nodes = 1;
+    elastic.spec.kind = JobKind::Train {
+        config_json: "{}".into(),
+    };
+    cluster.submit(elastic, 1);
+    assert_eq!(
+        cluster.jobs[&JobId("elastic".into())].state,
+        JobState::Running
+    );
+    // Sizes tried: the two free nodes, not four billion.
+    assert_eq!(cluster.jobs[&JobId("elastic".into())].placed_nodes, 2);
+}
+
+#[test]
 fn losing_a_node_fails_its_jobs_and_frees_nothing_twice() {
     let mut cluster = cluster(&[("node-0", 2), ("node-1", 2)]);
     cluster.submit(job("j", 2, 1, 1), 1);

@@ -123,7 +123,7 @@ pub(crate) fn save(
         group.all_reduce_scalar(f64::from(u8::from(writes)), ReduceOp::Sum)?;
     }
     if rank == 0 {
-        let manifest = manifest(job, trainer, world, cursors)?;
+        let manifest = manifest(job, trainer, world, cursors, &dir)?;
         commit(job, run_dir, &dir, &manifest, link)?;
     }
     if let Some(group) = group.filter(|_| world > 1) {
@@ -137,6 +137,7 @@ fn manifest(
     trainer: &Trainer<'_>,
     world: i64,
     cursors: Cursors<'_>,
+    dir: &Path,
 ) -> anyhow::Result<Manifest> {
     // The writers are ranks 0..shard_world (hybrid: the first node's).
     let ranges: Vec<(u64, i64, i64)> = if job.fsdp_sharding_strategy == Strategy::NoShard {
@@ -151,7 +152,11 @@ fn manifest(
             })
             .collect()
     };
+    let mut writers: Vec<u64> = ranges.iter().map(|(rank, _, _)| *rank).collect();
+    writers.dedup();
+    let files = checkpoint::file_sums(dir, &writers)?;
     Ok(Manifest {
+        files,
         format: checkpoint::manifest_format().to_string(),
         step: trainer.step_count(),
         skipped_steps: trainer.skipped_steps(),
@@ -190,7 +195,14 @@ fn commit(
         "laion": manifest.laion_cursor,
         "mmc4": manifest.mmc4_cursor,
     });
+    let checkpoints = run_dir.join("checkpoints");
     for retired in link.commit(step, dir, &cursor.to_string())? {
+        // Only this run's checkpoint folders are ever deleted, whatever
+        // the coordinator names.
+        if retired.parent() != Some(checkpoints.as_path()) {
+            tracing::warn!(path = %retired.display(), "not deleting a retired checkpoint outside the run's checkpoints folder");
+            continue;
+        }
         if let Err(error) = std::fs::remove_dir_all(&retired) {
             tracing::warn!(path = %retired.display(), %error, "could not delete a retired checkpoint");
         }

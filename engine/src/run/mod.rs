@@ -37,6 +37,11 @@ pub trait ClusterLink {
     /// written: make it the job's latest. Returns the checkpoint folders the
     /// retention policy retired (the caller deletes them).
     fn commit(&self, step: u64, dir: &Path, cursor_json: &str) -> anyhow::Result<Vec<PathBuf>>;
+    /// The job's older committed checkpoints, newest first: where to
+    /// resume when the latest fails verification.
+    fn fallback_checkpoints(&self) -> Vec<PathBuf> {
+        Vec::new()
+    }
 }
 
 /// How a rank's run ended.
@@ -103,7 +108,7 @@ pub fn run_rank_with(
         hybrid: hybrid.as_ref(),
     };
     let mut started = setup::start(job, groups, world as u64)?;
-    setup::resume(job, &run_dir, &mut started, (rank, world), link.is_some())?;
+    setup::resume(job, &run_dir, &mut started, (rank, world), link)?;
     if rank == 0 {
         setup::record_start(job, &run_dir, link, entered, started.trainer.step_count())?;
     }

@@ -96,18 +96,44 @@ fn resume_dir(job: &TrainJob, run_dir: &Path, cluster: bool) -> anyhow::Result<O
 }
 
 /// Restores the trainer and the data cursors from the checkpoint to resume
-/// from, if any.
+/// from, if any. A checkpoint that fails verification (a file missing, cut
+/// short or changed since it was written) is reported and the next older
+/// committed one is used: the coordinator's list under a cluster, the run's
+/// own checkpoints folder otherwise. Every rank reads and verifies the same
+/// files, so all make the same choice.
 pub(crate) fn resume(
     job: &TrainJob,
     run_dir: &Path,
     started: &mut Started<'_>,
     (rank, world): (usize, usize),
-    cluster: bool,
+    link: Option<&dyn ClusterLink>,
 ) -> anyhow::Result<()> {
-    let Some(dir) = resume_dir(job, run_dir, cluster)? else {
+    let Some(dir) = resume_dir(job, run_dir, link.is_some())? else {
         return Ok(());
     };
-    let (manifest, parameters, exp_avg, exp_avg_sq) = checkpoint::read(&dir)?;
+    let mut candidates = vec![dir.clone()];
+    match link {
+        Some(link) => candidates.extend(link.fallback_checkpoints()),
+        None => candidates.extend(checkpoint::committed(run_dir)),
+    }
+    candidates.dedup();
+    let mut failures: Vec<String> = Vec::new();
+    let mut loaded = None;
+    for candidate in &candidates {
+        match checkpoint::read(candidate) {
+            Ok(read) => {
+                loaded = Some((candidate.clone(), read));
+                break;
+            }
+            Err(error) => failures.push(error.to_string()),
+        }
+    }
+    let Some((dir, (manifest, parameters, exp_avg, exp_avg_sq))) = loaded else {
+        anyhow::bail!(
+            "no committed checkpoint verifies: {}; restore one, or start the run afresh under a new run_name",
+            failures.join("; ")
+        );
+    };
     started.trainer.restore(
         &parameters,
         &exp_avg,
@@ -122,6 +148,18 @@ pub(crate) fn resume(
         feed.cursor = cursor.into();
     }
     if rank == 0 {
+        if !failures.is_empty() {
+            let message = format!(
+                "checkpoint verification failed, resumed from the previous committed one at step {}: {}",
+                manifest.step,
+                failures.join("; ")
+            );
+            eprintln!("{message}");
+            tracing::warn!("{message}");
+            if let Some(link) = link {
+                link.note(manifest.step, "checkpoint", message);
+            }
+        }
         eprintln!(
             "resuming from {} (step {}, saved by {} rank(s); now {world})",
             dir.display(),
