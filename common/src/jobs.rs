@@ -528,4 +528,29 @@ mod tests {
         good.validate().expect("valid spec");
         assert_eq!(good.world_size(), 4);
     }
+
+    proptest::proptest! {
+        /// Specs as a client could send them (JSON from anyone): decoding
+        /// and validating never panics, and what validates has a world size
+        /// that fits.
+        #[test]
+        fn any_spec_json_decodes_or_is_refused_and_never_panics(
+            nodes in proptest::prelude::any::<u32>(),
+            slots in proptest::prelude::any::<u32>(),
+            min_nodes in proptest::prelude::any::<u32>(),
+            noise in r#"[{}\[\]\\":,a-z0-9 .-]{0,80}"#,
+        ) {
+            let text = format!(
+                r#"{{"name":"x","nodes":{nodes},"slots_per_node":{slots},"min_nodes":{min_nodes},"kind":{{"type":"command","argv":["true"]}},"env":{{}}}}"#
+            );
+            let spec: JobSpec = serde_json::from_str(&text).expect("well-formed");
+            if spec.validate().is_ok() {
+                proptest::prop_assert!(u64::from(nodes) * u64::from(slots) < 1 << 31);
+                proptest::prop_assert_eq!(u64::from(spec.world_size()), u64::from(nodes) * u64::from(slots));
+            }
+            if let Ok(spec) = serde_json::from_str::<JobSpec>(&noise) {
+                let _ = spec.validate();
+            }
+        }
+    }
 }
