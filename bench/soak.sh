@@ -26,8 +26,10 @@ export FLAMINGO_JOB_RETENTION_SECONDS=$retention
 ctl() { "$bin/flamingoctl" "$@"; }
 trap 'ctl down >/dev/null 2>&1 || true; rm -rf "$root"' EXIT
 
-ctl up --nodes 2 --slots-per-node 2 >/dev/null
-cd "$root"
+ctl up --nodes 2 --slots-per-node 2 >/dev/null 2>&1
+# The local data service reads the cluster's work folder.
+mkdir -p "$FLAMINGO_STATE_DIR/work"
+cd "$FLAMINGO_STATE_DIR/work"
 ctl data synth --form laion --out data --samples 64 --per-shard 32 --image-size 32 >/dev/null
 ctl tiny-model --tokenizer data/tokenizer --out tiny --lm-width 64 --vision-width 64 >/dev/null
 
@@ -58,7 +60,7 @@ while [ "$done_jobs" -lt "$jobs" ]; do
             --logging_steps 1 --checkpoint_steps 2 --runs_dir runs)")
     done
     for id in "${ids[@]}"; do
-        state=$(ctl --json wait "$id" | python3 -c 'import json, sys; print(json.load(sys.stdin)["state"])')
+        state=$(ctl --json wait "$id" | python3 -c 'import json, sys; print(json.load(sys.stdin)["state"])' || true)
         [ "$state" = Succeeded ] || { echo "soak: job $id ended $state" >&2; ctl status "$id" >&2; exit 1; }
     done
     # One retention period (and a tick) after the wave ended.

@@ -327,6 +327,23 @@ impl ClusterSandbox {
         .await?)
     }
 
+    /// A channel to the data service at `endpoint` with node `node_id`'s
+    /// certificate (what a rank on that node uses).
+    pub async fn data_service_as_node(
+        &self,
+        endpoint: &str,
+        node_id: &str,
+    ) -> anyhow::Result<tonic::transport::Channel> {
+        let tls = credentials().node(node_id)?.client()?;
+        Ok(flamingo_security::endpoint(
+            endpoint,
+            tls.as_ref(),
+            flamingo_security::DATA_SERVICE_NAME,
+        )?
+        .connect()
+        .await?)
+    }
+
     /// The credential the coordinator gives `job_id`'s attempt `attempt`.
     pub fn rank_token(&self, job_id: &str, attempt: u32) -> String {
         let secret = credentials()

@@ -313,20 +313,10 @@ async fn the_data_service_refuses_a_huge_batch_and_keeps_serving() {
         .await
         .expect("fixture");
     let spec = flamingo_data::spec::DataSpec::from_toml(&fixture, None).expect("spec");
-    let node = credentials()
-        .node("node-0")
-        .expect("cert")
-        .client()
-        .expect("tls");
-    let channel = flamingo_security::endpoint(
-        &endpoint,
-        node.as_ref(),
-        flamingo_security::DATA_SERVICE_NAME,
-    )
-    .expect("endpoint")
-    .connect()
-    .await
-    .expect("connects");
+    let channel = sandbox
+        .data_service_as_node(&endpoint, "node-0")
+        .await
+        .expect("connects");
     let mut client = pb::data_service_client::DataServiceClient::new(channel);
     let ask = |batch_size: u32, world_size: u32| pb::StreamBatchesRequest {
         spec_toml: spec.to_toml(),

@@ -625,20 +625,10 @@ async fn the_data_service_serves_only_its_prefixes() {
         status.message()
     );
     // A node's certificate without a rank credential streams nothing.
-    let node = credentials()
-        .node("node-0")
-        .expect("cert")
-        .client()
-        .expect("tls");
-    let channel = flamingo_security::endpoint(
-        &endpoint,
-        node.as_ref(),
-        flamingo_security::DATA_SERVICE_NAME,
-    )
-    .expect("endpoint")
-    .connect()
-    .await
-    .expect("connects");
+    let channel = sandbox
+        .data_service_as_node(&endpoint, "node-0")
+        .await
+        .expect("connects");
     let status = pb::data_service_client::DataServiceClient::new(channel)
         .stream_batches(pb::StreamBatchesRequest {
             spec_toml: spec.to_toml(),
