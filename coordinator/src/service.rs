@@ -705,6 +705,34 @@ impl Coordinator {
                     Ok(Some(response)) => response,
                     Ok(None) | Err(_) => break,
                 };
+                if response.compact_revision() > 0 {
+                    // etcd compacted the history this watch was to resume
+                    // from (it was away longer than the compaction
+                    // retention): read the nodes as they are now, treat
+                    // the ones gone as lost, and watch from there.
+                    tracing::warn!(
+                        from = revision,
+                        compacted = response.compact_revision(),
+                        "node watch fell behind etcd's compaction; reconciling"
+                    );
+                    match self.store.load().await {
+                        Ok(snapshot) => {
+                            let present: BTreeSet<NodeId> = snapshot
+                                .nodes
+                                .into_iter()
+                                .map(|node| node.node_id)
+                                .collect();
+                            let known: Vec<NodeId> =
+                                self.cluster.lock().await.nodes.keys().cloned().collect();
+                            for node_id in known.iter().filter(|node| !present.contains(*node)) {
+                                self.on_node_deleted(node_id, None).await;
+                            }
+                            revision = snapshot.revision;
+                        }
+                        Err(error) => tracing::warn!(%error, "could not reconcile nodes; retrying"),
+                    }
+                    break;
+                }
                 if let Some(header) = response.header() {
                     revision = revision.max(header.revision());
                 }

@@ -106,14 +106,15 @@ impl EtcdSpec {
     }
 }
 
-/// What keeps etcd's database from growing forever: history older than an
-/// hour compacted (the coordinator watches only recent revisions), and a
+/// What keeps etcd's database from growing forever: history older than
+/// five minutes compacted (as Kubernetes' API server does; the coordinator
+/// watches only recent revisions and reconciles if it falls behind), and a
 /// quota (2 GiB, etcd's default made explicit) past which writes fail
 /// loudly instead of filling the disk. Every etcd flamingo starts gets
 /// these (Slurm and Kubernetes too).
 pub const ETCD_BOUNDS: [&str; 3] = [
     "--auto-compaction-mode=periodic",
-    "--auto-compaction-retention=1h",
+    "--auto-compaction-retention=5m",
     "--quota-backend-bytes=2147483648",
 ];
 
