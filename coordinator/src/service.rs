@@ -308,7 +308,9 @@ impl Coordinator {
                     return;
                 }
             }
-            if current.state.is_terminal() && current.next_event_seq <= next_seq {
+            // A job that has ended gets no more events: its stream ends here
+            // (also for one retired from etcd, whose stored events are gone).
+            if current.state.is_terminal() {
                 return;
             }
             loop {

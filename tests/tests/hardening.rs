@@ -465,6 +465,12 @@ async fn metrics_of_a_long_job_come_back_in_pages() {
     assert!(events.kvs().is_empty(), "its events left too");
     let mut session = sandbox.session().await.expect("session");
     assert!(session.list().await.expect("list").is_empty());
+    // Waiting on it answers at once (its stored events are gone with it).
+    let waited = tokio::time::timeout(Duration::from_secs(20), session.wait(&id, false, false))
+        .await
+        .expect("wait does not hang on a retired job")
+        .expect("wait");
+    assert_eq!(waited.state, JobState::Stopped);
     let status = flamingo_tests::flamingoctl(
         sandbox.path(),
         &[
