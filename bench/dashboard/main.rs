@@ -244,7 +244,9 @@ async fn main() -> anyhow::Result<()> {
         lease_ttl_seconds: 10,
         heartbeat_interval_ms: 1000,
         tls: credentials.coordinator.clone(),
-        extra_args: Vec::new(),
+        // The simulated ranks share one node certificate (real ranks are
+        // spread over nodes), so the per-client limit is off.
+        extra_args: vec!["--max-requests-per-second=0".into()],
     };
     let log = dir.path().join("coordinator.log");
     let mut coordinator = local::spawn_coordinator(&spec, &log, false)?;

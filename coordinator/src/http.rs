@@ -7,8 +7,9 @@
 //! - `GET /api/jobs` — every job, newest last
 //! - `GET /api/jobs/{id}` — one job with its checkpoints and restarts
 //! - `GET /api/jobs/{id}/series?names=a,b&ranks=0,1&max_points=N` — curves,
-//!   downsampled on the server to about N points each (default 2000; 0 for
-//!   every point)
+//!   downsampled on the server to about N points each (default 2000; at most
+//!   100,000, which 0 asks for; every point of a long job comes from
+//!   `flamingoctl metrics`, a page at a time)
 //! - `GET /api/jobs/{id}/events` — the job's timeline
 //! - `GET /metrics` — Prometheus text format
 //! - `GET /login?token=…` — sets the dashboard's cookie (see
@@ -135,11 +136,54 @@ async fn job(State(coordinator): State<Arc<Coordinator>>, Path(id): Path<String>
     Json(value).into_response()
 }
 
-#[derive(Debug, Deserialize)]
+/// The most points one curve of `series` answers with (`max_points=0` asks
+/// for this many).
+pub const MAX_POINTS_LIMIT: usize = 100_000;
+/// The most names or ranks one `series` request may list.
+const MAX_LISTED: usize = 1024;
+
+#[derive(Debug, Default, Deserialize)]
 struct SeriesParams {
     names: Option<String>,
     ranks: Option<String>,
     max_points: Option<usize>,
+}
+
+impl SeriesParams {
+    /// The store's query, or what is wrong with a parameter (by name).
+    fn query(&self) -> Result<SeriesQuery, String> {
+        let names = list(&self.names);
+        let listed = list(&self.ranks);
+        for (field, count) in [("names", names.len()), ("ranks", listed.len())] {
+            if count > MAX_LISTED {
+                return Err(format!(
+                    "{field}: {count} listed, more than the {MAX_LISTED} one request may ask for"
+                ));
+            }
+        }
+        let mut ranks = Vec::with_capacity(listed.len());
+        for rank in listed {
+            match rank.parse() {
+                Ok(rank) => ranks.push(rank),
+                Err(_) => return Err(format!("ranks: '{rank}' is not a rank number")),
+            }
+        }
+        let max_points = match self.max_points {
+            None => DEFAULT_MAX_POINTS,
+            Some(0) => MAX_POINTS_LIMIT,
+            Some(points) if points > MAX_POINTS_LIMIT => {
+                return Err(format!(
+                    "max_points: {points} is more than {MAX_POINTS_LIMIT} (every point comes from `flamingoctl metrics --csv`)"
+                ))
+            }
+            Some(points) => points,
+        };
+        Ok(SeriesQuery {
+            names,
+            ranks,
+            max_points,
+        })
+    }
 }
 
 fn list(text: &Option<String>) -> Vec<String> {
@@ -155,28 +199,19 @@ fn list(text: &Option<String>) -> Vec<String> {
 async fn series(
     State(coordinator): State<Arc<Coordinator>>,
     Path(id): Path<String>,
-    Query(params): Query<SeriesParams>,
+    params: Result<Query<SeriesParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
+    let query = match params {
+        Ok(Query(params)) => params.query(),
+        Err(rejection) => Err(rejection.body_text()),
+    };
+    let query = match query {
+        Ok(query) => query,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
     if coordinator.job(&JobId(id.clone())).await.is_err() {
         return error(StatusCode::NOT_FOUND, format!("no job {id}"));
     }
-    let mut ranks = Vec::new();
-    for rank in list(&params.ranks) {
-        match rank.parse() {
-            Ok(rank) => ranks.push(rank),
-            Err(_) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("ranks: '{rank}' is not a rank number"),
-                )
-            }
-        }
-    }
-    let query = SeriesQuery {
-        names: list(&params.names),
-        ranks,
-        max_points: params.max_points.unwrap_or(DEFAULT_MAX_POINTS),
-    };
     let store = coordinator.clone();
     // A big job's scan runs off the async threads.
     let result =
@@ -377,9 +412,103 @@ async fn prometheus(State(coordinator): State<Arc<Coordinator>>) -> Response {
 mod tests {
     use super::*;
 
+    use proptest::prelude::*;
+
     #[test]
     fn lists_split_on_commas_and_drop_blanks() {
         assert_eq!(list(&Some("a, b,,c".into())), vec!["a", "b", "c"]);
         assert!(list(&None).is_empty());
+    }
+
+    /// What the handler does with a query string: axum's extractor, then
+    /// the checks.
+    fn parse(query: &str) -> Result<SeriesQuery, String> {
+        let uri: axum::http::Uri = format!("/api/jobs/x/series?{query}")
+            .parse()
+            .map_err(|error| format!("uri: {error}"))?;
+        match Query::<SeriesParams>::try_from_uri(&uri) {
+            Ok(Query(params)) => params.query(),
+            Err(rejection) => Err(rejection.body_text()),
+        }
+    }
+
+    #[test]
+    fn bad_parameters_are_named() {
+        let error = parse("ranks=0,x").expect_err("refused");
+        assert!(error.contains("ranks: 'x'"), "{error}");
+        let error = parse("max_points=1000001").expect_err("refused");
+        assert!(
+            error.contains("max_points: 1000001 is more than 100000"),
+            "{error}"
+        );
+        let error = parse("max_points=-1").expect_err("refused");
+        assert!(error.contains("max_points"), "{error}");
+        let many = (0..2000)
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let error = parse(&format!("ranks={many}")).expect_err("refused");
+        assert!(error.contains("ranks: 2000 listed"), "{error}");
+        assert_eq!(
+            parse("max_points=0").expect("ok").max_points,
+            MAX_POINTS_LIMIT
+        );
+        assert_eq!(parse("").expect("ok").max_points, DEFAULT_MAX_POINTS);
+    }
+
+    fn encode(text: &str) -> String {
+        text.bytes()
+            .map(|byte| match byte {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (byte as char).to_string()
+                }
+                other => format!("%{other:02X}"),
+            })
+            .collect()
+    }
+
+    proptest! {
+        // PROPTEST_CASES=100000 for a long run by hand.
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(500),
+        ))]
+
+        /// Any query string, however broken, is answered (a query or an
+        /// error naming a parameter) and never asks for more than the
+        /// limits.
+        #[test]
+        fn any_query_string_is_answered_within_the_limits(raw in ".{0,300}") {
+            if let Ok(query) = parse(&raw) {
+                prop_assert!(query.max_points >= 1 && query.max_points <= MAX_POINTS_LIMIT);
+                prop_assert!(query.names.len() <= MAX_LISTED && query.ranks.len() <= MAX_LISTED);
+            }
+        }
+
+        /// Well-formed parameters (names percent-encoded) come through as
+        /// they were sent.
+        #[test]
+        fn well_formed_parameters_come_through(
+            names in proptest::collection::vec("[^,]{1,12}", 0..6),
+            ranks in proptest::collection::vec(any::<u32>(), 0..6),
+            max_points in proptest::option::of(1usize..=MAX_POINTS_LIMIT),
+        ) {
+            let mut query = format!(
+                "names={}&ranks={}",
+                encode(&names.join(",")),
+                ranks.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+            );
+            if let Some(points) = max_points {
+                query.push_str(&format!("&max_points={points}"));
+            }
+            let parsed = parse(&query).map_err(TestCaseError::fail)?;
+            let expected: Vec<String> = names
+                .iter()
+                .map(|name| name.trim().to_string())
+                .filter(|name| !name.is_empty())
+                .collect();
+            prop_assert_eq!(parsed.names, expected);
+            prop_assert_eq!(parsed.ranks, ranks);
+            prop_assert_eq!(parsed.max_points, max_points.unwrap_or(DEFAULT_MAX_POINTS));
+        }
     }
 }

@@ -134,6 +134,15 @@ pub struct Limits {
     /// requests over 1.5 MiB).
     #[arg(long = "max-spec-bytes", env = "FLAMINGO_MAX_SPEC_BYTES", default_value_t = 1 << 20)]
     pub max_spec_bytes: usize,
+    /// Requests per second one client (one certificate: a node, a user, a
+    /// service) may send, in bursts of twice as many; past it the
+    /// coordinator answers RESOURCE_EXHAUSTED at once. 0 turns it off.
+    #[arg(
+        long = "max-requests-per-second",
+        env = "FLAMINGO_MAX_REQUESTS_PER_SECOND",
+        default_value_t = 1000
+    )]
+    pub max_requests_per_second: u32,
 }
 
 impl Default for Limits {
@@ -143,6 +152,7 @@ impl Default for Limits {
             max_slots_per_node: 256,
             max_shards: flamingo_common::brace::DEFAULT_MAX_SHARDS,
             max_spec_bytes: 1 << 20,
+            max_requests_per_second: 1000,
         }
     }
 }
@@ -359,11 +369,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
         None => None,
     };
-    // Bounds on what one client can ask at once: calls in flight per
-    // connection, a deadline on producing each answer (streams' bodies are
-    // not cut), and message sizes set on purpose — requests are small (a
-    // spec is at most --max-spec-bytes), a rank's metrics batch up to 4 MiB,
-    // answers page under 4 MiB.
+    // Bounds on what one client can ask: requests per second per client,
+    // calls in flight per connection, a deadline on producing each answer
+    // (streams' bodies are not cut), and message sizes set on purpose —
+    // requests are small (a spec is at most --max-spec-bytes), a rank's
+    // metrics batch up to 4 MiB, answers page under 4 MiB.
+    let limiter = flamingo_security::RateLimiter::new(
+        flamingo_security::RateBudget::per_second(config.limits.max_requests_per_second),
+        "coordinator",
+        "--max-requests-per-second",
+    );
     let mut server = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(64)
         .timeout(std::time::Duration::from_secs(60));
@@ -374,6 +389,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // admission, which names the limit; bigger is refused by the transport.
     let spec_limit = config.limits.max_spec_bytes.saturating_mul(2);
     server
+        .layer(flamingo_security::RateLimitLayer::new(Some(limiter)))
         .add_service(
             pb::job_service_server::JobServiceServer::new(grpc::JobApi(
                 coordinator.clone(),

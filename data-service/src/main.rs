@@ -30,6 +30,15 @@ struct Args {
     /// stream may ask for.
     #[arg(long, env = "FLAMINGO_DATA_MAX_GLOBAL_BATCH", default_value_t = 65_536)]
     max_global_batch: u64,
+    /// Requests per second one client (one certificate, or one address
+    /// without TLS) may send, in bursts of twice as many; past it the
+    /// service answers RESOURCE_EXHAUSTED at once. 0 turns it off.
+    #[arg(
+        long = "max-requests-per-second",
+        env = "FLAMINGO_DATA_MAX_REQUESTS_PER_SECOND",
+        default_value_t = 1000
+    )]
+    max_requests_per_second: u32,
     /// Endpoint of an S3-compatible server for s3:// URLs.
     #[arg(long, env = "FLAMINGO_S3_ENDPOINT")]
     s3_endpoint: Option<String>,
@@ -85,6 +94,7 @@ fn main() -> anyhow::Result<()> {
     let mut config = ServiceConfig {
         read_ahead: args.read_ahead,
         max_global_batch: args.max_global_batch,
+        max_requests_per_second: args.max_requests_per_second,
         storage: StorageOptions {
             s3_endpoint: args.s3_endpoint.clone(),
         },

@@ -28,6 +28,8 @@ pub struct ServiceConfig {
     /// The most samples in one global batch (`batch_size × world_size`),
     /// checked before anything is allocated for a stream.
     pub max_global_batch: u64,
+    /// Requests per second one client may send (0: no limit).
+    pub max_requests_per_second: u32,
     pub storage: StorageOptions,
 }
 
@@ -38,6 +40,7 @@ impl Default for ServiceConfig {
             read_ahead: 4,
             cache_batches: 64,
             max_global_batch: 65_536,
+            max_requests_per_second: 1000,
             storage: StorageOptions::default(),
         }
     }
@@ -271,8 +274,14 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    // Streams in flight per connection (a node's ranks share one), small
-    // requests (a data spec), batches as large as they come.
+    // Requests per second per client, streams in flight per connection (a
+    // node's ranks share one), small requests (a data spec), batches as
+    // large as they come.
+    let limiter = flamingo_security::RateLimiter::new(
+        flamingo_security::RateBudget::per_second(service.config.max_requests_per_second),
+        "data service",
+        "--max-requests-per-second",
+    );
     let mut builder = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(256)
         .timeout(std::time::Duration::from_secs(600));
@@ -280,6 +289,7 @@ pub async fn serve(
         builder = builder.tls_config(tls)?;
     }
     builder
+        .layer(flamingo_security::RateLimitLayer::new(Some(limiter)))
         .add_service(
             pb::data_service_server::DataServiceServer::new(Grpc(service, Arc::new(access)))
                 .max_decoding_message_size(1 << 20)

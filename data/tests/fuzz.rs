@@ -1,5 +1,5 @@
 //! The fuzz targets of `data/fuzz` (run longer by hand with `cargo +nightly
-//! fuzz`), on stable as property tests so every CI run tries a few hundred
+//! fuzz`; runs recorded in `bench/RESULTS.md`), on stable as property tests so every CI run tries a few hundred
 //! inputs: arbitrary bytes and mutated real samples as MMC4 documents and
 //! LAION pairs, and arbitrary text as a data spec. Bad input must be
 //! rejected with a reason, never panic.
@@ -39,6 +39,14 @@ fn preparer(dataset: &str) -> &'static Preparer {
     })
 }
 
+/// `PROPTEST_CASES` when set (a long run by hand), else `ci`.
+fn cases(ci: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(ci)
+}
+
 fn raw(members: Vec<(String, Vec<u8>)>) -> RawSample {
     RawSample {
         shard: "fuzz".into(),
@@ -52,7 +60,7 @@ fn raw(members: Vec<(String, Vec<u8>)>) -> RawSample {
 
 /// A real sample with `flips` (offset, byte) applied to member `member`.
 fn mutated(
-    (key, mut members): (String, Vec<(String, Vec<u8>)>),
+    (_key, mut members): (String, Vec<(String, Vec<u8>)>),
     member: usize,
     flips: &[(usize, u8)],
 ) -> RawSample {
@@ -64,12 +72,12 @@ fn mutated(
             bytes[at % len] = *byte;
         }
     }
-    let _ = key;
     raw(members)
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(200))]
+    // 200 inputs a target in CI; PROPTEST_CASES=100000 for a long run.
+    #![proptest_config(ProptestConfig::with_cases(cases(200)))]
 
     #[test]
     fn arbitrary_bytes_as_mmc4_and_laion_are_rejected_not_fatal(

@@ -13,12 +13,14 @@
 mod error;
 mod identity;
 mod pki;
+mod ratelimit;
 mod tls;
 mod token;
 
 pub use error::SecurityError;
 pub use identity::{Identity, PeerCertificate, Role};
 pub use pki::{read_certificate, read_secret, Issued, IssuedSummary, Pki, Revocations};
+pub use ratelimit::{RateBudget, RateLimitLayer, RateLimiter};
 pub use tls::{client_tls_from_env, endpoint, upgrade_scheme, ClientTls, TlsFiles};
 pub use token::RankToken;
 

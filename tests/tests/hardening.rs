@@ -439,7 +439,7 @@ async fn metrics_of_a_long_job_come_back_in_pages() {
         .await
         .expect("garbage written");
     sandbox.kill_coordinator();
-    sandbox.set_coordinator_args(&["--job-retention-seconds=2"]);
+    sandbox.set_coordinator_args(&["--job-retention-seconds=2", "--max-requests-per-second=50"]);
     sandbox.start_coordinator().expect("coordinator starts");
     let quarantined = etcd
         .get("/flamingo/quarantine/jobs/job-garbage", None)
@@ -485,6 +485,35 @@ async fn metrics_of_a_long_job_come_back_in_pages() {
         session.metrics(&id).await.expect("metrics").len(),
         (STEPS * u64::from(RANKS)) as usize
     );
+
+    // A client past its request rate is refused at once with the limit
+    // named; the other clients are still served.
+    let mut flood = JobServiceClient::new(
+        sandbox
+            .channel_as(&Identity::user("flood", Role::Viewer))
+            .await
+            .expect("channel"),
+    );
+    let mut refusal = None;
+    for _ in 0..1000 {
+        if let Err(status) = flood.list_jobs(pb::ListJobsRequest::default()).await {
+            refusal = Some(status);
+            break;
+        }
+    }
+    let status = refusal.expect("a client past 50 requests a second is refused");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    for expected in [
+        "user flood (viewer)",
+        "50 requests per second",
+        "--max-requests-per-second",
+    ] {
+        assert!(
+            status.message().contains(expected),
+            "{expected}: {status:?}"
+        );
+    }
+    session.list().await.expect("another client is served");
 }
 
 /// An etcd client with the coordinator's certificate.
