@@ -307,6 +307,9 @@ pub struct JobRecord {
     pub id: JobId,
     pub spec: JobSpec,
     pub state: JobState,
+    /// Stored compactly (see [`compact_ranks`]): a record's size grows by
+    /// a byte or two per rank, not by a JSON object per rank.
+    #[serde(with = "compact_ranks")]
     pub ranks: Vec<RankRecord>,
     pub master_addr: String,
     pub master_port: u16,
@@ -393,7 +396,46 @@ impl JobRecord {
 
     /// Slots this job still holds on `node`.
     pub fn slots_held_on(&self, node: &NodeId) -> u32 {
-        self.live_ranks().filter(|rank| &rank.node == node).count() as u32
+        self.ranks_on(node)
+            .iter()
+            .filter(|rank| rank.state.is_live())
+            .count() as u32
+    }
+
+    /// The ranks placed on `node`. Placement lays ranks out node-major,
+    /// `slots_per_node` to a node, nodes in id order, so the node's block
+    /// is found by binary search (a lookup per heartbeat stays cheap at
+    /// 32,768 ranks). Blocks of another size are scanned.
+    pub fn ranks_on(&self, node: &NodeId) -> &[RankRecord] {
+        let slots = self.spec.slots_per_node as usize;
+        if slots > 0 && self.ranks.len().is_multiple_of(slots) {
+            let (mut low, mut high) = (0, self.ranks.len() / slots);
+            while low < high {
+                let middle = (low + high) / 2;
+                match self.ranks[middle * slots].node.cmp(node) {
+                    std::cmp::Ordering::Less => low = middle + 1,
+                    std::cmp::Ordering::Greater => high = middle,
+                    std::cmp::Ordering::Equal => {
+                        let block = &self.ranks[middle * slots..(middle + 1) * slots];
+                        if block.iter().all(|rank| &rank.node == node) {
+                            return block;
+                        }
+                        break;
+                    }
+                }
+            }
+            if low >= high {
+                return &[];
+            }
+        }
+        let Some(first) = self.ranks.iter().position(|rank| &rank.node == node) else {
+            return &[];
+        };
+        let count = self.ranks[first..]
+            .iter()
+            .take_while(|rank| &rank.node == node)
+            .count();
+        &self.ranks[first..first + count]
     }
 }
 
@@ -493,6 +535,123 @@ mod tests {
         }
     }
 
+    fn rank(rank: u32, slots: u32, node: &str, state: RankState) -> RankRecord {
+        RankRecord {
+            rank,
+            local_rank: rank % slots,
+            node: NodeId(node.to_string()),
+            state,
+            exit_code: None,
+            signal: None,
+            pid: None,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn ranks_are_stored_compactly_and_read_back_whole() {
+        let mut job = JobRecord::new(
+            JobId("job-1".into()),
+            spec(JobKind::Command {
+                argv: vec!["true".into()],
+            }),
+            0,
+        );
+        let states = [
+            RankState::Running,
+            RankState::Exited,
+            RankState::Lost,
+            RankState::Assigned,
+        ];
+        job.ranks = (0..4096u32)
+            .map(|n| {
+                rank(
+                    n,
+                    8,
+                    &format!("node-{:04}", n / 8),
+                    states[(n % 4) as usize],
+                )
+            })
+            .collect();
+        for record in job.ranks.iter_mut() {
+            if record.state == RankState::Exited {
+                record.exit_code = Some(0);
+            }
+        }
+        job.ranks[5].exit_code = Some(3);
+        job.ranks[9].exit_code = None;
+        job.ranks[9].signal = Some(9);
+        job.ranks[10].message = "node node-0001 lost: gone".into();
+        let json = serde_json::to_string(&job).expect("serialises");
+        assert!(
+            json.len() < 4096 * 16,
+            "{} bytes for 4096 ranks",
+            json.len()
+        );
+        let back: JobRecord = serde_json::from_str(&json).expect("reads back");
+        assert_eq!(back, job);
+
+        // A layout placement never makes is stored as the list.
+        job.ranks.swap(0, 1);
+        let back: JobRecord =
+            serde_json::from_str(&serde_json::to_string(&job).expect("serialises")).expect("reads");
+        assert_eq!(back, job);
+
+        // Records written as a list of rank objects still read.
+        let mut old: serde_json::Value = serde_json::to_value(&job).expect("value");
+        old["ranks"] = serde_json::json!([{
+            "rank": 0, "local_rank": 0, "node": "n", "state": "Running",
+            "exit_code": null, "signal": null, "pid": 7, "message": ""
+        }]);
+        let back: JobRecord = serde_json::from_value(old).expect("reads the old form");
+        assert_eq!(back.ranks[0].pid, Some(7));
+    }
+
+    #[test]
+    fn ranks_on_finds_each_nodes_block() {
+        let mut job = JobRecord::new(
+            JobId("job-1".into()),
+            spec(JobKind::Command {
+                argv: vec!["true".into()],
+            }),
+            0,
+        );
+        job.spec.slots_per_node = 3;
+        let nodes = ["a", "b", "c", "d", "e"];
+        job.ranks = nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(block, node)| {
+                (0..3).map(move |local| RankRecord {
+                    rank: block as u32 * 3 + local,
+                    local_rank: local,
+                    node: NodeId(node.to_string()),
+                    state: RankState::Assigned,
+                    exit_code: None,
+                    signal: None,
+                    pid: None,
+                    message: String::new(),
+                })
+            })
+            .collect();
+        for (block, node) in nodes.iter().enumerate() {
+            let ranks: Vec<u32> = job
+                .ranks_on(&NodeId(node.to_string()))
+                .iter()
+                .map(|rank| rank.rank)
+                .collect();
+            let first = block as u32 * 3;
+            assert_eq!(ranks, vec![first, first + 1, first + 2], "{node}");
+        }
+        assert!(job.ranks_on(&NodeId("0".into())).is_empty());
+        assert!(job.ranks_on(&NodeId("bb".into())).is_empty());
+        assert!(job.ranks_on(&NodeId("z".into())).is_empty());
+        // A record whose blocks are not whole is scanned.
+        job.ranks.pop();
+        assert_eq!(job.ranks_on(&NodeId("e".into())).len(), 2);
+        assert_eq!(job.ranks_on(&NodeId("a".into())).len(), 3);
+    }
+
     #[test]
     fn validation_names_the_field() {
         let mut zero_nodes = spec(JobKind::Command {
@@ -552,5 +711,160 @@ mod tests {
                 let _ = spec.validate();
             }
         }
+    }
+}
+
+/// How a job's ranks are stored in etcd. Placement lays ranks out densely
+/// and node-major (rank `r` on the `r / slots`-th node), so the ranks are
+/// the node list, one letter of state per rank (`A`ssigned, `R`unning,
+/// e`X`ited, `L`ost), and the few ranks with something more to say: an
+/// exit other than a clean one, a message. Process ids are not stored (they
+/// are for display; agents know their processes). A record laid out
+/// otherwise, or one written as a list of rank objects, reads and writes as
+/// that list.
+pub mod compact_ranks {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{RankRecord, RankState};
+    use crate::NodeId;
+
+    #[derive(Serialize, Deserialize)]
+    struct Compact {
+        slots: u32,
+        nodes: Vec<NodeId>,
+        states: String,
+        /// `[rank, exit code, signal]` for ranks whose exit is not implied
+        /// by their state (exited: code 0; others: none).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        exits: Vec<(u32, Option<i32>, Option<i32>)>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        messages: Vec<(u32, String)>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Compact(Compact),
+        List(Vec<RankRecord>),
+    }
+
+    fn letter(state: RankState) -> char {
+        match state {
+            RankState::Assigned => 'A',
+            RankState::Running => 'R',
+            RankState::Exited => 'X',
+            RankState::Lost => 'L',
+        }
+    }
+
+    fn compact(ranks: &[RankRecord]) -> Option<Compact> {
+        let first = ranks.first()?;
+        // The block size: how many ranks the first node holds.
+        let slots = ranks
+            .iter()
+            .take_while(|rank| rank.node == first.node)
+            .count();
+        if !ranks.len().is_multiple_of(slots) {
+            return None;
+        }
+        let mut nodes = Vec::with_capacity(ranks.len() / slots);
+        let mut states = String::with_capacity(ranks.len());
+        let mut exits = Vec::new();
+        let mut messages = Vec::new();
+        for (index, rank) in ranks.iter().enumerate() {
+            let block = index / slots;
+            if index % slots == 0 {
+                nodes.push(rank.node.clone());
+            }
+            if rank.rank as usize != index
+                || rank.local_rank as usize != index % slots
+                || rank.node != nodes[block]
+            {
+                return None;
+            }
+            states.push(letter(rank.state));
+            let implied = if rank.state == RankState::Exited {
+                (Some(0), None)
+            } else {
+                (None, None)
+            };
+            if (rank.exit_code, rank.signal) != implied {
+                exits.push((rank.rank, rank.exit_code, rank.signal));
+            }
+            if !rank.message.is_empty() {
+                messages.push((rank.rank, rank.message.clone()));
+            }
+        }
+        Some(Compact {
+            slots: slots as u32,
+            nodes,
+            states,
+            exits,
+            messages,
+        })
+    }
+
+    pub fn serialize<S: Serializer>(
+        ranks: &[RankRecord],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match compact(ranks) {
+            Some(compact) => Stored::Compact(compact).serialize(serializer),
+            None => Stored::List(ranks.to_vec()).serialize(serializer),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<RankRecord>, D::Error> {
+        let compact = match Stored::deserialize(deserializer)? {
+            Stored::List(ranks) => return Ok(ranks),
+            Stored::Compact(compact) => compact,
+        };
+        let slots = compact.slots.max(1) as usize;
+        if compact.states.len() != compact.nodes.len() * slots {
+            return Err(serde::de::Error::custom(format!(
+                "ranks: {} states for {} node(s) × {slots} slot(s)",
+                compact.states.len(),
+                compact.nodes.len()
+            )));
+        }
+        let mut ranks = Vec::with_capacity(compact.states.len());
+        for (index, letter) in compact.states.chars().enumerate() {
+            let state = match letter {
+                'A' => RankState::Assigned,
+                'R' => RankState::Running,
+                'X' => RankState::Exited,
+                'L' => RankState::Lost,
+                other => {
+                    return Err(serde::de::Error::custom(format!(
+                        "ranks: unknown state '{other}' for rank {index}"
+                    )))
+                }
+            };
+            let exit_code = (state == RankState::Exited).then_some(0);
+            ranks.push(RankRecord {
+                rank: index as u32,
+                local_rank: (index % slots) as u32,
+                node: compact.nodes[index / slots].clone(),
+                state,
+                exit_code,
+                signal: None,
+                pid: None,
+                message: String::new(),
+            });
+        }
+        for (rank, exit_code, signal) in compact.exits {
+            if let Some(record) = ranks.get_mut(rank as usize) {
+                record.exit_code = exit_code;
+                record.signal = signal;
+            }
+        }
+        for (rank, message) in compact.messages {
+            if let Some(record) = ranks.get_mut(rank as usize) {
+                record.message = message;
+            }
+        }
+        Ok(ranks)
     }
 }

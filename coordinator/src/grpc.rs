@@ -505,12 +505,11 @@ impl NodeApi {
         token: &str,
     ) -> Result<(), Status> {
         self.1.rank(request, job_id, attempt, token)?;
-        let job = self.0.job(&JobId(job_id.to_string())).await?;
-        if job.attempt != attempt || job.state.is_terminal() {
+        let (current, state) = self.0.job_attempt(&JobId(job_id.to_string())).await?;
+        if current != attempt || state.is_terminal() {
             return Err(Status::permission_denied(format!(
-                "job {job_id} attempt {attempt} is no longer live (the job is {} at attempt {})",
-                job.state.as_str(),
-                job.attempt
+                "job {job_id} attempt {attempt} is no longer live (the job is {} at attempt {current})",
+                state.as_str(),
             )));
         }
         Ok(())

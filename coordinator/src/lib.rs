@@ -296,7 +296,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let tls = config.tls.server("coordinator", &config.listen)?;
     let auth = config.auth()?;
     auth.watch_revocations(std::time::Duration::from_secs(2));
-    let (coordinator, revision) = service::Coordinator::start(config.clone()).await?;
+    let coordinator = service::Coordinator::start(config.clone()).await?;
     let syncer = archive.map(|archive| {
         let (dir, shutdown) = (config.metrics_dir(), shutdown.clone());
         let every = std::time::Duration::from_secs(config.metrics_sync_seconds.max(1));
@@ -316,12 +316,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
         })
     });
-    let watcher = tokio::spawn(
-        coordinator
-            .clone()
-            .watch_node_leases(revision, shutdown.clone()),
-    );
+    let watcher = tokio::spawn(coordinator.clone().watch_liveness(shutdown.clone()));
     let hangs = tokio::spawn(coordinator.clone().watch_hangs(shutdown.clone()));
+    let flusher = tokio::spawn(coordinator.clone().flush_loop(shutdown.clone()));
+    let metrics_writer = tokio::spawn(coordinator.clone().metrics_loop(shutdown.clone()));
     // Curves of jobs nobody reports to or looks at leave memory after ten
     // minutes (their files stay).
     let evictions = {
@@ -411,6 +409,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     shutdown.cancel();
     let _ = watcher.await;
     let _ = hangs.await;
+    let _ = flusher.await;
+    let _ = metrics_writer.await;
     let _ = evictions.await;
     if let Some(syncer) = syncer {
         let _ = syncer.await;

@@ -8,14 +8,52 @@ use std::time::Duration;
 
 use flamingo_common::{unix_ms, JobEvent, JobId, JobRecord, JobSpec, NodeId, NodeRecord};
 use flamingo_proto::v1 as pb;
-use tokio::sync::{broadcast, mpsc, Mutex};
+use tokio::sync::{broadcast, mpsc, oneshot, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Cluster, CommitRefused, Effects, RankOutcome};
-use crate::store::{EtcdStore, NodeChange};
+use crate::store::EtcdStore;
 use crate::{Config, CoordinatorError};
 
 pub type AgentSender = mpsc::Sender<Result<pb::CoordinatorMessage, tonic::Status>>;
+
+/// Effects waiting to be written to etcd and then delivered.
+#[derive(Default)]
+struct Outbox {
+    jobs: BTreeSet<JobId>,
+    events: Vec<JobEvent>,
+    messages: Vec<(NodeId, pb::CoordinatorMessage)>,
+    waiters: Vec<oneshot::Sender<Result<(), String>>>,
+}
+
+impl Outbox {
+    fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+            && self.events.is_empty()
+            && self.messages.is_empty()
+            && self.waiters.is_empty()
+    }
+}
+
+/// Resolves once a transition's effects are in etcd (and delivered).
+#[must_use = "await it after letting go of the cluster lock"]
+pub struct Flushed(oneshot::Receiver<Result<(), String>>);
+
+impl Flushed {
+    pub async fn wait(self) -> Result<(), CoordinatorError> {
+        match self.0.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(CoordinatorError::Etcd {
+                action: "write the cluster's state".into(),
+                message,
+            }),
+            Err(_) => Err(CoordinatorError::Etcd {
+                action: "write the cluster's state".into(),
+                message: "the coordinator is shutting down".into(),
+            }),
+        }
+    }
+}
 
 /// What an agent says about itself when it registers.
 #[derive(Debug, Clone)]
@@ -37,11 +75,23 @@ pub struct Coordinator {
     sessions: Mutex<HashMap<NodeId, AgentSender>>,
     events_tx: broadcast::Sender<JobEvent>,
     metrics: Arc<crate::metrics::MetricsStore>,
+    outbox: std::sync::Mutex<Outbox>,
+    outbox_ready: tokio::sync::Notify,
+    metrics_queue: std::sync::Mutex<Vec<QueuedMetrics>>,
+    metrics_ready: tokio::sync::Notify,
 }
+
+/// A rank's batch waiting to be written, and who waits for it.
+type QueuedMetrics = (
+    JobId,
+    Vec<crate::metrics::Point>,
+    Vec<crate::metrics::StoredEvent>,
+    oneshot::Sender<()>,
+);
 
 impl Coordinator {
     /// Connects to etcd and rebuilds the state a previous coordinator left.
-    pub async fn start(config: Config) -> Result<(Arc<Self>, i64), CoordinatorError> {
+    pub async fn start(config: Config) -> Result<Arc<Self>, CoordinatorError> {
         let tls = config
             .tls
             .client()
@@ -56,8 +106,20 @@ impl Coordinator {
             booted_ms: unix_ms(),
             ..Cluster::default()
         };
-        for node in snapshot.nodes {
+        let lease_ms = i64::from(config.lease_ttl_seconds) * 1000;
+        for mut node in snapshot.nodes {
+            if node.lease_id != 0 {
+                // Written by a coordinator that kept nodes under etcd
+                // leases, which nobody renews now: store it without one.
+                node.lease_id = 0;
+                store.put_node(&node).await?;
+            }
             cluster.nodes.insert(node.node_id.clone(), node);
+        }
+        // Every node gets a full lease from now to be heard from.
+        let known: Vec<NodeId> = cluster.nodes.keys().cloned().collect();
+        for node_id in known {
+            cluster.heard_from(&node_id, lease_ms, cluster.booted_ms);
         }
         for job in snapshot.jobs {
             cluster.jobs.insert(job.id.clone(), job);
@@ -77,6 +139,10 @@ impl Coordinator {
             sessions: Mutex::new(HashMap::new()),
             events_tx,
             metrics,
+            outbox: std::sync::Mutex::default(),
+            outbox_ready: tokio::sync::Notify::new(),
+            metrics_queue: std::sync::Mutex::default(),
+            metrics_ready: tokio::sync::Notify::new(),
         });
         // Ranks on nodes that vanished while no coordinator was watching.
         {
@@ -103,21 +169,101 @@ impl Coordinator {
             effects.jobs_changed.extend(scheduled.jobs_changed);
             effects.events.extend(scheduled.events);
             effects.messages.extend(scheduled.messages);
-            coordinator.apply(&cluster, effects).await?;
+            drop(coordinator.apply(&cluster, effects));
         }
-        Ok((coordinator, snapshot.revision))
+        // Before serving: what the boot decided is in etcd.
+        coordinator.flush().await?;
+        Ok(coordinator)
     }
 
-    /// Persists, publishes and delivers a transition's effects. Called with
-    /// the cluster lock held so etcd sees changes in order.
-    async fn apply(&self, cluster: &Cluster, effects: Effects) -> Result<(), CoordinatorError> {
-        for job_id in &effects.jobs_changed {
-            if let Some(job) = cluster.jobs.get(job_id) {
-                self.store.put_job(job).await?;
-            }
+    /// Queues a transition's effects for the flusher, which writes them to
+    /// etcd (batched with whatever else is queued, outside the cluster
+    /// lock) and only then publishes the events and tells the agents. Called
+    /// with the cluster lock held, so effects queue in transition order;
+    /// the returned [`Flushed`] is awaited after the lock is let go.
+    fn apply(&self, _cluster: &Cluster, effects: Effects) -> Flushed {
+        let (done, flushed) = oneshot::channel();
+        {
+            let mut outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
+            outbox.jobs.extend(effects.jobs_changed);
+            outbox.events.extend(effects.events);
+            outbox.messages.extend(effects.messages);
+            outbox.waiters.push(done);
         }
-        for event in &effects.events {
-            self.store.put_event(event).await?;
+        self.outbox_ready.notify_one();
+        Flushed(flushed)
+    }
+
+    /// Writes everything queued to etcd in one batch, then delivers it.
+    /// On failure the batch stays queued (ahead of anything newer) for the
+    /// next try, and its waiters hear of the failure.
+    pub async fn flush(&self) -> Result<(), CoordinatorError> {
+        let batch = std::mem::take(&mut *self.outbox.lock().unwrap_or_else(|e| e.into_inner()));
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let (puts, stored_events, messages) = {
+            let cluster = self.cluster.lock().await;
+            let mut puts = Vec::with_capacity(batch.jobs.len() + batch.events.len());
+            for job_id in &batch.jobs {
+                // A job withdrawn (its launch failed) or retired since is
+                // not written back.
+                if let Some(job) = cluster.jobs.get(job_id) {
+                    puts.push(self.store.job_put(job));
+                }
+            }
+            let mut stored_events = Vec::with_capacity(batch.events.len());
+            for event in &batch.events {
+                let Some(job) = cluster.jobs.get(&event.job_id) else {
+                    continue;
+                };
+                puts.push(self.store.event_put(event));
+                // The dashboard's timeline reads events next to the
+                // curves. On the step axis a restart sits where the new
+                // attempt resumes (its curve starts there); other events at
+                // the last step rank 0 reported.
+                let step = match event.kind {
+                    flamingo_common::EventKind::Restart => job
+                        .latest_checkpoint()
+                        .map_or(0, |checkpoint| checkpoint.step),
+                    _ => job.last_step,
+                };
+                stored_events.push((
+                    event.clone(),
+                    crate::metrics::StoredEvent {
+                        unix_ms: event.unix_ms,
+                        kind: event.kind,
+                        message: event.message.clone(),
+                        seq: Some(event.seq),
+                        step: Some(step),
+                        rank: None,
+                        attempt: job.attempt,
+                    },
+                ));
+            }
+            // Starts for a job withdrawn since are dropped (stops for
+            // unknown jobs are meant: they clear what agents still run).
+            let mut messages = batch.messages;
+            messages.retain(|(_, message)| match &message.kind {
+                Some(pb::coordinator_message::Kind::Start(start)) => start
+                    .ranks
+                    .first()
+                    .is_none_or(|rank| cluster.jobs.contains_key(&JobId(rank.job_id.clone()))),
+                _ => true,
+            });
+            (puts, stored_events, messages)
+        };
+        if let Err(error) = self.store.put_all(puts).await {
+            let mut outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
+            outbox.jobs.extend(batch.jobs);
+            outbox.events.splice(0..0, batch.events);
+            outbox.messages.splice(0..0, messages);
+            for waiter in batch.waiters {
+                let _ = waiter.send(Err(error.to_string()));
+            }
+            return Err(error);
+        }
+        for (event, stored) in stored_events {
             tracing::info!(job = %event.job_id, state = event.state.as_str(), "{}", event.message);
             if event.kind == flamingo_common::EventKind::Restart {
                 // A span per restart for OTLP collectors (the restart
@@ -125,35 +271,17 @@ impl Coordinator {
                 tracing::info_span!("restart", job = %event.job_id, cause = %event.message)
                     .in_scope(|| tracing::info!(job = %event.job_id, "restarting the group"));
             }
-            // The dashboard's timeline reads events next to the curves.
-            let stored = crate::metrics::StoredEvent {
-                unix_ms: event.unix_ms,
-                kind: event.kind,
-                message: event.message.clone(),
-                seq: Some(event.seq),
-                // On the step axis a restart sits where the new attempt
-                // resumes (its curve starts there); other events at the
-                // last step rank 0 reported.
-                step: cluster.jobs.get(&event.job_id).map(|job| match event.kind {
-                    flamingo_common::EventKind::Restart => job
-                        .latest_checkpoint()
-                        .map_or(0, |checkpoint| checkpoint.step),
-                    _ => job.last_step,
-                }),
-                rank: None,
-                attempt: cluster.jobs.get(&event.job_id).map_or(0, |job| job.attempt),
-            };
             if let Err(error) = self
                 .metrics
                 .append_batch(event.job_id.as_str(), &[], &[stored])
             {
                 tracing::warn!(job = %event.job_id, %error, "could not store an event with the metrics");
             }
-            let _no_watchers_is_fine = self.events_tx.send(event.clone());
+            let _no_watchers_is_fine = self.events_tx.send(event);
         }
-        if !effects.messages.is_empty() {
+        if !messages.is_empty() {
             let sessions = self.sessions.lock().await;
-            for (node_id, message) in effects.messages {
+            for (node_id, message) in messages {
                 if let Some(sender) = sessions.get(&node_id) {
                     // A full or closed channel means the agent is gone or
                     // slow; heartbeat reconciliation re-sends what matters.
@@ -161,7 +289,42 @@ impl Coordinator {
                 }
             }
         }
+        for waiter in batch.waiters {
+            let _ = waiter.send(Ok(()));
+        }
         Ok(())
+    }
+
+    /// Flushes whenever effects are queued, until shutdown (then once
+    /// more). A failed write is retried with backoff: until etcd takes it,
+    /// no agent hears of it.
+    pub async fn flush_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = self.flush().await;
+                    return;
+                }
+                _ = self.outbox_ready.notified() => {}
+            }
+            loop {
+                match self.flush().await {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(100);
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "could not write the cluster's state to etcd; retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -200,14 +363,17 @@ impl Coordinator {
         let job_id = job.id.clone();
         let mut cluster = self.cluster.lock().await;
         let effects = cluster.submit(job, now);
-        if let Err(error) = self.apply(&cluster, effects).await {
-            // Not stored, so not submitted: nothing of it stays in memory
-            // (no agent heard of it either: messages go out after the
-            // writes).
-            cluster.withdraw(&job_id);
+        let flushed = self.apply(&cluster, effects);
+        let record = cluster.jobs[&job_id].clone();
+        drop(cluster);
+        if let Err(error) = flushed.wait().await {
+            // Not stored, so not submitted: nothing of it stays in memory,
+            // and no agent heard of it (messages go out after the writes;
+            // a later batch drops its starts).
+            self.cluster.lock().await.withdraw(&job_id);
             return Err(error);
         }
-        Ok(cluster.jobs[&job_id].clone())
+        Ok(record)
     }
 
     /// The job: live or recent from memory, older finished ones from the
@@ -271,8 +437,11 @@ impl Coordinator {
             return Err(CoordinatorError::JobNotFound(job_id.0.clone()));
         }
         let effects = cluster.stop(job_id, unix_ms());
-        self.apply(&cluster, effects).await?;
-        Ok(cluster.jobs[job_id].clone())
+        let flushed = self.apply(&cluster, effects);
+        let record = cluster.jobs[job_id].clone();
+        drop(cluster);
+        flushed.wait().await?;
+        Ok(record)
     }
 
     /// Nodes with their free slots.
@@ -373,9 +542,8 @@ impl Coordinator {
             effects.jobs_changed.extend(lost.jobs_changed);
             effects.events.extend(lost.events);
             effects.messages.extend(lost.messages);
-            self.store.revoke(previous.lease_id).await?;
         }
-        let mut node = NodeRecord {
+        let node = NodeRecord {
             node_id: registration.node_id.clone(),
             address: registration.address,
             slots: registration.slots,
@@ -387,16 +555,18 @@ impl Coordinator {
             lease_id: 0,
             registered_unix_ms: now,
         };
-        self.store
-            .register_node(&mut node, i64::from(self.config.lease_ttl_seconds))
-            .await?;
+        self.store.put_node(&node).await?;
         tracing::info!(node = %node.node_id, slots = node.slots, "node registered");
-        cluster.nodes.insert(node.node_id.clone(), node);
+        let node_id = node.node_id.clone();
+        cluster.nodes.insert(node_id.clone(), node);
+        cluster.heard_from(&node_id, self.lease_ms(), now);
         let scheduled = cluster.schedule(now);
         effects.jobs_changed.extend(scheduled.jobs_changed);
         effects.events.extend(scheduled.events);
         effects.messages.extend(scheduled.messages);
-        self.apply(&cluster, effects).await
+        let flushed = self.apply(&cluster, effects);
+        drop(cluster);
+        flushed.wait().await
     }
 
     /// Registers the agent's message channel and returns the starts it
@@ -411,12 +581,14 @@ impl Coordinator {
             return Err(CoordinatorError::NodeNotRegistered(node_id.0.clone()));
         }
         self.sessions.lock().await.insert(node_id.clone(), sender);
+        cluster.heard_from(node_id, self.lease_ms(), unix_ms());
         let starts = cluster.starts_for(node_id);
         if cluster.detached.remove(node_id) {
             // Jobs may have waited for this node (their starts reach it
             // through the session just registered).
             let effects = cluster.schedule(unix_ms());
-            self.apply(&cluster, effects).await?;
+            // Delivered when written; the attach does not wait for it.
+            drop(self.apply(&cluster, effects));
         }
         Ok(starts)
     }
@@ -429,9 +601,7 @@ impl Coordinator {
             .is_some_and(|current| current.same_channel(sender))
         {
             sessions.remove(node_id);
-            if cluster.nodes.contains_key(node_id) {
-                cluster.detached.insert(node_id.clone());
-            }
+            cluster.connection_closed(node_id, self.detach_grace_ms(), unix_ms());
         }
     }
 
@@ -441,18 +611,11 @@ impl Coordinator {
         running: BTreeSet<(JobId, u32, u32)>,
         draining: bool,
     ) -> Result<(), CoordinatorError> {
-        let lease_id = {
-            let cluster = self.cluster.lock().await;
-            cluster
-                .nodes
-                .get(node_id)
-                .map(|node| node.lease_id)
-                .ok_or_else(|| CoordinatorError::NodeNotRegistered(node_id.0.clone()))?
-        };
-        if !self.store.keep_alive(lease_id).await? {
+        let mut cluster = self.cluster.lock().await;
+        if !cluster.nodes.contains_key(node_id) {
             return Err(CoordinatorError::NodeNotRegistered(node_id.0.clone()));
         }
-        let mut cluster = self.cluster.lock().await;
+        cluster.heard_from(node_id, self.lease_ms(), unix_ms());
         let mut node_changed = None;
         if let Some(node) = cluster.nodes.get_mut(node_id) {
             if node.draining != draining {
@@ -466,7 +629,10 @@ impl Coordinator {
         }
         let grace_ms = i64::from(self.config.heartbeat_interval_ms) * 3;
         let effects = cluster.heartbeat(node_id, &running, grace_ms, unix_ms());
-        self.apply(&cluster, effects).await
+        // A heartbeat does not wait for etcd: what it decided is delivered
+        // once written, and the next heartbeat reconciles again.
+        drop(self.apply(&cluster, effects));
+        Ok(())
     }
 
     pub async fn rank_report(
@@ -478,7 +644,11 @@ impl Coordinator {
     ) -> Result<(), CoordinatorError> {
         let mut cluster = self.cluster.lock().await;
         let effects = cluster.rank_report(job_id, attempt, rank, outcome, unix_ms());
-        self.apply(&cluster, effects).await
+        let flushed = self.apply(&cluster, effects);
+        drop(cluster);
+        // Answered once durable: an agent that is told OK never needs to
+        // report it again.
+        flushed.wait().await
     }
 
     /// Stores a rank's metric report (on disk, not in etcd); a failure to
@@ -490,22 +660,83 @@ impl Coordinator {
     }
 
     /// Stores a rank's batch of reports and notes; a failure to store is
-    /// logged, never sent back to the rank.
-    /// The writing runs on the blocking pool: a big batch never holds up
-    /// the async workers that answer heartbeats.
+    /// logged, never sent back to the rank. Batches that arrive together
+    /// are written together (one append per job, on the blocking pool, by
+    /// [`Self::metrics_loop`]); the call returns once its batch is stored,
+    /// so a read after it sees it.
     pub async fn record_batch(
         &self,
         job_id: &JobId,
         points: Vec<crate::metrics::Point>,
         notes: Vec<crate::metrics::StoredEvent>,
     ) {
-        let (store, job) = (self.metrics.clone(), job_id.clone());
-        let stored =
-            tokio::task::spawn_blocking(move || store.append_batch(job.as_str(), &points, &notes))
-                .await
-                .unwrap_or_else(|error| Err(std::io::Error::other(error.to_string())));
-        if let Err(error) = stored {
-            tracing::warn!(job = %job_id, %error, "could not store a metrics batch");
+        let (done, stored) = oneshot::channel();
+        self.metrics_queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((job_id.clone(), points, notes, done));
+        self.metrics_ready.notify_one();
+        let _ = stored.await;
+    }
+
+    /// Writes queued metric batches until shutdown, each round's batches
+    /// grouped by job.
+    pub async fn metrics_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let stopping = tokio::select! {
+                _ = shutdown.cancelled() => true,
+                _ = self.metrics_ready.notified() => false,
+            };
+            let queued =
+                std::mem::take(&mut *self.metrics_queue.lock().unwrap_or_else(|e| e.into_inner()));
+            let mut by_job: std::collections::BTreeMap<
+                JobId,
+                (Vec<crate::metrics::Point>, Vec<crate::metrics::StoredEvent>),
+            > = std::collections::BTreeMap::new();
+            let mut waiters = Vec::with_capacity(queued.len());
+            for (job_id, points, notes, done) in queued {
+                let entry = by_job.entry(job_id).or_default();
+                entry.0.extend(points);
+                entry.1.extend(notes);
+                waiters.push(done);
+            }
+            let store = self.metrics.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                for (job_id, (points, notes)) in by_job {
+                    if let Err(error) = store.append_batch(job_id.as_str(), &points, &notes) {
+                        tracing::warn!(job = %job_id, %error, "could not store a metrics batch");
+                    }
+                }
+            })
+            .await;
+            if let Err(error) = written {
+                tracing::warn!(%error, "metrics writer failed");
+            }
+            for waiter in waiters {
+                let _ = waiter.send(());
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    /// The job's attempt and state, without copying its record (rank
+    /// credentials are checked against it on every report).
+    pub async fn job_attempt(
+        &self,
+        job_id: &JobId,
+    ) -> Result<(u32, flamingo_common::JobState), CoordinatorError> {
+        let live = self
+            .cluster
+            .lock()
+            .await
+            .jobs
+            .get(job_id)
+            .map(|job| (job.attempt, job.state));
+        match live {
+            Some(found) => Ok(found),
+            None => self.job(job_id).await.map(|job| (job.attempt, job.state)),
         }
     }
 
@@ -604,11 +835,20 @@ impl Coordinator {
                     state: state.as_str().to_string(),
                 },
             })?;
-        if let Err(error) = self.apply(&cluster, effects).await {
-            // Not durable: the commit did not happen.
-            if let Some(job) = before {
-                cluster.jobs.insert(job_id.clone(), job);
+        let event_seqs: Vec<u64> = effects.events.iter().map(|event| event.seq).collect();
+        let flushed = self.apply(&cluster, effects);
+        drop(cluster);
+        if let Err(error) = flushed.wait().await {
+            // Not durable: the commit did not happen. The job keeps the
+            // checkpoints it had, and the commit's event is not written.
+            let mut cluster = self.cluster.lock().await;
+            if let (Some(job), Some(before)) = (cluster.jobs.get_mut(job_id), before) {
+                job.checkpoints = before.checkpoints;
             }
+            let mut outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
+            outbox
+                .events
+                .retain(|event| !(&event.job_id == job_id && event_seqs.contains(&event.seq)));
             return Err(error);
         }
         Ok(retired)
@@ -618,7 +858,8 @@ impl Coordinator {
     pub async fn tick(&self) -> Result<(), CoordinatorError> {
         let mut cluster = self.cluster.lock().await;
         let effects = cluster.tick(unix_ms());
-        self.apply(&cluster, effects).await
+        drop(self.apply(&cluster, effects));
+        Ok(())
     }
 
     /// Runs [`Self::tick`] until shutdown.
@@ -639,12 +880,14 @@ impl Coordinator {
 
     pub async fn deregister(&self, node_id: &NodeId) -> Result<(), CoordinatorError> {
         let mut cluster = self.cluster.lock().await;
-        let Some(node) = cluster.nodes.get(node_id).cloned() else {
+        if !cluster.nodes.contains_key(node_id) {
             return Ok(());
-        };
+        }
         let effects = cluster.node_lost(node_id, "its agent shut down", unix_ms());
-        self.store.revoke(node.lease_id).await?;
-        self.apply(&cluster, effects).await?;
+        self.store.delete_node(node_id).await?;
+        let flushed = self.apply(&cluster, effects);
+        drop(cluster);
+        flushed.wait().await?;
         tracing::info!(node = %node_id, "node deregistered");
         Ok(())
     }
@@ -680,87 +923,42 @@ impl Coordinator {
             })
     }
 
-    /// Follows etcd's node keys: a delete whose lease is the node's current
-    /// one means the agent stopped heartbeating.
-    pub async fn watch_node_leases(
-        self: Arc<Self>,
-        mut revision: i64,
-        shutdown: CancellationToken,
-    ) {
-        loop {
-            let mut stream = match self.store.watch_nodes(revision).await {
-                Ok(stream) => stream,
-                Err(error) => {
-                    tracing::warn!(%error, "node watch failed; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
-                }
-            };
-            loop {
-                let message = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    message = stream.message() => message,
-                };
-                let response = match message {
-                    Ok(Some(response)) => response,
-                    Ok(None) | Err(_) => break,
-                };
-                if response.compact_revision() > 0 {
-                    // etcd compacted the history this watch was to resume
-                    // from (it was away longer than the compaction
-                    // retention): read the nodes as they are now, treat
-                    // the ones gone as lost, and watch from there.
-                    tracing::warn!(
-                        from = revision,
-                        compacted = response.compact_revision(),
-                        "node watch fell behind etcd's compaction; reconciling"
-                    );
-                    match self.store.load().await {
-                        Ok(snapshot) => {
-                            let present: BTreeSet<NodeId> = snapshot
-                                .nodes
-                                .into_iter()
-                                .map(|node| node.node_id)
-                                .collect();
-                            let known: Vec<NodeId> =
-                                self.cluster.lock().await.nodes.keys().cloned().collect();
-                            for node_id in known.iter().filter(|node| !present.contains(*node)) {
-                                self.on_node_deleted(node_id, None).await;
-                            }
-                            revision = snapshot.revision;
-                        }
-                        Err(error) => tracing::warn!(%error, "could not reconcile nodes; retrying"),
-                    }
-                    break;
-                }
-                if let Some(header) = response.header() {
-                    revision = revision.max(header.revision());
-                }
-                for change in self.store.node_changes(&response) {
-                    if let NodeChange::Deleted(node_id, lease_id) = change {
-                        self.on_node_deleted(&node_id, lease_id).await;
-                    }
-                }
-            }
-        }
+    /// How long a node may go unheard before it is lost.
+    fn lease_ms(&self) -> i64 {
+        i64::from(self.config.lease_ttl_seconds) * 1000
     }
 
-    async fn on_node_deleted(&self, node_id: &NodeId, lease_id: Option<i64>) {
+    /// How long a node whose agent's stream closed has to attach again:
+    /// a heartbeat and a half (an agent that lives reconnects at once).
+    fn detach_grace_ms(&self) -> i64 {
+        (i64::from(self.config.heartbeat_interval_ms) * 3 / 2).min(self.lease_ms())
+    }
+
+    /// Loses the nodes past their deadline (their records leave etcd).
+    pub async fn expire_nodes(&self) -> Result<(), CoordinatorError> {
         let mut cluster = self.cluster.lock().await;
-        let current = cluster.nodes.get(node_id).map(|node| node.lease_id);
-        if current.is_none() || (lease_id.is_some() && lease_id != current) {
-            return; // already handled, or an older registration's key
+        let (lost, effects) = cluster.expire_nodes(self.lease_ms(), unix_ms());
+        if lost.is_empty() {
+            return Ok(());
         }
-        let reason = format!(
-            "no heartbeat for {} s (lease expired)",
-            self.config.lease_ttl_seconds
-        );
-        tracing::warn!(node = %node_id, "{reason}");
-        let effects = cluster.node_lost(node_id, &reason, unix_ms());
-        if let Err(error) = self.apply(&cluster, effects).await {
-            tracing::error!(%error, "could not record the loss of node {node_id}");
+        for node_id in &lost {
+            tracing::warn!(node = %node_id, "node lost: not heard from in time");
+            self.store.delete_node(node_id).await?;
+        }
+        drop(self.apply(&cluster, effects));
+        Ok(())
+    }
+
+    /// Runs [`Self::expire_nodes`] four times a second until shutdown.
+    pub async fn watch_liveness(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+            if let Err(error) = self.expire_nodes().await {
+                tracing::warn!(%error, "could not record a lost node; retrying");
+            }
         }
     }
 }

@@ -1,11 +1,12 @@
 //! etcd persistence. Layout under the prefix (default `/flamingo`):
 //!
-//! - `nodes/<node id>`: NodeRecord JSON, attached to the node's lease, so an
-//!   agent that stops heartbeating disappears by itself;
+//! - `nodes/<node id>`: NodeRecord JSON, written when the node registers
+//!   and deleted when it is lost (whether it lives is kept in memory:
+//!   heartbeats cost etcd nothing);
 //! - `jobs/<job id>`: JobRecord JSON (spec, state, assignment, ranks);
 //! - `events/<job id>/<seq, 12 digits>`: JobEvent JSON, the job's event log.
 
-use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions, WatchStream};
+use etcd_client::{Client, GetOptions};
 use flamingo_common::{JobEvent, JobId, JobRecord, NodeId, NodeRecord};
 
 use crate::CoordinatorError;
@@ -22,14 +23,6 @@ pub struct Snapshot {
     pub jobs: Vec<JobRecord>,
     /// Revision to start the node watch after.
     pub revision: i64,
-}
-
-/// A change under `nodes/`.
-#[derive(Debug)]
-pub enum NodeChange {
-    /// The node's key went away; the lease it was attached to, if known.
-    Deleted(NodeId, Option<i64>),
-    Put,
 }
 
 /// Decodes JSON records, naming the key of the first one that does not decode.
@@ -180,25 +173,44 @@ impl EtcdStore {
         Ok(())
     }
 
-    pub async fn put_job(&self, job: &JobRecord) -> Result<(), CoordinatorError> {
-        let key = self.job_key(&job.id);
+    /// A job record's key and value.
+    pub fn job_put(&self, job: &JobRecord) -> (String, Vec<u8>) {
         let value = serde_json::to_vec(job).expect("job records serialise");
-        self.client
-            .clone()
-            .put(key.clone(), value, None)
-            .await
-            .map_err(Self::etcd_error(format!("write {key}")))?;
-        Ok(())
+        (self.job_key(&job.id), value)
     }
 
-    pub async fn put_event(&self, event: &JobEvent) -> Result<(), CoordinatorError> {
-        let key = self.event_key(event);
+    /// An event's key and value.
+    pub fn event_put(&self, event: &JobEvent) -> (String, Vec<u8>) {
         let value = serde_json::to_vec(event).expect("events serialise");
-        self.client
-            .clone()
-            .put(key.clone(), value, None)
-            .await
-            .map_err(Self::etcd_error(format!("write {key}")))?;
+        (self.event_key(event), value)
+    }
+
+    /// Writes every pair: transactions of up to 64 puts (etcd allows 128
+    /// operations in one), sent together so etcd syncs them as one group.
+    pub async fn put_all(&self, puts: Vec<(String, Vec<u8>)>) -> Result<(), CoordinatorError> {
+        let mut transactions = Vec::new();
+        let mut puts = puts.into_iter().peekable();
+        while puts.peek().is_some() {
+            let chunk: Vec<(String, Vec<u8>)> = puts.by_ref().take(64).collect();
+            let first = chunk[0].0.clone();
+            let count = chunk.len();
+            let operations: Vec<etcd_client::TxnOp> = chunk
+                .into_iter()
+                .map(|(key, value)| etcd_client::TxnOp::put(key, value, None))
+                .collect();
+            let mut client = self.client.clone();
+            transactions.push(async move {
+                client
+                    .txn(etcd_client::Txn::new().and_then(operations))
+                    .await
+                    .map(|_| ())
+                    .map_err(Self::etcd_error(format!(
+                        "write {first} (and {} more)",
+                        count - 1
+                    )))
+            });
+        }
+        futures::future::try_join_all(transactions).await?;
         Ok(())
     }
 
@@ -251,55 +263,25 @@ impl EtcdStore {
         Ok(events)
     }
 
-    /// Grants a lease and stores the node under it.
-    pub async fn register_node(
-        &self,
-        node: &mut NodeRecord,
-        ttl_seconds: i64,
-    ) -> Result<(), CoordinatorError> {
-        let mut client = self.client.clone();
-        let lease = client
-            .lease_grant(ttl_seconds, None)
-            .await
-            .map_err(Self::etcd_error(format!(
-                "grant a lease for node {}",
-                node.node_id
-            )))?;
-        node.lease_id = lease.id();
-        self.put_node(node).await
-    }
-
     pub async fn put_node(&self, node: &NodeRecord) -> Result<(), CoordinatorError> {
         let key = self.node_key(&node.node_id);
         let value = serde_json::to_vec(node).expect("node records serialise");
         self.client
             .clone()
-            .put(
-                key.clone(),
-                value,
-                Some(PutOptions::new().with_lease(node.lease_id)),
-            )
+            .put(key.clone(), value, None)
             .await
             .map_err(Self::etcd_error(format!("write {key}")))?;
         Ok(())
     }
 
-    /// Refreshes a node's lease; `Ok(false)` when the lease already expired.
-    pub async fn keep_alive(&self, lease_id: i64) -> Result<bool, CoordinatorError> {
-        let mut client = self.client.clone();
-        let (mut keeper, mut responses) = client
-            .lease_keep_alive(lease_id)
+    pub async fn delete_node(&self, node_id: &NodeId) -> Result<(), CoordinatorError> {
+        let key = self.node_key(node_id);
+        self.client
+            .clone()
+            .delete(key.clone(), None)
             .await
-            .map_err(Self::etcd_error(format!("keep lease {lease_id:x} alive")))?;
-        keeper
-            .keep_alive()
-            .await
-            .map_err(Self::etcd_error(format!("keep lease {lease_id:x} alive")))?;
-        let response = responses
-            .message()
-            .await
-            .map_err(Self::etcd_error(format!("keep lease {lease_id:x} alive")))?;
-        Ok(response.is_some_and(|response| response.ttl() > 0))
+            .map_err(Self::etcd_error(format!("delete {key}")))?;
+        Ok(())
     }
 
     /// Removes a job and its events from etcd in one transaction (the job
@@ -319,60 +301,5 @@ impl EtcdStore {
             .await
             .map_err(Self::etcd_error(format!("delete job {job_id}")))?;
         Ok(())
-    }
-
-    pub async fn revoke(&self, lease_id: i64) -> Result<(), CoordinatorError> {
-        match self.client.clone().lease_revoke(lease_id).await {
-            Ok(_) => Ok(()),
-            // Already expired: nothing left to revoke.
-            Err(source) if source.to_string().contains("not found") => Ok(()),
-            Err(source) => Err(CoordinatorError::Etcd {
-                action: format!("revoke lease {lease_id:x}"),
-                message: source.to_string(),
-            }),
-        }
-    }
-
-    pub async fn watch_nodes(&self, after_revision: i64) -> Result<WatchStream, CoordinatorError> {
-        let prefix = format!("{}/nodes/", self.prefix);
-        self.client
-            .clone()
-            .watch(
-                prefix.clone(),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_prev_key()
-                        .with_start_revision(after_revision + 1),
-                ),
-            )
-            .await
-            .map_err(Self::etcd_error(format!("watch {prefix}")))
-    }
-
-    /// Decodes a watch response into node changes.
-    pub fn node_changes(&self, response: &etcd_client::WatchResponse) -> Vec<NodeChange> {
-        let prefix = format!("{}/nodes/", self.prefix);
-        response
-            .events()
-            .iter()
-            .filter_map(|event| {
-                let kv = event.kv()?;
-                let key = String::from_utf8_lossy(kv.key());
-                let node_id = key.strip_prefix(&prefix)?.to_string();
-                Some(match event.event_type() {
-                    EventType::Delete => {
-                        let lease_id = event
-                            .prev_kv()
-                            .and_then(|previous| {
-                                serde_json::from_slice::<NodeRecord>(previous.value()).ok()
-                            })
-                            .map(|record| record.lease_id);
-                        NodeChange::Deleted(NodeId(node_id), lease_id)
-                    }
-                    EventType::Put => NodeChange::Put,
-                })
-            })
-            .collect()
     }
 }

@@ -59,9 +59,51 @@ pub struct Cluster {
     /// When this coordinator started.
     pub booted_ms: i64,
     /// Registered nodes whose agent's stream closed (a dead agent closes it
-    /// at once, long before its lease expires): nothing is placed on them
-    /// until they attach again.
+    /// at once): nothing is placed on them until they attach again, and
+    /// they are lost if they do not within the detach grace.
     pub detached: BTreeSet<NodeId>,
+    /// When each node is written off unless its agent is heard from. Kept
+    /// in memory, not in etcd: heartbeats cost no etcd write, and a
+    /// coordinator that starts (or takes over) gives every node a full
+    /// lease.
+    pub liveness: BTreeMap<NodeId, Liveness>,
+    /// Per job attempt, how many ranks have not started and not exited
+    /// cleanly (so that a report costs the same at rank 10 as at rank
+    /// 30,000). A hint: when it reaches 0 it is counted again.
+    pub counts: std::collections::HashMap<(JobId, u32), RankCounts>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RankCounts {
+    pub unstarted: u32,
+    pub unfinished: u32,
+}
+
+impl RankCounts {
+    pub fn of(job: &JobRecord) -> Self {
+        let mut counts = Self {
+            unstarted: 0,
+            unfinished: 0,
+        };
+        for rank in &job.ranks {
+            if rank.state == flamingo_common::RankState::Assigned {
+                counts.unstarted += 1;
+            }
+            if !(rank.state == flamingo_common::RankState::Exited && rank.exit_code == Some(0)) {
+                counts.unfinished += 1;
+            }
+        }
+        counts
+    }
+}
+
+/// A node's deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// Lost unless heard from before this (unix ms).
+    pub deadline_ms: i64,
+    /// When its agent's stream closed, while it stays closed.
+    pub detached_ms: Option<i64>,
 }
 
 /// How long ranks asked to checkpoint and stop get before SIGKILL.
@@ -97,6 +139,18 @@ impl Cluster {
         job.next_event_seq += 1;
         effects.jobs_changed.insert(job.id.clone());
         effects.events.push(event);
+    }
+
+    /// Slots held on each node by live ranks (one pass over every job's
+    /// ranks; look nodes up in it rather than asking per node).
+    pub fn used_slots(&self) -> std::collections::HashMap<NodeId, u32> {
+        let mut used = std::collections::HashMap::with_capacity(self.nodes.len());
+        for job in self.jobs.values() {
+            for rank in job.live_ranks() {
+                *used.entry(rank.node.clone()).or_insert(0) += 1;
+            }
+        }
+        used
     }
 
     pub fn free_slots(&self, node: &NodeRecord) -> u32 {

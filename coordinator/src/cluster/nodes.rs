@@ -6,15 +6,69 @@ use flamingo_proto::v1 as pb;
 
 use std::collections::BTreeSet;
 
-use super::{Cluster, Effects};
+use super::{Cluster, Effects, Liveness};
 
 impl Cluster {
-    /// A node vanished (its lease expired, or its agent restarted): its ranks
-    /// are lost and their jobs fail.
+    /// The node's agent was heard from (it registered, attached or sent a
+    /// heartbeat): it lives for another `lease_ms`.
+    pub fn heard_from(&mut self, node_id: &NodeId, lease_ms: i64, now_ms: i64) {
+        if self.nodes.contains_key(node_id) {
+            self.liveness.insert(
+                node_id.clone(),
+                Liveness {
+                    deadline_ms: now_ms + lease_ms,
+                    detached_ms: None,
+                },
+            );
+        }
+    }
+
+    /// The node's agent stream closed: nothing more is placed on it, and
+    /// unless it attaches again within `grace_ms` it is lost (a dead
+    /// agent's connection closes at once; a live one reconnects within
+    /// a heartbeat or two).
+    pub fn connection_closed(&mut self, node_id: &NodeId, grace_ms: i64, now_ms: i64) {
+        if !self.nodes.contains_key(node_id) {
+            return;
+        }
+        self.detached.insert(node_id.clone());
+        let liveness = self.liveness.entry(node_id.clone()).or_insert(Liveness {
+            deadline_ms: now_ms + grace_ms,
+            detached_ms: None,
+        });
+        liveness.deadline_ms = liveness.deadline_ms.min(now_ms + grace_ms);
+        liveness.detached_ms = Some(now_ms);
+    }
+
+    /// Nodes past their deadline are lost. Returns them with the effects.
+    pub fn expire_nodes(&mut self, lease_ms: i64, now_ms: i64) -> (Vec<NodeId>, Effects) {
+        let expired: Vec<(NodeId, Liveness)> = self
+            .liveness
+            .iter()
+            .filter(|(_, liveness)| liveness.deadline_ms <= now_ms)
+            .map(|(node, liveness)| (node.clone(), *liveness))
+            .collect();
+        let mut effects = Effects::default();
+        for (node_id, liveness) in &expired {
+            let reason = match liveness.detached_ms {
+                Some(closed) => format!(
+                    "its agent's connection closed {:.1} s ago and it did not come back",
+                    (now_ms - closed) as f64 / 1000.0
+                ),
+                None => format!("no heartbeat for {} s", lease_ms / 1000),
+            };
+            effects.merge(self.node_lost(node_id, &reason, now_ms));
+        }
+        (expired.into_iter().map(|(node, _)| node).collect(), effects)
+    }
+
+    /// A node vanished (no heartbeat within its lease, or its agent
+    /// restarted or shut down): its ranks are lost and their jobs fail.
     pub fn node_lost(&mut self, node_id: &NodeId, reason: &str, now_ms: i64) -> Effects {
         let mut effects = Effects::default();
         self.nodes.remove(node_id);
         self.detached.remove(node_id);
+        self.liveness.remove(node_id);
         for job in self.jobs.values_mut() {
             let mut touched = false;
             for rank in job.ranks.iter_mut() {
@@ -84,14 +138,14 @@ impl Cluster {
             }
         }
         for job in self.jobs.values_mut() {
-            let assigned_here = job
-                .ranks
-                .iter()
-                .any(|rank| &rank.node == node_id && rank.state == RankState::Assigned);
+            let here = job.ranks_on(node_id);
+            if here.is_empty() {
+                continue;
+            }
+            let assigned_here = here.iter().any(|rank| rank.state == RankState::Assigned);
             if job.state == JobState::Running && assigned_here {
-                let missing = job.ranks.iter().any(|rank| {
-                    &rank.node == node_id
-                        && rank.state == RankState::Assigned
+                let missing = here.iter().any(|rank| {
+                    rank.state == RankState::Assigned
                         && !running.contains(&(job.id.clone(), job.attempt, rank.rank))
                 });
                 let waited = job
@@ -109,11 +163,17 @@ impl Cluster {
                 .finished_unix_ms
                 .is_some_and(|finished| now_ms - finished > grace_ms);
             if job.state.is_terminal() && settled {
-                for rank in job.ranks.iter_mut() {
-                    if &rank.node == node_id
-                        && rank.state.is_live()
-                        && !running.contains(&(job.id.clone(), job.attempt, rank.rank))
-                    {
+                let gone: Vec<u32> = job
+                    .ranks_on(node_id)
+                    .iter()
+                    .filter(|rank| {
+                        rank.state.is_live()
+                            && !running.contains(&(job.id.clone(), job.attempt, rank.rank))
+                    })
+                    .map(|rank| rank.rank)
+                    .collect();
+                for number in gone {
+                    if let Some(rank) = job.ranks.iter_mut().find(|rank| rank.rank == number) {
                         rank.state = RankState::Lost;
                         rank.message = "not running on its node after the job ended".into();
                         effects.jobs_changed.insert(job.id.clone());
@@ -134,9 +194,9 @@ impl Cluster {
             .filter(|job| {
                 job.state == JobState::Running
                     && job
-                        .ranks
+                        .ranks_on(node_id)
                         .iter()
-                        .any(|rank| &rank.node == node_id && rank.state == RankState::Assigned)
+                        .any(|rank| rank.state == RankState::Assigned)
             })
             .map(|job| start_message(job, node_id))
             .collect()
@@ -145,16 +205,14 @@ impl Cluster {
 
 pub(super) fn start_message(job: &JobRecord, node_id: &NodeId) -> pb::CoordinatorMessage {
     let spec: &JobSpec = &job.spec;
-    let node_rank = job
-        .ranks
-        .iter()
-        .find(|rank| &rank.node == node_id)
-        .map(|rank| rank.rank / spec.slots_per_node)
+    let here = job.ranks_on(node_id);
+    let node_rank = here
+        .first()
+        .map(|rank| rank.rank / spec.slots_per_node.max(1))
         .unwrap_or(0);
-    let ranks = job
-        .ranks
+    let ranks = here
         .iter()
-        .filter(|rank| &rank.node == node_id && rank.state == RankState::Assigned)
+        .filter(|rank| rank.state == RankState::Assigned)
         .map(|rank| pb::RankAssignment {
             job_id: job.id.0.clone(),
             spec: Some(pb::JobSpec::from(spec)),

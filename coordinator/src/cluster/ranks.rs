@@ -4,7 +4,7 @@
 use flamingo_common::{EventKind, JobId, JobRecord, JobState, NodeId, RankState};
 
 use super::nodes::stop_attempts;
-use super::{Cluster, Effects, RankOutcome, CHECKPOINT_GRACE_SECONDS};
+use super::{Cluster, Effects, RankCounts, RankOutcome, CHECKPOINT_GRACE_SECONDS};
 
 impl Cluster {
     /// An agent's report about one rank of one attempt (reports about a
@@ -24,16 +24,39 @@ impl Cluster {
         if attempt != job.attempt {
             return effects;
         }
-        let Some(record) = job.ranks.iter_mut().find(|record| record.rank == rank) else {
-            return effects;
+        // Ranks are kept in rank order: the report's record is at its index.
+        let index = match job.ranks.get(rank as usize) {
+            Some(record) if record.rank == rank => rank as usize,
+            _ => match job.ranks.iter().position(|record| record.rank == rank) {
+                Some(index) => index,
+                None => return effects,
+            },
         };
+        let key = (job_id.clone(), attempt);
+        let counts = self
+            .counts
+            .entry(key.clone())
+            .or_insert_with(|| RankCounts::of(job));
+        let record = &mut job.ranks[index];
         match outcome {
             RankOutcome::Started { pid } => {
                 if record.state == RankState::Assigned {
                     record.state = RankState::Running;
                     record.pid = Some(pid);
-                    let message = format!("rank {rank} started on {} (pid {pid})", record.node);
-                    Self::event(job, now_ms, EventKind::RankStarted, message, &mut effects);
+                    effects.jobs_changed.insert(job_id.clone());
+                    counts.unstarted = counts.unstarted.saturating_sub(1);
+                    // One event when the whole group runs (not one per
+                    // rank: a 32,768-rank job would write 32,768).
+                    if counts.unstarted == 0 {
+                        *counts = RankCounts::of(job);
+                        if counts.unstarted == 0 {
+                            let message = format!(
+                                "all {} rank(s) of attempt {attempt} started",
+                                job.ranks.len()
+                            );
+                            Self::event(job, now_ms, EventKind::RankStarted, message, &mut effects);
+                        }
+                    }
                 }
             }
             RankOutcome::Exited {
@@ -44,6 +67,7 @@ impl Cluster {
                 if record.state == RankState::Exited {
                     return effects;
                 }
+                let state_before = job.state;
                 record.state = RankState::Exited;
                 record.exit_code = Some(exit_code);
                 record.signal = (signal != 0).then_some(signal);
@@ -52,40 +76,53 @@ impl Cluster {
                     job.result_json = result_json;
                 }
                 let failed = exit_code != 0 || signal != 0;
+                effects.jobs_changed.insert(job_id.clone());
                 if job.state == JobState::Running
                     && job.spec.kind.restartable()
                     && exit_code == flamingo_common::jobs::PREEMPTED_EXIT_CODE
                     && signal == 0
                 {
+                    self.counts.remove(&key);
                     effects.merge(Self::requeue(job, &node, now_ms));
                     effects.merge(self.schedule(now_ms));
                     return effects;
                 }
-                let description = if signal != 0 {
-                    format!("rank {rank} on {node} was killed by signal {signal}")
+                if failed {
+                    let description = if signal != 0 {
+                        format!("rank {rank} on {node} was killed by signal {signal}")
+                    } else {
+                        format!("rank {rank} on {node} exited with code {exit_code}")
+                    };
+                    Self::event(
+                        job,
+                        now_ms,
+                        EventKind::RankExited,
+                        description.clone(),
+                        &mut effects,
+                    );
+                    if job.state == JobState::Running {
+                        self.counts.remove(&key);
+                        effects.merge(Self::fail_or_restart(job, description, &[node], now_ms));
+                    }
                 } else {
-                    format!("rank {rank} on {node} exited with code {exit_code}")
-                };
-                Self::event(
-                    job,
-                    now_ms,
-                    EventKind::RankExited,
-                    description.clone(),
-                    &mut effects,
-                );
-                if job.state == JobState::Running && failed {
-                    effects.merge(Self::fail_or_restart(job, description, &[node], now_ms));
-                } else {
-                    effects.jobs_changed.insert(job_id.clone());
-                    if job.state == JobState::Running
-                        && job.ranks.iter().all(|rank| {
-                            rank.state == RankState::Exited && rank.exit_code == Some(0)
-                        })
-                    {
+                    counts.unfinished = counts.unfinished.saturating_sub(1);
+                    if counts.unfinished == 0 {
+                        *counts = RankCounts::of(job);
+                    }
+                    if job.state == JobState::Running && counts.unfinished == 0 {
+                        self.counts.remove(&key);
                         let message = format!("all {} rank(s) exited with code 0", job.ranks.len());
                         effects.merge(Self::finish(job, JobState::Succeeded, message, now_ms));
                     }
                 }
+                // The job ended or restarts: its slots are free now. (A
+                // slot freed by one rank of a job that goes on is used by
+                // the next tick: scheduling at each of 32,768 exits would
+                // cost more than it gains.)
+                if state_before != job.state {
+                    effects.merge(self.schedule(now_ms));
+                }
+                return effects;
             }
             RankOutcome::FailedToStart { message } => {
                 if !record.state.is_live() {
@@ -100,10 +137,9 @@ impl Cluster {
                 } else {
                     effects.jobs_changed.insert(job_id.clone());
                 }
+                self.counts.remove(&key);
+                effects.merge(self.schedule(now_ms));
             }
-        }
-        if !effects.jobs_changed.is_empty() {
-            effects.merge(self.schedule(now_ms));
         }
         effects
     }
@@ -252,9 +288,8 @@ impl Cluster {
             effects.merge(Self::fail_or_restart(job, cause, &[], now_ms));
             self.progress_ms.remove(&job_id);
         }
-        if !effects.jobs_changed.is_empty() {
-            effects.merge(self.schedule(now_ms));
-        }
+        // Also places pending jobs in slots that ranks freed one by one.
+        effects.merge(self.schedule(now_ms));
         effects
     }
 }

@@ -56,6 +56,16 @@ impl Cluster {
             .map(|job| (job.created_unix_ms, job.id.clone()))
             .collect();
         pending.sort();
+        if pending.is_empty() {
+            effects.merge(self.grow(now_ms));
+            return effects;
+        }
+        let mut used = self.used_slots();
+        let free = |used: &std::collections::HashMap<NodeId, u32>,
+                    node: &flamingo_common::NodeRecord| {
+            node.slots
+                .saturating_sub(used.get(&node.node_id).copied().unwrap_or(0))
+        };
         let mut reserved: BTreeSet<NodeId> = BTreeSet::new();
         for (_, job_id) in pending {
             let Some(job) = self.jobs.get(&job_id) else {
@@ -83,7 +93,7 @@ impl Cluster {
                     .values()
                     .map(|node| NodeCapacity {
                         node_id: node.node_id.clone(),
-                        free_slots: self.free_slots(node),
+                        free_slots: free(&used, node),
                         schedulable: !node.draining
                             && !leave_out.contains(&node.node_id)
                             && !self.detached.contains(&node.node_id)
@@ -110,7 +120,7 @@ impl Cluster {
                 })
                 .flatten();
             let Some(chosen) = chosen else {
-                let holding = self.reserve_for(&job_id, fewest, &reserved);
+                let holding = self.reserve_for(&job_id, fewest, &reserved, &used);
                 let reason = format!(
                     "waiting for {fewest} node(s) with {slots} free slot(s); \
                      holding {} for it, jobs behind it run elsewhere",
@@ -152,6 +162,9 @@ impl Cluster {
             let job = self.jobs.get_mut(&job_id).expect("job listed above");
             job.message.clear();
             let slots = job.spec.slots_per_node;
+            for node_id in &chosen {
+                *used.entry(node_id.clone()).or_insert(0) += slots;
+            }
             job.ranks = chosen
                 .iter()
                 .enumerate()
@@ -175,14 +188,19 @@ impl Cluster {
             self.progress_ms.insert(job_id.clone(), now_ms);
             job.master_addr = master_node.address.clone();
             job.master_port = port;
+            // At most 16 nodes named: an event, not a placement dump.
+            let mut named = chosen
+                .iter()
+                .take(16)
+                .map(NodeId::as_str)
+                .collect::<Vec<_>>()
+                .join(", ");
+            if chosen.len() > 16 {
+                named.push_str(&format!(" and {} more", chosen.len() - 16));
+            }
             let message = format!(
-                "scheduled {} rank(s) on {}; master {}:{}",
+                "scheduled {} rank(s) on {named}; master {}:{}",
                 job.ranks.len(),
-                chosen
-                    .iter()
-                    .map(NodeId::as_str)
-                    .collect::<Vec<_>>()
-                    .join(", "),
                 job.master_addr,
                 job.master_port
             );
@@ -199,13 +217,22 @@ impl Cluster {
 
     /// The `count` nodes a waiting job takes first as they free up (the
     /// ones with the most free slots now), outside those already held.
-    fn reserve_for(&self, job_id: &JobId, count: u32, held: &BTreeSet<NodeId>) -> Vec<NodeId> {
+    fn reserve_for(
+        &self,
+        job_id: &JobId,
+        count: u32,
+        held: &BTreeSet<NodeId>,
+        used: &std::collections::HashMap<NodeId, u32>,
+    ) -> Vec<NodeId> {
         let slots = self.jobs[job_id].spec.slots_per_node;
         let mut candidates: Vec<(u32, &NodeId)> = self
             .nodes
             .values()
             .filter(|node| !node.draining && node.slots >= slots && !held.contains(&node.node_id))
-            .map(|node| (self.free_slots(node), &node.node_id))
+            .map(|node| {
+                let taken = used.get(&node.node_id).copied().unwrap_or(0);
+                (node.slots.saturating_sub(taken), &node.node_id)
+            })
             .collect();
         candidates.sort_by(|left, right| right.0.cmp(&left.0).then_with(|| left.1.cmp(right.1)));
         candidates
@@ -248,6 +275,10 @@ impl Cluster {
             })
             .map(|job| job.id.clone())
             .collect();
+        if candidates.is_empty() {
+            return effects;
+        }
+        let used_slots = self.used_slots();
         for job_id in candidates {
             let job = &self.jobs[&job_id];
             let used: BTreeSet<&NodeId> = job.ranks.iter().map(|rank| &rank.node).collect();
@@ -260,7 +291,10 @@ impl Cluster {
                         && !self.detached.contains(&node.node_id)
                         && !used.contains(&node.node_id)
                         && !excluded.contains(&node.node_id)
-                        && self.free_slots(node) >= job.spec.slots_per_node
+                        && node
+                            .slots
+                            .saturating_sub(used_slots.get(&node.node_id).copied().unwrap_or(0))
+                            >= job.spec.slots_per_node
                 })
                 .count() as u32;
             if spare == 0 {

@@ -273,6 +273,81 @@ fn losing_a_node_fails_its_jobs_and_frees_nothing_twice() {
 }
 
 #[test]
+fn nodes_live_while_heard_from_and_a_closed_stream_shortens_the_wait() {
+    let mut cluster = cluster(&[("node-0", 1), ("node-1", 1), ("node-2", 1)]);
+    for id in ["node-0", "node-1", "node-2"] {
+        cluster.heard_from(&NodeId(id.into()), 10_000, 0);
+    }
+    cluster.submit(job("j", 2, 1, 1), 1);
+    // node-0 keeps heartbeating; node-1's agent dies (its stream closes);
+    // node-2 goes silent with its stream open.
+    cluster.heard_from(&NodeId("node-0".into()), 10_000, 8_000);
+    cluster.connection_closed(&NodeId("node-1".into()), 1_500, 1_000);
+    let (lost, _) = cluster.expire_nodes(10_000, 2_000);
+    assert!(lost.is_empty(), "within the grace: {lost:?}");
+    let (lost, effects) = cluster.expire_nodes(10_000, 2_500);
+    assert_eq!(lost, vec![NodeId("node-1".into())]);
+    let job = &cluster.jobs[&JobId("j".into())];
+    assert_eq!(job.state, JobState::Failed);
+    assert!(
+        job.message
+            .contains("its agent's connection closed 1.5 s ago"),
+        "{}",
+        job.message
+    );
+    assert!(!effects.events.is_empty());
+    // A node that reattached in time is not lost.
+    cluster.connection_closed(&NodeId("node-0".into()), 1_500, 9_000);
+    cluster.heard_from(&NodeId("node-0".into()), 10_000, 9_500);
+    let (lost, _) = cluster.expire_nodes(10_000, 10_001);
+    assert_eq!(
+        lost,
+        vec![NodeId("node-2".into())],
+        "node-2: no heartbeat for 10 s"
+    );
+    assert!(cluster.nodes.contains_key(&NodeId("node-0".into())));
+    let (lost, _) = cluster.expire_nodes(10_000, 19_499);
+    assert!(lost.is_empty());
+}
+
+#[test]
+fn a_whole_cluster_job_reports_in_linear_time_with_one_start_event() {
+    let nodes: Vec<(String, u32)> = (0..512).map(|n| (format!("node-{n:04}"), 8)).collect();
+    let refs: Vec<(&str, u32)> = nodes
+        .iter()
+        .map(|(id, slots)| (id.as_str(), *slots))
+        .collect();
+    let mut cluster = cluster(&refs);
+    cluster.submit(job("big", 512, 8, 1), 1);
+    let id = JobId("big".into());
+    assert_eq!(cluster.jobs[&id].ranks.len(), 4096);
+    let mut start_events = 0;
+    for rank in 0..4096 {
+        let effects = cluster.rank_report(&id, 0, rank, RankOutcome::Started { pid: rank }, 2);
+        start_events += effects.events.len();
+    }
+    assert_eq!(start_events, 1, "one event when the whole group runs");
+    let mut finished = None;
+    for rank in (0..4096).rev() {
+        let effects = cluster.rank_report(&id, 0, rank, exited(0), 3);
+        if let Some(event) = effects
+            .events
+            .iter()
+            .find(|event| event.state == JobState::Succeeded)
+        {
+            finished = Some((rank, event.message.clone()));
+        }
+    }
+    assert_eq!(
+        finished,
+        Some((
+            0,
+            "Succeeded: all 4096 rank(s) exited with code 0".to_string()
+        ))
+    );
+}
+
+#[test]
 fn stop_is_idempotent_and_pending_jobs_stop_at_once() {
     let mut cluster = cluster(&[("node-0", 1)]);
     cluster.submit(job("waiting", 2, 1, 1), 1);
