@@ -11,8 +11,9 @@
 //!   `Succeeded`;
 //! - the same job held running, then one placed node's agent killed: the
 //!   kill to the last start of the new attempt (one spare node registered);
-//! - metric reports from every rank, one batch a second each: batches
-//!   accepted per second and the cores they cost;
+//! - metric reports from every rank, one batch a second each, relayed as
+//!   agents do (one call a second per node carrying its ranks' batches):
+//!   batches accepted per second and the cores they cost;
 //! - etcd's database size and its write rate (revisions per second).
 //!
 //! Every phase is bounded; a size that misses a bound is reported as such
@@ -647,12 +648,18 @@ async fn measure(args: &Args, nodes: u32, pki: &std::path::Path) -> anyhow::Resu
         last_start.map_or(0.0, |at| at.duration_since(killed).as_secs_f64()),
     );
 
-    // Metric reports: every rank of the re-placed job, a batch a second.
+    // Metric reports: every rank of the re-placed job, a batch a second,
+    // as agents relay them: one call a second per node with its ranks'
+    // batches.
     let secret = stack.credentials.pki.rank_secret()?;
     let token = flamingo_security::RankToken::mint(&secret, &job_id, 1, 3600);
     let stop = CancellationToken::new();
     let mut reporters = Vec::new();
-    for agent in agents.iter().filter(|agent| !agent.killed.is_cancelled()) {
+    for (index, agent) in agents
+        .iter()
+        .filter(|agent| !agent.killed.is_cancelled())
+        .enumerate()
+    {
         let ranks: Vec<u32> = agent
             .running
             .lock()
@@ -661,17 +668,21 @@ async fn measure(args: &Args, nodes: u32, pki: &std::path::Path) -> anyhow::Resu
             .filter(|rank| rank.job_id == job_id && rank.attempt == 1)
             .map(|rank| rank.rank)
             .collect();
-        for rank in ranks {
-            let (agent, observed, stop) = (agent.clone(), observed.clone(), stop.clone());
-            let (job_id, token) = (job_id.clone(), token.clone());
-            reporters.push(tokio::spawn(async move {
-                let mut ticker = tokio::time::interval(Duration::from_secs(1));
-                // Spread the ranks over the second, as real ones are.
-                tokio::time::sleep(Duration::from_millis(u64::from(rank) * 7919 % 1000)).await;
-                let mut step = 0u64;
-                while !stop.is_cancelled() {
-                    ticker.tick().await;
-                    let batch = pb::MetricsBatch {
+        if ranks.is_empty() {
+            continue;
+        }
+        let (agent, observed, stop) = (agent.clone(), observed.clone(), stop.clone());
+        let (job_id, token) = (job_id.clone(), token.clone());
+        reporters.push(tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_secs(1));
+            // Spread the nodes over the second, as real ones are.
+            tokio::time::sleep(Duration::from_millis(index as u64 * 7919 % 1000)).await;
+            let mut step = 0u64;
+            while !stop.is_cancelled() {
+                ticker.tick().await;
+                let batches: Vec<pb::MetricsBatch> = ranks
+                    .iter()
+                    .map(|&rank| pb::MetricsBatch {
                         node_id: agent.id.clone(),
                         job_id: job_id.clone(),
                         rank,
@@ -688,15 +699,34 @@ async fn measure(args: &Args, nodes: u32, pki: &std::path::Path) -> anyhow::Resu
                             .into(),
                         }],
                         ..Default::default()
-                    };
-                    match agent.client.clone().report_metrics_batch(batch).await {
-                        Ok(_) => observed.metrics_sent.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => observed.metrics_failed.fetch_add(1, Ordering::Relaxed),
-                    };
-                    step += 1;
-                }
-            }));
-        }
+                    })
+                    .collect();
+                let count = batches.len() as u64;
+                let sent = agent
+                    .client
+                    .clone()
+                    .report_node_metrics(pb::NodeMetrics {
+                        node_id: agent.id.clone(),
+                        batches,
+                    })
+                    .await;
+                match sent {
+                    Ok(response) => {
+                        let refused = u64::from(response.get_ref().refused);
+                        observed
+                            .metrics_sent
+                            .fetch_add(count - refused, Ordering::Relaxed);
+                        observed
+                            .metrics_failed
+                            .fetch_add(refused, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        observed.metrics_failed.fetch_add(count, Ordering::Relaxed);
+                    }
+                };
+                step += 1;
+            }
+        }));
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let sent_before = observed.metrics_sent.load(Ordering::Relaxed);

@@ -582,6 +582,13 @@ mod tests {
         job.ranks[9].exit_code = None;
         job.ranks[9].signal = Some(9);
         job.ranks[10].message = "node node-0001 lost: gone".into();
+        for record in job
+            .ranks
+            .iter_mut()
+            .filter(|r| r.state == RankState::Running)
+        {
+            record.pid = Some(40_000 + record.rank);
+        }
         let json = serde_json::to_string(&job).expect("serialises");
         assert!(
             json.len() < 4096 * 16,
@@ -718,8 +725,8 @@ mod tests {
 /// and node-major (rank `r` on the `r / slots`-th node), so the ranks are
 /// the node list, one letter of state per rank (`A`ssigned, `R`unning,
 /// e`X`ited, `L`ost), and the few ranks with something more to say: an
-/// exit other than a clean one, a message. Process ids are not stored (they
-/// are for display; agents know their processes). A record laid out
+/// exit other than a clean one, a message; and the process ids while any
+/// rank has one. A record laid out
 /// otherwise, or one written as a list of rank objects, reads and writes as
 /// that list.
 pub mod compact_ranks {
@@ -739,6 +746,10 @@ pub mod compact_ranks {
         exits: Vec<(u32, Option<i32>, Option<i32>)>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         messages: Vec<(u32, String)>,
+        /// Each rank's process id, 0 for none (omitted when no rank has
+        /// one): a coordinator that restarts shows the same processes.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pids: Vec<u32>,
     }
 
     #[derive(Serialize, Deserialize)]
@@ -771,6 +782,8 @@ pub mod compact_ranks {
         let mut states = String::with_capacity(ranks.len());
         let mut exits = Vec::new();
         let mut messages = Vec::new();
+        let mut pids = Vec::new();
+        let any_pid = ranks.iter().any(|rank| rank.pid.is_some());
         for (index, rank) in ranks.iter().enumerate() {
             let block = index / slots;
             if index % slots == 0 {
@@ -794,6 +807,9 @@ pub mod compact_ranks {
             if !rank.message.is_empty() {
                 messages.push((rank.rank, rank.message.clone()));
             }
+            if any_pid {
+                pids.push(rank.pid.unwrap_or(0));
+            }
         }
         Some(Compact {
             slots: slots as u32,
@@ -801,6 +817,7 @@ pub mod compact_ranks {
             states,
             exits,
             messages,
+            pids,
         })
     }
 
@@ -864,6 +881,9 @@ pub mod compact_ranks {
             if let Some(record) = ranks.get_mut(rank as usize) {
                 record.message = message;
             }
+        }
+        for (record, pid) in ranks.iter_mut().zip(compact.pids) {
+            record.pid = (pid != 0).then_some(pid);
         }
         Ok(ranks)
     }

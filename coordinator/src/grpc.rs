@@ -414,45 +414,38 @@ impl pb::node_service_server::NodeService for NodeApi {
         let batch = request.get_ref();
         self.authorize_rank(&request, &batch.job_id, batch.attempt, &batch.rank_token)
             .await?;
-        let batch = request.into_inner();
-        let job_id = JobId(batch.job_id);
-        let (rank, attempt) = (batch.rank, batch.attempt);
-        let count = batch.samples.len();
-        let mut points: Vec<crate::metrics::Point> = batch
-            .samples
-            .into_iter()
-            .map(|sample| crate::metrics::Point {
-                step: sample.step,
-                rank,
-                attempt,
-                unix_ms: sample.unix_ms,
-                values: sample.values.into_iter().collect(),
-            })
-            .collect();
-        if let Some(last) = points.last_mut() {
-            last.values
-                .insert(crate::metrics::DROPPED.to_string(), batch.dropped as f64);
-        }
-        let notes: Vec<crate::metrics::StoredEvent> = batch
-            .notes
-            .into_iter()
-            .map(|note| crate::metrics::StoredEvent {
-                unix_ms: note.unix_ms,
-                kind: flamingo_common::EventKind::parse(&note.kind),
-                message: format!("rank {rank}: {}", note.message),
-                seq: None,
-                step: Some(note.step),
-                rank: Some(rank),
-                attempt,
-            })
-            .collect();
-        let last_step = points.last().map(|point| point.step);
-        self.0.record_batch(&job_id, points, notes).await;
-        tracing::debug!(job = %job_id, rank, count, "metrics batch");
-        if let (0, Some(step)) = (rank, last_step) {
-            self.0.progress(&job_id, attempt, step).await;
-        }
+        self.store_batches(vec![request.into_inner()]).await;
         Ok(Response::new(pb::MetricsReportResponse {}))
+    }
+
+    async fn report_node_metrics(
+        &self,
+        request: Request<pb::NodeMetrics>,
+    ) -> Result<Response<pb::NodeMetricsResponse>, Status> {
+        let node_id = request.get_ref().node_id.clone();
+        self.1.node(&request, &node_id)?;
+        let mut accepted = Vec::with_capacity(request.get_ref().batches.len());
+        let mut refused = 0u32;
+        let batches = std::mem::take(&mut request.into_inner().batches);
+        // The node's own certificate was checked above; each batch needs
+        // its rank's credential for a live attempt.
+        for batch in batches {
+            let allowed = batch.node_id == node_id
+                && self
+                    .authorize_rank_token(&batch.job_id, batch.attempt, &batch.rank_token)
+                    .await
+                    .is_ok();
+            if allowed {
+                accepted.push(batch);
+            } else {
+                refused += 1;
+            }
+        }
+        if refused > 0 {
+            tracing::debug!(node = %node_id, refused, "metrics batches refused");
+        }
+        self.store_batches(accepted).await;
+        Ok(Response::new(pb::NodeMetricsResponse { refused }))
     }
 
     async fn commit_checkpoint(
@@ -505,6 +498,70 @@ impl NodeApi {
         token: &str,
     ) -> Result<(), Status> {
         self.1.rank(request, job_id, attempt, token)?;
+        self.live_attempt(job_id, attempt).await
+    }
+
+    /// A batch an agent forwards: its rank's credential for a live attempt
+    /// (the agent's own certificate was checked for the call).
+    async fn authorize_rank_token(
+        &self,
+        job_id: &str,
+        attempt: u32,
+        token: &str,
+    ) -> Result<(), Status> {
+        self.1.rank_token(job_id, attempt, token)?;
+        self.live_attempt(job_id, attempt).await
+    }
+
+    /// Stores ranks' batches (their points and notes); rank 0's last step
+    /// is its job's progress.
+    async fn store_batches(&self, batches: Vec<pb::MetricsBatch>) {
+        let mut stored = Vec::with_capacity(batches.len());
+        let mut progress = Vec::new();
+        for batch in batches {
+            let job_id = JobId(batch.job_id);
+            let (rank, attempt) = (batch.rank, batch.attempt);
+            let mut points: Vec<crate::metrics::Point> = batch
+                .samples
+                .into_iter()
+                .map(|sample| crate::metrics::Point {
+                    step: sample.step,
+                    rank,
+                    attempt,
+                    unix_ms: sample.unix_ms,
+                    values: sample.values.into_iter().collect(),
+                })
+                .collect();
+            if let Some(last) = points.last_mut() {
+                last.values
+                    .insert(crate::metrics::DROPPED.to_string(), batch.dropped as f64);
+            }
+            let notes: Vec<crate::metrics::StoredEvent> = batch
+                .notes
+                .into_iter()
+                .map(|note| crate::metrics::StoredEvent {
+                    unix_ms: note.unix_ms,
+                    kind: flamingo_common::EventKind::parse(&note.kind),
+                    message: format!("rank {rank}: {}", note.message),
+                    seq: None,
+                    step: Some(note.step),
+                    rank: Some(rank),
+                    attempt,
+                })
+                .collect();
+            if let (0, Some(point)) = (rank, points.last()) {
+                progress.push((job_id.clone(), attempt, point.step));
+            }
+            stored.push((job_id, points, notes));
+        }
+        self.0.record_batches(stored).await;
+        for (job_id, attempt, step) in progress {
+            self.0.progress(&job_id, attempt, step).await;
+        }
+    }
+
+    /// The attempt is the job's current one and the job has not ended.
+    async fn live_attempt(&self, job_id: &str, attempt: u32) -> Result<(), Status> {
         let (current, state) = self.0.job_attempt(&JobId(job_id.to_string())).await?;
         if current != attempt || state.is_terminal() {
             return Err(Status::permission_denied(format!(

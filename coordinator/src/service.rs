@@ -86,7 +86,7 @@ type QueuedMetrics = (
     JobId,
     Vec<crate::metrics::Point>,
     Vec<crate::metrics::StoredEvent>,
-    oneshot::Sender<()>,
+    Option<oneshot::Sender<()>>,
 );
 
 impl Coordinator {
@@ -659,22 +659,38 @@ impl Coordinator {
         }
     }
 
-    /// Stores a rank's batch of reports and notes; a failure to store is
+    /// Stores ranks' batches of reports and notes; a failure to store is
     /// logged, never sent back to the rank. Batches that arrive together
     /// are written together (one append per job, on the blocking pool, by
     /// [`Self::metrics_loop`]); the call returns once its batch is stored,
     /// so a read after it sees it.
-    pub async fn record_batch(
+    pub async fn record_batches(
         &self,
-        job_id: &JobId,
-        points: Vec<crate::metrics::Point>,
-        notes: Vec<crate::metrics::StoredEvent>,
+        batches: Vec<(
+            JobId,
+            Vec<crate::metrics::Point>,
+            Vec<crate::metrics::StoredEvent>,
+        )>,
     ) {
+        if batches.is_empty() {
+            return;
+        }
         let (done, stored) = oneshot::channel();
-        self.metrics_queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((job_id.clone(), points, notes, done));
+        {
+            // All under one hold of the queue, so the writer takes them in
+            // one round; the last carries the call's waiter.
+            let mut queue = self.metrics_queue.lock().unwrap_or_else(|e| e.into_inner());
+            let mut done = Some(done);
+            let count = batches.len();
+            for (index, (job_id, points, notes)) in batches.into_iter().enumerate() {
+                let waiter = if index + 1 == count {
+                    done.take()
+                } else {
+                    None
+                };
+                queue.push((job_id, points, notes, waiter));
+            }
+        }
         self.metrics_ready.notify_one();
         let _ = stored.await;
     }
@@ -712,7 +728,7 @@ impl Coordinator {
             if let Err(error) = written {
                 tracing::warn!(%error, "metrics writer failed");
             }
-            for waiter in waiters {
+            for waiter in waiters.into_iter().flatten() {
                 let _ = waiter.send(());
             }
             if stopping {

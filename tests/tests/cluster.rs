@@ -488,8 +488,12 @@ async fn unknown_job_and_bad_launches_are_explained() {
     assert!(String::from_utf8_lossy(&zero.stderr).contains("invalid nodes: must be at least 1"));
 }
 
+/// Whether a node lives is kept in the coordinator's memory: one that
+/// starts (after any downtime) gives every node a full lease. Nodes whose
+/// agents come back carry on; one that died while no coordinator was up is
+/// lost a lease after the start, and its job fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn coordinator_down_past_the_ttl_fails_jobs_and_agents_rejoin() {
+async fn coordinator_down_past_the_ttl_loses_only_the_nodes_that_did_not_come_back() {
     let ttl = 3;
     let mut sandbox = ClusterSandbox::start(SandboxOptions {
         nodes: 2,
@@ -510,9 +514,12 @@ async fn coordinator_down_past_the_ttl_fails_jobs_and_agents_rejoin() {
     let pids: Vec<u32> = running.ranks.iter().map(|rank| rank.pid.unwrap()).collect();
     drop(session);
 
-    // No coordinator, no keep-alives: both node leases expire in etcd.
+    // The coordinator is down past the TTL, and node-1's agent dies (its
+    // rank with it) meanwhile.
     sandbox.kill_coordinator();
+    sandbox.kill_agent("node-1");
     tokio::time::sleep(Duration::from_secs(u64::from(ttl) + 2)).await;
+    let restarted = Instant::now();
     sandbox.start_coordinator().unwrap();
 
     let failed = sandbox
@@ -521,8 +528,25 @@ async fn coordinator_down_past_the_ttl_fails_jobs_and_agents_rejoin() {
         })
         .await
         .unwrap();
-    assert!(failed.message.contains("lost"), "{}", failed.message);
-    // The agents register again and kill the ranks of the failed job.
+    assert!(
+        failed
+            .message
+            .contains("node node-1 lost: no heartbeat for 3 s"),
+        "{}",
+        failed.message
+    );
+    assert!(
+        restarted.elapsed() >= Duration::from_secs(u64::from(ttl)),
+        "node-1 had a full lease from the coordinator's start"
+    );
+    // node-0 came back and stays; node-1's agent registers again.
+    let nodes = sandbox.session().await.unwrap().nodes().await.unwrap();
+    assert!(
+        nodes.iter().any(|node| node.node_id == "node-0"),
+        "{nodes:?}"
+    );
+    sandbox.add_agent("node-1", &[]).unwrap();
+    // node-0's agent kills the failed job's rank.
     sandbox.wait_for_nodes(2).await.unwrap();
     let started = Instant::now();
     while pids.iter().any(|&pid| alive(pid)) && started.elapsed() < Duration::from_secs(15) {

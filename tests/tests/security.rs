@@ -332,6 +332,46 @@ async fn a_node_certificate_speaks_only_for_its_node() {
         .await
         .expect_err("report another node's rank");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    // Relayed metrics: only a node's own certificate may send its node's
+    // batches, and each batch needs its rank's credential.
+    let batch = |node: &str, token: String| pb::MetricsBatch {
+        node_id: node.into(),
+        job_id: job.id.clone(),
+        rank: 0,
+        attempt: 0,
+        rank_token: token,
+        samples: vec![pb::MetricSample {
+            step: 1,
+            unix_ms: 1,
+            values: [("loss".to_string(), 1.0)].into(),
+        }],
+        ..Default::default()
+    };
+    let status = impostor
+        .report_node_metrics(pb::NodeMetrics {
+            node_id: "node-0".into(),
+            batches: vec![batch("node-0", sandbox.rank_token(&job.id, 0))],
+        })
+        .await
+        .expect_err("relay another node's metrics");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    let refused = impostor
+        .report_node_metrics(pb::NodeMetrics {
+            node_id: "node-1".into(),
+            batches: vec![
+                batch("node-1", "v1:forged:0:0:00".into()),
+                batch("node-0", sandbox.rank_token(&job.id, 0)),
+                batch("node-1", sandbox.rank_token(&job.id, 7)),
+            ],
+        })
+        .await
+        .expect("answered")
+        .into_inner()
+        .refused;
+    assert_eq!(
+        refused, 3,
+        "a forged credential, another node's batch, a stale attempt"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let now = sandbox
         .session()
@@ -400,9 +440,14 @@ async fn a_node_certificate_speaks_only_for_its_node() {
             .connect()
             .await
             .expect("agent reachable");
-    let status = read(as_node, &job.id)
+    let status = read(as_node.clone(), &job.id)
         .await
         .expect_err("another node reads logs");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    let status = pb::agent_service_client::AgentServiceClient::new(as_node)
+        .report_metrics_batch(batch("node-1", sandbox.rank_token(&job.id, 0)))
+        .await
+        .expect_err("another node's rank hands node-0's agent metrics");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     let status = admin
         .job_logs(pb::JobLogsRequest {

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -179,7 +180,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     .connect_timeout(Duration::from_secs(2))
     .connect_lazy();
     let client = NodeServiceClient::new(channel);
-    let (reports_tx, backlog) = reporter::spawn(client.clone(), node_id.clone());
+    let relay = Arc::new(crate::relay::Relay::new(node_id.clone(), client.clone()));
+    let (reports_tx, backlog) = reporter::spawn(client.clone(), node_id.clone(), relay.clone());
     let ranks = Ranks::new(
         state_dir.clone(),
         config.address.clone(),
@@ -190,7 +192,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         config.tls.clone(),
     )?;
     let servers = CancellationToken::new();
-    let (agent_endpoint, log_server) = serve_logs(&config, &state_dir, &ranks, &servers).await?;
+    let (agent_endpoint, log_server) =
+        serve_logs(&config, &state_dir, &ranks, &relay, &servers).await?;
+    ranks.set_agent_endpoint(&agent_endpoint);
+    let relay_task = tokio::spawn(relay.clone().run(servers.clone()));
     tokio::spawn(crate::logs::rotate_logs(
         state_dir.clone(),
         config.rank_log_max_bytes,
@@ -230,6 +235,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     agent.stop(&backlog).await;
     servers.cancel();
     let _ = log_server.await;
+    let _ = relay_task.await;
     drain_watch.abort();
     tracing::info!(node = %node_id, "agent stopped");
     outcome
@@ -241,6 +247,7 @@ async fn serve_logs(
     config: &AgentConfig,
     state_dir: &std::path::Path,
     ranks: &Ranks,
+    relay: &Arc<crate::relay::Relay>,
     stop: &CancellationToken,
 ) -> anyhow::Result<(
     String,
@@ -262,6 +269,8 @@ async fn serve_logs(
         state_dir: state_dir.to_path_buf(),
         ranks: ranks.clone(),
         secure: tls.is_some(),
+        node_id: config.node_id(),
+        relay: relay.clone(),
     };
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {

@@ -1,5 +1,6 @@
 //! The agent's own gRPC service: rank logs, read (and followed) from disk,
-//! for the coordinator to proxy to `flamingoctl logs`.
+//! for the coordinator to proxy to `flamingoctl logs`; and the node's ranks'
+//! metrics batches, relayed to the coordinator (see [`crate::relay`]).
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -19,9 +20,33 @@ pub struct LogService {
     /// Over mutual TLS: only the coordinator (which checked the user) or
     /// an admin may read.
     pub secure: bool,
+    /// This node, whose ranks (holding its certificate) hand their metrics
+    /// batches to `relay`.
+    pub node_id: String,
+    pub relay: std::sync::Arc<crate::relay::Relay>,
 }
 
 impl LogService {
+    /// A rank of this node: it holds the node's own certificate.
+    fn authorize_rank<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if !self.secure {
+            return Ok(());
+        }
+        let cert = request
+            .peer_certs()
+            .and_then(|certs| certs.first().cloned())
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let peer = flamingo_security::PeerCertificate::from_der(&cert)
+            .map_err(|error| Status::unauthenticated(error.to_string()))?;
+        match peer.identity {
+            flamingo_security::Identity::Node { ref id } if *id == self.node_id => Ok(()),
+            other => Err(Status::permission_denied(format!(
+                "metrics come from this node's ranks (node {}'s certificate); not from {other}",
+                self.node_id
+            ))),
+        }
+    }
+
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
         if !self.secure {
             return Ok(());
@@ -134,6 +159,19 @@ pub async fn rotate_logs(
 #[tonic::async_trait]
 impl pb::agent_service_server::AgentService for LogService {
     type ReadLogStream = ChunkStream;
+
+    async fn report_metrics_batch(
+        &self,
+        request: Request<pb::MetricsBatch>,
+    ) -> Result<Response<pb::MetricsReportResponse>, Status> {
+        self.authorize_rank(&request)?;
+        let mut batch = request.into_inner();
+        // The coordinator checks the batch's rank credential; the node is
+        // this one.
+        batch.node_id = self.node_id.clone();
+        self.relay.push(batch)?;
+        Ok(Response::new(pb::MetricsReportResponse {}))
+    }
 
     async fn read_log(
         &self,

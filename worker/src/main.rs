@@ -5,6 +5,7 @@ mod agent;
 mod collective_check;
 mod logs;
 mod ranks;
+mod relay;
 mod reporter;
 mod train;
 

@@ -64,6 +64,9 @@ pub struct Ranks {
     tls_env: Vec<(&'static str, PathBuf)>,
     table: Arc<Mutex<Table>>,
     report_keys_tx: mpsc::UnboundedSender<(RankKey, pb::rank_report::Event)>,
+    /// The agent's own service, where ranks hand in their metrics
+    /// (`FLAMINGO_AGENT_ENDPOINT`); set once it listens.
+    agent_endpoint: Arc<std::sync::OnceLock<String>>,
 }
 
 impl Ranks {
@@ -87,7 +90,13 @@ impl Ranks {
             tls_env: tls.env(),
             table: Arc::new(Mutex::new(Table::default())),
             report_keys_tx,
+            agent_endpoint: Arc::default(),
         })
+    }
+
+    /// Where this node's ranks send their metrics (the agent's service).
+    pub fn set_agent_endpoint(&self, endpoint: &str) {
+        let _ = self.agent_endpoint.set(endpoint.to_string());
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -368,6 +377,10 @@ impl Ranks {
             assignment.fallback_checkpoints.join("\n"),
         )
         .env("FLAMINGO_JOB_COORDINATOR", &self.coordinator)
+        .env(
+            "FLAMINGO_AGENT_ENDPOINT",
+            self.agent_endpoint.get().map_or("", String::as_str),
+        )
         .env("FLAMINGO_NODE_ID", &self.node_id)
         // The node's certificate and the attempt's credential: ranks reach
         // the coordinator and the data service with them.

@@ -1,6 +1,6 @@
 //! Delivers rank reports to the coordinator in order, retrying through
 //! coordinator restarts: an exit that happened while no coordinator was up
-//! still arrives.
+//! still arrives. An exit goes after the node's queued metrics batches.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -27,6 +27,7 @@ impl Backlog {
 pub fn spawn(
     client: NodeServiceClient<Channel>,
     node_id: String,
+    relay: Arc<crate::relay::Relay>,
 ) -> (
     mpsc::UnboundedSender<(RankKey, pb::rank_report::Event)>,
     Backlog,
@@ -47,6 +48,10 @@ pub fn spawn(
     let counter = backlog.clone();
     tokio::spawn(async move {
         while let Some(((job_id, attempt, rank), event)) = counted_rx.recv().await {
+            // The rank's last metrics go out before its exit is reported.
+            if matches!(event, pb::rank_report::Event::Exited(_)) {
+                relay.flush().await;
+            }
             let report = pb::RankReport {
                 node_id: node_id.clone(),
                 job_id: job_id.0.clone(),

@@ -13,6 +13,7 @@ use flamingo_collectives::{Backend, ProcessGroup, ProcessGroupConfig};
 use flamingo_common::train::TrainJob;
 use flamingo_engine::run::{ClusterLink, RunEnd, PREEMPTED_EXIT_CODE};
 use flamingo_proto::v1 as pb;
+use flamingo_proto::v1::agent_service_client::AgentServiceClient;
 use flamingo_proto::v1::node_service_client::NodeServiceClient;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
@@ -51,6 +52,22 @@ enum Report {
     Note(pb::RankNote),
 }
 
+/// Where a rank's metrics batches go: its node's agent, or the coordinator.
+enum MetricsSink {
+    Agent(AgentServiceClient<Channel>),
+    Coordinator(NodeServiceClient<Channel>),
+}
+
+impl MetricsSink {
+    async fn send(&self, batch: pb::MetricsBatch) -> Result<(), tonic::Status> {
+        match self {
+            MetricsSink::Agent(client) => client.clone().report_metrics_batch(batch).await?,
+            MetricsSink::Coordinator(client) => client.clone().report_metrics_batch(batch).await?,
+        };
+        Ok(())
+    }
+}
+
 /// Reports queued at most (about a minute of steps at 10 per second).
 const REPORT_QUEUE: usize = 512;
 /// How often queued reports go out, as one batch.
@@ -82,6 +99,25 @@ impl CoordinatorLink {
             .connect_lazy()
         };
         let client = NodeServiceClient::new(channel);
+        // Batches go to this node's agent, which sends its node's batches
+        // to the coordinator together; straight to the coordinator when no
+        // agent started the rank.
+        let sink = match std::env::var("FLAMINGO_AGENT_ENDPOINT") {
+            Ok(agent) if !agent.is_empty() => {
+                let _entered = runtime.enter();
+                let channel = flamingo_security::endpoint(
+                    &agent,
+                    tls.as_ref(),
+                    flamingo_security::AGENT_NAME,
+                )
+                .map_err(|error| anyhow::anyhow!("FLAMINGO_AGENT_ENDPOINT '{agent}': {error}"))?
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(10))
+                .connect_lazy();
+                MetricsSink::Agent(AgentServiceClient::new(channel))
+            }
+            _ => MetricsSink::Coordinator(client.clone()),
+        };
         // Reports go out in batches from a background task; a step only
         // ever does a non-blocking send into a bounded queue.
         let (reports, reports_rx) = mpsc::channel::<Report>(REPORT_QUEUE);
@@ -94,12 +130,7 @@ impl CoordinatorLink {
             rank_token: token.clone(),
             ..pb::MetricsBatch::default()
         };
-        let sender = runtime.spawn(send_batches(
-            client.clone(),
-            template,
-            reports_rx,
-            dropped.clone(),
-        ));
+        let sender = runtime.spawn(send_batches(sink, template, reports_rx, dropped.clone()));
         let fallbacks = var("FLAMINGO_RESUME_FALLBACKS")
             .lines()
             .filter(|line| !line.is_empty())
@@ -144,7 +175,7 @@ impl CoordinatorLink {
 /// coordinator did not take is dropped and counted (the next one may get
 /// through), so a down coordinator costs memory for one queue, no more.
 async fn send_batches(
-    client: NodeServiceClient<Channel>,
+    sink: MetricsSink,
     template: pb::MetricsBatch,
     mut reports: mpsc::Receiver<Report>,
     dropped: Arc<AtomicU64>,
@@ -169,7 +200,7 @@ async fn send_batches(
         }
         let count = batch.samples.len() as u64;
         batch.dropped = dropped.load(Ordering::Relaxed);
-        if client.clone().report_metrics_batch(batch).await.is_err() {
+        if sink.send(batch).await.is_err() {
             dropped.fetch_add(count, Ordering::Relaxed);
         }
     }
