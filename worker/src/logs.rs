@@ -26,19 +26,24 @@ pub struct LogService {
     pub relay: std::sync::Arc<crate::relay::Relay>,
 }
 
+/// Who holds the client certificate of `request`.
+fn peer_identity<T>(request: &Request<T>) -> Result<flamingo_security::Identity, Status> {
+    let cert = request
+        .peer_certs()
+        .and_then(|certs| certs.first().cloned())
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    let peer = flamingo_security::PeerCertificate::from_der(&cert)
+        .map_err(|error| Status::unauthenticated(error.to_string()))?;
+    Ok(peer.identity)
+}
+
 impl LogService {
     /// A rank of this node: it holds the node's own certificate.
     fn authorize_rank<T>(&self, request: &Request<T>) -> Result<(), Status> {
         if !self.secure {
             return Ok(());
         }
-        let cert = request
-            .peer_certs()
-            .and_then(|certs| certs.first().cloned())
-            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-        let peer = flamingo_security::PeerCertificate::from_der(&cert)
-            .map_err(|error| Status::unauthenticated(error.to_string()))?;
-        match peer.identity {
+        match peer_identity(request)? {
             flamingo_security::Identity::Node { ref id } if *id == self.node_id => Ok(()),
             other => Err(Status::permission_denied(format!(
                 "metrics come from this node's ranks (node {}'s certificate); not from {other}",
@@ -51,13 +56,7 @@ impl LogService {
         if !self.secure {
             return Ok(());
         }
-        let cert = request
-            .peer_certs()
-            .and_then(|certs| certs.first().cloned())
-            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-        let peer = flamingo_security::PeerCertificate::from_der(&cert)
-            .map_err(|error| Status::unauthenticated(error.to_string()))?;
-        match peer.identity {
+        match peer_identity(request)? {
             flamingo_security::Identity::Service { ref name } if name == "coordinator" => Ok(()),
             flamingo_security::Identity::User {
                 role: flamingo_security::Role::Admin,
