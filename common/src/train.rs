@@ -167,6 +167,11 @@ train_job! {
     seed: u64 = 42,
     /// A checkpoint folder, or a run folder (its latest checkpoint).
     resume_from_checkpoint: Option<PathBuf> = None,
+    /// Where the run's checkpoints go instead of its folder: an object-store
+    /// URL (`s3://bucket/prefix`, `gs://…`, `az://…`); they are
+    /// `<url>/<run_name>/checkpoints/step-…/`, each committed by its
+    /// manifest, written last.
+    checkpoint_store: Option<String> = None,
     /// Delete the previous checkpoint after each save (single machine).
     delete_previous_checkpoint: bool = false,
     /// Train no embedding rows (not even `<image>` and `<|endofchunk|>`).
@@ -205,10 +210,19 @@ impl TrainJob {
         self.runs_dir.join(&self.run_name)
     }
 
+    /// Where the run's checkpoints and its `latest` pointer live: the run
+    /// folder, or `<checkpoint_store>/<run_name>` (a URL held as a path).
+    pub fn checkpoint_run(&self) -> PathBuf {
+        match &self.checkpoint_store {
+            Some(store) => PathBuf::from(store.trim_end_matches('/')).join(&self.run_name),
+            None => self.run_dir(),
+        }
+    }
+
     /// The folder of the run's checkpoint at `step`: the only path a rank
     /// may commit for it, and so the only kind retention deletes.
     pub fn checkpoint_dir(&self, step: u64) -> PathBuf {
-        self.run_dir()
+        self.checkpoint_run()
             .join("checkpoints")
             .join(format!("step-{step:08}"))
     }
@@ -269,6 +283,23 @@ impl TrainJob {
                     self.run_name
                 ),
             ));
+        }
+        if let Some(store) = &self.checkpoint_store {
+            let scheme = store.split_once("://").map(|(scheme, _)| scheme);
+            if !matches!(
+                scheme,
+                Some("s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "azure")
+            ) || store
+                .split_once("://")
+                .is_some_and(|(_, rest)| rest.trim_matches('/').is_empty())
+            {
+                return Err(CommonError::invalid(
+                    "checkpoint_store",
+                    format!(
+                        "'{store}' is not an object-store URL: give s3://bucket/prefix (or gs://, az://); for a local disk leave it out and set runs_dir"
+                    ),
+                ));
+            }
         }
         let datasets = self.datasets();
         if datasets.is_empty() {
@@ -419,6 +450,26 @@ mod tests {
             ..laion(8, 2)
         };
         assert!(field(fp16, 1).starts_with("precision: use fp32 or amp_bf16"));
+        for store in ["/mnt/checkpoints", "file:///mnt/c", "s3://", "ftp://host/x"] {
+            let job = TrainJob {
+                checkpoint_store: Some(store.into()),
+                ..laion(8, 2)
+            };
+            assert!(
+                field(job, 1).starts_with("checkpoint_store: "),
+                "{store} accepted"
+            );
+        }
+        let s3 = TrainJob {
+            checkpoint_store: Some("s3://bucket/runs/".into()),
+            run_name: "shapes".into(),
+            ..laion(8, 2)
+        };
+        assert_eq!(field(s3.clone(), 1), "ok");
+        assert_eq!(
+            s3.checkpoint_dir(3).display().to_string(),
+            "s3://bucket/runs/shapes/checkpoints/step-00000003"
+        );
     }
 
     #[test]

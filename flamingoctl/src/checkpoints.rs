@@ -10,16 +10,18 @@ use flamingo_engine::checkpoint;
 /// The checkpoint folder `run` names at `step` (default: the latest
 /// committed one).
 pub async fn resolve(address: &str, run: &Path, step: Option<u64>) -> anyhow::Result<PathBuf> {
-    // Not a folder here: a job id whose checkpoints etcd knows.
-    let run = if run.exists() {
+    // Not a folder here (nor an object-store URL): a job id whose
+    // checkpoints etcd knows.
+    let run = if run.exists() || checkpoint::object::is_url(run) {
         run.to_path_buf()
     } else {
         committed(address, &run.display().to_string(), step).await?
     };
-    let step = step.filter(|_| !run.join("manifest.json").exists());
+    let is_checkpoint = checkpoint::is_committed(&run);
+    let step = step.filter(|_| !is_checkpoint);
     match step {
         Some(step) => at_step(&run, step),
-        None if run.join("manifest.json").exists() => Ok(run),
+        None if is_checkpoint => Ok(run),
         None => checkpoint::latest(&run)
             .ok_or_else(|| anyhow::anyhow!("{}: no committed checkpoint", run.display())),
     }
@@ -48,18 +50,14 @@ async fn committed(address: &str, job: &str, step: Option<u64>) -> anyhow::Resul
 /// none at that step.
 fn at_step(run: &Path, step: u64) -> anyhow::Result<PathBuf> {
     let dir = checkpoint::checkpoint_dir(run, step);
-    if dir.join("manifest.json").exists() {
+    if checkpoint::is_committed(&dir) {
         return Ok(dir);
     }
-    let mut committed: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
-        .map(|entries| {
-            entries
-                .filter_map(|entry| entry.ok())
-                .map(|entry| entry.file_name().to_string_lossy().into_owned())
-                .filter(|name| name.starts_with("step-"))
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut committed: Vec<String> = checkpoint::committed(run)
+        .iter()
+        .filter_map(|path| path.file_name())
+        .map(|name| name.to_string_lossy().into_owned())
+        .collect();
     committed.sort();
     bail!(
         "{}: no checkpoint at step {step} (there: {})",

@@ -162,13 +162,7 @@ impl EvalArgs {
         let (mut spec, spec_path) = match (&self.model, checkpoint) {
             (_, Some(dir)) => {
                 let manifest_path = dir.join("manifest.json");
-                let manifest: flamingo_engine::checkpoint::Manifest = serde_json::from_str(
-                    &std::fs::read_to_string(&manifest_path)
-                        .with_context(|| format!("reading {}", manifest_path.display()))?,
-                )
-                .with_context(|| {
-                    format!("{}: not a checkpoint manifest", manifest_path.display())
-                })?;
+                let manifest = flamingo_engine::checkpoint::read_manifest(dir)?;
                 let model = manifest.config["model"].as_str().ok_or_else(|| {
                     anyhow::anyhow!(
                         "{}: the run config names no model spec",
@@ -372,12 +366,7 @@ pub async fn report(
     scored: &Scored,
 ) -> anyhow::Result<()> {
     use flamingo_proto::v1 as pb;
-    let manifest_path = checkpoint.join("manifest.json");
-    let manifest: flamingo_engine::checkpoint::Manifest = serde_json::from_str(
-        &std::fs::read_to_string(&manifest_path)
-            .with_context(|| format!("reading {}", manifest_path.display()))?,
-    )
-    .with_context(|| format!("{}: not a checkpoint manifest", manifest_path.display()))?;
+    let manifest = flamingo_engine::checkpoint::read_manifest(checkpoint)?;
     let report = pb::EvalReport {
         job_id: job.to_string(),
         step: manifest.step,

@@ -540,6 +540,30 @@ async fn an_elastic_job_continues_on_fewer_nodes_and_grows_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_checkpoint_falls_back_to_the_previous_committed_one() {
+    corrupt_checkpoint_falls_back(None).await;
+}
+
+/// The same with the checkpoints in a real S3-compatible server (moto):
+/// ranks upload their parts, rank 0 the manifest last, the coordinator
+/// commits the `s3://` folder, and a flipped byte in an object is caught.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_checkpoint_in_s3_falls_back_to_the_previous_committed_one() {
+    let s3 = flamingo_common::testing::S3Server::start("checkpoints");
+    // SAFETY: set before the sandbox starts any thread or process; the
+    // agents and their ranks inherit these.
+    unsafe {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "test");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
+        std::env::set_var("AWS_REGION", "us-east-1");
+        std::env::set_var("FLAMINGO_S3_ENDPOINT", &s3.endpoint);
+    }
+    corrupt_checkpoint_falls_back(Some("s3://checkpoints/runs")).await;
+}
+
+/// Flips a byte of a running job's latest committed checkpoint (in the run
+/// folder, or in `store`) and kills its ranks: the restart resumes from
+/// the previous committed checkpoint and says why in an event.
+async fn corrupt_checkpoint_falls_back(store: Option<&str>) {
     let sandbox = ClusterSandbox::start(SandboxOptions {
         nodes: 2,
         slots_per_node: 2,
@@ -549,7 +573,10 @@ async fn a_corrupt_checkpoint_falls_back_to_the_previous_committed_one() {
     .expect("sandbox");
     let dir = sandbox.path().to_path_buf();
     prepare(&dir);
-    let id = launch(&dir, &sandbox.coordinator_endpoint(), "2", "verify", &[]);
+    let extra: Vec<&str> = store
+        .map(|store| vec!["--checkpoint_store", store])
+        .unwrap_or_default();
+    let id = launch(&dir, &sandbox.coordinator_endpoint(), "2", "verify", &extra);
     let record = wait_for(
         &sandbox,
         &id,
@@ -570,11 +597,33 @@ async fn a_corrupt_checkpoint_falls_back_to_the_previous_committed_one() {
     let frozen = job(&sandbox, &id).await.expect("job");
     let latest = frozen.latest_checkpoint().expect("a checkpoint").clone();
     let previous = frozen.checkpoints[frozen.checkpoints.len() - 2].step;
-    let file = PathBuf::from(&latest.path).join("rank-1.safetensors");
-    let mut bytes = std::fs::read(&file).expect("rank 1's part");
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x40;
-    std::fs::write(&file, &bytes).expect("flipped");
+    let flip = |bytes: &mut Vec<u8>| {
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x40;
+    };
+    match store {
+        Some(store) => {
+            assert_eq!(
+                latest.path,
+                format!("{store}/verify/checkpoints/step-{:08}", latest.step)
+            );
+            let folder = flamingo_engine::checkpoint::object::Folder::open(Path::new(&latest.path))
+                .expect("the checkpoint's folder");
+            let mut bytes = folder
+                .get("rank-1.safetensors")
+                .expect("get")
+                .expect("rank 1's part");
+            flip(&mut bytes);
+            folder.put("rank-1.safetensors", bytes).expect("flipped");
+            assert!(!dir.join("runs/verify/checkpoints").exists());
+        }
+        None => {
+            let file = PathBuf::from(&latest.path).join("rank-1.safetensors");
+            let mut bytes = std::fs::read(&file).expect("rank 1's part");
+            flip(&mut bytes);
+            std::fs::write(&file, &bytes).expect("flipped");
+        }
+    }
     for pid in &pids {
         // SAFETY: as above.
         unsafe { libc::kill(*pid, libc::SIGKILL) };

@@ -203,7 +203,7 @@ fn commit(
             tracing::warn!(path = %retired.display(), "not deleting a retired checkpoint outside the run's checkpoints folder");
             continue;
         }
-        if let Err(error) = std::fs::remove_dir_all(&retired) {
+        if let Err(error) = checkpoint::remove(&retired) {
             tracing::warn!(path = %retired.display(), %error, "could not delete a retired checkpoint");
         }
     }

@@ -108,7 +108,8 @@ pub fn run_rank_with(
         hybrid: hybrid.as_ref(),
     };
     let mut started = setup::start(job, groups, world as u64)?;
-    setup::resume(job, &run_dir, &mut started, (rank, world), link)?;
+    let checkpoints = job.checkpoint_run();
+    setup::resume(job, &checkpoints, &mut started, (rank, world), link)?;
     if rank == 0 {
         setup::record_start(job, &run_dir, link, entered, started.trainer.step_count())?;
     }
@@ -119,6 +120,7 @@ pub fn run_rank_with(
         rank,
         world,
         run_dir: &run_dir,
+        checkpoints: &checkpoints,
     };
     let end = loop_.run(&mut started)?;
     if end == RunEnd::Finished {
@@ -135,6 +137,9 @@ struct StepLoop<'a> {
     rank: usize,
     world: usize,
     run_dir: &'a Path,
+    /// Where checkpoints go: the run folder, or its folder in the
+    /// checkpoint store.
+    checkpoints: &'a Path,
 }
 
 impl StepLoop<'_> {
@@ -191,7 +196,7 @@ impl StepLoop<'_> {
                     job,
                     &started.trainer,
                     self.group,
-                    self.run_dir,
+                    self.checkpoints,
                     cursors,
                     self.link,
                 )?;

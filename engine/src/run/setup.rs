@@ -87,7 +87,7 @@ fn resume_dir(job: &TrainJob, run_dir: &Path, cluster: bool) -> anyhow::Result<O
     let Some(dir) = resume else {
         return Ok(None);
     };
-    if dir.join("manifest.json").exists() {
+    if checkpoint::is_committed(&dir) {
         return Ok(Some(dir));
     }
     checkpoint::latest(&dir)

@@ -10,7 +10,11 @@
 //! Durability: every file is written to a temporary name, `fsync`ed,
 //! renamed into place, and its folder `fsync`ed — so after a power loss a
 //! name points at complete data, and the manifest (the commit point, which
-//! names the files) is on disk only after the files it names.
+//! names the files) is on disk only after the files it names. A run whose
+//! checkpoints go to an object store (`checkpoint_store`) keeps the same
+//! order with the store's guarantees instead ([`object`]).
+
+pub mod object;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -136,14 +140,21 @@ pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
 /// Writes this rank's part durably, and beside it (`rank-<r>.sum.json`)
 /// the file's size and CRC-32 for the manifest.
 pub fn write_rank(dir: &Path, rank: u64, state: (Tensor, Tensor, Tensor)) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    // The new folders' entries (`checkpoints/`, `step-…/`) are durable too.
-    for ancestor in dir.ancestors().skip(1).take(2) {
-        sync_dir(ancestor)?;
+    let name = format!("rank-{rank}.safetensors");
+    let remote = object::is_url(dir);
+    let staging = remote
+        .then(|| object::Staging::new("checkpoint"))
+        .transpose()?;
+    let local_dir = staging.as_ref().map_or(dir, |staging| staging.path());
+    if !remote {
+        std::fs::create_dir_all(dir)?;
+        // The new folders' entries (`checkpoints/`, `step-…/`) are durable too.
+        for ancestor in dir.ancestors().skip(1).take(2) {
+            sync_dir(ancestor)?;
+        }
     }
     let (parameters, exp_avg, exp_avg_sq) = state;
-    let name = format!("rank-{rank}.safetensors");
-    let temporary = dir.join(format!(".{name}.tmp"));
+    let temporary = local_dir.join(format!(".{name}.tmp"));
     Tensor::write_safetensors(
         &[
             ("parameters", parameters),
@@ -154,33 +165,77 @@ pub fn write_rank(dir: &Path, rank: u64, state: (Tensor, Tensor, Tensor)) -> std
     )
     .map_err(|error| std::io::Error::other(error.to_string()))?;
     // Summed from the page cache just after the write, before the rename
-    // makes the file visible under its name.
+    // (or upload) makes the file visible under its name.
     let mut sum = FileSum::of(&temporary)?;
     sum.name = name.clone();
-    std::fs::File::open(&temporary)?.sync_all()?;
-    std::fs::rename(&temporary, dir.join(&name))?;
-    sync_dir(dir)?;
-    write_durably(
-        &dir.join(format!("rank-{rank}.sum.json")),
+    if remote {
+        object::Folder::open(dir)?.upload(&name, &temporary)?;
+    } else {
+        std::fs::File::open(&temporary)?.sync_all()?;
+        std::fs::rename(&temporary, dir.join(&name))?;
+        sync_dir(dir)?;
+    }
+    write_file(
+        dir,
+        &format!("rank-{rank}.sum.json"),
         &serde_json::to_vec(&sum)?,
     )
+}
+
+/// Writes file `name` of the folder `location` durably: locally through
+/// [`write_durably`], in an object store as one PUT.
+fn write_file(location: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    if object::is_url(location) {
+        object::Folder::open(location)?.put(name, bytes.to_vec())
+    } else {
+        write_durably(&location.join(name), bytes)
+    }
+}
+
+/// File `name` of the folder `location`, or `None` when it is not there.
+fn read_file(location: &Path, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+    if object::is_url(location) {
+        object::Folder::open(location)?.get(name)
+    } else {
+        match std::fs::read(location.join(name)) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+}
+
+/// Whether `dir` holds a committed checkpoint (has its manifest).
+pub fn is_committed(dir: &Path) -> bool {
+    if object::is_url(dir) {
+        object::Folder::open(dir).is_ok_and(|folder| folder.exists("manifest.json"))
+    } else {
+        dir.join("manifest.json").exists()
+    }
 }
 
 /// Rank 0, after every writer wrote: the files the manifest lists, from the
 /// writers' sums, each checked against the size on disk now.
 pub fn file_sums(dir: &Path, writers: &[u64]) -> std::io::Result<Vec<FileSum>> {
+    let folder = object::is_url(dir)
+        .then(|| object::Folder::open(dir))
+        .transpose()?;
     writers
         .iter()
         .map(|rank| {
             let sum_path = dir.join(format!("rank-{rank}.sum.json"));
-            let sum: FileSum =
-                serde_json::from_slice(&std::fs::read(&sum_path)?).map_err(|error| {
-                    std::io::Error::other(format!("{}: {error}", sum_path.display()))
-                })?;
-            let on_disk = std::fs::metadata(dir.join(&sum.name))?.len();
-            if on_disk != sum.bytes {
+            let bytes = read_file(dir, &format!("rank-{rank}.sum.json"))?
+                .ok_or_else(|| std::io::Error::other(format!("{}: missing", sum_path.display())))?;
+            let sum: FileSum = serde_json::from_slice(&bytes).map_err(|error| {
+                std::io::Error::other(format!("{}: {error}", sum_path.display()))
+            })?;
+            let stored = match &folder {
+                Some(folder) => folder.size(&sum.name)?,
+                None => std::fs::metadata(dir.join(&sum.name))?.len(),
+            };
+            if stored != sum.bytes {
                 return Err(std::io::Error::other(format!(
-                    "{}: {on_disk} bytes on disk, its writer wrote {}",
+                    "{}: {stored} bytes stored, its writer wrote {}",
                     dir.join(&sum.name).display(),
                     sum.bytes
                 )));
@@ -193,32 +248,40 @@ pub fn file_sums(dir: &Path, writers: &[u64]) -> std::io::Result<Vec<FileSum>> {
 /// Rank 0, after every rank wrote: the manifest (durably; it is what makes
 /// the checkpoint complete).
 pub fn write_manifest(dir: &Path, manifest: &Manifest) -> std::io::Result<()> {
-    write_durably(
-        &dir.join("manifest.json"),
-        &serde_json::to_vec_pretty(manifest)?,
-    )
+    write_file(dir, "manifest.json", &serde_json::to_vec_pretty(manifest)?)
 }
 
 /// Rank 0, after every rank wrote: the manifest, then `latest`.
 pub fn commit(run_dir: &Path, dir: &Path, manifest: &Manifest) -> std::io::Result<()> {
     write_manifest(dir, manifest)?;
-    write_durably(
-        &run_dir.join("latest"),
-        dir.display().to_string().as_bytes(),
-    )
+    write_file(run_dir, "latest", dir.display().to_string().as_bytes())
 }
 
 /// The run's checkpoints with a manifest, newest step first (where a local
 /// run falls back to when its latest fails verification).
 pub fn committed(run_dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(run_dir.join("checkpoints")) else {
-        return Vec::new();
+    let checkpoints = run_dir.join("checkpoints");
+    let mut found: Vec<PathBuf> = if object::is_url(run_dir) {
+        let Ok(folder) = object::Folder::open(&checkpoints) else {
+            return Vec::new();
+        };
+        folder
+            .folders()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|name| folder.folder(name).is_ok_and(|f| f.exists("manifest.json")))
+            .map(|name| checkpoints.join(name))
+            .collect()
+    } else {
+        let Ok(entries) = std::fs::read_dir(&checkpoints) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| path.join("manifest.json").exists())
+            .collect()
     };
-    let mut found: Vec<PathBuf> = entries
-        .flatten()
-        .map(|entry| entry.path())
-        .filter(|path| path.join("manifest.json").exists())
-        .collect();
     found.sort();
     found.reverse();
     found
@@ -226,9 +289,16 @@ pub fn committed(run_dir: &Path) -> Vec<PathBuf> {
 
 /// Checks every file the manifest lists against its size and checksum.
 pub fn verify(dir: &Path, manifest: &Manifest) -> Result<(), TrainError> {
+    verify_in(dir, dir, manifest)
+}
+
+/// [`verify`] of the files in `files`, named in errors as `shown`'s (a
+/// downloaded copy of an object-store checkpoint).
+fn verify_in(files: &Path, shown: &Path, manifest: &Manifest) -> Result<(), TrainError> {
     for expected in &manifest.files {
-        let path = dir.join(&expected.name);
-        let found = FileSum::of(&path).map_err(|error| bad(&path, error.to_string()))?;
+        let path = shown.join(&expected.name);
+        let found = FileSum::of(&files.join(&expected.name))
+            .map_err(|error| bad(&path, error.to_string()))?;
         if found.bytes != expected.bytes {
             return Err(bad(
                 &path,
@@ -253,22 +323,28 @@ pub fn verify(dir: &Path, manifest: &Manifest) -> Result<(), TrainError> {
 
 /// The newest committed checkpoint of a run, if any.
 pub fn latest(run_dir: &Path) -> Option<PathBuf> {
-    let dir = PathBuf::from(std::fs::read_to_string(run_dir.join("latest")).ok()?.trim());
-    dir.join("manifest.json").exists().then_some(dir)
+    let named = read_file(run_dir, "latest").ok()??;
+    let dir = PathBuf::from(String::from_utf8_lossy(&named).trim());
+    is_committed(&dir).then_some(dir)
 }
 
 /// Removes committed checkpoints older than `keep` (`--delete_previous_checkpoint`).
 pub fn delete_older(run_dir: &Path, keep: &Path) -> std::io::Result<()> {
-    let Ok(entries) = std::fs::read_dir(run_dir.join("checkpoints")) else {
-        return Ok(());
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path != keep && path.join("manifest.json").exists() {
-            std::fs::remove_dir_all(path)?;
+    for path in committed(run_dir) {
+        if path != keep {
+            remove(&path)?;
         }
     }
     Ok(())
+}
+
+/// Deletes the checkpoint `dir` (an object store's manifest first).
+pub fn remove(dir: &Path) -> std::io::Result<()> {
+    if object::is_url(dir) {
+        object::Folder::open(dir)?.delete_all("manifest.json")
+    } else {
+        std::fs::remove_dir_all(dir)
+    }
 }
 
 fn bad(path: &Path, message: impl Into<String>) -> TrainError {
@@ -278,15 +354,17 @@ fn bad(path: &Path, message: impl Into<String>) -> TrainError {
     }
 }
 
-/// Reads a checkpoint: the manifest and the whole flat state.
-pub fn read(dir: &Path) -> Result<(Manifest, Tensor, Tensor, Tensor), TrainError> {
-    let text = std::fs::read_to_string(dir.join("manifest.json")).map_err(|error| {
-        bad(
-            dir,
-            format!("no manifest ({error}); the checkpoint is incomplete or not a checkpoint"),
-        )
-    })?;
-    let manifest: Manifest = serde_json::from_str(&text)
+/// A checkpoint's manifest (without reading or verifying its files).
+pub fn read_manifest(dir: &Path) -> Result<Manifest, TrainError> {
+    let text = read_file(dir, "manifest.json")
+        .map_err(|error| bad(dir, error.to_string()))?
+        .ok_or_else(|| {
+            bad(
+                dir,
+                "no manifest; the checkpoint is incomplete or not a checkpoint",
+            )
+        })?;
+    let manifest: Manifest = serde_json::from_slice(&text)
         .map_err(|error| bad(&dir.join("manifest.json"), error.to_string()))?;
     if manifest.format != FORMAT {
         return Err(bad(
@@ -294,7 +372,48 @@ pub fn read(dir: &Path) -> Result<(Manifest, Tensor, Tensor, Tensor), TrainError
             format!("format {} (expected {FORMAT})", manifest.format),
         ));
     }
-    verify(dir, &manifest)?;
+    Ok(manifest)
+}
+
+/// Reads a checkpoint: the manifest and the whole flat state (an object
+/// store's files are downloaded to a private folder first).
+pub fn read(dir: &Path) -> Result<(Manifest, Tensor, Tensor, Tensor), TrainError> {
+    let manifest = read_manifest(dir)?;
+    if !object::is_url(dir) {
+        return load(dir, dir, manifest);
+    }
+    let staging =
+        object::Staging::new("checkpoint-read").map_err(|error| bad(dir, error.to_string()))?;
+    let folder = object::Folder::open(dir).map_err(|error| bad(dir, error.to_string()))?;
+    let mut names: Vec<String> = manifest
+        .files
+        .iter()
+        .map(|file| file.name.clone())
+        .collect();
+    if names.is_empty() {
+        names = manifest
+            .ranges
+            .iter()
+            .map(|(rank, _, _)| format!("rank-{rank}.safetensors"))
+            .collect();
+        names.dedup();
+    }
+    for name in &names {
+        folder
+            .download(name, &staging.path().join(name))
+            .map_err(|error| bad(&dir.join(name), error.to_string()))?;
+    }
+    load(staging.path(), dir, manifest)
+}
+
+/// Verifies and assembles the rank files in `files` (named in errors as
+/// `shown`'s).
+fn load(
+    files: &Path,
+    shown: &Path,
+    manifest: Manifest,
+) -> Result<(Manifest, Tensor, Tensor, Tensor), TrainError> {
+    verify_in(files, shown, &manifest)?;
     let full = || Tensor::zeros([manifest.total], (Kind::Float, tch::Device::Cpu));
     let (parameters, exp_avg, exp_avg_sq) = (full(), full(), full());
     // A rank's file holds its ranges one after another, in manifest order.
@@ -308,9 +427,9 @@ pub fn read(dir: &Path) -> Result<(Manifest, Tensor, Tensor, Tensor), TrainError
             .map(|(_, start, end)| (*start, end - start))
             .collect();
         let expected: i64 = pieces.iter().map(|(_, length)| length).sum();
-        let path = dir.join(format!("rank-{rank}.safetensors"));
-        let tensors =
-            Tensor::read_safetensors(&path).map_err(|error| bad(&path, error.to_string()))?;
+        let path = shown.join(format!("rank-{rank}.safetensors"));
+        let tensors = Tensor::read_safetensors(files.join(format!("rank-{rank}.safetensors")))
+            .map_err(|error| bad(&path, error.to_string()))?;
         for (name, tensor) in tensors {
             let target = match name.as_str() {
                 "parameters" => &parameters,
@@ -473,7 +592,98 @@ mod tests {
         let error = file_sums(&newer, &[0, 1])
             .expect_err("sizes differ")
             .to_string();
-        assert!(error.contains("bytes on disk, its writer wrote"), "{error}");
+        assert!(error.contains("bytes stored, its writer wrote"), "{error}");
+    }
+
+    /// The same commit, verification and retention with the checkpoints in
+    /// a real S3-compatible server (moto): a flipped byte in an object is
+    /// caught and named by its URL, the previous checkpoint still reads,
+    /// retention deletes only the older one, and a part large enough for a
+    /// multipart upload round-trips.
+    #[test]
+    fn checkpoints_in_an_object_store_commit_verify_and_retire_like_local_ones() {
+        let s3 = flamingo_common::testing::S3Server::start("ckpt");
+        // SAFETY: set before any thread of this test reads the environment
+        // (nextest runs each test in its own process).
+        unsafe {
+            std::env::set_var("AWS_ACCESS_KEY_ID", "test");
+            std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
+            std::env::set_var("AWS_REGION", "us-east-1");
+            std::env::set_var("FLAMINGO_S3_ENDPOINT", &s3.endpoint);
+        }
+        let run = PathBuf::from("s3://ckpt/runs/shapes");
+        assert_eq!(latest(&run), None);
+        let older = write_checkpoint(&run, 2);
+        let newer = write_checkpoint(&run, 4);
+        assert_eq!(
+            newer.display().to_string(),
+            "s3://ckpt/runs/shapes/checkpoints/step-00000004"
+        );
+        assert_eq!(latest(&run), Some(newer.clone()));
+        assert_eq!(committed(&run), vec![newer.clone(), older.clone()]);
+        let (manifest, parameters, _, exp_avg_sq) = read(&newer).expect("reads");
+        assert_eq!(manifest.files.len(), 2);
+        assert_eq!(parameters.double_value(&[5]), 15.0);
+        assert_eq!(exp_avg_sq.double_value(&[0]), 12.0);
+        let folder = object::Folder::open(&newer).expect("folder");
+        let mut bytes = folder
+            .get("rank-1.safetensors")
+            .expect("get")
+            .expect("rank 1's part");
+        let middle = bytes.len() - 8;
+        bytes[middle] ^= 0x01;
+        folder.put("rank-1.safetensors", bytes).expect("flipped");
+        let error = read(&newer).expect_err("verification fails").to_string();
+        assert!(
+            error.contains("s3://ckpt/runs/shapes/checkpoints/step-00000004/rank-1.safetensors")
+                && error.contains("the file changed after it was written"),
+            "{error}"
+        );
+        assert!(read(&older).is_ok());
+        // Without its manifest a checkpoint is not committed.
+        let partial = checkpoint_dir(&run, 6);
+        write_rank(&partial, 0, {
+            let values = Tensor::ones([4], (Kind::Float, tch::Device::Cpu));
+            (values.copy(), values.copy(), values)
+        })
+        .expect("a part");
+        assert!(!is_committed(&partial));
+        assert_eq!(committed(&run).len(), 2);
+        delete_older(&run, &newer).expect("retention");
+        assert_eq!(committed(&run), vec![newer.clone()]);
+        let old_folder = object::Folder::open(&older).expect("folder");
+        assert!(!old_folder.exists("rank-0.safetensors"));
+        assert!(!old_folder.exists("manifest.json"));
+        // 3 × 12 MiB of values: uploaded in parts.
+        let big = checkpoint_dir(&run, 8);
+        let values = Tensor::arange(3 << 20, (Kind::Float, tch::Device::Cpu));
+        write_rank(
+            &big,
+            0,
+            (values.copy(), values.copy() * 2.0, values.copy() * 3.0),
+        )
+        .expect("a large part");
+        let files = file_sums(&big, &[0]).expect("sums");
+        assert!(files[0].bytes > 36 << 20, "{files:?}");
+        let manifest = Manifest {
+            format: FORMAT.to_string(),
+            step: 8,
+            skipped_steps: 0,
+            world_size: 1,
+            strategy: "no_shard".into(),
+            total: 3 << 20,
+            ranges: vec![(0, 0, 3 << 20)],
+            laion_cursor: None,
+            mmc4_cursor: None,
+            config: serde_json::json!({}),
+            layout: Vec::new(),
+            files,
+        };
+        commit(&run, &big, &manifest).expect("commit");
+        let (_, parameters, exp_avg, _) = read(&big).expect("reads back");
+        assert!(parameters.equal(&values));
+        assert!(exp_avg.equal(&(values * 2.0)));
+        assert_eq!(latest(&run), Some(big));
     }
 
     /// The crash-consistency check: the writer runs in a child process
