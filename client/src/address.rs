@@ -52,8 +52,34 @@ pub async fn connect(address: &str) -> Result<JobServiceClient<Channel>> {
 }
 
 /// A job API client of the coordinator at `address`: mutual TLS with `tls`,
-/// plain text without.
+/// plain text without. With several addresses (comma separated: every
+/// coordinator under leader election), the first that answers, which is
+/// the leader (standbys do not listen).
 pub async fn connect_with(
+    address: &str,
+    tls: Option<&flamingo_security::ClientTls>,
+) -> Result<JobServiceClient<Channel>> {
+    let addresses = flamingo_security::addresses(address);
+    if addresses.len() <= 1 {
+        return connect_one(address.trim(), tls).await;
+    }
+    let mut causes = Vec::new();
+    for one in &addresses {
+        match connect_one(one, tls).await {
+            Ok(client) => return Ok(client),
+            Err(ClientError::Unreachable { address, cause }) => {
+                causes.push(format!("{address}: {cause}"))
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    Err(ClientError::Unreachable {
+        address: address.to_string(),
+        cause: causes.join("; "),
+    })
+}
+
+async fn connect_one(
     address: &str,
     tls: Option<&flamingo_security::ClientTls>,
 ) -> Result<JobServiceClient<Channel>> {

@@ -10,10 +10,15 @@ use crate::{ClientError, Result};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterState {
+    /// The coordinator's address; under leader election every
+    /// coordinator's, comma separated (clients use the one that answers).
     pub coordinator: String,
     pub etcd_endpoint: String,
     pub etcd_pid: u32,
     pub coordinator_pid: u32,
+    /// The other coordinators under leader election (`up --coordinators`).
+    #[serde(default)]
+    pub standby_pids: Vec<u32>,
     pub agent_pids: Vec<u32>,
     /// The cluster's data-service replica (`http://127.0.0.1:port`).
     #[serde(default)]

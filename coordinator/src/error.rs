@@ -8,6 +8,11 @@ pub enum CoordinatorError {
         "etcd key {key} holds a record that does not decode ({message}); fix or delete the key"
     )]
     Corrupt { key: String, message: String },
+    #[error(
+        "this coordinator is no longer the leader (its leadership key in etcd is gone or another \
+         coordinator's); nothing more is written by it — the new leader carries on"
+    )]
+    Deposed,
     #[error("job {0} not found")]
     JobNotFound(String),
     #[error("node {0} is not registered (its lease may have expired); register again")]
@@ -54,6 +59,7 @@ impl From<CoordinatorError> for tonic::Status {
         let message = error.to_string();
         match error {
             CoordinatorError::Etcd { .. }
+            | CoordinatorError::Deposed
             | CoordinatorError::Logs { .. }
             | CoordinatorError::Metrics { .. }
             | CoordinatorError::Archive { .. } => tonic::Status::unavailable(message),

@@ -10,6 +10,7 @@ pub mod dashboard_auth;
 mod error;
 mod grpc;
 pub mod http;
+pub mod leadership;
 pub mod metrics;
 pub mod placement;
 pub mod service;
@@ -106,6 +107,20 @@ pub struct Config {
     /// only live and recent jobs. 0 keeps them in etcd forever.
     #[arg(long = "job-retention-seconds", env = "FLAMINGO_JOB_RETENTION_SECONDS", default_value_t = 7 * 24 * 3600)]
     pub job_retention_seconds: u64,
+    /// Run as one of several coordinators on the same etcd and prefix: one
+    /// leads (elected through etcd), the others stand by without listening
+    /// and take over when the leader's lease lapses. Every write of the
+    /// leader is fenced by its leadership; a deposed leader exits.
+    #[arg(long = "leader-election", env = "FLAMINGO_LEADER_ELECTION")]
+    pub leader_election: bool,
+    /// The leader's lease: a standby takes over about this long after the
+    /// leader dies (Kubernetes controllers use 15 s; at least 2).
+    #[arg(
+        long = "leader-lease-seconds",
+        env = "FLAMINGO_LEADER_LEASE_SECONDS",
+        default_value_t = 2
+    )]
+    pub leader_lease_seconds: u32,
 }
 
 /// What one request may ask of the coordinator; checked at `Launch` with
@@ -295,8 +310,43 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     let tls = config.tls.server("coordinator", &config.listen)?;
     let auth = config.auth()?;
+    let mut store = service::connect_store(&config).await?;
+    // Under leader election nothing is read or served before this
+    // coordinator leads; from then on, losing the lead stops it.
+    let lost = match config.leader_election {
+        true => {
+            let identity = config.listen.to_string();
+            let elected = leadership::lead(
+                store.client(),
+                store.prefix(),
+                &identity,
+                config.leader_lease_seconds,
+                &shutdown,
+            )
+            .await?;
+            let Some(fence) = elected else {
+                return Ok(());
+            };
+            let lost = fence.lost.clone();
+            store = store.fenced(fence);
+            Some(lost)
+        }
+        false => None,
+    };
+    if let Some(lost) = lost.clone() {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = lost.cancelled() => {
+                    tracing::error!("leadership lost: this coordinator stops serving");
+                    shutdown.cancel();
+                }
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
     auth.watch_revocations(std::time::Duration::from_secs(2));
-    let coordinator = service::Coordinator::start(config.clone()).await?;
+    let coordinator = service::Coordinator::start(config.clone(), store).await?;
     let syncer = archive.map(|archive| {
         let (dir, shutdown) = (config.metrics_dir(), shutdown.clone());
         let every = std::time::Duration::from_secs(config.metrics_sync_seconds.max(1));
@@ -417,6 +467,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     if let Some(http) = http {
         let _ = http.await;
+    }
+    if lost.is_some_and(|lost| lost.is_cancelled()) {
+        anyhow::bail!("{}", CoordinatorError::Deposed);
     }
     Ok(())
 }

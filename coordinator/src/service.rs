@@ -89,18 +89,23 @@ type QueuedMetrics = (
     Option<oneshot::Sender<()>>,
 );
 
+/// Connects to the etcd of `config`.
+pub async fn connect_store(config: &Config) -> Result<EtcdStore, CoordinatorError> {
+    let tls = config
+        .tls
+        .client()
+        .map_err(|error| CoordinatorError::Etcd {
+            action: "load the TLS credentials for etcd".into(),
+            message: error.to_string(),
+        })?;
+    EtcdStore::connect(&config.etcd_endpoints, &config.etcd_prefix, tls.as_ref()).await
+}
+
 impl Coordinator {
     /// Connects to etcd and rebuilds the state a previous coordinator left.
-    pub async fn start(config: Config) -> Result<Arc<Self>, CoordinatorError> {
-        let tls = config
-            .tls
-            .client()
-            .map_err(|error| CoordinatorError::Etcd {
-                action: "load the TLS credentials for etcd".into(),
-                message: error.to_string(),
-            })?;
-        let store =
-            EtcdStore::connect(&config.etcd_endpoints, &config.etcd_prefix, tls.as_ref()).await?;
+    /// Loads the cluster's state through `store` (fenced by the leadership
+    /// under leader election) and starts serving it.
+    pub async fn start(config: Config, store: EtcdStore) -> Result<Arc<Self>, CoordinatorError> {
         let snapshot = store.load().await?;
         let mut cluster = Cluster {
             booted_ms: unix_ms(),

@@ -15,6 +15,9 @@ use crate::CoordinatorError;
 pub struct EtcdStore {
     client: Client,
     prefix: String,
+    /// Under leader election: every write is made only while this
+    /// coordinator's leadership key still exists with its revision.
+    fence: Option<crate::leadership::Fence>,
 }
 
 /// What a restarted coordinator reads back.
@@ -91,7 +94,55 @@ impl EtcdStore {
         Ok(Self {
             client,
             prefix: prefix.trim_end_matches('/').to_string(),
+            fence: None,
         })
+    }
+
+    /// The etcd client (leader election uses the same connection).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// The key prefix, without a trailing `/`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// From now on every write is fenced by `fence`.
+    pub fn fenced(mut self, fence: crate::leadership::Fence) -> Self {
+        self.fence = Some(fence);
+        self
+    }
+
+    /// Runs `operations` as one transaction: under a fence, only while the
+    /// leadership key still has its revision; a refused write marks the
+    /// leadership lost and fails with [`CoordinatorError::Deposed`].
+    async fn write(
+        &self,
+        operations: Vec<etcd_client::TxnOp>,
+        action: String,
+    ) -> Result<(), CoordinatorError> {
+        let mut txn = etcd_client::Txn::new();
+        if let Some(fence) = &self.fence {
+            txn = txn.when([etcd_client::Compare::create_revision(
+                fence.key.clone(),
+                etcd_client::CompareOp::Equal,
+                fence.revision,
+            )]);
+        }
+        let response = self
+            .client
+            .clone()
+            .txn(txn.and_then(operations))
+            .await
+            .map_err(Self::etcd_error(action))?;
+        if !response.succeeded() {
+            if let Some(fence) = &self.fence {
+                fence.lost.cancel();
+            }
+            return Err(CoordinatorError::Deposed);
+        }
+        Ok(())
     }
 
     fn node_key(&self, node_id: &NodeId) -> String {
@@ -155,15 +206,14 @@ impl EtcdStore {
                 .trim_start_matches(&self.prefix)
                 .trim_start_matches('/')
         );
-        let txn = etcd_client::Txn::new().and_then([
-            etcd_client::TxnOp::put(moved.clone(), value, None),
-            etcd_client::TxnOp::delete(key.to_vec(), None),
-        ]);
-        self.client
-            .clone()
-            .txn(txn)
-            .await
-            .map_err(Self::etcd_error(format!("quarantine {original}")))?;
+        self.write(
+            vec![
+                etcd_client::TxnOp::put(moved.clone(), value, None),
+                etcd_client::TxnOp::delete(key.to_vec(), None),
+            ],
+            format!("quarantine {original}"),
+        )
+        .await?;
         tracing::error!(
             key = %original,
             quarantined = %moved,
@@ -198,17 +248,10 @@ impl EtcdStore {
                 .into_iter()
                 .map(|(key, value)| etcd_client::TxnOp::put(key, value, None))
                 .collect();
-            let mut client = self.client.clone();
-            transactions.push(async move {
-                client
-                    .txn(etcd_client::Txn::new().and_then(operations))
-                    .await
-                    .map(|_| ())
-                    .map_err(Self::etcd_error(format!(
-                        "write {first} (and {} more)",
-                        count - 1
-                    )))
-            });
+            transactions.push(self.write(
+                operations,
+                format!("write {first} (and {} more)", count - 1),
+            ));
         }
         futures::future::try_join_all(transactions).await?;
         Ok(())
@@ -223,12 +266,11 @@ impl EtcdStore {
             rand::random::<u32>()
         );
         let value = serde_json::to_vec(record).expect("audit records serialise");
-        self.client
-            .clone()
-            .put(key.clone(), value, None)
-            .await
-            .map_err(Self::etcd_error(format!("write {key}")))?;
-        Ok(())
+        self.write(
+            vec![etcd_client::TxnOp::put(key.clone(), value, None)],
+            format!("write {key}"),
+        )
+        .await
     }
 
     /// The newest `limit` audit records, newest first.
@@ -266,40 +308,36 @@ impl EtcdStore {
     pub async fn put_node(&self, node: &NodeRecord) -> Result<(), CoordinatorError> {
         let key = self.node_key(&node.node_id);
         let value = serde_json::to_vec(node).expect("node records serialise");
-        self.client
-            .clone()
-            .put(key.clone(), value, None)
-            .await
-            .map_err(Self::etcd_error(format!("write {key}")))?;
-        Ok(())
+        self.write(
+            vec![etcd_client::TxnOp::put(key.clone(), value, None)],
+            format!("write {key}"),
+        )
+        .await
     }
 
     pub async fn delete_node(&self, node_id: &NodeId) -> Result<(), CoordinatorError> {
         let key = self.node_key(node_id);
-        self.client
-            .clone()
-            .delete(key.clone(), None)
-            .await
-            .map_err(Self::etcd_error(format!("delete {key}")))?;
-        Ok(())
+        self.write(
+            vec![etcd_client::TxnOp::delete(key.clone(), None)],
+            format!("delete {key}"),
+        )
+        .await
     }
 
     /// Removes a job and its events from etcd in one transaction (the job
     /// left its retention period; its record lives on in the archive).
     pub async fn delete_job(&self, job_id: &JobId) -> Result<(), CoordinatorError> {
         let events = format!("{}/events/{}/", self.prefix, job_id);
-        let txn = etcd_client::Txn::new().and_then([
-            etcd_client::TxnOp::delete(self.job_key(job_id), None),
-            etcd_client::TxnOp::delete(
-                events,
-                Some(etcd_client::DeleteOptions::new().with_prefix()),
-            ),
-        ]);
-        self.client
-            .clone()
-            .txn(txn)
-            .await
-            .map_err(Self::etcd_error(format!("delete job {job_id}")))?;
-        Ok(())
+        self.write(
+            vec![
+                etcd_client::TxnOp::delete(self.job_key(job_id), None),
+                etcd_client::TxnOp::delete(
+                    events,
+                    Some(etcd_client::DeleteOptions::new().with_prefix()),
+                ),
+            ],
+            format!("delete job {job_id}"),
+        )
+        .await
     }
 }

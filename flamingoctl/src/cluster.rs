@@ -27,6 +27,10 @@ pub struct UpArgs {
     /// run any program on every node. Off by default.
     #[arg(long)]
     allow_command_jobs: bool,
+    /// Coordinators to run: with more than one they elect a leader through
+    /// etcd and the others stand by to take over (on the next ports).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=7))]
+    coordinators: u32,
 }
 
 pub async fn up(args: &UpArgs, context: &Context) -> anyhow::Result<ExitCode> {
@@ -37,6 +41,7 @@ pub async fn up(args: &UpArgs, context: &Context) -> anyhow::Result<ExitCode> {
         lease_ttl_seconds: args.lease_ttl_seconds,
         allow_prefixes: args.allow_prefix.clone(),
         allow_command_jobs: args.allow_command_jobs,
+        coordinators: args.coordinators,
     };
     let state = cluster::up(&context.state_dir, &options).await?;
     if let Some([_, cert, _]) = &state.admin {

@@ -1,5 +1,6 @@
 //! `flamingoctl up` and `down`: a local cluster in the background — etcd, a
-//! coordinator, a data-service replica and N agents as detached processes,
+//! coordinator (or several under leader election, `--coordinators`), a
+//! data-service replica and N agents as detached processes,
 //! recorded in `<state dir>/cluster.json` ([`ClusterState`]).
 
 use std::path::Path;
@@ -27,6 +28,8 @@ pub struct UpOptions {
     pub allow_prefixes: Vec<String>,
     /// Let admins launch command jobs.
     pub allow_command_jobs: bool,
+    /// Coordinators: more than one elect a leader, the rest stand by.
+    pub coordinators: u32,
 }
 
 fn step(label: &str) {
@@ -98,14 +101,20 @@ impl Starting<'_> {
     async fn start(&mut self) -> anyhow::Result<ClusterState> {
         let (etcd, etcd_pid) = self.etcd()?;
         let (coordinator, coordinator_pid) = self.coordinator(&etcd)?;
+        let (standbys, standby_pids) = self.standbys(&coordinator)?;
+        let addresses = std::iter::once(coordinator.endpoint())
+            .chain(standbys.iter().map(CoordinatorSpec::endpoint))
+            .collect::<Vec<_>>()
+            .join(",");
         let (data_service, data_service_pid) = self.data_service()?;
-        let agent_pids = self.agents(&coordinator)?;
-        self.wait_registered(&coordinator.endpoint()).await?;
+        let agent_pids = self.agents(&addresses)?;
+        self.wait_registered(&addresses).await?;
         let state = ClusterState {
-            coordinator: coordinator.endpoint(),
+            coordinator: addresses,
             etcd_endpoint: etcd.endpoint(),
             etcd_pid,
             coordinator_pid,
+            standby_pids,
             agent_pids,
             data_service: Some(data_service),
             data_service_pid: Some(data_service_pid),
@@ -164,11 +173,13 @@ impl Starting<'_> {
             lease_ttl_seconds: self.options.lease_ttl_seconds,
             heartbeat_interval_ms: 1000.min(self.options.lease_ttl_seconds * 250),
             tls: self.credentials.coordinator.clone(),
-            extra_args: if self.options.allow_command_jobs {
-                vec!["--allow-command-jobs".to_string()]
-            } else {
-                Vec::new()
-            },
+            extra_args: self
+                .options
+                .allow_command_jobs
+                .then(|| "--allow-command-jobs".to_string())
+                .into_iter()
+                .chain((self.options.coordinators > 1).then(|| "--leader-election".to_string()))
+                .collect(),
         };
         let log = self.logs.join("coordinator.log");
         let child = local::spawn_coordinator(&coordinator, &log, true)?;
@@ -180,6 +191,42 @@ impl Starting<'_> {
             coordinator.dashboard()
         );
         Ok((coordinator, child.id()))
+    }
+
+    /// The standby coordinators (`--coordinators` beyond the first), on
+    /// the next free ports; they listen only once one of them leads.
+    fn standbys(
+        &mut self,
+        leader: &CoordinatorSpec,
+    ) -> anyhow::Result<(Vec<CoordinatorSpec>, Vec<u32>)> {
+        let count = self.options.coordinators.saturating_sub(1);
+        if count == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        step(&format!("{count} standby coordinator(s)"));
+        let mut specs = Vec::new();
+        let mut pids = Vec::new();
+        for index in 1..=count {
+            let spec = CoordinatorSpec {
+                port: flamingo_common::net::free_local_port()?,
+                http_port: flamingo_common::net::free_local_port()?,
+                ..leader.clone()
+            };
+            let log = self.logs.join(format!("coordinator-{index}.log"));
+            let child = local::spawn_coordinator(&spec, &log, true)?;
+            self.pids.push(child.id());
+            pids.push(child.id());
+            specs.push(spec);
+        }
+        eprintln!(
+            "standing by at {}",
+            specs
+                .iter()
+                .map(CoordinatorSpec::endpoint)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok((specs, pids))
     }
 
     fn data_service(&mut self) -> anyhow::Result<(String, u32)> {
@@ -203,7 +250,7 @@ impl Starting<'_> {
         Ok((endpoint, child.id()))
     }
 
-    fn agents(&mut self, coordinator: &CoordinatorSpec) -> anyhow::Result<Vec<u32>> {
+    fn agents(&mut self, coordinators: &str) -> anyhow::Result<Vec<u32>> {
         let options = self.options;
         step(&format!(
             "{} agent(s) × {} slot(s)",
@@ -217,7 +264,7 @@ impl Starting<'_> {
             let node_id = format!("node-{index}");
             let spec = AgentSpec {
                 node_id: node_id.clone(),
-                coordinator: coordinator.endpoint(),
+                coordinator: coordinators.to_string(),
                 slots: options.slots_per_node,
                 state_dir: self.state_dir.join("agents").join(&node_id),
                 rendezvous_port_first: first_port + index as u16 * ports_per_node,
@@ -275,12 +322,16 @@ pub fn down(state_dir: &Path) -> anyhow::Result<Option<ClusterState>> {
     if let Some(pid) = state.data_service_pid {
         stop("data service", &[pid], 10);
     }
-    stop("coordinator", &[state.coordinator_pid], 10);
+    let coordinators: Vec<u32> = std::iter::once(state.coordinator_pid)
+        .chain(state.standby_pids.iter().copied())
+        .collect();
+    stop("coordinator", &coordinators, 10);
     stop("etcd", &[state.etcd_pid], 10);
     let survivors: Vec<u32> = state
         .agent_pids
         .iter()
-        .chain([&state.coordinator_pid, &state.etcd_pid])
+        .chain(&coordinators)
+        .chain([&state.etcd_pid])
         .chain(state.data_service_pid.as_ref())
         .copied()
         .filter(|&pid| local::process_alive(pid))

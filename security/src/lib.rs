@@ -11,6 +11,7 @@
 //! agent's log service.
 
 mod error;
+mod failover;
 mod identity;
 mod pki;
 mod ratelimit;
@@ -18,6 +19,7 @@ mod tls;
 mod token;
 
 pub use error::SecurityError;
+pub use failover::{addresses, Failover};
 pub use identity::{Identity, PeerCertificate, Role};
 pub use pki::{read_certificate, read_secret, Issued, IssuedSummary, Pki, Revocations};
 pub use ratelimit::{RateBudget, RateLimitLayer, RateLimiter};

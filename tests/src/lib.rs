@@ -70,6 +70,8 @@ pub struct ClusterSandbox {
     etcd_spec: EtcdSpec,
     coordinator: Option<Child>,
     pub coordinator_spec: CoordinatorSpec,
+    /// Under leader election (`start_ha`), the other coordinators.
+    standbys: Vec<(CoordinatorSpec, Option<Child>)>,
     agents: BTreeMap<String, Child>,
     /// Each agent's rendezvous port block, kept across restarts.
     agent_blocks: BTreeMap<String, u16>,
@@ -85,6 +87,17 @@ const MAX_NODES: u16 = 6;
 
 impl ClusterSandbox {
     pub async fn start(options: SandboxOptions) -> anyhow::Result<Self> {
+        Self::start_with(options, 1).await
+    }
+
+    /// A sandbox with `coordinators` coordinators under leader election:
+    /// the first leads; agents, sessions and `flamingoctl` get every
+    /// address.
+    pub async fn start_ha(options: SandboxOptions, coordinators: usize) -> anyhow::Result<Self> {
+        Self::start_with(options, coordinators).await
+    }
+
+    async fn start_with(options: SandboxOptions, coordinators: usize) -> anyhow::Result<Self> {
         let serial = SERIAL
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -108,6 +121,21 @@ impl ClusterSandbox {
             // The fault tests run shell commands as jobs (as an admin).
             extra_args: vec!["--allow-command-jobs".to_string()],
         };
+        let mut coordinator_spec = coordinator_spec;
+        let mut standbys = Vec::new();
+        if coordinators > 1 {
+            coordinator_spec
+                .extra_args
+                .push("--leader-election".to_string());
+            for _ in 1..coordinators {
+                let spec = CoordinatorSpec {
+                    port: flamingo_common::net::free_local_port()?,
+                    http_port: flamingo_common::net::free_local_port()?,
+                    ..coordinator_spec.clone()
+                };
+                standbys.push((spec, None));
+            }
+        }
         let port_base = flamingo_common::net::free_local_port_range(PORTS_PER_NODE * MAX_NODES)?;
         let mut sandbox = Self {
             dir,
@@ -115,6 +143,7 @@ impl ClusterSandbox {
             etcd_spec,
             coordinator: None,
             coordinator_spec,
+            standbys,
             agents: BTreeMap::new(),
             agent_blocks: BTreeMap::new(),
             data_service: None,
@@ -124,6 +153,9 @@ impl ClusterSandbox {
             _serial: serial,
         };
         sandbox.start_coordinator()?;
+        for index in 0..sandbox.standbys.len() {
+            sandbox.start_standby(index)?;
+        }
         for index in 0..options.nodes {
             sandbox.add_agent(&format!("node-{index}"), &[])?;
         }
@@ -135,8 +167,64 @@ impl ClusterSandbox {
         self.dir.path()
     }
 
+    /// The coordinator's address; under leader election every
+    /// coordinator's, comma separated.
     pub fn coordinator_endpoint(&self) -> String {
-        self.coordinator_spec.endpoint()
+        std::iter::once(self.coordinator_spec.endpoint())
+            .chain(self.standbys.iter().map(|(spec, _)| spec.endpoint()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Every coordinator's spec, the first one's first.
+    fn coordinator_specs(&self) -> Vec<&CoordinatorSpec> {
+        std::iter::once(&self.coordinator_spec)
+            .chain(self.standbys.iter().map(|(spec, _)| spec))
+            .collect()
+    }
+
+    /// Which coordinator leads (listens): 0 for the first, i for the
+    /// i-th standby.
+    pub fn leader(&self) -> Option<usize> {
+        self.coordinator_specs()
+            .iter()
+            .position(|spec| std::net::TcpStream::connect(("127.0.0.1", spec.port)).is_ok())
+    }
+
+    /// The leading coordinator's address.
+    pub fn leader_endpoint(&self) -> String {
+        let specs = self.coordinator_specs();
+        specs[self.leader().unwrap_or(0)].endpoint()
+    }
+
+    /// Starts standby `index` (it campaigns; it listens once it leads).
+    fn start_standby(&mut self, index: usize) -> anyhow::Result<()> {
+        let log = self.path().join(format!("coordinator-{}.log", index + 1));
+        let child = local::spawn_coordinator(&self.standbys[index].0, &log, false)?;
+        self.standbys[index].1 = Some(child);
+        Ok(())
+    }
+
+    /// Under leader election: SIGKILLs the leading coordinator and starts
+    /// it again (it stands by); returns which one it was.
+    pub fn kill_leader(&mut self) -> anyhow::Result<usize> {
+        let leader = self.leader().context("no coordinator leads")?;
+        if leader == 0 {
+            self.kill_coordinator();
+            let child = local::spawn_coordinator(
+                &self.coordinator_spec,
+                &self.path().join("coordinator.log"),
+                false,
+            )?;
+            self.coordinator = Some(child);
+        } else {
+            if let Some(mut child) = self.standbys[leader - 1].1.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            self.start_standby(leader - 1)?;
+        }
+        Ok(leader)
     }
 
     pub fn etcd_endpoint(&self) -> String {
@@ -154,7 +242,8 @@ impl ClusterSandbox {
 
     /// The coordinator's dashboard (`http://127.0.0.1:port/`).
     pub fn dashboard(&self) -> String {
-        self.coordinator_spec.dashboard()
+        let specs = self.coordinator_specs();
+        specs[self.leader().unwrap_or(0)].dashboard()
     }
 
     /// An agent's Prometheus endpoint.
@@ -171,7 +260,7 @@ impl ClusterSandbox {
             false,
         )?;
         self.coordinator = Some(child);
-        local::wait_for_port(&self.coordinator_endpoint(), Duration::from_secs(20))?;
+        local::wait_for_port(&self.coordinator_spec.endpoint(), Duration::from_secs(20))?;
         Ok(())
     }
 
@@ -319,7 +408,7 @@ impl ClusterSandbox {
             .client()?
             .context("client credentials")?;
         Ok(flamingo_security::endpoint(
-            &self.coordinator_endpoint(),
+            &self.leader_endpoint(),
             Some(&tls),
             flamingo_security::COORDINATOR_NAME,
         )?
@@ -419,6 +508,9 @@ impl Drop for ClusterSandbox {
         let mut children: Vec<&mut Child> = self.agents.values_mut().collect();
         if let Some(coordinator) = self.coordinator.as_mut() {
             children.push(coordinator);
+        }
+        for (_, standby) in self.standbys.iter_mut() {
+            children.extend(standby.as_mut());
         }
         if let Some(etcd) = self.etcd.as_mut() {
             children.push(etcd);

@@ -56,10 +56,15 @@ fn rendered_objects_validate_against_the_kubernetes_schemas() {
             "/data/job.toml",
             "--checkpoint_steps",
             "500",
+            "--coordinators",
+            "3",
         ],
     );
     validate(dir.path(), "train.yaml", &train);
     for expected in [
+        // Three coordinators under leader election.
+        "replicas: 3",
+        "- --leader-election",
         "kind: StatefulSet",
         "name: flamingo-of-3b-agents",
         "completionMode: Indexed",

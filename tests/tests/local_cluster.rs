@@ -37,10 +37,25 @@ fn up_launch_status_down_leaves_no_process_behind() {
             "--port",
             "0",
             "--allow-command-jobs",
+            "--coordinators",
+            "3",
             "--json",
         ],
     ));
     let cluster: serde_json::Value = serde_json::from_str(&up).unwrap();
+    // Three coordinators: every client below finds the leader among them.
+    assert_eq!(
+        cluster["coordinator"].as_str().unwrap().split(',').count(),
+        3,
+        "{cluster}"
+    );
+    let standbys: Vec<u32> = cluster["standby_pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|pid| pid.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(standbys.len(), 2, "{cluster}");
     let mut pids: Vec<u32> = cluster["agent_pids"]
         .as_array()
         .unwrap()
@@ -48,6 +63,7 @@ fn up_launch_status_down_leaves_no_process_behind() {
         .map(|pid| pid.as_u64().unwrap() as u32)
         .collect();
     pids.push(cluster["coordinator_pid"].as_u64().unwrap() as u32);
+    pids.extend(&standbys);
     pids.push(cluster["etcd_pid"].as_u64().unwrap() as u32);
     // The cluster's data-service replica answers.
     pids.push(cluster["data_service_pid"].as_u64().unwrap() as u32);

@@ -688,3 +688,106 @@ async fn superseded_attempts_cannot_commit(sandbox: &ClusterSandbox, id: &str) {
     }
     assert_eq!(job(sandbox, id).await.expect("job").checkpoints, before);
 }
+
+/// Three coordinators under leader election: the leader is SIGKILLed twice
+/// while a 2-node job trains. A standby takes over each time, the job goes
+/// on without a restart, trains on every sample exactly once per epoch,
+/// and ends with the weights of an uninterrupted run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_training_job_goes_on_through_two_leader_kills() {
+    let mut sandbox = ClusterSandbox::start_ha(
+        SandboxOptions {
+            nodes: 2,
+            slots_per_node: 2,
+            lease_ttl_seconds: 4,
+        },
+        3,
+    )
+    .await
+    .expect("sandbox");
+    let dir = sandbox.path().to_path_buf();
+    let job_file = prepare(&dir);
+    let coordinators = sandbox.coordinator_endpoint();
+    assert_eq!(coordinators.split(',').count(), 3);
+    assert_eq!(sandbox.leader(), Some(0), "the first coordinator leads");
+    let id = launch(&dir, &coordinators, "2", "ha", &[]);
+    let mut takeovers = Vec::new();
+    for kill in 0..2 {
+        let before = progress(&sandbox, &id, "steps before the leader dies", 3).await;
+        let pids: Vec<Option<u32>> = before.ranks.iter().map(|rank| rank.pid).collect();
+        let killed_at = Instant::now();
+        let old = sandbox.kill_leader().expect("a leader to kill");
+        // A standby leads (listens) …
+        let new = loop {
+            match sandbox.leader() {
+                Some(leader) if leader != old => break leader,
+                _ => {}
+            }
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(30),
+                "no standby took over"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let leads = killed_at.elapsed();
+        // … and answers with the job still in its first attempt.
+        let record = loop {
+            if let Ok(record) = job(&sandbox, &id).await {
+                break record;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let answers = killed_at.elapsed();
+        assert_eq!(record.attempt, 0, "{:#?}", record.restarts);
+        let after = progress(&sandbox, &id, "steps under the new leader", 2).await;
+        let resumed = killed_at.elapsed();
+        assert_eq!(after.attempt, 0, "{:#?}", after.restarts);
+        let pids_after: Vec<Option<u32>> = after.ranks.iter().map(|rank| rank.pid).collect();
+        assert_eq!(pids, pids_after, "no rank was started again");
+        eprintln!(
+            "takeover {}: coordinator {old} SIGKILLed; coordinator {new} listening after {:.2} s, \
+             answering after {:.2} s, the job 2 steps further after {:.2} s",
+            kill + 1,
+            leads.as_secs_f64(),
+            answers.as_secs_f64(),
+            resumed.as_secs_f64()
+        );
+        takeovers.push(leads);
+    }
+    let record = wait_for(&sandbox, &id, "the end", Duration::from_secs(300), |r| {
+        r.state == JobState::Succeeded
+    })
+    .await;
+    assert!(record.restarts.is_empty(), "{:#?}", record.restarts);
+    assert_eq!(record.attempt, 0);
+    let run_dir = dir.join("runs/ha");
+    let epochs = audited(&run_dir);
+    let all: BTreeSet<String> = epochs[&("laion".to_string(), 0)].iter().cloned().collect();
+    assert_eq!(all.len() as u64, SAMPLES, "epoch 0 covers the set");
+    for epoch in 0..EPOCHS {
+        let keys = &epochs[&("laion".to_string(), epoch)];
+        let unique: BTreeSet<String> = keys.iter().cloned().collect();
+        assert_eq!(keys.len(), unique.len(), "epoch {epoch} repeats a sample");
+        assert_eq!(unique, all, "epoch {epoch} misses a sample");
+    }
+    flamingoctl(
+        &dir,
+        &[
+            "train",
+            "--nproc",
+            "4",
+            "--config",
+            job_file.to_str().unwrap(),
+            "--run_name",
+            "whole",
+        ],
+    );
+    let whole = final_parameters(&dir.join("runs/whole"));
+    let ha = final_parameters(&run_dir);
+    let difference = (&whole - &ha).abs().max().double_value(&[]);
+    assert!(
+        difference <= 1e-5,
+        "final weights differ by {difference} from the uninterrupted run"
+    );
+    eprintln!("takeovers: {takeovers:?}");
+}

@@ -11,16 +11,17 @@ use anyhow::Context;
 use flamingo_common::JobId;
 use flamingo_proto::v1 as pb;
 use flamingo_proto::v1::node_service_client::NodeServiceClient;
+use flamingo_security::Failover;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::ranks::Ranks;
 use crate::{logs, reporter};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentConfig {
-    /// Coordinator gRPC address.
+    /// The coordinator's gRPC address; with several coordinators (leader
+    /// election), every one of them, comma separated.
     #[arg(
         long,
         env = "FLAMINGO_COORDINATOR",
@@ -171,14 +172,16 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
              or --insecure for plain text on loopback"
         );
     }
-    let channel: Channel = flamingo_security::endpoint(
+    // Every coordinator's address: calls go to the one that answers (the
+    // leader, under leader election).
+    let channel = flamingo_security::Failover::new(
         &config.coordinator,
         client_tls.as_ref(),
         flamingo_security::COORDINATOR_NAME,
+        Duration::from_secs(2),
+        None,
     )
-    .with_context(|| format!("--coordinator '{}'", config.coordinator))?
-    .connect_timeout(Duration::from_secs(2))
-    .connect_lazy();
+    .with_context(|| format!("--coordinator '{}'", config.coordinator))?;
     let client = NodeServiceClient::new(channel);
     let relay = Arc::new(crate::relay::Relay::new(node_id.clone(), client.clone()));
     let (reports_tx, backlog) = reporter::spawn(client.clone(), node_id.clone(), relay.clone());
@@ -327,7 +330,7 @@ async fn serve_metrics(
 /// The agent's connection to the coordinator.
 struct Agent<'a> {
     config: &'a AgentConfig,
-    client: NodeServiceClient<Channel>,
+    client: NodeServiceClient<Failover>,
     registration: pb::RegisterRequest,
     ranks: Ranks,
     /// Cancelled at the first SIGTERM.
@@ -417,7 +420,7 @@ impl Agent<'_> {
 /// Registers, retrying while the coordinator is unreachable; a refusal
 /// (protocol mismatch, bad slots) is final.
 async fn register(
-    client: &NodeServiceClient<Channel>,
+    client: &NodeServiceClient<Failover>,
     registration: &pb::RegisterRequest,
 ) -> anyhow::Result<pb::RegisterResponse> {
     let mut delay = Duration::from_millis(100);
@@ -442,7 +445,7 @@ async fn register(
 }
 
 async fn session(
-    client: &NodeServiceClient<Channel>,
+    client: &NodeServiceClient<Failover>,
     node_id: &str,
     ranks: &Ranks,
     interval: Duration,

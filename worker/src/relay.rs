@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use flamingo_proto::v1 as pb;
 use flamingo_proto::v1::node_service_client::NodeServiceClient;
+use flamingo_security::Failover;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 /// Batches held at most (a coordinator out of reach costs this much
 /// memory, no more); past it a rank's batch is refused and counted by the
@@ -25,14 +25,14 @@ pub const RELAY_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Relay {
     node_id: String,
-    client: NodeServiceClient<Channel>,
+    client: NodeServiceClient<Failover>,
     queue: Mutex<Vec<pb::MetricsBatch>>,
     /// One flush at a time, so batches leave in order.
     sending: tokio::sync::Mutex<()>,
 }
 
 impl Relay {
-    pub fn new(node_id: String, client: NodeServiceClient<Channel>) -> Self {
+    pub fn new(node_id: String, client: NodeServiceClient<Failover>) -> Self {
         Self {
             node_id,
             client,

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use flamingo_proto::v1 as pb;
 use flamingo_proto::v1::node_service_client::NodeServiceClient;
+use flamingo_security::Failover;
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 
 use crate::ranks::RankKey;
 
@@ -25,7 +25,7 @@ impl Backlog {
 /// Returns the sender the rank supervisor reports through and a counter of
 /// reports not yet delivered.
 pub fn spawn(
-    client: NodeServiceClient<Channel>,
+    client: NodeServiceClient<Failover>,
     node_id: String,
     relay: Arc<crate::relay::Relay>,
 ) -> (

@@ -32,7 +32,7 @@ const COMMIT_PATIENCE: Duration = Duration::from_secs(300);
 /// The coordinator, as seen from one rank of one attempt.
 struct CoordinatorLink {
     runtime: tokio::runtime::Runtime,
-    client: NodeServiceClient<Channel>,
+    client: NodeServiceClient<flamingo_security::Failover>,
     job_id: String,
     attempt: u32,
     /// The attempt's credential (`FLAMINGO_RANK_TOKEN`).
@@ -55,7 +55,7 @@ enum Report {
 /// Where a rank's metrics batches go: its node's agent, or the coordinator.
 enum MetricsSink {
     Agent(AgentServiceClient<Channel>),
-    Coordinator(NodeServiceClient<Channel>),
+    Coordinator(NodeServiceClient<flamingo_security::Failover>),
 }
 
 impl MetricsSink {
@@ -88,15 +88,14 @@ impl CoordinatorLink {
         let token = var(flamingo_security::ENV_RANK_TOKEN);
         let channel = {
             let _entered = runtime.enter();
-            flamingo_security::endpoint(
+            flamingo_security::Failover::new(
                 &endpoint,
                 tls.as_ref(),
                 flamingo_security::COORDINATOR_NAME,
+                Duration::from_secs(2),
+                Some(Duration::from_secs(10)),
             )
             .map_err(|error| anyhow::anyhow!("FLAMINGO_JOB_COORDINATOR '{endpoint}': {error}"))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10))
-            .connect_lazy()
         };
         let client = NodeServiceClient::new(channel);
         // Batches go to this node's agent, which sends its node's batches

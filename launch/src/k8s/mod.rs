@@ -60,6 +60,11 @@ pub struct K8sFlags {
     /// Memory an agent pod requests and is limited to.
     #[arg(long, default_value = "64Gi")]
     pub agent_memory: String,
+    /// Coordinator replicas: with more than one they elect a leader through
+    /// etcd; only the leader listens, so only it is Ready and behind the
+    /// coordinator's Service, and a standby takes over when it dies.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=7))]
+    pub coordinators: u32,
 }
 
 /// What the objects are made from.
@@ -242,6 +247,7 @@ mod tests {
                 ))),
                 agent_cpu: "8".into(),
                 agent_memory: "64Gi".into(),
+                coordinators: 3,
             },
         )
     }

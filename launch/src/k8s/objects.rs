@@ -266,9 +266,14 @@ fn coordinator(flags: &K8sFlags) -> Vec<Value> {
             "kind": "Deployment",
             "metadata": metadata(COORDINATOR, flags, "coordinator"),
             "spec": {
-                "replicas": 1,
-                // Never two coordinators at once.
-                "strategy": { "type": "Recreate" },
+                "replicas": flags.coordinators,
+                // One coordinator: never two at once. Several: they elect
+                // a leader and fence its writes, so pods may overlap.
+                "strategy": if flags.coordinators > 1 {
+                    json!({ "type": "RollingUpdate", "rollingUpdate": { "maxUnavailable": 1, "maxSurge": 0 } })
+                } else {
+                    json!({ "type": "Recreate" })
+                },
                 "selector": { "matchLabels": selector("coordinator") },
                 "template": {
                     "metadata": { "labels": selector("coordinator") },
@@ -291,6 +296,13 @@ fn coordinator(flags: &K8sFlags) -> Vec<Value> {
                                     // The dashboard through its Service (or port-forward).
                                     format!("--http-host={COORDINATOR},{COORDINATOR}.{}.svc", flags.namespace),
                                 ],
+                                // Standbys do not listen: not Ready, so the
+                                // Service sends everything to the leader.
+                                if flags.coordinators > 1 {
+                                    vec!["--leader-election".to_string()]
+                                } else {
+                                    Vec::new()
+                                },
                                 secrets::tls_args("coordinator"),
                             ].concat()),
                             "ports": [

@@ -31,8 +31,13 @@ pub fn exec_agent(args: &AgentArgs) -> anyhow::Error {
         let node = std::env::var("SLURMD_NODENAME").or_else(|_| {
             std::fs::read_to_string("/proc/sys/kernel/hostname").map(|name| name.trim().to_string())
         })?;
-        let peer = args
-            .coordinator
+        // The route to the first coordinator (several under leader
+        // election share a network).
+        let first = flamingo_security::addresses(&args.coordinator)
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        let peer = first
             .trim_start_matches("http://")
             .trim_start_matches("https://")
             .trim_end_matches('/');
