@@ -102,6 +102,9 @@ flamingo_setup_reference() {
     # The crash-consistency test reads the checkpoint writer's fsyncs and
     # renames through strace.
     flamingo_apt_install " for the crash-consistency test" strace || return 1
+    # The network-namespace tests: namespaces and a bridge (iproute2),
+    # partitions (nftables).
+    flamingo_apt_install " for the network-namespace tests" iproute2 nftables || return 1
     if "$python" -c "import einops, einops_exts, safetensors, open_clip, transformers, webdataset, braceexpand, moto, flask_cors, tensorboard, kubernetes_validate, sklearn, pycocoevalcap, nltk, inflection, importlib.util, importlib.metadata as m, sys; sys.exit(0 if importlib.util.find_spec('open_flamingo') and m.version('webdataset') == '0.2.86' else 1)" 2>/dev/null; then
         return 0
     fi

@@ -44,6 +44,21 @@ impl Failover {
         connect_timeout: Duration,
         timeout: Option<Duration>,
     ) -> Result<Self, SecurityError> {
+        Self::with_keep_alive(list, tls, domain, connect_timeout, timeout, None)
+    }
+
+    /// [`Failover::new`], and with `keep_alive` an HTTP/2 ping every that
+    /// long (also on idle connections) that must be answered within it:
+    /// a coordinator cut off by the network then ends the caller's streams
+    /// within two periods instead of TCP's retransmission timeout.
+    pub fn with_keep_alive(
+        list: &str,
+        tls: Option<&ClientTls>,
+        domain: &str,
+        connect_timeout: Duration,
+        timeout: Option<Duration>,
+        keep_alive: Option<Duration>,
+    ) -> Result<Self, SecurityError> {
         let addresses = addresses(list);
         if addresses.is_empty() {
             return Err(SecurityError::Invalid {
@@ -60,6 +75,12 @@ impl Failover {
                     crate::endpoint(address, tls, domain)?.connect_timeout(connect_timeout);
                 if let Some(timeout) = timeout {
                     endpoint = endpoint.timeout(timeout);
+                }
+                if let Some(period) = keep_alive {
+                    endpoint = endpoint
+                        .http2_keep_alive_interval(period)
+                        .keep_alive_timeout(period)
+                        .keep_alive_while_idle(true);
                 }
                 Ok(endpoint.connect_lazy())
             })

@@ -3,6 +3,7 @@
 //! Everything is killed when the sandbox is dropped. Fault tests use it to
 //! SIGKILL and restart real processes.
 
+pub mod netns;
 pub mod slurm;
 
 use std::collections::BTreeMap;

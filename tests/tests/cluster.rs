@@ -516,9 +516,28 @@ async fn coordinator_down_past_the_ttl_loses_only_the_nodes_that_did_not_come_ba
 
     // The coordinator is down past the TTL, and node-1's agent dies (its
     // rank with it) meanwhile.
+    let down = Instant::now();
     sandbox.kill_coordinator();
     sandbox.kill_agent("node-1");
-    tokio::time::sleep(Duration::from_secs(u64::from(ttl) + 2)).await;
+    // node-0's agent fences its rank once it has been out of touch for the
+    // node lease: by then a coordinator would have given the node up.
+    let node_0_rank = running
+        .ranks
+        .iter()
+        .find(|rank| rank.node.as_str() == "node-0")
+        .and_then(|rank| rank.pid)
+        .unwrap();
+    while alive(node_0_rank) && down.elapsed() < Duration::from_secs(u64::from(ttl) + 5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fenced = down.elapsed();
+    assert!(!alive(node_0_rank), "node-0's rank was not fenced");
+    assert!(
+        fenced >= Duration::from_secs(u64::from(ttl)),
+        "fenced after {fenced:?}, before the lease ran out"
+    );
+    tokio::time::sleep(Duration::from_secs(u64::from(ttl) + 2).saturating_sub(down.elapsed()))
+        .await;
     let restarted = Instant::now();
     sandbox.start_coordinator().unwrap();
 
@@ -528,17 +547,22 @@ async fn coordinator_down_past_the_ttl_loses_only_the_nodes_that_did_not_come_ba
         })
         .await
         .unwrap();
+    // Whichever the coordinator learns first: node-1 lost (after its full
+    // lease from the coordinator's start), or node-0's fenced rank.
     assert!(
         failed
             .message
-            .contains("node node-1 lost: no heartbeat for 3 s"),
+            .contains("node node-1 lost: no heartbeat for 3 s")
+            || failed.message.contains("rank 0"),
         "{}",
         failed.message
     );
-    assert!(
-        restarted.elapsed() >= Duration::from_secs(u64::from(ttl)),
-        "node-1 had a full lease from the coordinator's start"
-    );
+    if failed.message.contains("node node-1 lost") {
+        assert!(
+            restarted.elapsed() >= Duration::from_secs(u64::from(ttl)),
+            "node-1 had a full lease from the coordinator's start"
+        );
+    }
     // node-0 came back and stays; node-1's agent registers again.
     let nodes = sandbox.session().await.unwrap().nodes().await.unwrap();
     assert!(

@@ -695,11 +695,13 @@ async fn superseded_attempts_cannot_commit(sandbox: &ClusterSandbox, id: &str) {
 /// and ends with the weights of an uninterrupted run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_training_job_goes_on_through_two_leader_kills() {
+    // Node leases well above the leader's (2 s): agents fence their ranks
+    // after a node lease without a coordinator.
     let mut sandbox = ClusterSandbox::start_ha(
         SandboxOptions {
             nodes: 2,
             slots_per_node: 2,
-            lease_ttl_seconds: 4,
+            lease_ttl_seconds: 8,
         },
         3,
     )

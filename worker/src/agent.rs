@@ -63,6 +63,12 @@ pub struct AgentConfig {
     /// Rotated copies kept per rank log.
     #[arg(long, env = "FLAMINGO_RANK_LOG_KEEP", default_value_t = 3)]
     pub rank_log_keep: u32,
+    /// Kill this node's ranks (fencing) when no coordinator has been
+    /// reachable for this long: by then the coordinator has declared the
+    /// node lost and restarts its jobs elsewhere. 0: the coordinator's
+    /// node lease (`--lease-ttl-seconds`, told at registration).
+    #[arg(long, env = "FLAMINGO_FENCE_AFTER_SECONDS", default_value_t = 0)]
+    pub fence_after_seconds: u64,
     /// Protocol version to announce (only for testing version checks).
     #[arg(long, hide = true, default_value_t = flamingo_proto::PROTOCOL_VERSION)]
     pub protocol_version: u32,
@@ -174,12 +180,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     }
     // Every coordinator's address: calls go to the one that answers (the
     // leader, under leader election).
-    let channel = flamingo_security::Failover::new(
+    // HTTP/2 pings every second: a coordinator cut off by the network ends
+    // the session within two seconds, and the fencing clock starts.
+    let channel = flamingo_security::Failover::with_keep_alive(
         &config.coordinator,
         client_tls.as_ref(),
         flamingo_security::COORDINATOR_NAME,
         Duration::from_secs(2),
         None,
+        Some(Duration::from_secs(1)),
     )
     .with_context(|| format!("--coordinator '{}'", config.coordinator))?;
     let client = NodeServiceClient::new(channel);
@@ -233,6 +242,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         ranks,
         draining,
         registered: false,
+        fence_after: Duration::from_secs(config.fence_after_seconds),
+        out_of_touch_since: None,
     };
     let outcome = agent.serve().await;
     agent.stop(&backlog).await;
@@ -336,6 +347,11 @@ struct Agent<'a> {
     /// Cancelled at the first SIGTERM.
     draining: CancellationToken,
     registered: bool,
+    /// Fence the ranks after this long without a coordinator (zero until
+    /// the first registration tells the lease).
+    fence_after: Duration,
+    /// Since when no coordinator has answered (none while attached).
+    out_of_touch_since: Option<tokio::time::Instant>,
 }
 
 impl Agent<'_> {
@@ -352,6 +368,10 @@ impl Agent<'_> {
                     result = register(&self.client, &self.registration) => {
                         let response = result?;
                         interval = Duration::from_millis(u64::from(response.heartbeat_interval_ms.max(100)));
+                        if config.fence_after_seconds == 0 {
+                            self.fence_after =
+                                Duration::from_secs(u64::from(response.lease_ttl_seconds.max(1)));
+                        }
                         self.registered = true;
                         tracing::info!(node = %node_id, slots = self.registration.slots, coordinator = %config.coordinator, "registered");
                     }
@@ -365,11 +385,27 @@ impl Agent<'_> {
                 interval,
                 &self.draining,
                 config.drain_timeout_seconds,
+                &mut self.out_of_touch_since,
             )
             .await;
             match end {
                 SessionEnd::Unregistered => self.registered = false,
                 SessionEnd::Disconnected => {
+                    let since = *self
+                        .out_of_touch_since
+                        .get_or_insert_with(tokio::time::Instant::now);
+                    if !self.fence_after.is_zero()
+                        && since.elapsed() >= self.fence_after
+                        && !self.ranks.running().is_empty()
+                    {
+                        let fenced = self.ranks.fence(&format!(
+                            "no coordinator reachable for {:.1} s (the node lease is {} s): \
+                             the coordinator has given this node's ranks up",
+                            since.elapsed().as_secs_f64(),
+                            self.fence_after.as_secs()
+                        ));
+                        tracing::warn!(fenced, "ranks fenced");
+                    }
                     // Draining with the coordinator out of reach: the ranks
                     // still get the drain timeout to finish, then the agent
                     // stops without it.
@@ -451,6 +487,7 @@ async fn session(
     interval: Duration,
     draining: &CancellationToken,
     drain_timeout_seconds: u64,
+    out_of_touch_since: &mut Option<tokio::time::Instant>,
 ) -> SessionEnd {
     let (outgoing_tx, outgoing_rx) = mpsc::channel(16);
     let _ = outgoing_tx
@@ -461,7 +498,11 @@ async fn session(
         .attach(tokio_stream::wrappers::ReceiverStream::new(outgoing_rx))
         .await;
     let mut incoming = match response {
-        Ok(response) => response.into_inner(),
+        Ok(response) => {
+            // A coordinator answered: in touch again.
+            *out_of_touch_since = None;
+            response.into_inner()
+        }
         Err(status) if status.code() == tonic::Code::NotFound => return SessionEnd::Unregistered,
         Err(status) => {
             tracing::warn!(code = ?status.code(), message = status.message(), "cannot attach to the coordinator");

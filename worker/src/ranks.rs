@@ -519,6 +519,19 @@ impl Ranks {
         }
     }
 
+    /// Kills every rank on the node at once because the node lost the
+    /// coordinator for longer than its lease (the coordinator has declared
+    /// the node lost and restarts its jobs elsewhere). Unlike a stop, later
+    /// attempts of the same jobs may still start here once the node is back.
+    pub fn fence(&self, reason: &str) -> usize {
+        let pids: Vec<u32> = self.table().running.values().map(|rank| rank.pid).collect();
+        if !pids.is_empty() {
+            tracing::warn!(?pids, "fencing: killing every rank: {reason}");
+            self.signal_groups(&pids, libc::SIGKILL);
+        }
+        pids.len()
+    }
+
     fn signal_groups(&self, pids: &[u32], signal: i32) {
         for &pid in pids {
             // SAFETY: plain syscall; the rank is its own process-group leader.
