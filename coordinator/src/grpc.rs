@@ -428,13 +428,30 @@ impl pb::node_service_server::NodeService for NodeApi {
         let mut refused = 0u32;
         let batches = std::mem::take(&mut request.into_inner().batches);
         // The node's own certificate was checked above; each batch needs
-        // its rank's credential for a live attempt.
+        // its rank's credential for a live attempt. A node's ranks of one
+        // attempt share a credential: each distinct one is checked once.
+        let mut checked: Vec<(String, u32, String, bool)> = Vec::new();
         for batch in batches {
-            let allowed = batch.node_id == node_id
-                && self
-                    .authorize_rank_token(&batch.job_id, batch.attempt, &batch.rank_token)
-                    .await
-                    .is_ok();
+            let known = checked.iter().find(|(job, attempt, token, _)| {
+                *job == batch.job_id && *attempt == batch.attempt && *token == batch.rank_token
+            });
+            let authorized = match known {
+                Some((.., authorized)) => *authorized,
+                None => {
+                    let authorized = self
+                        .authorize_rank_token(&batch.job_id, batch.attempt, &batch.rank_token)
+                        .await
+                        .is_ok();
+                    checked.push((
+                        batch.job_id.clone(),
+                        batch.attempt,
+                        batch.rank_token.clone(),
+                        authorized,
+                    ));
+                    authorized
+                }
+            };
+            let allowed = batch.node_id == node_id && authorized;
             if allowed {
                 accepted.push(batch);
             } else {
