@@ -365,8 +365,24 @@ async fn a_training_job_survives_every_component_dying_with_nothing_lost() {
         .collect();
     assert!(steps.contains(&1) && steps.contains(&STEPS), "{steps:?}");
 
-    // Every sample exactly once per epoch over the kept steps.
-    let epochs = audited(&run_dir);
+    every_sample_once_and_the_weights_of_a_whole_run(
+        &dir,
+        &job_file,
+        &run_dir,
+        &["--data_service", &data_service],
+    );
+}
+
+/// Every sample exactly once per epoch over the kept steps of `run_dir`,
+/// and its final weights equal to an uninterrupted run of `job_file` with
+/// the same seed (`flamingoctl train` on 4 ranks, with `extra` flags).
+fn every_sample_once_and_the_weights_of_a_whole_run(
+    dir: &Path,
+    job_file: &Path,
+    run_dir: &Path,
+    extra: &[&str],
+) {
+    let epochs = audited(run_dir);
     let all: BTreeSet<String> = epochs[&("laion".to_string(), 0)].iter().cloned().collect();
     assert_eq!(all.len() as u64, SAMPLES, "epoch 0 covers the set");
     for epoch in 0..EPOCHS {
@@ -375,25 +391,20 @@ async fn a_training_job_survives_every_component_dying_with_nothing_lost() {
         assert_eq!(keys.len(), unique.len(), "epoch {epoch} repeats a sample");
         assert_eq!(unique, all, "epoch {epoch} misses a sample");
     }
-
-    // The same weights as an uninterrupted run with the same seed.
-    flamingoctl(
-        &dir,
-        &[
-            "train",
-            "--nproc",
-            "4",
-            "--config",
-            job_file.to_str().unwrap(),
-            "--run_name",
-            "whole",
-            "--data_service",
-            &data_service,
-        ],
-    );
+    let mut args = vec![
+        "train",
+        "--nproc",
+        "4",
+        "--config",
+        job_file.to_str().expect("a UTF-8 path"),
+        "--run_name",
+        "whole",
+    ];
+    args.extend_from_slice(extra);
+    flamingoctl(dir, &args);
     let whole = final_parameters(&dir.join("runs/whole"));
-    let chaos = final_parameters(&run_dir);
-    let difference = (&whole - &chaos).abs().max().double_value(&[]);
+    let resumed = final_parameters(run_dir);
+    let difference = (&whole - &resumed).abs().max().double_value(&[]);
     assert!(
         difference <= 1e-5,
         "final weights differ by {difference} from the uninterrupted run"
@@ -762,34 +773,6 @@ async fn a_training_job_goes_on_through_two_leader_kills() {
     .await;
     assert!(record.restarts.is_empty(), "{:#?}", record.restarts);
     assert_eq!(record.attempt, 0);
-    let run_dir = dir.join("runs/ha");
-    let epochs = audited(&run_dir);
-    let all: BTreeSet<String> = epochs[&("laion".to_string(), 0)].iter().cloned().collect();
-    assert_eq!(all.len() as u64, SAMPLES, "epoch 0 covers the set");
-    for epoch in 0..EPOCHS {
-        let keys = &epochs[&("laion".to_string(), epoch)];
-        let unique: BTreeSet<String> = keys.iter().cloned().collect();
-        assert_eq!(keys.len(), unique.len(), "epoch {epoch} repeats a sample");
-        assert_eq!(unique, all, "epoch {epoch} misses a sample");
-    }
-    flamingoctl(
-        &dir,
-        &[
-            "train",
-            "--nproc",
-            "4",
-            "--config",
-            job_file.to_str().unwrap(),
-            "--run_name",
-            "whole",
-        ],
-    );
-    let whole = final_parameters(&dir.join("runs/whole"));
-    let ha = final_parameters(&run_dir);
-    let difference = (&whole - &ha).abs().max().double_value(&[]);
-    assert!(
-        difference <= 1e-5,
-        "final weights differ by {difference} from the uninterrupted run"
-    );
+    every_sample_once_and_the_weights_of_a_whole_run(&dir, &job_file, &dir.join("runs/ha"), &[]);
     eprintln!("takeovers: {takeovers:?}");
 }
