@@ -58,6 +58,10 @@ struct Args {
     /// it; default `rank.secret` next to --tls-ca.
     #[arg(long = "rank-secret-file", env = "FLAMINGO_RANK_SECRET_FILE")]
     rank_secret_file: Option<std::path::PathBuf>,
+    /// Where to serve Prometheus `/metrics` (samples prepared, images
+    /// decoded, streams and batches served); none by default.
+    #[arg(long, env = "FLAMINGO_DATA_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     tls: flamingo_security::TlsFiles,
 }
@@ -114,9 +118,45 @@ fn main() -> anyhow::Result<()> {
             .map_err(|error| anyhow::anyhow!("cannot listen on {}: {error}", args.listen))?;
         tracing::info!(address = %listener.local_addr()?, "data service listening");
         let shutdown = flamingo_common::telemetry::shutdown_on_signals();
+        if let Some(address) = args.metrics_listen {
+            serve_metrics(address, service.clone(), shutdown.clone()).await?;
+        }
         serve(service, access, tls, listener, async move {
             shutdown.cancelled().await
         })
         .await
     })
+}
+
+/// Prometheus `/metrics` on `address` until `stop`.
+async fn serve_metrics(
+    address: SocketAddr,
+    service: Arc<DataService>,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|error| anyhow::anyhow!("--metrics-listen {address}: cannot listen: {error}"))?;
+    tracing::info!(address = %listener.local_addr()?, "serving Prometheus /metrics");
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = service.prometheus_text();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    text,
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+    });
+    Ok(())
 }

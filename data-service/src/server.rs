@@ -1,6 +1,49 @@
 //! The gRPC data service. Replicas share nothing: a stream is fully
-//! described by its request, and a replica caches what it computed (opened
-//! datasets, global batches) only to serve the ranks of one job once.
+//! described by its request, so any replica can serve it, and a replica
+//! that dies is replaced by another from the rank's cursor.
+//!
+//! # Splitting one job's work over K replicas
+//!
+//! A global batch is the next `B` accepted samples of the epoch order, so
+//! where a batch ends — and so where every later batch and rank slice
+//! starts — depends on which samples preprocessing rejects. Cut into
+//! shares, the work needs every replica to agree on the boundaries
+//! without seeing the others' work. Two ways were weighed:
+//!
+//! - an exchange: replica k preprocesses every K-th run of positions and
+//!   the replicas trade accept/reject bits before a batch can be cut. Cheap
+//!   in bytes, but every batch waits for the slowest replica, and a dead
+//!   replica stalls the others until its share is reassigned;
+//! - acceptance decided ahead, once (chosen): `flamingoctl data index
+//!   --accept` preprocesses each shard once and stores a verdict per sample
+//!   next to it ([`flamingo_data::accept`]). From the verdicts, any replica
+//!   plans any batch — its accepted samples, its skips with their reasons,
+//!   its end — in microseconds, and preprocesses only what it serves. The
+//!   seeded single-image drop of MMC4 is drawn at planning time as
+//!   preprocessing draws it, so the plan equals the batch. The price is one
+//!   validating pass over the data (as a conversion to MDS or a webdataset
+//!   re-shard costs), redone when the filter options or tokenizer change
+//!   (the file name carries their fingerprint).
+//!
+//! A stream names its share (`share` of `shares`): share k of a batch is
+//! `rank_slice(n, K, k)` of its `n` accepted samples, and the stream
+//! carries the part of its rank's slice inside it. The client asks replica
+//! k for share k, so each accepted sample is preprocessed once in the
+//! whole service; where ranks and shares line up (K divides the world) a
+//! rank reads one replica, otherwise it joins the pieces of two. Batches
+//! are bit-identical at any K and any world size.
+//!
+//! When a replica dies mid-epoch, the streams of its share fail over to
+//! the next replica, which resumes them from the rank's cursor (the start
+//! of the first batch not yet received), plans the same batch and
+//! prepares the same piece: no sample is lost or repeated; that replica
+//! then does two shares' work until the dead one is back.
+//!
+//! Without acceptance indexes (a dataset not yet judged, or judged under
+//! other options), a replica preprocesses whole global batches, caching
+//! each to cut every rank's piece from it: correct, but every replica
+//! serving a job then does the whole job's work. The replica says so once
+//! per dataset.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -9,8 +52,8 @@ use flamingo_proto::v1 as pb;
 use tokio::sync::OnceCell;
 use tokio_stream::wrappers::ReceiverStream;
 
-use flamingo_data::batch::{Assembler, Cursor, GlobalBatch};
-use flamingo_data::convert::{ImageFormat, RankBatch};
+use flamingo_data::batch::{rank_slice, Assembler, Cursor, GlobalBatch, PrepareStats};
+use flamingo_data::convert::{BatchFrame, ImageFormat, RankBatch};
 use flamingo_data::prepare::Preparer;
 use flamingo_data::reader::Dataset;
 use flamingo_data::spec::DataSpec;
@@ -56,6 +99,8 @@ struct Opened {
     assembler: Arc<Assembler>,
     pad_token_id: i64,
     images_per_sample: usize,
+    /// Said once: shares were asked of a dataset without verdicts.
+    warned_unplanned: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -69,6 +114,10 @@ pub struct DataService {
     opened: Mutex<HashMap<(String, u64), OpenedCell>>,
     /// (spec TOML, seed, global batch size, cursor) → batch, oldest first.
     batches: Mutex<(HashMap<BatchKey, BatchCell>, VecDeque<BatchKey>)>,
+    stats: Arc<PrepareStats>,
+    /// Streams served, and pieces (batches) sent.
+    streams: std::sync::atomic::AtomicU64,
+    pieces: std::sync::atomic::AtomicU64,
 }
 
 impl DataService {
@@ -83,7 +132,49 @@ impl DataService {
             config,
             opened: Default::default(),
             batches: Default::default(),
+            stats: Arc::default(),
+            streams: Default::default(),
+            pieces: Default::default(),
         })
+    }
+
+    /// Prometheus text for `/metrics`: the work this replica did.
+    pub fn prometheus_text(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let rows = [
+            (
+                "flamingo_data_samples_prepared_total",
+                "Samples preprocessed (accepted or rejected).",
+                self.stats.samples.load(Relaxed),
+            ),
+            (
+                "flamingo_data_samples_accepted_total",
+                "Samples preprocessed and accepted.",
+                self.stats.accepted.load(Relaxed),
+            ),
+            (
+                "flamingo_data_images_decoded_total",
+                "Images decoded into accepted samples.",
+                self.stats.images.load(Relaxed),
+            ),
+            (
+                "flamingo_data_streams_total",
+                "Batch streams opened.",
+                self.streams.load(Relaxed),
+            ),
+            (
+                "flamingo_data_batches_sent_total",
+                "Batches (or pieces of batches) sent to ranks.",
+                self.pieces.load(Relaxed),
+            ),
+        ];
+        let mut text = String::new();
+        for (name, help, value) in rows {
+            text.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+            ));
+        }
+        text
     }
 
     async fn open(&self, spec_toml: &str, seed: u64) -> Result<Arc<Opened>> {
@@ -106,12 +197,17 @@ impl DataService {
         tracing::info!(
             shards = dataset.shards.len(),
             samples = dataset.samples(),
+            planned = dataset.verdicts.is_some(),
             "dataset opened"
         );
         let entry = Arc::new(Opened {
             pad_token_id: preparer.pad_token_id(),
             images_per_sample: spec.images_per_sample() as usize,
-            assembler: Arc::new(Assembler::new(dataset, preparer, self.pool.clone(), seed)),
+            assembler: Arc::new(
+                Assembler::new(dataset, preparer, self.pool.clone(), seed)
+                    .with_stats(self.stats.clone()),
+            ),
+            warned_unplanned: Default::default(),
         });
         Ok(entry)
     }
@@ -186,7 +282,31 @@ impl DataService {
                 ),
             ));
         }
+        let shares = request.shares.max(1);
+        if shares > MAX_SHARES || request.share >= shares {
+            return Err(DataError::spec(
+                "share",
+                format!(
+                    "share {} of {} (shares are numbered from 0, at most {MAX_SHARES})",
+                    request.share, request.shares
+                ),
+            ));
+        }
         let opened = self.open(&request.spec_toml, request.seed).await?;
+        if shares > 1
+            && !opened.assembler.planned()
+            && !opened
+                .warned_unplanned
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                shares,
+                "this dataset has no acceptance indexes: every replica preprocesses whole batches \
+                 ({shares}x the work); run `flamingoctl data index --accept <spec>` once to split it"
+            );
+        }
+        self.streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let format = pb::ImageFormat::try_from(request.image_format)
             .map(ImageFormat::from)
             .unwrap_or_default();
@@ -194,32 +314,31 @@ impl DataService {
         let (sender, receiver) = tokio::sync::mpsc::channel(self.config.read_ahead.max(1));
         let service = self.clone();
         let mut cursor = request.cursor.map(Cursor::from).unwrap_or_default();
+        let share = (request.share as usize, shares as usize);
         tokio::spawn(async move {
             loop {
                 if request.end_epoch > 0 && cursor.epoch >= request.end_epoch {
                     return;
                 }
-                let batch = service
-                    .global_batch(
-                        &request.spec_toml,
-                        request.seed,
+                let piece = service
+                    .piece(
+                        &request,
+                        &opened,
                         size,
                         cursor,
-                        &opened.assembler,
+                        (rank, world),
+                        share,
+                        format,
                     )
                     .await;
-                let message = batch.map(|batch| {
-                    cursor = batch.next;
-                    pb::Batch::from(RankBatch::from_global(
-                        &batch,
-                        rank,
-                        world,
-                        opened.images_per_sample,
-                        opened.pad_token_id,
-                        format,
-                    ))
+                let message = piece.map(|piece| {
+                    cursor = piece.next;
+                    pb::Batch::from(piece)
                 });
                 let failed = message.is_err();
+                service
+                    .pieces
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if sender
                     .send(message.map_err(tonic::Status::from))
                     .await
@@ -232,7 +351,67 @@ impl DataService {
         });
         Ok(receiver)
     }
+
+    /// The part of rank `rank`'s slice of the batch at `cursor` that lies
+    /// in share `share.0` of `share.1`.
+    #[allow(clippy::too_many_arguments)]
+    async fn piece(
+        &self,
+        request: &pb::StreamBatchesRequest,
+        opened: &Opened,
+        size: usize,
+        cursor: Cursor,
+        (rank, world): (usize, usize),
+        (share, shares): (usize, usize),
+        format: ImageFormat,
+    ) -> Result<RankBatch> {
+        let part = |n: usize| {
+            let slice = rank_slice(n, world, rank);
+            let cut = rank_slice(n, shares, share);
+            slice.start.max(cut.start)..slice.end.min(cut.end).max(slice.start.max(cut.start))
+        };
+        let assembler = &opened.assembler;
+        if assembler.planned() {
+            let plan = assembler.plan(cursor, size)?;
+            let range = part(plan.accepted.len());
+            let (samples, extra) = assembler.prepare_planned(&plan, range).await?;
+            let mut skipped = plan.skipped;
+            skipped.extend(extra);
+            let frame = BatchFrame {
+                start: plan.start,
+                next: plan.next,
+                last_in_epoch: plan.last_in_epoch,
+                skipped,
+            };
+            return Ok(RankBatch::from_samples(
+                frame,
+                &samples,
+                opened.images_per_sample,
+                opened.pad_token_id,
+                format,
+            ));
+        }
+        let batch = self
+            .global_batch(&request.spec_toml, request.seed, size, cursor, assembler)
+            .await?;
+        let frame = BatchFrame {
+            start: batch.start,
+            next: batch.next,
+            last_in_epoch: batch.last_in_epoch,
+            skipped: batch.skipped.clone(),
+        };
+        Ok(RankBatch::from_samples(
+            frame,
+            &batch.samples[part(batch.samples.len())],
+            opened.images_per_sample,
+            opened.pad_token_id,
+            format,
+        ))
+    }
 }
+
+/// The most shares one batch is cut into (replicas serving one job).
+const MAX_SHARES: u32 = 4096;
 
 /// The tonic adapter.
 #[derive(Debug, Clone)]

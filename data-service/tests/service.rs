@@ -1,8 +1,10 @@
 //! The data service as processes: batches streamed over gRPC; a replica
 //! killed with SIGKILL mid-stream (the client moves to another replica,
 //! and later back to the restarted one) leaves the delivered sequence
-//! unchanged; two ranks of one job share a replica's global batches; and a
-//! spec naming a missing shard is refused with its URL.
+//! unchanged; two ranks of one job share a replica's global batches; K
+//! replicas of a judged dataset split the preprocessing and serve the same
+//! batches as one (also when one of them is killed); and a spec naming a
+//! missing shard is refused with its URL.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -48,7 +50,12 @@ fn service_tls() -> &'static flamingo_security::TlsFiles {
 
 impl Replica {
     fn start(port: u16) -> Self {
+        Self::start_with(port, &[])
+    }
+
+    fn start_with(port: u16, extra: &[String]) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_flamingo-data-service"))
+            .args(extra)
             .args([
                 "--listen",
                 &format!("127.0.0.1:{port}"),
@@ -176,7 +183,10 @@ async fn a_killed_replica_changes_nothing_the_rank_sees() {
     let _restarted = Replica::start(first_port);
     second.kill();
     got.extend(collect(&mut stream, usize::MAX).await);
-    assert_eq!(stream.reconnects(), 2, "both kills broke the stream");
+    // Two replicas split each batch: the rank streams share 0 from the
+    // first and share 1 from the second. The first kill breaks share 0's
+    // stream (it moves to the second); the second kill breaks both.
+    assert_eq!(stream.reconnects(), 3, "every kill broke the streams on it");
     assert_eq!(keys(&got), keys(&expected));
     assert_eq!(got, expected, "identical batches, tensors included");
 }
@@ -255,4 +265,166 @@ async fn a_missing_shard_is_refused_by_url() {
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
+}
+
+/// A replica with `/metrics` on its own port.
+struct Measured {
+    replica: Replica,
+    metrics: u16,
+}
+
+impl Measured {
+    fn start() -> Self {
+        let metrics = free_port();
+        let replica = Replica::start_with(
+            free_port(),
+            &["--metrics-listen".into(), format!("127.0.0.1:{metrics}")],
+        );
+        Self { replica, metrics }
+    }
+
+    /// A counter from the replica's Prometheus `/metrics`.
+    fn counter(&self, name: &str) -> u64 {
+        use std::io::{Read, Write};
+        let mut connection =
+            std::net::TcpStream::connect(("127.0.0.1", self.metrics)).expect("metrics answer");
+        connection
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: replica\r\nConnection: close\r\n\r\n")
+            .expect("asked");
+        let mut text = String::new();
+        connection.read_to_string(&mut text).expect("read");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
+            .trim()
+            .parse()
+            .expect("a count")
+    }
+}
+
+/// Judges every shard of `spec` and stores the verdicts, as `flamingoctl
+/// data index --accept` does.
+async fn judge(spec_toml: &str) {
+    use std::sync::Arc;
+
+    use flamingo_data::accept::{self, AcceptIndex};
+    let spec = flamingo_data::spec::DataSpec::from_toml(spec_toml, None).expect("spec");
+    let dataset = flamingo_data::reader::Dataset::open(&spec, &Default::default())
+        .await
+        .expect("dataset");
+    let preparer = Arc::new(flamingo_data::prepare::Preparer::new(&spec).expect("preparer"));
+    let pool = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .expect("pool"),
+    );
+    let fingerprint = accept::fingerprint(&spec).expect("fingerprint");
+    for (number, shard) in dataset.shards.iter().enumerate() {
+        let verdicts = accept::judge_shard(&dataset, number, &preparer, &pool, |_| {})
+            .await
+            .expect("judged");
+        AcceptIndex::new(shard.index.shard_bytes, &fingerprint, &verdicts)
+            .write(&shard.location)
+            .await
+            .expect("stored");
+    }
+}
+
+const WORLD: u32 = 4;
+
+/// Every rank's batches from `endpoints`; `kill` SIGKILLs a replica once
+/// rank 0 has `after` batches.
+async fn run_job(
+    endpoints: Vec<String>,
+    spec: &str,
+    mut kill: Option<(&mut Measured, usize)>,
+) -> Vec<Vec<RankBatch>> {
+    let mut streams: Vec<BatchStream> = (0..WORLD)
+        .map(|rank| BatchStream::start(config(endpoints.clone(), spec, rank, WORLD, 2)))
+        .collect();
+    let mut out: Vec<Vec<RankBatch>> = vec![Vec::new(); WORLD as usize];
+    // In lockstep, as a training job reads.
+    loop {
+        let mut ended = 0;
+        for (rank, stream) in streams.iter_mut().enumerate() {
+            match tokio::time::timeout(Duration::from_secs(60), stream.next())
+                .await
+                .expect("a batch within a minute")
+            {
+                Some(batch) => out[rank].push(batch.expect("a batch")),
+                None => ended += 1,
+            }
+        }
+        if ended == streams.len() {
+            return out;
+        }
+        assert_eq!(ended, 0, "ranks ended together");
+        if let Some((replica, after)) = kill.as_mut() {
+            if out[0].len() == *after {
+                replica.replica.kill();
+                kill = None;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_split_the_work_and_serve_identical_batches() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spec = flamingo_data::synthetic::write_mmc4_fixture(dir.path(), 6, 30, 9)
+        .await
+        .expect("fixture written");
+    let spec = flamingo_data::spec::DataSpec::from_toml(&spec, None)
+        .expect("spec")
+        .to_toml();
+    judge(&spec).await;
+
+    let mut reference: Option<(Vec<Vec<RankBatch>>, u64)> = None;
+    for replicas in 1..=3usize {
+        let measured: Vec<Measured> = (0..replicas).map(|_| Measured::start()).collect();
+        let endpoints = measured.iter().map(|m| m.replica.endpoint()).collect();
+        let batches = run_job(endpoints, &spec, None).await;
+        let images: Vec<u64> = measured
+            .iter()
+            .map(|m| m.counter("flamingo_data_images_decoded_total"))
+            .collect();
+        let total: u64 = images.iter().sum();
+        eprintln!("{replicas} replica(s): images decoded {images:?} (total {total})");
+        let (expected, single) = reference.get_or_insert_with(|| (batches.clone(), total));
+        assert!(expected[0].len() >= 8, "{} batches", expected[0].len());
+        assert!(
+            expected
+                .iter()
+                .flatten()
+                .any(|batch| !batch.skipped.is_empty()),
+            "the job skips samples"
+        );
+        assert_eq!(&batches, expected, "{replicas} replicas: identical batches");
+        let single = *single as f64;
+        assert!(
+            (total as f64 - single).abs() <= 0.05 * single,
+            "{replicas} replicas decode {total} images in all, one decodes {single}"
+        );
+        for (replica, count) in images.iter().enumerate() {
+            assert!(
+                *count as f64 <= (1.0 / replicas as f64 + 0.10) * single,
+                "replica {replica} of {replicas} decoded {count} of {single}"
+            );
+        }
+    }
+
+    // SIGKILL one of two replicas mid-epoch: its share moves to the other,
+    // and every rank still receives exactly the batches of one replica.
+    let (expected, single) = reference.expect("measured");
+    let mut measured: Vec<Measured> = (0..2).map(|_| Measured::start()).collect();
+    let endpoints = measured.iter().map(|m| m.replica.endpoint()).collect();
+    let batches = run_job(endpoints, &spec, Some((&mut measured[1], 3))).await;
+    assert_eq!(batches, expected, "identical batches after a replica died");
+    let survivor = measured[0].counter("flamingo_data_images_decoded_total");
+    eprintln!("after the kill the survivor decoded {survivor} of {single} images");
+    assert!(
+        survivor as f64 > 0.7 * single as f64,
+        "the survivor took the dead replica's share: {survivor} of {single}"
+    );
 }

@@ -1,7 +1,15 @@
 //! The rank side of the batch stream: a bounded buffer of ready batches fed
-//! by a background task that reconnects — to the next replica, or the same
-//! one restarted — from the cursor after the last batch it received, so a
-//! broken stream neither loses nor repeats a batch.
+//! by background tasks that reconnect — to the next replica, or the same
+//! one restarted — from the cursor after the last batch they received, so
+//! a broken stream neither loses nor repeats a batch.
+//!
+//! With K replicas, each global batch is cut into K shares and replica k
+//! preprocesses share k (see the data service's module doc). A rank reads
+//! the pieces of its slice from the replicas whose shares it overlaps —
+//! one replica when ranks and shares line up (K divides the world), two at
+//! most otherwise — and joins them. A piece's stream fails over to the
+//! next replica in turn, which then serves that share from the same
+//! cursor.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,7 +25,8 @@ use crate::error::DataError;
 
 #[derive(Debug, Clone)]
 pub struct StreamConfig {
-    /// Data service replicas (`http://host:port`); tried in turn.
+    /// Data service replicas (`http://host:port`): replica k serves share
+    /// k of each batch, and the next ones stand in for it.
     pub endpoints: Vec<String>,
     pub spec_toml: String,
     pub seed: u64,
@@ -52,7 +61,26 @@ impl BatchStream {
     pub fn start(config: StreamConfig) -> Self {
         let (sender, receiver) = mpsc::channel(config.buffer_depth.max(1));
         let reconnects = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(feed(config, sender, reconnects.clone()));
+        let shares = config.endpoints.len().max(1) as u32;
+        let mine = shares_of(config.rank, config.world_size, shares);
+        let task = if mine.len() == 1 {
+            tokio::spawn(feed(config, mine[0], shares, sender, reconnects.clone()))
+        } else {
+            let mut pieces = Vec::new();
+            let mut feeds = Vec::new();
+            for share in mine {
+                let (piece_sender, piece_receiver) = mpsc::channel(config.buffer_depth.max(1));
+                feeds.push(tokio::spawn(feed(
+                    config.clone(),
+                    share,
+                    shares,
+                    piece_sender,
+                    reconnects.clone(),
+                )));
+                pieces.push(piece_receiver);
+            }
+            tokio::spawn(join(pieces, feeds, sender))
+        };
         Self {
             receiver,
             task,
@@ -68,6 +96,52 @@ impl BatchStream {
     /// The next batch; `None` when the requested epochs are done.
     pub async fn next(&mut self) -> Option<Result<RankBatch, DataError>> {
         self.receiver.recv().await
+    }
+}
+
+/// The shares (of `shares`) that rank `rank` of `world`'s slice overlaps
+/// for some batch size: slice `[r/W, (r+1)/W)` against share
+/// `[k/K, (k+1)/K)` of the batch.
+pub fn shares_of(rank: u32, world: u32, shares: u32) -> Vec<u32> {
+    let (rank, world, shares) = (u64::from(rank), u64::from(world.max(1)), u64::from(shares));
+    (0..shares)
+        .filter(|share| share * world < (rank + 1) * shares && rank * shares < (share + 1) * world)
+        .map(|share| share as u32)
+        .collect()
+}
+
+/// Joins one piece from each share's stream into the rank's batch.
+async fn join(
+    mut pieces: Vec<mpsc::Receiver<Result<RankBatch, DataError>>>,
+    feeds: Vec<JoinHandle<()>>,
+    sender: mpsc::Sender<Result<RankBatch, DataError>>,
+) {
+    struct AbortAll(Vec<JoinHandle<()>>);
+    impl Drop for AbortAll {
+        fn drop(&mut self) {
+            for feed in &self.0 {
+                feed.abort();
+            }
+        }
+    }
+    let _feeds = AbortAll(feeds);
+    loop {
+        let mut batch = Vec::with_capacity(pieces.len());
+        for receiver in &mut pieces {
+            match receiver.recv().await {
+                Some(Ok(piece)) => batch.push(piece),
+                Some(Err(error)) => {
+                    let _ = sender.send(Err(error)).await;
+                    return;
+                }
+                None => return,
+            }
+        }
+        let joined = RankBatch::join(batch);
+        let failed = joined.is_err();
+        if sender.send(joined).await.is_err() || failed {
+            return;
+        }
     }
 }
 
@@ -91,13 +165,16 @@ async fn refuse(sender: &mpsc::Sender<Result<RankBatch, DataError>>, status: &to
         .await;
 }
 
+/// Streams share `share` of the rank's slice, from replica `share` first.
 async fn feed(
     config: StreamConfig,
+    share: u32,
+    shares: u32,
     sender: mpsc::Sender<Result<RankBatch, DataError>>,
     reconnects: Arc<AtomicU64>,
 ) {
     let mut cursor = config.cursor;
-    let mut replica = 0usize;
+    let mut replica = share as usize;
     let mut backoff = Duration::from_millis(50);
     let mut failing_since: Option<tokio::time::Instant> = None;
     let mut last_error = String::from("none");
@@ -132,6 +209,8 @@ async fn feed(
             // The rank's credential (the agent sets it); the service checks
             // it when it holds the cluster's rank key.
             rank_token: std::env::var(flamingo_security::ENV_RANK_TOKEN).unwrap_or_default(),
+            share,
+            shares,
         };
         let channel = match data_endpoint(&endpoint) {
             Ok(channel) => channel,
@@ -204,7 +283,7 @@ async fn feed(
                 }
                 Err(status) => {
                     reconnects.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%endpoint, error = %status.message(), ?cursor, "batch stream broke; reconnecting");
+                    tracing::warn!(%endpoint, share, error = %status.message(), ?cursor, "batch stream broke; reconnecting");
                     last_error = format!("{endpoint}: {}", status.message());
                     failing_since.get_or_insert_with(tokio::time::Instant::now);
                     break;
@@ -221,4 +300,36 @@ fn data_endpoint(
 ) -> Result<tonic::transport::Endpoint, flamingo_security::SecurityError> {
     let tls = flamingo_security::client_tls_from_env()?;
     flamingo_security::endpoint(url, tls.as_ref(), flamingo_security::DATA_SERVICE_NAME)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::rank_slice;
+
+    #[test]
+    fn a_rank_reads_every_share_its_slice_overlaps_and_no_other() {
+        for world in 1..10u32 {
+            for shares in 1..6u32 {
+                for rank in 0..world {
+                    let mine = shares_of(rank, world, shares);
+                    for n in 0..40usize {
+                        let slice = rank_slice(n, world as usize, rank as usize);
+                        for share in 0..shares {
+                            let part = rank_slice(n, shares as usize, share as usize);
+                            let overlap = slice.start.max(part.start) < slice.end.min(part.end);
+                            assert!(
+                                !overlap || mine.contains(&share),
+                                "rank {rank}/{world} misses share {share}/{shares} at n={n}"
+                            );
+                        }
+                    }
+                    assert!(mine.len() <= (shares / world + 2) as usize, "{mine:?}");
+                }
+            }
+        }
+        assert_eq!(shares_of(1, 4, 2), [0]);
+        assert_eq!(shares_of(1, 4, 3), [0, 1]);
+        assert_eq!(shares_of(3, 8, 1), [0]);
+    }
 }

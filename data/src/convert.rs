@@ -7,7 +7,7 @@ use flamingo_proto::v1 as pb;
 use crate::batch::{rank_slice, Cursor, GlobalBatch};
 use crate::error::DataError;
 use crate::labels::IGNORE;
-use crate::sample::{Reject, RejectReason, Skipped};
+use crate::sample::{Prepared, Reject, RejectReason, Skipped};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ImageFormat {
@@ -39,6 +39,8 @@ pub struct RankBatch {
     /// Every sample skipped in the global batch (the same list reaches every
     /// rank; count it once).
     pub skipped: Vec<Skipped>,
+    /// The token that pads `input_ids`.
+    pub pad_token_id: i64,
 }
 
 impl RankBatch {
@@ -53,7 +55,29 @@ impl RankBatch {
         pad_token_id: i64,
         format: ImageFormat,
     ) -> Self {
-        let samples = &batch.samples[rank_slice(batch.samples.len(), world, rank)];
+        Self::from_samples(
+            BatchFrame {
+                start: batch.start,
+                next: batch.next,
+                last_in_epoch: batch.last_in_epoch,
+                skipped: batch.skipped.clone(),
+            },
+            &batch.samples[rank_slice(batch.samples.len(), world, rank)],
+            images_per_sample,
+            pad_token_id,
+            format,
+        )
+    }
+
+    /// A batch of `samples` (a rank's slice, or one piece of it) in
+    /// `frame`'s place in the stream.
+    pub fn from_samples(
+        frame: BatchFrame,
+        samples: &[Prepared],
+        images_per_sample: usize,
+        pad_token_id: i64,
+        format: ImageFormat,
+    ) -> Self {
         let length = samples
             .iter()
             .map(|sample| sample.input_ids.len())
@@ -78,12 +102,7 @@ impl RankBatch {
             .next()
             .unwrap_or(0);
         let plane = side * side;
-        let element = match format {
-            ImageFormat::Uint8 => 1,
-            ImageFormat::Float16 => 2,
-            ImageFormat::Float32 => 4,
-        };
-        let per_image = 3 * plane * element;
+        let per_image = 3 * plane * format.element_bytes();
         let mut images = vec![0u8; samples.len() * images_per_sample * per_image];
         for (index, sample) in samples.iter().enumerate() {
             for (slot, image) in sample.images.iter().take(images_per_sample).enumerate() {
@@ -93,9 +112,9 @@ impl RankBatch {
             }
         }
         Self {
-            start: batch.start,
-            next: batch.next,
-            last_in_epoch: batch.last_in_epoch,
+            start: frame.start,
+            next: frame.next,
+            last_in_epoch: frame.last_in_epoch,
             keys: samples.iter().map(|sample| sample.key.clone()).collect(),
             num_images: samples
                 .iter()
@@ -118,7 +137,126 @@ impl RankBatch {
             input_ids,
             attention_mask,
             labels,
-            skipped: batch.skipped.clone(),
+            skipped: frame.skipped,
+            pad_token_id,
+        }
+    }
+
+    /// Consecutive pieces of one rank's slice (one per share, in share
+    /// order) as the one batch [`RankBatch::from_global`] makes of the
+    /// whole slice: samples concatenated, tokens re-padded to the longest,
+    /// images laid out at the common side. Every piece carries the global
+    /// batch's skipped list; it is kept once.
+    pub fn join(pieces: Vec<RankBatch>) -> Result<Self, DataError> {
+        let mut pieces = pieces.into_iter();
+        let Some(first) = pieces.next() else {
+            return Err(DataError::Storage {
+                url: "data service".into(),
+                message: "no pieces to join".into(),
+            });
+        };
+        let rest: Vec<RankBatch> = pieces.collect();
+        if rest.is_empty() {
+            return Ok(first);
+        }
+        let all = || std::iter::once(&first).chain(&rest);
+        if let Some(other) = rest.iter().find(|piece| {
+            (
+                piece.start,
+                piece.next,
+                piece.last_in_epoch,
+                piece.image_format,
+            ) != (
+                first.start,
+                first.next,
+                first.last_in_epoch,
+                first.image_format,
+            ) || piece.image_shape[1] != first.image_shape[1]
+        }) {
+            return Err(DataError::Storage {
+                url: "data service".into(),
+                message: format!(
+                    "the pieces of one batch disagree: one starts at {:?} and another at {:?} \
+                     (replicas serving different datasets or versions?)",
+                    first.start, other.start
+                ),
+            });
+        }
+        let samples: usize = all().map(|piece| piece.token_shape[0]).sum();
+        let length = all().map(|piece| piece.token_shape[1]).max().unwrap_or(0);
+        let side = all()
+            .map(|piece| piece.image_shape[3])
+            .find(|side| *side > 0)
+            .unwrap_or(0);
+        let images_per_sample = first.image_shape[1];
+        let per_sample = images_per_sample * 3 * side * side * first.image_format.element_bytes();
+        let pad = first.pad_token_id;
+        let mut joined = Self {
+            start: first.start,
+            next: first.next,
+            last_in_epoch: first.last_in_epoch,
+            keys: Vec::with_capacity(samples),
+            num_images: Vec::with_capacity(samples),
+            image_order: Vec::with_capacity(samples),
+            image_format: first.image_format,
+            image_shape: [samples, images_per_sample, 3, side, side],
+            images: Vec::with_capacity(samples * per_sample),
+            token_shape: [samples, length],
+            input_ids: Vec::with_capacity(samples * length),
+            attention_mask: Vec::with_capacity(samples * length),
+            labels: Vec::with_capacity(samples * length),
+            skipped: first.skipped.clone(),
+            pad_token_id: pad,
+        };
+        for piece in all() {
+            joined.keys.extend_from_slice(&piece.keys);
+            joined.num_images.extend_from_slice(&piece.num_images);
+            joined.image_order.extend_from_slice(&piece.image_order);
+            let [count, width] = piece.token_shape;
+            for row in 0..count {
+                let at = row * width..(row + 1) * width;
+                let missing = length - width;
+                joined
+                    .input_ids
+                    .extend_from_slice(&piece.input_ids[at.clone()]);
+                joined.input_ids.extend(std::iter::repeat_n(pad, missing));
+                joined
+                    .attention_mask
+                    .extend_from_slice(&piece.attention_mask[at.clone()]);
+                joined
+                    .attention_mask
+                    .extend(std::iter::repeat_n(0, missing));
+                joined.labels.extend_from_slice(&piece.labels[at]);
+                joined.labels.extend(std::iter::repeat_n(IGNORE, missing));
+            }
+            if piece.image_shape[3] == side {
+                joined.images.extend_from_slice(&piece.images);
+            } else {
+                // A piece whose samples hold no image at all.
+                joined
+                    .images
+                    .extend(std::iter::repeat_n(0u8, count * per_sample));
+            }
+        }
+        Ok(joined)
+    }
+}
+
+/// Where a batch stands in its stream, and what its global batch skipped.
+#[derive(Debug, Clone)]
+pub struct BatchFrame {
+    pub start: Cursor,
+    pub next: Cursor,
+    pub last_in_epoch: bool,
+    pub skipped: Vec<Skipped>,
+}
+
+impl ImageFormat {
+    fn element_bytes(self) -> usize {
+        match self {
+            ImageFormat::Uint8 => 1,
+            ImageFormat::Float16 => 2,
+            ImageFormat::Float32 => 4,
         }
     }
 }
@@ -215,6 +353,7 @@ impl From<RankBatch> for pb::Batch {
                 .into_iter()
                 .map(|index| pb::ImageOrder { index })
                 .collect(),
+            pad_token_id: batch.pad_token_id,
         }
     }
 }
@@ -281,6 +420,7 @@ impl TryFrom<pb::Batch> for RankBatch {
                     ),
                 })
                 .collect(),
+            pad_token_id: batch.pad_token_id,
         })
     }
 }

@@ -25,6 +25,7 @@ pub mod store;
 pub mod tar;
 
 pub use error::{DataError, Result};
+pub mod accept;
 pub mod assignment;
 pub mod batch;
 pub mod client;

@@ -16,6 +16,9 @@ use crate::spec::{Assignment, DataSpec, DatasetKind};
 
 const EOC: &str = "<|endofchunk|>";
 const MEDIA: &str = "<image>";
+/// Why MMC4's single-image rules reject (the acceptance index repeats them).
+pub(crate) const SINGLE_DROPPED: &str = "seeded 0.5 drop";
+pub(crate) const SINGLE_AT_END: &str = "the only <image> is the last token";
 
 /// The random decisions for one sample, drawn by the caller from seeded
 /// streams (see [`flamingo_common::rng`]).
@@ -69,6 +72,15 @@ impl Preparer {
 
     pub fn pad_token_id(&self) -> i64 {
         self.pad
+    }
+
+    pub fn spec(&self) -> &DataSpec {
+        &self.spec
+    }
+
+    /// How many `<image>` tokens `input_ids` holds.
+    pub fn media_tokens(&self, input_ids: &[i64]) -> usize {
+        input_ids.iter().filter(|id| **id == self.media).count()
     }
 
     pub fn prepare(&self, raw: &RawSample, decisions: Decisions) -> Result<Prepared, Reject> {
@@ -304,14 +316,11 @@ impl Preparer {
             if decisions.drop_if_single_image {
                 return Err(Reject::new(
                     RejectReason::SingleImageDropped,
-                    "seeded 0.5 drop",
+                    SINGLE_DROPPED,
                 ));
             }
             if input_ids.last() == Some(&self.media) {
-                return Err(Reject::new(
-                    RejectReason::ImageAtEnd,
-                    "the only <image> is the last token",
-                ));
+                return Err(Reject::new(RejectReason::ImageAtEnd, SINGLE_AT_END));
             }
         }
         let labels = interleaved_labels(&input_ids, self.pad, self.media, self.end_of_chunk);

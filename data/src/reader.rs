@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
 
+use crate::accept::{self, AcceptIndex, Verdict};
 use crate::error::Result;
 use crate::index::{group, ShardIndex};
 use crate::order::{EpochOrder, OrderConfig, SampleRef};
@@ -33,6 +34,10 @@ pub struct Shard {
 pub struct Dataset {
     pub spec: DataSpec,
     pub shards: Vec<Shard>,
+    /// Each shard's verdicts (by sample number) when every shard has a
+    /// current acceptance index ([`crate::accept`]); batches are then
+    /// planned without preprocessing.
+    pub verdicts: Option<Vec<Vec<Verdict>>>,
 }
 
 impl Dataset {
@@ -67,10 +72,12 @@ impl Dataset {
                     index,
                 }
             })
-            .collect();
+            .collect::<Vec<Shard>>();
+        let verdicts = load_verdicts(spec, &shards).await?;
         Ok(Arc::new(Self {
             spec: spec.clone(),
             shards,
+            verdicts,
         }))
     }
 
@@ -161,6 +168,51 @@ impl Dataset {
         }
         Ok(out.into_iter().flatten().collect())
     }
+}
+
+/// Every shard's stored verdicts, or none when a shard has no current ones
+/// (the dataset is then read the way that needs none).
+/// A damaged or unreadable acceptance index is reported and not used.
+async fn load_verdicts(spec: &DataSpec, shards: &[Shard]) -> Result<Option<Vec<Vec<Verdict>>>> {
+    let Ok(fingerprint) = accept::fingerprint(spec) else {
+        return Ok(None);
+    };
+    let wanted: Vec<(Location, u64, usize, String)> = shards
+        .iter()
+        .map(|shard| {
+            (
+                shard.location.clone(),
+                shard.index.shard_bytes,
+                shard.index.samples.len(),
+                fingerprint.clone(),
+            )
+        })
+        .collect();
+    let found: Vec<Option<Vec<Verdict>>> = futures::stream::iter(wanted)
+        .map(|(location, bytes, samples, fingerprint)| async move {
+            AcceptIndex::read(&location, &fingerprint, bytes, samples)
+                .await
+                .unwrap_or_else(|error| {
+                    tracing::warn!(%error, "acceptance index not used");
+                    None
+                })
+        })
+        .buffered(INDEX_CONCURRENCY)
+        .collect()
+        .await;
+    let judged = found.iter().filter(|verdicts| verdicts.is_some()).count();
+    if judged < shards.len() {
+        if judged > 0 {
+            tracing::warn!(
+                judged,
+                shards = shards.len(),
+                %fingerprint,
+                "only some shards have current acceptance indexes; run `flamingoctl data index --accept` to judge the rest"
+            );
+        }
+        return Ok(None);
+    }
+    Ok(found.into_iter().collect())
 }
 
 fn skipped(shard: &Shard, key: &str, detail: &str) -> Skipped {

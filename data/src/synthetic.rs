@@ -275,6 +275,88 @@ pub async fn write_laion_fixture(
     ))
 }
 
+/// A test fixture of MMC4 documents laid out to meet every verdict: a
+/// random number of filler sentences before 1–3 images, so that with the
+/// spec's short `max_tokens` some documents keep several images, some one
+/// (and the seeded single-image drop applies), some end on their only
+/// `<image>`; every `corrupt_every`-th document is not JSON. Shards
+/// `mmc4-*.tar` under `dir`, the tokenizer in `dir/lm`; returns the spec.
+pub async fn write_mmc4_fixture(
+    dir: &std::path::Path,
+    shards: usize,
+    per_shard: usize,
+    corrupt_every: u64,
+) -> crate::Result<String> {
+    let io = |error: std::io::Error| crate::DataError::Storage {
+        url: dir.display().to_string(),
+        message: error.to_string(),
+    };
+    write_tokenizer(&dir.join("lm")).map_err(io)?;
+    let storage = crate::store::Storage::default();
+    let pattern = format!("{}/mmc4-{{}}.tar", dir.display());
+    let mut writer = crate::pack::ShardWriter::new(&storage, &pattern, per_shard);
+    for index in 0..(shards * per_shard) as u64 {
+        let key = format!("{index:09}");
+        let document = if corrupt_every > 0 && index % corrupt_every == corrupt_every - 1 {
+            b"{\"text_list\": [".to_vec()
+        } else {
+            fixture_document(index).into_bytes()
+        };
+        writer.add(&key, &[("json".into(), document)]).await?;
+    }
+    let (written, _) = writer.finish().await?;
+    Ok(format!(
+        "dataset = \"mmc4\"\nshards = \"{}\"\ntokenizer = \"{}\"\nimage_size = 16\nshuffle_block = 10\n\
+         [mmc4]\nmin_image_kb = 0\nmax_tokens = 20\n",
+        crate::pack::ShardWriter::brace_pattern(&pattern, written.len()),
+        dir.join("lm").display()
+    ))
+}
+
+fn fixture_document(index: u64) -> String {
+    let mut rng = Rng::keyed(&[0x77, index]);
+    // Every sixth document's first image falls exactly on the 20th token.
+    let (fillers, padding) = if index % 6 == 2 {
+        (2, 8)
+    } else {
+        (rng.below(3) as usize, rng.below(8) as usize)
+    };
+    let images = 1 + rng.below(3) as usize;
+    let mut sentences: Vec<String> = (0..fillers)
+        .map(|_| "That is all in this picture .".to_string())
+        .collect();
+    if fillers > 0 {
+        sentences[0] = format!("That{} is all .", " all".repeat(padding));
+    }
+    let mut image_info = Vec::new();
+    let mut owners = Vec::new();
+    for _ in 0..images {
+        let scene = Scene::random(&mut rng);
+        let pixels = scene.draw(32, &mut rng);
+        owners.push(sentences.len());
+        sentences.push(format!("Here {} .", scene.caption()));
+        image_info.push(json!({
+            "image_name": format!("{index}-{}.png", owners.len()),
+            "image_base64": base64::engine::general_purpose::STANDARD.encode(encode_png(&pixels, 32)),
+        }));
+    }
+    let similarity: Vec<Vec<f64>> = owners
+        .iter()
+        .map(|owner| {
+            (0..sentences.len())
+                .map(|sentence| if sentence == *owner { 0.32 } else { 0.12 })
+                .collect()
+        })
+        .collect();
+    json!({
+        "text_list": sentences,
+        "image_info": image_info,
+        "similarity_matrix": similarity,
+        "url": format!("synthetic://{index}"),
+    })
+    .to_string()
+}
+
 /// The keys of [`write_laion_fixture`]'s samples that decode.
 pub fn laion_fixture_good_keys(shards: usize, per_shard: usize, corrupt_every: u64) -> Vec<String> {
     (0..(shards * per_shard) as u64)

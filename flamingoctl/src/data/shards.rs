@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use flamingo_common::progress::Progress;
+use flamingo_data::accept::{self, AcceptIndex, Verdict};
 use flamingo_data::index::ShardIndex;
 use flamingo_data::inspect::for_each_sample;
 use flamingo_data::prepare::Preparer;
@@ -23,6 +24,15 @@ pub struct IndexArgs {
     /// Rebuild indexes that exist.
     #[arg(long)]
     force: bool,
+    /// Also judge every sample (preprocess it as training would) and store
+    /// which pass the spec's filters (`<shard>.accept-<fingerprint>.json`):
+    /// data service replicas then split a job's preprocessing instead of
+    /// each doing all of it. Needs a dataset spec file.
+    #[arg(long)]
+    accept: bool,
+    /// Preprocessing threads for --accept (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
     #[arg(long, env = "FLAMINGO_S3_ENDPOINT")]
     s3_endpoint: Option<String>,
 }
@@ -61,6 +71,9 @@ pub struct BenchArgs {
 
 pub async fn index(args: &IndexArgs, json_output: bool) -> anyhow::Result<()> {
     let spec = &args.spec;
+    if args.accept {
+        return judge(args, json_output).await;
+    }
     let urls = if spec.ends_with(".toml") && Path::new(spec).exists() {
         DataSpec::from_file(Path::new(spec))?
             .shards()?
@@ -104,6 +117,96 @@ pub async fn index(args: &IndexArgs, json_output: bool) -> anyhow::Result<()> {
             "damaged: {} ({}); {} samples before the damage",
             shard["shard"], shard["error"], shard["samples"]
         );
+    }
+    Ok(())
+}
+
+/// `data index --accept`: every shard's verdicts, judged where missing.
+async fn judge(args: &IndexArgs, json_output: bool) -> anyhow::Result<()> {
+    if !args.spec.ends_with(".toml") {
+        anyhow::bail!(
+            "--accept needs a dataset spec file (.toml), not a shard pattern: the verdicts \
+             depend on the spec's filters and tokenizer"
+        );
+    }
+    let spec = DataSpec::from_file(Path::new(&args.spec))?;
+    let storage = super::storage(args.s3_endpoint.clone());
+    let preparer = Arc::new(Preparer::new(&spec)?);
+    let fingerprint = accept::fingerprint(&spec)?;
+    let dataset = Dataset::open(&spec, &storage).await?;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let pool = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .build()?,
+    );
+    let total = dataset.samples();
+    let mut progress = Progress::new("judged", Some(total)).counting("samples");
+    let (mut done, mut judged_shards, mut kept_shards) = (0u64, 0usize, 0usize);
+    let mut outcomes: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for (number, shard) in dataset.shards.iter().enumerate() {
+        let samples = shard.index.samples.len();
+        let stored = if args.force {
+            None
+        } else {
+            AcceptIndex::read(
+                &shard.location,
+                &fingerprint,
+                shard.index.shard_bytes,
+                samples,
+            )
+            .await
+            .unwrap_or(None)
+        };
+        let verdicts = match stored {
+            Some(verdicts) => {
+                kept_shards += 1;
+                verdicts
+            }
+            None => {
+                let before = done;
+                let verdicts = accept::judge_shard(&dataset, number, &preparer, &pool, |judged| {
+                    progress.update(before + judged, shard.location.url(), None);
+                })
+                .await?;
+                AcceptIndex::new(shard.index.shard_bytes, &fingerprint, &verdicts)
+                    .write(&shard.location)
+                    .await?;
+                judged_shards += 1;
+                verdicts
+            }
+        };
+        done += samples as u64;
+        progress.update(done, shard.location.url(), None);
+        for verdict in &verdicts {
+            let outcome = match verdict {
+                Verdict::Accept => "accepted",
+                Verdict::Single => "accepted unless the single-image drop falls",
+                Verdict::SingleAtEnd => "image_at_end (or single_image_dropped)",
+                Verdict::Reject(reject) => reject.reason.as_str(),
+            };
+            *outcomes.entry(outcome).or_default() += 1;
+        }
+    }
+    let seconds = progress.finish();
+    if json_output {
+        let summary = json!({
+            "shards": dataset.shards.len(), "judged": judged_shards, "current": kept_shards,
+            "samples": total, "fingerprint": fingerprint, "outcomes": outcomes, "seconds": seconds,
+        });
+        println!("{summary}");
+        return Ok(());
+    }
+    println!(
+        "{} shards ({judged_shards} judged, {kept_shards} already current), {total} samples in \
+         {seconds:.1}s; fingerprint {fingerprint}",
+        dataset.shards.len()
+    );
+    for (outcome, count) in &outcomes {
+        let share = 100.0 * *count as f64 / total.max(1) as f64;
+        println!("  {count:>9} ({share:5.1}%) {outcome}");
     }
     Ok(())
 }
