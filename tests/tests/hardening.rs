@@ -364,9 +364,10 @@ async fn metrics_of_a_long_job_come_back_in_pages() {
     let mut sandbox = ClusterSandbox::start(SandboxOptions {
         nodes: 1,
         slots_per_node: 1,
-        // Storing 400,000 points loads the two cores this runs on; the
-        // node's lease must not be what this test measures.
-        lease_ttl_seconds: 15,
+        // Storing 400,000 points loads the two cores this runs on (and CI
+        // runs the other tests of this file beside it); the node's lease
+        // must not be what this test measures.
+        lease_ttl_seconds: 60,
     })
     .await
     .expect("sandbox");
@@ -428,7 +429,13 @@ async fn metrics_of_a_long_job_come_back_in_pages() {
         "{:?}",
         rows.last()
     );
-    session.stop(&id).await.expect("stopped");
+    let stopped = session.stop(&id).await.expect("stopped");
+    assert_eq!(
+        stopped.state,
+        JobState::Stopped,
+        "the job ended before it was stopped: {}",
+        stopped.message
+    );
     drop(session);
 
     // Months of use: a record that does not decode does not stop a
