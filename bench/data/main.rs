@@ -1,7 +1,11 @@
 //! bench-data: preprocessing throughput (samples/s per core) of the data
 //! service against OpenFlamingo's Python pipeline (webdataset + PIL +
 //! open_clip transform + Hugging Face fast tokenizer) on the same shards,
-//! the same machine, one run; then our scaling with threads.
+//! the same machine, one run; then our scaling with threads. With
+//! `--replicas 1,2`: throughput of a job's data path against the number of
+//! data-service replicas instead (see `replicas.rs`).
+
+mod replicas;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,6 +40,11 @@ struct Args {
     /// Measure ours only (for profiling); no ratio is printed.
     #[arg(long)]
     no_python: bool,
+    /// Replica counts: measure a 4-rank job's samples/s served by this many
+    /// data-service processes of one thread each (against 1 replica)
+    /// instead of the Python comparison.
+    #[arg(long, value_delimiter = ',')]
+    replicas: Vec<usize>,
 }
 
 fn python(args: &Args) -> PathBuf {
@@ -154,6 +163,9 @@ async fn main() -> anyhow::Result<()> {
             &args.mmc4_samples.to_string(),
         ],
     )?;
+    if !args.replicas.is_empty() {
+        return replicas::run(dir.path(), &args.replicas, args.rounds.min(3)).await;
+    }
     println!("Preprocessing throughput: samples/s; Python = OpenFlamingo's pipeline in one process, one thread");
     println!("ratio = ours per core / Python per core (>1: ours faster)\n");
     println!(

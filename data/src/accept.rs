@@ -322,6 +322,87 @@ pub async fn judge_shard(
     Ok(verdicts)
 }
 
+/// What [`judge_dataset`] did.
+#[derive(Debug, Clone)]
+pub struct Judged {
+    pub fingerprint: String,
+    /// Shards judged in this pass (their index written).
+    pub judged_shards: usize,
+    /// Shards whose stored index was already current.
+    pub current_shards: usize,
+    /// Every shard's verdicts, in the dataset's order.
+    pub verdicts: Vec<Vec<Verdict>>,
+}
+
+/// Judges every shard of `dataset` whose acceptance index is missing or
+/// stale (every shard when `force`) on `threads` threads and stores each
+/// index next to its shard: the pass `flamingoctl data index --accept`
+/// runs. `progress` hears the samples done so far and the shard at hand.
+pub async fn judge_dataset(
+    spec: &DataSpec,
+    dataset: &Dataset,
+    threads: usize,
+    force: bool,
+    mut progress: impl FnMut(u64, &str),
+) -> Result<Judged> {
+    let preparer = Arc::new(Preparer::new(spec)?);
+    let fingerprint = fingerprint(spec)?;
+    let pool = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .build()
+            .map_err(|error| DataError::Storage {
+                url: "preprocessing".into(),
+                message: error.to_string(),
+            })?,
+    );
+    let mut judged = Judged {
+        fingerprint,
+        judged_shards: 0,
+        current_shards: 0,
+        verdicts: Vec::with_capacity(dataset.shards.len()),
+    };
+    let mut done = 0u64;
+    for (number, shard) in dataset.shards.iter().enumerate() {
+        let samples = shard.index.samples.len();
+        let stored = if force {
+            None
+        } else {
+            AcceptIndex::read(
+                &shard.location,
+                &judged.fingerprint,
+                shard.index.shard_bytes,
+                samples,
+            )
+            .await
+            .unwrap_or(None)
+        };
+        let url = shard.location.url();
+        let verdicts = match stored {
+            Some(verdicts) => {
+                judged.current_shards += 1;
+                verdicts
+            }
+            None => {
+                let before = done;
+                let verdicts = judge_shard(dataset, number, &preparer, &pool, |count| {
+                    progress(before + count, url)
+                })
+                .await?;
+                AcceptIndex::new(shard.index.shard_bytes, &judged.fingerprint, &verdicts)
+                    .write(&shard.location)
+                    .await?;
+                judged.judged_shards += 1;
+                verdicts
+            }
+        };
+        done += samples as u64;
+        progress(done, url);
+        judged.verdicts.push(verdicts);
+    }
+    Ok(judged)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,8 @@
 //! `flamingoctl data` end to end: `inspect --json` prints, in shard order,
 //! what OpenFlamingo's Python preprocessing makes of the fixture shards
 //! (data/tests/reference/data_reference.py); `synth`, `index` and
-//! `pack` write shards that inspect reads back.
+//! `pack` write shards that inspect reads back; `index --accept` judges
+//! each shard once.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -119,6 +120,39 @@ fn synth_index_and_pack_write_readable_shards() {
         (Some(4), Some(30))
     );
     assert!(dir.path().join("syn/mmc4-00001.tar.index.json").exists());
+    // The validating pass: every shard judged once, then kept while
+    // current; --force judges again.
+    let accept = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["data", "index", "syn/mmc4.toml", "--accept", "--json"];
+        args.extend_from_slice(extra);
+        let (stdout, _) = flamingoctl(dir.path(), &args);
+        serde_json::from_str(stdout.trim()).unwrap()
+    };
+    let first = accept(&[]);
+    assert_eq!(
+        (first["judged"].as_u64(), first["current"].as_u64()),
+        (Some(4), Some(0))
+    );
+    let judged: u64 = first["outcomes"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|count| count.as_u64().unwrap())
+        .sum();
+    assert_eq!(judged, 30, "{first}");
+    let fingerprint = first["fingerprint"].as_str().unwrap();
+    assert!(dir
+        .path()
+        .join(format!("syn/mmc4-00003.tar.accept-{fingerprint}.json"))
+        .exists());
+    let again = accept(&[]);
+    assert_eq!(
+        (again["judged"].as_u64(), again["current"].as_u64()),
+        (Some(0), Some(4))
+    );
+    assert_eq!(again["outcomes"], first["outcomes"]);
+    let forced = accept(&["--force"]);
+    assert_eq!(forced["judged"].as_u64(), Some(4));
     let (stdout, stderr) = flamingoctl(
         dir.path(),
         &[

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use flamingo_common::progress::Progress;
-use flamingo_data::accept::{self, AcceptIndex, Verdict};
+use flamingo_data::accept::{self, Verdict};
 use flamingo_data::index::ShardIndex;
 use flamingo_data::inspect::for_each_sample;
 use flamingo_data::prepare::Preparer;
@@ -131,64 +131,30 @@ async fn judge(args: &IndexArgs, json_output: bool) -> anyhow::Result<()> {
     }
     let spec = DataSpec::from_file(Path::new(&args.spec))?;
     let storage = super::storage(args.s3_endpoint.clone());
-    let preparer = Arc::new(Preparer::new(&spec)?);
-    let fingerprint = accept::fingerprint(&spec)?;
     let dataset = Dataset::open(&spec, &storage).await?;
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let pool = Arc::new(
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads.max(1))
-            .build()?,
-    );
     let total = dataset.samples();
     let mut progress = Progress::new("judged", Some(total)).counting("samples");
-    let (mut done, mut judged_shards, mut kept_shards) = (0u64, 0usize, 0usize);
+    let judged = accept::judge_dataset(&spec, &dataset, threads, args.force, |done, url| {
+        progress.update(done, url, None)
+    })
+    .await?;
+    let (fingerprint, judged_shards, kept_shards) = (
+        judged.fingerprint,
+        judged.judged_shards,
+        judged.current_shards,
+    );
     let mut outcomes: BTreeMap<&'static str, u64> = BTreeMap::new();
-    for (number, shard) in dataset.shards.iter().enumerate() {
-        let samples = shard.index.samples.len();
-        let stored = if args.force {
-            None
-        } else {
-            AcceptIndex::read(
-                &shard.location,
-                &fingerprint,
-                shard.index.shard_bytes,
-                samples,
-            )
-            .await
-            .unwrap_or(None)
+    for verdict in judged.verdicts.iter().flatten() {
+        let outcome = match verdict {
+            Verdict::Accept => "accepted",
+            Verdict::Single => "accepted unless the single-image drop falls",
+            Verdict::SingleAtEnd => "image_at_end (or single_image_dropped)",
+            Verdict::Reject(reject) => reject.reason.as_str(),
         };
-        let verdicts = match stored {
-            Some(verdicts) => {
-                kept_shards += 1;
-                verdicts
-            }
-            None => {
-                let before = done;
-                let verdicts = accept::judge_shard(&dataset, number, &preparer, &pool, |judged| {
-                    progress.update(before + judged, shard.location.url(), None);
-                })
-                .await?;
-                AcceptIndex::new(shard.index.shard_bytes, &fingerprint, &verdicts)
-                    .write(&shard.location)
-                    .await?;
-                judged_shards += 1;
-                verdicts
-            }
-        };
-        done += samples as u64;
-        progress.update(done, shard.location.url(), None);
-        for verdict in &verdicts {
-            let outcome = match verdict {
-                Verdict::Accept => "accepted",
-                Verdict::Single => "accepted unless the single-image drop falls",
-                Verdict::SingleAtEnd => "image_at_end (or single_image_dropped)",
-                Verdict::Reject(reject) => reject.reason.as_str(),
-            };
-            *outcomes.entry(outcome).or_default() += 1;
-        }
+        *outcomes.entry(outcome).or_default() += 1;
     }
     let seconds = progress.finish();
     if json_output {
