@@ -20,11 +20,13 @@ pub struct ClusterState {
     #[serde(default)]
     pub standby_pids: Vec<u32>,
     pub agent_pids: Vec<u32>,
-    /// The cluster's data-service replica (`http://127.0.0.1:port`).
+    /// The data-service replicas (`http://127.0.0.1:port`): node k's at k
+    /// (its ranks read from it), or one for every node (`up
+    /// --one-data-service`).
     #[serde(default)]
-    pub data_service: Option<String>,
+    pub data_services: Vec<String>,
     #[serde(default)]
-    pub data_service_pid: Option<u32>,
+    pub data_service_pids: Vec<u32>,
     /// The coordinator's dashboard (`http://127.0.0.1:port/`).
     #[serde(default)]
     pub dashboard: Option<String>,

@@ -198,7 +198,9 @@ train_job! {
     /// and preemption drills.
     max_steps: u64 = 0,
     /// Data-service replicas to stream batches from (`http://host:port`,
-    /// comma-separated); none: every rank reads its shards in-process.
+    /// comma-separated), which split every batch between them; none: the
+    /// replica on each rank's node when the agent names one (its
+    /// `--data-service`), else every rank reads its shards in-process.
     data_service: Vec<String> = Vec::new(),
     /// Dense peak of one rank's device in TFLOP/s (H100/H200 SXM bf16:
     /// 989.4), for the MFU each rank reports; 0: unknown, no MFU reported.

@@ -55,6 +55,7 @@ async fn stream(
 ) -> anyhow::Result<f64> {
     let mut stream = BatchStream::start(StreamConfig {
         endpoints: vec![format!("http://127.0.0.1:{port}")],
+        split: true,
         spec_toml: spec.to_string(),
         seed,
         rank: 0,

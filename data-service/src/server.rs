@@ -44,6 +44,16 @@
 //! each to cut every rank's piece from it: correct, but every replica
 //! serving a job then does the whole job's work. The replica says so once
 //! per dataset.
+//!
+//! # A replica per node
+//!
+//! The other layout: a replica on every node, each node's ranks streaming
+//! their whole slices (one share) from it over loopback, the agent naming
+//! it (`--data-service`). A planned slice request prepares only that
+//! slice, so the replicas again split the job's work — by node instead of
+//! by share — and batches cross the network only from storage to the node.
+//! When a node's replica dies, its ranks fail over to the next replica in
+//! their list from their cursors, exactly as above.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};

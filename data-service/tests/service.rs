@@ -3,7 +3,8 @@
 //! and later back to the restarted one) leaves the delivered sequence
 //! unchanged; two ranks of one job share a replica's global batches; K
 //! replicas of a judged dataset split the preprocessing and serve the same
-//! batches as one (also when one of them is killed); and a spec naming a
+//! batches as one (also when one of them is killed, and with a replica per
+//! node serving that node's ranks); and a spec naming a
 //! missing shard is refused with its URL.
 
 use std::process::{Child, Command, Stdio};
@@ -117,6 +118,7 @@ fn config(
     };
     StreamConfig {
         endpoints,
+        split: true,
         spec_toml: spec.to_string(),
         seed: 77,
         rank,
@@ -305,44 +307,37 @@ impl Measured {
 /// Judges every shard of `spec` and stores the verdicts, as `flamingoctl
 /// data index --accept` does.
 async fn judge(spec_toml: &str) {
-    use std::sync::Arc;
-
-    use flamingo_data::accept::{self, AcceptIndex};
     let spec = flamingo_data::spec::DataSpec::from_toml(spec_toml, None).expect("spec");
     let dataset = flamingo_data::reader::Dataset::open(&spec, &Default::default())
         .await
         .expect("dataset");
-    let preparer = Arc::new(flamingo_data::prepare::Preparer::new(&spec).expect("preparer"));
-    let pool = Arc::new(
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .expect("pool"),
-    );
-    let fingerprint = accept::fingerprint(&spec).expect("fingerprint");
-    for (number, shard) in dataset.shards.iter().enumerate() {
-        let verdicts = accept::judge_shard(&dataset, number, &preparer, &pool, |_| {})
-            .await
-            .expect("judged");
-        AcceptIndex::new(shard.index.shard_bytes, &fingerprint, &verdicts)
-            .write(&shard.location)
-            .await
-            .expect("stored");
-    }
+    let judged = flamingo_data::accept::judge_dataset(&spec, &dataset, 2, true, |_, _| {})
+        .await
+        .expect("judged");
+    assert_eq!(judged.judged_shards, dataset.shards.len());
 }
 
 const WORLD: u32 = 4;
 
-/// Every rank's batches from `endpoints`; `kill` SIGKILLs a replica once
-/// rank 0 has `after` batches.
+/// Every rank's batches from `endpoints`, which split every batch; `kill`
+/// SIGKILLs a replica once rank 0 has `after` batches.
 async fn run_job(
     endpoints: Vec<String>,
     spec: &str,
+    kill: Option<(&mut Measured, usize)>,
+) -> Vec<Vec<RankBatch>> {
+    let configs = (0..WORLD)
+        .map(|rank| config(endpoints.clone(), spec, rank, WORLD, 2))
+        .collect();
+    run_streams(configs, kill).await
+}
+
+/// Every rank's batches, rank r streaming as `configs[r]` says.
+async fn run_streams(
+    configs: Vec<StreamConfig>,
     mut kill: Option<(&mut Measured, usize)>,
 ) -> Vec<Vec<RankBatch>> {
-    let mut streams: Vec<BatchStream> = (0..WORLD)
-        .map(|rank| BatchStream::start(config(endpoints.clone(), spec, rank, WORLD, 2)))
-        .collect();
+    let mut streams: Vec<BatchStream> = configs.into_iter().map(BatchStream::start).collect();
     let mut out: Vec<Vec<RankBatch>> = vec![Vec::new(); WORLD as usize];
     // In lockstep, as a training job reads.
     loop {
@@ -414,9 +409,44 @@ async fn replicas_split_the_work_and_serve_identical_batches() {
         }
     }
 
+    let (expected, single) = reference.expect("measured");
+
+    // A replica per node: two "nodes" of two ranks, each rank streaming
+    // its whole slice from its node's replica (the other standing in).
+    // Same batches; each node's replica prepared only its ranks' half.
+    let measured: Vec<Measured> = (0..2).map(|_| Measured::start()).collect();
+    let endpoints: Vec<String> = measured.iter().map(|m| m.replica.endpoint()).collect();
+    let configs = (0..WORLD)
+        .map(|rank| {
+            let node = (rank / 2) as usize;
+            let mut config = config(
+                vec![endpoints[node].clone(), endpoints[1 - node].clone()],
+                &spec,
+                rank,
+                WORLD,
+                2,
+            );
+            config.split = false;
+            config
+        })
+        .collect();
+    let batches = run_streams(configs, None).await;
+    assert_eq!(batches, expected, "a replica per node: identical batches");
+    let images: Vec<u64> = measured
+        .iter()
+        .map(|m| m.counter("flamingo_data_images_decoded_total"))
+        .collect();
+    eprintln!("a replica per node: images decoded {images:?} of {single}");
+    for (node, count) in images.iter().enumerate() {
+        assert!(
+            *count as f64 <= 0.6 * single as f64,
+            "node {node}'s replica decoded {count} of {single}"
+        );
+    }
+    drop(measured);
+
     // SIGKILL one of two replicas mid-epoch: its share moves to the other,
     // and every rank still receives exactly the batches of one replica.
-    let (expected, single) = reference.expect("measured");
     let mut measured: Vec<Measured> = (0..2).map(|_| Measured::start()).collect();
     let endpoints = measured.iter().map(|m| m.replica.endpoint()).collect();
     let batches = run_job(endpoints, &spec, Some((&mut measured[1], 3))).await;

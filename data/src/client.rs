@@ -10,6 +10,12 @@
 //! most otherwise — and joins them. A piece's stream fails over to the
 //! next replica in turn, which then serves that share from the same
 //! cursor.
+//!
+//! With a replica on every node instead (`split` off), a rank reads its
+//! whole slice from its node's replica — over loopback, so batches cross
+//! the network only from object storage to the node — and the node's
+//! replica prepares only its ranks' slices when the dataset is judged.
+//! The other nodes' replicas stand in when it is down.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,9 +31,14 @@ use crate::error::DataError;
 
 #[derive(Debug, Clone)]
 pub struct StreamConfig {
-    /// Data service replicas (`http://host:port`): replica k serves share
-    /// k of each batch, and the next ones stand in for it.
+    /// Data service replicas (`http://host:port`): with `split`, replica k
+    /// serves share k of each batch and the next ones stand in for it;
+    /// without, the first (the node's own replica) serves the rank's whole
+    /// slice and the others stand in for it in turn.
     pub endpoints: Vec<String>,
+    /// The replicas split every batch between them (a job's own replicas)
+    /// rather than each node's ranks reading from their node's replica.
+    pub split: bool,
     pub spec_toml: String,
     pub seed: u64,
     pub rank: u32,
@@ -61,7 +72,10 @@ impl BatchStream {
     pub fn start(config: StreamConfig) -> Self {
         let (sender, receiver) = mpsc::channel(config.buffer_depth.max(1));
         let reconnects = Arc::new(AtomicU64::new(0));
-        let shares = config.endpoints.len().max(1) as u32;
+        let shares = match config.split {
+            true => config.endpoints.len().max(1) as u32,
+            false => 1,
+        };
         let mine = shares_of(config.rank, config.world_size, shares);
         let task = if mine.len() == 1 {
             tokio::spawn(feed(config, mine[0], shares, sender, reconnects.clone()))

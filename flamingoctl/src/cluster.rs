@@ -31,6 +31,10 @@ pub struct UpArgs {
     /// etcd and the others stand by to take over (on the next ports).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=7))]
     coordinators: u32,
+    /// One data-service replica for the whole cluster, instead of one per
+    /// node feeding that node's ranks.
+    #[arg(long)]
+    one_data_service: bool,
 }
 
 pub async fn up(args: &UpArgs, context: &Context) -> anyhow::Result<ExitCode> {
@@ -42,6 +46,7 @@ pub async fn up(args: &UpArgs, context: &Context) -> anyhow::Result<ExitCode> {
         allow_prefixes: args.allow_prefix.clone(),
         allow_command_jobs: args.allow_command_jobs,
         coordinators: args.coordinators,
+        one_data_service: args.one_data_service,
     };
     let state = cluster::up(&context.state_dir, &options).await?;
     if let Some([_, cert, _]) = &state.admin {

@@ -8,7 +8,6 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
-use flamingo_client::cluster::ClusterState;
 use flamingo_common::jobs::{DEFAULT_MAX_BYTES, DEFAULT_MIN_BYTES};
 use flamingo_common::train::{TrainFlags, TrainJob};
 use flamingo_common::{JobKind, JobSpec};
@@ -93,17 +92,14 @@ impl LaunchArgs {
             .unwrap_or_else(|| "job".into())
     }
 
-    /// The job spec, with the training run resolved for its world size
-    /// (`data_service`: the replica its ranks stream from when it names
-    /// none).
-    fn spec(&self, data_service: Option<&str>) -> anyhow::Result<JobSpec> {
+    /// The job spec, with the training run resolved for its world size.
+    fn spec(&self) -> anyhow::Result<JobSpec> {
         let (min, max) = self.nodes;
         let train = match self.trains() {
             true => Some(crate::train::cluster_job(
                 &self.train,
                 max * self.slots_per_node,
                 self.name.as_deref(),
-                data_service,
             )?),
             false => None,
         };
@@ -172,11 +168,7 @@ async fn eval_job(mut args: LaunchArgs, context: &Context) -> anyhow::Result<Lau
 
 /// A job for this context's coordinator (the local cluster's, by default).
 async fn on_cluster(args: &LaunchArgs, context: &Context) -> anyhow::Result<ExitCode> {
-    let data_service = match args.trains() {
-        true => ClusterState::load(&context.state_dir)?.and_then(|state| state.data_service),
-        false => None,
-    };
-    let spec = args.spec(data_service.as_deref())?;
+    let spec = args.spec()?;
     let mut session = context.session().await?;
     let job = session.launch(&spec).await?;
     if !args.wait {
@@ -207,7 +199,7 @@ async fn on_cluster(args: &LaunchArgs, context: &Context) -> anyhow::Result<Exit
 /// An sbatch job running its own control plane; the flags are checked
 /// here, before anything waits in Slurm's queue.
 async fn on_slurm(args: &LaunchArgs, context: &Context) -> anyhow::Result<ExitCode> {
-    args.spec(None)?;
+    args.spec()?;
     let all: Vec<String> = std::env::args().collect();
     let submission = slurm::Submission {
         name: args.job_name(),

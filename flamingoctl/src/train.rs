@@ -173,14 +173,10 @@ impl PolicyFlags {
 /// Resolves and checks a train job for `world` cluster ranks before it is
 /// submitted: the model spec loads, every local shard exists, batch sizes
 /// and the world size give at least one step. Each problem names its field.
-/// `data_service` is the local cluster's replica, used when the run names
-/// none; `name` becomes the run name when the run has none of its own.
-pub fn cluster_job(
-    flags: &TrainFlags,
-    world: u32,
-    name: Option<&str>,
-    data_service: Option<&str>,
-) -> anyhow::Result<TrainJob> {
+/// `name` becomes the run name when the run has none of its own. (The
+/// ranks stream from their node's data-service replica, which their agent
+/// names, unless the run names its own replicas.)
+pub fn cluster_job(flags: &TrainFlags, world: u32, name: Option<&str>) -> anyhow::Result<TrainJob> {
     let mut job = resolve(flags, world)?;
     if job.run_name == TrainJob::default().run_name && !flags.given("run_name") {
         job.run_name = match name {
@@ -195,11 +191,6 @@ pub fn cluster_job(
             if !pattern.contains("://") && !pattern.starts_with('/') {
                 *pattern = cwd.join(&*pattern).display().to_string();
             }
-        }
-    }
-    if job.data_service.is_empty() {
-        if let Some(endpoint) = data_service {
-            job.data_service = vec![endpoint.to_string()];
         }
     }
     flamingo_model::ModelSpec::from_file(&job.model)

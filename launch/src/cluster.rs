@@ -30,6 +30,9 @@ pub struct UpOptions {
     pub allow_command_jobs: bool,
     /// Coordinators: more than one elect a leader, the rest stand by.
     pub coordinators: u32,
+    /// One data-service replica for the whole cluster instead of one per
+    /// node.
+    pub one_data_service: bool,
 }
 
 fn step(label: &str) {
@@ -106,8 +109,8 @@ impl Starting<'_> {
             .chain(standbys.iter().map(CoordinatorSpec::endpoint))
             .collect::<Vec<_>>()
             .join(",");
-        let (data_service, data_service_pid) = self.data_service()?;
-        let agent_pids = self.agents(&addresses)?;
+        let (data_services, data_service_pids) = self.data_services()?;
+        let agent_pids = self.agents(&addresses, &data_services)?;
         self.wait_registered(&addresses).await?;
         let state = ClusterState {
             coordinator: addresses,
@@ -116,8 +119,8 @@ impl Starting<'_> {
             coordinator_pid,
             standby_pids,
             agent_pids,
-            data_service: Some(data_service),
-            data_service_pid: Some(data_service_pid),
+            data_services,
+            data_service_pids,
             dashboard: Some(coordinator.dashboard()),
             nodes: self.options.nodes,
             slots_per_node: self.options.slots_per_node,
@@ -229,10 +232,14 @@ impl Starting<'_> {
         Ok((specs, pids))
     }
 
-    fn data_service(&mut self) -> anyhow::Result<(String, u32)> {
-        step("data service");
-        let port = flamingo_common::net::free_local_port()?;
-        let log = self.logs.join("data-service.log");
+    /// A data-service replica per node (node k's ranks read from replica
+    /// k), or one for all with `one_data_service`.
+    fn data_services(&mut self) -> anyhow::Result<(Vec<String>, Vec<u32>)> {
+        let count = match self.options.one_data_service {
+            true => 1,
+            false => self.options.nodes,
+        };
+        step(&format!("{count} data service replica(s)"));
         let prefixes = if self.options.allow_prefixes.is_empty() {
             ["work", "data"]
                 .iter()
@@ -241,16 +248,34 @@ impl Starting<'_> {
         } else {
             self.options.allow_prefixes.clone()
         };
-        let child =
-            local::spawn_data_service(port, &self.credentials.data_service, &prefixes, &log, true)?;
-        self.pids.push(child.id());
-        let endpoint = format!("http://127.0.0.1:{port}");
-        self.wait_up("the data service", &endpoint, &log)?;
-        eprintln!("up at {endpoint}");
-        Ok((endpoint, child.id()))
+        let mut endpoints = Vec::new();
+        let mut pids = Vec::new();
+        for index in 0..count {
+            let port = flamingo_common::net::free_local_port()?;
+            let log = match self.options.one_data_service {
+                true => self.logs.join("data-service.log"),
+                false => self.logs.join(format!("data-service-node-{index}.log")),
+            };
+            let child = local::spawn_data_service(
+                port,
+                &self.credentials.data_service,
+                &prefixes,
+                &log,
+                true,
+            )?;
+            self.pids.push(child.id());
+            pids.push(child.id());
+            let endpoint = format!("http://127.0.0.1:{port}");
+            self.wait_up("the data service", &endpoint, &log)?;
+            endpoints.push(endpoint);
+        }
+        eprintln!("up at {}", endpoints.join(", "));
+        Ok((endpoints, pids))
     }
 
-    fn agents(&mut self, coordinators: &str) -> anyhow::Result<Vec<u32>> {
+    /// The agents; node k's ranks read from data-service replica k (the
+    /// only one with `one_data_service`), the others standing in for it.
+    fn agents(&mut self, coordinators: &str, replicas: &[String]) -> anyhow::Result<Vec<u32>> {
         let options = self.options;
         step(&format!(
             "{} agent(s) × {} slot(s)",
@@ -273,7 +298,13 @@ impl Starting<'_> {
                 kill_grace_seconds: 3,
                 metrics_port: Some(flamingo_common::net::free_local_port()?),
                 tls: self.credentials.node(&node_id)?,
-                extra_args: Vec::new(),
+                extra_args: vec![format!(
+                    "--data-service={}",
+                    (0..replicas.len())
+                        .map(|k| replicas[(index as usize + k) % replicas.len()].as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )],
             };
             let log = self.logs.join(format!("{node_id}.log"));
             let child = local::spawn_agent(&spec, &log, true)?;
@@ -319,8 +350,8 @@ pub fn down(state_dir: &Path) -> anyhow::Result<Option<ClusterState>> {
         eprintln!("stopped");
     };
     stop("agents", &state.agent_pids, 15);
-    if let Some(pid) = state.data_service_pid {
-        stop("data service", &[pid], 10);
+    if !state.data_service_pids.is_empty() {
+        stop("data service", &state.data_service_pids, 10);
     }
     let coordinators: Vec<u32> = std::iter::once(state.coordinator_pid)
         .chain(state.standby_pids.iter().copied())
@@ -332,7 +363,7 @@ pub fn down(state_dir: &Path) -> anyhow::Result<Option<ClusterState>> {
         .iter()
         .chain(&coordinators)
         .chain([&state.etcd_pid])
-        .chain(state.data_service_pid.as_ref())
+        .chain(&state.data_service_pids)
         .copied()
         .filter(|&pid| local::process_alive(pid))
         .collect();

@@ -76,7 +76,12 @@ pub struct ClusterSandbox {
     agents: BTreeMap<String, Child>,
     /// Each agent's rendezvous port block, kept across restarts.
     agent_blocks: BTreeMap<String, u16>,
-    data_service: Option<(Child, u16)>,
+    /// Data-service replicas: the process (while up) and its port, kept
+    /// across restarts.
+    data_services: Vec<(Option<Child>, u16)>,
+    /// Each node's `--data-service` list (`replica_per_node`), kept across
+    /// agent restarts.
+    node_replicas: BTreeMap<String, String>,
     next_port_block: u16,
     port_base: u16,
     slots_per_node: u32,
@@ -147,7 +152,8 @@ impl ClusterSandbox {
             standbys,
             agents: BTreeMap::new(),
             agent_blocks: BTreeMap::new(),
-            data_service: None,
+            data_services: Vec::new(),
+            node_replicas: BTreeMap::new(),
             next_port_block: 0,
             port_base,
             slots_per_node: options.slots_per_node,
@@ -306,6 +312,9 @@ impl ClusterSandbox {
         };
         let mut spec = self.agent_spec(node_id, block);
         spec.extra_args = extra_args.iter().map(|arg| arg.to_string()).collect();
+        if let Some(replicas) = self.node_replicas.get(node_id) {
+            spec.extra_args.push(format!("--data-service={replicas}"));
+        }
         let child = local::spawn_agent(&spec, &self.agent_log(node_id), false)?;
         self.agents.insert(node_id.to_string(), child);
         Ok(())
@@ -369,32 +378,67 @@ impl ClusterSandbox {
     /// Starts (or restarts, on the same port) the sandbox's data service;
     /// returns its endpoint.
     pub fn start_data_service(&mut self) -> anyhow::Result<String> {
-        let port = match &self.data_service {
-            Some((_, port)) => *port,
-            None => flamingo_common::net::free_local_port()?,
-        };
-        self.kill_data_service();
+        self.start_replica(0)
+    }
+
+    /// SIGKILLs the data service (its port is kept for a restart).
+    pub fn kill_data_service(&mut self) {
+        self.kill_replica(0);
+    }
+
+    /// Starts (or restarts, on the same port) data-service replica `index`
+    /// (`data-service-<index>.log`); returns its endpoint.
+    pub fn start_replica(&mut self, index: usize) -> anyhow::Result<String> {
+        while self.data_services.len() <= index {
+            let port = flamingo_common::net::free_local_port()?;
+            self.data_services.push((None, port));
+        }
+        self.kill_replica(index);
+        let port = self.data_services[index].1;
         // The tests' data lives in temporary folders.
         let prefixes = [std::env::temp_dir().display().to_string()];
         let child = local::spawn_data_service(
             port,
             &credentials().data_service,
             &prefixes,
-            &self.path().join("data-service.log"),
+            &self.path().join(format!("data-service-{index}.log")),
             false,
         )?;
-        self.data_service = Some((child, port));
+        self.data_services[index].0 = Some(child);
         let endpoint = format!("http://127.0.0.1:{port}");
         local::wait_for_port(&endpoint, Duration::from_secs(20))?;
         Ok(endpoint)
     }
 
-    /// SIGKILLs the data service (its port is kept for a restart).
-    pub fn kill_data_service(&mut self) {
-        if let Some((child, _)) = self.data_service.as_mut() {
+    /// SIGKILLs data-service replica `index` (its port is kept).
+    pub fn kill_replica(&mut self, index: usize) {
+        if let Some((Some(mut child), _)) = self
+            .data_services
+            .get_mut(index)
+            .map(|(child, port)| (child.take(), *port))
+        {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// A data-service replica for every agent, as `flamingoctl up` deploys
+    /// them: replica k for the k-th node (by name), whose agent restarts
+    /// naming it first and the others after it. Returns the endpoints.
+    pub fn replica_per_node(&mut self) -> anyhow::Result<Vec<String>> {
+        let nodes: Vec<String> = self.agents.keys().cloned().collect();
+        let endpoints = (0..nodes.len())
+            .map(|index| self.start_replica(index))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for (index, node) in nodes.iter().enumerate() {
+            let list: Vec<&str> = (0..endpoints.len())
+                .map(|k| endpoints[(index + k) % endpoints.len()].as_str())
+                .collect();
+            self.node_replicas.insert(node.clone(), list.join(","));
+            self.kill_agent(node);
+            self.add_agent(node, &[])?;
+        }
+        Ok(endpoints)
     }
 
     /// A channel to the coordinator as `identity` (a certificate issued
@@ -516,8 +560,8 @@ impl Drop for ClusterSandbox {
         if let Some(etcd) = self.etcd.as_mut() {
             children.push(etcd);
         }
-        if let Some((data_service, _)) = self.data_service.as_mut() {
-            children.push(data_service);
+        for (replica, _) in self.data_services.iter_mut() {
+            children.extend(replica.as_mut());
         }
         for child in children {
             let _ = child.kill();

@@ -75,7 +75,11 @@ fn rendered_objects_validate_against_the_kubernetes_schemas() {
         "- --node-id=of-3b-$(JOB_COMPLETION_INDEX)",
         "- --config",
         "- /data/job.toml",
-        "- --data_service=https://flamingo-data-service:7090",
+        // A data-service replica on every node; agents reach their
+        // node's first.
+        "kind: DaemonSet",
+        "internalTrafficPolicy: Local",
+        "value: https://flamingo-data-service-local:7090,https://flamingo-data-service:7090",
     ] {
         assert!(
             train.contains(expected),
@@ -101,6 +105,23 @@ fn rendered_objects_validate_against_the_kubernetes_schemas() {
     );
     validate(dir.path(), "check.yaml", &check);
     assert!(!check.contains("nvidia.com/gpu"));
+    let single = render(
+        dir.path(),
+        &[
+            "--nodes",
+            "1",
+            "--job",
+            "collective-check",
+            "--one-data-service",
+        ],
+    );
+    validate(dir.path(), "single.yaml", &single);
+    assert!(
+        !single.contains("kind: DaemonSet")
+            && !single.contains("flamingo-data-service-local")
+            && single.contains("value: https://flamingo-data-service:7090"),
+        "{single}"
+    );
 
     // Without --dry-run nothing is applied, and it says what to do.
     let output = Command::new(flamingo_tests::ClusterSandbox::binary("flamingoctl"))

@@ -65,13 +65,24 @@ fn up_launch_status_down_leaves_no_process_behind() {
     pids.push(cluster["coordinator_pid"].as_u64().unwrap() as u32);
     pids.extend(&standbys);
     pids.push(cluster["etcd_pid"].as_u64().unwrap() as u32);
-    // The cluster's data-service replica answers.
-    pids.push(cluster["data_service_pid"].as_u64().unwrap() as u32);
-    let data_service = cluster["data_service"].as_str().unwrap();
-    let address = data_service.trim_start_matches("http://");
-    assert!(
-        std::net::TcpStream::connect(address).is_ok(),
-        "{data_service}"
+    // A data-service replica per node, each answering.
+    let replicas: Vec<String> = cluster["data_services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|endpoint| endpoint.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(replicas.len(), 2, "{cluster}");
+    for replica in &replicas {
+        let address = replica.trim_start_matches("http://");
+        assert!(std::net::TcpStream::connect(address).is_ok(), "{replica}");
+    }
+    pids.extend(
+        cluster["data_service_pids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|pid| pid.as_u64().unwrap() as u32),
     );
     assert!(pids.iter().all(|&pid| alive(pid)));
 
@@ -140,6 +151,24 @@ fn up_launch_status_down_leaves_no_process_behind() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
+    // Each node's ranks are told their node's replica first, the other
+    // after it.
+    for pid in &sleeper_pids {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let var = |name: &str| {
+            environ
+                .split(|byte| *byte == 0)
+                .find_map(|entry| entry.strip_prefix(format!("{name}=").as_bytes()))
+                .map(|value| String::from_utf8_lossy(value).into_owned())
+                .unwrap_or_else(|| panic!("rank {pid} has no {name}"))
+        };
+        let node: usize = var("FLAMINGO_NODE_ID")
+            .trim_start_matches("node-")
+            .parse()
+            .unwrap();
+        let expected = format!("{},{}", replicas[node], replicas[1 - node]);
+        assert_eq!(var("FLAMINGO_DATA_SERVICE"), expected, "rank {pid}");
+    }
     pids.extend(sleeper_pids);
 
     ok(&flamingoctl(&state_dir, &["down"]));

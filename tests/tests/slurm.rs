@@ -295,6 +295,20 @@ fn slurm_jobs_run_checkpoint_on_the_warning_signal_requeue_and_stop() {
         output.contains("requeueing") && output.contains("goes on (Slurm restart 1)"),
         "{output}"
     );
+    // Each node ran its own data-service replica, and its ranks streamed
+    // from it.
+    for node in ["node1", "node2"] {
+        let log = Path::new(folder)
+            .join("logs")
+            .join(format!("data-service-{node}.log"));
+        let text = std::fs::read_to_string(&log)
+            .unwrap_or_else(|error| panic!("{}: {error}", log.display()));
+        assert!(
+            text.contains("dataset opened"),
+            "{}:\n{text}",
+            log.display()
+        );
+    }
     // The run went on from the checkpoint: steps after it were logged once.
     let log = std::fs::read_to_string(dir.join("runs/requeued/log.jsonl")).unwrap();
     let steps: Vec<u64> = log

@@ -203,7 +203,9 @@ async fn a_training_job_survives_every_component_dying_with_nothing_lost() {
     .expect("sandbox");
     let dir = sandbox.path().to_path_buf();
     let job_file = prepare(&dir);
-    let data_service = sandbox.start_data_service().expect("data service");
+    // A data-service replica on each node, as `flamingoctl up` deploys
+    // them: each node's ranks stream from theirs.
+    let replicas = sandbox.replica_per_node().expect("a replica per node");
     let coordinator = sandbox.coordinator_endpoint();
     let hang_timeout: u32 = 10;
 
@@ -216,8 +218,6 @@ async fn a_training_job_survives_every_component_dying_with_nothing_lost() {
         "2",
         "chaos",
         &[
-            "--data_service",
-            &data_service,
             "--max-restarts",
             "8",
             "--hang-timeout",
@@ -303,12 +303,12 @@ async fn a_training_job_survives_every_component_dying_with_nothing_lost() {
     .await;
     causes.push("agent SIGKILL");
 
-    // 5. The data service dies and comes back: the ranks reconnect from
-    // their cursors, no restart needed.
+    // 5. A node's data-service replica dies and comes back: its ranks go
+    // on from their cursors on the other node's, no restart needed.
     progress(&sandbox, &id, "steps after the agent", 2).await;
-    sandbox.kill_data_service();
+    sandbox.kill_replica(1);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    sandbox.start_data_service().expect("data service restarts");
+    sandbox.start_replica(1).expect("the replica restarts");
     causes.push("data service SIGKILL");
 
     // 6. The coordinator dies and comes back: the job carries on.
@@ -365,11 +365,18 @@ async fn a_training_job_survives_every_component_dying_with_nothing_lost() {
         .collect();
     assert!(steps.contains(&1) && steps.contains(&STEPS), "{steps:?}");
 
+    // Both nodes' replicas served the job.
+    for index in 0..2 {
+        let log = std::fs::read_to_string(dir.join(format!("data-service-{index}.log")))
+            .expect("the replica's log");
+        assert!(log.contains("dataset opened"), "replica {index}:\n{log}");
+    }
+
     every_sample_once_and_the_weights_of_a_whole_run(
         &dir,
         &job_file,
         &run_dir,
-        &["--data_service", &data_service],
+        &["--data_service", &replicas[0]],
     );
 }
 

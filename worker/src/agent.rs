@@ -69,6 +69,12 @@ pub struct AgentConfig {
     /// node lease (`--lease-ttl-seconds`, told at registration).
     #[arg(long, env = "FLAMINGO_FENCE_AFTER_SECONDS", default_value_t = 0)]
     pub fence_after_seconds: u64,
+    /// This node's data-service replica, then (comma-separated) replicas
+    /// that stand in for it while it is down: the node's ranks stream
+    /// their whole slices from it over loopback, unless a job names its
+    /// own replicas (`--data_service`).
+    #[arg(long, env = "FLAMINGO_DATA_SERVICE")]
+    pub data_service: Option<String>,
     /// Protocol version to announce (only for testing version checks).
     #[arg(long, hide = true, default_value_t = flamingo_proto::PROTOCOL_VERSION)]
     pub protocol_version: u32,
@@ -202,7 +208,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         Duration::from_secs(config.kill_grace_seconds),
         reports_tx,
         config.tls.clone(),
-    )?;
+    )?
+    .with_data_service(config.data_service.clone());
     let servers = CancellationToken::new();
     let (agent_endpoint, log_server) =
         serve_logs(&config, &state_dir, &ranks, &relay, &servers).await?;

@@ -62,6 +62,8 @@ pub struct Ranks {
     kill_grace: Duration,
     /// `FLAMINGO_TLS_*` for the ranks (the node's own certificate).
     tls_env: Vec<(&'static str, PathBuf)>,
+    /// `FLAMINGO_DATA_SERVICE` for the ranks: the node's replica first.
+    data_service: Option<String>,
     table: Arc<Mutex<Table>>,
     report_keys_tx: mpsc::UnboundedSender<(RankKey, pb::rank_report::Event)>,
     /// The agent's own service, where ranks hand in their metrics
@@ -88,10 +90,17 @@ impl Ranks {
             worker_exe,
             kill_grace,
             tls_env: tls.env(),
+            data_service: None,
             table: Arc::new(Mutex::new(Table::default())),
             report_keys_tx,
             agent_endpoint: Arc::default(),
         })
+    }
+
+    /// The node's data-service replicas for its ranks (`--data-service`).
+    pub fn with_data_service(mut self, replicas: Option<String>) -> Self {
+        self.data_service = replicas;
+        self
     }
 
     /// Where this node's ranks send their metrics (the agent's service).
@@ -356,7 +365,13 @@ impl Ranks {
         }
         let (program, args) = self.command_for(spec, job_id, assignment.attempt)?;
         let mut command = std::process::Command::new(&program);
-        command.args(&args).envs(&spec.env);
+        command.args(&args);
+        if let Some(replicas) = &self.data_service {
+            // The node's replica (a job's own `--data_service`, or its
+            // environment, still wins).
+            command.env("FLAMINGO_DATA_SERVICE", replicas);
+        }
+        command.envs(&spec.env);
         RankEnv {
             rank: assignment.rank,
             world_size: assignment.world_size,

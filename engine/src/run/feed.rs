@@ -100,14 +100,16 @@ fn data_spec(
     )?)
 }
 
-/// The job's own replicas, else the node's (`FLAMINGO_DATA_SERVICE`, which
-/// a Slurm job's agents pass on: its replica moves when the job is
-/// requeued); none: the shards are read in this process.
-fn replicas(job: &TrainJob) -> Vec<String> {
+/// The job's own replicas (`--data_service`), which split every batch
+/// between them; else the node's (`FLAMINGO_DATA_SERVICE`, which the agent
+/// passes on: its node's replica first, which serves this rank's whole
+/// slice, then those that stand in for it); none: the shards are read in
+/// this process. Returns the endpoints and whether they split the batches.
+fn replicas(job: &TrainJob) -> (Vec<String>, bool) {
     if !job.data_service.is_empty() {
-        return job.data_service.clone();
+        return (job.data_service.clone(), true);
     }
-    std::env::var("FLAMINGO_DATA_SERVICE")
+    let node = std::env::var("FLAMINGO_DATA_SERVICE")
         .map(|list| {
             list.split(',')
                 .map(str::trim)
@@ -115,7 +117,8 @@ fn replicas(job: &TrainJob) -> Vec<String> {
                 .map(String::from)
                 .collect()
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    (node, false)
 }
 
 impl Feed {
@@ -133,10 +136,11 @@ impl Feed {
             DatasetKind::Mmc4 => job.batch_size_mmc4 as usize,
         };
         let images_per_sample = spec.images_per_sample() as usize;
-        let endpoints = replicas(job);
+        let (endpoints, split) = replicas(job);
         if !endpoints.is_empty() {
             let config = StreamConfig {
                 endpoints,
+                split,
                 spec_toml: spec.to_toml(),
                 seed: job.seed,
                 rank: 0,

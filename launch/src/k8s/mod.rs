@@ -6,7 +6,10 @@
 //! The control plane (once per namespace; applying it again changes
 //! nothing): a ServiceAccount with a Role to read pods, etcd (a StatefulSet
 //! with a volume), the coordinator (Deployment + Service for gRPC, the
-//! dashboard and `/metrics`) and a data-service replica. Per job: a headless
+//! dashboard and `/metrics`) and the data service: a DaemonSet, so every
+//! node runs a replica that its agent pods reach through a Service with
+//! `internalTrafficPolicy: Local` (the cluster-wide Service stands in when
+//! it is down), or one replica with `--one-data-service`. Per job: a headless
 //! Service and an Indexed Job of worker agents, one pod per node, GPUs
 //! requested as `nvidia.com/gpu` with NCCL's network settings and a memory
 //! `/dev/shm`; and a launcher Job that submits the job to the coordinator
@@ -65,6 +68,10 @@ pub struct K8sFlags {
     /// coordinator's Service, and a standby takes over when it dies.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=7))]
     pub coordinators: u32,
+    /// One data-service replica for the namespace (a Deployment) instead
+    /// of one on every node (a DaemonSet) feeding the agent pods there.
+    #[arg(long)]
+    pub one_data_service: bool,
 }
 
 /// What the objects are made from.
@@ -248,6 +255,7 @@ mod tests {
                 agent_cpu: "8".into(),
                 agent_memory: "64Gi".into(),
                 coordinators: 3,
+                one_data_service: false,
             },
         )
     }

@@ -9,6 +9,9 @@ use super::{object_name, K8sFlags, K8sJob};
 pub(super) const COORDINATOR: &str = "flamingo-coordinator";
 pub(super) const ETCD: &str = "flamingo-etcd";
 pub(super) const DATA_SERVICE: &str = "flamingo-data-service";
+/// The same replicas, each pod reaching only the one on its own node
+/// (`internalTrafficPolicy: Local`).
+pub(super) const DATA_SERVICE_LOCAL: &str = "flamingo-data-service-local";
 /// The uid and gid every container runs as (the image's `flamingo` user).
 const UID: u32 = 10001;
 
@@ -330,27 +333,39 @@ fn coordinator(flags: &K8sFlags) -> Vec<Value> {
     ]
 }
 
-/// A data-service replica with the data volume.
+/// The data service with the data volume: a replica on every node (a
+/// DaemonSet; agent pods reach their node's through the `-local` Service,
+/// the others through the cluster-wide one), or one for the namespace with
+/// `--one-data-service`.
 fn data_service(flags: &K8sFlags) -> Vec<Value> {
     let (mut volumes, mut mounts) = data_volume(flags);
     for (volume, mount) in [secrets::volume(CONTROL_PLANE_SECRET), scratch()] {
         volumes.push(volume);
         mounts.push(mount);
     }
-    vec![
-        service(
-            DATA_SERVICE,
+    let mut objects = vec![service(
+        DATA_SERVICE,
+        flags,
+        "data-service",
+        &[("grpc", 7090)],
+        false,
+    )];
+    if !flags.one_data_service {
+        let mut local = service(
+            DATA_SERVICE_LOCAL,
             flags,
             "data-service",
             &[("grpc", 7090)],
             false,
-        ),
-        json!({
+        );
+        local["spec"]["internalTrafficPolicy"] = json!("Local");
+        objects.push(local);
+    }
+    let mut replicas = json!({
             "apiVersion": "apps/v1",
-            "kind": "Deployment",
+            "kind": "DaemonSet",
             "metadata": metadata(DATA_SERVICE, flags, "data-service"),
             "spec": {
-                "replicas": 1,
                 "selector": { "matchLabels": selector("data-service") },
                 "template": {
                     "metadata": { "labels": selector("data-service") },
@@ -378,8 +393,23 @@ fn data_service(flags: &K8sFlags) -> Vec<Value> {
                     },
                 },
             },
-        }),
-    ]
+    });
+    if flags.one_data_service {
+        replicas["kind"] = json!("Deployment");
+        replicas["spec"]["replicas"] = json!(1);
+    }
+    objects.push(replicas);
+    objects
+}
+
+/// `FLAMINGO_DATA_SERVICE` for an agent (which passes it to its ranks):
+/// the replica on its node first, then the Service that reaches any.
+fn data_service_endpoints(flags: &K8sFlags) -> String {
+    let shared = format!("https://{DATA_SERVICE}:7090");
+    match flags.one_data_service {
+        true => shared,
+        false => format!("https://{DATA_SERVICE_LOCAL}:7090,{shared}"),
+    }
 }
 
 /// The job's agents and its launcher.
@@ -524,6 +554,7 @@ fn agent_container(job: &K8sJob, flags: &K8sFlags, name: &str, mut mounts: Vec<V
             { "name": "NCCL_SOCKET_IFNAME", "value": "eth0" },
             { "name": "GLOO_SOCKET_IFNAME", "value": "eth0" },
             { "name": "NCCL_DEBUG", "value": "WARN" },
+            { "name": "FLAMINGO_DATA_SERVICE", "value": data_service_endpoints(flags) },
         ],
         "ports": [
             { "containerPort": 7071, "name": "logs" },
@@ -536,8 +567,7 @@ fn agent_container(job: &K8sJob, flags: &K8sFlags, name: &str, mut mounts: Vec<V
 }
 
 /// The launcher's `flamingoctl launch` arguments: the job's own, waiting
-/// for it, deleting the agents' Job when it ends, and the namespace's data
-/// service for train jobs that name none.
+/// for it, and deleting the agents' Job when it ends.
 fn launcher_args(job: &K8sJob, agents: &str) -> Vec<String> {
     let mut launch = vec![
         format!("--coordinator=https://{COORDINATOR}:7070"),
@@ -547,15 +577,8 @@ fn launcher_args(job: &K8sJob, agents: &str) -> Vec<String> {
     if !job.launch_args.iter().any(|arg| arg == "--wait") {
         launch.push("--wait".into());
     }
-    // When the job ends, its agents' pods go too.
+    // When the job ends, its agents' pods go too. (Train jobs stream
+    // their batches from the data service their agents name.)
     launch.push(format!("--delete-k8s-job={agents}"));
-    // Train jobs stream their batches from the namespace's data service.
-    if !job
-        .launch_args
-        .iter()
-        .any(|arg| arg.starts_with("--data_service"))
-    {
-        launch.push(format!("--data_service=https://{DATA_SERVICE}:7090"));
-    }
     launch
 }

@@ -45,8 +45,11 @@ impl K8sCredentials {
     pub fn prepare(job: &K8sJob, flags: &K8sFlags) -> anyhow::Result<Self> {
         let pki = Pki::init(&Self::pki_dir(flags))?;
         let validity = crate::pki::VALIDITY;
-        let service = |name: &str, host: &str| -> anyhow::Result<Issued> {
-            let hosts = [host.to_string(), format!("{host}.{}.svc", flags.namespace)];
+        let service = |name: &str, services: &[&str]| -> anyhow::Result<Issued> {
+            let hosts: Vec<String> = services
+                .iter()
+                .flat_map(|host| [host.to_string(), format!("{host}.{}.svc", flags.namespace)])
+                .collect();
             Ok(pki.ensure(&Identity::service(name), validity, &hosts)?)
         };
         let pair = |file: &str, issued: &Issued| -> anyhow::Result<Vec<(String, String)>> {
@@ -59,13 +62,19 @@ impl K8sCredentials {
         let mut control_plane = vec![ca.clone()];
         control_plane.extend(pair(
             "coordinator",
-            &service("coordinator", super::objects::COORDINATOR)?,
+            &service("coordinator", &[super::objects::COORDINATOR])?,
         )?);
         control_plane.extend(pair(
             "data-service",
-            &service("data-service", super::objects::DATA_SERVICE)?,
+            &service(
+                "data-service",
+                &[
+                    super::objects::DATA_SERVICE,
+                    super::objects::DATA_SERVICE_LOCAL,
+                ],
+            )?,
         )?);
-        control_plane.extend(pair("etcd", &service("etcd", super::objects::ETCD)?)?);
+        control_plane.extend(pair("etcd", &service("etcd", &[super::objects::ETCD])?)?);
         control_plane.push(("rank.secret".to_string(), read(&pki.rank_secret_path())?));
         control_plane.push((
             "dashboard.token".to_string(),

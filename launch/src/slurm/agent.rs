@@ -17,10 +17,48 @@ pub struct AgentArgs {
     pub coordinator: String,
     #[arg(long, default_value_t = 1)]
     pub slots: u32,
-    /// The allocation's data-service replica, for the ranks of training
-    /// jobs that name none.
+    /// The allocation's shared data-service replica: each node also starts
+    /// its own replica for its ranks, and this one stands in for it.
     #[arg(long)]
     pub data_service: Option<String>,
+}
+
+/// This node's own data-service replica on loopback (the job's
+/// data-service certificate, which names 127.0.0.1): its ranks stream their
+/// slices from it, so batches cross the network only from storage to the
+/// node. It dies with the agent that replaces this process. Returns its
+/// endpoint.
+fn node_replica(
+    args: &AgentArgs,
+    pki: &flamingo_security::Pki,
+    node: &str,
+) -> anyhow::Result<String> {
+    let issued = pki.ensure(
+        &flamingo_security::Identity::service("data-service"),
+        crate::pki::VALIDITY,
+        &["127.0.0.1".to_string(), "localhost".to_string()],
+    )?;
+    let tls = flamingo_security::TlsFiles::new(&pki.ca_cert(), &issued.cert, &issued.key);
+    let port = flamingo_common::net::free_local_port()?;
+    let mut command = Command::new(local::binary("flamingo-data-service")?);
+    command
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg("--allow-prefix=/")
+        .args(tls.args());
+    flamingo_common::ranks::Tie::FOREGROUND_RANK.apply(&mut command);
+    let log = args
+        .job_dir
+        .join("logs")
+        .join(format!("data-service-{node}.log"));
+    local::spawn(command, &log, false)?;
+    let endpoint = format!("http://127.0.0.1:{port}");
+    local::wait_for_port(&endpoint, std::time::Duration::from_secs(20)).with_context(|| {
+        format!(
+            "the node's data service did not start; its log ends:\n{}",
+            local::tail(&log, 15)
+        )
+    })?;
+    Ok(endpoint)
 }
 
 /// `flamingoctl slurm agent`: one node's agent, as srun starts it. Named
@@ -68,8 +106,15 @@ pub fn exec_agent(args: &AgentArgs) -> anyhow::Error {
         command.args(
             flamingo_security::TlsFiles::new(&pki.ca_cert(), &issued.cert, &issued.key).args(),
         );
-        if let Some(endpoint) = &args.data_service {
-            command.env("FLAMINGO_DATA_SERVICE", endpoint);
+        if let Some(shared) = &args.data_service {
+            let replicas = match node_replica(args, &pki, &node) {
+                Ok(own) => format!("{own},{shared}"),
+                Err(error) => {
+                    eprintln!("flamingo agent: {error:#}; the ranks read from {shared}");
+                    shared.clone()
+                }
+            };
+            command.env("FLAMINGO_DATA_SERVICE", replicas);
         }
         Ok(command)
     };
