@@ -21,6 +21,7 @@ mod inference;
 mod jobs;
 mod launch;
 mod metrics;
+mod model;
 mod slurm;
 mod tensorboard;
 mod tiny;
@@ -88,6 +89,9 @@ enum Command {
     /// Write a run's checkpoint as OpenFlamingo's trainable state dict (.pt as torch.save
     /// writes it, or .safetensors), loadable as a model spec's `[flamingo] checkpoint`.
     Export(export::ExportArgs),
+    /// Model files: convert PyTorch pickles to safetensors.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
     /// Train on this machine: --nproc rank processes (OpenFlamingo's flag names).
     Train(Box<train::TrainArgs>),
     /// Datasets: index, inspect, pack and synthesize shards; measure preprocessing.
@@ -142,6 +146,7 @@ async fn run(command: Command, context: &Context) -> anyhow::Result<ExitCode> {
         Command::Eval(args) => eval::run(&args, context).await,
         Command::TinyModel(args) => tiny::run(&args),
         Command::Export(args) => export::run(&args, context).await,
+        Command::Model(command) => model::run(&command, context),
         Command::Train(args) => train::run(&args),
         Command::Data(command) => data::run(command, context).await,
         Command::Certs(command) => certs::run(command, context),

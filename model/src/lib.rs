@@ -14,6 +14,7 @@
 //! [`preprocess::clip_preprocess`] turns its pixels into the model's input.
 
 pub mod beam;
+pub mod convert;
 pub mod cross_attention;
 pub mod decoder;
 pub mod decoder_config;

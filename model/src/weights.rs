@@ -123,6 +123,14 @@ impl Weights {
     /// Reads a PyTorch `torch.save` file (`.bin`, `.pt`, `.pth`); nested
     /// dicts become dotted names.
     pub fn read_torch(path: &Path) -> Result<Self> {
+        let world = std::env::var("WORLD_SIZE")
+            .ok()
+            .and_then(|world| world.parse().ok())
+            .unwrap_or(1);
+        let bytes = std::fs::metadata(path).map_or(0, |meta| meta.len());
+        if let Some(advice) = crate::convert::pickle_advice(path, bytes, world) {
+            tracing::warn!("{advice}");
+        }
         Ok(Self::from_tensors(crate::torch_pickle::read_torch_file(
             path,
         )?))
