@@ -30,13 +30,12 @@ impl Weights {
         }
     }
 
-    /// Reads a `.safetensors` file.
+    /// Reads a `.safetensors` file, each tensor by its byte range straight
+    /// into its storage (see [`crate::safetensors`]).
     pub fn read_safetensors(path: &Path) -> Result<Self> {
-        let tensors = Tensor::read_safetensors(path).map_err(|error| ModelError::Io {
-            path: path.display().to_string(),
-            message: error.to_string(),
-        })?;
-        Ok(Self::from_tensors(tensors))
+        Ok(Self::from_tensors(crate::safetensors::read(path, |_| {
+            true
+        })?))
     }
 
     /// All weights, by name.
