@@ -160,6 +160,10 @@ pub struct GenerateArgs {
     pub num_beams: i64,
     #[arg(long, default_value_t = 1.0)]
     pub length_penalty: f64,
+    /// Print the prompt before the generated text (by default only the
+    /// new text is printed).
+    #[arg(long)]
+    pub show_prompt: bool,
 }
 
 pub fn generate(
@@ -199,8 +203,10 @@ pub fn generate(
     let text = prepared.tokenizer.decode(&token_ids, true)?;
     if json_output {
         println!("{}", json!({"token_ids": token_ids, "text": text}));
-    } else {
+    } else if args.show_prompt {
         println!("{}{text}", args.inference.prompt);
+    } else {
+        println!("{text}");
     }
     Ok(ExitCode::SUCCESS)
 }

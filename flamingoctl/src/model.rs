@@ -41,14 +41,23 @@ pub fn run(command: &ModelCommand, context: &Context) -> anyhow::Result<ExitCode
             args.max_shard_gb
         );
     }
-    let mut progress = Progress::new("converted", None).counting("bytes");
+    let started = std::time::Instant::now();
+    // The total is known once the pickle is read.
+    let mut progress: Option<Progress> = None;
     let converted = convert::convert(
         &args.input,
         args.out.as_deref(),
         (args.max_shard_gb * 1e9) as u64,
-        |done, total| progress.update(done, &format!("of {total} bytes"), None),
+        |done, total| {
+            progress
+                .get_or_insert_with(|| Progress::new("written", Some(total)).counting("bytes"))
+                .update(done, "", None)
+        },
     )?;
-    let seconds = progress.finish();
+    if let Some(progress) = progress.as_mut() {
+        progress.finish();
+    }
+    let seconds = started.elapsed().as_secs_f64();
     if context.json {
         println!(
             "{}",

@@ -103,6 +103,23 @@ fn score_and_generate_match_open_flamingo() {
     );
     assert_eq!(beams["token_ids"], expected["beam3"]);
     assert_eq!(beams["text"], expected["beam3_text"]);
+
+    // As text: only the new tokens, unless the prompt is asked for.
+    let text = |extra: &[&str]| {
+        let mut args = vec!["generate", "--prompt", prompt, "--max-new-tokens", "5"];
+        args.extend_from_slice(extra);
+        let output = flamingoctl(dir.path(), &args);
+        assert!(output.status.success());
+        String::from_utf8_lossy(&output.stdout)
+            .trim_end()
+            .to_string()
+    };
+    let new_text = expected["text"].as_str().expect("text");
+    assert_eq!(text(&[]), new_text.trim_end());
+    assert_eq!(
+        text(&["--show-prompt"]),
+        format!("{prompt}{new_text}").trim_end()
+    );
 }
 
 #[test]
