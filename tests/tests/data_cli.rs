@@ -125,7 +125,13 @@ fn synth_index_and_pack_write_readable_shards() {
     let accept = |extra: &[&str]| -> serde_json::Value {
         let mut args = vec!["data", "index", "syn/mmc4.toml", "--accept", "--json"];
         args.extend_from_slice(extra);
-        let (stdout, _) = flamingoctl(dir.path(), &args);
+        let (stdout, stderr) = flamingoctl(dir.path(), &args);
+        // Progress off a terminal: whole lines, no carriage returns.
+        assert!(!stderr.contains('\r'), "{stderr:?}");
+        assert!(
+            stderr.lines().any(|line| line.starts_with("judged")),
+            "{stderr:?}"
+        );
         serde_json::from_str(stdout.trim()).unwrap()
     };
     let first = accept(&[]);
