@@ -13,7 +13,7 @@
 
 use flamingo_collectives::{ProcessGroup, Work};
 use flamingo_model::{Flamingo, Unit};
-use flamingo_torch_shim::autograd::fl_autograd_grad;
+use flamingo_torch_shim::autograd::{fl_autograd_grad, fl_storage_alloc, fl_storage_free};
 use tch::{Kind, Tensor};
 
 use crate::trainer::TrainError;
@@ -258,6 +258,8 @@ pub struct Gathered {
     works: Vec<Work>,
     /// Bytes allocated for it (0 when the buffers are the rank's own shards).
     pub bytes: i64,
+    /// The buffers' bytes are freed ([`park`]) until [`start_regather`].
+    parked: bool,
 }
 
 impl Gathered {
@@ -294,6 +296,7 @@ pub fn start_gather(
         frozen: None,
         works: Vec::new(),
         bytes: 0,
+        parked: false,
     };
     let frozen = shard
         .and_then(|shard| shard.frozen.as_ref())
@@ -343,6 +346,85 @@ pub fn install(plans: &[UnitPlan], mut gathered: Gathered) -> Result<Gathered, T
             member.point_at(buffer);
         }
     }
+    Ok(gathered)
+}
+
+/// Frees the bytes of a gathered unit's whole buffers but keeps the
+/// buffers, and so every view of them the autograd graph saved in the
+/// unit's forward, as torch FSDP's `storage.resize_(0)`; the unit's tensors
+/// point at empty storage meanwhile. [`start_regather`] fills the same
+/// buffers again before the unit's backward. Buffers that are the rank's
+/// own shards (nothing was gathered) stay as they are.
+pub fn park(plan: &UnitPlan, mut gathered: Gathered) -> Result<Gathered, TrainError> {
+    gathered.wait()?;
+    release(plan);
+    if gathered.bytes > 0 {
+        for buffer in [&gathered.trainable, &gathered.frozen]
+            .into_iter()
+            .flatten()
+        {
+            // SAFETY: a live tensor handle; its storage object stays, only
+            // its bytes go (nothing reads them until they are gathered again).
+            unsafe { fl_storage_free(buffer.as_ptr() as *mut std::ffi::c_void) };
+        }
+        gathered.parked = true;
+    }
+    Ok(gathered)
+}
+
+/// Gathers a [`park`]ed unit again, into the same buffers (the rank's
+/// shard and the group as [`start_gather`] takes them).
+pub fn start_regather(
+    mut gathered: Gathered,
+    shard: Option<&UnitShard>,
+    local: &Tensor,
+    group: Option<&ProcessGroup>,
+) -> Result<Gathered, TrainError> {
+    if !gathered.parked {
+        return Ok(gathered);
+    }
+    let group = group.ok_or_else(|| TrainError::Backward {
+        message: "a parked unit has no group to gather from".into(),
+    })?;
+    let frozen = shard
+        .and_then(|shard| shard.frozen.as_ref())
+        .filter(|frozen| frozen.numel() > 0);
+    let trainable = shard
+        .filter(|shard| shard.len > 0)
+        .map(|shard| local.narrow(0, shard.offset, shard.len));
+    let mut works = Vec::new();
+    for (source, target) in [
+        (trainable.as_ref(), &gathered.trainable),
+        (frozen, &gathered.frozen),
+    ] {
+        if let (Some(source), Some(whole)) = (source, target) {
+            let bytes = whole.numel() as i64 * whole.kind().elt_size_in_bytes() as i64;
+            let mut error = vec![0 as std::ffi::c_char; 512];
+            // SAFETY: a live tensor handle whose storage was emptied by
+            // `park`; the shim writes a NUL-terminated message on failure.
+            let status = unsafe {
+                fl_storage_alloc(
+                    whole.as_ptr() as *mut std::ffi::c_void,
+                    bytes,
+                    error.as_mut_ptr(),
+                    error.len(),
+                )
+            };
+            if status != 0 {
+                // SAFETY: NUL-terminated by the shim within the buffer.
+                let message = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
+                return Err(TrainError::Backward {
+                    message: format!(
+                        "allocating a unit's buffer again: {}",
+                        message.to_string_lossy()
+                    ),
+                });
+            }
+            works.push(group.all_gather_into_tensor_async(whole, source)?);
+        }
+    }
+    gathered.works = works;
+    gathered.parked = false;
     Ok(gathered)
 }
 

@@ -3,8 +3,9 @@
 //! `shard_grad_op` on 2, `hybrid` on 2 emulated nodes of 2 (real
 //! processes, Gloo) — give the same losses (1e-4 relative) and the same
 //! trainable weights (1e-5); so do the recomputing
-//! pass (`--gradient_checkpointing`) and `full` on one rank; and the weights
-//! move and the loss falls.
+//! pass (`--gradient_checkpointing`) and `full` on one rank; `full` on 2
+//! ranks keeping its graphs equals `full` recomputing them (1e-6); and the
+//! weights move and the loss falls.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -292,7 +293,7 @@ fn amp_bf16_trains_close_to_fp32() {
 }
 
 /// One rank's run; rank 0 writes the losses and the final weights.
-fn run_rank(dir: &Path, strategy: Strategy, out: &Path) {
+fn run_rank(dir: &Path, strategy: Strategy, checkpointing: bool, out: &Path) {
     let group = match std::env::var("WORLD_SIZE")
         .ok()
         .and_then(|w| w.parse::<i64>().ok())
@@ -312,7 +313,11 @@ fn run_rank(dir: &Path, strategy: Strategy, out: &Path) {
         }
         _ => None,
     };
-    let (losses, flat) = train_steps_with(dir, group.as_ref(), hybrid.as_ref(), config(strategy));
+    let config = TrainConfig {
+        gradient_checkpointing: checkpointing,
+        ..config(strategy)
+    };
+    let (losses, flat) = train_steps_with(dir, group.as_ref(), hybrid.as_ref(), config);
     if rank == 0 {
         tch::Tensor::write_safetensors(&[("flat", flat)], out.with_extension("safetensors"))
             .expect("weights written");
@@ -329,13 +334,17 @@ fn rank_entry() {
     let Ok(dir) = std::env::var(ROLE) else {
         return; // run by cargo test directly
     };
-    let strategy: Strategy = std::env::var("STRATEGY")
-        .expect("strategy")
-        .parse()
-        .expect("strategy name");
+    // `full+checkpointing`: the strategy with --gradient_checkpointing.
+    let name = std::env::var("STRATEGY").expect("strategy");
+    let (name, checkpointing) = match name.strip_suffix("+checkpointing") {
+        Some(name) => (name.to_string(), true),
+        None => (name, false),
+    };
+    let strategy: Strategy = name.parse().expect("strategy name");
     run_rank(
         Path::new(&dir),
         strategy,
+        checkpointing,
         Path::new(&std::env::var("OUT").expect("out")),
     );
 }
@@ -400,11 +409,30 @@ fn world_sizes_and_strategies_train_identically() {
     let dir = tempfile::tempdir().expect("temp dir");
     fixture(dir.path());
     let single = run_world(dir.path(), 1, "no_shard", "single");
+    let mut full = None;
     for (world, strategy) in [(2, "full"), (4, "full"), (2, "shard_grad_op")] {
         let name = format!("{strategy} x{world}");
         let run = run_world(dir.path(), world, strategy, &name.replace(' ', "-"));
         assert_same_training(&name, &single, &run);
+        if (world, strategy) == (2, "full") {
+            full = Some(run);
+        }
     }
+    // `full` keeps each unit's graph and gathers its weights again for its
+    // backward; with checkpointing it recomputes the unit instead. The
+    // same arithmetic: equal to 1e-6.
+    let kept = full.expect("full x2 ran");
+    let recomputed = run_world(dir.path(), 2, "full+checkpointing", "full-checkpointing-x2");
+    for ((a, b), (c, d)) in kept.0.iter().zip(&recomputed.0) {
+        assert!(
+            (a - c).abs() <= 1e-6 * a.abs().max(1.0) && (b - d).abs() <= 1e-6 * b.abs().max(1.0),
+            "losses: kept {:?}, recomputed {:?}",
+            kept.0,
+            recomputed.0
+        );
+    }
+    let difference = (&kept.1 - &recomputed.1).abs().max().double_value(&[]);
+    assert!(difference <= 1e-6, "weights differ by {difference}");
     // Two emulated nodes of two ranks: sharded within, replicated across.
     let hybrid = run_world_nodes(dir.path(), 4, 2, "hybrid", "hybrid-2x2");
     assert_same_training("hybrid 2 nodes x 2", &single, &hybrid);

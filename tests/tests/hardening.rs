@@ -371,6 +371,12 @@ async fn metrics_of_a_long_job_come_back_in_pages() {
     })
     .await
     .expect("sandbox");
+    // Nor the agent's reconnects: a stream that breaks under this load
+    // must not lose the node within the default grace of 1.5 heartbeats.
+    sandbox.coordinator_spec.heartbeat_interval_ms = 3000;
+    sandbox.kill_coordinator();
+    sandbox.start_coordinator().expect("coordinator restarts");
+    sandbox.wait_for_nodes(1).await.expect("the node is back");
     let mut session = sandbox.session().await.expect("session");
     let job = session
         .launch(&command(1, "sleep 600"))

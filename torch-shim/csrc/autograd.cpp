@@ -2,6 +2,8 @@
 // the gradients of a unit's outputs with respect to chosen inputs, without
 // accumulating into `.grad` (tch's `run_backward` has no grad_outputs).
 
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/StorageImpl.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include <cstdio>
@@ -29,6 +31,39 @@ int fl_autograd_grad(void** outputs, void** grad_outputs, int n_outputs, void** 
         for (int i = 0; i < n_inputs; ++i) {
             results[i] = computed[i].defined() ? new at::Tensor(computed[i]) : nullptr;
         }
+        return 0;
+    } catch (const std::exception& e) {
+        std::snprintf(error, error_len, "%s", e.what());
+        return 1;
+    }
+}
+
+// Frees the bytes of the storage under `tensor`, keeping the storage object
+// (so the tensor, its views and any autograd-saved view of it keep pointing
+// at it) with no bytes: FSDP's `untyped_storage().resize_(0)`. Returns the
+// bytes it held.
+int64_t fl_storage_free(void* tensor) {
+    auto* storage = static_cast<at::Tensor*>(tensor)->storage().unsafeGetStorageImpl();
+    const auto bytes = static_cast<int64_t>(storage->nbytes());
+    storage->reset();
+    return bytes;
+}
+
+// Gives the storage under `tensor` `bytes` fresh bytes from its own
+// allocator (contents undefined): FSDP's `resize_(n)` before it gathers
+// into it again. Returns 0, or 1 with a message in `error`.
+int fl_storage_alloc(void* tensor, int64_t bytes, char* error, size_t error_len) {
+    try {
+        const auto& t = *static_cast<at::Tensor*>(tensor);
+        auto* storage = t.storage().unsafeGetStorageImpl();
+        auto* allocator = storage->allocator();
+        if (allocator == nullptr) {
+            std::snprintf(error, error_len, "the storage has no allocator");
+            return 1;
+        }
+        c10::OptionalDeviceGuard guard(t.device());
+        storage->set_data_ptr_noswap(allocator->allocate(static_cast<size_t>(bytes)));
+        storage->set_nbytes(static_cast<size_t>(bytes));
         return 0;
     } catch (const std::exception& e) {
         std::snprintf(error, error_len, "%s", e.what());

@@ -39,6 +39,16 @@ pub mod autograd {
             error: *mut std::ffi::c_char,
             error_len: usize,
         ) -> std::ffi::c_int;
+        /// Frees the bytes of a tensor's storage, keeping the storage (and
+        /// every view of it); returns the bytes it held.
+        pub fn fl_storage_free(tensor: *mut std::ffi::c_void) -> i64;
+        /// Gives a tensor's storage `bytes` fresh bytes again.
+        pub fn fl_storage_alloc(
+            tensor: *mut std::ffi::c_void,
+            bytes: i64,
+            error: *mut std::ffi::c_char,
+            error_len: usize,
+        ) -> std::ffi::c_int;
     }
 }
 

@@ -1,10 +1,17 @@
-//! The recomputing pass (`full`, `hybrid`, `--gradient_checkpointing`):
+//! The unit-by-unit pass (`full`, `hybrid`, `--gradient_checkpointing`):
 //! forward unit by unit without a graph, keeping each layer's input; the
 //! loss and the head's backward; then each layer recomputed with a graph
 //! and backpropagated on its own, last to first, the media latents'
 //! gradient summed over the cross-attention blocks; then the input
 //! embedding and the perceiver. The vision tower only runs forward. Units
 //! are gathered in the order the pass uses them, one ahead.
+//!
+//! Without `--gradient_checkpointing` (`full` and `hybrid`), nothing is
+//! recomputed, as torch FSDP without activation checkpointing: each unit's
+//! forward keeps its graph, and its gathered weights' bytes are freed right
+//! after it ([`crate::units::park`]: the buffers, which the graph's saved
+//! views point into, stay); before the unit's backward the same buffers
+//! are gathered into again, the next unit's gather running meanwhile.
 
 use flamingo_collectives::ProcessGroup;
 use flamingo_model::{Flamingo, Unit};
@@ -122,14 +129,17 @@ impl Pass<'_> {
     ) -> Result<MicroLoss, TrainError> {
         let at = self.indices();
         let embedding_trains = self.state.plans()[at.text].len > 0;
+        let keep = !self.config.gradient_checkpointing;
         let mut order = vec![at.vision, at.perceiver, at.text];
         order.extend(&at.layers);
         order.push(at.text);
-        order.extend(at.layers.iter().rev());
-        if embedding_trains {
-            order.push(at.text);
+        if !keep {
+            order.extend(at.layers.iter().rev());
+            if embedding_trains {
+                order.push(at.text);
+            }
+            order.push(at.perceiver);
         }
-        order.push(at.perceiver);
         let mut fetch = Prefetcher {
             order,
             position: 0,
@@ -137,11 +147,12 @@ impl Pass<'_> {
         };
         let Forward {
             features,
-            media,
+            media_leaf,
             inputs,
             layer_inputs,
             last,
-        } = self.forward(batch, &mut fetch)?;
+            kept,
+        } = self.forward(batch, &mut fetch, keep && embedding_trains)?;
         let mut backward = match self.head(batch, &mut fetch, last, multiplier)? {
             Head::Finite(backward) => backward,
             Head::NonFinite(mean) => {
@@ -152,7 +163,17 @@ impl Pass<'_> {
             }
         };
         let mean = backward.mean;
-        self.layers_backward(&mut fetch, &media, &inputs, layer_inputs, &mut backward)?;
+        if let Some(kept) = kept {
+            self.kept_backward(kept, &media_leaf, &mut backward)?;
+            return Ok(MicroLoss { mean, finite: true });
+        }
+        self.layers_backward(
+            &mut fetch,
+            &media_leaf,
+            &inputs,
+            layer_inputs,
+            &mut backward,
+        )?;
         if embedding_trains {
             self.embedding_backward(batch, &mut fetch, &mut backward)?;
         }
@@ -160,13 +181,18 @@ impl Pass<'_> {
         Ok(MicroLoss { mean, finite: true })
     }
 
-    /// Vision, perceiver, embedding and layers without a graph, keeping
-    /// each layer's input.
+    /// Vision, perceiver, embedding and layers. Recomputing: without a
+    /// graph, keeping each layer's input. Otherwise (`keep`): each unit but
+    /// the vision tower with its graph, on a detached input of its own, its
+    /// whole weights parked until its backward (the embedding's only when
+    /// `embedding_trains`).
     fn forward(
         &mut self,
         batch: &TrainBatch,
         fetch: &mut Prefetcher,
+        embedding_trains: bool,
     ) -> Result<Forward, TrainError> {
+        let keep = !self.config.gradient_checkpointing;
         let device = batch.input_ids.device();
         self.mark("data");
         let (index, gathered) = self.acquire(fetch)?;
@@ -176,36 +202,169 @@ impl Pass<'_> {
         self.state.release(index, gathered);
         self.mark("vision forward");
         let (index, gathered) = self.acquire(fetch)?;
-        let media = tch::no_grad(|| self.bf16(device, || Ok(self.model.perceive(&features)?)))?;
-        self.state.release(index, gathered);
+        let mut kept = keep.then(Kept::default);
+        let media = match kept.as_mut() {
+            Some(kept) => {
+                let resampled = self.bf16(device, || Ok(self.model.perceive(&features)?))?;
+                let media = resampled.detach();
+                kept.perceiver = Some(KeptUnit {
+                    index,
+                    parked: Some(self.state.park(index, gathered)?),
+                    input: None,
+                    output: resampled,
+                });
+                media
+            }
+            None => {
+                let media =
+                    tch::no_grad(|| self.bf16(device, || Ok(self.model.perceive(&features)?)))?;
+                self.state.release(index, gathered);
+                media
+            }
+        };
         self.mark("perceiver forward");
+        let media_leaf = media.detach().set_requires_grad(true);
         let inputs =
             self.model
                 .text_inputs(&batch.input_ids, Some(&batch.attention_mask), &media)?;
         let (index, gathered) = self.acquire(fetch)?;
-        let mut hidden =
-            tch::no_grad(|| self.bf16(device, || Ok(self.model.embed(&batch.input_ids))))?;
-        self.state.release(index, gathered);
+        let mut hidden = match kept.as_mut().filter(|_| embedding_trains) {
+            Some(kept) => {
+                let embedded = self.bf16(device, || Ok(self.model.embed(&batch.input_ids)))?;
+                let hidden = embedded.detach();
+                kept.embedding = Some(KeptUnit {
+                    index,
+                    parked: Some(self.state.park(index, gathered)?),
+                    input: None,
+                    output: embedded,
+                });
+                hidden
+            }
+            None => {
+                let hidden =
+                    tch::no_grad(|| self.bf16(device, || Ok(self.model.embed(&batch.input_ids))))?;
+                self.state.release(index, gathered);
+                hidden
+            }
+        };
         let layers = self.model.layer_count();
         let mut layer_inputs = Vec::with_capacity(layers);
         for layer in 0..layers {
             let (index, gathered) = self.acquire(fetch)?;
-            let next = tch::no_grad(|| {
-                self.bf16(device, || {
-                    Ok(self.model.layer(layer, &hidden, &media, &inputs)?)
-                })
-            })?;
-            self.state.release(index, gathered);
-            layer_inputs.push(std::mem::replace(&mut hidden, next));
+            match kept.as_mut() {
+                Some(kept) => {
+                    let input = hidden.detach().set_requires_grad(true);
+                    let output = self.bf16(device, || {
+                        Ok(self.model.layer(layer, &input, &media_leaf, &inputs)?)
+                    })?;
+                    hidden = output.detach();
+                    kept.layers.push(KeptUnit {
+                        index,
+                        parked: Some(self.state.park(index, gathered)?),
+                        input: Some(input),
+                        output,
+                    });
+                }
+                None => {
+                    let next = tch::no_grad(|| {
+                        self.bf16(device, || {
+                            Ok(self.model.layer(layer, &hidden, &media_leaf, &inputs)?)
+                        })
+                    })?;
+                    self.state.release(index, gathered);
+                    layer_inputs.push(std::mem::replace(&mut hidden, next));
+                }
+            }
         }
         self.mark("embedding and layers forward");
         Ok(Forward {
             features,
-            media,
+            media_leaf,
             inputs,
             layer_inputs,
             last: hidden,
+            kept,
         })
+    }
+
+    /// The backward of a pass that kept its graphs: each layer's, last to
+    /// first, from its kept graph once its weights are gathered again into
+    /// their buffers (the one before it gathering meanwhile); then the
+    /// embedding's and the perceiver's.
+    fn kept_backward(
+        &mut self,
+        mut kept: Kept,
+        media_leaf: &Tensor,
+        backward: &mut Backward,
+    ) -> Result<(), TrainError> {
+        let mut current: Option<(KeptUnit, Gathered)> = None;
+        if let Some(mut last) = kept.layers.pop() {
+            let gathered = self
+                .state
+                .start_regather(last.index, last.parked.take().expect("parked once"))?;
+            current = Some((last, gathered));
+        }
+        let mut layer = kept.layers.len();
+        while let Some((unit, started)) = current.take() {
+            if let Some(mut previous) = kept.layers.pop() {
+                let gathered = self
+                    .state
+                    .start_regather(previous.index, previous.parked.take().expect("parked once"))?;
+                current = Some((previous, gathered));
+            }
+            let ahead = current.as_ref().map_or(0, |(_, gathered)| gathered.bytes);
+            let gathered = self.state.install(started, ahead)?;
+            let input = unit.input.as_ref().expect("a layer keeps its input");
+            let sees_media = self.model.layer_sees_media(layer);
+            let mut leading = vec![input];
+            if sees_media {
+                leading.push(media_leaf);
+            }
+            let (mut inputs_grads, grads) =
+                self.backward_unit(unit.index, &unit.output, &backward.upstream, &leading)?;
+            backward.upstream = inputs_grads
+                .remove(0)
+                .expect("a layer's output depends on its input");
+            if let Some(grad) = inputs_grads.pop().flatten().filter(|_| sees_media) {
+                backward.media_grad = Some(match backward.media_grad.take() {
+                    Some(sum) => sum + grad.to_kind(Kind::Float),
+                    None => grad.to_kind(Kind::Float),
+                });
+            }
+            self.state.sink(unit.index, &grads)?;
+            self.state.release(unit.index, gathered);
+            layer = layer.saturating_sub(1);
+        }
+        self.mark("layers backward");
+        if let Some(mut unit) = kept.embedding.take() {
+            let gathered = self
+                .state
+                .start_regather(unit.index, unit.parked.take().expect("parked once"))?;
+            let gathered = self.state.install(gathered, 0)?;
+            let (_, grads) =
+                self.backward_unit(unit.index, &unit.output, &backward.upstream, &[])?;
+            for (sum, grad) in backward.text_grads.iter_mut().zip(grads) {
+                *sum = match (sum.take(), grad) {
+                    (Some(a), Some(b)) => Some(a + b),
+                    (a, b) => a.or(b),
+                };
+            }
+            self.state.sink(unit.index, &backward.text_grads)?;
+            self.state.release(unit.index, gathered);
+        }
+        if let Some(mut unit) = kept.perceiver.take() {
+            let gathered = self
+                .state
+                .start_regather(unit.index, unit.parked.take().expect("parked once"))?;
+            let gathered = self.state.install(gathered, 0)?;
+            if let Some(media_grad) = backward.media_grad.take() {
+                let (_, grads) = self.backward_unit(unit.index, &unit.output, &media_grad, &[])?;
+                self.state.sink(unit.index, &grads)?;
+            }
+            self.state.release(unit.index, gathered);
+        }
+        self.mark("embedding and perceiver backward");
+        Ok(())
     }
 
     /// The head, the loss and the head's backward from the last hidden
@@ -252,13 +411,12 @@ impl Pass<'_> {
     fn layers_backward(
         &mut self,
         fetch: &mut Prefetcher,
-        media: &Tensor,
+        media_leaf: &Tensor,
         inputs: &flamingo_model::TextInputs,
         mut layer_inputs: Vec<Tensor>,
         backward: &mut Backward,
     ) -> Result<(), TrainError> {
-        let device = media.device();
-        let media_leaf = media.detach().set_requires_grad(true);
+        let device = media_leaf.device();
         for layer in (0..self.model.layer_count()).rev() {
             let (index, gathered) = self.acquire(fetch)?;
             // Each layer's input is freed once its backward is done.
@@ -267,12 +425,12 @@ impl Pass<'_> {
                 .expect("one input per layer")
                 .set_requires_grad(true);
             let output = self.bf16(device, || {
-                Ok(self.model.layer(layer, &input, &media_leaf, inputs)?)
+                Ok(self.model.layer(layer, &input, media_leaf, inputs)?)
             })?;
             let sees_media = self.model.layer_sees_media(layer);
             let mut leading = vec![&input];
             if sees_media {
-                leading.push(&media_leaf);
+                leading.push(media_leaf);
             }
             let (mut inputs_grads, grads) =
                 self.backward_unit(index, &output, &backward.upstream, &leading)?;
@@ -338,10 +496,31 @@ impl Pass<'_> {
 /// What the forward half keeps for the backward half.
 struct Forward {
     features: Tensor,
-    media: Tensor,
+    /// The media latents as the layers' (detached) input.
+    media_leaf: Tensor,
     inputs: flamingo_model::TextInputs,
+    /// Recomputing: each layer's input.
     layer_inputs: Vec<Tensor>,
     last: Tensor,
+    /// Keeping graphs: each unit's.
+    kept: Option<Kept>,
+}
+
+/// A unit whose forward graph is kept: its parked buffers, its detached
+/// input (a layer's) and its output.
+struct KeptUnit {
+    index: usize,
+    parked: Option<Gathered>,
+    input: Option<Tensor>,
+    output: Tensor,
+}
+
+/// The kept units of a pass.
+#[derive(Default)]
+struct Kept {
+    perceiver: Option<KeptUnit>,
+    embedding: Option<KeptUnit>,
+    layers: Vec<KeptUnit>,
 }
 
 /// How the head's part ended.

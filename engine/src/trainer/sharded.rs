@@ -281,6 +281,19 @@ impl ParameterState for ShardedUnits<'_> {
         drop(gathered);
     }
 
+    fn park(&self, index: usize, gathered: Gathered) -> Result<Gathered, TrainError> {
+        units::park(&self.units[index], gathered)
+    }
+
+    fn start_regather(&self, index: usize, gathered: Gathered) -> Result<Gathered, TrainError> {
+        units::start_regather(
+            gathered,
+            Some(&self.shards[index]),
+            &self.local,
+            self.shard_group,
+        )
+    }
+
     /// The unit's whole gradient is reduce-scattered at once and only this
     /// rank's shard is kept (`hybrid`: summed over the nodes too).
     fn sink(&mut self, index: usize, grads: &[Option<Tensor>]) -> Result<(), TrainError> {

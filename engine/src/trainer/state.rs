@@ -176,6 +176,18 @@ pub(crate) trait ParameterState {
     fn install(&mut self, gathered: Gathered, ahead: i64) -> Result<Gathered, TrainError>;
     /// Done with a unit: under `full` its whole weights are dropped.
     fn release(&self, index: usize, gathered: Gathered);
+    /// Done with a unit's forward whose graph is kept for its backward:
+    /// under `full` its whole weights' bytes are freed, the buffers kept
+    /// for [`ParameterState::start_regather`] (see [`crate::units::park`]).
+    fn park(&self, index: usize, gathered: Gathered) -> Result<Gathered, TrainError> {
+        let _ = index;
+        Ok(gathered)
+    }
+    /// Starts gathering a parked unit again into its buffers.
+    fn start_regather(&self, index: usize, gathered: Gathered) -> Result<Gathered, TrainError> {
+        let _ = index;
+        Ok(gathered)
+    }
     /// Adds a unit's weight gradients (one per trainable member, `None`
     /// where unused) to what the step accumulates.
     fn sink(&mut self, index: usize, grads: &[Option<Tensor>]) -> Result<(), TrainError>;
