@@ -17,9 +17,11 @@
 //! - Where the state lives is one of two types behind [`state::ParameterState`]:
 //!   [`replicated::Replicated`] for `no_shard` and `shard_grad_op`, and
 //!   [`sharded::ShardedUnits`] for `full` and `hybrid` (see [`crate::units`]).
-//! - `--gradient_checkpointing` (always on under `full` and `hybrid`): the
-//!   forward pass keeps only each unit's input; backward recomputes one
-//!   unit at a time ([`recompute`]).
+//! - `full` and `hybrid` go unit by unit ([`recompute`]): without
+//!   `--gradient_checkpointing` each unit keeps its graph while its
+//!   gathered weights' bytes are freed until its backward gathers them
+//!   again; with it (under any strategy) the forward pass keeps only each
+//!   unit's input and backward recomputes one unit at a time.
 
 mod loss;
 mod phases;
@@ -61,7 +63,7 @@ pub struct TrainConfig {
     #[serde(default)]
     pub amp_bf16: bool,
     /// `--gradient_checkpointing`: keep only unit inputs in forward and
-    /// recompute in backward (implied by `full`).
+    /// recompute in backward.
     #[serde(default)]
     pub gradient_checkpointing: bool,
 }

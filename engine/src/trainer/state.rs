@@ -165,8 +165,9 @@ pub(crate) trait ParameterState {
     fn flat_parameters(&self) -> Result<Tensor, TrainError>;
     fn memory(&self) -> MemoryUse;
 
-    /// Whether forward and backward go unit by unit, recomputing each
-    /// unit in backward (`full`, `hybrid`, `--gradient_checkpointing`).
+    /// Whether forward and backward go unit by unit (`full`, `hybrid`,
+    /// `--gradient_checkpointing`; units are recomputed in backward only
+    /// with the latter).
     fn recomputes(&self) -> bool;
     /// Starts making unit `index`'s whole weights available (a gather
     /// under `full`; nothing otherwise).
