@@ -31,15 +31,35 @@ struct Replica {
 }
 
 impl Replica {
-    fn start(binary: &Path, tls: &TlsFiles, data: &Path) -> anyhow::Result<Self> {
+    /// Replica `index`, pinned to CPU `index` (modulo the CPUs): one
+    /// preprocessing thread, and its other threads on the same CPU.
+    fn start(binary: &Path, tls: &TlsFiles, data: &Path, index: usize) -> anyhow::Result<Self> {
+        use std::os::unix::process::CommandExt;
         let port = flamingo_common::net::free_local_port()?;
-        let child = Command::new(binary)
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpu = index % cpus;
+        let log = std::fs::File::create(data.join(format!("replica-{index}.log")))?;
+        let mut command = Command::new(binary);
+        command
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--threads", "1", "--read-ahead", "4"])
             .args(["--allow-prefix", &data.display().to_string()])
             .args(tls.args())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(log);
+        // SAFETY: only sched_setaffinity, async-signal-safe, between fork
+        // and exec.
+        unsafe {
+            command.pre_exec(move || {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
         let replica = Self { child, port };
@@ -55,6 +75,23 @@ impl Replica {
 
     fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// CPU seconds the process has used (user + system).
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+        // utime and stime: fields 14 and 15 of stat, 12 and 13 after ")".
+        let ticks: f64 = [11, 12]
+            .iter()
+            .filter_map(|index| fields.get(*index)?.parse::<f64>().ok())
+            .sum();
+        // SAFETY: sysconf has no preconditions.
+        let hertz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        ticks / hertz.max(1.0)
     }
 }
 
@@ -177,22 +214,26 @@ pub async fn run(dir: &Path, counts: &[usize], rounds: usize) -> anyhow::Result<
     let spec = judged_spec(dir).await?;
     const EPOCHS: u64 = 2;
     let mut best = vec![0.0f64; counts.len()];
+    let mut cpu_per_sample = vec![f64::INFINITY; counts.len()];
     let mut reference: Option<Vec<Vec<String>>> = None;
     let mut delivered = 0;
     for round in 0..rounds {
         for (slot, count) in counts.iter().enumerate() {
             let replicas = (0..*count)
-                .map(|_| Replica::start(&binary, &tls, dir))
+                .map(|index| Replica::start(&binary, &tls, dir, index))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let endpoints: Vec<String> = replicas.iter().map(Replica::endpoint).collect();
+            let before: f64 = replicas.iter().map(Replica::cpu_seconds).sum();
             let (samples, seconds, keys) = job(&endpoints, &spec, EPOCHS).await?;
+            let cpu: f64 = replicas.iter().map(Replica::cpu_seconds).sum::<f64>() - before;
             drop(replicas);
             let rate = samples as f64 / seconds;
             eprintln!(
                 "round {}/{rounds}: {count} replica(s) {samples} samples in {seconds:.2}s \
-                 ({rate:.1}/s)",
+                 ({rate:.1}/s), replicas' CPU {cpu:.2}s",
                 round + 1
             );
+            cpu_per_sample[slot] = cpu_per_sample[slot].min(cpu / samples.max(1) as f64);
             match &reference {
                 None => reference = Some(keys),
                 Some(expected) if *expected != keys => {
@@ -208,14 +249,25 @@ pub async fn run(dir: &Path, counts: &[usize], rounds: usize) -> anyhow::Result<
         "\nAggregate preprocessing throughput, {WORLD} ranks x {PER_RANK} samples, LAION, \
          {delivered} samples per job ({EPOCHS} epochs), each replica one thread, mutual TLS;"
     );
-    println!("ratio = against 1 replica in this run (best of {rounds} rounds each)\n");
-    println!("{:>8} {:>14} {:>8}", "replicas", "samples/s", "ratio");
+    println!(
+        "each replica pinned to its own CPU of {} (the ranks' client shares them);",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!("ratio = against 1 replica in this run (best of {rounds} rounds each); replica CPU = the replicas' CPU time per sample, summed\n");
+    println!(
+        "{:>8} {:>14} {:>8} {:>18}",
+        "replicas", "samples/s", "ratio", "replica CPU ms/sample"
+    );
     let baseline = counts
         .iter()
         .position(|count| *count == 1)
         .map_or(best[0], |slot| best[slot]);
-    for (count, rate) in counts.iter().zip(&best) {
-        println!("{count:>8} {rate:>14.1} {:>8.3}", rate / baseline);
+    for ((count, rate), cpu) in counts.iter().zip(&best).zip(&cpu_per_sample) {
+        println!(
+            "{count:>8} {rate:>14.1} {:>8.3} {:>18.3}",
+            rate / baseline,
+            cpu * 1000.0
+        );
     }
     Ok(())
 }

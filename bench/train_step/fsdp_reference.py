@@ -3,8 +3,10 @@ OpenFlamingo training step under torch FSDP over gloo, as OpenFlamingo's
 train.py sets it up with --fsdp --fsdp_sharding_strategy full
 --gradient_checkpointing --freeze_lm_embeddings (upstream's FSDP cannot train
 MPT's tied embeddings): Flamingo.wrap_fsdp with train.py's wrapper kwargs,
-the non-reentrant checkpoint wrapper on the flagged modules, AdamW over the
-parameters not excluded from the optimizer, model.clip_grad_norm_(1.0).
+the non-reentrant checkpoint wrapper on the flagged modules (left off when
+the sixth argument is `plain`: train.py without --gradient_checkpointing),
+AdamW over the parameters not excluded from the optimizer,
+model.clip_grad_norm_(1.0).
 
 Started once per rank with torchrun's variables (RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT). Rank 0 writes the model files and the batch into
@@ -36,6 +38,9 @@ TOKENS = 32
 
 def main():
     out, size, threads, batch, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    # "plain": no activation checkpointing (train.py without
+    # --gradient_checkpointing); default "checkpoint".
+    checkpointing = (sys.argv[6] if len(sys.argv) > 6 else "checkpoint") != "plain"
     torch.set_num_threads(threads)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -71,13 +76,14 @@ def main():
         limit_all_gathers=True,
     )
     model.wrap_fsdp(wrapper_kwargs, torch.device("cpu"))
-    apply_activation_checkpointing(
-        model,
-        checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
-        check_fn=lambda m: getattr(m, "_use_gradient_checkpointing", False)
-        and not isinstance(m, FSDP)
-        and not isinstance(m, CheckpointWrapper),
-    )
+    if checkpointing:
+        apply_activation_checkpointing(
+            model,
+            checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+            check_fn=lambda m: getattr(m, "_use_gradient_checkpointing", False)
+            and not isinstance(m, FSDP)
+            and not isinstance(m, CheckpointWrapper),
+        )
     parameters = [p for p in model.parameters()
                   if p.requires_grad and not getattr(p, "exclude_from_optimizer", False)]
     optimizer = torch.optim.AdamW(parameters, lr=1e-4, weight_decay=0.1)

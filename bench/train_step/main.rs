@@ -2,8 +2,9 @@
 //! Python OpenFlamingo step on the same random weights and batch, same
 //! threads, one run. With `--world 1` (the default) one process each, no
 //! FSDP. With `--world N` N rank processes each: Python under torch FSDP
-//! over gloo as OpenFlamingo's train.py sets it up (full sharding, gradient
-//! checkpointing, frozen embeddings), ours under `full` with the same.
+//! over gloo as OpenFlamingo's train.py sets it up (full sharding, frozen
+//! embeddings), ours under `full` with the same; each with gradient
+//! checkpointing and without, and ours without against ours with.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -53,8 +54,7 @@ fn python() -> PathBuf {
 }
 
 /// Our step on the files in `dir`; with a group, one rank of `world`
-/// (under `full`, gradient checkpointing and frozen embeddings). Returns
-/// the global samples/s.
+/// (under `full` with frozen embeddings). Returns the global samples/s.
 fn ours(dir: &Path, args: &Args, group: Option<&ProcessGroup>) -> anyhow::Result<f64> {
     let (batch, steps) = (args.batch, args.steps);
     let spec = ModelSpec::from_file(&dir.join("model.toml"))?;
@@ -80,7 +80,7 @@ fn ours(dir: &Path, args: &Args, group: Option<&ProcessGroup>) -> anyhow::Result
         gradient_accumulation_steps: 1,
         freeze_lm_embeddings: sharded,
         amp_bf16: false,
-        gradient_checkpointing: sharded || args.gradient_checkpointing,
+        gradient_checkpointing: args.gradient_checkpointing,
     };
     let mut trainer = Trainer::new(model, &tokenizer, group, config)?;
     let mut saved = Weights::read_safetensors(&dir.join("batch.safetensors"))?;
@@ -138,6 +138,81 @@ fn run_ranks(world: usize, command: impl Fn() -> Command, what: &str) -> anyhow:
     Ok(first)
 }
 
+/// `--world N`: both sides at N ranks under full sharding, each with
+/// gradient checkpointing and without, in one run.
+fn sharded(args: &Args, script_dir: &Path) -> anyhow::Result<()> {
+    println!("Python = OpenFlamingo 2.0.1 under torch FSDP (FULL_SHARD, gloo), frozen embeddings; ours: full, frozen embeddings");
+    println!("ckpt = gradient checkpointing (both sides); ratio = ours / Python; keep/ckpt = ours without checkpointing / ours with\n");
+    println!(
+        "{:<6} {:>12} {:>11} {:>11} {:>7} {:>11} {:>11} {:>7} {:>10}",
+        "size", "parameters", "py ckpt", "ours ckpt", "ratio", "py keep", "ours keep", "ratio", "keep/ckpt"
+    );
+    for size in &args.sizes {
+        let dir = tempfile::tempdir()?;
+        let mut rates = Vec::new();
+        let mut parameters = serde_json::Value::Null;
+        for checkpointing in [true, false] {
+            let line = run_ranks(
+                args.world,
+                || {
+                    let mut command = Command::new(python());
+                    command
+                        .arg(script_dir.join("fsdp_reference.py"))
+                        .arg(dir.path())
+                        .arg(size)
+                        .arg(args.threads.to_string())
+                        .arg(args.batch.to_string())
+                        .arg(args.steps.to_string())
+                        .arg(if checkpointing { "checkpoint" } else { "plain" })
+                        .env("OMP_NUM_THREADS", args.threads.to_string());
+                    command
+                },
+                "fsdp_reference.py",
+            )?;
+            let value: serde_json::Value = serde_json::from_str(&line)?;
+            parameters = value["parameters"].clone();
+            let python_rate = value["samples_per_second"].as_f64().unwrap_or(0.0);
+            let line = run_ranks(
+                args.world,
+                || {
+                    let mut command = Command::new(std::env::current_exe().expect("this program"));
+                    command
+                        .args(["--threads", &args.threads.to_string()])
+                        .args(["--batch", &args.batch.to_string()])
+                        .args(["--steps", &args.steps.to_string()])
+                        .arg("--rank-dir")
+                        .arg(dir.path())
+                        .env("OMP_NUM_THREADS", args.threads.to_string());
+                    if checkpointing {
+                        command.arg("--gradient-checkpointing");
+                    }
+                    command
+                },
+                "bench-train-step",
+            )?;
+            let value: serde_json::Value = serde_json::from_str(&line)?;
+            let our_rate = value["samples_per_second"].as_f64().unwrap_or(0.0);
+            rates.push((python_rate, our_rate));
+        }
+        let [(py_ckpt, ours_ckpt), (py_keep, ours_keep)] = rates[..] else {
+            bail!("two settings measured");
+        };
+        println!(
+            "{:<6} {:>12} {:>11.2} {:>11.2} {:>7.3} {:>11.2} {:>11.2} {:>7.3} {:>10.3}",
+            size,
+            parameters,
+            py_ckpt,
+            ours_ckpt,
+            ours_ckpt / py_ckpt,
+            py_keep,
+            ours_keep,
+            ours_keep / py_keep,
+            ours_keep / ours_ckpt
+        );
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tch::set_num_threads(args.threads as i32);
@@ -155,91 +230,53 @@ fn main() -> anyhow::Result<()> {
     let script_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("train_step");
     println!("Training step (forward, backward, clip, AdamW): samples/s, batch {} of 32 tokens + 1 image per rank, {} thread(s) per rank, {} rank(s)", args.batch, args.threads, args.world);
     if args.world > 1 {
-        println!("Python = OpenFlamingo 2.0.1 under torch FSDP (FULL_SHARD, gloo), gradient checkpointing, frozen embeddings");
-        println!("ours: full, gradient checkpointing, frozen embeddings; ratio = ours / Python (>1: ours faster)\n");
-    } else {
-        println!("Python = OpenFlamingo 2.0.1 in one process, no FSDP; ratio = ours / Python (>1: ours faster)");
-        println!(
-            "ours: {:?}; gradient checkpointing: {}\n",
-            args.strategy,
-            if args.gradient_checkpointing {
-                "on (both)"
-            } else {
-                "off (both)"
-            }
-        );
+        return sharded(&args, &script_dir);
     }
+    println!("Python = OpenFlamingo 2.0.1 in one process, no FSDP; ratio = ours / Python (>1: ours faster)");
+    println!(
+        "ours: {:?}; gradient checkpointing: {}\n",
+        args.strategy,
+        if args.gradient_checkpointing {
+            "on (both)"
+        } else {
+            "off (both)"
+        }
+    );
     println!(
         "{:<6} {:>12} {:>12} {:>12} {:>8}",
         "size", "parameters", "python", "ours", "ratio"
     );
     for size in &args.sizes {
         let dir = tempfile::tempdir()?;
-        let common = |command: &mut Command| {
-            command
-                .arg(dir.path())
-                .arg(size)
-                .arg(args.threads.to_string())
-                .arg(args.batch.to_string())
-                .arg(args.steps.to_string())
-                .env("OMP_NUM_THREADS", args.threads.to_string());
-        };
-        let line = if args.world > 1 {
-            run_ranks(
-                args.world,
-                || {
-                    let mut command = Command::new(python());
-                    command.arg(script_dir.join("fsdp_reference.py"));
-                    common(&mut command);
-                    command
-                },
-                "fsdp_reference.py",
-            )?
-        } else {
-            let mut command = Command::new(python());
-            command.arg(script_dir.join("reference.py"));
-            common(&mut command);
-            command.arg(if args.gradient_checkpointing {
+        let mut command = Command::new(python());
+        command
+            .arg(script_dir.join("reference.py"))
+            .arg(dir.path())
+            .arg(size)
+            .arg(args.threads.to_string())
+            .arg(args.batch.to_string())
+            .arg(args.steps.to_string())
+            .env("OMP_NUM_THREADS", args.threads.to_string())
+            .arg(if args.gradient_checkpointing {
                 "checkpoint"
             } else {
                 "plain"
             });
-            let output = command.output().context("running the Python reference")?;
-            if !output.status.success() {
-                bail!(
-                    "reference.py {size} failed:\n{}",
-                    String::from_utf8_lossy(&output.stderr)
-                );
-            }
-            String::from_utf8_lossy(&output.stdout)
-                .lines()
-                .last()
-                .unwrap_or_default()
-                .to_string()
-        };
+        let output = command.output().context("running the Python reference")?;
+        if !output.status.success() {
+            bail!(
+                "reference.py {size} failed:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let line = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string();
         let value: serde_json::Value = serde_json::from_str(&line)?;
         let python_rate = value["samples_per_second"].as_f64().unwrap_or(0.0);
-        let our_rate = if args.world > 1 {
-            let line = run_ranks(
-                args.world,
-                || {
-                    let mut command = Command::new(std::env::current_exe().expect("this program"));
-                    command
-                        .args(["--threads", &args.threads.to_string()])
-                        .args(["--batch", &args.batch.to_string()])
-                        .args(["--steps", &args.steps.to_string()])
-                        .arg("--rank-dir")
-                        .arg(dir.path())
-                        .env("OMP_NUM_THREADS", args.threads.to_string());
-                    command
-                },
-                "bench-train-step",
-            )?;
-            let value: serde_json::Value = serde_json::from_str(&line)?;
-            value["samples_per_second"].as_f64().unwrap_or(0.0)
-        } else {
-            ours(dir.path(), &args, None)?
-        };
+        let our_rate = ours(dir.path(), &args, None)?;
         println!(
             "{:<6} {:>12} {:>12.2} {:>12.2} {:>8.3}",
             size,
