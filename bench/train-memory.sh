@@ -4,8 +4,9 @@
 # shard_grad_op (and 1 with no_shard): what each rank holds between steps —
 # trainable parameters, gradients, optimizer state, frozen weights — the most
 # gathered (whole) unit bytes alive at once under full, and each rank
-# process's peak resident memory (VmHWM, which includes loading the whole
-# model before sharding it).
+# process's peak resident memory (VmHWM) while loading the model and,
+# apart, during the steps (the peak restarted after loading); full at 2
+# and 4 ranks also with --gradient_checkpointing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -17,21 +18,24 @@ trap 'rm -rf "$work"' EXIT
 cd "$work"
 "$FLAMINGO_VENV/bin/python" "$OLDPWD/bench/model/reference.py" model 100m 1 >/dev/null
 "$bin/flamingoctl" data synth --form laion --out data --samples 64 --per-shard 64 --image-size 112 >/dev/null 2>&1
-printf '%-14s %6s %11s %11s %11s %11s %11s %11s %13s\n' strategy ranks "params MiB" "grads MiB" "optim MiB" "sum MiB" \
-    "frozen MiB" "gather MiB" "peak RSS MiB"
-for run in "no_shard 1" "shard_grad_op 1" "shard_grad_op 2" "shard_grad_op 4" "full 1" "full 2" "full 4"; do
+printf '%-14s %6s %5s %11s %11s %11s %11s %11s %11s %13s %13s\n' strategy ranks ckpt "params MiB" "grads MiB" "optim MiB" "sum MiB" \
+    "frozen MiB" "gather MiB" "load RSS MiB" "step RSS MiB"
+for run in "no_shard 1" "shard_grad_op 1" "shard_grad_op 2" "shard_grad_op 4" "full 1" "full 2" "full 4" "full 2 ckpt" "full 4 ckpt"; do
     set -- $run
+    ckpt=()
+    [[ "${3:-}" == ckpt ]] && ckpt=(--gradient_checkpointing)
     "$bin/flamingoctl" train --nproc "$2" --model model/model.toml --laion_shards data/laion-00000.tar \
         --batch_size_laion $((8 / $2)) --train_num_samples_laion 64 --max_steps 2 --warmup_steps 0 \
-        --fsdp_sharding_strategy "$1" --run_name "$1-$2" >/dev/null 2>&1
-    "$FLAMINGO_VENV/bin/python" - "runs/$1-$2" <<'PY'
+        --fsdp_sharding_strategy "$1" "${ckpt[@]}" --run_name "$1-$2${3:+-$3}" >/dev/null 2>&1
+    "$FLAMINGO_VENV/bin/python" - "runs/$1-$2${3:+-$3}" <<'PY'
 import glob, json, sys
 ranks = [json.load(open(p)) for p in glob.glob(sys.argv[1] + "/memory-rank-*.json")]
 mib = lambda key: max(r[key] for r in ranks) / 2**20
 r = ranks[0]
 total = max(r["parameter_bytes"] + r["gradient_bytes"] + r["optimizer_bytes"] for r in ranks) / 2**20
-print(f"{r['strategy']:<14} {r['world_size']:>6} {mib('parameter_bytes'):>11.1f} {mib('gradient_bytes'):>11.1f} "
+ckpt = "on" if r["gradient_checkpointing"] else "off"
+print(f"{r['strategy']:<14} {r['world_size']:>6} {ckpt:>5} {mib('parameter_bytes'):>11.1f} {mib('gradient_bytes'):>11.1f} "
       f"{mib('optimizer_bytes'):>11.1f} {total:>11.1f} {mib('frozen_bytes'):>11.1f} {mib('gathered_peak_bytes'):>11.1f} "
-      f"{mib('peak_rss_bytes'):>13.1f}")
+      f"{mib('load_peak_rss_bytes'):>13.1f} {mib('step_peak_rss_bytes'):>13.1f}")
 PY
 done

@@ -110,6 +110,7 @@ pub fn run_rank_with(
     let mut started = setup::start(job, groups, world as u64)?;
     let checkpoints = job.checkpoint_run();
     setup::resume(job, &checkpoints, &mut started, (rank, world), link)?;
+    let load_peak_rss = reporting::restart_peak_rss();
     if rank == 0 {
         setup::record_start(job, &run_dir, link, entered, started.trainer.step_count())?;
     }
@@ -124,7 +125,13 @@ pub fn run_rank_with(
     };
     let end = loop_.run(&mut started)?;
     if end == RunEnd::Finished {
-        reporting::write_memory_report(&run_dir, job, (rank, world), &started.trainer)?;
+        reporting::write_memory_report(
+            &run_dir,
+            job,
+            (rank, world),
+            &started.trainer,
+            load_peak_rss,
+        )?;
     }
     Ok(end)
 }

@@ -264,15 +264,9 @@ impl Audit {
     }
 }
 
-/// `<run>/memory-rank-<r>.json`, for `bench/train-memory.sh`: what this
-/// rank held.
-pub(crate) fn write_memory_report(
-    run_dir: &Path,
-    job: &TrainJob,
-    (rank, world): (usize, usize),
-    trainer: &Trainer<'_>,
-) -> anyhow::Result<()> {
-    let peak_rss = std::fs::read_to_string("/proc/self/status")
+/// This process's peak resident memory so far (`VmHWM`), in bytes.
+pub(crate) fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
             let value = status
@@ -285,7 +279,29 @@ pub(crate) fn write_memory_report(
                 .parse::<u64>()
                 .ok()
         })
-        .map_or(0, |kib| kib * 1024);
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// The peak so far, then the peak starts again from the memory resident
+/// now (`/proc/self/clear_refs` 5), so that a later [`peak_rss`] is the
+/// peak of what came after.
+pub(crate) fn restart_peak_rss() -> u64 {
+    let peak = peak_rss();
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    peak
+}
+
+/// `<run>/memory-rank-<r>.json`, for `bench/train-memory.sh`: what this
+/// rank held; `load_peak_rss` is the peak before the steps (loading the
+/// model), measured apart from the steps' own.
+pub(crate) fn write_memory_report(
+    run_dir: &Path,
+    job: &TrainJob,
+    (rank, world): (usize, usize),
+    trainer: &Trainer<'_>,
+    load_peak_rss: u64,
+) -> anyhow::Result<()> {
+    let step_peak_rss = peak_rss();
     let memory = trainer.memory();
     std::fs::write(
         run_dir.join(format!("memory-rank-{rank}.json")),
@@ -300,7 +316,9 @@ pub(crate) fn write_memory_report(
             "optimizer_bytes": memory.optimizer_bytes,
             "frozen_bytes": memory.frozen_bytes,
             "gathered_peak_bytes": memory.gathered_peak_bytes,
-            "peak_rss_bytes": peak_rss,
+            "peak_rss_bytes": step_peak_rss.max(load_peak_rss),
+            "load_peak_rss_bytes": load_peak_rss,
+            "step_peak_rss_bytes": step_peak_rss,
         })
         .to_string(),
     )?;
