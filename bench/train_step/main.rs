@@ -145,7 +145,15 @@ fn sharded(args: &Args, script_dir: &Path) -> anyhow::Result<()> {
     println!("ckpt = gradient checkpointing (both sides); ratio = ours / Python; keep/ckpt = ours without checkpointing / ours with\n");
     println!(
         "{:<6} {:>12} {:>11} {:>11} {:>7} {:>11} {:>11} {:>7} {:>10}",
-        "size", "parameters", "py ckpt", "ours ckpt", "ratio", "py keep", "ours keep", "ratio", "keep/ckpt"
+        "size",
+        "parameters",
+        "py ckpt",
+        "ours ckpt",
+        "ratio",
+        "py keep",
+        "ours keep",
+        "ratio",
+        "keep/ckpt"
     );
     for size in &args.sizes {
         let dir = tempfile::tempdir()?;

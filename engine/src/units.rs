@@ -363,13 +363,48 @@ pub fn park(plan: &UnitPlan, mut gathered: Gathered) -> Result<Gathered, TrainEr
             .into_iter()
             .flatten()
         {
-            // SAFETY: a live tensor handle; its storage object stays, only
-            // its bytes go (nothing reads them until they are gathered again).
-            unsafe { fl_storage_free(buffer.as_ptr() as *mut std::ffi::c_void) };
+            free_bytes(buffer);
         }
         gathered.parked = true;
     }
     Ok(gathered)
+}
+
+/// Frees the bytes under `tensor`'s storage, keeping the storage (and so
+/// every view of it) to be given bytes again by [`alloc_bytes`]. Nothing
+/// may read the tensor or its views in between.
+fn free_bytes(tensor: &Tensor) {
+    // SAFETY: a live tensor handle; its storage object stays, only its
+    // bytes go.
+    unsafe { fl_storage_free(tensor.as_ptr() as *mut std::ffi::c_void) };
+}
+
+/// Gives `tensor`'s storage (emptied by [`free_bytes`]) bytes for the whole
+/// tensor again; their contents are undefined until written.
+fn alloc_bytes(tensor: &Tensor) -> Result<(), TrainError> {
+    let bytes = tensor.numel() as i64 * tensor.kind().elt_size_in_bytes() as i64;
+    let mut error = vec![0 as std::ffi::c_char; 512];
+    // SAFETY: a live tensor handle; the shim writes a NUL-terminated
+    // message on failure.
+    let status = unsafe {
+        fl_storage_alloc(
+            tensor.as_ptr() as *mut std::ffi::c_void,
+            bytes,
+            error.as_mut_ptr(),
+            error.len(),
+        )
+    };
+    if status != 0 {
+        // SAFETY: NUL-terminated by the shim within the buffer.
+        let message = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
+        return Err(TrainError::Backward {
+            message: format!(
+                "allocating a unit's buffer again: {}",
+                message.to_string_lossy()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Gathers a [`park`]ed unit again, into the same buffers (the rank's
@@ -398,28 +433,7 @@ pub fn start_regather(
         (frozen, &gathered.frozen),
     ] {
         if let (Some(source), Some(whole)) = (source, target) {
-            let bytes = whole.numel() as i64 * whole.kind().elt_size_in_bytes() as i64;
-            let mut error = vec![0 as std::ffi::c_char; 512];
-            // SAFETY: a live tensor handle whose storage was emptied by
-            // `park`; the shim writes a NUL-terminated message on failure.
-            let status = unsafe {
-                fl_storage_alloc(
-                    whole.as_ptr() as *mut std::ffi::c_void,
-                    bytes,
-                    error.as_mut_ptr(),
-                    error.len(),
-                )
-            };
-            if status != 0 {
-                // SAFETY: NUL-terminated by the shim within the buffer.
-                let message = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
-                return Err(TrainError::Backward {
-                    message: format!(
-                        "allocating a unit's buffer again: {}",
-                        message.to_string_lossy()
-                    ),
-                });
-            }
+            alloc_bytes(whole)?;
             works.push(group.all_gather_into_tensor_async(whole, source)?);
         }
     }
@@ -433,5 +447,50 @@ pub fn start_regather(
 pub fn release(plan: &UnitPlan) {
     for member in plan.trainable.iter().chain(&plan.frozen) {
         member.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resident_bytes() -> i64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
+        let pages: i64 = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|field| field.parse().ok())
+            .expect("resident pages");
+        // SAFETY: sysconf has no preconditions.
+        pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) }
+    }
+
+    /// What `park` and `start_regather` rest on: the bytes really go back
+    /// to the system, and a view the autograd graph saved before sees what
+    /// is written into the same storage afterwards (written as a collective
+    /// writes, without bumping the version counter).
+    #[test]
+    fn freed_bytes_leave_and_saved_views_see_the_refilled_storage() {
+        let count = 16 << 20; // 64 MiB of f32
+        let buffer = Tensor::ones([count], tch::kind::FLOAT_CPU);
+        let weight = buffer.narrow(0, 0, 4).view([2, 2]);
+        let input = Tensor::ones([1, 2], tch::kind::FLOAT_CPU).set_requires_grad(true);
+        let output = input.matmul(&weight).sum(Kind::Float);
+        let before = resident_bytes();
+        free_bytes(&buffer);
+        let freed = before - resident_bytes();
+        assert!(freed > 48 << 20, "only {freed} bytes left");
+        alloc_bytes(&buffer).expect("bytes again");
+        // SAFETY: the storage holds `count` f32 again, and nothing else
+        // touches it meanwhile.
+        let data = unsafe {
+            std::slice::from_raw_parts_mut(buffer.data_ptr().cast::<f32>(), count as usize)
+        };
+        data[..4].copy_from_slice(&[2.0, 3.0, 4.0, 5.0]);
+        let grads = gradients(&[&output], &[&Tensor::from(1.0f32)], &[&input]).expect("grads");
+        let grad = grads[0].as_ref().expect("the input's gradient");
+        // d(sum(x W))/dx = the row sums of W, as refilled.
+        let expected = Tensor::from_slice(&[5.0f32, 9.0]).view([1, 2]);
+        assert!(grad.allclose(&expected, 0.0, 0.0, false), "{grad}");
     }
 }
