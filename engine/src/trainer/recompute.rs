@@ -203,50 +203,23 @@ impl Pass<'_> {
         self.mark("vision forward");
         let (index, gathered) = self.acquire(fetch)?;
         let mut kept = keep.then(Kept::default);
-        let media = match kept.as_mut() {
-            Some(kept) => {
-                let resampled = self.bf16(device, || Ok(self.model.perceive(&features)?))?;
-                let media = resampled.detach();
-                kept.perceiver = Some(KeptUnit {
-                    index,
-                    parked: Some(self.state.park(index, gathered)?),
-                    input: None,
-                    output: resampled,
-                });
-                media
-            }
-            None => {
-                let media =
-                    tch::no_grad(|| self.bf16(device, || Ok(self.model.perceive(&features)?)))?;
-                self.state.release(index, gathered);
-                media
-            }
-        };
+        let slot = kept.as_mut().map(|kept| &mut kept.perceiver);
+        let media = self.unit_forward((index, gathered), slot, device, |model| {
+            Ok(model.perceive(&features)?)
+        })?;
         self.mark("perceiver forward");
         let media_leaf = media.detach().set_requires_grad(true);
         let inputs =
             self.model
                 .text_inputs(&batch.input_ids, Some(&batch.attention_mask), &media)?;
         let (index, gathered) = self.acquire(fetch)?;
-        let mut hidden = match kept.as_mut().filter(|_| embedding_trains) {
-            Some(kept) => {
-                let embedded = self.bf16(device, || Ok(self.model.embed(&batch.input_ids)))?;
-                let hidden = embedded.detach();
-                kept.embedding = Some(KeptUnit {
-                    index,
-                    parked: Some(self.state.park(index, gathered)?),
-                    input: None,
-                    output: embedded,
-                });
-                hidden
-            }
-            None => {
-                let hidden =
-                    tch::no_grad(|| self.bf16(device, || Ok(self.model.embed(&batch.input_ids))))?;
-                self.state.release(index, gathered);
-                hidden
-            }
-        };
+        let slot = kept
+            .as_mut()
+            .filter(|_| embedding_trains)
+            .map(|kept| &mut kept.embedding);
+        let mut hidden = self.unit_forward((index, gathered), slot, device, |model| {
+            Ok(model.embed(&batch.input_ids))
+        })?;
         let layers = self.model.layer_count();
         let mut layer_inputs = Vec::with_capacity(layers);
         for layer in 0..layers {
@@ -285,6 +258,37 @@ impl Pass<'_> {
             last: hidden,
             kept,
         })
+    }
+
+    /// Unit `index`'s `forward`, its output detached: with `slot`, with a
+    /// graph kept in the slot and the unit parked; without, with no graph
+    /// and the unit released.
+    fn unit_forward(
+        &mut self,
+        (index, gathered): (usize, Gathered),
+        slot: Option<&mut Option<KeptUnit>>,
+        device: tch::Device,
+        forward: impl Fn(&Flamingo) -> Result<Tensor, TrainError>,
+    ) -> Result<Tensor, TrainError> {
+        let model = self.model;
+        match slot {
+            Some(slot) => {
+                let output = self.bf16(device, || forward(model))?;
+                let detached = output.detach();
+                *slot = Some(KeptUnit {
+                    index,
+                    parked: Some(self.state.park(index, gathered)?),
+                    input: None,
+                    output,
+                });
+                Ok(detached)
+            }
+            None => {
+                let output = tch::no_grad(|| self.bf16(device, || forward(model)))?;
+                self.state.release(index, gathered);
+                Ok(output)
+            }
+        }
     }
 
     /// The backward of a pass that kept its graphs: each layer's, last to
