@@ -22,7 +22,8 @@ const CHARTS = [
   { id: "loss", title: "Loss", names: ["loss_laion", "loss_mmc4"], smooth: true },
   { id: "lr", title: "Learning rate", names: ["lr"] },
   { id: "grad_norm", title: "Gradient norm", names: ["grad_norm"], smooth: true },
-  { id: "throughput", title: "Throughput", names: ["samples_per_second", "tokens_per_second"] },
+  { id: "samples_per_second", title: "Samples per second", names: ["samples_per_second"] },
+  { id: "tokens_per_second", title: "Tokens per second", names: ["tokens_per_second"] },
   { id: "mfu", title: "MFU (model FLOPs utilisation)", names: ["mfu"],
     empty: "no MFU reported: launch with --peak_tflops (the device's peak TFLOP/s)" },
   { id: "step_time", title: "Step time per rank (s)", names: ["step_seconds"], perRank: true },
@@ -30,6 +31,13 @@ const CHARTS = [
   { id: "memory", title: "Memory per rank (GiB)", names: ["memory_bytes"], perRank: true,
     scale: 1 / 2 ** 30 },
 ];
+// What each series measures: a chart draws series of one unit only on its
+// one y axis (the browser test checks every chart).
+const UNITS = {
+  loss_laion: "nats per token", loss_mmc4: "nats per token", lr: "learning rate",
+  grad_norm: "gradient norm", samples_per_second: "samples/s", tokens_per_second: "tokens/s",
+  mfu: "fraction of peak", step_seconds: "s", data_wait_seconds: "s", memory_bytes: "bytes",
+};
 const RANK0_NAMES = CHARTS.filter((c) => !c.perRank).flatMap((c) => c.names);
 const PER_RANK_NAMES = CHARTS.filter((c) => c.perRank).flatMap((c) => c.names);
 
@@ -542,6 +550,7 @@ function draw(card, lines, markers, chart) {
       class: "series", d: path(line.smoothed), stroke: line.colour,
       "stroke-width": line.straggler ? 2.5 : 1.5,
       "data-job": line.job, "data-name": line.name, "data-rank": String(line.rank),
+      "data-unit": UNITS[line.name] || (chart.evals ? "score" : "unknown"),
       "data-total": String(line.total),
       // The curve's stored points as the server sent them (unsmoothed).
       "data-points": JSON.stringify(line.points.map((p) => [p.step, p.value])),

@@ -729,6 +729,24 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
         "return [...document.querySelectorAll('svg[data-chart=\"step_time\"] path.series')].map(p => p.dataset.rank)",
     );
     assert_eq!(ranks, json!(["0", "1"]), "a step-time curve per rank");
+    // One unit per chart (one y axis): samples/s and tokens/s apart.
+    let units = driver.run(
+        "const out = {}; for (const svg of document.querySelectorAll('svg[data-chart]')) { \
+           const units = [...new Set([...svg.querySelectorAll('path.series')].map(p => p.dataset.unit))]; \
+           if (units.length) out[svg.dataset.chart] = units; } return out",
+    );
+    let units = units.as_object().expect("charts");
+    assert!(
+        units.contains_key("samples_per_second") && units.contains_key("tokens_per_second"),
+        "{units:?}"
+    );
+    for (chart, list) in units {
+        let list = list.as_array().expect("units");
+        assert!(
+            list.len() == 1 && list[0] != "unknown",
+            "chart {chart} mixes units or has none: {list:?}"
+        );
+    }
     check_eval_charts(&driver, &evaluated);
     driver.screenshot(&artifact("dashboard.png"));
 
