@@ -13,7 +13,9 @@ const EVENT_COLOURS = {
   samples_skipped: "#9a6700", finished: "#0b5cad", scheduled: "#546e7a", submitted: "#546e7a",
   eval: "#00838f",
 };
-// Events drawn on the charts (rank starts and exits only go in the list).
+// Events drawn on the charts (rank starts and exits only go in the list;
+// samples_skipped only comes when a dataset's skip rate jumps: the rate
+// itself is the "Data" chart).
 const TIMELINE_KINDS = new Set(["restart", "preempted", "grow", "checkpoint",
   "samples_skipped", "node_lost", "finished", "eval"]);
 const TERMINAL = new Set(["Succeeded", "Failed", "Stopped"]);
@@ -24,6 +26,7 @@ const CHARTS = [
   { id: "grad_norm", title: "Gradient norm", names: ["grad_norm"], smooth: true },
   { id: "samples_per_second", title: "Samples per second", names: ["samples_per_second"] },
   { id: "tokens_per_second", title: "Tokens per second", names: ["tokens_per_second"] },
+  { id: "skipped", title: "Data: samples skipped per step", names: ["skipped_laion", "skipped_mmc4"] },
   { id: "mfu", title: "MFU (model FLOPs utilisation)", names: ["mfu"],
     empty: "no MFU reported: launch with --peak_tflops (the device's peak TFLOP/s)" },
   { id: "step_time", title: "Step time per rank (s)", names: ["step_seconds"], perRank: true },
@@ -37,6 +40,7 @@ const UNITS = {
   loss_laion: "nats per token", loss_mmc4: "nats per token", lr: "learning rate",
   grad_norm: "gradient norm", samples_per_second: "samples/s", tokens_per_second: "tokens/s",
   mfu: "fraction of peak", step_seconds: "s", data_wait_seconds: "s", memory_bytes: "bytes",
+  skipped_laion: "samples", skipped_mmc4: "samples",
 };
 const RANK0_NAMES = CHARTS.filter((c) => !c.perRank).flatMap((c) => c.names);
 const PER_RANK_NAMES = CHARTS.filter((c) => c.perRank).flatMap((c) => c.names);

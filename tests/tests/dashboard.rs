@@ -729,6 +729,16 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
         "return [...document.querySelectorAll('svg[data-chart=\"step_time\"] path.series')].map(p => p.dataset.rank)",
     );
     assert_eq!(ranks, json!(["0", "1"]), "a step-time curve per rank");
+    // Skipped samples are a series (a point per step), not events.
+    let skipped = driver.run(
+        "const p = document.querySelector('svg[data-chart=\"skipped\"] path.series[data-name=\"skipped_laion\"]'); \
+         return p ? JSON.parse(p.dataset.points).length : 0",
+    );
+    assert_eq!(
+        skipped.as_u64(),
+        Some(exported.len() as u64),
+        "a skipped_laion point per step"
+    );
     // One unit per chart (one y axis): samples/s and tokens/s apart.
     let units = driver.run(
         "const out = {}; for (const svg of document.querySelectorAll('svg[data-chart]')) { \

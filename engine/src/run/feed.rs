@@ -21,7 +21,8 @@ pub(crate) struct Fetched {
     pub(crate) batch: TrainBatch,
     pub(crate) keys: Vec<String>,
     pub(crate) epoch: u64,
-    /// Samples the pipeline skipped for this batch: `shard key: reason`.
+    /// Samples the pipeline skipped for this batch, `shard key: reason
+    /// (detail)`; rank 0's only (the global batch's, told once).
     pub(crate) skipped: Vec<String>,
 }
 
@@ -204,7 +205,13 @@ impl Feed {
                     batch: TrainBatch::from_rank_batch(&batch),
                     keys: batch.keys.clone(),
                     epoch: batch.start.epoch,
-                    skipped: describe_skips(&batch.skipped),
+                    // Every rank receives the global batch's skips; rank 0
+                    // tells them.
+                    skipped: if rank == 0 {
+                        describe_skips(&batch.skipped)
+                    } else {
+                        Vec::new()
+                    },
                 });
             }
         };

@@ -245,9 +245,11 @@ impl StepLoop<'_> {
         let laion = next(started.laion.as_mut())?;
         let mmc4 = next(started.mmc4.as_mut())?;
         meter.data_wait += waiting.elapsed().as_secs_f64();
-        for fetched in [&laion, &mmc4].into_iter().flatten() {
-            meter.count(&fetched.batch, flop_model);
-            meter.skipped.extend(fetched.skipped.iter().cloned());
+        for (dataset, fetched) in [("laion", &laion), ("mmc4", &mmc4)] {
+            if let Some(fetched) = fetched {
+                meter.count(&fetched.batch, flop_model);
+                meter.skipped(dataset, &fetched.skipped);
+            }
         }
         if let Some(audit) = audit {
             let step = started.trainer.step_count() + 1;

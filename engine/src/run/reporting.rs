@@ -25,12 +25,13 @@ pub(crate) struct StepMeter {
     samples: usize,
     tokens: f64,
     flops: f64,
-    pub(crate) skipped: Vec<String>,
+    /// Per dataset seen this step (`laion`, `mmc4`): the samples skipped.
+    pub(crate) skipped: Vec<(&'static str, Vec<String>)>,
 }
 
 pub(crate) struct Measured {
     values: Vec<(&'static str, f64)>,
-    skipped: Vec<String>,
+    skipped: Vec<(&'static str, Vec<String>)>,
 }
 
 impl StepMeter {
@@ -42,6 +43,14 @@ impl StepMeter {
             tokens: 0.0,
             flops: 0.0,
             skipped: Vec::new(),
+        }
+    }
+
+    /// Notes a dataset's batch of this step and the samples it skipped.
+    pub(crate) fn skipped(&mut self, dataset: &'static str, skipped: &[String]) {
+        match self.skipped.iter_mut().find(|(name, _)| *name == dataset) {
+            Some((_, list)) => list.extend(skipped.iter().cloned()),
+            None => self.skipped.push((dataset, skipped.to_vec())),
         }
     }
 
@@ -102,6 +111,25 @@ pub(crate) struct Reporter<'a> {
     /// Samples per second over the whole run so far (since this start).
     window: (Instant, usize),
     per_step_samples: usize,
+    /// Rank 0: each dataset's skipped samples per step, recent steps.
+    skip_history: Vec<(&'static str, std::collections::VecDeque<usize>)>,
+}
+
+/// Steps of skip counts kept to judge a step's count against.
+const SKIP_HISTORY: usize = 200;
+
+/// Whether `count` skipped samples in a step is unusual against the recent
+/// `history`: more than twice its median (and at least 4), once there are
+/// 10 steps to compare with. Skips are normal (MMC4 rejects about a third
+/// of documents by design), so only a change in their rate is an event.
+fn unusual_skips(count: usize, history: &std::collections::VecDeque<usize>) -> Option<f64> {
+    if history.len() < 10 || count < 4 {
+        return None;
+    }
+    let mut sorted: Vec<usize> = history.iter().copied().collect();
+    sorted.sort_unstable();
+    let median = sorted[sorted.len() / 2] as f64;
+    (count as f64 > 2.0 * median).then_some(median)
 }
 
 impl<'a> Reporter<'a> {
@@ -136,6 +164,7 @@ impl<'a> Reporter<'a> {
             log,
             window: (Instant::now(), 0),
             per_step_samples,
+            skip_history: Vec::new(),
         })
     }
 
@@ -179,12 +208,13 @@ impl<'a> Reporter<'a> {
         Ok(rate)
     }
 
-    /// The step's metrics to the coordinator (rank 0's with the losses, lr
-    /// and grad norm), and the samples skipped as a note on the job's
-    /// timeline.
-    pub(crate) fn metrics(&self, report: &StepReport, skipped_steps: u64, measured: Measured) {
-        let Some(link) = self.link else { return };
+    /// The step's metrics to the coordinator (rank 0's with the losses, lr,
+    /// grad norm and each dataset's skipped samples, `skipped_laion` and
+    /// `skipped_mmc4`), and an event on the job's timeline when a dataset
+    /// skips unusually many samples (see [`unusual_skips`]).
+    pub(crate) fn metrics(&mut self, report: &StepReport, skipped_steps: u64, measured: Measured) {
         let mut values = measured.values;
+        let mut unusual = Vec::new();
         if self.rank == 0 {
             values.push(("lr", report.lr));
             values.push(("grad_norm", report.grad_norm));
@@ -195,32 +225,52 @@ impl<'a> Reporter<'a> {
             if let Some(loss) = report.loss_mmc4 {
                 values.push(("loss_mmc4", loss));
             }
+            for (dataset, skipped) in &measured.skipped {
+                let series = match *dataset {
+                    "laion" => "skipped_laion",
+                    _ => "skipped_mmc4",
+                };
+                values.push((series, skipped.len() as f64));
+                let history = match self
+                    .skip_history
+                    .iter_mut()
+                    .find(|(name, _)| name == dataset)
+                {
+                    Some((_, history)) => history,
+                    None => {
+                        self.skip_history.push((dataset, Default::default()));
+                        &mut self.skip_history.last_mut().expect("just pushed").1
+                    }
+                };
+                if let Some(median) = unusual_skips(skipped.len(), history) {
+                    unusual.push((*dataset, skipped.clone(), median));
+                }
+                if history.len() == SKIP_HISTORY {
+                    history.pop_front();
+                }
+                history.push_back(skipped.len());
+            }
         }
+        let Some(link) = self.link else { return };
         link.step(report.step, &values);
-        if measured.skipped.is_empty() {
-            return;
+        for (dataset, skipped, median) in unusual {
+            let shown: Vec<&str> = skipped.iter().take(5).map(String::as_str).collect();
+            let more = skipped.len().saturating_sub(shown.len());
+            let more = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            link.note(
+                report.step,
+                "samples_skipped",
+                format!(
+                    "{dataset}: {} samples skipped in one step, over twice the recent median of {median}: {}{more}",
+                    skipped.len(),
+                    shown.join("; ")
+                ),
+            );
         }
-        let shown: Vec<&str> = measured
-            .skipped
-            .iter()
-            .take(5)
-            .map(String::as_str)
-            .collect();
-        let more = measured.skipped.len().saturating_sub(shown.len());
-        let more = if more > 0 {
-            format!(" and {more} more")
-        } else {
-            String::new()
-        };
-        link.note(
-            report.step,
-            "samples_skipped",
-            format!(
-                "{} sample(s) skipped: {}{more}",
-                measured.skipped.len(),
-                shown.join("; ")
-            ),
-        );
     }
 
     /// Ends the progress line; returns the seconds since this start.
@@ -323,4 +373,24 @@ pub(crate) fn write_memory_report(
         .to_string(),
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_change_in_the_skip_rate_is_unusual() {
+        let mut history: std::collections::VecDeque<usize> = [3, 2, 3, 4, 3].into();
+        assert_eq!(unusual_skips(20, &history), None, "too little history");
+        history.extend([3, 2, 3, 3, 4]);
+        // A third of MMC4 rejected at every step is the normal rate.
+        assert_eq!(unusual_skips(4, &history), None);
+        assert_eq!(unusual_skips(6, &history), None);
+        assert_eq!(unusual_skips(7, &history), Some(3.0));
+        // A quiet dataset: a few skips are not worth an event.
+        let quiet: std::collections::VecDeque<usize> = [0; 20].into();
+        assert_eq!(unusual_skips(3, &quiet), None);
+        assert_eq!(unusual_skips(4, &quiet), Some(0.0));
+    }
 }
