@@ -32,7 +32,10 @@ impl Context {
     /// The Slurm job (by Slurm or flamingo id) `job` names, unless the
     /// coordinator was given explicitly.
     pub fn slurm_record(&self, job: &str) -> anyhow::Result<Option<slurm::Record>> {
-        if self.explicit {
+        // A Slurm job id (digits; flamingo's ids never are) is looked up
+        // even with an explicit coordinator.
+        let slurm_id = !job.is_empty() && job.bytes().all(|byte| byte.is_ascii_digit());
+        if self.explicit && !slurm_id {
             return Ok(None);
         }
         Ok(slurm::find(&slurm::slurm_dir(None), job)?)

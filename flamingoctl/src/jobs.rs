@@ -88,6 +88,12 @@ pub async fn stop(args: &JobArg, context: &Context) -> anyhow::Result<ExitCode> 
 
 pub async fn logs(args: &LogsArgs, context: &Context) -> anyhow::Result<ExitCode> {
     if let Some(record) = context.slurm_record(&args.job)? {
+        if record.job_id().is_none() && record.final_job()?.is_none() {
+            // Still in Slurm's queue (or starting): no rank has run yet.
+            eprint!("{}", slurm::follow::status(&record, false).await?);
+            eprintln!("no logs yet: the ranks start when Slurm runs the batch job");
+            return Ok(ExitCode::SUCCESS);
+        }
         // The job's coordinator is gone once it ended: its ranks' logs are
         // in the job's folder.
         if let (None, Some(job_id)) = (record.coordinator(), record.job_id()) {

@@ -344,6 +344,51 @@ fn slurm_jobs_run_checkpoint_on_the_warning_signal_requeue_and_stop() {
         Duration::from_secs(120),
         |s| s["state"] == "Running",
     );
+    // A job still in Slurm's queue (submitted held, so it stays there):
+    // status and logs say what Slurm says, not that a coordinator is
+    // unreachable.
+    let queued = ok(
+        &ctl(
+            &cluster,
+            dir,
+            &[
+                "launch",
+                "--scheduler",
+                "slurm",
+                "--nodes",
+                "2",
+                "--name",
+                "queued",
+                "--sbatch-arg=--hold",
+                "--",
+                "true",
+            ],
+        ),
+        "queued launch",
+    )
+    .trim()
+    .to_string();
+    let text = ok(&ctl(&cluster, dir, &["status", &queued]), "queued status");
+    assert!(
+        text.contains(&format!("slurm job {queued}: PENDING")) && text.contains("not launched yet"),
+        "{text}"
+    );
+    let logs = ctl(&cluster, dir, &["logs", &queued, "--rank", "0"]);
+    let said = String::from_utf8_lossy(&logs.stderr);
+    assert!(
+        logs.status.success() && said.contains("PENDING") && said.contains("no logs yet"),
+        "{said}"
+    );
+    let queued_json: Value = serde_json::from_str(&ok(
+        &ctl(&cluster, dir, &["--json", "status", &queued]),
+        "queued status --json",
+    ))
+    .unwrap();
+    assert_eq!(queued_json["slurm"]["state"], "PENDING", "{queued_json:#}");
+    ok(
+        &ctl(&cluster, dir, &["stop", &queued]),
+        "stop the queued job",
+    );
     let stopped = ok(&ctl(&cluster, dir, &["stop", &sleeper, "--json"]), "stop");
     let stopped: Value = serde_json::from_str(&stopped).unwrap();
     assert_eq!(stopped["state"], "Stopped", "{stopped:#}");
