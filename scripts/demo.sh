@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: builds flamingo, brings up a local cluster (etcd, coordinator,
-# a data service, 2 agents × 2 slots), checks the collectives on all 4 ranks,
+# a data-service replica per node, 2 agents × 2 slots), checks the
+# collectives on all 4 ranks,
 # then trains a tiny Flamingo on the synthetic shapes dataset (LAION and MMC4
 # forms) as a cluster job, checkpointing as it goes, and captions images it
 # never saw with the trained weights, and scores untrained and trained
@@ -39,6 +40,17 @@ ctl data synth --form mmc4 --out data --samples 256 --per-shard 128 --image-size
 ctl tiny-model --tokenizer data/tokenizer --out tiny --lm-width 64 --vision-width 64 >/dev/null
 ls data
 
+# The verdicts let each node's data-service replica plan every batch and
+# prepare only its own ranks' slices (the specs match what the job's flags
+# and model give: the LM's tokenizer, the model's 32 px images).
+echo "== flamingoctl data index --accept (LAION, MMC4)"
+for form in laion mmc4; do
+    count=$([[ $form == laion ]] && echo 00003 || echo 00001)
+    printf 'dataset = "%s"\nshards = "data/%s-{00000..%s}.tar"\ntokenizer = "tiny/lm"\nimage_size = 32\n' \
+        "$form" "$form" "$count" > "$form.toml"
+    ctl data index --accept "$form.toml" 2>/dev/null
+done
+
 echo "== flamingoctl launch --nodes 2 --slots-per-node 2 (train) --wait --follow"
 job=$(ctl launch --nodes 2 --slots-per-node 2 --name demo \
     --model tiny/model.toml \
@@ -51,6 +63,13 @@ job=$(ctl launch --nodes 2 --slots-per-node 2 --name demo \
     --logging_steps 16 --checkpoint_steps 100 --runs_dir runs)
 echo "launched $job"
 ctl wait "$job" --follow
+for log in "$FLAMINGO_STATE_DIR"/logs/data-service-node-*.log; do
+    if grep -a "dataset opened" "$log" | grep -aq "planned.*true"; then
+        echo "$(basename "$log" .log): planned batches, prepared only its node's slices"
+    else
+        echo "$(basename "$log" .log): WARNING: no planned batches (verdicts not used)"
+    fi
+done
 
 
 echo "== flamingoctl checkpoints $job"
