@@ -121,6 +121,38 @@ impl Pass<'_> {
         Ok((grads, weights))
     }
 
+    /// Backpropagates `backward.upstream` through decoder layer `layer`
+    /// (unit `index`) from its `output` (with its graph) into its `input`,
+    /// which becomes the next upstream, and, when the layer sees media,
+    /// into the media latents, summed over the layers; returns the layer's
+    /// weight gradients.
+    fn layer_backward(
+        &self,
+        (layer, index): (usize, usize),
+        input: &Tensor,
+        output: &Tensor,
+        media_leaf: &Tensor,
+        backward: &mut Backward,
+    ) -> Result<Vec<Option<Tensor>>, TrainError> {
+        let sees_media = self.model.layer_sees_media(layer);
+        let mut leading = vec![input];
+        if sees_media {
+            leading.push(media_leaf);
+        }
+        let (mut inputs_grads, grads) =
+            self.backward_unit(index, output, &backward.upstream, &leading)?;
+        backward.upstream = inputs_grads
+            .remove(0)
+            .expect("a layer's output depends on its input");
+        if let Some(grad) = inputs_grads.pop().flatten().filter(|_| sees_media) {
+            backward.media_grad = Some(match backward.media_grad.take() {
+                Some(sum) => sum + grad.to_kind(Kind::Float),
+                None => grad.to_kind(Kind::Float),
+            });
+        }
+        Ok(grads)
+    }
+
     /// Forward and backward of one dataset's micro-batch.
     pub(crate) fn run(
         &mut self,
@@ -319,22 +351,13 @@ impl Pass<'_> {
             let ahead = current.as_ref().map_or(0, |(_, gathered)| gathered.bytes);
             let gathered = self.state.install(started, ahead)?;
             let input = unit.input.as_ref().expect("a layer keeps its input");
-            let sees_media = self.model.layer_sees_media(layer);
-            let mut leading = vec![input];
-            if sees_media {
-                leading.push(media_leaf);
-            }
-            let (mut inputs_grads, grads) =
-                self.backward_unit(unit.index, &unit.output, &backward.upstream, &leading)?;
-            backward.upstream = inputs_grads
-                .remove(0)
-                .expect("a layer's output depends on its input");
-            if let Some(grad) = inputs_grads.pop().flatten().filter(|_| sees_media) {
-                backward.media_grad = Some(match backward.media_grad.take() {
-                    Some(sum) => sum + grad.to_kind(Kind::Float),
-                    None => grad.to_kind(Kind::Float),
-                });
-            }
+            let grads = self.layer_backward(
+                (layer, unit.index),
+                input,
+                &unit.output,
+                media_leaf,
+                backward,
+            )?;
             self.state.sink(unit.index, &grads)?;
             self.state.release(unit.index, gathered);
             layer = layer.saturating_sub(1);
@@ -431,22 +454,8 @@ impl Pass<'_> {
             let output = self.bf16(device, || {
                 Ok(self.model.layer(layer, &input, media_leaf, inputs)?)
             })?;
-            let sees_media = self.model.layer_sees_media(layer);
-            let mut leading = vec![&input];
-            if sees_media {
-                leading.push(media_leaf);
-            }
-            let (mut inputs_grads, grads) =
-                self.backward_unit(index, &output, &backward.upstream, &leading)?;
-            backward.upstream = inputs_grads
-                .remove(0)
-                .expect("a layer's output depends on its input");
-            if let Some(grad) = inputs_grads.pop().flatten().filter(|_| sees_media) {
-                backward.media_grad = Some(match backward.media_grad.take() {
-                    Some(sum) => sum + grad.to_kind(Kind::Float),
-                    None => grad.to_kind(Kind::Float),
-                });
-            }
+            let grads =
+                self.layer_backward((layer, index), &input, &output, media_leaf, backward)?;
             self.state.sink(index, &grads)?;
             self.state.release(index, gathered);
         }
