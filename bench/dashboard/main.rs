@@ -80,6 +80,7 @@ fn batch(job: &str, rank: u32, samples: Vec<pb::MetricSample>) -> pb::MetricsBat
         dropped: 0,
         notes: Vec::new(),
         rank_token: RANK_TOKEN.get().cloned().unwrap_or_default(),
+        skip_examples: Vec::new(),
     }
 }
 

@@ -26,7 +26,8 @@ const CHARTS = [
   { id: "grad_norm", title: "Gradient norm", names: ["grad_norm"], smooth: true },
   { id: "samples_per_second", title: "Samples per second", names: ["samples_per_second"] },
   { id: "tokens_per_second", title: "Tokens per second", names: ["tokens_per_second"] },
-  { id: "skipped", title: "Data: samples skipped per step", names: ["skipped_laion", "skipped_mmc4"] },
+  { id: "skipped", title: "Data: % of the samples read that were skipped",
+    names: ["skip_rate_laion", "skip_rate_mmc4"], skips: true, smooth: true, scale: 100 },
   { id: "mfu", title: "MFU (model FLOPs utilisation)", names: ["mfu"],
     empty: "no MFU reported: launch with --peak_tflops (the device's peak TFLOP/s)" },
   { id: "step_time", title: "Step time per rank (s)", names: ["step_seconds"], perRank: true },
@@ -40,7 +41,7 @@ const UNITS = {
   loss_laion: "nats per token", loss_mmc4: "nats per token", lr: "learning rate",
   grad_norm: "gradient norm", samples_per_second: "samples/s", tokens_per_second: "tokens/s",
   mfu: "fraction of peak", step_seconds: "s", data_wait_seconds: "s", memory_bytes: "bytes",
-  skipped_laion: "samples", skipped_mmc4: "samples",
+  skip_rate_laion: "% of samples read", skip_rate_mmc4: "% of samples read",
 };
 const RANK0_NAMES = CHARTS.filter((c) => !c.perRank).flatMap((c) => c.names);
 const PER_RANK_NAMES = CHARTS.filter((c) => c.perRank).flatMap((c) => c.names);
@@ -146,15 +147,16 @@ async function showJobs() {
 
 async function fetchJob(id) {
   const base = `/api/jobs/${encodeURIComponent(id)}`;
-  const [job, rank0, perRank, events, evals] = await Promise.all([
+  const [job, rank0, perRank, events, evals, skips] = await Promise.all([
     getJSON(base),
     getJSON(`${base}/series?ranks=0&names=${RANK0_NAMES.join(",")}&max_points=2000`),
     getJSON(`${base}/series?names=${PER_RANK_NAMES.join(",")}&max_points=400`),
     getJSON(`${base}/events`),
     getJSON(`${base}/evals`),
+    getJSON(`${base}/skips`),
   ]);
   return { job, series: rank0.series.concat(perRank.series), events: events.events,
-    evals: evals.evals };
+    evals: evals.evals, skips: skips.reasons };
 }
 
 async function showJobsPage(ids) {
@@ -214,7 +216,8 @@ function chartCard(chart) {
     svgChart(chart.id),
     h("div", { class: "tip" }),
     chart.perRank ? h("div", { class: "stragglers" }) : "",
-    chart.evals ? h("div", { class: "eval-table" }) : "");
+    chart.evals ? h("div", { class: "eval-table" }) : "",
+    chart.skips ? h("div", { class: "skip-table" }) : "");
 }
 
 function svgChart(id) {
@@ -283,6 +286,7 @@ function render() {
     draw(card, lines, markers, chart);
   }
   renderEvals(overlay);
+  renderSkips(overlay);
   renderSummary();
   renderEvents();
 }
@@ -406,6 +410,32 @@ function renderEvalTable(card, chart, rows, overlay) {
           score ? `${format(score.mean)}${score.trials.length > 1 ? " ± " + format(score.stddev) : ""}`
             : "–");
       }))))));
+}
+
+/// Why samples were skipped: a row per dataset and reason, most frequent
+/// first, with the count over the job and a few examples (shard and key).
+function renderSkips(overlay) {
+  const place = document.querySelector("#card-skipped .skip-table");
+  if (!place) return;
+  const rows = view.data.flatMap((data) => (data.skips || []).map((row) => ({ ...row, job: data.job.id })));
+  if (!rows.length) {
+    place.replaceChildren(h("p", { class: "muted" }, "no samples skipped"));
+    return;
+  }
+  const shard = (url) => url.slice(url.lastIndexOf("/") + 1);
+  place.replaceChildren(h("table", { class: "skips" },
+    h("thead", {}, h("tr", {}, overlay ? h("th", {}, "job") : "", h("th", {}, "dataset"),
+      h("th", {}, "reason"), h("th", {}, "samples"), h("th", {}, "examples"))),
+    h("tbody", {}, ...rows.map((row) => h("tr",
+      { "data-job": row.job, "data-dataset": row.dataset, "data-reason": row.reason,
+        "data-count": String(row.count) },
+      overlay ? h("td", { class: "job" }, row.job) : "",
+      h("td", {}, row.dataset),
+      h("td", {}, row.reason.replace(/_/g, " ")),
+      h("td", { class: "num" }, row.count.toLocaleString()),
+      h("td", { class: "examples" }, ...row.examples.map((example) =>
+        h("div", { title: `${example.shard} ${example.key}: ${example.detail} (step ${example.step})` },
+          h("code", {}, `${shard(example.shard)} ${example.key}`), ` ${example.detail}`))))))));
 }
 
 function colour(lines, chart, overlay) {

@@ -566,6 +566,28 @@ impl NodeApi {
                     attempt,
                 })
                 .collect();
+            if !batch.skip_examples.is_empty() {
+                let examples = batch
+                    .skip_examples
+                    .into_iter()
+                    .map(|example| crate::metrics::SkipExample {
+                        step: example.step,
+                        attempt,
+                        dataset: example.dataset,
+                        reason: example.reason,
+                        shard: example.shard,
+                        key: example.key,
+                        detail: example.detail,
+                    })
+                    .collect();
+                if let Err(error) = self
+                    .0
+                    .metrics_store()
+                    .append_skip_examples(job_id.as_str(), examples)
+                {
+                    tracing::warn!(job = %job_id, %error, "could not store skipped-sample examples");
+                }
+            }
             if let (0, Some(point)) = (rank, points.last()) {
                 progress.push((job_id.clone(), attempt, point.step));
             }

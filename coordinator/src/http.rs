@@ -59,6 +59,7 @@ pub fn router(
         .route("/api/jobs/{id}/series", get(series))
         .route("/api/jobs/{id}/events", get(events))
         .route("/api/jobs/{id}/evals", get(evals))
+        .route("/api/jobs/{id}/skips", get(skips))
         .route("/metrics", get(prometheus))
         .with_state(coordinator)
         .layer(axum::middleware::from_fn_with_state(
@@ -229,6 +230,20 @@ async fn events(State(coordinator): State<Arc<Coordinator>>, Path(id): Path<Stri
     }
     match coordinator.metrics_store().events(&id) {
         Ok(events) => Json(json!({ "events": events })).into_response(),
+        Err(failure) => error(StatusCode::INTERNAL_SERVER_ERROR, failure.to_string()),
+    }
+}
+
+/// The job's skipped samples by dataset and reason, with examples.
+async fn skips(State(coordinator): State<Arc<Coordinator>>, Path(id): Path<String>) -> Response {
+    if coordinator.job(&JobId(id.clone())).await.is_err() {
+        return error(StatusCode::NOT_FOUND, format!("no job {id}"));
+    }
+    let store = coordinator.clone();
+    let result = tokio::task::spawn_blocking(move || store.metrics_store().skip_reasons(&id)).await;
+    match result {
+        Ok(Ok(reasons)) => Json(json!({ "reasons": reasons })).into_response(),
+        Ok(Err(failure)) => error(StatusCode::INTERNAL_SERVER_ERROR, failure.to_string()),
         Err(failure) => error(StatusCode::INTERNAL_SERVER_ERROR, failure.to_string()),
     }
 }

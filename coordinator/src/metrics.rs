@@ -147,6 +147,33 @@ impl EvalRecord {
     }
 }
 
+/// A sample the data pipeline skipped, kept as an example of its reason
+/// (a few per dataset and reason; the counts are the ranks' series).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SkipExample {
+    pub step: u64,
+    pub attempt: u32,
+    pub dataset: String,
+    pub reason: String,
+    pub shard: String,
+    pub key: String,
+    pub detail: String,
+}
+
+/// Examples kept per dataset and reason.
+pub const SKIP_EXAMPLES_PER_REASON: usize = 5;
+
+/// One dataset's skipped samples of one reason, over the job.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SkipReason {
+    pub dataset: String,
+    pub reason: String,
+    /// Samples skipped for this reason by the steps the job kept (a step
+    /// that a restart ran again counts once, as its latest run).
+    pub count: u64,
+    pub examples: Vec<SkipExample>,
+}
+
 /// One value of a curve, as held in memory (32 bytes).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sample {
@@ -168,6 +195,7 @@ struct JobCache {
     series: BTreeMap<SeriesKey, Vec<Sample>>,
     events: Vec<StoredEvent>,
     evals: Vec<EvalRecord>,
+    skip_examples: Vec<SkipExample>,
     points: u64,
 }
 
@@ -296,6 +324,10 @@ impl MetricsStore {
         serde_json::from_str(text.lines().next()?).ok()
     }
 
+    fn skips_path(&self, job_id: &str) -> PathBuf {
+        self.dir.join(format!("{}.skips.jsonl", Self::safe(job_id)))
+    }
+
     fn evals_path(&self, job_id: &str) -> PathBuf {
         self.dir.join(format!("{}.evals.jsonl", Self::safe(job_id)))
     }
@@ -318,6 +350,7 @@ impl MetricsStore {
         }
         loaded.events = read_lines(&self.events_path(job_id))?;
         loaded.evals = read_lines(&self.evals_path(job_id))?;
+        loaded.skip_examples = read_lines(&self.skips_path(job_id))?;
         let _writer = lock(&self.write);
         let mut cache = lock(&self.cache);
         Ok(cache
@@ -394,6 +427,90 @@ impl MetricsStore {
         cache.evals.push(record.clone());
         cache.events.push(event);
         Ok(())
+    }
+
+    /// Stores examples of skipped samples, up to
+    /// [`SKIP_EXAMPLES_PER_REASON`] per dataset and reason (the rest are
+    /// dropped: the counts are series).
+    pub fn append_skip_examples(
+        &self,
+        job_id: &str,
+        examples: Vec<SkipExample>,
+    ) -> std::io::Result<()> {
+        let job = self.job(job_id)?;
+        let _serial = lock(&self.write);
+        let mut cache = job.write().unwrap_or_else(|p| p.into_inner());
+        let mut kept = Vec::new();
+        for example in examples {
+            let held = cache
+                .skip_examples
+                .iter()
+                .chain(&kept)
+                .filter(|e: &&SkipExample| {
+                    e.dataset == example.dataset && e.reason == example.reason
+                })
+                .count();
+            if held < SKIP_EXAMPLES_PER_REASON {
+                kept.push(example);
+            }
+        }
+        if kept.is_empty() {
+            return Ok(());
+        }
+        append_lines(&self.skips_path(job_id), &kept)?;
+        cache.skip_examples.extend(kept);
+        Ok(())
+    }
+
+    /// The job's skipped samples by dataset and reason: counts summed from
+    /// rank 0's `skipped_<dataset>.<reason>` series (each step once, as its
+    /// latest attempt reported it), with the kept examples.
+    pub fn skip_reasons(&self, job_id: &str) -> std::io::Result<Vec<SkipReason>> {
+        let job = self.job(job_id)?;
+        let cache = job.read().unwrap_or_else(|p| p.into_inner());
+        let mut reasons: BTreeMap<(String, String), SkipReason> = BTreeMap::new();
+        for (key, samples) in &cache.series {
+            if key.rank != 0 {
+                continue;
+            }
+            let Some((dataset, reason)) = key
+                .name
+                .strip_prefix("skipped_")
+                .and_then(|rest| rest.split_once('.'))
+            else {
+                continue;
+            };
+            let mut by_step: BTreeMap<u64, (u16, f64)> = BTreeMap::new();
+            for sample in samples {
+                let entry = by_step.entry(sample.step).or_insert((sample.attempt, 0.0));
+                if sample.attempt >= entry.0 {
+                    *entry = (sample.attempt, sample.value);
+                }
+            }
+            let count = by_step.values().map(|(_, value)| *value).sum::<f64>();
+            reasons.insert(
+                (dataset.to_string(), reason.to_string()),
+                SkipReason {
+                    dataset: dataset.to_string(),
+                    reason: reason.to_string(),
+                    count: count.round() as u64,
+                    examples: Vec::new(),
+                },
+            );
+        }
+        for example in &cache.skip_examples {
+            if let Some(entry) = reasons.get_mut(&(example.dataset.clone(), example.reason.clone()))
+            {
+                entry.examples.push(example.clone());
+            }
+        }
+        let mut out: Vec<SkipReason> = reasons.into_values().collect();
+        out.sort_by(|a, b| {
+            b.count
+                .cmp(&a.count)
+                .then_with(|| (&a.dataset, &a.reason).cmp(&(&b.dataset, &b.reason)))
+        });
+        Ok(out)
     }
 
     /// The job's eval reports, in arrival order.
@@ -638,6 +755,78 @@ mod tests {
         assert_eq!(reopened.keys("job-a").unwrap().len(), 1);
         let proto = record(40, 3.25).to_proto("job-a");
         assert_eq!(EvalRecord::from(proto), record(40, 3.25));
+    }
+
+    #[test]
+    fn skip_reasons_count_each_step_once_and_keep_a_few_examples() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetricsStore::new(dir.path().join("metrics"));
+        let report = |step: u64, rank: u32, attempt: u32, values: &[(&str, f64)]| Point {
+            step,
+            rank,
+            attempt,
+            unix_ms: step as i64,
+            values: values.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
+        };
+        // Attempt 0 runs steps 1–3; a restart resumes at step 2 and runs
+        // 2–4 with other counts: steps 2 and 3 count as attempt 1 has them.
+        let mut points = vec![
+            report(
+                1,
+                0,
+                0,
+                &[("skipped_mmc4.no_images", 2.0), ("skipped_mmc4", 3.0)],
+            ),
+            report(1, 0, 0, &[("skipped_mmc4.bad_json", 1.0)]),
+            report(2, 0, 0, &[("skipped_mmc4.no_images", 5.0)]),
+            report(3, 0, 0, &[("skipped_mmc4.no_images", 7.0)]),
+            report(2, 0, 1, &[("skipped_mmc4.no_images", 1.0)]),
+            report(3, 0, 1, &[("skipped_mmc4.no_images", 1.0)]),
+            report(4, 0, 1, &[("skipped_laion.missing_text", 4.0)]),
+            // Another rank's values are not the job's count.
+            report(4, 1, 1, &[("skipped_laion.missing_text", 9.0)]),
+        ];
+        points.sort_by_key(|point| point.attempt);
+        store.append_batch("j", &points, &[]).unwrap();
+        let example = |reason: &str, key: u32| SkipExample {
+            step: 1,
+            attempt: 0,
+            dataset: "mmc4".into(),
+            reason: reason.into(),
+            shard: "file:///data/mmc4-00000.tar".into(),
+            key: format!("{key:09}"),
+            detail: "no image passed the filters".into(),
+        };
+        store
+            .append_skip_examples("j", (0..4).map(|k| example("no_images", k)).collect())
+            .unwrap();
+        store
+            .append_skip_examples("j", (4..9).map(|k| example("no_images", k)).collect())
+            .unwrap();
+        let reasons = store.skip_reasons("j").unwrap();
+        let summary: Vec<(&str, &str, u64, usize)> = reasons
+            .iter()
+            .map(|r| {
+                (
+                    r.dataset.as_str(),
+                    r.reason.as_str(),
+                    r.count,
+                    r.examples.len(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            // Most frequent first; ties by dataset and reason.
+            vec![
+                ("laion", "missing_text", 4, 0),
+                ("mmc4", "no_images", 4, SKIP_EXAMPLES_PER_REASON),
+                ("mmc4", "bad_json", 1, 0),
+            ]
+        );
+        // Kept across a new store (a restarted coordinator).
+        let again = MetricsStore::new(dir.path().join("metrics"));
+        assert_eq!(again.skip_reasons("j").unwrap(), reasons);
     }
 
     #[test]

@@ -217,6 +217,7 @@ impl Assembler {
         let mut cursor = cursor;
         let mut reasons: std::collections::BTreeMap<&'static str, (usize, String)> =
             Default::default();
+        let mut carried: Vec<Skipped> = Vec::new();
         for _ in 0..3 {
             let order = self.order(cursor.epoch);
             if order.1.is_empty() {
@@ -247,9 +248,15 @@ impl Assembler {
             let accepted = batch.accepted();
             let incomplete = accepted < size;
             if incomplete && (self.dataset.spec.drop_last || accepted == 0) {
+                // The leftover's skipped samples are still reported, with
+                // the batch that follows it: every skipped position of the
+                // order reaches the ranks once.
+                carried.extend(batch.skipped().iter().cloned());
                 cursor = batch.next();
                 continue;
             }
+            let mut batch = batch;
+            batch.carry(carried);
             return Ok(batch);
         }
         let summary: Vec<String> = reasons
@@ -405,6 +412,8 @@ trait Walked {
     fn accepted(&self) -> usize;
     fn next(&self) -> Cursor;
     fn skipped(&self) -> &[Skipped];
+    /// Puts the skips of dropped leftovers before this batch's own.
+    fn carry(&mut self, earlier: Vec<Skipped>);
 }
 
 impl Walked for GlobalBatch {
@@ -417,6 +426,9 @@ impl Walked for GlobalBatch {
     fn skipped(&self) -> &[Skipped] {
         &self.skipped
     }
+    fn carry(&mut self, earlier: Vec<Skipped>) {
+        self.skipped.splice(0..0, earlier);
+    }
 }
 
 impl Walked for Plan {
@@ -428,6 +440,9 @@ impl Walked for Plan {
     }
     fn skipped(&self) -> &[Skipped] {
         &self.skipped
+    }
+    fn carry(&mut self, earlier: Vec<Skipped>) {
+        self.skipped.splice(0..0, earlier);
     }
 }
 

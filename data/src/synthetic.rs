@@ -180,6 +180,55 @@ pub fn mmc4_sample(seed: u64, index: u64, size: usize) -> (String, Vec<(String, 
     )
 }
 
+/// A synthetic sample, flawed with probability `fraction` (drawn per
+/// sample from `seed` and `index`) in the ways crawled data is: MMC4
+/// documents whose images all fall under the similarity threshold (half of
+/// the flawed ones: rejected by design as `no_images`), an image that is not
+/// base64 (`bad_base64`) or a truncated JSON (`bad_json`); LAION pairs
+/// without a caption (`missing_text`) or with a truncated image
+/// (`bad_image`).
+pub fn flawed(
+    sample: (String, Vec<(String, Vec<u8>)>),
+    seed: u64,
+    index: u64,
+    fraction: f64,
+) -> (String, Vec<(String, Vec<u8>)>) {
+    let mut rng = Rng::keyed(&[seed, 0xf1, index]);
+    if rng.next_f64() >= fraction {
+        return sample;
+    }
+    let (key, mut members) = sample;
+    let kind = rng.below(4);
+    if let Some(json) = members.iter_mut().find(|(suffix, _)| suffix == "json") {
+        let mut document: serde_json::Value =
+            serde_json::from_slice(&json.1).expect("synthetic JSON");
+        match kind {
+            0 | 1 => {
+                for row in document["similarity_matrix"]
+                    .as_array_mut()
+                    .into_iter()
+                    .flatten()
+                {
+                    for value in row.as_array_mut().into_iter().flatten() {
+                        *value = json!(0.05);
+                    }
+                }
+                json.1 = document.to_string().into_bytes();
+            }
+            2 => {
+                document["image_info"][0]["image_base64"] = json!("not base64!");
+                json.1 = document.to_string().into_bytes();
+            }
+            _ => json.1.truncate(json.1.len() / 2),
+        }
+    } else if kind < 2 {
+        members.retain(|(suffix, _)| suffix != "txt");
+    } else if let Some(image) = members.iter_mut().find(|(suffix, _)| suffix == "png") {
+        image.1.truncate(24);
+    }
+    (key, members)
+}
+
 /// Every word the synthetic captions and sentences use.
 pub fn vocabulary() -> Vec<String> {
     let mut words: Vec<String> = [

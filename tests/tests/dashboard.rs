@@ -303,6 +303,11 @@ fn http_get(url: &str) -> String {
 
 /// `flamingoctl metrics JOB --json`: rank 0's `loss_laion` by step.
 fn exported_loss(dir: &Path, coordinator: &str, job: &str) -> Vec<(u64, f64)> {
+    exported(dir, coordinator, job, "loss_laion")
+}
+
+/// `flamingoctl metrics JOB --json`: rank 0's `name` by step.
+fn exported(dir: &Path, coordinator: &str, job: &str, name: &str) -> Vec<(u64, f64)> {
     let text = flamingoctl(
         dir,
         &["--coordinator", coordinator, "metrics", job, "--json"],
@@ -311,13 +316,311 @@ fn exported_loss(dir: &Path, coordinator: &str, job: &str) -> Vec<(u64, f64)> {
     points
         .iter()
         .filter(|point| point["rank"] == 0)
-        .filter_map(|point| {
-            Some((
-                point["step"].as_u64()?,
-                point["values"]["loss_laion"].as_f64()?,
-            ))
-        })
+        .filter_map(|point| Some((point["step"].as_u64()?, point["values"][name].as_f64()?)))
         .collect()
+}
+
+/// The kinds of events a job's list may hold: rare, meaningful ones
+/// (`samples_skipped` only for an unusual skip rate, never per sample).
+const RARE_EVENTS: [&str; 12] = [
+    "submitted",
+    "scheduled",
+    "rank_started",
+    "rank_exited",
+    "restart",
+    "preempted",
+    "grow",
+    "checkpoint",
+    "node_lost",
+    "finished",
+    "eval",
+    "samples_skipped",
+];
+
+/// Runs a job over flawed shards and checks what the job page says about
+/// its skipped samples: the events list holds only rare kinds, the data
+/// chart's skip rates equal `flamingoctl metrics --json`, and the table of
+/// reasons holds the counts the data pipeline itself finds for the batches
+/// the job read (its own walk of the same spec, seed and batch size),
+/// with example keys. Screenshots of the job page, the jobs list and the
+/// compare view go to the test artifacts.
+fn check_skipped_samples(
+    driver: &Driver,
+    dir: &Path,
+    coordinator: &str,
+    dashboard: &str,
+    first: &str,
+) {
+    const STEPS: u64 = 32;
+    const LAION_PER_RANK: u64 = 4;
+    const MMC4_PER_RANK: u64 = 2;
+    for (form, samples, per_shard, size, flawed) in [
+        ("mmc4", "120", "60", "96", "0.3"),
+        ("laion", "128", "64", "32", "0.1"),
+    ] {
+        flamingoctl(
+            dir,
+            &[
+                "data",
+                "synth",
+                "--form",
+                form,
+                "--out",
+                &format!("flawed-{form}"),
+                "--samples",
+                samples,
+                "--per-shard",
+                per_shard,
+                "--image-size",
+                size,
+                "--flawed",
+                flawed,
+                "--seed",
+                "5",
+            ],
+        );
+    }
+    let job = flamingoctl(
+        dir,
+        &[
+            "--coordinator",
+            coordinator,
+            "launch",
+            "--nodes",
+            "2",
+            "--slots-per-node",
+            "1",
+            "--name",
+            "flawed-data",
+            "--model",
+            "tiny/model.toml",
+            "--laion_shards",
+            "flawed-laion/laion-{00000..00001}.tar",
+            "--mmc4_shards",
+            "flawed-mmc4/mmc4-{00000..00001}.tar",
+            "--batch_size_laion",
+            &LAION_PER_RANK.to_string(),
+            "--batch_size_mmc4",
+            &MMC4_PER_RANK.to_string(),
+            "--train_num_samples_laion",
+            &(STEPS * LAION_PER_RANK * WORLD).to_string(),
+            "--train_num_samples_mmc4",
+            &(STEPS * MMC4_PER_RANK * WORLD).to_string(),
+            "--num_epochs",
+            "1",
+            "--logging_steps",
+            "4",
+            "--audit_samples",
+            "--runs_dir",
+            "runs",
+        ],
+    )
+    .trim()
+    .to_string();
+    let finished = wait_for("the flawed-data job", Duration::from_secs(300), || {
+        let status = flamingoctl(dir, &["--coordinator", coordinator, "status", &job]);
+        (status.contains("Succeeded") || status.contains("Failed")).then_some(status)
+    });
+    assert!(finished.contains("Succeeded"), "{finished}");
+
+    // What the pipeline itself skips in the batches the job read: the same
+    // spec the job's flags and model give, walked batch by batch.
+    let mut expected: std::collections::BTreeMap<(String, String), u64> = Default::default();
+    for (form, per_rank) in [("laion", LAION_PER_RANK), ("mmc4", MMC4_PER_RANK)] {
+        let spec = format!(
+            "dataset = \"{form}\"\nshards = \"flawed-{form}/{form}-{{00000..00001}}.tar\"\n\
+             tokenizer = \"tiny/lm\"\nimage_size = 32\ndrop_last = true\n"
+        );
+        let spec = flamingo_data::spec::DataSpec::from_toml(&spec, Some(dir))
+            .expect("the flawed-data check");
+        // (On a thread of its own: this runs inside the test's runtime.)
+        let keys = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    tokio::runtime::Runtime::new()
+                        .expect("the flawed-data check")
+                        .block_on(async {
+                            let storage = flamingo_data::store::Storage::default();
+                            let dataset = flamingo_data::reader::Dataset::open(&spec, &storage)
+                                .await
+                                .expect("the flawed-data check");
+                            let preparer = flamingo_data::prepare::Preparer::new(&spec)
+                                .expect("the flawed-data check");
+                            let pool = std::sync::Arc::new(
+                                rayon::ThreadPoolBuilder::new()
+                                    .num_threads(2)
+                                    .build()
+                                    .expect("the flawed-data check"),
+                            );
+                            let assembler = flamingo_data::batch::Assembler::new(
+                                dataset,
+                                std::sync::Arc::new(preparer),
+                                pool,
+                                42,
+                            );
+                            let mut cursor = flamingo_data::batch::Cursor::default();
+                            let mut keys = Vec::new();
+                            for _ in 0..STEPS {
+                                let batch = assembler
+                                    .batch(cursor, (per_rank * WORLD) as usize)
+                                    .await
+                                    .expect("the flawed-data check");
+                                for skip in &batch.skipped {
+                                    *expected
+                                        .entry((
+                                            form.to_string(),
+                                            skip.reject.reason.as_str().to_string(),
+                                        ))
+                                        .or_default() += 1;
+                                }
+                                keys.extend(batch.samples.iter().map(|sample| sample.key.clone()));
+                                cursor = batch.next;
+                            }
+                            keys
+                        })
+                })
+                .join()
+                .expect("the flawed-data check")
+        });
+        // The walk is the job's: the samples it accepted are those the
+        // ranks trained on (their audit), in order.
+        let mut audited: Vec<(u64, u64, String)> = Vec::new();
+        for rank in 0..WORLD {
+            let audit = std::fs::read_to_string(
+                dir.join("runs/flawed-data")
+                    .join("audit")
+                    .join(format!("rank-{rank}.jsonl")),
+            )
+            .expect("the flawed-data check");
+            for line in audit.lines() {
+                let line: Value = serde_json::from_str(line).expect("the flawed-data check");
+                if line["dataset"] != form {
+                    continue;
+                }
+                let step = line["step"].as_u64().expect("the flawed-data check");
+                for key in line["keys"].as_array().expect("the flawed-data check") {
+                    audited.push((
+                        step,
+                        rank,
+                        key.as_str().expect("the flawed-data check").to_string(),
+                    ));
+                }
+            }
+        }
+        audited.sort_by_key(|(step, rank, _)| (*step, *rank));
+        let audited: Vec<String> = audited.into_iter().map(|(_, _, key)| key).collect();
+        assert_eq!(audited, keys, "{form}: the walk reads what the job read");
+    }
+    let mmc4_skipped: u64 = expected
+        .iter()
+        .filter(|((form, _), _)| form == "mmc4")
+        .map(|(_, count)| count)
+        .sum();
+    let mmc4_read = mmc4_skipped + STEPS * MMC4_PER_RANK * WORLD;
+    assert!(
+        (0.15..0.45).contains(&(mmc4_skipped as f64 / mmc4_read as f64)),
+        "about 30% of MMC4 documents rejected: {mmc4_skipped} of {mmc4_read}"
+    );
+
+    let page = format!("{dashboard}?job={job}&smoothing=0");
+    driver.open(&page);
+    let table = wait_for("the table of skip reasons", Duration::from_secs(30), || {
+        let rows = driver.run(
+            "return [...document.querySelectorAll('#card-skipped table.skips tbody tr')].map(r => \
+               [r.dataset.dataset, r.dataset.reason, Number(r.dataset.count), r.querySelectorAll('td.examples div').length])",
+        );
+        (rows.as_array().is_some_and(|rows| !rows.is_empty())).then_some(rows)
+    });
+    let mut shown: std::collections::BTreeMap<(String, String), u64> = Default::default();
+    for row in table.as_array().expect("the flawed-data check") {
+        let examples = row[3].as_u64().expect("the flawed-data check");
+        let count = row[2].as_u64().expect("the flawed-data check");
+        assert!(
+            examples >= 1 && examples <= count.min(5),
+            "a few example keys per reason: {row}"
+        );
+        shown.insert(
+            (
+                row[0].as_str().expect("the flawed-data check").to_string(),
+                row[1].as_str().expect("the flawed-data check").to_string(),
+            ),
+            count,
+        );
+    }
+    assert_eq!(shown, expected, "the table's counts are the pipeline's");
+    let reasons: std::collections::BTreeSet<&str> =
+        expected.keys().map(|(_, reason)| reason.as_str()).collect();
+    assert!(
+        [
+            "no_images",
+            "bad_base64",
+            "bad_json",
+            "missing_text",
+            "bad_image"
+        ]
+        .iter()
+        .filter(|reason| reasons.contains(*reason))
+        .count()
+            >= 4,
+        "the flawed shards meet most reasons: {reasons:?}"
+    );
+
+    // The data chart: each dataset's skip rate, a point per step, as
+    // `flamingoctl metrics --json` has it.
+    for name in ["skip_rate_laion", "skip_rate_mmc4"] {
+        let points = driver.run(&format!(
+            "const p = document.querySelector('svg[data-chart=\"skipped\"] path.series[data-name=\"{name}\"]'); \
+             return p ? JSON.parse(p.dataset.points) : []"
+        ));
+        let points: Vec<(u64, f64)> = points
+            .as_array()
+            .expect("the flawed-data check")
+            .iter()
+            .map(|p| {
+                (
+                    p[0].as_u64().expect("the flawed-data check"),
+                    p[1].as_f64().expect("the flawed-data check"),
+                )
+            })
+            .collect();
+        let stored = exported(dir, coordinator, &job, name);
+        assert_eq!(points.len() as u64, STEPS, "{name}: a point per step");
+        assert_eq!(points, stored, "{name}: the chart holds the stored values");
+    }
+
+    // The events list: rare kinds only, no event per skipped sample.
+    let kinds = driver.run(
+        "return [...document.querySelectorAll('#events li')].map(li => [li.dataset.kind, li.textContent])",
+    );
+    let kinds = kinds.as_array().expect("the flawed-data check");
+    assert!(kinds.len() < 20, "a handful of events: {kinds:?}");
+    for kind in kinds {
+        let (name, text) = (
+            kind[0].as_str().expect("the flawed-data check"),
+            kind[1].as_str().expect("the flawed-data check"),
+        );
+        assert!(RARE_EVENTS.contains(&name), "{name}: {text}");
+        if name == "samples_skipped" {
+            assert!(text.contains("over twice the recent median"), "{text}");
+        }
+    }
+    driver.screenshot(&artifact("dashboard-flawed-data.png"));
+
+    // The jobs list with both jobs, and the two overlaid.
+    driver.open(dashboard);
+    wait_for("both jobs listed", Duration::from_secs(30), || {
+        let rows = driver.run("return document.querySelectorAll('tr[data-job]').length");
+        (rows.as_u64() >= Some(2)).then_some(())
+    });
+    driver.screenshot(&artifact("dashboard-jobs.png"));
+    driver.open(&format!("{dashboard}?job={first},{job}&smoothing=0.6"));
+    wait_for("the compare view", Duration::from_secs(30), || {
+        let jobs = driver.run(
+            "return new Set([...document.querySelectorAll('svg[data-chart=\"loss\"] path.series')].map(p => p.dataset.job)).size",
+        );
+        (jobs.as_u64() == Some(2)).then_some(())
+    });
+    driver.screenshot(&artifact("dashboard-compare.png"));
 }
 
 /// Scores (step, shots, mean) of the checkpoints `evaluate_checkpoints` ran.
@@ -731,13 +1034,13 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
     assert_eq!(ranks, json!(["0", "1"]), "a step-time curve per rank");
     // Skipped samples are a series (a point per step), not events.
     let skipped = driver.run(
-        "const p = document.querySelector('svg[data-chart=\"skipped\"] path.series[data-name=\"skipped_laion\"]'); \
+        "const p = document.querySelector('svg[data-chart=\"skipped\"] path.series[data-name=\"skip_rate_laion\"]'); \
          return p ? JSON.parse(p.dataset.points).length : 0",
     );
     assert_eq!(
         skipped.as_u64(),
         Some(exported.len() as u64),
-        "a skipped_laion point per step"
+        "a skip_rate_laion point per step"
     );
     // One unit per chart (one y axis): samples/s and tokens/s apart.
     let units = driver.run(
@@ -811,6 +1114,10 @@ async fn the_dashboard_shows_a_running_jobs_curves_as_stored() {
         (!value.is_null()).then_some(value)
     });
     assert_eq!(listed, json!(["Succeeded", format!("/?job={job}")]));
+
+    // A second job over MMC4 shards of which about 30% of the documents
+    // are rejected (and LAION with a few broken pairs), as crawls are.
+    check_skipped_samples(&driver, &dir, &coordinator, &sandbox.dashboard(), &job);
 
     // TensorBoard reads the event files `flamingoctl metrics --tensorboard`
     // writes (its own reader, from the tensorboard package).

@@ -86,6 +86,7 @@ async fn curves_come_back_from_object_storage_after_the_disk_is_lost() {
                     message: "1 sample(s) skipped: shard-0 key-3: corrupt jpeg".into(),
                 }],
                 rank_token: sandbox.rank_token(&job, 0),
+                skip_examples: Vec::new(),
             })
             .await
             .unwrap();

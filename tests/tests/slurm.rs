@@ -370,7 +370,9 @@ fn slurm_jobs_run_checkpoint_on_the_warning_signal_requeue_and_stop() {
     .to_string();
     let text = ok(&ctl(&cluster, dir, &["status", &queued]), "queued status");
     assert!(
-        text.contains(&format!("slurm job {queued}: PENDING")) && text.contains("not launched yet"),
+        text.contains(&format!("slurm job {queued}: PENDING"))
+            && text.contains("pending in the queue")
+            && text.contains("not launched yet"),
         "{text}"
     );
     let logs = ctl(&cluster, dir, &["logs", &queued, "--rank", "0"]);
@@ -385,6 +387,10 @@ fn slurm_jobs_run_checkpoint_on_the_warning_signal_requeue_and_stop() {
     ))
     .unwrap();
     assert_eq!(queued_json["slurm"]["state"], "PENDING", "{queued_json:#}");
+    assert!(
+        queued_json["slurm"]["queue_position"].as_u64() >= Some(1),
+        "{queued_json:#}"
+    );
     ok(
         &ctl(&cluster, dir, &["stop", &queued]),
         "stop the queued job",

@@ -50,6 +50,7 @@ struct CoordinatorLink {
 enum Report {
     Step(pb::MetricSample),
     Note(pb::RankNote),
+    Example(pb::SkipExample),
 }
 
 /// Where a rank's metrics batches go: its node's agent, or the coordinator.
@@ -127,6 +128,7 @@ impl CoordinatorLink {
             rank,
             attempt,
             rank_token: token.clone(),
+            skip_examples: Vec::new(),
             ..pb::MetricsBatch::default()
         };
         let sender = runtime.spawn(send_batches(sink, template, reports_rx, dropped.clone()));
@@ -187,6 +189,7 @@ async fn send_batches(
             match tokio::time::timeout_at(deadline, reports.recv()).await {
                 Ok(Some(Report::Step(sample))) => batch.samples.push(sample),
                 Ok(Some(Report::Note(note))) => batch.notes.push(note),
+                Ok(Some(Report::Example(example))) => batch.skip_examples.push(example),
                 Ok(None) => {
                     open = false;
                     break;
@@ -194,7 +197,7 @@ async fn send_batches(
                 Err(_elapsed) => break,
             }
         }
-        if batch.samples.is_empty() && batch.notes.is_empty() {
+        if batch.samples.is_empty() && batch.notes.is_empty() && batch.skip_examples.is_empty() {
             continue;
         }
         let count = batch.samples.len() as u64;
@@ -231,6 +234,17 @@ impl ClusterLink for CoordinatorLink {
             unix_ms: flamingo_common::unix_ms(),
             kind: kind.to_string(),
             message,
+        }));
+    }
+
+    fn skip_example(&self, step: u64, dataset: &str, skipped: &flamingo_data::sample::Skipped) {
+        self.send(Report::Example(pb::SkipExample {
+            step,
+            dataset: dataset.to_string(),
+            reason: skipped.reject.reason.as_str().to_string(),
+            shard: skipped.shard.clone(),
+            key: skipped.key.clone(),
+            detail: skipped.reject.detail.clone(),
         }));
     }
 

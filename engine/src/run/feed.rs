@@ -11,6 +11,7 @@ use flamingo_data::client::{BatchStream, StreamConfig};
 use flamingo_data::convert::{ImageFormat, RankBatch};
 use flamingo_data::prepare::Preparer;
 use flamingo_data::reader::Dataset;
+use flamingo_data::sample::Skipped;
 use flamingo_data::spec::{DataSpec, DatasetKind, Mmc4Options};
 use flamingo_data::store::Storage;
 
@@ -21,21 +22,9 @@ pub(crate) struct Fetched {
     pub(crate) batch: TrainBatch,
     pub(crate) keys: Vec<String>,
     pub(crate) epoch: u64,
-    /// Samples the pipeline skipped for this batch, `shard key: reason
-    /// (detail)`; rank 0's only (the global batch's, told once).
-    pub(crate) skipped: Vec<String>,
-}
-
-fn describe_skips(skipped: &[flamingo_data::sample::Skipped]) -> Vec<String> {
-    skipped
-        .iter()
-        .map(|skip| {
-            format!(
-                "{} {}: {} ({})",
-                skip.shard, skip.key, skip.reject.reason, skip.reject.detail
-            )
-        })
-        .collect()
+    /// Samples the pipeline skipped for this batch; rank 0's only (the
+    /// global batch's, told once).
+    pub(crate) skipped: Vec<Skipped>,
 }
 
 /// Where a rank's batches come from.
@@ -208,7 +197,7 @@ impl Feed {
                     // Every rank receives the global batch's skips; rank 0
                     // tells them.
                     skipped: if rank == 0 {
-                        describe_skips(&batch.skipped)
+                        batch.skipped.clone()
                     } else {
                         Vec::new()
                     },
@@ -217,7 +206,7 @@ impl Feed {
         };
         let global = runtime.block_on(assembler.batch(self.cursor, self.per_rank * world))?;
         for skip in global.skipped.iter().filter(|_| rank == 0) {
-            tracing::warn!(shard = %skip.shard, key = %skip.key, reason = %skip.reject.reason, detail = %skip.reject.detail, "sample skipped");
+            tracing::debug!(shard = %skip.shard, key = %skip.key, reason = %skip.reject.reason, detail = %skip.reject.detail, "sample skipped");
         }
         self.cursor = global.next;
         let slice = RankBatch::from_global(
@@ -234,7 +223,7 @@ impl Feed {
             epoch: slice.start.epoch,
             // The global batch's skips, told once (by rank 0).
             skipped: if rank == 0 {
-                describe_skips(&global.skipped)
+                global.skipped.clone()
             } else {
                 Vec::new()
             },

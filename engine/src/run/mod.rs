@@ -31,8 +31,14 @@ pub trait ClusterLink {
     /// This rank finished optimizer step `step`: its metrics (rank 0's
     /// include the losses, lr and grad norm). Must never block the step.
     fn step(&self, step: u64, values: &[(&'static str, f64)]);
-    /// Something for the job's timeline (samples skipped); never blocks.
+    /// Something for the job's timeline (an unusual skip rate); never
+    /// blocks.
     fn note(&self, step: u64, kind: &'static str, message: String);
+    /// One of the first skipped samples of its reason, an example for the
+    /// job's table of reasons (`dataset`: `laion` or `mmc4`); never blocks.
+    fn skip_example(&self, step: u64, dataset: &str, skipped: &flamingo_data::sample::Skipped) {
+        let _ = (step, dataset, skipped);
+    }
     /// Every rank wrote its part of checkpoint `step` and the manifest is
     /// written: make it the job's latest. Returns the checkpoint folders the
     /// retention policy retired (the caller deletes them).

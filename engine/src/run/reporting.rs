@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use flamingo_common::progress::Progress;
 use flamingo_common::train::TrainJob;
+use flamingo_data::sample::{RejectReason, Skipped};
 use serde_json::json;
 
 use super::feed::Fetched;
@@ -26,12 +27,12 @@ pub(crate) struct StepMeter {
     tokens: f64,
     flops: f64,
     /// Per dataset seen this step (`laion`, `mmc4`): the samples skipped.
-    pub(crate) skipped: Vec<(&'static str, Vec<String>)>,
+    pub(crate) skipped: Vec<(&'static str, Vec<Skipped>)>,
 }
 
 pub(crate) struct Measured {
     values: Vec<(&'static str, f64)>,
-    skipped: Vec<(&'static str, Vec<String>)>,
+    skipped: Vec<(&'static str, Vec<Skipped>)>,
 }
 
 impl StepMeter {
@@ -47,7 +48,7 @@ impl StepMeter {
     }
 
     /// Notes a dataset's batch of this step and the samples it skipped.
-    pub(crate) fn skipped(&mut self, dataset: &'static str, skipped: &[String]) {
+    pub(crate) fn skipped(&mut self, dataset: &'static str, skipped: &[Skipped]) {
         match self.skipped.iter_mut().find(|(name, _)| *name == dataset) {
             Some((_, list)) => list.extend(skipped.iter().cloned()),
             None => self.skipped.push((dataset, skipped.to_vec())),
@@ -111,8 +112,65 @@ pub(crate) struct Reporter<'a> {
     /// Samples per second over the whole run so far (since this start).
     window: (Instant, usize),
     per_step_samples: usize,
+    /// Samples of a step's global batch (LAION, MMC4), accumulation
+    /// included.
+    global_batch: (usize, usize),
     /// Rank 0: each dataset's skipped samples per step, recent steps.
     skip_history: Vec<(&'static str, std::collections::VecDeque<usize>)>,
+    /// Rank 0: examples sent of each (dataset is LAION, reason), this start.
+    examples_sent: std::collections::HashMap<(bool, RejectReason), usize>,
+}
+
+/// Skipped samples sent as examples per dataset and reason (the dashboard
+/// keeps a few per reason; counts travel as series).
+const EXAMPLES_PER_REASON: usize = 3;
+
+macro_rules! skip_series {
+    ($($reason:ident => $name:literal),* $(,)?) => {
+        /// The series of one dataset's skipped samples of one reason.
+        fn skip_series(laion: bool, reason: RejectReason) -> &'static str {
+            match (laion, reason) {
+                $(
+                    (true, RejectReason::$reason) => concat!("skipped_laion.", $name),
+                    (false, RejectReason::$reason) => concat!("skipped_mmc4.", $name),
+                )*
+            }
+        }
+    };
+}
+
+skip_series! {
+    MissingImage => "missing_image",
+    MissingText => "missing_text",
+    MissingJson => "missing_json",
+    BadText => "bad_text",
+    BadJson => "bad_json",
+    BadBase64 => "bad_base64",
+    BadImage => "bad_image",
+    NoImages => "no_images",
+    TooFewImages => "too_few_images",
+    SingleImageDropped => "single_image_dropped",
+    ImageAtEnd => "image_at_end",
+    BadTar => "bad_tar",
+}
+
+/// A step's skipped samples in a line: a count per reason and the first
+/// few samples (`shard key: reason`).
+fn summarise_skips(skipped: &[Skipped]) -> String {
+    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+    for skip in skipped {
+        *counts.entry(skip.reject.reason.as_str()).or_default() += 1;
+    }
+    let counts: Vec<String> = counts
+        .iter()
+        .map(|(reason, count)| format!("{count} {reason}"))
+        .collect();
+    let shown: Vec<String> = skipped
+        .iter()
+        .take(3)
+        .map(|skip| format!("{} {}: {}", skip.shard, skip.key, skip.reject.reason))
+        .collect();
+    format!("{} (e.g. {})", counts.join(", "), shown.join("; "))
 }
 
 /// Steps of skip counts kept to judge a step's count against.
@@ -150,6 +208,11 @@ impl<'a> Reporter<'a> {
         } else {
             None
         };
+        let steps = world * job.gradient_accumulation_steps as usize;
+        let global_batch = (
+            job.batch_size_laion as usize * steps,
+            job.batch_size_mmc4 as usize * steps,
+        );
         let per_step_samples = (job.batch_size_laion as usize
             * usize::from(job.laion_shards.is_some())
             + job.batch_size_mmc4 as usize * usize::from(job.mmc4_shards.is_some()))
@@ -164,7 +227,9 @@ impl<'a> Reporter<'a> {
             log,
             window: (Instant::now(), 0),
             per_step_samples,
+            global_batch,
             skip_history: Vec::new(),
+            examples_sent: Default::default(),
         })
     }
 
@@ -209,12 +274,15 @@ impl<'a> Reporter<'a> {
     }
 
     /// The step's metrics to the coordinator (rank 0's with the losses, lr,
-    /// grad norm and each dataset's skipped samples, `skipped_laion` and
-    /// `skipped_mmc4`), and an event on the job's timeline when a dataset
-    /// skips unusually many samples (see [`unusual_skips`]).
+    /// grad norm and each dataset's skipped samples: `skipped_laion` and
+    /// `skipped_mmc4`, and per reason `skipped_<dataset>.<reason>` when
+    /// non-zero), the first few skipped samples of each reason as examples,
+    /// and an event on the job's timeline when a dataset skips unusually
+    /// many samples (see [`unusual_skips`]).
     pub(crate) fn metrics(&mut self, report: &StepReport, skipped_steps: u64, measured: Measured) {
         let mut values = measured.values;
         let mut unusual = Vec::new();
+        let mut examples = Vec::new();
         if self.rank == 0 {
             values.push(("lr", report.lr));
             values.push(("grad_norm", report.grad_norm));
@@ -226,11 +294,46 @@ impl<'a> Reporter<'a> {
                 values.push(("loss_mmc4", loss));
             }
             for (dataset, skipped) in &measured.skipped {
-                let series = match *dataset {
-                    "laion" => "skipped_laion",
-                    _ => "skipped_mmc4",
+                let laion = *dataset == "laion";
+                values.push((
+                    if laion {
+                        "skipped_laion"
+                    } else {
+                        "skipped_mmc4"
+                    },
+                    skipped.len() as f64,
+                ));
+                // Of the samples this step read (its full global batch and
+                // the skipped ones), the fraction skipped.
+                let batch = if laion {
+                    self.global_batch.0
+                } else {
+                    self.global_batch.1
                 };
-                values.push((series, skipped.len() as f64));
+                let read = (batch + skipped.len()).max(1);
+                values.push((
+                    if laion {
+                        "skip_rate_laion"
+                    } else {
+                        "skip_rate_mmc4"
+                    },
+                    skipped.len() as f64 / read as f64,
+                ));
+                for reason in RejectReason::ALL {
+                    let of_reason = skipped.iter().filter(|skip| skip.reject.reason == reason);
+                    let count = of_reason.clone().count();
+                    if count > 0 {
+                        values.push((skip_series(laion, reason), count as f64));
+                    }
+                    for skip in of_reason {
+                        let sent = self.examples_sent.entry((laion, reason)).or_insert(0);
+                        if *sent >= EXAMPLES_PER_REASON {
+                            break;
+                        }
+                        *sent += 1;
+                        examples.push((*dataset, skip.clone()));
+                    }
+                }
                 let history = match self
                     .skip_history
                     .iter_mut()
@@ -253,21 +356,17 @@ impl<'a> Reporter<'a> {
         }
         let Some(link) = self.link else { return };
         link.step(report.step, &values);
+        for (dataset, skip) in &examples {
+            link.skip_example(report.step, dataset, skip);
+        }
         for (dataset, skipped, median) in unusual {
-            let shown: Vec<&str> = skipped.iter().take(5).map(String::as_str).collect();
-            let more = skipped.len().saturating_sub(shown.len());
-            let more = if more > 0 {
-                format!(" and {more} more")
-            } else {
-                String::new()
-            };
             link.note(
                 report.step,
                 "samples_skipped",
                 format!(
-                    "{dataset}: {} samples skipped in one step, over twice the recent median of {median}: {}{more}",
+                    "{dataset}: {} samples skipped in one step, over twice the recent median of {median}: {}",
                     skipped.len(),
-                    shown.join("; ")
+                    summarise_skips(&skipped)
                 ),
             );
         }
@@ -378,6 +477,20 @@ pub(crate) fn write_memory_report(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_reason_has_its_series_named_by_its_stable_name() {
+        for reason in RejectReason::ALL {
+            assert_eq!(
+                skip_series(true, reason),
+                format!("skipped_laion.{}", reason.as_str())
+            );
+            assert_eq!(
+                skip_series(false, reason),
+                format!("skipped_mmc4.{}", reason.as_str())
+            );
+        }
+    }
 
     #[test]
     fn only_a_change_in_the_skip_rate_is_unusual() {

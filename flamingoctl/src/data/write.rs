@@ -43,6 +43,19 @@ pub struct SynthArgs {
     image_size: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Flaw about this fraction of the samples as crawled data is (MMC4:
+    /// documents no image of which passes the similarity filter, bad base64,
+    /// truncated JSON; LAION: no caption, truncated images), to see how
+    /// training, the data tools and the dashboard handle them.
+    #[arg(long, default_value_t = 0.0, value_parser = fraction)]
+    flawed: f64,
+}
+
+fn fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
+        _ => Err(format!("{text:?} is not a fraction between 0 and 1")),
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -95,10 +108,11 @@ pub async fn synth(args: &SynthArgs, json_output: bool) -> anyhow::Result<()> {
     let mut writer = ShardWriter::new(&storage, &pattern, args.per_shard);
     let mut progress = Progress::new("samples written", Some(args.samples));
     for index in 0..args.samples {
-        let (key, members) = match form {
+        let sample = match form {
             "laion" => synthetic::laion_sample(args.seed, index, args.image_size),
             _ => synthetic::mmc4_sample(args.seed, index, args.image_size),
         };
+        let (key, members) = synthetic::flawed(sample, args.seed, index, args.flawed);
         writer.add(&key, &members).await?;
         if index % 50 == 0 {
             progress.update(index + 1, "", None);

@@ -119,6 +119,10 @@ pub struct SlurmState {
     pub restarts: u32,
     pub run_time: String,
     pub time_limit: String,
+    /// A pending job's place among the cluster's pending jobs in the order
+    /// Slurm will consider them (priority, then submission): (place from
+    /// 1, pending jobs).
+    pub position: Option<(usize, usize)>,
 }
 
 impl SlurmState {
@@ -149,11 +153,35 @@ impl SlurmState {
             .stderr(Stdio::null())
             .output()
             .ok()?;
-        output
+        let mut state = output
             .status
             .success()
             .then(|| Self::parse(&String::from_utf8_lossy(&output.stdout)))
-            .flatten()
+            .flatten()?;
+        if state.state == "PENDING" {
+            state.position = Self::queue_position(slurm_job_id);
+        }
+        Some(state)
+    }
+
+    /// Where a pending job stands in Slurm's queue (`squeue` sorted by
+    /// priority, then job id).
+    fn queue_position(slurm_job_id: &str) -> Option<(usize, usize)> {
+        let output = slurm_command("squeue")
+            .ok()?
+            .args([
+                "--noheader",
+                "--states=PENDING",
+                "--sort=-p,i",
+                "--format=%i",
+            ])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        if !output.status.success() {
+            return None;
+        }
+        position_in(&String::from_utf8_lossy(&output.stdout), slurm_job_id)
     }
 
     /// Slurm is done with the job (it will not run again unless requeued by hand).
@@ -180,6 +208,9 @@ impl SlurmState {
         if self.state == "PENDING" && !self.reason.is_empty() && self.reason != "None" {
             out.push_str(&format!(" ({})", self.reason));
         }
+        if let Some((place, pending)) = self.position {
+            out.push_str(&format!(", {place} of {pending} pending in the queue"));
+        }
         if !self.run_time.is_empty() && self.state != "PENDING" {
             out.push_str(&format!(", time {} of {}", self.run_time, self.time_limit));
         }
@@ -188,6 +219,16 @@ impl SlurmState {
         }
         out
     }
+}
+
+/// The place (from 1) of `slurm_job_id` in `squeue`'s list of job ids, and
+/// the list's length. An array job's tasks (`12_3`) count as their job.
+fn position_in(list: &str, slurm_job_id: &str) -> Option<(usize, usize)> {
+    let ids: Vec<&str> = list.split_whitespace().collect();
+    let place = ids
+        .iter()
+        .position(|id| *id == slurm_job_id || id.split(['_', '+']).next() == Some(slurm_job_id))?;
+    Some((place + 1, ids.len()))
 }
 
 /// A Slurm job's folder, found by either id.
@@ -246,6 +287,8 @@ impl Record {
             "reason": state.map(|s| s.reason.clone()),
             "nodes": state.map(|s| s.nodes.clone()),
             "restarts": state.map(|s| s.restarts),
+            "queue_position": state.and_then(|s| s.position).map(|(place, _)| place),
+            "pending_jobs": state.and_then(|s| s.position).map(|(_, pending)| pending),
             "dir": self.dir,
             "dashboard": self.control.as_ref().and_then(|c| c.dashboard.clone()),
         })
@@ -301,6 +344,16 @@ mod tests {
         assert_eq!(state.reason, "Resources");
         assert_eq!(state.restarts, 1);
         assert_eq!(state.summary(), "PENDING (Resources), requeued 1×");
+        let queued = SlurmState {
+            position: position_in("31\n12\n40_[1-3]\n", "40"),
+            ..state.clone()
+        };
+        assert_eq!(queued.position, Some((3, 3)));
+        assert_eq!(
+            queued.summary(),
+            "PENDING (Resources), 3 of 3 pending in the queue, requeued 1×"
+        );
+        assert_eq!(position_in("31\n12\n", "7"), None);
         assert!(!state.is_finished());
         assert!(SlurmState::parse("slurm_load_jobs error: Invalid job id specified").is_none());
     }
