@@ -6,7 +6,7 @@ use_cache=True is passed explicitly: with pad != eos (OpenFlamingo's <PAD>
 and <|endofchunk|>) transformers 4.57 otherwise drops the KV cache and
 recomputes the whole sequence per token. Prints one JSON line.
 
-usage: python reference.py OUT_DIR tiny|100m THREADS
+usage: python reference.py OUT_DIR tiny|100m|neox THREADS
 """
 
 import json
@@ -20,12 +20,17 @@ from open_flamingo.src.flamingo import Flamingo
 from open_flamingo.src.flamingo_lm import FlamingoLMMixin
 from open_flamingo.src.utils import extend_instance
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, MptConfig, MptForCausalLM, PreTrainedTokenizerFast
+from transformers import (AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, MptConfig, MptForCausalLM,
+                          PreTrainedTokenizerFast)
 
 SIZES = {
     # vision width/layers/image, LM d_model/layers/heads, cross-attention interval
     "tiny": dict(vis_width=32, vis_layers=2, image=28, patch=7, d_model=64, layers=2, heads=4, every=1),
     "100m": dict(vis_width=256, vis_layers=4, image=112, patch=14, d_model=768, layers=12, heads=12, every=2),
+    # A mid-size GPT-NeoX-family decoder (RedPajama's and Pythia's) under a
+    # 224 px tower; bench-train-step steps it on a LAION and an MMC4 batch.
+    "neox": dict(vis_width=384, vis_layers=6, image=224, patch=14, d_model=1024, layers=12, heads=16, every=2,
+                 family="gpt_neox", mmc4=True),
 }
 PROMPT_TOKENS = 64
 NEW_TOKENS = 32
@@ -50,8 +55,14 @@ def build(out, size):
                             trainers.BpeTrainer(vocab_size=2000, special_tokens=["<|endoftext|>"],
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(lm_dir)
-    lm = MptForCausalLM(MptConfig(d_model=cfg["d_model"], n_heads=cfg["heads"], n_layers=cfg["layers"],
-                                  vocab_size=bpe.get_vocab_size(), max_seq_len=256))
+    neox = cfg.get("family") == "gpt_neox"
+    if neox:
+        lm = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=cfg["d_model"], num_attention_heads=cfg["heads"],
+                                              num_hidden_layers=cfg["layers"], intermediate_size=4 * cfg["d_model"],
+                                              vocab_size=bpe.get_vocab_size(), max_position_embeddings=512))
+    else:
+        lm = MptForCausalLM(MptConfig(d_model=cfg["d_model"], n_heads=cfg["heads"], n_layers=cfg["layers"],
+                                      vocab_size=bpe.get_vocab_size(), max_seq_len=256))
     lm.save_pretrained(lm_dir, safe_serialization=True)
     visual = VisionTransformer(image_size=cfg["image"], patch_size=cfg["patch"], width=cfg["vis_width"],
                                layers=cfg["vis_layers"], heads=cfg["vis_width"] // 64 or 1, mlp_ratio=4.0,
@@ -68,14 +79,15 @@ def build(out, size):
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
     tokenizer.add_special_tokens({"pad_token": "<PAD>"})
     extend_instance(lm, FlamingoLMMixin)
-    lm.set_decoder_layers_attr_name("transformer.blocks")
+    lm.set_decoder_layers_attr_name("gpt_neox.layers" if neox else "transformer.blocks")
     lm.resize_token_embeddings(len(tokenizer))
     model = Flamingo(Clip(visual), lm, eoc_token_id=tokenizer.convert_tokens_to_ids("<|endofchunk|>"),
                      media_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                      vis_dim=cfg["vis_width"], cross_attn_every_n_layers=cfg["every"])
     model.eval()
     trainable = {k: v for k, v in model.state_dict().items()
-                 if "perceiver" in k or "gated_cross_attn" in k or k.endswith("wte.weight")}
+                 if "perceiver" in k or "gated_cross_attn" in k or k.endswith("wte.weight")
+                 or k.endswith("embed_in.weight")}
     torch.save(trainable, os.path.join(out, "checkpoint.pt"))
     with open(os.path.join(out, "model.toml"), "w") as file:
         file.write(f'[vision]\narch = "clip.json"\nweights = "clip.bin"\n[language]\npath = "lm"\n'

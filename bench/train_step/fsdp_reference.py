@@ -13,7 +13,12 @@ MASTER_ADDR, MASTER_PORT). Rank 0 writes the model files and the batch into
 OUT_DIR (the other ranks build the same random model, seed 0, in their own
 folders) and prints one JSON line with the global samples/s.
 
-usage: python fsdp_reference.py OUT_DIR tiny|100m THREADS BATCH STEPS
+Sizes whose configuration says `mmc4` step on a LAION batch and an MMC4
+batch (half the batch, MMC4_IMAGES images in MMC4_TOKENS tokens, each image
+chunk closed by <|endofchunk|>), each with its own forward and backward, as
+train.py's train_one_epoch does.
+
+usage: python fsdp_reference.py OUT_DIR tiny|100m|neox THREADS BATCH STEPS [plain|checkpoint]
 """
 
 import json
@@ -34,6 +39,25 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "../model"))
 from reference import build  # noqa: E402
 
 TOKENS = 32
+MMC4_IMAGES = 3
+MMC4_TOKENS = 128
+
+
+def mmc4_batch(tokenizer, vocab, batch, image, generator):
+    """An MMC4-style batch: interleaved <image> tokens, a chunk of text after
+    each ending in <|endofchunk|>, labels without the media tokens."""
+    media = tokenizer.convert_tokens_to_ids("<image>")
+    eoc = tokenizer.convert_tokens_to_ids("<|endofchunk|>")
+    ids = torch.randint(0, vocab, (batch, MMC4_TOKENS), generator=generator)
+    chunk = MMC4_TOKENS // MMC4_IMAGES
+    for index in range(MMC4_IMAGES):
+        ids[:, index * chunk] = media
+        ids[:, (index + 1) * chunk - 1] = eoc
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[labels == media] = -100
+    vision_x = torch.randn(batch, MMC4_IMAGES, 1, 3, image, image, generator=generator)
+    return ids, mask, labels, vision_x
 
 
 def main():
@@ -96,13 +120,20 @@ def main():
     labels = ids.clone()
     labels[labels == media] = -100
     vision_x = torch.randn(batch, 1, 1, 3, cfg["image"], cfg["image"], generator=generator)
+    batches = [(ids, mask, labels, vision_x)]
+    if cfg.get("mmc4"):
+        batches.append(mmc4_batch(tokenizer, vocab, max(batch // 2, 1), cfg["image"], generator))
     if rank == 0:
-        save_file({"input_ids": ids, "attention_mask": mask, "labels": labels, "vision_x": vision_x},
-                  os.path.join(out, "batch.safetensors"))
+        tensors = {"input_ids": ids, "attention_mask": mask, "labels": labels, "vision_x": vision_x}
+        if len(batches) > 1:
+            for name, tensor in zip(["input_ids", "attention_mask", "labels", "vision_x"], batches[1]):
+                tensors[f"mmc4.{name}"] = tensor
+        save_file(tensors, os.path.join(out, "batch.safetensors"))
 
     def step():
-        loss = model(vision_x=vision_x, lang_x=ids, attention_mask=mask, labels=labels)[0]
-        loss.backward()
+        for lang_x, attention_mask, target, images in batches:
+            loss = model(vision_x=images, lang_x=lang_x, attention_mask=attention_mask, labels=target)[0]
+            loss.backward()
         model.clip_grad_norm_(1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -116,7 +147,8 @@ def main():
     seconds = time.perf_counter() - started
     if rank == 0:
         world = dist.get_world_size()
-        print(json.dumps({"size": size, "samples_per_second": batch * world * steps / seconds,
+        samples = sum(len(b[0]) for b in batches)
+        print(json.dumps({"size": size, "samples_per_second": samples * world * steps / seconds,
                           "parameters": count}))
     dist.destroy_process_group()
 

@@ -23,6 +23,8 @@ use flamingo_model::{load_flamingo, ModelSpec, Weights};
 #[derive(Debug, Parser)]
 #[command(about = "Training step throughput against the Python OpenFlamingo step")]
 struct Args {
+    /// tiny, 100m (MPT), neox (a mid-size GPT-NeoX-family decoder at 224 px,
+    /// stepped on a LAION and an MMC4 batch).
     #[arg(long, value_delimiter = ',', default_value = "tiny,100m")]
     sizes: Vec<String>,
     #[arg(long, default_value_t = 1)]
@@ -85,26 +87,38 @@ fn ours(dir: &Path, args: &Args, group: Option<&ProcessGroup>) -> anyhow::Result
     let mut trainer = Trainer::new(model, &tokenizer, group, config)?;
     let mut saved = Weights::read_safetensors(&dir.join("batch.safetensors"))?;
     let mut take = |key: &str| saved.remove(key).with_context(|| format!("batch.{key}"));
-    let train_batch = TrainBatch {
+    let laion = TrainBatch {
         vision_x: take("vision_x")?,
         input_ids: take("input_ids")?,
         attention_mask: take("attention_mask")?,
         labels: take("labels")?,
         samples: batch,
     };
-    trainer.micro_step(Some(&train_batch), None)?; // warm-up
+    // Sizes stepped on an MMC4 batch too (see fsdp_reference.py).
+    let mmc4 = match take("mmc4.input_ids") {
+        Ok(input_ids) => Some(TrainBatch {
+            samples: input_ids.size()[0] as usize,
+            input_ids,
+            vision_x: take("mmc4.vision_x")?,
+            attention_mask: take("mmc4.attention_mask")?,
+            labels: take("mmc4.labels")?,
+        }),
+        Err(_) => None,
+    };
+    let samples = batch + mmc4.as_ref().map_or(0, |mmc4| mmc4.samples);
+    trainer.micro_step(Some(&laion), mmc4.as_ref())?; // warm-up
     if let Some(group) = group {
         group.barrier()?;
     }
     let started = Instant::now();
     for _ in 0..steps {
-        trainer.micro_step(Some(&train_batch), None)?;
+        trainer.micro_step(Some(&laion), mmc4.as_ref())?;
     }
     if let Some(group) = group {
         group.barrier()?;
     }
     let world = group.map_or(1, ProcessGroup::world_size) as usize;
-    Ok((batch * world * steps) as f64 / started.elapsed().as_secs_f64())
+    Ok((samples * world * steps) as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Starts `world` copies of `command` with torchrun's variables; returns
@@ -237,6 +251,9 @@ fn main() -> anyhow::Result<()> {
     }
     let script_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("train_step");
     println!("Training step (forward, backward, clip, AdamW): samples/s, batch {} of 32 tokens + 1 image per rank, {} thread(s) per rank, {} rank(s)", args.batch, args.threads, args.world);
+    if args.sizes.iter().any(|size| size == "neox") {
+        println!("neox (GPT-NeoX family, 224 px): also an MMC4 batch of {} per rank, 3 images in 128 tokens, its own forward and backward", (args.batch / 2).max(1));
+    }
     if args.world > 1 {
         return sharded(&args, &script_dir);
     }
