@@ -10,6 +10,12 @@
 //! so at most the unit in use and the one being prefetched are whole.
 //! Under the other strategies the units only group the weights for the
 //! recomputing (checkpointed) pass, and gathering is a no-op.
+//!
+//! A rank's shards are cut from the model's weights as loaded, or, where
+//! the loader left a weight unread (a lazy load of safetensors files,
+//! `flamingo_model::LoadOptions::lazy`), read straight from its file's
+//! byte range ([`shard_of`]): a rank never holds a whole unit it only keeps
+//! a shard of.
 
 use flamingo_collectives::{ProcessGroup, Work};
 use flamingo_model::{Flamingo, Unit};
@@ -232,6 +238,47 @@ pub fn concatenate(members: &[Member], padded: i64, kind: Kind, device: tch::Dev
         }
     });
     buffer
+}
+
+/// Elements `[start, start + len)` of the flat buffer [`concatenate`]
+/// would make of `members` (zeros past their end), built from only those
+/// elements: a member whose weight was not read (`unread` names where its
+/// values lie) has just its part read from the file, so a rank that keeps a
+/// shard never holds the whole unit.
+pub fn shard_of(
+    members: &[Member],
+    (start, len): (i64, i64),
+    kind: Kind,
+    device: tch::Device,
+    unread: impl Fn(&str) -> Option<flamingo_model::safetensors::LazyTensor>,
+) -> Result<Tensor, TrainError> {
+    let shard = Tensor::zeros([len], (kind, device));
+    let end = start + len;
+    for member in members {
+        let (low, high) = (
+            start.max(member.offset),
+            end.min(member.offset + member.numel),
+        );
+        if low >= high {
+            continue;
+        }
+        let (from, to) = (low - member.offset, high - member.offset);
+        let values = match unread(&member.name) {
+            Some(mut lazy) => {
+                lazy.kind = kind;
+                lazy.device = device;
+                lazy.read_range(from, to)?
+            }
+            None => member
+                .tensor
+                .detach()
+                .reshape([-1])
+                .narrow(0, from, to - from)
+                .to_kind(kind),
+        };
+        tch::no_grad(|| shard.narrow(0, low - start, high - low).copy_(&values));
+    }
+    Ok(shard)
 }
 
 /// Writes a unit's weight gradients (one per trainable member, `None`

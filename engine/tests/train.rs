@@ -27,7 +27,7 @@ use flamingo_engine::optim::AdamWConfig;
 use flamingo_engine::schedule::Schedule;
 use flamingo_engine::tiny::{write_tiny_model, TinyConfig};
 use flamingo_engine::trainer::{TrainConfig, Trainer};
-use flamingo_model::{load_flamingo, ModelSpec};
+use flamingo_model::ModelSpec;
 
 const STEPS: usize = 20;
 const LAION_BATCH: usize = 8;
@@ -45,10 +45,25 @@ fn load(
     flamingo_model::Flamingo,
     flamingo_preprocess::FlamingoTokenizer,
 ) {
+    load_with(spec, false)
+}
+
+/// [`load`], lazily (weights read by range by the sharded trainer) or not.
+fn load_with(
+    spec: &ModelSpec,
+    lazy: bool,
+) -> (
+    flamingo_model::Flamingo,
+    flamingo_preprocess::FlamingoTokenizer,
+) {
     let _guard = TORCH_RNG
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    load_flamingo(spec).expect("model loads")
+    let options = flamingo_model::LoadOptions {
+        lazy,
+        ..Default::default()
+    };
+    flamingo_model::load_flamingo_with(spec, options).expect("model loads")
 }
 
 fn config(strategy: Strategy) -> TrainConfig {
@@ -150,7 +165,7 @@ fn train_steps(
     group: Option<&ProcessGroup>,
     config: TrainConfig,
 ) -> (Vec<(f64, f64)>, tch::Tensor) {
-    train_steps_with(dir, group, None, config)
+    train_steps_with(dir, group, None, config, false)
 }
 
 /// [`train_steps`], with `hybrid`'s (node, replicas) groups when given.
@@ -159,10 +174,14 @@ fn train_steps_with(
     group: Option<&ProcessGroup>,
     hybrid: Option<&(ProcessGroup, ProcessGroup)>,
     config: TrainConfig,
+    lazy: bool,
 ) -> (Vec<(f64, f64)>, tch::Tensor) {
     let (rank, world) = group.map_or((0, 1), |g| (g.rank() as usize, g.world_size() as usize));
     let spec = ModelSpec::from_file(&dir.join("model/model.toml")).expect("model spec");
-    let (model, tokenizer) = load(&spec);
+    let (model, tokenizer) = load_with(&spec, lazy);
+    if lazy {
+        assert!(model.has_unread(), "a lazy load leaves safetensors unread");
+    }
     let mut trainer = match (hybrid, group) {
         (Some((node, replicas)), Some(group)) => {
             Trainer::new_hybrid(model, &tokenizer, group, node, replicas, config)
@@ -293,7 +312,7 @@ fn amp_bf16_trains_close_to_fp32() {
 }
 
 /// One rank's run; rank 0 writes the losses and the final weights.
-fn run_rank(dir: &Path, strategy: Strategy, checkpointing: bool, out: &Path) {
+fn run_rank(dir: &Path, strategy: Strategy, checkpointing: bool, lazy: bool, out: &Path) {
     let group = match std::env::var("WORLD_SIZE")
         .ok()
         .and_then(|w| w.parse::<i64>().ok())
@@ -317,7 +336,7 @@ fn run_rank(dir: &Path, strategy: Strategy, checkpointing: bool, out: &Path) {
         gradient_checkpointing: checkpointing,
         ..config(strategy)
     };
-    let (losses, flat) = train_steps_with(dir, group.as_ref(), hybrid.as_ref(), config);
+    let (losses, flat) = train_steps_with(dir, group.as_ref(), hybrid.as_ref(), config, lazy);
     if rank == 0 {
         tch::Tensor::write_safetensors(&[("flat", flat)], out.with_extension("safetensors"))
             .expect("weights written");
@@ -334,8 +353,13 @@ fn rank_entry() {
     let Ok(dir) = std::env::var(ROLE) else {
         return; // run by cargo test directly
     };
-    // `full+checkpointing`: the strategy with --gradient_checkpointing.
+    // `full+checkpointing`: the strategy with --gradient_checkpointing;
+    // `full+lazy`: the weights loaded lazily, each rank reading its shards.
     let name = std::env::var("STRATEGY").expect("strategy");
+    let (name, lazy) = match name.strip_suffix("+lazy") {
+        Some(name) => (name.to_string(), true),
+        None => (name, false),
+    };
     let (name, checkpointing) = match name.strip_suffix("+checkpointing") {
         Some(name) => (name.to_string(), true),
         None => (name, false),
@@ -345,6 +369,7 @@ fn rank_entry() {
         Path::new(&dir),
         strategy,
         checkpointing,
+        lazy,
         Path::new(&std::env::var("OUT").expect("out")),
     );
 }
@@ -405,6 +430,38 @@ fn run_world_nodes(
 }
 
 #[test]
+fn a_lazy_load_reads_nothing_until_asked_and_then_equals_the_whole_load() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    fixture(dir.path());
+    let spec = ModelSpec::from_file(&dir.path().join("model/model.toml")).expect("spec");
+    let (whole, _) = load(&spec);
+    let (mut lazy, _) = load_with(&spec, true);
+    // The frozen tower and the decoder's layers are stand-ins holding one
+    // element each (the fresh perceiver and cross-attention, made here,
+    // and a resized embedding are whole).
+    for (name, tensor) in lazy.named_parameters() {
+        let from_files = name.starts_with("vision_encoder.")
+            || (name.starts_with("lang_encoder.") && name.contains(".blocks."));
+        if from_files {
+            assert!(
+                lazy.unread(name).is_some() && flamingo_model::weights::is_stand_in(tensor),
+                "{name} was read"
+            );
+        }
+    }
+    lazy.materialize().expect("read");
+    assert!(!lazy.has_unread());
+    assert_eq!(
+        whole.named_parameters().len(),
+        lazy.named_parameters().len()
+    );
+    for ((name, a), (other, b)) in whole.named_parameters().iter().zip(lazy.named_parameters()) {
+        assert_eq!(name, other);
+        assert!(a.equal(b), "{name}");
+    }
+}
+
+#[test]
 fn world_sizes_and_strategies_train_identically() {
     let dir = tempfile::tempdir().expect("temp dir");
     fixture(dir.path());
@@ -433,6 +490,11 @@ fn world_sizes_and_strategies_train_identically() {
     }
     let difference = (&kept.1 - &recomputed.1).abs().max().double_value(&[]);
     assert!(difference <= 1e-6, "weights differ by {difference}");
+    // Each rank reading only its shards of the weights (by byte range from
+    // the safetensors files) trains exactly as loading them whole.
+    let lazy = run_world(dir.path(), 2, "full+lazy", "full-lazy-x2");
+    assert_eq!(lazy.0, kept.0, "losses of the lazily loaded run");
+    assert!(lazy.1.equal(&kept.1), "weights of the lazily loaded run");
     // Two emulated nodes of two ranks: sharded within, replicated across.
     let hybrid = run_world_nodes(dir.path(), 4, 2, "hybrid", "hybrid-2x2");
     assert_same_training("hybrid 2 nodes x 2", &single, &hybrid);

@@ -118,7 +118,7 @@ pub fn convert(
         return Err(io_error(&output, "the output must be named *.safetensors"));
     }
     let weights = Weights::read(&input)?;
-    let tensors: Vec<(String, Tensor)> = weights.into_entries().collect();
+    let tensors: Vec<(String, Tensor)> = weights.into_entries()?;
     for (name, tensor) in &tensors {
         if dtype(tensor.kind()).is_none() {
             return Err(io_error(

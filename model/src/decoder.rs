@@ -475,9 +475,7 @@ fn rename_mosaic_gpt(weights: &mut Weights) {
         })
         .collect();
     for (from, to) in renamed {
-        if let Some(tensor) = weights.remove(&from) {
-            weights.insert(&to, tensor);
-        }
+        weights.rename(&from, &to);
     }
 }
 
@@ -536,7 +534,7 @@ impl Decoder {
             .cloned()
             .collect();
         for key in recomputed {
-            weights.remove(&key);
+            weights.discard(&key);
         }
         Ok(Self {
             config,

@@ -86,6 +86,10 @@ pub struct Flamingo {
     /// Every weight, under OpenFlamingo's state-dict names (the LM's under
     /// `lang_encoder.` + its Hugging Face name); filled by the loader.
     parameters: Vec<(String, Tensor)>,
+    /// Weights not read yet (a lazy load), by name: their tensors above
+    /// are shape-only stand-ins until [`Flamingo::materialize`] or a
+    /// sharded trainer reads their values.
+    unread: std::collections::HashMap<String, crate::safetensors::LazyTensor>,
 }
 
 impl Flamingo {
@@ -135,11 +139,43 @@ impl Flamingo {
             cross_attention,
             media_token_id,
             parameters: Vec::new(),
+            unread: Default::default(),
         })
     }
 
     pub(crate) fn set_parameters(&mut self, parameters: Vec<(String, Tensor)>) {
         self.parameters = parameters;
+    }
+
+    pub(crate) fn set_unread(
+        &mut self,
+        unread: impl IntoIterator<Item = (String, crate::safetensors::LazyTensor)>,
+    ) {
+        self.unread = unread.into_iter().collect();
+    }
+
+    /// Where the values of weight `name` lie, when it was not read (a lazy
+    /// load).
+    pub fn unread(&self, name: &str) -> Option<&crate::safetensors::LazyTensor> {
+        self.unread.get(name)
+    }
+
+    /// Whether any weight is still unread.
+    pub fn has_unread(&self) -> bool {
+        !self.unread.is_empty()
+    }
+
+    /// Reads every weight left unread into its tensor.
+    pub fn materialize(&mut self) -> Result<()> {
+        for (name, tensor) in &self.parameters {
+            if let Some(lazy) = self.unread.get(name) {
+                let values = lazy.read()?;
+                let mut target = tensor.shallow_clone();
+                tch::no_grad(|| target.set_data(&values));
+            }
+        }
+        self.unread.clear();
+        Ok(())
     }
 
     /// Every weight by name. The tensors share storage and autograd state

@@ -69,12 +69,12 @@ fn apply_checkpoint(
     let checkpoint = checkpoint.rename_prefix("module.", "");
     let layers = format!("lang_encoder.{}.", layers_attr(family));
     let mut unplaced = Vec::new();
-    for (key, tensor) in checkpoint.into_entries() {
+    for (key, tensor) in checkpoint.into_values() {
         if key.starts_with("perceiver.")
             || key.starts_with("lang_encoder.gated_cross_attn_layers.")
             || key.starts_with("vision_encoder.")
         {
-            flamingo.insert(&key, tensor);
+            flamingo.insert_value(&key, tensor);
         } else if key.starts_with("lang_encoder.old_decoder_blocks.") {
             // Duplicates of the decoder layers.
         } else if let Some(rest) = key.strip_prefix(&layers) {
@@ -83,15 +83,15 @@ fn apply_checkpoint(
             if let Some(block) = tail.strip_prefix("gated_cross_attn_layer.") {
                 let name = format!("lang_encoder.gated_cross_attn_layers.{index}.{block}");
                 if !flamingo.contains(&name) {
-                    flamingo.insert(&name, tensor);
+                    flamingo.insert_value(&name, tensor);
                 }
             } else if let Some(inner) = tail.strip_prefix("decoder_layer.") {
-                lm.insert(&format!("{}.{index}.{inner}", layers_attr(family)), tensor);
+                lm.insert_value(&format!("{}.{index}.{inner}", layers_attr(family)), tensor);
             } else {
                 unplaced.push(key);
             }
         } else if let Some(lm_key) = key.strip_prefix("lang_encoder.") {
-            lm.insert(lm_key, tensor);
+            lm.insert_value(lm_key, tensor);
         } else {
             unplaced.push(key);
         }
@@ -103,9 +103,9 @@ fn apply_checkpoint(
 /// `resize_token_embeddings(len(tokenizer))` does: extra rows of a padded
 /// vocabulary go, new rows take the mean of the existing ones (upstream draws
 /// them at random; they only matter without a checkpoint carrying them).
-fn resize_rows(weights: &mut Weights, key: &str, rows: i64) {
-    let Some(matrix) = weights.remove(key) else {
-        return;
+fn resize_rows(weights: &mut Weights, key: &str, rows: i64) -> Result<()> {
+    let Some(matrix) = weights.remove_read(key)? else {
+        return Ok(());
     };
     let current = matrix.size()[0];
     let resized = if current < rows {
@@ -115,6 +115,7 @@ fn resize_rows(weights: &mut Weights, key: &str, rows: i64) {
         matrix.narrow(0, 0, rows)
     };
     weights.insert(key, resized);
+    Ok(())
 }
 
 /// PyTorch's default initialisation for freshly created OpenFlamingo parts:
@@ -207,6 +208,11 @@ pub struct LoadOptions {
     /// checkpoint), so every process and every run starts alike
     /// (OpenFlamingo's default `--seed` is 42).
     pub init_seed: i64,
+    /// Leave `.safetensors` weights unread: the model's tensors are
+    /// shape-only stand-ins and [`Flamingo::unread`] says where each one's
+    /// values lie, for a rank under `full` sharding to read only its part
+    /// (see `flamingo_engine::units`). Pickles are read whole.
+    pub lazy: bool,
 }
 
 impl Default for LoadOptions {
@@ -215,6 +221,7 @@ impl Default for LoadOptions {
             device: tch::Device::Cpu,
             kind: Kind::Float,
             init_seed: 42,
+            lazy: false,
         }
     }
 }
@@ -239,7 +246,14 @@ pub fn load_flamingo_with(
     }
     // Vision: a full open_clip CLIP state dict (visual.*), an OpenFlamingo
     // one (vision_encoder.*), or the bare tower.
-    let vision_raw = Weights::read(&spec.vision_weights)?;
+    let read = |path: &Path| {
+        if options.lazy {
+            Weights::read_lazy(path)
+        } else {
+            Weights::read(path)
+        }
+    };
+    let vision_raw = read(&spec.vision_weights)?;
     let vision_raw = if vision_raw.keys().any(|key| key.starts_with("visual.")) {
         vision_raw.strip_prefix("visual.")
     } else if vision_raw
@@ -259,12 +273,12 @@ pub fn load_flamingo_with(
     })?;
     let mut config = DecoderConfig::from_hf_json(&config_text)?;
     let tokenizer = FlamingoTokenizer::from_dir(&spec.language_dir)?;
-    let mut lm_weights = Weights::read(&lm_weights_file(&spec.language_dir)?)?;
+    let mut lm_weights = read(&lm_weights_file(&spec.language_dir)?)?;
 
     match &spec.checkpoint {
         Some(path) => {
             let unplaced = apply_checkpoint(
-                Weights::read(path)?,
+                read(path)?,
                 config.family,
                 &mut lm_weights,
                 &mut flamingo_weights,
@@ -284,7 +298,7 @@ pub fn load_flamingo_with(
                 config.layers,
                 spec.cross_attn_every_n_layers,
             );
-            for (key, tensor) in fresh.into_entries() {
+            for (key, tensor) in fresh.into_entries()? {
                 flamingo_weights.insert(&key, tensor);
             }
         }
@@ -297,8 +311,15 @@ pub fn load_flamingo_with(
         DecoderFamily::GptNeox => ("gpt_neox.embed_in.weight", "embed_out.weight"),
         DecoderFamily::Llama => ("model.embed_tokens.weight", "lm_head.weight"),
     };
-    resize_rows(&mut lm_weights, embed_key, rows);
-    resize_rows(&mut lm_weights, head_key, rows);
+    // (Read whole when they need new rows: their mean fills them.)
+    let resize = |weights: &mut Weights, key: &str| -> Result<()> {
+        if weights.contains(key) && weights.shape_of(key).map(|shape| shape[0]) != Some(rows) {
+            resize_rows(weights, key, rows)?;
+        }
+        Ok(())
+    };
+    resize(&mut lm_weights, embed_key)?;
+    resize(&mut lm_weights, head_key)?;
     config.vocab_size = rows;
 
     // One kind whatever the files store (released LMs are often bf16/fp16):
@@ -336,5 +357,13 @@ pub fn load_flamingo_with(
             .map(|(name, tensor)| (format!("lang_encoder.{name}"), tensor)),
     );
     model.set_parameters(parameters);
+    let mut unread = flamingo_weights.lazily_taken();
+    unread.extend(
+        lm_weights
+            .lazily_taken()
+            .into_iter()
+            .map(|(name, lazy)| (format!("lang_encoder.{name}"), lazy)),
+    );
+    model.set_unread(unread);
     Ok((model, tokenizer))
 }

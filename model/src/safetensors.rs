@@ -141,6 +141,81 @@ pub fn read(path: &Path, mut keep: impl FnMut(&str) -> bool) -> Result<Vec<(Stri
         .collect()
 }
 
+/// A tensor of a file not read yet: read whole, or a range of its
+/// elements (row-major), when wanted, as `kind` on `device`. What a rank
+/// under `full` sharding keeps of a weight is such a range.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LazyTensor {
+    pub path: std::sync::Arc<std::path::PathBuf>,
+    pub entry: Entry,
+    /// The kind and device it is read into.
+    pub kind: Kind,
+    pub device: tch::Device,
+}
+
+impl LazyTensor {
+    pub fn numel(&self) -> i64 {
+        self.entry.shape.iter().product()
+    }
+
+    /// The whole tensor, shaped.
+    pub fn read(&self) -> Result<Tensor> {
+        Ok(self
+            .read_range(0, self.numel())?
+            .view(self.entry.shape.as_slice()))
+    }
+
+    /// Elements `[start, end)` of the flattened tensor, as a 1-D tensor:
+    /// only their bytes are read.
+    pub fn read_range(&self, start: i64, end: i64) -> Result<Tensor> {
+        let path = self.path.as_path();
+        if start < 0 || end < start || end > self.numel() {
+            return Err(io_error(
+                path,
+                format!(
+                    "tensor {}: elements {start}..{end} of {}",
+                    self.entry.name,
+                    self.numel()
+                ),
+            ));
+        }
+        let size = self.entry.kind.elt_size_in_bytes() as u64;
+        let range = Entry {
+            shape: vec![end - start],
+            start: self.entry.start + start as u64 * size,
+            end: self.entry.start + end as u64 * size,
+            ..self.entry.clone()
+        };
+        let file = File::open(path).map_err(|error| io_error(path, error.to_string()))?;
+        let tensor = read_entry(&file, path, &range)?;
+        let tensor = if tensor.kind() != self.kind {
+            tensor.to_kind(self.kind)
+        } else {
+            tensor
+        };
+        Ok(tensor.to_device(self.device))
+    }
+}
+
+/// Every tensor of `path`, unread.
+pub fn lazy(path: &Path) -> Result<Vec<(String, LazyTensor)>> {
+    let shared = std::sync::Arc::new(path.to_path_buf());
+    Ok(entries(path)?
+        .into_iter()
+        .map(|entry| {
+            (
+                entry.name.clone(),
+                LazyTensor {
+                    path: shared.clone(),
+                    kind: entry.kind,
+                    device: tch::Device::Cpu,
+                    entry,
+                },
+            )
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +262,30 @@ mod tests {
         let only = super::read(&path, |name| name == "c.ids").expect("read");
         assert_eq!(only.len(), 1);
         assert!(only[0].1.equal(&tensors[2].1));
+    }
+
+    #[test]
+    fn ranges_read_only_their_elements_converted() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (path, tensors) = written(dir.path());
+        let lazy: std::collections::BTreeMap<String, LazyTensor> =
+            lazy(&path).expect("header").into_iter().collect();
+        let weight = &lazy["a.weight"];
+        let flat = tensors[0].1.reshape([-1]);
+        for (start, end) in [(0, 15), (4, 11), (14, 15), (7, 7)] {
+            let got = weight.read_range(start, end).expect("range");
+            assert!(
+                got.equal(&flat.narrow(0, start, end - start)),
+                "{start}..{end}"
+            );
+        }
+        assert!(weight.read().expect("whole").equal(&tensors[0].1));
+        assert!(weight.read_range(3, 16).is_err());
+        let mut bf16 = lazy["b.bf16"].clone();
+        bf16.kind = Kind::Float;
+        let got = bf16.read_range(1, 3).expect("range");
+        assert_eq!(got.kind(), Kind::Float);
+        assert!(got.equal(&tensors[1].1.to_kind(Kind::Float).narrow(0, 1, 2)));
     }
 
     #[test]

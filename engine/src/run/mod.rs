@@ -113,10 +113,15 @@ pub fn run_rank_with(
         all: group,
         hybrid: hybrid.as_ref(),
     };
+    let (loading, read_before) = (Instant::now(), reporting::read_bytes());
     let mut started = setup::start(job, groups, world as u64)?;
     let checkpoints = job.checkpoint_run();
     setup::resume(job, &checkpoints, &mut started, (rank, world), link)?;
-    let load_peak_rss = reporting::restart_peak_rss();
+    let load = reporting::LoadCost {
+        peak_rss: reporting::restart_peak_rss(),
+        read_bytes: reporting::read_bytes().saturating_sub(read_before),
+        seconds: loading.elapsed().as_secs_f64(),
+    };
     if rank == 0 {
         setup::record_start(job, &run_dir, link, entered, started.trainer.step_count())?;
     }
@@ -136,7 +141,7 @@ pub fn run_rank_with(
             job,
             (rank, world),
             &started.trainer,
-            load_peak_rss,
+            &load,
         )?;
     }
     Ok(end)

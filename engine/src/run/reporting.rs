@@ -440,16 +440,39 @@ pub(crate) fn restart_peak_rss() -> u64 {
     peak
 }
 
+/// Bytes this process has read through `read`-family calls so far
+/// (`rchar` of `/proc/self/io`: files, whether or not the page cache held
+/// them, and sockets).
+pub(crate) fn read_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|line| line.strip_prefix("rchar:"))
+                .and_then(|value| value.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// What loading the model (and resuming) cost this rank: its peak
+/// resident memory, the bytes it read and the seconds it took.
+pub(crate) struct LoadCost {
+    pub(crate) peak_rss: u64,
+    pub(crate) read_bytes: u64,
+    pub(crate) seconds: f64,
+}
+
 /// `<run>/memory-rank-<r>.json`, for `bench/train-memory.sh`: what this
-/// rank held; `load_peak_rss` is the peak before the steps (loading the
-/// model), measured apart from the steps' own.
+/// rank held; the load's peak (loading the model) measured apart from the
+/// steps' own, with the bytes it read and its time.
 pub(crate) fn write_memory_report(
     run_dir: &Path,
     job: &TrainJob,
     (rank, world): (usize, usize),
     trainer: &Trainer<'_>,
-    load_peak_rss: u64,
+    load: &LoadCost,
 ) -> anyhow::Result<()> {
+    let load_peak_rss = load.peak_rss;
     let step_peak_rss = peak_rss();
     let memory = trainer.memory();
     std::fs::write(
@@ -468,6 +491,8 @@ pub(crate) fn write_memory_report(
             "peak_rss_bytes": step_peak_rss.max(load_peak_rss),
             "load_peak_rss_bytes": load_peak_rss,
             "step_peak_rss_bytes": step_peak_rss,
+            "load_read_bytes": load.read_bytes,
+            "load_seconds": load.seconds,
         })
         .to_string(),
     )?;

@@ -39,12 +39,15 @@ pub(crate) fn start<'g>(
     world: u64,
 ) -> anyhow::Result<Started<'g>> {
     let spec = ModelSpec::from_file(&job.model)?;
+    let config = TrainConfig::for_job(job, world);
+    // Under full/hybrid sharding each rank reads only the parts of the
+    // weights it keeps (safetensors by byte range).
     let options = LoadOptions {
         init_seed: job.seed as i64,
+        lazy: config.strategy.shards_units(),
         ..LoadOptions::default()
     };
     let (model, tokenizer) = load_flamingo_with(&spec, options)?;
-    let config = TrainConfig::for_job(job, world);
     let trainer = match (groups.hybrid, groups.all) {
         (Some((node, replicas)), Some(group)) => {
             Trainer::new_hybrid(model, &tokenizer, group, node, replicas, config)?

@@ -205,7 +205,7 @@ impl<'g> Trainer<'g> {
     /// ranks holding the same shards elsewhere.
     #[allow(clippy::type_complexity)]
     fn with_groups(
-        model: Flamingo,
+        mut model: Flamingo,
         tokenizer: &FlamingoTokenizer,
         groups: (
             Option<&'g ProcessGroup>,
@@ -221,6 +221,11 @@ impl<'g> Trainer<'g> {
                 message: "must be at least 1".into(),
             });
         }
+        // Only sharded units read a lazily loaded model's weights by range;
+        // the other strategies keep them whole.
+        if !config.strategy.shards_units() && model.has_unread() {
+            model.materialize()?;
+        }
         let (slots, total, decayed) = state::slots(&model, !config.freeze_lm_embeddings);
         let device = slots
             .first()
@@ -229,13 +234,12 @@ impl<'g> Trainer<'g> {
         let units = crate::units::plan(&model, &state::layout_of(&slots), state::is_decayed)?;
         let state: Box<dyn ParameterState + 'g> = if config.strategy.shards_units() {
             Box::new(ShardedUnits::new(
-                group,
-                shard_group,
-                replicate_group,
+                (group, shard_group, replicate_group),
                 units,
                 total,
                 embedding,
                 device,
+                |name| model.unread(name).cloned(),
             )?)
         } else {
             Box::new(Replicated::new(

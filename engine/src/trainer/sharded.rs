@@ -36,15 +36,23 @@ pub(crate) struct ShardedUnits<'g> {
 
 impl<'g> ShardedUnits<'g> {
     /// Keeps this rank's shard of every unit (rank 0's trainable values, as
-    /// FSDP's `sync_module_states`) and frees the whole weights.
+    /// FSDP's `sync_module_states`) and frees the whole weights. Weights the
+    /// loader left unread (`unread` says where their values lie) are read
+    /// by range, this rank's shard only: the whole unit is never held.
+    /// `groups`: every rank, the ranks units are sharded over, and the
+    /// ranks holding the same shards elsewhere.
+    #[allow(clippy::type_complexity)]
     pub(crate) fn new(
-        group: Option<&'g ProcessGroup>,
-        shard_group: Option<&'g ProcessGroup>,
-        replicate_group: Option<&'g ProcessGroup>,
+        (group, shard_group, replicate_group): (
+            Option<&'g ProcessGroup>,
+            Option<&'g ProcessGroup>,
+            Option<&'g ProcessGroup>,
+        ),
         units: Vec<UnitPlan>,
         total: i64,
         embedding: Option<EmbeddingRows>,
         device: tch::Device,
+        unread: impl Fn(&str) -> Option<flamingo_model::safetensors::LazyTensor>,
     ) -> Result<Self, TrainError> {
         let world = shard_group.map_or(1, ProcessGroup::world_size);
         let rank = shard_group.map_or(0, ProcessGroup::rank);
@@ -67,27 +75,46 @@ impl<'g> ShardedUnits<'g> {
             })
             .collect();
         let local = Tensor::zeros([local_len.max(1)], (Kind::Float, device));
+        let unread = |name: &str| unread(name);
         for (plan, shard) in units.iter().zip(&mut shards) {
             if shard.len > 0 {
-                let whole =
-                    units::concatenate(&plan.trainable, shard.len * world, Kind::Float, device);
-                if let Some(group) = group.filter(|_| world > 1) {
-                    group.broadcast(&whole, 0)?;
-                }
-                tch::no_grad(|| {
-                    local
-                        .narrow(0, shard.offset, shard.len)
-                        .copy_(&whole.narrow(0, rank * shard.len, shard.len))
-                });
+                // Weights left unread (a lazy load) are read by range, each
+                // rank its own shard from the same files; loaded ones are
+                // rank 0's, broadcast whole (FSDP's sync_module_states).
+                let lazy = plan
+                    .trainable
+                    .iter()
+                    .any(|member| unread(&member.name).is_some());
+                let values = if lazy {
+                    units::shard_of(
+                        &plan.trainable,
+                        (rank * shard.len, shard.len),
+                        Kind::Float,
+                        device,
+                        unread,
+                    )?
+                } else {
+                    let whole =
+                        units::concatenate(&plan.trainable, shard.len * world, Kind::Float, device);
+                    if let Some(group) = group.filter(|_| world > 1) {
+                        group.broadcast(&whole, 0)?;
+                    }
+                    whole.narrow(0, rank * shard.len, shard.len)
+                };
+                tch::no_grad(|| local.narrow(0, shard.offset, shard.len).copy_(&values));
                 for member in &plan.trainable {
                     let _ = member.tensor.set_requires_grad(true);
                 }
             }
             if plan.frozen_len > 0 {
                 let length = flamingo_collectives::shard_len(plan.frozen_len, world);
-                let whole =
-                    units::concatenate(&plan.frozen, length * world, plan.frozen_kind, device);
-                shard.frozen = Some(whole.narrow(0, rank * length, length).copy());
+                shard.frozen = Some(units::shard_of(
+                    &plan.frozen,
+                    (rank * length, length),
+                    plan.frozen_kind,
+                    device,
+                    unread,
+                )?);
             }
             units::release(plan);
         }
