@@ -18,7 +18,7 @@ use flamingo_engine::batch::TrainBatch;
 use flamingo_engine::optim::AdamWConfig;
 use flamingo_engine::schedule::Schedule;
 use flamingo_engine::trainer::{TrainConfig, Trainer};
-use flamingo_model::{load_flamingo, ModelSpec, Weights};
+use flamingo_model::{load_flamingo_with, LoadOptions, ModelSpec, Weights};
 
 #[derive(Debug, Parser)]
 #[command(about = "Training step throughput against the Python OpenFlamingo step")]
@@ -60,8 +60,13 @@ fn python() -> PathBuf {
 fn ours(dir: &Path, args: &Args, group: Option<&ProcessGroup>) -> anyhow::Result<f64> {
     let (batch, steps) = (args.batch, args.steps);
     let spec = ModelSpec::from_file(&dir.join("model.toml"))?;
-    let (model, tokenizer) = load_flamingo(&spec)?;
     let sharded = group.is_some();
+    // As `flamingoctl train` loads under full: safetensors read by range.
+    let options = LoadOptions {
+        lazy: sharded,
+        ..LoadOptions::default()
+    };
+    let (model, tokenizer) = load_flamingo_with(&spec, options)?;
     let config = TrainConfig {
         strategy: if sharded {
             Strategy::Full
