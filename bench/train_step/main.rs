@@ -44,6 +44,11 @@ struct Args {
     /// Ranks per side; above 1 both sides shard (see the module docs).
     #[arg(long, default_value_t = 1)]
     world: usize,
+    /// Also print where our step's time goes (rank 0's seconds per step in
+    /// each phase: vision, perceiver, layers forward, head, recompute and
+    /// backward, optimizer), with checkpointing and without.
+    #[arg(long)]
+    phases: bool,
     /// Internal: run one of our ranks on the files in this folder.
     #[arg(long, hide = true)]
     rank_dir: Option<PathBuf>,
@@ -56,8 +61,13 @@ fn python() -> PathBuf {
 }
 
 /// Our step on the files in `dir`; with a group, one rank of `world`
-/// (under `full` with frozen embeddings). Returns the global samples/s.
-fn ours(dir: &Path, args: &Args, group: Option<&ProcessGroup>) -> anyhow::Result<f64> {
+/// (under `full` with frozen embeddings). Returns the global samples/s and
+/// (with `--phases`) the seconds per step of each phase.
+fn ours(
+    dir: &Path,
+    args: &Args,
+    group: Option<&ProcessGroup>,
+) -> anyhow::Result<(f64, Vec<(&'static str, f64)>)> {
     let (batch, steps) = (args.batch, args.steps);
     let spec = ModelSpec::from_file(&dir.join("model.toml"))?;
     let sharded = group.is_some();
@@ -115,6 +125,7 @@ fn ours(dir: &Path, args: &Args, group: Option<&ProcessGroup>) -> anyhow::Result
     if let Some(group) = group {
         group.barrier()?;
     }
+    trainer.time_phases(args.phases);
     let started = Instant::now();
     for _ in 0..steps {
         trainer.micro_step(Some(&laion), mmc4.as_ref())?;
@@ -123,7 +134,15 @@ fn ours(dir: &Path, args: &Args, group: Option<&ProcessGroup>) -> anyhow::Result
         group.barrier()?;
     }
     let world = group.map_or(1, ProcessGroup::world_size) as usize;
-    Ok((samples * world * steps) as f64 / started.elapsed().as_secs_f64())
+    let phases = trainer
+        .phase_times()
+        .into_iter()
+        .map(|(phase, seconds)| (phase, seconds / steps as f64))
+        .collect();
+    Ok((
+        (samples * world * steps) as f64 / started.elapsed().as_secs_f64(),
+        phases,
+    ))
 }
 
 /// Starts `world` copies of `command` with torchrun's variables; returns
@@ -177,6 +196,7 @@ fn sharded(args: &Args, script_dir: &Path) -> anyhow::Result<()> {
     for size in &args.sizes {
         let dir = tempfile::tempdir()?;
         let mut rates = Vec::new();
+        let mut phase_times = Vec::new();
         let mut parameters = serde_json::Value::Null;
         for checkpointing in [true, false] {
             let line = run_ranks(
@@ -207,6 +227,7 @@ fn sharded(args: &Args, script_dir: &Path) -> anyhow::Result<()> {
                         .args(["--threads", &args.threads.to_string()])
                         .args(["--batch", &args.batch.to_string()])
                         .args(["--steps", &args.steps.to_string()])
+                        .args(args.phases.then_some("--phases"))
                         .arg("--rank-dir")
                         .arg(dir.path())
                         .env("OMP_NUM_THREADS", args.threads.to_string());
@@ -220,6 +241,7 @@ fn sharded(args: &Args, script_dir: &Path) -> anyhow::Result<()> {
             let value: serde_json::Value = serde_json::from_str(&line)?;
             let our_rate = value["samples_per_second"].as_f64().unwrap_or(0.0);
             rates.push((python_rate, our_rate));
+            phase_times.push(value["phases"].clone());
         }
         let [(py_ckpt, ours_ckpt), (py_keep, ours_keep)] = rates[..] else {
             bail!("two settings measured");
@@ -236,8 +258,36 @@ fn sharded(args: &Args, script_dir: &Path) -> anyhow::Result<()> {
             ours_keep / py_keep,
             ours_keep / ours_ckpt
         );
+        if args.phases {
+            print_phases(&phase_times);
+        }
     }
     Ok(())
+}
+
+/// Rank 0's seconds per step in each phase, with checkpointing and without.
+fn print_phases(phase_times: &[serde_json::Value]) {
+    let (Some(ckpt), Some(keep)) = (
+        phase_times.first().and_then(|v| v.as_object()),
+        phase_times.get(1).and_then(|v| v.as_object()),
+    ) else {
+        return;
+    };
+    println!(
+        "  {:<36} {:>9} {:>9}",
+        "our phase (s/step, rank 0)", "ckpt", "keep"
+    );
+    let mut names: Vec<&String> = ckpt.keys().collect();
+    names.extend(keep.keys().filter(|name| !ckpt.contains_key(*name)));
+    for name in names {
+        let seconds = |phases: &serde_json::Map<String, serde_json::Value>| {
+            phases
+                .get(name)
+                .and_then(|v| v.as_f64())
+                .map_or("-".to_string(), |s| format!("{s:.3}"))
+        };
+        println!("  {:<36} {:>9} {:>9}", name, seconds(ckpt), seconds(keep));
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -248,9 +298,16 @@ fn main() -> anyhow::Result<()> {
             Backend::Gloo,
             std::time::Duration::from_secs(600),
         )?)?;
-        let rate = ours(dir, &args, Some(&group))?;
+        let (rate, phases) = ours(dir, &args, Some(&group))?;
         if group.rank() == 0 {
-            println!("{}", serde_json::json!({ "samples_per_second": rate }));
+            let phases: serde_json::Map<String, serde_json::Value> = phases
+                .into_iter()
+                .map(|(phase, seconds)| (phase.to_string(), seconds.into()))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({ "samples_per_second": rate, "phases": phases })
+            );
         }
         return Ok(());
     }
@@ -306,7 +363,7 @@ fn main() -> anyhow::Result<()> {
             .to_string();
         let value: serde_json::Value = serde_json::from_str(&line)?;
         let python_rate = value["samples_per_second"].as_f64().unwrap_or(0.0);
-        let our_rate = ours(dir.path(), &args, None)?;
+        let (our_rate, _) = ours(dir.path(), &args, None)?;
         println!(
             "{:<6} {:>12} {:>12.2} {:>12.2} {:>8.3}",
             size,

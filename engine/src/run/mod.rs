@@ -136,13 +136,7 @@ pub fn run_rank_with(
     };
     let end = loop_.run(&mut started)?;
     if end == RunEnd::Finished {
-        reporting::write_memory_report(
-            &run_dir,
-            job,
-            (rank, world),
-            &started.trainer,
-            &load,
-        )?;
+        reporting::write_memory_report(&run_dir, job, (rank, world), &started.trainer, &load)?;
     }
     Ok(end)
 }
