@@ -273,18 +273,22 @@ const LOSS_PIECES: &str = r#"
 "#;
 
 fn dom_loss(driver: &Driver) -> Vec<(u64, f64)> {
-    match driver.run(LOSS_POINTS) {
-        Value::Array(points) => points
-            .iter()
-            .map(|point| {
-                (
-                    point[0].as_u64().expect("numeric points"),
-                    point[1].as_f64().expect("numeric points"),
-                )
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
+    step_values(&driver.run(LOSS_POINTS))
+}
+
+/// `[[step, value], …]` as the page gives it (none when not an array).
+fn step_values(points: &Value) -> Vec<(u64, f64)> {
+    points
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|point| {
+            (
+                point[0].as_u64().expect("a step"),
+                point[1].as_f64().expect("a value"),
+            )
+        })
+        .collect()
 }
 
 /// GET with the dashboard's token (agents' `/metrics` ignore it).
@@ -572,17 +576,7 @@ fn check_skipped_samples(
             "const p = document.querySelector('svg[data-chart=\"skipped\"] path.series[data-name=\"{name}\"]'); \
              return p ? JSON.parse(p.dataset.points) : []"
         ));
-        let points: Vec<(u64, f64)> = points
-            .as_array()
-            .expect("the flawed-data check")
-            .iter()
-            .map(|p| {
-                (
-                    p[0].as_u64().expect("the flawed-data check"),
-                    p[1].as_f64().expect("the flawed-data check"),
-                )
-            })
-            .collect();
+        let points = step_values(&points);
         let stored = exported(dir, coordinator, &job, name);
         assert_eq!(points.len() as u64, STEPS, "{name}: a point per step");
         assert_eq!(points, stored, "{name}: the chart holds the stored values");
@@ -779,17 +773,7 @@ fn check_eval_charts(driver: &Driver, evaluated: &Evaluated) {
         );
         (dots.as_array().is_some_and(|d| d.len() == evaluated.len())).then_some(dots)
     });
-    let mut shown: Vec<(u64, f64)> = dots
-        .as_array()
-        .expect("an array")
-        .iter()
-        .map(|d| {
-            (
-                d[0].as_u64().expect("a count"),
-                d[1].as_f64().expect("a score"),
-            )
-        })
-        .collect();
+    let mut shown = step_values(&dots);
     let mut want: Vec<(u64, f64)> = evaluated
         .iter()
         .map(|(step, _, mean)| (*step, *mean))
