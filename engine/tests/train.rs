@@ -210,14 +210,34 @@ fn train_steps_with(
         ))
     };
     let mut losses = Vec::new();
-    for _ in 0..STEPS {
+    for step in 0..STEPS {
         let laion_batch = next(&laion, &mut cursors.0, LAION_BATCH, laion_images);
         let mmc4_batch = next(&mmc4, &mut cursors.1, MMC4_BATCH, mmc4_images);
+        // Before the first update: the forward-only loss (no graph, each
+        // unit gathered and released in turn under full and hybrid) is the
+        // training step's.
+        let forward_only = (step == 0).then(|| {
+            (
+                trainer.loss(&laion_batch).expect("forward-only loss"),
+                trainer.loss(&mmc4_batch).expect("forward-only loss"),
+            )
+        });
         let report = trainer
             .micro_step(Some(&laion_batch), Some(&mmc4_batch))
             .expect("step")
             .expect("a report every step");
         assert!(!report.skipped && report.grad_norm.is_finite());
+        if let Some((laion_loss, mmc4_loss)) = forward_only {
+            for (name, forward, stepped) in [
+                ("LAION", laion_loss, report.loss_laion.expect("laion")),
+                ("MMC4", mmc4_loss, report.loss_mmc4.expect("mmc4")),
+            ] {
+                assert!(
+                    (forward - stepped).abs() <= 1e-6 * stepped.abs(),
+                    "{name}: Trainer::loss {forward} vs the step's loss {stepped}"
+                );
+            }
+        }
         losses.push((
             report.loss_laion.expect("laion"),
             report.loss_mmc4.expect("mmc4"),

@@ -406,6 +406,33 @@ impl<'g> Trainer<'g> {
         report.map(Some)
     }
 
+    /// The mean loss of `batch` under the current weights, forward only: no
+    /// graph, no gradient, the optimizer untouched (under `full`/`hybrid`
+    /// unit by unit, each gathered and released in turn).
+    pub fn loss(&mut self, batch: &TrainBatch) -> Result<f64, TrainError> {
+        if self.state.recomputes() {
+            return recompute::Pass {
+                model: &self.model,
+                state: self.state.as_mut(),
+                group: self.group,
+                config: &self.config,
+                phases: &mut self.phases,
+            }
+            .loss(batch);
+        }
+        let device = batch.input_ids.device();
+        let logits = tch::no_grad(|| {
+            crate::autocast::bf16(self.config.amp_bf16, device, || {
+                self.model.forward_masked(
+                    &batch.vision_x,
+                    &batch.input_ids,
+                    Some(&batch.attention_mask),
+                )
+            })
+        })?;
+        Ok(loss::token_loss(self.group, &logits, &batch.labels)?.mean())
+    }
+
     /// Forward and backward of one dataset's micro-batch; returns its loss.
     fn accumulate(&mut self, batch: &TrainBatch, multiplier: f64) -> Result<f64, TrainError> {
         let micro = if self.state.recomputes() {

@@ -184,7 +184,7 @@ impl Pass<'_> {
             layer_inputs,
             last,
             kept,
-        } = self.forward(batch, &mut fetch, keep && embedding_trains)?;
+        } = self.forward(batch, &mut fetch, keep, keep && embedding_trains)?;
         let mut backward = match self.head(batch, &mut fetch, last, multiplier)? {
             Head::Finite(backward) => backward,
             Head::NonFinite(mean) => {
@@ -213,6 +213,28 @@ impl Pass<'_> {
         Ok(MicroLoss { mean, finite: true })
     }
 
+    /// The batch's mean loss, forward only: each unit gathered, run without
+    /// a graph and released, and no gradient made.
+    pub(crate) fn loss(&mut self, batch: &TrainBatch) -> Result<f64, TrainError> {
+        let at = self.indices();
+        let mut order = vec![at.vision, at.perceiver, at.text];
+        order.extend(&at.layers);
+        order.push(at.text);
+        let mut fetch = Prefetcher {
+            order,
+            position: 0,
+            ahead: None,
+        };
+        let forward = self.forward(batch, &mut fetch, false, false)?;
+        drop(forward.layer_inputs);
+        let device = batch.input_ids.device();
+        let (index, gathered) = self.acquire(&mut fetch)?;
+        let logits = tch::no_grad(|| self.bf16(device, || Ok(self.model.head(&forward.last))))?;
+        let loss = token_loss(self.group, &logits, &batch.labels)?;
+        self.state.release(index, gathered);
+        Ok(loss.mean())
+    }
+
     /// Vision, perceiver, embedding and layers. Recomputing: without a
     /// graph, keeping each layer's input. Otherwise (`keep`): each unit but
     /// the vision tower with its graph, on a detached input of its own, its
@@ -222,9 +244,9 @@ impl Pass<'_> {
         &mut self,
         batch: &TrainBatch,
         fetch: &mut Prefetcher,
+        keep: bool,
         embedding_trains: bool,
     ) -> Result<Forward, TrainError> {
-        let keep = !self.config.gradient_checkpointing;
         let device = batch.input_ids.device();
         self.mark("data");
         let (index, gathered) = self.acquire(fetch)?;

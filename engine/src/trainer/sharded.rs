@@ -25,10 +25,12 @@ pub(crate) struct ShardedUnits<'g> {
     local: Tensor,
     total: i64,
     embedding: Option<EmbeddingRows>,
-    /// AdamW's moments over `local`.
+    /// AdamW's moments over `local`, and the reduced gradient shards
+    /// summed over the micro-steps: empty until first needed (the first
+    /// backward, the first update or a restore), as torch's AdamW makes its
+    /// state at the first step, so that loading holds only the weights.
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    /// The reduced gradient shards, summed over the micro-steps.
     accumulated: Tensor,
     /// The most bytes of gathered (whole) units alive at once.
     gathered_peak: i64,
@@ -123,14 +125,28 @@ impl<'g> ShardedUnits<'g> {
             replicate_group,
             units,
             shards,
-            exp_avg: local.zeros_like(),
-            exp_avg_sq: local.zeros_like(),
-            accumulated: local.zeros_like(),
+            exp_avg: Tensor::zeros([0], (Kind::Float, device)),
+            exp_avg_sq: Tensor::zeros([0], (Kind::Float, device)),
+            accumulated: Tensor::zeros([0], (Kind::Float, device)),
             local,
             total,
             embedding,
             gathered_peak: 0,
         })
+    }
+
+    /// Makes the optimizer's moments and the gradient accumulator, zeroed,
+    /// the first time they are needed.
+    fn allocate_state(&mut self) {
+        for state in [
+            &mut self.exp_avg,
+            &mut self.exp_avg_sq,
+            &mut self.accumulated,
+        ] {
+            if state.numel() != self.local.numel() {
+                *state = self.local.zeros_like();
+            }
+        }
     }
 
     fn rank(&self) -> i64 {
@@ -223,13 +239,22 @@ impl ParameterState for ShardedUnits<'_> {
 
     fn owned_state(&self) -> (Tensor, Tensor, Tensor) {
         let pieces = self.owned_pieces();
+        let zeros = Tensor::zeros([0], (Kind::Float, self.local.device()));
         let take = |source: &Tensor| {
+            // Moments not made yet (no step taken) are zeros.
+            let zeros_like_local;
+            let source = if source.numel() == self.local.numel() {
+                source
+            } else {
+                zeros_like_local = self.local.zeros_like();
+                &zeros_like_local
+            };
             let parts: Vec<Tensor> = pieces
                 .iter()
                 .map(|(_, local, length)| source.narrow(0, *local, *length))
                 .collect();
             if parts.is_empty() {
-                Tensor::zeros([0], (Kind::Float, source.device()))
+                zeros.shallow_clone()
             } else {
                 Tensor::cat(&parts, 0)
             }
@@ -242,6 +267,7 @@ impl ParameterState for ShardedUnits<'_> {
     }
 
     fn restore(&mut self, parameters: &Tensor, exp_avg: &Tensor, exp_avg_sq: &Tensor) {
+        self.allocate_state();
         tch::no_grad(|| {
             for (start, local, length) in self.owned_pieces() {
                 for (target, source) in [
@@ -274,7 +300,9 @@ impl ParameterState for ShardedUnits<'_> {
         MemoryUse {
             parameter_bytes: 4 * self.local.numel() as i64,
             gradient_bytes: 4 * self.local.numel() as i64,
-            optimizer_bytes: 4 * 2 * self.exp_avg.numel() as i64,
+            // The moments are made at the first step; this is what a rank
+            // holds from then on.
+            optimizer_bytes: 4 * 2 * self.local.numel() as i64,
             frozen_bytes: self
                 .shards
                 .iter()
@@ -324,10 +352,11 @@ impl ParameterState for ShardedUnits<'_> {
     /// The unit's whole gradient is reduce-scattered at once and only this
     /// rank's shard is kept (`hybrid`: summed over the nodes too).
     fn sink(&mut self, index: usize, grads: &[Option<Tensor>]) -> Result<(), TrainError> {
-        let (plan, shard) = (&self.units[index], &self.shards[index]);
-        if plan.len == 0 {
+        if self.units[index].len == 0 {
             return Ok(());
         }
+        self.allocate_state();
+        let (plan, shard) = (&self.units[index], &self.shards[index]);
         let world = self.world();
         let device = self.local.device();
         let whole = Tensor::zeros([shard.len * world], (Kind::Float, device));
@@ -362,6 +391,7 @@ impl ParameterState for ShardedUnits<'_> {
     /// The accumulated shards are already reduced: clip by the global norm
     /// and update each unit's shard with its own decay.
     fn update(&mut self, update: &Update<'_>) -> Result<f64, TrainError> {
+        self.allocate_state();
         let mut gradient = self.accumulated.shallow_clone();
         // Each node holds every shard once (`hybrid`: the same on every
         // node), so the sum over one node's ranks is the global norm.
