@@ -89,7 +89,7 @@ impl FlopModel {
                     counts.vision_per_patch += 2.0 * product(&size);
                     counts.vision_width = size[0] as f64;
                 }
-                (Unit::Vision, 2) => {
+                (Unit::Vision | Unit::VisionBlock(_), 2) => {
                     if let Some(index) = layer_index(name, ".resblocks.") {
                         vision_layers.insert(index);
                         counts.vision_per_token += 2.0 * product(&size);

@@ -1,7 +1,8 @@
 //! FSDP units (reference §2.5, design "Training engine"): the model's
 //! weights grouped as the engine gathers, runs and frees them — the vision
-//! tower, the perceiver, the LM's text ends (input embedding, final norm,
-//! head) and each decoder layer with the cross-attention block before it.
+//! tower's ends and each of its residual blocks, the perceiver, the LM's
+//! text ends (input embedding, final norm, head) and each decoder layer
+//! with the cross-attention block before it.
 //!
 //! Under `full` every unit keeps only this rank's 1/world of its trainable
 //! values (fp32 master) and of its frozen values (their own dtype). Using a
@@ -154,7 +155,9 @@ pub fn plan(
     trainable: &[(String, Vec<i64>, i64)],
     decayed: impl Fn(&str) -> bool,
 ) -> Result<Vec<UnitPlan>, TrainError> {
-    let mut units: Vec<Unit> = vec![Unit::Vision, Unit::Perceiver, Unit::Text];
+    let mut units: Vec<Unit> = vec![Unit::Vision];
+    units.extend((0..model.vision_block_count()).map(Unit::VisionBlock));
+    units.extend([Unit::Perceiver, Unit::Text]);
     units.extend((0..model.layer_count()).map(Unit::Layer));
     let mut plans: Vec<UnitPlan> = units
         .iter()
@@ -366,9 +369,7 @@ pub fn start_gather(
                         [source.numel() as i64 * world],
                         (source.kind(), source.device()),
                     );
-                    gathered
-                        .works
-                        .push(group.all_gather_into_tensor_async(&whole, source)?);
+                    gather_into(group, &whole, source, &mut gathered.works)?;
                     gathered.bytes +=
                         whole.numel() as i64 * whole.kind().elt_size_in_bytes() as i64;
                     *target = Some(whole);
@@ -377,6 +378,67 @@ pub fn start_gather(
         }
     }
     Ok(gathered)
+}
+
+/// Gives the heap's free pages back to the system (glibc's
+/// `malloc_trim`); elsewhere a no-op.
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases memory the allocator holds free.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Elements per piece of a large gather over gloo ([`gather_into`]):
+/// `FLAMINGO_GLOO_GATHER_PIECE`, by default 16 Mi (64 MiB of fp32).
+fn gloo_piece_elements() -> i64 {
+    static PIECE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *PIECE.get_or_init(|| {
+        std::env::var("FLAMINGO_GLOO_GATHER_PIECE")
+            .ok()
+            .and_then(|value| value.parse().ok())
+            .filter(|&piece: &i64| piece > 0)
+            .unwrap_or(1 << 24)
+    })
+}
+
+/// All-gathers this rank's `source` into `whole` (`world` × its length,
+/// rank by rank). torch's gloo all-gather stages the whole output in a
+/// temporary of its own and then copies it into ours, so a unit gathered
+/// in one go briefly takes twice its size: a shard longer than
+/// [`gloo_piece_elements`] on the CPU is gathered piece by piece through
+/// a small staging buffer instead, each piece waited for (the gather is
+/// then not overlapped with compute). NCCL gathers in place, in one go,
+/// asynchronously (the work joins `works`).
+fn gather_into(
+    group: &ProcessGroup,
+    whole: &Tensor,
+    source: &Tensor,
+    works: &mut Vec<Work>,
+) -> Result<(), TrainError> {
+    let len = source.numel() as i64;
+    let piece = gloo_piece_elements();
+    if source.device().is_cuda() || len <= piece {
+        works.push(group.all_gather_into_tensor_async(whole, source)?);
+        return Ok(());
+    }
+    let world = whole.numel() as i64 / len;
+    let rows = whole.view([world, len]);
+    let mut start = 0;
+    while start < len {
+        let length = piece.min(len - start);
+        let staged = Tensor::empty([world * length], (source.kind(), source.device()));
+        group.all_gather_into_tensor(&staged, &source.narrow(0, start, length))?;
+        // The buffers hold no autograd state of their own: the members'
+        // tensors point at views of them through `set_data`.
+        tch::no_grad(|| {
+            rows.narrow(1, start, length)
+                .copy_(&staged.view([world, length]))
+        });
+        start += length;
+    }
+    Ok(())
 }
 
 /// Waits for a gather and points the unit's tensors at the whole buffers.
@@ -481,7 +543,7 @@ pub fn start_regather(
     ] {
         if let (Some(source), Some(whole)) = (source, target) {
             alloc_bytes(whole)?;
-            works.push(group.all_gather_into_tensor_async(whole, source)?);
+            gather_into(group, whole, source, &mut works)?;
         }
     }
     gathered.works = works;

@@ -374,8 +374,11 @@ fn rank_entry() {
         return; // run by cargo test directly
     };
     // `full+checkpointing`: the strategy with --gradient_checkpointing;
-    // `full+lazy`: the weights loaded lazily, each rank reading its shards.
+    // `full+lazy`: the weights loaded lazily, each rank reading its shards;
+    // `+pieces` (set on the command as FLAMINGO_GLOO_GATHER_PIECE): units
+    // gathered in small pieces.
     let name = std::env::var("STRATEGY").expect("strategy");
+    let name = name.strip_suffix("+pieces").unwrap_or(&name).to_string();
     let (name, lazy) = match name.strip_suffix("+lazy") {
         Some(name) => (name.to_string(), true),
         None => (name, false),
@@ -423,6 +426,11 @@ fn run_world_nodes(
             .env("STRATEGY", strategy)
             .env("OUT", &out)
             .env("OMP_NUM_THREADS", "1")
+            .envs(
+                strategy
+                    .ends_with("+pieces")
+                    .then_some(("FLAMINGO_GLOO_GATHER_PIECE", "2000")),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         command
@@ -511,8 +519,10 @@ fn world_sizes_and_strategies_train_identically() {
     let difference = (&kept.1 - &recomputed.1).abs().max().double_value(&[]);
     assert!(difference <= 1e-6, "weights differ by {difference}");
     // Each rank reading only its shards of the weights (by byte range from
-    // the safetensors files) trains exactly as loading them whole.
-    let lazy = run_world(dir.path(), 2, "full+lazy", "full-lazy-x2");
+    // the safetensors files) trains exactly as loading them whole; so does
+    // gathering every unit (and gathering it again for its backward) in
+    // pieces of 2,000 values.
+    let lazy = run_world(dir.path(), 2, "full+lazy+pieces", "full-lazy-x2");
     assert_eq!(lazy.0, kept.0, "losses of the lazily loaded run");
     assert!(lazy.1.equal(&kept.1), "weights of the lazily loaded run");
     // Two emulated nodes of two ranks: sharded within, replicated across.

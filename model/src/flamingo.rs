@@ -215,6 +215,25 @@ impl Flamingo {
     /// `[b, t_img, frames = 1, 3, h, w]` → patch features
     /// `[b, t_img, 1, tokens, vis_dim]`.
     pub fn vision_features(&self, vision_x: &Tensor) -> Result<Tensor> {
+        tch::no_grad(|| {
+            let mut hidden = self.vision_start(vision_x)?;
+            for index in 0..self.vision.block_count() {
+                hidden = self.vision_block(index, &hidden);
+            }
+            Ok(self.vision_end(vision_x, &hidden))
+        })
+    }
+
+    /// The vision tower's residual blocks (each a unit of its own).
+    pub fn vision_block_count(&self) -> usize {
+        self.vision.block_count()
+    }
+
+    /// [`Self::vision_features`] in pieces, as the training engine runs
+    /// the tower unit by unit: the patch embedding (`vision_x` checked and
+    /// flattened to images) → [`Self::vision_block`] for each block →
+    /// [`Self::vision_end`]. Without a graph: the tower is frozen.
+    pub fn vision_start(&self, vision_x: &Tensor) -> Result<Tensor> {
         let size = vision_x.size();
         let [batch, media, frames, channels, height, width] = size[..] else {
             return Err(ModelError::Input {
@@ -233,9 +252,21 @@ impl Flamingo {
             });
         }
         let images = vision_x.reshape([batch * media * frames, channels, height, width]);
-        let tokens = tch::no_grad(|| self.vision.forward(&images))?.patch_tokens;
+        tch::no_grad(|| self.vision.embed(&images))
+    }
+
+    /// Vision block `index` of [`Self::vision_start`]'s output.
+    pub fn vision_block(&self, index: usize, hidden: &Tensor) -> Tensor {
+        tch::no_grad(|| self.vision.block(index, hidden))
+    }
+
+    /// The patch features `[batch, images, frames, patches, width]` of the
+    /// last block's output for `vision_x`.
+    pub fn vision_end(&self, vision_x: &Tensor, hidden: &Tensor) -> Tensor {
+        let tokens = tch::no_grad(|| self.vision.patch_tokens(hidden));
+        let size = vision_x.size();
         let token_size = tokens.size();
-        Ok(tokens.reshape([batch, media, frames, token_size[1], token_size[2]]))
+        tokens.reshape([size[0], size[1], size[2], token_size[1], token_size[2]])
     }
 
     /// The Perceiver resampler: patch features → media latents.
@@ -461,12 +492,15 @@ impl Flamingo {
 }
 
 /// The pieces the training engine gathers, runs and frees one at a time
-/// (FSDP units, reference §2.5): the vision tower, the perceiver, the text
-/// ends of the LM (input embedding, final norm, output head) and each
-/// decoder layer together with the cross-attention block before it.
+/// (FSDP units, reference §2.5): the vision tower's ends (patch embedding,
+/// positions, `ln_pre`, `ln_post`, `proj`) and each of its residual
+/// blocks, the perceiver, the text ends of the LM (input embedding, final
+/// norm, output head) and each decoder layer together with the
+/// cross-attention block before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Unit {
     Vision,
+    VisionBlock(usize),
     Perceiver,
     Text,
     Layer(usize),
@@ -485,8 +519,12 @@ impl Flamingo {
     /// Which unit a weight (by its name in [`Flamingo::named_parameters`])
     /// belongs to.
     pub fn unit_of(&self, name: &str) -> Unit {
-        if name.starts_with("vision_encoder.") {
-            return Unit::Vision;
+        if let Some(vision_name) = name.strip_prefix("vision_encoder.") {
+            return vision_name
+                .strip_prefix("transformer.resblocks.")
+                .and_then(|rest| rest.split('.').next())
+                .and_then(|index| index.parse().ok())
+                .map_or(Unit::Vision, Unit::VisionBlock);
         }
         if name.starts_with("perceiver.") {
             return Unit::Perceiver;

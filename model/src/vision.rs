@@ -186,8 +186,15 @@ impl VisionTransformer {
         &self.config
     }
 
-    /// `images`: `[n, 3, image_size, image_size]`, already CLIP-normalised.
-    pub fn forward(&self, images: &Tensor) -> Result<VisionOutput> {
+    /// Residual blocks.
+    pub fn block_count(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The patch embedding, class token, positions and `ln_pre`: `images`
+    /// `[n, 3, image_size, image_size]` → the first block's input
+    /// `[n, 1 + patches, width]`.
+    pub fn embed(&self, images: &Tensor) -> Result<Tensor> {
         let size = images.size();
         let expected = [3, self.config.image_size, self.config.image_size];
         if size.len() != 4 || size[1..] != expected {
@@ -212,22 +219,38 @@ impl VisionTransformer {
             .expand([batch, 1, width], false);
         let tokens = Tensor::cat(&[class_token, patches], 1)
             + self.positional_embedding.to_kind(images.kind());
-        let mut hidden = self.ln_pre.forward(&tokens);
+        Ok(self.ln_pre.forward(&tokens))
+    }
+
+    /// Residual block `index` (below [`Self::block_count`]).
+    pub fn block(&self, index: usize, hidden: &Tensor) -> Tensor {
+        self.blocks[index].forward(hidden)
+    }
+
+    /// The patch tokens `[n, patches, width]` from the last block's output.
+    pub fn patch_tokens(&self, hidden: &Tensor) -> Tensor {
+        let source = if self.config.tokens_after_ln_post {
+            self.ln_post.forward(hidden)
+        } else {
+            hidden.shallow_clone()
+        };
+        let patch_count = hidden.size()[1] - 1;
+        source.narrow(1, 1, patch_count)
+    }
+
+    /// `images`: `[n, 3, image_size, image_size]`, already CLIP-normalised.
+    pub fn forward(&self, images: &Tensor) -> Result<VisionOutput> {
+        let mut hidden = self.embed(images)?;
         for block in &self.blocks {
             hidden = block.forward(&hidden);
         }
-        let normalised = self.ln_post.forward(&hidden);
-        let pooled = normalised
+        let pooled = self
+            .ln_post
+            .forward(&hidden)
             .select(1, 0)
             .matmul(&self.proj.to_kind(images.kind()));
-        let source = if self.config.tokens_after_ln_post {
-            &normalised
-        } else {
-            &hidden
-        };
-        let patch_count = hidden.size()[1] - 1;
         Ok(VisionOutput {
-            patch_tokens: source.narrow(1, 1, patch_count),
+            patch_tokens: self.patch_tokens(&hidden),
             pooled,
         })
     }

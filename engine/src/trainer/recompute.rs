@@ -44,9 +44,24 @@ struct Prefetcher {
 /// The unit indices of the model's parts.
 struct Indices {
     vision: usize,
+    vision_blocks: Vec<usize>,
     perceiver: usize,
     text: usize,
     layers: Vec<usize>,
+}
+
+impl Indices {
+    /// The units of the forward pass and the head, in order: the vision
+    /// tower's ends, its blocks, its ends again (the patch tokens), the
+    /// perceiver, the embedding, the layers, the head.
+    fn forward_order(&self) -> Vec<usize> {
+        let mut order = vec![self.vision];
+        order.extend(&self.vision_blocks);
+        order.extend([self.vision, self.perceiver, self.text]);
+        order.extend(&self.layers);
+        order.push(self.text);
+        order
+    }
 }
 
 impl Pass<'_> {
@@ -60,6 +75,9 @@ impl Pass<'_> {
         };
         Indices {
             vision: index(Unit::Vision),
+            vision_blocks: (0..self.model.vision_block_count())
+                .map(|block| index(Unit::VisionBlock(block)))
+                .collect(),
             perceiver: index(Unit::Perceiver),
             text: index(Unit::Text),
             layers: (0..self.model.layer_count())
@@ -162,9 +180,7 @@ impl Pass<'_> {
         let at = self.indices();
         let embedding_trains = self.state.plans()[at.text].len > 0;
         let keep = !self.config.gradient_checkpointing;
-        let mut order = vec![at.vision, at.perceiver, at.text];
-        order.extend(&at.layers);
-        order.push(at.text);
+        let mut order = at.forward_order();
         if !keep {
             order.extend(at.layers.iter().rev());
             if embedding_trains {
@@ -216,12 +232,8 @@ impl Pass<'_> {
     /// The batch's mean loss, forward only: each unit gathered, run without
     /// a graph and released, and no gradient made.
     pub(crate) fn loss(&mut self, batch: &TrainBatch) -> Result<f64, TrainError> {
-        let at = self.indices();
-        let mut order = vec![at.vision, at.perceiver, at.text];
-        order.extend(&at.layers);
-        order.push(at.text);
         let mut fetch = Prefetcher {
-            order,
+            order: self.indices().forward_order(),
             position: 0,
             ahead: None,
         };
@@ -250,10 +262,19 @@ impl Pass<'_> {
         let device = batch.input_ids.device();
         self.mark("data");
         let (index, gathered) = self.acquire(fetch)?;
+        let mut hidden = self.bf16(device, || Ok(self.model.vision_start(&batch.vision_x)?))?;
+        self.state.release(index, gathered);
+        for block in 0..self.model.vision_block_count() {
+            let (index, gathered) = self.acquire(fetch)?;
+            hidden = self.bf16(device, || Ok(self.model.vision_block(block, &hidden)))?;
+            self.state.release(index, gathered);
+        }
+        let (index, gathered) = self.acquire(fetch)?;
         let features = self.bf16(device, || {
-            Ok(self.model.vision_features(&batch.vision_x)?)
+            Ok(self.model.vision_end(&batch.vision_x, &hidden))
         })?;
         self.state.release(index, gathered);
+        drop(hidden);
         self.mark("vision forward");
         let (index, gathered) = self.acquire(fetch)?;
         let mut kept = keep.then(Kept::default);
