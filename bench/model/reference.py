@@ -6,7 +6,7 @@ use_cache=True is passed explicitly: with pad != eos (OpenFlamingo's <PAD>
 and <|endofchunk|>) transformers 4.57 otherwise drops the KV cache and
 recomputes the whole sequence per token. Prints one JSON line.
 
-usage: python reference.py OUT_DIR tiny|100m|neox THREADS
+usage: python reference.py OUT_DIR tiny|100m|neox|1b|3b THREADS
 """
 
 import json
@@ -31,6 +31,12 @@ SIZES = {
     # 224 px tower; bench-train-step steps it on a LAION and an MMC4 batch.
     "neox": dict(vis_width=384, vis_layers=6, image=224, patch=14, d_model=1024, layers=12, heads=16, every=2,
                  family="gpt_neox", mmc4=True),
+    # OpenFlamingo shapes for bench-startup: CLIP ViT-L/14 under a decoder of
+    # about 0.7B (24 x 1536, cross-attention every 4th layer), about 1.1B in
+    # all; and OpenFlamingo-3B's (MPT-1B's 24 x 2048, cross-attention after
+    # every layer), about 2.4B with this small vocabulary.
+    "1b": dict(vis_width=1024, vis_layers=24, image=224, patch=14, d_model=1536, layers=24, heads=16, every=4),
+    "3b": dict(vis_width=1024, vis_layers=24, image=224, patch=14, d_model=2048, layers=24, heads=16, every=1),
 }
 PROMPT_TOKENS = 64
 NEW_TOKENS = 32
