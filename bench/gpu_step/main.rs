@@ -20,17 +20,18 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use flamingo_common::train::{LrScheduler, Strategy};
+use flamingo_common::train::Strategy;
 use flamingo_engine::batch::TrainBatch;
 use flamingo_engine::flops::FlopModel;
-use flamingo_engine::optim::AdamWConfig;
-use flamingo_engine::schedule::Schedule;
 use flamingo_engine::tiny::{write_tiny_model, TinyConfig};
 use flamingo_engine::trainer::{TrainConfig, Trainer};
 use flamingo_model::{load_flamingo_with, LoadOptions, ModelSpec};
 use flamingo_preprocess::FlamingoTokenizer;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
+
+#[path = "../train_config.rs"]
+mod train_config;
 
 #[derive(Debug, Parser)]
 #[command(about = "The training step on one GPU: CUDA correctness, and MFU of a 3B-shaped model")]
@@ -92,24 +93,7 @@ struct Shape {
 }
 
 fn train_config(strategy: Strategy, amp_bf16: bool, checkpointing: bool) -> TrainConfig {
-    TrainConfig {
-        strategy,
-        schedule: Schedule {
-            kind: LrScheduler::Constant,
-            base_lr: 1e-4,
-            warmup_steps: 0,
-            total_steps: 1000,
-        },
-        weight_decay: 0.1,
-        adamw: AdamWConfig::default(),
-        max_grad_norm: 1.0,
-        loss_multiplier_laion: 1.0,
-        loss_multiplier_mmc4: 1.0,
-        gradient_accumulation_steps: 1,
-        freeze_lm_embeddings: false,
-        amp_bf16,
-        gradient_checkpointing: checkpointing,
-    }
+    train_config::bench_config(strategy, false, amp_bf16, checkpointing)
 }
 
 /// A random interleaved batch: `images` `<image>` tokens per sample, the

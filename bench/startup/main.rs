@@ -33,15 +33,17 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 use flamingo_collectives::{Backend, ProcessGroup, ProcessGroupConfig};
-use flamingo_common::train::{LrScheduler, Strategy};
+use flamingo_common::train::Strategy;
 use flamingo_engine::batch::TrainBatch;
-use flamingo_engine::optim::AdamWConfig;
-use flamingo_engine::schedule::Schedule;
-use flamingo_engine::trainer::{TrainConfig, Trainer};
+use flamingo_engine::run::{peak_rss, read_bytes};
+use flamingo_engine::trainer::Trainer;
 use flamingo_model::{load_flamingo_with, LoadOptions, ModelSpec, Weights};
+use train_config::bench_config;
 
 #[path = "../baseline.rs"]
 mod baseline;
+#[path = "../train_config.rs"]
+mod train_config;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -153,16 +155,6 @@ fn proc_value(file: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// This process's peak resident memory so far, in bytes.
-fn peak_rss() -> u64 {
-    proc_value("/proc/self/status", "VmHWM:") * 1024
-}
-
-/// Bytes this process has read through `read`-family calls so far.
-fn read_bytes() -> u64 {
-    proc_value("/proc/self/io", "rchar:")
-}
-
 /// The memory the kernel says new processes can have, in bytes.
 fn mem_available() -> u64 {
     proc_value("/proc/meminfo", "MemAvailable:") * 1024
@@ -200,24 +192,7 @@ fn our_rank(spec_path: &Path, args: &Args) -> anyhow::Result<()> {
         ..LoadOptions::default()
     };
     let (model, tokenizer) = load_flamingo_with(&spec, options)?;
-    let config = TrainConfig {
-        strategy: Strategy::Full,
-        schedule: Schedule {
-            kind: LrScheduler::Constant,
-            base_lr: 1e-4,
-            warmup_steps: 0,
-            total_steps: 1000,
-        },
-        weight_decay: 0.1,
-        adamw: AdamWConfig::default(),
-        max_grad_norm: 1.0,
-        loss_multiplier_laion: 1.0,
-        loss_multiplier_mmc4: 1.0,
-        gradient_accumulation_steps: 1,
-        freeze_lm_embeddings: true,
-        amp_bf16: false,
-        gradient_checkpointing: false,
-    };
+    let config = bench_config(Strategy::Full, true, false, false);
     let mut trainer = Trainer::new(model, &tokenizer, Some(&group), config)?;
     let load_read_bytes = read_bytes() - before;
     let load_peak_rss_bytes = peak_rss();

@@ -33,7 +33,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "../model"))
+sys.path.append(os.path.join(os.path.dirname(__file__), "../train_step"))
 from reference import SIZES, Clip, build  # noqa: E402
+from fsdp_reference import train_fsdp_kwargs  # noqa: E402
 
 TOKENS = 32
 
@@ -114,8 +116,6 @@ def load(out, size):
 
 
 def rank(out, size, threads, steps):
-    from torch.distributed.fsdp import BackwardPrefetch, CPUOffload, ShardingStrategy
-
     torch.set_num_threads(threads)
     dist.init_process_group("gloo")
     before = read_bytes()
@@ -123,20 +123,7 @@ def rank(out, size, threads, steps):
     model.requires_grad_(False)
     model.perceiver.requires_grad_(True)
     model.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
-    model.wrap_fsdp(dict(
-        process_group=None,
-        cpu_offload=CPUOffload(offload_params=False),
-        device_id=torch.device("cpu"),
-        # train.py sets sync_module_states=True, which FSDP does only from
-        # a GPU; every rank loaded the same files, so the weights agree.
-        sync_module_states=False,
-        sharding_strategy=ShardingStrategy.FULL_SHARD,
-        use_orig_params=False,
-        mixed_precision=None,
-        forward_prefetch=True,
-        backward_prefetch=BackwardPrefetch.BACKWARD_PRE,
-        limit_all_gathers=True,
-    ), torch.device("cpu"))
+    model.wrap_fsdp(train_fsdp_kwargs(), torch.device("cpu"))
     model.train()
     parameters = [p for p in model.parameters()
                   if p.requires_grad and not getattr(p, "exclude_from_optimizer", False)]

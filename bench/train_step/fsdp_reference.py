@@ -60,6 +60,25 @@ def mmc4_batch(tokenizer, vocab, batch, image, generator):
     return ids, mask, labels, vision_x
 
 
+def train_fsdp_kwargs():
+    """train.py's FSDP arguments (fp32: no mixed-precision policy), on the CPU."""
+    return dict(
+        process_group=None,
+        cpu_offload=CPUOffload(offload_params=False),
+        device_id=torch.device("cpu"),
+        # train.py broadcasts rank 0's weights (sync_module_states=True);
+        # FSDP only does that from a GPU. Every rank built or loaded the
+        # same weights, so nothing is lost.
+        sync_module_states=False,
+        sharding_strategy=ShardingStrategy.FULL_SHARD,
+        use_orig_params=False,
+        mixed_precision=None,
+        forward_prefetch=True,
+        backward_prefetch=BackwardPrefetch.BACKWARD_PRE,
+        limit_all_gathers=True,
+    )
+
+
 def main():
     out, size, threads, batch, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     # "plain": no activation checkpointing (train.py without
@@ -84,22 +103,7 @@ def main():
         layer.decoder_layer._use_gradient_checkpointing = True
         if layer.gated_cross_attn_layer is not None:
             layer.gated_cross_attn_layer._use_gradient_checkpointing = True
-    # train.py's FSDP set-up (fp32: no mixed-precision policy; on the CPU).
-    wrapper_kwargs = dict(
-        process_group=None,
-        cpu_offload=CPUOffload(offload_params=False),
-        device_id=torch.device("cpu"),
-        # train.py broadcasts rank 0's weights; FSDP only does that from a
-        # GPU. Every rank built the same seeded model, so nothing is lost.
-        sync_module_states=False,
-        sharding_strategy=ShardingStrategy.FULL_SHARD,
-        use_orig_params=False,
-        mixed_precision=None,
-        forward_prefetch=True,
-        backward_prefetch=BackwardPrefetch.BACKWARD_PRE,
-        limit_all_gathers=True,
-    )
-    model.wrap_fsdp(wrapper_kwargs, torch.device("cpu"))
+    model.wrap_fsdp(train_fsdp_kwargs(), torch.device("cpu"))
     if checkpointing:
         apply_activation_checkpointing(
             model,

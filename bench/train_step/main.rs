@@ -13,12 +13,14 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Parser;
 use flamingo_collectives::{Backend, ProcessGroup, ProcessGroupConfig};
-use flamingo_common::train::{LrScheduler, Strategy};
+use flamingo_common::train::Strategy;
 use flamingo_engine::batch::TrainBatch;
-use flamingo_engine::optim::AdamWConfig;
-use flamingo_engine::schedule::Schedule;
-use flamingo_engine::trainer::{TrainConfig, Trainer};
+use flamingo_engine::trainer::Trainer;
 use flamingo_model::{load_flamingo_with, LoadOptions, ModelSpec, Weights};
+use train_config::bench_config;
+
+#[path = "../train_config.rs"]
+mod train_config;
 
 #[derive(Debug, Parser)]
 #[command(about = "Training step throughput against the Python OpenFlamingo step")]
@@ -77,28 +79,16 @@ fn ours(
         ..LoadOptions::default()
     };
     let (model, tokenizer) = load_flamingo_with(&spec, options)?;
-    let config = TrainConfig {
-        strategy: if sharded {
+    let config = bench_config(
+        if sharded {
             Strategy::Full
         } else {
             args.strategy
         },
-        schedule: Schedule {
-            kind: LrScheduler::Constant,
-            base_lr: 1e-4,
-            warmup_steps: 0,
-            total_steps: 1000,
-        },
-        weight_decay: 0.1,
-        adamw: AdamWConfig::default(),
-        max_grad_norm: 1.0,
-        loss_multiplier_laion: 1.0,
-        loss_multiplier_mmc4: 1.0,
-        gradient_accumulation_steps: 1,
-        freeze_lm_embeddings: sharded,
-        amp_bf16: false,
-        gradient_checkpointing: args.gradient_checkpointing,
-    };
+        sharded,
+        false,
+        args.gradient_checkpointing,
+    );
     let mut trainer = Trainer::new(model, &tokenizer, group, config)?;
     let mut saved = Weights::read_safetensors(&dir.join("batch.safetensors"))?;
     let mut take = |key: &str| saved.remove(key).with_context(|| format!("batch.{key}"));

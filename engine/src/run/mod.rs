@@ -17,6 +17,7 @@ use flamingo_collectives::ProcessGroup;
 use flamingo_common::train::{Strategy, TrainJob};
 
 pub use flamingo_common::jobs::PREEMPTED_EXIT_CODE;
+pub use reporting::{peak_rss, read_bytes};
 
 use crate::flops::FlopModel;
 use checkpointing::Cursors;

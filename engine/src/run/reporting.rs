@@ -414,7 +414,7 @@ impl Audit {
 }
 
 /// This process's peak resident memory so far (`VmHWM`), in bytes.
-pub(crate) fn peak_rss() -> u64 {
+pub fn peak_rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
@@ -443,7 +443,7 @@ pub(crate) fn restart_peak_rss() -> u64 {
 /// Bytes this process has read through `read`-family calls so far
 /// (`rchar` of `/proc/self/io`: files, whether or not the page cache held
 /// them, and sockets).
-pub(crate) fn read_bytes() -> u64 {
+pub fn read_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/io")
         .ok()
         .and_then(|io| {
