@@ -79,20 +79,24 @@ impl Replica {
 
     /// CPU seconds the process has used (user + system).
     fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
-        // utime and stime: fields 14 and 15 of stat, 12 and 13 after ")".
-        let ticks: f64 = [11, 12]
-            .iter()
-            .filter_map(|index| fields.get(*index)?.parse::<f64>().ok())
-            .sum();
-        // SAFETY: sysconf has no preconditions.
-        let hertz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        ticks / hertz.max(1.0)
+        cpu_seconds(self.child.id())
     }
+}
+
+/// CPU seconds process `pid` has used (user + system), from its stat.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    // utime and stime: fields 14 and 15 of stat, 12 and 13 after ")".
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|index| fields.get(*index)?.parse::<f64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hertz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hertz.max(1.0)
 }
 
 impl Drop for Replica {
@@ -212,9 +216,10 @@ pub async fn run(dir: &Path, counts: &[usize], rounds: usize) -> anyhow::Result<
     }
     let tls = credentials(dir)?;
     let spec = judged_spec(dir).await?;
-    const EPOCHS: u64 = 2;
+    const EPOCHS: u64 = 6;
     let mut best = vec![0.0f64; counts.len()];
     let mut cpu_per_sample = vec![f64::INFINITY; counts.len()];
+    let mut client_per_sample = vec![f64::INFINITY; counts.len()];
     let mut reference: Option<Vec<Vec<String>>> = None;
     let mut delivered = 0;
     for round in 0..rounds {
@@ -224,16 +229,19 @@ pub async fn run(dir: &Path, counts: &[usize], rounds: usize) -> anyhow::Result<
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let endpoints: Vec<String> = replicas.iter().map(Replica::endpoint).collect();
             let before: f64 = replicas.iter().map(Replica::cpu_seconds).sum();
+            let client_before = cpu_seconds(std::process::id());
             let (samples, seconds, keys) = job(&endpoints, &spec, EPOCHS).await?;
             let cpu: f64 = replicas.iter().map(Replica::cpu_seconds).sum::<f64>() - before;
+            let client = cpu_seconds(std::process::id()) - client_before;
             drop(replicas);
             let rate = samples as f64 / seconds;
             eprintln!(
                 "round {}/{rounds}: {count} replica(s) {samples} samples in {seconds:.2}s \
-                 ({rate:.1}/s), replicas' CPU {cpu:.2}s",
+                 ({rate:.1}/s), replicas' CPU {cpu:.2}s, ranks' CPU {client:.2}s",
                 round + 1
             );
             cpu_per_sample[slot] = cpu_per_sample[slot].min(cpu / samples.max(1) as f64);
+            client_per_sample[slot] = client_per_sample[slot].min(client / samples.max(1) as f64);
             match &reference {
                 None => reference = Some(keys),
                 Some(expected) if *expected != keys => {
@@ -253,20 +261,29 @@ pub async fn run(dir: &Path, counts: &[usize], rounds: usize) -> anyhow::Result<
         "each replica pinned to its own CPU of {} (the ranks' client shares them);",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    println!("ratio = against 1 replica in this run (best of {rounds} rounds each); replica CPU = the replicas' CPU time per sample, summed\n");
     println!(
-        "{:>8} {:>14} {:>8} {:>18}",
-        "replicas", "samples/s", "ratio", "replica CPU ms/sample"
+        "ratio = against 1 replica in this run (best of {rounds} rounds each); replica CPU = \
+         the replicas' CPU time per sample, summed; ranks' CPU = the receiving side's\n"
+    );
+    println!(
+        "{:>8} {:>14} {:>8} {:>22} {:>20}",
+        "replicas", "samples/s", "ratio", "replica CPU ms/sample", "ranks' CPU ms/sample"
     );
     let baseline = counts
         .iter()
         .position(|count| *count == 1)
         .map_or(best[0], |slot| best[slot]);
-    for ((count, rate), cpu) in counts.iter().zip(&best).zip(&cpu_per_sample) {
+    for (((count, rate), cpu), client) in counts
+        .iter()
+        .zip(&best)
+        .zip(&cpu_per_sample)
+        .zip(&client_per_sample)
+    {
         println!(
-            "{count:>8} {rate:>14.1} {:>8.3} {:>18.3}",
+            "{count:>8} {rate:>14.1} {:>8.3} {:>22.3} {:>20.3}",
             rate / baseline,
-            cpu * 1000.0
+            cpu * 1000.0,
+            client * 1000.0
         );
     }
     Ok(())

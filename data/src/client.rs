@@ -308,13 +308,27 @@ async fn feed(
 }
 
 /// The replica's endpoint: mutual TLS with this process's credentials
-/// (`FLAMINGO_TLS_*`) when it has them.
+/// (`FLAMINGO_TLS_*`) when it has them. A batch is megabytes, so the
+/// HTTP/2 windows and frames are sized for it: with the 64 KiB defaults
+/// the rank sends a window update every few frames and handles every
+/// 16 KiB frame on its own, which cost a fifth of its receiving CPU.
 fn data_endpoint(
     url: &str,
 ) -> Result<tonic::transport::Endpoint, flamingo_security::SecurityError> {
     let tls = flamingo_security::client_tls_from_env()?;
-    flamingo_security::endpoint(url, tls.as_ref(), flamingo_security::DATA_SERVICE_NAME)
+    Ok(
+        flamingo_security::endpoint(url, tls.as_ref(), flamingo_security::DATA_SERVICE_NAME)?
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(2 * STREAM_WINDOW)
+            .max_frame_size(FRAME),
+    )
 }
+
+/// Bytes a replica may send a rank's stream ahead of what it has read:
+/// about a batch of 8 images at 224 px, beyond the rank's own buffer.
+const STREAM_WINDOW: u32 = 2 << 20;
+/// The largest HTTP/2 frame the rank accepts.
+const FRAME: u32 = 1 << 20;
 
 #[cfg(test)]
 mod tests {

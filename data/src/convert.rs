@@ -1,6 +1,7 @@
 //! Domain types of the batch stream and their conversions to and from
 //! `flamingo.v1` messages (the only place that touches `pb::` types).
 
+use bytes::Bytes;
 use flamingo_preprocess::{OPENAI_MEAN, OPENAI_STD};
 use flamingo_proto::v1 as pb;
 
@@ -30,7 +31,8 @@ pub struct RankBatch {
     pub image_format: ImageFormat,
     /// `[b, t, 3, h, w]`
     pub image_shape: [usize; 5],
-    pub images: Vec<u8>,
+    /// The pixels, shared with the received message (not copied out of it).
+    pub images: Bytes,
     /// `[b, length]`
     pub token_shape: [usize; 2],
     pub input_ids: Vec<i64>,
@@ -132,7 +134,7 @@ impl RankBatch {
                 .collect(),
             image_format: format,
             image_shape: [samples.len(), images_per_sample, 3, side, side],
-            images,
+            images: Bytes::from(images),
             token_shape: [samples.len(), length],
             input_ids,
             attention_mask,
@@ -200,7 +202,7 @@ impl RankBatch {
             image_order: Vec::with_capacity(samples),
             image_format: first.image_format,
             image_shape: [samples, images_per_sample, 3, side, side],
-            images: Vec::with_capacity(samples * per_sample),
+            images: Bytes::new(),
             token_shape: [samples, length],
             input_ids: Vec::with_capacity(samples * length),
             attention_mask: Vec::with_capacity(samples * length),
@@ -208,6 +210,7 @@ impl RankBatch {
             skipped: first.skipped.clone(),
             pad_token_id: pad,
         };
+        let mut images = Vec::with_capacity(samples * per_sample);
         for piece in all() {
             joined.keys.extend_from_slice(&piece.keys);
             joined.num_images.extend_from_slice(&piece.num_images);
@@ -230,14 +233,13 @@ impl RankBatch {
                 joined.labels.extend(std::iter::repeat_n(IGNORE, missing));
             }
             if piece.image_shape[3] == side {
-                joined.images.extend_from_slice(&piece.images);
+                images.extend_from_slice(&piece.images);
             } else {
                 // A piece whose samples hold no image at all.
-                joined
-                    .images
-                    .extend(std::iter::repeat_n(0u8, count * per_sample));
+                images.extend(std::iter::repeat_n(0u8, count * per_sample));
             }
         }
+        joined.images = Bytes::from(images);
         Ok(joined)
     }
 }
