@@ -18,7 +18,7 @@
 //! byte range ([`shard_of`]): a rank never holds a whole unit it only keeps
 //! a shard of.
 
-use flamingo_collectives::{ProcessGroup, Work};
+use flamingo_collectives::{ProcessGroup, ReduceOp, Work};
 use flamingo_model::{Flamingo, Unit};
 use flamingo_torch_shim::autograd::{fl_autograd_grad, fl_storage_alloc, fl_storage_free};
 use tch::{Kind, Tensor};
@@ -390,9 +390,11 @@ pub fn trim_heap() {
     }
 }
 
-/// Elements per piece of a large gather over gloo ([`gather_into`]):
+/// The most values a gather or reduce-scatter over gloo moves in one go
+/// ([`gather_into`], [`reduce_scatter`]), counted over the whole unit, since
+/// torch's gloo collectives stage the whole unit once more:
 /// `FLAMINGO_GLOO_GATHER_PIECE`, by default 16 Mi (64 MiB of fp32).
-fn gloo_piece_elements() -> i64 {
+fn gloo_piece_limit() -> i64 {
     static PIECE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
     *PIECE.get_or_init(|| {
         std::env::var("FLAMINGO_GLOO_GATHER_PIECE")
@@ -403,14 +405,35 @@ fn gloo_piece_elements() -> i64 {
     })
 }
 
+/// For a shard of `len` values of each of `world` ranks over gloo: the
+/// values per rank of each piece when the whole is moved in pieces (it is
+/// larger than [`gloo_piece_limit`]), `None` when it is moved in one go.
+fn gloo_piece(len: i64, world: i64) -> Option<i64> {
+    let limit = gloo_piece_limit();
+    (len * world > limit).then(|| (limit / world.max(1)).max(1))
+}
+
+/// Whether gathering unit `shard` (this rank's trainable values, and its
+/// frozen ones if any) over `world` ranks runs in the background: always
+/// with NCCL; over gloo only in one go, when no part is moved in pieces
+/// (pieces are waited for one by one, see [`gather_into`]).
+pub fn gathers_in_background(shard: &UnitShard, world: i64, device: tch::Device) -> bool {
+    let frozen = shard
+        .frozen
+        .as_ref()
+        .map_or(0, |frozen| frozen.numel() as i64);
+    device.is_cuda()
+        || (gloo_piece(shard.len, world).is_none() && gloo_piece(frozen, world).is_none())
+}
+
 /// All-gathers this rank's `source` into `whole` (`world` × its length,
 /// rank by rank). torch's gloo all-gather stages the whole output in a
 /// temporary of its own and then copies it into ours, so a unit gathered
-/// in one go briefly takes twice its size: a shard longer than
-/// [`gloo_piece_elements`] on the CPU is gathered piece by piece through
-/// a small staging buffer instead, each piece waited for (the gather is
-/// then not overlapped with compute). NCCL gathers in place, in one go,
-/// asynchronously (the work joins `works`).
+/// in one go briefly takes twice its size: a unit larger than
+/// [`gloo_piece_limit`] on the CPU is gathered piece by piece through a
+/// staging buffer of that size instead, each piece waited for (the gather
+/// is then not overlapped with compute). NCCL gathers in place, in one
+/// go, asynchronously (the work joins `works`).
 fn gather_into(
     group: &ProcessGroup,
     whole: &Tensor,
@@ -418,12 +441,14 @@ fn gather_into(
     works: &mut Vec<Work>,
 ) -> Result<(), TrainError> {
     let len = source.numel() as i64;
-    let piece = gloo_piece_elements();
-    if source.device().is_cuda() || len <= piece {
-        works.push(group.all_gather_into_tensor_async(whole, source)?);
-        return Ok(());
-    }
-    let world = whole.numel() as i64 / len;
+    let world = whole.numel() as i64 / len.max(1);
+    let piece = match gloo_piece(len, world) {
+        Some(piece) if !source.device().is_cuda() => piece,
+        _ => {
+            works.push(group.all_gather_into_tensor_async(whole, source)?);
+            return Ok(());
+        }
+    };
     let rows = whole.view([world, len]);
     let mut start = 0;
     while start < len {
@@ -439,6 +464,40 @@ fn gather_into(
         start += length;
     }
     Ok(())
+}
+
+/// Sums `whole` (`world` × `len` values, rank by rank) over the group and
+/// returns this rank's `len`. torch's gloo reduce-scatter clones the whole
+/// input and all-reduces the clone, so a large unit's gradient would be
+/// held twice more: over gloo a unit larger than [`gloo_piece_limit`] is
+/// reduced piece by piece through a staging buffer of that size. NCCL
+/// reduces in one go.
+pub fn reduce_scatter(
+    group: &ProcessGroup,
+    whole: &Tensor,
+    len: i64,
+) -> Result<Tensor, TrainError> {
+    let reduced = Tensor::empty([len], (whole.kind(), whole.device()));
+    let world = whole.numel() as i64 / len.max(1);
+    let piece = match gloo_piece(len, world) {
+        Some(piece) if !whole.device().is_cuda() => piece,
+        _ => {
+            group.reduce_scatter_tensor(&reduced, whole, ReduceOp::Sum)?;
+            return Ok(reduced);
+        }
+    };
+    let rows = whole.view([world, len]);
+    let mut start = 0;
+    while start < len {
+        let length = piece.min(len - start);
+        let staged = rows
+            .narrow(1, start, length)
+            .contiguous()
+            .view([world * length]);
+        group.reduce_scatter_tensor(&reduced.narrow(0, start, length), &staged, ReduceOp::Sum)?;
+        start += length;
+    }
+    Ok(reduced)
 }
 
 /// Waits for a gather and points the unit's tensors at the whole buffers.

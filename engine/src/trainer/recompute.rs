@@ -86,8 +86,9 @@ impl Pass<'_> {
         }
     }
 
-    /// Waits for the next unit of the pass, starts gathering the one after,
-    /// and points the model at the waited-for unit's whole weights.
+    /// Waits for the next unit of the pass, starts gathering the one after
+    /// (when that gather runs in the background), and points the model at
+    /// the waited-for unit's whole weights.
     fn acquire(&mut self, fetch: &mut Prefetcher) -> Result<(usize, Gathered), TrainError> {
         let index = fetch.order[fetch.position];
         let current = match fetch.ahead.take() {
@@ -96,7 +97,9 @@ impl Pass<'_> {
         };
         fetch.position += 1;
         if let Some(&next) = fetch.order.get(fetch.position) {
-            fetch.ahead = Some(self.state.start_gather(next)?);
+            if self.state.gathers_in_background(next) {
+                fetch.ahead = Some(self.state.start_gather(next)?);
+            }
         }
         let ahead = fetch.ahead.as_ref().map_or(0, |gathered| gathered.bytes);
         Ok((index, self.state.install(current, ahead)?))
@@ -401,7 +404,7 @@ impl Pass<'_> {
                 media_leaf,
                 backward,
             )?;
-            self.state.sink(unit.index, &grads)?;
+            self.state.sink(unit.index, grads)?;
             self.state.release(unit.index, gathered);
             layer = layer.saturating_sub(1);
         }
@@ -419,7 +422,8 @@ impl Pass<'_> {
                     (a, b) => a.or(b),
                 };
             }
-            self.state.sink(unit.index, &backward.text_grads)?;
+            self.state
+                .sink(unit.index, std::mem::take(&mut backward.text_grads))?;
             self.state.release(unit.index, gathered);
         }
         if let Some(mut unit) = kept.perceiver.take() {
@@ -429,7 +433,7 @@ impl Pass<'_> {
             let gathered = self.state.install(gathered, 0)?;
             if let Some(media_grad) = backward.media_grad.take() {
                 let (_, grads) = self.backward_unit(unit.index, &unit.output, &media_grad, &[])?;
-                self.state.sink(unit.index, &grads)?;
+                self.state.sink(unit.index, grads)?;
             }
             self.state.release(unit.index, gathered);
         }
@@ -499,7 +503,7 @@ impl Pass<'_> {
             })?;
             let grads =
                 self.layer_backward((layer, index), &input, &output, media_leaf, backward)?;
-            self.state.sink(index, &grads)?;
+            self.state.sink(index, grads)?;
             self.state.release(index, gathered);
         }
         self.mark("layers recompute and backward");
@@ -524,7 +528,8 @@ impl Pass<'_> {
                 (a, b) => a.or(b),
             };
         }
-        self.state.sink(index, &backward.text_grads)?;
+        self.state
+            .sink(index, std::mem::take(&mut backward.text_grads))?;
         self.state.release(index, gathered);
         Ok(())
     }
@@ -541,7 +546,7 @@ impl Pass<'_> {
         if let Some(media_grad) = media_grad {
             let resampled = self.bf16(device, || Ok(self.model.perceive(features)?))?;
             let (_, grads) = self.backward_unit(index, &resampled, &media_grad, &[])?;
-            self.state.sink(index, &grads)?;
+            self.state.sink(index, grads)?;
         }
         self.state.release(index, gathered);
         self.mark("embedding and perceiver backward");

@@ -256,7 +256,7 @@ impl ParameterState for Replicated<'_> {
         drop(gathered);
     }
 
-    fn sink(&mut self, index: usize, grads: &[Option<Tensor>]) -> Result<(), TrainError> {
+    fn sink(&mut self, index: usize, grads: Vec<Option<Tensor>>) -> Result<(), TrainError> {
         let plan = &self.units[index];
         let recomputed = self
             .recomputed
@@ -266,7 +266,8 @@ impl ParameterState for Replicated<'_> {
             return Ok(());
         }
         let whole = Tensor::zeros([plan.len], (Kind::Float, self.flat.device()));
-        units::place_gradients(&whole, plan, grads);
+        units::place_gradients(&whole, plan, &grads);
+        drop(grads);
         let _ = recomputed.narrow(0, plan.start, plan.len).g_add_(&whole);
         Ok(())
     }

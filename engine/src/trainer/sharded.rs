@@ -38,7 +38,7 @@ pub(crate) struct ShardedUnits<'g> {
 
 /// Gathered units at least this large give the heap's free pages back
 /// when they are released or parked.
-const LARGE_UNIT_BYTES: i64 = 64 << 20;
+const LARGE_UNIT_BYTES: i64 = 16 << 20;
 
 impl<'g> ShardedUnits<'g> {
     /// Keeps this rank's shard of every unit (rank 0's trainable values, as
@@ -336,12 +336,16 @@ impl ParameterState for ShardedUnits<'_> {
         )
     }
 
+    fn gathers_in_background(&self, index: usize) -> bool {
+        units::gathers_in_background(&self.shards[index], self.world(), self.local.device())
+    }
+
     fn install(&mut self, gathered: Gathered, ahead: i64) -> Result<Gathered, TrainError> {
         self.gathered_peak = self.gathered_peak.max(gathered.bytes + ahead);
         units::install(&self.units, gathered)
     }
 
-    /// After a large unit (64 MiB or more gathered) the heap's free pages
+    /// After a large unit (16 MiB or more gathered) the heap's free pages
     /// go back to the system: what the unit's run freed would otherwise
     /// stay with the process and add to the next unit's (the 3B bench
     /// shape's forward at 4 ranks peaked at 3.25-3.40 GiB per rank without,
@@ -373,9 +377,11 @@ impl ParameterState for ShardedUnits<'_> {
         )
     }
 
-    /// The unit's whole gradient is reduce-scattered at once and only this
-    /// rank's shard is kept (`hybrid`: summed over the nodes too).
-    fn sink(&mut self, index: usize, grads: &[Option<Tensor>]) -> Result<(), TrainError> {
+    /// The unit's whole gradient is reduce-scattered and only this rank's
+    /// shard is kept (`hybrid`: summed over the nodes too). The members'
+    /// gradients are dropped once placed in the flat buffer, so a unit's
+    /// gradient is held once, not twice, while it is reduced.
+    fn sink(&mut self, index: usize, grads: Vec<Option<Tensor>>) -> Result<(), TrainError> {
         if self.units[index].len == 0 {
             return Ok(());
         }
@@ -384,16 +390,13 @@ impl ParameterState for ShardedUnits<'_> {
         let world = self.world();
         let device = self.local.device();
         let whole = Tensor::zeros([shard.len * world], (Kind::Float, device));
-        units::place_gradients(&whole, plan, grads);
+        units::place_gradients(&whole, plan, &grads);
+        drop(grads);
         if let Some(embedding) = &self.embedding {
             embedding.mask(&whole, plan.start, plan.len);
         }
         let reduced = match self.shard_group.filter(|_| world > 1) {
-            Some(group) => {
-                let reduced = Tensor::empty([shard.len], (Kind::Float, device));
-                group.reduce_scatter_tensor(&reduced, &whole, ReduceOp::Sum)?;
-                reduced
-            }
+            Some(group) => units::reduce_scatter(group, &whole, shard.len)?,
             None => whole,
         };
         // `hybrid`: the other nodes computed the same shard's gradient on

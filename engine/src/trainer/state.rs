@@ -172,6 +172,12 @@ pub(crate) trait ParameterState {
     /// Starts making unit `index`'s whole weights available (a gather
     /// under `full`; nothing otherwise).
     fn start_gather(&self, index: usize) -> Result<Gathered, TrainError>;
+    /// Whether unit `index`'s gather runs in the background, so that
+    /// starting it one unit ahead overlaps it with compute (otherwise it
+    /// is started when the unit is needed, and one unit less is held).
+    fn gathers_in_background(&self, _index: usize) -> bool {
+        true
+    }
     /// Waits for `gathered` and points the model at it; `ahead` bytes are
     /// being gathered meanwhile.
     fn install(&mut self, gathered: Gathered, ahead: i64) -> Result<Gathered, TrainError>;
@@ -190,8 +196,9 @@ pub(crate) trait ParameterState {
         Ok(gathered)
     }
     /// Adds a unit's weight gradients (one per trainable member, `None`
-    /// where unused) to what the step accumulates.
-    fn sink(&mut self, index: usize, grads: &[Option<Tensor>]) -> Result<(), TrainError>;
+    /// where unused) to what the step accumulates; they are dropped as
+    /// soon as they are placed.
+    fn sink(&mut self, index: usize, grads: Vec<Option<Tensor>>) -> Result<(), TrainError>;
 
     /// Drops the step's gradients (a skipped step).
     fn discard_gradients(&mut self);
