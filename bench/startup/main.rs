@@ -72,6 +72,12 @@ struct Args {
     /// Ranks for --forward.
     #[arg(long, default_value_t = 4)]
     forward_world: usize,
+    /// `FLAMINGO_GLOO_GATHER_PIECE` for the --forward ranks: units of more
+    /// values than this are gathered in pieces and not prefetched, the
+    /// setting for a model that barely fits (0: the engine's default,
+    /// 64 Mi, which keeps gathers of up to 256 MiB in the background).
+    #[arg(long, default_value_t = 1 << 24)]
+    forward_gather_piece: u64,
     /// With --forward, also try our path reading every weight (it does not
     /// fit at 4 ranks in 24 GiB: its ranks are stopped when memory runs out).
     #[arg(long)]
@@ -433,6 +439,12 @@ fn training(args: &Args, root: &Path) -> anyhow::Result<()> {
             .arg(dir.join(spec))
             .args(whole.then_some("--whole"))
             .env("OMP_NUM_THREADS", &threads);
+        if args.forward_gather_piece > 0 {
+            command.env(
+                "FLAMINGO_GLOO_GATHER_PIECE",
+                args.forward_gather_piece.to_string(),
+            );
+        }
         command
     };
     let mut summary = Vec::new();
@@ -503,6 +515,12 @@ fn forward(args: &Args, size: &str, root: &Path) -> anyhow::Result<()> {
             .arg(dir.join(spec))
             .args(whole.then_some("--whole"))
             .env("OMP_NUM_THREADS", &threads);
+        if args.forward_gather_piece > 0 {
+            command.env(
+                "FLAMINGO_GLOO_GATHER_PIECE",
+                args.forward_gather_piece.to_string(),
+            );
+        }
         command
     };
     let shards = side(
@@ -511,10 +529,15 @@ fn forward(args: &Args, size: &str, root: &Path) -> anyhow::Result<()> {
         "shards forward",
     )?;
     println!(
-        "\n{size}: {parameters} parameters, {:.2} GiB in fp32; {} ranks, one forward of a batch of {}, the loss against the Python model's",
+        "\n{size}: {parameters} parameters, {:.2} GiB in fp32; {} ranks, one forward of a batch of {}, the loss against the Python model's; \
+         units over {} values gathered in pieces (--forward-gather-piece)",
         gib(fp32),
         args.forward_world,
-        args.batch
+        args.batch,
+        match args.forward_gather_piece {
+            0 => "64 Mi (the default)".to_string(),
+            piece => piece.to_string(),
+        }
     );
     println!(
         "{:>5} {:<8} {:>13} {:>13} {:>10} {:>13} {:>12} {:>12} {:>10}",

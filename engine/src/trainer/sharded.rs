@@ -38,7 +38,7 @@ pub(crate) struct ShardedUnits<'g> {
 
 /// Gathered units at least this large give the heap's free pages back
 /// when they are released or parked.
-const LARGE_UNIT_BYTES: i64 = 16 << 20;
+const LARGE_UNIT_BYTES: i64 = 64 << 20;
 
 impl<'g> ShardedUnits<'g> {
     /// Keeps this rank's shard of every unit (rank 0's trainable values, as
@@ -345,7 +345,7 @@ impl ParameterState for ShardedUnits<'_> {
         units::install(&self.units, gathered)
     }
 
-    /// After a large unit (16 MiB or more gathered) the heap's free pages
+    /// After a large unit (64 MiB or more gathered) the heap's free pages
     /// go back to the system: what the unit's run freed would otherwise
     /// stay with the process and add to the next unit's (the 3B bench
     /// shape's forward at 4 ranks peaked at 3.25-3.40 GiB per rank without,
