@@ -439,12 +439,6 @@ fn training(args: &Args, root: &Path) -> anyhow::Result<()> {
             .arg(dir.join(spec))
             .args(whole.then_some("--whole"))
             .env("OMP_NUM_THREADS", &threads);
-        if args.forward_gather_piece > 0 {
-            command.env(
-                "FLAMINGO_GLOO_GATHER_PIECE",
-                args.forward_gather_piece.to_string(),
-            );
-        }
         command
     };
     let mut summary = Vec::new();
