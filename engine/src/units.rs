@@ -390,15 +390,15 @@ pub fn trim_heap() {
     }
 }
 
-/// The most values a gather or reduce-scatter over gloo moves in one go
-/// ([`gather_into`], [`reduce_scatter`]), counted over the whole unit, since
-/// torch's gloo collectives stage the whole unit once more:
-/// `FLAMINGO_GLOO_GATHER_PIECE`, by default 64 Mi (256 MiB of fp32). A
-/// unit moved in pieces is not prefetched (the pieces are waited for), so
-/// the default keeps the 1B bench shape's units (up to 252 MiB) in the
-/// background; 16 Mi holds one unit less at a time on a model that barely
-/// fits (the 3B shape's forward at 4 ranks: 32% of fp32 per rank instead
-/// of 35%) and makes the 1B shape's first step at 4 ranks 20% slower.
+/// The largest unit, in values over all ranks, that gloo moves in one go
+/// and prefetches: `FLAMINGO_GLOO_GATHER_PIECE`, by default 64 Mi (256 MiB
+/// of fp32). A larger unit is gathered only when it is used, not while the
+/// unit before it runs, so a rank holds one whole unit less at a time, and
+/// its gradient is reduce-scattered in pieces of this size
+/// ([`reduce_scatter`]). The default prefetches every unit of the 1B bench
+/// shape (up to 252 MiB); 16 Mi suits a model that barely fits (the 3B
+/// shape's forward at 4 ranks) and makes the 1B shape's first step at 4
+/// ranks slower.
 fn gloo_piece_limit() -> i64 {
     static PIECE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
     *PIECE.get_or_init(|| {
@@ -419,9 +419,9 @@ fn gloo_piece(len: i64, world: i64) -> Option<i64> {
 }
 
 /// Whether gathering unit `shard` (this rank's trainable values, and its
-/// frozen ones if any) over `world` ranks runs in the background: always
-/// with NCCL; over gloo only in one go, when no part is moved in pieces
-/// (pieces are waited for one by one, see [`gather_into`]).
+/// frozen ones if any) over `world` ranks may start while the unit before
+/// it runs: always with NCCL; over gloo when no part is larger than
+/// [`gloo_piece_limit`].
 pub fn gathers_in_background(shard: &UnitShard, world: i64, device: tch::Device) -> bool {
     let frozen = shard
         .frozen
@@ -431,42 +431,29 @@ pub fn gathers_in_background(shard: &UnitShard, world: i64, device: tch::Device)
         || (gloo_piece(shard.len, world).is_none() && gloo_piece(frozen, world).is_none())
 }
 
-/// All-gathers this rank's `source` into `whole` (`world` × its length,
-/// rank by rank). torch's gloo all-gather stages the whole output in a
-/// temporary of its own and then copies it into ours, so a unit gathered
-/// in one go briefly takes twice its size: a unit larger than
-/// [`gloo_piece_limit`] on the CPU is gathered piece by piece through a
-/// staging buffer of that size instead, each piece waited for (the gather
-/// is then not overlapped with compute). NCCL gathers in place, in one
-/// go, asynchronously (the work joins `works`).
+/// Starts gathering every rank's `source` into `whole` (`world` × its
+/// length, rank by rank); the works join `works`. NCCL gathers in place.
+/// Over gloo each rank broadcasts its shard straight into its row of
+/// `whole`, one broadcast per rank: torch's gloo all-gather would receive
+/// into a staging buffer of the whole unit and then copy it over, which
+/// doubles the unit's memory while it is gathered and, with the pages of a
+/// fresh staging buffer faulted in at every gather, made a 2-rank step on
+/// the neox bench shape about a fifth slower.
 fn gather_into(
     group: &ProcessGroup,
     whole: &Tensor,
     source: &Tensor,
     works: &mut Vec<Work>,
 ) -> Result<(), TrainError> {
+    if source.device().is_cuda() {
+        works.push(group.all_gather_into_tensor_async(whole, source)?);
+        return Ok(());
+    }
     let len = source.numel() as i64;
-    let world = whole.numel() as i64 / len.max(1);
-    let piece = match gloo_piece(len, world) {
-        Some(piece) if !source.device().is_cuda() => piece,
-        _ => {
-            works.push(group.all_gather_into_tensor_async(whole, source)?);
-            return Ok(());
-        }
-    };
-    let rows = whole.view([world, len]);
-    let mut start = 0;
-    while start < len {
-        let length = piece.min(len - start);
-        let staged = Tensor::empty([world * length], (source.kind(), source.device()));
-        group.all_gather_into_tensor(&staged, &source.narrow(0, start, length))?;
-        // The buffers hold no autograd state of their own: the members'
-        // tensors point at views of them through `set_data`.
-        tch::no_grad(|| {
-            rows.narrow(1, start, length)
-                .copy_(&staged.view([world, length]))
-        });
-        start += length;
+    let world = group.world_size();
+    tch::no_grad(|| whole.narrow(0, group.rank() * len, len).copy_(source));
+    for root in 0..world {
+        works.push(group.broadcast_async(&whole.narrow(0, root * len, len), root)?);
     }
     Ok(())
 }
