@@ -73,7 +73,7 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     forward_world: usize,
     /// `FLAMINGO_GLOO_GATHER_PIECE` for the --forward ranks: units of more
-    /// values than this are not prefetched (and their gradients reduced in pieces), the
+    /// values than this are not prefetched, the
     /// setting for a model that barely fits (0: the engine's default,
     /// 64 Mi, which keeps gathers of up to 256 MiB in the background).
     #[arg(long, default_value_t = 1 << 24)]

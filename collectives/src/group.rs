@@ -465,6 +465,47 @@ impl ProcessGroup {
         self.start_broadcast(tensor, root, false)?.wait()
     }
 
+    /// Starts reducing every rank's `tensor` into `root`'s, in place. On
+    /// the other ranks `tensor` is scratch: its contents are undefined once
+    /// the work is done.
+    pub fn reduce_async(&self, tensor: &Tensor, root: i64, op: ReduceOp) -> Result<Work> {
+        self.start_reduce(tensor, root, op, true)
+    }
+
+    fn start_reduce(
+        &self,
+        tensor: &Tensor,
+        root: i64,
+        op: ReduceOp,
+        async_op: bool,
+    ) -> Result<Work> {
+        Self::check_dense("reduce", tensor, "the")?;
+        if root < 0 || root >= self.world_size {
+            return Err(CollectiveError::InvalidArgument {
+                op: "reduce",
+                message: format!("root {root} is outside [0, {})", self.world_size),
+            });
+        }
+        let mut target = tensor.shallow_clone();
+        let mut error = std::ptr::null_mut();
+        // SAFETY: raw pointers come from live objects held for the work's life.
+        let raw = unsafe {
+            ffi::fl_reduce(
+                self.raw,
+                target.as_mut_ptr(),
+                root as i32,
+                op.code(),
+                i32::from(async_op),
+                &mut error,
+            )
+        };
+        self.finish("reduce", raw, error, vec![target])
+    }
+
+    pub fn reduce(&self, tensor: &Tensor, root: i64, op: ReduceOp) -> Result<()> {
+        self.start_reduce(tensor, root, op, false)?.wait()
+    }
+
     pub fn barrier_async(&self) -> Result<Work> {
         self.start_barrier(true)
     }

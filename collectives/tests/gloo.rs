@@ -127,6 +127,17 @@ fn check_all(group: &ProcessGroup) {
         "broadcast",
     );
 
+    // reduce into each rank in turn: only the root's result is defined.
+    for root in 0..world {
+        let reduced = Tensor::arange(6, (Kind::Float, tch::Device::Cpu)) + rank as f64;
+        group.reduce(&reduced, root, ReduceOp::Sum).expect("reduce");
+        if rank == root {
+            let expected = Tensor::arange(6, (Kind::Float, tch::Device::Cpu)) * world_f
+                + world_f * (world_f - 1.0) / 2.0;
+            assert_close(&reduced, &expected, &format!("reduce to {root}"));
+        }
+    }
+
     // Asynchronous forms: two collectives in flight at once.
     let gather_out = Tensor::zeros([2 * world], (Kind::Float, tch::Device::Cpu));
     let gather_in = Tensor::full([2], rank as f64, (Kind::Float, tch::Device::Cpu));

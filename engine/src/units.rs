@@ -390,16 +390,14 @@ pub fn trim_heap() {
     }
 }
 
-/// The largest unit, in values over all ranks, that gloo moves in one go
-/// and prefetches: `FLAMINGO_GLOO_GATHER_PIECE`, by default 64 Mi (256 MiB
-/// of fp32). A larger unit is gathered only when it is used, not while the
-/// unit before it runs, so a rank holds one whole unit less at a time, and
-/// its gradient is reduce-scattered in pieces of this size
-/// ([`reduce_scatter`]). The default prefetches every unit of the 1B bench
-/// shape (up to 252 MiB); 16 Mi suits a model that barely fits (the 3B
-/// shape's forward at 4 ranks) and makes the 1B shape's first step at 4
-/// ranks slower.
-fn gloo_piece_limit() -> i64 {
+/// The largest unit, in values over all ranks, that is prefetched over
+/// gloo: `FLAMINGO_GLOO_GATHER_PIECE`, by default 64 Mi (256 MiB of fp32).
+/// A larger unit is gathered only when it is used, not while the unit
+/// before it runs, so a rank holds one whole unit less at a time. The
+/// default prefetches every unit of the 1B bench shape (up to 252 MiB);
+/// 16 Mi suits a model that barely fits (the 3B shape's forward at 4
+/// ranks) and makes the 1B shape's first step at 4 ranks slower.
+fn gloo_prefetch_limit() -> i64 {
     static PIECE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
     *PIECE.get_or_init(|| {
         std::env::var("FLAMINGO_GLOO_GATHER_PIECE")
@@ -410,25 +408,23 @@ fn gloo_piece_limit() -> i64 {
     })
 }
 
-/// For a shard of `len` values of each of `world` ranks over gloo: the
-/// values per rank of each piece when the whole is moved in pieces (it is
-/// larger than [`gloo_piece_limit`]), `None` when it is moved in one go.
-fn gloo_piece(len: i64, world: i64) -> Option<i64> {
-    let limit = gloo_piece_limit();
-    (len * world > limit).then(|| (limit / world.max(1)).max(1))
+/// Whether a shard of `len` values of each of `world` ranks makes a unit
+/// larger than [`gloo_prefetch_limit`].
+fn too_large_to_prefetch(len: i64, world: i64) -> bool {
+    len * world > gloo_prefetch_limit()
 }
 
 /// Whether gathering unit `shard` (this rank's trainable values, and its
 /// frozen ones if any) over `world` ranks may start while the unit before
 /// it runs: always with NCCL; over gloo when no part is larger than
-/// [`gloo_piece_limit`].
+/// [`gloo_prefetch_limit`].
 pub fn gathers_in_background(shard: &UnitShard, world: i64, device: tch::Device) -> bool {
     let frozen = shard
         .frozen
         .as_ref()
         .map_or(0, |frozen| frozen.numel() as i64);
     device.is_cuda()
-        || (gloo_piece(shard.len, world).is_none() && gloo_piece(frozen, world).is_none())
+        || !(too_large_to_prefetch(shard.len, world) || too_large_to_prefetch(frozen, world))
 }
 
 /// Starts gathering every rank's `source` into `whole` (`world` × its
@@ -459,37 +455,30 @@ fn gather_into(
 }
 
 /// Sums `whole` (`world` × `len` values, rank by rank) over the group and
-/// returns this rank's `len`. torch's gloo reduce-scatter clones the whole
-/// input and all-reduces the clone, so a large unit's gradient would be
-/// held twice more: over gloo a unit larger than [`gloo_piece_limit`] is
-/// reduced piece by piece through a staging buffer of that size. NCCL
-/// reduces in one go.
+/// returns this rank's `len`. NCCL reduce-scatters in one go. Over gloo
+/// each rank's row is reduced into that rank, one reduce per rank, in
+/// place: torch's gloo reduce-scatter would copy the whole input and
+/// all-reduce the copy, holding the unit's gradient twice and moving more
+/// bytes than a reduce per row (gloo's is a ring reduce-scatter and a
+/// gather to the root). `whole` is scratch afterwards.
 pub fn reduce_scatter(
     group: &ProcessGroup,
     whole: &Tensor,
     len: i64,
 ) -> Result<Tensor, TrainError> {
-    let reduced = Tensor::empty([len], (whole.kind(), whole.device()));
-    let world = whole.numel() as i64 / len.max(1);
-    let piece = match gloo_piece(len, world) {
-        Some(piece) if !whole.device().is_cuda() => piece,
-        _ => {
-            group.reduce_scatter_tensor(&reduced, whole, ReduceOp::Sum)?;
-            return Ok(reduced);
-        }
-    };
-    let rows = whole.view([world, len]);
-    let mut start = 0;
-    while start < len {
-        let length = piece.min(len - start);
-        let staged = rows
-            .narrow(1, start, length)
-            .contiguous()
-            .view([world * length]);
-        group.reduce_scatter_tensor(&reduced.narrow(0, start, length), &staged, ReduceOp::Sum)?;
-        start += length;
+    if whole.device().is_cuda() {
+        let reduced = Tensor::empty([len], (whole.kind(), whole.device()));
+        group.reduce_scatter_tensor(&reduced, whole, ReduceOp::Sum)?;
+        return Ok(reduced);
     }
-    Ok(reduced)
+    let world = group.world_size();
+    let works = (0..world)
+        .map(|root| group.reduce_async(&whole.narrow(0, root * len, len), root, ReduceOp::Sum))
+        .collect::<Result<Vec<_>, _>>()?;
+    for work in works {
+        work.wait()?;
+    }
+    Ok(whole.narrow(0, group.rank() * len, len))
 }
 
 /// Waits for a gather and points the unit's tensors at the whole buffers.

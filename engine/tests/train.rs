@@ -375,8 +375,8 @@ fn rank_entry() {
     };
     // `full+checkpointing`: the strategy with --gradient_checkpointing;
     // `full+lazy`: the weights loaded lazily, each rank reading its shards;
-    // `+pieces` (set on the command as FLAMINGO_GLOO_GATHER_PIECE): units
-    // gathered in small pieces.
+    // `+pieces` (set on the command as FLAMINGO_GLOO_GATHER_PIECE): every
+    // unit over the prefetch limit, so gathered only when used.
     let name = std::env::var("STRATEGY").expect("strategy");
     let name = name.strip_suffix("+pieces").unwrap_or(&name).to_string();
     let (name, lazy) = match name.strip_suffix("+lazy") {
@@ -520,8 +520,8 @@ fn world_sizes_and_strategies_train_identically() {
     assert!(difference <= 1e-6, "weights differ by {difference}");
     // Each rank reading only its shards of the weights (by byte range from
     // the safetensors files) trains exactly as loading them whole; so does
-    // gathering every unit (and gathering it again for its backward) in
-    // pieces of 2,000 values.
+    // gathering every unit (and gathering it again for its backward) only
+    // when it is used, none prefetched (a limit of 2,000 values).
     let lazy = run_world(dir.path(), 2, "full+lazy+pieces", "full-lazy-x2");
     assert_eq!(lazy.0, kept.0, "losses of the lazily loaded run");
     assert!(lazy.1.equal(&kept.1), "weights of the lazily loaded run");

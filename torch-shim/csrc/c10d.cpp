@@ -219,6 +219,21 @@ FlWork* fl_broadcast(FlProcessGroup* group, at::Tensor* tensor, int root, int as
   });
 }
 
+// Reduces every rank's `tensor` into root's, in place; on the other ranks
+// the tensor's contents are undefined afterwards (gloo uses it as scratch).
+FlWork* fl_reduce(FlProcessGroup* group, at::Tensor* tensor, int root, int op, int async_op,
+                  char** error) {
+  return guarded(error, [&]() -> FlWork* {
+    c10d::ReduceOptions options;
+    options.rootRank = root;
+    options.reduceOp = to_reduce_op(op);
+    options.asyncOp = async_op != 0;
+    std::vector<at::Tensor> tensors{*tensor};
+    auto work = group->backend->reduce(tensors, options);
+    return new FlWork{work, op == kReduceAvg ? *tensor : at::Tensor(), group->world_size};
+  });
+}
+
 FlWork* fl_barrier(FlProcessGroup* group, int async_op, char** error) {
   return guarded(error, [&]() -> FlWork* {
     c10d::BarrierOptions options;

@@ -66,6 +66,14 @@ extern "C" {
         async_op: c_int,
         error: *mut *mut c_char,
     ) -> *mut FlWork;
+    pub fn fl_reduce(
+        group: *mut FlProcessGroup,
+        tensor: *mut C_tensor,
+        root: c_int,
+        op: c_int,
+        async_op: c_int,
+        error: *mut *mut c_char,
+    ) -> *mut FlWork;
     pub fn fl_barrier(
         group: *mut FlProcessGroup,
         async_op: c_int,
