@@ -524,7 +524,7 @@ fn forward(args: &Args, size: &str, root: &Path) -> anyhow::Result<()> {
     )?;
     println!(
         "\n{size}: {parameters} parameters, {:.2} GiB in fp32; {} ranks, one forward of a batch of {}, the loss against the Python model's; \
-         units over {} values gathered in pieces (--forward-gather-piece)",
+         units over {} values not prefetched (--forward-gather-piece)",
         gib(fp32),
         args.forward_world,
         args.batch,
