@@ -290,6 +290,16 @@ impl ProcessGroup {
         })
     }
 
+    fn check_root(&self, op: &'static str, root: i64) -> Result<()> {
+        if root < 0 || root >= self.world_size {
+            return Err(CollectiveError::InvalidArgument {
+                op,
+                message: format!("root {root} is outside [0, {})", self.world_size),
+            });
+        }
+        Ok(())
+    }
+
     fn check_dense(op: &'static str, tensor: &Tensor, what: &str) -> Result<()> {
         if !tensor.is_contiguous() {
             return Err(CollectiveError::InvalidArgument {
@@ -440,12 +450,7 @@ impl ProcessGroup {
 
     fn start_broadcast(&self, tensor: &Tensor, root: i64, async_op: bool) -> Result<Work> {
         Self::check_dense("broadcast", tensor, "the")?;
-        if root < 0 || root >= self.world_size {
-            return Err(CollectiveError::InvalidArgument {
-                op: "broadcast",
-                message: format!("root {root} is outside [0, {})", self.world_size),
-            });
-        }
+        self.check_root("broadcast", root)?;
         let mut target = tensor.shallow_clone();
         let mut error = std::ptr::null_mut();
         // SAFETY: raw pointers come from live objects held for the work's life.
@@ -480,12 +485,7 @@ impl ProcessGroup {
         async_op: bool,
     ) -> Result<Work> {
         Self::check_dense("reduce", tensor, "the")?;
-        if root < 0 || root >= self.world_size {
-            return Err(CollectiveError::InvalidArgument {
-                op: "reduce",
-                message: format!("root {root} is outside [0, {})", self.world_size),
-            });
-        }
+        self.check_root("reduce", root)?;
         let mut target = tensor.shallow_clone();
         let mut error = std::ptr::null_mut();
         // SAFETY: raw pointers come from live objects held for the work's life.

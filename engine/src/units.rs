@@ -398,12 +398,12 @@ pub fn trim_heap() {
 /// 16 Mi suits a model that barely fits (the 3B shape's forward at 4
 /// ranks) and makes the 1B shape's first step at 4 ranks slower.
 fn gloo_prefetch_limit() -> i64 {
-    static PIECE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
-    *PIECE.get_or_init(|| {
+    static LIMIT: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
         std::env::var("FLAMINGO_GLOO_GATHER_PIECE")
             .ok()
             .and_then(|value| value.parse().ok())
-            .filter(|&piece: &i64| piece > 0)
+            .filter(|&limit: &i64| limit > 0)
             .unwrap_or(1 << 26)
     })
 }
