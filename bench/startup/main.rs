@@ -72,10 +72,9 @@ struct Args {
     /// Ranks for --forward.
     #[arg(long, default_value_t = 4)]
     forward_world: usize,
-    /// `FLAMINGO_GLOO_GATHER_PIECE` for the --forward ranks: units of more
-    /// values than this are not prefetched, the
-    /// setting for a model that barely fits (0: the engine's default,
-    /// 64 Mi, which keeps gathers of up to 256 MiB in the background).
+    /// `FLAMINGO_GLOO_GATHER_PIECE` for the --forward ranks: the next
+    /// unit is prefetched only while it and the unit in use hold at most
+    /// this many values whole (0: the engine's default, 32 Mi).
     #[arg(long, default_value_t = 1 << 24)]
     forward_gather_piece: u64,
     /// With --forward, also try our path reading every weight (it does not

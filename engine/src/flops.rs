@@ -97,7 +97,7 @@ impl FlopModel {
                         counts.vision_per_image += 2.0 * product(&size);
                     }
                 }
-                (Unit::Perceiver, 2) if name.contains(".layers.") => {
+                (Unit::PerceiverLayer(_), 2) if name.contains(".layers.") => {
                     if name.ends_with(".to_kv.weight") {
                         counts.perceiver_kv += 2.0 * product(&size);
                     } else {

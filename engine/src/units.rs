@@ -1,8 +1,8 @@
 //! FSDP units (reference §2.5, design "Training engine"): the model's
 //! weights grouped as the engine gathers, runs and frees them — the vision
-//! tower's ends and each of its residual blocks, the perceiver, the LM's
-//! text ends (input embedding, final norm, head) and each decoder layer
-//! with the cross-attention block before it.
+//! tower's ends and each of its residual blocks, the perceiver's inputs and
+//! each of its layers, the LM's text ends (input embedding, final norm,
+//! head), and each decoder layer and each cross-attention block.
 //!
 //! Under `full` every unit keeps only this rank's 1/world of its trainable
 //! values (fp32 master) and of its frozen values (their own dtype). Using a
@@ -157,8 +157,15 @@ pub fn plan(
 ) -> Result<Vec<UnitPlan>, TrainError> {
     let mut units: Vec<Unit> = vec![Unit::Vision];
     units.extend((0..model.vision_block_count()).map(Unit::VisionBlock));
-    units.extend([Unit::Perceiver, Unit::Text]);
-    units.extend((0..model.layer_count()).map(Unit::Layer));
+    units.push(Unit::Perceiver);
+    units.extend((0..model.perceiver_depth()).map(Unit::PerceiverLayer));
+    units.push(Unit::Text);
+    for layer in 0..model.layer_count() {
+        if model.layer_sees_media(layer) {
+            units.push(Unit::CrossAttention(layer));
+        }
+        units.push(Unit::Layer(layer));
+    }
     let mut plans: Vec<UnitPlan> = units
         .iter()
         .map(|&unit| UnitPlan {
@@ -284,19 +291,36 @@ pub fn shard_of(
     Ok(shard)
 }
 
-/// Writes a unit's weight gradients (one per trainable member, `None`
-/// where unused) into `whole`, the unit's trainable range, at each
-/// member's offset.
-pub fn place_gradients(whole: &Tensor, plan: &UnitPlan, grads: &[Option<Tensor>]) {
+/// A unit's weight gradients (one per trainable member, `None` where
+/// unused) as one flat fp32 buffer of `len` values (the unit's trainable
+/// range, then zeros). Each gradient is dropped as soon as it is copied and
+/// the buffer's pages are first written by those copies, so the unit's
+/// gradient is held about once, not twice, while it is flattened.
+pub fn flatten_gradients(
+    plan: &UnitPlan,
+    grads: Vec<Option<Tensor>>,
+    len: i64,
+    device: tch::Device,
+) -> Tensor {
+    let whole = Tensor::empty([len], (Kind::Float, device));
     tch::no_grad(|| {
+        let grads = grads.into_iter().chain(std::iter::repeat_with(|| None));
         for (member, grad) in plan.trainable.iter().zip(grads) {
-            if let Some(grad) = grad {
-                whole
-                    .narrow(0, member.offset, member.numel)
-                    .copy_(&grad.reshape([-1]).to_kind(Kind::Float));
+            let mut target = whole.narrow(0, member.offset, member.numel);
+            match grad {
+                Some(grad) => {
+                    target.copy_(&grad.reshape([-1]));
+                }
+                None => {
+                    let _ = target.zero_();
+                }
             }
         }
+        if len > plan.len {
+            let _ = whole.narrow(0, plan.len, len - plan.len).zero_();
+        }
     });
+    whole
 }
 
 /// A unit's whole buffers, being gathered or ready.
@@ -390,13 +414,15 @@ pub fn trim_heap() {
     }
 }
 
-/// The largest unit, in values over all ranks, that is prefetched over
-/// gloo: `FLAMINGO_GLOO_GATHER_PIECE`, by default 64 Mi (256 MiB of fp32).
-/// A larger unit is gathered only when it is used, not while the unit
-/// before it runs, so a rank holds one whole unit less at a time. The
-/// default prefetches every unit of the 1B bench shape (up to 252 MiB);
-/// 16 Mi suits a model that barely fits (the 3B shape's forward at 4
-/// ranks) and makes the 1B shape's first step at 4 ranks slower.
+/// The most values, over all ranks, that the unit in use and the next one
+/// may hold whole at once for the next one to be gathered meanwhile over
+/// gloo: `FLAMINGO_GLOO_GATHER_PIECE`, by default 32 Mi (128 MiB of fp32).
+/// Past it the next unit is gathered only once the one in use is done
+/// with, so a rank holds one whole unit less at its peak. On the 1B bench
+/// shape at 4 ranks the default prefetches the vision blocks and the
+/// perceiver's layers but not the decoder layers (113 MiB each): holding
+/// two of them, or a cross-attention block's weights and gradient with a
+/// decoder layer, was each rank's peak.
 fn gloo_prefetch_limit() -> i64 {
     static LIMIT: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
     *LIMIT.get_or_init(|| {
@@ -404,27 +430,28 @@ fn gloo_prefetch_limit() -> i64 {
             .ok()
             .and_then(|value| value.parse().ok())
             .filter(|&limit: &i64| limit > 0)
-            .unwrap_or(1 << 26)
+            .unwrap_or(1 << 25)
     })
 }
 
-/// Whether a shard of `len` values of each of `world` ranks makes a unit
-/// larger than [`gloo_prefetch_limit`].
-fn too_large_to_prefetch(len: i64, world: i64) -> bool {
-    len * world > gloo_prefetch_limit()
+impl UnitShard {
+    /// The values of the whole unit over `world` ranks (trainable and
+    /// frozen, padded).
+    fn whole_values(&self, world: i64) -> i64 {
+        let frozen = self
+            .frozen
+            .as_ref()
+            .map_or(0, |frozen| frozen.numel() as i64);
+        (self.len + frozen) * world
+    }
 }
 
-/// Whether gathering unit `shard` (this rank's trainable values, and its
-/// frozen ones if any) over `world` ranks may start while the unit before
-/// it runs: always with NCCL; over gloo when no part is larger than
-/// [`gloo_prefetch_limit`].
-pub fn gathers_in_background(shard: &UnitShard, world: i64, device: tch::Device) -> bool {
-    let frozen = shard
-        .frozen
-        .as_ref()
-        .map_or(0, |frozen| frozen.numel() as i64);
+/// Whether unit `next` is gathered while unit `current` runs (its forward,
+/// or its backward from a kept graph): always with NCCL; over gloo when the
+/// two hold at most [`gloo_prefetch_limit`] values whole.
+pub fn prefetches(current: &UnitShard, next: &UnitShard, world: i64, device: tch::Device) -> bool {
     device.is_cuda()
-        || !(too_large_to_prefetch(shard.len, world) || too_large_to_prefetch(frozen, world))
+        || current.whole_values(world) + next.whole_values(world) <= gloo_prefetch_limit()
 }
 
 /// Starts gathering every rank's `source` into `whole` (`world` × its

@@ -441,7 +441,8 @@ fn run_world_nodes(
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(
             output.status.success() && stdout.contains("1 passed"),
-            "{name} rank {rank}: {stdout}\n{}",
+            "{name} rank {rank} ended {}: {stdout}\n{}",
+            output.status,
             String::from_utf8_lossy(&output.stderr)
         );
     }

@@ -274,6 +274,24 @@ impl Flamingo {
         self.perceiver.forward(features)
     }
 
+    /// The resampler's layers (each a unit of its own).
+    pub fn perceiver_depth(&self) -> usize {
+        self.perceiver.depth()
+    }
+
+    /// [`Self::perceive`] in pieces, as the training engine runs it unit by
+    /// unit: the media tokens every layer attends to and the learned
+    /// latents (the first layer's input) → [`Self::perceiver_layer`] for
+    /// each layer, the last ending with the final norm.
+    pub fn perceiver_inputs(&self, features: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.perceiver.inputs(features)
+    }
+
+    /// Perceiver layer `index` over `media_tokens` and the latents before it.
+    pub fn perceiver_layer(&self, index: usize, media_tokens: &Tensor, latents: &Tensor) -> Tensor {
+        self.perceiver.layer(index, media_tokens, latents)
+    }
+
     pub(crate) fn check_image_count(&self, media: &Tensor, lang_x: &Tensor) -> Result<()> {
         let images_in_text = lang_x
             .eq(self.media_token_id)
@@ -494,15 +512,20 @@ impl Flamingo {
 /// The pieces the training engine gathers, runs and frees one at a time
 /// (FSDP units, reference §2.5): the vision tower's ends (patch embedding,
 /// positions, `ln_pre`, `ln_post`, `proj`) and each of its residual
-/// blocks, the perceiver, the text ends of the LM (input embedding, final
-/// norm, output head) and each decoder layer together with the
-/// cross-attention block before it.
+/// blocks, the perceiver's inputs (latents, frame and time embeddings) and
+/// each of its layers (the last with the final norm), the text ends of the
+/// LM (input embedding, final norm, output head), and each decoder layer
+/// and each cross-attention block on its own. Units this small keep what a
+/// rank holds whole at once near one decoder layer: the 1B bench shape's
+/// perceiver is 252 MiB whole, a layer of it 42 MiB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Unit {
     Vision,
     VisionBlock(usize),
     Perceiver,
+    PerceiverLayer(usize),
     Text,
+    CrossAttention(usize),
     Layer(usize),
 }
 
@@ -526,18 +549,31 @@ impl Flamingo {
                 .and_then(|index| index.parse().ok())
                 .map_or(Unit::Vision, Unit::VisionBlock);
         }
-        if name.starts_with("perceiver.") {
-            return Unit::Perceiver;
+        if let Some(perceiver_name) = name.strip_prefix("perceiver.") {
+            let layer = perceiver_name
+                .strip_prefix("layers.")
+                .and_then(|rest| rest.split('.').next())
+                .and_then(|index| index.parse().ok());
+            let last = self.perceiver.depth().checked_sub(1);
+            return match (layer, last) {
+                (Some(index), _) => Unit::PerceiverLayer(index),
+                (None, Some(last)) if perceiver_name.starts_with("norm.") => {
+                    Unit::PerceiverLayer(last)
+                }
+                _ => Unit::Perceiver,
+            };
         }
         let Some(lm_name) = name.strip_prefix("lang_encoder.") else {
             return Unit::Text;
         };
-        let layer = lm_name
-            .strip_prefix("gated_cross_attn_layers.")
-            .or_else(|| self.decoder.layer_suffix(lm_name))
-            .and_then(|rest| rest.split('.').next())
-            .and_then(|index| index.parse().ok());
-        layer.map_or(Unit::Text, Unit::Layer)
+        let index = |rest: &str| rest.split('.').next().and_then(|index| index.parse().ok());
+        if let Some(rest) = lm_name.strip_prefix("gated_cross_attn_layers.") {
+            return index(rest).map_or(Unit::Text, Unit::CrossAttention);
+        }
+        self.decoder
+            .layer_suffix(lm_name)
+            .and_then(index)
+            .map_or(Unit::Text, Unit::Layer)
     }
 
     /// Decoder layers (each with its cross-attention block, if any).
@@ -580,34 +616,50 @@ impl Flamingo {
         self.decoder.embed(lang_x)
     }
 
-    /// Decoder layer `index`, preceded by its cross-attention block if it
-    /// has one: `hidden` `[b, t, hidden]` → the same shape.
-    pub fn layer(
+    /// Decoder layer `index` as the training engine runs it, in two units
+    /// (`hidden` `[b, t, hidden]` → the same shape): the cross-attention
+    /// block before it (`None` where the layer has none)...
+    pub fn cross_attend(
         &self,
         index: usize,
         hidden: &Tensor,
         media: &Tensor,
         inputs: &TextInputs,
+    ) -> Result<Option<Tensor>> {
+        match self.cross_attention.get(index) {
+            Some(Some(block)) => Ok(Some(block.forward(
+                hidden,
+                media,
+                MediaMask::Locations(&inputs.media_locations),
+            )?)),
+            Some(None) => Ok(None),
+            None => Err(self.no_layer(index)),
+        }
+    }
+
+    /// ... and the decoder layer itself.
+    pub fn decoder_layer(
+        &self,
+        index: usize,
+        hidden: &Tensor,
+        inputs: &TextInputs,
     ) -> Result<Tensor> {
-        let (Some(layer), Some(block)) = (
-            self.decoder.layers().get(index),
-            self.cross_attention.get(index),
-        ) else {
-            return Err(ModelError::Input {
-                input: "layer",
-                message: format!(
-                    "layer {index} does not exist (the LM has {})",
-                    self.layer_count()
-                ),
-            });
-        };
-        let hidden = match block {
-            Some(block) => {
-                block.forward(hidden, media, MediaMask::Locations(&inputs.media_locations))?
-            }
-            None => hidden.shallow_clone(),
-        };
-        Ok(layer.forward(&hidden, &inputs.context, self.decoder.config(), None))
+        let layer = self
+            .decoder
+            .layers()
+            .get(index)
+            .ok_or_else(|| self.no_layer(index))?;
+        Ok(layer.forward(hidden, &inputs.context, self.decoder.config(), None))
+    }
+
+    fn no_layer(&self, index: usize) -> ModelError {
+        ModelError::Input {
+            input: "layer",
+            message: format!(
+                "layer {index} does not exist (the LM has {})",
+                self.layer_count()
+            ),
+        }
     }
 
     /// Final norm and output head: `[b, t, hidden]` → logits `[b, t, vocab]`.

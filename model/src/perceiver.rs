@@ -169,6 +169,27 @@ impl PerceiverResampler {
 
     /// `features`: [b, t_img, frames, tokens, d] → [b, t_img, num_latents, d].
     pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
+        let (media_tokens, mut latents) = self.inputs(features)?;
+        if self.layers.is_empty() {
+            return Ok(self.norm.forward(&latents));
+        }
+        for index in 0..self.layers.len() {
+            latents = self.layer(index, &media_tokens, &latents);
+        }
+        Ok(latents)
+    }
+
+    /// Layers (attention and feed-forward each).
+    pub fn depth(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// [`Self::forward`] in pieces, as the training engine runs it a layer
+    /// at a time: the media tokens every layer attends to (`features` with
+    /// the frame and time embeddings, `[b, t_img, frames · tokens, d]`) and
+    /// the learned latents, `[b, t_img, num_latents, d]`, the first layer's
+    /// input.
+    pub fn inputs(&self, features: &Tensor) -> Result<(Tensor, Tensor)> {
         let size = features.size();
         let [batch, media, frames, tokens, dim] = size[..] else {
             return Err(ModelError::Input {
@@ -217,14 +238,23 @@ impl PerceiverResampler {
             }
             None => flat,
         };
-        let mut latents = self
+        let latents = self
             .latents
             .view([1, 1, self.config.num_latents, dim])
             .expand([batch, media, self.config.num_latents, dim], false);
-        for (attention, feed_forward) in &self.layers {
-            latents = attention.forward(&media_tokens, &latents) + &latents;
-            latents = feed_forward.forward(&latents) + &latents;
+        Ok((media_tokens, latents))
+    }
+
+    /// Layer `index` of [`Self::inputs`]' media tokens and the latents
+    /// before it; the last layer also applies the final norm.
+    pub fn layer(&self, index: usize, media_tokens: &Tensor, latents: &Tensor) -> Tensor {
+        let (attention, feed_forward) = &self.layers[index];
+        let latents = attention.forward(media_tokens, latents) + latents;
+        let latents = feed_forward.forward(&latents) + &latents;
+        if index + 1 == self.layers.len() {
+            self.norm.forward(&latents)
+        } else {
+            latents
         }
-        Ok(self.norm.forward(&latents))
     }
 }

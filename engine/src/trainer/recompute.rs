@@ -1,20 +1,28 @@
-//! The unit-by-unit pass (`full`, `hybrid`, `--gradient_checkpointing`):
-//! forward unit by unit without a graph, keeping each layer's input; the
-//! loss and the head's backward; then each layer recomputed with a graph
-//! and backpropagated on its own, last to first, the media latents'
-//! gradient summed over the cross-attention blocks; then the input
-//! embedding and the perceiver. The vision tower only runs forward. Units
-//! are gathered in the order the pass uses them, one ahead.
+//! The unit-by-unit pass (`full`, `hybrid`, `--gradient_checkpointing`).
 //!
-//! Without `--gradient_checkpointing` (`full` and `hybrid`), nothing is
-//! recomputed, as torch FSDP without activation checkpointing: each unit's
-//! forward keeps its graph, and its gathered weights' bytes are freed right
-//! after it ([`crate::units::park`]: the buffers, which the graph's saved
-//! views point into, stay); before the unit's backward the same buffers
-//! are gathered into again, the next unit's gather running meanwhile.
+//! The vision tower runs forward only, a unit at a time. From the
+//! perceiver on, the pass is a chain of units: the perceiver's inputs
+//! (latents, and the media tokens every perceiver layer attends to), each
+//! perceiver layer, the input embedding, and each decoder layer preceded
+//! by its cross-attention block. The loss and the head's backward follow;
+//! then the chain is backpropagated a unit at a time, last to first, the
+//! media latents' gradient summed over the cross-attention blocks and the
+//! media tokens' over the perceiver layers. Units are gathered in the order
+//! the pass uses them, one ahead.
+//!
+//! With `--gradient_checkpointing` the forward runs without a graph,
+//! keeping each unit's input, and each unit is recomputed with a graph just
+//! before its backward.
+//!
+//! Without it (`full` and `hybrid`), nothing is recomputed, as torch FSDP
+//! without activation checkpointing: each unit's forward keeps its graph,
+//! and its gathered weights' bytes are freed right after it
+//! ([`crate::units::park`]: the buffers, which the graph's saved views
+//! point into, stay); before the unit's backward the same buffers are
+//! gathered into again, the next unit's gather running meanwhile.
 
 use flamingo_collectives::ProcessGroup;
-use flamingo_model::{Flamingo, Unit};
+use flamingo_model::{Flamingo, TextInputs, Unit};
 use tch::{Kind, Tensor};
 
 use super::loss::token_loss;
@@ -46,42 +54,116 @@ struct Indices {
     vision: usize,
     vision_blocks: Vec<usize>,
     perceiver: usize,
+    perceiver_layers: Vec<usize>,
     text: usize,
-    layers: Vec<usize>,
+    /// Per decoder layer: its cross-attention block's unit, if it has one,
+    /// and its own.
+    layers: Vec<(Option<usize>, usize)>,
 }
 
 impl Indices {
     /// The units of the forward pass and the head, in order: the vision
     /// tower's ends, its blocks, its ends again (the patch tokens), the
-    /// perceiver, the embedding, the layers, the head.
+    /// perceiver's inputs and layers, the embedding, each layer's
+    /// cross-attention block and the layer, the head.
     fn forward_order(&self) -> Vec<usize> {
         let mut order = vec![self.vision];
         order.extend(&self.vision_blocks);
-        order.extend([self.vision, self.perceiver, self.text]);
-        order.extend(&self.layers);
+        order.extend([self.vision, self.perceiver]);
+        order.extend(&self.perceiver_layers);
         order.push(self.text);
+        for (cross_attention, layer) in &self.layers {
+            order.extend(cross_attention);
+            order.push(*layer);
+        }
+        order.push(self.text);
+        order
+    }
+
+    /// The units of a recomputing backward, in order: the chain backwards
+    /// (the embedding only when it trains).
+    fn backward_order(&self, embedding_trains: bool) -> Vec<usize> {
+        let mut order = Vec::new();
+        for (cross_attention, layer) in self.layers.iter().rev() {
+            order.push(*layer);
+            order.extend(cross_attention);
+        }
+        if embedding_trains {
+            order.push(self.text);
+        }
+        order.extend(self.perceiver_layers.iter().rev());
+        order.push(self.perceiver);
         order
     }
 }
 
+/// What a unit of the chain is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Features → (media tokens, latents).
+    PerceiverStart,
+    PerceiverLayer(usize),
+    Embedding,
+    CrossAttention(usize),
+    Decoder(usize),
+}
+
+impl Role {
+    fn is_perceiver(self) -> bool {
+        matches!(self, Role::PerceiverStart | Role::PerceiverLayer(_))
+    }
+}
+
+/// A unit of the chain as its forward left it for its backward.
+struct Link {
+    index: usize,
+    role: Role,
+    /// The unit's input (a hidden state, or the latents before a perceiver
+    /// layer): a leaf whose gradient is asked for when the graph is kept,
+    /// a plain tensor when the unit is recomputed.
+    input: Option<Tensor>,
+    /// Keeping graphs: the unit's outputs with their graph (the perceiver
+    /// start's: media tokens, then latents), and its parked buffers.
+    outputs: Vec<Tensor>,
+    parked: Option<Gathered>,
+}
+
+/// What the chain's units take besides their own input.
+struct Sides {
+    /// The perceiver start's input.
+    features: Tensor,
+    /// The media tokens as the perceiver layers' input: a leaf asking for
+    /// its gradient when they depend on trained weights (frame or time
+    /// embeddings).
+    tokens: Tensor,
+    /// The media latents as the cross-attention blocks' input.
+    media_leaf: Tensor,
+    inputs: TextInputs,
+    input_ids: Tensor,
+}
+
 impl Pass<'_> {
     fn indices(&self) -> Indices {
-        let index = |unit: Unit| {
-            self.state
-                .plans()
-                .iter()
-                .position(|plan| plan.unit == unit)
-                .expect("every unit has a plan")
-        };
+        let index = |unit: Unit| self.state.plans().iter().position(|plan| plan.unit == unit);
+        let expect = |unit: Unit| index(unit).expect("every unit has a plan");
         Indices {
-            vision: index(Unit::Vision),
+            vision: expect(Unit::Vision),
             vision_blocks: (0..self.model.vision_block_count())
-                .map(|block| index(Unit::VisionBlock(block)))
+                .map(|block| expect(Unit::VisionBlock(block)))
                 .collect(),
-            perceiver: index(Unit::Perceiver),
-            text: index(Unit::Text),
+            perceiver: expect(Unit::Perceiver),
+            perceiver_layers: (0..self.model.perceiver_depth())
+                .map(|layer| expect(Unit::PerceiverLayer(layer)))
+                .collect(),
+            text: expect(Unit::Text),
             layers: (0..self.model.layer_count())
-                .map(|layer| index(Unit::Layer(layer)))
+                .map(|layer| {
+                    let cross_attention = self
+                        .model
+                        .layer_sees_media(layer)
+                        .then(|| expect(Unit::CrossAttention(layer)));
+                    (cross_attention, expect(Unit::Layer(layer)))
+                })
                 .collect(),
         }
     }
@@ -97,7 +179,7 @@ impl Pass<'_> {
         };
         fetch.position += 1;
         if let Some(&next) = fetch.order.get(fetch.position) {
-            if self.state.gathers_in_background(next) {
+            if self.state.prefetches(index, next) {
                 fetch.ahead = Some(self.state.start_gather(next)?);
             }
         }
@@ -109,24 +191,23 @@ impl Pass<'_> {
         mark(self.phases, phase);
     }
 
-    fn bf16(
+    fn bf16<T>(
         &self,
         device: tch::Device,
-        f: impl FnOnce() -> Result<Tensor, TrainError>,
-    ) -> Result<Tensor, TrainError> {
+        f: impl FnOnce() -> Result<T, TrainError>,
+    ) -> Result<T, TrainError> {
         crate::autocast::bf16(self.config.amp_bf16, device, f)
     }
 
-    /// Backpropagates `upstream` from `output` (recomputed with a graph)
-    /// into the `leading` inputs and the trainable weights of unit `index`:
-    /// (the inputs' gradients, the weights' gradients), `None` where one
-    /// took no part.
+    /// Backpropagates each output's upstream gradient (`outputs`: the
+    /// output with its graph, its upstream) into the `leading` inputs and
+    /// the trainable weights of unit `index`: (the inputs' gradients, the
+    /// weights' gradients), `None` where one took no part.
     #[allow(clippy::type_complexity)]
     fn backward_unit(
         &self,
         index: usize,
-        output: &Tensor,
-        upstream: &Tensor,
+        outputs: &[(&Tensor, &Tensor)],
         leading: &[&Tensor],
     ) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>), TrainError> {
         let mut wrt = leading.to_vec();
@@ -136,42 +217,15 @@ impl Pass<'_> {
                 .iter()
                 .map(|member| &member.tensor),
         );
-        let upstream = upstream.to_kind(output.kind());
-        let mut grads = units::gradients(&[output], &[&upstream], &wrt)?;
+        let upstreams: Vec<Tensor> = outputs
+            .iter()
+            .map(|(output, upstream)| upstream.to_kind(output.kind()))
+            .collect();
+        let output_refs: Vec<&Tensor> = outputs.iter().map(|(output, _)| *output).collect();
+        let upstream_refs: Vec<&Tensor> = upstreams.iter().collect();
+        let mut grads = units::gradients(&output_refs, &upstream_refs, &wrt)?;
         let weights = grads.split_off(leading.len());
         Ok((grads, weights))
-    }
-
-    /// Backpropagates `backward.upstream` through decoder layer `layer`
-    /// (unit `index`) from its `output` (with its graph) into its `input`,
-    /// which becomes the next upstream, and, when the layer sees media,
-    /// into the media latents, summed over the layers; returns the layer's
-    /// weight gradients.
-    fn layer_backward(
-        &self,
-        (layer, index): (usize, usize),
-        input: &Tensor,
-        output: &Tensor,
-        media_leaf: &Tensor,
-        backward: &mut Backward,
-    ) -> Result<Vec<Option<Tensor>>, TrainError> {
-        let sees_media = self.model.layer_sees_media(layer);
-        let mut leading = vec![input];
-        if sees_media {
-            leading.push(media_leaf);
-        }
-        let (mut inputs_grads, grads) =
-            self.backward_unit(index, output, &backward.upstream, &leading)?;
-        backward.upstream = inputs_grads
-            .remove(0)
-            .expect("a layer's output depends on its input");
-        if let Some(grad) = inputs_grads.pop().flatten().filter(|_| sees_media) {
-            backward.media_grad = Some(match backward.media_grad.take() {
-                Some(sum) => sum + grad.to_kind(Kind::Float),
-                None => grad.to_kind(Kind::Float),
-            });
-        }
-        Ok(grads)
     }
 
     /// Forward and backward of one dataset's micro-batch.
@@ -185,25 +239,15 @@ impl Pass<'_> {
         let keep = !self.config.gradient_checkpointing;
         let mut order = at.forward_order();
         if !keep {
-            order.extend(at.layers.iter().rev());
-            if embedding_trains {
-                order.push(at.text);
-            }
-            order.push(at.perceiver);
+            order.extend(at.backward_order(embedding_trains));
         }
         let mut fetch = Prefetcher {
             order,
             position: 0,
             ahead: None,
         };
-        let Forward {
-            features,
-            media_leaf,
-            inputs,
-            layer_inputs,
-            last,
-            kept,
-        } = self.forward(batch, &mut fetch, keep, keep && embedding_trains)?;
+        let Forward { sides, links, last } =
+            self.forward(batch, &mut fetch, keep, embedding_trains)?;
         let mut backward = match self.head(batch, &mut fetch, last, multiplier)? {
             Head::Finite(backward) => backward,
             Head::NonFinite(mean) => {
@@ -214,21 +258,7 @@ impl Pass<'_> {
             }
         };
         let mean = backward.mean;
-        if let Some(kept) = kept {
-            self.kept_backward(kept, &media_leaf, &mut backward)?;
-            return Ok(MicroLoss { mean, finite: true });
-        }
-        self.layers_backward(
-            &mut fetch,
-            &media_leaf,
-            &inputs,
-            layer_inputs,
-            &mut backward,
-        )?;
-        if embedding_trains {
-            self.embedding_backward(batch, &mut fetch, &mut backward)?;
-        }
-        self.perceiver_backward(&mut fetch, &features, backward.media_grad)?;
+        self.chain_backward(links, &sides, &mut backward, &mut fetch, keep)?;
         Ok(MicroLoss { mean, finite: true })
     }
 
@@ -241,7 +271,7 @@ impl Pass<'_> {
             ahead: None,
         };
         let forward = self.forward(batch, &mut fetch, false, false)?;
-        drop(forward.layer_inputs);
+        drop(forward.links);
         let device = batch.input_ids.device();
         let (index, gathered) = self.acquire(&mut fetch)?;
         let logits = tch::no_grad(|| self.bf16(device, || Ok(self.model.head(&forward.last))))?;
@@ -250,11 +280,11 @@ impl Pass<'_> {
         Ok(loss.mean())
     }
 
-    /// Vision, perceiver, embedding and layers. Recomputing: without a
-    /// graph, keeping each layer's input. Otherwise (`keep`): each unit but
-    /// the vision tower with its graph, on a detached input of its own, its
-    /// whole weights parked until its backward (the embedding's only when
-    /// `embedding_trains`).
+    /// The vision tower, then the chain from the perceiver to the last
+    /// layer. Keeping graphs (`keep`), each unit of the chain runs with a
+    /// graph on a detached input of its own and is parked until its
+    /// backward; otherwise without a graph, keeping its input, and is
+    /// released. The embedding joins the chain only when it trains.
     fn forward(
         &mut self,
         batch: &TrainBatch,
@@ -279,166 +309,165 @@ impl Pass<'_> {
         self.state.release(index, gathered);
         drop(hidden);
         self.mark("vision forward");
+
+        // The perceiver's inputs run with a graph either way, which tells
+        // whether the media tokens depend on trained weights; unkept, the
+        // graph goes at once.
+        let mut links = Vec::new();
         let (index, gathered) = self.acquire(fetch)?;
-        let mut kept = keep.then(Kept::default);
-        let slot = kept.as_mut().map(|kept| &mut kept.perceiver);
-        let media = self.unit_forward((index, gathered), slot, device, |model| {
-            Ok(model.perceive(&features)?)
-        })?;
+        let (tokens, latents) =
+            self.bf16(device, || Ok(self.model.perceiver_inputs(&features)?))?;
+        let tokens_leaf = tokens.detach();
+        let tokens_leaf = if tokens.requires_grad() && keep {
+            tokens_leaf.set_requires_grad(true)
+        } else {
+            tokens_leaf
+        };
+        // The latents are a view of the unit's weights, whose bytes go
+        // when the unit is parked or released: the layers get a copy.
+        let mut latents_out = latents.detach().copy();
+        links.push(self.link(
+            (index, gathered),
+            Role::PerceiverStart,
+            None,
+            keep.then(|| vec![tokens.shallow_clone(), latents]),
+        )?);
+        let tokens_train = tokens.requires_grad();
+        drop(tokens);
+        for layer in 0..self.model.perceiver_depth() {
+            let unit = self.acquire(fetch)?;
+            let (output, link) = self.chain_unit(
+                unit,
+                Role::PerceiverLayer(layer),
+                &latents_out,
+                keep,
+                device,
+                |model, latents| Ok(model.perceiver_layer(layer, &tokens_leaf, latents)),
+            )?;
+            latents_out = output;
+            links.push(link);
+        }
         self.mark("perceiver forward");
+        let media = latents_out;
         let media_leaf = media.detach().set_requires_grad(true);
         let inputs =
             self.model
                 .text_inputs(&batch.input_ids, Some(&batch.attention_mask), &media)?;
         let (index, gathered) = self.acquire(fetch)?;
-        let slot = kept
-            .as_mut()
-            .filter(|_| embedding_trains)
-            .map(|kept| &mut kept.embedding);
-        let mut hidden = self.unit_forward((index, gathered), slot, device, |model| {
-            Ok(model.embed(&batch.input_ids))
-        })?;
-        let layers = self.model.layer_count();
-        let mut layer_inputs = Vec::with_capacity(layers);
-        for layer in 0..layers {
-            let (index, gathered) = self.acquire(fetch)?;
-            match kept.as_mut() {
-                Some(kept) => {
-                    let input = hidden.detach().set_requires_grad(true);
-                    let output = self.bf16(device, || {
-                        Ok(self.model.layer(layer, &input, &media_leaf, &inputs)?)
-                    })?;
-                    hidden = output.detach();
-                    kept.layers.push(KeptUnit {
-                        index,
-                        parked: Some(self.state.park(index, gathered)?),
-                        input: Some(input),
-                        output,
-                    });
-                }
-                None => {
-                    let next = tch::no_grad(|| {
-                        self.bf16(device, || {
-                            Ok(self.model.layer(layer, &hidden, &media_leaf, &inputs)?)
-                        })
-                    })?;
-                    self.state.release(index, gathered);
-                    layer_inputs.push(std::mem::replace(&mut hidden, next));
-                }
+        let embed = |pass: &Self| pass.bf16(device, || Ok(pass.model.embed(&batch.input_ids)));
+        let mut hidden = if embedding_trains && keep {
+            let output = embed(self)?;
+            let detached = output.detach();
+            links.push(self.link((index, gathered), Role::Embedding, None, Some(vec![output]))?);
+            detached
+        } else {
+            let output = tch::no_grad(|| embed(self))?;
+            if embedding_trains {
+                links.push(self.link((index, gathered), Role::Embedding, None, None)?);
+            } else {
+                self.state.release(index, gathered);
             }
+            output
+        };
+        for layer in 0..self.model.layer_count() {
+            if self.model.layer_sees_media(layer) {
+                let unit = self.acquire(fetch)?;
+                let (output, link) = self.chain_unit(
+                    unit,
+                    Role::CrossAttention(layer),
+                    &hidden,
+                    keep,
+                    device,
+                    |model, input| {
+                        Ok(model
+                            .cross_attend(layer, input, &media_leaf, &inputs)?
+                            .unwrap_or_else(|| input.shallow_clone()))
+                    },
+                )?;
+                hidden = output;
+                links.push(link);
+            }
+            let unit = self.acquire(fetch)?;
+            let (output, link) = self.chain_unit(
+                unit,
+                Role::Decoder(layer),
+                &hidden,
+                keep,
+                device,
+                |model, input| Ok(model.decoder_layer(layer, input, &inputs)?),
+            )?;
+            hidden = output;
+            links.push(link);
         }
         self.mark("embedding and layers forward");
+        let tokens = if tokens_train && !keep {
+            tokens_leaf.set_requires_grad(true)
+        } else {
+            tokens_leaf
+        };
         Ok(Forward {
-            features,
-            media_leaf,
-            inputs,
-            layer_inputs,
+            sides: Sides {
+                features,
+                tokens,
+                media_leaf,
+                inputs,
+                input_ids: batch.input_ids.shallow_clone(),
+            },
+            links,
             last: hidden,
-            kept,
         })
     }
 
-    /// Unit `index`'s `forward`, its output detached: with `slot`, with a
-    /// graph kept in the slot and the unit parked; without, with no graph
-    /// and the unit released.
-    fn unit_forward(
+    /// Runs a unit of the chain on `input`: keeping, with a graph from a
+    /// leaf of its own, the unit parked; otherwise without a graph, the
+    /// input kept for the recompute and the unit released. Returns the
+    /// output, detached, and the link.
+    fn chain_unit(
         &mut self,
-        (index, gathered): (usize, Gathered),
-        slot: Option<&mut Option<KeptUnit>>,
+        unit: (usize, Gathered),
+        role: Role,
+        input: &Tensor,
+        keep: bool,
         device: tch::Device,
-        forward: impl Fn(&Flamingo) -> Result<Tensor, TrainError>,
-    ) -> Result<Tensor, TrainError> {
+        forward: impl Fn(&Flamingo, &Tensor) -> Result<Tensor, TrainError>,
+    ) -> Result<(Tensor, Link), TrainError> {
         let model = self.model;
-        match slot {
-            Some(slot) => {
-                let output = self.bf16(device, || forward(model))?;
-                let detached = output.detach();
-                *slot = Some(KeptUnit {
-                    index,
-                    parked: Some(self.state.park(index, gathered)?),
-                    input: None,
-                    output,
-                });
-                Ok(detached)
-            }
-            None => {
-                let output = tch::no_grad(|| self.bf16(device, || forward(model)))?;
-                self.state.release(index, gathered);
-                Ok(output)
-            }
+        if keep {
+            let leaf = input.detach().set_requires_grad(true);
+            let output = self.bf16(device, || forward(model, &leaf))?;
+            let detached = output.detach();
+            let link = self.link(unit, role, Some(leaf), Some(vec![output]))?;
+            Ok((detached, link))
+        } else {
+            let output = tch::no_grad(|| self.bf16(device, || forward(model, input)))?;
+            let link = self.link(unit, role, Some(input.shallow_clone()), None)?;
+            Ok((output, link))
         }
     }
 
-    /// The backward of a pass that kept its graphs: each layer's, last to
-    /// first, from its kept graph once its weights are gathered again into
-    /// their buffers (the one before it gathering meanwhile); then the
-    /// embedding's and the perceiver's.
-    fn kept_backward(
+    /// A unit's link: with its outputs' graph (`outputs`) the unit is
+    /// parked, without it is released.
+    fn link(
         &mut self,
-        mut kept: Kept,
-        media_leaf: &Tensor,
-        backward: &mut Backward,
-    ) -> Result<(), TrainError> {
-        let mut current: Option<(KeptUnit, Gathered)> = None;
-        if let Some(mut last) = kept.layers.pop() {
-            let gathered = self
-                .state
-                .start_regather(last.index, last.parked.take().expect("parked once"))?;
-            current = Some((last, gathered));
-        }
-        let mut layer = kept.layers.len();
-        while let Some((unit, started)) = current.take() {
-            if let Some(mut previous) = kept.layers.pop() {
-                let gathered = self
-                    .state
-                    .start_regather(previous.index, previous.parked.take().expect("parked once"))?;
-                current = Some((previous, gathered));
+        (index, gathered): (usize, Gathered),
+        role: Role,
+        input: Option<Tensor>,
+        outputs: Option<Vec<Tensor>>,
+    ) -> Result<Link, TrainError> {
+        let (outputs, parked) = match outputs {
+            Some(outputs) => (outputs, Some(self.state.park(index, gathered)?)),
+            None => {
+                self.state.release(index, gathered);
+                (Vec::new(), None)
             }
-            let ahead = current.as_ref().map_or(0, |(_, gathered)| gathered.bytes);
-            let gathered = self.state.install(started, ahead)?;
-            let input = unit.input.as_ref().expect("a layer keeps its input");
-            let grads = self.layer_backward(
-                (layer, unit.index),
-                input,
-                &unit.output,
-                media_leaf,
-                backward,
-            )?;
-            self.state.sink(unit.index, grads)?;
-            self.state.release(unit.index, gathered);
-            layer = layer.saturating_sub(1);
-        }
-        self.mark("layers backward");
-        if let Some(mut unit) = kept.embedding.take() {
-            let gathered = self
-                .state
-                .start_regather(unit.index, unit.parked.take().expect("parked once"))?;
-            let gathered = self.state.install(gathered, 0)?;
-            let (_, grads) =
-                self.backward_unit(unit.index, &unit.output, &backward.upstream, &[])?;
-            for (sum, grad) in backward.text_grads.iter_mut().zip(grads) {
-                *sum = match (sum.take(), grad) {
-                    (Some(a), Some(b)) => Some(a + b),
-                    (a, b) => a.or(b),
-                };
-            }
-            self.state
-                .sink(unit.index, std::mem::take(&mut backward.text_grads))?;
-            self.state.release(unit.index, gathered);
-        }
-        if let Some(mut unit) = kept.perceiver.take() {
-            let gathered = self
-                .state
-                .start_regather(unit.index, unit.parked.take().expect("parked once"))?;
-            let gathered = self.state.install(gathered, 0)?;
-            if let Some(media_grad) = backward.media_grad.take() {
-                let (_, grads) = self.backward_unit(unit.index, &unit.output, &media_grad, &[])?;
-                self.state.sink(unit.index, grads)?;
-            }
-            self.state.release(unit.index, gathered);
-        }
-        self.mark("embedding and perceiver backward");
-        Ok(())
+        };
+        Ok(Link {
+            index,
+            role,
+            input,
+            outputs,
+            parked,
+        })
     }
 
     /// The head, the loss and the head's backward from the last hidden
@@ -464,7 +493,7 @@ impl Pass<'_> {
             .to_kind(loss.summed.kind())
             .to_device(device);
         let (mut leading, text_grads) =
-            self.backward_unit(index, &loss.summed, &scale, &[&last])?;
+            self.backward_unit(index, &[(&loss.summed, &scale)], &[&last])?;
         drop(logits);
         let upstream = leading
             .remove(0)
@@ -476,112 +505,229 @@ impl Pass<'_> {
             upstream,
             text_grads,
             media_grad: None,
+            latents_grad: None,
+            tokens_grad: None,
         }))
     }
 
-    /// Each layer recomputed with a graph and backpropagated, last to
-    /// first; the media latents' gradient summed over the cross-attention
-    /// blocks.
-    fn layers_backward(
+    /// Backpropagates the chain, last unit to first. Kept graphs: each
+    /// unit's buffers are gathered again before its backward, the unit
+    /// before it gathering meanwhile. Recomputing: each unit, gathered
+    /// through the pass's prefetcher, first runs again with a graph from
+    /// its kept input.
+    fn chain_backward(
         &mut self,
-        fetch: &mut Prefetcher,
-        media_leaf: &Tensor,
-        inputs: &flamingo_model::TextInputs,
-        mut layer_inputs: Vec<Tensor>,
+        mut links: Vec<Link>,
+        sides: &Sides,
         backward: &mut Backward,
+        fetch: &mut Prefetcher,
+        keep: bool,
     ) -> Result<(), TrainError> {
-        let device = media_leaf.device();
-        for layer in (0..self.model.layer_count()).rev() {
-            let (index, gathered) = self.acquire(fetch)?;
-            // Each layer's input is freed once its backward is done.
-            let input = layer_inputs
-                .pop()
-                .expect("one input per layer")
-                .set_requires_grad(true);
-            let output = self.bf16(device, || {
-                Ok(self.model.layer(layer, &input, media_leaf, inputs)?)
-            })?;
-            let grads =
-                self.layer_backward((layer, index), &input, &output, media_leaf, backward)?;
-            self.state.sink(index, grads)?;
-            self.state.release(index, gathered);
+        let layers_phase = if keep {
+            "layers backward"
+        } else {
+            "layers recompute and backward"
+        };
+        let mut text_side = true;
+        let mut regathering = None;
+        if keep {
+            if let Some(last) = links.pop() {
+                regathering = Some(self.regather(last)?);
+            }
         }
-        self.mark("layers recompute and backward");
-        Ok(())
-    }
-
-    /// The input embedding (its `<image>` / `<|endofchunk|>` rows), with
-    /// the head's gradient of the same unit.
-    fn embedding_backward(
-        &mut self,
-        batch: &TrainBatch,
-        fetch: &mut Prefetcher,
-        backward: &mut Backward,
-    ) -> Result<(), TrainError> {
-        let device = batch.input_ids.device();
-        let (index, gathered) = self.acquire(fetch)?;
-        let embedded = self.bf16(device, || Ok(self.model.embed(&batch.input_ids)))?;
-        let (_, grads) = self.backward_unit(index, &embedded, &backward.upstream, &[])?;
-        for (sum, grad) in backward.text_grads.iter_mut().zip(grads) {
-            *sum = match (sum.take(), grad) {
-                (Some(a), Some(b)) => Some(a + b),
-                (a, b) => a.or(b),
+        loop {
+            let mut overlaps = true;
+            let (link, gathered) = if keep {
+                let Some((link, started)) = regathering.take() else {
+                    break;
+                };
+                overlaps = links
+                    .last()
+                    .is_none_or(|previous| self.state.prefetches(link.index, previous.index));
+                if overlaps {
+                    regathering = match links.pop() {
+                        Some(previous) => Some(self.regather(previous)?),
+                        None => None,
+                    };
+                }
+                let ahead = regathering
+                    .as_ref()
+                    .map_or(0, |(_, gathered)| gathered.bytes);
+                (link, self.state.install(started, ahead)?)
+            } else {
+                let Some(link) = links.pop() else {
+                    break;
+                };
+                let (index, gathered) = self.acquire(fetch)?;
+                debug_assert_eq!(index, link.index, "the prefetch order follows the chain");
+                (link, gathered)
             };
+            if text_side && !matches!(link.role, Role::CrossAttention(_) | Role::Decoder(_)) {
+                self.mark(layers_phase);
+                text_side = false;
+            }
+            let index = link.index;
+            let grads = self.link_backward(link, sides, backward)?;
+            // The weights are done with before their gradients are
+            // reduced.
+            self.state.release(index, gathered);
+            if !grads.is_empty() {
+                self.state.sink(index, grads)?;
+            }
+            if !overlaps {
+                if let Some(previous) = links.pop() {
+                    regathering = Some(self.regather(previous)?);
+                }
+            }
         }
-        self.state
-            .sink(index, std::mem::take(&mut backward.text_grads))?;
-        self.state.release(index, gathered);
-        Ok(())
-    }
-
-    /// The perceiver, from the media latents' summed gradient.
-    fn perceiver_backward(
-        &mut self,
-        fetch: &mut Prefetcher,
-        features: &Tensor,
-        media_grad: Option<Tensor>,
-    ) -> Result<(), TrainError> {
-        let device = features.device();
-        let (index, gathered) = self.acquire(fetch)?;
-        if let Some(media_grad) = media_grad {
-            let resampled = self.bf16(device, || Ok(self.model.perceive(features)?))?;
-            let (_, grads) = self.backward_unit(index, &resampled, &media_grad, &[])?;
-            self.state.sink(index, grads)?;
+        if text_side {
+            self.mark(layers_phase);
         }
-        self.state.release(index, gathered);
         self.mark("embedding and perceiver backward");
         Ok(())
+    }
+
+    /// Starts gathering a kept unit's parked buffers again.
+    fn regather(&self, mut link: Link) -> Result<(Link, Gathered), TrainError> {
+        let parked = link.parked.take().expect("a kept unit is parked");
+        let gathered = self.state.start_regather(link.index, parked)?;
+        Ok((link, gathered))
+    }
+
+    /// Backpropagates one unit of the chain (recomputed first if its graph
+    /// was not kept): its weights' gradients. The perceiver's units start
+    /// from the media latents' summed gradient; without one (no block saw
+    /// media) they are skipped, with no gradients.
+    fn link_backward(
+        &mut self,
+        link: Link,
+        sides: &Sides,
+        backward: &mut Backward,
+    ) -> Result<Vec<Option<Tensor>>, TrainError> {
+        let Link {
+            index,
+            role,
+            input,
+            outputs,
+            ..
+        } = link;
+        if role.is_perceiver() && backward.latents_grad.is_none() {
+            backward.latents_grad = backward.media_grad.take();
+            if backward.latents_grad.is_none() {
+                return Ok(Vec::new());
+            }
+        }
+        let (input, outputs) = if outputs.is_empty() {
+            self.recompute(role, input, sides)?
+        } else {
+            (input, outputs)
+        };
+        let grads = match role {
+            Role::Decoder(_) | Role::CrossAttention(_) => {
+                let input = input.expect("a layer keeps its input");
+                let sees_media = matches!(role, Role::CrossAttention(_));
+                let mut leading = vec![&input];
+                if sees_media {
+                    leading.push(&sides.media_leaf);
+                }
+                let (mut inputs_grads, grads) =
+                    self.backward_unit(index, &[(&outputs[0], &backward.upstream)], &leading)?;
+                backward.upstream = inputs_grads
+                    .remove(0)
+                    .expect("a layer's output depends on its input");
+                if let Some(grad) = inputs_grads.pop().flatten().filter(|_| sees_media) {
+                    let grad = grad.to_kind(Kind::Float);
+                    backward.media_grad = Some(match backward.media_grad.take() {
+                        Some(sum) => sum + grad,
+                        None => grad,
+                    });
+                }
+                grads
+            }
+            Role::Embedding => {
+                let (_, grads) =
+                    self.backward_unit(index, &[(&outputs[0], &backward.upstream)], &[])?;
+                for (sum, grad) in backward.text_grads.iter_mut().zip(grads) {
+                    *sum = match (sum.take(), grad) {
+                        (Some(a), Some(b)) => Some(a + b),
+                        (a, b) => a.or(b),
+                    };
+                }
+                std::mem::take(&mut backward.text_grads)
+            }
+            Role::PerceiverLayer(_) => {
+                let input = input.expect("a perceiver layer keeps its input");
+                let upstream = backward.latents_grad.take().expect("set above");
+                let mut leading = vec![&input];
+                if sides.tokens.requires_grad() {
+                    leading.push(&sides.tokens);
+                }
+                let (mut inputs_grads, grads) =
+                    self.backward_unit(index, &[(&outputs[0], &upstream)], &leading)?;
+                backward.latents_grad = inputs_grads.remove(0);
+                if let Some(grad) = inputs_grads.pop().flatten() {
+                    backward.tokens_grad = Some(match backward.tokens_grad.take() {
+                        Some(sum) => sum + grad,
+                        None => grad,
+                    });
+                }
+                grads
+            }
+            Role::PerceiverStart => {
+                let upstream = backward.latents_grad.take().expect("set above");
+                let tokens_grad = backward.tokens_grad.take();
+                let mut pairs = vec![(&outputs[1], &upstream)];
+                if let Some(grad) = tokens_grad.as_ref().filter(|_| outputs[0].requires_grad()) {
+                    pairs.push((&outputs[0], grad));
+                }
+                self.backward_unit(index, &pairs, &[])?.1
+            }
+        };
+        Ok(grads)
+    }
+
+    /// A unit of the chain run again, with a graph from its kept `input`
+    /// (made a leaf): (the leaf, the outputs).
+    fn recompute(
+        &self,
+        role: Role,
+        input: Option<Tensor>,
+        sides: &Sides,
+    ) -> Result<(Option<Tensor>, Vec<Tensor>), TrainError> {
+        let device = sides.input_ids.device();
+        let model = self.model;
+        let leaf = input.map(|input| input.set_requires_grad(true));
+        let input = || leaf.as_ref().expect("this unit keeps its input");
+        let outputs = match role {
+            Role::PerceiverStart => {
+                let (tokens, latents) =
+                    self.bf16(device, || Ok(model.perceiver_inputs(&sides.features)?))?;
+                vec![tokens, latents]
+            }
+            Role::PerceiverLayer(layer) => vec![self.bf16(device, || {
+                Ok(model.perceiver_layer(layer, &sides.tokens, input()))
+            })?],
+            Role::Embedding => vec![self.bf16(device, || Ok(model.embed(&sides.input_ids)))?],
+            Role::CrossAttention(layer) => vec![self.bf16(device, || {
+                Ok(model
+                    .cross_attend(layer, input(), &sides.media_leaf, &sides.inputs)?
+                    .unwrap_or_else(|| input().shallow_clone()))
+            })?],
+            Role::Decoder(layer) => vec![self.bf16(device, || {
+                Ok(model.decoder_layer(layer, input(), &sides.inputs)?)
+            })?],
+        };
+        Ok((leaf, outputs))
     }
 }
 
 /// What the forward half keeps for the backward half.
 struct Forward {
-    features: Tensor,
-    /// The media latents as the layers' (detached) input.
-    media_leaf: Tensor,
-    inputs: flamingo_model::TextInputs,
-    /// Recomputing: each layer's input.
-    layer_inputs: Vec<Tensor>,
+    sides: Sides,
+    /// The chain's units, first to last.
+    links: Vec<Link>,
+    /// The last layer's output.
     last: Tensor,
-    /// Keeping graphs: each unit's.
-    kept: Option<Kept>,
-}
-
-/// A unit whose forward graph is kept: its parked buffers, its detached
-/// input (a layer's) and its output.
-struct KeptUnit {
-    index: usize,
-    parked: Option<Gathered>,
-    input: Option<Tensor>,
-    output: Tensor,
-}
-
-/// The kept units of a pass.
-#[derive(Default)]
-struct Kept {
-    perceiver: Option<KeptUnit>,
-    embedding: Option<KeptUnit>,
-    layers: Vec<KeptUnit>,
 }
 
 /// How the head's part ended.
@@ -599,5 +745,11 @@ struct Backward {
     /// The text unit's weight gradients from the head (the embedding adds
     /// its own before they are sunk).
     text_grads: Vec<Option<Tensor>>,
+    /// The media latents' gradient, summed over the cross-attention blocks.
     media_grad: Option<Tensor>,
+    /// The perceiver: the gradient of the latents after the unit being
+    /// backpropagated (the media latents' at first).
+    latents_grad: Option<Tensor>,
+    /// The media tokens' gradient, summed over the perceiver layers.
+    tokens_grad: Option<Tensor>,
 }

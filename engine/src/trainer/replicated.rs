@@ -265,9 +265,7 @@ impl ParameterState for Replicated<'_> {
         if plan.len == 0 {
             return Ok(());
         }
-        let whole = Tensor::zeros([plan.len], (Kind::Float, self.flat.device()));
-        units::place_gradients(&whole, plan, &grads);
-        drop(grads);
+        let whole = units::flatten_gradients(plan, grads, plan.len, self.flat.device());
         let _ = recomputed.narrow(0, plan.start, plan.len).g_add_(&whole);
         Ok(())
     }

@@ -38,7 +38,7 @@ pub(crate) struct ShardedUnits<'g> {
 
 /// Gathered units at least this large give the heap's free pages back
 /// when they are released or parked.
-const LARGE_UNIT_BYTES: i64 = 64 << 20;
+const LARGE_UNIT_BYTES: i64 = 32 << 20;
 
 impl<'g> ShardedUnits<'g> {
     /// Keeps this rank's shard of every unit (rank 0's trainable values, as
@@ -336,8 +336,13 @@ impl ParameterState for ShardedUnits<'_> {
         )
     }
 
-    fn gathers_in_background(&self, index: usize) -> bool {
-        units::gathers_in_background(&self.shards[index], self.world(), self.local.device())
+    fn prefetches(&self, current: usize, next: usize) -> bool {
+        units::prefetches(
+            &self.shards[current],
+            &self.shards[next],
+            self.world(),
+            self.local.device(),
+        )
     }
 
     fn install(&mut self, gathered: Gathered, ahead: i64) -> Result<Gathered, TrainError> {
@@ -389,9 +394,7 @@ impl ParameterState for ShardedUnits<'_> {
         let (plan, shard) = (&self.units[index], &self.shards[index]);
         let world = self.world();
         let device = self.local.device();
-        let whole = Tensor::zeros([shard.len * world], (Kind::Float, device));
-        units::place_gradients(&whole, plan, &grads);
-        drop(grads);
+        let whole = units::flatten_gradients(plan, grads, shard.len * world, device);
         if let Some(embedding) = &self.embedding {
             embedding.mask(&whole, plan.start, plan.len);
         }
@@ -408,6 +411,10 @@ impl ParameterState for ShardedUnits<'_> {
             .accumulated
             .narrow(0, shard.offset, shard.len)
             .g_add_(&reduced);
+        drop(reduced);
+        if 4 * plan.len >= LARGE_UNIT_BYTES {
+            units::trim_heap();
+        }
         Ok(())
     }
 
@@ -445,6 +452,9 @@ impl ParameterState for ShardedUnits<'_> {
         }
         drop(gradient);
         self.discard_gradients();
+        // What the update's pieces allocated would otherwise stay with the
+        // process into the next step.
+        units::trim_heap();
         Ok(grad_norm)
     }
 }

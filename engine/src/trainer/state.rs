@@ -172,10 +172,11 @@ pub(crate) trait ParameterState {
     /// Starts making unit `index`'s whole weights available (a gather
     /// under `full`; nothing otherwise).
     fn start_gather(&self, index: usize) -> Result<Gathered, TrainError>;
-    /// Whether unit `index`'s gather runs in the background, so that
-    /// starting it one unit ahead overlaps it with compute (otherwise it
-    /// is started when the unit is needed, and one unit less is held).
-    fn gathers_in_background(&self, _index: usize) -> bool {
+    /// Whether unit `next` is gathered while unit `current` runs (its
+    /// forward, or its backward from a kept graph), so that the gather
+    /// overlaps compute; otherwise it starts once `current` is done, and
+    /// one unit less is held.
+    fn prefetches(&self, _current: usize, _next: usize) -> bool {
         true
     }
     /// Waits for `gathered` and points the model at it; `ahead` bytes are
