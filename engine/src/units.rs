@@ -641,6 +641,53 @@ mod tests {
         pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) }
     }
 
+    /// A unit's flat gradient: each member's gradient at its offset, zeros
+    /// for a member that took no part and for the padding past the unit.
+    #[test]
+    fn flattened_gradients_fill_unused_members_and_padding_with_zeros() {
+        let member = |name: &str, shape: Vec<i64>, offset: i64| Member {
+            name: name.to_string(),
+            tensor: Tensor::zeros(shape.as_slice(), tch::kind::FLOAT_CPU),
+            numel: shape.iter().product(),
+            shape,
+            offset,
+        };
+        let plan = UnitPlan {
+            unit: Unit::Layer(0),
+            trainable: vec![
+                member("a", vec![2, 2], 0),
+                member("b", vec![3], 4),
+                member("c", vec![2], 7),
+            ],
+            start: 0,
+            len: 9,
+            decay: false,
+            frozen: Vec::new(),
+            frozen_len: 0,
+            frozen_kind: Kind::Float,
+        };
+        // Stale bytes where the buffer will be: the flat buffer is not
+        // zeroed up front, so every value must be written.
+        drop(Tensor::full([12], 7.0, tch::kind::FLOAT_CPU));
+        let grads = vec![
+            Some(Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2])),
+            None,
+            Some(Tensor::from_slice(&[5.0f64, 6.0])),
+        ];
+        let flat = flatten_gradients(&plan, grads, 12, tch::Device::Cpu);
+        let expected = Tensor::from_slice(&[
+            1.0f32, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 5.0, 6.0, 0.0, 0.0, 0.0,
+        ]);
+        assert_eq!(flat.kind(), Kind::Float);
+        assert!(flat.equal(&expected), "{flat}");
+        // Fewer gradients than members (a skipped unit): zeros.
+        let flat = flatten_gradients(&plan, Vec::new(), 9, tch::Device::Cpu);
+        assert!(
+            flat.equal(&Tensor::zeros([9], tch::kind::FLOAT_CPU)),
+            "{flat}"
+        );
+    }
+
     /// What `park` and `start_regather` rest on: the bytes really go back
     /// to the system, and a view the autograd graph saved before sees what
     /// is written into the same storage afterwards (written as a collective

@@ -25,13 +25,20 @@ pub(crate) struct ShardedUnits<'g> {
     local: Tensor,
     total: i64,
     embedding: Option<EmbeddingRows>,
-    /// AdamW's moments over `local`, and the reduced gradient shards
-    /// summed over the micro-steps: empty until first needed (the first
+    /// AdamW's moments over `local`: empty until first needed (the first
     /// backward, the first update or a restore), as torch's AdamW makes its
     /// state at the first step, so that loading holds only the weights.
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
+    /// The reduced gradient shards summed over the micro-steps, made at a
+    /// step's first gradient and dropped after its update (torch's
+    /// `zero_grad(set_to_none=True)`); its pages are first written as each
+    /// unit's gradient arrives, so early in a step's backward, where a
+    /// rank holds the most activations, it takes almost no memory.
     accumulated: Tensor,
+    /// Which units' ranges of `accumulated` hold a gradient this step (the
+    /// others are unwritten).
+    written: Vec<bool>,
     /// The most bytes of gathered (whole) units alive at once.
     gathered_peak: i64,
 }
@@ -130,6 +137,7 @@ impl<'g> ShardedUnits<'g> {
             // bench model at 4 ranks: 1.7-2.1 GiB kept, 1.2 GiB trimmed).
             units::trim_heap();
         }
+        let unit_count = units.len();
         Ok(Self {
             shard_group,
             replicate_group,
@@ -138,6 +146,7 @@ impl<'g> ShardedUnits<'g> {
             exp_avg: Tensor::zeros([0], (Kind::Float, device)),
             exp_avg_sq: Tensor::zeros([0], (Kind::Float, device)),
             accumulated: Tensor::zeros([0], (Kind::Float, device)),
+            written: vec![false; unit_count],
             local,
             total,
             embedding,
@@ -145,18 +154,26 @@ impl<'g> ShardedUnits<'g> {
         })
     }
 
-    /// Makes the optimizer's moments and the gradient accumulator, zeroed,
-    /// the first time they are needed.
+    /// Makes the optimizer's moments, zeroed, the first time they are
+    /// needed.
     fn allocate_state(&mut self) {
-        for state in [
-            &mut self.exp_avg,
-            &mut self.exp_avg_sq,
-            &mut self.accumulated,
-        ] {
+        for state in [&mut self.exp_avg, &mut self.exp_avg_sq] {
             if state.numel() != self.local.numel() {
                 *state = self.local.zeros_like();
             }
         }
+    }
+
+    /// The step's gradient accumulator, made (unwritten) at its first use.
+    fn accumulator(&mut self) -> &Tensor {
+        if self.accumulated.numel() != self.local.numel() {
+            self.accumulated = Tensor::empty(
+                [self.local.numel() as i64],
+                (Kind::Float, self.local.device()),
+            );
+            self.written.fill(false);
+        }
+        &self.accumulated
     }
 
     fn rank(&self) -> i64 {
@@ -407,26 +424,44 @@ impl ParameterState for ShardedUnits<'_> {
         if let Some(replicas) = self.replicate_group.filter(|group| group.world_size() > 1) {
             replicas.all_reduce(&reduced, ReduceOp::Sum)?;
         }
-        let _ = self
-            .accumulated
-            .narrow(0, shard.offset, shard.len)
-            .g_add_(&reduced);
+        let (offset, len, large) = (shard.offset, shard.len, 4 * plan.len >= LARGE_UNIT_BYTES);
+        let mut target = self.accumulator().narrow(0, offset, len);
+        if self.written[index] {
+            let _ = target.g_add_(&reduced);
+        } else {
+            target.copy_(&reduced);
+            self.written[index] = true;
+        }
         drop(reduced);
-        if 4 * plan.len >= LARGE_UNIT_BYTES {
+        if large {
             units::trim_heap();
         }
         Ok(())
     }
 
     fn discard_gradients(&mut self) {
-        let _ = self.accumulated.zero_();
+        self.accumulated = Tensor::zeros([0], (Kind::Float, self.local.device()));
+        self.written.fill(false);
     }
 
     /// The accumulated shards are already reduced: clip by the global norm
     /// and update each unit's shard with its own decay.
     fn update(&mut self, update: &Update<'_>) -> Result<f64, TrainError> {
         self.allocate_state();
-        let mut gradient = self.accumulated.shallow_clone();
+        let mut gradient = self.accumulator().shallow_clone();
+        // Units no gradient reached this step (the perceiver when no block
+        // saw media) count as zeros.
+        for (shard, written) in self.shards.iter().zip(&self.written) {
+            if !written && shard.len > 0 {
+                let _ = gradient.narrow(0, shard.offset, shard.len).zero_();
+            }
+        }
+        // A rank with no trainable values holds one unused value.
+        let covered: i64 = self.shards.iter().map(|shard| shard.len).sum();
+        let total = gradient.numel() as i64;
+        if total > covered {
+            let _ = gradient.narrow(0, covered, total - covered).zero_();
+        }
         // Each node holds every shard once (`hybrid`: the same on every
         // node), so the sum over one node's ranks is the global norm.
         let local_squares = squared_norm(&gradient);
