@@ -523,12 +523,12 @@ fn forward(args: &Args, size: &str, root: &Path) -> anyhow::Result<()> {
     )?;
     println!(
         "\n{size}: {parameters} parameters, {:.2} GiB in fp32; {} ranks, one forward of a batch of {}, the loss against the Python model's; \
-         units over {} values not prefetched (--forward-gather-piece)",
+         the next unit prefetched while the two hold at most {} values (--forward-gather-piece)",
         gib(fp32),
         args.forward_world,
         args.batch,
         match args.forward_gather_piece {
-            0 => "64 Mi (the default)".to_string(),
+            0 => "32 Mi (the default)".to_string(),
             piece => piece.to_string(),
         }
     );
