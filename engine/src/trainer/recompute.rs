@@ -335,17 +335,13 @@ impl Pass<'_> {
         let tokens_train = tokens.requires_grad();
         drop(tokens);
         for layer in 0..self.model.perceiver_depth() {
-            let unit = self.acquire(fetch)?;
-            let (output, link) = self.chain_unit(
-                unit,
-                Role::PerceiverLayer(layer),
-                &latents_out,
-                keep,
-                device,
+            latents_out = self.chain_unit(
+                fetch,
+                (Role::PerceiverLayer(layer), &latents_out),
+                (keep, device),
+                &mut links,
                 |model, latents| Ok(model.perceiver_layer(layer, &tokens_leaf, latents)),
             )?;
-            latents_out = output;
-            links.push(link);
         }
         self.mark("perceiver forward");
         let media = latents_out;
@@ -371,33 +367,25 @@ impl Pass<'_> {
         };
         for layer in 0..self.model.layer_count() {
             if self.model.layer_sees_media(layer) {
-                let unit = self.acquire(fetch)?;
-                let (output, link) = self.chain_unit(
-                    unit,
-                    Role::CrossAttention(layer),
-                    &hidden,
-                    keep,
-                    device,
+                hidden = self.chain_unit(
+                    fetch,
+                    (Role::CrossAttention(layer), &hidden),
+                    (keep, device),
+                    &mut links,
                     |model, input| {
                         Ok(model
                             .cross_attend(layer, input, &media_leaf, &inputs)?
                             .unwrap_or_else(|| input.shallow_clone()))
                     },
                 )?;
-                hidden = output;
-                links.push(link);
             }
-            let unit = self.acquire(fetch)?;
-            let (output, link) = self.chain_unit(
-                unit,
-                Role::Decoder(layer),
-                &hidden,
-                keep,
-                device,
+            hidden = self.chain_unit(
+                fetch,
+                (Role::Decoder(layer), &hidden),
+                (keep, device),
+                &mut links,
                 |model, input| Ok(model.decoder_layer(layer, input, &inputs)?),
             )?;
-            hidden = output;
-            links.push(link);
         }
         self.mark("embedding and layers forward");
         let tokens = if tokens_train && !keep {
@@ -418,31 +406,38 @@ impl Pass<'_> {
         })
     }
 
-    /// Runs a unit of the chain on `input`: keeping, with a graph from a
-    /// leaf of its own, the unit parked; otherwise without a graph, the
-    /// input kept for the recompute and the unit released. Returns the
-    /// output, detached, and the link.
+    /// Gathers the pass's next unit and runs it, as `role`, on `input`:
+    /// keeping (`keep`), with a graph from a leaf of its own, the unit
+    /// parked; otherwise without a graph, the input kept for the recompute
+    /// and the unit released. Its link joins `links`; returns the output,
+    /// detached.
     fn chain_unit(
         &mut self,
-        unit: (usize, Gathered),
-        role: Role,
-        input: &Tensor,
-        keep: bool,
-        device: tch::Device,
+        fetch: &mut Prefetcher,
+        (role, input): (Role, &Tensor),
+        (keep, device): (bool, tch::Device),
+        links: &mut Vec<Link>,
         forward: impl Fn(&Flamingo, &Tensor) -> Result<Tensor, TrainError>,
-    ) -> Result<(Tensor, Link), TrainError> {
+    ) -> Result<Tensor, TrainError> {
+        let unit = self.acquire(fetch)?;
         let model = self.model;
-        if keep {
+        let (output, link) = if keep {
             let leaf = input.detach().set_requires_grad(true);
             let output = self.bf16(device, || forward(model, &leaf))?;
             let detached = output.detach();
-            let link = self.link(unit, role, Some(leaf), Some(vec![output]))?;
-            Ok((detached, link))
+            (
+                detached,
+                self.link(unit, role, Some(leaf), Some(vec![output]))?,
+            )
         } else {
             let output = tch::no_grad(|| self.bf16(device, || forward(model, input)))?;
-            let link = self.link(unit, role, Some(input.shallow_clone()), None)?;
-            Ok((output, link))
-        }
+            (
+                output,
+                self.link(unit, role, Some(input.shallow_clone()), None)?,
+            )
+        };
+        links.push(link);
+        Ok(output)
     }
 
     /// A unit's link: with its outputs' graph (`outputs`) the unit is
