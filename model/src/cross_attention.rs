@@ -12,6 +12,7 @@
 use tch::{Kind, Tensor};
 
 use crate::layers::{merge_heads, split_heads, stable_softmax, FeedForward, LayerNorm, Linear};
+use crate::recompute::Cheap;
 use crate::{ModelError, Result, Weights};
 
 /// Which media each text token may attend to.
@@ -79,8 +80,10 @@ impl MaskedCrossAttention {
                 "cross-attention expects text [b, t, d] and media [b, t_img, n, d], got {text_size:?} and {media_size:?}"
             ) });
         };
-        let queries =
-            split_heads(&self.to_q.forward(&self.norm.forward(text)), self.heads) * self.scale;
+        let queries = split_heads(
+            &self.to_q.forward(&self.norm.forward_recorded(text)),
+            self.heads,
+        ) * self.scale;
         let media_flat = media.reshape([batch, media_count * latents, media_size[3]]);
         let keys_values = self.to_kv.forward(&media_flat).chunk(2, -1);
         let keys = split_heads(&keys_values[0], self.heads);
@@ -184,8 +187,14 @@ impl GatedCrossAttentionBlock {
     }
 
     pub fn forward(&self, text: &Tensor, media: &Tensor, mask: MediaMask<'_>) -> Result<Tensor> {
-        let attended =
-            self.attention.forward(text, media, mask)? * self.attention_gate.tanh() + text;
+        // The residuals are recorded for selective recompute
+        // ([`crate::recompute`]); the block's output is not (the next
+        // layer's input).
+        let attended = crate::recompute::cheap(Cheap::GatedResidual {
+            branch: self.attention.forward(text, media, mask)?,
+            gate: self.attention_gate.shallow_clone(),
+            skip: text.shallow_clone(),
+        });
         Ok(self.feed_forward.forward(&attended) * self.feed_forward_gate.tanh() + &attended)
     }
 }

@@ -53,6 +53,18 @@ impl LayerNorm {
             false,
         )
     }
+
+    /// [`Self::forward`], recorded for selective recompute
+    /// ([`crate::recompute`]).
+    pub fn forward_recorded(&self, input: &Tensor) -> Tensor {
+        crate::recompute::cheap(crate::recompute::Cheap::LayerNorm {
+            input: input.shallow_clone(),
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.as_ref().map(Tensor::shallow_clone),
+            dim: self.dim,
+            eps: self.eps,
+        })
+    }
 }
 
 /// LLaMA's RMSNorm: `w · x / sqrt(mean(x²) + eps)`, computed in fp32.
@@ -138,10 +150,14 @@ impl FeedForward {
         })
     }
 
+    /// The norm and the GELU are recorded for selective recompute
+    /// ([`crate::recompute`]).
     pub fn forward(&self, input: &Tensor) -> Tensor {
         // nn.GELU() default: the exact erf form, not the tanh approximation.
-        self.down
-            .forward(&self.up.forward(&self.norm.forward(input)).gelu("none"))
+        let activated = crate::recompute::cheap(crate::recompute::Cheap::Gelu {
+            input: self.up.forward(&self.norm.forward_recorded(input)),
+        });
+        self.down.forward(&activated)
     }
 }
 

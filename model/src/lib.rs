@@ -26,6 +26,7 @@ pub mod loss;
 pub mod perceiver;
 pub mod preprocess;
 pub mod rank;
+pub mod recompute;
 pub mod safetensors;
 pub mod spec;
 pub mod torch_pickle;

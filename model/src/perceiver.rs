@@ -79,10 +79,17 @@ impl PerceiverAttention {
 
     /// `media`: [b, t, n_media, d]; `latents`: [b, t, n_latents, d].
     fn forward(&self, media: &Tensor, latents: &Tensor) -> Tensor {
-        let media = self.norm_media.forward(media);
-        let latents = self.norm_latents.forward(latents);
+        // The norms and the concatenation are recorded for selective
+        // recompute ([`crate::recompute`]).
+        let media = self.norm_media.forward_recorded(media);
+        let latents = self.norm_latents.forward_recorded(latents);
         let queries = self.to_q.forward(&latents);
-        let keys_values = self.to_kv.forward(&Tensor::cat(&[&media, &latents], -2));
+        let keys_values =
+            self.to_kv
+                .forward(&crate::recompute::cheap(crate::recompute::Cheap::Cat {
+                    parts: vec![media, latents],
+                    dim: -2,
+                }));
         let halves = keys_values.chunk(2, -1);
         let queries = split_heads(&queries, self.heads) * self.scale;
         let keys = split_heads(&halves[0], self.heads);

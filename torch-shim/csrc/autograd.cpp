@@ -4,7 +4,13 @@
 
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/StorageImpl.h>
+#include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/grad_mode.h>
+
+#ifdef USE_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
 
 #include <cstdio>
 #include <vector>
@@ -69,6 +75,41 @@ int fl_storage_alloc(void* tensor, int64_t bytes, char* error, size_t error_len)
         std::snprintf(error, error_len, "%s", e.what());
         return 1;
     }
+}
+
+// Copies `source`'s values into the storage under `target` (given bytes
+// again by fl_storage_alloc) through an alias of its own, so that
+// `target`'s version counter, which the autograd graph checks for the
+// tensors it saved, does not move: selective recompute writing an output
+// back where the graph saved it. Returns 0, or 1 with a message in `error`.
+int fl_storage_refill(void* target, void* source, char* error, size_t error_len) {
+    try {
+        const auto& into = *static_cast<at::Tensor*>(target);
+        const auto& from = *static_cast<at::Tensor*>(source);
+        torch::autograd::AutoGradMode no_grad(false);
+        c10::OptionalDeviceGuard guard(into.device());
+        auto alias = at::empty({0}, into.options().requires_grad(false));
+        alias.set_(into.storage(), into.storage_offset(), into.sizes(), into.strides());
+        alias.copy_(from);
+        return 0;
+    } catch (const std::exception& e) {
+        std::snprintf(error, error_len, "%s", e.what());
+        return 1;
+    }
+}
+
+// The bytes the CUDA caching allocator has handed out on `device` and not
+// yet been given back (`torch.cuda.memory_allocated`); -1 in a build
+// without CUDA.
+int64_t fl_cuda_allocated_bytes(int device) {
+#ifdef USE_CUDA
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device);
+    return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)]
+        .current;
+#else
+    (void)device;
+    return -1;
+#endif
 }
 
 }  // extern "C"

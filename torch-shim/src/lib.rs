@@ -49,6 +49,16 @@ pub mod autograd {
             error: *mut std::ffi::c_char,
             error_len: usize,
         ) -> std::ffi::c_int;
+        /// Copies `source` into `target`'s storage without moving
+        /// `target`'s version counter.
+        pub fn fl_storage_refill(
+            target: *mut std::ffi::c_void,
+            source: *mut std::ffi::c_void,
+            error: *mut std::ffi::c_char,
+            error_len: usize,
+        ) -> std::ffi::c_int;
+        /// `torch.cuda.memory_allocated(device)`; -1 without CUDA.
+        pub fn fl_cuda_allocated_bytes(device: std::ffi::c_int) -> i64;
     }
 }
 

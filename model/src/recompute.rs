@@ -1,0 +1,136 @@
+//! Selective recompute: the cheap operations whose outputs the autograd
+//! graph saves, recorded so that a trainer can free those outputs after a
+//! unit's forward and compute them again, into the same storage, just
+//! before the unit's backward. The expensive operations (matmuls,
+//! attention) are never run again: their outputs stay in the graph.
+//!
+//! Recorded are the operations whose inputs the graph keeps anyway, so
+//! that nothing is held alive to recompute them:
+//! - a LayerNorm's output (its input is saved by the norm's own backward,
+//!   and the Linear after it saves the output when its weight trains);
+//! - a GELU's output (its input is saved by GELU's backward; the Linear
+//!   after it saves the output);
+//! - a concatenation of recorded outputs (the perceiver's `[media; latents]`
+//!   that its key/value projection saves);
+//! - a tanh-gated residual `branch · tanh(gate) + skip` (the branch is
+//!   saved by the product's backward, the skip is the block's input), which
+//!   the next LayerNorm saves.
+//!
+//! Only the Flamingo modules that train record (perceiver layers, gated
+//! cross-attention blocks, their feed-forwards); the frozen decoder's
+//! LayerNorms feed frozen Linears, which save nothing of them. Recording is
+//! off unless a trainer runs a unit inside [`recording`]; the forward pass
+//! computes every recorded operation through [`Cheap::run`], which is also
+//! what recomputes it, so the two give the same bits.
+
+use std::cell::RefCell;
+
+use tch::Tensor;
+
+/// One cheap operation, holding (shallow) handles to its inputs.
+#[derive(Debug)]
+pub enum Cheap {
+    LayerNorm {
+        input: Tensor,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        dim: i64,
+        eps: f64,
+    },
+    /// The exact (erf) GELU, torch's `nn.GELU()` default.
+    Gelu {
+        input: Tensor,
+    },
+    Cat {
+        parts: Vec<Tensor>,
+        dim: i64,
+    },
+    /// `branch · tanh(gate) + skip`.
+    GatedResidual {
+        branch: Tensor,
+        gate: Tensor,
+        skip: Tensor,
+    },
+}
+
+impl Cheap {
+    /// The operation's output, computed from its inputs as they are now.
+    pub fn run(&self) -> Tensor {
+        match self {
+            Self::LayerNorm {
+                input,
+                weight,
+                bias,
+                dim,
+                eps,
+            } => input.layer_norm([*dim], Some(weight), bias.as_ref(), *eps, false),
+            Self::Gelu { input } => input.gelu("none"),
+            Self::Cat { parts, dim } => Tensor::cat(parts, *dim),
+            Self::GatedResidual { branch, gate, skip } => branch * gate.tanh() + skip,
+        }
+    }
+}
+
+/// A recorded operation and the output it gave.
+#[derive(Debug)]
+pub struct Recorded {
+    pub output: Tensor,
+    pub op: Cheap,
+}
+
+thread_local! {
+    static RECORDING: RefCell<Option<Vec<Recorded>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` recording the cheap operations it computes: (its result, the
+/// operations in the order they ran). Recording does not nest.
+pub fn recording<T>(f: impl FnOnce() -> T) -> (T, Vec<Recorded>) {
+    let before = RECORDING.with(|slot| slot.replace(Some(Vec::new())));
+    debug_assert!(before.is_none(), "recording does not nest");
+    let result = f();
+    let recorded = RECORDING
+        .with(|slot| slot.replace(before))
+        .unwrap_or_default();
+    (result, recorded)
+}
+
+/// Computes `op` and, while recording, records it with its output.
+pub(crate) fn cheap(op: Cheap) -> Tensor {
+    let output = op.run();
+    RECORDING.with(|slot| {
+        if let Some(recorded) = slot.borrow_mut().as_mut() {
+            recorded.push(Recorded {
+                output: output.shallow_clone(),
+                op,
+            });
+        }
+    });
+    output
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{Kind, Tensor};
+
+    use super::{cheap, recording, Cheap};
+
+    #[test]
+    fn records_only_inside_and_runs_again_to_the_same_bits() {
+        let input = Tensor::randn([3, 8], (Kind::Float, tch::Device::Cpu));
+        let gelu = || {
+            cheap(Cheap::Gelu {
+                input: input.shallow_clone(),
+            })
+        };
+        let outside = gelu();
+        let (inside, recorded) = recording(gelu);
+        assert_eq!(recorded.len(), 1);
+        assert!(recorded[0].output.equal(&inside));
+        assert!(recorded[0].op.run().equal(&outside));
+        let (_, none) = recording(|| ());
+        assert!(none.is_empty());
+        // Outside a recording nothing is kept.
+        let (_, after) = recording(|| ());
+        assert!(after.is_empty());
+    }
+}
