@@ -84,6 +84,39 @@ pub enum LrScheduler {
     Cosine,
 }
 
+/// What the backward pass recomputes instead of keeping
+/// (`--recompute_policy`); `--gradient_checkpointing` is `full`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecomputePolicy {
+    /// Every unit keeps its graph (torch FSDP without checkpointing).
+    None,
+    /// The perceiver's and cross-attention blocks' LayerNorm, GELU,
+    /// concatenation and gated-residual outputs are freed after each
+    /// unit's forward and computed again before its backward; matmul and
+    /// attention outputs stay.
+    Selective,
+    /// Each unit keeps only its input and runs again before its backward.
+    Full,
+    /// Per unit (keep, selective or full) so that the activations kept fit
+    /// `--activation_budget_gib`, from sizes and times measured on the
+    /// first micro-batch, which runs `full`.
+    Auto,
+}
+
+impl RecomputePolicy {
+    pub const NAMES: &'static str = "none, selective, full or auto";
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Selective => "selective",
+            Self::Full => "full",
+            Self::Auto => "auto",
+        }
+    }
+}
+
 /// `--precision`, with OpenFlamingo's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -101,6 +134,18 @@ pub enum Precision {
 impl Precision {
     pub fn autocast_bf16(self) -> bool {
         self == Self::AmpBf16
+    }
+}
+
+impl TrainJob {
+    /// The recompute policy in force: `full` under
+    /// `gradient_checkpointing`, else `recompute_policy`.
+    pub fn recompute(&self) -> RecomputePolicy {
+        if self.gradient_checkpointing {
+            RecomputePolicy::Full
+        } else {
+            self.recompute_policy
+        }
     }
 }
 
@@ -155,8 +200,17 @@ train_job! {
     gradient_accumulation_steps: u64 = 1,
     /// fp32 or amp_bf16 (bf16 autocast).
     precision: Precision = Precision::Fp32,
-    /// Keep only each unit's input in forward and recompute in backward.
+    /// Keep only each unit's input in forward and recompute in backward
+    /// (`recompute_policy = "full"`).
     gradient_checkpointing: bool = false,
+    /// What backward recomputes: none, selective (LayerNorm, GELU and
+    /// residual outputs of the perceiver and cross-attention, not matmuls
+    /// or attention), full, or auto (per unit, to fit
+    /// activation_budget_gib).
+    recompute_policy: RecomputePolicy = RecomputePolicy::None,
+    /// With recompute_policy = auto: the GiB of activations a rank may keep
+    /// for one micro-batch's backward, besides each unit's input.
+    activation_budget_gib: f64 = 0.0,
     /// full, hybrid, shard_grad_op or no_shard.
     fsdp_sharding_strategy: Strategy = Strategy::ShardGradOp,
     /// LAION samples per epoch (paces the epoch when there is no MMC4).
@@ -302,6 +356,40 @@ impl TrainJob {
                     ),
                 ));
             }
+        }
+        if self.gradient_checkpointing
+            && !matches!(
+                self.recompute_policy,
+                RecomputePolicy::None | RecomputePolicy::Full
+            )
+        {
+            return Err(CommonError::invalid(
+                "recompute_policy",
+                format!(
+                    "'{}' conflicts with gradient_checkpointing (which is 'full'): give one of them",
+                    self.recompute_policy.name()
+                ),
+            ));
+        }
+        match (self.recompute_policy, self.activation_budget_gib) {
+            (RecomputePolicy::Auto, budget) if !(budget > 0.0 && budget.is_finite()) => {
+                return Err(CommonError::invalid(
+                    "activation_budget_gib",
+                    format!(
+                        "{budget}: recompute_policy 'auto' needs the GiB of activations a rank may keep, above 0"
+                    ),
+                ));
+            }
+            (policy, budget) if policy != RecomputePolicy::Auto && budget != 0.0 => {
+                return Err(CommonError::invalid(
+                    "activation_budget_gib",
+                    format!(
+                        "{budget}: only recompute_policy 'auto' uses a budget, and it is '{}'",
+                        policy.name()
+                    ),
+                ));
+            }
+            _ => {}
         }
         let datasets = self.datasets();
         if datasets.is_empty() {
@@ -468,6 +556,33 @@ mod tests {
             ..laion(8, 2)
         };
         assert_eq!(field(s3.clone(), 1), "ok");
+        let auto = |budget: f64| TrainJob {
+            recompute_policy: RecomputePolicy::Auto,
+            activation_budget_gib: budget,
+            ..laion(8, 2)
+        };
+        assert_eq!(field(auto(2.5), 1), "ok");
+        assert!(field(auto(0.0), 1)
+            .starts_with("activation_budget_gib: 0: recompute_policy 'auto' needs"));
+        let stray = TrainJob {
+            activation_budget_gib: 1.0,
+            ..laion(8, 2)
+        };
+        assert!(
+            field(stray, 1).starts_with("activation_budget_gib: 1: only recompute_policy 'auto'")
+        );
+        let both = TrainJob {
+            gradient_checkpointing: true,
+            recompute_policy: RecomputePolicy::Selective,
+            ..laion(8, 2)
+        };
+        assert!(field(both.clone(), 1).starts_with("recompute_policy: 'selective' conflicts"));
+        let full = TrainJob {
+            recompute_policy: RecomputePolicy::Full,
+            ..both
+        };
+        assert_eq!(full.recompute(), RecomputePolicy::Full);
+        assert_eq!(field(full, 1), "ok");
         assert_eq!(
             s3.checkpoint_dir(3).display().to_string(),
             "s3://bucket/runs/shapes/checkpoints/step-00000003"

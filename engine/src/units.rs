@@ -19,8 +19,11 @@
 //! a shard of.
 
 use flamingo_collectives::{ProcessGroup, ReduceOp, Work};
+use flamingo_model::recompute::Recorded;
 use flamingo_model::{Flamingo, Unit};
-use flamingo_torch_shim::autograd::{fl_autograd_grad, fl_storage_alloc, fl_storage_free};
+use flamingo_torch_shim::autograd::{
+    fl_autograd_grad, fl_cuda_allocated_bytes, fl_storage_alloc, fl_storage_free, fl_storage_refill,
+};
 use tch::{Kind, Tensor};
 
 use crate::trainer::TrainError;
@@ -618,6 +621,152 @@ pub fn start_regather(
     Ok(gathered)
 }
 
+/// Selective recompute's half after a unit's forward: frees the bytes of
+/// the cheap outputs `recorded` while the unit ran (their storage, which
+/// the graph's saved tensors point into, stays), except any that share
+/// memory with the unit's `outputs`, which the next unit reads. Returns
+/// what was freed, in order, for [`restore_activations`], and its bytes.
+pub fn free_activations(recorded: Vec<Recorded>, outputs: &[&Tensor]) -> (Vec<Recorded>, i64) {
+    let mut freed = Vec::with_capacity(recorded.len());
+    let mut bytes = 0;
+    for entry in freeable(recorded, outputs) {
+        // SAFETY: a live tensor handle; only its storage's bytes go.
+        bytes += unsafe { fl_storage_free(entry.output.as_ptr() as *mut std::ffi::c_void) };
+        freed.push(entry);
+    }
+    (freed, bytes)
+}
+
+/// The bytes [`free_activations`] would free of `recorded`.
+pub fn freeable_bytes(recorded: Vec<Recorded>, outputs: &[&Tensor]) -> i64 {
+    freeable(recorded, outputs)
+        .map(|entry| span(&entry.output))
+        .map(|(start, end)| (end - start) as i64)
+        .sum()
+}
+
+/// The recorded outputs that hold bytes and share none with `outputs`.
+fn freeable<'a>(
+    recorded: Vec<Recorded>,
+    outputs: &'a [&Tensor],
+) -> impl Iterator<Item = Recorded> + 'a {
+    let spans: Vec<(usize, usize)> = outputs.iter().map(|output| span(output)).collect();
+    recorded.into_iter().filter(move |entry| {
+        let (start, end) = span(&entry.output);
+        start < end && !spans.iter().any(|&(a, b)| start < b && a < end)
+    })
+}
+
+/// The bytes a tensor's elements span.
+fn span(tensor: &Tensor) -> (usize, usize) {
+    let start = tensor.data_ptr() as usize;
+    (
+        start,
+        start + tensor.numel() * tensor.kind().elt_size_in_bytes(),
+    )
+}
+
+/// Selective recompute's half before a unit's backward (its weights in
+/// place again): computes each freed output again, in the order they were
+/// recorded, into its own storage, without moving the version counter the
+/// graph checks. `run` computes an operation (under the forward's
+/// autocast).
+pub fn restore_activations(
+    freed: &[Recorded],
+    run: impl Fn(&Recorded) -> Tensor,
+) -> Result<(), TrainError> {
+    for entry in freed {
+        alloc_bytes(&entry.output)?;
+        let fresh = tch::no_grad(|| run(entry));
+        if fresh.size() != entry.output.size() || fresh.kind() != entry.output.kind() {
+            return Err(TrainError::Backward {
+                message: format!(
+                    "a recomputed activation is {:?} {:?}, the forward's was {:?} {:?}",
+                    fresh.kind(),
+                    fresh.size(),
+                    entry.output.kind(),
+                    entry.output.size()
+                ),
+            });
+        }
+        let mut error = vec![0 as std::ffi::c_char; 512];
+        // SAFETY: live tensor handles; the shim writes a NUL-terminated
+        // message on failure.
+        let status = unsafe {
+            fl_storage_refill(
+                entry.output.as_ptr() as *mut std::ffi::c_void,
+                fresh.as_ptr() as *mut std::ffi::c_void,
+                error.as_mut_ptr(),
+                error.len(),
+            )
+        };
+        if status != 0 {
+            // SAFETY: NUL-terminated by the shim within the buffer.
+            let message = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
+            return Err(TrainError::Backward {
+                message: format!(
+                    "writing a recomputed activation back: {}",
+                    message.to_string_lossy()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The bytes of tensor memory in use on `device`, for measuring what a
+/// unit's graph holds: the CUDA caching allocator's count on a GPU, the
+/// C heap's in-use bytes (glibc's `mallinfo2`, which libtorch's CPU
+/// allocator draws from) on the CPU; `None` where neither is known.
+pub fn allocated_bytes(device: tch::Device) -> Option<i64> {
+    match device {
+        tch::Device::Cuda(index) => {
+            // SAFETY: reads the allocator's counters.
+            let bytes = unsafe { fl_cuda_allocated_bytes(index as std::ffi::c_int) };
+            (bytes >= 0).then_some(bytes)
+        }
+        _ => heap_in_use(),
+    }
+}
+
+/// The C heap's bytes in use over every arena: glibc's `malloc_info`
+/// totals (the system's bytes, less the free ones, plus the mmapped
+/// chunks). `mallinfo2` would count only the main thread's arena.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn heap_in_use() -> Option<i64> {
+    let mut buffer: *mut std::ffi::c_char = std::ptr::null_mut();
+    let mut size: libc::size_t = 0;
+    // SAFETY: open_memstream allocates `buffer`, which is freed below
+    // after the stream is closed; malloc_info only writes to the stream.
+    let text = unsafe {
+        let stream = libc::open_memstream(&mut buffer, &mut size);
+        if stream.is_null() {
+            return None;
+        }
+        libc::malloc_info(0, stream);
+        libc::fclose(stream);
+        let text = std::ffi::CStr::from_ptr(buffer)
+            .to_string_lossy()
+            .into_owned();
+        libc::free(buffer.cast());
+        text
+    };
+    // The totals over all arenas follow the last arena's `</heap>`.
+    let totals = &text[text.rfind("</heap>")?..];
+    let size_of = |kind: &str| -> Option<i64> {
+        let at = totals.find(&format!("type=\"{kind}\""))?;
+        let rest = &totals[at..];
+        let value = rest[rest.find("size=\"")? + 6..].split('"').next()?;
+        value.parse().ok()
+    };
+    Some(size_of("current")? - size_of("fast")? - size_of("rest")? + size_of("mmap")?)
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn heap_in_use() -> Option<i64> {
+    None
+}
+
 /// Points the unit's tensors at empty storage, so the whole buffers are
 /// freed once nothing else holds them.
 pub fn release(plan: &UnitPlan) {
@@ -686,6 +835,55 @@ mod tests {
             flat.equal(&Tensor::zeros([9], tch::kind::FLOAT_CPU)),
             "{flat}"
         );
+    }
+
+    /// Selective recompute: a LayerNorm output saved by a trainable
+    /// matmul is freed after the forward and computed again before the
+    /// backward, which gives the gradients of the untouched graph (the
+    /// refill does not trip autograd's version check); an output the unit
+    /// hands on is never freed.
+    #[test]
+    fn freed_activations_come_back_for_the_backward() {
+        use flamingo_model::recompute::Cheap;
+        tch::manual_seed(3);
+        let input = Tensor::randn([64, 32], tch::kind::FLOAT_CPU).set_requires_grad(true);
+        let weight = Tensor::randn([32, 8], tch::kind::FLOAT_CPU).set_requires_grad(true);
+        let norm = || Cheap::LayerNorm {
+            input: input.shallow_clone(),
+            weight: Tensor::ones([32], tch::kind::FLOAT_CPU),
+            bias: None,
+            dim: 32,
+            eps: 1e-5,
+        };
+        let grads_of = |free: bool| {
+            let op = norm();
+            let normed = op.run();
+            let loss = normed.matmul(&weight).tanh().sum(Kind::Float);
+            if free {
+                let entry = Recorded {
+                    output: normed.shallow_clone(),
+                    op,
+                };
+                let (kept, _) = free_activations(
+                    vec![Recorded {
+                        output: normed.shallow_clone(),
+                        op: norm(),
+                    }],
+                    &[&normed],
+                );
+                assert!(kept.is_empty(), "an output the unit hands on was freed");
+                let (freed, bytes) = free_activations(vec![entry], &[&loss]);
+                assert_eq!(bytes, 64 * 32 * 4);
+                restore_activations(&freed, |entry| entry.op.run()).expect("restored");
+            }
+            let one = Tensor::from(1.0f32);
+            gradients(&[&loss], &[&one], &[&input, &weight]).expect("grads")
+        };
+        let (plain, selective) = (grads_of(false), grads_of(true));
+        for (a, b) in plain.iter().zip(&selective) {
+            let (a, b) = (a.as_ref().expect("grad"), b.as_ref().expect("grad"));
+            assert!(a.equal(b), "{a} vs {b}");
+        }
     }
 
     /// What `park` and `start_regather` rest on: the bytes really go back

@@ -4,8 +4,9 @@
 //! processes, Gloo) — give the same losses (1e-4 relative) and the same
 //! trainable weights (1e-5); so do the recomputing
 //! pass (`--gradient_checkpointing`) and `full` on one rank; `full` on 2
-//! ranks keeping its graphs equals `full` recomputing them (1e-6); and the
-//! weights move and the loss falls.
+//! ranks keeping its graphs equals `full` recomputing them and `full` with
+//! selective recompute (1e-6), as do selective and `auto` recompute on one
+//! rank; and the weights move and the loss falls.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flamingo_collectives::{Backend, ProcessGroup, ProcessGroupConfig};
-use flamingo_common::train::{LrScheduler, Strategy};
+use flamingo_common::train::{LrScheduler, RecomputePolicy, Strategy};
 use flamingo_data::batch::{Assembler, Cursor};
 use flamingo_data::convert::{ImageFormat, RankBatch};
 use flamingo_data::pack::ShardWriter;
@@ -26,7 +27,7 @@ use flamingo_engine::batch::TrainBatch;
 use flamingo_engine::optim::AdamWConfig;
 use flamingo_engine::schedule::Schedule;
 use flamingo_engine::tiny::{write_tiny_model, TinyConfig};
-use flamingo_engine::trainer::{TrainConfig, Trainer};
+use flamingo_engine::trainer::{RecomputePlan, TrainConfig, Trainer};
 use flamingo_model::ModelSpec;
 
 const STEPS: usize = 20;
@@ -84,6 +85,8 @@ fn config(strategy: Strategy) -> TrainConfig {
         freeze_lm_embeddings: false,
         amp_bf16: false,
         gradient_checkpointing: false,
+        recompute_policy: RecomputePolicy::None,
+        activation_budget_gib: 0.0,
     }
 }
 
@@ -176,6 +179,18 @@ fn train_steps_with(
     config: TrainConfig,
     lazy: bool,
 ) -> (Vec<(f64, f64)>, tch::Tensor) {
+    let (losses, weights, _) = train_steps_planned(dir, group, hybrid, config, lazy);
+    (losses, weights)
+}
+
+/// [`train_steps_with`], and what `--recompute_policy auto` chose.
+fn train_steps_planned(
+    dir: &Path,
+    group: Option<&ProcessGroup>,
+    hybrid: Option<&(ProcessGroup, ProcessGroup)>,
+    config: TrainConfig,
+    lazy: bool,
+) -> (Vec<(f64, f64)>, tch::Tensor, Option<RecomputePlan>) {
     let (rank, world) = group.map_or((0, 1), |g| (g.rank() as usize, g.world_size() as usize));
     let spec = ModelSpec::from_file(&dir.join("model/model.toml")).expect("model spec");
     let (model, tokenizer) = load_with(&spec, lazy);
@@ -243,7 +258,8 @@ fn train_steps_with(
             report.loss_mmc4.expect("mmc4"),
         ));
     }
-    (losses, trainer.flat_parameters().expect("weights"))
+    let plan = trainer.recompute_plan();
+    (losses, trainer.flat_parameters().expect("weights"), plan)
 }
 
 /// Single-process losses for `config` (no process group).
@@ -301,6 +317,98 @@ fn recomputing_pass_and_one_rank_full_train_as_the_plain_step() {
     assert_same_training("full x1, frozen embeddings", &plain_frozen, &full_frozen);
 }
 
+/// Equal losses and weights to 1e-6: the same arithmetic kept or done
+/// again.
+fn assert_same_arithmetic(
+    name: &str,
+    expected: &(Vec<(f64, f64)>, tch::Tensor),
+    got: &(Vec<(f64, f64)>, tch::Tensor),
+) {
+    assert_eq!(expected.0.len(), got.0.len(), "{name}: step count");
+    for ((a, b), (c, d)) in expected.0.iter().zip(&got.0) {
+        assert!(
+            (a - c).abs() <= 1e-6 * a.abs().max(1.0) && (b - d).abs() <= 1e-6 * b.abs().max(1.0),
+            "{name}: losses {:?}, expected {:?}",
+            got.0,
+            expected.0
+        );
+    }
+    let difference = (&expected.1 - &got.1).abs().max().double_value(&[]);
+    assert!(difference <= 1e-6, "{name}: weights differ by {difference}");
+}
+
+#[test]
+fn selective_and_auto_recompute_train_as_full_recompute() {
+    // Selective recompute frees the perceiver's and cross-attention's
+    // LayerNorm, GELU, concatenation and gated-residual outputs after each
+    // unit's forward and computes them again before its backward; `auto`
+    // picks per unit from what it measured on the first micro-batch. Both
+    // are the arithmetic of recomputing every unit (1e-6), in fp32 and
+    // under bf16 autocast.
+    let dir = tempfile::tempdir().expect("temp dir");
+    fixture(dir.path());
+    for amp_bf16 in [false, true] {
+        let with = |policy, budget| TrainConfig {
+            amp_bf16,
+            recompute_policy: policy,
+            activation_budget_gib: budget,
+            ..config(Strategy::Full)
+        };
+        let full = train_steps(dir.path(), None, with(RecomputePolicy::Full, 0.0));
+        let selective = train_steps(dir.path(), None, with(RecomputePolicy::Selective, 0.0));
+        assert_same_arithmetic(&format!("selective, amp {amp_bf16}"), &full, &selective);
+        if amp_bf16 {
+            continue;
+        }
+        // The replicated state runs the same unit pass for any policy.
+        let replicated = |policy| {
+            train_steps(
+                dir.path(),
+                None,
+                TrainConfig {
+                    recompute_policy: policy,
+                    ..config(Strategy::NoShard)
+                },
+            )
+        };
+        assert_same_arithmetic(
+            "no_shard, selective",
+            &replicated(RecomputePolicy::Full),
+            &replicated(RecomputePolicy::Selective),
+        );
+        // A budget past everything: every unit keeps its graph.
+        let (losses, weights, plan) = train_steps_planned(
+            dir.path(),
+            None,
+            None,
+            with(RecomputePolicy::Auto, 64.0),
+            false,
+        );
+        let plan = plan.expect("auto decided after its first micro-batch");
+        assert!(
+            plan.graph_bytes > 0 && plan.selective_bytes > 0 && plan.input == 0,
+            "{plan:?}"
+        );
+        assert_same_arithmetic("auto, all graphs", &full, &(losses, weights));
+        // Half of what selective everywhere would keep: some units run
+        // again, the others keep their graph or go selective.
+        let budget = (plan.graph_bytes - plan.selective_bytes) as f64 / 2.0 / (1u64 << 30) as f64;
+        let (losses, weights, mixed) = train_steps_planned(
+            dir.path(),
+            None,
+            None,
+            with(RecomputePolicy::Auto, budget),
+            false,
+        );
+        let mixed = mixed.expect("auto decided");
+        assert!(
+            mixed.input > 0 && mixed.graph + mixed.selective > 0,
+            "{mixed:?} at a budget of {budget} GiB"
+        );
+        assert_same_arithmetic("auto, mixed", &full, &(losses, weights));
+    }
+}
+
 #[test]
 fn amp_bf16_trains_close_to_fp32() {
     // bf16 autocast in the forward pass: the losses follow fp32's within
@@ -332,7 +440,7 @@ fn amp_bf16_trains_close_to_fp32() {
 }
 
 /// One rank's run; rank 0 writes the losses and the final weights.
-fn run_rank(dir: &Path, strategy: Strategy, checkpointing: bool, lazy: bool, out: &Path) {
+fn run_rank(dir: &Path, strategy: Strategy, recompute: RecomputePolicy, lazy: bool, out: &Path) {
     let group = match std::env::var("WORLD_SIZE")
         .ok()
         .and_then(|w| w.parse::<i64>().ok())
@@ -353,7 +461,7 @@ fn run_rank(dir: &Path, strategy: Strategy, checkpointing: bool, lazy: bool, out
         _ => None,
     };
     let config = TrainConfig {
-        gradient_checkpointing: checkpointing,
+        recompute_policy: recompute,
         ..config(strategy)
     };
     let (losses, flat) = train_steps_with(dir, group.as_ref(), hybrid.as_ref(), config, lazy);
@@ -374,6 +482,7 @@ fn rank_entry() {
         return; // run by cargo test directly
     };
     // `full+checkpointing`: the strategy with --gradient_checkpointing;
+    // `full+selective`: with --recompute_policy selective;
     // `full+lazy`: the weights loaded lazily, each rank reading its shards;
     // `+pieces` (set on the command as FLAMINGO_GLOO_GATHER_PIECE): every
     // unit over the prefetch limit, so gathered only when used.
@@ -383,15 +492,18 @@ fn rank_entry() {
         Some(name) => (name.to_string(), true),
         None => (name, false),
     };
-    let (name, checkpointing) = match name.strip_suffix("+checkpointing") {
-        Some(name) => (name.to_string(), true),
-        None => (name, false),
+    let (name, recompute) = if let Some(name) = name.strip_suffix("+checkpointing") {
+        (name.to_string(), RecomputePolicy::Full)
+    } else if let Some(name) = name.strip_suffix("+selective") {
+        (name.to_string(), RecomputePolicy::Selective)
+    } else {
+        (name, RecomputePolicy::None)
     };
     let strategy: Strategy = name.parse().expect("strategy name");
     run_rank(
         Path::new(&dir),
         strategy,
-        checkpointing,
+        recompute,
         lazy,
         Path::new(&std::env::var("OUT").expect("out")),
     );
@@ -509,16 +621,11 @@ fn world_sizes_and_strategies_train_identically() {
     // same arithmetic: equal to 1e-6.
     let kept = full.expect("full x2 ran");
     let recomputed = run_world(dir.path(), 2, "full+checkpointing", "full-checkpointing-x2");
-    for ((a, b), (c, d)) in kept.0.iter().zip(&recomputed.0) {
-        assert!(
-            (a - c).abs() <= 1e-6 * a.abs().max(1.0) && (b - d).abs() <= 1e-6 * b.abs().max(1.0),
-            "losses: kept {:?}, recomputed {:?}",
-            kept.0,
-            recomputed.0
-        );
-    }
-    let difference = (&kept.1 - &recomputed.1).abs().max().double_value(&[]);
-    assert!(difference <= 1e-6, "weights differ by {difference}");
+    assert_same_arithmetic("full x2, recomputed", &kept, &recomputed);
+    // Selective: the graphs kept, the weights parked and gathered again,
+    // and the cheap outputs computed again after them.
+    let selective = run_world(dir.path(), 2, "full+selective", "full-selective-x2");
+    assert_same_arithmetic("full x2, selective", &kept, &selective);
     // Each rank reading only its shards of the weights (by byte range from
     // the safetensors files) trains exactly as loading them whole; so does
     // gathering every unit (and gathering it again for its backward) only

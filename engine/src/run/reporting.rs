@@ -483,6 +483,7 @@ pub(crate) fn write_memory_report(
             "strategy": job.fsdp_sharding_strategy,
             "trainable_parameters": trainer.parameter_count(),
             "gradient_checkpointing": job.gradient_checkpointing,
+            "recompute_policy": job.recompute(),
             "parameter_bytes": memory.parameter_bytes,
             "gradient_bytes": memory.gradient_bytes,
             "optimizer_bytes": memory.optimizer_bytes,

@@ -31,7 +31,7 @@ mod sharded;
 mod state;
 
 use flamingo_collectives::ProcessGroup;
-use flamingo_common::train::Strategy;
+use flamingo_common::train::{RecomputePolicy, Strategy};
 use flamingo_model::Flamingo;
 use flamingo_preprocess::FlamingoTokenizer;
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,7 @@ use crate::batch::TrainBatch;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::Schedule;
 use phases::{mark, PhaseTimer};
+pub use recompute::RecomputePlan;
 use replicated::Replicated;
 use sharded::ShardedUnits;
 pub use state::MemoryUse;
@@ -63,9 +64,19 @@ pub struct TrainConfig {
     #[serde(default)]
     pub amp_bf16: bool,
     /// `--gradient_checkpointing`: keep only unit inputs in forward and
-    /// recompute in backward.
+    /// recompute in backward (`recompute_policy` `full`).
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// `--recompute_policy`: what backward recomputes.
+    #[serde(default = "no_recompute")]
+    pub recompute_policy: RecomputePolicy,
+    /// `--activation_budget_gib`, for `recompute_policy` `auto`.
+    #[serde(default)]
+    pub activation_budget_gib: f64,
+}
+
+fn no_recompute() -> RecomputePolicy {
+    RecomputePolicy::None
 }
 
 impl TrainConfig {
@@ -89,6 +100,18 @@ impl TrainConfig {
             freeze_lm_embeddings: job.freeze_lm_embeddings,
             amp_bf16: job.precision.autocast_bf16(),
             gradient_checkpointing: job.gradient_checkpointing,
+            recompute_policy: job.recompute_policy,
+            activation_budget_gib: job.activation_budget_gib,
+        }
+    }
+
+    /// The recompute policy in force (`full` under
+    /// `--gradient_checkpointing`).
+    pub fn recompute(&self) -> RecomputePolicy {
+        if self.gradient_checkpointing {
+            RecomputePolicy::Full
+        } else {
+            self.recompute_policy
         }
     }
 }
@@ -146,6 +169,8 @@ pub struct Trainer<'g> {
     config: TrainConfig,
     optimizer: AdamW,
     state: Box<dyn ParameterState + 'g>,
+    /// How each unit keeps what its backward needs.
+    policies: recompute::Policies,
     /// Seconds per phase of the step, when timing is on (see
     /// [`Trainer::time_phases`]).
     phases: Option<PhaseTimer>,
@@ -249,13 +274,14 @@ impl<'g> Trainer<'g> {
                 (total, decayed),
                 embedding,
                 units,
-                config.gradient_checkpointing,
+                config.recompute() != RecomputePolicy::None,
             )?)
         };
         Ok(Self {
             optimizer: AdamW::new(config.adamw),
             model,
             group,
+            policies: recompute::Policies::new(&config, state.plans().len()),
             config,
             state,
             phases: None,
@@ -406,6 +432,12 @@ impl<'g> Trainer<'g> {
         report.map(Some)
     }
 
+    /// What `--recompute_policy auto` chose for each unit, once its first
+    /// micro-batch measured them.
+    pub fn recompute_plan(&self) -> Option<RecomputePlan> {
+        self.policies.plan()
+    }
+
     /// The mean loss of `batch` under the current weights, forward only: no
     /// graph, no gradient, the optimizer untouched (under `full`/`hybrid`
     /// unit by unit, each gathered and released in turn).
@@ -417,6 +449,7 @@ impl<'g> Trainer<'g> {
                 group: self.group,
                 config: &self.config,
                 phases: &mut self.phases,
+                policies: &mut self.policies,
             }
             .loss(batch);
         }
@@ -442,6 +475,7 @@ impl<'g> Trainer<'g> {
                 group: self.group,
                 config: &self.config,
                 phases: &mut self.phases,
+                policies: &mut self.policies,
             }
             .run(batch, multiplier)?
         } else {

@@ -10,18 +10,34 @@
 //! media tokens' over the perceiver layers. Units are gathered in the order
 //! the pass uses them, one ahead.
 //!
-//! With `--gradient_checkpointing` the forward runs without a graph,
-//! keeping each unit's input, and each unit is recomputed with a graph just
-//! before its backward.
+//! Each unit of the chain keeps what its backward needs in one of three
+//! ways ([`Keeping`], chosen per unit by [`Policies`] from
+//! `--recompute_policy`):
+//! - **graph** (policy `none`, as torch FSDP without activation
+//!   checkpointing): the unit's forward keeps its graph, and its gathered
+//!   weights' bytes are freed right after it ([`crate::units::park`]: the
+//!   buffers, which the graph's saved views point into, stay); before the
+//!   unit's backward the same buffers are gathered into again, the next
+//!   unit's gather running meanwhile;
+//! - **selective** (`selective`): as graph, and the cheap outputs the unit
+//!   recorded (LayerNorm, GELU, concatenation, gated residual: see
+//!   `flamingo_model::recompute`) lose their bytes too, to be computed
+//!   again into the same storage just before the unit's backward; matmuls
+//!   and attention never run twice;
+//! - **input** (`full`, `--gradient_checkpointing`): the forward runs
+//!   without a graph, keeping the unit's input, and the unit runs again
+//!   with a graph just before its backward.
 //!
-//! Without it (`full` and `hybrid`), nothing is recomputed, as torch FSDP
-//! without activation checkpointing: each unit's forward keeps its graph,
-//! and its gathered weights' bytes are freed right after it
-//! ([`crate::units::park`]: the buffers, which the graph's saved views
-//! point into, stay); before the unit's backward the same buffers are
-//! gathered into again, the next unit's gather running meanwhile.
+//! Policy `auto` runs its first micro-batch with every unit on input,
+//! measuring while each unit runs again what its graph holds, what
+//! selective would free of it and how long the forward took; then it
+//! keeps graphs where the budget (`--activation_budget_gib`) allows,
+//! selective next, and recomputes the units that free the most bytes per
+//! second of forward last.
 
 use flamingo_collectives::ProcessGroup;
+use flamingo_common::train::RecomputePolicy;
+use flamingo_model::recompute::{self as cheap, Recorded};
 use flamingo_model::{Flamingo, TextInputs, Unit};
 use tch::{Kind, Tensor};
 
@@ -40,6 +56,168 @@ pub(crate) struct Pass<'a> {
     pub(crate) group: Option<&'a ProcessGroup>,
     pub(crate) config: &'a TrainConfig,
     pub(crate) phases: &'a mut Option<PhaseTimer>,
+    pub(crate) policies: &'a mut Policies,
+}
+
+/// How a unit of the chain keeps what its backward needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Keeping {
+    /// Its whole graph.
+    Graph,
+    /// Its graph, the recorded cheap outputs' bytes freed until its
+    /// backward.
+    Selective,
+    /// Its input; it runs again before its backward.
+    Input,
+}
+
+/// What a unit's graph held, measured while `auto` ran it again.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    /// Bytes the graph and outputs held beyond the input.
+    graph: i64,
+    /// Of those, the bytes selective frees.
+    frees: i64,
+    /// Seconds the forward took.
+    seconds: f64,
+}
+
+/// What `auto` decided, for reports and tests.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RecomputePlan {
+    /// Units of the chain keeping their graph, selective, and run again.
+    pub graph: usize,
+    pub selective: usize,
+    pub input: usize,
+    /// Bytes every measured unit's graph held, and of those what selective
+    /// frees.
+    pub graph_bytes: i64,
+    pub selective_bytes: i64,
+    /// Bytes the plan keeps.
+    pub kept_bytes: i64,
+}
+
+/// Each unit's [`Keeping`] for the run.
+pub(crate) struct Policies {
+    policy: RecomputePolicy,
+    budget: i64,
+    /// `auto`: per unit, once decided.
+    chosen: Option<Vec<Keeping>>,
+    plan: Option<RecomputePlan>,
+    /// `auto`, until decided: per unit, what it held.
+    measured: Vec<Option<Measured>>,
+}
+
+impl Policies {
+    pub(crate) fn new(config: &TrainConfig, units: usize) -> Self {
+        Self {
+            policy: config.recompute(),
+            budget: (config.activation_budget_gib * (1u64 << 30) as f64) as i64,
+            chosen: None,
+            plan: None,
+            measured: vec![None; units],
+        }
+    }
+
+    /// How unit `index` keeps its backward's needs in this pass.
+    fn keeping(&self, index: usize) -> Keeping {
+        match self.policy {
+            RecomputePolicy::None => Keeping::Graph,
+            RecomputePolicy::Selective => Keeping::Selective,
+            RecomputePolicy::Full => Keeping::Input,
+            RecomputePolicy::Auto => self
+                .chosen
+                .as_ref()
+                .map_or(Keeping::Input, |chosen| chosen[index]),
+        }
+    }
+
+    /// `auto`'s decision, once made.
+    pub(crate) fn plan(&self) -> Option<RecomputePlan> {
+        self.plan
+    }
+
+    /// Whether this pass measures (`auto`, not yet decided).
+    fn measuring(&self) -> bool {
+        self.policy == RecomputePolicy::Auto && self.chosen.is_none()
+    }
+
+    /// `auto`, after the measuring pass: graphs everywhere while they fit
+    /// the budget; past it, selective where it frees the most bytes, then
+    /// input where it frees the most bytes per second of forward.
+    fn decide(&mut self) {
+        if !self.measuring() {
+            return;
+        }
+        let mut chosen = vec![Keeping::Input; self.measured.len()];
+        let measured: Vec<(usize, Measured)> = self
+            .measured
+            .iter()
+            .enumerate()
+            .filter_map(|(index, measured)| measured.map(|measured| (index, measured)))
+            .collect();
+        if measured.is_empty() {
+            // Nothing ran again (no media, say): measure again next pass.
+            return;
+        }
+        let mut kept: i64 = measured.iter().map(|(_, m)| m.graph).sum();
+        for (index, _) in &measured {
+            chosen[*index] = Keeping::Graph;
+        }
+        let mut by_frees = measured.clone();
+        by_frees.sort_by_key(|(_, m)| std::cmp::Reverse(m.frees));
+        for (index, m) in &by_frees {
+            if kept <= self.budget || m.frees <= 0 {
+                break;
+            }
+            chosen[*index] = Keeping::Selective;
+            kept -= m.frees;
+        }
+        let holds = |index: usize, m: &Measured, chosen: &[Keeping]| match chosen[index] {
+            Keeping::Selective => m.graph - m.frees,
+            _ => m.graph,
+        };
+        let mut by_rate = measured.clone();
+        by_rate.sort_by(|(a_index, a), (b_index, b)| {
+            let rate =
+                |index: usize, m: &Measured| holds(index, m, &chosen) as f64 / m.seconds.max(1e-9);
+            rate(*b_index, b).total_cmp(&rate(*a_index, a))
+        });
+        for (index, m) in &by_rate {
+            if kept <= self.budget {
+                break;
+            }
+            kept -= holds(*index, m, &chosen);
+            chosen[*index] = Keeping::Input;
+        }
+        let count = |keeping: Keeping| {
+            measured
+                .iter()
+                .filter(|(index, _)| chosen[*index] == keeping)
+                .count()
+        };
+        let plan = RecomputePlan {
+            graph: count(Keeping::Graph),
+            selective: count(Keeping::Selective),
+            input: count(Keeping::Input),
+            graph_bytes: measured.iter().map(|(_, m)| m.graph).sum(),
+            selective_bytes: measured.iter().map(|(_, m)| m.frees).sum(),
+            kept_bytes: kept.max(0),
+        };
+        let gib = |bytes: i64| bytes as f64 / (1u64 << 30) as f64;
+        eprintln!(
+            "recompute_policy auto: {} units keep their graph, {} selective, {} run again; {:.3} GiB of activations kept against a budget of {:.3} GiB (all graphs: {:.3} GiB, of which selective frees {:.3} GiB)",
+            plan.graph,
+            plan.selective,
+            plan.input,
+            gib(plan.kept_bytes),
+            gib(self.budget),
+            gib(plan.graph_bytes),
+            gib(plan.selective_bytes),
+        );
+        self.chosen = Some(chosen);
+        self.plan = Some(plan);
+    }
 }
 
 /// Gathers units in the order a pass uses them, one ahead.
@@ -79,22 +257,6 @@ impl Indices {
         order.push(self.text);
         order
     }
-
-    /// The units of a recomputing backward, in order: the chain backwards
-    /// (the embedding only when it trains).
-    fn backward_order(&self, embedding_trains: bool) -> Vec<usize> {
-        let mut order = Vec::new();
-        for (cross_attention, layer) in self.layers.iter().rev() {
-            order.push(*layer);
-            order.extend(cross_attention);
-        }
-        if embedding_trains {
-            order.push(self.text);
-        }
-        order.extend(self.perceiver_layers.iter().rev());
-        order.push(self.perceiver);
-        order
-    }
 }
 
 /// What a unit of the chain is.
@@ -126,6 +288,8 @@ struct Link {
     /// start's: media tokens, then latents), and its parked buffers.
     outputs: Vec<Tensor>,
     parked: Option<Gathered>,
+    /// Selective: the recorded outputs whose bytes were freed.
+    freed: Vec<Recorded>,
 }
 
 /// What the chain's units take besides their own input.
@@ -236,18 +400,13 @@ impl Pass<'_> {
     ) -> Result<MicroLoss, TrainError> {
         let at = self.indices();
         let embedding_trains = self.state.plans()[at.text].len > 0;
-        let keep = !self.config.gradient_checkpointing;
-        let mut order = at.forward_order();
-        if !keep {
-            order.extend(at.backward_order(embedding_trains));
-        }
         let mut fetch = Prefetcher {
-            order,
+            order: at.forward_order(),
             position: 0,
             ahead: None,
         };
         let Forward { sides, links, last } =
-            self.forward(batch, &mut fetch, keep, embedding_trains)?;
+            self.forward(batch, &mut fetch, true, embedding_trains)?;
         let mut backward = match self.head(batch, &mut fetch, last, multiplier)? {
             Head::Finite(backward) => backward,
             Head::NonFinite(mean) => {
@@ -258,7 +417,8 @@ impl Pass<'_> {
             }
         };
         let mean = backward.mean;
-        self.chain_backward(links, &sides, &mut backward, &mut fetch, keep)?;
+        self.chain_backward(links, &sides, &mut backward)?;
+        self.policies.decide();
         Ok(MicroLoss { mean, finite: true })
     }
 
@@ -281,15 +441,14 @@ impl Pass<'_> {
     }
 
     /// The vision tower, then the chain from the perceiver to the last
-    /// layer. Keeping graphs (`keep`), each unit of the chain runs with a
-    /// graph on a detached input of its own and is parked until its
-    /// backward; otherwise without a graph, keeping its input, and is
-    /// released. The embedding joins the chain only when it trains.
+    /// layer, each unit kept for its backward as [`Self::keeping`] says
+    /// (with no `graphs`, for a loss alone, each runs without a graph).
+    /// The embedding joins the chain only when it trains.
     fn forward(
         &mut self,
         batch: &TrainBatch,
         fetch: &mut Prefetcher,
-        keep: bool,
+        graphs: bool,
         embedding_trains: bool,
     ) -> Result<Forward, TrainError> {
         let device = batch.input_ids.device();
@@ -315,10 +474,11 @@ impl Pass<'_> {
         // graph goes at once.
         let mut links = Vec::new();
         let (index, gathered) = self.acquire(fetch)?;
+        let keep = self.keeping(graphs, index) != Keeping::Input;
         let (tokens, latents) =
             self.bf16(device, || Ok(self.model.perceiver_inputs(&features)?))?;
         let tokens_leaf = tokens.detach();
-        let tokens_leaf = if tokens.requires_grad() && keep {
+        let tokens_leaf = if tokens.requires_grad() && graphs {
             tokens_leaf.set_requires_grad(true)
         } else {
             tokens_leaf
@@ -331,14 +491,14 @@ impl Pass<'_> {
             Role::PerceiverStart,
             None,
             keep.then(|| vec![tokens.shallow_clone(), latents]),
+            Vec::new(),
         )?);
-        let tokens_train = tokens.requires_grad();
         drop(tokens);
         for layer in 0..self.model.perceiver_depth() {
             latents_out = self.chain_unit(
                 fetch,
                 (Role::PerceiverLayer(layer), &latents_out),
-                (keep, device),
+                (graphs, device),
                 &mut links,
                 |model, latents| Ok(model.perceiver_layer(layer, &tokens_leaf, latents)),
             )?;
@@ -350,16 +510,29 @@ impl Pass<'_> {
             self.model
                 .text_inputs(&batch.input_ids, Some(&batch.attention_mask), &media)?;
         let (index, gathered) = self.acquire(fetch)?;
+        let keep = self.keeping(graphs, index) != Keeping::Input;
         let embed = |pass: &Self| pass.bf16(device, || Ok(pass.model.embed(&batch.input_ids)));
         let mut hidden = if embedding_trains && keep {
             let output = embed(self)?;
             let detached = output.detach();
-            links.push(self.link((index, gathered), Role::Embedding, None, Some(vec![output]))?);
+            links.push(self.link(
+                (index, gathered),
+                Role::Embedding,
+                None,
+                Some(vec![output]),
+                Vec::new(),
+            )?);
             detached
         } else {
             let output = tch::no_grad(|| embed(self))?;
             if embedding_trains {
-                links.push(self.link((index, gathered), Role::Embedding, None, None)?);
+                links.push(self.link(
+                    (index, gathered),
+                    Role::Embedding,
+                    None,
+                    None,
+                    Vec::new(),
+                )?);
             } else {
                 self.state.release(index, gathered);
             }
@@ -370,7 +543,7 @@ impl Pass<'_> {
                 hidden = self.chain_unit(
                     fetch,
                     (Role::CrossAttention(layer), &hidden),
-                    (keep, device),
+                    (graphs, device),
                     &mut links,
                     |model, input| {
                         Ok(model
@@ -382,21 +555,16 @@ impl Pass<'_> {
             hidden = self.chain_unit(
                 fetch,
                 (Role::Decoder(layer), &hidden),
-                (keep, device),
+                (graphs, device),
                 &mut links,
                 |model, input| Ok(model.decoder_layer(layer, input, &inputs)?),
             )?;
         }
         self.mark("embedding and layers forward");
-        let tokens = if tokens_train && !keep {
-            tokens_leaf.set_requires_grad(true)
-        } else {
-            tokens_leaf
-        };
         Ok(Forward {
             sides: Sides {
                 features,
-                tokens,
+                tokens: tokens_leaf,
                 media_leaf,
                 inputs,
                 input_ids: batch.input_ids.shallow_clone(),
@@ -406,34 +574,52 @@ impl Pass<'_> {
         })
     }
 
-    /// Gathers the pass's next unit and runs it, as `role`, on `input`:
-    /// keeping (`keep`), with a graph from a leaf of its own, the unit
-    /// parked; otherwise without a graph, the input kept for the recompute
-    /// and the unit released. Its link joins `links`; returns the output,
-    /// detached.
+    /// How unit `index` keeps its backward's needs in this pass: as the
+    /// policies say, or on its input alone when the pass makes no `graphs`.
+    fn keeping(&self, graphs: bool, index: usize) -> Keeping {
+        if graphs {
+            self.policies.keeping(index)
+        } else {
+            Keeping::Input
+        }
+    }
+
+    /// Gathers the pass's next unit and runs it, as `role`, on `input`,
+    /// kept as [`Self::keeping`] says: with a graph from a leaf of its own,
+    /// the unit parked (and, selective, its recorded cheap outputs freed);
+    /// or without a graph, the input kept for the recompute and the unit
+    /// released. Its link joins `links`; returns the output, detached.
     fn chain_unit(
         &mut self,
         fetch: &mut Prefetcher,
         (role, input): (Role, &Tensor),
-        (keep, device): (bool, tch::Device),
+        (graphs, device): (bool, tch::Device),
         links: &mut Vec<Link>,
         forward: impl Fn(&Flamingo, &Tensor) -> Result<Tensor, TrainError>,
     ) -> Result<Tensor, TrainError> {
         let unit = self.acquire(fetch)?;
         let model = self.model;
-        let (output, link) = if keep {
-            let leaf = input.detach().set_requires_grad(true);
-            let output = self.bf16(device, || forward(model, &leaf))?;
-            let detached = output.detach();
-            (
-                detached,
-                self.link(unit, role, Some(leaf), Some(vec![output]))?,
-            )
-        } else {
+        let keeping = self.keeping(graphs, unit.0);
+        let (output, link) = if keeping == Keeping::Input {
             let output = tch::no_grad(|| self.bf16(device, || forward(model, input)))?;
             (
                 output,
-                self.link(unit, role, Some(input.shallow_clone()), None)?,
+                self.link(unit, role, Some(input.shallow_clone()), None, Vec::new())?,
+            )
+        } else {
+            let leaf = input.detach().set_requires_grad(true);
+            let (output, recorded) = if keeping == Keeping::Selective {
+                let (output, recorded) =
+                    cheap::recording(|| self.bf16(device, || forward(model, &leaf)));
+                (output?, recorded)
+            } else {
+                (self.bf16(device, || forward(model, &leaf))?, Vec::new())
+            };
+            let (freed, _) = units::free_activations(recorded, &[&output]);
+            let detached = output.detach();
+            (
+                detached,
+                self.link(unit, role, Some(leaf), Some(vec![output]), freed)?,
             )
         };
         links.push(link);
@@ -441,13 +627,15 @@ impl Pass<'_> {
     }
 
     /// A unit's link: with its outputs' graph (`outputs`) the unit is
-    /// parked, without it is released.
+    /// parked, without it is released; `freed`: its recorded outputs whose
+    /// bytes were freed.
     fn link(
         &mut self,
         (index, gathered): (usize, Gathered),
         role: Role,
         input: Option<Tensor>,
         outputs: Option<Vec<Tensor>>,
+        freed: Vec<Recorded>,
     ) -> Result<Link, TrainError> {
         let (outputs, parked) = match outputs {
             Some(outputs) => (outputs, Some(self.state.park(index, gathered)?)),
@@ -462,6 +650,7 @@ impl Pass<'_> {
             input,
             outputs,
             parked,
+            freed,
         })
     }
 
@@ -505,58 +694,43 @@ impl Pass<'_> {
         }))
     }
 
-    /// Backpropagates the chain, last unit to first. Kept graphs: each
-    /// unit's buffers are gathered again before its backward, the unit
-    /// before it gathering meanwhile. Recomputing: each unit, gathered
-    /// through the pass's prefetcher, first runs again with a graph from
-    /// its kept input.
+    /// Backpropagates the chain, last unit to first. Each unit's weights
+    /// are gathered again before its backward (into its parked buffers
+    /// when it kept a graph), the unit before it gathering meanwhile when
+    /// the state prefetches.
     fn chain_backward(
         &mut self,
         mut links: Vec<Link>,
         sides: &Sides,
         backward: &mut Backward,
-        fetch: &mut Prefetcher,
-        keep: bool,
     ) -> Result<(), TrainError> {
-        let layers_phase = if keep {
-            "layers backward"
-        } else {
+        let recomputes = links
+            .iter()
+            .any(|link| link.outputs.is_empty() || !link.freed.is_empty());
+        let layers_phase = if recomputes {
             "layers recompute and backward"
+        } else {
+            "layers backward"
         };
         let mut text_side = true;
-        let mut regathering = None;
-        if keep {
-            if let Some(last) = links.pop() {
-                regathering = Some(self.regather(last)?);
+        let mut regathering = match links.pop() {
+            Some(last) => Some(self.regather(last)?),
+            None => None,
+        };
+        while let Some((link, started)) = regathering.take() {
+            let overlaps = links
+                .last()
+                .is_none_or(|previous| self.state.prefetches(link.index, previous.index));
+            if overlaps {
+                regathering = match links.pop() {
+                    Some(previous) => Some(self.regather(previous)?),
+                    None => None,
+                };
             }
-        }
-        loop {
-            let mut overlaps = true;
-            let (link, gathered) = if keep {
-                let Some((link, started)) = regathering.take() else {
-                    break;
-                };
-                overlaps = links
-                    .last()
-                    .is_none_or(|previous| self.state.prefetches(link.index, previous.index));
-                if overlaps {
-                    regathering = match links.pop() {
-                        Some(previous) => Some(self.regather(previous)?),
-                        None => None,
-                    };
-                }
-                let ahead = regathering
-                    .as_ref()
-                    .map_or(0, |(_, gathered)| gathered.bytes);
-                (link, self.state.install(started, ahead)?)
-            } else {
-                let Some(link) = links.pop() else {
-                    break;
-                };
-                let (index, gathered) = self.acquire(fetch)?;
-                debug_assert_eq!(index, link.index, "the prefetch order follows the chain");
-                (link, gathered)
-            };
+            let ahead = regathering
+                .as_ref()
+                .map_or(0, |(_, gathered)| gathered.bytes);
+            let gathered = self.state.install(started, ahead)?;
             if text_side && !matches!(link.role, Role::CrossAttention(_) | Role::Decoder(_)) {
                 self.mark(layers_phase);
                 text_side = false;
@@ -582,10 +756,13 @@ impl Pass<'_> {
         Ok(())
     }
 
-    /// Starts gathering a kept unit's parked buffers again.
+    /// Starts gathering a link's unit for its backward: into its parked
+    /// buffers when it kept a graph, afresh when it runs again.
     fn regather(&self, mut link: Link) -> Result<(Link, Gathered), TrainError> {
-        let parked = link.parked.take().expect("a kept unit is parked");
-        let gathered = self.state.start_regather(link.index, parked)?;
+        let gathered = match link.parked.take() {
+            Some(parked) => self.state.start_regather(link.index, parked)?,
+            None => self.state.start_gather(link.index)?,
+        };
         Ok((link, gathered))
     }
 
@@ -604,6 +781,7 @@ impl Pass<'_> {
             role,
             input,
             outputs,
+            freed,
             ..
         } = link;
         if role.is_perceiver() && backward.latents_grad.is_none() {
@@ -613,8 +791,12 @@ impl Pass<'_> {
             }
         }
         let (input, outputs) = if outputs.is_empty() {
-            self.recompute(role, input, sides)?
+            self.recompute(index, role, input, sides)?
         } else {
+            let device = sides.input_ids.device();
+            units::restore_activations(&freed, |entry| {
+                crate::autocast::bf16(self.config.amp_bf16, device, || entry.op.run())
+            })?;
             (input, outputs)
         };
         let grads = match role {
@@ -681,9 +863,49 @@ impl Pass<'_> {
         Ok(grads)
     }
 
-    /// A unit of the chain run again, with a graph from its kept `input`
-    /// (made a leaf): (the leaf, the outputs).
+    /// Unit `index` of the chain run again, with a graph from its kept
+    /// `input` (made a leaf): (the leaf, the outputs). While `auto`
+    /// measures, it records what the graph holds, what selective would
+    /// free of it and how long the forward took.
     fn recompute(
+        &mut self,
+        index: usize,
+        role: Role,
+        input: Option<Tensor>,
+        sides: &Sides,
+    ) -> Result<(Option<Tensor>, Vec<Tensor>), TrainError> {
+        let device = sides.input_ids.device();
+        if !self.policies.measuring() {
+            return self.run_again(role, input, sides);
+        }
+        let synchronize = || {
+            if let tch::Device::Cuda(ordinal) = device {
+                tch::Cuda::synchronize(ordinal as i64);
+            }
+        };
+        synchronize();
+        let before = units::allocated_bytes(device);
+        let started = std::time::Instant::now();
+        let (result, recorded) = cheap::recording(|| self.run_again(role, input, sides));
+        let (leaf, outputs) = result?;
+        synchronize();
+        let seconds = started.elapsed().as_secs_f64();
+        let graph = match (before, units::allocated_bytes(device)) {
+            (Some(before), Some(after)) => (after - before).max(0),
+            _ => 0,
+        };
+        let output_refs: Vec<&Tensor> = outputs.iter().collect();
+        let frees = units::freeable_bytes(recorded, &output_refs).min(graph);
+        self.policies.measured[index] = Some(Measured {
+            graph,
+            frees,
+            seconds,
+        });
+        Ok((leaf, outputs))
+    }
+
+    /// [`Self::recompute`]'s forward.
+    fn run_again(
         &self,
         role: Role,
         input: Option<Tensor>,
