@@ -2,7 +2,7 @@
 //! constant learning rate of 1e-4, OpenFlamingo's weight decay (0.1) and
 //! clipping (1.0), one micro-batch per step, fp32 unless asked.
 
-use flamingo_common::train::{LrScheduler, Strategy};
+use flamingo_common::train::{LrScheduler, RecomputePolicy, Strategy};
 use flamingo_engine::optim::AdamWConfig;
 use flamingo_engine::schedule::Schedule;
 use flamingo_engine::trainer::TrainConfig;
@@ -11,7 +11,7 @@ pub fn bench_config(
     strategy: Strategy,
     freeze_lm_embeddings: bool,
     amp_bf16: bool,
-    gradient_checkpointing: bool,
+    recompute: RecomputePolicy,
 ) -> TrainConfig {
     TrainConfig {
         strategy,
@@ -29,6 +29,8 @@ pub fn bench_config(
         gradient_accumulation_steps: 1,
         freeze_lm_embeddings,
         amp_bf16,
-        gradient_checkpointing,
+        gradient_checkpointing: false,
+        recompute_policy: recompute,
+        activation_budget_gib: 0.0,
     }
 }

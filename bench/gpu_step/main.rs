@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use flamingo_common::train::Strategy;
+use flamingo_common::train::{RecomputePolicy, Strategy};
 use flamingo_engine::batch::TrainBatch;
 use flamingo_engine::flops::FlopModel;
 use flamingo_engine::tiny::{write_tiny_model, TinyConfig};
@@ -93,7 +93,12 @@ struct Shape {
 }
 
 fn train_config(strategy: Strategy, amp_bf16: bool, checkpointing: bool) -> TrainConfig {
-    train_config::bench_config(strategy, false, amp_bf16, checkpointing)
+    let recompute = if checkpointing {
+        RecomputePolicy::Full
+    } else {
+        RecomputePolicy::None
+    };
+    train_config::bench_config(strategy, false, amp_bf16, recompute)
 }
 
 /// A random interleaved batch: `images` `<image>` tokens per sample, the

@@ -33,7 +33,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 use flamingo_collectives::{Backend, ProcessGroup, ProcessGroupConfig};
-use flamingo_common::train::Strategy;
+use flamingo_common::train::{RecomputePolicy, Strategy};
 use flamingo_engine::batch::TrainBatch;
 use flamingo_engine::run::{peak_rss, read_bytes};
 use flamingo_engine::trainer::Trainer;
@@ -197,7 +197,7 @@ fn our_rank(spec_path: &Path, args: &Args) -> anyhow::Result<()> {
         ..LoadOptions::default()
     };
     let (model, tokenizer) = load_flamingo_with(&spec, options)?;
-    let config = bench_config(Strategy::Full, true, false, false);
+    let config = bench_config(Strategy::Full, true, false, RecomputePolicy::None);
     let mut trainer = Trainer::new(model, &tokenizer, Some(&group), config)?;
     let load_read_bytes = read_bytes() - before;
     let load_peak_rss_bytes = peak_rss();

@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Parser;
 use flamingo_collectives::{Backend, ProcessGroup, ProcessGroupConfig};
-use flamingo_common::train::Strategy;
+use flamingo_common::train::{RecomputePolicy, Strategy};
 use flamingo_engine::batch::TrainBatch;
 use flamingo_engine::trainer::Trainer;
 use flamingo_model::{load_flamingo_with, LoadOptions, ModelSpec, Weights};
@@ -40,6 +40,11 @@ struct Args {
     /// OpenFlamingo's train.py wraps).
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// With --world: also run ours with `--recompute_policy selective`
+    /// (no Python counterpart), and report each of our settings' peak
+    /// memory per rank.
+    #[arg(long)]
+    selective: bool,
     /// Our strategy (one process): no_shard, shard_grad_op or full.
     #[arg(long, default_value = "no_shard")]
     strategy: Strategy,
@@ -87,7 +92,13 @@ fn ours(
         },
         sharded,
         false,
-        args.gradient_checkpointing,
+        if args.selective && args.rank_dir.is_some() {
+            RecomputePolicy::Selective
+        } else if args.gradient_checkpointing {
+            RecomputePolicy::Full
+        } else {
+            RecomputePolicy::None
+        },
     );
     let mut trainer = Trainer::new(model, &tokenizer, group, config)?;
     let mut saved = Weights::read_safetensors(&dir.join("batch.safetensors"))?;
@@ -166,6 +177,47 @@ fn run_ranks(world: usize, command: impl Fn() -> Command, what: &str) -> anyhow:
     Ok(first)
 }
 
+/// This process's peak resident memory (`VmHWM`), MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmHWM:"))
+                .and_then(|rest| rest.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Runs our ranks on `dir`: rank 0's JSON line.
+fn our_ranks(
+    args: &Args,
+    dir: &Path,
+    checkpointing: bool,
+    selective: bool,
+) -> anyhow::Result<serde_json::Value> {
+    let line = run_ranks(
+        args.world,
+        || {
+            let mut command = Command::new(std::env::current_exe().expect("this program"));
+            command
+                .args(["--threads", &args.threads.to_string()])
+                .args(["--batch", &args.batch.to_string()])
+                .args(["--steps", &args.steps.to_string()])
+                .args(args.phases.then_some("--phases"))
+                .args(checkpointing.then_some("--gradient-checkpointing"))
+                .args(selective.then_some("--selective"))
+                .arg("--rank-dir")
+                .arg(dir)
+                .env("OMP_NUM_THREADS", args.threads.to_string());
+            command
+        },
+        "bench-train-step",
+    )?;
+    Ok(serde_json::from_str(&line)?)
+}
+
 /// `--world N`: both sides at N ranks under full sharding, each with
 /// gradient checkpointing and without, in one run.
 fn sharded(args: &Args, script_dir: &Path) -> anyhow::Result<()> {
@@ -188,6 +240,7 @@ fn sharded(args: &Args, script_dir: &Path) -> anyhow::Result<()> {
         let mut rates = Vec::new();
         let mut phase_times = Vec::new();
         let mut parameters = serde_json::Value::Null;
+        let mut peaks = Vec::new();
         for checkpointing in [true, false] {
             let line = run_ranks(
                 args.world,
@@ -209,29 +262,11 @@ fn sharded(args: &Args, script_dir: &Path) -> anyhow::Result<()> {
             let value: serde_json::Value = serde_json::from_str(&line)?;
             parameters = value["parameters"].clone();
             let python_rate = value["samples_per_second"].as_f64().unwrap_or(0.0);
-            let line = run_ranks(
-                args.world,
-                || {
-                    let mut command = Command::new(std::env::current_exe().expect("this program"));
-                    command
-                        .args(["--threads", &args.threads.to_string()])
-                        .args(["--batch", &args.batch.to_string()])
-                        .args(["--steps", &args.steps.to_string()])
-                        .args(args.phases.then_some("--phases"))
-                        .arg("--rank-dir")
-                        .arg(dir.path())
-                        .env("OMP_NUM_THREADS", args.threads.to_string());
-                    if checkpointing {
-                        command.arg("--gradient-checkpointing");
-                    }
-                    command
-                },
-                "bench-train-step",
-            )?;
-            let value: serde_json::Value = serde_json::from_str(&line)?;
+            let value = our_ranks(args, dir.path(), checkpointing, false)?;
             let our_rate = value["samples_per_second"].as_f64().unwrap_or(0.0);
             rates.push((python_rate, our_rate));
             phase_times.push(value["phases"].clone());
+            peaks.push(value["peak_rss_mib"].as_f64().unwrap_or(0.0));
         }
         let [(py_ckpt, ours_ckpt), (py_keep, ours_keep)] = rates[..] else {
             bail!("two settings measured");
@@ -248,6 +283,21 @@ fn sharded(args: &Args, script_dir: &Path) -> anyhow::Result<()> {
             ours_keep / py_keep,
             ours_keep / ours_ckpt
         );
+        if args.selective {
+            let value = our_ranks(args, dir.path(), false, true)?;
+            let rate = value["samples_per_second"].as_f64().unwrap_or(0.0);
+            let peak = value["peak_rss_mib"].as_f64().unwrap_or(0.0);
+            println!(
+                "  ours selective {rate:.2} samples/s: {:.3}x ours ckpt, {:.3}x ours keep, {:.3}x py ckpt",
+                rate / ours_ckpt,
+                rate / ours_keep,
+                rate / py_ckpt
+            );
+            println!(
+                "  our rank 0's peak RSS (VmHWM, MiB): ckpt {:.0}, keep {:.0}, selective {peak:.0}",
+                peaks[0], peaks[1]
+            );
+        }
         if args.phases {
             print_phases(&phase_times);
         }
@@ -296,7 +346,11 @@ fn main() -> anyhow::Result<()> {
                 .collect();
             println!(
                 "{}",
-                serde_json::json!({ "samples_per_second": rate, "phases": phases })
+                serde_json::json!({
+                    "samples_per_second": rate,
+                    "phases": phases,
+                    "peak_rss_mib": peak_rss_mib(),
+                })
             );
         }
         return Ok(());
