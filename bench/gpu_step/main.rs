@@ -2,14 +2,16 @@
 //!
 //! `check`: the CUDA path of the engine against the CPU on a tiny random
 //! model and one random batch: the same few steps in fp32 on the CPU, in
-//! fp32 on the GPU (plain autograd and `full` with its unit-by-unit
-//! recompute), and in bf16 autocast with bf16 frozen weights. Exits
-//! non-zero when the GPU strays from the CPU.
+//! fp32 on the GPU (plain autograd, and `full` keeping its graphs and with
+//! selective recompute), and in bf16 autocast with bf16 frozen weights
+//! (checkpointing, and selective recompute). Exits non-zero when the GPU
+//! strays from the CPU.
 //!
 //! `mfu`: throughput and model FLOPs utilisation of an OpenFlamingo-3B
 //! shaped random model (CLIP ViT-L/14 at 224 px, MPT-1B: 24 × 2048, 16
 //! heads, a 50,280-token vocabulary, cross-attention before every layer)
-//! in `amp_bf16` with bf16 frozen weights, gradient checkpointing on, the
+//! in `amp_bf16` with bf16 frozen weights, gradient checkpointing on (or
+//! the recompute policies given), the
 //! `<image>`/`<|endofchunk|>` embedding rows training. Model FLOPs are
 //! counted by `flamingo_engine::flops` (as PyTorch's `FlopCounterMode`
 //! counts them); recomputation is not counted, as MFU conventionally does
@@ -74,6 +76,10 @@ enum Mode {
         /// Gradient checkpointing: on, off, or both (one load each).
         #[arg(long, value_delimiter = ',', default_value = "true")]
         checkpointing: Vec<bool>,
+        /// Recompute policies to measure instead (none, selective, full;
+        /// one load each); overrides --checkpointing when given.
+        #[arg(long, value_delimiter = ',', value_parser = parse_policy)]
+        recompute_policy: Vec<RecomputePolicy>,
         /// Where to write the random model (a temporary folder if not given).
         #[arg(long)]
         work: Option<std::path::PathBuf>,
@@ -92,13 +98,13 @@ struct Shape {
     cross_attn_every: i64,
 }
 
-fn train_config(strategy: Strategy, amp_bf16: bool, checkpointing: bool) -> TrainConfig {
-    let recompute = if checkpointing {
-        RecomputePolicy::Full
-    } else {
-        RecomputePolicy::None
-    };
+fn train_config(strategy: Strategy, amp_bf16: bool, recompute: RecomputePolicy) -> TrainConfig {
     train_config::bench_config(strategy, false, amp_bf16, recompute)
+}
+
+fn parse_policy(text: &str) -> Result<RecomputePolicy, String> {
+    serde_json::from_value(serde_json::Value::from(text))
+        .map_err(|_| format!("'{text}': use {}", RecomputePolicy::NAMES))
 }
 
 /// A random interleaved batch: `images` `<image>` tokens per sample, the
@@ -191,7 +197,7 @@ fn check(device: Device, steps: usize) -> anyhow::Result<()> {
     let (reference, reference_weights) = train(
         &spec,
         cpu,
-        train_config(Strategy::NoShard, false, false),
+        train_config(Strategy::NoShard, false, RecomputePolicy::None),
         &batch,
         steps,
     )?;
@@ -201,21 +207,35 @@ fn check(device: Device, steps: usize) -> anyhow::Result<()> {
         (
             "cuda fp32 no_shard",
             gpu,
-            train_config(Strategy::NoShard, false, false),
+            train_config(Strategy::NoShard, false, RecomputePolicy::None),
             2e-3,
             2e-3,
         ),
         (
-            "cuda fp32 full (world 1, recompute)",
+            "cuda fp32 full (world 1, graphs kept)",
             gpu,
-            train_config(Strategy::Full, false, false),
+            train_config(Strategy::Full, false, RecomputePolicy::None),
+            2e-3,
+            2e-3,
+        ),
+        (
+            "cuda fp32 full (world 1, selective recompute)",
+            gpu,
+            train_config(Strategy::Full, false, RecomputePolicy::Selective),
             2e-3,
             2e-3,
         ),
         (
             "cuda amp_bf16, bf16 frozen, checkpointing",
             gpu_bf16,
-            train_config(Strategy::NoShard, true, true),
+            train_config(Strategy::NoShard, true, RecomputePolicy::Full),
+            5e-2,
+            f64::INFINITY,
+        ),
+        (
+            "cuda amp_bf16, bf16 frozen, selective recompute",
+            gpu_bf16,
+            train_config(Strategy::NoShard, true, RecomputePolicy::Selective),
             5e-2,
             f64::INFINITY,
         ),
@@ -362,7 +382,7 @@ fn mfu(
     steps: usize,
     peak_tflops: f64,
     layers: i64,
-    checkpointing: &[bool],
+    policies: &[RecomputePolicy],
     work: Option<&Path>,
 ) -> anyhow::Result<()> {
     prepare(device)?;
@@ -374,7 +394,7 @@ fn mfu(
     } else {
         Kind::Float
     };
-    for &checkpointing in checkpointing {
+    for &policy in policies {
         let started = Instant::now();
         let options = LoadOptions {
             device,
@@ -400,7 +420,7 @@ fn mfu(
             None,
             TrainConfig {
                 gradient_accumulation_steps: 2,
-                ..train_config(Strategy::NoShard, true, checkpointing)
+                ..train_config(Strategy::NoShard, true, policy)
             },
         )?;
         eprintln!(
@@ -431,7 +451,8 @@ fn mfu(
                     "mfu": achieved / peak_tflops,
                     "last_loss": timing.last_loss,
                     "skipped_steps": trainer.skipped_steps(),
-                    "gradient_checkpointing": checkpointing,
+                    "gradient_checkpointing": policy == RecomputePolicy::Full,
+                    "recompute_policy": policy.name(),
                     "phases_per_step": timing.phases,
                 })
             );
@@ -473,6 +494,7 @@ fn main() -> anyhow::Result<()> {
             peak_tflops,
             layers,
             checkpointing,
+            recompute_policy,
             work,
         } => mfu(
             args.device,
@@ -482,7 +504,20 @@ fn main() -> anyhow::Result<()> {
             steps,
             peak_tflops,
             layers,
-            &checkpointing,
+            &if recompute_policy.is_empty() {
+                checkpointing
+                    .iter()
+                    .map(|&on| {
+                        if on {
+                            RecomputePolicy::Full
+                        } else {
+                            RecomputePolicy::None
+                        }
+                    })
+                    .collect()
+            } else {
+                recompute_policy
+            },
             work.as_deref(),
         ),
     }
