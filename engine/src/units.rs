@@ -562,28 +562,30 @@ fn free_bytes(tensor: &Tensor) {
 /// tensor again; their contents are undefined until written.
 fn alloc_bytes(tensor: &Tensor) -> Result<(), TrainError> {
     let bytes = tensor.numel() as i64 * tensor.kind().elt_size_in_bytes() as i64;
+    shim_call("allocating a unit's buffer again", |error, len| {
+        // SAFETY: a live tensor handle; the shim writes a NUL-terminated
+        // message into `error` on failure.
+        unsafe { fl_storage_alloc(tensor.as_ptr() as *mut std::ffi::c_void, bytes, error, len) }
+    })
+}
+
+/// Runs a shim call that returns non-zero with a NUL-terminated message in
+/// the buffer it is given on failure; the message, after `what`, becomes
+/// the error.
+fn shim_call(
+    what: &str,
+    call: impl FnOnce(*mut std::ffi::c_char, usize) -> std::ffi::c_int,
+) -> Result<(), TrainError> {
     let mut error = vec![0 as std::ffi::c_char; 512];
-    // SAFETY: a live tensor handle; the shim writes a NUL-terminated
-    // message on failure.
-    let status = unsafe {
-        fl_storage_alloc(
-            tensor.as_ptr() as *mut std::ffi::c_void,
-            bytes,
-            error.as_mut_ptr(),
-            error.len(),
-        )
-    };
-    if status != 0 {
-        // SAFETY: NUL-terminated by the shim within the buffer.
-        let message = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
-        return Err(TrainError::Backward {
-            message: format!(
-                "allocating a unit's buffer again: {}",
-                message.to_string_lossy()
-            ),
-        });
+    if call(error.as_mut_ptr(), error.len()) == 0 {
+        return Ok(());
     }
-    Ok(())
+    // SAFETY: NUL-terminated by the shim within the buffer (which starts
+    // zeroed).
+    let message = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
+    Err(TrainError::Backward {
+        message: format!("{what}: {}", message.to_string_lossy()),
+    })
 }
 
 /// Gathers a [`park`]ed unit again, into the same buffers (the rank's
@@ -689,27 +691,18 @@ pub fn restore_activations(
                 ),
             });
         }
-        let mut error = vec![0 as std::ffi::c_char; 512];
-        // SAFETY: live tensor handles; the shim writes a NUL-terminated
-        // message on failure.
-        let status = unsafe {
-            fl_storage_refill(
-                entry.output.as_ptr() as *mut std::ffi::c_void,
-                fresh.as_ptr() as *mut std::ffi::c_void,
-                error.as_mut_ptr(),
-                error.len(),
-            )
-        };
-        if status != 0 {
-            // SAFETY: NUL-terminated by the shim within the buffer.
-            let message = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
-            return Err(TrainError::Backward {
-                message: format!(
-                    "writing a recomputed activation back: {}",
-                    message.to_string_lossy()
-                ),
-            });
-        }
+        shim_call("writing a recomputed activation back", |error, len| {
+            // SAFETY: live tensor handles; the shim writes a NUL-terminated
+            // message into `error` on failure.
+            unsafe {
+                fl_storage_refill(
+                    entry.output.as_ptr() as *mut std::ffi::c_void,
+                    fresh.as_ptr() as *mut std::ffi::c_void,
+                    error,
+                    len,
+                )
+            }
+        })?;
     }
     Ok(())
 }
