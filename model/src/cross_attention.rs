@@ -195,6 +195,10 @@ impl GatedCrossAttentionBlock {
             gate: self.attention_gate.shallow_clone(),
             skip: text.shallow_clone(),
         });
-        Ok(self.feed_forward.forward(&attended) * self.feed_forward_gate.tanh() + &attended)
+        Ok(crate::recompute::gated_residual(
+            &self.feed_forward.forward(&attended),
+            &self.feed_forward_gate,
+            &attended,
+        ))
     }
 }
