@@ -13,7 +13,9 @@
 # Each part has a time limit inside an overall budget (BUDGET seconds).
 # PARTS picks parts (default "check inference mfu-ours mfu-python");
 # CHECKPOINTING is mfu-ours' setting (default "true,false"); RECOMPUTE, when
-# set (say "full,selective,none"), measures those recompute policies instead.
+# set (say "full,selective,none"), measures those recompute policies instead;
+# COPIES is mfu-ours' --bf16-weight-copies (default "true"; "true,false"
+# also measures autocast casting the weights at every use).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -115,7 +117,7 @@ export -f inference
 part inference 60 bash -c inference > "$OUT/inference.txt" 2>&1
 tail -4 "$OUT/inference.txt"
 
-part mfu-ours 240 "$BIN/bench-gpu-step" mfu --batch 8,32 --tokens 256 --images 4 --steps 3 --checkpointing "$CHECKPOINTING" ${RECOMPUTE:+--recompute-policy "$RECOMPUTE"} --work /tmp/flamingo-mfu > "$OUT/mfu-ours.json" 2> "$OUT/mfu-ours.log"
+part mfu-ours 240 "$BIN/bench-gpu-step" mfu --batch 8,32 --tokens 256 --images 4 --steps 3 --checkpointing "$CHECKPOINTING" ${RECOMPUTE:+--recompute-policy "$RECOMPUTE"} --bf16-weight-copies "${COPIES:-true}" --work /tmp/flamingo-mfu > "$OUT/mfu-ours.json" 2> "$OUT/mfu-ours.log"
 rm -rf /tmp/flamingo-mfu
 cat "$OUT/mfu-ours.json"
 

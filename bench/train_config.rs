@@ -32,5 +32,6 @@ pub fn bench_config(
         gradient_checkpointing: false,
         recompute_policy: recompute,
         activation_budget_gib: 0.0,
+        bf16_weight_copies: true,
     }
 }

@@ -4,8 +4,9 @@
 //! model and one random batch: the same few steps in fp32 on the CPU, in
 //! fp32 on the GPU (plain autograd, and `full` keeping its graphs and with
 //! selective recompute), and in bf16 autocast with bf16 frozen weights
-//! (checkpointing, and selective recompute). Exits non-zero when the GPU
-//! strays from the CPU.
+//! (checkpointing, selective recompute, `full` keeping graphs; the
+//! trainable Linear weights as bf16 copies, and once cast per use as
+//! before). Exits non-zero when the GPU strays from the CPU.
 //!
 //! `mfu`: throughput and model FLOPs utilisation of an OpenFlamingo-3B
 //! shaped random model (CLIP ViT-L/14 at 224 px, MPT-1B: 24 × 2048, 16
@@ -80,6 +81,11 @@ enum Mode {
         /// one load each); overrides --checkpointing when given.
         #[arg(long, value_delimiter = ',', value_parser = parse_policy)]
         recompute_policy: Vec<RecomputePolicy>,
+        /// bf16 copies of the trainable Linear weights made once per step
+        /// (true), autocast's cast at every use (false), or both (one load
+        /// each).
+        #[arg(long, value_delimiter = ',', default_value = "true")]
+        bf16_weight_copies: Vec<bool>,
         /// Where to write the random model (a temporary folder if not given).
         #[arg(long)]
         work: Option<std::path::PathBuf>,
@@ -239,6 +245,23 @@ fn check(device: Device, steps: usize) -> anyhow::Result<()> {
             5e-2,
             f64::INFINITY,
         ),
+        (
+            "cuda amp_bf16, bf16 frozen, full (world 1, graphs kept)",
+            gpu_bf16,
+            train_config(Strategy::Full, true, RecomputePolicy::None),
+            5e-2,
+            f64::INFINITY,
+        ),
+        (
+            "cuda amp_bf16, bf16 frozen, checkpointing, weights cast per use",
+            gpu_bf16,
+            TrainConfig {
+                bf16_weight_copies: false,
+                ..train_config(Strategy::NoShard, true, RecomputePolicy::Full)
+            },
+            5e-2,
+            f64::INFINITY,
+        ),
     ] {
         let (losses, weights) = match train(&spec, options, config, &batch, steps) {
             Ok(result) => result,
@@ -382,7 +405,7 @@ fn mfu(
     steps: usize,
     peak_tflops: f64,
     layers: i64,
-    policies: &[RecomputePolicy],
+    (policies, weight_copies): (&[RecomputePolicy], &[bool]),
     work: Option<&Path>,
 ) -> anyhow::Result<()> {
     prepare(device)?;
@@ -394,7 +417,10 @@ fn mfu(
     } else {
         Kind::Float
     };
-    for &policy in policies {
+    let settings = policies
+        .iter()
+        .flat_map(|&policy| weight_copies.iter().map(move |&copies| (policy, copies)));
+    for (policy, copies) in settings {
         let started = Instant::now();
         let options = LoadOptions {
             device,
@@ -420,6 +446,7 @@ fn mfu(
             None,
             TrainConfig {
                 gradient_accumulation_steps: 2,
+                bf16_weight_copies: copies,
                 ..train_config(Strategy::NoShard, true, policy)
             },
         )?;
@@ -453,6 +480,7 @@ fn mfu(
                     "skipped_steps": trainer.skipped_steps(),
                     "gradient_checkpointing": policy == RecomputePolicy::Full,
                     "recompute_policy": policy.name(),
+                    "bf16_weight_copies": copies,
                     "phases_per_step": timing.phases,
                 })
             );
@@ -495,6 +523,7 @@ fn main() -> anyhow::Result<()> {
             layers,
             checkpointing,
             recompute_policy,
+            bf16_weight_copies,
             work,
         } => mfu(
             args.device,
@@ -504,20 +533,23 @@ fn main() -> anyhow::Result<()> {
             steps,
             peak_tflops,
             layers,
-            &if recompute_policy.is_empty() {
-                checkpointing
-                    .iter()
-                    .map(|&on| {
-                        if on {
-                            RecomputePolicy::Full
-                        } else {
-                            RecomputePolicy::None
-                        }
-                    })
-                    .collect()
-            } else {
-                recompute_policy
-            },
+            (
+                &if recompute_policy.is_empty() {
+                    checkpointing
+                        .iter()
+                        .map(|&on| {
+                            if on {
+                                RecomputePolicy::Full
+                            } else {
+                                RecomputePolicy::None
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                } else {
+                    recompute_policy
+                },
+                &bf16_weight_copies,
+            ),
             work.as_deref(),
         ),
     }

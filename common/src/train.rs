@@ -211,6 +211,11 @@ train_job! {
     /// With recompute_policy = auto: the GiB of activations a rank may keep
     /// for one micro-batch's backward, besides each unit's input.
     activation_budget_gib: f64 = 0.0,
+    /// With precision amp_bf16: let autocast cast the trainable Linear
+    /// weights to bf16 at every use instead of keeping bf16 copies made
+    /// once per optimizer step (the same arithmetic; under full and hybrid
+    /// those units are then gathered in fp32, twice the bytes).
+    cast_weights_per_use: bool = false,
     /// full, hybrid, shard_grad_op or no_shard.
     fsdp_sharding_strategy: Strategy = Strategy::ShardGradOp,
     /// LAION samples per epoch (paces the epoch when there is no MMC4).

@@ -92,11 +92,16 @@ pub struct Member {
 
 impl Member {
     fn point_at(&self, buffer: &Tensor) {
+        self.point_into(buffer, self.offset);
+    }
+
+    /// Points the model's tensor at `buffer[offset..offset + numel]`.
+    pub fn point_into(&self, buffer: &Tensor, offset: i64) {
         let mut tensor = self.tensor.shallow_clone();
         tch::no_grad(|| {
             tensor.set_data(
                 &buffer
-                    .narrow(0, self.offset, self.numel)
+                    .narrow(0, offset, self.numel)
                     .view(self.shape.as_slice()),
             )
         });
@@ -340,6 +345,11 @@ pub struct Gathered {
 }
 
 impl Gathered {
+    /// The unit's index.
+    pub fn unit(&self) -> usize {
+        self.unit
+    }
+
     fn wait(&mut self) -> Result<(), TrainError> {
         for work in self.works.drain(..) {
             work.wait()?;
@@ -357,13 +367,14 @@ impl Drop for Gathered {
     }
 }
 
-/// Starts gathering unit `index` (`full`) from this rank's `shard`, whose
-/// trainable values are in `local`; without a shard (the other strategies)
-/// there is nothing to gather.
+/// Starts gathering unit `index` (`full`) from this rank's values of it:
+/// `trainable` (its shard of the unit's trainable range, fp32 masters or
+/// their bf16 working copy) and `frozen`; without a group of more than
+/// one rank there is nothing to gather and the buffers are the rank's own.
 pub fn start_gather(
     index: usize,
-    shard: Option<&UnitShard>,
-    local: &Tensor,
+    trainable: Option<Tensor>,
+    frozen: Option<&Tensor>,
     group: Option<&ProcessGroup>,
 ) -> Result<Gathered, TrainError> {
     let world = group.map_or(1, ProcessGroup::world_size);
@@ -375,12 +386,8 @@ pub fn start_gather(
         bytes: 0,
         parked: false,
     };
-    let frozen = shard
-        .and_then(|shard| shard.frozen.as_ref())
-        .filter(|frozen| frozen.numel() > 0);
-    let shard = shard
-        .filter(|shard| shard.len > 0)
-        .map(|shard| local.narrow(0, shard.offset, shard.len));
+    let frozen = frozen.filter(|frozen| frozen.numel() > 0);
+    let shard = trainable.filter(|shard| shard.numel() > 0);
     match group.filter(|_| world > 1) {
         None => {
             gathered.trainable = shard;
@@ -512,12 +519,28 @@ pub fn reduce_scatter(
 }
 
 /// Waits for a gather and points the unit's tensors at the whole buffers.
-pub fn install(plans: &[UnitPlan], mut gathered: Gathered) -> Result<Gathered, TrainError> {
+pub fn install(plans: &[UnitPlan], gathered: Gathered) -> Result<Gathered, TrainError> {
+    install_except(plans, gathered, |_| false)
+}
+
+/// [`install`], leaving the trainable members `elsewhere` picks (by index)
+/// for the caller to point at their values. A tensor must keep its kind
+/// between a forward that keeps its graph and that graph's backward:
+/// pointing it at a buffer of another kind, even for a moment, would
+/// detach it from the graph (torch's `set_data` drops the gradient
+/// accumulator on a change of kind).
+pub fn install_except(
+    plans: &[UnitPlan],
+    mut gathered: Gathered,
+    elsewhere: impl Fn(usize) -> bool,
+) -> Result<Gathered, TrainError> {
     gathered.wait()?;
     let plan = &plans[gathered.unit];
     if let Some(buffer) = &gathered.trainable {
-        for member in &plan.trainable {
-            member.point_at(buffer);
+        for (index, member) in plan.trainable.iter().enumerate() {
+            if !elsewhere(index) {
+                member.point_at(buffer);
+            }
         }
     }
     if let Some(buffer) = &gathered.frozen {
@@ -588,12 +611,12 @@ fn shim_call(
     })
 }
 
-/// Gathers a [`park`]ed unit again, into the same buffers (the rank's
-/// shard and the group as [`start_gather`] takes them).
+/// Gathers a [`park`]ed unit again, into the same buffers, from this
+/// rank's values as [`start_gather`] takes them.
 pub fn start_regather(
     mut gathered: Gathered,
-    shard: Option<&UnitShard>,
-    local: &Tensor,
+    trainable: Option<Tensor>,
+    frozen: Option<&Tensor>,
     group: Option<&ProcessGroup>,
 ) -> Result<Gathered, TrainError> {
     if !gathered.parked {
@@ -602,12 +625,8 @@ pub fn start_regather(
     let group = group.ok_or_else(|| TrainError::Backward {
         message: "a parked unit has no group to gather from".into(),
     })?;
-    let frozen = shard
-        .and_then(|shard| shard.frozen.as_ref())
-        .filter(|frozen| frozen.numel() > 0);
-    let trainable = shard
-        .filter(|shard| shard.len > 0)
-        .map(|shard| local.narrow(0, shard.offset, shard.len));
+    let frozen = frozen.filter(|frozen| frozen.numel() > 0);
+    let trainable = trainable.filter(|shard| shard.numel() > 0);
     let mut works = Vec::new();
     for (source, target) in [
         (trainable.as_ref(), &gathered.trainable),

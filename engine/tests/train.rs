@@ -87,6 +87,7 @@ fn config(strategy: Strategy) -> TrainConfig {
         gradient_checkpointing: false,
         recompute_policy: RecomputePolicy::None,
         activation_budget_gib: 0.0,
+        bf16_weight_copies: true,
     }
 }
 
@@ -410,6 +411,50 @@ fn selective_and_auto_recompute_train_as_full_recompute() {
 }
 
 #[test]
+fn bf16_weight_copies_train_as_autocasts_casts() {
+    // Under amp_bf16 the Linear weights of the perceiver and the
+    // cross-attention are bf16 copies made once per step; autocast casting
+    // the fp32 weights at every use is the same arithmetic (1e-6; the two
+    // micro-batches of each step are summed in fp32 either way): in the
+    // plain step, in the recomputing pass, and under `full` keeping graphs
+    // (parked and gathered again) and selectively recomputing.
+    let dir = tempfile::tempdir().expect("temp dir");
+    fixture(dir.path());
+    // The weights copied are exactly the trainable modules' matrices.
+    let spec = ModelSpec::from_file(&dir.path().join("model/model.toml")).expect("spec");
+    let (model, _) = load(&spec);
+    let embedding = format!("lang_encoder.{}", model.decoder().input_embedding_name());
+    let mut linear = 0;
+    for (name, tensor) in model.trainable_parameters(true) {
+        let matrix = tensor.dim() == 2 && name.ends_with(".weight") && name != embedding;
+        assert_eq!(model.is_linear_weight(&name), matrix, "{name}");
+        linear += usize::from(matrix);
+    }
+    assert!(linear > 0);
+    let cases = [
+        (Strategy::NoShard, RecomputePolicy::None),
+        (Strategy::NoShard, RecomputePolicy::Full),
+        (Strategy::Full, RecomputePolicy::None),
+        (Strategy::Full, RecomputePolicy::Selective),
+    ];
+    for (strategy, policy) in cases {
+        let with = |copies| TrainConfig {
+            amp_bf16: true,
+            bf16_weight_copies: copies,
+            recompute_policy: policy,
+            ..config(strategy)
+        };
+        let per_use = train_steps(dir.path(), None, with(false));
+        let copies = train_steps(dir.path(), None, with(true));
+        assert_same_arithmetic(
+            &format!("{strategy:?}, {policy:?}: bf16 copies"),
+            &per_use,
+            &copies,
+        );
+    }
+}
+
+#[test]
 fn amp_bf16_trains_close_to_fp32() {
     // bf16 autocast in the forward pass: the losses follow fp32's within
     // bf16's precision, but are not fp32's (autocast took effect).
@@ -439,8 +484,24 @@ fn amp_bf16_trains_close_to_fp32() {
     );
 }
 
+/// A multi-rank run's precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Amp {
+    Off,
+    /// bf16 autocast with bf16 weight copies.
+    Copies,
+    /// bf16 autocast casting the weights at each use.
+    PerUse,
+}
+
 /// One rank's run; rank 0 writes the losses and the final weights.
-fn run_rank(dir: &Path, strategy: Strategy, recompute: RecomputePolicy, lazy: bool, out: &Path) {
+fn run_rank(
+    dir: &Path,
+    strategy: Strategy,
+    (recompute, amp): (RecomputePolicy, Amp),
+    lazy: bool,
+    out: &Path,
+) {
     let group = match std::env::var("WORLD_SIZE")
         .ok()
         .and_then(|w| w.parse::<i64>().ok())
@@ -462,6 +523,8 @@ fn run_rank(dir: &Path, strategy: Strategy, recompute: RecomputePolicy, lazy: bo
     };
     let config = TrainConfig {
         recompute_policy: recompute,
+        amp_bf16: amp != Amp::Off,
+        bf16_weight_copies: amp == Amp::Copies,
         ..config(strategy)
     };
     let (losses, flat) = train_steps_with(dir, group.as_ref(), hybrid.as_ref(), config, lazy);
@@ -485,9 +548,18 @@ fn rank_entry() {
     // `full+selective`: with --recompute_policy selective;
     // `full+lazy`: the weights loaded lazily, each rank reading its shards;
     // `+pieces` (set on the command as FLAMINGO_GLOO_GATHER_PIECE): every
-    // unit over the prefetch limit, so gathered only when used.
+    // unit over the prefetch limit, so gathered only when used;
+    // `+amp`: bf16 autocast with bf16 weight copies, `+amp+per_use`:
+    // autocast casting the weights at each use.
     let name = std::env::var("STRATEGY").expect("strategy");
     let name = name.strip_suffix("+pieces").unwrap_or(&name).to_string();
+    let (name, amp) = if let Some(name) = name.strip_suffix("+amp+per_use") {
+        (name.to_string(), Amp::PerUse)
+    } else if let Some(name) = name.strip_suffix("+amp") {
+        (name.to_string(), Amp::Copies)
+    } else {
+        (name, Amp::Off)
+    };
     let (name, lazy) = match name.strip_suffix("+lazy") {
         Some(name) => (name.to_string(), true),
         None => (name, false),
@@ -503,7 +575,7 @@ fn rank_entry() {
     run_rank(
         Path::new(&dir),
         strategy,
-        recompute,
+        (recompute, amp),
         lazy,
         Path::new(&std::env::var("OUT").expect("out")),
     );
@@ -626,6 +698,12 @@ fn world_sizes_and_strategies_train_identically() {
     // and the cheap outputs computed again after them.
     let selective = run_world(dir.path(), 2, "full+selective", "full-selective-x2");
     assert_same_arithmetic("full x2, selective", &kept, &selective);
+    // Under amp_bf16 the units with Linear weights are gathered from bf16
+    // copies and their other weights kept whole in fp32 on every rank:
+    // autocast's arithmetic, with half the bytes gathered.
+    let per_use = run_world(dir.path(), 2, "full+amp+per_use", "full-amp-per-use-x2");
+    let copies = run_world(dir.path(), 2, "full+amp", "full-amp-x2");
+    assert_same_arithmetic("full x2, amp, bf16 copies", &per_use, &copies);
     // Each rank reading only its shards of the weights (by byte range from
     // the safetensors files) trains exactly as loading them whole; so does
     // gathering every unit (and gathering it again for its backward) only

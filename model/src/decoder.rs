@@ -50,7 +50,9 @@ impl Norm {
 
     fn forward(&self, input: &Tensor) -> Tensor {
         match self {
-            Norm::Layer(norm) => norm.forward(input),
+            // Every decoder norm is a pre-norm or the final norm before the
+            // head: its output only enters matrix products.
+            Norm::Layer(norm) => norm.forward_to_matmul(input),
             Norm::Rms(norm) => norm.forward(input),
         }
     }

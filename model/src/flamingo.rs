@@ -200,6 +200,43 @@ impl Flamingo {
             .collect()
     }
 
+    /// Whether trainable weight `name` is the weight of a bias-free Linear
+    /// in the perceiver or a gated cross-attention block (`to_q`, `to_kv`,
+    /// `to_out`, and the feed-forwards' two matrices): the weights that
+    /// only ever enter matrix products, which bf16 autocast casts to bf16
+    /// at each use. A bf16 copy of such a weight gives the same products
+    /// and gradients as autocast's cast. Norm weights and biases, the
+    /// latents, the time embeddings and the tanh gates are not.
+    /// Decided by the name alone, so it holds while the weight's values are
+    /// elsewhere (a sharded unit released, a lazy load).
+    pub fn is_linear_weight(&self, name: &str) -> bool {
+        let module = if let Some(rest) = name.strip_prefix("perceiver.layers.") {
+            // `<i>.0.to_q`, `<i>.1.1` (the feed-forward's matrices).
+            rest.split_once('.').map(|(_, module)| module)
+        } else if let Some(rest) = name.strip_prefix("lang_encoder.gated_cross_attn_layers.") {
+            // `<i>.attn.to_q`, `<i>.ff.1`.
+            rest.split_once('.').map(|(_, module)| module)
+        } else {
+            None
+        };
+        let Some(module) = module.and_then(|module| module.strip_suffix(".weight")) else {
+            return false;
+        };
+        matches!(
+            module,
+            "0.to_q"
+                | "0.to_kv"
+                | "0.to_out"
+                | "1.1"
+                | "1.3"
+                | "attn.to_q"
+                | "attn.to_kv"
+                | "attn.to_out"
+                | "ff.1"
+                | "ff.3"
+        )
+    }
+
     pub fn decoder(&self) -> &Decoder {
         &self.decoder
     }

@@ -54,8 +54,14 @@ impl LayerNorm {
         )
     }
 
-    /// [`Self::forward`], recorded for selective recompute
-    /// ([`crate::recompute`]).
+    /// [`Self::forward`] for an output that only enters matrix products
+    /// (a pre-norm's): see [`layer_norm_to_matmul`].
+    pub fn forward_to_matmul(&self, input: &Tensor) -> Tensor {
+        layer_norm_to_matmul(input, &self.weight, self.bias.as_ref(), self.dim, self.eps)
+    }
+
+    /// [`Self::forward_to_matmul`] (the trainable norms', so plain),
+    /// recorded for selective recompute ([`crate::recompute`]).
     pub fn forward_recorded(&self, input: &Tensor) -> Tensor {
         crate::recompute::cheap(crate::recompute::Cheap::LayerNorm {
             input: input.shallow_clone(),
@@ -64,6 +70,35 @@ impl LayerNorm {
             dim: self.dim,
             eps: self.eps,
         })
+    }
+}
+
+/// A LayerNorm whose output only enters matrix products. Under CUDA
+/// autocast, which runs LayerNorm in fp32, a bf16 input would be cast to
+/// fp32, normalised into an fp32 output, and that output cast back to bf16
+/// by the product after it. Here a bf16 input on the GPU is normalised by
+/// the LayerNorm kernel itself in bf16 (statistics and affine in fp32,
+/// rounded once on output; the weights may stay fp32) with autocast off
+/// for the call: the product gets the same bf16 values with two passes
+/// over the activation fewer. Only frozen norms take this path: the input's
+/// gradient is the upcast path's, but the CPU's mixed-precision kernel
+/// sums the weight's and bias's gradients less exactly (about 1e-2
+/// relative), and the CUDA kernel's have not been measured against the
+/// upcast yet. Elsewhere (a trainable norm, fp32 input, the CPU, whose
+/// autocast leaves LayerNorm alone) it is the plain LayerNorm.
+pub fn layer_norm_to_matmul(
+    input: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    dim: i64,
+    eps: f64,
+) -> Tensor {
+    let norm = || input.layer_norm([dim], Some(weight), bias, eps, false);
+    let frozen = !weight.requires_grad() && bias.is_none_or(|bias| !bias.requires_grad());
+    if frozen && input.kind() == tch::Kind::BFloat16 && input.device().is_cuda() {
+        tch::autocast(false, norm)
+    } else {
+        norm()
     }
 }
 
@@ -209,5 +244,61 @@ pub(crate) fn lowest(kind: tch::Kind) -> f64 {
         tch::Kind::Half => -65504.0,
         tch::Kind::Double => f64::MIN,
         _ => f64::from(f32::MIN),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{Kind, Tensor};
+
+    /// `(a - b)` over `b`'s scale, and the share of equal values.
+    fn compare(got: &Tensor, expected: &Tensor) -> (f64, f64) {
+        let (got, expected) = (got.to_kind(Kind::Float), expected.to_kind(Kind::Float));
+        let scale = expected.abs().max().double_value(&[]).max(1e-30);
+        let difference = (&got - &expected).abs().max().double_value(&[]) / scale;
+        let equal = got
+            .eq_tensor(&expected)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float);
+        (difference, equal.double_value(&[]))
+    }
+
+    #[test]
+    fn a_bf16_layer_norm_is_the_upcast_one_rounded_once() {
+        // What `layer_norm_to_matmul` runs on the GPU for a frozen norm (the
+        // kernel on a bf16 input, fp32 weights), against autocast's upcast
+        // (the input in fp32, the output rounded to bf16 by the product
+        // after it), here on the CPU's kernels: the product sees the same
+        // values and the input gets the same gradient.
+        tch::manual_seed(7);
+        let input = (Tensor::randn([4, 7, 64], (Kind::Float, tch::Device::Cpu)) * 3.0 + 1.0)
+            .to_kind(Kind::BFloat16)
+            .set_requires_grad(true);
+        let weight = Tensor::randn([64], (Kind::Float, tch::Device::Cpu));
+        let bias = Tensor::randn([64], (Kind::Float, tch::Device::Cpu));
+        let grad =
+            Tensor::randn([4, 7, 64], (Kind::Float, tch::Device::Cpu)).to_kind(Kind::BFloat16);
+        let direct = input.layer_norm([64], Some(&weight), Some(&bias), 1e-5, false);
+        assert_eq!(direct.kind(), Kind::BFloat16);
+        let upcast_input = input.detach().to_kind(Kind::Float).set_requires_grad(true);
+        let upcast = upcast_input
+            .layer_norm([64], Some(&weight), Some(&bias), 1e-5, false)
+            .to_kind(Kind::BFloat16);
+        let (difference, equal) = compare(&direct, &upcast);
+        assert!(
+            difference <= 1.0 / 128.0 && equal >= 0.99,
+            "output: {difference}, {equal}"
+        );
+        for output in [&direct, &upcast] {
+            (output.to_kind(Kind::Float) * grad.to_kind(Kind::Float))
+                .sum(Kind::Float)
+                .backward();
+        }
+        let upcast_grad = upcast_input.grad().to_kind(Kind::BFloat16);
+        let (difference, equal) = compare(&input.grad(), &upcast_grad);
+        assert!(
+            difference <= 1.0 / 128.0 && equal >= 0.99,
+            "input gradient: {difference}, {equal}"
+        );
     }
 }

@@ -178,7 +178,7 @@ impl PerceiverResampler {
     pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
         let (media_tokens, mut latents) = self.inputs(features)?;
         if self.layers.is_empty() {
-            return Ok(self.norm.forward(&latents));
+            return Ok(self.norm.forward_to_matmul(&latents));
         }
         for index in 0..self.layers.len() {
             latents = self.layer(index, &media_tokens, &latents);
@@ -259,7 +259,9 @@ impl PerceiverResampler {
         let latents = attention.forward(media_tokens, latents) + latents;
         let latents = feed_forward.forward(&latents) + &latents;
         if index + 1 == self.layers.len() {
-            self.norm.forward(&latents)
+            // The media latents enter only the cross-attention's key/value
+            // projections.
+            self.norm.forward_to_matmul(&latents)
         } else {
             latents
         }

@@ -63,7 +63,7 @@ impl Cheap {
                 bias,
                 dim,
                 eps,
-            } => input.layer_norm([*dim], Some(weight), bias.as_ref(), *eps, false),
+            } => crate::layers::layer_norm_to_matmul(input, weight, bias.as_ref(), *dim, *eps),
             Self::Gelu { input } => input.gelu("none"),
             Self::Cat { parts, dim } => Tensor::cat(parts, *dim),
             Self::GatedResidual { branch, gate, skip } => gated_residual(branch, gate, skip),

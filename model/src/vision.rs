@@ -124,8 +124,8 @@ impl ResidualBlock {
     }
 
     fn forward(&self, input: &Tensor) -> Tensor {
-        let attended = input + self.attention(&self.ln_1.forward(input));
-        let hidden = self.activation(&self.c_fc.forward(&self.ln_2.forward(&attended)));
+        let attended = input + self.attention(&self.ln_1.forward_to_matmul(input));
+        let hidden = self.activation(&self.c_fc.forward(&self.ln_2.forward_to_matmul(&attended)));
         &attended + self.c_proj.forward(&hidden)
     }
 }

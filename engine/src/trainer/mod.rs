@@ -29,6 +29,7 @@ mod recompute;
 mod replicated;
 mod sharded;
 mod state;
+mod working;
 
 use flamingo_collectives::ProcessGroup;
 use flamingo_common::train::{RecomputePolicy, Strategy};
@@ -73,6 +74,12 @@ pub struct TrainConfig {
     /// `--activation_budget_gib`, for `recompute_policy` `auto`.
     #[serde(default)]
     pub activation_budget_gib: f64,
+    /// Under `amp_bf16`: keep bf16 working copies of the trainable Linear
+    /// weights, made once per optimizer step, instead of autocast's cast
+    /// at every use (the same arithmetic; off with
+    /// `--cast_weights_per_use`).
+    #[serde(default)]
+    pub bf16_weight_copies: bool,
 }
 
 fn no_recompute() -> RecomputePolicy {
@@ -102,6 +109,7 @@ impl TrainConfig {
             gradient_checkpointing: job.gradient_checkpointing,
             recompute_policy: job.recompute_policy,
             activation_budget_gib: job.activation_budget_gib,
+            bf16_weight_copies: !job.cast_weights_per_use,
         }
     }
 
@@ -257,6 +265,8 @@ impl<'g> Trainer<'g> {
             .map_or(tch::Device::Cpu, |slot| slot.tensor.device());
         let embedding = EmbeddingRows::find(&model, tokenizer, &slots);
         let units = crate::units::plan(&model, &state::layout_of(&slots), state::is_decayed)?;
+        let copies = config.amp_bf16 && config.bf16_weight_copies;
+        let linear = |name: &str| copies && model.is_linear_weight(name);
         let state: Box<dyn ParameterState + 'g> = if config.strategy.shards_units() {
             Box::new(ShardedUnits::new(
                 (group, shard_group, replicate_group),
@@ -265,16 +275,17 @@ impl<'g> Trainer<'g> {
                 embedding,
                 device,
                 |name| model.unread(name).cloned(),
+                linear,
             )?)
         } else {
             Box::new(Replicated::new(
-                group,
-                config.strategy == Strategy::ShardGradOp,
+                (group, config.strategy == Strategy::ShardGradOp),
                 slots,
                 (total, decayed),
                 embedding,
                 units,
                 config.recompute() != RecomputePolicy::None,
+                linear,
             )?)
         };
         Ok(Self {
@@ -508,6 +519,7 @@ impl<'g> Trainer<'g> {
         if finite {
             let scale = loss.scale(multiplier, self.config.gradient_accumulation_steps);
             (&loss.summed * scale).backward();
+            self.state.fold_gradients();
         }
         mark(&mut self.phases, "backward");
         Ok(MicroLoss {

@@ -9,6 +9,7 @@ use tch::{Kind, Tensor};
 
 use super::loss::{all_reduce_sum, clip, squared_norm};
 use super::state::{EmbeddingRows, MemoryUse, ParameterState, Slot, Update};
+use super::working::ReplicatedCopies;
 use super::TrainError;
 use crate::units::{self, Gathered, UnitPlan};
 
@@ -33,23 +34,30 @@ pub(crate) struct Replicated<'g> {
     /// The model's weights grouped in units: what the recomputing pass
     /// walks, and the frozen weights' size.
     units: Vec<UnitPlan>,
-    /// `--gradient_checkpointing`: the gradient of the whole flat state
-    /// that the recomputing pass sums over the micro-steps.
-    recomputed: Option<Tensor>,
+    /// The gradient of the whole flat state summed over the micro-steps
+    /// where it does not stay in the parameters' `.grad`: what the
+    /// recomputing pass sinks, and the bf16 working copies' gradients.
+    accumulated: Option<Tensor>,
+    /// Whether forward and backward go unit by unit (a recompute policy).
+    recomputes: bool,
+    /// `amp_bf16`: bf16 working copies of the Linear weights.
+    copies: Option<ReplicatedCopies>,
 }
 
 impl<'g> Replicated<'g> {
     /// Copies the model's trainable values into one flat buffer and points
     /// the parameters at it; every rank starts from rank 0's values, as DDP
     /// and FSDP do.
+    /// `linear` names the parameters held as bf16 working copies (none
+    /// unless `amp_bf16`).
     pub(crate) fn new(
-        group: Option<&'g ProcessGroup>,
-        shard_optimizer: bool,
+        (group, shard_optimizer): (Option<&'g ProcessGroup>, bool),
         mut slots: Vec<Slot>,
         (total, decayed): (i64, i64),
         embedding: Option<EmbeddingRows>,
         units: Vec<UnitPlan>,
         recomputes: bool,
+        linear: impl Fn(&str) -> bool,
     ) -> Result<Self, TrainError> {
         let world = group.map_or(1, ProcessGroup::world_size);
         let device = slots
@@ -69,6 +77,7 @@ impl<'g> Replicated<'g> {
         if let Some(group) = group.filter(|group| group.world_size() > 1) {
             group.broadcast(&flat, 0)?;
         }
+        let copies = ReplicatedCopies::new(&mut slots, &flat, linear);
         let state_len = if shard_optimizer {
             flamingo_collectives::shard_len(total.max(1), world)
         } else {
@@ -84,7 +93,9 @@ impl<'g> Replicated<'g> {
             exp_avg: Tensor::zeros([state_len], (Kind::Float, device)),
             exp_avg_sq: Tensor::zeros([state_len], (Kind::Float, device)),
             units,
-            recomputed: recomputes.then(|| flat.zeros_like()),
+            accumulated: (recomputes || copies.is_some()).then(|| flat.zeros_like()),
+            recomputes,
+            copies,
             flat,
         })
     }
@@ -107,11 +118,11 @@ impl<'g> Replicated<'g> {
     }
 
     /// The whole flat gradient: what the parameters' `.grad` hold plus what
-    /// the recomputing pass summed (in the latter's buffer, which
-    /// [`Self::zero_gradients`] clears after the update).
+    /// was summed apart (in a buffer [`Self::zero_gradients`] clears after
+    /// the update).
     fn flat_gradient(&self) -> Tensor {
-        let gradient = match &self.recomputed {
-            Some(recomputed) => recomputed.shallow_clone(),
+        let gradient = match &self.accumulated {
+            Some(accumulated) => accumulated.shallow_clone(),
             None => self.flat.zeros_like(),
         };
         tch::no_grad(|| {
@@ -131,8 +142,8 @@ impl<'g> Replicated<'g> {
         for slot in &mut self.slots {
             slot.tensor.zero_grad();
         }
-        if let Some(recomputed) = &mut self.recomputed {
-            let _ = recomputed.zero_();
+        if let Some(accumulated) = &mut self.accumulated {
+            let _ = accumulated.zero_();
         }
     }
 
@@ -212,6 +223,9 @@ impl ParameterState for Replicated<'_> {
         let length = end - start;
         tch::no_grad(|| {
             self.flat.narrow(0, 0, self.total).copy_(parameters);
+            if let Some(copies) = &self.copies {
+                copies.refresh(&self.flat);
+            }
             self.exp_avg
                 .narrow(0, start - base, length)
                 .copy_(&exp_avg.narrow(0, start, length));
@@ -227,7 +241,8 @@ impl ParameterState for Replicated<'_> {
 
     fn memory(&self) -> MemoryUse {
         MemoryUse {
-            parameter_bytes: 4 * self.flat.numel() as i64,
+            parameter_bytes: 4 * self.flat.numel() as i64
+                + self.copies.as_ref().map_or(0, ReplicatedCopies::bytes),
             gradient_bytes: 4 * self.flat.numel() as i64,
             optimizer_bytes: 4 * 2 * self.exp_avg.numel() as i64,
             frozen_bytes: self
@@ -240,12 +255,18 @@ impl ParameterState for Replicated<'_> {
     }
 
     fn recomputes(&self) -> bool {
-        self.recomputed.is_some()
+        self.recomputes
+    }
+
+    fn fold_gradients(&mut self) {
+        if let (Some(copies), Some(accumulated)) = (&self.copies, &self.accumulated) {
+            copies.fold_gradients(&mut self.slots, accumulated);
+        }
     }
 
     fn start_gather(&self, index: usize) -> Result<Gathered, TrainError> {
         // The model keeps every weight: nothing to gather.
-        units::start_gather(index, None, &self.flat, None)
+        units::start_gather(index, None, None, None)
     }
 
     fn install(&mut self, gathered: Gathered, _ahead: i64) -> Result<Gathered, TrainError> {
@@ -259,8 +280,9 @@ impl ParameterState for Replicated<'_> {
     fn sink(&mut self, index: usize, grads: Vec<Option<Tensor>>) -> Result<(), TrainError> {
         let plan = &self.units[index];
         let recomputed = self
-            .recomputed
+            .accumulated
             .as_ref()
+            .filter(|_| self.recomputes)
             .expect("only the recomputing pass sinks gradients");
         if plan.len == 0 {
             return Ok(());
@@ -319,6 +341,9 @@ impl ParameterState for Replicated<'_> {
         {
             let gathered = group.all_gather_flat(&shard.copy(), self.total)?;
             tch::no_grad(|| self.flat.narrow(0, 0, self.total).copy_(&gathered));
+        }
+        if let Some(copies) = &self.copies {
+            copies.refresh(&self.flat);
         }
         Ok(grad_norm)
     }

@@ -9,6 +9,7 @@ use tch::{Kind, Tensor};
 
 use super::loss::{clip, squared_norm};
 use super::state::{EmbeddingRows, MemoryUse, ParameterState, Update};
+use super::working::ShardedCopies;
 use super::TrainError;
 use crate::units::{self, Gathered, UnitPlan, UnitShard};
 
@@ -41,6 +42,9 @@ pub(crate) struct ShardedUnits<'g> {
     written: Vec<bool>,
     /// The most bytes of gathered (whole) units alive at once.
     gathered_peak: i64,
+    /// `amp_bf16`: bf16 working copies of the units with Linear weights,
+    /// which are gathered from them.
+    copies: Option<ShardedCopies>,
 }
 
 /// Gathered units at least this large give the heap's free pages back
@@ -66,6 +70,7 @@ impl<'g> ShardedUnits<'g> {
         embedding: Option<EmbeddingRows>,
         device: tch::Device,
         unread: impl Fn(&str) -> Option<flamingo_model::safetensors::LazyTensor>,
+        linear: impl Fn(&str) -> bool,
     ) -> Result<Self, TrainError> {
         let world = shard_group.map_or(1, ProcessGroup::world_size);
         let rank = shard_group.map_or(0, ProcessGroup::rank);
@@ -138,6 +143,10 @@ impl<'g> ShardedUnits<'g> {
             units::trim_heap();
         }
         let unit_count = units.len();
+        let copies = ShardedCopies::new(&units, &shards, (rank, world), &local, linear);
+        if let Some(copies) = &copies {
+            copies.refresh(&shards, &local, shard_group)?;
+        }
         Ok(Self {
             shard_group,
             replicate_group,
@@ -151,6 +160,7 @@ impl<'g> ShardedUnits<'g> {
             total,
             embedding,
             gathered_peak: 0,
+            copies,
         })
     }
 
@@ -203,6 +213,19 @@ impl<'g> ShardedUnits<'g> {
             })
             .filter(|(_, _, length)| *length > 0)
             .collect()
+    }
+
+    /// What this rank gathers unit `index` from: its trainable shard (the
+    /// bf16 working copy where the unit has one, else the fp32 masters)
+    /// and its frozen shard.
+    fn sources(&self, index: usize) -> (Option<Tensor>, Option<&Tensor>) {
+        let shard = &self.shards[index];
+        let trainable = self
+            .copies
+            .as_ref()
+            .and_then(|copies| copies.shard(index))
+            .or_else(|| (shard.len > 0).then(|| self.local.narrow(0, shard.offset, shard.len)));
+        (trainable, shard.frozen.as_ref())
     }
 
     fn gather_trainable(&self, shard: &UnitShard, len: i64) -> Result<Tensor, TrainError> {
@@ -308,6 +331,9 @@ impl ParameterState for ShardedUnits<'_> {
                 }
             }
         });
+        if let Some(copies) = &self.copies {
+            copies.restore(&self.shards, &self.local, parameters);
+        }
     }
 
     fn flat_parameters(&self) -> Result<Tensor, TrainError> {
@@ -325,7 +351,8 @@ impl ParameterState for ShardedUnits<'_> {
 
     fn memory(&self) -> MemoryUse {
         MemoryUse {
-            parameter_bytes: 4 * self.local.numel() as i64,
+            parameter_bytes: 4 * self.local.numel() as i64
+                + self.copies.as_ref().map_or(0, ShardedCopies::bytes),
             gradient_bytes: 4 * self.local.numel() as i64,
             // The moments are made at the first step; this is what a rank
             // holds from then on.
@@ -345,12 +372,8 @@ impl ParameterState for ShardedUnits<'_> {
     }
 
     fn start_gather(&self, index: usize) -> Result<Gathered, TrainError> {
-        units::start_gather(
-            index,
-            Some(&self.shards[index]),
-            &self.local,
-            self.shard_group,
-        )
+        let (trainable, frozen) = self.sources(index);
+        units::start_gather(index, trainable, frozen, self.shard_group)
     }
 
     fn prefetches(&self, current: usize, next: usize) -> bool {
@@ -364,7 +387,15 @@ impl ParameterState for ShardedUnits<'_> {
 
     fn install(&mut self, gathered: Gathered, ahead: i64) -> Result<Gathered, TrainError> {
         self.gathered_peak = self.gathered_peak.max(gathered.bytes + ahead);
-        units::install(&self.units, gathered)
+        let Some(copies) = &self.copies else {
+            return units::install(&self.units, gathered);
+        };
+        let index = gathered.unit();
+        let gathered = units::install_except(&self.units, gathered, |member| {
+            copies.is_exact(index, member)
+        })?;
+        copies.point_exact(index, &self.units[index]);
+        Ok(gathered)
     }
 
     /// After a large unit (64 MiB or more gathered) the heap's free pages
@@ -391,12 +422,8 @@ impl ParameterState for ShardedUnits<'_> {
     }
 
     fn start_regather(&self, index: usize, gathered: Gathered) -> Result<Gathered, TrainError> {
-        units::start_regather(
-            gathered,
-            Some(&self.shards[index]),
-            &self.local,
-            self.shard_group,
-        )
+        let (trainable, frozen) = self.sources(index);
+        units::start_regather(gathered, trainable, frozen, self.shard_group)
     }
 
     /// The unit's whole gradient is reduce-scattered and only this rank's
@@ -487,6 +514,9 @@ impl ParameterState for ShardedUnits<'_> {
         }
         drop(gradient);
         self.discard_gradients();
+        if let Some(copies) = &self.copies {
+            copies.refresh(&self.shards, &self.local, self.shard_group)?;
+        }
         // What the update's pieces allocated would otherwise stay with the
         // process into the next step.
         units::trim_heap();

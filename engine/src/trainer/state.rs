@@ -196,6 +196,9 @@ pub(crate) trait ParameterState {
         let _ = index;
         Ok(gathered)
     }
+    /// After a plain (whole-model) backward: moves gradients that must be
+    /// summed elsewhere than in `.grad` (bf16 working copies') there.
+    fn fold_gradients(&mut self) {}
     /// Adds a unit's weight gradients (one per trainable member, `None`
     /// where unused) to what the step accumulates; they are dropped as
     /// soon as they are placed.
