@@ -15,7 +15,8 @@
 # CHECKPOINTING is mfu-ours' setting (default "true,false"); RECOMPUTE, when
 # set (say "full,selective,none"), measures those recompute policies instead;
 # COPIES is mfu-ours' --bf16-weight-copies (default "true"; "true,false"
-# also measures autocast casting the weights at every use).
+# also measures autocast casting the weights at every use); CUDA_GRAPHS=1
+# runs mfu-ours through CUDA graphs (with CHECKPOINTING=false).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +28,13 @@ if [[ "${1:-}" == "--prepare" ]]; then
     rm -rf target/device && mkdir -p target/device/lib target/device/fallback
     release=${CARGO_TARGET_DIR:-target}/release
     cp "$release/bench-gpu-step" "$release/flamingoctl" target/device/
-    strip target/device/bench-gpu-step target/device/flamingoctl
+    # bench-gpu-step again with the shim's CUDA parts (CUDA graphs, the
+    # allocator's counters), in a target folder of its own.
+    FLAMINGO_CUDA=1 flamingo_setup
+    CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-target/cuda} cargo build --release -p flamingo-bench \
+        --features cuda --bin bench-gpu-step --quiet
+    cp "${CUDA_TARGET_DIR:-target/cuda}/release/bench-gpu-step" target/device/bench-gpu-step-cuda
+    strip target/device/bench-gpu-step target/device/bench-gpu-step-cuda target/device/flamingoctl
     cp -L /lib/x86_64-linux-gnu/libjpeg.so.62 target/device/lib/
     cp -L /lib/x86_64-linux-gnu/libstdc++.so.6 target/device/fallback/
     # The baseline's packages: pure Python from our venv, compiled ones as
@@ -86,10 +93,16 @@ TORCH_LIB=$($PY -c "import os, torch; print(os.path.join(os.path.dirname(torch._
 BIN=$PWD/target/device
 export PY BIN OUT
 export LD_LIBRARY_PATH="$TORCH_LIB:$BIN/lib:$BIN/fallback${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c "import sys, torch; print(sys.version); print(torch.__version__, torch.cuda.is_available())"; ldd "$BIN/bench-gpu-step" | grep -i "not found"; } > "$OUT/gpu.txt" 2>&1
+# The CUDA build of bench-gpu-step when all its libraries resolve here
+# (CUDA graphs need it), else the plain one.
+STEP=$BIN/bench-gpu-step
+if [[ -x $BIN/bench-gpu-step-cuda ]] && ! ldd "$BIN/bench-gpu-step-cuda" | grep -q "not found"; then
+    STEP=$BIN/bench-gpu-step-cuda
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c "import sys, torch; print(sys.version); print(torch.__version__, torch.cuda.is_available())"; ldd "$STEP" | grep -i "not found"; echo "step binary: $STEP"; } > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 
-part check 150 "$BIN/bench-gpu-step" check > "$OUT/check.txt" 2>&1
+part check 150 "$STEP" check > "$OUT/check.txt" 2>&1
 tail -5 "$OUT/check.txt"
 
 inference() {
@@ -117,7 +130,7 @@ export -f inference
 part inference 60 bash -c inference > "$OUT/inference.txt" 2>&1
 tail -4 "$OUT/inference.txt"
 
-part mfu-ours 240 "$BIN/bench-gpu-step" mfu --batch 8,32 --tokens 256 --images 4 --steps 3 --checkpointing "$CHECKPOINTING" ${RECOMPUTE:+--recompute-policy "$RECOMPUTE"} --bf16-weight-copies "${COPIES:-true}" --work /tmp/flamingo-mfu > "$OUT/mfu-ours.json" 2> "$OUT/mfu-ours.log"
+part mfu-ours 240 "$STEP" mfu --batch 8,32 --tokens 256 --images 4 --steps 3 --checkpointing "$CHECKPOINTING" ${RECOMPUTE:+--recompute-policy "$RECOMPUTE"} --bf16-weight-copies "${COPIES:-true}" ${CUDA_GRAPHS:+--cuda-graphs} --work /tmp/flamingo-mfu > "$OUT/mfu-ours.json" 2> "$OUT/mfu-ours.log"
 rm -rf /tmp/flamingo-mfu
 cat "$OUT/mfu-ours.json"
 

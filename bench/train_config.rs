@@ -33,5 +33,6 @@ pub fn bench_config(
         recompute_policy: recompute,
         activation_budget_gib: 0.0,
         bf16_weight_copies: true,
+        cuda_graphs: false,
     }
 }

@@ -6,10 +6,11 @@
 
 use std::path::PathBuf;
 
-const SHIMS: [&str; 5] = [
+const SHIMS: [&str; 6] = [
     "csrc/c10d.cpp",
     "csrc/autocast.cpp",
     "csrc/autograd.cpp",
+    "csrc/cuda_graph.cpp",
     "csrc/optim.cpp",
     "csrc/pickle.cpp",
 ];

@@ -6,7 +6,8 @@
 //! selective recompute), and in bf16 autocast with bf16 frozen weights
 //! (checkpointing, selective recompute, `full` keeping graphs; the
 //! trainable Linear weights as bf16 copies, and once cast per use as
-//! before). Exits non-zero when the GPU strays from the CPU.
+//! before), and with `--cuda_graphs` (fp32 and bf16). Exits non-zero when
+//! the GPU strays from the CPU.
 //!
 //! `mfu`: throughput and model FLOPs utilisation of an OpenFlamingo-3B
 //! shaped random model (CLIP ViT-L/14 at 224 px, MPT-1B: 24 × 2048, 16
@@ -86,6 +87,10 @@ enum Mode {
         /// each).
         #[arg(long, value_delimiter = ',', default_value = "true")]
         bf16_weight_copies: Vec<bool>,
+        /// Run the step through CUDA graphs (`--cuda_graphs`; recompute
+        /// policy none only).
+        #[arg(long)]
+        cuda_graphs: bool,
         /// Where to write the random model (a temporary folder if not given).
         #[arg(long)]
         work: Option<std::path::PathBuf>,
@@ -253,6 +258,26 @@ fn check(device: Device, steps: usize) -> anyhow::Result<()> {
             f64::INFINITY,
         ),
         (
+            "cuda amp_bf16, bf16 frozen, CUDA graphs (no_shard, from the third step replayed)",
+            gpu_bf16,
+            TrainConfig {
+                cuda_graphs: true,
+                ..train_config(Strategy::NoShard, true, RecomputePolicy::None)
+            },
+            5e-2,
+            f64::INFINITY,
+        ),
+        (
+            "cuda fp32 no_shard, CUDA graphs",
+            gpu,
+            TrainConfig {
+                cuda_graphs: true,
+                ..train_config(Strategy::NoShard, false, RecomputePolicy::None)
+            },
+            2e-3,
+            2e-3,
+        ),
+        (
             "cuda amp_bf16, bf16 frozen, checkpointing, weights cast per use",
             gpu_bf16,
             TrainConfig {
@@ -263,6 +288,10 @@ fn check(device: Device, steps: usize) -> anyhow::Result<()> {
             f64::INFINITY,
         ),
     ] {
+        if config.cuda_graphs && !device.is_cuda() {
+            println!("SKIP {name}: CUDA graphs need a GPU");
+            continue;
+        }
         let (losses, weights) = match train(&spec, options, config, &batch, steps) {
             Ok(result) => result,
             Err(error) => {
@@ -356,8 +385,10 @@ fn time_steps(
     steps: usize,
     device: Device,
 ) -> anyhow::Result<Timing> {
-    for _ in 0..2 {
-        trainer.micro_step(None, Some(batch))?; // warm-up
+    // Two optimizer steps of warm-up: under --cuda_graphs the first two
+    // micro-steps run eagerly and the third captures the graph.
+    for _ in 0..4 {
+        trainer.micro_step(None, Some(batch))?;
     }
     synchronize(device);
     let (mut forward_backward, mut with_update) = (0.0, 0.0);
@@ -406,6 +437,7 @@ fn mfu(
     peak_tflops: f64,
     layers: i64,
     (policies, weight_copies): (&[RecomputePolicy], &[bool]),
+    cuda_graphs: bool,
     work: Option<&Path>,
 ) -> anyhow::Result<()> {
     prepare(device)?;
@@ -447,6 +479,7 @@ fn mfu(
             TrainConfig {
                 gradient_accumulation_steps: 2,
                 bf16_weight_copies: copies,
+                cuda_graphs,
                 ..train_config(Strategy::NoShard, true, policy)
             },
         )?;
@@ -481,6 +514,7 @@ fn mfu(
                     "gradient_checkpointing": policy == RecomputePolicy::Full,
                     "recompute_policy": policy.name(),
                     "bf16_weight_copies": copies,
+                    "cuda_graphs": cuda_graphs,
                     "phases_per_step": timing.phases,
                 })
             );
@@ -524,6 +558,7 @@ fn main() -> anyhow::Result<()> {
             checkpointing,
             recompute_policy,
             bf16_weight_copies,
+            cuda_graphs,
             work,
         } => mfu(
             args.device,
@@ -550,6 +585,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 &bf16_weight_copies,
             ),
+            cuda_graphs,
             work.as_deref(),
         ),
     }

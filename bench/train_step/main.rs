@@ -45,6 +45,14 @@ struct Args {
     /// memory per rank.
     #[arg(long)]
     selective: bool,
+    /// With --world: also run ours under amp_bf16 (keeping graphs), once
+    /// with autocast casting the trainable Linear weights at every use and
+    /// once with their bf16 copies made once per step, and compare.
+    #[arg(long)]
+    amp: bool,
+    /// Internal: a rank's amp_bf16 setting (`per_use` or `copies`).
+    #[arg(long, hide = true)]
+    amp_mode: Option<String>,
     /// Our strategy (one process): no_shard, shard_grad_op or full.
     #[arg(long, default_value = "no_shard")]
     strategy: Strategy,
@@ -100,6 +108,14 @@ fn ours(
             RecomputePolicy::None
         },
     );
+    let config = match args.amp_mode.as_deref() {
+        None => config,
+        Some(mode) => flamingo_engine::trainer::TrainConfig {
+            amp_bf16: true,
+            bf16_weight_copies: mode == "copies",
+            ..config
+        },
+    };
     let mut trainer = Trainer::new(model, &tokenizer, group, config)?;
     let mut saved = Weights::read_safetensors(&dir.join("batch.safetensors"))?;
     let mut take = |key: &str| saved.remove(key).with_context(|| format!("batch.{key}"));
@@ -194,8 +210,8 @@ fn peak_rss_mib() -> f64 {
 fn our_ranks(
     args: &Args,
     dir: &Path,
-    checkpointing: bool,
-    selective: bool,
+    (checkpointing, selective): (bool, bool),
+    amp_mode: Option<&str>,
 ) -> anyhow::Result<serde_json::Value> {
     let line = run_ranks(
         args.world,
@@ -208,6 +224,7 @@ fn our_ranks(
                 .args(args.phases.then_some("--phases"))
                 .args(checkpointing.then_some("--gradient-checkpointing"))
                 .args(selective.then_some("--selective"))
+                .args(amp_mode.map(|mode| format!("--amp-mode={mode}")))
                 .arg("--rank-dir")
                 .arg(dir)
                 .env("OMP_NUM_THREADS", args.threads.to_string());
@@ -262,7 +279,7 @@ fn sharded(args: &Args, script_dir: &Path) -> anyhow::Result<()> {
             let value: serde_json::Value = serde_json::from_str(&line)?;
             parameters = value["parameters"].clone();
             let python_rate = value["samples_per_second"].as_f64().unwrap_or(0.0);
-            let value = our_ranks(args, dir.path(), checkpointing, false)?;
+            let value = our_ranks(args, dir.path(), (checkpointing, false), None)?;
             let our_rate = value["samples_per_second"].as_f64().unwrap_or(0.0);
             rates.push((python_rate, our_rate));
             phase_times.push(value["phases"].clone());
@@ -284,7 +301,7 @@ fn sharded(args: &Args, script_dir: &Path) -> anyhow::Result<()> {
             ours_keep / ours_ckpt
         );
         if args.selective {
-            let value = our_ranks(args, dir.path(), false, true)?;
+            let value = our_ranks(args, dir.path(), (false, true), None)?;
             let rate = value["samples_per_second"].as_f64().unwrap_or(0.0);
             let peak = value["peak_rss_mib"].as_f64().unwrap_or(0.0);
             println!(
@@ -296,6 +313,23 @@ fn sharded(args: &Args, script_dir: &Path) -> anyhow::Result<()> {
             println!(
                 "  our rank 0's peak RSS (VmHWM, MiB): ckpt {:.0}, keep {:.0}, selective {peak:.0}",
                 peaks[0], peaks[1]
+            );
+        }
+        if args.amp {
+            let mut measured = Vec::new();
+            for mode in ["per_use", "copies"] {
+                let value = our_ranks(args, dir.path(), (false, false), Some(mode))?;
+                measured.push((
+                    value["samples_per_second"].as_f64().unwrap_or(0.0),
+                    value["peak_rss_mib"].as_f64().unwrap_or(0.0),
+                ));
+            }
+            let [(per_use, per_use_peak), (copies, copies_peak)] = measured[..] else {
+                bail!("two amp settings measured");
+            };
+            println!(
+                "  ours amp_bf16 (keep): weights cast per use {per_use:.2} samples/s, bf16 copies {copies:.2}: {:.3}x; rank 0's peak RSS {per_use_peak:.0} / {copies_peak:.0} MiB",
+                copies / per_use
             );
         }
         if args.phases {

@@ -216,6 +216,10 @@ train_job! {
     /// once per optimizer step (the same arithmetic; under full and hybrid
     /// those units are then gathered in fp32, twice the bytes).
     cast_weights_per_use: bool = false,
+    /// Capture each batch shape's forward and backward as a CUDA graph and
+    /// replay it (GPU only; no_shard or shard_grad_op without
+    /// recompute). Off by default: not yet measured.
+    cuda_graphs: bool = false,
     /// full, hybrid, shard_grad_op or no_shard.
     fsdp_sharding_strategy: Strategy = Strategy::ShardGradOp,
     /// LAION samples per epoch (paces the epoch when there is no MMC4).
@@ -373,6 +377,19 @@ impl TrainJob {
                 format!(
                     "'{}' conflicts with gradient_checkpointing (which is 'full'): give one of them",
                     self.recompute_policy.name()
+                ),
+            ));
+        }
+        if self.cuda_graphs
+            && (self.fsdp_sharding_strategy.shards_units()
+                || self.recompute() != RecomputePolicy::None)
+        {
+            return Err(CommonError::invalid(
+                "cuda_graphs",
+                format!(
+                    "graphs the whole-model step of no_shard or shard_grad_op without recompute, not fsdp_sharding_strategy '{}' with recompute '{}'",
+                    self.fsdp_sharding_strategy.name(),
+                    self.recompute().name()
                 ),
             ));
         }
@@ -576,6 +593,21 @@ mod tests {
         assert!(
             field(stray, 1).starts_with("activation_budget_gib: 1: only recompute_policy 'auto'")
         );
+        let graphs = |strategy, checkpointing| TrainJob {
+            cuda_graphs: true,
+            fsdp_sharding_strategy: strategy,
+            gradient_checkpointing: checkpointing,
+            ..laion(8, 2)
+        };
+        assert_eq!(field(graphs(Strategy::NoShard, false), 1), "ok");
+        assert_eq!(field(graphs(Strategy::ShardGradOp, false), 1), "ok");
+        for (strategy, checkpointing) in [(Strategy::Full, false), (Strategy::NoShard, true)] {
+            let message = field(graphs(strategy, checkpointing), 1);
+            assert!(
+                message.starts_with("cuda_graphs: graphs the whole-model step"),
+                "{message}"
+            );
+        }
         let both = TrainJob {
             gradient_checkpointing: true,
             recompute_policy: RecomputePolicy::Selective,

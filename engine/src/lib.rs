@@ -12,6 +12,7 @@ pub mod autocast;
 pub mod batch;
 pub mod checkpoint;
 pub mod clip;
+pub mod cuda_graph;
 pub mod flops;
 pub mod optim;
 pub mod run;

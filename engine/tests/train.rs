@@ -88,6 +88,7 @@ fn config(strategy: Strategy) -> TrainConfig {
         recompute_policy: RecomputePolicy::None,
         activation_budget_gib: 0.0,
         bf16_weight_copies: true,
+        cuda_graphs: false,
     }
 }
 
@@ -184,6 +185,12 @@ fn train_steps_with(
     (losses, weights)
 }
 
+thread_local! {
+    /// Whether [`train_steps_planned`] runs the graphed step's code with
+    /// eager stand-ins for the CUDA graphs.
+    static EAGER_GRAPHS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// [`train_steps_with`], and what `--recompute_policy auto` chose.
 fn train_steps_planned(
     dir: &Path,
@@ -205,6 +212,9 @@ fn train_steps_planned(
         _ => Trainer::new(model, &tokenizer, group, config),
     }
     .expect("trainer");
+    if EAGER_GRAPHS.get() {
+        trainer.graph_eagerly_for_tests();
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
@@ -451,6 +461,54 @@ fn bf16_weight_copies_train_as_autocasts_casts() {
             &per_use,
             &copies,
         );
+    }
+}
+
+#[test]
+fn cuda_graphs_need_a_cuda_device() {
+    // The graphed step runs on a GPU only (bench-gpu-step check compares it
+    // with the CPU's step there); here it is refused, naming the flag.
+    let dir = tempfile::tempdir().expect("temp dir");
+    fixture(dir.path());
+    let spec = ModelSpec::from_file(&dir.path().join("model/model.toml")).expect("spec");
+    let (model, tokenizer) = load(&spec);
+    let error = Trainer::new(
+        model,
+        &tokenizer,
+        None,
+        TrainConfig {
+            cuda_graphs: true,
+            ..config(Strategy::NoShard)
+        },
+    )
+    .expect_err("no CUDA device here");
+    assert!(
+        error
+            .to_string()
+            .starts_with("--cuda_graphs: needs the model on a CUDA device"),
+        "{error}"
+    );
+}
+
+#[test]
+fn the_graphed_steps_code_trains_as_the_plain_step() {
+    // What --cuda_graphs runs around the graphs (the batch copied into
+    // static inputs per shape, the loss scale as a device scalar, the loss
+    // read back after the backward, bf16 copies' gradients folded), with
+    // eager stand-ins for the graphs: the plain step's arithmetic (1e-6),
+    // in fp32 and under amp_bf16, LAION and MMC4 shapes in one step.
+    let dir = tempfile::tempdir().expect("temp dir");
+    fixture(dir.path());
+    for amp_bf16 in [false, true] {
+        let with = TrainConfig {
+            amp_bf16,
+            ..config(Strategy::NoShard)
+        };
+        let plain = train_steps(dir.path(), None, with.clone());
+        EAGER_GRAPHS.set(true);
+        let graphed = train_steps(dir.path(), None, with);
+        EAGER_GRAPHS.set(false);
+        assert_same_arithmetic(&format!("graphed code, amp {amp_bf16}"), &plain, &graphed);
     }
 }
 

@@ -62,6 +62,52 @@ pub mod autograd {
     }
 }
 
+/// `csrc/cuda_graph.cpp`: `at::cuda::CUDAGraph` with a side stream to
+/// capture on. Each call but `free` returns non-zero with a NUL-terminated
+/// message in `error` on failure (always, in a build without CUDA).
+pub mod cuda_graph {
+    extern "C" {
+        /// A graph for `device`; null on failure.
+        pub fn fl_cuda_graph_new(
+            device: std::ffi::c_int,
+            error: *mut std::ffi::c_char,
+            error_len: usize,
+        ) -> *mut std::ffi::c_void;
+        /// Makes the graph's side stream current (after the current
+        /// stream's queued work).
+        pub fn fl_cuda_graph_enter(
+            graph: *mut std::ffi::c_void,
+            error: *mut std::ffi::c_char,
+            error_len: usize,
+        ) -> std::ffi::c_int;
+        /// Restores the stream current before `enter`, which then waits
+        /// for the side stream.
+        pub fn fl_cuda_graph_leave(
+            graph: *mut std::ffi::c_void,
+            error: *mut std::ffi::c_char,
+            error_len: usize,
+        ) -> std::ffi::c_int;
+        /// Starts capturing (entered), autocast's cast cache off.
+        pub fn fl_cuda_graph_capture_begin(
+            graph: *mut std::ffi::c_void,
+            error: *mut std::ffi::c_char,
+            error_len: usize,
+        ) -> std::ffi::c_int;
+        pub fn fl_cuda_graph_capture_end(
+            graph: *mut std::ffi::c_void,
+            error: *mut std::ffi::c_char,
+            error_len: usize,
+        ) -> std::ffi::c_int;
+        /// Launches the captured work on the current stream.
+        pub fn fl_cuda_graph_replay(
+            graph: *mut std::ffi::c_void,
+            error: *mut std::ffi::c_char,
+            error_len: usize,
+        ) -> std::ffi::c_int;
+        pub fn fl_cuda_graph_free(graph: *mut std::ffi::c_void);
+    }
+}
+
 /// `csrc/optim.cpp`: one AdamW step with `torch._fused_adamw_` (what
 /// `torch.optim.AdamW(fused=True)` runs).
 pub mod optim {

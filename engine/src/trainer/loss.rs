@@ -44,22 +44,38 @@ pub(crate) fn token_loss(
     logits: &Tensor,
     labels: &Tensor,
 ) -> Result<LossParts, TrainError> {
-    let length = logits.size()[1];
-    let vocab = logits.size()[2];
-    let shifted_labels = labels.narrow(1, 1, length - 1).reshape([-1]);
-    let tokens = shifted_labels.ne(-100).sum(Kind::Int64).int64_value(&[]) as f64;
-    let global_tokens = all_reduce_sum(group, tokens)?.max(1.0);
-    let summed = logits
-        .narrow(1, 0, length - 1)
-        .to_kind(Kind::Float)
-        .reshape([-1, vocab])
-        .cross_entropy_loss::<Tensor>(&shifted_labels, None, Reduction::Sum, -100, 0.0);
+    let global_tokens = all_reduce_sum(group, token_count(labels))?.max(1.0);
+    let summed = summed_token_loss(logits, labels);
     let global_sum = all_reduce_sum(group, summed.double_value(&[]))?;
     Ok(LossParts {
         summed,
         global_sum,
         global_tokens,
     })
+}
+
+/// The tokens of `labels` that count towards the loss (the shifted labels
+/// other than -100); reads the count back to the host.
+pub(crate) fn token_count(labels: &Tensor) -> f64 {
+    let length = labels.size()[1];
+    labels
+        .narrow(1, 1, length - 1)
+        .ne(-100)
+        .sum(Kind::Int64)
+        .int64_value(&[]) as f64
+}
+
+/// This rank's summed token cross-entropy of `logits` against the shifted
+/// labels, on the device (nothing read back: a CUDA graph can hold it).
+pub(crate) fn summed_token_loss(logits: &Tensor, labels: &Tensor) -> Tensor {
+    let length = logits.size()[1];
+    let vocab = logits.size()[2];
+    let shifted_labels = labels.narrow(1, 1, length - 1).reshape([-1]);
+    logits
+        .narrow(1, 0, length - 1)
+        .to_kind(Kind::Float)
+        .reshape([-1, vocab])
+        .cross_entropy_loss::<Tensor>(&shifted_labels, None, Reduction::Sum, -100, 0.0)
 }
 
 /// Σ g², accumulated in double a piece at a time: torch's norm in double

@@ -80,6 +80,10 @@ pub struct TrainConfig {
     /// `--cast_weights_per_use`).
     #[serde(default)]
     pub bf16_weight_copies: bool,
+    /// `--cuda_graphs`: the plain step's forward and backward as a CUDA
+    /// graph per batch shape ([`crate::cuda_graph`]).
+    #[serde(default)]
+    pub cuda_graphs: bool,
 }
 
 fn no_recompute() -> RecomputePolicy {
@@ -110,6 +114,7 @@ impl TrainConfig {
             recompute_policy: job.recompute_policy,
             activation_budget_gib: job.activation_budget_gib,
             bf16_weight_copies: !job.cast_weights_per_use,
+            cuda_graphs: job.cuda_graphs,
         }
     }
 
@@ -190,6 +195,8 @@ pub struct Trainer<'g> {
     pending_laion: Vec<f64>,
     pending_mmc4: Vec<f64>,
     pending_non_finite: bool,
+    /// `--cuda_graphs`: the captured shapes.
+    graphs: Option<crate::cuda_graph::Graphs>,
 }
 
 impl std::fmt::Debug for Trainer<'_> {
@@ -288,7 +295,24 @@ impl<'g> Trainer<'g> {
                 linear,
             )?)
         };
+        if config.cuda_graphs {
+            if !device.is_cuda() {
+                return Err(TrainError::Setting {
+                    field: "cuda_graphs",
+                    message: format!("needs the model on a CUDA device, not {device:?}"),
+                });
+            }
+            if state.recomputes() {
+                return Err(TrainError::Setting {
+                    field: "cuda_graphs",
+                    message:
+                        "graphs the whole-model step: no_shard or shard_grad_op without recompute"
+                            .into(),
+                });
+            }
+        }
         Ok(Self {
+            graphs: config.cuda_graphs.then(crate::cuda_graph::Graphs::default),
             optimizer: AdamW::new(config.adamw),
             model,
             group,
@@ -443,6 +467,14 @@ impl<'g> Trainer<'g> {
         report.map(Some)
     }
 
+    /// Runs the graphed step's code (static inputs, the loss scale as a
+    /// device scalar, the loss read back after) with eager stand-ins for
+    /// the graphs, so that the CPU can check it against the plain step.
+    #[doc(hidden)]
+    pub fn graph_eagerly_for_tests(&mut self) {
+        self.graphs = Some(crate::cuda_graph::Graphs::eager());
+    }
+
     /// What `--recompute_policy auto` chose for each unit, once its first
     /// micro-batch measured them.
     pub fn recompute_plan(&self) -> Option<RecomputePlan> {
@@ -489,6 +521,8 @@ impl<'g> Trainer<'g> {
                 policies: &mut self.policies,
             }
             .run(batch, multiplier)?
+        } else if self.graphs.is_some() {
+            self.forward_backward_graphed(batch, multiplier)?
         } else {
             self.forward_backward(batch, multiplier)?
         };
@@ -525,6 +559,65 @@ impl<'g> Trainer<'g> {
         Ok(MicroLoss {
             mean: loss.mean(),
             finite,
+        })
+    }
+
+    /// [`Self::forward_backward`] through a CUDA graph of the batch's
+    /// shape: eager on the graph's side stream for the first runs, then
+    /// captured once and replayed. The backward runs even when the loss is
+    /// not finite (the graph holds it); the step is then skipped and its
+    /// gradients dropped all the same.
+    fn forward_backward_graphed(
+        &mut self,
+        batch: &TrainBatch,
+        multiplier: f64,
+    ) -> Result<MicroLoss, TrainError> {
+        let device = batch.input_ids.device();
+        mark(&mut self.phases, "data");
+        let global_tokens =
+            loss::all_reduce_sum(self.group, loss::token_count(&batch.labels))?.max(1.0);
+        let scale = multiplier / (global_tokens * self.config.gradient_accumulation_steps as f64);
+        let (model, amp) = (&self.model, self.config.amp_bf16);
+        let graphs = self
+            .graphs
+            .as_mut()
+            .expect("graphed only with --cuda_graphs");
+        let entry = graphs.entry(batch)?;
+        let _ = entry.scale.fill_(scale);
+        let run = |inputs: &TrainBatch, scale: &Tensor| -> Result<Tensor, TrainError> {
+            let logits = crate::autocast::bf16(amp, device, || {
+                model.forward_masked(
+                    &inputs.vision_x,
+                    &inputs.input_ids,
+                    Some(&inputs.attention_mask),
+                )
+            })?;
+            let summed = loss::summed_token_loss(&logits, &inputs.labels);
+            (&summed * scale).backward();
+            Ok(summed.detach())
+        };
+        let summed = if entry.runs < crate::cuda_graph::WARM_UP_RUNS || entry.graph.is_eager() {
+            // Eager, on the side stream the capture will use, so that
+            // lazily made state (cuBLAS workspaces, every `.grad`) exists
+            // before it.
+            entry.runs += 1;
+            entry
+                .graph
+                .on_side_stream(|| run(&entry.inputs, &entry.scale))??
+        } else {
+            if entry.summed.is_none() {
+                let summed = entry.graph.capture(|| run(&entry.inputs, &entry.scale))??;
+                entry.summed = Some(summed);
+            }
+            entry.graph.replay()?;
+            entry.summed.as_ref().expect("captured").shallow_clone()
+        };
+        let global_sum = loss::all_reduce_sum(self.group, summed.double_value(&[]))?;
+        self.state.fold_gradients();
+        mark(&mut self.phases, "forward and backward (graph)");
+        Ok(MicroLoss {
+            mean: global_sum / global_tokens,
+            finite: global_sum.is_finite(),
         })
     }
 
