@@ -38,15 +38,9 @@ fn call(
     what: &str,
     call: impl FnOnce(*mut std::ffi::c_char, usize) -> i32,
 ) -> Result<(), TrainError> {
-    let mut error = vec![0 as std::ffi::c_char; 512];
-    if call(error.as_mut_ptr(), error.len()) == 0 {
-        return Ok(());
-    }
-    // SAFETY: the shim NUL-terminated its message within the zeroed buffer.
-    let message = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
-    Err(TrainError::Setting {
+    crate::units::shim_status(call).map_err(|message| TrainError::Setting {
         field: "cuda_graphs",
-        message: format!("{what}: {}", message.to_string_lossy()),
+        message: format!("{what}: {message}"),
     })
 }
 

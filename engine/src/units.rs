@@ -599,6 +599,16 @@ fn shim_call(
     what: &str,
     call: impl FnOnce(*mut std::ffi::c_char, usize) -> std::ffi::c_int,
 ) -> Result<(), TrainError> {
+    shim_status(call).map_err(|message| TrainError::Backward {
+        message: format!("{what}: {message}"),
+    })
+}
+
+/// Runs a shim call that returns non-zero with a NUL-terminated message in
+/// the buffer it is given on failure; that message is the error.
+pub(crate) fn shim_status(
+    call: impl FnOnce(*mut std::ffi::c_char, usize) -> std::ffi::c_int,
+) -> Result<(), String> {
     let mut error = vec![0 as std::ffi::c_char; 512];
     if call(error.as_mut_ptr(), error.len()) == 0 {
         return Ok(());
@@ -606,9 +616,7 @@ fn shim_call(
     // SAFETY: NUL-terminated by the shim within the buffer (which starts
     // zeroed).
     let message = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
-    Err(TrainError::Backward {
-        message: format!("{what}: {}", message.to_string_lossy()),
-    })
+    Err(message.to_string_lossy().into_owned())
 }
 
 /// Gathers a [`park`]ed unit again, into the same buffers, from this

@@ -168,6 +168,19 @@ pub enum TrainError {
     Backward { message: String },
 }
 
+/// The model's logits for `batch` (the whole model at once), under bf16
+/// autocast when `amp`.
+fn logits(model: &Flamingo, amp: bool, batch: &TrainBatch) -> Result<Tensor, TrainError> {
+    let device = batch.input_ids.device();
+    Ok(crate::autocast::bf16(amp, device, || {
+        model.forward_masked(
+            &batch.vision_x,
+            &batch.input_ids,
+            Some(&batch.attention_mask),
+        )
+    })?)
+}
+
 /// One dataset's micro-batch: its loss (the global batch's mean token
 /// loss) and whether it was finite.
 pub(crate) struct MicroLoss {
@@ -496,16 +509,7 @@ impl<'g> Trainer<'g> {
             }
             .loss(batch);
         }
-        let device = batch.input_ids.device();
-        let logits = tch::no_grad(|| {
-            crate::autocast::bf16(self.config.amp_bf16, device, || {
-                self.model.forward_masked(
-                    &batch.vision_x,
-                    &batch.input_ids,
-                    Some(&batch.attention_mask),
-                )
-            })
-        })?;
+        let logits = tch::no_grad(|| logits(&self.model, self.config.amp_bf16, batch))?;
         Ok(loss::token_loss(self.group, &logits, &batch.labels)?.mean())
     }
 
@@ -537,15 +541,8 @@ impl<'g> Trainer<'g> {
         batch: &TrainBatch,
         multiplier: f64,
     ) -> Result<MicroLoss, TrainError> {
-        let device = batch.input_ids.device();
         mark(&mut self.phases, "data");
-        let logits = crate::autocast::bf16(self.config.amp_bf16, device, || {
-            self.model.forward_masked(
-                &batch.vision_x,
-                &batch.input_ids,
-                Some(&batch.attention_mask),
-            )
-        })?;
+        let logits = logits(&self.model, self.config.amp_bf16, batch)?;
         let loss = loss::token_loss(self.group, &logits, &batch.labels)?;
         mark(&mut self.phases, "forward and loss");
         // The global sum is the same on every rank, so all skip together.
@@ -572,7 +569,6 @@ impl<'g> Trainer<'g> {
         batch: &TrainBatch,
         multiplier: f64,
     ) -> Result<MicroLoss, TrainError> {
-        let device = batch.input_ids.device();
         mark(&mut self.phases, "data");
         let global_tokens =
             loss::all_reduce_sum(self.group, loss::token_count(&batch.labels))?.max(1.0);
@@ -585,13 +581,7 @@ impl<'g> Trainer<'g> {
         let entry = graphs.entry(batch)?;
         let _ = entry.scale.fill_(scale);
         let run = |inputs: &TrainBatch, scale: &Tensor| -> Result<Tensor, TrainError> {
-            let logits = crate::autocast::bf16(amp, device, || {
-                model.forward_masked(
-                    &inputs.vision_x,
-                    &inputs.input_ids,
-                    Some(&inputs.attention_mask),
-                )
-            })?;
+            let logits = logits(model, amp, inputs)?;
             let summed = loss::summed_token_loss(&logits, &inputs.labels);
             (&summed * scale).backward();
             Ok(summed.detach())
