@@ -16,7 +16,9 @@
 # set (say "full,selective,none"), measures those recompute policies instead;
 # COPIES is mfu-ours' --bf16-weight-copies (default "true"; "true,false"
 # also measures autocast casting the weights at every use); CUDA_GRAPHS=1
-# runs mfu-ours through CUDA graphs (with CHECKPOINTING=false).
+# runs mfu-ours through CUDA graphs (with CHECKPOINTING=false); SHAPE=9b
+# measures both sides on the OpenFlamingo-9B shape, at BATCHES (default
+# "8,32"; the largest that fits for 9b).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -130,7 +132,7 @@ export -f inference
 part inference 60 bash -c inference > "$OUT/inference.txt" 2>&1
 tail -4 "$OUT/inference.txt"
 
-part mfu-ours 240 "$STEP" mfu --batch 8,32 --tokens 256 --images 4 --steps 3 --checkpointing "$CHECKPOINTING" ${RECOMPUTE:+--recompute-policy "$RECOMPUTE"} --bf16-weight-copies "${COPIES:-true}" ${CUDA_GRAPHS:+--cuda-graphs} --work /tmp/flamingo-mfu > "$OUT/mfu-ours.json" 2> "$OUT/mfu-ours.log"
+part mfu-ours 240 "$STEP" mfu --shape "${SHAPE:-3b}" --batch "${BATCHES:-8,32}" --tokens 256 --images 4 --steps 3 --checkpointing "$CHECKPOINTING" ${RECOMPUTE:+--recompute-policy "$RECOMPUTE"} --bf16-weight-copies "${COPIES:-true}" ${CUDA_GRAPHS:+--cuda-graphs} --work /tmp/flamingo-mfu > "$OUT/mfu-ours.json" 2> "$OUT/mfu-ours.log"
 rm -rf /tmp/flamingo-mfu
 cat "$OUT/mfu-ours.json"
 
@@ -140,8 +142,9 @@ python_baseline() {
     tar xJf "$BIN/pyfallback.tar.xz" -C /tmp/pyfallback
     # The device's own numpy first, ours only if it has none.
     PYTHONPATH=/tmp/pydeps "$PY" -c "import numpy" 2>/dev/null || export FALLBACK=/tmp/pyfallback
-    PYTHONPATH="/tmp/pydeps${FALLBACK:+:$FALLBACK}" "$PY" bench/gpu_step/reference.py 8,32 256 4 3 24
+    PYTHONPATH="/tmp/pydeps${FALLBACK:+:$FALLBACK}" "$PY" bench/gpu_step/reference.py "${BATCHES:-8,32}" 256 4 3 24 "${SHAPE:-3b}"
 }
+export SHAPE BATCHES
 export -f python_baseline
 part mfu-python 200 bash -c python_baseline > "$OUT/mfu-python.json" 2> "$OUT/mfu-python.log"
 cat "$OUT/mfu-python.json"

@@ -9,7 +9,8 @@
 //! before), and with `--cuda_graphs` (fp32 and bf16). Exits non-zero when
 //! the GPU strays from the CPU.
 //!
-//! `mfu`: throughput and model FLOPs utilisation of an OpenFlamingo-3B
+//! `mfu`: throughput and model FLOPs utilisation (`--shape 9b`: the
+//! OpenFlamingo-9B shape, an MPT-7B-shaped LM) of an OpenFlamingo-3B
 //! shaped random model (CLIP ViT-L/14 at 224 px, MPT-1B: 24 × 2048, 16
 //! heads, a 50,280-token vocabulary, cross-attention before every layer)
 //! in `amp_bf16` with bf16 frozen weights, gradient checkpointing on (or
@@ -54,7 +55,7 @@ enum Mode {
         #[arg(long, default_value_t = 4)]
         steps: usize,
     },
-    /// Samples/s and MFU of the 3B-shaped model.
+    /// Samples/s and MFU of the 3B-shaped (or 9B-shaped) model.
     Mfu {
         /// Samples per step (several: one measurement each, one model load).
         #[arg(long, value_delimiter = ',', default_value = "8")]
@@ -71,8 +72,13 @@ enum Mode {
         /// Dense bf16 peak of the GPU in TFLOP/s (H100/H200 SXM: 989).
         #[arg(long, default_value_t = 989.4)]
         peak_tflops: f64,
-        /// Layers of the LM and of the vision tower (24 for the real shape;
-        /// fewer for a quick try).
+        /// The model's shape: 3b (OpenFlamingo-3B: CLIP ViT-L/14 and an
+        /// MPT-1B-shaped LM) or 9b (the same tower and an MPT-7B-shaped LM,
+        /// cross-attention every 4th layer).
+        #[arg(long, default_value = "3b")]
+        shape: String,
+        /// Layers of the vision tower, and of the 3b LM (24 for the real
+        /// shapes; the 9b LM has 4/3 as many; fewer for a quick try).
         #[arg(long, default_value_t = 24)]
         layers: i64,
         /// Gradient checkpointing: on, off, or both (one load each).
@@ -105,6 +111,7 @@ struct Shape {
     image: i64,
     patch: i64,
     lm_width: i64,
+    lm_heads: i64,
     lm_layers: i64,
     cross_attn_every: i64,
 }
@@ -324,18 +331,30 @@ fn check(device: Device, steps: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The OpenFlamingo-3B shape (CLIP ViT-L/14 widths, an MPT-1B-wide LM with
-/// `layers` layers, cross-attention in every layer) as a random model in
-/// `dir`; returns its spec.
-fn write_shaped_model(dir: &Path, layers: i64, words: i64) -> anyhow::Result<(ModelSpec, Shape)> {
+/// The OpenFlamingo-3B shape (CLIP ViT-L/14 widths with `layers` blocks,
+/// an MPT-1B-wide LM with `layers` layers, cross-attention in every layer)
+/// or the 9B one (an MPT-7B-wide LM: 4096 wide, 32 heads, 4/3 × `layers`
+/// layers, cross-attention every 4th) as a random model in `dir`; returns
+/// its spec.
+fn write_shaped_model(
+    dir: &Path,
+    (name, layers): (&str, i64),
+    words: i64,
+) -> anyhow::Result<(ModelSpec, Shape)> {
+    let (lm_width, lm_heads, lm_layers, cross_attn_every) = match name {
+        "3b" => (2048, 16, layers, 1),
+        "9b" => (4096, 32, layers * 4 / 3, 4),
+        other => bail!("--shape {other}: use 3b or 9b"),
+    };
     let shape = Shape {
         vision_width: 1024,
         vision_layers: layers,
         image: 224,
         patch: 14,
-        lm_width: 2048,
-        lm_layers: layers,
-        cross_attn_every: 1,
+        lm_width,
+        lm_heads,
+        lm_layers,
+        cross_attn_every,
     };
     let started = Instant::now();
     // The LM's vocabulary before OpenFlamingo's three added tokens.
@@ -354,7 +373,7 @@ fn write_shaped_model(dir: &Path, layers: i64, words: i64) -> anyhow::Result<(Mo
             vision_layers: shape.vision_layers,
             vision_heads: 16,
             lm_width: shape.lm_width,
-            lm_heads: 16,
+            lm_heads: shape.lm_heads,
             lm_layers: shape.lm_layers,
             cross_attn_every_n_layers: shape.cross_attn_every,
             seed: 0,
@@ -435,7 +454,7 @@ fn mfu(
     images: i64,
     steps: usize,
     peak_tflops: f64,
-    layers: i64,
+    (shape_name, layers): (&str, i64),
     (policies, weight_copies): (&[RecomputePolicy], &[bool]),
     cuda_graphs: bool,
     work: Option<&Path>,
@@ -443,7 +462,11 @@ fn mfu(
     prepare(device)?;
     let temporary = tempfile::tempdir()?;
     let words = 50_277;
-    let (spec, shape) = write_shaped_model(work.unwrap_or(temporary.path()), layers, words)?;
+    let (spec, shape) = write_shaped_model(
+        work.unwrap_or(temporary.path()),
+        (shape_name, layers),
+        words,
+    )?;
     let kind = if device.is_cuda() {
         Kind::BFloat16
     } else {
@@ -501,6 +524,7 @@ fn mfu(
                 json!({
                     "parameters": parameters,
                     "trainable": trainer.parameter_count(),
+                    "shape": shape_name,
                     "batch": batch_size, "tokens": tokens, "images": images, "layers": layers,
                     "step_seconds": seconds,
                     "forward_backward_seconds": timing.forward_backward,
@@ -554,6 +578,7 @@ fn main() -> anyhow::Result<()> {
             images,
             steps,
             peak_tflops,
+            shape,
             layers,
             checkpointing,
             recompute_policy,
@@ -567,7 +592,7 @@ fn main() -> anyhow::Result<()> {
             images,
             steps,
             peak_tflops,
-            layers,
+            (&shape, layers),
             (
                 &if recompute_policy.is_empty() {
                     checkpointing

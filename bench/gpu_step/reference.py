@@ -40,19 +40,27 @@ class Clip(torch.nn.Module):
 def main():
     batches = [int(value) for value in sys.argv[1].split(",")]
     tokens, images, steps, layers = (int(value) for value in sys.argv[2:6])
+    # 3b: MPT-1B's LM (24 x 2048, 16 heads, cross-attention in every layer);
+    # 9b: MPT-7B's (32 x 4096, 32 heads, every 4th layer). `layers` is the
+    # vision tower's depth; the 9b LM has 4/3 of it.
+    shape = sys.argv[6] if len(sys.argv) > 6 else "3b"
+    if shape == "9b":
+        lm_width, lm_heads, lm_layers, every = 4096, 32, layers * 4 // 3, 4
+    else:
+        lm_width, lm_heads, lm_layers, every = 2048, 16, layers, 1
     torch.manual_seed(0)
     device = torch.device(os.environ.get("BENCH_DEVICE", "cuda"))
     cuda = device.type == "cuda"
     visual = VisionTransformer(image_size=224, patch_size=14, width=1024, layers=layers, heads=16,
                                mlp_ratio=4.0, output_dim=768, act_layer=QuickGELU, output_tokens=True)
     visual.ln_post = torch.nn.Identity()
-    lm = MptForCausalLM(MptConfig(d_model=2048, n_heads=16, n_layers=layers, vocab_size=WORDS + 3,
+    lm = MptForCausalLM(MptConfig(d_model=lm_width, n_heads=lm_heads, n_layers=lm_layers, vocab_size=WORDS + 3,
                                   max_seq_len=2048))
     extend_instance(lm, FlamingoLMMixin)
     lm.set_decoder_layers_attr_name("transformer.blocks")
     end_of_chunk, media = WORDS, WORDS + 1
     model = Flamingo(Clip(visual), lm, eoc_token_id=end_of_chunk, media_token_id=media, vis_dim=1024,
-                     cross_attn_every_n_layers=1, gradient_checkpointing=True)
+                     cross_attn_every_n_layers=every, gradient_checkpointing=True)
     model.to(device)
     model.train()
     model.requires_grad_(False)
@@ -114,7 +122,7 @@ def main():
         forward_backward = sum(t[1] for t in times) / steps
         update = sum(t[2] for t in times) / steps
         seconds = forward_backward + update
-        print(json.dumps({"batch": batch, "parameters": parameters, "trainable": trainable, "step_seconds": seconds,
+        print(json.dumps({"shape": shape, "batch": batch, "parameters": parameters, "trainable": trainable, "step_seconds": seconds,
                           "forward_backward_seconds": forward_backward, "optimizer_seconds": update,
                           "samples_per_second": batch / seconds, "last_loss": times[-1][0],
                           "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}))
